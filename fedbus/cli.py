@@ -1,0 +1,34 @@
+"""The one ``fedbus`` console script: sub-commands call into the packages.
+
+Each verb group lives in its own module (``fedbus/cli_*.py``) so the groups stay
+small and independent. Exit codes: 0 success, 1 a run that failed, 2 bad usage or
+bad input (DESIGN.md "Command line").
+"""
+
+from __future__ import annotations
+
+import typer
+
+from fedbus import cli_broker, cli_config, cli_coordinator, cli_keys, cli_simulate, cli_site
+
+app = typer.Typer(
+    name="fedbus",
+    help="Federated learning for hospitals over a message bus.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cli_keys.app, name="keys")
+app.add_typer(cli_config.app, name="config")
+app.add_typer(cli_broker.app, name="broker")
+app.add_typer(cli_coordinator.app, name="coordinator")
+app.add_typer(cli_site.app, name="site")
+cli_simulate.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from fedbus._placeholder import not_available
+
+app = not_available("coordinator")

@@ -1,0 +1,1 @@
+"""fedbus: the bus-level protocol (messages, codec, signing, config, transport)."""

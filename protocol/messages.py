@@ -1,0 +1,135 @@
+"""Message types of the fedbus wire protocol (DESIGN.md "Wire protocol").
+
+Every message is a frozen dataclass. The envelope carries routing and replay
+metadata; the payload is one of the message classes below. Weights travel as an
+ordered tuple of ``(name, ndarray)`` pairs (``Tensors``); the codec turns them into
+``{name, dtype, shape, data}`` maps with raw little-endian buffers and decodes them
+zero-copy with ``np.frombuffer``.
+
+The field lists here are the contract between coordinator, site worker and
+simulator. ``protocol/codec.py`` owns the byte encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# An ordered list of named arrays: the state_dict of a model, in module order.
+Tensors = tuple[tuple[str, np.ndarray], ...]
+
+DeclineReason = Literal["budget", "policy", "data", "error"]
+ControlAction = Literal["stop", "abort"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a site says about one dataset it offers: metadata only, never values."""
+
+    name: str
+    rows: int
+    columns: tuple[str, ...]
+    feature_types: dict[str, str]  # column -> "numeric" | "categorical" | "signal"
+    target: str
+
+
+@dataclass(frozen=True)
+class SiteHello:
+    TYPE: ClassVar[str] = "SiteHello"
+    site_id: str
+    software_version: str
+    datasets: tuple[DatasetInfo, ...]
+    # Policy summary the site enforces itself (max_epsilon, allowed aggregators, ...).
+    policy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    TYPE: ClassVar[str] = "TrainTask"
+    # The experiment JSON as the coordinator runs it (architecture, training, dataset,
+    # federated blocks). Declarative only: the site builds the model from the layer list.
+    experiment: dict[str, Any]
+    weights: Tensors
+    dataset: str  # name of the site's dataset to train on
+    base_round: int  # global model version these weights are (staleness for async)
+    seed: int
+    deadline: float  # unix seconds; a site may skip a task whose deadline has passed
+    config: dict[str, Any] = field(default_factory=dict)  # per-round overrides (epochs, lr, ...)
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    TYPE: ClassVar[str] = "EvalTask"
+    experiment: dict[str, Any]
+    weights: Tensors
+    dataset: str
+    base_round: int
+    seed: int
+    deadline: float
+    split: str = "validation"  # "validation" | "test"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Update:
+    TYPE: ClassVar[str] = "Update"
+    task_id: str  # message_id of the TrainTask this answers
+    weights: Tensors
+    num_examples: int
+    metrics: dict[str, float]  # before_* / after_* validation metrics, train_s, samples_per_s
+    epsilon: float | None  # cumulative epsilon spent on this dataset; None = DP off (infinite)
+    delta: float | None
+    base_round: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    TYPE: ClassVar[str] = "EvalResult"
+    task_id: str
+    num_examples: int
+    metrics: dict[str, float]
+    base_round: int
+
+
+@dataclass(frozen=True)
+class Declined:
+    TYPE: ClassVar[str] = "Declined"
+    task_id: str
+    reason: DeclineReason
+    detail: str
+    figures: dict[str, float] = field(default_factory=dict)  # e.g. epsilon_spent, epsilon_next, max_epsilon
+
+
+@dataclass(frozen=True)
+class RunControl:
+    TYPE: ClassVar[str] = "RunControl"
+    action: ControlAction
+    reason: str = ""
+
+
+Payload = SiteHello | TrainTask | EvalTask | Update | EvalResult | Declined | RunControl
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.TYPE: cls
+    for cls in (SiteHello, TrainTask, EvalTask, Update, EvalResult, Declined, RunControl)
+}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Routing and replay metadata around one payload; signed as a whole."""
+
+    type: str
+    schema_version: int
+    message_id: str  # uuid4 hex
+    federation: str
+    run_id: str
+    round: int
+    sender: str
+    recipient: str
+    sent_at: float  # unix seconds
+    payload: Payload

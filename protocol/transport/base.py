@@ -1,0 +1,100 @@
+"""The one small broker interface every part of fedbus talks to.
+
+Like dramatiq's ``Broker``: declare topology, publish with confirm, consume with
+ack / nack-to-dead-letter / requeue, close. Bodies are opaque frame bytes; bodies
+over ``chunk_size`` are chunked and reassembled by the implementation, so callers
+always see whole frames. ``protocol/transport/memory.py`` and
+``protocol/transport/amqp.py`` implement it; ``open_bus(url)`` picks one by URL.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # below RabbitMQ 4.x's 16 MiB max_message_size
+
+
+class BusError(Exception):
+    """Base of all transport errors."""
+
+
+class PublishError(BusError):
+    """The broker did not confirm a publish (nack, unroutable, or connection lost)."""
+
+
+class BusPermissionError(BusError):
+    """The broker refused an operation (AMQP 403/404/406): retrying will not help."""
+
+
+class Delivery(abc.ABC):
+    """One whole frame handed to a consumer's handler.
+
+    Exactly one of ``ack``, ``nack`` or ``requeue`` must be called, from any thread.
+    """
+
+    body: bytes | memoryview
+    message_id: str
+    routing_key: str
+    queue: str
+    headers: dict[str, Any]
+    redelivered: bool
+    user_id: str | None  # the broker-vouched sender (AMQP user_id) where available
+
+    @abc.abstractmethod
+    def ack(self) -> None:
+        """Done with it: the broker forgets the message."""
+
+    @abc.abstractmethod
+    def nack(self, reason: str) -> None:
+        """Reject to the dead-letter queue ``fedbus.dead`` with ``reason`` in header ``x-fedbus-reason``."""
+
+    @abc.abstractmethod
+    def requeue(self) -> None:
+        """Give it back to the queue for redelivery (to this or another consumer)."""
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Consumer(abc.ABC):
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Stop receiving; unacked deliveries go back to the queue."""
+
+
+@dataclass
+class Topology:
+    """What to declare: site task queues and coordinator queues for federations."""
+
+    sites: Iterable[str] = ()
+    federations: Iterable[str] = ()
+    quorum: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bus(abc.ABC):
+    @abc.abstractmethod
+    def declare(self, topology: Topology) -> None:
+        """Declare exchanges, queues and bindings of DESIGN.md (idempotent)."""
+
+    @abc.abstractmethod
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish persistently and return once the broker confirmed; else raise ``PublishError``."""
+
+    @abc.abstractmethod
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Consumer:
+        """Call ``handler`` on a worker thread for each whole frame from ``queue``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Cancel consumers, close connections; unacked deliveries are redelivered."""

@@ -1,0 +1,23 @@
+"""Names of the exchanges and queues of DESIGN.md "Bus topology"."""
+
+TASKS = "fedbus.tasks"  # direct, routing key = site id
+UPDATES = "fedbus.updates"  # direct, routing key = federation
+CONTROL = "fedbus.control"  # direct, routing key = federation (SiteHello, heartbeats)
+DLX = "fedbus.dlx"  # dead-letter exchange (fanout)
+DEAD = "fedbus.dead"  # the dead-letter queue
+REASON_HEADER = "x-fedbus-reason"
+
+
+def site_queue(site_id: str) -> str:
+    """The queue a site reads its tasks (and RunControl) from."""
+    return f"fedbus.site.{site_id}"
+
+
+def updates_queue(federation: str) -> str:
+    """The coordinator's queue for Update / EvalResult / Declined of one federation."""
+    return f"fedbus.updates.{federation}"
+
+
+def control_queue(federation: str) -> str:
+    """The coordinator's queue for SiteHello of one federation."""
+    return f"fedbus.control.{federation}"
