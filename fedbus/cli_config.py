@@ -1,3 +1,134 @@
-from fedbus._placeholder import not_available
+"""``fedbus config validate``: check an experiment before anyone runs it.
 
-app = not_available("config")
+Shows the layers with their output shapes, the parameter count and the training and
+federation settings, or the JSON path of the first problem (exit 2). Human output
+goes to stderr; ``--json`` prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from protocol.config import ConfigError, Experiment, load_experiment
+
+if TYPE_CHECKING:
+    from protocol.model import ModelSummary
+
+app = typer.Typer(help="Experiment configuration.", no_args_is_help=True)
+
+
+def _report(experiment: Experiment, summary: ModelSummary) -> dict[str, Any]:
+    wire = experiment.to_wire()
+    return {
+        "valid": True,
+        "name": experiment.name,
+        "parameters": summary.parameters,
+        "input_shape": summary.input_shape,
+        "output_shape": summary.output_shape,
+        "layers": summary.layers,
+        "training": wire["training"],
+        "federated": wire["federated"],
+        "dataset": {k: v for k, v in wire["dataset"].items() if k != "selected_datasets"},
+    }
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _print_human(console: Console, experiment: Experiment, summary: ModelSummary, source: Path) -> None:
+    table = Table(title=f"{experiment.name} ({source})", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("layer")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("parameters", justify="right")
+    for row in summary.layers:
+        table.add_row(
+            str(row["index"]), row["name"] or "", row["type"], _shape(row["output_shape"]), f"{row['parameters']:,}"
+        )
+    console.print(table)
+    console.print(
+        f"parameters: {summary.parameters:,}  input {_shape(summary.input_shape)} -> output {_shape(summary.output_shape)}"
+    )
+    training = experiment.training
+    opt = training.optimizer
+    console.print(
+        f"training:   {opt.type} lr={opt.learning_rate:g} weight_decay={opt.weight_decay:g}  "
+        f"loss={training.loss_function}  epochs={training.epochs} batch_size={training.batch_size} "
+        f"rounds={training.rounds} seed={training.seed}"
+    )
+    dp = training.dp
+    if dp is None:
+        console.print("privacy:    DP off")
+    elif dp.noise_multiplier is not None:
+        console.print(
+            f"privacy:    DP-SGD noise_multiplier={dp.noise_multiplier:g} max_grad_norm={dp.max_grad_norm:g} "
+            f"delta={dp.delta:g} accountant={dp.accountant}"
+        )
+    else:
+        console.print(
+            f"privacy:    DP-SGD target_epsilon={dp.target_epsilon:g} max_grad_norm={dp.max_grad_norm:g} "
+            f"delta={dp.delta:g} accountant={dp.accountant}"
+        )
+    fed = experiment.federated
+    extras = {k: v for k, v in fed.parameters.items() if k not in _SAMPLING}
+    console.print(
+        f"federated:  {fed.name} fraction_fit={fed.fraction_fit:g} fraction_eval={fed.fraction_eval:g} "
+        f"min_fit_clients={fed.min_fit_clients} min_eval_clients={fed.min_eval_clients} "
+        f"min_available_clients={fed.min_available_clients} round_timeout_s={fed.round_timeout_s:g}"
+        + (f" {json.dumps(extras)}" if extras else "")
+    )
+    if fed.early_stopping is not None:
+        console.print(
+            f"            early stopping patience={fed.early_stopping.patience} "
+            f"min_delta={fed.early_stopping.min_delta:g}"
+        )
+    if fed.central_dp is not None:
+        console.print(
+            f"            central DP clip_norm={fed.central_dp.clip_norm:g} "
+            f"noise_multiplier={fed.central_dp.noise_multiplier:g}"
+        )
+    data = experiment.dataset
+    line = f"dataset:    {data.name} ({data.kind}) target={data.target} task={data.task}"
+    if data.task != "regression":
+        line += f" num_classes={data.num_classes}"
+    if data.positive_if:
+        line += f" positive_if={data.positive_if}"
+    if data.features is not None:
+        line += f" features={len(data.features)} (one-hot width {data.input_width()})"
+    console.print(line)
+    console.print("[green]valid[/green]")
+
+
+_SAMPLING = ("fraction_fit", "fraction_eval", "min_fit_clients", "min_eval_clients", "min_available_clients")
+
+
+@app.command()
+def validate(
+    experiment_file: Annotated[Path, typer.Argument(metavar="EXPERIMENT.json", help="Experiment JSON file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Validate an experiment: layers, output shapes, parameter count, settings."""
+    from protocol.model import summarize  # torch: imported only by the verbs that need it
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        experiment = load_experiment(experiment_file)
+        summary = summarize(experiment.architecture.layers)
+    except ConfigError as exc:
+        if json_out:
+            error = {"path": exc.path, "message": exc.message, "errors": [{"path": p, "message": m} for p, m in exc.errors]}
+            typer.echo(json.dumps({"valid": False, "error": error}))
+        console.print(f"[red]invalid experiment[/red] {experiment_file}: {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    if json_out:
+        typer.echo(json.dumps(_report(experiment, summary)))
+    else:
+        _print_human(console, experiment, summary, experiment_file)

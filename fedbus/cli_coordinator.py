@@ -1,3 +1,263 @@
-from fedbus._placeholder import not_available
+"""``fedbus coordinator``: enroll sites, run experiments, read results back, audit.
 
-app = not_available("coordinator")
+Human output (tables, progress) goes to stderr; ``--json`` prints one JSON document on
+stdout. Exit codes: 0 success, 1 a run (or audit) that failed, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
+runs_app = typer.Typer(help="Read back stored runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+_err = Console(stderr=True)
+STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")
+JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+
+@app.callback()
+def _group() -> None:
+    """The coordinator: enroll sites, run experiments, read results back, audit."""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"fedbus coordinator: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _store(state: Path, *, must_exist: bool = True):
+    from coordinator.state import StateError, StateStore
+
+    if must_exist and not (state / "coordinator.db").exists():
+        _fail(f"{state} holds no coordinator state (no coordinator.db): check --state, or enroll a site first")
+    try:
+        return StateStore(state)
+    except StateError as e:
+        _fail(str(e))
+
+
+def _emit(doc: Any, json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@app.command()
+def enroll(
+    site_id: str = typer.Argument(..., help="The site's id (as in its site config)."),
+    pubkey: Path = typer.Argument(..., help="The site's public key file (SITE.pub from `fedbus keys generate`)."),
+    state: Path = STATE,
+    json_out: bool = JSON,
+) -> None:
+    """Trust SITE_ID's public key: its updates verify from now on."""
+    from coordinator.state import StateError
+
+    try:
+        pem = pubkey.read_bytes()
+    except OSError as e:
+        _fail(f"cannot read public key {pubkey}: {e.strerror}")
+    store = _store(state, must_exist=False)
+    try:
+        kid = store.enroll(site_id, pem)
+    except StateError as e:
+        _fail(f"{e} (file {pubkey})")
+    _emit({"site_id": site_id, "kid": kid}, json_out)
+    typer.echo(f"enrolled {site_id} with key id {kid}", err=True)
+
+
+@app.command()
+def sites(state: Path = STATE, json_out: bool = JSON) -> None:
+    """Enrolled sites and the datasets their SiteHello offered."""
+    from coordinator.registry import SiteRegistry
+
+    rows = SiteRegistry(_store(state)).catalogue()
+    _emit(rows, json_out)
+    table = Table(title="sites")
+    for col in ("site", "key id", "software", "dataset", "rows", "columns", "target"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["site_id"], r["kid"], _fmt(r["software_version"]), _fmt(r["dataset"]), _fmt(r["rows"]),
+                      _fmt(r["columns"]), _fmt(r["target"]))
+    _err.print(table)
+
+
+@app.command()
+def run(
+    experiment: Path = typer.Argument(..., help="Experiment JSON."),
+    broker: str = typer.Option(..., "--broker", help="memory://NAME or amqp://user:pass@host:5672/vhost"),
+    state: Path = STATE,
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run (or --run-id)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (new) or the run to resume."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key [STATE/coordinator.key, created if missing]."),
+    federation: str = typer.Option("default", "--federation", help="Federation name (queues fedbus.updates.<F>)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
+    round_timeout: Optional[float] = typer.Option(None, "--round-timeout", help="Override federated.round_timeout_s."),
+    site: Optional[list[str]] = typer.Option(None, "--site", help="Run with exactly these enrolled sites (repeat)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Round progress on stderr."),
+    json_out: bool = JSON,
+) -> None:
+    """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
+    from coordinator.run import Coordinator
+    from coordinator.state import StateError
+    from fedbus.logs import configure_logging
+    from protocol.config import ConfigError, load_experiment
+    from protocol.signing import Signer, generate_keypair
+    from protocol.transport import BusError, open_bus
+
+    configure_logging("cli")
+    try:
+        exp = load_experiment(experiment)
+    except ConfigError as e:
+        _fail(f"{experiment}: {e}")
+    except OSError as e:
+        _fail(f"cannot read {experiment}: {e.strerror}")
+    state.mkdir(parents=True, exist_ok=True)
+    if key is None:
+        key = state / "coordinator.key"
+        if not key.exists():
+            generate_keypair("coordinator", state)
+            typer.echo(f"created coordinator key {key}; give {state / 'coordinator.pub'} to every site", err=True)
+    try:
+        signer = Signer.from_file(key)
+    except (OSError, ValueError) as e:
+        _fail(f"cannot load coordinator key {key}: {e}")
+    try:
+        bus = open_bus(broker)
+    except (BusError, ValueError, OSError) as e:
+        _fail(f"cannot open broker {broker}: {e}")
+    try:
+        coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=federation, sites=site or None,
+                            run_id=run_id, resume=resume, progress=progress, round_timeout_s=round_timeout,
+                            rounds=rounds)
+        result = coord.run()
+    except (StateError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        bus.close()
+    doc = result.to_json()
+    _emit(doc, json_out)
+    _print_run(doc)
+    if not result.ok:
+        typer.echo(f"run {result.run_id} failed: {result.reason}", err=True)
+        raise typer.Exit(1)
+
+
+def _print_run(doc: dict[str, Any]) -> None:
+    table = Table(title=f"run {doc['run_id']} ({doc.get('aggregator')}) - {doc.get('status')}")
+    for col in ("round", "replies", "loss", "accuracy", "auc", "wall s"):
+        table.add_column(col, justify="right")
+    for r in doc.get("rounds", []):
+        table.add_row(str(r["round"]), _fmt(r["replies"]), _fmt(r["loss"]), _fmt(r["accuracy"]), _fmt(r["auc"]),
+                      _fmt(r["wall_s"]))
+    _err.print(table)
+    final = doc.get("final") or {}
+    if final:
+        _err.print("final (test): " + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
+        for s, m in (final.get("per_site") or {}).items():
+            _err.print(f"  {s}: accuracy {_fmt(m.get('accuracy'))}, auc {_fmt(m.get('auc'))}, n_test {m.get('n_test')}")
+    if doc.get("epsilon"):
+        _err.print("epsilon: " + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+    for d in doc.get("declined", []):
+        _err.print(f"[yellow]declined[/] {d['site']} round {d.get('round')}: {d['reason']}")
+    for r in doc.get("rejected", []):
+        _err.print(f"[red]rejected[/] {r['site']} {r['message_id']}: {r['reason']}")
+
+
+@runs_app.command("list")
+def runs_list(state: Path = STATE, json_out: bool = JSON) -> None:
+    """Every run in the state directory."""
+    from coordinator.results import list_runs
+
+    rows = list_runs(_store(state))
+    _emit(rows, json_out)
+    table = Table(title="runs")
+    for col in ("run", "federation", "aggregator", "status", "rounds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run_id"], r["federation"], r["aggregator"], r["status"], f"{r['rounds_done']}/{r['rounds_planned']}")
+    _err.print(table)
+
+
+def _run_or_fail(fn, *args):
+    from coordinator.state import StateError
+
+    try:
+        return fn(*args)
+    except StateError as e:
+        _fail(str(e))
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool = JSON) -> None:
+    """Per-round metrics (aggregated and per site), final metrics, ε per site."""
+    from coordinator.results import show_run
+
+    doc = _run_or_fail(show_run, _store(state), run_id)
+    _emit(doc, json_out)
+    _print_run(doc)
+    for r in doc.get("rounds", []):
+        for s, m in (r.get("per_site") or {}).items():
+            _err.print(f"  round {r['round']} {s}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.items())))
+
+
+@runs_app.command("compare")
+def runs_compare(a: str = typer.Argument(...), b: str = typer.Argument(...), state: Path = STATE,
+                 json_out: bool = JSON) -> None:
+    """Two runs side by side."""
+    from coordinator.results import compare_runs
+
+    doc = _run_or_fail(compare_runs, _store(state), a, b)
+    _emit(doc, json_out)
+    table = Table(title=f"{a} vs {b}")
+    table.add_column("round", justify="right")
+    for k in ("loss", "accuracy", "auc"):
+        table.add_column(f"{k} A", justify="right")
+        table.add_column(f"{k} B", justify="right")
+    for r in doc["rounds"]:
+        table.add_row(str(r["round"]), *[_fmt(r[f"{k}_{t}"]) for k in ("loss", "accuracy", "auc") for t in ("a", "b")])
+    table.add_row("final", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
+    _err.print(table)
+
+
+@runs_app.command("export")
+def runs_export(run_id: str = typer.Argument(...), out: Path = typer.Option(..., "--out", help="Directory to write."),
+                state: Path = STATE, json_out: bool = JSON) -> None:
+    """Final model (safetensors + spec), experiment JSON as run, metrics CSV, loss/accuracy PNG plots."""
+    from coordinator.results import export_run
+
+    files = _run_or_fail(export_run, _store(state), run_id, out)
+    _emit(files, json_out)
+    for k, v in files.items():
+        typer.echo(f"{k}: {v}", err=True)
+
+
+@app.command()
+def audit(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool = JSON) -> None:
+    """Re-verify every stored signature and checkpoint hash of RUN; exit 1 on any mismatch."""
+    from coordinator.audit import audit_run
+
+    report = _run_or_fail(audit_run, _store(state), run_id)
+    _emit(report.to_json(), json_out)
+    if report.ok:
+        typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints verified)", err=True)
+        return
+    for p in report.problems:
+        typer.echo(f"audit {run_id}: {p}", err=True)
+    typer.echo(f"audit {run_id}: FAILED ({len(report.problems)} problem(s))", err=True)
+    raise typer.Exit(1)

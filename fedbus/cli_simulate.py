@@ -1,9 +1,61 @@
+"""``fedbus simulate EXPERIMENT.json``: a whole federation on one machine.
+
+Runs the production coordinator and site workers (in-memory bus by default, one OS
+process per site with ``--broker amqp://...``), prints the results table on stderr and,
+with ``--json``, the DESIGN.md result document on stdout. Exit 0 success, 1 a run that
+failed, 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def simulate() -> None:
-        """Run a whole federation on one machine (not available yet)."""
-        typer.echo("fedbus simulate: not available yet", err=True)
-        raise typer.Exit(2)
+    @app.command("simulate")
+    def simulate(
+        experiment: Annotated[Path, typer.Argument(help="Experiment JSON (e.g. examples/heart_failure.json)")],
+        sites: Annotated[Optional[int], typer.Option("--sites", min=1, help="Number of sites (iid/dirichlet; default 3)")] = None,
+        partition: Annotated[str, typer.Option("--partition", help="iid | dirichlet:ALPHA | quantity:N,N,... | natural:COLUMN")] = "iid",
+        dataset: Annotated[Optional[str], typer.Option("--dataset", help="heart_failure | heart_disease | ecg_synthetic | a CSV/Parquet path (default: the experiment's dataset.name)")] = None,
+        target: Annotated[Optional[str], typer.Option("--target", help="Target column of a CSV/Parquet dataset")] = None,
+        broker: Annotated[str, typer.Option("--broker", help="memory (one process) or amqp://... (one process per site)")] = "memory",
+        rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Override training.rounds")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Write the report, model and coordinator state here")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the result document on stdout")] = False,
+        baselines: Annotated[bool, typer.Option("--baselines", help="Also train pooled and local-only baselines")] = False,
+        faults: Annotated[Optional[str], typer.Option("--faults", help="e.g. 'dropout:0.2,straggler:site-2:exp:3,crash:site-3@2,byzantine:site-1:flip'")] = None,
+        seed: Annotated[Optional[int], typer.Option("--seed", help="Override training.seed (the run's seed)")] = None,
+        round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds per round before closing it with the replies in")] = None,
+        log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "warning",
+    ) -> None:
+        """Run a whole federation on one machine through the production coordinator and site workers."""
+        from rich.console import Console
+
+        from fedbus.logs import configure_logging
+        from simulator.run import SimulationFailed, SimulationInputError, simulate as run_simulation
+        from simulator.table import print_results
+
+        configure_logging(mode="cli", level=log_level)
+        err = Console(stderr=True)
+        try:
+            doc = run_simulation(
+                experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, rounds=rounds,
+                out=out, baselines=baselines, faults=faults, target=target, seed=seed,
+                round_timeout_s=round_timeout, progress=True,
+            )
+        except SimulationInputError as e:
+            err.print(f"[red]fedbus simulate:[/red] {e}")
+            raise typer.Exit(2) from None
+        except SimulationFailed as e:
+            err.print(f"[red]fedbus simulate: run failed:[/red] {e}")
+            raise typer.Exit(1) from None
+        print_results(doc, console=err)
+        if out is not None:
+            err.print(f"report: {out / 'report.html'}  ·  coordinator state: {out / 'coordinator'}")
+        if json_out:
+            typer.echo(json.dumps(doc, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))

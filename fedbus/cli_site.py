@@ -1,3 +1,64 @@
-from fedbus._placeholder import not_available
+"""``fedbus site run --config SITE.toml``: the hospital daemon.
 
-app = not_available("site")
+Runs until SIGTERM/SIGINT, then stops taking tasks, finishes or abandons the current
+one within ``grace_s`` (an abandoned task is not acked, so the broker redelivers it),
+closes cleanly and logs its counts. Exit 2 on a bad config, 1 when it cannot run.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Run a site worker (the daemon a hospital installs next to its data).",
+                  no_args_is_help=True)
+
+
+def _configure_logging(level: str) -> None:
+    try:
+        from fedbus.logs import configure_logging
+    except ImportError:  # logging module not landed: structlog defaults still print lines
+        return
+    configure_logging(mode="daemon", level=level)
+
+
+@app.command("run")
+def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml")) -> None:
+    """Announce the site, consume its task queue, train with DP and reply with signed updates."""
+    from site_worker.config import SiteConfigError, load_site_config
+
+    try:
+        cfg = load_site_config(config)
+    except SiteConfigError as e:
+        typer.echo(f"fedbus site run: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
+    _configure_logging(cfg.log_level)
+    import structlog
+
+    log = structlog.get_logger("fedbus.site")
+    from protocol.transport.base import BusError
+    from site_worker.daemon import SiteWorker
+
+    stop = threading.Event()
+    received: list[str] = []
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        worker = SiteWorker(cfg)
+        worker.start()
+    except (BusError, OSError, ValueError) as e:
+        log.error("site_failed_to_start", site_id=cfg.site_id, error=f"{type(e).__name__}: {e}")
+        typer.echo(f"fedbus site run: cannot start: {e}", err=True)
+        raise typer.Exit(1) from None
+    while not stop.wait(3600):
+        pass
+    log.info("site_stopping", site_id=cfg.site_id, signal=received[0] if received else None, grace_s=cfg.grace_s)
+    worker.stop(grace_s=cfg.grace_s)

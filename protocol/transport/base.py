@@ -28,6 +28,11 @@ class BusPermissionError(BusError):
     """The broker refused an operation (AMQP 403/404/406): retrying will not help."""
 
 
+class PublishRefused(PublishError, BusPermissionError):
+    """The broker refused a publish for good (no such exchange, access refused): both a
+    ``PublishError`` (publish did not happen) and a ``BusPermissionError`` (do not retry)."""
+
+
 class Delivery(abc.ABC):
     """One whole frame handed to a consumer's handler.
 

@@ -1,0 +1,79 @@
+"""Global-model checkpoints: one safetensors file per committed round, hashed for the audit.
+
+Files are written to a temporary name, fsync'ed and renamed, so a crash never leaves a
+half-written checkpoint under its final name; the database row that records the
+file's sha256 is committed only after the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from protocol.messages import Tensors
+
+_ORDER_KEY = "fedbus.order"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` durably under ``path``; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_tensors(path: Path, tensors: Tensors | dict[str, np.ndarray], *, metadata: dict[str, str] | None = None) -> str:
+    """Save ``tensors`` (order kept in the metadata) durably; returns the file's sha256."""
+    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+    meta = dict(metadata or {})
+    meta[_ORDER_KEY] = json.dumps([n for n, _ in items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: np.ascontiguousarray(a) for n, a in items}, str(tmp), metadata=meta)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return sha256_file(path)
+
+
+def load_tensors(path: Path, *, sha256: str | None = None) -> Tensors:
+    """Load a checkpoint in its saved order; with ``sha256``, refuse a file that changed."""
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ValueError(f"checkpoint {path} has sha256 {actual}, the state database recorded {sha256}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    arrays = load_file(str(path))
+    order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else sorted(arrays)
+    return tuple((n, arrays[n]) for n in order)

@@ -1,0 +1,138 @@
+"""Reading runs back: list, show, compare and export (model, experiment, metrics CSV, plots)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from coordinator.state import StateStore
+
+
+def show_run(store: StateStore, run_id: str) -> dict[str, Any]:
+    """The run document (DESIGN.md shape) plus per-round per-site metrics and the privacy ledger."""
+    run = store.run(run_id)
+    rounds = store.rounds(run_id)
+    doc = dict(run["result"] or {})
+    if not doc:  # an unfinished run: build what is known
+        doc = {"run_id": run_id, "aggregator": run["aggregator"], "sites": run["sites"], "final": {}, "epsilon": {},
+               "timing": {}, "rejected": [], "status": run["status"], "reason": run["reason"]}
+        doc["rounds"] = [{"round": r["round"], "loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"],
+                          "replies": r["replies"], "wall_s": r["wall_s"]} for r in rounds]
+    doc["status"] = run["status"]
+    doc["reason"] = run["reason"]
+    doc["federation"] = run["federation"]
+    doc["rounds_planned"] = run["rounds_planned"]
+    per = {r["round"]: r["metrics"].get("per_site", {}) for r in rounds}
+    for row in doc.get("rounds", []):
+        row["per_site"] = per.get(row["round"], {})
+    doc["privacy_ledger"] = store.privacy(run_id)
+    return doc
+
+
+def list_runs(store: StateStore) -> list[dict[str, Any]]:
+    return store.runs()
+
+
+def compare_runs(store: StateStore, a: str, b: str) -> dict[str, Any]:
+    """Two runs side by side: per round and final metrics, timing, ε."""
+    ra, rb = show_run(store, a), show_run(store, b)
+    n = max(len(ra.get("rounds", [])), len(rb.get("rounds", [])))
+
+    def at(doc: dict, i: int) -> dict:
+        rows = doc.get("rounds", [])
+        return rows[i] if i < len(rows) else {}
+
+    return {
+        "runs": [a, b],
+        "aggregator": [ra.get("aggregator"), rb.get("aggregator")],
+        "rounds": [
+            {"round": i + 1, **{f"{k}_{tag}": at(doc, i).get(k) for tag, doc in (("a", ra), ("b", rb))
+                                for k in ("loss", "accuracy", "auc", "replies")}}
+            for i in range(n)
+        ],
+        "final": {k: [ra.get("final", {}).get(k), rb.get("final", {}).get(k)] for k in ("loss", "accuracy", "auc", "f1")},
+        "timing": {k: [ra.get("timing", {}).get(k), rb.get("timing", {}).get(k)]
+                   for k in ("wall_s", "train_s", "communication_s", "aggregation_s")},
+        "epsilon": [ra.get("epsilon", {}), rb.get("epsilon", {})],
+    }
+
+
+def export_run(store: StateStore, run_id: str, out: Path) -> dict[str, str]:
+    """Write the final model, its spec, the experiment as run, metrics CSV and plots into ``out``."""
+    from protocol.config import load_experiment
+    from protocol.model import summarize
+
+    run = store.run(run_id)
+    rounds = store.rounds(run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    if rounds:
+        src = store.dir / rounds[-1]["checkpoint_path"]
+    elif run.get("initial_checkpoint"):
+        src = store.dir / run["initial_checkpoint"]
+    else:
+        raise FileNotFoundError(f"run {run_id} has no checkpoint to export")
+    shutil.copyfile(src, out / "model.safetensors")
+    files["model"] = str(out / "model.safetensors")
+    experiment = dict(run["experiment"])
+    exp = load_experiment(experiment)
+    summary = summarize(exp.architecture.layers)
+    spec = {"architecture": experiment.get("architecture"), "parameters": summary.parameters,
+            "layers": summary.layers, "input_shape": list(summary.input_shape or []),
+            "format": "safetensors state_dict; keys in module order, float32"}
+    (out / "model_spec.json").write_text(json.dumps(spec, indent=2, default=list))
+    files["model_spec"] = str(out / "model_spec.json")
+    as_run = json.loads(json.dumps(experiment))
+    as_run.setdefault("training", {})["rounds"] = run["rounds_planned"]
+    as_run.setdefault("metadata", {}).update({"fedbus_run_id": run_id, "fedbus_status": run["status"]})
+    (out / "experiment.json").write_text(json.dumps(as_run, indent=4))
+    files["experiment"] = str(out / "experiment.json")
+    files["metrics"] = str(_metrics_csv(rounds, out / "metrics.csv"))
+    files.update(_plots(rounds, out, title=run_id))
+    return files
+
+
+def _metrics_csv(rounds: list[dict[str, Any]], path: Path) -> Path:
+    sites = sorted({s for r in rounds for s in r["metrics"].get("per_site", {})})
+    keys = ["loss", "accuracy", "auc"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["round", "replies", "loss", "accuracy", "auc", "wall_s", "train_s", "communication_s",
+                    "aggregation_s"] + [f"{s}.{k}" for s in sites for k in keys + ["n", "epsilon"]])
+        for r in rounds:
+            per = r["metrics"].get("per_site", {})
+            w.writerow([r["round"], r["replies"], r["loss"], r["accuracy"], r["auc"], r["wall_s"], r["train_s"],
+                        r["communication_s"], r["aggregation_s"]]
+                       + [per.get(s, {}).get(k) for s in sites for k in keys + ["n", "epsilon"]])
+    return path
+
+
+def _plots(rounds: list[dict[str, Any]], out: Path, *, title: str) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    for metric in ("loss", "accuracy"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["round"] for r in rounds]
+        ax.plot(xs, [r[metric] for r in rounds], marker="o", label="aggregated", linewidth=2)
+        sites = sorted({s for r in rounds for s in r["metrics"].get("per_site", {})})
+        for s in sites:
+            ys = [r["metrics"].get("per_site", {}).get(s, {}).get(metric) for r in rounds]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], alpha=0.5, label=s)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files[f"{metric}_plot"] = str(path)
+    return files

@@ -1,0 +1,859 @@
+"""One federated run: sample sites, send tasks, verify and aggregate replies, commit, repeat.
+
+The bus delivers updates on its worker threads; the handler only puts the delivery on
+an in-process queue, so pika's I/O thread never waits on verification or arithmetic.
+The run loop (the caller's thread) opens each frame, validates it, folds it into the
+aggregator and *holds* the delivery; once the round's checkpoint and state rows are
+committed, every held delivery is acked. A coordinator killed at any moment therefore
+loses nothing (unacked updates come back) and double-counts nothing (committed updates
+are recognised by message id and by (run, round, site) and acked as duplicates).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from coordinator import checkpoints
+from coordinator.aggregators import Aggregator, Contribution, EarlyStopping, build_aggregator
+from coordinator.metrics import after_training, validation_weight, weighted_mean
+from coordinator.progress import RoundProgress
+from coordinator.registry import SiteRegistry
+from coordinator.sampling import derive_seed, sample_count, sample_sites
+from coordinator.state import RoundRow, StateError, StateStore, UpdateRow
+from coordinator.validation import Rejected, check_envelope, check_weights
+from protocol.messages import Declined, EvalResult, EvalTask, SiteHello, Tensors, TrainTask, Update
+from protocol.transport.base import Bus, Delivery, Topology
+from protocol.transport.topology import TASKS, control_queue, updates_queue
+
+log = structlog.get_logger(__name__)
+
+COORDINATOR = "coordinator"
+
+
+class RunFailed(Exception):
+    """The run cannot go on (too few sites, too few replies after the retries)."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``to_json`` is the DESIGN.md result document."""
+
+    run_id: str
+    aggregator: str
+    sites: list[str]
+    rounds: list[dict[str, Any]]
+    final: dict[str, Any]
+    epsilon: dict[str, float | None]
+    timing: dict[str, float]
+    rejected: list[dict[str, Any]]
+    declined: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "completed"
+    reason: str | None = None
+    weights: Tensors | None = None
+    checkpoint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "aggregator": self.aggregator,
+            "sites": self.sites,
+            "rounds": self.rounds,
+            "final": self.final,
+            "epsilon": self.epsilon,
+            "timing": self.timing,
+            "rejected": self.rejected,
+            "declined": self.declined,
+            "status": self.status,
+            "reason": self.reason,
+            "checkpoint": self.checkpoint,
+        }
+
+
+@dataclass
+class _Held:
+    """An accepted message whose delivery waits for the commit that includes it."""
+
+    delivery: Delivery
+    row: UpdateRow
+    payload: Any
+
+
+class Coordinator:
+    """Drives one run of an experiment over a bus; see docs/contracts.md for the API."""
+
+    def __init__(
+        self,
+        experiment: Any,
+        *,
+        bus: Bus,
+        state_dir: str | Path,
+        signer: Any,
+        federation: str,
+        sites: list[str] | None = None,
+        run_id: str | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        round_timeout_s: float | None = None,
+        rounds: int | None = None,
+        max_skew_s: float = 300.0,
+        prefetch: int = 1000,
+        available_timeout_s: float | None = None,
+        store_bodies: bool = True,
+    ) -> None:
+        from protocol.config import load_experiment
+
+        self.experiment = experiment if hasattr(experiment, "federated") else load_experiment(experiment)
+        self.bus = bus
+        self.store = StateStore(state_dir)
+        self.registry = SiteRegistry(self.store)
+        self.signer = signer
+        self.federation = federation
+        self.restrict = sorted(sites) if sites is not None else None
+        self.resume = resume
+        self.progress_enabled = progress
+        fed = self.experiment.federated
+        self.round_timeout_s = float(round_timeout_s if round_timeout_s is not None else fed.round_timeout_s)
+        self.available_timeout_s = float(available_timeout_s if available_timeout_s is not None else self.round_timeout_s)
+        self.rounds_planned = int(rounds if rounds is not None else self.experiment.training.rounds)
+        self.max_skew_s = max_skew_s
+        self.prefetch = prefetch
+        self.store_bodies = store_bodies
+        self.seed = int(self.experiment.training.seed)
+        self.run_id = run_id
+        self.aggregator_name = fed.name
+        norm = fed.parameters.get("norm_bound")
+        self.norm_bound = float(norm) if norm is not None else None
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self._consumers: list[Any] = []
+        self._trust = None
+        self._tasked: dict[tuple[int, str], set[str]] = {}  # (round, kind) -> sites tasked
+        self._task_ids: dict[str, tuple[str, int, str, str | None]] = {}  # task_id -> (kind, round, site, split)
+        self._log = log.bind(federation=federation)
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> RunResult:
+        """Run (or resume) to the end; a failed run returns ``status="failed"`` with the reason."""
+        started = time.monotonic()
+        weights, first_round = self._start()
+        self._log = log.bind(run_id=self.run_id, federation=self.federation)
+        status, reason = "completed", None
+        try:
+            self._open_consumers()
+            if self.agg.synchronous:
+                weights = self._run_sync(weights, first_round)
+            else:
+                weights = self._run_async(weights, first_round)
+            final = self._final_evaluation(weights)
+        except RunFailed as e:
+            status, reason, final = "failed", str(e), {}
+            self._log.error("run failed", reason=reason)
+        finally:
+            self._close_consumers()
+        result = self._result(status=status, reason=reason, final=final, weights=weights,
+                              wall_s=time.monotonic() - started)
+        self.store.finish_run(self.run_id, status=status, reason=reason, result=result.to_json())
+        return result
+
+    # ------------------------------------------------------------------ set-up
+    def _start(self) -> tuple[Tensors, int]:
+        from protocol.model import build_model, to_tensors
+
+        if self.resume:
+            self.run_id = self.run_id or self.store.latest_unfinished(self.federation)
+            if self.run_id is None:
+                raise StateError(f"--resume: no unfinished run of federation {self.federation!r} in {self.store.dir}")
+        run = None
+        if self.run_id is not None:
+            try:
+                run = self.store.run(self.run_id)
+            except StateError:
+                if self.resume:
+                    raise
+        initial = to_tensors(build_model(self.experiment.architecture.layers, seed=self.seed))
+        self.agg: Aggregator = build_aggregator(
+            self.aggregator_name,
+            parameters=dict(self.experiment.federated.parameters),
+            initial=initial,
+            seed=self.seed,
+            central_dp=self._central_dp(),
+        )
+        es = self.experiment.federated.early_stopping
+        self.early = EarlyStopping(patience=es.patience, min_delta=es.min_delta) if es else None
+        if run is not None:
+            if not self.resume:
+                raise StateError(f"run {self.run_id!r} already exists in {self.store.dir}; pass --resume to continue it")
+            return self._restore(run, initial)
+        self.run_id = self.run_id or f"{_slug(self.experiment.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.store.create_run(
+            run_id=self.run_id, federation=self.federation, aggregator=self.agg.name or self.aggregator_name,
+            experiment=self.experiment.raw, seed=self.seed, rounds=self.rounds_planned, sites=self.restrict or [],
+            coordinator_kid=getattr(self.signer, "kid", None),
+        )
+        path = self._checkpoint_path(0)
+        sha = checkpoints.save_tensors(path, initial, metadata={"run_id": self.run_id, "round": "0"})
+        self.store.set_initial_checkpoint(self.run_id, str(path.relative_to(self.store.dir)), sha)
+        self._log.info("run created", run_id=self.run_id, aggregator=self.aggregator_name, rounds=self.rounds_planned)
+        return initial, 1
+
+    def _restore(self, run: dict[str, Any], initial: Tensors) -> tuple[Tensors, int]:
+        if run["status"] != "running":
+            self._log.info("run already finished; resuming its final evaluation only", status=run["status"])
+        self.rounds_planned = int(run["rounds_planned"])
+        self.seed = int(run["seed"])
+        if run["sites"] and self.restrict is None:
+            self.restrict = run["sites"]
+        for t in self.store.tasks(self.run_id):
+            self._tasked.setdefault((t["round"], t["kind"]), set()).add(t["site"])
+            self._task_ids[t["task_id"]] = (t["kind"], t["round"], t["site"], t["split"])
+        last = self.store.last_round(self.run_id)
+        if last is None:
+            return checkpoints.load_tensors(self.store.dir / run["initial_checkpoint"], sha256=run["initial_sha256"]), 1
+        weights = checkpoints.load_tensors(self.store.dir / last["checkpoint_path"], sha256=last["checkpoint_sha256"])
+        if last["agg_state_path"]:
+            self.agg.load_state(dict(checkpoints.load_tensors(self.store.dir / last["agg_state_path"],
+                                                              sha256=last["agg_state_sha256"])))
+        if self.early:
+            for r in self.store.rounds(self.run_id):
+                self.early.update(r["loss"])
+        self._log.info("resuming", run_id=self.run_id, after_round=last["round"])
+        return weights, int(last["round"]) + 1
+
+    def _central_dp(self) -> dict[str, float] | None:
+        c = self.experiment.federated.central_dp
+        return {"clip_norm": c.clip_norm, "noise_multiplier": c.noise_multiplier} if c else None
+
+    def _checkpoint_path(self, round: int, suffix: str = "") -> Path:
+        return self.store.run_dir(self.run_id) / "checkpoints" / f"round-{round:04d}{suffix}.safetensors"
+
+    # ------------------------------------------------------------------ bus
+    def _open_consumers(self) -> None:
+        sites = self.restrict if self.restrict is not None else self.registry.enrolled()
+        self.bus.declare(Topology(sites=sites, federations=[self.federation]))
+        self._trust = self.store.trust_store()
+        self._consumers.append(self.bus.consume(control_queue(self.federation), self._on_hello, prefetch=16))
+        self._consumers.append(self.bus.consume(updates_queue(self.federation), self._inbox.put, prefetch=self.prefetch))
+
+    def _close_consumers(self) -> None:
+        for c in self._consumers:
+            try:
+                c.cancel()
+            except Exception as e:  # noqa: BLE001 - closing must not hide the run's outcome
+                self._log.warning("consumer cancel failed", error=str(e))
+        self._consumers.clear()
+
+    def _on_hello(self, delivery: Delivery) -> None:
+        from protocol.codec import open_frame
+        from protocol.errors import ProtocolError
+
+        try:
+            opened = open_frame(delivery.body, self.store.trust_store())
+            hello = opened.envelope.payload
+            if not isinstance(hello, SiteHello) or hello.site_id != opened.signer:
+                raise Rejected("bad_hello", f"control message from {opened.signer} is not its own SiteHello")
+        except (ProtocolError, Rejected) as e:
+            delivery.nack(e.header())
+            self._log.warning("hello rejected", reason=e.header())
+            return
+        self.registry.record_hello(opened.signer, hello)
+        delivery.ack()
+
+    def _publish(self, payload: Any, *, site: str, round: int) -> str:
+        from protocol.codec import new_envelope, seal
+
+        env = new_envelope(payload, federation=self.federation, run_id=self.run_id, round=round,
+                           sender=COORDINATOR, recipient=site)
+        kind = type(payload).__name__
+        split = getattr(payload, "split", None) if kind == "EvalTask" else None
+        # Recorded before publishing: a reply can never arrive for a task we do not know.
+        self.store.record_task(run_id=self.run_id, round=round, site=site, kind=kind, task_id=env.message_id, split=split)
+        self._tasked.setdefault((round, kind), set()).add(site)
+        self._task_ids[env.message_id] = (kind, round, site, split)
+        self.bus.publish(TASKS, site, seal(env, self.signer), message_id=env.message_id)
+        return env.message_id
+
+    def _train_task(self, weights: Tensors, *, site: str, round: int, base_round: int, deadline: float) -> str:
+        task = TrainTask(
+            experiment=self.experiment.to_wire(), weights=weights, dataset=self._dataset(), base_round=base_round,
+            seed=derive_seed(self.seed, round, site), deadline=deadline,
+        )
+        return self._publish(task, site=site, round=round)
+
+    def _eval_task(self, weights: Tensors, *, site: str, round: int, split: str, deadline: float) -> str:
+        task = EvalTask(
+            experiment=self.experiment.to_wire(), weights=weights, dataset=self._dataset(), base_round=round,
+            seed=derive_seed(self.seed, round, site, "eval"), deadline=deadline, split=split,
+        )
+        return self._publish(task, site=site, round=round)
+
+    def _dataset(self) -> str:
+        return self.experiment.dataset.name or ""
+
+    def _next(self, deadline: float) -> Delivery | None:
+        timeout = deadline - time.time()
+        if timeout <= 0:
+            try:
+                return self._inbox.get_nowait()
+            except queue.Empty:
+                return None
+        try:
+            return self._inbox.get(timeout=min(timeout, 0.5))
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ receiving
+    def _open(self, delivery: Delivery, *, current_round: int) -> tuple[Any, Any] | None:
+        """Verify a delivery; None when it was rejected (nacked + recorded) or needs no more work."""
+        from protocol.codec import open_frame
+        from protocol.errors import ProtocolError
+
+        try:
+            opened = open_frame(delivery.body, self._trust)
+            env = opened.envelope
+            if env.sender != opened.signer:
+                raise Rejected("bad_signature", f"envelope sender {env.sender!r} is not the signer {opened.signer!r}")
+            check_envelope(env, federation=self.federation, run_id=self.run_id, max_skew_s=self.max_skew_s)
+            if not isinstance(env.payload, (Update, EvalResult, Declined)):
+                raise Rejected("unexpected_type", f"{env.type} does not belong on the updates queue")
+        except (ProtocolError, Rejected) as e:
+            self._reject(delivery, e, round=current_round)
+            return None
+        return opened, env
+
+    def _reject(self, delivery: Delivery, error: Exception, *, round: int, opened: Any = None) -> None:
+        reason = error.header() if hasattr(error, "header") else f"error: {error}"
+        site, msg_round = _claimed(delivery, opened)
+        self.store.record([UpdateRow(
+            run_id=self.run_id, round=msg_round if msg_round is not None else round, message_id=delivery.message_id,
+            site=site, kind=getattr(opened.envelope, "type", None) if opened else None,
+            bytes=len(delivery.body), verdict="rejected", reason=reason,
+            body_sha256=opened.body_sha256 if opened else None, kid=opened.kid if opened else None,
+        )])
+        delivery.nack(reason)
+        self._log.warning("message rejected", site_id=site, message_id=delivery.message_id, reason=reason)
+
+    def _settle(self, delivery: Delivery, opened: Any, *, verdict: str, reason: str, round: int) -> None:
+        """Record a valid message that has no effect (late, stale, duplicate, declined) and ack it."""
+        env = opened.envelope
+        p = env.payload
+        self.store.record([UpdateRow(
+            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
+            bytes=len(delivery.body), verdict=verdict, reason=reason, body_sha256=opened.body_sha256,
+            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
+            base_round=getattr(p, "base_round", None), metrics=dict(getattr(p, "metrics", {}) or {}),
+            task_id=getattr(p, "task_id", None),
+        )])
+        delivery.ack()
+        self._log.info(f"message {verdict}", site_id=env.sender, round=env.round, current_round=round, reason=reason)
+
+    def _is_replay(self, delivery: Delivery, opened: Any, held: dict[str, _Held], *, round: int) -> bool:
+        """Handle a message id seen before: redelivery is settled quietly, a fresh copy is a replay."""
+        mid = opened.envelope.message_id
+        if mid in held:
+            if delivery.redelivered:
+                held[mid].delivery = delivery  # same message again (connection recovered): keep one count
+                return True
+            self._reject(delivery, Rejected("replayed", f"message {mid} was already received in this round"), round=round,
+                         opened=opened)
+            return True
+        if self.store.accepted_message(mid):
+            if delivery.redelivered:
+                self._settle(delivery, opened, verdict="duplicate", reason="redelivered after commit", round=round)
+            else:
+                self._reject(delivery, Rejected("replayed", f"message {mid} was already accepted"), round=round,
+                             opened=opened)
+            return True
+        return False
+
+    def _accept_row(self, delivery: Delivery, opened: Any, *, staleness: int | None = None, split: str | None = None) -> UpdateRow:
+        env = opened.envelope
+        p = env.payload
+        body_path = None
+        if self.store_bodies:
+            path = self.store.run_dir(self.run_id) / "bodies" / f"{env.message_id}.body"
+            checkpoints.write_atomic(path, bytes(opened.body))
+            body_path = str(path.relative_to(self.store.dir))
+        return UpdateRow(
+            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
+            bytes=len(delivery.body), verdict="accepted", split=split, body_sha256=opened.body_sha256,
+            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
+            num_examples=int(p.num_examples), base_round=int(p.base_round), staleness=staleness,
+            metrics=dict(p.metrics), epsilon=getattr(p, "epsilon", None), delta=getattr(p, "delta", None),
+            body_path=body_path, task_id=getattr(p, "task_id", None),
+        )
+
+    def _check_update(self, p: Update, weights: Tensors, site: str) -> None:
+        if p.num_examples <= 0:
+            raise Rejected("bad_num_examples", f"update from {site} reports num_examples={p.num_examples}; must be > 0")
+        check_weights(p.weights, weights, norm_bound=self.norm_bound)
+
+    def _check_eval(self, p: EvalResult, site: str) -> None:
+        if p.num_examples < 0 or any(
+            not isinstance(v, (int, float)) or not math.isfinite(float(v)) for v in p.metrics.values()
+        ):
+            raise Rejected("bad_metrics", f"evaluation result from {site} has negative n or non-finite metrics")
+
+    # ------------------------------------------------------------------ synchronous rounds
+    def _available(self) -> list[str]:
+        fed = self.experiment.federated
+        need = max(fed.min_available_clients, fed.min_fit_clients)
+        sites = self.registry.available(self.restrict)
+        if len(sites) < need:
+            self._log.info("waiting for sites", have=len(sites), need=need, timeout_s=self.available_timeout_s)
+            sites = self.registry.wait_available(need, timeout_s=self.available_timeout_s, restrict=self.restrict)
+        if len(sites) < need:
+            raise RunFailed(
+                f"only {len(sites)} site(s) available ({', '.join(sites) or 'none'}) but min_available_clients="
+                f"{fed.min_available_clients} and min_fit_clients={fed.min_fit_clients}: enroll more sites "
+                f"(fedbus coordinator enroll) and start their workers, or lower the minimums"
+            )
+        return sites
+
+    def _run_sync(self, weights: Tensors, first_round: int) -> Tensors:
+        sites = self._available()
+        self.store.set_run_sites(self.run_id, sites)
+        self.sites = sites
+        with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
+            for rnd in range(first_round, self.rounds_planned + 1):
+                weights, stop = self._sync_round(rnd, weights, progress)
+                if stop:
+                    self._log.info("early stopping", round=rnd, best_loss=self.early.best)
+                    break
+        return weights
+
+    def _sync_round(self, rnd: int, weights: Tensors, progress: RoundProgress) -> tuple[Tensors, bool]:
+        fed = self.experiment.federated
+        sites = self._available()
+        self._trust = self.store.trust_store()
+        t0 = time.monotonic()
+        rlog = self._log.bind(round=rnd)
+        self.agg.begin_round(rnd, weights)
+        held: dict[str, _Held] = {}
+        accepted: dict[str, _Held] = {}  # site -> its accepted update this round
+        replied: set[str] = set()
+        agg_s = 0.0
+        sampled = sample_sites(sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients),
+                               seed=self.seed, round=rnd)
+        # A resumed round: sites whose updates for this round were committed earlier do not exist
+        # (rounds commit atomically), so every sampled site is asked again; duplicates are settled.
+        attempt = 0
+        deadline = self._send_train(sampled, weights, rnd)
+        progress.begin(rnd, expected=len(sampled))
+        while True:
+            while len(replied) < len(sampled):
+                delivery = self._next(deadline)
+                if delivery is None:
+                    if time.time() >= deadline:
+                        break
+                    continue
+                t = time.monotonic()
+                self._sync_message(delivery, rnd, weights, sampled, held, accepted, replied, rlog)
+                agg_s += time.monotonic() - t
+                progress.replies(len(replied), len(sampled))
+            if len(accepted) >= fed.min_fit_clients:
+                break
+            attempt += 1
+            missing = sorted(set(sampled) - replied)
+            if attempt > fed.max_round_retries:
+                for h in held.values():
+                    h.delivery.requeue()
+                raise RunFailed(
+                    f"round {rnd}: {len(accepted)} update(s) accepted by the deadline but min_fit_clients="
+                    f"{fed.min_fit_clients}, after {fed.max_round_retries} retries (no reply from: "
+                    f"{', '.join(missing) or 'none'}; declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
+                )
+            extra = sample_sites(sorted(set(sites) - set(sampled)), fed.min_fit_clients - len(accepted),
+                                 seed=self.seed, round=rnd, attempt=attempt)
+            rlog.warning("round retry", attempt=attempt, accepted=len(accepted), missing=missing, adding=extra)
+            sampled = sorted(set(sampled) | set(extra))
+            deadline = self._send_train(missing + extra, weights, rnd)
+            progress.begin(rnd, expected=len(sampled))
+
+        t = time.monotonic()
+        new_weights = self.agg.finish_round()
+        agg_s += time.monotonic() - t
+        val = self._validation_metrics(rnd, new_weights, accepted, held, sites, progress)
+        t = time.monotonic()
+        self._commit_round(rnd, new_weights, sampled=sampled, attempts=attempt + 1, held=held, accepted=accepted,
+                           metrics=val, wall_s=time.monotonic() - t0, agg_s=agg_s)
+        agg_s += time.monotonic() - t
+        progress.done(rnd, loss=val["aggregate"].get("loss"), accuracy=val["aggregate"].get("accuracy"))
+        rlog.info("round committed", replies=len(accepted), loss=val["aggregate"].get("loss"),
+                  accuracy=val["aggregate"].get("accuracy"))
+        stop = self.early.update(val["aggregate"].get("loss")) if self.early else False
+        return new_weights, stop
+
+    def _send_train(self, sites: list[str], weights: Tensors, rnd: int) -> float:
+        deadline = time.time() + self.round_timeout_s
+        for site in sites:
+            self._train_task(weights, site=site, round=rnd, base_round=rnd - 1, deadline=deadline)
+        return deadline
+
+    def _sync_message(self, delivery, rnd, weights, sampled, held, accepted, replied, rlog) -> None:
+        opened_env = self._open(delivery, current_round=rnd)
+        if opened_env is None:
+            return
+        opened, env = opened_env
+        p = env.payload
+        site = env.sender
+        if self._is_replay(delivery, opened, held, round=rnd):
+            return
+        if isinstance(p, EvalResult):
+            self._settle(delivery, opened, verdict="late", reason="evaluation result outside an evaluation", round=rnd)
+            return
+        if env.round != rnd:
+            if env.round < rnd and site in self._tasked.get((env.round, "TrainTask"), ()):
+                self._settle(delivery, opened, verdict="late", reason=f"for round {env.round}, now in round {rnd}", round=rnd)
+            else:
+                self._reject(delivery, Rejected("wrong_round", f"message for round {env.round} but round {rnd} is open"
+                                                + ("" if env.round < rnd else " (future round)")),
+                             round=rnd, opened=opened)
+            return
+        if site not in sampled:
+            self._reject(delivery, Rejected("not_tasked", f"{site} was not asked to train in round {rnd}"),
+                         round=rnd, opened=opened)
+            return
+        if site in accepted or site in replied:
+            self._settle(delivery, opened, verdict="duplicate", reason=f"{site} already answered round {rnd}", round=rnd)
+            return
+        if isinstance(p, Declined):
+            replied.add(site)
+            self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=rnd)
+            return
+        if p.base_round != rnd - 1:
+            self._reject(delivery, Rejected("wrong_round", f"update trained from model version {p.base_round}, "
+                                            f"round {rnd} sent version {rnd - 1}"), round=rnd, opened=opened)
+            return
+        try:
+            self._check_update(p, weights, site)
+            self.agg.add(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,
+                                      base_round=p.base_round, metrics=dict(p.metrics)))
+        except Rejected as e:
+            self._reject(delivery, e, round=rnd, opened=opened)
+            return
+        h = _Held(delivery=delivery, row=self._accept_row(delivery, opened), payload=_light(p))
+        held[env.message_id] = h
+        accepted[site] = h
+        replied.add(site)
+        rlog.debug("update accepted", site_id=site, num_examples=p.num_examples)
+
+    # ------------------------------------------------------------------ evaluation
+    def _validation_metrics(self, rnd, new_weights, accepted, held, sites, progress) -> dict[str, Any]:
+        """Aggregated validation metrics of a round: EvalTasks when fraction_eval > 0, else after_* of the updates."""
+        fed = self.experiment.federated
+        per_site: dict[str, dict[str, float]] = {}
+        for site, h in accepted.items():
+            m = after_training(h.payload.metrics)
+            m["n"] = validation_weight(h.payload.metrics, h.payload.num_examples)
+            for k in ("train_s", "samples_per_s", "steps"):
+                if k in h.payload.metrics:
+                    m[k] = h.payload.metrics[k]
+            if h.payload.epsilon is not None:
+                m["epsilon"] = h.payload.epsilon
+            per_site[site] = m
+        source = "updates"
+        agg = weighted_mean([({k: v for k, v in m.items() if k not in ("epsilon",)}, m["n"]) for m in per_site.values()])
+        if fed.fraction_eval > 0:
+            chosen = sample_sites(sites, sample_count(len(sites), fed.fraction_eval, fed.min_eval_clients),
+                                  seed=self.seed, round=rnd, purpose="eval")
+            results = self._collect_evals(chosen, new_weights, rnd, split="validation", held=held, progress=progress)
+            if len(results) >= min(fed.min_eval_clients, len(chosen)) and results:
+                source = "evaluation"
+                agg = weighted_mean([(m, float(m.get("n", 0))) for m in results.values()])
+                for site, m in results.items():
+                    per_site.setdefault(site, {}).update({f"eval_{k}": v for k, v in m.items()})
+        return {"aggregate": agg, "per_site": per_site, "source": source}
+
+    def _collect_evals(self, sites: list[str], weights: Tensors, rnd: int, *, split: str, held: dict[str, _Held],
+                       progress: RoundProgress | None) -> dict[str, dict[str, float]]:
+        """Send EvalTasks to ``sites`` and gather their results until all answered or the deadline."""
+        deadline = time.time() + self.round_timeout_s
+        pending: dict[str, str] = {}
+        for site in sites:
+            pending[self._eval_task(weights, site=site, round=rnd, split=split, deadline=deadline)] = site
+        results: dict[str, dict[str, float]] = {}
+        answered: set[str] = set()
+        while len(answered) < len(sites):
+            delivery = self._next(deadline)
+            if delivery is None:
+                if time.time() >= deadline:
+                    missing = sorted(set(sites) - answered)
+                    self._log.warning("evaluation deadline passed", round=rnd, split=split, missing=missing)
+                    break
+                continue
+            opened_env = self._open(delivery, current_round=rnd)
+            if opened_env is None:
+                continue
+            opened, env = opened_env
+            if self._is_replay(delivery, opened, held, round=rnd):
+                continue
+            p = env.payload
+            task = pending.get(getattr(p, "task_id", ""))
+            if task is None or task != env.sender:
+                self._settle(delivery, opened, verdict="late", reason="not an answer to an open evaluation task", round=rnd)
+                continue
+            if isinstance(p, Declined):
+                answered.add(env.sender)
+                self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=rnd)
+                continue
+            if not isinstance(p, EvalResult) or env.sender in answered:
+                self._settle(delivery, opened, verdict="duplicate", reason="evaluation already answered", round=rnd)
+                continue
+            try:
+                self._check_eval(p, env.sender)
+            except Rejected as e:
+                self._reject(delivery, e, round=rnd, opened=opened)
+                continue
+            m = dict(p.metrics)
+            m["n"] = float(m.get("n", p.num_examples))
+            results[env.sender] = m
+            answered.add(env.sender)
+            held[env.message_id] = _Held(delivery=delivery, row=self._accept_row(delivery, opened, split=split), payload=None)
+            if progress is not None:
+                progress.note(f"{split} {len(answered)}/{len(sites)}")
+        return results
+
+    def _final_evaluation(self, weights: Tensors) -> dict[str, Any]:
+        """EvalTask(split="test") to every site of the run; results weighted by n, per site too."""
+        sites = getattr(self, "sites", None) or self.registry.available(self.restrict)
+        last = self.store.last_round(self.run_id)
+        rnd = int(last["round"]) if last else 0
+        held: dict[str, _Held] = {}
+        results = self._collect_evals(sites, weights, rnd, split="test", held=held, progress=None)
+        self.store.record([h.row for h in held.values()])
+        for h in held.values():
+            h.delivery.ack()
+        agg = weighted_mean([(m, m["n"]) for m in results.values()])
+        final: dict[str, Any] = {k: agg.get(k) for k in ("loss", "accuracy", "auc", "f1")}
+        final.update({k: v for k, v in agg.items() if k not in final})
+        final["per_site"] = {
+            s: {"accuracy": m.get("accuracy"), "auc": m.get("auc"), "f1": m.get("f1"), "loss": m.get("loss"),
+                "n_test": int(m["n"])} for s, m in sorted(results.items())
+        }
+        final["n_sites"] = len(results)
+        return final
+
+    # ------------------------------------------------------------------ commit
+    def _commit_round(self, rnd, weights, *, sampled, attempts, held, accepted, metrics, wall_s, agg_s,
+                      train_s: float | None = None) -> None:
+        ck = self._checkpoint_path(rnd)
+        sha = checkpoints.save_tensors(ck, weights, metadata={"run_id": self.run_id, "round": str(rnd)})
+        state = self.agg.state()
+        st_path = st_sha = None
+        if state:
+            p = self._checkpoint_path(rnd, ".agg")
+            st_sha = checkpoints.save_tensors(p, state)
+            st_path = str(p.relative_to(self.store.dir))
+        if train_s is None:
+            train_s = max((float(h.payload.metrics.get("train_s", 0.0)) for h in accepted.values()), default=0.0)
+        a = metrics["aggregate"]
+        row = RoundRow(
+            run_id=self.run_id, round=rnd, attempts=attempts, sampled=list(sampled), replies=len(accepted),
+            loss=a.get("loss"), accuracy=a.get("accuracy"), auc=a.get("auc"), metrics=metrics, wall_s=wall_s,
+            train_s=train_s, communication_s=max(0.0, wall_s - train_s - agg_s), aggregation_s=agg_s,
+            checkpoint_path=str(ck.relative_to(self.store.dir)), checkpoint_sha256=sha,
+            agg_state_path=st_path, agg_state_sha256=st_sha,
+        )
+        self.store.commit_round(row, [h.row for h in held.values()])
+        for h in held.values():  # only now is every held update's effect durable
+            h.delivery.ack()
+        held.clear()
+
+    # ------------------------------------------------------------------ asynchronous
+    def _run_async(self, weights: Tensors, first_version: int) -> Tensors:
+        """FedAsync / FedBuff: merge on arrival; each global step is a committed version."""
+        fed = self.experiment.federated
+        sites = self._available()
+        self.store.set_run_sites(self.run_id, sites)
+        self.sites = sites
+        version = first_version - 1
+        versions: dict[int, Tensors] = {version: weights}
+        active = sample_sites(sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients),
+                              seed=self.seed, round=version, purpose="async")
+        for site in active:
+            self._train_task(weights, site=site, round=version, base_round=version,
+                             deadline=time.time() + self.round_timeout_s)
+        held: dict[str, _Held] = {}
+        merged: dict[str, _Held] = {}
+        timeouts = 0
+        t_step = time.monotonic()
+        agg_s = 0.0
+        with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=version) as progress:
+            progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
+            while version < self.rounds_planned:
+                delivery = self._next(time.time() + self.round_timeout_s)
+                if delivery is None:
+                    timeouts += 1
+                    if timeouts > fed.max_round_retries:
+                        for h in held.values():
+                            h.delivery.requeue()
+                        raise RunFailed(
+                            f"version {version + 1}: no update arrived for {self.round_timeout_s:.0f} s, "
+                            f"{fed.max_round_retries} times in a row (sites tasked: {', '.join(active)})"
+                        )
+                    self._log.warning("no update before the deadline; re-sending tasks", version=version)
+                    for site in active:
+                        self._train_task(weights, site=site, round=version, base_round=version,
+                                         deadline=time.time() + self.round_timeout_s)
+                    continue
+                timeouts = 0
+                t = time.monotonic()
+                step = self._async_message(delivery, version, weights, versions, held, merged)
+                agg_s += time.monotonic() - t
+                if step is None:
+                    progress.replies(len(merged), getattr(self.agg, "buffer_size", 1))
+                    continue
+                new_weights, delivering = step
+                if new_weights is not None:
+                    version += 1
+                    val = {"aggregate": weighted_mean([
+                        (after_training(h.payload.metrics), validation_weight(h.payload.metrics, h.payload.num_examples))
+                        for h in merged.values()]), "per_site": {
+                        h.row.site: dict(after_training(h.payload.metrics), staleness=h.row.staleness)
+                        for h in merged.values()}, "source": "updates"}
+                    t = time.monotonic()
+                    self._commit_round(version, new_weights, sampled=sorted({h.row.site for h in merged.values()}),
+                                       attempts=1, held=held, accepted=merged, metrics=val,
+                                       wall_s=time.monotonic() - t_step, agg_s=agg_s)
+                    merged = {}
+                    weights = new_weights
+                    versions[version] = weights
+                    window = self.agg.max_staleness if self.agg.max_staleness is not None else 8
+                    for v in [v for v in versions if v < version - window]:
+                        del versions[v]
+                    progress.done(version, loss=val["aggregate"].get("loss"), accuracy=val["aggregate"].get("accuracy"))
+                    progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
+                    t_step, agg_s = time.monotonic(), 0.0
+                    if self.early and self.early.update(val["aggregate"].get("loss")):
+                        self._log.info("early stopping", version=version)
+                        break
+                if delivering is not None and version < self.rounds_planned:
+                    self._train_task(weights, site=delivering, round=version, base_round=version,
+                                     deadline=time.time() + self.round_timeout_s)
+        for h in held.values():  # merged into a buffer that never stepped: give back
+            h.delivery.requeue()
+        return weights
+
+    def _async_message(self, delivery, version, weights, versions, held, merged):
+        """None when nothing changed; else (new weights or None, site to re-task or None)."""
+        opened_env = self._open(delivery, current_round=version)
+        if opened_env is None:
+            return None
+        opened, env = opened_env
+        p = env.payload
+        site = env.sender
+        if self._is_replay(delivery, opened, held, round=version):
+            return None
+        if isinstance(p, EvalResult):
+            self._settle(delivery, opened, verdict="late", reason="evaluation result outside an evaluation", round=version)
+            return None
+        task = self._task_ids.get(p.task_id)
+        if task is None or task[0] != "TrainTask" or task[2] != site or task[1] != env.round:
+            self._reject(delivery, Rejected("not_tasked", f"{site} answers task {p.task_id}, which this run did not "
+                                            f"send it"), round=version, opened=opened)
+            return None
+        if any(h.row.task_id == p.task_id for h in held.values()) or self.store.task_answered(self.run_id, p.task_id):
+            self._settle(delivery, opened, verdict="duplicate", reason=f"task {p.task_id} already answered", round=version)
+            return None
+        if isinstance(p, Declined):
+            self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=version)
+            return None
+        tau = version - p.base_round
+        if p.base_round != env.round or tau < 0:
+            self._reject(delivery, Rejected("wrong_round", f"update based on version {p.base_round} for task of version "
+                                            f"{env.round}; the model is at version {version}"), round=version, opened=opened)
+            return None
+        if self.agg.max_staleness is not None and tau > self.agg.max_staleness:
+            self._settle(delivery, opened, verdict="stale",
+                         reason=f"staleness {tau} > max_staleness {self.agg.max_staleness}", round=version)
+            return (None, site)
+        base = versions.get(p.base_round)
+        if base is None:
+            rows = {r["round"]: r for r in self.store.rounds(self.run_id)}
+            r = rows.get(p.base_round)
+            if r is None:
+                run = self.store.run(self.run_id)
+                base = checkpoints.load_tensors(self.store.dir / run["initial_checkpoint"], sha256=run["initial_sha256"])
+            else:
+                base = checkpoints.load_tensors(self.store.dir / r["checkpoint_path"], sha256=r["checkpoint_sha256"])
+            versions[p.base_round] = base
+        try:
+            self._check_update(p, weights, site)
+            new = self.agg.merge(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,
+                                              base_round=p.base_round, metrics=dict(p.metrics)),
+                                 version=version, global_weights=weights, base_weights=base)
+        except Rejected as e:
+            self._reject(delivery, e, round=version, opened=opened)
+            return None
+        h = _Held(delivery=delivery, row=self._accept_row(delivery, opened, staleness=tau), payload=_light(p))
+        held[env.message_id] = h
+        merged[env.message_id] = h
+        return (new, site)
+
+    # ------------------------------------------------------------------ result
+    def _result(self, *, status: str, reason: str | None, final: dict[str, Any], weights: Tensors,
+                wall_s: float) -> RunResult:
+        rounds = self.store.rounds(self.run_id)
+        rows = [{"round": r["round"], "loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"],
+                 "replies": r["replies"], "wall_s": r["wall_s"]} for r in rounds]
+        eps: dict[str, float | None] = {s: None for s in getattr(self, "sites", None) or self.restrict or []}
+        for line in self.store.privacy(self.run_id):
+            if line["epsilon"] is not None:
+                eps[line["site"]] = max(line["epsilon"], eps.get(line["site"]) or 0.0)
+            else:
+                eps.setdefault(line["site"], None)
+        upd = self.store.updates(self.run_id)
+        rejected = [{"message_id": u["message_id"], "site": u["site"], "reason": u["reason"], "round": u["round"]}
+                    for u in upd if u["verdict"] == "rejected"]
+        declined = [{"message_id": u["message_id"], "site": u["site"], "reason": u["reason"], "round": u["round"]}
+                    for u in upd if u["verdict"] == "declined"]
+        timing = {
+            "wall_s": wall_s,
+            "train_s": sum(r["train_s"] or 0.0 for r in rounds),
+            "communication_s": sum(r["communication_s"] or 0.0 for r in rounds),
+            "aggregation_s": sum(r["aggregation_s"] or 0.0 for r in rounds),
+        }
+        last = rounds[-1] if rounds else None
+        return RunResult(
+            run_id=self.run_id, aggregator=self.aggregator_name, sites=sorted(eps), rounds=rows, final=final,
+            epsilon=eps, timing=timing, rejected=rejected, declined=declined, status=status, reason=reason,
+            weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
+        )
+
+
+def _light(p: Any) -> Any:
+    """What a held update keeps after aggregation: everything but the weights (their bytes are dropped)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None))
+
+
+def _claimed(delivery: Delivery, opened: Any) -> tuple[str | None, int | None]:
+    """Sender and round a message claims (for the log only; unverified when ``opened`` is None)."""
+    if opened is not None:
+        return opened.envelope.sender, opened.envelope.round
+    try:
+        from protocol.codec import decode_envelope, decode_frame
+
+        _, _, body, _ = decode_frame(delivery.body)
+        env = decode_envelope(body)
+        return f"{env.sender} (unverified)", env.round
+    except Exception:  # noqa: BLE001 - best effort: the message is rejected either way
+        return delivery.user_id, None
+
+
+def _slug(name: str) -> str:
+    s = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()).strip("-")
+    return s[:40] or "run"

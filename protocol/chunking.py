@@ -1,0 +1,216 @@
+"""Split large bodies into chunks and reassemble them, transport-independent.
+
+RabbitMQ refuses messages over ``max_message_size`` (16 MiB by default in 4.x), while
+model weights can be far larger. The buses split bodies over ``chunk_size`` with
+:func:`split_body` and feed received chunks to a :class:`Reassembler`, which bounds the
+memory and the time a partial transfer may hold and verifies the sha256 of the whole
+body before handing it back. Anything inconsistent raises :class:`ChunkError`; the
+transfer is then dropped, so its chunks can be dead-lettered by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from protocol.errors import ChunkError
+
+__all__ = ["split_body", "Reassembler", "ChunkError", "HEADER_FIELDS"]
+
+HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_TRANSFER_ID = 128
+_MAX_COUNT = 1_000_000
+
+
+def split_body(
+    body: bytes | bytearray | memoryview, *, chunk_size: int, transfer_id: str | None = None
+) -> list[tuple[dict[str, Any], memoryview]]:
+    """Cut ``body`` into ``ceil(len/chunk_size)`` zero-copy slices with their headers.
+
+    Each header is ``{transfer_id, index, count, sha256, total_size}``; ``sha256`` is of
+    the whole body, so the receiver verifies the reassembled result, not each slice.
+    An empty body is one empty chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    view = memoryview(body).cast("B")
+    total = len(view)
+    count = max(1, -(-total // chunk_size))
+    digest = hashlib.sha256(view).hexdigest()
+    tid = transfer_id or uuid.uuid4().hex
+    return [
+        (
+            {"transfer_id": tid, "index": i, "count": count, "sha256": digest, "total_size": total},
+            view[i * chunk_size : (i + 1) * chunk_size],
+        )
+        for i in range(count)
+    ]
+
+
+@dataclass
+class _Transfer:
+    count: int
+    sha256: str
+    total_size: int
+    started: float
+    parts: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+
+
+class Reassembler:
+    """Collect chunks per transfer; return the whole body once every chunk arrived.
+
+    Memory is bounded by *declared* sizes: a transfer reserves its ``total_size`` when
+    its first chunk arrives and is refused if that would exceed ``max_bytes`` across all
+    transfers in progress, or if ``max_transfers`` are already in progress. Chunks may
+    arrive in any order. Not thread-safe: one reassembler per consumer.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 1 * 2**30,
+        max_transfers: int = 64,
+        timeout_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_transfers = max_transfers
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._transfers: dict[str, _Transfer] = {}
+        self._reserved = 0
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes reserved by transfers in progress (sum of their declared sizes)."""
+        return self._reserved
+
+    def in_progress(self) -> list[str]:
+        """Transfer ids that have some but not all chunks."""
+        return list(self._transfers)
+
+    def add(self, header: dict[str, Any], data: bytes | bytearray | memoryview) -> bytes | None:
+        """Store one chunk; return the verified whole body when it completes the transfer.
+
+        Raises ``ChunkError`` (with ``.transfer_id``) for a malformed or inconsistent
+        header, a duplicate index, oversize data, a memory bound or a sha256 mismatch;
+        the transfer is dropped.
+        """
+        tid, index, count, digest, total = _check_header(header)
+        size = len(data)
+        if count == 1:
+            body = bytes(data)
+            _verify(tid, body, digest, total)
+            return body
+        t = self._transfers.get(tid)
+        if t is None:
+            if total > self.max_bytes - self._reserved:
+                raise _error(
+                    tid,
+                    f"transfer {tid} declares {total} bytes but only "
+                    f"{self.max_bytes - self._reserved} of max_bytes={self.max_bytes} are free; "
+                    "raise max_bytes or lower the sender's frame size",
+                )
+            if len(self._transfers) >= self.max_transfers:
+                raise _error(
+                    tid,
+                    f"transfer {tid} refused: max_transfers={self.max_transfers} already in progress",
+                )
+            t = _Transfer(count=count, sha256=digest, total_size=total, started=self._clock())
+            self._transfers[tid] = t
+            self._reserved += total
+        elif (t.count, t.sha256, t.total_size) != (count, digest, total):
+            self._drop(tid)
+            raise _error(
+                tid,
+                f"transfer {tid} chunk {index}: header (count={count}, total_size={total}) "
+                f"disagrees with earlier chunks (count={t.count}, total_size={t.total_size}) "
+                "or sha256 differs",
+            )
+        if index in t.parts:
+            self._drop(tid)
+            raise _error(tid, f"transfer {tid}: duplicate chunk {index} of {count}")
+        if t.received + size > t.total_size:
+            self._drop(tid)
+            raise _error(
+                tid,
+                f"transfer {tid}: chunk {index} brings {t.received + size} bytes, "
+                f"more than the declared total_size={t.total_size}",
+            )
+        t.parts[index] = data if isinstance(data, bytes) else bytes(data)
+        t.received += size
+        if len(t.parts) < t.count:
+            return None
+        self._drop(tid)
+        if t.received != t.total_size:
+            raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
+        body = b"".join(t.parts[i] for i in range(t.count))
+        t.parts.clear()
+        _verify(tid, body, digest, total)
+        return body
+
+    def expire(self) -> list[str]:
+        """Drop transfers older than ``timeout_s`` (a chunk went missing); return their ids."""
+        now = self._clock()
+        old = [tid for tid, t in self._transfers.items() if now - t.started > self.timeout_s]
+        for tid in old:
+            self._drop(tid)
+        return old
+
+    def discard(self, transfer_id: str) -> None:
+        """Forget a transfer (e.g. its chunks were given back to the broker)."""
+        self._drop(transfer_id)
+
+    def missing(self, transfer_id: str) -> list[int]:
+        """Chunk indexes not yet received for a transfer in progress."""
+        t = self._transfers.get(transfer_id)
+        if t is None:
+            return []
+        return [i for i in range(t.count) if i not in t.parts]
+
+    def _drop(self, tid: str) -> None:
+        t = self._transfers.pop(tid, None)
+        if t is not None:
+            self._reserved -= t.total_size
+
+
+def _error(tid: str | None, msg: str) -> ChunkError:
+    err = ChunkError(msg)
+    err.transfer_id = tid  # type: ignore[attr-defined]
+    return err
+
+
+def _verify(tid: str, body: bytes, digest: str, total: int) -> None:
+    if len(body) != total:
+        raise _error(tid, f"transfer {tid}: body has {len(body)} bytes, declared {total}")
+    got = hashlib.sha256(body).hexdigest()
+    if got != digest:
+        raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
+
+
+def _check_header(header: dict[str, Any]) -> tuple[str, int, int, str, int]:
+    if not isinstance(header, dict):
+        raise _error(None, f"chunk header must be a dict, got {type(header).__name__}")
+    missing = [f for f in HEADER_FIELDS if f not in header]
+    tid = header.get("transfer_id")
+    if missing:
+        raise _error(tid if isinstance(tid, str) else None, f"chunk header misses {', '.join(missing)}")
+    index, count, digest, total = (header[f] for f in HEADER_FIELDS[1:])
+    if not isinstance(tid, str) or not 0 < len(tid) <= _MAX_TRANSFER_ID:
+        raise _error(None, f"chunk header transfer_id must be a non-empty string of <= {_MAX_TRANSFER_ID} chars")
+    for name, value in (("index", index), ("count", count), ("total_size", total)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _error(tid, f"transfer {tid}: chunk header {name} must be a non-negative int, got {value!r}")
+    if not 1 <= count <= _MAX_COUNT:
+        raise _error(tid, f"transfer {tid}: chunk count {count} outside 1..{_MAX_COUNT}")
+    if index >= count:
+        raise _error(tid, f"transfer {tid}: chunk index {index} >= count {count}")
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        raise _error(tid, f"transfer {tid}: chunk header sha256 must be 64 lowercase hex chars")
+    return tid, index, count, digest, total

@@ -1,0 +1,618 @@
+"""Frames and envelopes on the wire (DESIGN.md "Wire protocol").
+
+A frame is the msgpack map ``{v: 1, kid, body, sig}``; ``body`` is the msgpack of
+the envelope map ``{type, schema_version, message_id, federation, run_id, round,
+sender, recipient, sent_at, payload}`` and ``sig`` is Ed25519 over exactly those
+body bytes. The payload is a map of the message dataclass's fields; weights
+(``Tensors``) are an array of ``{name, dtype, shape, data}`` with ``data`` the raw
+little-endian buffer.
+
+Receiving is ``open_frame``: size check, frame decode under ``Limits``, signature
+verified over the body *before* the envelope is decoded, then the envelope
+decoded and type-checked field by field, arrays made with ``np.frombuffer`` over
+the received bytes (zero copy, read-only when the input is ``bytes``). Whatever
+is wrong with the bytes surfaces as a ``ProtocolError`` subclass naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+import types
+import typing
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import msgpack
+import numpy as np
+
+from protocol.errors import (
+    BadSignature,
+    LimitExceeded,
+    MalformedFrame,
+    ProtocolError,
+    UnknownMessageType,
+    UnsupportedSchemaVersion,
+)
+from protocol.limits import DEFAULT_LIMITS, Limits
+from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, DatasetInfo, Envelope, Tensors
+from protocol.msgpack_view import as_byte_view, read_msgpack
+from protocol.signing import Signer, TrustStore
+
+FRAME_VERSION = 1
+
+# Wire dtype name -> little-endian numpy dtype. bfloat16 has no numpy dtype: send float32.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code)
+    for name, code in {
+        "float16": "<f2",
+        "float32": "<f4",
+        "float64": "<f8",
+        "int8": "i1",
+        "int16": "<i2",
+        "int32": "<i4",
+        "int64": "<i8",
+        "uint8": "u1",
+        "bool": "?",
+    }.items()
+}
+_WIRE_NAME = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
+
+_ENVELOPE_FIELDS = [f.name for f in dataclasses.fields(Envelope)]
+_FRAME_FIELDS = ("v", "kid", "body", "sig")
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A frame that passed every check of ``open_frame``, with what audit needs."""
+
+    envelope: Envelope
+    kid: str
+    signer: str  # identity from the trust store
+    body_sha256: str  # hex, of the exact body bytes
+    frame_sha256: str  # hex, of the whole frame bytes
+    signature: bytes
+    body: bytes | memoryview  # the signed body bytes (for audit re-verification)
+
+
+# --------------------------------------------------------------------------------------
+# envelopes
+
+
+def new_envelope(
+    payload: Any,
+    *,
+    federation: str,
+    run_id: str,
+    round: int,
+    sender: str,
+    recipient: str,
+    message_id: str | None = None,
+    sent_at: float | None = None,
+) -> Envelope:
+    """Wrap ``payload`` with a fresh message id and the current time."""
+    if type(payload) not in MESSAGE_TYPES.values():
+        raise TypeError(f"payload must be one of {sorted(MESSAGE_TYPES)}, got {type(payload).__name__}")
+    return Envelope(
+        type=payload.TYPE,
+        schema_version=SCHEMA_VERSION,
+        message_id=message_id if message_id is not None else uuid.uuid4().hex,
+        federation=federation,
+        run_id=run_id,
+        round=round,
+        sender=sender,
+        recipient=recipient,
+        sent_at=time.time() if sent_at is None else sent_at,
+        payload=payload,
+    )
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """The body bytes of ``env`` (what gets signed)."""
+    return b"".join(_envelope_parts(env))
+
+
+def decode_envelope(body: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Decode and type-check body bytes; arrays share memory with ``body``."""
+    try:
+        tree = read_msgpack(body, limits=limits, what="body")
+        return _decode_envelope_tree(tree, limits)
+    except ProtocolError:
+        raise
+    except Exception as e:  # a bug here must still read as a rejection, not a crash
+        raise MalformedFrame(f"body: cannot decode ({type(e).__name__}: {e})") from e
+
+
+# --------------------------------------------------------------------------------------
+# frames
+
+
+def encode_frame(kid: str, body: bytes | memoryview, sig: bytes) -> bytes:
+    return b"".join(
+        (
+            b"\x84",
+            msgpack.packb("v"),
+            msgpack.packb(FRAME_VERSION),
+            msgpack.packb("kid"),
+            msgpack.packb(kid),
+            msgpack.packb("body"),
+            _bin_header(len(body)),
+            body,
+            msgpack.packb("sig"),
+            msgpack.packb(bytes(sig)),
+        )
+    )
+
+
+def decode_frame(
+    data: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[int, str, memoryview, bytes]:
+    """``(v, kid, body, sig)`` of a frame; ``body`` is a view into ``data``."""
+    view = as_byte_view(data)
+    if len(view) > limits.max_frame_bytes:
+        raise LimitExceeded(
+            f"frame of {len(view)} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}"
+        )
+    # The frame is tiny apart from its body: tighten container bounds before parsing.
+    frame_limits = dataclasses.replace(
+        limits, max_container_items=8, max_objects=32, max_depth=1, max_str_bytes=256
+    )
+    try:
+        tree = read_msgpack(view, limits=frame_limits, what="frame")
+    except LimitExceeded as e:
+        raise LimitExceeded(f"{e} (bounds of the frame map {{v, kid, body, sig}} itself)") from None
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise MalformedFrame(f"frame: cannot decode ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict):
+        raise MalformedFrame(f"frame: expected a map {{v, kid, body, sig}}, got {_tname(tree)}")
+    extra = sorted(set(tree) - set(_FRAME_FIELDS))
+    if extra:
+        raise MalformedFrame(f"frame: unexpected field(s) {extra}")
+    for name in _FRAME_FIELDS:
+        if name not in tree:
+            raise MalformedFrame(f"frame.{name}: missing")
+    v = tree["v"]
+    if type(v) is not int:
+        raise MalformedFrame(f"frame.v: expected int, got {_tname(v)}")
+    if v != FRAME_VERSION:
+        if v > FRAME_VERSION:
+            raise UnsupportedSchemaVersion(
+                f"frame.v={v}: this fedbus speaks frame version {FRAME_VERSION}; upgrade the receiver"
+            )
+        raise MalformedFrame(f"frame.v={v}: frame versions start at 1")
+    kid = _str(tree["kid"], "frame.kid")
+    body = tree["body"]
+    if not isinstance(body, memoryview):
+        raise MalformedFrame(f"frame.body: expected bin, got {_tname(body)}")
+    sig = tree["sig"]
+    if not isinstance(sig, memoryview):
+        raise MalformedFrame(f"frame.sig: expected bin, got {_tname(sig)}")
+    return v, kid, body, bytes(sig)
+
+
+def seal(envelope: Envelope, signer: Signer, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Encode ``envelope``, sign the body, wrap it in a frame; returns the frame bytes.
+
+    The body is decoded once before signing (cheap: no copies, no crypto), so a field
+    of the wrong type fails here with a ``TypeError`` naming it, not at the receiver.
+    """
+    body = encode_envelope(envelope)
+    try:
+        decode_envelope(body, limits=limits)
+    except LimitExceeded:
+        raise
+    except ProtocolError as e:
+        raise TypeError(f"cannot send this {envelope.type}: {e}") from None
+    frame = encode_frame(signer.kid, body, signer.sign(body))
+    if len(frame) > limits.max_frame_bytes:
+        raise LimitExceeded(
+            f"frame of {len(frame)} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}: "
+            "receivers would refuse it; shrink the model or raise the limit on both sides"
+        )
+    return frame
+
+
+def open_frame(
+    data: bytes | memoryview, trust: TrustStore, *, limits: Limits = DEFAULT_LIMITS
+) -> Opened:
+    """Check and decode a frame from the wire; raises a ``ProtocolError`` subclass.
+
+    Does not check replay, recipient, run or round: that is ``ReplayGuard.check``.
+    """
+    view = as_byte_view(data)
+    _, kid, body, sig = decode_frame(view, limits=limits)
+    identity = trust.verify(kid, body, sig)  # before a single payload byte is decoded
+    envelope = decode_envelope(body, limits=limits)
+    if envelope.sender != identity:
+        raise BadSignature(
+            f"frame signed by key {kid} of {identity!r} claims sender {envelope.sender!r}: "
+            "a party may only send as itself"
+        )
+    return Opened(
+        envelope=envelope,
+        kid=kid,
+        signer=identity,
+        body_sha256=hashlib.sha256(body).hexdigest(),
+        frame_sha256=hashlib.sha256(view).hexdigest(),
+        signature=sig,
+        body=body,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# encoding
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 2**8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 2**16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 2**32:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise ValueError(f"bin of {n} bytes cannot be encoded in msgpack (max 4 GiB)")
+
+
+def _map_header(n: int) -> bytes:
+    return bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic) and not isinstance(obj, (np.void, np.object_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        raise TypeError("numpy arrays travel only in Tensors fields (weights)")
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _pack(value: Any, path: str) -> bytes:
+    _check_plain(value, path, 0)
+    try:
+        return msgpack.packb(value, default=_pack_default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{path}: {e}") from None
+
+
+def _check_plain(value: Any, path: str, depth: int) -> None:
+    """Sender-side check that a free-form value will decode on the other side."""
+    if depth > 24:
+        raise TypeError(f"{path}: nested too deeply")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{path}: map keys must be str, got {type(k).__name__} {k!r}")
+            _check_plain(v, f"{path}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{path}[{i}]", depth + 1)
+
+
+def _tensor_parts(tensors: Any, path: str) -> list[bytes | memoryview]:
+    if not isinstance(tensors, (tuple, list)):
+        raise TypeError(f"{path}: expected a tuple of (name, ndarray) pairs, got {type(tensors).__name__}")
+    parts: list[bytes | memoryview] = [_array_header(len(tensors))]
+    for i, item in enumerate(tensors):
+        where = f"{path}[{i}]"
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"{where}: expected a (name, ndarray) pair")
+        name, arr = item
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: name must be str, got {type(name).__name__}")
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{where} ({name}): expected numpy.ndarray, got {type(arr).__name__}")
+        wire = _WIRE_NAME.get((arr.dtype.kind, arr.dtype.itemsize))
+        if wire is None:
+            raise TypeError(
+                f"{where} ({name}): dtype {arr.dtype} is not on the wire whitelist {sorted(DTYPES)}"
+            )
+        little = np.asarray(arr, dtype=DTYPES[wire], order="C")  # no copy when already '<' and C-order
+        data = little.reshape(-1).view(np.uint8).data
+        parts += [
+            b"\x84",
+            b"\xa4name",
+            msgpack.packb(name),
+            b"\xa5dtype",
+            msgpack.packb(wire),
+            b"\xa5shape",
+            msgpack.packb([int(d) for d in little.shape]),
+            b"\xa4data",
+            _bin_header(data.nbytes),
+            data,
+        ]
+    return parts
+
+
+def _dataset_info_map(info: Any, path: str) -> dict[str, Any]:
+    if not isinstance(info, DatasetInfo):
+        raise TypeError(f"{path}: expected DatasetInfo, got {type(info).__name__}")
+    return {f.name: getattr(info, f.name) for f in dataclasses.fields(DatasetInfo)}
+
+
+def _envelope_parts(env: Envelope) -> list[bytes | memoryview]:
+    if not isinstance(env, Envelope):
+        raise TypeError(f"expected Envelope, got {type(env).__name__}")
+    payload = env.payload
+    cls = MESSAGE_TYPES.get(env.type)
+    if cls is None or type(payload) is not cls:
+        raise TypeError(
+            f"envelope.type={env.type!r} does not match payload {type(payload).__name__}; "
+            "build envelopes with new_envelope()"
+        )
+    parts: list[bytes | memoryview] = [_map_header(len(_ENVELOPE_FIELDS))]
+    for name in _ENVELOPE_FIELDS:
+        parts.append(msgpack.packb(name))
+        if name == "payload":
+            break
+        parts.append(_pack(getattr(env, name), f"envelope.{name}"))
+    fields = _SCHEMAS[cls]
+    parts.append(_map_header(len(fields)))
+    for fname, kind, _dec, _has_default in fields:
+        value = getattr(payload, fname)
+        path = f"payload.{fname}"
+        parts.append(msgpack.packb(fname))
+        if kind == "tensors":
+            parts += _tensor_parts(value, path)
+        elif kind == "datasets":
+            parts.append(_pack([_dataset_info_map(d, f"{path}[{i}]") for i, d in enumerate(value)], path))
+        else:
+            parts.append(_pack(value, path))
+    return parts
+
+
+# --------------------------------------------------------------------------------------
+# decoding and type checks
+
+
+def _tname(value: Any) -> str:
+    if isinstance(value, memoryview):
+        return "bin"
+    if value is None:
+        return "nil"
+    return {dict: "map", list: "array"}.get(type(value), type(value).__name__)
+
+
+def _str(value: Any, path: str) -> str:
+    if type(value) is not str:
+        raise MalformedFrame(f"{path}: expected str, got {_tname(value)}")
+    return value
+
+
+def _int(value: Any, path: str) -> int:
+    if type(value) is not int:
+        raise MalformedFrame(f"{path}: expected int, got {_tname(value)}")
+    return value
+
+
+def _float(value: Any, path: str) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise MalformedFrame(f"{path}: expected float, got {_tname(value)}")
+
+
+def _plain(value: Any, path: str) -> Any:
+    """A free-form value (experiment, config, policy): copy bin out of the frame."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _map(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedFrame(f"{path}: expected map, got {_tname(value)}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MalformedFrame(f"{path}: expected array, got {_tname(value)}")
+    return value
+
+
+def _decode_tensors(value: Any, path: str, limits: Limits, budget: list[int]) -> Tensors:
+    items = _list(value, path)
+    if len(items) > limits.max_arrays:
+        raise LimitExceeded(f"{path}: {len(items)} arrays is over Limits.max_arrays={limits.max_arrays}")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        m = _map(item, where)
+        if set(m) != {"name", "dtype", "shape", "data"}:
+            raise MalformedFrame(f"{where}: expected fields name, dtype, shape, data; got {sorted(m)}")
+        name = _str(m["name"], f"{where}.name")
+        wire = _str(m["dtype"], f"{where}.dtype")
+        dtype = DTYPES.get(wire)
+        if dtype is None:
+            raise MalformedFrame(f"{where}.dtype: {wire[:40]!r} is not one of {sorted(DTYPES)}")
+        shape = _list(m["shape"], f"{where}.shape")
+        if len(shape) > limits.max_dims:
+            raise LimitExceeded(f"{where}.shape: {len(shape)} dimensions is over Limits.max_dims={limits.max_dims}")
+        count = 1
+        for d, dim in enumerate(shape):
+            dim = _int(dim, f"{where}.shape[{d}]")
+            if dim < 0:
+                raise MalformedFrame(f"{where}.shape[{d}]: negative dimension {dim}")
+            count *= dim
+            if count > limits.max_array_elements:
+                raise LimitExceeded(
+                    f"{where} ({name}): shape {shape} has over "
+                    f"Limits.max_array_elements={limits.max_array_elements} elements"
+                )
+        budget[0] += count
+        if budget[0] > limits.max_total_elements:
+            raise LimitExceeded(
+                f"{where} ({name}): arrays hold over Limits.max_total_elements={limits.max_total_elements} elements"
+            )
+        data = m["data"]
+        if not isinstance(data, memoryview):
+            raise MalformedFrame(f"{where}.data: expected bin, got {_tname(data)}")
+        if len(data) != count * dtype.itemsize:
+            raise MalformedFrame(
+                f"{where} ({name}): data holds {len(data)} bytes, shape {shape} of {wire} needs "
+                f"{count * dtype.itemsize}"
+            )
+        if wire == "bool" and count and np.frombuffer(data, dtype=np.uint8).max() > 1:
+            raise MalformedFrame(f"{where} ({name}): bool data holds bytes other than 0 and 1")
+        arr = np.frombuffer(data, dtype=dtype, count=count).reshape([int(x) for x in shape])
+        out.append((name, arr))
+    return tuple(out)
+
+
+# Field kinds from the message dataclasses' type hints; computed once.
+_Decoder = Callable[[Any, str, Limits, list[int]], Any]
+
+
+def _kind_of(hint: Any) -> tuple[str, _Decoder]:
+    if hint == Tensors:
+        return "tensors", _decode_tensors
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is str:
+        return "str", lambda v, p, lim, b: _str(v, p)
+    if hint is int:
+        return "int", lambda v, p, lim, b: _int(v, p)
+    if hint is float:
+        return "float", lambda v, p, lim, b: _float(v, p)
+    if hint is bool:
+        def dec_bool(v: Any, p: str, lim: Limits, b: list[int]) -> bool:
+            if type(v) is not bool:
+                raise MalformedFrame(f"{p}: expected bool, got {_tname(v)}")
+            return v
+        return "bool", dec_bool
+    if origin is Literal:
+        allowed = args
+
+        def dec_literal(v: Any, p: str, lim: Limits, b: list[int]) -> Any:
+            if v not in allowed or type(v) is not type(allowed[0]):
+                raise MalformedFrame(f"{p}: expected one of {list(allowed)}, got {str(v)[:40]!r}")
+            return v
+
+        return "literal", dec_literal
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        _, dec = _kind_of(inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+        return "optional", lambda v, p, lim, b: None if v is None else dec(v, p, lim, b)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is DatasetInfo:
+            return "datasets", lambda v, p, lim, b: tuple(
+                _decode_dataclass(DatasetInfo, item, f"{p}[{i}]", lim, b) for i, item in enumerate(_list(v, p))
+            )
+        _, dec = _kind_of(args[0])
+        return "tuple", lambda v, p, lim, b: tuple(dec(x, f"{p}[{i}]", lim, b) for i, x in enumerate(_list(v, p)))
+    if origin is dict:
+        key_hint, value_hint = args
+        if value_hint is Any:
+            return "map", lambda v, p, lim, b: _plain(_map(v, p), p)
+        _, dec = _kind_of(value_hint)
+        return "map", lambda v, p, lim, b: {k: dec(x, f"{p}.{k}", lim, b) for k, x in _map(v, p).items()}
+    if hint is Any:
+        return "any", lambda v, p, lim, b: _plain(v, p)
+    raise TypeError(f"protocol/codec.py does not know how to decode {hint!r}")
+
+
+def _schema(cls: type) -> list[tuple[str, str, _Decoder, bool]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind, dec = _kind_of(hints[f.name])
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        out.append((f.name, kind, dec, has_default))
+    return out
+
+
+_SCHEMAS = {cls: _schema(cls) for cls in (*MESSAGE_TYPES.values(), DatasetInfo)}
+
+
+def _decode_dataclass(cls: type, value: Any, path: str, limits: Limits, budget: list[int]) -> Any:
+    m = _map(value, path)
+    schema = _SCHEMAS[cls]
+    names = {name for name, *_ in schema}
+    extra = [k for k in m if k not in names]
+    if extra:
+        raise MalformedFrame(f"{path}: unknown field(s) {sorted(extra)[:8]} for {cls.__name__}")
+    kwargs = {}
+    for name, _kind, dec, has_default in schema:
+        if name not in m:
+            if has_default:
+                continue
+            raise MalformedFrame(f"{path}.{name}: missing ({cls.__name__} needs it)")
+        kwargs[name] = dec(m[name], f"{path}.{name}", limits, budget)
+    return cls(**kwargs)
+
+
+def _decode_envelope_tree(tree: Any, limits: Limits) -> Envelope:
+    env = _map(tree, "envelope")
+    if "schema_version" not in env:
+        raise MalformedFrame("envelope.schema_version: missing")
+    version = _int(env["schema_version"], "envelope.schema_version")
+    if version > SCHEMA_VERSION:
+        raise UnsupportedSchemaVersion(
+            f"envelope.schema_version={version}: this fedbus speaks schema {SCHEMA_VERSION}; "
+            "upgrade fedbus on the receiving side"
+        )
+    if version < 1:
+        raise MalformedFrame(f"envelope.schema_version={version}: versions start at 1")
+    extra = [k for k in env if k not in _ENVELOPE_FIELDS]
+    if extra:
+        raise MalformedFrame(f"envelope: unknown field(s) {sorted(extra)[:8]}")
+    for name in _ENVELOPE_FIELDS:
+        if name not in env:
+            raise MalformedFrame(f"envelope.{name}: missing")
+    mtype = _str(env["type"], "envelope.type")
+    cls = MESSAGE_TYPES.get(mtype)
+    if cls is None:
+        raise UnknownMessageType(
+            f"envelope.type={mtype[:60]!r} is not one of {sorted(MESSAGE_TYPES)}; "
+            "is the sender running a newer fedbus?"
+        )
+    message_id = _str(env["message_id"], "envelope.message_id")
+    if not (0 < len(message_id) <= 128) or not message_id.isprintable() or any(c.isspace() for c in message_id):
+        raise MalformedFrame("envelope.message_id: expected 1-128 printable characters without spaces")
+    sent_at = _float(env["sent_at"], "envelope.sent_at")
+    if not math.isfinite(sent_at):
+        raise MalformedFrame(f"envelope.sent_at: expected a finite unix time, got {sent_at}")
+    budget = [0]
+    payload = _decode_dataclass(cls, env["payload"], "payload", limits, budget)
+    return Envelope(
+        type=mtype,
+        schema_version=version,
+        message_id=message_id,
+        federation=_str(env["federation"], "envelope.federation"),
+        run_id=_str(env["run_id"], "envelope.run_id"),
+        round=_int(env["round"], "envelope.round"),
+        sender=_str(env["sender"], "envelope.sender"),
+        recipient=_str(env["recipient"], "envelope.recipient"),
+        sent_at=sent_at,
+        payload=payload,
+    )
+
+
+__all__ = [
+    "DTYPES",
+    "FRAME_VERSION",
+    "Opened",
+    "new_envelope",
+    "encode_envelope",
+    "decode_envelope",
+    "encode_frame",
+    "decode_frame",
+    "seal",
+    "open_frame",
+]

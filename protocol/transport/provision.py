@@ -1,0 +1,278 @@
+"""Broker users and permissions for sites and the coordinator (``fedbus broker provision``).
+
+Least privilege, enforced by RabbitMQ itself:
+
+* a **site** user (user name = the site id, so a delivery's broker-vouched ``user_id``
+  *is* the sender's site id) may read only ``fedbus.site.<id>``, write only to
+  ``fedbus.updates`` / ``fedbus.control`` (and ``fedbus.dlx``, so it can dead-letter a
+  rejected task with its reason), and configure nothing: it cannot declare, bind or
+  delete anything;
+* the **coordinator** user may read its federation's queues and ``fedbus.dead``, write
+  to ``fedbus.tasks`` and ``fedbus.dlx``, and configure nothing (the topology is
+  declared here, by the admin).
+
+Users are created through the management HTTP API when it answers on port 15672, else
+with ``rabbitmqctl`` on this machine; the result says which. Re-running is idempotent
+for the topology, tags and permissions and **rotates** the passwords of existing users
+(the new ones are returned, and printed or written once by the CLI).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit
+
+import structlog
+
+from protocol.transport.base import Topology
+from protocol.transport.topology import CONTROL, DEAD, DLX, TASKS, UPDATES, control_queue, site_queue, updates_queue
+
+log = structlog.get_logger(__name__)
+
+Method = Literal["auto", "management", "rabbitmqctl"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+class ProvisionError(Exception):
+    """Provisioning could not be done; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Permissions:
+    configure: str
+    write: str
+    read: str
+
+
+@dataclass
+class Credentials:
+    """What provisioning did: ``passwords`` maps user -> new password (shown once)."""
+
+    method: str  # "management" | "rabbitmqctl"
+    vhost: str
+    passwords: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)  # user -> "site" | "coordinator"
+    permissions: dict[str, Permissions] = field(default_factory=dict)
+
+
+def _alt(*names: str) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def site_permissions(site_id: str) -> Permissions:
+    return Permissions(configure="^$", write=_alt(UPDATES, CONTROL, DLX), read=_alt(site_queue(site_id)))
+
+
+def coordinator_permissions(federation: str) -> Permissions:
+    return Permissions(
+        configure="^$",
+        write=_alt(TASKS, DLX),
+        read=_alt(updates_queue(federation), control_queue(federation), DEAD),
+    )
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not _NAME.match(value):
+        raise ProvisionError(
+            f"{kind} {value!r} is not a valid name: use letters, digits, '.', '_' or '-' "
+            "(at most 101 characters, starting with a letter or digit)"
+        )
+
+
+def provision(
+    broker_url: str,
+    *,
+    sites: list[str],
+    coordinator: str | None = None,
+    federation: str | None = None,
+    quorum: bool = False,
+    method: Method = "auto",
+    management_url: str | None = None,
+) -> Credentials:
+    """Declare the topology (as the admin in ``broker_url``) and create the users.
+
+    ``federation`` is required with ``coordinator`` (its queues are per federation).
+    """
+    from protocol.transport import open_bus
+
+    if not sites and not coordinator:
+        raise ProvisionError("nothing to provision: give at least one --site or --coordinator")
+    for s in sites:
+        _check_name("site id", s)
+    if coordinator:
+        _check_name("coordinator name", coordinator)
+        if not federation:
+            raise ProvisionError("--coordinator needs --federation (its update/control queues are per federation)")
+        if coordinator in sites:
+            raise ProvisionError(f"coordinator name {coordinator!r} is also a site id; pick another")
+    if federation:
+        _check_name("federation", federation)
+    parts = urlsplit(broker_url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ProvisionError(f"--broker must be an amqp:// or amqps:// URL, got {broker_url!r}")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+
+    bus = open_bus(broker_url, quorum=quorum)
+    try:
+        bus.declare(Topology(sites=sites, federations=[federation] if federation else [], quorum=quorum))
+    finally:
+        bus.close()
+
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url)
+    creds = Credentials(method=admin.name, vhost=vhost)
+    wanted: list[tuple[str, str, Permissions]] = [(s, "site", site_permissions(s)) for s in sites]
+    if coordinator and federation:
+        wanted.append((coordinator, "coordinator", coordinator_permissions(federation)))
+    for user, role, perms in wanted:
+        password = secrets.token_urlsafe(24)
+        existed = admin.put_user(user, password)
+        admin.set_permissions(vhost, user, perms)
+        creds.passwords[user] = password
+        creds.roles[user] = role
+        creds.permissions[user] = perms
+        log.info("broker user provisioned", user=user, role=role, vhost=vhost, method=admin.name,
+                 password="rotated" if existed else "new")
+    return creds
+
+
+def deprovision(broker_url: str, users: list[str], *, method: Method = "auto", management_url: str | None = None) -> None:
+    """Delete broker users (tests, and sites leaving the federation)."""
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url)
+    for u in users:
+        admin.delete_user(u)
+
+
+def user_url(broker_url: str, user: str, password: str) -> str:
+    """``broker_url`` with another user's credentials (what a site's config needs)."""
+    p = urlsplit(broker_url)
+    host = p.hostname or "localhost"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{p.port}" if p.port else "")
+    return f"{p.scheme}://{netloc}{p.path or '/'}" + (f"?{p.query}" if p.query else "")
+
+
+class _Admin:
+    name = ""
+
+    @staticmethod
+    def choose(broker_url: str, *, method: Method, management_url: str | None) -> "_Admin":
+        p = urlsplit(broker_url)
+        user, password = unquote(p.username or "guest"), unquote(p.password or "guest")
+        api = management_url or f"http://{p.hostname or 'localhost'}:15672"
+        if method in ("auto", "management"):
+            mgmt = _Management(api, user, password)
+            if mgmt.available():
+                return mgmt
+            if method == "management":
+                raise ProvisionError(
+                    f"the management API does not answer at {api}/api/overview; enable it with "
+                    "`rabbitmq-plugins enable rabbitmq_management` or use --method rabbitmqctl"
+                )
+        if shutil.which("rabbitmqctl") is None:
+            raise ProvisionError(
+                f"no management API at {api} and no rabbitmqctl on this machine: enable "
+                "rabbitmq_management on the broker, or run this on the broker host"
+            )
+        if p.hostname not in (None, "localhost", "127.0.0.1", "::1"):
+            log.warning("using rabbitmqctl: it manages the broker node on THIS machine", broker_host=p.hostname)
+        return _Rabbitmqctl()
+
+    def put_user(self, user: str, password: str) -> bool:
+        raise NotImplementedError
+
+    def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
+        raise NotImplementedError
+
+    def delete_user(self, user: str) -> None:
+        raise NotImplementedError
+
+
+class _Management(_Admin):
+    name = "management"
+
+    def __init__(self, api: str, user: str, password: str) -> None:
+        self.api = api.rstrip("/")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._auth = f"Basic {token}"
+
+    def _call(self, verb: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"{self.api}{path}", method=verb, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def available(self) -> bool:
+        try:
+            status, _ = self._call("GET", "/api/overview")
+        except (OSError, urllib.error.URLError):
+            return False
+        if status in (401, 403):
+            raise ProvisionError(f"the management API at {self.api} refused the admin credentials ({status})")
+        return status == 200
+
+    def _ok(self, status: int, body: bytes, what: str) -> None:
+        if status not in (200, 201, 204):
+            raise ProvisionError(f"management API: {what} failed ({status}): {body[:300].decode(errors='replace')}")
+
+    def put_user(self, user: str, password: str) -> bool:
+        status, _ = self._call("GET", f"/api/users/{quote(user, safe='')}")
+        existed = status == 200
+        s, b = self._call("PUT", f"/api/users/{quote(user, safe='')}", {"password": password, "tags": ""})
+        self._ok(s, b, f"creating user {user!r}")
+        return existed
+
+    def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
+        s, b = self._call(
+            "PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+            {"configure": perms.configure, "write": perms.write, "read": perms.read},
+        )
+        self._ok(s, b, f"setting permissions of {user!r} on vhost {vhost!r}")
+
+    def delete_user(self, user: str) -> None:
+        s, b = self._call("DELETE", f"/api/users/{quote(user, safe='')}")
+        if s != 404:
+            self._ok(s, b, f"deleting user {user!r}")
+
+
+class _Rabbitmqctl(_Admin):
+    name = "rabbitmqctl"
+
+    def _run(self, *args: str, stdin: str | None = None) -> str:
+        r = subprocess.run(["rabbitmqctl", "-q", *args], input=stdin, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise ProvisionError(
+                f"rabbitmqctl {args[0]} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:500]} "
+                "(rabbitmqctl must run as root or the rabbitmq user on the broker host)"
+            )
+        return r.stdout
+
+    def _users(self) -> set[str]:
+        out = self._run("list_users", "--formatter", "json")
+        return {u["user"] for u in json.loads(out or "[]")}
+
+    def put_user(self, user: str, password: str) -> bool:
+        existed = user in self._users()
+        # The password goes through stdin, never the command line (visible in `ps`).
+        self._run("change_password" if existed else "add_user", user, stdin=password + "\n")
+        self._run("set_user_tags", user)
+        return existed
+
+    def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
+        self._run("set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read)
+
+    def delete_user(self, user: str) -> None:
+        if user in self._users():
+            self._run("delete_user", user)

@@ -1,0 +1,310 @@
+"""Files a simulated run leaves in ``--out DIR``: metrics CSV/JSON, PNG plots, ``report.html``.
+
+The input is the DESIGN.md result document (``simulate(...)`` returns it), optionally
+with ``rounds[i]["per_site"]`` (per-site validation metrics of that round). The HTML
+page is self-contained (plots embedded as base64 PNG) so it can be mailed to a
+colleague or attached to an ethics board submission as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = ("loss", "accuracy", "auc", "f1")
+
+
+def write_report(doc: dict[str, Any], out: Path, *, experiment: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write every report file under ``out``; returns name -> path of what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    written["result.json"] = _write_json(out / "result.json", doc)
+    if experiment is not None:
+        written["experiment.json"] = _write_json(out / "experiment.json", experiment)
+    written["rounds.csv"] = _write_rounds_csv(out / "rounds.csv", doc)
+    written["sites.csv"] = _write_sites_csv(out / "sites.csv", doc)
+    per_site = _per_site_rounds(doc)
+    if per_site:
+        written["site_rounds.csv"] = _write_site_rounds_csv(out / "site_rounds.csv", per_site)
+    plots = {
+        "loss.png": _plot_metric(doc, per_site, "loss", "Validation loss per round"),
+        "accuracy_auc.png": _plot_accuracy_auc(doc, per_site),
+        "epsilon.png": _plot_epsilon(doc),
+        "baselines.png": _plot_baselines(doc),
+    }
+    for name, fig in plots.items():
+        if fig is None:
+            continue
+        path = out / name
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written[name] = path
+    written["report.html"] = _write_html(out / "report.html", doc, {k: v for k, v in written.items() if k.endswith(".png")})
+    return written
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _write_rounds_csv(path: Path, doc: dict[str, Any]) -> Path:
+    cols = ["round", "loss", "accuracy", "auc", "f1", "replies", "wall_s"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in doc.get("rounds", []):
+            w.writerow([_cell(r.get(c)) for c in cols])
+    return path
+
+
+def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
+    cols = ["site", "accuracy", "auc", "f1", "loss", "n_test", "epsilon", "local_accuracy", "local_auc"]
+    per_site = (doc.get("final") or {}).get("per_site") or {}
+    eps = doc.get("epsilon") or {}
+    local = ((doc.get("baselines") or {}).get("local")) or {}
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for site in doc.get("sites", sorted(per_site)):
+            m = per_site.get(site, {})
+            lm = local.get(site, {})
+            w.writerow(
+                [site]
+                + [_cell(m.get(c)) for c in ("accuracy", "auc", "f1", "loss", "n_test")]
+                + [_cell(eps.get(site)), _cell(lm.get("accuracy")), _cell(lm.get("auc"))]
+            )
+    return path
+
+
+def _write_site_rounds_csv(path: Path, per_site: dict[str, dict[int, dict[str, float]]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["site", "round", *METRICS])
+        for site in sorted(per_site):
+            for rnd in sorted(per_site[site]):
+                w.writerow([site, rnd, *(_cell(per_site[site][rnd].get(m)) for m in METRICS)])
+    return path
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _per_site_rounds(doc: dict[str, Any]) -> dict[str, dict[int, dict[str, float]]]:
+    """site -> round -> metrics, from ``rounds[i]["per_site"]`` where the run recorded them."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for r in doc.get("rounds", []):
+        for site, m in (r.get("per_site") or {}).items():
+            out.setdefault(site, {})[int(r["round"])] = m
+    return out
+
+
+def _series(doc: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in doc.get("rounds", []):
+        v = r.get(metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(int(r["round"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _plot_metric(doc: dict[str, Any], per_site: dict, metric: str, title: str):
+    xs, ys = _series(doc, metric)
+    if not xs and not per_site:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _site_lines(ax, per_site, metric)
+    if xs:
+        ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated)")
+    ax.set(title=title, xlabel="round", ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def _site_lines(ax, per_site: dict, metric: str, style: str = "-") -> None:
+    if len(per_site) > 12:  # a thousand thin lines say nothing: show the spread instead
+        rounds = sorted({r for s in per_site.values() for r in s})
+        lo, hi = [], []
+        for rnd in rounds:
+            vals = [s[rnd][metric] for s in per_site.values() if rnd in s and s[rnd].get(metric) is not None]
+            lo.append(min(vals) if vals else float("nan"))
+            hi.append(max(vals) if vals else float("nan"))
+        ax.fill_between(rounds, lo, hi, alpha=0.2, label=f"sites min-max ({len(per_site)})")
+        return
+    for site in sorted(per_site):
+        pts = sorted((r, m.get(metric)) for r, m in per_site[site].items() if m.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=1, alpha=0.7, label=site)
+
+
+def _plot_accuracy_auc(doc: dict[str, Any], per_site: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    drew = False
+    for ax, metric in zip(axes, ("accuracy", "auc")):
+        xs, ys = _series(doc, metric)
+        _site_lines(ax, per_site, metric)
+        if xs:
+            ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated)")
+            drew = True
+        base = (doc.get("baselines") or {}).get("pooled") or {}
+        if isinstance(base.get(metric), (int, float)):
+            ax.axhline(base[metric], color="tab:red", ls="--", label="pooled baseline (test)")
+        ax.set(title=f"{'Accuracy' if metric == 'accuracy' else 'ROC AUC'} per round", xlabel="round", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    if not drew and not per_site:
+        plt.close(fig)
+        return None
+    return fig
+
+
+def _plot_epsilon(doc: dict[str, Any]):
+    eps = {s: v for s, v in (doc.get("epsilon") or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not eps:
+        return None
+    sites = sorted(eps)
+    fig, ax = plt.subplots(figsize=(max(5, min(14, 0.5 * len(sites) + 3)), 3.5))
+    ax.bar(range(len(sites)), [eps[s] for s in sites], color="tab:purple")
+    if len(sites) <= 30:
+        ax.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
+    ax.set(title="Privacy spent per site (epsilon, cumulative)", ylabel="epsilon")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _plot_baselines(doc: dict[str, Any]):
+    """Federated vs pooled vs each site alone, on the same held-out test splits."""
+    final = doc.get("final") or {}
+    base = doc.get("baselines") or {}
+    bars: list[tuple[str, dict]] = [("federated", final)]
+    if base.get("pooled"):
+        bars.append(("pooled", base["pooled"]))
+    local = base.get("local") or {}
+    if local.get("_union"):
+        bars.append(("local only (each site's model on its own test split)", local["_union"]))
+    if len(bars) == 1:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(bars)
+    metrics = ("accuracy", "auc", "f1")
+    for i, (label, m) in enumerate(bars):
+        vals = [m.get(k) if isinstance(m.get(k), (int, float)) else 0.0 for k in metrics]
+        pos = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(metrics))]
+        rects = ax.bar(pos, vals, width, label=label)
+        ax.bar_label(rects, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set(title="Federated vs baselines (union of the sites' test splits)", ylim=(0, 1.05))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
+    final = doc.get("final") or {}
+    timing = doc.get("timing") or {}
+    eps = doc.get("epsilon") or {}
+    base = doc.get("baselines") or {}
+    sections = [
+        f"<h1>fedbus simulation — {html.escape(str(doc.get('experiment', '')))}</h1>",
+        "<p>"
+        + " · ".join(
+            f"<b>{html.escape(k)}</b>: {_fmt(doc.get(k))}"
+            for k in ("run_id", "aggregator", "dataset", "partition", "broker", "seed")
+            if doc.get(k) is not None
+        )
+        + f" · <b>sites</b>: {len(doc.get('sites', []))}</p>",
+        "<h2>Final model on the held-out test splits</h2>",
+        _table(
+            ["", "loss", "accuracy", "auc", "f1"],
+            [["federated", *(final.get(k) for k in ("loss", "accuracy", "auc", "f1"))]]
+            + ([["pooled baseline", *(base["pooled"].get(k) for k in ("loss", "accuracy", "auc", "f1"))]] if base.get("pooled") else [])
+            + (
+                [["local only", *(base["local"]["_union"].get(k) for k in ("loss", "accuracy", "auc", "f1"))]]
+                if (base.get("local") or {}).get("_union")
+                else []
+            ),
+        ),
+    ]
+    for name, title in (("baselines.png", "Federated vs baselines"), ("loss.png", "Loss"), ("accuracy_auc.png", "Accuracy and AUC"), ("epsilon.png", "Privacy")):
+        if name in pngs:
+            data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
+            sections.append(f"<h2>{title}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
+    rounds = doc.get("rounds", [])
+    sections.append("<h2>Rounds (aggregated)</h2>")
+    sections.append(
+        _table(["round", "loss", "accuracy", "auc", "replies", "wall s"],
+               [[r.get("round"), r.get("loss"), r.get("accuracy"), r.get("auc"), r.get("replies"), r.get("wall_s")] for r in rounds])
+    )
+    per_site = final.get("per_site") or {}
+    local = base.get("local") or {}
+    sites = list(doc.get("sites") or sorted(per_site))
+    shown = sites[:200]
+    sections.append("<h2>Per site (final model, site's test split)</h2>")
+    sections.append(
+        _table(
+            ["site", "n_test", "accuracy", "auc", "f1", "epsilon", "local-only accuracy", "local-only auc"],
+            [[s, per_site.get(s, {}).get("n_test"), per_site.get(s, {}).get("accuracy"), per_site.get(s, {}).get("auc"),
+              per_site.get(s, {}).get("f1"), eps.get(s), local.get(s, {}).get("accuracy"), local.get(s, {}).get("auc")]
+             for s in shown],
+        )
+    )
+    if len(sites) > len(shown):
+        sections.append(f"<p>{len(sites) - len(shown)} more sites in sites.csv.</p>")
+    sections.append("<h2>Time</h2>")
+    sections.append(_table(["wall s", "training s", "communication s", "aggregation s"],
+                           [[timing.get("wall_s"), timing.get("train_s"), timing.get("communication_s"), timing.get("aggregation_s")]]))
+    rejected = doc.get("rejected") or []
+    sections.append(f"<h2>Rejected messages ({len(rejected)})</h2>")
+    if rejected:
+        sections.append(_table(["message id", "site", "reason"], [[r.get("message_id"), r.get("site"), r.get("reason")] for r in rejected[:200]]))
+    faults = doc.get("faults")
+    if faults:
+        sections.append("<h2>Injected faults</h2><pre>" + html.escape(json.dumps(faults, indent=2)) + "</pre>")
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1250px;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 9px;text-align:right}"
+        "th{background:#f0f0f0}td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedbus simulation report</title>"
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
+    path.write_text(page, encoding="utf-8")
+    return path

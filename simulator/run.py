@@ -1,0 +1,293 @@
+"""``simulate()``: a whole federation on one machine, through the production code path.
+
+Steps: load the experiment (``--seed``/``--rounds`` applied to it, so the experiment
+"as run" says what ran), load and partition the data, lay out keys, per-site files and
+configs and enroll the sites (``workspace``), start the site workers (in this process
+on a private in-memory broker, or one OS process each on a real broker), run the
+production ``Coordinator``, then score the final global model on every site's held-out
+test split and, with ``baselines``, train the pooled and local-only baselines for
+comparison. ``out`` receives the coordinator's state directory and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from simulator.datasets import DatasetError, load_dataset
+from simulator.faults import FaultLog, FaultSpecError, parse_faults
+from simulator.partitions import PartitionError, make_partition, parse_spec
+
+log = structlog.get_logger(__name__)
+
+
+class SimulationInputError(ValueError):
+    """Bad input to the simulator (exit 2); the message names what to fix."""
+
+
+class SimulationFailed(RuntimeError):
+    """The federated run itself failed (exit 1); the message says why."""
+
+
+def redact(url: str) -> str:
+    """A broker URL safe to print (password replaced)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Any:
+    from protocol.config import ConfigError, load_experiment
+
+    if isinstance(path, dict):
+        raw = json.loads(json.dumps(path))
+    else:
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SimulationInputError(f"experiment file {p} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SimulationInputError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise SimulationInputError("the experiment must be a JSON object")
+    training = raw.setdefault("training", {})
+    if isinstance(training, dict):
+        if seed is not None:
+            training["seed"] = int(seed)
+        if rounds is not None:
+            if rounds < 1:
+                raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
+            training["rounds"] = int(rounds)
+    try:
+        return load_experiment(raw)
+    except ConfigError as e:
+        raise SimulationInputError(f"experiment: {e}") from None
+
+
+def simulate(
+    experiment_path: str | Path | dict[str, Any],
+    sites: int | None = None,
+    partition: str = "iid",
+    dataset: str | None = None,
+    broker: str = "memory",
+    rounds: int | None = None,
+    out: str | Path | None = None,
+    baselines: bool = False,
+    faults: str | None = None,
+    json_out: bool = False,
+    *,
+    target: str | None = None,
+    seed: int | None = None,
+    site_suffix: str = "",
+    rows: int | None = None,
+    round_timeout_s: float | None = None,
+    progress: bool = True,
+    keep_work: bool | None = None,
+) -> dict[str, Any]:
+    """Run the experiment over simulated sites; returns the DESIGN.md result document.
+
+    ``site_suffix`` is appended to every site id (tests sharing a broker use a unique one;
+    site ids seed the tasks, so compare runs only with the same suffix). ``rows`` sizes
+    generated datasets (ecg_synthetic). ``json_out`` prints the document on stdout.
+    """
+    t_start = time.perf_counter()
+    exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
+    run_seed = int(exp.training.seed)
+    try:
+        spec = parse_spec(partition)
+        plan = parse_faults(faults, seed=run_seed)
+    except (PartitionError, FaultSpecError) as e:
+        raise SimulationInputError(str(e)) from None
+    ds_name = dataset or exp.dataset.name
+    try:
+        data = load_dataset(ds_name, target=target or exp.dataset.target, seed=run_seed, rows=rows)
+        groups = data.column(spec.column) if spec.kind == "natural" else None
+        part = make_partition(data.labels, spec, sites=sites, seed=run_seed, groups=groups)
+    except (DatasetError, PartitionError) as e:
+        raise SimulationInputError(str(e)) from None
+    ids = {s: f"{s}{site_suffix}" for s in part.sites}
+    unknown = plan.sites_named() - set(ids.values())
+    if unknown:
+        raise SimulationInputError(
+            f"--faults names site(s) {sorted(unknown)} that are not in this run; sites: {sorted(ids.values())}"
+        )
+
+    memory = broker in ("memory", "memory://")
+    if not memory and urlsplit(broker).scheme not in ("amqp", "amqps"):
+        raise SimulationInputError(f"--broker {broker!r}: use memory or an amqp:// URL")
+    tag = uuid.uuid4().hex[:10]
+    federation = f"sim-{tag}"
+    url = f"memory://sim-{tag}" if memory else broker
+
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        work = out_dir / "work"
+        coord_state = out_dir / "coordinator"
+    else:
+        work = Path(tempfile.mkdtemp(prefix="fedbus-sim-"))
+        coord_state = work / "coordinator"
+
+    from simulator.workspace import build_workspace
+
+    ws = build_workspace(
+        work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
+        dataset_name=exp.dataset.name, coordinator_state=coord_state,
+    )
+    fault_log = FaultLog()
+    try:
+        result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
+                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
+        doc = _document(result)
+        final_weights = _final_weights(result, coord_state, doc)
+        scored = _score_final(exp, ws, final_weights)
+        doc["final_validation"] = doc.get("final")
+        doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
+        if baselines:
+            from simulator.baselines import run_baselines
+
+            rounds_run = int(exp.training.rounds)
+            doc["baselines"] = run_baselines(
+                exp, train_files={s: f.train for s, f in ws.sites.items()},
+                test_files={s: f.test for s, f in ws.sites.items()}, rounds=rounds_run, seed=run_seed,
+                work_dir=ws.root,
+            )
+        doc.setdefault("timing", {})
+        doc["timing"] = {**timing, **{k: v for k, v in (doc.get("timing") or {}).items() if v is not None}}
+        doc["timing"]["simulate_s"] = time.perf_counter() - t_start
+        doc.update(
+            experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
+            seed=run_seed, federation=federation, coordinator_state=str(coord_state),
+            sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
+            faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
+        )
+        if out_dir is not None:
+            from simulator.report import write_report
+
+            _save_model(out_dir, exp, final_weights)
+            write_report(doc, out_dir, experiment=exp.raw)
+    finally:
+        if out_dir is None and not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    if json_out:
+        print(json.dumps(doc, default=_json_default))
+    return doc
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
+
+
+def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: str, plan: Any, fault_log: FaultLog,
+                    round_timeout_s: float | None, progress: bool) -> tuple[Any, dict[str, float]]:
+    from coordinator.run import Coordinator
+    from protocol.signing import Signer
+    from protocol.transport import open_bus
+    from simulator.federation import MemoryFederation, ProcessFederation
+
+    fed: Any
+    if memory:
+        fed = MemoryFederation(ws, url=url, federation=federation, plan=plan, fault_log=fault_log)
+    else:
+        fed = ProcessFederation(ws, url=url, federation=federation, plan=plan)
+    coord_bus = open_bus(url)
+    t0 = time.perf_counter()
+    try:
+        fed.declare(coord_bus)
+        fed.start()
+        t_sites = time.perf_counter() - t0
+        coord = Coordinator(
+            exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
+            federation=federation, sites=sorted(ws.sites), progress=progress, round_timeout_s=round_timeout_s,
+        )
+        try:
+            result = coord.run()
+        except Exception as e:  # noqa: BLE001 - the coordinator's own failure, reported as a failed run
+            raise SimulationFailed(f"the coordinator failed: {type(e).__name__}: {e}") from e
+    finally:
+        fed.stop()
+        try:
+            coord_bus.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if memory:
+            from protocol.transport.memory import drop_broker
+
+            drop_broker(urlsplit(url).netloc)
+    return result, {"sites_start_s": t_sites}
+
+
+def _document(result: Any) -> dict[str, Any]:
+    doc = result.to_json() if hasattr(result, "to_json") else dict(result)
+    if isinstance(doc, str):
+        doc = json.loads(doc)
+    status = doc.get("status")
+    if status not in (None, "finished", "completed", "done", "ok", "succeeded", "stopped_early"):
+        raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}")
+    return doc
+
+
+def _final_weights(result: Any, state_dir: Path, doc: dict[str, Any]) -> Any:
+    weights = getattr(result, "final_weights", None) or getattr(result, "weights", None)
+    if weights is not None:
+        return weights
+    from coordinator.state import StateStore
+
+    store = StateStore(state_dir)
+    try:
+        last = store.last_round(doc["run_id"])
+    finally:
+        store.close()
+    if not last or not last.get("checkpoint"):
+        raise SimulationFailed(f"run {doc.get('run_id')} has no committed checkpoint to evaluate")
+    from coordinator.checkpoints import load_tensors
+
+    path = Path(last["checkpoint"])
+    if not path.is_absolute():
+        path = state_dir / path
+    return load_tensors(path, sha256=last.get("checkpoint_sha256"))
+
+
+def _model_with(exp: Any, weights: Any) -> Any:
+    from protocol.model import build_model, load_tensors
+
+    model = build_model(exp.architecture.layers, seed=int(exp.training.seed))
+    load_tensors(model, tuple(weights))
+    return model
+
+
+def _score_final(exp: Any, ws: Any, weights: Any) -> dict[str, Any]:
+    from protocol.model import summarize
+    from simulator.evaluation import holdout, score, source_for
+
+    ds = exp.dataset
+    shape = summarize(exp.architecture.layers).input_shape
+    input_shape = tuple(shape) if shape else None
+    target = ds.target or "label"
+    splits = [
+        holdout(source_for(f.train, target, ds.name), source_for(f.test, target, ds.name), ds,
+                input_shape=input_shape, site=s)
+        for s, f in sorted(ws.sites.items())
+    ]
+    return score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function, task=ds.task or "binary")
+
+
+def _save_model(out: Path, exp: Any, weights: Any) -> None:
+    """The final global model: safetensors weights plus the declarative layer list that builds it."""
+    from coordinator.checkpoints import save_tensors
+
+    save_tensors(out / "model.safetensors", tuple(weights), metadata={"experiment": exp.name})
+    (out / "model_spec.json").write_text(json.dumps(exp.raw.get("architecture", {}), indent=2) + "\n", encoding="utf-8")

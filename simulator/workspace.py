@@ -1,0 +1,120 @@
+"""The on-disk set-up of a simulated federation, laid out as production lays it out.
+
+``WORK/keys`` holds the coordinator's and every site's Ed25519 key pair; each site gets
+``WORK/sites/<site>/`` with its own ``site.toml``, state directory and training file
+(CSV or ``.npy`` pair) that its worker reads exactly as a hospital's worker would;
+the held-out test splits live in ``WORK/holdout/``, outside every site's config, so no
+site can read them. The coordinator's state directory has every site enrolled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.signing import generate_keypair
+from simulator.datasets import SimDataset
+from simulator.partitions import Partition
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    site: str
+    config: Path  # site.toml
+    train: Path  # the site's data file (the _X.npy path for signals)
+    test: Path  # held-out split, outside the site's config
+    key: Path
+    pub: Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    coordinator_state: Path
+    coordinator_key: Path
+    coordinator_pub: Path
+    sites: dict[str, SiteFiles]
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def site_toml(
+    *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
+    dataset: str, train: Path, target: str, signal: bool,
+) -> str:
+    """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
+    lines = [
+        f"site_id = {_toml_str(site_id)}",
+        f"federation = {_toml_str(federation)}",
+        f"broker_url = {_toml_str(broker_url)}",
+        f"key_path = {_toml_str(str(key))}",
+        f"coordinator_pub = {_toml_str(str(coordinator_pub))}",
+        f"state_dir = {_toml_str(str(state_dir))}",
+        "grace_s = 5.0",
+        "",
+        "[policy]",
+        "allow_no_dp = true  # simulated experiments may run without DP; a hospital decides this itself",
+        "",
+        f"[datasets.{_toml_str(dataset)}]",
+        f"path = {_toml_str(str(train))}",
+        f"target = {_toml_str(target)}",
+    ]
+    if signal:
+        y = train.with_name(train.name[: -len("_X.npy")] + "_y.npy")
+        lines += ['format = "npy"', f"labels_path = {_toml_str(str(y))}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_workspace(
+    root: Path,
+    *,
+    data: SimDataset,
+    partition: Partition,
+    site_ids: dict[str, str],
+    federation: str,
+    broker_url: str,
+    dataset_name: str,
+    coordinator_state: Path,
+) -> Workspace:
+    """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = root / "keys"
+    ckey, cpub = generate_keypair("coordinator", keys)
+    sites: dict[str, SiteFiles] = {}
+    for part_site in partition.sites:
+        sid = site_ids[part_site]
+        key, pub = generate_keypair(sid, keys)
+        home = root / "sites" / sid
+        train = data.subset(partition.train[part_site]).write(home / "data" / "train")
+        test = data.subset(partition.test[part_site]).write(root / "holdout" / f"{sid}_test")
+        cfg = home / "site.toml"
+        cfg.write_text(
+            site_toml(
+                site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
+                state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
+                signal=data.kind == "signal",
+            ),
+            encoding="utf-8",
+        )
+        sites[sid] = SiteFiles(site=sid, config=cfg, train=train, test=test, key=key, pub=pub)
+    enroll(coordinator_state, {s: f.pub for s, f in sites.items()})
+    return Workspace(root=root, coordinator_state=coordinator_state, coordinator_key=ckey, coordinator_pub=cpub, sites=sites)
+
+
+def enroll(state_dir: Path, pubs: dict[str, Path]) -> None:
+    """Enroll every site's public key in the coordinator's state (as ``fedbus coordinator enroll``)."""
+    from coordinator.state import StateStore
+
+    store = StateStore(state_dir)
+    try:
+        for site, pub in pubs.items():
+            store.enroll(site, pub.read_bytes())
+    finally:
+        store.close()
+
+
+def describe(ws: Workspace) -> dict[str, Any]:
+    return {"root": str(ws.root), "coordinator_state": str(ws.coordinator_state), "sites": len(ws.sites)}

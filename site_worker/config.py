@@ -1,0 +1,296 @@
+"""Site configuration: what a hospital writes in ``site.toml``.
+
+Validated once at the edge; every error names the TOML key and says how to fix it,
+so an IT department can get a site running without reading code. Relative paths
+are resolved against the directory of the TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+FORMATS = ("csv", "parquet", "npy")
+COLUMN_TYPES = ("numeric", "categorical")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class SiteConfigError(ValueError):
+    """A bad site configuration; ``key`` is the dotted TOML key at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One local dataset the site offers (values never leave the site)."""
+
+    name: str
+    path: Path  # CSV / Parquet file, or the X array for ``npy``
+    target: str  # target column (for ``npy``: a label name used in the catalogue)
+    format: str = "csv"
+    columns: dict[str, str] = field(default_factory=dict)  # column -> "numeric" | "categorical"
+    labels_path: Path | None = None  # ``npy`` only: the y array
+    csv_separator: str = ","
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The hospital's own rules; a task that breaks one is declined, never run."""
+
+    allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
+    max_parameters: int | None = None
+    min_noise_multiplier: float | None = None
+    max_epsilon: float | None = None  # the site's privacy budget per dataset
+    allowed_aggregators: tuple[str, ...] | None = None  # None = any
+    allow_no_dp: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """What the site tells the coordinator in its hello (never secrets)."""
+        return {
+            "allowed_layers": list(self.allowed_layers) if self.allowed_layers else None,
+            "max_parameters": self.max_parameters,
+            "min_noise_multiplier": self.min_noise_multiplier,
+            "max_epsilon": self.max_epsilon,
+            "allowed_aggregators": list(self.allowed_aggregators) if self.allowed_aggregators else None,
+            "allow_no_dp": self.allow_no_dp,
+        }
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    federation: str
+    broker_url: str
+    key_path: Path
+    coordinator_pub: Path
+    state_dir: Path
+    datasets: dict[str, DatasetSource]
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    tls: dict[str, str] | None = None  # {"ca", "cert", "key"} file paths for amqps://
+    flower_client: str | None = None  # "module:function" returning a flwr NumPyClient
+    max_skew_s: float = 300.0
+    grace_s: float = 30.0
+    heartbeat_s: int = 30
+    declare_topology: bool = False  # provisioned site users may not declare; guest/dev may
+    log_level: str = "info"
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate ``site.toml``; raises ``SiteConfigError`` naming the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiteConfigError("config", f"file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SiteConfigError("config", f"{path} is not valid TOML: {e}") from None
+    return site_config_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) -> SiteConfig:
+    """Validate an already-parsed TOML document (tests and the simulator use this)."""
+    base = base_dir or Path.cwd()
+    r = _Reader(raw, "", base)
+    known = {
+        "site_id", "federation", "broker_url", "broker_password_file", "key_path",
+        "coordinator_pub", "state_dir", "datasets", "policy", "tls", "flower_client",
+        "max_skew_s", "grace_s", "heartbeat_s", "declare_topology", "log_level",
+    }
+    r.reject_unknown(known)
+    site_id = r.ident("site_id")
+    federation = r.ident("federation")
+    broker_url = r.string("broker_url")
+    scheme = urlsplit(broker_url).scheme
+    if scheme not in ("amqp", "amqps", "memory"):
+        raise SiteConfigError("broker_url", f"scheme {scheme!r} is not supported; use amqp://, amqps:// or memory://")
+    pw_file = r.path("broker_password_file", required=False, must_exist=True)
+    if pw_file is not None:
+        broker_url = _with_password(broker_url, pw_file.read_text(encoding="utf-8").strip())
+    tls = None
+    if "tls" in raw:
+        t = r.sub("tls")
+        t.reject_unknown({"ca", "cert", "key"})
+        tls = {k: str(t.path(k, required=False, must_exist=True)) for k in ("ca", "cert", "key") if k in t.raw}
+    policy = _policy(r.sub("policy")) if "policy" in raw else SitePolicy()
+    datasets = _datasets(r)
+    flower = r.string("flower_client", required=False)
+    if flower is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", flower):
+        raise SiteConfigError("flower_client", f"{flower!r} is not 'module:function' (e.g. 'my_site.client:make_client')")
+    level = r.string("log_level", required=False) or "info"
+    if level not in ("debug", "info", "warning", "error"):
+        raise SiteConfigError("log_level", f"{level!r} is not one of debug, info, warning, error")
+    return SiteConfig(
+        site_id=site_id,
+        federation=federation,
+        broker_url=broker_url,
+        key_path=r.path("key_path", must_exist=True),
+        coordinator_pub=r.path("coordinator_pub", must_exist=True),
+        state_dir=r.path("state_dir", must_exist=False),
+        datasets=datasets,
+        policy=policy,
+        tls=tls,
+        flower_client=flower or None,
+        max_skew_s=r.number("max_skew_s", default=300.0, minimum=0.0),
+        grace_s=r.number("grace_s", default=30.0, minimum=0.0),
+        heartbeat_s=int(r.number("heartbeat_s", default=30, minimum=0)),
+        declare_topology=r.boolean("declare_topology", default=False),
+        log_level=level,
+    )
+
+
+def _policy(r: "_Reader") -> SitePolicy:
+    r.reject_unknown({
+        "allowed_layers", "max_parameters", "min_noise_multiplier", "max_epsilon",
+        "allowed_aggregators", "allow_no_dp",
+    })
+    layers = r.string_list("allowed_layers")
+    aggs = r.string_list("allowed_aggregators")
+    max_params = r.raw.get("max_parameters")
+    if max_params is not None and (not isinstance(max_params, int) or isinstance(max_params, bool) or max_params < 1):
+        raise SiteConfigError(r.key("max_parameters"), f"must be a positive integer, got {max_params!r}")
+    return SitePolicy(
+        allowed_layers=tuple(layers) if layers is not None else None,
+        max_parameters=max_params,
+        min_noise_multiplier=r.number("min_noise_multiplier", default=None, minimum=0.0),
+        max_epsilon=r.number("max_epsilon", default=None, minimum=0.0),
+        allowed_aggregators=tuple(aggs) if aggs is not None else None,
+        allow_no_dp=r.boolean("allow_no_dp", default=False),
+    )
+
+
+def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
+    if "datasets" not in r.raw:
+        raise SiteConfigError("datasets", "missing; add a [datasets.NAME] table with path and target")
+    d = r.sub("datasets")
+    if not d.raw:
+        raise SiteConfigError("datasets", "no dataset offered; add a [datasets.NAME] table with path and target")
+    out: dict[str, DatasetSource] = {}
+    for name in d.raw:
+        if not _ID_RE.match(name):
+            raise SiteConfigError(f"datasets.{name}", "dataset names use letters, digits, '_', '-', '.'")
+        t = d.sub(name)
+        t.reject_unknown({"path", "target", "format", "columns", "labels_path", "csv_separator"})
+        p = t.path("path", must_exist=True)
+        fmt = t.string("format", required=False) or _infer_format(p, t.key("format"))
+        if fmt not in FORMATS:
+            raise SiteConfigError(t.key("format"), f"{fmt!r} is not one of {', '.join(FORMATS)}")
+        labels = t.path("labels_path", required=fmt == "npy", must_exist=True) if fmt == "npy" else None
+        target = t.string("target", required=fmt != "npy") or "label"
+        cols: dict[str, str] = {}
+        if "columns" in t.raw:
+            c = t.sub("columns")
+            for col, typ in c.raw.items():
+                if typ not in COLUMN_TYPES:
+                    raise SiteConfigError(c.key(col), f"{typ!r} is not one of {', '.join(COLUMN_TYPES)}")
+                cols[col] = typ
+        sep = t.string("csv_separator", required=False) or ","
+        out[name] = DatasetSource(
+            name=name, path=p, target=target, format=fmt, columns=cols, labels_path=labels, csv_separator=sep
+        )
+    return out
+
+
+def _infer_format(p: Path, key: str) -> str:
+    suffix = p.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".npy":
+        return "npy"
+    raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = \"csv\" | \"parquet\" | \"npy\"")
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    if not user:
+        raise SiteConfigError("broker_password_file", "broker_url has no user name to go with the password")
+    host = parts.hostname or ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class _Reader:
+    """Typed access to one TOML table with key-naming errors."""
+
+    def __init__(self, raw: Any, prefix: str, base: Path) -> None:
+        if not isinstance(raw, dict):
+            raise SiteConfigError(prefix or "config", f"must be a table, got {type(raw).__name__}")
+        self.raw = raw
+        self.prefix = prefix
+        self.base = base
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def sub(self, name: str) -> "_Reader":
+        return _Reader(self.raw[name], self.key(name), self.base)
+
+    def reject_unknown(self, known: set[str]) -> None:
+        for k in self.raw:
+            if k not in known:
+                raise SiteConfigError(self.key(k), f"unknown key; expected one of {', '.join(sorted(known))}")
+
+    def string(self, name: str, *, required: bool = True) -> str | None:
+        v = self.raw.get(name)
+        if v is None:
+            if required:
+                raise SiteConfigError(self.key(name), "missing; it is required")
+            return None
+        if not isinstance(v, str) or (required and not v.strip()):
+            raise SiteConfigError(self.key(name), f"must be a non-empty string, got {v!r}")
+        return v
+
+    def ident(self, name: str) -> str:
+        v = self.string(name)
+        assert v is not None
+        if not _ID_RE.match(v):
+            raise SiteConfigError(self.key(name), f"{v!r} must use letters, digits, '_', '-', '.' (max 128)")
+        return v
+
+    def path(self, name: str, *, required: bool = True, must_exist: bool = False) -> Path | None:
+        v = self.string(name, required=required)
+        if v is None:
+            return None
+        p = Path(os.path.expanduser(v))
+        if not p.is_absolute():
+            p = self.base / p
+        if must_exist and not p.exists():
+            raise SiteConfigError(self.key(name), f"{p} does not exist")
+        return p
+
+    def number(self, name: str, *, default: float | None, minimum: float | None = None) -> Any:
+        v = self.raw.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SiteConfigError(self.key(name), f"must be a number, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise SiteConfigError(self.key(name), f"must be >= {minimum}, got {v}")
+        return float(v) if isinstance(default, float) or isinstance(v, float) else v
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        v = self.raw.get(name, default)
+        if not isinstance(v, bool):
+            raise SiteConfigError(self.key(name), f"must be true or false, got {v!r}")
+        return v
+
+    def string_list(self, name: str) -> list[str] | None:
+        v = self.raw.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise SiteConfigError(self.key(name), f"must be a list of strings, got {v!r}")
+        return v

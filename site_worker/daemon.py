@@ -1,0 +1,251 @@
+"""The site daemon: announce, consume own queue, verify, decide, reply, ack.
+
+Delivery is at least once, so the order per task is fixed: verify the frame (only the
+coordinator's key is trusted) and the replay guard, compute the reply, publish it and
+wait for the broker's confirm, *then* ack the task and record its id as seen. A crash
+anywhere before the ack means the task is redelivered; the coordinator de-duplicates
+by ``task_id``. Frames that fail verification are dead-lettered with the reason.
+The handler runs on the bus's worker thread (never pika's I/O thread), so long
+training does not starve heartbeats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from protocol.messages import Envelope, EvalTask, RunControl, SiteHello, TrainTask
+from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
+from protocol.transport.topology import CONTROL, UPDATES, site_queue
+from site_worker.config import SiteConfig
+from site_worker.data import DataError, catalogue
+from site_worker.handlers import TaskHandler
+from site_worker.ledger import PrivacyLedger
+from site_worker.trainer import TrainingAborted
+
+log = structlog.get_logger(__name__)
+
+COORDINATOR = "coordinator"  # the identity the site's trust store gives the coordinator's key
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fedbus")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "0.1.0+checkout"
+
+
+class SiteWorker:
+    """One site's daemon. ``start()`` returns; work happens on the bus's consumer thread."""
+
+    def __init__(self, config: SiteConfig, bus: Bus | None = None) -> None:
+        from protocol.replay import ReplayGuard
+        from protocol.signing import Signer, TrustStore
+
+        self.config = config
+        self._bus = bus
+        self._owns_bus = bus is None
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.signer = Signer.from_file(config.key_path)
+        self.trust = TrustStore()
+        self.trust.add(COORDINATOR, Path(config.coordinator_pub).read_bytes())
+        self.guard = ReplayGuard(max_skew_s=config.max_skew_s, path=config.state_dir / "seen_tasks.log")
+        self.ledger = PrivacyLedger(config.state_dir)
+        self._abort = threading.Event()  # training checks it between batches
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        flower = None
+        if config.flower_client:
+            from site_worker.flower_adapter import FlowerAdapter, make_client
+
+            flower = FlowerAdapter(make_client(config.flower_client, config))
+        self.handler = TaskHandler(config, ledger=self.ledger, stop=self._abort, flower=flower)
+        self._consumer: Consumer | None = None
+        self._stats_lock = threading.Lock()
+        self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
+                       "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0}
+        self.log = log.bind(site_id=config.site_id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            from protocol.transport import open_bus
+
+            opts: dict[str, Any] = {}
+            if not self.config.broker_url.startswith("memory:"):
+                opts["heartbeat"] = self.config.heartbeat_s
+                opts["connection_name"] = f"fedbus-site:{self.config.site_id}"
+                if self.config.tls:
+                    opts["tls"] = dict(self.config.tls)
+            self._bus = open_bus(self.config.broker_url, **opts)
+        return self._bus
+
+    def start(self) -> None:
+        """Announce the site (signed SiteHello) and start consuming its task queue."""
+        if self.config.declare_topology:
+            self.bus.declare(Topology(sites=[self.config.site_id], federations=[self.config.federation]))
+        self.announce()
+        self._consumer = self.bus.consume(site_queue(self.config.site_id), self._on_delivery, prefetch=1)
+        self.log.info("site_started", queue=site_queue(self.config.site_id), datasets=sorted(self.config.datasets),
+                      federation=self.config.federation)
+
+    def hello(self) -> SiteHello:
+        infos = []
+        for name, src in sorted(self.config.datasets.items()):
+            try:
+                infos.append(catalogue(src))
+            except DataError as e:
+                self.log.error("dataset_unreadable", dataset=name, error=str(e))
+        return SiteHello(site_id=self.config.site_id, software_version=software_version(), datasets=tuple(infos),
+                         policy=self.config.policy.summary())
+
+    def announce(self) -> None:
+        """Publish the SiteHello; a coordinator that is not up yet is not fatal (the site still serves)."""
+        from protocol.codec import new_envelope, seal
+
+        env = new_envelope(self.hello(), federation=self.config.federation, run_id="", round=0,
+                           sender=self.config.site_id, recipient=COORDINATOR)
+        try:
+            self.bus.publish(CONTROL, self.config.federation, seal(env, self.signer), message_id=env.message_id)
+            self.log.info("hello_sent", message_id=env.message_id)
+        except PublishError as e:
+            self.log.warning("hello_not_delivered", error=str(e))
+
+    def stop(self, grace_s: float | None = None) -> dict[str, int]:
+        """Stop taking tasks, let the current one finish within ``grace_s`` or abandon it, close."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self._stopping.set()
+        t0 = time.monotonic()
+        finished = self._idle.wait(grace)
+        if not finished:
+            self.log.warning("abandoning_current_task", grace_s=grace)
+            self._abort.set()
+            self._idle.wait(max(5.0, grace))
+        if self._consumer is not None:
+            try:
+                self._consumer.cancel()
+            except BusError as e:
+                self.log.warning("cancel_failed", error=str(e))
+        if self._owns_bus and self._bus is not None:
+            try:
+                self._bus.close()
+            except BusError as e:
+                self.log.warning("close_failed", error=str(e))
+        stats = self.stats
+        self.log.info("site_stopped", stop_s=round(time.monotonic() - t0, 3), **stats)
+        return stats
+
+    # ------------------------------------------------------------------ per delivery
+
+    def _on_delivery(self, d: Delivery) -> None:
+        self._idle.clear()
+        try:
+            if self._stopping.is_set():
+                # Leave it unsettled: cancel/close hands it back to the queue without a busy loop.
+                self.log.info("task_left_for_redelivery", message_id=d.message_id)
+                return
+            self._process(d)
+        finally:
+            self._idle.set()
+
+    def _reject(self, d: Delivery, reason: str, message: str) -> None:
+        self._count("rejected")
+        self.log.warning("frame_rejected", message_id=d.message_id, reason=reason, error=message)
+        d.nack(f"{reason}: {message}")
+
+    def _process(self, d: Delivery) -> None:
+        from protocol.codec import open_frame
+        from protocol.errors import ProtocolError
+
+        try:
+            opened = open_frame(d.body, self.trust)
+            env = opened.envelope
+            self.guard.check(env, recipient=self.config.site_id)
+        except ProtocolError as e:
+            self._reject(d, e.reason, str(e))
+            return
+        if not isinstance(env.payload, (TrainTask, EvalTask, RunControl)):
+            self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
+            return
+        if env.federation != self.config.federation:
+            self._reject(d, "wrong_federation",
+                         f"task for federation {env.federation!r}, this site serves {self.config.federation!r}")
+            return
+        with structlog.contextvars.bound_contextvars(site_id=self.config.site_id, run_id=env.run_id,
+                                                     round=env.round):
+            self._task(d, env)
+
+    def _task(self, d: Delivery, env: Envelope) -> None:
+        tlog = self.log.bind(task_id=env.message_id, type=env.type)
+        payload = env.payload
+        if isinstance(payload, RunControl):
+            tlog.info("run_control", action=payload.action, reason=payload.reason)
+            self._count("controls")
+            d.ack()
+            self.guard.mark_seen(env.message_id)
+            return
+        if payload.deadline and payload.deadline > 0 and time.time() > payload.deadline:
+            tlog.warning("task_expired", deadline=payload.deadline)
+            self._count("expired")
+            d.ack()
+            self.guard.mark_seen(env.message_id)
+            return
+        tlog.info("task_received", dataset=payload.dataset, redelivered=d.redelivered)
+        try:
+            reply = self.handler.handle(env)
+        except TrainingAborted as e:
+            self._count("abandoned")
+            tlog.warning("task_abandoned", reason=str(e))
+            return  # unsettled: redelivered when the consumer is cancelled / the process dies
+        self._reply(d, env, reply, tlog)
+
+    def _reply(self, d: Delivery, task_env: Envelope, reply: Any, tlog: Any) -> None:
+        from protocol.codec import new_envelope, seal
+
+        env = new_envelope(reply, federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
+                           sender=self.config.site_id, recipient=COORDINATOR)
+        frame = seal(env, self.signer)
+        try:
+            self.bus.publish(UPDATES, task_env.federation, frame, message_id=env.message_id)
+        except PublishRefused as e:
+            # The broker will never route it (no updates queue / no permission): retrying would
+            # loop, so the task goes to the dead-letter queue with the reason, for an operator.
+            self._count("publish_failed")
+            tlog.error("reply_refused", error=str(e))
+            d.nack(f"reply_refused: {e}")
+            return
+        except PublishError as e:
+            self._count("publish_failed")
+            tlog.error("reply_not_confirmed", error=str(e))
+            d.requeue()  # try again; the coordinator de-duplicates by task_id
+            return
+        d.ack()
+        self.guard.mark_seen(task_env.message_id)
+        self._count("tasks_done")
+        kind = type(reply).__name__
+        if kind == "Update":
+            self._count("trained")
+        elif kind == "EvalResult":
+            self._count("evaluated")
+        else:
+            self._count("declined")
+        tlog.info("reply_sent", reply=kind, reply_id=env.message_id, bytes=len(frame),
+                  epsilon=getattr(reply, "epsilon", None), reason=getattr(reply, "reason", None))

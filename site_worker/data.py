@@ -1,0 +1,299 @@
+"""Local data: read the site's files and turn them into the tensors the experiment expects.
+
+Every site must produce the same features in the same order from differently shaped
+local files, so the *experiment* decides the feature list and the category lists; the
+site only contributes values and local statistics (median imputation, standardisation
+fitted on its own training split). Problems raise ``DataError`` naming the column;
+details never contain data values, because they travel back to the coordinator.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from protocol.messages import DatasetInfo
+from site_worker.config import DatasetSource
+
+_THOUSANDS = re.compile(r"^\s*[-+]?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
+
+
+class DataError(ValueError):
+    """The local data cannot serve this task; ``column`` names what is wrong."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(f"column {column!r}: {message}")
+        self.column = column
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Train/validation tensors ready for a DataLoader."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    features: tuple[str, ...]
+    task: str  # "binary" | "multiclass" | "regression"
+    num_classes: int
+
+
+# --------------------------------------------------------------------------- reading
+
+_cache: dict[tuple[str, float, int], pd.DataFrame] = {}
+_cache_lock = threading.Lock()
+
+
+def read_table(source: DatasetSource) -> pd.DataFrame:
+    """Read a CSV or Parquet file (cached by path and mtime: rounds re-use the frame)."""
+    p = Path(source.path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(source.target, f"dataset file {p.name} is missing") from None
+    key = (str(p), st.st_mtime, st.st_size)
+    with _cache_lock:
+        df = _cache.get(key)
+    if df is None:
+        try:
+            if source.format == "parquet":
+                df = pd.read_parquet(p)
+            else:
+                df = pd.read_csv(p, sep=source.csv_separator, low_memory=False)
+        except Exception as e:  # noqa: BLE001 - any reader failure is a data problem, said clearly
+            raise DataError(source.target, f"cannot read {p.name} as {source.format}: {type(e).__name__}") from None
+        df.columns = [str(c).strip() for c in df.columns]
+        with _cache_lock:
+            _cache.clear()  # keep one frame per process at most: sites serve one dataset at a time
+            _cache[key] = df
+    return df
+
+
+def read_signals(source: DatasetSource) -> tuple[np.ndarray, np.ndarray]:
+    """Load an ``.npy`` X/y pair (memory-mapped, never pickled)."""
+    try:
+        x = np.load(source.path, mmap_mode="r", allow_pickle=False)
+        y = np.load(source.labels_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError("signal", f"cannot read the .npy pair: {type(e).__name__}") from None
+    if x.ndim < 2:
+        raise DataError("signal", f"X must have a sample axis and at least one more, got {x.ndim} dimension(s)")
+    if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+        raise DataError(source.target, "labels must be a 1-D array")
+    if len(x) != len(y):
+        raise DataError(source.target, f"{len(x)} signals but {len(y)} labels")
+    return x, y.reshape(-1)
+
+
+def to_numeric(series: pd.Series, column: str) -> pd.Series:
+    """Parse a numeric column, accepting thousands separators ("265,000")."""
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype(float)
+    if pd.api.types.is_numeric_dtype(series):
+        return series.astype(float)
+    s = series.astype("string")
+    s = s.where(~s.str.match(_THOUSANDS).fillna(False), s.str.replace(",", "", regex=False))
+    out = pd.to_numeric(s.str.strip(), errors="coerce")
+    bad = int((out.isna() & series.notna() & (s.str.strip() != "")).sum())
+    if bad:
+        raise DataError(column, f"expected numbers but {bad} value(s) are not numeric; "
+                                "declare it categorical in the experiment or fix the file")
+    return out.astype(float)
+
+
+def catalogue(source: DatasetSource) -> DatasetInfo:
+    """Metadata for SiteHello: names, row count, column types, target. Never values."""
+    if source.format == "npy":
+        x = np.load(source.path, mmap_mode="r", allow_pickle=False)
+        return DatasetInfo(name=source.name, rows=int(x.shape[0]), columns=("signal", source.target),
+                           feature_types={"signal": "signal"}, target=source.target)
+    df = read_table(source)
+    types: dict[str, str] = {}
+    for col in df.columns:
+        if col == source.target:
+            continue
+        declared = source.columns.get(col)
+        if declared:
+            types[col] = declared
+            continue
+        try:
+            to_numeric(df[col], col)
+            types[col] = "numeric"
+        except DataError:
+            types[col] = "categorical"
+    return DatasetInfo(name=source.name, rows=int(len(df)), columns=tuple(df.columns),
+                       feature_types=types, target=source.target)
+
+
+# ------------------------------------------------------------------------ preparing
+
+def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[int, ...] | None) -> PreparedData:
+    """Build train/validation tensors for an experiment's ``dataset`` block.
+
+    ``spec`` is ``Experiment.dataset`` (target, task, num_classes, features,
+    categorical, exclude, validation_fraction, kind). ``input_shape`` is the model's
+    input shape without the batch axis; the features must fill it exactly.
+    """
+    task = getattr(spec, "task", "binary") or "binary"
+    num_classes = int(getattr(spec, "num_classes", 2) or 2)
+    val_frac = float(getattr(spec, "validation_fraction", 0.2))
+    if source.format == "npy":
+        x, y_raw = read_signals(source)
+        y = _labels(pd.Series(y_raw), source.target, task, num_classes, _target_transform(spec))
+        x = np.asarray(x, dtype=np.float32)
+        if input_shape is not None:
+            want = int(np.prod(input_shape))
+            have = int(np.prod(x.shape[1:]))
+            if want != have:
+                raise DataError("signal", f"signals have shape {list(x.shape[1:])}, the model expects {list(input_shape)}")
+            x = x.reshape((len(x), *input_shape))
+        keep = ~np.isnan(y)
+        x, y = x[keep], y[keep]
+        train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
+        features: tuple[str, ...] = ("signal",)
+        x_tr, x_va = x[train_idx], x[val_idx]
+    else:
+        df = read_table(source)
+        target = source.target  # the site maps the experiment's target to its own column
+        if target not in df.columns:
+            raise DataError(target, "target column is missing from the dataset")
+        y_all = _labels(df[target], target, task, num_classes, _target_transform(spec))
+        keep = ~np.isnan(y_all)
+        df = df.loc[keep].reset_index(drop=True)
+        y = y_all[keep]
+        train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
+        x_tr, x_va, features = _tabular_features(df, source, spec, target, train_idx, val_idx)
+        if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
+            raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
+                                        f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
+        if input_shape is not None and len(input_shape) > 1:
+            x_tr = x_tr.reshape((len(x_tr), *input_shape))
+            x_va = x_va.reshape((len(x_va), *input_shape))
+    y_dtype = torch.long if task == "multiclass" else torch.float32
+    y_t = torch.as_tensor(y, dtype=y_dtype)
+    if task != "multiclass":
+        y_t = y_t.reshape(-1, 1)
+    return PreparedData(
+        x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
+        y_train=y_t[torch.as_tensor(train_idx)],
+        x_val=torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32),
+        y_val=y_t[torch.as_tensor(val_idx)],
+        features=features,
+        task=task,
+        num_classes=num_classes,
+    )
+
+
+def split_indices(y: np.ndarray, *, task: str, seed: int, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (for classification) train/validation split, reproducible from the task seed."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    if len(idx) < 2:
+        raise DataError("rows", f"only {len(idx)} usable row(s); need at least 2")
+    if validation_fraction <= 0:
+        return idx, idx
+    stratify = None
+    if task != "regression":
+        _, counts = np.unique(y, return_counts=True)
+        if len(counts) > 1 and counts.min() >= 2:
+            stratify = y
+    n_val = max(1, int(round(len(idx) * validation_fraction)))
+    tr, va = train_test_split(idx, test_size=n_val, random_state=seed % (2**32), stratify=stratify)
+    return np.sort(tr), np.sort(va)
+
+
+def _target_transform(spec: Any) -> Any:
+    """The experiment's rule turning a numeric target into 0/1 (``dataset.positive_if``, e.g. ``">0"``)."""
+    return getattr(spec, "positive_if", None)
+
+
+_TRANSFORM = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([-+]?\d+(\.\d+)?)\s*$")
+
+
+def _apply_transform(values: pd.Series, transform: Any, column: str) -> pd.Series:
+    """Apply a declarative threshold like ``"> 0"`` or ``{"op": ">", "value": 0}`` (never code)."""
+    if isinstance(transform, dict):
+        op, value = transform.get("op"), transform.get("value")
+        text = f"{op} {value}"
+    else:
+        text = str(transform)
+    m = _TRANSFORM.match(text)
+    if not m:
+        raise DataError(column, f"target_transform {text!r} is not '<op> <number>' with op in > >= < <= == !=")
+    op, v = m.group(1), float(m.group(2))
+    nums = to_numeric(values, column)
+    res = {">": nums > v, ">=": nums >= v, "<": nums < v, "<=": nums <= v, "==": nums == v, "!=": nums != v}[op]
+    return res.astype(float).where(nums.notna())
+
+
+def _labels(series: pd.Series, column: str, task: str, num_classes: int, transform: Any) -> np.ndarray:
+    if transform is not None:
+        series = _apply_transform(series, transform, column)
+    if task == "regression":
+        return to_numeric(series, column).to_numpy(dtype=np.float64)
+    if series.dtype == bool:
+        series = series.astype(float)
+    nums = to_numeric(series, column) if not pd.api.types.is_numeric_dtype(series) else series.astype(float)
+    arr = nums.to_numpy(dtype=np.float64)
+    present = arr[~np.isnan(arr)]
+    top = 1 if task == "binary" else num_classes - 1
+    if present.size and (np.any(present != np.round(present)) or present.min() < 0 or present.max() > top):
+        raise DataError(column, f"{task} target must hold class indices 0..{top}; "
+                                "set dataset.target_transform in the experiment (e.g. '> 0') or fix the file")
+    return arr
+
+
+def _category_key(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return None
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    return str(v).strip()
+
+
+def _tabular_features(df: pd.DataFrame, source: DatasetSource, spec: Any, target: str,
+                      train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    categorical: dict[str, list[Any]] = dict(getattr(spec, "categorical", None) or {})
+    exclude = set(getattr(spec, "exclude", None) or ())
+    wanted = getattr(spec, "features", None)
+    if wanted is None:
+        wanted = [c for c in df.columns if c != target and c not in exclude]
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for col in wanted:
+        if col not in df.columns:
+            raise DataError(col, "feature column is missing from the dataset")
+        series = df[col]
+        if col in categorical:
+            cats = [_category_key(c) for c in categorical[col]]
+            keys = series.map(_category_key)
+            block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
+                np.zeros((len(df), 0), np.float32)
+            blocks.append(block)
+            names.extend(f"{col}={c}" for c in cats)
+            continue
+        if source.columns.get(col) == "categorical":
+            raise DataError(col, "the site declares it categorical but the experiment uses it as numeric; "
+                                 "add it to dataset.categorical in the experiment")
+        vals = to_numeric(series, col).to_numpy(dtype=np.float64)
+        train = vals[train_idx]
+        med = np.nanmedian(train) if np.any(~np.isnan(train)) else 0.0
+        vals = np.where(np.isnan(vals), med, vals)
+        mean, std = vals[train_idx].mean(), vals[train_idx].std()
+        vals = (vals - mean) / (std if std > 1e-12 else 1.0)
+        blocks.append(vals.astype(np.float32)[:, None])
+        names.append(col)
+    x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(df), 0), np.float32)
+    return x[train_idx], x[val_idx], tuple(names)

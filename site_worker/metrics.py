@@ -1,0 +1,88 @@
+"""Validation metrics a site reports: numbers only, computed on its local split.
+
+Classification: loss, accuracy, ROC AUC, F1; regression: loss, MSE, MAE. A metric that
+is undefined on the local split (AUC with one class present) is left out rather than
+reported as a made-up number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error, roc_auc_score
+
+
+def make_loss(name: str) -> torch.nn.Module:
+    """The experiment's loss function by name."""
+    if name == "bce_with_logits":
+        return torch.nn.BCEWithLogitsLoss()
+    if name == "cross_entropy":
+        return torch.nn.CrossEntropyLoss()
+    if name == "mse":
+        return torch.nn.MSELoss()
+    raise ValueError(f"training.loss_function {name!r} is not bce_with_logits, cross_entropy or mse")
+
+
+def prepare_target(y: torch.Tensor, out: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """Shape/dtype the labels for the loss (class indices for CE, floats shaped like the output else)."""
+    if loss_name == "cross_entropy":
+        return y.reshape(-1).long()
+    return y.reshape(out.shape).to(out.dtype)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
+             batch_size: int = 1024) -> dict[str, float]:
+    """Loss and task metrics of ``model`` on (x, y), batched, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_fn = make_loss(loss_name)
+    outs = []
+    total, n = 0.0, len(x)
+    try:
+        for i in range(0, n, batch_size):
+            out = model(x[i : i + batch_size])
+            yb = prepare_target(y[i : i + batch_size], out, loss_name)
+            total += float(loss_fn(out, yb)) * len(yb)
+            outs.append(out)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"n": 0.0}
+    out = torch.cat(outs)
+    metrics = {"loss": total / n, "n": float(n)}
+    metrics.update(task_metrics(out, y, loss_name=loss_name, task=task))
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def task_metrics(out: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str) -> dict[str, float | None]:
+    """Accuracy/AUC/F1 from logits for classification, MSE/MAE for regression."""
+    if task == "regression" or loss_name == "mse":
+        pred = out.reshape(-1).double().numpy()
+        true = y.reshape(-1).double().numpy()
+        return {"mse": mean_squared_error(true, pred), "mae": mean_absolute_error(true, pred)}
+    true = y.reshape(-1).long().numpy()
+    if out.ndim == 1 or out.shape[-1] == 1:
+        score = torch.sigmoid(out.reshape(-1)).double().numpy()
+        pred = (score >= 0.5).astype(np.int64)
+        auc = roc_auc_score(true, score) if len(np.unique(true)) == 2 else None
+        f1 = f1_score(true, pred, zero_division=0)
+    else:
+        prob = torch.softmax(out.double(), dim=-1).numpy()
+        pred = prob.argmax(axis=1)
+        classes = np.unique(true)
+        if prob.shape[1] == 2:
+            auc = roc_auc_score(true, prob[:, 1]) if len(classes) == 2 else None
+            f1 = f1_score(true, pred, zero_division=0)
+        else:
+            auc = (roc_auc_score(true, prob, multi_class="ovr", labels=list(range(prob.shape[1])))
+                   if len(classes) == prob.shape[1] else None)
+            f1 = f1_score(true, pred, average="macro", zero_division=0)
+    return {"accuracy": float((pred == true).mean()), "auc": auc, "f1": f1}
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``{"loss": ..}`` -> ``{"before_loss": ..}`` (n is reported once as n_val)."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "n"}

@@ -1,0 +1,182 @@
+"""Chunking: split and reassemble, and every way a transfer can go wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.chunking import Reassembler, split_body
+from protocol.errors import ChunkError, ProtocolError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_100_mb_round_trip_in_any_order() -> None:
+    body = os.urandom(100 * 10**6)
+    chunks = split_body(body, chunk_size=8 * 2**20)
+    assert len(chunks) == 12
+    assert all(h["count"] == 12 and h["total_size"] == len(body) for h, _ in chunks)
+    assert chunks[0][0]["sha256"] == hashlib.sha256(body).hexdigest()
+    random.Random(7).shuffle(chunks)
+    r = Reassembler(max_bytes=200 * 10**6)
+    out = [r.add(h, piece) for h, piece in chunks]
+    assert all(o is None for o in out[:-1])
+    assert out[-1] == body
+    assert r.reserved_bytes == 0 and r.in_progress() == []
+
+
+def test_slices_are_zero_copy() -> None:
+    body = bytearray(b"abcdefghij")
+    chunks = split_body(body, chunk_size=4)
+    body[0] = ord("Z")
+    assert bytes(chunks[0][1]) == b"Zbcd"  # a view, not a copy
+    assert [bytes(p) for _, p in chunks] == [b"Zbcd", b"efgh", b"ij"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.binary(max_size=3000), chunk_size=st.integers(1, 700), seed=st.integers(0, 2**16))
+def test_round_trip_property(body: bytes, chunk_size: int, seed: int) -> None:
+    chunks = split_body(body, chunk_size=chunk_size)
+    assert len(chunks) == max(1, -(-len(body) // chunk_size))
+    random.Random(seed).shuffle(chunks)
+    r = Reassembler()
+    results = [r.add(h, p) for h, p in chunks]
+    assert results[-1] == body and all(x is None for x in results[:-1])
+
+
+def _chunks(n: int = 4, size: int = 1000):
+    body = os.urandom(n * size)
+    return body, split_body(body, chunk_size=size)
+
+
+def test_missing_chunk_is_detected_by_timeout() -> None:
+    clock = FakeClock()
+    body, chunks = _chunks()
+    r = Reassembler(timeout_s=30, clock=clock)
+    tid = chunks[0][0]["transfer_id"]
+    for h, p in chunks[:2] + chunks[3:]:
+        assert r.add(h, p) is None
+    assert r.missing(tid) == [2]
+    clock.t += 29
+    assert r.expire() == []
+    clock.t += 2
+    assert r.expire() == [tid]
+    assert r.reserved_bytes == 0 and r.in_progress() == []
+
+
+def test_duplicate_chunk_is_detected() -> None:
+    _, chunks = _chunks()
+    r = Reassembler()
+    r.add(*chunks[0])
+    with pytest.raises(ChunkError, match="duplicate chunk 0") as e:
+        r.add(*chunks[0])
+    assert e.value.transfer_id == chunks[0][0]["transfer_id"]  # type: ignore[attr-defined]
+    assert isinstance(e.value, ProtocolError) and r.in_progress() == []
+
+
+def test_corrupted_chunk_is_detected() -> None:
+    _, chunks = _chunks()
+    h, p = chunks[1]
+    bad = bytearray(p)
+    bad[10] ^= 0x01
+    r = Reassembler()
+    for hh, pp in [chunks[0], (h, bytes(bad)), *chunks[2:-1]]:
+        assert r.add(hh, pp) is None
+    with pytest.raises(ChunkError, match="sha256 mismatch"):
+        r.add(*chunks[-1])
+    assert r.reserved_bytes == 0
+
+
+def test_single_chunk_corruption_detected() -> None:
+    h, p = split_body(b"hello", chunk_size=100)[0]
+    with pytest.raises(ChunkError, match="sha256"):
+        Reassembler().add(h, b"hellO")
+
+
+def test_inconsistent_headers_are_detected() -> None:
+    _, chunks = _chunks()
+    r = Reassembler()
+    r.add(*chunks[0])
+    h, p = chunks[1]
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.add({**h, "count": 5}, p)
+
+
+def test_more_bytes_than_declared_is_detected() -> None:
+    _, chunks = _chunks()
+    r = Reassembler()
+    r.add(*chunks[0])
+    h, p = chunks[1]
+    with pytest.raises(ChunkError, match="more than the declared"):
+        r.add(h, bytes(p) * 4)
+
+
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"index": 4}, "index 4 >= count 4"),
+        ({"index": -1}, "non-negative int"),
+        ({"count": 0}, "count 0 outside"),
+        ({"sha256": "zz"}, "64 lowercase hex"),
+        ({"transfer_id": ""}, "transfer_id"),
+        ({"total_size": "big"}, "total_size"),
+    ],
+)
+def test_malformed_headers_rejected(patch: dict, match: str) -> None:
+    _, chunks = _chunks()
+    h, p = chunks[0]
+    with pytest.raises(ChunkError, match=match):
+        Reassembler().add({**h, **patch}, p)
+
+
+def test_missing_header_field_rejected() -> None:
+    h, p = _chunks()[1][0]
+    del h["sha256"]
+    with pytest.raises(ChunkError, match="misses sha256"):
+        Reassembler().add(h, p)
+
+
+def test_memory_bound_refuses_before_allocating() -> None:
+    r = Reassembler(max_bytes=5000)
+    _, a = _chunks(4, 1000)  # 4000 bytes reserved
+    r.add(*a[0])
+    assert r.reserved_bytes == 4000
+    _, b = _chunks(2, 1000)  # would need 2000 more
+    with pytest.raises(ChunkError, match="max_bytes"):
+        r.add(*b[0])
+    # A header claiming a huge size is refused on its first chunk, nothing stored.
+    h, p = b[0]
+    with pytest.raises(ChunkError, match="declares"):
+        Reassembler(max_bytes=10**6).add({**h, "transfer_id": "x", "total_size": 2**40}, p)
+
+
+def test_max_transfers_bound() -> None:
+    r = Reassembler(max_transfers=2)
+    for _ in range(2):
+        r.add(*_chunks(2, 10)[1][0])
+    with pytest.raises(ChunkError, match="max_transfers=2"):
+        r.add(*_chunks(2, 10)[1][0])
+
+
+def test_interleaved_transfers() -> None:
+    b1, c1 = _chunks(3, 100)
+    b2, c2 = _chunks(2, 100)
+    r = Reassembler()
+    got = [r.add(*c) for c in (c1[0], c2[0], c1[1], c2[1], c1[2])]
+    assert got == [None, None, None, b2, b1]
+
+
+def test_chunk_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        split_body(b"x", chunk_size=0)
