@@ -54,6 +54,10 @@ SYSTEM_KEYS = ("wall_s", "round_s", "overhead_s", "peak_rss_mb", "wire_bytes_per
                "accuracy", "auc")
 
 
+class BenchError(RuntimeError):
+    """A system could not complete the job; the message says which and where its logs are."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """Hyper-parameters of the job; identical on every system."""
@@ -167,8 +171,7 @@ def local_stats(train: pd.DataFrame) -> tuple[dict[str, float], dict[str, float]
     medians, means, stds = {}, {}, {}
     for feature in NUMERIC:
         col = pd.to_numeric(train[feature], errors="coerce").astype(float)
-        median = col.median()
-        medians[feature] = 0.0 if np.isnan(median) else float(median)
+        medians[feature] = float(col.median()) if col.notna().any() else 0.0
         filled = col.fillna(medians[feature])
         means[feature] = float(filled.mean())
         std = float(filled.std(ddof=0))

@@ -66,8 +66,7 @@ DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 console = Console(stderr=True)
 
 
-class BenchError(RuntimeError):
-    """A system could not complete the job; the message says which and where its logs are."""
+BenchError = common.BenchError
 
 
 # ------------------------------------------------------------------------- process helpers

@@ -148,6 +148,10 @@ class Coordinator:
         """Run (or resume) to the end; a failed run returns ``status="failed"`` with the reason."""
         started = time.monotonic()
         weights, first_round = self._start()
+        stored = self.store.run(self.run_id)
+        if stored["status"] != "running" and stored["result"]:
+            self._log.info("run already finished; nothing to resume", run_id=self.run_id, status=stored["status"])
+            return _stored_result(stored["result"], weights)
         self._log = log.bind(run_id=self.run_id, federation=self.federation)
         status, reason = "completed", None
         try:
@@ -227,7 +231,9 @@ class Coordinator:
                                                               sha256=last["agg_state_sha256"])))
         if self.early:
             for r in self.store.rounds(self.run_id):
-                self.early.update(r["loss"])
+                if self.early.update(r["loss"]):
+                    self._log.info("early stopping had already triggered; only the final evaluation is left")
+                    return weights, self.rounds_planned + 1
         self._log.info("resuming", run_id=self.run_id, after_round=last["round"])
         return weights, int(last["round"]) + 1
 
@@ -364,6 +370,7 @@ class Coordinator:
         if mid in held:
             if delivery.redelivered:
                 held[mid].delivery = delivery  # same message again (connection recovered): keep one count
+                delivery.release_body()
                 return True
             self._reject(delivery, Rejected("replayed", f"message {mid} was already received in this round"), round=round,
                          opened=opened)
@@ -383,7 +390,7 @@ class Coordinator:
         body_path = None
         if self.store_bodies:
             path = self.store.run_dir(self.run_id) / "bodies" / f"{env.message_id}.body"
-            checkpoints.write_atomic(path, bytes(opened.body))
+            checkpoints.write_atomic(path, opened.body)
             body_path = str(path.relative_to(self.store.dir))
         return UpdateRow(
             run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
@@ -476,6 +483,11 @@ class Coordinator:
                 )
             extra = sample_sites(sorted(set(sites) - set(sampled)), fed.min_fit_clients - len(accepted),
                                  seed=self.seed, round=rnd, attempt=attempt)
+            if not missing and not extra:
+                raise RunFailed(
+                    f"round {rnd}: {len(accepted)} update(s) accepted but min_fit_clients={fed.min_fit_clients}, and "
+                    f"every available site has answered (declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
+                )
             rlog.warning("round retry", attempt=attempt, accepted=len(accepted), missing=missing, adding=extra)
             sampled = sorted(set(sampled) | set(extra))
             deadline = self._send_train(missing + extra, weights, rnd)
@@ -547,6 +559,7 @@ class Coordinator:
         held[env.message_id] = h
         accepted[site] = h
         replied.add(site)
+        delivery.release_body()  # held until the commit: keep its tag, not its bytes
         rlog.debug("update accepted", site_id=site, num_examples=p.num_examples)
 
     # ------------------------------------------------------------------ evaluation
@@ -621,6 +634,7 @@ class Coordinator:
             results[env.sender] = m
             answered.add(env.sender)
             held[env.message_id] = _Held(delivery=delivery, row=self._accept_row(delivery, opened, split=split), payload=None)
+            delivery.release_body()
             if progress is not None:
                 progress.note(f"{split} {len(answered)}/{len(sites)}")
         return results
@@ -692,9 +706,13 @@ class Coordinator:
         agg_s = 0.0
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=version) as progress:
             progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
+            deadline = time.time() + self.round_timeout_s
             while version < self.rounds_planned:
-                delivery = self._next(time.time() + self.round_timeout_s)
+                delivery = self._next(deadline)
                 if delivery is None:
+                    if time.time() < deadline:
+                        continue
+                    deadline = time.time() + self.round_timeout_s
                     timeouts += 1
                     if timeouts > fed.max_round_retries:
                         for h in held.values():
@@ -709,6 +727,7 @@ class Coordinator:
                                          deadline=time.time() + self.round_timeout_s)
                     continue
                 timeouts = 0
+                deadline = time.time() + self.round_timeout_s
                 t = time.monotonic()
                 step = self._async_message(delivery, version, weights, versions, held, merged)
                 agg_s += time.monotonic() - t
@@ -800,6 +819,7 @@ class Coordinator:
         h = _Held(delivery=delivery, row=self._accept_row(delivery, opened, staleness=tau), payload=_light(p))
         held[env.message_id] = h
         merged[env.message_id] = h
+        delivery.release_body()
         return (new, site)
 
     # ------------------------------------------------------------------ result
@@ -831,6 +851,14 @@ class Coordinator:
             epsilon=eps, timing=timing, rejected=rejected, declined=declined, status=status, reason=reason,
             weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
         )
+
+
+def _stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
+    fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
+                                      "declined", "status", "reason", "checkpoint")}
+    fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
+                                          {} if k in ("final", "epsilon", "timing") else None)) for k, v in fields.items()}
+    return RunResult(**fields, weights=weights)
 
 
 def _light(p: Any) -> Any:

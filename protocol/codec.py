@@ -43,6 +43,11 @@ from protocol.msgpack_view import as_byte_view, read_msgpack
 from protocol.signing import Signer, TrustStore
 
 FRAME_VERSION = 1
+# Tensor data starts at a multiple of ALIGN bytes into the body, and the body at a multiple
+# of ALIGN into the frame, so arrays decoded from a frame in an aligned buffer (any bytes
+# object) are aligned too. The padding is free: non-minimal (still valid) msgpack str
+# headers on a few map keys.
+ALIGN = 8
 
 # Wire dtype name -> little-endian numpy dtype. bfloat16 has no numpy dtype: send float32.
 DTYPES: dict[str, np.dtype] = {
@@ -131,17 +136,22 @@ def decode_envelope(body: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS
 
 
 def encode_frame(kid: str, body: bytes | memoryview, sig: bytes) -> bytes:
+    """The frame map around ``body``, which starts at a multiple of ``ALIGN`` bytes into the frame."""
+    kid_packed = msgpack.packb(kid)
+    # Unpadded: fixmap, "v", 1, "kid", kid, "body", bin32 header.
+    pad = -(1 + 2 + 1 + 4 + len(kid_packed) + 5 + 5) % ALIGN
+    key_v, key_kid, key_body = _padded_keys(("v", "kid", "body"), pad)
     return b"".join(
         (
             b"\x84",
-            msgpack.packb("v"),
+            key_v,
             msgpack.packb(FRAME_VERSION),
-            msgpack.packb("kid"),
-            msgpack.packb(kid),
-            msgpack.packb("body"),
-            _bin_header(len(body)),
+            key_kid,
+            kid_packed,
+            key_body,
+            b"\xc6" + len(body).to_bytes(4, "big"),  # always bin32: the offset must not depend on the size
             body,
-            msgpack.packb("sig"),
+            b"\xa3sig",
             msgpack.packb(bytes(sig)),
         )
     )
@@ -202,6 +212,11 @@ def seal(envelope: Envelope, signer: Signer, *, limits: Limits = DEFAULT_LIMITS)
     of the wrong type fails here with a ``TypeError`` naming it, not at the receiver.
     """
     body = encode_envelope(envelope)
+    if len(body) > limits.max_frame_bytes:
+        raise LimitExceeded(
+            f"body of {len(body)} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}: "
+            "receivers would refuse it; shrink the model or raise the limit on both sides"
+        )
     try:
         decode_envelope(body, limits=limits)
     except LimitExceeded:
@@ -258,6 +273,20 @@ def _bin_header(n: int) -> bytes:
     raise ValueError(f"bin of {n} bytes cannot be encoded in msgpack (max 4 GiB)")
 
 
+def _padded_key(key: str, extra: int) -> bytes:
+    """``key`` as a msgpack str whose header is ``extra`` (0, 1, 2 or 4) bytes longer than minimal."""
+    raw = key.encode()
+    n = len(raw)
+    header = {0: bytes([0xA0 | n]), 1: b"\xd9" + n.to_bytes(1, "big"), 2: b"\xda" + n.to_bytes(2, "big"),
+              4: b"\xdb" + n.to_bytes(4, "big")}[extra]
+    return header + raw
+
+
+def _padded_keys(keys: tuple[str, str, str], pad: int) -> tuple[bytes, bytes, bytes]:
+    """Three short keys whose headers add up to ``pad`` (0-7) extra bytes."""
+    return (_padded_key(keys[0], pad & 1), _padded_key(keys[1], pad & 2), _padded_key(keys[2], pad & 4))
+
+
 def _map_header(n: int) -> bytes:
     return bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
 
@@ -300,10 +329,12 @@ def _check_plain(value: Any, path: str, depth: int) -> None:
             _check_plain(v, f"{path}[{i}]", depth + 1)
 
 
-def _tensor_parts(tensors: Any, path: str) -> list[bytes | memoryview]:
+def _tensor_parts(tensors: Any, path: str, offset: int) -> list[bytes | memoryview]:
+    """Parts of the tensors array, which starts ``offset`` bytes into the body."""
     if not isinstance(tensors, (tuple, list)):
         raise TypeError(f"{path}: expected a tuple of (name, ndarray) pairs, got {type(tensors).__name__}")
     parts: list[bytes | memoryview] = [_array_header(len(tensors))]
+    offset += len(parts[0])
     for i, item in enumerate(tensors):
         where = f"{path}[{i}]"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -320,18 +351,16 @@ def _tensor_parts(tensors: Any, path: str) -> list[bytes | memoryview]:
             )
         little = np.asarray(arr, dtype=DTYPES[wire], order="C")  # no copy when already '<' and C-order
         data = little.reshape(-1).view(np.uint8).data
-        parts += [
-            b"\x84",
-            b"\xa4name",
-            msgpack.packb(name),
-            b"\xa5dtype",
-            msgpack.packb(wire),
-            b"\xa5shape",
-            msgpack.packb([int(d) for d in little.shape]),
-            b"\xa4data",
-            _bin_header(data.nbytes),
-            data,
-        ]
+        name_p, wire_p = msgpack.packb(name), msgpack.packb(wire)
+        shape_p = msgpack.packb([int(d) for d in little.shape])
+        bin_header = _bin_header(data.nbytes)
+        # Unpadded: fixmap, "name", name, "dtype", dtype, "shape", shape, "data", bin header.
+        unpadded = 1 + 5 + len(name_p) + 6 + len(wire_p) + 6 + len(shape_p) + 5 + len(bin_header)
+        pad = -(offset + unpadded) % ALIGN
+        key_name, key_dtype, key_shape = _padded_keys(("name", "dtype", "shape"), pad)
+        head = b"".join((b"\x84", key_name, name_p, key_dtype, wire_p, key_shape, shape_p, b"\xa4data", bin_header))
+        parts += [head, data]
+        offset += len(head) + data.nbytes
     return parts
 
 
@@ -364,7 +393,7 @@ def _envelope_parts(env: Envelope) -> list[bytes | memoryview]:
         path = f"payload.{fname}"
         parts.append(msgpack.packb(fname))
         if kind == "tensors":
-            parts += _tensor_parts(value, path)
+            parts += _tensor_parts(value, path, offset=sum(len(p) for p in parts))
         elif kind == "datasets":
             parts.append(_pack([_dataset_info_map(d, f"{path}[{i}]") for i, d in enumerate(value)], path))
         else:

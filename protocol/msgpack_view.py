@@ -18,6 +18,7 @@ from typing import Any
 from protocol.errors import LimitExceeded, MalformedFrame
 from protocol.limits import Limits
 
+_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -43,8 +44,8 @@ def as_byte_view(data: bytes | bytearray | memoryview) -> memoryview:
 def read_msgpack(data: bytes | bytearray | memoryview, *, limits: Limits, what: str = "frame") -> Any:
     """Decode exactly one msgpack object spanning all of ``data``.
 
-    ``bin`` values come back as read-only-or-not ``memoryview`` slices of ``data``
-    (whatever ``data`` is); arrays as ``list``; maps as ``dict`` with ``str`` keys.
+    ``bin`` values come back as ``memoryview`` slices of ``data`` (read-only when
+    ``data`` is ``bytes``); arrays as ``list``; maps as ``dict`` with ``str`` keys.
     """
     reader = _Reader(as_byte_view(data), limits, what)
     value = reader.value(0)
@@ -212,7 +213,5 @@ class _Reader:
             out[key] = self.value(depth + 1)
         return out
 
-
-_U8 = struct.Struct(">B")
 
 __all__ = ["read_msgpack", "as_byte_view"]

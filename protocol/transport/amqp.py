@@ -433,6 +433,11 @@ class AmqpDelivery(Delivery):
         if self._claim("requeue"):
             self._consumer._settle(self._gen, [r.tag for r in self._raws], "requeue", extra=self.chunks - 1)
 
+    def release_body(self) -> None:
+        self.body = b""
+        for r in self._raws:  # the chunks' bytes too: only their tags are needed to ack
+            r.body = b""
+
     def nack(self, reason: str) -> None:
         if not self._claim("nack"):
             return

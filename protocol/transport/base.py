@@ -59,6 +59,15 @@ class Delivery(abc.ABC):
     def requeue(self) -> None:
         """Give it back to the queue for redelivery (to this or another consumer)."""
 
+    def release_body(self) -> None:
+        """Forget the frame bytes of a delivery that stays unacked for a while.
+
+        The coordinator holds each update's delivery until the round is committed;
+        ``ack``/``requeue`` need only the delivery tag, so the bytes can go and memory
+        stays O(model) however many updates are held. ``nack`` after this is an error.
+        """
+        self.body = b""
+
 
 Handler = Callable[[Delivery], None]
 

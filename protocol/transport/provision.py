@@ -132,9 +132,11 @@ def provision(
     wanted: list[tuple[str, str, Permissions]] = [(s, "site", site_permissions(s)) for s in sites]
     if coordinator and federation:
         wanted.append((coordinator, "coordinator", coordinator_permissions(federation)))
+    existing = admin.users()
     for user, role, perms in wanted:
         password = secrets.token_urlsafe(24)
-        existed = admin.put_user(user, password)
+        existed = user in existing
+        admin.put_user(user, password, existed=existed)
         admin.set_permissions(vhost, user, perms)
         creds.passwords[user] = password
         creds.roles[user] = role
@@ -185,7 +187,11 @@ class _Admin:
             log.warning("using rabbitmqctl: it manages the broker node on THIS machine", broker_host=p.hostname)
         return _Rabbitmqctl()
 
-    def put_user(self, user: str, password: str) -> bool:
+    def users(self) -> set[str]:
+        raise NotImplementedError
+
+    def put_user(self, user: str, password: str, *, existed: bool) -> None:
+        """Create the user, or set its password (rotate) and clear its tags."""
         raise NotImplementedError
 
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
@@ -227,12 +233,14 @@ class _Management(_Admin):
         if status not in (200, 201, 204):
             raise ProvisionError(f"management API: {what} failed ({status}): {body[:300].decode(errors='replace')}")
 
-    def put_user(self, user: str, password: str) -> bool:
-        status, _ = self._call("GET", f"/api/users/{quote(user, safe='')}")
-        existed = status == 200
+    def users(self) -> set[str]:
+        s, b = self._call("GET", "/api/users")
+        self._ok(s, b, "listing users")
+        return {u["name"] for u in json.loads(b)}
+
+    def put_user(self, user: str, password: str, *, existed: bool) -> None:
         s, b = self._call("PUT", f"/api/users/{quote(user, safe='')}", {"password": password, "tags": ""})
         self._ok(s, b, f"creating user {user!r}")
-        return existed
 
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
         s, b = self._call(
@@ -259,20 +267,22 @@ class _Rabbitmqctl(_Admin):
             )
         return r.stdout
 
-    def _users(self) -> set[str]:
+    def users(self) -> set[str]:
         out = self._run("list_users", "--formatter", "json")
         return {u["user"] for u in json.loads(out or "[]")}
 
-    def put_user(self, user: str, password: str) -> bool:
-        existed = user in self._users()
+    def put_user(self, user: str, password: str, *, existed: bool) -> None:
         # The password goes through stdin, never the command line (visible in `ps`).
-        self._run("change_password" if existed else "add_user", user, stdin=password + "\n")
-        self._run("set_user_tags", user)
-        return existed
+        if existed:
+            self._run("change_password", user, stdin=password + "\n")
+            self._run("set_user_tags", user)  # no tags: no management or admin rights
+        else:
+            self._run("add_user", user, stdin=password + "\n")  # created without tags
 
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
         self._run("set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read)
 
     def delete_user(self, user: str) -> None:
-        if user in self._users():
-            self._run("delete_user", user)
+        r = subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 and "no_such_user" not in r.stdout + r.stderr and "does not exist" not in r.stdout + r.stderr:
+            raise ProvisionError(f"rabbitmqctl delete_user {user} failed: {(r.stderr or r.stdout).strip()[:300]}")

@@ -70,6 +70,17 @@ class Federation:
 
 
 @pytest.fixture
+def amqp_federation(tmp_path, amqp_url):
+    fed = Federation(bus_url=amqp_url, bus=open_bus(amqp_url), state_dir=tmp_path / "amqp-state",
+                     federation=f"fed-{uuid.uuid4().hex[:8]}", signer=Signer.generate())
+    yield fed
+    for s in fed.sites:
+        s.stop()
+        s.bus.close()
+    fed.bus.close()
+
+
+@pytest.fixture
 def federation(tmp_path):
     url = f"memory://coord-{uuid.uuid4().hex[:8]}"
     fed = Federation(bus_url=url, bus=open_bus(url), state_dir=tmp_path / "state",

@@ -40,6 +40,8 @@ class FakeSite:
     silent: bool = False  # never answer training (a site that died)
     eval_metrics: dict = field(default_factory=lambda: {"loss": 0.5, "accuracy": 0.75, "auc": 0.8, "f1": 0.7})
     stop_after_round: int | None = None  # stop answering after this round (a site killed mid-run)
+    gate: dict = field(default_factory=dict)  # round -> threading.Event to wait for before replying
+
 
     def __post_init__(self) -> None:
         self.trust = TrustStore()
@@ -47,6 +49,8 @@ class FakeSite:
         self.tasks: list = []
         self.sent: list[bytes] = []
         self.got_task = threading.Event()
+        self.replied: list[tuple[str, int]] = []  # (payload type, round) of every honest reply published
+        self._cond = threading.Condition()
         self._consumer = None
 
     def start(self, *, hello: bool = True) -> "FakeSite":
@@ -64,6 +68,11 @@ class FakeSite:
         if self._consumer is not None:
             self._consumer.cancel()
             self._consumer = None
+
+    def wait_replied(self, kind: str, round: int, *, count: int = 1, timeout: float = 60.0) -> bool:
+        """Wait until ``count`` replies of ``kind`` for ``round`` were published."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.replied.count((kind, round)) >= count, timeout=timeout)
 
     def publish(self, frame: bytes, message_id: str) -> None:
         self.sent.append(frame)
@@ -84,6 +93,8 @@ class FakeSite:
         if self.stop_after_round is not None and env.round > self.stop_after_round:
             delivery.ack()
             return
+        if env.round in self.gate and isinstance(task, TrainTask):
+            self.gate[env.round].wait(timeout=120)
         if isinstance(task, TrainTask):
             if self.silent:
                 delivery.ack()
@@ -110,4 +121,7 @@ class FakeSite:
             frames = self.tamper(self, env, out_env, frame) or frames
         for f, mid in frames:
             self.publish(f, mid)
+        with self._cond:
+            self.replied.append((type(payload).__name__, env.round))
+            self._cond.notify_all()
         delivery.ack()

@@ -147,3 +147,102 @@ def test_too_few_replies_fails_the_run_after_the_retries_with_a_clear_reason(fed
     # the silent site was asked twice (the retry)
     assert len([e for e in federation.sites[1].tasks if e.type == "TrainTask"]) == 2
     assert StateStore(federation.state_dir).run(result.run_id)["status"] == "failed"
+
+
+def test_fedasync_run_merges_each_update_and_re_tasks_the_site_at_once(federation):
+    federation.add_site(1.0, 10)
+    federation.add_site(1.0, 10)
+    federation.start_sites()
+    exp = experiment(rounds=4, name="FedAsync", parameters={"alpha": 0.5, "staleness": "polynomial", "max_staleness": 0})
+    result = federation.coordinator(exp).run()
+    assert result.ok, result.reason
+    store = StateStore(federation.state_dir)
+    assert [r["round"] for r in store.rounds(result.run_id)] == [1, 2, 3, 4]  # one committed version per merge
+    accepted = store.updates(result.run_id, verdict="accepted", kind="Update")
+    assert len(accepted) == 4 and all(u["staleness"] == 0 for u in accepted)
+    for u in store.updates(result.run_id, verdict="stale"):
+        assert "> max_staleness 0" in u["reason"]
+    # every accepted merge moved the model halfway to (model + 1): w4 = w0 + (1 - 0.5^4) * ... per merge +0.5
+    w0 = load_tensors(federation.state_dir / store.run(result.run_id)["initial_checkpoint"])
+    np.testing.assert_allclose(result.weights[1][1], w0[1][1] + 4 * 0.5, rtol=1e-5)
+    # a delivering site got its next task with the new version straight away
+    tasks = sorted(e.payload.base_round for s in federation.sites for e in s.tasks if e.type == "TrainTask")
+    assert tasks[:2] == [0, 0] and max(tasks) >= 3
+
+
+def test_fedbuff_run_steps_every_k_updates(federation):
+    for _ in range(2):
+        federation.add_site(2.0, 10)
+    federation.start_sites()
+    exp = experiment(rounds=2, name="FedBuff", parameters={"buffer_size": 2, "server_lr": 1.0, "max_staleness": 10})
+    result = federation.coordinator(exp).run()
+    assert result.ok, result.reason
+    store = StateStore(federation.state_dir)
+    rounds = store.rounds(result.run_id)
+    assert [r["replies"] for r in rounds] == [2, 2]
+    assert len(store.updates(result.run_id, verdict="accepted", kind="Update")) == 4
+
+
+def test_per_round_metrics_come_from_evaluation_tasks_when_fraction_eval_is_set(federation):
+    a = federation.add_site(1.0, 10)
+    b = federation.add_site(1.0, 30)
+    a.eval_metrics = {"loss": 1.0, "accuracy": 0.5, "auc": 0.5, "f1": 0.5}
+    b.eval_metrics = {"loss": 0.2, "accuracy": 0.9, "auc": 0.9, "f1": 0.9}
+    federation.start_sites()
+    exp = experiment(rounds=1, parameters={"fraction_eval": 1.0, "min_eval_clients": 2})
+    result = federation.coordinator(exp).run()
+    assert result.ok
+    # (10*1.0 + 30*0.2)/40 = 0.4 — not the after_loss of the updates (0.5)
+    assert result.rounds[0]["loss"] == pytest.approx(0.4)
+    assert result.final["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert result.final["per_site"][b.site_id] == pytest.approx({"accuracy": 0.9, "auc": 0.9, "f1": 0.9, "loss": 0.2,
+                                                                 "n_test": 30})
+    kinds = [e.payload.split for e in a.tasks if e.type == "EvalTask"]
+    assert kinds == ["validation", "test"]
+
+
+def test_flower_strategy_run_checkpoints_its_server_state(federation):
+    federation.add_site(1.0, 10)
+    federation.add_site(3.0, 10)
+    federation.start_sites()
+    exp = experiment(rounds=2, name="flower:FedAdam", parameters={"eta": 0.05})
+    result = federation.coordinator(exp).run()
+    assert result.ok, result.reason
+    store = StateStore(federation.state_dir)
+    last = store.last_round(result.run_id)
+    state = dict(load_tensors(federation.state_dir / last["agg_state_path"], sha256=last["agg_state_sha256"]))
+    assert any(k.startswith("m_t.") for k in state) and any(k.startswith("v_t.") for k in state)
+
+
+def test_early_stopping_ends_the_run_when_the_loss_stops_improving(federation):
+    federation.add_site(1.0, 10)
+    federation.add_site(1.0, 10)
+    for s in federation.sites:
+        s.eval_metrics = {"loss": 0.7, "accuracy": 0.5, "auc": 0.5, "f1": 0.5}  # never improves
+    federation.start_sites()
+    exp = experiment(rounds=10, parameters={"fraction_eval": 1.0}, early_stopping={"patience": 2, "min_delta": 0.01})
+    result = federation.coordinator(exp).run()
+    assert result.ok
+    assert [r["round"] for r in result.rounds] == [1, 2, 3]  # best at 1, no improvement at 2 and 3
+
+
+def test_resume_in_process_continues_after_the_last_committed_round(federation):
+    from coordinator.run import RunFailed  # noqa: F401  (the public failure type)
+
+    federation.add_site(1.0, 10)
+    federation.add_site(3.0, 30)
+    federation.start_sites()
+    first = federation.coordinator(experiment(rounds=1), run_id="r-resume").run()
+    assert first.ok
+    store = StateStore(federation.state_dir)
+    # pretend the process died after round 1: mark the run unfinished and ask for 3 rounds
+    store.finish_run("r-resume", status="running", reason=None, result=None)
+    with store._tx() as db:
+        db.execute("UPDATE runs SET rounds_planned=3 WHERE run_id='r-resume'")
+    resumed = federation.coordinator(experiment(rounds=3), run_id="r-resume", resume=True).run()
+    assert resumed.ok
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3]
+    w0 = load_tensors(federation.state_dir / store.run("r-resume")["initial_checkpoint"])
+    np.testing.assert_allclose(resumed.weights[0][1], w0[0][1] + 3 * 2.5, rtol=1e-5)
+    with pytest.raises(Exception, match="already exists"):
+        federation.coordinator(experiment(rounds=3), run_id="r-resume").run()

@@ -289,6 +289,7 @@ def _set(data: dict, dotted: str, value) -> dict:
         ("dataset.task", "ranking", "dataset.task", "must be one of"),
         ("dataset.name", " ", "dataset.name", "is required"),
         ("dataset.positive_if", "x > 0", "dataset.positive_if", "comparison"),
+        ("dataset.features", [], "dataset.features", "at least 1"),
         ("federated.parameters", {"fraction_fit": 1.5}, "federated.parameters.fraction_fit", "[0, 1]"),
         ("federated.parameters", {"min_fit_clients": 0}, "federated.parameters.min_fit_clients", ">= 1"),
         ("federated.parameters", {"min_fit_clients": 3, "min_available_clients": 2},

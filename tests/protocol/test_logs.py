@@ -68,3 +68,17 @@ def test_bad_arguments_are_refused():
         configure_logging("server")
     with pytest.raises(ValueError, match="level"):
         configure_logging("cli", level="loud")
+
+
+@pytest.mark.parametrize("mode", ["daemon", "cli"])
+def test_tracebacks_never_show_local_variables(mode):
+    out = io.StringIO()
+    configure_logging(mode, stream=out)
+    patient_row = "age=63,sex=M,secret-marker"  # noqa: F841 - must not reach the log
+    try:
+        raise ValueError("bad row")
+    except ValueError:
+        structlog.get_logger("x").exception("training_failed")
+    text = out.getvalue()
+    assert "training_failed" in text and "ValueError" in text and "bad row" in text
+    assert "secret-marker" not in text

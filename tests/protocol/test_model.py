@@ -161,7 +161,7 @@ def test_only_whitelisted_kwargs_reach_the_constructors():
     assert norm.num_features == 8 and norm.training
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     length=st.integers(1, 40),
     kernel=st.integers(1, 9),
@@ -385,3 +385,29 @@ def test_non_strict_load_takes_the_matching_names():
     load_tensors(target, {"3.bias": source["3.bias"], "extra": np.zeros(2, np.float32)}, strict=False)
     assert np.array_equal(target[2].bias.detach().numpy(), source["3.bias"])
     assert not np.array_equal(target[0].weight.detach().numpy(), source["1.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_trainable_with_opacus(path):
+    """Every example model passes Opacus's validator (no BatchNorm etc.), so sites can train it with DP."""
+    validators = pytest.importorskip("opacus.validators")
+    model = build_model(load_experiment(path).architecture.layers, seed=0)
+    assert validators.ModuleValidator.validate(model, strict=False) == []
+
+
+def test_sizes_past_what_torch_can_count_are_config_errors():
+    huge = [{"type": "input", "params": {"features": 2**31 - 1}}, {"type": "Linear", "params": {"out_features": 2**31 - 1}}]
+    with pytest.raises(ConfigError, match=r"^architecture\.layers\[1\]: Linear is too large to build"):
+        summarize(huge)
+    with pytest.raises(ConfigError, match=r"^architecture\.layers\[1\]\.params\.out_features: must be at most"):
+        summarize([huge[0], {"type": "Linear", "params": {"out_features": 2**40}}])
+
+
+def test_null_optional_params_take_the_default():
+    layers = [{"type": "input", "params": {"channels": 1, "length": 10}},
+              {"type": "MaxPool1d", "params": {"kernel_size": 2, "stride": None}},
+              {"type": "Flatten"}, {"type": "Linear", "params": {"in_features": None, "out_features": 1}}]
+    chain = resolve_layers(layers)
+    assert chain.layers[1].kwargs["stride"] == 2 and chain.layers[3].kwargs["in_features"] == 5
+    _assert_inferred_equals_torch(layers)

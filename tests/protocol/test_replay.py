@@ -164,3 +164,35 @@ def test_bad_configuration_is_refused():
         ReplayGuard(max_skew_s=0)
     with pytest.raises(ValueError, match="capacity"):
         ReplayGuard(capacity=0)
+
+
+def test_replayed_and_misrouted_frames_end_to_end():
+    """What a receiver does: open_frame, then check, then mark_seen once handled."""
+    import numpy as np
+
+    from protocol.codec import open_frame, seal
+    from protocol.messages import Update
+    from protocol.signing import Signer, TrustStore
+
+    site = Signer.generate()
+    trust = TrustStore()
+    trust.add("site-1", site.public_pem())
+    guard = ReplayGuard()
+    update = Update(task_id="t", weights=(("w", np.zeros(4, np.float32)),), num_examples=4, metrics={},
+                    epsilon=None, delta=None, base_round=1)
+    env = new_envelope(update, federation="fed", run_id="run-1", round=2, sender="site-1", recipient="coordinator")
+    frame = seal(env, site)
+    expect = dict(recipient="coordinator", run_id="run-1", round=2)
+
+    opened = open_frame(frame, trust)
+    guard.check(opened.envelope, **expect)
+    guard.mark_seen(opened.envelope.message_id)
+    with pytest.raises(ReplayedMessage):
+        guard.check(open_frame(frame, trust).envelope, **expect)
+
+    for change, error in ((dict(recipient="site-2"), WrongRecipient), (dict(run_id="run-0"), WrongRun),
+                          (dict(round=1), WrongRound)):
+        other = new_envelope(update, **{**dict(federation="fed", run_id="run-1", round=2, sender="site-1",
+                                                recipient="coordinator"), **change})
+        with pytest.raises(error):
+            guard.check(open_frame(seal(other, site), trust).envelope, **expect)
