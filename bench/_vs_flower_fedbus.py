@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import _vs_flower_common as common
+from _vs_flower_procs import CountingProxy, TreeSampler, end_processes, pid_of_client_port, spawn, wait_until
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -94,6 +94,47 @@ def check_alignment() -> list[str]:
     return problems
 
 
+def site_task_times(logs: Path, sites: list[str]) -> dict[int, float]:
+    """Per round, the slowest site's task time (``task_received`` to ``reply_sent`` in its JSON log)."""
+    from datetime import datetime
+
+    received: dict[tuple[int, str], float] = {}
+    slowest: dict[int, float] = {}
+    for sid in sites:
+        for line in (logs / f"{sid}.log").read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("type") != "TrainTask" or "round" not in event:
+                continue
+            at = datetime.fromisoformat(event["timestamp"]).timestamp()
+            key = (int(event["round"]), sid)
+            if event.get("event") == "task_received":
+                received[key] = at
+            elif event.get("event") == "reply_sent" and key in received:
+                slowest[key[0]] = max(slowest.get(key[0], 0.0), at - received[key])
+    return slowest
+
+
+def overhead_split(round_s: list[float], train_s: list[float], site_task_s: dict[int, float]) -> dict[str, float | None]:
+    """Where a round's overhead goes (medians over rounds): inside the slowest site's task but
+    outside its training (data preparation, model build, local validation, signing), and outside
+    the sites (coordinator, broker, network)."""
+    import statistics
+
+    site_side, hub_side = [], []
+    for i, (r, t) in enumerate(zip(round_s, train_s, strict=True), start=1):
+        task = site_task_s.get(i)
+        if task is not None:
+            site_side.append(task - t)
+            hub_side.append(r - task)
+    return {"overhead_site_side_s": statistics.median(site_side) if site_side else None,
+            "overhead_hub_side_s": statistics.median(hub_side) if hub_side else None}
+
+
 def _site_id(hospital: str, tag: str) -> str:
     return "bench-" + "".join(c if c.isalnum() else "-" for c in hospital.lower()) + f"-{tag}"
 
@@ -106,8 +147,8 @@ def _delete_queues(names: list[str]) -> None:
         subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True, timeout=60)
 
 
-def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str, proxy_cls, sampler_cls,
-        end_processes: Callable, wait_until: Callable, pid_of_client_port: Callable) -> common.RunRecord:
+def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray], timeout_s: float,
+        broker: str) -> common.RunRecord:
     """One fedbus run; returns the figures (final weights evaluated on the union test split)."""
     sys.path.insert(0, str(REPO))
     from urllib.parse import urlsplit, urlunsplit
@@ -137,7 +178,7 @@ def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str
         pid = pid_of_client_port(peer_port)
         return "hub" if pid in coordinator_pids else "site"
 
-    proxy = proxy_cls(broker_port, classify=classify).start()
+    proxy = CountingProxy(broker_port, classify=classify).start()
     userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     proxied = urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{proxy.port}"))
 
@@ -170,9 +211,9 @@ def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str
     sampler = None
     try:
         for sid in sites:
-            procs.append(subprocess.Popen(
+            procs.append(spawn(
                 [sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(work / "sites" / sid / "site.toml")],
-                cwd=REPO, env=env, stdout=open(logs / f"{sid}.log", "wb"), stderr=subprocess.STDOUT))
+                log=logs / f"{sid}.log", cwd=REPO, env=env))
 
         def sites_ready() -> bool:
             return all(b"site_started" in (logs / f"{sid}.log").read_bytes() for sid in sites)
@@ -185,24 +226,23 @@ def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str
         driver.write_text(DRIVER.format(repo=str(REPO), cfg=json.dumps(cfg)))
         proxy.reset()
         t0 = time.time()
-        coord = subprocess.Popen([sys.executable, str(driver)], cwd=REPO, env=env,
-                                 stdout=open(logs / "coordinator.log", "wb"), stderr=subprocess.STDOUT)
+        coord = spawn([sys.executable, str(driver)], log=logs / "coordinator.log", cwd=REPO, env=env)
         coordinator_pids.add(coord.pid)
         procs.append(coord)
-        sampler = sampler_cls([coord.pid])
+        sampler = TreeSampler([coord.pid])
         sampler.start()
         try:
             coord.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired as e:
-            raise _error(f"fedbus coordinator still running after {timeout_s:.0f} s (logs {logs})") from e
+            raise common.BenchError(f"fedbus coordinator still running after {timeout_s:.0f} s (logs {logs})") from e
         peak = sampler.stop()
         site_bytes, hub_bytes = proxy.total("site"), proxy.total("hub")
         if coord.returncode != 0 or not (out / "result.json").exists():
             tail = (logs / "coordinator.log").read_text(errors="replace")[-1500:]
-            raise _error(f"fedbus coordinator exited {coord.returncode} (logs {logs}): {tail}")
+            raise common.BenchError(f"fedbus coordinator exited {coord.returncode} (logs {logs}): {tail}")
         doc = json.loads((out / "result.json").read_text())
         if doc["status"] != "completed" or len(doc["rounds"]) != spec.rounds:
-            raise _error(f"fedbus run {doc['run_id']} ended {doc['status']} after {len(doc['rounds'])} "
+            raise common.BenchError(f"fedbus run {doc['run_id']} ended {doc['status']} after {len(doc['rounds'])} "
                          f"round(s): {doc.get('reason')}")
         rounds = doc["rounds"]
         # Full cycle per round: from the previous round's commit to this one's (tasks out, training,
@@ -211,12 +251,15 @@ def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str
         with np.load(out / "weights.npz") as z:
             weights = [z[f"arr_{i}"] for i in range(len(z.files))]
         metrics = common.evaluate(weights, *test, spec=spec)
+        site_task_s = site_task_times(logs, sites)
+        split = overhead_split(round_s, [r["train_s"] for r in rounds], site_task_s)
         return common.RunRecord(
             wall_s=rounds[-1]["committed_at"] - t0, round_s=round_s,
             slowest_train_s=[r["train_s"] for r in rounds], accuracy=metrics["accuracy"], auc=metrics["auc"],
             peak_rss_mb=peak, wire_bytes=site_bytes,
             extra={"hub_bytes_per_round": hub_bytes / spec.rounds, "process_wall_s": doc["finished"] - t0,
-                   "coordinator_round_wall_s": [r["wall_s"] for r in rounds], "run_id": doc["run_id"]})
+                   "coordinator_round_wall_s": [r["wall_s"] for r in rounds], "run_id": doc["run_id"],
+                   **split})
     finally:
         seen = sampler.seen if sampler is not None else None
         if sampler is not None and sampler.is_alive():
@@ -224,7 +267,3 @@ def run(spec: common.JobSpec, work: Path, *, test, timeout_s: float, broker: str
         end_processes(procs, seen, grace_s=15)
         proxy.close()
         _delete_queues([*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)])
-
-
-def _error(message: str) -> Exception:
-    return common.BenchError(message)

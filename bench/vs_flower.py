@@ -35,22 +35,18 @@ Progress and the table go to stderr; ``--json`` prints one JSON document on stdo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import psutil
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -59,201 +55,23 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 import _vs_flower_common as common  # noqa: E402
+from _vs_flower_procs import (  # noqa: E402
+    CountingProxy,
+    ProcessSampler,
+    TreeSampler,
+    end_processes,
+    free_port,
+    spawn,
+    wait_until,
+)
 
 VENV_BIN = Path(sys.executable).parent
 SYSTEMS = ("fedbus", "flower", "flower_simulation", "floor")
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
 
 BenchError = common.BenchError
-
-
-# ------------------------------------------------------------------------- process helpers
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS of some root processes and all their descendants.
-
-    Also remembers every descendant it saw, so teardown can end detached grandchildren
-    (Flower's SuperExec starts in its own session) that this bench started indirectly.
-    """
-
-    def __init__(self, roots: Sequence[int], *, interval_s: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.roots = [psutil.Process(pid) for pid in roots]
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self.seen: dict[int, float] = {}
-        self._stop_event = threading.Event()
-
-    def _sample(self) -> None:
-        total = 0
-        for root in self.roots:
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                    self.seen.setdefault(p.pid, p.create_time())
-                except psutil.Error:
-                    pass
-        self.peak_bytes = max(self.peak_bytes, total)
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self._sample()
-            self._stop_event.wait(self.interval_s)
-
-    def stop(self) -> float:
-        """Stop sampling; the peak in MB."""
-        self._sample()
-        self._stop_event.set()
-        self.join(timeout=5)
-        return self.peak_bytes / 2**20
-
-
-def end_processes(procs: Sequence[subprocess.Popen], seen: dict[int, float] | None = None,
-                  *, grace_s: float = 10.0) -> None:
-    """Terminate what this bench started (and the descendants it saw), then kill leftovers."""
-    targets: list[psutil.Process] = []
-    for proc in procs:
-        try:
-            p = psutil.Process(proc.pid)
-            targets.append(p)
-            targets.extend(p.children(recursive=True))
-        except psutil.Error:
-            pass
-    for pid, created in (seen or {}).items():
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1e-3:  # the very process we saw, not a reused pid
-                targets.append(p)
-        except psutil.Error:
-            pass
-    unique = {p.pid: p for p in targets}
-    for p in unique.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(unique.values()), timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str,
-               interval_s: float = 0.2, alive: Sequence[subprocess.Popen] = ()) -> None:
-    """Poll ``predicate``; fail naming ``what`` on timeout or when a watched process died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for proc in alive:
-            if proc.poll() is not None:
-                raise BenchError(f"{what}: process {proc.args[0] if isinstance(proc.args, list) else proc.args} "
-                                 f"exited with code {proc.returncode}")
-        time.sleep(interval_s)
-    raise BenchError(f"{what}: not done after {timeout_s:.0f} s")
-
-
-# --------------------------------------------------------------------- counting TCP proxy
-
-
-class CountingProxy:
-    """A TCP relay on 127.0.0.1 that counts payload bytes per direction and per client class.
-
-    ``classify(peer_port)`` names the client (e.g. "site" or "hub") from the port the client
-    connected from; it runs once per connection, before relaying starts.
-    """
-
-    def __init__(self, target_port: int, *, classify: Callable[[int], str] | None = None) -> None:
-        self.target_port = target_port
-        self.classify = classify or (lambda _port: "site")
-        self.port = 0
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.base_events.Server | None = None
-
-    def start(self) -> CountingProxy:
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        self.port = fut.result(timeout=10)
-        return self
-
-    async def _start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def _add(self, key: str, n: int) -> None:
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + n
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                self._add(key, len(data))
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            try:
-                writer.close()
-            except (ConnectionError, OSError, RuntimeError):
-                pass
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        peer_port = client_w.get_extra_info("peername")[1]
-        label = await self._loop.run_in_executor(None, self.classify, peer_port)
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(self._pipe(client_r, up_w, f"{label}.up"),
-                             self._pipe(up_r, client_w, f"{label}.down"))
-
-    def reset(self) -> None:
-        with self._lock:
-            self.counts.clear()
-
-    def total(self, label: str | None = None) -> int:
-        with self._lock:
-            return sum(v for k, v in self.counts.items() if label is None or k.split(".")[0] == label)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-
-def pid_of_client_port(port: int) -> int | None:
-    """The local process that owns the TCP connection from 127.0.0.1:``port``."""
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.pid:
-            return int(conn.pid)
-    return None
 
 
 # ---------------------------------------------------------------------------- Flower app
@@ -319,10 +137,9 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
     sampler: TreeSampler | None = None
     proxy: CountingProxy | None = None
     try:
-        superlink = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=work, stdout=open(logs / "superlink.log", "wb"), stderr=subprocess.STDOUT)
+        superlink = spawn(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                           "--host", "127.0.0.1", "--port", str(port)],
+                          log=logs / "superlink.log", env=env, cwd=work)
         procs.append(superlink)
         sampler = TreeSampler([superlink.pid])
         sampler.start()
@@ -338,12 +155,11 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
                    alive=[superlink])
         proxy = CountingProxy(port).start()
         for i in range(len(common.HOSPITALS)):
-            procs.append(subprocess.Popen(
+            procs.append(spawn(
                 ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{proxy.port}",
                  "--port", str(free_port()),
                  "--node-config", f"partition-id={i} num-partitions={len(common.HOSPITALS)}"],
-                env=env, cwd=work, stdout=open(logs / f"supernode-{i}.log", "wb"),
-                stderr=subprocess.STDOUT))
+                log=logs / f"supernode-{i}.log", env=env, cwd=work))
 
         def nodes_online() -> bool:
             res = subprocess.run(["flwr", "supernode", "ls", "bench", "--format", "json"], env=env,
@@ -421,11 +237,10 @@ def run_flower_simulation(spec: common.JobSpec, work: Path, *, test, timeout_s: 
     env["VSFLOWER_RUN_CONFIG"] = json.dumps({**common.spec_run_config(spec), "out-dir": str(out)})
     env["RAY_DEDUP_LOGS"] = "0"
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, str(driver)], env=env, cwd=work,
-                            stdout=open(logs / "simulation.log", "wb"), stderr=subprocess.STDOUT)
+    proc = spawn([sys.executable, str(driver)], log=logs / "simulation.log", env=env, cwd=work)
     tree = TreeSampler([proc.pid])
     # The ServerApp runs in the driver process: its own RSS is the "server" figure.
-    driver_only = _SingleSampler([proc.pid])
+    driver_only = ProcessSampler([proc.pid])
     driver_only.start()
     tree.start()
     try:
@@ -451,24 +266,12 @@ def run_flower_simulation(spec: common.JobSpec, work: Path, *, test, timeout_s: 
         end_processes([proc], tree.seen)
 
 
-class _SingleSampler(TreeSampler):
-    """Peak RSS of one process only (not its children)."""
-
-    def _sample(self) -> None:
-        for root in self.roots:
-            try:
-                self.peak_bytes = max(self.peak_bytes, root.memory_info().rss)
-            except psutil.Error:
-                pass
-
-
 def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """The no-framework floor in its own process (so its memory is measured apart from ours)."""
     out = work / "out"
-    proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out),
-                             str(spec.rounds)], cwd=work, stdout=subprocess.DEVNULL,
-                            stderr=open(work / "floor.log", "wb"))
-    sampler = _SingleSampler([proc.pid])
+    proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds)],
+                 log=work / "floor.log", cwd=work)
+    sampler = ProcessSampler([proc.pid])
     sampler.start()
     try:
         proc.wait(timeout=timeout_s)
@@ -493,10 +296,7 @@ def run_fedbus(spec: common.JobSpec, work: Path, *, test, timeout_s: float,
         import _vs_flower_fedbus as fedbus_side
     except ImportError as e:
         raise BenchError(f"the fedbus side is not available yet: {e}") from e
-    return fedbus_side.run(spec, work, test=test, timeout_s=timeout_s, broker=broker,
-                           proxy_cls=CountingProxy, sampler_cls=TreeSampler,
-                           end_processes=end_processes, wait_until=wait_until,
-                           pid_of_client_port=pid_of_client_port)
+    return fedbus_side.run(spec, work, test=test, timeout_s=timeout_s, broker=broker)
 
 
 # --------------------------------------------------------------------------------- output
@@ -526,6 +326,30 @@ def render_table(doc: dict) -> Table:
                   fmt(doc["ratio_overhead"], digits=3), fmt(doc["ratio_peak_rss"], digits=2),
                   fmt(doc["ratio_wire"], digits=2), "", "")
     return table
+
+
+def notes(doc: dict) -> list[str]:
+    """Lines under the table: where fedbus's overhead goes, Flower's own byte count."""
+    out = []
+
+    def med(system: str, key: str) -> float | None:
+        values = [e.get(key) for e in ((doc.get(system) or {}).get("extra") or []) if e.get(key) is not None]
+        return common._median(values) if values else None
+
+    site, hub = med("fedbus", "overhead_site_side_s"), med("fedbus", "overhead_hub_side_s")
+    if site is not None and hub is not None:
+        out.append(f"fedbus overhead split (median): inside the slowest site's task but outside training "
+                   f"{site * 1000:.0f} ms, coordinator + broker {hub * 1000:.0f} ms")
+    hub_bytes = med("fedbus", "hub_bytes_per_round")
+    if hub_bytes is not None:
+        out.append(f"fedbus coordinator<->broker bytes per round: {hub_bytes / 1024:.1f} KB "
+                   "(not in wire KB/round, which counts the sites' side)")
+    flower_bytes = med("flower", "flower_reported_bytes")
+    rounds = doc.get("rounds") or 1
+    if flower_bytes is not None:
+        out.append(f"Flower's own traffic count (flwr ls): {flower_bytes / rounds / 1024:.1f} KB/round "
+                   "(message payloads; the proxy figure adds HTTP framing and the SuperNodes' polling)")
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -595,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["errors"] = errors
     doc["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     console.print(render_table(doc))
+    for line in notes(doc):
+        console.print(line)
     for name, message in errors.items():
         console.print(f"[red]{name} failed:[/red] {message}")
     met = doc["targets"]["met"]

@@ -112,6 +112,7 @@ class Coordinator:
         prefetch: int = 1000,
         available_timeout_s: float | None = None,
         store_bodies: bool = True,
+        hello_grace_s: float = 2.0,
     ) -> None:
         from protocol.config import load_experiment
 
@@ -131,6 +132,7 @@ class Coordinator:
         self.max_skew_s = max_skew_s
         self.prefetch = prefetch
         self.store_bodies = store_bodies
+        self.hello_grace_s = hello_grace_s
         self.seed = int(self.experiment.training.seed)
         self.run_id = run_id
         self.aggregator_name = fed.name
@@ -420,6 +422,10 @@ class Coordinator:
         if len(sites) < need:
             self._log.info("waiting for sites", have=len(sites), need=need, timeout_s=self.available_timeout_s)
             sites = self.registry.wait_available(need, timeout_s=self.available_timeout_s, restrict=self.restrict)
+        if self.restrict is None and len(sites) >= need and self.hello_grace_s > 0:
+            # Enrolled sites started together say hello within moments of each other: give
+            # the rest a short grace so the first round does not start with only the fastest.
+            sites = self.registry.wait_available(len(self.registry.enrolled()), timeout_s=self.hello_grace_s)
         if len(sites) < need:
             raise RunFailed(
                 f"only {len(sites)} site(s) available ({', '.join(sites) or 'none'}) but min_available_clients="
@@ -641,7 +647,8 @@ class Coordinator:
 
     def _final_evaluation(self, weights: Tensors) -> dict[str, Any]:
         """EvalTask(split="test") to every site of the run; results weighted by n, per site too."""
-        sites = getattr(self, "sites", None) or self.registry.available(self.restrict)
+        sites = sorted(set(getattr(self, "sites", None) or []) | set(self.registry.available(self.restrict)))
+        self.sites = sites
         last = self.store.last_round(self.run_id)
         rnd = int(last["round"]) if last else 0
         held: dict[str, _Held] = {}

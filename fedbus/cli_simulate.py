@@ -9,6 +9,7 @@ failed, 2 bad usage or bad input.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
         from simulator.table import print_results
 
         configure_logging(mode="cli", level=log_level)
+        # Opacus' hooks on a model whose inputs need no gradient: harmless, and noise in a results table.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
         err = Console(stderr=True)
         try:
             doc = run_simulation(
@@ -49,10 +53,10 @@ def register(app: typer.Typer) -> None:
                 round_timeout_s=round_timeout, progress=True,
             )
         except SimulationInputError as e:
-            err.print(f"[red]fedbus simulate:[/red] {e}")
+            err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)
             raise typer.Exit(2) from None
         except SimulationFailed as e:
-            err.print(f"[red]fedbus simulate: run failed:[/red] {e}")
+            err.print(f"[red]fedbus simulate: run failed:[/red] {e}", soft_wrap=True)
             raise typer.Exit(1) from None
         print_results(doc, console=err)
         if out is not None:

@@ -37,11 +37,12 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     local = base.get("local") or {}
     eps = doc.get("epsilon") or {}
     sites = Table(title="Final model on each site's held-out test split")
-    for col in ("site", "n_test", "accuracy", "auc", "f1", "epsilon"):
+    sites.add_column("site", no_wrap=True)
+    for col in ("n_test", "accuracy", "auc", "f1", "epsilon"):
         sites.add_column(col, justify="right")
     if local:
-        sites.add_column("local-only acc", justify="right")
-        sites.add_column("local-only auc", justify="right")
+        sites.add_column("local acc", justify="right")
+        sites.add_column("local auc", justify="right")
     per_site = final.get("per_site") or {}
     names = list(doc.get("sites") or sorted(per_site))
     for s in names[:max_sites]:
@@ -55,7 +56,8 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     con.print(sites)
 
     summary = Table(title="Union of all test splits")
-    for col in ("model", "loss", "accuracy", "auc", "f1"):
+    summary.add_column("model", no_wrap=True)
+    for col in ("loss", "accuracy", "auc", "f1"):
         summary.add_column(col, justify="right")
     summary.add_row("federated", *(_f(final.get(k)) for k in ("loss", "accuracy", "auc", "f1")))
     if base.get("pooled"):

@@ -82,6 +82,7 @@ class SiteConfig:
     heartbeat_s: int = 30
     declare_topology: bool = False  # provisioned site users may not declare; guest/dev may
     log_level: str = "info"
+    torch_threads: int | None = None  # CPU threads for training (None = torch's default)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -103,7 +104,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
     known = {
         "site_id", "federation", "broker_url", "broker_password_file", "key_path",
         "coordinator_pub", "state_dir", "datasets", "policy", "tls", "flower_client",
-        "max_skew_s", "grace_s", "heartbeat_s", "declare_topology", "log_level",
+        "max_skew_s", "grace_s", "heartbeat_s", "declare_topology", "log_level", "torch_threads",
     }
     r.reject_unknown(known)
     site_id = r.ident("site_id")
@@ -144,7 +145,17 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         heartbeat_s=int(r.number("heartbeat_s", default=30, minimum=0)),
         declare_topology=r.boolean("declare_topology", default=False),
         log_level=level,
+        torch_threads=_threads(r),
     )
+
+
+def _threads(r: "_Reader") -> int | None:
+    v = r.raw.get("torch_threads")
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise SiteConfigError("torch_threads", f"must be a positive integer, got {v!r}")
+    return v
 
 
 def _policy(r: "_Reader") -> SitePolicy:

@@ -11,6 +11,7 @@ training does not starve heartbeats.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,18 @@ from site_worker.trainer import TrainingAborted
 log = structlog.get_logger(__name__)
 
 COORDINATOR = "coordinator"  # the identity the site's trust store gives the coordinator's key
+CLOCK_OFFSET_ENV = "FEDBUS_CLOCK_OFFSET_S"
+
+
+def clock_offset_s() -> float:
+    """Fault injection only (chaos tests): ``FEDBUS_CLOCK_OFFSET_S`` seconds added to this
+    site's clock, i.e. to the ``sent_at`` it stamps and the time its replay guard checks
+    against, to play a hospital whose NTP is broken. 0 when unset."""
+    raw = os.environ.get(CLOCK_OFFSET_ENV, "").strip()
+    try:
+        return float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{CLOCK_OFFSET_ENV}={raw!r} is not a number of seconds") from None
 
 
 def software_version() -> str:
@@ -52,10 +65,16 @@ class SiteWorker:
         self._bus = bus
         self._owns_bus = bus is None
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
         self.signer = Signer.from_file(config.key_path)
         self.trust = TrustStore()
         self.trust.add(COORDINATOR, Path(config.coordinator_pub).read_bytes())
-        self.guard = ReplayGuard(max_skew_s=config.max_skew_s, path=config.state_dir / "seen_tasks.log")
+        self.clock_offset_s = clock_offset_s()
+        self.guard = ReplayGuard(max_skew_s=config.max_skew_s, path=config.state_dir / "seen_tasks.log",
+                                 clock=self._now)
         self.ledger = PrivacyLedger(config.state_dir)
         self._abort = threading.Event()  # training checks it between batches
         self._stopping = threading.Event()
@@ -74,6 +93,10 @@ class SiteWorker:
         self.log = log.bind(site_id=config.site_id)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _now(self) -> float:
+        """This site's wall clock (``time.time()`` unless a clock offset is injected)."""
+        return time.time() + self.clock_offset_s
 
     @property
     def stats(self) -> dict[str, int]:
@@ -122,7 +145,7 @@ class SiteWorker:
         from protocol.codec import new_envelope, seal
 
         env = new_envelope(self.hello(), federation=self.config.federation, run_id="", round=0,
-                           sender=self.config.site_id, recipient=COORDINATOR)
+                           sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
         try:
             self.bus.publish(CONTROL, self.config.federation, seal(env, self.signer), message_id=env.message_id)
             self.log.info("hello_sent", message_id=env.message_id)
@@ -221,7 +244,7 @@ class SiteWorker:
         from protocol.codec import new_envelope, seal
 
         env = new_envelope(reply, federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
-                           sender=self.config.site_id, recipient=COORDINATOR)
+                           sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
         frame = seal(env, self.signer)
         try:
             self.bus.publish(UPDATES, task_env.federation, frame, message_id=env.message_id)

@@ -10,15 +10,36 @@ from coordinator.aggregators.base import Aggregator, Contribution, like, registe
 from protocol.messages import Tensors
 
 
-_CHUNK = 1 << 15  # elements per step: 256 KiB of float64, stays in L2
+_CHUNK = 1 << 15  # elements per step of the generic path: 256 KiB of float64, stays in L2
+
+
+def _saxpy():
+    """BLAS ``y += a·x`` for float32 (one pass over memory, no temporary); None without scipy."""
+    try:
+        from scipy.linalg.blas import saxpy
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return None
+    return saxpy
 
 
 class WeightedSum:
-    """Accumulates ``Σ n_i · w_i`` and ``Σ n_i`` in float64 buffers allocated once per model."""
+    """Accumulates ``Σ n_i · w_i`` and ``Σ n_i`` in buffers allocated once per model.
 
-    def __init__(self, reference: Tensors) -> None:
+    ``accumulator="float32"`` (default) adds float32 tensors with BLAS ``saxpy``: one
+    streaming pass, as fast as ``np.add``; relative rounding ~1e-7·√sites.
+    ``"float64"`` keeps float64 sums (exact to ~1e-16, about half the speed); other
+    dtypes always use float64.
+    """
+
+    def __init__(self, reference: Tensors, *, accumulator: str = "float32") -> None:
+        if accumulator not in ("float32", "float64"):
+            raise ValueError(f"federated.parameters.accumulator must be float32 or float64, got {accumulator!r}")
         self.reference = reference
-        self.acc = [np.zeros(a.shape, dtype=np.float64) for _, a in reference]
+        self._axpy = _saxpy() if accumulator == "float32" else None
+        self.acc = [
+            np.zeros(a.shape, dtype=np.float32 if (self._axpy is not None and a.dtype == np.float32) else np.float64)
+            for _, a in reference
+        ]
         self.total = 0.0
         self.count = 0
         self._scratch = np.empty(_CHUNK, dtype=np.float64)
@@ -30,21 +51,21 @@ class WeightedSum:
         self.count = 0
 
     def add(self, weights: Tensors, weight: float) -> None:
-        """``acc += weight · w`` per tensor, in cache-sized chunks through one scratch buffer.
-
-        ``acc += w * weight`` would allocate a model-sized temporary per tensor and
-        stream it through memory twice; the chunked form keeps the temporary in cache.
-        """
+        """``acc += weight · w`` per tensor, never allocating a model-sized temporary."""
         for acc, (_, w) in zip(self.acc, weights, strict=True):
             a = acc.reshape(-1)
             x = np.asarray(w).reshape(-1)
             if a.size != x.size:
                 raise ValueError(f"tensor has {x.size} elements, the model's has {a.size}")
+            if acc.dtype == np.float32 and x.dtype == np.float32 and x.flags.c_contiguous:
+                self._axpy(x, a, a=weight)  # in place on ``a``
+                continue
+            # Generic path: scale a cache-sized chunk into one scratch buffer, then add.
             for start in range(0, a.size, _CHUNK):
                 stop = min(start + _CHUNK, a.size)
                 tmp = self._scratch[: stop - start]
                 np.multiply(x[start:stop], weight, out=tmp, casting="unsafe")
-                np.add(a[start:stop], tmp, out=a[start:stop])
+                np.add(a[start:stop], tmp, out=a[start:stop], casting="unsafe")
         self.total += weight
         self.count += 1
 
@@ -63,7 +84,7 @@ class FedAvg(Aggregator):
 
     def __init__(self, *, parameters: dict[str, Any], initial: Tensors, seed: int = 0) -> None:
         super().__init__(parameters=parameters, initial=initial, seed=seed)
-        self._sum = WeightedSum(initial)
+        self._sum = WeightedSum(initial, accumulator=str(parameters.get("accumulator", "float32")))
 
     def begin_round(self, server_round: int, global_weights: Tensors) -> None:
         self._sum.reset()

@@ -70,7 +70,11 @@ log = structlog.get_logger(__name__)
 
 USER_HEADER = "x-fedbus-user"  # on a dead letter: the broker-vouched sender of the original
 _REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED", 530: "NOT_ALLOWED", 540: "NOT_IMPLEMENTED"}
-_TRANSIENT = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
+class _BrokerCancelled(Exception):
+    """The broker sent basic.cancel; reconnecting finds out whether the queue still exists."""
+
+
+_TRANSIENT = (_BrokerCancelled, px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
 _TLS_QUERY = {"ca_certs": "ca", "certfile": "cert", "keyfile": "key"}
 _MAX_PREFETCH = 65535
 
@@ -135,8 +139,14 @@ def _refusal(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, px.ProbableAccessDeniedError):
         return 403, f"access to the virtual host refused: {exc}"
     if isinstance(exc, (px.ChannelClosedByBroker, px.ConnectionClosedByBroker)):
+        text = str(exc.reply_text)
+        if exc.reply_code == 406 and "acknowledgement" in text and "timed out" in text:
+            # consumer_timeout: a handler held a delivery too long. Not a refusal: reconnect,
+            # the broker redelivers it. (Raise the broker's consumer_timeout for long tasks.)
+            log.warning("broker closed the channel: delivery held longer than its consumer_timeout", detail=text)
+            return None
         if exc.reply_code in _REFUSAL_CODES:
-            return exc.reply_code, str(exc.reply_text)
+            return exc.reply_code, text
     return None
 
 
@@ -144,9 +154,10 @@ def _permission_error(
     code: int, text: str, *, user: str, what: str, cls: type[BusPermissionError] = BusPermissionError
 ) -> BusPermissionError:
     hint = {
-        403: "the broker user lacks the permission; re-run `fedbus broker provision` or use the right user",
-        404: "it does not exist; declare the topology (coordinator / `fedbus broker provision`) first",
-        406: "it exists with different arguments; delete it or declare it the same way (e.g. quorum flag)",
+        403: "The broker user lacks this permission: re-run `fedbus broker provision` or use the right user.",
+        404: "It does not exist: declare the topology first (`fedbus broker provision`, or the coordinator).",
+        406: "It conflicts with what exists (e.g. a queue declared with other arguments such as the quorum "
+        "flag, or a message over max_message_size): delete it or declare it the same way.",
     }.get(code, "")
     name = _REFUSAL_CODES.get(code, str(code))
     return cls(f"broker refused {what} for user {user!r}: {name} ({code}) {text}. {hint}".rstrip())
@@ -241,6 +252,11 @@ class AmqpBus(Bus):
             c.cancel()
         self._publisher.close()
 
+    @property
+    def reconnects(self) -> int:
+        """How often the publishing connection was re-established after a loss."""
+        return self._publisher.reconnects
+
     def delete_queue(self, name: str) -> None:
         """Delete a queue (tests and de-provisioning)."""
         self._publisher.run_on_channel(lambda ch: ch.queue_delete(name), what=lambda: f"deleting queue {name!r}")
@@ -266,11 +282,17 @@ class _Publisher:
         self._ch: Any = None
         self._stop = threading.Event()
         self._keepalive: threading.Thread | None = None
+        self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
+        self._connected_once = False
 
     def _ensure(self) -> Any:
         if self._conn is None or not self._conn.is_open:
             self._drop()
             self._conn = pika.BlockingConnection(self.bus.params)
+            if self._connected_once:
+                self.reconnects += 1
+                log.info("publisher reconnected", host=self.bus.params.host)
+            self._connected_once = True
         if self._ch is None or not self._ch.is_open:
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
@@ -460,12 +482,18 @@ class _AmqpConsumer(Consumer):
         self.handler = handler
         self.prefetch = prefetch
         self.error: BusPermissionError | None = None
+        self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
+        self._connected_once = False
+        self._broker_cancelled = False
         self._gen = 0
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._stop = threading.Event()
         self._first_attempt = threading.Event()
         self._work: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
+        self._ops_lock = threading.Lock()
+        self._ops: list[tuple[int, Callable[[], None]]] = []
+        self._flush_scheduled = False
         self._extra = 0  # chunks beyond one per whole message currently unacked or expected (I/O thread)
         self._seen_transfers: set[str] = set()  # transfer ids counted in _extra (I/O thread)
         n = next(self._ids)
@@ -489,19 +517,29 @@ class _AmqpConsumer(Consumer):
                 self._conn = pika.BlockingConnection(self.bus.params)
                 self._ch = self._conn.channel()
                 self._gen += 1
+                with self._ops_lock:  # operations for the old connection are void
+                    self._ops.clear()
+                    self._flush_scheduled = False
                 self._extra = 0
                 self._seen_transfers.clear()
                 self._work.put(("reset", self._gen))
                 what = f"setting prefetch on queue {self.queue!r}"
                 self._apply_qos()
                 what = f"consuming from queue {self.queue!r}"
+                self._ch.add_on_cancel_callback(self._on_broker_cancel)
                 self._ch.basic_consume(self.queue, self._on_message)
-                if attempt:
+                if self._connected_once:
+                    self.reconnects += 1
                     log.info("consumer reconnected", queue=self.queue, attempts=attempt)
+                self._connected_once = True
                 attempt = 0
                 self._first_attempt.set()
                 while not self._stop.is_set():
                     self._conn.process_data_events(time_limit=0.5)
+                    if self._broker_cancelled:
+                        self._broker_cancelled = False
+                        # Queue deleted or moved: consuming again says which (404 stops us).
+                        raise _BrokerCancelled(f"the broker cancelled our consumer of {self.queue!r}")
                 self._close_conn()
                 return
             except Exception as e:
@@ -521,6 +559,10 @@ class _AmqpConsumer(Consumer):
                 self._first_attempt.set()
                 log.warning("consumer lost the broker; reconnecting", queue=self.queue, error=repr(e), retry_in_s=round(delay, 2))
                 self._stop.wait(delay)
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        log.warning("broker cancelled the consumer (queue deleted?)", queue=self.queue)
+        self._broker_cancelled = True
 
     def _close_conn(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None
@@ -563,15 +605,35 @@ class _AmqpConsumer(Consumer):
                 self._apply_qos()
 
     def _threadsafe(self, gen: int, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the I/O thread if connection ``gen`` is still the live one.
+
+        Operations are queued and flushed by one wake-up of the I/O loop, so a burst of
+        acks costs one ``add_callback_threadsafe`` rather than one each.
+        """
         conn = self._conn
         if gen != self._gen or conn is None:
             return False
+        with self._ops_lock:
+            self._ops.append((gen, fn))
+            if self._flush_scheduled:
+                return True
+            self._flush_scheduled = True
         try:
-            conn.add_callback_threadsafe(lambda: fn() if gen == self._gen else None)
+            conn.add_callback_threadsafe(self._flush_ops)
             return True
         except Exception as e:
+            with self._ops_lock:
+                self._flush_scheduled = False
             log.warning("connection gone; the broker redelivers the message", error=repr(e), queue=self.queue)
             return False
+
+    def _flush_ops(self) -> None:
+        with self._ops_lock:
+            ops, self._ops = self._ops, []
+            self._flush_scheduled = False
+        for gen, fn in ops:
+            if gen == self._gen:
+                fn()
 
     def _settle(self, gen: int, tags: list[int], action: str, *, extra: int) -> None:
         def do() -> None:

@@ -70,6 +70,7 @@ class _Msg:
 class _Queue:
     name: str
     arguments: dict[str, Any]
+    cond: threading.Condition  # shares the broker's lock; wakes only this queue's consumers
     ready: deque[_Msg] = field(default_factory=deque)
     consumers: list["_MemoryConsumer"] = field(default_factory=list)  # first = active
 
@@ -91,7 +92,10 @@ class MemoryBroker:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cond = threading.Condition()
+        # One lock for the whole broker (routing touches several queues atomically); one
+        # Condition per queue on that lock, so a publish wakes only that queue's consumers.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)  # held as the broker lock
         self.exchanges: dict[str, str] = {}
         self.bindings: dict[str, list[tuple[str, str]]] = {}
         self.queues: dict[str, _Queue] = {}
@@ -111,7 +115,7 @@ class MemoryBroker:
         with self.cond:
             q = self.queues.get(name)
             if q is None:
-                self.queues[name] = _Queue(name, dict(arguments))
+                self.queues[name] = _Queue(name, dict(arguments), threading.Condition(self.lock))
             elif q.arguments != arguments:
                 raise BusPermissionError(
                     f"PRECONDITION_FAILED: queue {name!r} exists with arguments {q.arguments}, "
@@ -136,7 +140,6 @@ class MemoryBroker:
         """Enqueue ``msgs`` (one message or all chunks of one) atomically; caller holds no lock."""
         with self.cond:
             self._route_locked(exchange, routing_key, msgs)
-            self.cond.notify_all()
 
     def _route_locked(self, exchange: str, routing_key: str, msgs: list[_Msg]) -> None:
         kind = self.exchanges.get(exchange)
@@ -162,6 +165,7 @@ class MemoryBroker:
                     _Msg(m.body, m.message_id, m.exchange, m.routing_key, dict(m.headers), m.user_id)
                     for m in msgs
                 )
+            q.cond.notify_all()
 
     def queue_depth(self, name: str) -> int:
         """Messages ready in ``name`` (chunks count one each)."""
@@ -277,7 +281,6 @@ class MemoryBus(Bus):
             c = _MemoryConsumer(self, q, handler, prefetch)
             q.consumers.append(c)
             self._consumers.append(c)
-            self.broker.cond.notify_all()
         c.start()
         return c
 
@@ -304,6 +307,7 @@ class _MemoryDelivery(Delivery):
         self.redelivered = first.redelivered
         self.user_id = first.user_id
         self.exchange = first.exchange
+        self.chunks = len(tags)
 
     def ack(self) -> None:
         self._consumer._settle(self, "ack")
@@ -348,7 +352,7 @@ class _MemoryConsumer(Consumer):
         )
 
     def _run(self) -> None:
-        cond = self.broker.cond
+        cond = self.queue.cond
         next_expiry = time.monotonic() + _EXPIRY_TICK_S
         while True:
             delivery: _MemoryDelivery | None = None
@@ -440,7 +444,7 @@ class _MemoryConsumer(Consumer):
             except PublishRefused:
                 log.error("no dead-letter queue; dropping bad chunk", reason=reason, queue=self.queue.name)
         log.warning("chunked transfer dead-lettered", transfer_id=tid, reason=reason, queue=self.queue.name)
-        self.broker.cond.notify_all()
+        self.queue.cond.notify_all()
 
     # -- settlement -----------------------------------------------------------------------
     def _settle(self, d: _MemoryDelivery, action: str, reason: str | None = None) -> None:
@@ -470,7 +474,7 @@ class _MemoryConsumer(Consumer):
                 del self._held[t]
             d._settled = True
             self._in_flight -= 1
-            self.broker.cond.notify_all()
+            self.queue.cond.notify_all()
 
     def cancel(self) -> None:
         with self.broker.cond:
@@ -486,6 +490,6 @@ class _MemoryConsumer(Consumer):
             self._held.clear()
             self._transfer_tags.clear()
             self._pending.clear()
-            self.broker.cond.notify_all()
+            self.queue.cond.notify_all()  # the standby consumer (if any) takes over
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)

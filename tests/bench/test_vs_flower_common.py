@@ -202,7 +202,7 @@ def test_flower_app_is_written_with_components_and_the_job_module(tmp_path):
 
 
 def test_counting_proxy_relays_and_counts_both_directions():
-    import vs_flower
+    import _vs_flower_procs as procs
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -215,7 +215,7 @@ def test_counting_proxy_relays_and_counts_both_directions():
 
     t = threading.Thread(target=echo_twice, daemon=True)
     t.start()
-    proxy = vs_flower.CountingProxy(port, classify=lambda _p: "site").start()
+    proxy = procs.CountingProxy(port, classify=lambda _p: "site").start()
     try:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
             c.sendall(b"hello")
@@ -227,7 +227,7 @@ def test_counting_proxy_relays_and_counts_both_directions():
                 got += chunk
         assert got == b"hellohello"
         t.join(timeout=5)
-        vs_flower.wait_until(lambda: proxy.total() == 15, timeout_s=5, what="proxy counts", interval_s=0.01)
+        procs.wait_until(lambda: proxy.total() == 15, timeout_s=5, what="proxy counts", interval_s=0.01)
         assert proxy.counts == {"site.up": 5, "site.down": 10}
         assert proxy.total("hub") == 0
     finally:

@@ -133,3 +133,21 @@ def test_early_stopping_patience_and_min_delta():
 def test_unknown_aggregator_names_the_choices():
     with pytest.raises(ValueError, match="unknown aggregator 'FedNope'.*FedAvg"):
         get_aggregator("FedNope", parameters={}, initial=INIT)
+
+
+def test_fedavg_float32_and_float64_accumulators_agree():
+    rng = np.random.default_rng(1)
+    init = (("w", np.zeros((64, 32), np.float32)), ("b", np.zeros(32, np.float32)))
+    ups = [tuple((n, rng.normal(size=a.shape).astype(np.float32)) for n, a in init) for _ in range(20)]
+    outs = []
+    for acc in ("float32", "float64"):
+        agg = get_aggregator("FedAvg", parameters={"accumulator": acc}, initial=init)
+        agg.begin_round(1, init)
+        for i, u in enumerate(ups):
+            agg.add(Contribution(f"s{i}", u, num_examples=1 + i))
+        outs.append(dict(agg.finish_round()))
+    expected = sum((1 + i) * u[0][1].astype(np.float64) for i, u in enumerate(ups)) / sum(range(1, 21))
+    np.testing.assert_allclose(outs[1]["w"], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(outs[0]["w"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="accumulator must be float32 or float64"):
+        get_aggregator("FedAvg", parameters={"accumulator": "float16"}, initial=init)

@@ -84,7 +84,7 @@ def site_toml(tmp: Path, *, site_id: str, federation: str, broker_url: str, keys
         "site_id": site_id, "federation": federation, "broker_url": broker_url,
         "key_path": str(keys.site_key), "coordinator_pub": str(keys.coordinator_pub),
         "state_dir": str(tmp / "state"), "grace_s": 5.0, "log_level": "info",
-        "declare_topology": False, "datasets": datasets,
+        "declare_topology": False, "datasets": datasets, "torch_threads": 1,
     }
     if policy is not None:
         doc["policy"] = policy

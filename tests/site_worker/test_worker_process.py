@@ -58,7 +58,7 @@ class SiteProcess:
         self.lines: list[dict] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(config)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -228,7 +228,8 @@ def test_process_refuses_bad_tasks_and_keeps_serving(site, amqp_url):
     assert reasons[good.message_id].startswith("replayed")
 
 
-LONG = {"training.epochs": 250, "training.optimizer.differential_privacy.noise_multiplier": 5.0}
+# Long enough that a signal sent on "training_started" lands mid-training, short enough for a test.
+LONG = {"training.epochs": 60, "training.optimizer.differential_privacy.noise_multiplier": 5.0}
 
 
 def test_kill_9_mid_training_task_is_redelivered_and_answered_once(site):
@@ -238,6 +239,7 @@ def test_kill_9_mid_training_task_is_redelivered_and_answered_once(site):
     task = coord.train(experiment_dict(**LONG), dataset="heart_failure")
     p1.wait_for("training_started")
     p1.kill()  # SIGKILL: no cleanup at all
+    assert not p1.events("training_finished") and not p1.events("reply_sent")  # it died mid-training
     p2 = start(policy)
     received = p2.wait_for("task_received", timeout=60, task_id=task.message_id)
     assert received["redelivered"] is True
@@ -251,7 +253,7 @@ def test_sigterm_mid_training_exits_within_grace_and_requeues(site):
     coord, start, bus = site
     grace = 1.0
     p = start({"max_epsilon": 1000.0}, grace_s=grace)
-    task = coord.train(experiment_dict(**LONG), dataset="heart_failure")
+    task = coord.train(experiment_dict(**{**LONG, "training.epochs": 2000}), dataset="heart_failure")
     p.wait_for("training_started")
     t0 = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)

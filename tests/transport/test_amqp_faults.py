@@ -47,6 +47,7 @@ def max_message_16mib(local_broker: str) -> Iterator[None]:
             rabbitmqctl("eval", "application:unset_env(rabbit, max_message_size).")
 
 
+@pytest.mark.slow
 def test_60mb_frame_crosses_a_16mib_broker(amqp_url: str, topo: tuple[str, str], max_message_16mib: None) -> None:
     site, _ = topo
     body = os.urandom(60 * 10**6)
@@ -116,6 +117,7 @@ class _Run:
                 ok = self.cond.wait_for(lambda: self.seen >= set(self.ids), timeout=60)
             assert ok, f"missing {len(set(self.ids) - self.seen)} of {self.n} messages"
             assert self.seen == set(self.ids)  # every message, after de-duplication by id
+            assert self.pub.reconnects >= 1 and c.reconnects >= 1  # both really lost the broker
         finally:
             self.go_on.set()
             c.cancel()
@@ -146,10 +148,52 @@ def test_broker_restart_while_publishing_and_consuming(amqp_url: str, topo: tupl
     r = _Run(amqp_url, site, 200)
 
     def restart(run: _Run) -> None:
-        rabbitmqctl("stop_app")
+        rabbitmqctl("stop_app")  # the whole node: other connections notice too
         try:
             run.go_on.set()  # publishes now wait for the broker, reconnecting with backoff
         finally:
             rabbitmqctl("start_app")
 
     r.run(restart)
+
+
+@pytest.mark.slow
+def test_quorum_queues_pass_chunked_frames_with_prefetch_one(local_broker: str) -> None:
+    """Quorum queues refuse channel-wide prefetch; the per-consumer fallback must not deadlock."""
+    vhost = f"fedbus-test-quorum-{uuid.uuid4().hex[:8]}"  # fedbus.dead must be quorum here too
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, urlsplit(local_broker).username or "guest", ".*", ".*", ".*")
+    site = f"site-q-{uuid.uuid4().hex[:10]}"
+    p = urlsplit(local_broker)
+    bus = open_bus(f"{p.scheme}://{p.netloc}/{vhost}", quorum=True, chunk_size=1 << 20)
+    try:
+        bus.declare(Topology(sites=[site]))
+        big = os.urandom(5 * (1 << 20) + 7)
+        ids = [new_id(), new_id(), new_id()]
+        bus.publish(TASKS, site, big, message_id=ids[0])
+        bus.publish(TASKS, site, b"small", message_id=ids[1])
+        bus.publish(TASKS, site, big[::-1], message_id=ids[2])
+        col = Collector(ack)
+        c = bus.consume(site_queue(site), col, prefetch=1)
+        assert col.wait_count(3, timeout=30)
+        c.cancel()
+        assert col.ids() == ids and col.bodies == [big, b"small", big[::-1]]
+    finally:
+        bus.close()
+        rabbitmqctl("delete_vhost", vhost, check=False)
+
+
+def test_queue_deleted_under_consumer_stops_it_with_clear_error(amqp_url: str, topo: tuple[str, str]) -> None:
+    site, _ = topo
+    bus = open_bus(amqp_url)
+    try:
+        c = bus.consume(site_queue(site), ack)
+        bus.delete_queue(site_queue(site))  # type: ignore[attr-defined]
+        c._io.join(30)  # type: ignore[attr-defined]  # the consumer stops by itself
+        assert not c._io.is_alive()  # type: ignore[attr-defined]
+        assert "NOT_FOUND" in str(c.error) and site_queue(site) in str(c.error)  # type: ignore[attr-defined]
+    finally:
+        bus.close()
+        admin = open_bus(amqp_url)
+        admin.declare(Topology(sites=[site]))  # so the fixture's teardown finds it
+        admin.close()

@@ -241,3 +241,26 @@ def test_closed_bus_refuses_use(bus_url: str) -> None:
     bus.close()
     with pytest.raises(Exception, match="closed"):
         bus.publish(TASKS, "x", b"x", message_id=new_id())
+
+
+def test_incomplete_transfer_expires_to_dead_letters(net: Net) -> None:
+    """A transfer whose other chunks never come (publisher died) is dead-lettered on timeout."""
+    bus = net.open(reassembly_timeout_s=0.5)
+    mid = new_id()
+    header = {
+        CHUNK_HEADERS["transfer_id"]: new_id(),
+        CHUNK_HEADERS["index"]: 0,
+        CHUNK_HEADERS["count"]: 3,
+        CHUNK_HEADERS["sha256"]: "0" * 64,
+        CHUNK_HEADERS["total_size"]: 30,
+    }
+    net.bus.publish(TASKS, net.site, b"x" * 10, message_id=mid, headers=header)
+    col = Collector(ack)
+    c = bus.consume(site_queue(net.site), col)
+    dead = read_dead_letter(net, mid)
+    later = new_id()
+    net.bus.publish(TASKS, net.site, b"after", message_id=later)
+    assert col.wait_count(1)
+    c.cancel()
+    assert col.ids() == [later]  # the consumer went on
+    assert "timed out" in dead.headers[REASON_HEADER] and dead.headers["x-fedbus-chunk"].endswith("chunk 0 of 3")

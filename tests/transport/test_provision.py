@@ -25,10 +25,10 @@ from protocol.transport.provision import (
     site_permissions,
     user_url,
 )
-from protocol.transport.topology import CONTROL, TASKS, UPDATES, site_queue, updates_queue
+from protocol.transport.topology import CONTROL, DEAD, REASON_HEADER, TASKS, UPDATES, site_queue, updates_queue
 from tests.transport.conftest import Collector, ack, new_id
 
-pytestmark = pytest.mark.broker
+# Tests that create real users are marked slow: rabbitmqctl takes seconds per call.
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def provisioned(amqp_url: str, local_broker: str) -> Iterator[tuple[Credentials,
         admin.close()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_site_user_is_confined(amqp_url: str, provisioned: tuple[Credentials, str, str, str, str]) -> None:
     creds, a, b, coord, fed = provisioned
     assert creds.method == "rabbitmqctl"  # management plugin not enabled on the test broker
@@ -85,6 +87,21 @@ def test_site_user_is_confined(amqp_url: str, provisioned: tuple[Credentials, st
             coordinator.consume(site_queue(a), ack)
         # The bus still works after refusals.
         site.publish(UPDATES, fed, b"still fine", message_id=new_id())
+
+        # A site dead-letters a bad task with its reason; the coordinator can read fedbus.dead.
+        bad = new_id()
+        coordinator.publish(TASKS, a, b"forged task", message_id=bad)
+        rejected = Collector(lambda d: d.nack("bad_signature: not from our coordinator"))
+        c = site.consume(site_queue(a), rejected)
+        assert rejected.wait_count(1)
+        c.cancel()
+        found: list = []
+        dead = Collector(lambda d: (found.append(d), d.ack()) if d.message_id == bad else None)
+        c = coordinator.consume(DEAD, dead, prefetch=1000)
+        assert dead.wait_for(lambda _: bool(found))
+        c.cancel()
+        assert found[0].headers[REASON_HEADER] == "bad_signature: not from our coordinator"
+        assert found[0].headers["x-fedbus-user"] == coord and found[0].user_id == a
     finally:
         site.close()
         coordinator.close()
@@ -101,6 +118,8 @@ def _raw_publish(url: str, exchange: str, key: str, user_id: str) -> None:
             conn.close()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_forged_user_id_is_refused_by_the_broker(amqp_url: str, provisioned: tuple[Credentials, str, str, str, str]) -> None:
     creds, a, b, coord, fed = provisioned
     url_a = user_url(amqp_url, a, creds.passwords[a])
@@ -110,6 +129,8 @@ def test_forged_user_id_is_refused_by_the_broker(amqp_url: str, provisioned: tup
     _raw_publish(url_a, UPDATES, fed, user_id=a)  # its own name is accepted
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_reprovision_is_idempotent_and_rotates(amqp_url: str, provisioned: tuple[Credentials, str, str, str, str]) -> None:
     creds, a, b, coord, fed = provisioned
     again = provision(amqp_url, sites=[b])  # site b only: the other tests keep their passwords
@@ -124,6 +145,8 @@ def test_reprovision_is_idempotent_and_rotates(amqp_url: str, provisioned: tuple
     bus.close()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_cli_writes_credentials_0600(amqp_url: str, local_broker: str, tmp_path: Any) -> None:
     from fedbus.cli import app
 

