@@ -139,12 +139,18 @@ def _site_id(hospital: str, tag: str) -> str:
     return "bench-" + "".join(c if c.isalnum() else "-" for c in hospital.lower()) + f"-{tag}"
 
 
-def _delete_queues(names: list[str]) -> None:
+def _delete_queues(broker: str, names: list[str]) -> None:
     """Best-effort removal of this run's queues from the shared broker (needs rabbitmqctl as root)."""
+    from urllib.parse import unquote, urlsplit
+
     if not shutil.which("rabbitmqctl"):
         return
+    vhost = unquote(urlsplit(broker).path[1:]) or "/"
     for name in names:
-        subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True, timeout=60)
+        try:
+            subprocess.run(["rabbitmqctl", "-q", "delete_queue", "-p", vhost, name], capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray], timeout_s: float,
@@ -152,7 +158,6 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
     """One fedbus run; returns the figures (final weights evaluated on the union test split)."""
     sys.path.insert(0, str(REPO))
     from urllib.parse import urlsplit, urlunsplit
-
 
     from protocol.signing import generate_keypair
     from protocol.transport import open_bus
@@ -236,14 +241,15 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
         except subprocess.TimeoutExpired as e:
             raise common.BenchError(f"fedbus coordinator still running after {timeout_s:.0f} s (logs {logs})") from e
         peak = sampler.stop()
+        # Includes the coordinator's closing evaluation tasks (one small round after the last).
         site_bytes, hub_bytes = proxy.total("site"), proxy.total("hub")
         if coord.returncode != 0 or not (out / "result.json").exists():
             tail = (logs / "coordinator.log").read_text(errors="replace")[-1500:]
             raise common.BenchError(f"fedbus coordinator exited {coord.returncode} (logs {logs}): {tail}")
         doc = json.loads((out / "result.json").read_text())
         if doc["status"] != "completed" or len(doc["rounds"]) != spec.rounds:
-            raise common.BenchError(f"fedbus run {doc['run_id']} ended {doc['status']} after {len(doc['rounds'])} "
-                         f"round(s): {doc.get('reason')}")
+            raise common.BenchError(f"fedbus run {doc['run_id']} ended {doc['status']} after "
+                                    f"{len(doc['rounds'])} round(s): {doc.get('reason')}")
         rounds = doc["rounds"]
         # Full cycle per round: from the previous round's commit to this one's (tasks out, training,
         # replies, aggregation, checkpoint, commit); round 1 from the coordinator's own wall_s.
@@ -266,4 +272,4 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
             sampler.stop()
         end_processes(procs, seen, grace_s=15)
         proxy.close()
-        _delete_queues([*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)])
+        _delete_queues(broker, [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)])

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pika  # noqa: E402  (the bench compares against raw pika on purpose)
 
 from protocol.transport import Topology, open_bus  # noqa: E402
-from protocol.transport.layout import queue_arguments  # noqa: E402
 from protocol.transport.topology import TASKS, site_queue  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024

@@ -181,8 +181,20 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
             raise BenchError(f"flwr run failed ({started.returncode}): {started.stdout[-2000:]} "
                              f"{started.stderr[-2000:]}")
         run_id = json.loads(started.stdout).get("run-id")
-        wait_until(lambda: (out / "result.json").exists(), timeout_s=timeout_s, interval_s=0.5,
-                   what=f"Flower run {run_id} (logs in {logs})", alive=procs)
+        last_check = [time.monotonic()]
+
+        def finished() -> bool:
+            if (out / "result.json").exists():
+                return True
+            if time.monotonic() - last_check[0] > 60:  # a failed ServerApp writes nothing: ask Flower
+                last_check[0] = time.monotonic()
+                status = _flower_run(env, work, run_id).get("status", "")
+                if status.startswith("finished:") and not (out / "result.json").exists():
+                    raise BenchError(f"Flower run {run_id} ended {status} without a result (logs in {logs})")
+            return False
+
+        wait_until(finished, timeout_s=timeout_s, interval_s=0.5, what=f"Flower run {run_id} (logs in {logs})",
+                   alive=procs)
         wire = proxy.total()
         peak = sampler.stop()
         doc = json.loads((out / "result.json").read_text())
@@ -200,17 +212,23 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
         end_processes(procs, seen)
 
 
-def _flower_reported_bytes(env: dict[str, str], work: Path, run_id: str | None) -> int | None:
-    """Flower's own per-run traffic count (``flwr ls``), kept as a cross-check of the proxy."""
+def _flower_run(env: dict[str, str], work: Path, run_id: str | None) -> dict:
+    """The run's entry in ``flwr ls --format json`` (empty when unknown)."""
     res = subprocess.run(["flwr", "ls", "bench", "--format", "json"], env=env, cwd=work,
                          capture_output=True, text=True)
     try:
-        for run in json.loads(res.stdout).get("runs", []):
-            if run.get("run-id") == run_id:
-                return int(run["network-traffic"]["total-bytes"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        runs = json.loads(res.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return {}
+    return next((r for r in runs if r.get("run-id") == run_id), {})
+
+
+def _flower_reported_bytes(env: dict[str, str], work: Path, run_id: str | None) -> int | None:
+    """Flower's own per-run traffic count (``flwr ls``), kept as a cross-check of the proxy."""
+    try:
+        return int(_flower_run(env, work, run_id)["network-traffic"]["total-bytes"])
+    except (KeyError, TypeError, ValueError):
         return None
-    return None
 
 
 SIM_DRIVER = """\

@@ -24,6 +24,7 @@ import structlog
 
 from coordinator import checkpoints
 from coordinator.aggregators import Aggregator, Contribution, EarlyStopping, build_aggregator
+from coordinator.ingest import Inbound, open_delivery
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
 from coordinator.registry import SiteRegistry
@@ -133,12 +134,13 @@ class Coordinator:
         self.prefetch = prefetch
         self.store_bodies = store_bodies
         self.hello_grace_s = hello_grace_s
+        self._graced = False
         self.seed = int(self.experiment.training.seed)
         self.run_id = run_id
         self.aggregator_name = fed.name
         norm = fed.parameters.get("norm_bound")
         self.norm_bound = float(norm) if norm is not None else None
-        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._consumers: list[Any] = []
         self._trust = None
         self._tasked: dict[tuple[int, str], set[str]] = {}  # (round, kind) -> sites tasked
@@ -252,7 +254,11 @@ class Coordinator:
         self.bus.declare(Topology(sites=sites, federations=[self.federation]))
         self._trust = self.store.trust_store()
         self._consumers.append(self.bus.consume(control_queue(self.federation), self._on_hello, prefetch=16))
-        self._consumers.append(self.bus.consume(updates_queue(self.federation), self._inbox.put, prefetch=self.prefetch))
+        self._consumers.append(self.bus.consume(updates_queue(self.federation), self._on_update, prefetch=self.prefetch))
+
+    def _on_update(self, delivery: Delivery) -> None:
+        """Bus worker thread: verify + decode here, so the run loop only validates and aggregates."""
+        self._inbox.put(open_delivery(delivery, self._trust))
 
     def _close_consumers(self) -> None:
         for c in self._consumers:
@@ -309,7 +315,7 @@ class Coordinator:
     def _dataset(self) -> str:
         return self.experiment.dataset.name or ""
 
-    def _next(self, deadline: float) -> Delivery | None:
+    def _next(self, deadline: float) -> Inbound | None:
         timeout = deadline - time.time()
         if timeout <= 0:
             try:
@@ -322,13 +328,15 @@ class Coordinator:
             return None
 
     # ------------------------------------------------------------------ receiving
-    def _open(self, delivery: Delivery, *, current_round: int) -> tuple[Any, Any] | None:
-        """Verify a delivery; None when it was rejected (nacked + recorded) or needs no more work."""
-        from protocol.codec import open_frame
+    def _open(self, inbound: Inbound, *, current_round: int) -> tuple[Any, Any] | None:
+        """Check an opened delivery; None when it was rejected (nacked + recorded)."""
         from protocol.errors import ProtocolError
 
+        delivery = inbound.delivery
         try:
-            opened = open_frame(delivery.body, self._trust)
+            if inbound.error is not None:
+                raise inbound.error
+            opened = inbound.opened
             env = opened.envelope
             if env.sender != opened.signer:
                 raise Rejected("bad_signature", f"envelope sender {env.sender!r} is not the signer {opened.signer!r}")
@@ -422,7 +430,8 @@ class Coordinator:
         if len(sites) < need:
             self._log.info("waiting for sites", have=len(sites), need=need, timeout_s=self.available_timeout_s)
             sites = self.registry.wait_available(need, timeout_s=self.available_timeout_s, restrict=self.restrict)
-        if self.restrict is None and len(sites) >= need and self.hello_grace_s > 0:
+        if self.restrict is None and len(sites) >= need and self.hello_grace_s > 0 and not self._graced:
+            self._graced = True
             # Enrolled sites started together say hello within moments of each other: give
             # the rest a short grace so the first round does not start with only the fastest.
             sites = self.registry.wait_available(len(self.registry.enrolled()), timeout_s=self.hello_grace_s)
@@ -519,10 +528,11 @@ class Coordinator:
             self._train_task(weights, site=site, round=rnd, base_round=rnd - 1, deadline=deadline)
         return deadline
 
-    def _sync_message(self, delivery, rnd, weights, sampled, held, accepted, replied, rlog) -> None:
-        opened_env = self._open(delivery, current_round=rnd)
+    def _sync_message(self, inbound: Inbound, rnd, weights, sampled, held, accepted, replied, rlog) -> None:
+        opened_env = self._open(inbound, current_round=rnd)
         if opened_env is None:
             return
+        delivery = inbound.delivery
         opened, env = opened_env
         p = env.payload
         site = env.sender
@@ -615,6 +625,7 @@ class Coordinator:
             opened_env = self._open(delivery, current_round=rnd)
             if opened_env is None:
                 continue
+            delivery = delivery.delivery
             opened, env = opened_env
             if self._is_replay(delivery, opened, held, round=rnd):
                 continue
@@ -772,11 +783,12 @@ class Coordinator:
             h.delivery.requeue()
         return weights
 
-    def _async_message(self, delivery, version, weights, versions, held, merged):
+    def _async_message(self, inbound: Inbound, version, weights, versions, held, merged):
         """None when nothing changed; else (new weights or None, site to re-task or None)."""
-        opened_env = self._open(delivery, current_round=version)
+        opened_env = self._open(inbound, current_round=version)
         if opened_env is None:
             return None
+        delivery = inbound.delivery
         opened, env = opened_env
         p = env.payload
         site = env.sender

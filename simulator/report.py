@@ -65,12 +65,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_rounds_csv(path: Path, doc: dict[str, Any]) -> Path:
-    cols = ["round", "loss", "accuracy", "auc", "f1", "replies", "wall_s"]
+    cols = ["round", "loss", "accuracy", "auc", "f1", "replies", "wall_s", "t_s"]
+    test_cols = ["test_loss", "test_accuracy", "test_auc", "test_f1"]
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(cols)
+        w.writerow(cols + test_cols)
         for r in doc.get("rounds", []):
-            w.writerow([_cell(r.get(c)) for c in cols])
+            t = r.get("test") or {}
+            w.writerow([_cell(r.get(c)) for c in cols] + [_cell(t.get(c[5:])) for c in test_cols])
     return path
 
 
@@ -120,10 +122,10 @@ def _per_site_rounds(doc: dict[str, Any]) -> dict[str, dict[int, dict[str, float
     return out
 
 
-def _series(doc: dict[str, Any], metric: str) -> tuple[list[int], list[float]]:
+def _series(doc: dict[str, Any], metric: str, *, test: bool = False) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in doc.get("rounds", []):
-        v = r.get(metric)
+        v = (r.get("test") or {}).get(metric) if test else r.get(metric)
         if isinstance(v, (int, float)) and math.isfinite(v):
             xs.append(int(r["round"]))
             ys.append(float(v))
@@ -137,7 +139,10 @@ def _plot_metric(doc: dict[str, Any], per_site: dict, metric: str, title: str):
     fig, ax = plt.subplots(figsize=(7, 4))
     _site_lines(ax, per_site, metric)
     if xs:
-        ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated)")
+        ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated validation)")
+    tx, ty = _series(doc, metric, test=True)
+    if tx:
+        ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on test splits")
     ax.set(title=title, xlabel="round", ylabel=metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -167,7 +172,11 @@ def _plot_accuracy_auc(doc: dict[str, Any], per_site: dict):
         xs, ys = _series(doc, metric)
         _site_lines(ax, per_site, metric)
         if xs:
-            ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated)")
+            ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated validation)")
+            drew = True
+        tx, ty = _series(doc, metric, test=True)
+        if tx:
+            ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on test splits")
             drew = True
         base = (doc.get("baselines") or {}).get("pooled") or {}
         if isinstance(base.get(metric), (int, float)):
@@ -267,10 +276,12 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
             data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
             sections.append(f"<h2>{title}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
     rounds = doc.get("rounds", [])
-    sections.append("<h2>Rounds (aggregated)</h2>")
+    sections.append("<h2>Rounds</h2><p>val: the aggregated validation metrics sites reported; "
+                    "test: that round's global model on the union of the held-out test splits.</p>")
     sections.append(
-        _table(["round", "loss", "accuracy", "auc", "replies", "wall s"],
-               [[r.get("round"), r.get("loss"), r.get("accuracy"), r.get("auc"), r.get("replies"), r.get("wall_s")] for r in rounds])
+        _table(["round", "val loss", "val accuracy", "val auc", "test accuracy", "test auc", "replies", "wall s"],
+               [[r.get("round"), r.get("loss"), r.get("accuracy"), r.get("auc"), (r.get("test") or {}).get("accuracy"),
+                 (r.get("test") or {}).get("auc"), r.get("replies"), r.get("wall_s")] for r in rounds])
     )
     per_site = final.get("per_site") or {}
     local = base.get("local") or {}

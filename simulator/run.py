@@ -119,7 +119,8 @@ def simulate(
 def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: str | None, broker: str,
               rounds: int | None, out: Any, baselines: bool, faults: str | None, json_out: bool, *,
               target: str | None, seed: int | None, site_suffix: str, rows: int | None,
-              round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float) -> dict[str, Any]:
+              round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
+              score_rounds_max_sites: int = 100) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -169,8 +170,13 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
                                          fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
         doc = _document(result)
         final_weights = _final_weights(result, coord_state, doc)
-        scored = _score_final(exp, ws, final_weights)
+        scorer = _scorer(exp, ws)
+        scored = scorer(final_weights)
         doc["final_validation"] = doc.get("final")
+        from simulator.history import enrich_rounds
+
+        # Per-round test scores cost one forward pass per round over the test rows: skip for huge runs.
+        enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
         doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
         if baselines:
             from simulator.baselines import run_baselines
@@ -186,7 +192,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         doc["timing"]["simulate_s"] = time.perf_counter() - t_start
         doc.update(
             experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
-            seed=run_seed, federation=federation, coordinator_state=str(coord_state),
+            seed=run_seed, federation=federation, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
             sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
             faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
         )
@@ -287,7 +293,8 @@ def _model_with(exp: Any, weights: Any) -> Any:
     return model
 
 
-def _score_final(exp: Any, ws: Any, weights: Any) -> dict[str, Any]:
+def _scorer(exp: Any, ws: Any) -> Any:
+    """``scorer(weights) -> metrics`` on every site's held-out test split (encoded once)."""
     from protocol.model import summarize
     from simulator.evaluation import holdout, score, source_for
 
@@ -300,7 +307,8 @@ def _score_final(exp: Any, ws: Any, weights: Any) -> dict[str, Any]:
                 input_shape=input_shape, site=s)
         for s, f in sorted(ws.sites.items())
     ]
-    return score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function, task=ds.task or "binary")
+    return lambda weights: score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function,
+                                 task=ds.task or "binary")
 
 
 def _save_model(out: Path, exp: Any, weights: Any) -> None:

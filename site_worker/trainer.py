@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from site_worker.data import PreparedData
-from site_worker.ledger import History
+from site_worker.ledger import History, epsilon_of
 from site_worker.metrics import evaluate, make_loss, prefixed, prepare_target
 
 log = structlog.get_logger(__name__)
@@ -206,7 +206,7 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     if engine is not None and plan is not None:
         new_history = [(float(a), float(b), int(c)) for a, b, c in engine.accountant.history]
         delta = plan.delta
-        epsilon = float(engine.accountant.get_epsilon(delta=delta))
+        epsilon = epsilon_of(new_history, delta=delta, accountant=plan.accountant)
         metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     log.info("training_finished", steps=step, train_s=round(train_s, 3), epsilon=epsilon)
     return TrainResult(model=model, metrics=metrics, history=new_history, epsilon=epsilon, delta=delta,

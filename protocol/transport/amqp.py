@@ -313,7 +313,7 @@ class _Publisher:
     def _keep_alive(self) -> None:
         """Service heartbeats while no publish is running (BlockingConnection only does
         I/O inside calls)."""
-        interval = max(1.0, (self.bus.params.heartbeat or 30) / 3)
+        interval = max(0.25, (self.bus.params.heartbeat or 30) / 4)
         while not self._stop.wait(interval):
             if not self._lock.acquire(blocking=False):
                 continue

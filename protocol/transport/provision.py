@@ -7,9 +7,11 @@ Least privilege, enforced by RabbitMQ itself:
   ``fedbus.updates`` / ``fedbus.control`` (and ``fedbus.dlx``, so it can dead-letter a
   rejected task with its reason), and configure nothing: it cannot declare, bind or
   delete anything;
-* the **coordinator** user may read its federation's queues and ``fedbus.dead``, write
-  to ``fedbus.tasks`` and ``fedbus.dlx``, and configure nothing (the topology is
-  declared here, by the admin).
+* the **coordinator** user may read its federation's queues and ``fedbus.dead`` (never a
+  site's queue), publish to ``fedbus.tasks`` and ``fedbus.dlx``, and configure the fedbus
+  exchanges and queues so that it can run ``bus.declare()`` for its topology (a new site
+  needs its queue). Reading the exchanges and writing the queues is what AMQP requires for
+  the bindings; it lets it neither read site queues nor publish as a site.
 
 Users are created through the management HTTP API when it answers on port 15672, else
 with ``rabbitmqctl`` on this machine; the result says which. Re-running is idempotent
@@ -73,10 +75,17 @@ def site_permissions(site_id: str) -> Permissions:
 
 
 def coordinator_permissions(federation: str) -> Permissions:
+    """Publish tasks, read its federation's queues and the dead letters, and re-run
+    ``bus.declare()`` for its topology (new sites): configure on the fedbus exchanges and
+    queues, read on the exchanges and write on the queues for the bindings. Reading a
+    site's queue stays refused."""
+    site_queues = re.escape(site_queue("")) + r"[A-Za-z0-9._-]+"
+    own = [updates_queue(federation), control_queue(federation)]
+    names = [re.escape(n) for n in (TASKS, UPDATES, CONTROL, DLX, DEAD, *own)]
     return Permissions(
-        configure="^$",
-        write=_alt(TASKS, DLX),
-        read=_alt(updates_queue(federation), control_queue(federation), DEAD),
+        configure="^(" + "|".join([*names, site_queues]) + ")$",
+        write="^(" + "|".join([re.escape(n) for n in (TASKS, DLX, DEAD, *own)] + [site_queues]) + ")$",
+        read=_alt(TASKS, UPDATES, CONTROL, DLX, DEAD, *own),
     )
 
 

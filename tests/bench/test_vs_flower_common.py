@@ -233,3 +233,36 @@ def test_counting_proxy_relays_and_counts_both_directions():
     finally:
         proxy.close()
         server.close()
+
+
+def test_fedbus_overhead_is_split_between_site_side_and_hub_side(tmp_path):
+    import _vs_flower_fedbus as fedbus_side
+
+    def line(event: str, rnd: int, at: str, kind: str = "TrainTask") -> str:
+        return json.dumps({"event": event, "type": kind, "round": rnd, "timestamp": f"2026-01-01T00:00:{at}Z"})
+
+    (tmp_path / "a.log").write_text("\n".join([
+        "not json", line("task_received", 1, "00.000"), line("reply_sent", 1, "01.000"),
+        line("task_received", 2, "02.000"), line("reply_sent", 2, "02.500"),
+        line("task_received", 3, "03.000", kind="EvalTask"), line("reply_sent", 3, "09.000", kind="EvalTask"),
+    ]))
+    (tmp_path / "b.log").write_text("\n".join([
+        line("task_received", 1, "00.100"), line("reply_sent", 1, "01.600"),
+    ]))
+    tasks = fedbus_side.site_task_times(tmp_path, ["a", "b"])
+    assert tasks == pytest.approx({1: 1.5, 2: 0.5})  # slowest site per round; eval tasks ignored
+    split = fedbus_side.overhead_split([2.0, 0.7], [1.2, 0.4], tasks)
+    assert split["overhead_site_side_s"] == pytest.approx(np.median([0.3, 0.1]))
+    assert split["overhead_hub_side_s"] == pytest.approx(np.median([0.5, 0.2]))
+
+
+def test_fedbus_experiment_keeps_the_example_and_sets_the_job():
+    import _vs_flower_fedbus as fedbus_side
+
+    assert fedbus_side.check_alignment() == []
+    raw = fedbus_side.experiment(common.JobSpec(rounds=3))
+    assert raw["training"]["rounds"] == 3 and raw["training"]["epochs"] == 5
+    assert raw["training"]["optimizer"]["differential_privacy"] == {"enabled": False}
+    params = raw["federated"]["parameters"]
+    assert params["min_fit_clients"] == params["min_available_clients"] == 4
+    assert params["fraction_eval"] == 0.0

@@ -160,6 +160,7 @@ class Federation:
         data_frame: Any = None,
         target: str = "DEATH_EVENT",
         dataset: str = "heart_failure",
+        data_repeat: dict[int, int] | None = None,
     ) -> None:
         from coordinator.state import StateStore
         from protocol.signing import generate_keypair
@@ -192,6 +193,11 @@ class Federation:
                 home = self.root / "sites" / sid
                 home.mkdir(parents=True)
                 part = frame.iloc[i::sites]  # every site gets a similar mix of outcomes
+                repeat = (data_repeat or {}).get(i, 1)
+                if repeat > 1:  # a bigger hospital: its training takes long enough to be interrupted
+                    import pandas as pd
+
+                    part = pd.concat([part] * repeat, ignore_index=True)
                 part.to_csv(home / "data.csv", index=False)
                 cfg: dict[str, Any] = {
                     "site_id": sid, "federation": self.federation, "broker_url": self.url,

@@ -49,7 +49,7 @@ class TinyClient(fl.client.NumPyClient):
             loss = loss_fn(self.net(self.x), self.y)
             loss.backward()
             opt.step()
-        return self.get_parameters(config={}), len(self.x), {"train_loss": float(loss), "note": "text is dropped"}
+        return self.get_parameters(config={}), len(self.x), {"train_loss": float(loss.detach()), "note": "text is dropped"}
 
     def evaluate(self, parameters, config):
         CALLS.append(("evaluate", dict(config)))

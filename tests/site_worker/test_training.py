@@ -66,7 +66,8 @@ def test_training_is_seeded(hf):
 
 def test_dp_off_reports_no_epsilon_and_target_epsilon_sets_noise(hf):
     exp, data, model = _setup(hf, **{"training.epochs": 1, "training.optimizer.differential_privacy": {"enabled": False},
-                                     "training.optimizer.type": "sgd", "training.loss_function": "mse"})
+                                     "training.optimizer.type": "sgd", "training.loss_function": "mse",
+                                     "dataset.task": "regression"})
     res = train(model, data, TrainSpec.from_experiment(exp, seed=1))
     assert res.epsilon is None and res.history == [] and "after_mse" in res.metrics
     exp = load_experiment(experiment_dict(**{"training.optimizer.differential_privacy": {"target_epsilon": 2.0},

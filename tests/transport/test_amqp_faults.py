@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from protocol.transport import Bus, PublishError, Topology, open_bus
-from protocol.transport.topology import TASKS, UPDATES, site_queue, updates_queue, control_queue
+from protocol.transport.topology import TASKS, control_queue, site_queue, updates_queue
 from tests.conftest import rabbitmqctl
 from tests.transport.conftest import Collector, ack, new_id
 
@@ -197,3 +197,32 @@ def test_queue_deleted_under_consumer_stops_it_with_clear_error(amqp_url: str, t
         admin = open_bus(amqp_url)
         admin.declare(Topology(sites=[site]))  # so the fixture's teardown finds it
         admin.close()
+
+
+@pytest.mark.slow
+def test_long_handler_does_not_starve_heartbeats(amqp_url: str, topo: tuple[str, str]) -> None:
+    """The handler runs off pika's I/O thread: with 1 s heartbeats, a 4 s handler (and an
+    idle publisher) keep their connections."""
+    site, _ = topo
+    bus = open_bus(amqp_url, heartbeat=1)
+    try:
+        first, second = new_id(), new_id()
+        bus.publish(TASKS, site, b"long task", message_id=first)
+        work = threading.Event()  # never set: the handler "trains" for 4 s
+
+        def slow(d) -> None:  # type: ignore[no-untyped-def]
+            if d.message_id == first:
+                work.wait(4.0)
+            d.ack()
+
+        col = Collector(slow)
+        c = bus.consume(site_queue(site), col)
+        assert col.wait_count(1, timeout=30)
+        bus.publish(TASKS, site, b"next", message_id=second)  # the publisher idled 4 s
+        assert col.wait_count(2, timeout=30)
+        c.cancel()
+        assert col.ids() == [first, second]
+        assert [d.redelivered for d in col.deliveries] == [False, False]
+        assert c.reconnects == 0 and bus.reconnects == 0  # type: ignore[attr-defined]
+    finally:
+        bus.close()

@@ -82,9 +82,13 @@ def test_site_user_is_confined(amqp_url: str, provisioned: tuple[Credentials, st
         assert isinstance(e2.value, BusPermissionError) and TASKS in str(e2.value)
         with pytest.raises(BusPermissionError, match="ACCESS_REFUSED"):
             site.declare(Topology(sites=[f"rogue-{uuid.uuid4().hex[:6]}"]))
-        # The coordinator cannot read a site's tasks either.
+        # The coordinator cannot read a site's tasks either, nor publish as a site,
+        # but it may re-declare its topology (Coordinator.run does).
         with pytest.raises(BusPermissionError, match="ACCESS_REFUSED"):
             coordinator.consume(site_queue(a), ack)
+        with pytest.raises(PublishError, match="ACCESS_REFUSED"):
+            coordinator.publish(UPDATES, fed, b"fake update", message_id=new_id())
+        coordinator.declare(Topology(sites=[a, b], federations=[fed]))
         # The bus still works after refusals.
         site.publish(UPDATES, fed, b"still fine", message_id=new_id())
 

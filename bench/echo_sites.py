@@ -1,0 +1,79 @@
+"""Sites that answer instantly: the coordinator's and the bus's cost with training taken out.
+
+An echo site verifies each task with the coordinator's key (production codec and
+signing), answers a ``TrainTask`` with ``weights + 0.001`` and an ``EvalTask`` with fixed
+metrics, signs the reply with its own enrolled key and publishes it with confirms, then
+acks the task: the same wire work a real site does, minus the training. Used by
+``bench/scale.py`` where hundreds of sites or 50 M-parameter models make real training
+impossible on a laptop.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol.codec import new_envelope, open_frame, seal
+from protocol.messages import EvalResult, EvalTask, TrainTask, Update
+from protocol.signing import Signer, TrustStore
+from protocol.transport.base import Bus, Delivery
+from protocol.transport.topology import UPDATES, site_queue
+
+EVAL_METRICS = {"loss": 0.5, "accuracy": 0.8, "auc": 0.8, "f1": 0.5, "n": 50.0}
+
+
+class EchoSite:
+    """One instant-answer site on ``bus`` (which it owns: one connection per site on AMQP)."""
+
+    def __init__(self, bus: Bus, *, site_id: str, signer: Signer, federation: str, coordinator_pub: bytes) -> None:
+        self.bus = bus
+        self.site_id = site_id
+        self.signer = signer
+        self.federation = federation
+        self.trust = TrustStore()
+        self.trust.add("coordinator", coordinator_pub)
+        self.answered = 0
+        self._lock = threading.Lock()
+        self._consumer: Any = None
+
+    def start(self) -> None:
+        self._consumer = self.bus.consume(site_queue(self.site_id), self._on_task, prefetch=1)
+
+    def _on_task(self, d: Delivery) -> None:
+        env = open_frame(d.body, self.trust).envelope
+        p = env.payload
+        reply: Any
+        if isinstance(p, TrainTask):
+            weights = tuple((n, (np.asarray(w) + np.asarray(0.001, dtype=np.asarray(w).dtype))) for n, w in p.weights)
+            reply = Update(task_id=env.message_id, weights=weights, num_examples=100,
+                           metrics={"train_s": 0.0, "after_loss": 0.5, "after_accuracy": 0.8, "n_val": 20.0},
+                           epsilon=None, delta=None, base_round=p.base_round)
+        elif isinstance(p, EvalTask):
+            reply = EvalResult(task_id=env.message_id, num_examples=50, metrics=dict(EVAL_METRICS),
+                               base_round=p.base_round)
+        else:
+            d.ack()
+            return
+        out = new_envelope(reply, federation=self.federation, run_id=env.run_id, round=env.round,
+                           sender=self.site_id, recipient="coordinator")
+        frame = seal(out, self.signer)
+        del reply, p, env
+        d.release_body()
+        self.bus.publish(UPDATES, self.federation, frame, message_id=out.message_id)
+        d.ack()
+        with self._lock:
+            self.answered += 1
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+
+
+def make_keys(keys_dir: Path, site_ids: list[str]) -> dict[str, Signer]:
+    """A fresh Ed25519 key per site (written as production writes them)."""
+    from protocol.signing import generate_keypair
+
+    return {s: Signer.from_file(generate_keypair(s, keys_dir)[0]) for s in site_ids}

@@ -1,0 +1,324 @@
+"""How round time and coordinator memory grow with the number of sites and the model size.
+
+Three sweeps, each running the production ``Coordinator``:
+
+* **sites, in memory** (1, 10, 100, 1,000): coordinator and *echo sites* (``bench/echo_sites.py``:
+  verify, answer, sign, publish; no training) in one process on the in-memory bus, one fresh
+  process per point so its peak RSS (``VmHWM``) belongs to that point alone;
+* **sites, RabbitMQ processes** (1, 2, 4, 8, 16): ``fedbus coordinator run`` plus that many real
+  ``fedbus site run`` processes (DP training of the heart-failure MLP), coordinator peak RSS
+  sampled from ``/proc``;
+* **model size, RabbitMQ** (10 K, 100 K, 1 M, 10 M, 50 M parameters; frames over 8 MiB travel
+  chunked) with 3 echo sites in this process and ``fedbus coordinator run`` as a child process.
+
+Prints a rich table (stderr), writes a PNG (matplotlib Agg) to ``--out`` and, with ``--json``,
+the figures as JSON. ``--quick`` runs a reduced sweep. Expected: cost linear in
+sites x model bytes; the ``per site·MB`` column shows where it is not.
+
+    .venv/bin/python bench/scale.py --quick
+    .venv/bin/python bench/scale.py --out bench/out/scale.png --json bench/out/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN_FOR = {10_000: 714, 100_000: 7_143, 1_000_000: 71_429, 10_000_000: 714_286, 50_000_000: 3_571_429}
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakRss:
+    """Samples a process's peak RSS (VmHWM, kernel-kept) until it exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            v = _status_kb(self.pid, "VmHWM")
+            if v:
+                self.peak_kb = max(self.peak_kb, v)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return self.peak_kb / 1024
+
+
+def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeout_s: float = 600.0) -> dict[str, Any]:
+    """Heart-failure experiment; ``hidden`` swaps the MLP for 12 -> hidden -> 1 (≈ 14·hidden parameters)."""
+    from tests.chaos.harness import experiment
+
+    layers = None
+    if hidden is not None:
+        layers = [
+            {"type": "input", "params": {"features": 12}},
+            {"type": "Linear", "params": {"in_features": 12, "out_features": hidden}},
+            {"type": "ReLU", "params": {}},
+            {"type": "Linear", "params": {"in_features": hidden, "out_features": 1}},
+            {"type": "output", "params": {"features": 1}},
+        ]
+    doc = experiment(rounds=rounds, sites=sites, round_timeout_s=round_timeout_s, layers=layers)
+    doc["federated"]["parameters"]["fraction_eval"] = 0.0
+    return doc
+
+
+def parameter_count(doc: dict[str, Any]) -> int:
+    from protocol.config import load_experiment
+    from protocol.model import summarize
+
+    return int(summarize(load_experiment(doc).architecture.layers).parameters)
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def point_memory(sites: int, rounds: int, hidden: int | None) -> dict[str, Any]:
+    """One in-memory point (run in a fresh process by ``--point``)."""
+    from bench.echo_sites import EchoSite, make_keys
+    from coordinator.run import Coordinator
+    from coordinator.state import StateStore
+    from fedbus.logs import configure_logging
+    from protocol.signing import Signer, generate_keypair
+    from protocol.transport import open_bus
+    from protocol.transport.base import Topology
+
+    configure_logging("cli", level="warning")
+    root = Path(tempfile.mkdtemp(prefix="fedbus-scale-"))
+    tag = uuid.uuid4().hex[:8]
+    fed, url = f"scale-{tag}", f"memory://scale-{tag}"
+    ids = [f"s{i:04d}-{tag}" for i in range(sites)]
+    signers = make_keys(root / "keys", ids)
+    ckey, cpub = generate_keypair("coordinator", root / "keys")
+    store = StateStore(root / "coord")
+    for s in ids:
+        store.enroll(s, (root / "keys" / f"{s}.pub").read_bytes())
+    store.close()
+    bus = open_bus(url)
+    bus.declare(Topology(sites=ids, federations=[fed]))
+    echo = [EchoSite(bus, site_id=s, signer=signers[s], federation=fed, coordinator_pub=cpub.read_bytes()) for s in ids]
+    for e in echo:
+        e.start()
+    doc = model_experiment(rounds=rounds, sites=sites, hidden=hidden)
+    from protocol.config import load_experiment
+    from protocol.model import build_model
+
+    build_model(load_experiment(doc).architecture.layers, seed=0)  # torch loaded before the baseline
+    before = _status_kb(os.getpid(), "VmRSS") / 1024
+    t0 = time.perf_counter()
+    result = Coordinator(doc, bus=bus, state_dir=root / "coord", signer=Signer.from_file(ckey), federation=fed,
+                         sites=ids, progress=False).run()
+    wall = time.perf_counter() - t0
+    peak = _status_kb(os.getpid(), "VmHWM") / 1024
+    for e in echo:
+        e.stop()
+    if not result.ok:
+        raise RuntimeError(f"memory point sites={sites} failed: {result.reason}")
+    return {"sweep": "memory-sites", "sites": sites, "params": parameter_count(doc),
+            "round_s": statistics.median(r["wall_s"] for r in result.rounds), "wall_s": wall,
+            "peak_rss_mb": peak, "rss_increase_mb": peak - before}
+
+
+def run_point_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(Path(__file__)), "--point", json.dumps(spec)], cwd=str(REPO), env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"point {spec} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _coordinator(fed: Any, doc: dict[str, Any], run_id: str, timeout: float) -> tuple[dict[str, Any], float]:
+    proc = fed.start_coordinator(fed.write_experiment(doc, f"{run_id}.json"), run_id=run_id)
+    peak = PeakRss(proc.pid)
+    try:
+        rc, out = fed.wait_coordinator(timeout)
+    finally:
+        mb = peak.stop()
+    if rc != 0 or not out or out.get("status") != "completed":
+        raise RuntimeError(f"coordinator run {run_id} failed ({rc}):\n{fed.diagnostics()}")
+    return out, mb
+
+
+def point_processes(sites: int, rounds: int, broker: str) -> dict[str, Any]:
+    from tests.chaos.harness import Federation
+
+    with Federation(Path(tempfile.mkdtemp(prefix="fedbus-scale-")), sites=sites, broker_url=broker) as fed:
+        t0 = time.perf_counter()
+        fed.start_sites(timeout=900)
+        start_s = time.perf_counter() - t0
+        doc = model_experiment(rounds=rounds, sites=sites, hidden=None)
+        out, mb = _coordinator(fed, doc, f"scale-{fed.tag}", timeout=900)
+    rounds_ = out["rounds"]
+    train = [r["wall_s"] for r in rounds_]
+    return {"sweep": "amqp-sites", "sites": sites, "params": parameter_count(doc),
+            "round_s": statistics.median(train), "train_s": out["timing"]["train_s"] / max(1, len(rounds_)),
+            "peak_rss_mb": mb, "sites_start_s": start_s}
+
+
+def point_model(params: int, sites: int, rounds: int, broker: str) -> dict[str, Any]:
+    from bench.echo_sites import EchoSite
+    from protocol.signing import Signer
+    from protocol.transport import open_bus
+    from tests.chaos.harness import Federation
+
+    with Federation(Path(tempfile.mkdtemp(prefix="fedbus-scale-")), sites=sites, broker_url=broker) as fed:
+        echo = [EchoSite(open_bus(fed.url), site_id=s, signer=Signer.from_file(fed.keys / f"{s}.key"),
+                         federation=fed.federation, coordinator_pub=fed.coordinator_pub.read_bytes())
+                for s in fed.site_ids]
+        for e in echo:
+            e.start()
+        try:
+            doc = model_experiment(rounds=rounds, sites=sites, hidden=HIDDEN_FOR[params])
+            out, mb = _coordinator(fed, doc, f"scale-{fed.tag}", timeout=1800)
+        finally:
+            for e in echo:
+                e.stop()
+                e.bus.close()
+    n = parameter_count(doc)
+    return {"sweep": "amqp-model", "sites": sites, "params": n, "model_mb": n * 4 / 2**20,
+            "round_s": statistics.median(r["wall_s"] for r in out["rounds"]), "peak_rss_mb": mb,
+            "chunks_per_frame": -(-(n * 4) // (8 * 2**20))}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def add_linearity(rows: list[dict[str, Any]]) -> None:
+    """``per_site_mb_ms``: round time per (site x model MB); flat = linear."""
+    for r in rows:
+        mb = r["params"] * 4 / 2**20
+        r["per_site_mb_ms"] = 1000 * r["round_s"] / (r["sites"] * mb)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="fedbus scale: median round time and coordinator peak RSS")
+    for col in ("sweep", "sites", "params", "model MB", "round s", "ms per site·MB", "peak RSS MB", "note"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        note = ""
+        if r["sweep"] == "memory-sites":
+            note = f"+{r['rss_increase_mb']:.0f} MB during run (coord+sites+bus)"
+        elif r["sweep"] == "amqp-sites":
+            note = f"train {r['train_s']:.2f} s/round; start {r['sites_start_s']:.0f} s"
+        else:
+            note = f"{r['chunks_per_frame']} chunk(s)/frame"
+        t.add_row(r["sweep"], str(r["sites"]), f"{r['params']:,}", f"{r['params'] * 4 / 2**20:.2f}",
+                  f"{r['round_s']:.3f}", f"{r['per_site_mb_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", note)
+    Console(stderr=True).print(t)
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    for sweep, style in (("memory-sites", "o-"), ("amqp-sites", "s-")):
+        pts = [r for r in rows if r["sweep"] == sweep]
+        if pts:
+            ax[0].plot([r["sites"] for r in pts], [r["round_s"] for r in pts], style, label=sweep)
+            ax[1].plot([r["sites"] for r in pts], [r["peak_rss_mb"] for r in pts], style, label=sweep)
+    ax[0].set(xscale="log", yscale="log", xlabel="sites", ylabel="median round time (s)", title="round time vs sites")
+    ax[1].set(xscale="log", xlabel="sites", ylabel="peak RSS (MB)", title="peak memory vs sites")
+    pts = [r for r in rows if r["sweep"] == "amqp-model"]
+    if pts:
+        x = [r["params"] for r in pts]
+        ax[2].plot(x, [r["round_s"] for r in pts], "o-", label="round time (s)")
+        ax2 = ax[2].twinx()
+        ax2.plot(x, [r["peak_rss_mb"] for r in pts], "s--", color="tab:red", label="coordinator peak RSS (MB)")
+        ax2.set_ylabel("coordinator peak RSS (MB)")
+        ax2.set_yscale("log")
+    ax[2].set(xscale="log", yscale="log", xlabel="model parameters", ylabel="median round time (s)",
+              title="model size (3 echo sites, RabbitMQ)")
+    for a in ax[:2]:
+        a.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sweep (minutes, not tens of minutes)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale.png", help="PNG plot path")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    ap.add_argument("--broker", default=os.environ.get("FEDBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=("memory", "processes", "model"), action="append",
+                    help="run only these sweeps (repeat)")
+    ap.add_argument("--point", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.point:
+        spec = json.loads(args.point)
+        print(json.dumps(point_memory(spec["sites"], spec["rounds"], spec.get("hidden"))))
+        return 0
+
+    from rich.progress import Progress
+
+    sweeps = set(args.only or ("memory", "processes", "model"))
+    mem_sites = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
+    proc_sites = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
+    sizes = [10_000, 100_000, 1_000_000, 10_000_000] if args.quick else list(HIDDEN_FOR)
+    jobs: list[tuple[str, Any]] = []
+    if "memory" in sweeps:
+        jobs += [("memory", n) for n in mem_sites]
+    if "processes" in sweeps:
+        jobs += [("processes", n) for n in proc_sites]
+    if "model" in sweeps:
+        jobs += [("model", p) for p in sizes]
+    rows: list[dict[str, Any]] = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("scale", total=len(jobs))
+        for kind, n in jobs:
+            progress.update(task, description=f"{kind} {n:,}")
+            if kind == "memory":
+                rows.append(run_point_process({"sites": n, "rounds": args.rounds}, timeout=3600))
+            elif kind == "processes":
+                rows.append(point_processes(n, args.rounds, args.broker))
+            else:
+                rows.append(point_model(n, 3, max(2, args.rounds - 1), args.broker))
+            progress.advance(task)
+    add_linearity(rows)
+    print_table(rows)
+    plot(rows, args.out)
+    print(f"plot: {args.out}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
