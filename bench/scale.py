@@ -235,7 +235,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             note = f"{r['chunks_per_frame']} chunk(s)/frame"
         t.add_row(r["sweep"], str(r["sites"]), f"{r['params']:,}", f"{r['params'] * 4 / 2**20:.2f}",
                   f"{r['round_s']:.3f}", f"{r['per_site_mb_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", note)
-    Console(stderr=True).print(t)
+    Console(stderr=True, width=170).print(t)
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:

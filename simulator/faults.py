@@ -105,8 +105,9 @@ class FaultPlan:
     def rng(self, round_: int, site: str, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, round_, zlib.crc32(site.encode()), salt])
 
-    def drops(self, round_: int, site: str) -> bool:
-        return bool(self.dropout) and float(self.rng(round_, site, 1).random()) < self.dropout
+    def drops(self, round_: int, site: str, attempt: int = 0) -> bool:
+        """Whether ``site`` misses its ``attempt``-th task of ``round_`` (a retried round draws again)."""
+        return bool(self.dropout) and float(self.rng(round_, site, 1000 + attempt).random()) < self.dropout
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -234,6 +235,7 @@ class FaultyBus(Bus):
         self.crashed = False
         self._bases: dict[str, tuple[tuple[str, np.ndarray], ...]] = {}  # task id -> weights it carried
         self._consumers: list[_WrappedConsumer] = []
+        self._attempts: dict[int, int] = {}  # round -> TrainTasks seen (retries draw dropout afresh)
 
     # -- pass-through -------------------------------------------------------------------
     def declare(self, topology: Topology) -> None:
@@ -262,7 +264,10 @@ class FaultyBus(Bus):
                 log.warning("fault: site crashes", site_id=self.site_id, round=rnd)
                 self._crash(wrapper)
                 return
-            if env.type == "TrainTask" and self.plan.drops(rnd, self.site_id):
+            attempt = self._attempts.get(rnd, 0)
+            if env.type == "TrainTask":
+                self._attempts[rnd] = attempt + 1
+            if env.type == "TrainTask" and self.plan.drops(rnd, self.site_id, attempt):
                 self.fault_log.add(kind="dropout", site=self.site_id, round=rnd)
                 log.info("fault: site drops out of the round", site_id=self.site_id, round=rnd)
                 delivery.ack()

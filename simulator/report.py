@@ -225,8 +225,8 @@ def _plot_baselines(doc: dict[str, Any]):
         rects = ax.bar(pos, vals, width, label=label)
         ax.bar_label(rects, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(metrics)), metrics)
-    ax.set(title="Federated vs baselines (union of the sites' test splits)", ylim=(0, 1.05))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set(title="Federated vs baselines (union of the sites' test splits)", ylim=(0, 1.1))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(bars), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -38,7 +38,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     eps = doc.get("epsilon") or {}
     sites = Table(title="Final model on each site's held-out test split")
     sites.add_column("site", no_wrap=True)
-    for col in ("n_test", "accuracy", "auc", "f1", "epsilon"):
+    for col in ("n_test", "acc", "auc", "f1", "ε"):
         sites.add_column(col, justify="right")
     if local:
         sites.add_column("local acc", justify="right")

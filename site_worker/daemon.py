@@ -19,8 +19,12 @@ from typing import Any
 
 import structlog
 
+from protocol.codec import new_envelope, open_frame, seal
+from protocol.errors import ProtocolError
 from protocol.messages import Envelope, EvalTask, RunControl, SiteHello, TrainTask
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
+from protocol.replay import ReplayGuard
+from protocol.signing import Signer, TrustStore
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
@@ -58,9 +62,6 @@ class SiteWorker:
     """One site's daemon. ``start()`` returns; work happens on the bus's consumer thread."""
 
     def __init__(self, config: SiteConfig, bus: Bus | None = None) -> None:
-        from protocol.replay import ReplayGuard
-        from protocol.signing import Signer, TrustStore
-
         self.config = config
         self._bus = bus
         self._owns_bus = bus is None
@@ -154,8 +155,6 @@ class SiteWorker:
 
     def announce(self) -> None:
         """Publish the SiteHello; a coordinator that is not up yet is not fatal (the site still serves)."""
-        from protocol.codec import new_envelope, seal
-
         env = new_envelope(self.hello(), federation=self.config.federation, run_id="", round=0,
                            sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
         try:
@@ -184,6 +183,7 @@ class SiteWorker:
                 self._bus.close()
             except BusError as e:
                 self.log.warning("close_failed", error=str(e))
+        self.guard.close()
         stats = self.stats
         self.log.info("site_stopped", stop_s=round(time.monotonic() - t0, 3), **stats)
         return stats
@@ -207,9 +207,6 @@ class SiteWorker:
         d.nack(f"{reason}: {message}")
 
     def _process(self, d: Delivery) -> None:
-        from protocol.codec import open_frame
-        from protocol.errors import ProtocolError
-
         try:
             opened = open_frame(d.body, self.trust)
             env = opened.envelope
@@ -253,8 +250,6 @@ class SiteWorker:
         self._reply(d, env, reply, tlog)
 
     def _reply(self, d: Delivery, task_env: Envelope, reply: Any, tlog: Any) -> None:
-        from protocol.codec import new_envelope, seal
-
         env = new_envelope(reply, federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
                            sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
         frame = seal(env, self.signer)

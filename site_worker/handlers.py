@@ -16,7 +16,9 @@ from typing import Any
 import structlog
 import torch
 
+from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, TrainTask, Update
+from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, prepare
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
@@ -92,9 +94,6 @@ class TaskHandler:
     # ------------------------------------------------------------------ shared checks
 
     def _experiment(self, task: TrainTask | EvalTask) -> tuple[Any, Any]:
-        from protocol.config import ConfigError, load_experiment
-        from protocol.model import summarize
-
         try:
             exp = load_experiment(task.experiment)
             summary = summarize(exp.architecture.layers)
@@ -117,8 +116,6 @@ class TaskHandler:
             raise _Decline("data", str(e)) from None
 
     def _model(self, exp: Any, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
-        from protocol.model import build_model, load_tensors
-
         model = build_model(exp.architecture.layers, seed=task.seed)
         try:
             load_tensors(model, task.weights, strict=True)
@@ -164,8 +161,6 @@ class TaskHandler:
         if spec.dp is not None:
             # Durable before the reply exists: a crash after this can only over-count, never under-count.
             self.ledger.record(task.dataset, result.history, task_id=env.message_id)
-        from protocol.model import to_tensors
-
         return Update(task_id=env.message_id, weights=to_tensors(result.model), num_examples=result.num_examples,
                       metrics=result.metrics, epsilon=result.epsilon, delta=result.delta,
                       base_round=task.base_round)

@@ -246,3 +246,36 @@ def test_resume_in_process_continues_after_the_last_committed_round(federation):
     np.testing.assert_allclose(resumed.weights[0][1], w0[0][1] + 3 * 2.5, rtol=1e-5)
     with pytest.raises(Exception, match="already exists"):
         federation.coordinator(experiment(rounds=3), run_id="r-resume").run()
+
+
+def test_progress_goes_to_stderr(federation, capsys):
+    federation.add_site(1.0, 10)
+    federation.add_site(1.0, 10)
+    federation.start_sites()
+    result = federation.coordinator(experiment(rounds=2), progress=True).run()
+    assert result.ok
+    captured = capsys.readouterr()
+    assert "round" in captured.err and "2/2" in captured.err
+    assert "2/2" not in captured.out  # the bar never goes to stdout (the --json document does)
+
+
+def test_fedasync_rejects_updates_staler_than_max_staleness_and_re_tasks_the_site(federation):
+    import threading
+
+    gate = threading.Event()
+    fast = federation.add_site(1.0, 10)
+    slow = federation.add_site(1.0, 10, gate={0: gate})  # answers its first task only after fast made 2 versions
+    federation.start_sites()
+    opener = threading.Thread(target=lambda: fast.wait_replied("Update", 1, timeout=60) and gate.set())
+    opener.start()
+    exp = experiment(rounds=5, name="FedAsync", parameters={"alpha": 0.5, "max_staleness": 1})
+    result = federation.coordinator(exp).run()
+    opener.join()
+    assert result.ok, result.reason
+    store = StateStore(federation.state_dir)
+    stale = store.updates(result.run_id, verdict="stale")
+    assert [(u["site"], u["base_round"]) for u in stale] == [(slow.site_id, 0)]
+    assert stale[0]["reason"] in ("staleness 2 > max_staleness 1", "staleness 3 > max_staleness 1")
+    # the stale site got a fresh task with a newer model at once
+    assert any(e.payload.base_round >= 2 for e in slow.tasks if e.type == "TrainTask")
+    assert all(u["staleness"] <= 1 for u in store.updates(result.run_id, verdict="accepted", kind="Update"))

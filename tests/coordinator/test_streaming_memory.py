@@ -18,7 +18,7 @@ from protocol.codec import new_envelope, open_frame, seal
 from protocol.messages import Update
 from protocol.signing import Signer, TrustStore
 
-SHAPES = (("0.weight", (256, 256)), ("0.bias", (256,)), ("1.weight", (128, 256)), ("1.bias", (128,)))
+SHAPES = (("0.weight", (128, 256)), ("0.bias", (128,)), ("1.weight", (64, 128)), ("1.bias", (64,)))
 
 
 def _ingest(n: int, signer: Signer, trust: TrustStore, reference) -> tuple[int, dict]:

@@ -82,3 +82,20 @@ def test_shipped_example_is_well_formed_toml():
     unit = (ROOT / "deploy" / "fedbus-site.service").read_text()
     for option in ("Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "fedbus site run --config"):
         assert option in unit
+
+
+def test_cli_exits_2_naming_the_key(base):
+    import os
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    raw, tmp = base
+    raw["policy"]["max_epsilon"] = "lots"
+    p = tmp / "site.toml"
+    p.write_text(tomli_w.dumps(raw))
+    r = subprocess.run([sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(p)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "policy.max_epsilon: must be a number" in r.stderr

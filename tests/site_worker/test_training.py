@@ -147,3 +147,16 @@ def test_policy_rules():
     with pytest.raises(PolicyViolation, match="differential privacy is off"):
         check_policy(SitePolicy(), no_dp, parameters=n)
     check_policy(SitePolicy(allow_no_dp=True), no_dp, parameters=n)
+
+
+def test_batchnorm_fix_that_changes_the_weight_layout_is_refused():
+    from site_worker.handlers import _fix_for_dp
+
+    layers = [{"type": "input", "params": {"features": 12}},
+              {"type": "Linear", "params": {"in_features": 12, "out_features": 8}},
+              {"type": "BatchNorm1d", "params": {"num_features": 8}},
+              {"type": "Linear", "params": {"in_features": 8, "out_features": 1}}]
+    with pytest.raises(PolicyViolation, match="GroupNorm"):
+        _fix_for_dp(build_model(layers, seed=0))
+    plain = build_model([layers[0], layers[1], layers[3]], seed=0)
+    assert _fix_for_dp(plain) is plain
