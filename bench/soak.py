@@ -71,20 +71,27 @@ class RssSampler:
 
 
 def growth(samples: list[tuple[float, str, int, float]], round_times: list[float], warmup_rounds: int) -> list[dict]:
-    """Per (role, pid): RSS when the warm-up ended vs at the end of its life."""
-    warm_t = round_times[min(warmup_rounds, len(round_times)) - 1] if round_times else 0.0
+    """Per process (role, pid): RSS once it has lived through ``warmup_rounds`` round ends
+    (imports, first task, caches) vs its last sample. Zombie samples (RSS ~0) are ignored."""
     by: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
     for t, role, pid, rss in samples:
-        by[(role, pid)].append((t, rss))
+        if rss >= 1.0:
+            by[(role, pid)].append((t, rss))
     out = []
-    for (role, pid), pts in sorted(by.items()):
-        after = [p for p in pts if p[0] >= warm_t] or pts
-        start, end = after[0], after[-1]
-        rounds_seen = sum(1 for rt in round_times if start[0] <= rt <= end[0])
-        grow = end[1] - start[1]
-        out.append({"process": role, "pid": pid, "rss_start_mb": start[1], "rss_end_mb": end[1],
-                    "rss_peak_mb": max(r for _, r in pts), "growth_mb": grow, "rounds": rounds_seen,
-                    "growth_mb_per_100_rounds": (100 * grow / rounds_seen) if rounds_seen >= 5 else None})
+    for (role, pid), pts in sorted(by.items(), key=lambda kv: (kv[0][0] != "coordinator", kv[0][0], kv[1][0][0])):
+        born, died = pts[0][0], pts[-1][0]
+        lived = [rt for rt in round_times if born <= rt <= died]
+        warm_t = lived[warmup_rounds - 1] if len(lived) >= warmup_rounds else None
+        after = [p for p in pts if warm_t is not None and p[0] >= warm_t]
+        row = {"process": role, "pid": pid, "rss_peak_mb": max(r for _, r in pts), "rounds_lived": len(lived),
+               "rss_start_mb": None, "rss_end_mb": pts[-1][1], "growth_mb": None, "rounds": 0,
+               "growth_mb_per_100_rounds": None}
+        if len(after) >= 2:
+            rounds_seen = sum(1 for rt in round_times if after[0][0] <= rt <= after[-1][0])
+            grow = after[-1][1] - after[0][1]
+            row.update(rss_start_mb=after[0][1], rss_end_mb=after[-1][1], growth_mb=grow, rounds=rounds_seen,
+                       growth_mb_per_100_rounds=(100 * grow / rounds_seen) if rounds_seen >= 5 else None)
+        out.append(row)
     return out
 
 
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=160)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="fedbus-soak-"))
     faults: list[dict[str, Any]] = []
@@ -171,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         }
     table = Table(title=f"soak: {report['rounds_committed']}/{args.rounds} rounds, {args.sites} sites, "
                         f"{len(faults)} faults, {wall:.0f} s")
-    for col in ("process", "pid", "RSS after warm-up MB", "RSS end MB", "peak MB", "growth MB", "rounds",
-                "MB / 100 rounds"):
+    for col in ("process", "pid", "rounds lived", "RSS after warm-up MB", "RSS end MB", "peak MB", "growth MB",
+                "rounds measured", "MB / 100 rounds"):
         table.add_column(col, justify="right")
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for m in report["memory"]:
-        g = m["growth_mb_per_100_rounds"]
-        table.add_row(m["process"], str(m["pid"]), f"{m['rss_start_mb']:.0f}", f"{m['rss_end_mb']:.0f}",
-                      f"{m['rss_peak_mb']:.0f}", f"{m['growth_mb']:+.1f}", str(m["rounds"]),
-                      "-" if g is None else f"{g:+.1f}")
+        table.add_row(m["process"], str(m["pid"]), str(m["rounds_lived"]), f(m["rss_start_mb"], ".1f"),
+                      f(m["rss_end_mb"], ".1f"), f(m["rss_peak_mb"], ".1f"), f(m["growth_mb"], "+.1f"),
+                      str(m["rounds"]), f(m["growth_mb_per_100_rounds"], "+.1f"))
     console.print(table)
     console.print(f"status {report['status']} (exit {rc}); median round {report['round_s_median']}; "
                   f"retried rounds {report['rounds_retried']}; partial rounds {len(report['partial_rounds'])}")

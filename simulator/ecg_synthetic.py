@@ -96,9 +96,9 @@ def _noise(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     powerline = rng.uniform(0.0, 0.05) * np.sin(2 * np.pi * mains * t + rng.uniform(0, 2 * np.pi))
     white = rng.normal(0.0, rng.uniform(0.01, 0.06), size=t.shape)
     if rng.random() < 0.15:  # a burst of muscle (EMG) noise over part of the window
-        start = rng.integers(0, t.shape[0] - 30)
-        white[start : start + rng.integers(20, 60)] += rng.normal(0.0, rng.uniform(0.05, 0.15), size=1)
-        white[start : start + 60] += rng.normal(0.0, 0.08, size=white[start : start + 60].shape)
+        start = int(rng.integers(0, t.shape[0] - 20))
+        burst = white[start : start + int(rng.integers(20, 60))]
+        burst += rng.normal(0.0, rng.uniform(0.05, 0.15), size=burst.shape)
     return wander + powerline + white
 
 

@@ -49,6 +49,7 @@ class PreparedData:
 
 # --------------------------------------------------------------------------- reading
 
+_CACHE_SIZE = 16
 _cache: dict[tuple[str, float, int], pd.DataFrame] = {}
 _cache_lock = threading.Lock()
 
@@ -73,7 +74,9 @@ def read_table(source: DatasetSource) -> pd.DataFrame:
             raise DataError(source.target, f"cannot read {p.name} as {source.format}: {type(e).__name__}") from None
         df.columns = [str(c).strip() for c in df.columns]
         with _cache_lock:
-            _cache.clear()  # keep one frame per process at most: sites serve one dataset at a time
+            # Bounded: a daemon serves a few datasets; the in-process simulator a few sites.
+            while len(_cache) >= _CACHE_SIZE:
+                _cache.pop(next(iter(_cache)))
             _cache[key] = df
     return df
 

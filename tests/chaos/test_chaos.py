@@ -86,8 +86,8 @@ def dead_reasons_ok(dead: list[dict[str, Any]]) -> None:
 
 
 def test_site_killed_mid_training_restarts_and_its_update_counts_once(make_federation) -> None:
-    # Site 2 holds 40x the rows, so its training lasts long enough to be interrupted.
-    fed = make_federation(sites=4, data_repeat={1: 40})
+    # Site 2 holds 60x the rows, so its training lasts long enough to be interrupted.
+    fed = make_federation(sites=4, data_repeat={1: 60})
     fed.start_sites(timeout=START_S)
     doc = experiment(rounds=3, sites=4, round_timeout_s=120)
     run_id = f"kill-site-{fed.tag}"
@@ -111,18 +111,21 @@ def test_site_killed_mid_training_restarts_and_its_update_counts_once(make_feder
 
 
 def test_coordinator_killed_mid_round_resumes_without_loss_or_double_count(make_federation) -> None:
-    fed = make_federation(sites=4)
+    # Site 4 holds 40x the rows and is frozen (SIGSTOP) while it trains round 2: round 2 then
+    # stays open with the three other updates received and folded into the running sum, but
+    # not committed, when the coordinator is killed.
+    fed = make_federation(sites=4, data_repeat={3: 40})
     fed.start_sites(timeout=START_S)
     doc = experiment(rounds=3, sites=4, round_timeout_s=120)
     path = fed.write_experiment(doc)
     run_id = f"kill-coord-{fed.tag}"
     fed.start_coordinator(path, run_id=run_id)
-    # Site 4 is frozen after round 1: round 2 then stays open with three updates received
-    # and folded into the running sum, but not committed.
     late = fed.site(3)
-    wait_for(lambda: late.sent(run_id), timeout=RUN_S, what="site 4's round-1 update", on_fail=fed.diagnostics)
+    wait_for(lambda: late.events("training_started", run_id=run_id, round=2), timeout=RUN_S, interval=0.02,
+             what="site 4 to start training round 2", on_fail=fed.diagnostics)
     fed.pause_site(3)
     try:
+        assert not [x for x in late.sent(run_id) if x["round"] == 2], "site 4 answered round 2 before the pause"
         for i in range(3):
             wait_for(lambda i=i: [x for x in fed.site(i).sent(run_id) if x["round"] == 2], timeout=RUN_S,
                      what=f"site {i + 1}'s round-2 update", on_fail=fed.diagnostics)
@@ -270,3 +273,15 @@ def test_harness_wait_for_reports_what_it_waited_for() -> None:
     with pytest.raises(ChaosError, match="the impossible"):
         wait_for(lambda: False, timeout=0.2, interval=0.05, what="the impossible")
     assert wait_for(lambda: 42, timeout=1, what="an answer") == 42
+
+
+def test_clock_offset_hook_reads_seconds_and_names_the_variable_when_bad(monkeypatch) -> None:
+    from site_worker.daemon import CLOCK_OFFSET_ENV, clock_offset_s
+
+    monkeypatch.delenv(CLOCK_OFFSET_ENV, raising=False)
+    assert clock_offset_s() == 0.0
+    monkeypatch.setenv(CLOCK_OFFSET_ENV, "-600.5")
+    assert clock_offset_s() == -600.5
+    monkeypatch.setenv(CLOCK_OFFSET_ENV, "ten minutes")
+    with pytest.raises(ValueError, match="FEDBUS_CLOCK_OFFSET_S"):
+        clock_offset_s()

@@ -279,3 +279,28 @@ def test_fedasync_rejects_updates_staler_than_max_staleness_and_re_tasks_the_sit
     # the stale site got a fresh task with a newer model at once
     assert any(e.payload.base_round >= 2 for e in slow.tasks if e.type == "TrainTask")
     assert all(u["staleness"] <= 1 for u in store.updates(result.run_id, verdict="accepted", kind="Update"))
+
+
+def test_a_late_update_is_logged_and_dropped(federation):
+    import threading
+
+    gate = threading.Event()
+    a = federation.add_site(1.0, 10)
+    federation.add_site(1.0, 10)
+    late = federation.add_site(50.0, 10, gate={1: gate})  # its round-1 answer comes after the deadline
+
+    def open_when_round_2_started():
+        with a._cond:
+            a._cond.wait_for(lambda: any(e.round == 2 for e in a.tasks), timeout=60)
+        gate.set()
+
+    opener = threading.Thread(target=open_when_round_2_started)
+    opener.start()
+    federation.start_sites()
+    result = federation.coordinator(experiment(rounds=2), round_timeout_s=1.0).run()
+    opener.join()
+    assert result.ok, result.reason
+    assert [r["replies"] for r in result.rounds] == [2, 3]
+    rows = StateStore(federation.state_dir).updates(result.run_id, verdict="late")
+    assert [(u["site"], u["round"]) for u in rows] == [(late.site_id, 1)]
+    assert rows[0]["reason"] == "for round 1, now in round 2"

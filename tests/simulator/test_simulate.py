@@ -90,6 +90,16 @@ def test_cli_json_document_report_and_coordinator_state(tmp_path):
         assert {s["site_id"] for s in store.sites()} >= set(doc["sites"])
     finally:
         store.close()
+    runner = CliRunner()
+    audit = runner.invoke(app, ["coordinator", "audit", doc["run_id"], "--state", str(out / "coordinator")])
+    assert audit.exit_code == 0, audit.output
+    shown = runner.invoke(app, ["coordinator", "runs", "show", doc["run_id"], "--state", str(out / "coordinator"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["run_id"] == doc["run_id"]
+    exported = runner.invoke(app, ["coordinator", "runs", "export", doc["run_id"], "--state", str(out / "coordinator"),
+                                   "--out", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
 def test_cli_bad_usage_exits_2(tmp_path):

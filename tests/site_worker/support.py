@@ -18,7 +18,7 @@ from protocol.messages import Envelope, EvalTask, RunControl, TrainTask
 from protocol.model import build_model, to_tensors
 from protocol.signing import Signer, TrustStore, generate_keypair
 from protocol.transport.base import Bus, Delivery, Topology
-from protocol.transport.topology import TASKS, UPDATES, updates_queue
+from protocol.transport.topology import TASKS, updates_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 HEART_FAILURE = ROOT / "examples" / "heart_failure.json"

@@ -73,9 +73,24 @@ def test_hello_then_train_reply_is_signed_update_with_epsilon(env):
     hist = [(1.0, 1 / 8, 8)]  # ceil(239/32) = 8 batches, sample rate 1/8, 1 epoch
     assert u.epsilon == pytest.approx(epsilon_of(hist, delta=1e-5))
     assert worker.guard.seen(task.message_id)
-    # The hello went to the control queue, metadata only.
-    broker = get_broker(broker_name)
-    assert broker.queue_depth(control_queue(cfg.federation)) == 1
+    # The hello went to the control queue, signed, metadata only.
+    import queue as _queue
+
+    from protocol.codec import open_frame
+
+    hellos: "_queue.Queue" = _queue.Queue()
+
+    def on_hello(d):
+        hellos.put(open_frame(d.body, coord.trust).envelope)
+        d.ack()
+
+    c = coord.bus.consume(control_queue(cfg.federation), on_hello)
+    hello = hellos.get(timeout=10)
+    c.cancel()
+    assert isinstance(hello.payload, SiteHello) and hello.sender == cfg.site_id
+    info = {i.name: i for i in hello.payload.datasets}["heart_failure"]
+    assert info.rows == 299 and info.target == "DEATH_EVENT" and info.feature_types["platelets"] == "numeric"
+    assert "DEATH_EVENT" in info.columns and hello.payload.policy["max_epsilon"] == 50.0
 
 
 def test_refusals_keep_serving(env):
