@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN_FOR = {10_000: 714, 100_000: 7_143, 1_000_000: 71_429, 10_000_000: 714_286, 50_000_000: 3_571_429}
+
+
+def nominal_size(params: int) -> int:
+    """The sweep size (10 K, 100 K, ...) a measured parameter count belongs to."""
+    return min(HIDDEN_FOR, key=lambda k: abs(k - params))
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -139,6 +145,7 @@ def point_memory(sites: int, rounds: int, hidden: int | None) -> dict[str, Any]:
     peak = _status_kb(os.getpid(), "VmHWM") / 1024
     for e in echo:
         e.stop()
+    shutil.rmtree(root, ignore_errors=True)
     if not result.ok:
         raise RuntimeError(f"memory point sites={sites} failed: {result.reason}")
     return {"sweep": "memory-sites", "sites": sites, "params": parameter_count(doc),
@@ -170,12 +177,14 @@ def _coordinator(fed: Any, doc: dict[str, Any], run_id: str, timeout: float) -> 
 def point_processes(sites: int, rounds: int, broker: str) -> dict[str, Any]:
     from tests.chaos.harness import Federation
 
-    with Federation(Path(tempfile.mkdtemp(prefix="fedbus-scale-")), sites=sites, broker_url=broker) as fed:
+    root = Path(tempfile.mkdtemp(prefix="fedbus-scale-"))
+    with Federation(root, sites=sites, broker_url=broker) as fed:
         t0 = time.perf_counter()
         fed.start_sites(timeout=900)
         start_s = time.perf_counter() - t0
         doc = model_experiment(rounds=rounds, sites=sites, hidden=None)
         out, mb = _coordinator(fed, doc, f"scale-{fed.tag}", timeout=900)
+    shutil.rmtree(root, ignore_errors=True)
     rounds_ = out["rounds"]
     train = [r["wall_s"] for r in rounds_]
     return {"sweep": "amqp-sites", "sites": sites, "params": parameter_count(doc),
@@ -189,7 +198,8 @@ def point_model(params: int, sites: int, rounds: int, broker: str) -> dict[str, 
     from protocol.transport import open_bus
     from tests.chaos.harness import Federation
 
-    with Federation(Path(tempfile.mkdtemp(prefix="fedbus-scale-")), sites=sites, broker_url=broker) as fed:
+    root = Path(tempfile.mkdtemp(prefix="fedbus-scale-"))
+    with Federation(root, sites=sites, broker_url=broker) as fed:
         echo = [EchoSite(open_bus(fed.url), site_id=s, signer=Signer.from_file(fed.keys / f"{s}.key"),
                          federation=fed.federation, coordinator_pub=fed.coordinator_pub.read_bytes())
                 for s in fed.site_ids]
@@ -202,6 +212,7 @@ def point_model(params: int, sites: int, rounds: int, broker: str) -> dict[str, 
             for e in echo:
                 e.stop()
                 e.bus.close()
+    shutil.rmtree(root, ignore_errors=True)  # checkpoints and stored bodies: GBs at 50 M parameters
     n = parameter_count(doc)
     return {"sweep": "amqp-model", "sites": sites, "params": n, "model_mb": n * 4 / 2**20,
             "round_s": statistics.median(r["wall_s"] for r in out["rounds"]), "peak_rss_mb": mb,
@@ -278,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=("memory", "processes", "model"), action="append",
                     help="run only these sweeps (repeat)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="JSON of an earlier run: its points are kept and not measured again")
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.point:
@@ -298,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [("processes", n) for n in proc_sites]
     if "model" in sweeps:
         jobs += [("model", p) for p in sizes]
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = json.loads(args.reuse.read_text()) if args.reuse and args.reuse.exists() else []
+    have = {(r["sweep"], r["sites"] if r["sweep"] != "amqp-model" else nominal_size(r["params"])) for r in rows}
+    names = {"memory": "memory-sites", "processes": "amqp-sites", "model": "amqp-model"}
+    jobs = [(k, n) for k, n in jobs if (names[k], n) not in have]
     with Progress(transient=True) as progress:
         task = progress.add_task("scale", total=len(jobs))
         for kind, n in jobs:
@@ -310,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows.append(point_model(n, 3, max(2, args.rounds - 1), args.broker))
             progress.advance(task)
+    order = {"memory-sites": 0, "amqp-sites": 1, "amqp-model": 2}
+    rows.sort(key=lambda r: (order[r["sweep"]], r["sites"], r["params"]))
     add_linearity(rows)
     print_table(rows)
     plot(rows, args.out)

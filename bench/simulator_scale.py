@@ -103,6 +103,7 @@ def main() -> None:
                 "peak_threads": sampler.peak_threads,
                 "replies": [r["replies"] for r in doc["rounds"]],
                 "test_accuracy": round(doc["final"]["accuracy"], 3),
+                "phases_s": {k: round(v, 2) for k, v in doc["timing"].items() if k.endswith("_s")},
             }
             results.append(row)
             print(json.dumps(row), flush=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.chaos.harness import Federation, experiment, wait_for  # noqa: E402
+from tests.chaos.harness import Federation, experiment  # noqa: E402
 
 
 class RssSampler:
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(10, 5))
         series: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
         for t, role, pid, rss in sampler.samples:
-            series[(role, pid)].append((t, rss))
+            if rss >= 1.0:  # a killed, not yet reaped process reads 0
+                series[(role, pid)].append((t, rss))
         for (role, pid), pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=role if role == "coordinator" else None)
         for r, t in round_end.items():

@@ -271,6 +271,12 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
             ),
         ),
     ]
+    if base.get("pooled"):
+        sections.append(
+            f"<p>Baselines use the same model, optimizer, batch size and DP settings for "
+            f"{_fmt(base.get('epochs'))} epochs (rounds × local epochs): <i>pooled</i> trains on every site's "
+            "training rows together; <i>local only</i> is each site's own model on its own test split.</p>"
+        )
     for name, title in (("baselines.png", "Federated vs baselines"), ("loss.png", "Loss"), ("accuracy_auc.png", "Accuracy and AUC"), ("epsilon.png", "Privacy")):
         if name in pngs:
             data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
@@ -288,11 +294,15 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
     sites = list(doc.get("sites") or sorted(per_site))
     shown = sites[:200]
     sections.append("<h2>Per site (final model, site's test split)</h2>")
+    headers = ["site", "n_test", "accuracy", "auc", "f1", "epsilon"]
+    if local:
+        headers += ["local-only accuracy", "local-only auc"]
     sections.append(
         _table(
-            ["site", "n_test", "accuracy", "auc", "f1", "epsilon", "local-only accuracy", "local-only auc"],
+            headers,
             [[s, per_site.get(s, {}).get("n_test"), per_site.get(s, {}).get("accuracy"), per_site.get(s, {}).get("auc"),
-              per_site.get(s, {}).get("f1"), eps.get(s), local.get(s, {}).get("accuracy"), local.get(s, {}).get("auc")]
+              per_site.get(s, {}).get("f1"), eps.get(s)]
+             + ([local.get(s, {}).get("accuracy"), local.get(s, {}).get("auc")] if local else [])
              for s in shown],
         )
     )

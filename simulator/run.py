@@ -160,16 +160,20 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
 
     from simulator.workspace import build_workspace
 
+    t_ws = time.perf_counter()
     ws = build_workspace(
         work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
     )
     fault_log = FaultLog()
     try:
+        t_run = time.perf_counter()
         result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
                                          fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
         doc = _document(result)
         final_weights = _final_weights(result, coord_state, doc)
+        timing["setup_s"] = t_run - t_ws
+        t_score = time.perf_counter()
         scorer = _scorer(exp, ws)
         scored = scorer(final_weights)
         doc["final_validation"] = doc.get("final")
@@ -177,16 +181,19 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
 
         # Per-round test scores cost one forward pass per round over the test rows: skip for huge runs.
         enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
+        timing["scoring_s"] = time.perf_counter() - t_score
         doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
         if baselines:
             from simulator.baselines import run_baselines
 
             rounds_run = int(exp.training.rounds)
+            t_base = time.perf_counter()
             doc["baselines"] = run_baselines(
                 exp, train_files={s: f.train for s, f in ws.sites.items()},
                 test_files={s: f.test for s, f in ws.sites.items()}, rounds=rounds_run, seed=run_seed,
                 work_dir=ws.root,
             )
+            timing["baselines_s"] = time.perf_counter() - t_base
         doc.setdefault("timing", {})
         doc["timing"] = {**timing, **{k: v for k, v in (doc.get("timing") or {}).items() if v is not None}}
         doc["timing"]["simulate_s"] = time.perf_counter() - t_start
@@ -242,7 +249,11 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
         except Exception as e:  # noqa: BLE001 - the coordinator's own failure, reported as a failed run
             raise SimulationFailed(f"the coordinator failed: {type(e).__name__}: {e}") from e
     finally:
+        t_stop = time.perf_counter()
         fed.stop()
+        t_stop = time.perf_counter() - t_stop
+        if not memory:
+            _delete_run_queues(coord_bus, sites=sorted(ws.sites), federation=federation)
         try:
             coord_bus.close()
         except Exception:  # noqa: BLE001
@@ -251,7 +262,22 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
             from protocol.transport.memory import drop_broker
 
             drop_broker(urlsplit(url).netloc)
-    return result, {"sites_start_s": t_sites}
+    return result, {"sites_start_s": t_sites, "sites_stop_s": t_stop}
+
+
+def _delete_run_queues(bus: Any, *, sites: list[str], federation: str) -> None:
+    """Leave the broker as we found it: the run's queues are simulation-only (use a dedicated vhost
+    on a broker that real sites share, so simulated site ids never meet real ones)."""
+    from protocol.transport.topology import control_queue, site_queue, updates_queue
+
+    delete = getattr(bus, "delete_queue", None)
+    if delete is None:
+        return
+    for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
+        try:
+            delete(name)
+        except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
+            log.warning("queue_not_deleted", queue=name, error=str(e))
 
 
 def _document(result: Any) -> dict[str, Any]:

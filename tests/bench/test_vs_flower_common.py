@@ -118,7 +118,18 @@ def test_fedavg_weights_by_examples_and_rejects_empty_input():
         common.fedavg([(a, 0)])
 
 
-def test_local_training_is_seeded_and_moves_the_weights(sites):
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; restore the setting for other tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_local_training_is_seeded_and_moves_the_weights(sites, one_thread):
     w0 = common.initial_weights(spec=SPEC)
     assert [w.shape for w in w0] == [(64, 25), (64,), (32, 64), (32,), (1, 32), (1,)]
     site = sites["Switzerland"]

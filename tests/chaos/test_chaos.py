@@ -16,6 +16,7 @@ Each test injects one kind of fault into a run of the heart-failure MLP (FedAvg,
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Any
@@ -187,7 +188,7 @@ def _forged_frames(fed: Federation, run_id: str, mallory_key, honest: str) -> di
     from protocol.model import build_model, to_tensors
     from protocol.signing import Signer
 
-    exp = load_experiment(__import__("json").loads((fed.root / "experiment.json").read_text()))
+    exp = load_experiment(json.loads((fed.root / "experiment.json").read_text()))
     weights = to_tensors(build_model(exp.architecture.layers, seed=1))
     mallory = Signer.from_file(mallory_key)
 
