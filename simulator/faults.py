@@ -191,6 +191,8 @@ class FaultLog:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **event: Any) -> None:
+        # One structured log line per fault: a site process's faults are read back from its log.
+        log.warning("fault_injected", **event)
         with self.lock:
             self.events.append(event)
 
@@ -261,7 +263,6 @@ class FaultyBus(Bus):
             if env.type == "TrainTask" and crash_round is not None and rnd >= crash_round:
                 self.crashed = True
                 self.fault_log.add(kind="crash", site=self.site_id, round=rnd)
-                log.warning("fault: site crashes", site_id=self.site_id, round=rnd)
                 self._crash(wrapper)
                 return
             attempt = self._attempts.get(rnd, 0)
@@ -269,7 +270,6 @@ class FaultyBus(Bus):
                 self._attempts[rnd] = attempt + 1
             if env.type == "TrainTask" and self.plan.drops(rnd, self.site_id, attempt):
                 self.fault_log.add(kind="dropout", site=self.site_id, round=rnd)
-                log.info("fault: site drops out of the round", site_id=self.site_id, round=rnd)
                 delivery.ack()
                 return
             straggler = self.plan.straggler_for(self.site_id)

@@ -119,6 +119,45 @@ class ProcessFederation:
             )
         log.info("site_processes_started", sites=len(self.procs))
 
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until every site process has announced itself (its log says ``site_started``).
+
+        Site processes import torch and Opacus before they can take a task; starting the
+        coordinator's round clock before that would count start-up as a missed deadline.
+        """
+        pending = set(self.procs)
+        deadline = time.monotonic() + timeout_s
+        tick = threading.Event()
+        while pending:
+            for site in sorted(pending):
+                logf = self.ws.sites[site].config.parent / "site.log"
+                if b'"site_started"' in logf.read_bytes():
+                    pending.discard(site)
+                elif self.procs[site].poll() is not None:
+                    tail = logf.read_bytes()[-2000:].decode("utf-8", "replace")
+                    raise RuntimeError(f"site process {site} exited with {self.procs[site].returncode}:\n{tail}")
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"site processes not up after {timeout_s:.0f} s: {sorted(pending)}")
+            if pending:
+                tick.wait(0.2)
+
+    def fault_events(self) -> list[dict[str, Any]]:
+        """Faults the site processes injected, read back from their JSON log lines."""
+        events: list[dict[str, Any]] = []
+        for site in sorted(self.procs):
+            logf = self.ws.sites[site].config.parent / "site.log"
+            if not logf.exists():
+                continue
+            for line in logf.read_text(encoding="utf-8", errors="replace").splitlines():
+                if '"fault_injected"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                events.append({k: rec[k] for k in ("kind", "site", "round", "delay_s", "mode", "factor") if k in rec})
+        return events
+
     def alive(self) -> dict[str, bool]:
         return {s: p.poll() is None for s, p in self.procs.items()}
 

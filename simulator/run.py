@@ -239,6 +239,11 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
     try:
         fed.declare(coord_bus)
         fed.start()
+        if not memory:
+            try:
+                fed.wait_ready()
+            except RuntimeError as e:
+                raise SimulationFailed(str(e)) from None
         t_sites = time.perf_counter() - t0
         coord = Coordinator(
             exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
@@ -253,6 +258,7 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
         fed.stop()
         t_stop = time.perf_counter() - t_stop
         if not memory:
+            fault_log.events.extend(fed.fault_events())
             _delete_run_queues(coord_bus, sites=sorted(ws.sites), federation=federation)
         try:
             coord_bus.close()

@@ -30,3 +30,16 @@ def test_amqp_processes_give_the_same_final_metrics_as_memory(amqp_url):
     # Per-round aggregated validation metrics agree too, not only the end point.
     for a, m in zip(amqp["rounds"], mem["rounds"]):
         assert a["loss"] == pytest.approx(m["loss"], rel=1e-6)
+
+
+def test_faulty_site_processes_crash_for_real_and_report_their_faults(amqp_url):
+    suffix = f"-{uuid.uuid4().hex[:6]}"
+    doc = simulate(
+        HEART_DISEASE, partition="natural:dataset", rounds=2, site_suffix=suffix, broker=amqp_url,
+        faults=f"byzantine:hungary{suffix}:flip,crash:va-long-beach{suffix}@2", round_timeout_s=20, progress=False,
+    )
+    # Round 2: the crashed site (SIGKILLed mid-round, its task unacked) no longer answers.
+    assert [r["replies"] for r in doc["rounds"]] == [4, 3]
+    kinds = sorted((e["kind"], e["site"], e["round"]) for e in doc["faults"]["events"])
+    assert kinds == [("byzantine", f"hungary{suffix}", 1), ("byzantine", f"hungary{suffix}", 2),
+                     ("crash", f"va-long-beach{suffix}", 2)]
