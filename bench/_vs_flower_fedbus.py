@@ -135,8 +135,31 @@ def overhead_split(round_s: list[float], train_s: list[float], site_task_s: dict
             "overhead_hub_side_s": statistics.median(hub_side) if hub_side else None}
 
 
-def _site_id(hospital: str, tag: str) -> str:
-    return "bench-" + "".join(c if c.isalnum() else "-" for c in hospital.lower()) + f"-{tag}"
+def _site_id(hospital: str) -> str:
+    """A fixed id per hospital (``hospital-cleveland``, ...): the coordinator derives each site's
+    shuffling and validation seeds from (run seed, round, site id), so fixed ids make fedbus runs
+    repeat bit for bit. Runs are kept apart by a fresh federation name and by emptying the site
+    queues first (``_reset_queues``)."""
+    return "hospital-" + "".join(c if c.isalnum() else "-" for c in hospital.lower())
+
+
+def _reset_queues(broker: str, names: list[str]) -> None:
+    """Delete this bench's fixed site queues so nothing left by an earlier, interrupted run is
+    delivered to this one (the declare that follows recreates them empty)."""
+    import pika
+
+    params = pika.URLParameters(broker)
+    conn = pika.BlockingConnection(params)
+    try:
+        for name in names:
+            ch = conn.channel()
+            try:
+                ch.queue_delete(queue=name)
+            except pika.exceptions.ChannelClosedByBroker:
+                continue  # not there (or not ours to delete): the declare below says which
+            ch.close()
+    finally:
+        conn.close()
 
 
 def _delete_queues(broker: str, names: list[str]) -> None:
@@ -167,7 +190,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
 
     tag = uuid.uuid4().hex[:8]
     federation = f"bench-vsflower-{tag}"
-    hospitals = {h: _site_id(h, tag) for h in common.HOSPITALS}
+    hospitals = {h: _site_id(h) for h in common.HOSPITALS}
     sites = sorted(hospitals.values())
     out, logs, keys = work / "out", work / "logs", work / "keys"
     for d in (out, logs, keys):
@@ -203,6 +226,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
             target=common.TARGET, signal=False))
     enroll(state, pubs)
 
+    _reset_queues(broker, [site_queue(s) for s in sites])
     bus = open_bus(broker)
     try:
         bus.declare(Topology(sites=sites, federations=[federation]))

@@ -9,6 +9,7 @@ details never contain data values, because they travel back to the coordinator.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ _cache_lock = threading.Lock()
 
 def read_table(source: DatasetSource) -> pd.DataFrame:
     """Read a CSV or Parquet file (cached by path and mtime: rounds re-use the frame)."""
+    return _read_table_keyed(source)[1]
+
+
+def _read_table_keyed(source: DatasetSource) -> tuple[tuple[str, float, int], pd.DataFrame]:
+    """The frame and the file version it was read from (path, mtime, size)."""
     p = Path(source.path)
     try:
         st = p.stat()
@@ -78,7 +84,7 @@ def read_table(source: DatasetSource) -> pd.DataFrame:
             while len(_cache) >= _CACHE_SIZE:
                 _cache.pop(next(iter(_cache)))
             _cache[key] = df
-    return df
+    return key, df
 
 
 def read_signals(source: DatasetSource) -> tuple[np.ndarray, np.ndarray]:
@@ -165,16 +171,11 @@ def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[i
         features: tuple[str, ...] = ("signal",)
         x_tr, x_va = x[train_idx], x[val_idx]
     else:
-        df = read_table(source)
         target = source.target  # the site maps the experiment's target to its own column
-        if target not in df.columns:
-            raise DataError(target, "target column is missing from the dataset")
-        y_all = _labels(df[target], target, task, num_classes, _target_transform(spec))
-        keep = ~np.isnan(y_all)
-        df = df.loc[keep].reset_index(drop=True)
-        y = y_all[keep]
+        table = _parsed_table(source, spec, task=task, num_classes=num_classes)
+        y = table.y
         train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
-        x_tr, x_va, features = _tabular_features(df, source, spec, target, train_idx, val_idx)
+        x_tr, x_va, features = _tabular_features(table, source, spec, target, train_idx, val_idx)
         if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
             raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
                                         f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
@@ -266,15 +267,60 @@ def _category_key(v: Any) -> str | None:
     return str(v).strip()
 
 
-def _tabular_features(df: pd.DataFrame, source: DatasetSource, spec: Any, target: str,
-                      train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+@dataclass
+class _Table:
+    """A file's usable rows parsed for one experiment ``dataset`` block: labels now, feature
+    columns on first use. Everything here is fixed by (file, spec); the per-task split,
+    imputation and standardisation are not, and are computed from it in ``_tabular_features``."""
+
+    df: pd.DataFrame  # rows with a usable label
+    y: np.ndarray
+    columns: list[tuple[str, np.ndarray, tuple[str, ...]]] | None = None  # ("cat"|"num", values, names)
+
+
+_tables: dict[tuple[Any, ...], _Table] = {}
+
+
+def _spec_key(spec: Any, task: str, num_classes: int) -> str:
+    fields = {k: getattr(spec, k, None) for k in ("features", "categorical", "exclude", "positive_if")}
+    return json.dumps([task, num_classes, fields], sort_keys=True, default=str)
+
+
+def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: int) -> _Table:
+    """Labels (and later the feature columns) of ``source`` for ``spec``, parsed once per file
+    version: a daemon gets the same (file, experiment) every round with only the seed changing."""
+    version, df = _read_table_keyed(source)
+    key = (*version, source.target, tuple(sorted(source.columns.items())),
+           _spec_key(spec, task, num_classes))
+    with _cache_lock:
+        table = _tables.get(key)
+    if table is not None:
+        return table
+    target = source.target
+    if target not in df.columns:
+        raise DataError(target, "target column is missing from the dataset")
+    y_all = _labels(df[target], target, task, num_classes, _target_transform(spec))
+    keep = ~np.isnan(y_all)
+    table = _Table(df=df.loc[keep].reset_index(drop=True), y=y_all[keep])
+    with _cache_lock:
+        while len(_tables) >= _CACHE_SIZE:
+            _tables.pop(next(iter(_tables)))
+        _tables[key] = table
+    return table
+
+
+def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
+                     target: str) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
+    """One-hot blocks and raw numeric values of the experiment's features (split-independent)."""
+    if table.columns is not None:
+        return table.columns
+    df = table.df
     categorical: dict[str, list[Any]] = dict(getattr(spec, "categorical", None) or {})
     exclude = set(getattr(spec, "exclude", None) or ())
     wanted = getattr(spec, "features", None)
     if wanted is None:
         wanted = [c for c in df.columns if c != target and c not in exclude]
-    blocks: list[np.ndarray] = []
-    names: list[str] = []
+    columns: list[tuple[str, np.ndarray, tuple[str, ...]]] = []
     for col in wanted:
         if col not in df.columns:
             raise DataError(col, "feature column is missing from the dataset")
@@ -284,19 +330,38 @@ def _tabular_features(df: pd.DataFrame, source: DatasetSource, spec: Any, target
             keys = series.map(_category_key)
             block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
                 np.zeros((len(df), 0), np.float32)
-            blocks.append(block)
-            names.extend(f"{col}={c}" for c in cats)
+            block.flags.writeable = False  # shared by every task on this file
+            columns.append(("cat", block, tuple(f"{col}={c}" for c in cats)))
             continue
         if source.columns.get(col) == "categorical":
             raise DataError(col, "the site declares it categorical but the experiment uses it as numeric; "
                                  "add it to dataset.categorical in the experiment")
         vals = to_numeric(series, col).to_numpy(dtype=np.float64)
-        train = vals[train_idx]
+        vals.flags.writeable = False
+        columns.append(("num", vals, (col,)))
+    table.columns = columns  # a benign race: two threads would compute the same list
+    return columns
+
+
+def _tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
+                      train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Feature matrix for this task's split: median imputation and standardisation fitted on
+    the training rows only. A bare DataFrame (the simulator's held-out test) is parsed uncached."""
+    if isinstance(table, pd.DataFrame):
+        table = _Table(df=table, y=np.empty(0))
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    n = len(table.df)
+    for kind, values, cols in _feature_columns(table, source, spec, target):
+        names.extend(cols)
+        if kind == "cat":
+            blocks.append(values)
+            continue
+        train = values[train_idx]
         med = np.nanmedian(train) if np.any(~np.isnan(train)) else 0.0
-        vals = np.where(np.isnan(vals), med, vals)
+        vals = np.where(np.isnan(values), med, values)
         mean, std = vals[train_idx].mean(), vals[train_idx].std()
         vals = (vals - mean) / (std if std > 1e-12 else 1.0)
         blocks.append(vals.astype(np.float32)[:, None])
-        names.append(col)
-    x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(df), 0), np.float32)
+    x = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0), np.float32)
     return x[train_idx], x[val_idx], tuple(names)

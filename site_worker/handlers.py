@@ -9,8 +9,11 @@ Order of checks: experiment valid -> dataset offered -> policy -> data -> budget
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import structlog
@@ -30,6 +33,7 @@ from site_worker.trainer import TrainSpec, TrainingAborted, plan_dp, train
 log = structlog.get_logger(__name__)
 
 Reply = Update | EvalResult | Declined
+_EXPERIMENT_CACHE = 4  # experiments a site keeps parsed (one per run it serves, typically)
 
 
 class _Decline(Exception):
@@ -69,6 +73,10 @@ class TaskHandler:
         self.stop = stop or threading.Event()
         self.flower = flower
         self._lock = threading.Lock()  # one task at a time per dataset ledger
+        # Per experiment (canonical JSON): the validated experiment, its summary and the model
+        # skeletons. A daemon gets the same experiment every round; only weights and seed change.
+        self._experiments: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._skeletons: OrderedDict[tuple[str, bool], tuple[torch.nn.Module, str | None]] = OrderedDict()
 
     def handle(self, env: Envelope) -> Reply:
         """Reply payload for a verified TrainTask/EvalTask. Raises ``TrainingAborted`` on stop."""
@@ -93,12 +101,24 @@ class TaskHandler:
 
     # ------------------------------------------------------------------ shared checks
 
-    def _experiment(self, task: TrainTask | EvalTask) -> tuple[Any, Any]:
-        try:
-            exp = load_experiment(task.experiment)
-            summary = summarize(exp.architecture.layers)
-        except ConfigError as e:
-            raise _Decline("policy", f"invalid experiment: {e}") from None
+    @staticmethod
+    def _remember(cache: OrderedDict, key: Any, value: Any) -> None:
+        cache[key] = value
+        while len(cache) > _EXPERIMENT_CACHE:
+            cache.popitem(last=False)
+
+    def _experiment(self, task: TrainTask | EvalTask) -> tuple[Any, Any, str]:
+        key = json.dumps(task.experiment, sort_keys=True, default=str)
+        cached = self._experiments.get(key)
+        if cached is None:
+            try:
+                exp = load_experiment(task.experiment)
+                summary = summarize(exp.architecture.layers)
+            except ConfigError as e:
+                raise _Decline("policy", f"invalid experiment: {e}") from None
+            cached = (exp, summary)
+            self._remember(self._experiments, key, cached)
+        exp, summary = cached
         if task.dataset not in self.config.datasets:
             raise _Decline("data", f"dataset {task.dataset!r} is not offered by this site "
                                    f"(offered: {', '.join(sorted(self.config.datasets))})")
@@ -106,7 +126,7 @@ class TaskHandler:
             check_policy(self.config.policy, exp, parameters=int(summary.parameters))
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
-        return exp, summary
+        return exp, summary, key
 
     def _data(self, task: TrainTask | EvalTask, exp: Any, summary: Any) -> PreparedData:
         try:
@@ -115,29 +135,44 @@ class TaskHandler:
         except DataError as e:
             raise _Decline("data", str(e)) from None
 
-    def _model(self, exp: Any, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
-        model = build_model(exp.architecture.layers, seed=task.seed)
+    def _skeleton(self, exp: Any, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
+        """The experiment's module (made DP-trainable when ``for_dp``), built once; the second
+        item is why Opacus cannot train it (then the module is the plain one)."""
+        cached = self._skeletons.get((key, for_dp))
+        if cached is None:
+            model = build_model(exp.architecture.layers, seed=0)  # every weight is overwritten per task
+            problem = None
+            if for_dp:
+                try:
+                    model = _fix_for_dp(model)
+                except PolicyViolation as e:
+                    problem = str(e)
+            cached = (model, problem)
+            self._remember(self._skeletons, (key, for_dp), cached)
+        return cached
+
+    def _model(self, exp: Any, key: str, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
+        """A fresh module holding the task's weights (a copy of the cached skeleton)."""
+        skeleton, problem = self._skeleton(exp, key, for_dp=for_dp)
+        model = copy.deepcopy(skeleton)
         try:
             load_tensors(model, task.weights, strict=True)
         except (ValueError, KeyError, RuntimeError) as e:
             raise _Decline("error", f"task weights do not fit the experiment's model: {e}") from None
-        if for_dp:
-            try:
-                model = _fix_for_dp(model)
-            except PolicyViolation as e:
-                raise _Decline("policy", str(e)) from None
+        if problem is not None:
+            raise _Decline("policy", problem)
         return model
 
     # ------------------------------------------------------------------ train / eval
 
     def _train(self, env: Envelope, task: TrainTask) -> Reply:
-        exp, summary = self._experiment(task)
+        exp, summary, key = self._experiment(task)
         if self.flower is not None:
             return self.flower.fit(task, task_id=env.message_id, server_round=env.round)
         spec = TrainSpec.from_experiment(exp, seed=task.seed, overrides=task.config)
         data = self._data(task, exp, summary)
         dp = dp_settings(exp)
-        model = self._model(exp, task, for_dp=dp is not None)
+        model = self._model(exp, key, task, for_dp=dp is not None)
         plan = None
         history = []
         if spec.dp is not None:
@@ -166,11 +201,11 @@ class TaskHandler:
                       base_round=task.base_round)
 
     def _evaluate(self, env: Envelope, task: EvalTask) -> Reply:
-        exp, summary = self._experiment(task)
+        exp, summary, key = self._experiment(task)
         if self.flower is not None:
             return self.flower.evaluate(task, task_id=env.message_id, server_round=env.round)
         data = self._data(task, exp, summary)
-        model = self._model(exp, task, for_dp=False)
+        model = self._model(exp, key, task, for_dp=False)
         t0 = time.perf_counter()
         m = evaluate(model, data.x_val, data.y_val, loss_name=str(exp.training.loss_function), task=data.task)
         m["eval_s"] = time.perf_counter() - t0

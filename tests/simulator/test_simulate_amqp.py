@@ -36,7 +36,7 @@ def test_faulty_site_processes_crash_for_real_and_report_their_faults(amqp_url):
     suffix = f"-{uuid.uuid4().hex[:6]}"
     doc = simulate(
         HEART_DISEASE, partition="natural:dataset", rounds=2, site_suffix=suffix, broker=amqp_url,
-        faults=f"byzantine:hungary{suffix}:flip,crash:va-long-beach{suffix}@2", round_timeout_s=20, progress=False,
+        faults=f"byzantine:hungary{suffix}:flip,crash:va-long-beach{suffix}@2", round_timeout_s=10, progress=False,
     )
     # Round 2: the crashed site (SIGKILLed mid-round, its task unacked) no longer answers.
     assert [r["replies"] for r in doc["rounds"]] == [4, 3]
