@@ -270,10 +270,14 @@ class Coordinator:
 
     def _on_hello(self, delivery: Delivery) -> None:
         from protocol.codec import open_frame
-        from protocol.errors import ProtocolError
+        from protocol.errors import ProtocolError, UnknownSigner
 
         try:
-            opened = open_frame(delivery.body, self.store.trust_store())
+            try:
+                opened = open_frame(delivery.body, self._trust)
+            except UnknownSigner:  # enrolled after the run started: refresh once from the store
+                self._trust = self.store.trust_store()
+                opened = open_frame(delivery.body, self._trust)
             hello = opened.envelope.payload
             if not isinstance(hello, SiteHello) or hello.site_id != opened.signer:
                 raise Rejected("bad_hello", f"control message from {opened.signer} is not its own SiteHello")
