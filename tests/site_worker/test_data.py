@@ -120,3 +120,28 @@ def test_npy_signals_and_catalogue_has_no_values(tmp_path):
     hf = DatasetSource(name="hf", path=heart_failure_csv(tmp_path / "hf.csv"), target="DEATH_EVENT")
     info = catalogue(hf)
     assert info.rows == 299 and info.feature_types["platelets"] == "numeric" and "DEATH_EVENT" not in info.feature_types
+
+
+def test_parsed_table_is_reused_per_file_version_and_reread_when_the_file_changes(tmp_path):
+    path = heart_failure_csv(tmp_path / "hf.csv")
+    src = DatasetSource(name="hf", path=path, target="DEATH_EVENT")
+    exp = load_experiment(HEART_FAILURE)
+    a = prepare(src, exp.dataset, seed=1, input_shape=(12,))
+    b = prepare(src, exp.dataset, seed=1, input_shape=(12,))
+    c = prepare(src, exp.dataset, seed=2, input_shape=(12,))
+    assert all(bool((getattr(a, k) == getattr(b, k)).all()) for k in ("x_train", "y_train", "x_val", "y_val"))
+    assert not bool((a.y_val == c.y_val).all()) or not bool((a.x_val == c.x_val).all())  # new seed, new split
+    a.x_train.zero_()  # a task owns its tensors: the cache is not written through them
+    assert bool((prepare(src, exp.dataset, seed=1, input_shape=(12,)).x_train == b.x_train).all())
+    heart_failure_csv(path, rows=200)  # the hospital re-exports the file
+    d = prepare(src, exp.dataset, seed=1, input_shape=(12,))
+    assert len(d.x_train) + len(d.x_val) == 200
+
+
+def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path):
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"c": ["a", "b"] * 10, "y": [0, 1] * 10}).to_csv(path, index=False)
+    src = DatasetSource(name="t", path=path, target="y")
+    one = prepare(src, spec(categorical={"c": ["a", "b"]}), seed=0, input_shape=None)
+    two = prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
+    assert one.features == ("c=a", "c=b") and two.features == ("c=b",)

@@ -160,3 +160,22 @@ def test_batchnorm_fix_that_changes_the_weight_layout_is_refused():
         _fix_for_dp(build_model(layers, seed=0))
     plain = build_model([layers[0], layers[1], layers[3]], seed=0)
     assert _fix_for_dp(plain) is plain
+
+
+def test_numpy_auc_and_f1_equal_sklearn_with_ties_and_one_class():
+    import numpy as np
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from site_worker.metrics import _f1, binary_auc
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(2, 120))
+        y = rng.integers(0, 2, n)
+        score = rng.integers(0, 4, n) / 3.0 if trial % 2 else rng.random(n)  # ties half the time
+        pred = (score >= 0.5).astype(np.int64)
+        assert _f1(y, pred, 1) == pytest.approx(f1_score(y, pred, zero_division=0), abs=1e-12)
+        if len(np.unique(y)) == 2:
+            assert binary_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+        else:
+            assert binary_auc(y, score) is None
