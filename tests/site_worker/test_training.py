@@ -179,3 +179,35 @@ def test_numpy_auc_and_f1_equal_sklearn_with_ties_and_one_class():
             assert binary_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
         else:
             assert binary_auc(y, score) is None
+
+
+def test_handler_reuses_the_model_skeleton_without_leaking_state_between_tasks(tmp_path):
+    import numpy as np
+
+    from protocol.codec import new_envelope
+    from protocol.messages import TrainTask, Update
+    from site_worker.config import SiteConfig
+    from site_worker.handlers import TaskHandler
+
+    from tests.site_worker.support import experiment_dict, heart_failure_csv, initial_weights
+
+    csv = heart_failure_csv(tmp_path / "hf.csv")
+    cfg = SiteConfig(site_id="s", federation="f", broker_url="memory://x", key_path=tmp_path / "k",
+                     coordinator_pub=tmp_path / "p", state_dir=tmp_path / "state",
+                     datasets={"heart_failure": DatasetSource(name="heart_failure", path=csv, target="DEATH_EVENT")},
+                     policy=SitePolicy(max_epsilon=1e6))
+    handler = TaskHandler(cfg)
+    exp = experiment_dict(**{"training.epochs": 1})
+
+    def run(weights_seed: int) -> Update:
+        task = TrainTask(experiment=exp, weights=initial_weights(exp, seed=weights_seed), dataset="heart_failure",
+                         base_round=0, seed=5, deadline=0.0, config={})
+        reply = handler.handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
+                                            recipient="s"))
+        assert isinstance(reply, Update), reply
+        return reply
+
+    first, other, again = run(0), run(1), run(0)
+    same = all(np.array_equal(a, b) for (_, a), (_, b) in zip(first.weights, again.weights))
+    assert same and first.metrics["before_loss"] == again.metrics["before_loss"]
+    assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(first.weights, other.weights))
