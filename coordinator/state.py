@@ -332,6 +332,13 @@ class StateStore:
             db.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (run_id, round, site, kind, split, task_id, time.time()))
 
+    def record_tasks(self, *, run_id: str, tasks: list[tuple[int, str, str, str | None, str]]) -> None:
+        """Record many ``(round, site, kind, split, task_id)`` in one transaction (one fsync)."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(run_id, r, site, kind, split, task_id, now) for r, site, kind, split, task_id in tasks])
+
     def tasks(self, run_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM tasks WHERE run_id=? ORDER BY sent_at", (run_id,))]
 
