@@ -187,15 +187,20 @@ class CountingProxy:
                 pass
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        peer_port = client_w.get_extra_info("peername")[1]
-        label = await self._loop.run_in_executor(None, self.classify, peer_port)
         try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
+            peer_port = client_w.get_extra_info("peername")[1]
+            label = await self._loop.run_in_executor(None, self.classify, peer_port)
+            try:
+                up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                client_w.close()
+                return
+            await asyncio.gather(self._pipe(client_r, up_w, f"{label}.up"),
+                                 self._pipe(up_r, client_w, f"{label}.down"))
+        except asyncio.CancelledError:
+            # The relay is shutting down: end quietly. A cancelled connection task makes
+            # asyncio's StreamReaderProtocol log a CancelledError traceback per connection.
             client_w.close()
-            return
-        await asyncio.gather(self._pipe(client_r, up_w, f"{label}.up"),
-                             self._pipe(up_r, client_w, f"{label}.down"))
 
     def reset(self) -> None:
         with self._lock:
