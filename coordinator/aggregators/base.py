@@ -55,6 +55,10 @@ class Contribution:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class AggregatorModeError(TypeError):
+    """A synchronous call on an asynchronous aggregator, or the other way round."""
+
+
 class Aggregator(abc.ABC):
     """Base of every aggregator; subclasses set ``name`` and ``synchronous``."""
 
@@ -68,15 +72,15 @@ class Aggregator(abc.ABC):
     # -- synchronous aggregators -------------------------------------------------
     def begin_round(self, server_round: int, global_weights: Tensors) -> None:
         """Start collecting the updates of ``server_round`` (trained from ``global_weights``)."""
-        raise NotImplementedError(f"{self.name} is asynchronous: call merge()")
+        raise AggregatorModeError(f"{self.name} is asynchronous: call merge()")
 
     def add(self, contribution: Contribution) -> None:
         """Fold one accepted update into the round."""
-        raise NotImplementedError(f"{self.name} is asynchronous: call merge()")
+        raise AggregatorModeError(f"{self.name} is asynchronous: call merge()")
 
     def finish_round(self) -> Tensors:
         """The next global model from everything added since ``begin_round``."""
-        raise NotImplementedError(f"{self.name} is asynchronous: call merge()")
+        raise AggregatorModeError(f"{self.name} is asynchronous: call merge()")
 
     # -- asynchronous aggregators ------------------------------------------------
     max_staleness: int | None = None
@@ -85,7 +89,7 @@ class Aggregator(abc.ABC):
         self, contribution: Contribution, *, version: int, global_weights: Tensors, base_weights: Tensors
     ) -> Tensors | None:
         """Merge one update that arrived at global ``version``; new weights when a step happened."""
-        raise NotImplementedError(f"{self.name} is synchronous: call begin_round/add/finish_round")
+        raise AggregatorModeError(f"{self.name} is synchronous: call begin_round/add/finish_round")
 
     def pending(self) -> int:
         """Updates merged into the aggregator but not yet into a global step (FedBuff's buffer)."""

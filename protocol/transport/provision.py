@@ -21,6 +21,7 @@ for the topology, tags and permissions and **rotates** the passwords of existing
 
 from __future__ import annotations
 
+import abc
 import base64
 import json
 import re
@@ -170,7 +171,9 @@ def user_url(broker_url: str, user: str, password: str) -> str:
     return f"{p.scheme}://{netloc}{p.path or '/'}" + (f"?{p.query}" if p.query else "")
 
 
-class _Admin:
+class _Admin(abc.ABC):
+    """How users and permissions are managed: the management HTTP API or rabbitmqctl."""
+
     name = ""
 
     @staticmethod
@@ -196,18 +199,21 @@ class _Admin:
             log.warning("using rabbitmqctl: it manages the broker node on THIS machine", broker_host=p.hostname)
         return _Rabbitmqctl()
 
+    @abc.abstractmethod
     def users(self) -> set[str]:
-        raise NotImplementedError
+        """Names of the broker's users."""
 
+    @abc.abstractmethod
     def put_user(self, user: str, password: str, *, existed: bool) -> None:
         """Create the user, or set its password (rotate) and clear its tags."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
-        raise NotImplementedError
+        """Set the user's configure/write/read patterns on ``vhost``."""
 
+    @abc.abstractmethod
     def delete_user(self, user: str) -> None:
-        raise NotImplementedError
+        """Remove the user (cleanup)."""
 
 
 class _Management(_Admin):
