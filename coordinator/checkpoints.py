@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from protocol import durable
 from protocol.messages import Tensors
 
 _ORDER_KEY = "fedbus.order"
@@ -28,24 +29,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes | memoryview) -> str:
     """Write ``data`` durably under ``path``; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    durable.write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -60,7 +46,7 @@ def save_tensors(path: Path, tensors: Tensors | dict[str, np.ndarray], *, metada
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    durable.fsync_dir(path.parent)
     return sha256_file(path)
 
 

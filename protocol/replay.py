@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from typing import Callable
 
 import structlog
 
+from protocol.durable import write_atomic
 from protocol.errors import ClockSkew, ReplayedMessage, WrongRecipient, WrongRound, WrongRun
 from protocol.messages import Envelope
 
@@ -194,17 +194,8 @@ class ReplayGuard:
             self._file.close()
             self._file = None
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(f"{mid}\t{marked!r}\n" for mid, marked in self._seen.items())
-                f.flush()
-                if self._fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self._path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = "".join(f"{mid}\t{marked!r}\n" for mid, marked in self._seen.items())
+        write_atomic(self._path, text.encode("utf-8"), fsync=self._fsync)
         self._file_lines = len(self._seen)
 
 

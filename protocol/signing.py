@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocol.durable import write_atomic
 from protocol.errors import BadSignature, UnknownSigner
 
 SIGNATURE_BYTES = 64
@@ -116,17 +116,7 @@ def _write_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool) -> Non
             f.flush()
             os.fsync(f.fileno())
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def generate_keypair(name: str, out_dir: str | os.PathLike[str], *, force: bool = False) -> tuple[Path, Path]:

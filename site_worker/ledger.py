@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
+
+from protocol.durable import write_atomic
 
 History = list[tuple[float, float, int]]
 
@@ -30,22 +30,7 @@ def _safe(name: str) -> str:
 
 def atomic_write_json(path: Path, doc: Any) -> None:
     """Replace ``path`` with ``doc`` so a crash leaves the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
 
 
 @functools.lru_cache(maxsize=256)
