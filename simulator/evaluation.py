@@ -38,7 +38,7 @@ def _spec_task(spec: Any) -> tuple[str, int]:
 
 def _target_rule(spec: Any) -> Any:
     rule = getattr(spec, "positive_if", None)
-    return rule if rule is not None else site_data._target_transform(spec)
+    return rule if rule is not None else site_data.target_rule(spec)
 
 
 def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None, site: str) -> TestSplit:
@@ -47,7 +47,7 @@ def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape
     rule = _target_rule(spec)
     if train.format == "npy":
         x, y_raw = site_data.read_signals(test)
-        y = site_data._labels(pd.Series(y_raw), test.target, task, num_classes, rule)
+        y = site_data.encode_labels(pd.Series(y_raw), test.target, task, num_classes, rule)
         x = np.asarray(x, dtype=np.float32)
         if input_shape is not None:
             x = x.reshape((len(x), *input_shape))
@@ -55,13 +55,13 @@ def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape
         df_tr = site_data.read_table(train).copy()
         df_te = pd.read_csv(test.path, low_memory=False) if test.format == "csv" else pd.read_parquet(test.path)
         both = pd.concat([df_tr, df_te], ignore_index=True)
-        y_all = site_data._labels(both[train.target], train.target, task, num_classes, rule)
+        y_all = site_data.encode_labels(both[train.target], train.target, task, num_classes, rule)
         keep = ~np.isnan(y_all)
         is_test = np.zeros(len(both), dtype=bool)
         is_test[len(df_tr):] = True
         both, y_all, is_test = both.loc[keep].reset_index(drop=True), y_all[keep], is_test[keep]
         tr_idx, te_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-        _, x, _ = site_data._tabular_features(both, train, spec, train.target, tr_idx, te_idx)
+        _, x, _ = site_data.tabular_features(both, train, spec, train.target, tr_idx, te_idx)
         y = y_all[te_idx]
         if input_shape is not None and len(input_shape) > 1:
             x = x.reshape((len(x), *input_shape))

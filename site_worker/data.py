@@ -157,7 +157,7 @@ def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[i
     val_frac = float(getattr(spec, "validation_fraction", 0.2))
     if source.format == "npy":
         x, y_raw = read_signals(source)
-        y = _labels(pd.Series(y_raw), source.target, task, num_classes, _target_transform(spec))
+        y = encode_labels(pd.Series(y_raw), source.target, task, num_classes, target_rule(spec))
         x = np.asarray(x, dtype=np.float32)
         if input_shape is not None:
             want = int(np.prod(input_shape))
@@ -175,7 +175,7 @@ def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[i
         table = _parsed_table(source, spec, task=task, num_classes=num_classes)
         y = table.y
         train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
-        x_tr, x_va, features = _tabular_features(table, source, spec, target, train_idx, val_idx)
+        x_tr, x_va, features = tabular_features(table, source, spec, target, train_idx, val_idx)
         if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
             raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
                                         f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
@@ -216,7 +216,7 @@ def split_indices(y: np.ndarray, *, task: str, seed: int, validation_fraction: f
     return np.sort(tr), np.sort(va)
 
 
-def _target_transform(spec: Any) -> Any:
+def target_rule(spec: Any) -> Any:
     """The experiment's rule turning a numeric target into 0/1 (``dataset.positive_if``, e.g. ``">0"``)."""
     return getattr(spec, "positive_if", None)
 
@@ -233,14 +233,14 @@ def _apply_transform(values: pd.Series, transform: Any, column: str) -> pd.Serie
         text = str(transform)
     m = _TRANSFORM.match(text)
     if not m:
-        raise DataError(column, f"target_transform {text!r} is not '<op> <number>' with op in > >= < <= == !=")
+        raise DataError(column, f"dataset.positive_if {text!r} is not '<op> <number>' with op in > >= < <= == !=")
     op, v = m.group(1), float(m.group(2))
     nums = to_numeric(values, column)
     res = {">": nums > v, ">=": nums >= v, "<": nums < v, "<=": nums <= v, "==": nums == v, "!=": nums != v}[op]
     return res.astype(float).where(nums.notna())
 
 
-def _labels(series: pd.Series, column: str, task: str, num_classes: int, transform: Any) -> np.ndarray:
+def encode_labels(series: pd.Series, column: str, task: str, num_classes: int, transform: Any) -> np.ndarray:
     if transform is not None:
         series = _apply_transform(series, transform, column)
     if task == "regression":
@@ -253,7 +253,7 @@ def _labels(series: pd.Series, column: str, task: str, num_classes: int, transfo
     top = 1 if task == "binary" else num_classes - 1
     if present.size and (np.any(present != np.round(present)) or present.min() < 0 or present.max() > top):
         raise DataError(column, f"{task} target must hold class indices 0..{top}; "
-                                "set dataset.target_transform in the experiment (e.g. '> 0') or fix the file")
+                                "set dataset.positive_if in the experiment (e.g. '> 0') or fix the file")
     return arr
 
 
@@ -271,7 +271,7 @@ def _category_key(v: Any) -> str | None:
 class _Table:
     """A file's usable rows parsed for one experiment ``dataset`` block: labels now, feature
     columns on first use. Everything here is fixed by (file, spec); the per-task split,
-    imputation and standardisation are not, and are computed from it in ``_tabular_features``."""
+    imputation and standardisation are not, and are computed from it in ``tabular_features``."""
 
     df: pd.DataFrame  # rows with a usable label
     y: np.ndarray
@@ -299,7 +299,7 @@ def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: i
     target = source.target
     if target not in df.columns:
         raise DataError(target, "target column is missing from the dataset")
-    y_all = _labels(df[target], target, task, num_classes, _target_transform(spec))
+    y_all = encode_labels(df[target], target, task, num_classes, target_rule(spec))
     keep = ~np.isnan(y_all)
     table = _Table(df=df.loc[keep].reset_index(drop=True), y=y_all[keep])
     with _cache_lock:
@@ -343,7 +343,7 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
     return columns
 
 
-def _tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
+def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
                       train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Feature matrix for this task's split: median imputation and standardisation fitted on
     the training rows only. A bare DataFrame (the simulator's held-out test) is parsed uncached."""
