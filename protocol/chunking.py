@@ -96,7 +96,8 @@ class Reassembler:
         self.max_transfers = max_transfers
         self.timeout_s = timeout_s
         self.max_transfer_bytes = max_transfer_bytes
-        self.max_user_bytes = max_user_bytes if max_user_bytes is not None else min(max_bytes, max_transfer_bytes)
+        # One sender may hold at most half the budget: the other half stays for everyone else.
+        self.max_user_bytes = max_user_bytes if max_user_bytes is not None else min(max_bytes // 2, max_transfer_bytes)
         self.max_user_transfers = max_user_transfers if max_user_transfers is not None else min(max_transfers, 8)
         self._clock = clock
         self._transfers: dict[str, _Transfer] = {}

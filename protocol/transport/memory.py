@@ -53,6 +53,7 @@ from protocol.transport.topology import DEAD, DLX, REASON_HEADER
 log = structlog.get_logger(__name__)
 
 _EXPIRY_TICK_S = 1.0  # how often an idle consumer checks for timed-out transfers
+_CAPACITY_BACKOFF_S = 0.05  # pause after requeueing a chunk refused for reassembly capacity
 
 
 @dataclass
@@ -362,6 +363,11 @@ class _MemoryConsumer(Consumer):
                 while True:
                     if self._stopped:
                         return
+                    # Expiry first: a busy queue (requeued chunks) must not keep a jammed transfer alive.
+                    if self._transfer_tags and time.monotonic() >= next_expiry:
+                        next_expiry = time.monotonic() + _EXPIRY_TICK_S
+                        self._expire_locked()
+                        continue
                     if self._pending and self._in_flight < self.prefetch:
                         delivery = self._pending.popleft()
                         self._in_flight += 1
@@ -372,10 +378,6 @@ class _MemoryConsumer(Consumer):
                         self._held[tag] = msg
                         raw = (tag, msg)
                         break
-                    if self._transfer_tags and time.monotonic() >= next_expiry:
-                        next_expiry = time.monotonic() + _EXPIRY_TICK_S
-                        self._expire_locked()
-                        continue
                     cond.wait(_EXPIRY_TICK_S if self._transfer_tags else None)
             if raw is not None:
                 self._take(*raw)
@@ -397,6 +399,8 @@ class _MemoryConsumer(Consumer):
                 body = self._reasm.add(ch, msg.body, user=msg.user_id)
             except ChunkCapacity as e:  # no room now: give the chunk back, the transfer is retried later
                 self._requeue_chunks(key, f"{e.reason}: {e}")
+                with self.queue.cond:  # let a release (or a new message) come before trying again
+                    self.queue.cond.wait(_CAPACITY_BACKOFF_S)
                 return
             except ChunkError as e:
                 self._dead_letter_chunks(key, f"{e.reason}: {e}")
