@@ -541,6 +541,7 @@ class _AmqpConsumer(Consumer):
                         self._broker_cancelled = False
                         # Queue deleted or moved: consuming again says which (404 stops us).
                         raise _BrokerCancelled(f"the broker cancelled our consumer of {self.queue!r}")
+                self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
             except Exception as e:
