@@ -35,6 +35,7 @@ def _report(experiment: Experiment, summary: ModelSummary) -> dict[str, Any]:
         "training": wire["training"],
         "federated": wire["federated"],
         "dataset": {k: v for k, v in wire["dataset"].items() if k != "selected_datasets"},
+        "not_used_by_fedbus": experiment.not_used,
     }
 
 
@@ -104,6 +105,8 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
     if data.features is not None:
         line += f" features={len(data.features)} (one-hot width {data.input_width()})"
     console.print(line)
+    if experiment.not_used:
+        console.print("not used by fedbus (MediNet's own fields, kept as given): " + ", ".join(experiment.not_used))
     console.print("[green]valid[/green]")
 
 
