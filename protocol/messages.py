@@ -125,7 +125,7 @@ class Envelope:
 
     type: str
     schema_version: int
-    message_id: str  # uuid4 hex
+    message_id: str  # exactly uuid4().hex (32 lowercase hex digits); the codec refuses anything else
     federation: str
     run_id: str
     round: int

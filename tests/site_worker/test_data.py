@@ -33,7 +33,13 @@ def test_heart_failure_thousands_separators_and_standardisation(tmp_path):
     # standardised with training-split statistics
     assert np.allclose(d.x_train.mean(0).numpy(), 0, atol=1e-5)
     assert np.allclose(d.x_train.std(0, unbiased=False).numpy(), 1, atol=1e-4)
-    # the platelets column parsed to the real values: its standardised order equals the numeric order
+    # the platelets column parsed to the real values: its standardised values are an increasing
+    # affine image of the numbers ("265,000" -> 265000.0), which a mis-parse (265, NaN) breaks
+    z = np.sort(np.concatenate([d.x_train[:, 6].numpy(), d.x_val[:, 6].numpy()]).astype(np.float64))
+    numbers = np.sort(raw["platelets"].str.replace(",", "", regex=False).astype(float).to_numpy())
+    slope, intercept = np.polyfit(numbers, z, 1)
+    assert slope > 0
+    np.testing.assert_allclose(slope * numbers + intercept, z, atol=1e-4)
     assert float(d.y_train.mean()) == pytest.approx(float(d.y_val.mean()), abs=0.02)  # stratified
 
 
@@ -109,11 +115,17 @@ def test_missing_and_wrong_type_columns_are_data_errors(tmp_path):
 
 
 def test_median_imputation_uses_local_training_values(tmp_path):
-    df = pd.DataFrame({"a": [1.0, 2.0, np.nan, 4.0, 100.0, 3.0, 5.0, 6.0, 7.0, 8.0], "y": [0, 1] * 5})
+    # Whatever rows the split puts in training, their median is 5 (eight 5s, one outlier at most):
+    # the missing value must become exactly a 5, i.e. share the standardised value of the eight 5s.
+    # Zero or mean imputation gives a value of its own.
+    df = pd.DataFrame({"a": [5.0, 5.0, np.nan, 5.0, 1000.0, 5.0, 5.0, 5.0, 5.0, 5.0], "y": [0, 1] * 5})
     df.to_csv(tmp_path / "t.csv", index=False)
     d = prepare(DatasetSource(name="t", path=tmp_path / "t.csv", target="y"), spec(validation_fraction=0.2),
                 seed=0, input_shape=(1,))
-    assert not np.isnan(np.concatenate([d.x_train.numpy(), d.x_val.numpy()])).any()
+    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy()])[:, 0]
+    assert not np.isnan(x).any()
+    values, counts = np.unique(np.round(x, 5), return_counts=True)
+    assert sorted(counts.tolist()) == [1, 9], dict(zip(values.tolist(), counts.tolist()))
 
 
 def test_npy_signals_and_catalogue_has_no_values(tmp_path):
