@@ -361,6 +361,17 @@ class StateStore:
         rows = self._query(sql + " ORDER BY created_at DESC LIMIT 1", args)
         return rows[0]["run_id"] if rows else None
 
+    def request_stop(self, run_id: str, reason: str = "stopped on request") -> None:
+        """Ask the coordinator running ``run_id`` to stop after its current round (a flag it polls)."""
+        self.run(run_id)  # an unknown run is an error that names the recent ones
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"stop:{run_id}", reason))
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """The reason given to ``request_stop``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key=?", (f"stop:{run_id}",))
+        return rows[0]["value"] if rows else None
+
     def set_initial_checkpoint(self, run_id: str, path: str, sha256: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE runs SET initial_checkpoint=?, initial_sha256=? WHERE run_id=?", (path, sha256, run_id))
