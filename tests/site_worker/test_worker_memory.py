@@ -28,6 +28,15 @@ from tests.site_worker.support import (
 FAST = {"training.epochs": 1}
 
 
+def opacus_epsilon(history, *, delta: float) -> float:
+    """ε of a (noise, sample rate, steps) history, stepped through Opacus' RDPAccountant (not the site's ledger code)."""
+    acc = RDPAccountant()
+    for noise, sample_rate, steps in history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return acc.get_epsilon(delta=delta)
+
+
 def site_data(worker, exp_dict, dataset="heart_failure"):
     """The rows this site trains/validates/tests on for the experiment (its own secret split)."""
     from protocol.config import load_experiment
@@ -35,18 +44,6 @@ def site_data(worker, exp_dict, dataset="heart_failure"):
 
     exp = load_experiment(exp_dict)
     return prepare(worker.config.datasets[dataset], exp.dataset, key=worker.handler.split_key, input_shape=(12,))
-
-
-def opacus_epsilon(*, noise: float, sample_rate: float, steps: int, delta: float,
-                   metrics_releases: int = 0, metrics_noise: float = 5.0) -> float:
-    """ε after ``steps`` DP-SGD steps and ``metrics_releases`` Gaussian metrics releases (q = 1),
-    stepped through Opacus' RDPAccountant (not the site's ledger code)."""
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=noise, sample_rate=sample_rate)
-    for _ in range(metrics_releases):
-        acc.step(noise_multiplier=metrics_noise, sample_rate=1.0)
-    return acc.get_epsilon(delta=delta)
 
 
 @pytest.fixture
@@ -95,10 +92,8 @@ def test_hello_then_train_reply_is_signed_update_with_epsilon(env):
     assert not any(k.startswith("before_") for k in u.metrics)  # metrics = "dp": one release, after training
     assert abs(u.metrics["n_val"] - len(data.x_val)) < 6 * 5.0 * 3**0.5 * 2  # 4 noisy counts, σ·Δ = 5·√3 each
     per_epoch = -(-n_train // 32)
-    # one epoch of DP-SGD + the metrics release; the oracle is Opacus' own accountant
-    assert u.epsilon == pytest.approx(opacus_epsilon(noise=1.0, sample_rate=1 / per_epoch, steps=per_epoch,
-                                                     delta=u.delta, metrics_releases=1), rel=1e-9)
-    assert u.delta == 1e-5 and not u.reproducible
+    hist = [(1.0, 1 / per_epoch, per_epoch), (5.0, 1.0, 1)]  # one epoch of DP-SGD + the metrics release
+    assert u.epsilon == pytest.approx(opacus_epsilon(hist, delta=1e-5), rel=1e-9) and u.delta == 1e-5 and not u.reproducible
     assert worker.guard.seen(task.message_id)
     # The hello went to the control queue, signed, metadata only.
     import queue as _queue
@@ -187,8 +182,7 @@ def test_budget_decline_has_figures(env):
     assert r.figures["epsilon_spent"] == 0.0
     per_epoch = -(-len(site_data(worker, exp).x_train) // 32)
     assert r.figures["epsilon_projected"] == pytest.approx(
-        opacus_epsilon(noise=0.5, sample_rate=1 / per_epoch, steps=30 * per_epoch, delta=r.figures["delta"],
-                       metrics_releases=1), rel=1e-9)
+        opacus_epsilon([(0.5, 1 / per_epoch, 30 * per_epoch), (5.0, 1.0, 1)], delta=1e-5), rel=1e-9)
     assert r.figures["epsilon_projected"] > 50.0
     assert worker.ledger.history("heart_failure") == []
 
