@@ -247,7 +247,7 @@ class Inbox:
                                 base_round=p.base_round, metrics=dict(p.metrics)))
         h = Held(delivery=msg.delivery, row=row, payload=_light(p))
         held[msg.env.message_id] = h
-        msg.delivery.release_body()
+        msg.delivery.release_body()  # acked by the commit that includes it, not before
         return h, out
 
     # ------------------------------------------------------------------ checks
