@@ -325,7 +325,8 @@ def _light(p: Any) -> Any:
     """What a held update keeps after aggregation: everything but the weights (their bytes are dropped)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None))
+    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None),
+                           reproducible=bool(getattr(p, "reproducible", False)))
 
 
 def _claimed(delivery: Delivery, opened: Any) -> tuple[str | None, int | None]:

@@ -248,3 +248,21 @@ def test_a_run_goes_on_with_a_legacy_duplicate_key_in_the_state(make_fed):
     result = fed.coordinator(exp).run()
     assert result.ok, result.reason
     np.testing.assert_allclose(mean_offset(result.weights, initial_weights(exp)), 2.5, atol=1e-4)
+
+
+# ------------------------------------------------------------------ site signals
+def test_a_site_with_reproducible_dp_noise_is_shown_per_site_and_in_the_result(tmp_path):
+    from tests.adversarial.malicious_site import with_payload
+
+    fed = Federation(f"memory://adv-{uuid.uuid4().hex[:8]}", tmp_path / "state")
+    try:
+        fed.add_site(1.0, 10)
+        research = fed.add_site(3.0, 30, attack=lambda site, t, h, f: [with_payload(site, t, h, reproducible=True)])
+        fed.start_sites()
+        result = fed.coordinator(_exp(rounds=1)).run()
+    finally:
+        fed.close()
+    assert result.ok, result.reason
+    assert result.to_json()["privacy"]["reproducible_dp"] == [research.site_id]
+    per_site = StateStore(fed.state_dir).rounds(result.run_id)[0]["metrics"]["per_site"]
+    assert {s: m["reproducible"] for s, m in per_site.items()} == {fed.sites[0].site_id: False, research.site_id: True}
