@@ -160,7 +160,12 @@ class Coordinator:
                 weights = self._run_sync(weights, first_round)
             else:
                 weights = self._run_async(weights, first_round)
-            final = self._final_evaluation(weights)
+            stop = self.store.stop_requested(self.run_id)
+            if stop:
+                status, reason, final = "stopped", stop, {}
+                self._log.info("run stopped on request", reason=stop)
+            else:
+                final = self._final_evaluation(weights)
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
             self._log.error("run failed", reason=reason)
@@ -373,6 +378,8 @@ class Coordinator:
         self.sites = sites
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
             for rnd in range(first_round, self.rounds_planned + 1):
+                if self.store.stop_requested(self.run_id):
+                    break
                 weights, stop = self._sync_round(rnd, weights, progress)
                 if stop:
                     self._log.info("early stopping", round=rnd, best_loss=self.early.best)
@@ -625,7 +632,7 @@ class Coordinator:
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=version) as progress:
             progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
             deadline = time.time() + self.round_timeout_s
-            while version < self.rounds_planned:
+            while version < self.rounds_planned and not self.store.stop_requested(self.run_id):
                 delivery = self.inbox.next(deadline)
                 if delivery is None:
                     if time.time() < deadline:

@@ -101,6 +101,11 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_run ON updates (run_id, round);
 CREATE INDEX IF NOT EXISTS updates_msg ON updates (message_id);
+CREATE TABLE IF NOT EXISTS revoked (    -- keys distrusted for good (fedbus provision --revoke)
+    kid TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tasks (      -- every task sent, so a late reply is told from a forged one
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -247,6 +252,8 @@ class StateStore:
                 "SELECT site_id FROM sites WHERE kid=? AND site_id<>? UNION "
                 "SELECT site_id FROM keys WHERE kid=? AND site_id<>?", (kid, site_id, kid, site_id),
             ).fetchone()
+            if db.execute("SELECT 1 FROM revoked WHERE kid=?", (kid,)).fetchone() is not None:
+                raise StateError(f"{site_id}: key {kid} was revoked; generate a new key for the site and enroll that")
             if other is not None:
                 raise StateError(
                     f"{site_id}: key {kid} is already enrolled for site {other[0]!r}; one key cannot sign for two "
@@ -260,6 +267,17 @@ class StateStore:
             )
             db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?)", (kid, site_id, pem.decode(), now))
         return kid
+
+    def revoke(self, site_id: str) -> str | None:
+        """Distrust ``site_id``'s key for good and forget the site (its old signatures stay
+        auditable from the key history); returns the revoked key id, None if not enrolled."""
+        with self._tx() as db:
+            row = db.execute("SELECT kid FROM sites WHERE site_id=?", (site_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?, ?)", (row[0], site_id, time.time()))
+            db.execute("DELETE FROM sites WHERE site_id=?", (site_id,))
+        return row[0]
 
     def sites(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM sites ORDER BY site_id")
@@ -342,6 +360,17 @@ class StateStore:
             args = (federation,)
         rows = self._query(sql + " ORDER BY created_at DESC LIMIT 1", args)
         return rows[0]["run_id"] if rows else None
+
+    def request_stop(self, run_id: str, reason: str = "stopped on request") -> None:
+        """Ask the coordinator running ``run_id`` to stop after its current round (a flag it polls)."""
+        self.run(run_id)  # an unknown run is an error that names the recent ones
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"stop:{run_id}", reason))
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """The reason given to ``request_stop``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key=?", (f"stop:{run_id}",))
+        return rows[0]["value"] if rows else None
 
     def set_initial_checkpoint(self, run_id: str, path: str, sha256: str) -> None:
         with self._tx() as db:

@@ -202,7 +202,12 @@ def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | 
         features: tuple[str, ...] = ("signal",)
         x_tr, x_va, x_te = x[split.train], x[split.validation], x[split.test]
     else:
-        target = source.target  # the site maps the experiment's target to its own column
+        target = source.target
+        asked = getattr(spec, "target", None)
+        if asked is not None and asked != target:
+            raise DataError("target", f"the experiment's dataset.target is {asked!r} but this site's dataset "
+                                      f"{source.name!r} has target {target!r}; make them agree (or leave "
+                                      "dataset.target out of the experiment)")
         table = _parsed_table(source, spec, task=task, num_classes=num_classes)
         y = table.y
         split = _split(key, source.name, _table_hashes(table), val_frac)
@@ -364,6 +369,12 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
         if col in categorical:
             cats = [_category_key(c) for c in categorical[col]]
             keys = series.map(_category_key)
+            unknown = sorted({k for k in keys if k is not None and k not in cats})
+            if unknown:  # would be encoded as all zeros, silently: refuse, naming column and value
+                raise DataError(col, f"value {unknown[0]!r} is not among the categories the experiment declares "
+                                     f"(dataset.categorical.{col} = {cats})" +
+                                (f" ({len(unknown) - 1} more unknown value(s))" if len(unknown) > 1 else "") +
+                                "; add it to the experiment or fix the file")
             block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
                 np.zeros((len(df), 0), np.float32)
             block.flags.writeable = False  # shared by every task on this file

