@@ -116,7 +116,10 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
     from site_worker.data import DataError, prepare
     from site_worker.ledger import PrivacyLedger
     from site_worker.policy import PolicyViolation, check_policy
-    from site_worker.trainer import TrainSpec, plan_dp
+    from site_worker.dp import site_plan
+    from site_worker.release import release_entries
+    from site_worker.splits import SplitKey
+    from site_worker.trainer import TrainSpec
 
     try:
         exp = load_experiment(experiment)
@@ -136,22 +139,28 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
         return out
     src = cfg.datasets[name]
     try:
-        data = prepare(src, exp.dataset, seed=0, input_shape=exp.input_shape)
+        key = SplitKey.load_or_create(cfg.state_dir, test_fraction=cfg.policy.test_fraction)
+        data = prepare(src, exp.dataset, key=key, input_shape=exp.input_shape)
     except DataError as e:
         out.append(Check(f"dataset {name}", False, f"{src.path}: {e}"))
         return out
-    n = len(data.x_train) + len(data.x_val)
+    n = data.rows
     out.append(Check(f"dataset {name}", True, f"{src.path}: {n} usable rows, target {src.target!r}, "
                                               f"{len(data.features)} encoded features as the model expects"))
     spec = TrainSpec.from_experiment(exp, seed=0)
     if spec.dp is None:
         out.append(Check("privacy", True, "DP is off for this experiment: updates are not differentially private"))
         return out
-    dp = plan_dp(spec, len(data.x_train))
+    try:  # the plan this site would run: its own delta, accountant and caps
+        dp = site_plan(cfg.policy, spec, n_train=len(data.x_train), rows=data.rows)
+    except PolicyViolation as e:
+        out.append(Check("privacy", False, f"this site would decline: {e}"))
+        return out
     ledger = PrivacyLedger(cfg.state_dir)
     spent = ledger.spent(name, delta=dp.delta, accountant=dp.accountant)
-    after = ledger.project(name, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                           steps=dp.steps * int(exp.training.rounds), delta=dp.delta, accountant=dp.accountant)
+    rounds = int(exp.training.rounds)
+    per_round = dp.entries() + release_entries(cfg.policy)  # training and its DP metrics release
+    after = ledger.project_entries(name, per_round * rounds, delta=dp.delta, accountant=dp.accountant)
     budget = cfg.policy.max_epsilon
     ok = budget is None or after <= budget
     out.append(Check("privacy", ok, f"the run would cost ε {after - spent:.3g} (ε {spent:.3g} -> {after:.3g} at δ "

@@ -17,14 +17,14 @@ from site_worker.handlers import TaskHandler
 
 from tests.site_worker.support import experiment_dict, heart_failure_csv, initial_weights
 
-# heart failure: 239 training rows, batch 32 -> 8 Poisson batches per epoch at q = 1/8; sigma from the example
-SIGMA, Q, STEPS = 1.0, 1 / 8, 8
+SIGMA = 1.0  # from the example experiment
 
 
-def opacus_epsilon(steps: int, delta: float) -> float:
+def opacus_epsilon(tasks: int, delta: float, per_epoch: int) -> float:
+    """Batch 32 on the site's training rows: ``per_epoch`` Poisson batches per task at q = 1/per_epoch."""
     acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=SIGMA, sample_rate=Q)
+    for _ in range(tasks * per_epoch):
+        acc.step(noise_multiplier=SIGMA, sample_rate=1 / per_epoch)
     return acc.get_epsilon(delta=delta)
 
 
@@ -32,7 +32,7 @@ def _config(tmp_path, csv, max_epsilon: float) -> SiteConfig:
     return SiteConfig(site_id="s", federation="f", broker_url="memory://x", key_path=tmp_path / "k",
                       coordinator_pub=tmp_path / "p", state_dir=tmp_path / "state",
                       datasets={"heart_failure": DatasetSource(name="heart_failure", path=csv, target="DEATH_EVENT")},
-                      policy=SitePolicy(max_epsilon=max_epsilon))
+                      policy=SitePolicy(max_epsilon=max_epsilon, metrics="exact"))  # training is the only release
 
 
 def _task(handler: TaskHandler, exp, round: int):
@@ -45,19 +45,26 @@ def _task(handler: TaskHandler, exp, round: int):
 def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_before_training(tmp_path, monkeypatch):
     csv = heart_failure_csv(tmp_path / "hf.csv")
     exp = experiment_dict(**{"training.epochs": 1})
-    first = _task(TaskHandler(_config(tmp_path, csv, 1e6)), exp, 1)
+    h1 = TaskHandler(_config(tmp_path, csv, 1e6))
+    from protocol.config import load_experiment
+    from site_worker.data import prepare
+
+    n_train = len(prepare(h1.config.datasets["heart_failure"], load_experiment(exp).dataset, key=h1.split_key,
+                          input_shape=(12,)).x_train)
+    per_epoch = -(-n_train // 32)
+    first = _task(h1, exp, 1)
     assert isinstance(first, Update), first
     delta = first.delta
-    assert first.epsilon == pytest.approx(opacus_epsilon(STEPS, delta), rel=1e-9)
+    assert first.epsilon == pytest.approx(opacus_epsilon(1, delta, per_epoch), rel=1e-9)
 
     handler = TaskHandler(_config(tmp_path, csv, 1e6))  # a restarted site: same state directory
     second = _task(handler, exp, 2)
     assert isinstance(second, Update), second
-    assert second.epsilon == pytest.approx(opacus_epsilon(2 * STEPS, delta), rel=1e-9)
+    assert second.epsilon == pytest.approx(opacus_epsilon(2, delta, per_epoch), rel=1e-9)
     assert second.epsilon > first.epsilon
 
     # a budget between 2 and 3 tasks' worth: the third task is declined, and nothing is trained or charged
-    cap = (opacus_epsilon(2 * STEPS, delta) + opacus_epsilon(3 * STEPS, delta)) / 2
+    cap = (opacus_epsilon(2, delta, per_epoch) + opacus_epsilon(3, delta, per_epoch)) / 2
     capped = TaskHandler(_config(tmp_path, csv, cap))
     before = capped.ledger.history("heart_failure")
 
@@ -68,5 +75,5 @@ def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_befor
     third = _task(capped, exp, 3)
     assert isinstance(third, Declined) and third.reason == "budget", third
     assert third.figures["epsilon_spent"] == pytest.approx(second.epsilon, rel=1e-9)
-    assert third.figures["epsilon_projected"] == pytest.approx(opacus_epsilon(3 * STEPS, delta), rel=1e-9)
+    assert third.figures["epsilon_projected"] == pytest.approx(opacus_epsilon(3, delta, per_epoch), rel=1e-9)
     assert capped.ledger.history("heart_failure") == before
