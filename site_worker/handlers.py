@@ -28,6 +28,7 @@ from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import PrivacyLedger
 from site_worker.metrics import evaluate
 from site_worker.policy import PolicyViolation, check_noise, check_policy, dp_settings
+from site_worker import personalize, proximal, run_budget
 from site_worker.trainer import TrainSpec, TrainingAborted, plan_dp, train
 
 log = structlog.get_logger(__name__)
@@ -72,6 +73,8 @@ class TaskHandler:
         self.ledger = ledger or PrivacyLedger(config.state_dir)
         self.stop = stop or threading.Event()
         self.flower = flower
+        self.run_ledger = run_budget.RunLedger(config.state_dir)
+        self.heads = personalize.HeadStore(config.state_dir)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -173,10 +176,20 @@ class TaskHandler:
         data = self._data(task, exp, summary)
         dp = dp_settings(exp)
         model = self._model(exp, key, task, for_dp=dp is not None)
+        personal = personalize.personal_layers(exp, task.config)
+        if personal:
+            self.heads.apply(model, env.run_id, task.dataset, personal)  # FedPer: this site's own head
         plan = None
         history = []
+        budgeted = spec.dp is not None and run_budget.applies(exp)
         if spec.dp is not None:
-            plan = plan_dp(spec, len(data.x_train))
+            try:
+                plan = (run_budget.task_dp_plan(exp, spec, self.run_ledger, run_id=env.run_id, dataset=task.dataset,
+                                                round=env.round, n_train=len(data.x_train),
+                                                min_noise=self.config.policy.min_noise_multiplier)
+                        if budgeted else plan_dp(spec, len(data.x_train)))
+            except run_budget.BudgetExhausted as e:
+                raise _Decline("budget", str(e)) from None
             try:
                 check_noise(self.config.policy, plan.noise_multiplier)
             except PolicyViolation as e:
@@ -192,10 +205,16 @@ class TaskHandler:
                                          f"{projected:.4g}, above this site's max_epsilon {cap:g}",
                                {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": cap,
                                 "delta": plan.delta})
-        result = train(model, data, spec, history=history, plan=plan, stop=self.stop)
+        result = train(model, data, spec, history=history, plan=plan, stop=self.stop,
+                       hooks=proximal.hooks_for(exp, task.config, model))
+        if personal:
+            self.heads.keep(result.model, env.run_id, task.dataset, personal)
         if spec.dp is not None:
             # Durable before the reply exists: a crash after this can only over-count, never under-count.
             self.ledger.record(task.dataset, result.history, task_id=env.message_id)
+            if budgeted:
+                self.run_ledger.record(env.run_id, task.dataset, noise_multiplier=plan.noise_multiplier,
+                                       sample_rate=plan.sample_rate, steps=plan.steps, task_id=env.message_id)
         return Update(task_id=env.message_id, weights=to_tensors(result.model), num_examples=result.num_examples,
                       metrics=result.metrics, epsilon=result.epsilon, delta=result.delta,
                       base_round=task.base_round)
@@ -206,6 +225,9 @@ class TaskHandler:
             return self.flower.evaluate(task, task_id=env.message_id, server_round=env.round)
         data = self._data(task, exp, summary)
         model = self._model(exp, key, task, for_dp=False)
+        personal = personalize.personal_layers(exp)
+        if personal:
+            self.heads.apply(model, env.run_id, task.dataset, personal)
         t0 = time.perf_counter()
         m = evaluate(model, data.x_val, data.y_val, loss_name=str(exp.training.loss_function), task=data.task)
         m["eval_s"] = time.perf_counter() - t0

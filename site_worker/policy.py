@@ -44,10 +44,13 @@ def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int) -> Non
         if not policy.allow_no_dp:
             raise PolicyViolation("differential privacy is off for this experiment and this site requires it")
         return
-    if dp.noise_multiplier is None and dp.target_epsilon is None:
-        raise PolicyViolation("differential privacy needs noise_multiplier or target_epsilon")
+    if dp.noise_multiplier is None and dp.target_epsilon is None and getattr(dp, "total_epsilon", None) is None:
+        raise PolicyViolation("differential privacy needs noise_multiplier, target_epsilon or total_epsilon")
     if dp.noise_multiplier is not None and dp.target_epsilon is None:
         check_noise(policy, float(dp.noise_multiplier))
+    total = getattr(dp, "total_epsilon", None)
+    if total is not None and policy.max_epsilon is not None and total > policy.max_epsilon:
+        raise PolicyViolation(f"total epsilon {total} exceeds this site's max_epsilon {policy.max_epsilon}")
     if dp.target_epsilon is not None and policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:
         raise PolicyViolation(f"target epsilon {dp.target_epsilon} exceeds this site's max_epsilon {policy.max_epsilon}")
 

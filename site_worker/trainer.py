@@ -137,11 +137,14 @@ def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
 
 def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, history: History | None = None,
           plan: DPPlan | None = None, stop: threading.Event | None = None,
-          on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_batch: Callable[[int, int], None] | None = None,
+          hooks: list[Callable[[torch.optim.Optimizer], None]] | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` (DP-SGD when ``spec.dp``) and measure before/after.
 
     ``history`` is the dataset's accountant history so far; the returned history
-    includes this task's steps. Raises ``TrainingAborted`` when ``stop`` is set.
+    includes this task's steps. ``hooks`` get the plain optimizer before Opacus wraps it
+    (e.g. FedProx's proximal term, ``site_worker.proximal``). Raises ``TrainingAborted``
+    when ``stop`` is set.
     """
     stop = stop or threading.Event()
     torch.manual_seed(spec.seed)  # dropout and the like; the loaders use their own generators
@@ -150,6 +153,8 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=spec.batch_size,
                         shuffle=True, generator=loader_gen)
     optimizer = make_optimizer(spec, model.parameters())
+    for hook in hooks or ():
+        hook(optimizer)
     loss_fn = make_loss(spec.loss)
     engine = None
     train_model: torch.nn.Module = model
