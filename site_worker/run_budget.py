@@ -18,6 +18,7 @@ that fits the steps left. Nothing fits: the site declines (reason ``budget``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -93,12 +94,8 @@ def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_r
     if epsilon_of(spent, delta=delta, accountant=accountant) >= total_epsilon - _SLACK:
         raise BudgetExhausted(f"the run already spent its total epsilon {total_epsilon:g}")
     if not spent:
-        from opacus.accountants.utils import get_noise_multiplier
-
         try:
-            return float(get_noise_multiplier(target_epsilon=total_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                              epsilon_tolerance=1e-3))
+            return _fresh_noise(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps))
         except ValueError as e:
             raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in {steps} steps: {e}") from None
 
@@ -115,6 +112,16 @@ def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_r
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if eps(mid) <= total_epsilon else (mid, hi)
     return hi
+
+
+@functools.lru_cache(maxsize=256)
+def _fresh_noise(total_epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int) -> float:
+    """Opacus' search, once per (budget, rate, steps): at sample rates below 1 each RDP
+    evaluation costs ~0.5 s, and every task of a run asks the same question."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=total_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=1e-3))
 
 
 def plan_run(experiment: Any, *, n_train: int, delta: float | None = None, accountant: str | None = None,
@@ -226,3 +233,23 @@ def task_dp_plan(experiment: Any, spec: Any, ledger: RunLedger, *, run_id: str, 
                                  delta=dp.delta, accountant=dp.accountant, min_noise=min_noise)
     return DPPlan(noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=plan.round_steps,
                   max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=dp.accountant)
+
+
+def train_rows(experiment: Any, rows: int) -> int:
+    """Training rows a site with ``rows`` announced rows trains on (minus its validation split,
+    as ``site_worker.data.split_indices`` cuts it)."""
+    n_val = max(1, int(round(rows * float(experiment.dataset.validation_fraction))))
+    return max(1, rows - n_val)
+
+
+def plan_catalogue(experiment: Any, rows_by_site: dict[str, int]) -> dict[str, Any]:
+    """The run's plan per site from the rows each site announced (``config validate --catalogue``)."""
+    dp = experiment.training.dp
+    out = {"total_epsilon": float(dp.total_epsilon), "delta": float(dp.delta), "accountant": dp.accountant,
+           "sites": {}}
+    for site, rows in sorted(rows_by_site.items()):
+        try:
+            out["sites"][site] = {"rows": rows, **plan_run(experiment, n_train=train_rows(experiment, rows)).to_json()}
+        except BudgetExhausted as e:
+            out["sites"][site] = {"rows": rows, "error": str(e)}
+    return out

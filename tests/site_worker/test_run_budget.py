@@ -103,3 +103,28 @@ def test_runs_are_kept_apart_and_a_spent_run_declines(tmp_path):
     ledger.record("run-2", "hf", noise_multiplier=sigma, sample_rate=0.25, steps=8, task_id="same")
     assert ledger.history("run-2", "hf") == [(sigma, 0.25, 8)]
     assert not any("run-" in p.name for p in ledger.dir.iterdir())  # file names are hashes, not wire strings
+
+
+def test_config_validate_shows_the_plan_from_announced_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    catalogue = tmp_path / "rows.json"
+    catalogue.write_text(json.dumps({"site-1": 100, "site-2": {"rows": 400}}))
+    res = CliRunner().invoke(app, ["config", "validate", str(ROOT / "examples" / "heart_failure.json"),
+                                   "--catalogue", str(catalogue), "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout.strip().splitlines()[-1])["privacy_plan"]
+    exp = load_experiment(ROOT / "examples" / "heart_failure.json")
+    assert plan["delta"] == 1e-5 and plan["total_epsilon"] == 8.0
+    for site, rows in (("site-1", 100), ("site-2", 400)):
+        got = plan["sites"][site]
+        assert got["rows"] == rows and got["n_train"] == rows - round(rows * 0.2)
+        want = plan_run(exp, n_train=got["n_train"])
+        assert got["planned_epsilon"] == pytest.approx(want.planned_epsilon, abs=1e-12) and got["planned_epsilon"] <= 8.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"site-1": "many"}))
+    res = CliRunner().invoke(app, ["config", "validate", str(ROOT / "examples" / "heart_failure.json"),
+                                   "--catalogue", str(bad)])
+    assert res.exit_code == 2 and "site-1" in res.output
