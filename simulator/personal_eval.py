@@ -29,6 +29,14 @@ def method(exp: Any) -> str:
     return " + ".join(parts)
 
 
+def site_data(cfg: Any, exp: Any, input_shape: tuple[int, ...] | None) -> Any:
+    """The site's prepared data, split with the site's own keyed split (as its worker splits it)."""
+    from site_worker.splits import SplitKey
+
+    key = SplitKey.load_or_create(cfg.state_dir, test_fraction=cfg.policy.test_fraction)
+    return prepare(cfg.datasets[exp.dataset.name], exp.dataset, key=key, input_shape=input_shape)
+
+
 def personalized_models(exp: Any, ws: Any, *, run_id: str, make_model: Any,
                         input_shape: tuple[int, ...] | None) -> dict[str, Any]:
     """``{site: model}``: what each site keeps as its own model next to the global one."""
@@ -40,11 +48,9 @@ def personalized_models(exp: Any, ws: Any, *, run_id: str, make_model: Any,
         if layers:
             personalize.HeadStore(cfg.state_dir).apply(model, run_id, exp.dataset.name, layers)
         if exp.training.personalization is not None:
-            data = prepare(cfg.datasets[exp.dataset.name], exp.dataset, seed=int(exp.training.seed),
-                           input_shape=input_shape)
-            personalize.personalize_at_site(exp, model, data, state_dir=cfg.state_dir, dataset=exp.dataset.name,
-                                            run_id=run_id, seed=int(exp.training.seed),
-                                            min_noise=cfg.policy.min_noise_multiplier)
+            data = site_data(cfg, exp, input_shape)
+            personalize.personalize_at_site(exp, model, data, config=cfg, dataset=exp.dataset.name, run_id=run_id,
+                                            seed=int(exp.training.seed))
         model.eval()
         models[site] = model
     return models

@@ -12,13 +12,14 @@ from typing import Any
 
 from site_worker import run_budget
 from site_worker.config import load_site_config
-from site_worker.data import prepare
-from site_worker.ledger import PrivacyLedger
+from site_worker.ledger import PrivacyLedger, epsilon_of
 
 
-def _n_train(exp: Any, cfg: Any, input_shape: tuple[int, ...] | None) -> int:
-    data = prepare(cfg.datasets[exp.dataset.name], exp.dataset, seed=int(exp.training.seed), input_shape=input_shape)
-    return int(len(data.x_train))
+def _site(files: Any, exp: Any, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+    from simulator.personal_eval import site_data
+
+    cfg = load_site_config(files.config)
+    return cfg, site_data(cfg, exp, input_shape)
 
 
 def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
@@ -27,13 +28,16 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
     if dp is None or not run_budget.applies(exp):
         return None
     sites = {}
+    accountant = dp.accountant
+    delta = float(dp.delta)
     for site, files in sorted(ws.sites.items()):
-        cfg = load_site_config(files.config)
-        p = run_budget.plan_run(exp, n_train=_n_train(exp, cfg, input_shape),
-                                min_noise=cfg.policy.min_noise_multiplier)
+        cfg, data = _site(files, exp, input_shape)
+        delta = cfg.policy.site_delta(data.rows)
+        accountant = cfg.policy.accountant
+        p = run_budget.plan_run(exp, n_train=int(len(data.x_train)), delta=delta, accountant=accountant,
+                                policy=cfg.policy)
         sites[site] = p.to_json()
-    return {"total_epsilon": float(dp.total_epsilon), "delta": float(dp.delta), "accountant": dp.accountant,
-            "sites": sites}
+    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant, "sites": sites}
 
 
 def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
@@ -42,21 +46,21 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
     dp = exp.training.dp
     if dp is None:
         return None
+    delta = float(planned["delta"]) if planned else float(dp.delta)
+    accountant = planned["accountant"] if planned else dp.accountant
     eps: dict[str, float] = {}
     run_eps: dict[str, float] = {}
     for site, files in sorted(ws.sites.items()):
-        cfg = load_site_config(files.config)
-        eps[site] = PrivacyLedger(cfg.state_dir).spent(exp.dataset.name, delta=float(dp.delta), accountant=dp.accountant)
-        if run_budget.applies(exp):
-            run_eps[site] = run_budget.RunLedger(cfg.state_dir).spent(run_id, exp.dataset.name, delta=float(dp.delta),
-                                                                      accountant=dp.accountant)
-    out: dict[str, Any] = {"delta": float(dp.delta), "accountant": dp.accountant, "epsilon": eps,
+        ledger = PrivacyLedger(load_site_config(files.config).state_dir)
+        eps[site] = ledger.spent(exp.dataset.name, delta=delta, accountant=accountant)
+        run_eps[site] = epsilon_of(run_budget.run_spent(ledger, exp.dataset.name, run_id), delta=delta,
+                                   accountant=accountant)
+    out: dict[str, Any] = {"delta": delta, "accountant": accountant, "epsilon": eps, "run_epsilon": run_eps,
                            "epsilon_reported_with_updates": reported or {}}
     if planned is not None:
         out["total_epsilon"] = planned["total_epsilon"]
         out["planned_epsilon"] = {s: p["planned_epsilon"] for s, p in planned["sites"].items()}
         out["noise_multiplier"] = {s: p["noise_multiplier"] for s, p in planned["sites"].items()}
-        out["run_epsilon"] = run_eps
     return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from protocol.durable import write_atomic
 from protocol.personal import personal_names
 from site_worker.data import PreparedData
 from site_worker.ledger import PrivacyLedger
-from site_worker.trainer import DPPlan, TrainResult, TrainSpec, plan_dp, train
+from site_worker.dp import DPPlan
+from site_worker.trainer import TrainResult, TrainSpec, train
 
 
 def personal_layers(experiment: Any, task_config: dict[str, Any] | None = None) -> int:
@@ -93,54 +93,59 @@ def _last_layer_only(model: torch.nn.Module) -> None:
 
 
 def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, seed: int,
-              plan: DPPlan | None = None, history: Any = None) -> TrainResult:
-    """Train ``model`` in place for ``training.personalization.epochs`` on ``data``.
+              plan: DPPlan | None = None, rng: Any = None) -> TrainResult:
+    """Train ``model`` in place for ``training.personalization.epochs`` on ``data``'s training rows.
 
-    ``plan`` is the DP plan to spend (from the run budget); None derives it like a round."""
-    p = experiment.training.personalization
-    overrides: dict[str, Any] = {"epochs": int(p.epochs)}
-    if p.learning_rate is not None:
-        overrides["lr"] = float(p.learning_rate)
-    spec = TrainSpec.from_experiment(experiment, seed=seed, overrides=overrides)
-    if p.mode == "last_layer":
+    ``plan`` is the DP plan to spend (the site's, under its run budget); None without DP."""
+    spec = _spec(experiment, seed)
+    if experiment.training.personalization.mode == "last_layer":
         _last_layer_only(model)
-    if spec.dp is not None and plan is None:
-        plan = plan_dp(spec, len(data.x_train))
-    if plan is not None:
-        plan = replace(plan, steps=int(p.epochs) * max(1, round(1 / plan.sample_rate)))
     try:
-        return train(model, data, spec, history=history, plan=plan)
+        return train(model, data, spec, plan=plan, rng=rng, measure=False)
     finally:
         for q in model.parameters():
             q.requires_grad_(True)
 
 
-def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, state_dir: Path,
-                        dataset: str, run_id: str, seed: int, min_noise: float | None = None) -> TrainResult:
-    """What a site runs after the last round: fine-tune and charge its ledgers (dataset and run)."""
-    from site_worker import run_budget
+def _spec(experiment: Any, seed: int) -> TrainSpec:
+    p = experiment.training.personalization
+    overrides: dict[str, Any] = {"epochs": int(p.epochs)}
+    if p.learning_rate is not None:
+        overrides["lr"] = float(p.learning_rate)
+    return TrainSpec.from_experiment(experiment, seed=seed, overrides=overrides)
 
-    spec = TrainSpec.from_experiment(experiment, seed=seed)
-    ledger = PrivacyLedger(state_dir)
-    plan = None
-    budgeted = spec.dp is not None and run_budget.applies(experiment)
-    runs = run_budget.RunLedger(state_dir)
-    if budgeted:
-        per_epoch = run_budget.steps_per_epoch(len(data.x_train), spec.batch_size)
-        steps = run_budget.personalization_steps(experiment, per_epoch)
-        sigma, rp = run_budget.noise_for_task(experiment, runs, run_id=run_id, dataset=dataset,
-                                              round=int(experiment.training.rounds) + 1, n_train=len(data.x_train),
-                                              delta=spec.dp.delta, accountant=spec.dp.accountant,
-                                              min_noise=min_noise, remaining_steps=steps)
-        plan = DPPlan(noise_multiplier=sigma, sample_rate=rp.sample_rate, steps=steps,
-                      max_grad_norm=spec.dp.max_grad_norm, delta=spec.dp.delta, accountant=spec.dp.accountant)
-    history = ledger.history(dataset) if spec.dp is not None else None
-    result = fine_tune(model, data, experiment, seed=seed, plan=plan, history=history)
-    if spec.dp is not None:
-        ledger.record(dataset, result.history, task_id=f"personalize:{run_id}")
-        if budgeted and plan is not None:
-            runs.record(run_id, dataset, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                        steps=plan.steps, task_id=f"personalize:{run_id}")
+
+def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
+                        run_id: str, seed: int) -> TrainResult:
+    """What a site runs after the last round: fine-tune under its policy, charged to its ledger
+    with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
+    from site_worker import run_budget
+    from site_worker.dp import noise_source, site_plan
+
+    policy = config.policy
+    spec = _spec(experiment, seed)
+    if spec.dp is None:
+        return fine_tune(model, data, experiment, seed=seed)
+    ledger = PrivacyLedger(config.state_dir)
+    n_train = len(data.x_train)
+    noise = None
+    if run_budget.applies(experiment):
+        steps = run_budget.personalization_steps(experiment, run_budget.steps_per_epoch(n_train, spec.batch_size))
+        noise = run_budget.noise_for_task(experiment, ledger, run_id=run_id, dataset=dataset,
+                                          round=int(experiment.training.rounds) + 1, n_train=n_train,
+                                          delta=policy.site_delta(data.rows), accountant=policy.accountant,
+                                          policy=policy, remaining_steps=steps)
+    plan = site_plan(policy, spec, n_train=n_train, rows=data.rows, noise_multiplier=noise)
+    release = f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+    ledger.reserve(dataset, release_id=release, kind="train", entries=plan.entries(), delta=plan.delta,
+                   accountant=policy.accountant, max_epsilon=policy.max_epsilon, run_id=run_id)
+    try:
+        result = fine_tune(model, data, experiment, seed=seed, plan=plan,
+                           rng=noise_source(policy, task_seed=seed, purpose="personalize"))
+    except BaseException:
+        ledger.cancel(dataset, release)
+        raise
+    ledger.commit(dataset, release)
     return result
 
 

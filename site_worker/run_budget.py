@@ -1,45 +1,43 @@
 """A whole run's privacy budget per site: noise from a total (ε, δ), the site's own rows and
-the planned steps, never exceeded.
+the planned releases, never exceeded.
 
-An experiment may state ``differential_privacy.total_epsilon``: the most ε (at the site's δ,
-with the site's accountant) one site may spend on the whole run. Each site derives its own
-noise multiplier from its own training rows and the plan: ``rounds × epochs ×
-steps_per_epoch`` DP-SGD steps at sample rate ``1 / steps_per_epoch``, plus the steps of a
-personalisation fine-tune after the rounds. What this run already spent is kept per run id
-and dataset under ``state_dir/privacy/runs/`` (the file name is a hash: never a path built
-from a wire name), so a late join, a retried round or a restarted site recomputes the noise
-for what is left and the run still stays within its total.
+An experiment may state ``differential_privacy.total_epsilon``: the most ε one site spends
+on the whole run, at the site's δ with the site's accountant (its policy's, never the
+experiment's). Everything the run releases counts: per round, the DP-SGD steps of training
+(``epochs × steps_per_epoch`` at sample rate ``1 / steps_per_epoch``), the metrics released
+with the update and with the round's evaluation (``site_worker.release``: fixed by the
+policy), the final test evaluation, and the personalisation fine-tune after the rounds. The
+fixed releases are known, so each site solves for the one free quantity, its training noise
+σ, with Opacus' ``get_noise_multiplier`` search on its own row count.
 
-Rule for each task (deterministic, so the plan shown before round 1 is what is spent):
-the run keeps the noise it started with while that noise still fits the budget for the
-steps left; otherwise (a retried round spent extra steps) it solves for the smallest noise
-that fits the steps left. Nothing fits: the site declines (reason ``budget``).
+What this run already spent is read from the site's own ledger (its releases carry the run
+id), so a late join, a retried round or a restarted site recomputes σ for what is left and
+the run still stays within its total. Rule for each task, deterministic so the plan shown
+before round 1 is what is spent: keep the run's first σ while it still fits the budget for
+the releases left; otherwise (a retry spent extra) solve for the smallest σ that fits.
+Nothing fits: the site declines (reason ``budget``).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import threading
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from site_worker.ledger import History, atomic_write_json, epsilon_of, simulate_steps
+from site_worker.ledger import History, epsilon_of, merge, simulate_steps
 
 _SLACK = 1e-9  # ε comparisons: the accountant's own float noise
 _MAX_NOISE = 1e4
 
 
 class BudgetExhausted(Exception):
-    """The run's total ε cannot cover the steps still planned; the site declines."""
+    """The run's total ε cannot cover the releases still planned; the site declines."""
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What one site will spend over a run, given its training rows."""
+    """What one site will release over a run, given its training rows and policy."""
 
     n_train: int
     steps_per_epoch: int
@@ -47,6 +45,8 @@ class RunPlan:
     round_steps: int  # DP-SGD steps per round (epochs × steps_per_epoch)
     rounds: int
     personalization_steps: int
+    per_round_fixed: tuple[tuple[float, float, int], ...]  # metrics released per round (policy's σ)
+    final_fixed: tuple[tuple[float, float, int], ...]  # the final test evaluation
     noise_multiplier: float
     total_epsilon: float
     delta: float
@@ -56,16 +56,29 @@ class RunPlan:
     def total_steps(self) -> int:
         return self.round_steps * self.rounds + self.personalization_steps
 
+    def entries(self, *, rounds: int | None = None, sigma: float | None = None, final: bool = True) -> History:
+        """Accountant entries of ``rounds`` rounds (default all), the fine-tune and the final evaluation."""
+        rounds = self.rounds if rounds is None else rounds
+        sigma = self.noise_multiplier if sigma is None else sigma
+        out: list[tuple[float, float, int]] = [(sigma, self.sample_rate, self.round_steps * rounds
+                                                + self.personalization_steps)]
+        out += [e for e in self.per_round_fixed for _ in range(rounds)]
+        if final:
+            out += list(self.final_fixed)
+        return merge([e for e in out if e[2] > 0])
+
     @property
     def planned_epsilon(self) -> float:
-        """ε at the end of the run if every planned step happens once."""
-        return epsilon_of([(self.noise_multiplier, self.sample_rate, self.total_steps)], delta=self.delta,
-                          accountant=self.accountant)
+        """ε at the end of the run if every planned release happens once."""
+        return epsilon_of(self.entries(), delta=self.delta, accountant=self.accountant)
 
     def to_json(self) -> dict[str, Any]:
+        fixed = epsilon_of(merge([*(e for e in self.per_round_fixed for _ in range(self.rounds)), *self.final_fixed]),
+                           delta=self.delta, accountant=self.accountant)
         return {"n_train": self.n_train, "sample_rate": self.sample_rate, "steps": self.total_steps,
                 "noise_multiplier": self.noise_multiplier, "total_epsilon": self.total_epsilon,
-                "planned_epsilon": self.planned_epsilon, "delta": self.delta, "accountant": self.accountant}
+                "planned_epsilon": self.planned_epsilon, "metrics_epsilon": fixed, "delta": self.delta,
+                "accountant": self.accountant}
 
 
 def applies(experiment: Any) -> bool:
@@ -84,34 +97,25 @@ def personalization_steps(experiment: Any, per_epoch: int) -> int:
     return 0 if p is None else int(p.epochs) * per_epoch
 
 
-def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int,
-                spent: History = ()) -> float:
-    """The smallest noise multiplier with ε(spent + steps at it) ≤ total (Opacus' search when
-    nothing was spent yet; the same bisection on the composed history otherwise)."""
-    if steps <= 0:
-        return _MAX_NOISE
-    spent = list(spent)
-    if epsilon_of(spent, delta=delta, accountant=accountant) >= total_epsilon - _SLACK:
-        raise BudgetExhausted(f"the run already spent its total epsilon {total_epsilon:g}")
-    if not spent:
-        try:
-            return _fresh_noise(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps))
-        except ValueError as e:
-            raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in {steps} steps: {e}") from None
+def metrics_entries(policy: Any) -> list[tuple[float, float, int]]:
+    """One metrics release under the site policy (``site_worker.release``); none without a policy."""
+    if policy is None:
+        return []
+    from site_worker.release import release_entries
 
-    def eps(sigma: float) -> float:
-        return epsilon_of(simulate_steps(spent, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
-                          delta=delta, accountant=accountant)
+    return [(float(a), float(b), int(c)) for a, b, c in release_entries(policy)]
 
-    lo, hi = 0.0, 1.0
-    while eps(hi) > total_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > _MAX_NOISE:
-            raise BudgetExhausted(f"no noise fits the {steps} steps left in epsilon {total_epsilon:g}")
-    while hi - lo > 1e-4 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if eps(mid) <= total_epsilon else (mid, hi)
-    return hi
+
+def _eval_rounds(experiment: Any) -> int:
+    return 1 if float(experiment.federated.fraction_eval) > 0 else 0
+
+
+def _fresh(total: float, delta: float, accountant: str, sample_rate: float, steps: int,
+           fixed: tuple[tuple[float, float, int], ...]) -> float:
+    if not fixed:
+        return _fresh_noise(total, delta, accountant, sample_rate, steps)
+    return solve_noise(total_epsilon=total, delta=delta, accountant=accountant, sample_rate=sample_rate, steps=steps,
+                       spent=list(fixed))
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,132 +128,138 @@ def _fresh_noise(total_epsilon: float, delta: float, accountant: str, sample_rat
                                       steps=steps, accountant=accountant, epsilon_tolerance=1e-3))
 
 
+@functools.lru_cache(maxsize=256)
+def _solve_cached(total_epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int,
+                  spent: tuple[tuple[float, float, int], ...]) -> float:
+    spent_l = list(spent)
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(simulate_steps(spent_l, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
+                          delta=delta, accountant=accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > total_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > _MAX_NOISE:
+            raise BudgetExhausted(f"no noise fits the {steps} DP-SGD steps left in total epsilon {total_epsilon:g}")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= total_epsilon else (mid, hi)
+    return hi
+
+
+def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int,
+                spent: History = ()) -> float:
+    """The smallest noise multiplier with ε(spent + steps at it) ≤ total (Opacus' search when
+    nothing else is in the history; a bisection on the composed history otherwise)."""
+    if steps <= 0:
+        return _MAX_NOISE
+    spent = merge(list(spent))
+    if epsilon_of(spent, delta=delta, accountant=accountant) >= total_epsilon - _SLACK:
+        raise BudgetExhausted(f"the run's other releases already spend its total epsilon {total_epsilon:g} "
+                              "(metrics releases: raise policy.metrics_noise_multiplier or lower fraction_eval)")
+    if not spent:
+        try:
+            return _fresh_noise(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps))
+        except ValueError as e:
+            raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in {steps} steps: {e}") from None
+    return _solve_cached(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps),
+                         tuple((float(a), float(b), int(c)) for a, b, c in spent))
+
+
 def plan_run(experiment: Any, *, n_train: int, delta: float | None = None, accountant: str | None = None,
-             min_noise: float | None = None) -> RunPlan:
+             policy: Any = None) -> RunPlan:
     """The plan of a site with ``n_train`` training rows from round 1 (the one ``config validate``,
-    the simulator and the report show); ``delta``/``accountant`` are the site policy's."""
+    the simulator and the report show); ``delta``/``accountant``/``policy`` are the site's."""
     dp = experiment.training.dp
     assert dp is not None and dp.total_epsilon is not None
     delta = float(delta if delta is not None else dp.delta)
-    accountant = str(accountant or dp.accountant)
+    accountant = str(accountant or (policy.accountant if policy is not None else dp.accountant))
     per_epoch = steps_per_epoch(n_train, int(experiment.training.batch_size))
     q = 1.0 / per_epoch
     round_steps = per_epoch * int(experiment.training.epochs)
     rounds = int(experiment.training.rounds)
     extra = personalization_steps(experiment, per_epoch)
-    sigma = solve_noise(total_epsilon=float(dp.total_epsilon), delta=delta, accountant=accountant, sample_rate=q,
-                        steps=round_steps * rounds + extra)
-    if min_noise is not None:
-        sigma = max(sigma, float(min_noise))
+    one = metrics_entries(policy)
+    per_round = tuple(one * (1 + _eval_rounds(experiment)))
+    final = tuple(one)
+    fixed = tuple(merge([*(e for e in per_round for _ in range(rounds)), *final]))
+    sigma = _fresh(float(dp.total_epsilon), delta, accountant, q, round_steps * rounds + extra, fixed)
+    if policy is not None and getattr(policy, "min_noise_multiplier", None) is not None:
+        sigma = max(sigma, float(policy.min_noise_multiplier))
     return RunPlan(n_train=n_train, steps_per_epoch=per_epoch, sample_rate=q, round_steps=round_steps, rounds=rounds,
-                   personalization_steps=extra, noise_multiplier=sigma, total_epsilon=float(dp.total_epsilon),
-                   delta=delta, accountant=accountant)
+                   personalization_steps=extra, per_round_fixed=per_round, final_fixed=final, noise_multiplier=sigma,
+                   total_epsilon=float(dp.total_epsilon), delta=delta, accountant=accountant)
 
 
-class RunLedger:
-    """What each run spent per dataset: its own accountant history, beside the site's ledger."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir) / "privacy" / "runs"
-        self._lock = threading.Lock()
-
-    def _path(self, run_id: str, dataset: str) -> Path:
-        digest = hashlib.sha256(f"{run_id}\0{dataset}".encode()).hexdigest()[:32]
-        return self.dir / f"{digest}.json"
-
-    def load(self, run_id: str, dataset: str) -> dict[str, Any]:
-        p = self._path(run_id, dataset)
-        with self._lock:
-            if not p.exists():
-                return {"run_id": run_id, "dataset": dataset, "history": [], "tasks": [], "noise_multiplier": None}
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        doc["history"] = [(float(a), float(b), int(c)) for a, b, c in doc["history"]]
-        return doc
-
-    def history(self, run_id: str, dataset: str) -> History:
-        return self.load(run_id, dataset)["history"]
-
-    def spent(self, run_id: str, dataset: str, *, delta: float, accountant: str = "rdp") -> float:
-        return epsilon_of(self.history(run_id, dataset), delta=delta, accountant=accountant)
-
-    def record(self, run_id: str, dataset: str, *, noise_multiplier: float, sample_rate: float, steps: int,
-               task_id: str | None, first_noise: float | None = None) -> None:
-        """Add one task's steps (durable before the reply, like the site's ledger)."""
-        doc = self.load(run_id, dataset)
-        if task_id is not None and task_id in doc["tasks"]:
-            return  # the same task recorded twice (a redelivery after a crash): count it once
-        doc["history"] = simulate_steps(doc["history"], noise_multiplier=noise_multiplier,
-                                        sample_rate=sample_rate, steps=steps)
-        doc["tasks"] = [*doc["tasks"], task_id]
-        if doc.get("noise_multiplier") is None:
-            doc["noise_multiplier"] = float(first_noise if first_noise is not None else noise_multiplier)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            atomic_write_json(self._path(run_id, dataset),
-                              {**doc, "history": [[float(a), float(b), int(c)] for a, b, c in doc["history"]]})
+def run_spent(ledger: Any, dataset: str, run_id: str) -> History:
+    """This run's accountant history in the site's ledger (every release carrying its run id)."""
+    return merge([e for r in ledger.releases(dataset) if r.get("run_id") == run_id for e in r["entries"]])
 
 
-def noise_for_task(experiment: Any, ledger: RunLedger, *, run_id: str, dataset: str, round: int, n_train: int,
-                   delta: float, accountant: str, min_noise: float | None = None,
-                   remaining_steps: int | None = None) -> tuple[float, RunPlan]:
+def noise_for_task(experiment: Any, ledger: Any, *, run_id: str, dataset: str, round: int, n_train: int,
+                   delta: float, accountant: str, policy: Any = None, remaining_steps: int | None = None) -> float:
     """The noise this task trains with so the run ends within ``total_epsilon``.
 
-    ``round`` is the task's round (1-based): the steps left are the rounds from it to the
-    last, plus personalisation. ``remaining_steps`` overrides that (the fine-tune after the
-    rounds passes its own steps). Raises ``BudgetExhausted``.
+    ``round`` is the task's round (1-based): what is left is the rounds from it to the last
+    (training and their metrics), the fine-tune and the final evaluation. ``remaining_steps``
+    (the fine-tune after the rounds) leaves only those steps.
+    Raises ``BudgetExhausted``.
     """
-    plan = plan_run(experiment, n_train=n_train, delta=delta, accountant=accountant, min_noise=min_noise)
-    doc = ledger.load(run_id, dataset)
-    spent = doc["history"]
+    plan = plan_run(experiment, n_train=n_train, delta=delta, accountant=accountant, policy=policy)
+    spent = run_spent(ledger, dataset, run_id)
     if remaining_steps is None:
         rounds_left = max(1, plan.rounds - int(round) + 1)
-        remaining_steps = rounds_left * plan.round_steps + plan.personalization_steps
-    kept = doc.get("noise_multiplier")
-    if kept is None and not spent and remaining_steps == plan.total_steps:
-        return plan.noise_multiplier, plan
-    candidate = float(kept) if kept is not None else None
-    if candidate is not None:
-        after = simulate_steps(spent, noise_multiplier=candidate, sample_rate=plan.sample_rate, steps=remaining_steps)
-        if epsilon_of(after, delta=delta, accountant=accountant) <= plan.total_epsilon + _SLACK:
-            return candidate, plan
+        steps = rounds_left * plan.round_steps + plan.personalization_steps
+        fixed = [e for e in plan.per_round_fixed for _ in range(rounds_left)] + list(plan.final_fixed)
+    else:
+        steps, fixed = remaining_steps, []  # after the run: its rounds and final evaluation are spent
+    base = merge([*spent, *fixed])
+
+    def fits(sigma: float) -> bool:
+        after = simulate_steps(base, noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=steps)
+        return epsilon_of(after, delta=delta, accountant=accountant) <= plan.total_epsilon + _SLACK
+
+    trained = [r for r in ledger.releases(dataset) if r.get("run_id") == run_id and r.get("kind") == "train"]
+    if trained and trained[0]["entries"]:
+        first = float(trained[0]["entries"][0][0])  # the run's noise so far
+        if fits(first):
+            return first
+    elif remaining_steps is None and int(round) <= 1 and fits(plan.noise_multiplier):
+        return plan.noise_multiplier  # round 1: the plan itself
     sigma = solve_noise(total_epsilon=plan.total_epsilon, delta=delta, accountant=accountant,
-                        sample_rate=plan.sample_rate, steps=remaining_steps, spent=spent)
-    if min_noise is not None:
-        sigma = max(sigma, float(min_noise))
-    return sigma, replace(plan, noise_multiplier=sigma)
+                        sample_rate=plan.sample_rate, steps=steps, spent=base)
+    if policy is not None and getattr(policy, "min_noise_multiplier", None) is not None:
+        sigma = max(sigma, float(policy.min_noise_multiplier))
+    return sigma
 
 
-__all__ = ["BudgetExhausted", "RunLedger", "RunPlan", "applies", "noise_for_task", "plan_run", "solve_noise",
-           "steps_per_epoch"]
+def train_rows(experiment: Any, rows: int, *, test_fraction: float = 0.2) -> int:
+    """Expected training rows of a site with ``rows`` announced rows: its keyed split
+    (``site_worker.splits.assign``) sends each row to test with probability ``test_fraction``,
+    then to validation with ``validation_fraction``; the site's own plan uses its real count."""
+    return max(1, int(round(rows * (1 - test_fraction) * (1 - float(experiment.dataset.validation_fraction)))))
 
 
-def task_dp_plan(experiment: Any, spec: Any, ledger: RunLedger, *, run_id: str, dataset: str, round: int,
-                 n_train: int, min_noise: float | None = None) -> Any:
-    """The trainer's ``DPPlan`` for one round's task under the run budget (what the handler calls)."""
-    from site_worker.trainer import DPPlan
+def plan_catalogue(experiment: Any, rows_by_site: dict[str, int], *, policy: Any = None) -> dict[str, Any]:
+    """The run's plan per site from the rows each site announced (``config validate --catalogue``),
+    for sites with ``policy`` (default: the site defaults)."""
+    if policy is None:
+        from site_worker.config import SitePolicy
 
-    dp = spec.dp
-    sigma, plan = noise_for_task(experiment, ledger, run_id=run_id, dataset=dataset, round=round, n_train=n_train,
-                                 delta=dp.delta, accountant=dp.accountant, min_noise=min_noise)
-    return DPPlan(noise_multiplier=sigma, sample_rate=plan.sample_rate, steps=plan.round_steps,
-                  max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=dp.accountant)
-
-
-def train_rows(experiment: Any, rows: int) -> int:
-    """Training rows a site with ``rows`` announced rows trains on (minus its validation split,
-    as ``site_worker.data.split_indices`` cuts it)."""
-    n_val = max(1, int(round(rows * float(experiment.dataset.validation_fraction))))
-    return max(1, rows - n_val)
-
-
-def plan_catalogue(experiment: Any, rows_by_site: dict[str, int]) -> dict[str, Any]:
-    """The run's plan per site from the rows each site announced (``config validate --catalogue``)."""
+        policy = SitePolicy()
     dp = experiment.training.dp
-    out = {"total_epsilon": float(dp.total_epsilon), "delta": float(dp.delta), "accountant": dp.accountant,
+    out = {"total_epsilon": float(dp.total_epsilon), "delta": float(dp.delta), "accountant": policy.accountant,
            "sites": {}}
     for site, rows in sorted(rows_by_site.items()):
         try:
-            out["sites"][site] = {"rows": rows, **plan_run(experiment, n_train=train_rows(experiment, rows)).to_json()}
+            p = plan_run(experiment, n_train=train_rows(experiment, rows, test_fraction=policy.test_fraction),
+                         delta=float(dp.delta), policy=policy)
+            out["sites"][site] = {"rows": rows, **p.to_json()}
         except BudgetExhausted as e:
             out["sites"][site] = {"rows": rows, "error": str(e)}
     return out
+
+
+__all__ = ["BudgetExhausted", "RunPlan", "applies", "noise_for_task", "plan_catalogue", "plan_run", "run_spent",
+           "solve_noise", "steps_per_epoch", "train_rows"]

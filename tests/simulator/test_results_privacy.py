@@ -42,7 +42,7 @@ def test_planned_epsilon_equals_what_the_site_ledgers_spent(run):
 def test_result_fields_per_site_and_baselines(run):
     doc, _ = run
     final = doc["final"]
-    assert final["split"] == "test" and "final_validation" in doc
+    assert final["split"] == "test" and "final_reported_by_sites" in doc
     for site in doc["sites"]:
         m = final["per_site"][site]
         assert FIELDS <= set(m) and "majority_class_accuracy" in m
