@@ -1,7 +1,8 @@
 """Privacy against utility on Fed-Heart-Disease: four real hospitals, ε per site over the whole run.
 
-For every ε in EPSILONS (``inf`` = DP off), method (FedAvg, FedAdam, FedPer + fine-tune) and
-seed, runs ``examples/heart_disease_dp.json`` through the simulator (natural partition by
+For every ε in EPSILONS (``inf`` = DP off), method (FedAvg and FedAdam on
+``examples/heart_disease_dp.json``, FedPer + fine-tune on ``examples/heart_disease_fedper.json``)
+and seed, runs the experiment through the simulator (natural partition by
 hospital, the production site and coordinator code) with ``total_epsilon`` = ε, and records
 the test accuracy and AUC on the union of the hospitals' fixed test splits and on each
 hospital's own split. The FedAvg runs also train the local-only and pooled baselines under
@@ -31,28 +32,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 EXAMPLE = ROOT / "examples" / "heart_disease_dp.json"
+PERSONAL = ROOT / "examples" / "heart_disease_fedper.json"
 EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0, math.inf]
 SEEDS = [1, 2, 3]
 # FLamby's published Fed-Heart-Disease figures (mean over the four hospitals' test accuracy).
 FLAMBY = {"FedAvg": 0.685, "FedYogi": 0.731, "pooled": 0.735, "FENDA-FL (personalised)": 0.81}
 
 
-def methods(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Experiment variants: the example's own settings with the aggregator swapped."""
+def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Experiment variants: the DP example with FedAvg or its own FedAdam, and the FedPer
+    example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
     out = {}
     avg = copy.deepcopy(base)
     avg["federated"]["name"] = "FedAvg"
-    avg["training"].pop("personalization", None)
-    avg["federated"]["parameters"].pop("personal_layers", None)
+    for k in ("server_learning_rate", "beta_1", "beta_2", "tau"):
+        avg["federated"]["parameters"].pop(k, None)
     out["FedAvg"] = avg
-    adam = copy.deepcopy(avg)
-    adam["federated"]["name"] = "FedAdam"
-    adam["federated"]["parameters"].update(server_learning_rate=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)
-    out["FedAdam"] = adam
-    per = copy.deepcopy(base)
-    per["federated"]["name"] = "FedPer"
-    per["federated"]["parameters"]["personal_layers"] = 1
-    per["training"].setdefault("personalization", {"mode": "full", "epochs": 3})
+    out["FedAdam"] = copy.deepcopy(base)
+    per = copy.deepcopy(personal)
+    per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
     out["FedPer+fine-tune"] = per
     return out
 
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     epsilons = [1.0, 8.0, math.inf] if args.quick else EPSILONS
     seeds = SEEDS[:1] if args.quick else list(range(1, args.seeds + 1))
     base = json.loads(EXAMPLE.read_text())
-    variants = methods(base)
+    variants = methods(base, json.loads(PERSONAL.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "privacy_utility.log", "w", encoding="utf-8")
     plan = [(m, e, s) for e in epsilons for m in variants for s in seeds]

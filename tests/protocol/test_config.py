@@ -104,7 +104,7 @@ def test_load_copies_the_input_dict():
 #   heart_failure: 11*1+1 (logistic regression: DP at ~65 rows per site)  = 12
 #   heart_disease: 25*64+64 + 64*32+32 + 32+1            = 1664 + 2080 + 33     = 3777
 #   ecg_cnn:       1*16*5+16 + 1440*128+128 + 128*2+2    = 96 + 184448 + 258    = 184802
-EXPECTED_INPUT = {"heart_failure.json": (11,), "heart_disease.json": (25,), "ecg_cnn.json": (1, 185)}
+EXPECTED_INPUT = {"heart_failure.json": (11,), "heart_disease_dp.json": (25,), "heart_disease_fedper.json": (25,), "heart_disease.json": (25,), "ecg_cnn.json": (1, 185)}
 # The ECG CNN under DP noise 1.0 needs Adam 1e-2 to leave the majority class within a
 # few rounds (measured with the simulator); heart_failure's full-batch DP-SGD needs 5e-2
 # (bench/README.md); heart_disease uses the seeds' 1e-3.
@@ -427,3 +427,16 @@ def test_experiment_class_is_pydantic_and_refuses_unknown_top_level_blocks():
     with pytest.raises(ConfigError) as e:
         load_experiment(data)
     assert e.value.path == "my_extension" and "unknown key" in e.value.message
+
+def test_heart_disease_dp_example_budget():
+    exp = load_experiment(ROOT / "examples" / "heart_disease_dp.json")
+    dp = exp.training.dp
+    assert (dp.total_epsilon, dp.delta) == (1.0, 1e-5) and dp.noise_multiplier is None
+    assert exp.federated.name == "FedAdam"
+
+
+def test_total_epsilon_excludes_other_noise_settings():
+    with pytest.raises(ConfigError, match="total_epsilon"):
+        load_experiment(_tabular(optimizer={"differential_privacy": {"total_epsilon": 1.0, "noise_multiplier": 1.0}}))
+    dp = load_experiment(_tabular(optimizer={"differential_privacy": {"total_epsilon": 2.0}})).training.dp
+    assert dp.total_epsilon == 2.0 and dp.noise_multiplier is None
