@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = methods(base, json.loads(PERSONAL.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "privacy_utility.log", "w", encoding="utf-8")
-    plan = [(m, e, s) for e in epsilons for m in variants for s in seeds]
+    # seed outermost: a run cut short by --max-minutes still has every point for the seeds it finished
+    plan = [(m, e, s) for s in seeds for e in epsilons for m in variants]
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, (method, eps, seed) in enumerate(plan, 1):

@@ -251,7 +251,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         _personalize(doc, exp, ws, final_weights)
         dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
         if dp_block is not None:
-            doc["privacy"] = dp_block
+            doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
             doc["epsilon"] = dict(dp_block["epsilon"])
         if baselines:
             from simulator.baselines import run_baselines

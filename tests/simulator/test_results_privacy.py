@@ -65,3 +65,21 @@ def test_test_rows_never_reached_training(run):
         assert both.empty
         # and the site's config names only its training file
         assert "holdout" not in (work / "sites" / site / "site.toml").read_text()
+
+
+def test_runs_show_labels_validation_and_test(run):
+    from coordinator.results import show_run
+    from coordinator.state import StateStore
+
+    doc, out = run
+    store = StateStore(out / "coordinator")
+    try:
+        shown = show_run(store, doc["run_id"])
+    finally:
+        store.close()
+    assert shown["rounds_split"] == "validation" and shown["final"]["split"] == "test"
+    # the sites' own final test evaluation covers their fixed test rows, not the simulator's holdout
+    assert set(shown["final"]["per_site"]) == set(doc["sites"])
+    assert shown["privacy"]["delta"] == 1e-5 and set(shown["privacy"]["epsilon"]) == set(doc["sites"])
+    best = shown["best_round"]
+    assert best["validation_loss"] == min(r["loss"] for r in shown["rounds"])
