@@ -163,7 +163,7 @@ def run(
 
 def _print_run(doc: dict[str, Any]) -> None:
     table = Table(title=f"run {doc['run_id']} ({doc.get('aggregator')}) - {doc.get('status')}")
-    for col in ("round", "replies", "loss", "accuracy", "auc", "wall s"):
+    for col in ("round", "replies", "val loss", "val accuracy", "val auc", "wall s"):
         table.add_column(col, justify="right")
     for r in doc.get("rounds", []):
         table.add_row(str(r["round"]), _fmt(r["replies"]), _fmt(r["loss"]), _fmt(r["accuracy"]), _fmt(r["auc"]),
@@ -171,11 +171,17 @@ def _print_run(doc: dict[str, Any]) -> None:
     _err.print(table)
     final = doc.get("final") or {}
     if final:
-        _err.print("final (test): " + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
+        _err.print("final (test: each site's fixed test split): "
+                   + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
         for s, m in (final.get("per_site") or {}).items():
             _err.print(f"  {s}: accuracy {_fmt(m.get('accuracy'))}, auc {_fmt(m.get('auc'))}, n_test {m.get('n_test')}")
     if doc.get("epsilon"):
-        _err.print("epsilon: " + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+        delta = (doc.get("privacy") or {}).get("delta")
+        _err.print("epsilon" + (f" (delta {delta})" if delta is not None else "") + ": "
+                   + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+    if doc.get("best_round"):
+        b = doc["best_round"]
+        _err.print(f"best round by validation loss: {b['round']} (validation loss {_fmt(b['validation_loss'])})")
     for d in doc.get("declined", []):
         _err.print(f"[yellow]declined[/] {d['site']} round {d.get('round')}: {d['reason']}")
     for r in doc.get("rejected", []):
@@ -230,11 +236,11 @@ def runs_compare(a: str = typer.Argument(...), b: str = typer.Argument(...), sta
     table = Table(title=f"{a} vs {b}")
     table.add_column("round", justify="right")
     for k in ("loss", "accuracy", "auc"):
-        table.add_column(f"{k} A", justify="right")
-        table.add_column(f"{k} B", justify="right")
+        table.add_column(f"val {k} A", justify="right")
+        table.add_column(f"val {k} B", justify="right")
     for r in doc["rounds"]:
         table.add_row(str(r["round"]), *[_fmt(r[f"{k}_{t}"]) for k in ("loss", "accuracy", "auc") for t in ("a", "b")])
-    table.add_row("final", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
+    table.add_row("final (test)", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
     _err.print(table)
 
 
