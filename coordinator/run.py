@@ -42,6 +42,10 @@ class RunFailed(Exception):
     """The run cannot go on (too few sites, too few replies after the retries)."""
 
 
+class RunStopped(Exception):
+    """An operator asked the run to stop (``fedbus coordinator runs stop``)."""
+
+
 @dataclass
 class RunResult:
     """What a run produced; ``to_json`` is the DESIGN.md result document."""
@@ -160,6 +164,9 @@ class Coordinator:
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
             self._log.error("run failed", reason=reason)
+        except RunStopped as e:
+            status, reason, final = "stopped", str(e), {}
+            self._log.warning("run stopped", reason=reason)
         finally:
             self._close_consumers()
         result = self._result(status=status, reason=reason, final=final, weights=weights,
@@ -359,11 +366,17 @@ class Coordinator:
         self.sites = sites
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
             for rnd in range(first_round, self.rounds_planned + 1):
+                self._check_stop()
                 weights, stop = self._sync_round(rnd, weights, progress)
                 if stop:
                     self._log.info("early stopping", round=rnd, best_loss=self.early.best)
                     break
         return weights
+
+    def _check_stop(self) -> None:
+        reason = self.store.stop_requested(self.run_id)
+        if reason is not None:
+            raise RunStopped(reason)
 
     def _sync_round(self, rnd: int, weights: Tensors, progress: RoundProgress) -> tuple[Tensors, bool]:
         fed = self.experiment.federated
@@ -606,6 +619,7 @@ class Coordinator:
             progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
             deadline = time.time() + self.round_timeout_s
             while version < self.rounds_planned:
+                self._check_stop()
                 delivery = self.inbox.next(deadline)
                 if delivery is None:
                     if time.time() < deadline:

@@ -234,6 +234,18 @@ class StateStore:
     def run_dir(self, run_id: str) -> Path:
         return self.dir / "runs" / run_id
 
+    def request_stop(self, run_id: str, reason: str = "stopped by the operator") -> None:
+        """Ask a running coordinator to stop ``run_id`` after the current round (``fedbus coordinator runs stop``)."""
+        self.run(run_id)  # raises StateError for an unknown run: no path from an arbitrary name
+        d = self.run_dir(run_id)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "STOP").write_text(reason + "\n", encoding="utf-8")
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """The stop reason if ``request_stop`` was called for ``run_id``, else None."""
+        f = self.run_dir(run_id) / "STOP"
+        return f.read_text(encoding="utf-8").strip() if f.exists() else None
+
     # -- sites and keys --------------------------------------------------------------
     def enroll(self, site_id: str, public_pem: bytes | str) -> str:
         """Record (or replace) a site's public key; returns its key id."""
