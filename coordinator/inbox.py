@@ -186,6 +186,8 @@ class Inbox:
         """Record and dead-letter with the reason; never raises (a log row that fails is only logged)."""
         reason = error.header() if hasattr(error, "header") else f"error: {error}"
         site, msg_round = _claimed(delivery, opened)
+        if opened is None and getattr(error, "signer", None):
+            site = error.signer  # the signature verified; only the envelope was bad
         try:
             self.store.record([UpdateRow(
                 run_id=self.run_id, round=_int64(msg_round if msg_round is not None else round), site=site,

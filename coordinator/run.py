@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from coordinator import checkpoints
-from coordinator.aggregators import Aggregator, EarlyStopping, build_aggregator
+from coordinator.aggregators import Aggregator, CentralDP, EarlyStopping, build_aggregator
 from coordinator.inbox import Held, Inbox, Inbound, Message
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
@@ -42,10 +42,6 @@ class RunFailed(Exception):
     """The run cannot go on (too few sites, too few replies after the retries)."""
 
 
-class RunStopped(Exception):
-    """An operator asked the run to stop (``fedbus coordinator runs stop``)."""
-
-
 @dataclass
 class RunResult:
     """What a run produced; ``to_json`` is the DESIGN.md result document."""
@@ -59,6 +55,7 @@ class RunResult:
     timing: dict[str, float]
     rejected: list[dict[str, Any]]
     declined: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
     status: str = "completed"
     reason: str | None = None
     weights: Tensors | None = None
@@ -79,6 +76,7 @@ class RunResult:
             "timing": self.timing,
             "rejected": self.rejected,
             "declined": self.declined,
+            "privacy": self.privacy,
             "status": self.status,
             "reason": self.reason,
             "checkpoint": self.checkpoint,
@@ -153,6 +151,8 @@ class Coordinator:
             return _stored_result(stored["result"], weights)
         self._log = log.bind(run_id=self.run_id, federation=self.federation)
         self.inbox.run_id, self.inbox.log = self.run_id, self._log
+        if isinstance(self.agg, CentralDP):
+            self.agg.context = self.run_id  # each run's noise is independent of every other's
         status, reason = "completed", None
         try:
             self._open_consumers()
@@ -160,13 +160,15 @@ class Coordinator:
                 weights = self._run_sync(weights, first_round)
             else:
                 weights = self._run_async(weights, first_round)
-            final = self._final_evaluation(weights)
+            stop = self.store.stop_requested(self.run_id)
+            if stop:
+                status, reason, final = "stopped", stop, {}
+                self._log.info("run stopped on request", reason=stop)
+            else:
+                final = self._final_evaluation(weights)
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
             self._log.error("run failed", reason=reason)
-        except RunStopped as e:
-            status, reason, final = "stopped", str(e), {}
-            self._log.warning("run stopped", reason=reason)
         finally:
             self._close_consumers()
         result = self._result(status=status, reason=reason, final=final, weights=weights,
@@ -240,9 +242,19 @@ class Coordinator:
         self._log.info("resuming", run_id=self.run_id, after_round=last["round"])
         return weights, int(last["round"]) + 1
 
-    def _central_dp(self) -> dict[str, float] | None:
+    def _central_dp(self) -> dict[str, Any] | None:
+        """Central DP settings with the secret from the state directory (never from the experiment)."""
+        from coordinator.aggregators.central_dp import load_or_create_secret
+
         c = self.experiment.federated.central_dp
-        return {"clip_norm": c.clip_norm, "noise_multiplier": c.noise_multiplier} if c else None
+        if not c:
+            return None
+        return {"clip_norm": c.clip_norm, "noise_multiplier": c.noise_multiplier,
+                "secret": load_or_create_secret(self.store.dir / "secrets" / "central_dp.key")}
+
+    def _fit_seed(self) -> int:
+        """Seed of the choice of training sites: secret under central DP (its sampling must be)."""
+        return self.agg.sampling_seed() if isinstance(self.agg, CentralDP) else self.seed
 
     def _checkpoint_path(self, round: int, suffix: str = "") -> Path:
         return self.store.run_dir(self.run_id) / "checkpoints" / f"round-{round:04d}{suffix}.safetensors"
@@ -366,17 +378,13 @@ class Coordinator:
         self.sites = sites
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
             for rnd in range(first_round, self.rounds_planned + 1):
-                self._check_stop()
+                if self.store.stop_requested(self.run_id):
+                    break
                 weights, stop = self._sync_round(rnd, weights, progress)
                 if stop:
                     self._log.info("early stopping", round=rnd, best_loss=self.early.best)
                     break
         return weights
-
-    def _check_stop(self) -> None:
-        reason = self.store.stop_requested(self.run_id)
-        if reason is not None:
-            raise RunStopped(reason)
 
     def _sync_round(self, rnd: int, weights: Tensors, progress: RoundProgress) -> tuple[Tensors, bool]:
         fed = self.experiment.federated
@@ -390,7 +398,9 @@ class Coordinator:
         replied: set[str] = set()
         agg_s = 0.0
         sampled = sample_sites(sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients),
-                               seed=self.seed, round=rnd)
+                               seed=self._fit_seed(), round=rnd)
+        if isinstance(self.agg, CentralDP):
+            self.agg.expected_clients = len(sampled)  # qN, fixed before any reply: the DP denominator
         # A resumed round: sites whose updates for this round were committed earlier do not exist
         # (rounds commit atomically), so every sampled site is asked again; duplicates are settled.
         attempt = 0
@@ -420,7 +430,7 @@ class Coordinator:
                     f"{', '.join(missing) or 'none'}; declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
                 )
             extra = sample_sites(sorted(set(sites) - set(sampled)), fed.min_fit_clients - len(accepted),
-                                 seed=self.seed, round=rnd, attempt=attempt)
+                                 seed=self._fit_seed(), round=rnd, attempt=attempt)
             if not missing and not extra:
                 raise RunFailed(
                     f"round {rnd}: {len(accepted)} update(s) accepted but min_fit_clients={fed.min_fit_clients}, and "
@@ -435,6 +445,7 @@ class Coordinator:
         new_weights = self.agg.finish_round()
         agg_s += time.monotonic() - t
         val = self._validation_metrics(rnd, new_weights, accepted, held, sites, progress)
+        val["available"] = len(sites)  # with len(sampled): the round's sampling rate for central DP's ε
         t = time.monotonic()
         self._commit_round(rnd, new_weights, sampled=sampled, attempts=attempt + 1, held=held, accepted=accepted,
                            metrics=val, wall_s=time.monotonic() - t0, agg_s=agg_s)
@@ -618,8 +629,7 @@ class Coordinator:
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=version) as progress:
             progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
             deadline = time.time() + self.round_timeout_s
-            while version < self.rounds_planned:
-                self._check_stop()
+            while version < self.rounds_planned and not self.store.stop_requested(self.run_id):
                 delivery = self.inbox.next(deadline)
                 if delivery is None:
                     if time.time() < deadline:
@@ -726,6 +736,12 @@ class Coordinator:
         return base
 
     # ------------------------------------------------------------------ result
+    def _privacy(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        central = self.experiment.federated.central_dp
+        if not central:
+            return {}
+        return {"central": _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])}
+
     def _result(self, *, status: str, reason: str | None, final: dict[str, Any], weights: Tensors,
                 wall_s: float) -> RunResult:
         rounds = self.store.rounds(self.run_id)
@@ -751,16 +767,31 @@ class Coordinator:
         last = rounds[-1] if rounds else None
         return RunResult(
             run_id=self.run_id, aggregator=self.aggregator_name, sites=sorted(eps), rounds=rows, final=final,
-            epsilon=eps, timing=timing, rejected=rejected, declined=declined, status=status, reason=reason,
+            epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=self._privacy(rounds),
+            status=status, reason=reason,
             weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
         )
 
 
+def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:
+    """Central DP's ε for the rounds committed: Opacus' RDP accountant, q = sampled / available per round."""
+    from coordinator.aggregators.central_dp import central_epsilon
+
+    rates = [min(1.0, len(r["sampled"]) / max(1, int(r["metrics"].get("available") or len(run_sites) or 1)))
+             for r in rounds]
+    eps = central_epsilon(central.noise_multiplier, rates, central.delta)
+    return {"epsilon": eps, "delta": central.delta, "accountant": "rdp", "noise_multiplier": central.noise_multiplier,
+            "clip_norm": central.clip_norm, "rounds": len(rates), "sample_rates": rates,
+            "mechanism": "user-level DP-FedAvg (McMahan et al. 2018): equal weights, fixed denominator qN",
+            "note": None if eps is not None else "noise_multiplier 0: no finite epsilon"}
+
+
 def _stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
     fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
-                                      "declined", "status", "reason", "checkpoint")}
+                                      "declined", "privacy", "status", "reason", "checkpoint")}
     fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
-                                          {} if k in ("final", "epsilon", "timing") else None)) for k, v in fields.items()}
+                                          {} if k in ("final", "epsilon", "timing", "privacy") else None))
+              for k, v in fields.items()}
     return RunResult(**fields, weights=weights)
 
 

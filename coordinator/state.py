@@ -234,18 +234,6 @@ class StateStore:
     def run_dir(self, run_id: str) -> Path:
         return self.dir / "runs" / run_id
 
-    def request_stop(self, run_id: str, reason: str = "stopped by the operator") -> None:
-        """Ask a running coordinator to stop ``run_id`` after the current round (``fedbus coordinator runs stop``)."""
-        self.run(run_id)  # raises StateError for an unknown run: no path from an arbitrary name
-        d = self.run_dir(run_id)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "STOP").write_text(reason + "\n", encoding="utf-8")
-
-    def stop_requested(self, run_id: str) -> str | None:
-        """The stop reason if ``request_stop`` was called for ``run_id``, else None."""
-        f = self.run_dir(run_id) / "STOP"
-        return f.read_text(encoding="utf-8").strip() if f.exists() else None
-
     # -- sites and keys --------------------------------------------------------------
     def enroll(self, site_id: str, public_pem: bytes | str) -> str:
         """Record (or replace) a site's public key; returns its key id."""
@@ -372,6 +360,17 @@ class StateStore:
             args = (federation,)
         rows = self._query(sql + " ORDER BY created_at DESC LIMIT 1", args)
         return rows[0]["run_id"] if rows else None
+
+    def request_stop(self, run_id: str, reason: str = "stopped on request") -> None:
+        """Ask the coordinator running ``run_id`` to stop after its current round (a flag it polls)."""
+        self.run(run_id)  # an unknown run is an error that names the recent ones
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"stop:{run_id}", reason))
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """The reason given to ``request_stop``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key=?", (f"stop:{run_id}",))
+        return rows[0]["value"] if rows else None
 
     def set_initial_checkpoint(self, run_id: str, path: str, sha256: str) -> None:
         with self._tx() as db:

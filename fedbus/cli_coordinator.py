@@ -185,9 +185,15 @@ def audit(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool
     report = _run_or_fail(audit_run, _store(state), run_id)
     _emit(report.to_json(), json_out)
     if report.ok:
-        typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints verified)", err=True)
+        typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints, "
+                   f"{report.approvals} approvals verified)", err=True)
         return
     for p in report.problems:
         typer.echo(f"audit {run_id}: {p}", err=True)
     typer.echo(f"audit {run_id}: FAILED ({len(report.problems)} problem(s))", err=True)
     raise typer.Exit(1)
+
+
+from fedbus.dashboard.cli import register_serve  # noqa: E402 - `coordinator serve` lives with the dashboard
+
+register_serve(app)

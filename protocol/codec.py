@@ -243,7 +243,11 @@ def open_frame(
     view = as_byte_view(data)
     _, kid, body, sig = decode_frame(view, limits=limits)
     identity = trust.verify(kid, body, sig)  # before a single payload byte is decoded
-    envelope = decode_envelope(body, limits=limits)
+    try:
+        envelope = decode_envelope(body, limits=limits)
+    except ProtocolError as e:
+        e.signer = identity  # type: ignore[attr-defined]  # signed but malformed: say who sent it
+        raise
     if envelope.sender != identity:
         raise BadSignature(
             f"frame signed by key {kid} of {identity!r} claims sender {envelope.sender!r}: "

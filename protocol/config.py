@@ -286,6 +286,7 @@ class DatasetSpec(_Block):
 class CentralDP(_Block):
     clip_norm: Float = Field(gt=0)
     noise_multiplier: Float = Field(ge=0)
+    delta: Float = Field(1e-5, gt=0, lt=1)  # the δ the run's central ε is reported at
 
 
 class EarlyStopping(_Block):

@@ -84,6 +84,7 @@ class Update:
     epsilon: float | None  # cumulative epsilon spent on this dataset; None = DP off (infinite)
     delta: float | None
     base_round: int
+    reproducible: bool = False  # the site's DP noise came from its reproducible_dp seed, not the OS
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,15 @@ MUTANTS: list[Mutant] = [
         ("tests/site_worker/test_data.py",),
     ),
 ]
+
+# ---------------------------------------------------------------------- the chaos harness itself
+# A fault test must prove its fault happened: with the faults turned into no-ops, the test fails.
+MUTANTS.append(Mutant(
+    "chaos-broker-faults-noop", "the chaos test's broker restart and forced close really happen, mid-round",
+    (Edit("tests/chaos/harness.py", '        rabbitmqctl("close_all_connections", "-p", self.vhost, reason)\n',
+          "        return None\n"),
+     Edit("tests/chaos/harness.py", '        rabbitmqctl("stop_app")\n        rabbitmqctl("start_app")\n',
+          "        return None\n")),
+    ("tests/chaos/test_chaos.py::test_broker_restart_and_forced_connection_close_mid_round",),
+    broker=True, private_broker=True,
+))

@@ -143,6 +143,7 @@ def simulate(
     round_timeout_s: float | None = None,
     progress: bool = True,
     keep_work: bool | None = None,
+    reproducible_dp: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the DESIGN.md result document.
 
@@ -160,7 +161,8 @@ def simulate(
     try:
         return _simulate(experiment_path, sites, partition, dataset, broker, rounds, out, baselines, faults, json_out,
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
-                         round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start)
+                         round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
+                         reproducible_dp=reproducible_dp)
     finally:
         torch.set_num_threads(threads)
 
@@ -169,7 +171,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               rounds: int | None, out: Any, baselines: bool, faults: str | None, json_out: bool, *,
               target: str | None, seed: int | None, site_suffix: str, rows: int | None,
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
-              score_rounds_max_sites: int = 100) -> dict[str, Any]:
+              score_rounds_max_sites: int = 100, reproducible_dp: bool = False) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -216,6 +218,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     ws = build_workspace(
         work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
+        dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed,
     )
     fault_log = FaultLog()
     try:
@@ -251,7 +254,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         doc["timing"]["simulate_s"] = time.perf_counter() - t_start
         doc.update(
             experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
-            seed=run_seed, federation=federation, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
+            seed=run_seed, federation=federation, reproducible_dp=reproducible_dp, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
             sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
             faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
         )
