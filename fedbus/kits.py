@@ -145,8 +145,11 @@ def load_project(path: Path) -> Project:
         ds = _string(t, "dataset", where, required=False) or dataset
         if not _ID.match(ds):
             raise ProjectError(f"{where}.dataset", f"{ds!r} must use letters, digits, '.', '_', '-'")
+        data = _string(t, "data", where, required=False)
+        if data is not None and not Path(data).is_absolute():  # relative to the project file, as a reader expects
+            data = str((path.resolve().parent / data).resolve())
         sites.append(SiteSpec(sid, ds, _string(t, "target", where, required=False) or target,
-                              _string(t, "data", where, required=False), _number(t, "max_epsilon", where, budget)))
+                              data, _number(t, "max_epsilon", where, budget)))
     tls = _toml_table(raw["tls"], "tls") if "tls" in raw else None
     user = fed.get("coordinator_user") or f"coordinator-{name}"
     if not isinstance(user, str) or not _ID.match(user) or user in {s.id for s in sites}:

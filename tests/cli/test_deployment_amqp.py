@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 FEDBUS = str(Path(sys.executable).with_name("fedbus"))
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def fedbus(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
