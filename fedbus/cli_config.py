@@ -146,6 +146,7 @@ def new(
     state: Annotated[Optional[Path], typer.Option("--state", help="Coordinator state directory (with --from-site).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeat).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
+    dataset_name: Annotated[Optional[str], typer.Option("--dataset-name", help="The name sites offer the data under ([datasets.NAME] in site.toml) [the file's name].")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="training.rounds.")] = 10,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
@@ -163,7 +164,8 @@ def new(
         else:
             if target is None:
                 _fail("--target COLUMN is required with a --dataset file")
-            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds)
+            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds,
+                                              dataset_name=dataset_name)
     except ValueError as e:
         _fail(str(e))
     try:

@@ -30,7 +30,7 @@ def _target_encoding(values: list[str]) -> tuple[str, int, str | None]:
 
 
 def experiment_from_file(path: Path, *, target: str, exclude: list[str], name: str | None,
-                         rounds: int = 10) -> tuple[dict[str, Any], list[str]]:
+                         rounds: int = 10, dataset_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """The experiment document and notes for the operator."""
     from site_worker.columns import plan_columns, read_file, safe_key
     from site_worker.data import DataError
@@ -44,7 +44,7 @@ def experiment_from_file(path: Path, *, target: str, exclude: list[str], name: s
     if not plan.features:
         raise ValueError(f"--dataset {path}: no usable feature column besides the target {target!r}")
     task, k, rule = _target_encoding(plan.target_values)
-    key = safe_key(path.stem)
+    key = safe_key(dataset_name or path.stem)
     notes = [f"left out {c}: {why}" for c, why in plan.excluded.items()]
     if rule:
         notes.append(f"binary target {target!r} holds {plan.target_values}: dataset.positive_if = {rule!r}")
