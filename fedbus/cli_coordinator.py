@@ -18,6 +18,9 @@ from rich.table import Table
 app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
 runs_app = typer.Typer(help="Read back stored runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+from fedbus import cli_dead_letters  # noqa: E402  (a sub-group of its own)
+
+app.add_typer(cli_dead_letters.app, name="dead-letters")
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")

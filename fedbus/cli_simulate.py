@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[Optional[int], typer.Option("--seed", help="Override training.seed (the run's seed)")] = None,
         round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds per round before closing it with the replies in")] = None,
         log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "warning",
+        reproducible_dp: Annotated[bool, typer.Option("--reproducible-dp", help="Research runs: sites draw DP noise from a seed (reported in every update) instead of the OS; never for real data")] = False,
         serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard over --out's coordinator state, live; keeps serving after the run until Ctrl-C")] = False,
         serve_port: Annotated[int, typer.Option("--serve-port", min=0, max=65535, help="Dashboard port with --serve (0: any free port)")] = 8765,
     ) -> None:
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
             doc = run_simulation(
                 experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, rounds=rounds,
                 out=out, baselines=baselines, faults=faults, target=target, seed=seed,
-                round_timeout_s=round_timeout, progress=True,
+                round_timeout_s=round_timeout, progress=True, reproducible_dp=reproducible_dp,
             )
         except SimulationInputError as e:
             err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)
