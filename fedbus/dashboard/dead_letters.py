@@ -37,7 +37,7 @@ def _tcp_problem(url: str, timeout_s: float = 3.0) -> str | None:
     return None
 
 
-def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: float = 10.0) -> dict[str, Any]:
+def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: float = 30.0) -> dict[str, Any]:
     base: dict[str, Any] = {"broker": _redact(broker) if broker else None, "federation": federation,
                             "checked_at": time.time(), "letters": []}
     if not broker:
