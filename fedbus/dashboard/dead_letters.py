@@ -62,8 +62,8 @@ def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: f
         letters = [d.to_json() for d in dl.list()]
         return {**base, "available": True, "reason": None, "letters": letters,
                 "truncated": bool(getattr(dl, "truncated", False))}
-    except Exception as e:  # noqa: BLE001 - same: the page says why, the server goes on
-        return {**base, "available": False, "reason": f"broker unreachable: {type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - the broker answered but refused: the page says why, the server goes on
+        return {**base, "available": False, "reason": f"could not read fedbus.dead: {type(e).__name__}: {e}"}
     finally:
         try:
             bus.close()
