@@ -42,7 +42,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     import structlog
 
     log = structlog.get_logger("fedbus.site")
-    from protocol.transport.base import BusError
+    from protocol.transport.base import BusError, BusPermissionError
     from site_worker.daemon import SiteWorker
 
     stop = threading.Event()
@@ -60,7 +60,9 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     except (BusError, OSError, ValueError) as e:
         log.error("site_failed_to_start", site_id=cfg.site_id, error=f"{type(e).__name__}: {e}")
         typer.echo(f"fedbus site run: cannot start: {e}", err=True)
-        raise typer.Exit(1) from None
+        # Refused login or permissions (or a bad value): restarting cannot fix it, so exit 2 and
+        # systemd's RestartPreventExitStatus=2 stops the loop; a broker that is away is exit 1.
+        raise typer.Exit(2 if isinstance(e, (BusPermissionError, ValueError)) else 1) from None
     while not stop.wait(3600):
         pass
     log.info("site_stopping", site_id=cfg.site_id, signal=received[0] if received else None, grace_s=cfg.grace_s)

@@ -36,6 +36,7 @@ class Mutant:
 
 
 RUN = "coordinator/run.py"
+INBOX = "coordinator/inbox.py"
 HANDLERS = "site_worker/handlers.py"
 
 MUTANTS: list[Mutant] = [
@@ -69,8 +70,8 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ coordinator: counting
     Mutant(
         "coord-message-id-dedup-removed", "a message id the coordinator already holds or committed is not counted again",
-        (Edit(RUN, "        if mid in held:\n", "        if False:\n"),
-         Edit(RUN, "        if self.store.accepted_message(mid):\n", "        if False:\n")),
+        (Edit(INBOX, "        if mid in held:\n", "        if False:\n"),
+         Edit(INBOX, "        if self.store.accepted_message(mid):\n", "        if False:\n")),
         ("tests/coordinator/test_run_memory.py", "tests/coordinator/test_at_least_once_memory.py"), marks="not broker",
     ),
     Mutant(
@@ -80,8 +81,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ack-before-commit", "an update is acked only once the round that includes it is committed",
-        (Edit(RUN, "        delivery.release_body()  # held until the commit: keep its tag, not its bytes\n",
-              "        delivery.ack()\n        delivery.release_body()\n"),
+        (Edit(INBOX, "        msg.delivery.release_body()  # acked by the commit that includes it, not before\n",
+              "        msg.delivery.ack()\n        msg.delivery.release_body()\n"),
          Edit(RUN, "        for h in held.values():  # only now is every held update's effect durable\n"
                    "            h.delivery.ack()\n",
               "        for h in held.values():\n            pass\n")),
@@ -89,10 +90,11 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "late-update-counted", "an update for a closed round is logged and dropped, never aggregated",
-        (Edit(RUN, "                self._settle(delivery, opened, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\", round=rnd)\n",
-              "                self.agg.add(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,\n"
-              "                                          base_round=p.base_round, metrics=dict(p.metrics)))\n"
-              "                self._settle(delivery, opened, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\", round=rnd)\n"),),
+        (Edit(RUN, "                    return self.inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n",
+              "                    from coordinator.aggregators import Contribution\n"
+              "                    self.agg.add(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,\n"
+              "                                              base_round=p.base_round, metrics=dict(p.metrics)))\n"
+              "                    return self.inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n"),),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[2]
-HEART_FAILURE = REPO / "examples" / "heart_failure.json"
+HEART_FAILURE = REPO / "tests" / "protocol" / "fixtures" / "heart_failure_mlp.json"  # the seeds' MLP, frozen
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
