@@ -27,7 +27,7 @@ def ca(
     force: bool = typer.Option(False, "--force", help="Replace an existing CA (invalidates what it signed)."),
 ) -> None:
     """Create the federation CA."""
-    from protocol.certificates import CertificateError, make_ca
+    from protocol.transport.certificates import CertificateError, make_ca
 
     try:
         issued = make_ca(out, federation=federation, days=days, force=force)
@@ -46,7 +46,7 @@ def issue(
     to: Optional[Path] = typer.Option(None, "--to", help="Write NAME.pem/NAME.key to this directory instead (a kit)."),
 ) -> None:
     """Sign a client (or, with --server-name, a broker) certificate with the CA in --out."""
-    from protocol.certificates import CertificateError, issue as issue_cert
+    from protocol.transport.certificates import CertificateError, issue as issue_cert
 
     try:
         issued = issue_cert(out, name, server_names=server_name or None, days=days, out=to)
@@ -59,7 +59,7 @@ def issue(
 @app.command("show")
 def show(cert: Path = typer.Argument(..., help="A PEM certificate.")) -> None:
     """Subject CN, issuer, validity and names of a certificate, as JSON."""
-    from protocol.certificates import describe
+    from protocol.transport.certificates import describe
 
     try:
         typer.echo(json.dumps(describe(cert), indent=2))

@@ -74,7 +74,13 @@ log = structlog.get_logger(__name__)
 
 USER_HEADER = "x-fedbus-user"  # on a dead letter: the broker-vouched sender of the original
 _REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED", 530: "NOT_ALLOWED", 540: "NOT_IMPLEMENTED"}
-_TRANSIENT = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
+class _Nacked(Exception):
+    """The broker nacked a publish: transient on a cluster (a quorum queue electing a
+    leader after its node died), so it is retried like a lost connection, with the same
+    message id, until ``publish_timeout_s``."""
+
+
+_TRANSIENT = (_Nacked, px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
 _MAX_PREFETCH = 65535
 DEFAULT_CONNECT_TIMEOUT_S = 10.0  # a broker never reached fails within this (one line, exit 1)
 
@@ -162,6 +168,11 @@ def _refusal(exc: BaseException) -> tuple[int, str] | None:
             # consumer_timeout: a handler held a delivery too long. Not a refusal: reconnect,
             # the broker redelivers it. (Raise the broker's consumer_timeout for long tasks.)
             log.warning("broker closed the channel: delivery held longer than its consumer_timeout", detail=text)
+            return None
+        if exc.reply_code == 404 and "down or inaccessible" in text:
+            # A clustered queue whose node is down (it cancelled our consumer): it comes
+            # back with its node, or its quorum elects a leader. Retry, do not stop.
+            log.warning("queue's node is down; retrying", detail=text)
             return None
         if exc.reply_code in _REFUSAL_CODES:
             return exc.reply_code, text
@@ -486,6 +497,11 @@ class _Publisher:
                         raise
                     self._drop()
                     delay = self.bus.connector.cap_delay(_backoff(attempt, cap=self.bus.reconnect_max_s))
+                    if time.monotonic() + delay > deadline and isinstance(e, _Nacked):
+                        raise PublishError(
+                            f"{what()}: the broker nacked it for {self.bus.publish_timeout_s}s (a queue over its "
+                            "length limit, or a quorum queue without a majority of its nodes)"
+                        ) from e
                     if time.monotonic() + delay > deadline:
                         raise PublishError(
                             f"{what()}: broker unreachable for {self.bus.publish_timeout_s}s "
@@ -519,7 +535,7 @@ class _Publisher:
                     f"{what}: unroutable (no queue bound for that key: unknown site or federation?)"
                 ) from e
             except px.NackError as e:
-                raise PublishError(f"{what}: the broker nacked the message (queue full or internal error)") from e
+                raise _Nacked(f"{what}: the broker nacked the message") from e
 
         if len(body) <= self.bus.chunk_size:
             data = body if isinstance(body, bytes) else bytes(body)

@@ -106,8 +106,6 @@ def _parse_one(url: str, *, tls: dict[str, str] | None) -> Endpoint:
     if auth == "external":
         if scheme != "amqps" or not opts.get("cert"):
             raise EndpointError("auth=external logs in by client certificate: it needs amqps:// and a cert (certfile=) and key")
-        if parts.password:
-            raise EndpointError("auth=external takes no password: remove it from the broker URL")
     if "key" in opts and "cert" not in opts:
         raise EndpointError("tls: 'key' given without 'cert'")
     host = parts.hostname or "localhost"

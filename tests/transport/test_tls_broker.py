@@ -26,7 +26,7 @@ import pika
 import pika.exceptions as px
 import pytest
 
-from protocol import certificates as certs
+from protocol.transport import certificates as certs
 from protocol.transport import BusPermissionError, Topology, open_bus
 from protocol.transport.base import BrokerRefused
 from protocol.transport.endpoints import EndpointError, certificate_url
@@ -208,8 +208,10 @@ def _workspace(root: Path, broker: TlsBroker, sites: list[str], federation: str)
     ws = build_workspace(root, data=data, partition=part, site_ids=ids, federation=federation,
                          broker_url="amqps://placeholder/", dataset_name="heart_failure",
                          coordinator_state=root / "coordinator")
-    for s, files in ws.sites.items():  # each site presents its own certificate
-        text = files.config.read_text().replace('"amqps://placeholder/"', json.dumps(broker.url(s)))
+    for s, files in ws.sites.items():  # each site presents its own certificate: site.toml's [tls] auth = "external"
+        text = files.config.read_text().replace('"amqps://placeholder/"', json.dumps(broker.base()))
+        text += (f'\n[tls]\nca = {json.dumps(str(broker.certs / "ca.pem"))}\ncert = {json.dumps(str(broker.certs / f"{s}.pem"))}\n'
+                 f'key = {json.dumps(str(broker.certs / f"{s}.key"))}\nauth = "external"\n')
         files.config.write_text(text)
     return ws
 

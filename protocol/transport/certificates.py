@@ -101,12 +101,14 @@ def issue(
     days: float = DEFAULT_DAYS,
     not_before: dt.datetime | None = None,
     out: Path | None = None,
+    stem: str | None = None,
 ) -> Issued:
     """Sign ``<name>.pem``/``<name>.key`` with the CA in ``directory``.
 
     ``server_names`` makes a broker (server) certificate for those DNS names / IP
     addresses; otherwise a client certificate whose CN ``name`` is the broker user.
-    ``not_before``/``days`` exist so tests can make expired certificates.
+    ``not_before``/``days`` exist so tests can make expired certificates; ``stem``
+    names the files (default ``name``; kits use ``tls`` beside the Ed25519 ``<name>.key``).
     """
     if not name or "/" in name or name.startswith("."):
         raise CertificateError(f"certificate name {name!r}: use the site id (letters, digits, '.', '_', '-')")
@@ -134,7 +136,7 @@ def issue(
     else:
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
-    cert_p, key_p = out / f"{name}.pem", out / f"{name}.key"
+    cert_p, key_p = out / f"{stem or name}.pem", out / f"{stem or name}.key"
     _write_key(key_p, key)
     _write_cert(cert_p, cert)
     return Issued(cert_p, key_p)
@@ -157,3 +159,42 @@ def describe(cert_path: Path) -> dict[str, str]:
         "names": names,
         "mode": oct(os.stat(cert_path).st_mode & 0o777),
     }
+
+
+def kit_tls(tls: dict[str, object], kit: Path, party: str) -> dict[str, str] | None:
+    """The hook ``fedbus provision`` calls per kit (``fedbus.kits.tls_files``).
+
+    The project's ``[tls]`` table: ``pki`` = a directory with the federation CA (made by
+    ``fedbus certs ca``), optional ``auth = "external"``, optional ``days``. Each kit
+    gets ``ca.pem`` and its own client certificate ``tls.pem``/``tls.key`` (0600) with
+    CN = ``party`` (its broker user); an existing, still valid certificate with that CN
+    is kept (re-provisioning is idempotent). With only ``ca`` given, just the CA is
+    copied (server-verified TLS with password login).
+    """
+    import shutil
+
+    pki = tls.get("pki")
+    if pki is None:
+        ca = tls.get("ca")
+        if not ca:
+            return None
+        shutil.copyfile(Path(str(ca)), kit / "ca.pem")
+        return {"ca": "ca.pem"}
+    pki_dir = Path(str(pki))
+    _load_ca(pki_dir)  # a clear error if there is no CA yet
+    shutil.copyfile(pki_dir / "ca.pem", kit / "ca.pem")
+    cert_p = kit / "tls.pem"
+    keep = False
+    if cert_p.exists() and (kit / "tls.key").exists():
+        info = x509.load_pem_x509_certificate(cert_p.read_bytes())
+        cn = info.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        keep = bool(cn) and cn[0].value == party and info.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)
+    if not keep:
+        issue(pki_dir, party, out=kit, stem="tls", days=float(str(tls.get("days", DEFAULT_DAYS))))
+    files = {"ca": "ca.pem", "cert": "tls.pem", "key": "tls.key"}
+    auth = tls.get("auth")
+    if auth is not None:
+        if auth not in ("plain", "external"):
+            raise CertificateError(f"tls.auth = {auth!r}: use 'plain' or 'external' (certificate login)")
+        files["auth"] = str(auth)
+    return files
