@@ -5,13 +5,17 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test setup bench
+.PHONY: run test setup bench mutants
 
 run: setup
 	$(BIN)/fedbus simulate examples/heart_failure.json --sites 3
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Plant each curated bug (scripts/mutant_catalogue.py) and check its tests fail; docs/testing.md.
+mutants: setup
+	$(BIN)/python scripts/mutants.py --markdown build/mutants/table.md
 
 setup: $(VENV)/.installed
 

@@ -43,7 +43,7 @@ import pika.exceptions as px
 import structlog
 
 from protocol.chunking import Reassembler, split_body
-from protocol.errors import ChunkError
+from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     DEFAULT_CHUNK_SIZE,
     Bus,
@@ -338,7 +338,7 @@ class AmqpBus(Bus):
             hint = (f"the broker has no user {self.user!r} for this certificate's CN, or EXTERNAL login is not enabled "
                     "(rabbitmq_auth_mechanism_ssl, auth_mechanisms.1 = EXTERNAL)" if node.external
                     else "wrong user name or password: use the credentials `fedbus broker provision` wrote")
-            return BrokerRefused(f"broker at {node.where} refused the login of user {self.user!r} by {how}: {hint}")
+            return BrokerRefused(f"login refused by the broker at {node.where} for user {self.user!r} ({how}): {hint}")
         if isinstance(exc, px.ProbableAccessDeniedError):
             return BrokerRefused(f"broker at {node.where} refused user {self.user!r} access to virtual host "
                                  f"{node.vhost!r}: grant it with `fedbus broker provision`")
@@ -621,6 +621,7 @@ class AmqpDelivery(Delivery):
 
 
 _STOP = object()
+_CAPACITY_BACKOFF_S = 0.05  # pause before requeueing a chunk refused for reassembly capacity
 
 
 class _AmqpConsumer(Consumer):
@@ -698,6 +699,7 @@ class _AmqpConsumer(Consumer):
                         self._ch.basic_consume(self.queue, self._on_message)
                         self.resubscribes += 1
                         log.info("consumer resubscribed after a broker cancel", queue=self.queue)
+                self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
             except Exception as e:
@@ -839,7 +841,7 @@ class _AmqpConsumer(Consumer):
     # -- worker thread ----------------------------------------------------------------------
     def _work_loop(self) -> None:
         reasm = Reassembler(**self.bus.reassembly)
-        holds: dict[str, _TransferHold] = {}
+        holds: dict[tuple[str, str], _TransferHold] = {}  # (broker-verified user, transfer id) -> chunks
         gen = 0
         while True:
             try:
@@ -849,8 +851,8 @@ class _AmqpConsumer(Consumer):
             if item is _STOP:
                 return
             if holds:
-                for tid in reasm.expire():
-                    h = holds.pop(tid, None)
+                for user, tid in reasm.expire_transfers():
+                    h = holds.pop((user or "", tid), None)
                     if h:
                         self._drop_transfer(h, f"{ChunkError.reason}: transfer {tid} timed out after {reasm.timeout_s}s waiting for missing chunks")
             if item is None:
@@ -866,19 +868,28 @@ class _AmqpConsumer(Consumer):
             if raw.chunk is None:
                 self._call(AmqpDelivery(self, [raw], raw.body))
                 continue
-            tid = str(raw.chunk.get("transfer_id"))
-            hold = holds.setdefault(tid, _TransferHold())
+            user = raw.props.user_id
+            key = (user or "", str(raw.chunk.get("transfer_id")))
+            hold = holds.setdefault(key, _TransferHold())
             hold.raws.append(raw)
             try:
-                whole = reasm.add(raw.chunk, raw.body)
+                whole = reasm.add(raw.chunk, raw.body, user=user)
+            except ChunkCapacity as e:  # no room now: give the chunks back, the transfer is retried later
+                holds.pop(key, None)
+                reasm.discard(key[1], user=user)
+                log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user)
+                self._stop.wait(_CAPACITY_BACKOFF_S)  # the broker redelivers at once: do not spin on it
+                for r in hold.raws:
+                    self._settle(r.gen, [r.tag], "requeue", extra=0)
+                continue
             except ChunkError as e:
-                holds.pop(tid, None)
-                reasm.discard(tid)
+                holds.pop(key, None)
+                reasm.discard(key[1], user=user)
                 self._drop_transfer(hold, f"{e.reason}: {e}")
                 continue
             if whole is None:
                 continue
-            holds.pop(tid, None)
+            holds.pop(key, None)
             hold.raws.sort(key=lambda r: r.chunk["index"] if r.chunk else 0)
             self._call(AmqpDelivery(self, hold.raws, whole))
 

@@ -6,11 +6,24 @@ import numpy as np
 import pytest
 
 from coordinator.aggregators import Contribution, get_aggregator
-from coordinator.aggregators.flower import fit_results
 
 
 def _weights(rng, scale=1.0):
     return (("w", (rng.normal(size=(3, 4)) * scale).astype(np.float32)), ("b", rng.normal(size=(4,)).astype(np.float32)))
+
+
+def hand_built_fit_results(contributions):
+    """``[(ClientProxy, FitRes)]`` built here from Flower's own types, not by the adapter's ``fit_results``."""
+    import flwr.common as fc
+    from flwr.server.client_proxy import ClientProxy
+
+    class Proxy(ClientProxy):
+        get_properties = get_parameters = fit = evaluate = reconnect = None
+
+    return [(Proxy(c.site), fc.FitRes(status=fc.Status(code=fc.Code.OK, message=""),
+                                      parameters=fc.ndarrays_to_parameters([a for _, a in c.weights]),
+                                      num_examples=c.num_examples, metrics={}))
+            for c in sorted(contributions, key=lambda c: c.site)]
 
 
 @pytest.fixture
@@ -46,7 +59,7 @@ def test_adapter_equals_direct_flower_call(inputs, name, params):
         for c in reversed(sites):  # arrival order must not matter
             agg.add(c)
         ours = agg.finish_round()
-        params_direct, _ = direct.aggregate_fit(rnd, fit_results(sites), [])
+        params_direct, _ = direct.aggregate_fit(rnd, hand_built_fit_results(sites), [])
         theirs = fc.parameters_to_ndarrays(params_direct)
         assert [n for n, _ in ours] == ["w", "b"]
         for (_, a), b in zip(ours, theirs, strict=True):
@@ -55,6 +68,21 @@ def test_adapter_equals_direct_flower_call(inputs, name, params):
     # the result really is what the strategy computes (not e.g. a plain mean)
     mean = sum(c.weights[0][1] * c.num_examples for c in sites) / sum(c.num_examples for c in sites)
     assert not np.allclose(dict(ours)["w"], mean)
+
+
+def test_flower_fedavg_through_the_adapter_is_the_hand_computed_weighted_mean(inputs):
+    initial, sites = inputs
+    agg = get_aggregator("flower:FedAvg", parameters={}, initial=initial)
+    agg.begin_round(1, initial)
+    for c in sites:
+        agg.add(c)
+    ours = dict(agg.finish_round())
+    n = [c.num_examples for c in sites]  # 10, 20, 30, 40, 50: the weighting shows
+    for name in ("w", "b"):
+        want = sum(k * dict(c.weights)[name].astype(np.float64) for k, c in zip(n, sites)) / sum(n)
+        np.testing.assert_allclose(ours[name], want, rtol=1e-5, atol=1e-6)
+        plain = sum(dict(c.weights)[name].astype(np.float64) for c in sites) / len(sites)
+        assert not np.allclose(ours[name], plain, rtol=1e-3)
 
 
 def test_adapter_state_round_trips_fedadam_moments(inputs):
