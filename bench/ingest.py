@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.aggregators import Contribution, get_aggregator  # noqa: E402
 from coordinator.aggregators.fedavg import WeightedSum  # noqa: E402
-from coordinator.ingest import open_delivery  # noqa: E402
+from coordinator.inbox import open_delivery  # noqa: E402
 from coordinator.validation import check_weights  # noqa: E402
 from protocol.codec import new_envelope, open_frame, seal  # noqa: E402
 from protocol.messages import Update  # noqa: E402

@@ -21,6 +21,7 @@ class AuditReport:
     run_id: str
     signatures: int = 0
     checkpoints: int = 0
+    approvals: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -29,7 +30,7 @@ class AuditReport:
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "ok": self.ok, "signatures_verified": self.signatures,
-                "checkpoints_verified": self.checkpoints, "problems": self.problems}
+                "checkpoints_verified": self.checkpoints, "approvals_verified": self.approvals, "problems": self.problems}
 
 
 def _check_file(store: StateStore, rel: str | None, sha: str | None, what: str, report: AuditReport) -> None:
@@ -90,4 +91,16 @@ def audit_run(store: StateStore, run_id: str) -> AuditReport:
             report.problems.append(f"{what}: body names sender {env.sender!r}, message {env.message_id}, run {env.run_id!r}")
             continue
         report.signatures += 1
+    _check_approvals(store, run, report)
     return report
+
+
+def _check_approvals(store: StateStore, run: dict, report: AuditReport) -> None:
+    """Every signed "model is valid" record (coordinator/approvals.py) must still verify."""
+    from coordinator.approvals import verify_approvals
+
+    cks = {0: (run.get("initial_checkpoint"), run.get("initial_sha256"))}
+    cks.update({r["round"]: (r["checkpoint_path"], r["checkpoint_sha256"]) for r in store.rounds(run["run_id"])})
+    ok, problems = verify_approvals(store.dir, run, cks)
+    report.approvals += ok
+    report.problems.extend(problems)

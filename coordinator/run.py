@@ -12,9 +12,6 @@ are recognised by message id and by (run, round, site) and acked as duplicates).
 from __future__ import annotations
 
 import contextlib
-import math
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,15 +21,15 @@ from typing import Any
 import structlog
 
 from coordinator import checkpoints
-from coordinator.aggregators import Aggregator, Contribution, EarlyStopping, build_aggregator
-from coordinator.ingest import Inbound, open_delivery
+from coordinator.aggregators import Aggregator, CentralDP, EarlyStopping, build_aggregator
+from coordinator.inbox import Held, Inbox, Inbound, Message
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
 from coordinator.registry import SiteRegistry
 from coordinator.sampling import derive_seed, sample_count, sample_sites
-from coordinator.state import RoundRow, StateError, StateStore, UpdateRow
-from coordinator.validation import Rejected, check_envelope, check_weights
-from protocol.messages import Declined, EvalResult, EvalTask, SiteHello, Tensors, TrainTask, Update
+from coordinator.state import RoundRow, StateError, StateStore
+from coordinator.validation import Rejected
+from protocol.messages import Declined, EvalResult, EvalTask, SiteHello, Tensors, TrainTask
 from protocol.transport.base import Bus, Delivery, Topology
 from protocol.transport.topology import TASKS, control_queue, updates_queue
 
@@ -58,6 +55,7 @@ class RunResult:
     timing: dict[str, float]
     rejected: list[dict[str, Any]]
     declined: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
     status: str = "completed"
     reason: str | None = None
     weights: Tensors | None = None
@@ -78,19 +76,11 @@ class RunResult:
             "timing": self.timing,
             "rejected": self.rejected,
             "declined": self.declined,
+            "privacy": self.privacy,
             "status": self.status,
             "reason": self.reason,
             "checkpoint": self.checkpoint,
         }
-
-
-@dataclass
-class _Held:
-    """An accepted message whose delivery waits for the commit that includes it."""
-
-    delivery: Delivery
-    row: UpdateRow
-    payload: Any
 
 
 class Coordinator:
@@ -141,14 +131,14 @@ class Coordinator:
         self.aggregator_name = fed.name
         norm = fed.parameters.get("norm_bound")
         self.norm_bound = float(norm) if norm is not None else None
-        self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._consumers: list[Any] = []
-        self._trust = None
         self._tasked: dict[tuple[int, str], set[str]] = {}  # (round, kind) -> sites tasked
         self._task_ids: dict[str, tuple[str, int, str, str | None]] = {}  # task_id -> (kind, round, site, split)
         # While set (inside _batched_tasks): tasks sealed but not yet recorded and published.
         self._task_batch: list[tuple[int, str, str, str | None, str, bytes]] | None = None
         self._log = log.bind(federation=federation)
+        self.inbox = Inbox(self.store, federation=federation, dataset=self._dataset(), max_skew_s=max_skew_s,
+                           store_bodies=store_bodies, log=self._log)
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:
@@ -160,6 +150,9 @@ class Coordinator:
             self._log.info("run already finished; nothing to resume", run_id=self.run_id, status=stored["status"])
             return _stored_result(stored["result"], weights)
         self._log = log.bind(run_id=self.run_id, federation=self.federation)
+        self.inbox.run_id, self.inbox.log = self.run_id, self._log
+        if isinstance(self.agg, CentralDP):
+            self.agg.context = self.run_id  # each run's noise is independent of every other's
         status, reason = "completed", None
         try:
             self._open_consumers()
@@ -167,7 +160,12 @@ class Coordinator:
                 weights = self._run_sync(weights, first_round)
             else:
                 weights = self._run_async(weights, first_round)
-            final = self._final_evaluation(weights)
+            stop = self.store.stop_requested(self.run_id)
+            if stop:
+                status, reason, final = "stopped", stop, {}
+                self._log.info("run stopped on request", reason=stop)
+            else:
+                final = self._final_evaluation(weights)
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
             self._log.error("run failed", reason=reason)
@@ -244,9 +242,19 @@ class Coordinator:
         self._log.info("resuming", run_id=self.run_id, after_round=last["round"])
         return weights, int(last["round"]) + 1
 
-    def _central_dp(self) -> dict[str, float] | None:
+    def _central_dp(self) -> dict[str, Any] | None:
+        """Central DP settings with the secret from the state directory (never from the experiment)."""
+        from coordinator.aggregators.central_dp import load_or_create_secret
+
         c = self.experiment.federated.central_dp
-        return {"clip_norm": c.clip_norm, "noise_multiplier": c.noise_multiplier} if c else None
+        if not c:
+            return None
+        return {"clip_norm": c.clip_norm, "noise_multiplier": c.noise_multiplier,
+                "secret": load_or_create_secret(self.store.dir / "secrets" / "central_dp.key")}
+
+    def _fit_seed(self) -> int:
+        """Seed of the choice of training sites: secret under central DP (its sampling must be)."""
+        return self.agg.sampling_seed() if isinstance(self.agg, CentralDP) else self.seed
 
     def _checkpoint_path(self, round: int, suffix: str = "") -> Path:
         return self.store.run_dir(self.run_id) / "checkpoints" / f"round-{round:04d}{suffix}.safetensors"
@@ -255,13 +263,10 @@ class Coordinator:
     def _open_consumers(self) -> None:
         sites = self.restrict if self.restrict is not None else self.registry.enrolled()
         self.bus.declare(Topology(sites=sites, federations=[self.federation]))
-        self._trust = self.store.trust_store()
+        self.inbox.refresh_trust()
         self._consumers.append(self.bus.consume(control_queue(self.federation), self._on_hello, prefetch=16))
-        self._consumers.append(self.bus.consume(updates_queue(self.federation), self._on_update, prefetch=self.prefetch))
-
-    def _on_update(self, delivery: Delivery) -> None:
-        """Bus worker thread: verify + decode here, so the run loop only validates and aggregates."""
-        self._inbox.put(open_delivery(delivery, self._trust))
+        self._consumers.append(self.bus.consume(updates_queue(self.federation), self.inbox.on_delivery,
+                                                prefetch=self.prefetch))
 
     def _close_consumers(self) -> None:
         for c in self._consumers:
@@ -277,10 +282,10 @@ class Coordinator:
 
         try:
             try:
-                opened = open_frame(delivery.body, self._trust)
+                opened = open_frame(delivery.body, self.inbox.trust)
             except UnknownSigner:  # enrolled after the run started: refresh once from the store
-                self._trust = self.store.trust_store()
-                opened = open_frame(delivery.body, self._trust)
+                self.inbox.refresh_trust()
+                opened = open_frame(delivery.body, self.inbox.trust)
             hello = opened.envelope.payload
             if not isinstance(hello, SiteHello) or hello.site_id != opened.signer:
                 raise Rejected("bad_hello", f"control message from {opened.signer} is not its own SiteHello")
@@ -346,113 +351,6 @@ class Coordinator:
     def _dataset(self) -> str:
         return self.experiment.dataset.name or ""
 
-    def _next(self, deadline: float) -> Inbound | None:
-        timeout = deadline - time.time()
-        if timeout <= 0:
-            try:
-                return self._inbox.get_nowait()
-            except queue.Empty:
-                return None
-        try:
-            return self._inbox.get(timeout=min(timeout, 0.5))
-        except queue.Empty:
-            return None
-
-    # ------------------------------------------------------------------ receiving
-    def _open(self, inbound: Inbound, *, current_round: int) -> tuple[Any, Any] | None:
-        """Check an opened delivery; None when it was rejected (nacked + recorded)."""
-        from protocol.errors import ProtocolError
-
-        delivery = inbound.delivery
-        try:
-            if inbound.error is not None:
-                raise inbound.error
-            opened = inbound.opened
-            env = opened.envelope
-            if env.sender != opened.signer:
-                raise Rejected("bad_signature", f"envelope sender {env.sender!r} is not the signer {opened.signer!r}")
-            check_envelope(env, federation=self.federation, run_id=self.run_id, max_skew_s=self.max_skew_s)
-            if not isinstance(env.payload, (Update, EvalResult, Declined)):
-                raise Rejected("unexpected_type", f"{env.type} does not belong on the updates queue")
-        except (ProtocolError, Rejected) as e:
-            self._reject(delivery, e, round=current_round)
-            return None
-        return opened, env
-
-    def _reject(self, delivery: Delivery, error: Exception, *, round: int, opened: Any = None) -> None:
-        reason = error.header() if hasattr(error, "header") else f"error: {error}"
-        site, msg_round = _claimed(delivery, opened)
-        self.store.record([UpdateRow(
-            run_id=self.run_id, round=msg_round if msg_round is not None else round, message_id=delivery.message_id,
-            site=site, kind=getattr(opened.envelope, "type", None) if opened else None,
-            bytes=len(delivery.body), verdict="rejected", reason=reason,
-            body_sha256=opened.body_sha256 if opened else None, kid=opened.kid if opened else None,
-        )])
-        delivery.nack(reason)
-        self._log.warning("message rejected", site_id=site, message_id=delivery.message_id, reason=reason)
-
-    def _settle(self, delivery: Delivery, opened: Any, *, verdict: str, reason: str, round: int) -> None:
-        """Record a valid message that has no effect (late, stale, duplicate, declined) and ack it."""
-        env = opened.envelope
-        p = env.payload
-        self.store.record([UpdateRow(
-            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
-            bytes=len(delivery.body), verdict=verdict, reason=reason, body_sha256=opened.body_sha256,
-            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
-            base_round=getattr(p, "base_round", None), metrics=dict(getattr(p, "metrics", {}) or {}),
-            task_id=getattr(p, "task_id", None),
-        )])
-        delivery.ack()
-        self._log.info(f"message {verdict}", site_id=env.sender, round=env.round, current_round=round, reason=reason)
-
-    def _is_replay(self, delivery: Delivery, opened: Any, held: dict[str, _Held], *, round: int) -> bool:
-        """Handle a message id seen before: redelivery is settled quietly, a fresh copy is a replay."""
-        mid = opened.envelope.message_id
-        if mid in held:
-            if delivery.redelivered:
-                held[mid].delivery = delivery  # same message again (connection recovered): keep one count
-                delivery.release_body()
-                return True
-            self._reject(delivery, Rejected("replayed", f"message {mid} was already received in this round"), round=round,
-                         opened=opened)
-            return True
-        if self.store.accepted_message(mid):
-            if delivery.redelivered:
-                self._settle(delivery, opened, verdict="duplicate", reason="redelivered after commit", round=round)
-            else:
-                self._reject(delivery, Rejected("replayed", f"message {mid} was already accepted"), round=round,
-                             opened=opened)
-            return True
-        return False
-
-    def _accept_row(self, delivery: Delivery, opened: Any, *, staleness: int | None = None, split: str | None = None) -> UpdateRow:
-        env = opened.envelope
-        p = env.payload
-        body_path = None
-        if self.store_bodies:
-            path = self.store.run_dir(self.run_id) / "bodies" / f"{env.message_id}.body"
-            checkpoints.write_atomic(path, opened.body)
-            body_path = str(path.relative_to(self.store.dir))
-        return UpdateRow(
-            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
-            bytes=len(delivery.body), verdict="accepted", split=split, body_sha256=opened.body_sha256,
-            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
-            num_examples=int(p.num_examples), base_round=int(p.base_round), staleness=staleness,
-            metrics=dict(p.metrics), epsilon=getattr(p, "epsilon", None), delta=getattr(p, "delta", None),
-            body_path=body_path, task_id=getattr(p, "task_id", None),
-        )
-
-    def _check_update(self, p: Update, weights: Tensors, site: str) -> None:
-        if p.num_examples <= 0:
-            raise Rejected("bad_num_examples", f"update from {site} reports num_examples={p.num_examples}; must be > 0")
-        check_weights(p.weights, weights, norm_bound=self.norm_bound)
-
-    def _check_eval(self, p: EvalResult, site: str) -> None:
-        if p.num_examples < 0 or any(
-            not isinstance(v, (int, float)) or not math.isfinite(float(v)) for v in p.metrics.values()
-        ):
-            raise Rejected("bad_metrics", f"evaluation result from {site} has negative n or non-finite metrics")
-
     # ------------------------------------------------------------------ synchronous rounds
     def _available(self) -> list[str]:
         fed = self.experiment.federated
@@ -480,6 +378,8 @@ class Coordinator:
         self.sites = sites
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
             for rnd in range(first_round, self.rounds_planned + 1):
+                if self.store.stop_requested(self.run_id):
+                    break
                 weights, stop = self._sync_round(rnd, weights, progress)
                 if stop:
                     self._log.info("early stopping", round=rnd, best_loss=self.early.best)
@@ -489,16 +389,18 @@ class Coordinator:
     def _sync_round(self, rnd: int, weights: Tensors, progress: RoundProgress) -> tuple[Tensors, bool]:
         fed = self.experiment.federated
         sites = self._available()
-        self._trust = self.store.trust_store()
+        self.inbox.refresh_trust()
         t0 = time.monotonic()
         rlog = self._log.bind(round=rnd)
         self.agg.begin_round(rnd, weights)
-        held: dict[str, _Held] = {}
-        accepted: dict[str, _Held] = {}  # site -> its accepted update this round
+        held: dict[str, Held] = {}
+        accepted: dict[str, Held] = {}  # site -> its accepted update this round
         replied: set[str] = set()
         agg_s = 0.0
         sampled = sample_sites(sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients),
-                               seed=self.seed, round=rnd)
+                               seed=self._fit_seed(), round=rnd)
+        if isinstance(self.agg, CentralDP):
+            self.agg.expected_clients = len(sampled)  # qN, fixed before any reply: the DP denominator
         # A resumed round: sites whose updates for this round were committed earlier do not exist
         # (rounds commit atomically), so every sampled site is asked again; duplicates are settled.
         attempt = 0
@@ -506,7 +408,7 @@ class Coordinator:
         progress.begin(rnd, expected=len(sampled))
         while True:
             while len(replied) < len(sampled):
-                delivery = self._next(deadline)
+                delivery = self.inbox.next(deadline)
                 if delivery is None:
                     if time.time() >= deadline:
                         break
@@ -528,7 +430,7 @@ class Coordinator:
                     f"{', '.join(missing) or 'none'}; declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
                 )
             extra = sample_sites(sorted(set(sites) - set(sampled)), fed.min_fit_clients - len(accepted),
-                                 seed=self.seed, round=rnd, attempt=attempt)
+                                 seed=self._fit_seed(), round=rnd, attempt=attempt)
             if not missing and not extra:
                 raise RunFailed(
                     f"round {rnd}: {len(accepted)} update(s) accepted but min_fit_clients={fed.min_fit_clients}, and "
@@ -543,6 +445,7 @@ class Coordinator:
         new_weights = self.agg.finish_round()
         agg_s += time.monotonic() - t
         val = self._validation_metrics(rnd, new_weights, accepted, held, sites, progress)
+        val["available"] = len(sites)  # with len(sampled): the round's sampling rate for central DP's ε
         t = time.monotonic()
         self._commit_round(rnd, new_weights, sampled=sampled, attempts=attempt + 1, held=held, accepted=accepted,
                            metrics=val, wall_s=time.monotonic() - t0, agg_s=agg_s)
@@ -561,54 +464,33 @@ class Coordinator:
         return deadline
 
     def _sync_message(self, inbound: Inbound, rnd, weights, sampled, held, accepted, replied, rlog) -> None:
-        opened_env = self._open(inbound, current_round=rnd)
-        if opened_env is None:
-            return
-        delivery = inbound.delivery
-        opened, env = opened_env
-        p = env.payload
-        site = env.sender
-        if self._is_replay(delivery, opened, held, round=rnd):
-            return
-        if isinstance(p, EvalResult):
-            self._settle(delivery, opened, verdict="late", reason="evaluation result outside an evaluation", round=rnd)
-            return
-        if env.round != rnd:
-            if env.round < rnd and site in self._tasked.get((env.round, "TrainTask"), ()):
-                self._settle(delivery, opened, verdict="late", reason=f"for round {env.round}, now in round {rnd}", round=rnd)
-            else:
-                self._reject(delivery, Rejected("wrong_round", f"message for round {env.round} but round {rnd} is open"
-                                                + ("" if env.round < rnd else " (future round)")),
-                             round=rnd, opened=opened)
-            return
-        if site not in sampled:
-            self._reject(delivery, Rejected("not_tasked", f"{site} was not asked to train in round {rnd}"),
-                         round=rnd, opened=opened)
-            return
-        if site in accepted or site in replied:
-            self._settle(delivery, opened, verdict="duplicate", reason=f"{site} already answered round {rnd}", round=rnd)
-            return
-        if isinstance(p, Declined):
+        def route(msg: Message) -> None:
+            env, p, site = msg.env, msg.payload, msg.site
+            if isinstance(p, EvalResult):
+                return self.inbox.late_eval(msg, round=rnd)
+            if env.round != rnd:
+                if env.round < rnd and site in self._tasked.get((env.round, "TrainTask"), ()):
+                    return self.inbox.settle(msg, verdict="late", reason=f"for round {env.round}, now in round {rnd}",
+                                             round=rnd)
+                raise Rejected("wrong_round", f"message for round {env.round} but round {rnd} is open"
+                               + ("" if env.round < rnd else " (future round)"))
+            if site not in sampled:
+                raise Rejected("not_tasked", f"{site} was not asked to train in round {rnd}")
+            if site in accepted or site in replied:
+                return self.inbox.settle(msg, verdict="duplicate", reason=f"{site} already answered round {rnd}",
+                                         round=rnd)
+            if isinstance(p, Declined):
+                replied.add(site)
+                return self.inbox.decline(msg, round=rnd)
+            if p.base_round != rnd - 1:
+                raise Rejected("wrong_round", f"update trained from model version {p.base_round}, "
+                               f"round {rnd} sent version {rnd - 1}")
+            h, _ = self.inbox.accept_update(msg, held, weights=weights, norm_bound=self.norm_bound, fold=self.agg.add)
+            accepted[site] = h
             replied.add(site)
-            self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=rnd)
-            return
-        if p.base_round != rnd - 1:
-            self._reject(delivery, Rejected("wrong_round", f"update trained from model version {p.base_round}, "
-                                            f"round {rnd} sent version {rnd - 1}"), round=rnd, opened=opened)
-            return
-        try:
-            self._check_update(p, weights, site)
-            self.agg.add(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,
-                                      base_round=p.base_round, metrics=dict(p.metrics)))
-        except Rejected as e:
-            self._reject(delivery, e, round=rnd, opened=opened)
-            return
-        h = _Held(delivery=delivery, row=self._accept_row(delivery, opened), payload=_light(p))
-        held[env.message_id] = h
-        accepted[site] = h
-        replied.add(site)
-        delivery.release_body()  # held until the commit: keep its tag, not its bytes
-        rlog.debug("update accepted", site_id=site, num_examples=p.num_examples)
+            rlog.debug("update accepted", site_id=site, num_examples=p.num_examples)
+
+        self.inbox.handle(inbound, round=rnd, held=held, route=route)
 
     # ------------------------------------------------------------------ evaluation
     def _validation_metrics(self, rnd, new_weights, accepted, held, sites, progress) -> dict[str, Any]:
@@ -637,7 +519,7 @@ class Coordinator:
                     per_site.setdefault(site, {}).update({f"eval_{k}": v for k, v in m.items()})
         return {"aggregate": agg, "per_site": per_site, "source": source}
 
-    def _collect_evals(self, sites: list[str], weights: Tensors, rnd: int, *, split: str, held: dict[str, _Held],
+    def _collect_evals(self, sites: list[str], weights: Tensors, rnd: int, *, split: str, held: dict[str, Held],
                        progress: RoundProgress | None) -> dict[str, dict[str, float]]:
         """Send EvalTasks to ``sites`` and gather their results until all answered or the deadline."""
         deadline = time.time() + self.round_timeout_s
@@ -648,46 +530,35 @@ class Coordinator:
         results: dict[str, dict[str, float]] = {}
         answered: set[str] = set()
         while len(answered) < len(sites):
-            delivery = self._next(deadline)
+            delivery = self.inbox.next(deadline)
             if delivery is None:
                 if time.time() >= deadline:
                     missing = sorted(set(sites) - answered)
                     self._log.warning("evaluation deadline passed", round=rnd, split=split, missing=missing)
                     break
                 continue
-            opened_env = self._open(delivery, current_round=rnd)
-            if opened_env is None:
-                continue
-            delivery = delivery.delivery
-            opened, env = opened_env
-            if self._is_replay(delivery, opened, held, round=rnd):
-                continue
-            p = env.payload
-            task = pending.get(getattr(p, "task_id", ""))
-            if task is None or task != env.sender:
-                self._settle(delivery, opened, verdict="late", reason="not an answer to an open evaluation task", round=rnd)
-                continue
-            if isinstance(p, Declined):
-                answered.add(env.sender)
-                self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=rnd)
-                continue
-            if not isinstance(p, EvalResult) or env.sender in answered:
-                self._settle(delivery, opened, verdict="duplicate", reason="evaluation already answered", round=rnd)
-                continue
-            try:
-                self._check_eval(p, env.sender)
-            except Rejected as e:
-                self._reject(delivery, e, round=rnd, opened=opened)
-                continue
-            m = dict(p.metrics)
-            m["n"] = float(m.get("n", p.num_examples))
-            results[env.sender] = m
-            answered.add(env.sender)
-            held[env.message_id] = _Held(delivery=delivery, row=self._accept_row(delivery, opened, split=split), payload=None)
-            delivery.release_body()
+            self.inbox.handle(delivery, round=rnd, held=held,
+                              route=lambda msg: self._eval_message(msg, rnd, split, pending, results, answered, held))
             if progress is not None:
                 progress.note(f"{split} {len(answered)}/{len(sites)}")
         return results
+
+    def _eval_message(self, msg: Message, rnd: int, split: str, pending: dict[str, str],
+                      results: dict[str, dict[str, float]], answered: set[str], held: dict[str, Held]) -> None:
+        p, site = msg.payload, msg.site
+        if pending.get(getattr(p, "task_id", "")) != site:
+            return self.inbox.settle(msg, verdict="late", reason="not an answer to an open evaluation task", round=rnd)
+        if isinstance(p, Declined):
+            answered.add(site)
+            return self.inbox.decline(msg, round=rnd)
+        if not isinstance(p, EvalResult) or site in answered:
+            return self.inbox.settle(msg, verdict="duplicate", reason="evaluation already answered", round=rnd)
+        self.inbox.check_eval(msg)
+        m = dict(p.metrics)
+        m["n"] = float(m.get("n", p.num_examples))
+        self.inbox.hold(msg, held, payload=None, split=split)
+        results[site] = m
+        answered.add(site)
 
     def _final_evaluation(self, weights: Tensors) -> dict[str, Any]:
         """EvalTask(split="test") to every site of the run; results weighted by n, per site too."""
@@ -695,7 +566,7 @@ class Coordinator:
         self.sites = sites
         last = self.store.last_round(self.run_id)
         rnd = int(last["round"]) if last else 0
-        held: dict[str, _Held] = {}
+        held: dict[str, Held] = {}
         results = self._collect_evals(sites, weights, rnd, split="test", held=held, progress=None)
         self.store.record([h.row for h in held.values()])
         for h in held.values():
@@ -750,16 +621,16 @@ class Coordinator:
         for site in active:
             self._train_task(weights, site=site, round=version, base_round=version,
                              deadline=time.time() + self.round_timeout_s)
-        held: dict[str, _Held] = {}
-        merged: dict[str, _Held] = {}
+        held: dict[str, Held] = {}
+        merged: dict[str, Held] = {}
         timeouts = 0
         t_step = time.monotonic()
         agg_s = 0.0
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=version) as progress:
             progress.begin(version + 1, expected=getattr(self.agg, "buffer_size", 1))
             deadline = time.time() + self.round_timeout_s
-            while version < self.rounds_planned:
-                delivery = self._next(deadline)
+            while version < self.rounds_planned and not self.store.stop_requested(self.run_id):
+                delivery = self.inbox.next(deadline)
                 if delivery is None:
                     if time.time() < deadline:
                         continue
@@ -818,63 +689,59 @@ class Coordinator:
 
     def _async_message(self, inbound: Inbound, version, weights, versions, held, merged):
         """None when nothing changed; else (new weights or None, site to re-task or None)."""
-        opened_env = self._open(inbound, current_round=version)
-        if opened_env is None:
-            return None
-        delivery = inbound.delivery
-        opened, env = opened_env
-        p = env.payload
-        site = env.sender
-        if self._is_replay(delivery, opened, held, round=version):
-            return None
-        if isinstance(p, EvalResult):
-            self._settle(delivery, opened, verdict="late", reason="evaluation result outside an evaluation", round=version)
-            return None
-        task = self._task_ids.get(p.task_id)
-        if task is None or task[0] != "TrainTask" or task[2] != site or task[1] != env.round:
-            self._reject(delivery, Rejected("not_tasked", f"{site} answers task {p.task_id}, which this run did not "
-                                            f"send it"), round=version, opened=opened)
-            return None
-        if any(h.row.task_id == p.task_id for h in held.values()) or self.store.task_answered(self.run_id, p.task_id):
-            self._settle(delivery, opened, verdict="duplicate", reason=f"task {p.task_id} already answered", round=version)
-            return None
-        if isinstance(p, Declined):
-            self._settle(delivery, opened, verdict="declined", reason=f"{p.reason}: {p.detail}", round=version)
-            return None
-        tau = version - p.base_round
-        if p.base_round != env.round or tau < 0:
-            self._reject(delivery, Rejected("wrong_round", f"update based on version {p.base_round} for task of version "
-                                            f"{env.round}; the model is at version {version}"), round=version, opened=opened)
-            return None
-        if self.agg.max_staleness is not None and tau > self.agg.max_staleness:
-            self._settle(delivery, opened, verdict="stale",
-                         reason=f"staleness {tau} > max_staleness {self.agg.max_staleness}", round=version)
-            return (None, site)
-        base = versions.get(p.base_round)
+        step: list[Any] = [None]
+
+        def route(msg: Message) -> None:
+            env, p, site = msg.env, msg.payload, msg.site
+            if isinstance(p, EvalResult):
+                return self.inbox.late_eval(msg, round=version)
+            task = self._task_ids.get(p.task_id)
+            if task is None or task[0] != "TrainTask" or task[2] != site or task[1] != env.round:
+                raise Rejected("not_tasked", f"{site} answers task {p.task_id}, which this run did not send it")
+            if any(h.row.task_id == p.task_id for h in held.values()) or self.store.task_answered(self.run_id, p.task_id):
+                return self.inbox.settle(msg, verdict="duplicate", reason=f"task {p.task_id} already answered",
+                                         round=version)
+            if isinstance(p, Declined):
+                return self.inbox.decline(msg, round=version)
+            tau = version - p.base_round
+            if p.base_round != env.round or tau < 0:
+                raise Rejected("wrong_round", f"update based on version {p.base_round} for task of version "
+                               f"{env.round}; the model is at version {version}")
+            if self.agg.max_staleness is not None and tau > self.agg.max_staleness:
+                self.inbox.settle(msg, verdict="stale", reason=f"staleness {tau} > max_staleness {self.agg.max_staleness}",
+                                  round=version)
+                step[0] = (None, site)
+                return
+            base = self._version_weights(p.base_round, versions)
+            h, new = self.inbox.accept_update(
+                msg, held, weights=weights, norm_bound=self.norm_bound, staleness=tau,
+                fold=lambda c: self.agg.merge(c, version=version, global_weights=weights, base_weights=base))
+            merged[env.message_id] = h
+            step[0] = (new, site)
+
+        self.inbox.handle(inbound, round=version, held=held, route=route)
+        return step[0]
+
+    def _version_weights(self, version: int, versions: dict[int, Tensors]) -> Tensors:
+        """The global model of ``version`` (an async update's base), from memory or its checkpoint."""
+        base = versions.get(version)
         if base is None:
-            rows = {r["round"]: r for r in self.store.rounds(self.run_id)}
-            r = rows.get(p.base_round)
+            r = {r["round"]: r for r in self.store.rounds(self.run_id)}.get(version)
             if r is None:
                 run = self.store.run(self.run_id)
                 base = checkpoints.load_tensors(self.store.dir / run["initial_checkpoint"], sha256=run["initial_sha256"])
             else:
                 base = checkpoints.load_tensors(self.store.dir / r["checkpoint_path"], sha256=r["checkpoint_sha256"])
-            versions[p.base_round] = base
-        try:
-            self._check_update(p, weights, site)
-            new = self.agg.merge(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,
-                                              base_round=p.base_round, metrics=dict(p.metrics)),
-                                 version=version, global_weights=weights, base_weights=base)
-        except Rejected as e:
-            self._reject(delivery, e, round=version, opened=opened)
-            return None
-        h = _Held(delivery=delivery, row=self._accept_row(delivery, opened, staleness=tau), payload=_light(p))
-        held[env.message_id] = h
-        merged[env.message_id] = h
-        delivery.release_body()
-        return (new, site)
+            versions[version] = base
+        return base
 
     # ------------------------------------------------------------------ result
+    def _privacy(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        central = self.experiment.federated.central_dp
+        if not central:
+            return {}
+        return {"central": _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])}
+
     def _result(self, *, status: str, reason: str | None, final: dict[str, Any], weights: Tensors,
                 wall_s: float) -> RunResult:
         rounds = self.store.rounds(self.run_id)
@@ -900,38 +767,32 @@ class Coordinator:
         last = rounds[-1] if rounds else None
         return RunResult(
             run_id=self.run_id, aggregator=self.aggregator_name, sites=sorted(eps), rounds=rows, final=final,
-            epsilon=eps, timing=timing, rejected=rejected, declined=declined, status=status, reason=reason,
+            epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=self._privacy(rounds),
+            status=status, reason=reason,
             weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
         )
 
 
+def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:
+    """Central DP's ε for the rounds committed: Opacus' RDP accountant, q = sampled / available per round."""
+    from coordinator.aggregators.central_dp import central_epsilon
+
+    rates = [min(1.0, len(r["sampled"]) / max(1, int(r["metrics"].get("available") or len(run_sites) or 1)))
+             for r in rounds]
+    eps = central_epsilon(central.noise_multiplier, rates, central.delta)
+    return {"epsilon": eps, "delta": central.delta, "accountant": "rdp", "noise_multiplier": central.noise_multiplier,
+            "clip_norm": central.clip_norm, "rounds": len(rates), "sample_rates": rates,
+            "mechanism": "user-level DP-FedAvg (McMahan et al. 2018): equal weights, fixed denominator qN",
+            "note": None if eps is not None else "noise_multiplier 0: no finite epsilon"}
+
+
 def _stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
     fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
-                                      "declined", "status", "reason", "checkpoint")}
+                                      "declined", "privacy", "status", "reason", "checkpoint")}
     fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
-                                          {} if k in ("final", "epsilon", "timing") else None)) for k, v in fields.items()}
+                                          {} if k in ("final", "epsilon", "timing", "privacy") else None))
+              for k, v in fields.items()}
     return RunResult(**fields, weights=weights)
-
-
-def _light(p: Any) -> Any:
-    """What a held update keeps after aggregation: everything but the weights (their bytes are dropped)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None))
-
-
-def _claimed(delivery: Delivery, opened: Any) -> tuple[str | None, int | None]:
-    """Sender and round a message claims (for the log only; unverified when ``opened`` is None)."""
-    if opened is not None:
-        return opened.envelope.sender, opened.envelope.round
-    try:
-        from protocol.codec import decode_envelope, decode_frame
-
-        _, _, body, _ = decode_frame(delivery.body)
-        env = decode_envelope(body)
-        return f"{env.sender} (unverified)", env.round
-    except Exception:  # noqa: BLE001 - best effort: the message is rejected either way
-        return delivery.user_id, None
 
 
 def _slug(name: str) -> str:

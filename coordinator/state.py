@@ -5,7 +5,7 @@ Layout of ``state_dir``::
     coordinator.db                    sites + keys, runs, rounds, update log, privacy ledger
     runs/<run_id>/checkpoints/round-0003.safetensors   global model after round 3 (sha256 in db)
     runs/<run_id>/checkpoints/round-0003.agg.safetensors  aggregator state (FedAdam moments ...)
-    runs/<run_id>/bodies/<message_id>.body              signed body of every accepted message
+    runs/<run_id>/bodies/<body_sha256>.body             signed body of every accepted message (named by its hash)
 
 Everything a round changes (its checkpoint row, its accepted updates, the privacy
 ledger lines) is written in one transaction; the run loop acks the round's deliveries
@@ -101,6 +101,11 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_run ON updates (run_id, round);
 CREATE INDEX IF NOT EXISTS updates_msg ON updates (message_id);
+CREATE TABLE IF NOT EXISTS revoked (    -- keys distrusted for good (fedbus provision --revoke)
+    kid TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tasks (      -- every task sent, so a late reply is told from a forged one
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -241,6 +246,19 @@ class StateStore:
             raise StateError(f"{site_id}: not an Ed25519 public key in PEM format ({e})") from e
         now = time.time()
         with self._tx() as db:
+            # One key signs for one site only: a key another site holds (now, or in the key
+            # history kept for audits) would let one site's frames verify as the other's.
+            other = db.execute(
+                "SELECT site_id FROM sites WHERE kid=? AND site_id<>? UNION "
+                "SELECT site_id FROM keys WHERE kid=? AND site_id<>?", (kid, site_id, kid, site_id),
+            ).fetchone()
+            if db.execute("SELECT 1 FROM revoked WHERE kid=?", (kid,)).fetchone() is not None:
+                raise StateError(f"{site_id}: key {kid} was revoked; generate a new key for the site and enroll that")
+            if other is not None:
+                raise StateError(
+                    f"{site_id}: key {kid} is already enrolled for site {other[0]!r}; one key cannot sign for two "
+                    f"sites: generate a key for {site_id} (fedbus keys generate {site_id} --out DIR) and enroll that"
+                )
             db.execute(
                 "INSERT INTO sites (site_id, kid, public_pem, enrolled_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(site_id) DO UPDATE SET kid=excluded.kid, public_pem=excluded.public_pem, "
@@ -249,6 +267,17 @@ class StateStore:
             )
             db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?)", (kid, site_id, pem.decode(), now))
         return kid
+
+    def revoke(self, site_id: str) -> str | None:
+        """Distrust ``site_id``'s key for good and forget the site (its old signatures stay
+        auditable from the key history); returns the revoked key id, None if not enrolled."""
+        with self._tx() as db:
+            row = db.execute("SELECT kid FROM sites WHERE site_id=?", (site_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?, ?)", (row[0], site_id, time.time()))
+            db.execute("DELETE FROM sites WHERE site_id=?", (site_id,))
+        return row[0]
 
     def sites(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM sites ORDER BY site_id")
@@ -277,9 +306,18 @@ class StateStore:
         """A ``TrustStore`` of every currently enrolled site key."""
         from protocol.signing import TrustStore
 
+        import structlog
+
         trust = TrustStore()
-        for s in self.sites():
-            trust.add(s["site_id"], s["public_pem"].encode())
+        # Earliest enrollment first: with a duplicate key left by an older fedbus, the site
+        # that enrolled it first keeps it and the later one is not trusted (and told why).
+        for s in sorted(self.sites(), key=lambda s: (s["enrolled_at"], s["site_id"])):
+            try:
+                trust.add(s["site_id"], s["public_pem"].encode())
+            except ValueError as e:
+                structlog.get_logger(__name__).error(
+                    "site not trusted: its key is enrolled for another site; re-enroll it with its own key",
+                    site_id=s["site_id"], kid=s["kid"], error=str(e))
         return trust
 
     # -- runs ------------------------------------------------------------------------
@@ -322,6 +360,17 @@ class StateStore:
             args = (federation,)
         rows = self._query(sql + " ORDER BY created_at DESC LIMIT 1", args)
         return rows[0]["run_id"] if rows else None
+
+    def request_stop(self, run_id: str, reason: str = "stopped on request") -> None:
+        """Ask the coordinator running ``run_id`` to stop after its current round (a flag it polls)."""
+        self.run(run_id)  # an unknown run is an error that names the recent ones
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"stop:{run_id}", reason))
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """The reason given to ``request_stop``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key=?", (f"stop:{run_id}",))
+        return rows[0]["value"] if rows else None
 
     def set_initial_checkpoint(self, run_id: str, path: str, sha256: str) -> None:
         with self._tx() as db:

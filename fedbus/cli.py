@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fedbus import cli_broker, cli_config, cli_coordinator, cli_keys, cli_simulate, cli_site
+from fedbus import cli_broker, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
 
 app = typer.Typer(
     name="fedbus",
@@ -24,6 +24,7 @@ app.add_typer(cli_broker.app, name="broker")
 app.add_typer(cli_coordinator.app, name="coordinator")
 app.add_typer(cli_site.app, name="site")
 cli_simulate.register(app)
+cli_provision.register(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``fedbus config validate``: check an experiment before anyone runs it.
+"""``fedbus config validate`` checks an experiment before anyone runs it; ``config new`` writes one.
 
 Shows the layers with their output shapes, the parameter count and the training and
 federation settings, or the JSON path of the first problem (exit 2). Human output
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -35,6 +35,7 @@ def _report(experiment: Experiment, summary: ModelSummary) -> dict[str, Any]:
         "training": wire["training"],
         "federated": wire["federated"],
         "dataset": {k: v for k, v in wire["dataset"].items() if k != "selected_datasets"},
+        "not_used_by_fedbus": experiment.not_used,
     }
 
 
@@ -104,6 +105,8 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
     if data.features is not None:
         line += f" features={len(data.features)} (one-hot width {data.input_width()})"
     console.print(line)
+    if experiment.not_used:
+        console.print("not used by fedbus (MediNet's own fields, kept as given): " + ", ".join(experiment.not_used))
     console.print("[green]valid[/green]")
 
 
@@ -132,3 +135,50 @@ def validate(
         typer.echo(json.dumps(_report(experiment, summary)))
     else:
         _print_human(console, experiment, summary, experiment_file)
+
+
+@app.command("new")
+def new(
+    out: Annotated[Path, typer.Option("--out", help="Experiment JSON to write.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="A CSV/Parquet file, or with --from-site the dataset name in the site catalogue.")],
+    target: Annotated[Optional[str], typer.Option("--target", help="Target column (default: the site's, with --from-site).")] = None,
+    from_site: Annotated[Optional[str], typer.Option("--from-site", help="Build from what SITE's hello announced (metadata only); needs --state.")] = None,
+    state: Annotated[Optional[Path], typer.Option("--state", help="Coordinator state directory (with --from-site).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeat).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
+) -> None:
+    """Write an experiment from a dataset's columns: features, categories, input size, MLP 64→32→1, DP defaults."""
+    from fedbus.config_new import experiment_from_catalogue, experiment_from_file
+
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it")
+    try:
+        if from_site is not None:
+            if state is None:
+                _fail("--from-site needs --state (the coordinator's state directory, where site hellos are kept)")
+            doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name)
+        else:
+            if target is None:
+                _fail("--target COLUMN is required with a --dataset file")
+            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        exp = load_experiment(doc)
+    except ConfigError as e:  # a bug in the template, never the user's fault
+        _fail(f"internal: the generated experiment does not validate: {e}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    ds = exp.dataset
+    typer.echo(f"wrote {out}: {len(ds.features or [])} features ({len(ds.categorical)} categorical) -> input "
+               f"{exp.input_shape[0]}, target {ds.target!r} ({ds.task}), MLP 64-32-{exp.output_shape[0]}, "
+               "DP-SGD noise 1.0 clip 1.0 delta 1e-5", err=True)
+    for n in notes:
+        typer.echo(f"note: {n}", err=True)
+    typer.echo(f"next: fedbus config validate {out}", err=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"fedbus config: {message}", err=True)
+    raise typer.Exit(2)

@@ -18,6 +18,9 @@ from rich.table import Table
 app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
 runs_app = typer.Typer(help="Read back stored runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+from fedbus import cli_dead_letters  # noqa: E402  (a sub-group of its own)
+
+app.add_typer(cli_dead_letters.app, name="dead-letters")
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")
@@ -255,9 +258,15 @@ def audit(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool
     report = _run_or_fail(audit_run, _store(state), run_id)
     _emit(report.to_json(), json_out)
     if report.ok:
-        typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints verified)", err=True)
+        typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints, "
+                   f"{report.approvals} approvals verified)", err=True)
         return
     for p in report.problems:
         typer.echo(f"audit {run_id}: {p}", err=True)
     typer.echo(f"audit {run_id}: FAILED ({len(report.problems)} problem(s))", err=True)
     raise typer.Exit(1)
+
+
+from fedbus.dashboard.cli import register_serve  # noqa: E402 - `coordinator serve` lives with the dashboard
+
+register_serve(app)

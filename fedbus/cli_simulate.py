@@ -33,6 +33,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[Optional[int], typer.Option("--seed", help="Override training.seed (the run's seed)")] = None,
         round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds per round before closing it with the replies in")] = None,
         log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "warning",
+        reproducible_dp: Annotated[bool, typer.Option("--reproducible-dp", help="Research runs: sites draw DP noise from a seed (reported in every update) instead of the OS; never for real data")] = False,
+        serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard over --out's coordinator state, live; keeps serving after the run until Ctrl-C")] = False,
+        serve_port: Annotated[int, typer.Option("--serve-port", min=0, max=65535, help="Dashboard port with --serve (0: any free port)")] = 8765,
     ) -> None:
         """Run a whole federation on one machine through the production coordinator and site workers."""
         from rich.console import Console
@@ -46,11 +49,12 @@ def register(app: typer.Typer) -> None:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
         err = Console(stderr=True)
+        dashboard = _start_dashboard(out, serve_port, broker, err) if serve else None
         try:
             doc = run_simulation(
                 experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, rounds=rounds,
                 out=out, baselines=baselines, faults=faults, target=target, seed=seed,
-                round_timeout_s=round_timeout, progress=True,
+                round_timeout_s=round_timeout, progress=True, reproducible_dp=reproducible_dp,
             )
         except SimulationInputError as e:
             err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)
@@ -63,3 +67,27 @@ def register(app: typer.Typer) -> None:
             err.print(f"report: {out / 'report.html'}  ·  coordinator state: {out / 'coordinator'}")
         if json_out:
             typer.echo(json.dumps(doc, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+        if dashboard is not None:
+            err.print(f"dashboard still serving at {dashboard.url} (Ctrl-C stops)")
+            try:
+                dashboard.thread.join()
+            except KeyboardInterrupt:
+                dashboard.stop()
+
+
+def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object:
+    """``--serve``: the dashboard on a thread over ``OUT/coordinator``, read-only, localhost."""
+    from fedbus.dashboard.server import BackgroundServer, ServeError, ServeOptions
+
+    if out is None:
+        err.print("[red]fedbus simulate:[/red] --serve needs --out DIR (the dashboard reads DIR/coordinator)")
+        raise typer.Exit(2)
+    (out / "coordinator").mkdir(parents=True, exist_ok=True)
+    try:
+        server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
+                                               broker=None if broker.startswith("memory") else broker)).start()
+    except ServeError as e:
+        err.print(f"[red]fedbus simulate:[/red] --serve: {e}")
+        raise typer.Exit(2) from None
+    err.print(f"dashboard: {server.url}", soft_wrap=True)
+    return server

@@ -72,3 +72,24 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@app.command("check")
+def check(
+    config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml"),
+    experiment: Path = typer.Option(None, "--experiment", help="Also check the data and the privacy cost of this experiment."),
+) -> None:
+    """Pre-flight: config, key files and modes, broker login, coordinator key, data vs experiment, ε; exit 0/1."""
+    import warnings
+
+    from fedbus.site_check import print_checks, run_checks
+
+    import io
+
+    from fedbus.logs import configure_logging
+
+    warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
+    configure_logging("cli", level="error", stream=io.StringIO())  # each check reports its own failure
+    ok = print_checks(run_checks(config, experiment), lambda line: typer.echo(line))
+    typer.echo("site check: all passed" if ok else "site check: FAILED (fix the lines marked FAIL)", err=True)
+    raise typer.Exit(0 if ok else 1)

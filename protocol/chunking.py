@@ -6,6 +6,12 @@ model weights can be far larger. The buses split bodies over ``chunk_size`` with
 memory and the time a partial transfer may hold and verifies the sha256 of the whole
 body before handing it back. Anything inconsistent raises :class:`ChunkError`; the
 transfer is then dropped, so its chunks can be dead-lettered by the caller.
+
+Reservations are bounded per broker-verified sender (the AMQP ``user_id``; chunks
+without one share a single anonymous quota), and a transfer may declare at most the
+frame limit, so one sender's 10-byte first chunk cannot reserve everyone's memory.
+A refusal for capacity raises :class:`ChunkCapacity`: the caller requeues the chunk,
+and the honest transfer is retried once room is free.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from protocol.errors import ChunkError
+from protocol.errors import ChunkCapacity, ChunkError
+from protocol.limits import DEFAULT_LIMITS
 
-__all__ = ["split_body", "Reassembler", "ChunkError", "HEADER_FIELDS"]
+__all__ = ["split_body", "Reassembler", "ChunkError", "ChunkCapacity", "HEADER_FIELDS"]
 
 HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +65,7 @@ class _Transfer:
     sha256: str
     total_size: int
     started: float
+    user: str = ""
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
 
@@ -66,9 +74,11 @@ class Reassembler:
     """Collect chunks per transfer; return the whole body once every chunk arrived.
 
     Memory is bounded by *declared* sizes: a transfer reserves its ``total_size`` when
-    its first chunk arrives and is refused if that would exceed ``max_bytes`` across all
-    transfers in progress, or if ``max_transfers`` are already in progress. Chunks may
-    arrive in any order. Not thread-safe: one reassembler per consumer.
+    its first chunk arrives. A declared size over ``max_transfer_bytes`` (the frame
+    limit) is an error; a reservation over ``max_bytes`` across all transfers, over
+    ``max_user_bytes`` for its sender, or beyond ``max_transfers`` /
+    ``max_user_transfers`` in progress is refused for capacity (``ChunkCapacity``).
+    Chunks may arrive in any order. Not thread-safe: one reassembler per consumer.
     """
 
     def __init__(
@@ -78,29 +88,36 @@ class Reassembler:
         max_transfers: int = 64,
         timeout_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        max_transfer_bytes: int = DEFAULT_LIMITS.max_frame_bytes,
+        max_user_bytes: int | None = None,
+        max_user_transfers: int | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_transfers = max_transfers
         self.timeout_s = timeout_s
+        self.max_transfer_bytes = max_transfer_bytes
+        # One sender may hold at most half the budget: the other half stays for everyone else.
+        self.max_user_bytes = max_user_bytes if max_user_bytes is not None else min(max_bytes // 2, max_transfer_bytes)
+        self.max_user_transfers = max_user_transfers if max_user_transfers is not None else min(max_transfers, 8)
         self._clock = clock
         self._transfers: dict[str, _Transfer] = {}
         self._reserved = 0
+        self._user_reserved: dict[str, int] = {}
+        self._user_transfers: dict[str, int] = {}
 
     @property
     def reserved_bytes(self) -> int:
         """Bytes reserved by transfers in progress (sum of their declared sizes)."""
         return self._reserved
 
-    def in_progress(self) -> list[str]:
-        """Transfer ids that have some but not all chunks."""
-        return list(self._transfers)
+    def add(self, header: dict[str, Any], data: bytes | bytearray | memoryview, *, user: str | None = None) -> bytes | None:
+        """Store one chunk of ``user``'s transfer; return the verified whole body when it completes.
 
-    def add(self, header: dict[str, Any], data: bytes | bytearray | memoryview) -> bytes | None:
-        """Store one chunk; return the verified whole body when it completes the transfer.
-
-        Raises ``ChunkError`` (with ``.transfer_id``) for a malformed or inconsistent
-        header, a duplicate index, oversize data, a memory bound or a sha256 mismatch;
-        the transfer is dropped.
+        ``user`` is the broker-verified sender (AMQP ``user_id``), None when unknown.
+        Raises ``ChunkCapacity`` when there is no room now (nothing is dropped: requeue
+        the chunk), ``ChunkError`` (with ``.transfer_id``) for a malformed or inconsistent
+        header, a declared size over the frame limit, a duplicate index, oversize data or
+        a sha256 mismatch; the transfer is then dropped.
         """
         tid, index, count, digest, total = _check_header(header)
         size = len(data)
@@ -108,25 +125,15 @@ class Reassembler:
             body = bytes(data)
             _verify(tid, body, digest, total)
             return body
-        t = self._transfers.get(tid)
+        owner = user or ""
+        # Transfer ids are chosen by senders: one user's chunks never join another user's transfer.
+        key = f"{owner}\x00{tid}"
+        t = self._transfers.get(key)
         if t is None:
-            if total > self.max_bytes - self._reserved:
-                raise _error(
-                    tid,
-                    f"transfer {tid} declares {total} bytes but only "
-                    f"{self.max_bytes - self._reserved} of max_bytes={self.max_bytes} are free; "
-                    "raise max_bytes or lower the sender's frame size",
-                )
-            if len(self._transfers) >= self.max_transfers:
-                raise _error(
-                    tid,
-                    f"transfer {tid} refused: max_transfers={self.max_transfers} already in progress",
-                )
-            t = _Transfer(count=count, sha256=digest, total_size=total, started=self._clock())
-            self._transfers[tid] = t
-            self._reserved += total
+            self._reserve(tid, key, owner, count=count, digest=digest, total=total)
+            t = self._transfers[key]
         elif (t.count, t.sha256, t.total_size) != (count, digest, total):
-            self._drop(tid)
+            self._drop(key)
             raise _error(
                 tid,
                 f"transfer {tid} chunk {index}: header (count={count}, total_size={total}) "
@@ -134,10 +141,10 @@ class Reassembler:
                 "or sha256 differs",
             )
         if index in t.parts:
-            self._drop(tid)
+            self._drop(key)
             raise _error(tid, f"transfer {tid}: duplicate chunk {index} of {count}")
         if t.received + size > t.total_size:
-            self._drop(tid)
+            self._drop(key)
             raise _error(
                 tid,
                 f"transfer {tid}: chunk {index} brings {t.received + size} bytes, "
@@ -147,7 +154,7 @@ class Reassembler:
         t.received += size
         if len(t.parts) < t.count:
             return None
-        self._drop(tid)
+        self._drop(key)
         if t.received != t.total_size:
             raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
         body = b"".join(t.parts[i] for i in range(t.count))
@@ -155,33 +162,87 @@ class Reassembler:
         _verify(tid, body, digest, total)
         return body
 
+    def _reserve(self, tid: str, key: str, owner: str, *, count: int, digest: str, total: int) -> None:
+        who = f"user {owner!r}" if owner else "unauthenticated senders"
+        if total > self.max_transfer_bytes:
+            raise _error(
+                tid,
+                f"transfer {tid} declares {total} bytes, over the frame limit max_transfer_bytes="
+                f"{self.max_transfer_bytes}: no frame that large can be accepted",
+            )
+        mine = self._user_reserved.get(owner, 0)
+        if total > self.max_user_bytes - mine:
+            raise _capacity(
+                tid,
+                f"transfer {tid} declares {total} bytes but {who} already reserve {mine} of their quota "
+                f"max_user_bytes={self.max_user_bytes} (max_bytes={self.max_bytes}); requeued until theirs finish",
+            )
+        if total > self.max_bytes - self._reserved:
+            raise _capacity(
+                tid,
+                f"transfer {tid} declares {total} bytes but only {self.max_bytes - self._reserved} of "
+                f"max_bytes={self.max_bytes} are free; requeued until transfers in progress finish",
+            )
+        if self._user_transfers.get(owner, 0) >= self.max_user_transfers:
+            raise _capacity(tid, f"transfer {tid} refused for now: {who} have max_user_transfers="
+                                 f"{self.max_user_transfers} in progress (max_transfers={self.max_transfers})")
+        if len(self._transfers) >= self.max_transfers:
+            raise _capacity(tid, f"transfer {tid} refused for now: max_transfers={self.max_transfers} already in progress")
+        self._transfers[key] = _Transfer(count=count, sha256=digest, total_size=total, started=self._clock(), user=owner)
+        self._reserved += total
+        self._user_reserved[owner] = mine + total
+        self._user_transfers[owner] = self._user_transfers.get(owner, 0) + 1
+
+    def user_reserved_bytes(self, user: str | None) -> int:
+        """Bytes reserved by ``user``'s transfers in progress."""
+        return self._user_reserved.get(user or "", 0)
+
     def expire(self) -> list[str]:
         """Drop transfers older than ``timeout_s`` (a chunk went missing); return their ids."""
+        return [tid for _, tid in self.expire_transfers()]
+
+    def expire_transfers(self) -> list[tuple[str | None, str]]:
+        """Like ``expire``, as ``(user, transfer_id)`` pairs (a transfer id is unique per user only)."""
         now = self._clock()
-        old = [tid for tid, t in self._transfers.items() if now - t.started > self.timeout_s]
-        for tid in old:
-            self._drop(tid)
-        return old
+        old = [key for key, t in self._transfers.items() if now - t.started > self.timeout_s]
+        for key in old:
+            self._drop(key)
+        pairs = [key.split("\x00", 1) for key in old]
+        return [(user or None, tid) for user, tid in pairs]
 
-    def discard(self, transfer_id: str) -> None:
+    def discard(self, transfer_id: str, *, user: str | None = None) -> None:
         """Forget a transfer (e.g. its chunks were given back to the broker)."""
-        self._drop(transfer_id)
+        self._drop(f"{user or ''}\x00{transfer_id}")
 
-    def missing(self, transfer_id: str) -> list[int]:
+    def missing(self, transfer_id: str, *, user: str | None = None) -> list[int]:
         """Chunk indexes not yet received for a transfer in progress."""
-        t = self._transfers.get(transfer_id)
+        t = self._transfers.get(f"{user or ''}\x00{transfer_id}")
         if t is None:
             return []
         return [i for i in range(t.count) if i not in t.parts]
 
-    def _drop(self, tid: str) -> None:
-        t = self._transfers.pop(tid, None)
+    def in_progress(self) -> list[str]:
+        """Transfer ids that have some but not all chunks."""
+        return [key.split("\x00", 1)[1] for key in self._transfers]
+
+    def _drop(self, key: str) -> None:
+        t = self._transfers.pop(key, None)
         if t is not None:
             self._reserved -= t.total_size
+            self._user_reserved[t.user] -= t.total_size
+            self._user_transfers[t.user] -= 1
+            if not self._user_transfers[t.user]:
+                del self._user_transfers[t.user], self._user_reserved[t.user]
 
 
 def _error(tid: str | None, msg: str) -> ChunkError:
     err = ChunkError(msg)
+    err.transfer_id = tid  # type: ignore[attr-defined]
+    return err
+
+
+def _capacity(tid: str, msg: str) -> ChunkCapacity:
+    err = ChunkCapacity(msg)
     err.transfer_id = tid  # type: ignore[attr-defined]
     return err
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 import time
 import types
 import typing
@@ -242,7 +243,11 @@ def open_frame(
     view = as_byte_view(data)
     _, kid, body, sig = decode_frame(view, limits=limits)
     identity = trust.verify(kid, body, sig)  # before a single payload byte is decoded
-    envelope = decode_envelope(body, limits=limits)
+    try:
+        envelope = decode_envelope(body, limits=limits)
+    except ProtocolError as e:
+        e.signer = identity  # type: ignore[attr-defined]  # signed but malformed: say who sent it
+        raise
     if envelope.sender != identity:
         raise BadSignature(
             f"frame signed by key {kid} of {identity!r} claims sender {envelope.sender!r}: "
@@ -419,9 +424,17 @@ def _str(value: Any, path: str) -> str:
     return value
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# A message id names nothing but a message: exactly a uuid4 hex, so it can never be a path.
+_MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _int(value: Any, path: str) -> int:
     if type(value) is not int:
         raise MalformedFrame(f"{path}: expected int, got {_tname(value)}")
+    # msgpack carries up to uint64; every int fedbus stores must fit a signed 64-bit column.
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise MalformedFrame(f"{path}: {value} is outside the signed 64-bit range")
     return value
 
 
@@ -612,8 +625,10 @@ def _decode_envelope_tree(tree: Any, limits: Limits) -> Envelope:
             "is the sender running a newer fedbus?"
         )
     message_id = _str(env["message_id"], "envelope.message_id")
-    if not (0 < len(message_id) <= 128) or not message_id.isprintable() or any(c.isspace() for c in message_id):
-        raise MalformedFrame("envelope.message_id: expected 1-128 printable characters without spaces")
+    if not _MESSAGE_ID.fullmatch(message_id):
+        raise MalformedFrame(
+            f"envelope.message_id: expected 32 lowercase hex digits (uuid4().hex), got {message_id[:40]!r}"
+        )
     sent_at = _float(env["sent_at"], "envelope.sent_at")
     if not math.isfinite(sent_at):
         raise MalformedFrame(f"envelope.sent_at: expected a finite unix time, got {sent_at}")

@@ -4,8 +4,15 @@ An experiment is the JSON document a coordinator runs and sends to every site in
 ``TrainTask.experiment``. Its shape follows the MediNet export
 (``metadata``, ``basic_info``, ``architecture``, ``training``, ``dataset``,
 ``federated``, ``job_config``): such an export is accepted unchanged, and every field
-fedbus does not use is kept (``extra="allow"`` everywhere, ``Experiment.raw`` holds the
-document exactly as given), so a run can be exported "as run".
+fedbus does not use is kept (``Experiment.raw`` holds the document exactly as given), so
+a run can be exported "as run".
+
+Keys are strict: a key no block declares is an error naming its JSON path, with a "did
+you mean" (a typo must never fall back to a default while the run spends privacy
+budget). MediNet's own fields (``metadata``, ``job_config``, ``training.flower_version``,
+...) are an explicit per-block list (``_Block.medinet_fields``), accepted and reported
+by ``Experiment.not_used`` as "not used by fedbus". A new experiment field is declared
+as an ordinary pydantic field on its block; nothing else needs to change.
 
 Validation happens here, at the edge: a bad document raises ``ConfigError`` whose
 ``path`` is the JSON path of the field (``training.batch_size``,
@@ -17,11 +24,14 @@ Inside fedbus, code trusts the typed ``Experiment``.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -72,9 +82,12 @@ _POSITIVE_IF = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*([-+]?\d+(?:\.\d+)?)\s*$")
 
 
 class _Block(BaseModel):
-    """Every block keeps the fields it does not know (MediNet exports carry many)."""
+    """A block of the experiment. Unknown keys are refused by ``check_keys`` before
+    validation; the MediNet fields listed in ``medinet_fields`` are kept (``extra="allow"``)
+    and reported as not used by fedbus."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    medinet_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 # --------------------------------------------------------------------------- architecture
@@ -82,6 +95,8 @@ class _Block(BaseModel):
 
 class LayerSpec(_Block):
     """One entry of ``architecture.layers``: a whitelisted type and its params."""
+
+    medinet_fields: ClassVar[frozenset[str]] = frozenset({"readonly", "id", "position"})
 
     name: Str | None = None
     type: Str
@@ -147,6 +162,7 @@ class OptimizerSpec(_Block):
 
 
 class TrainingSpec(_Block):
+    medinet_fields: ClassVar[frozenset[str]] = frozenset({"metrics", "flower_version"})
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     loss_function: LossName
     epochs: Int = Field(ge=1)
@@ -270,6 +286,7 @@ class DatasetSpec(_Block):
 class CentralDP(_Block):
     clip_norm: Float = Field(gt=0)
     noise_multiplier: Float = Field(ge=0)
+    delta: Float = Field(1e-5, gt=0, lt=1)  # the δ the run's central ε is reported at
 
 
 class EarlyStopping(_Block):
@@ -284,6 +301,11 @@ _FED_DEFAULTS: dict[str, float | int] = {
     "min_eval_clients": 1,
     "min_available_clients": 1,
 }
+
+
+# Other keys of ``federated.parameters`` fedbus reads itself (an aggregator's own keys,
+# e.g. FedAsync's ``alpha``, are checked by the aggregator; Flower strategies by signature).
+_FED_KEYS = ("round_timeout_s", "max_round_retries", "central_dp", "early_stopping", "norm_bound")
 
 
 class FederatedSpec(_Block):
@@ -310,6 +332,11 @@ class FederatedSpec(_Block):
             if flower in params:
                 value = params.pop(flower)
                 params.setdefault(ours, value)
+        sampling = [*_FED_DEFAULTS, *_FED_KEYS]
+        for key in params:
+            close = difflib.get_close_matches(key, sampling, n=1, cutoff=0.8)
+            if key not in sampling and close:
+                raise ConfigError(f"federated.parameters.{key}", f'unknown key; did you mean "{close[0]}"?')
         for key, default in _FED_DEFAULTS.items():
             value = params.get(key, default)
             where = f"federated.parameters.{key}"
@@ -368,8 +395,16 @@ class Experiment(_Block):
     dataset: DatasetSpec
     federated: FederatedSpec = Field(default_factory=FederatedSpec)
 
+    medinet_fields: ClassVar[frozenset[str]] = frozenset({"metadata", "job_config"})
+
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _chain: ResolvedChain | None = PrivateAttr(default=None)
+    _not_used: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def not_used(self) -> list[str]:
+        """JSON paths of the MediNet fields this document carries that fedbus ignores."""
+        return list(self._not_used)
 
     @property
     def name(self) -> str:
@@ -587,6 +622,69 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# ``dataset.selected_datasets[i]`` is MediNet's own record of the dataset: fedbus reads these
+# keys and reports every other one as not used.
+_SELECTED_USED = frozenset({"dataset_name", "target_info", "features_info"})
+
+
+def _did_you_mean(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f'unknown key; did you mean "{close[0]}"?'
+    return f"unknown key; this block takes {', '.join(sorted(candidates))}"
+
+
+def _blocks(annotation: Any) -> tuple[type[_Block] | None, bool]:
+    """(the _Block class a field holds, whether it is a list of them), else (None, False)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _blocks(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _blocks(arg)
+            if found[0] is not None:
+                return found
+        return None, False
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        cls, _ = _blocks(item)
+        return cls, cls is not None
+    if isinstance(annotation, type) and issubclass(annotation, _Block):
+        return annotation, False
+    return None, False
+
+
+def check_keys(cls: type[_Block], data: Any, path: str = "") -> tuple[list[tuple[str, str]], list[str]]:
+    """Walk ``data`` against the schema: (unknown keys as (path, message), MediNet paths not used)."""
+    errors: list[tuple[str, str]] = []
+    unused: list[str] = []
+    if not isinstance(data, Mapping):
+        return errors, unused  # the type error is pydantic's to report
+    fields = cls.model_fields
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in cls.medinet_fields:
+            unused.append(where)
+            continue
+        if key not in fields:
+            errors.append((where, _did_you_mean(str(key), [*fields, *cls.medinet_fields])))
+            continue
+        if cls is DatasetSpec and key == "selected_datasets" and isinstance(value, list):
+            for i, entry in enumerate(value):
+                if isinstance(entry, Mapping):
+                    unused.extend(f"{where}[{i}].{k}" for k in entry if k not in _SELECTED_USED)
+            continue
+        sub, many = _blocks(fields[key].annotation)
+        if sub is None:
+            continue
+        items = enumerate(value) if many and isinstance(value, list) else [(None, value)] if not many else []
+        for i, item in items:
+            e, u = check_keys(sub, item, where if i is None else f"{where}[{i}]")
+            errors.extend(e)
+            unused.extend(u)
+    return errors, unused
+
+
 def load_experiment(source: str | Path | Mapping[str, Any]) -> Experiment:
     """Validate an experiment from a file path or an already parsed dict.
 
@@ -596,10 +694,16 @@ def load_experiment(source: str | Path | Mapping[str, Any]) -> Experiment:
     data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else _read(source)
     if not isinstance(data, dict):
         raise ConfigError("", f"an experiment must be a JSON object, got {type(data).__name__}")
+    unknown, not_used = check_keys(Experiment, data)
+    if unknown:
+        path, message = unknown[0]
+        more = f" (and {len(unknown) - 1} more unknown key{'s' if len(unknown) > 2 else ''})" if len(unknown) > 1 else ""
+        raise ConfigError(path, message + more, errors=unknown)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
         raise _config_error(exc) from None
     experiment._raw = copy.deepcopy(data)
+    experiment._not_used = not_used
     return experiment
 

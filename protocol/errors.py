@@ -90,6 +90,15 @@ class ChunkError(ProtocolError):
     reason = "chunk_error"
 
 
+class ChunkCapacity(ChunkError):
+    """Reassembly is full for now (globally or for this sender): give the chunk back, retry later.
+
+    Not a fault of the transfer: the buses *requeue* it instead of dead-lettering it.
+    """
+
+    reason = "chunk_capacity"
+
+
 __all__ = [
     "ProtocolError",
     "MalformedFrame",
@@ -105,4 +114,5 @@ __all__ = [
     "WrongRound",
     "ClockSkew",
     "ChunkError",
+    "ChunkCapacity",
 ]

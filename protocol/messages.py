@@ -84,6 +84,7 @@ class Update:
     epsilon: float | None  # cumulative epsilon spent on this dataset; None = DP off (infinite)
     delta: float | None
     base_round: int
+    reproducible: bool = False  # the site's DP noise came from its reproducible_dp seed, not the OS
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Envelope:
 
     type: str
     schema_version: int
-    message_id: str  # uuid4 hex
+    message_id: str  # exactly uuid4().hex (32 lowercase hex digits); the codec refuses anything else
     federation: str
     run_id: str
     round: int

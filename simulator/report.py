@@ -258,7 +258,9 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
             for k in ("run_id", "aggregator", "dataset", "partition", "broker", "seed")
             if doc.get(k) is not None
         )
-        + f" · <b>sites</b>: {len(doc.get('sites', []))}</p>",
+        + f" · <b>sites</b>: {len(doc.get('sites', []))}</p>"
+        + ("<p><b>reproducible DP</b>: site noise was drawn from a seed (--reproducible-dp), not secret; "
+           "a research run only</p>" if doc.get("reproducible_dp") else ""),
         "<h2>Final model on the held-out test splits</h2>",
         _table(
             ["", "loss", "accuracy", "auc", "f1"],

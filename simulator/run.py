@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 
 from simulator.datasets import DatasetError, load_dataset
+from site_worker.data import DataError
 from simulator.faults import FaultLog, FaultSpecError, parse_faults
 from simulator.partitions import PartitionError, make_partition, parse_spec
 
@@ -75,6 +76,54 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
         raise SimulationInputError(f"experiment: {e}") from None
 
 
+def _need_dataset_option(exp: Any, experiment_path: Any) -> None:
+    """The experiment names data fedbus does not bundle (a MediNet export's hospital dataset):
+    say exactly what to run instead of failing on the name."""
+    from simulator.datasets import BUILTIN, canonical_name
+
+    name = exp.dataset.name
+    if canonical_name(name) is not None or Path(name).exists():
+        return
+    where = str(experiment_path) if isinstance(experiment_path, (str, Path)) else "EXPERIMENT.json"
+    selected = (exp.dataset.selected_datasets or [{}])[0]
+    width = (selected.get("features_info") or {}).get("input_features") if isinstance(selected, dict) else None
+    shape = f" with {width} encoded input columns" if width else ""
+    target = f" and target column {exp.dataset.target!r}" if exp.dataset.target else ""
+    raise SimulationInputError(
+        f"the experiment's dataset {name!r} is not one fedbus bundles ({', '.join(BUILTIN)}). Point it at your copy "
+        f"of the data (a CSV or Parquet file{shape}{target}):\n    fedbus simulate {where} --dataset FILE.csv"
+    )
+
+
+def _fit_to_file(exp: Any, data: Any) -> Any:
+    """The experiment with a file-safe dataset key, and its features taken from the file when it
+    declares none (a MediNet export: ``features_info.input_features`` must match the file's
+    encoded columns, else the model's input layer would not fit)."""
+    from protocol.config import ConfigError, load_experiment
+    from site_worker.columns import plan_columns, safe_key
+
+    wire = exp.to_wire()
+    ds = wire["dataset"]
+    ds["name"] = safe_key(exp.dataset.name)
+    if data.kind == "tabular" and exp.dataset.features is None:
+        plan = plan_columns(data.frame, target=data.target, exclude=tuple(exp.dataset.exclude))
+        want = exp.input_shape[0] if len(exp.input_shape) == 1 else None
+        if want is not None and plan.width != want:
+            cats = ", ".join(f"{c} ({len(v)})" for c, v in plan.categorical.items()) or "none"
+            raise SimulationInputError(
+                f"--dataset {data.name}: the file encodes to {plan.width} input columns "
+                f"({len(plan.features) - len(plan.categorical)} numeric + one-hot of {cats}), the experiment's model "
+                f"takes {want}; use the file the experiment was designed on, or list dataset.features/categorical"
+                + (f" (left out: {', '.join(plan.excluded)})" if plan.excluded else "")
+            )
+        ds["features"] = plan.features
+        ds["categorical"] = plan.categorical
+    try:
+        return load_experiment(wire)
+    except ConfigError as e:
+        raise SimulationInputError(f"experiment with --dataset {data.name}: {e}") from None
+
+
 def simulate(
     experiment_path: str | Path | dict[str, Any],
     sites: int | None = None,
@@ -94,6 +143,7 @@ def simulate(
     round_timeout_s: float | None = None,
     progress: bool = True,
     keep_work: bool | None = None,
+    reproducible_dp: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the DESIGN.md result document.
 
@@ -111,7 +161,8 @@ def simulate(
     try:
         return _simulate(experiment_path, sites, partition, dataset, broker, rounds, out, baselines, faults, json_out,
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
-                         round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start)
+                         round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
+                         reproducible_dp=reproducible_dp)
     finally:
         torch.set_num_threads(threads)
 
@@ -120,7 +171,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               rounds: int | None, out: Any, baselines: bool, faults: str | None, json_out: bool, *,
               target: str | None, seed: int | None, site_suffix: str, rows: int | None,
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
-              score_rounds_max_sites: int = 100) -> dict[str, Any]:
+              score_rounds_max_sites: int = 100, reproducible_dp: bool = False) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -129,11 +180,14 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     except (PartitionError, FaultSpecError) as e:
         raise SimulationInputError(str(e)) from None
     ds_name = dataset or exp.dataset.name
+    if dataset is None:
+        _need_dataset_option(exp, experiment_path)
     try:
         data = load_dataset(ds_name, target=target or exp.dataset.target, seed=run_seed, rows=rows)
+        exp = _fit_to_file(exp, data) if dataset is not None else exp
         groups = data.column(spec.column) if spec.kind == "natural" else None
         part = make_partition(data.labels, spec, sites=sites, seed=run_seed, groups=groups)
-    except (DatasetError, PartitionError) as e:
+    except (DatasetError, PartitionError, DataError) as e:
         raise SimulationInputError(str(e)) from None
     ids = {s: f"{s}{site_suffix}" for s in part.sites}
     unknown = plan.sites_named() - set(ids.values())
@@ -164,6 +218,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     ws = build_workspace(
         work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
+        dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed,
     )
     fault_log = FaultLog()
     try:
@@ -199,7 +254,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         doc["timing"]["simulate_s"] = time.perf_counter() - t_start
         doc.update(
             experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
-            seed=run_seed, federation=federation, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
+            seed=run_seed, federation=federation, reproducible_dp=reproducible_dp, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
             sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
             faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
         )

@@ -43,7 +43,7 @@ def _toml_str(value: str) -> str:
 
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
-    dataset: str, train: Path, target: str, signal: bool,
+    dataset: str, train: Path, target: str, signal: bool, dp_seed: int | None = None,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -57,6 +57,13 @@ def site_toml(
         "",
         "[policy]",
         "allow_no_dp = true  # simulated experiments may run without DP; a hospital decides this itself",
+        'metrics = "exact"  # research default: exact validation metrics (a leak a hospital would not allow)',
+        "max_sample_rate = 1.0  # small simulated partitions train in one batch",
+        "max_evaluations_per_run = 100000",
+    ]
+    if dp_seed is not None:  # fedbus simulate --reproducible-dp: DP noise from a site seed, reported as such
+        lines += ["reproducible_dp = true", f"dp_seed = {int(dp_seed) & 0x7FFFFFFFFFFFFFFF}"]
+    lines += [
         "",
         f"[datasets.{_toml_str(dataset)}]",
         f"path = {_toml_str(str(train))}",
@@ -78,6 +85,8 @@ def build_workspace(
     broker_url: str,
     dataset_name: str,
     coordinator_state: Path,
+    dp_seed: int | None = None,
+    split_seed: int | None = None,
 ) -> Workspace:
     """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
     root.mkdir(parents=True, exist_ok=True)
@@ -95,13 +104,27 @@ def build_workspace(
             site_toml(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
-                signal=data.kind == "signal",
+                signal=data.kind == "signal", dp_seed=dp_seed,
             ),
             encoding="utf-8",
         )
+        if split_seed is not None:
+            _seed_split_secret(home / "state", split_seed, sid)
         sites[sid] = SiteFiles(site=sid, config=cfg, train=train, test=test, key=key, pub=pub)
     enroll(coordinator_state, {s: f.pub for s, f in sites.items()})
     return Workspace(root=root, coordinator_state=coordinator_state, coordinator_key=ckey, coordinator_pub=cpub, sites=sites)
+
+
+def _seed_split_secret(state_dir: Path, seed: int, site: str) -> None:
+    """A simulated site's split secret from the run seed, so same seed, same splits (a real site
+    draws its own from the OS on first start: site_worker.splits)."""
+    import hashlib
+
+    from protocol.durable import write_atomic
+    from site_worker.splits import SECRET_FILE
+
+    secret = hashlib.sha256(f"fedbus-simulated-split\0{int(seed)}\0{site}".encode()).digest()
+    write_atomic(state_dir / SECRET_FILE, secret, mode=0o600)
 
 
 def enroll(state_dir: Path, pubs: dict[str, Path]) -> None:

@@ -42,26 +42,63 @@ class DatasetSource:
     csv_separator: str = ","
 
 
+METRICS_MODES = ("dp", "exact", "none")
+ACCOUNTANTS = ("rdp", "prv")  # composable over tasks; Opacus' gdp keeps only its last entry
+
+
 @dataclass(frozen=True)
 class SitePolicy:
-    """The hospital's own rules; a task that breaks one is declined, never run."""
+    """The hospital's own rules; a task that breaks one is declined, never run.
+
+    The privacy settings here are the site's, not the experiment's: the experiment's
+    accountant, delta, noise, epochs and batch size are requests checked against them.
+    """
 
     allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
-    max_parameters: int | None = None
-    min_noise_multiplier: float | None = None
-    max_epsilon: float | None = None  # the site's privacy budget per dataset
+    max_parameters: int = 5_000_000
+    max_train_memory_mb: float = 2048.0  # per-sample gradients (batch bound x parameters x 4 B)
+    min_noise_multiplier: float = 0.5
+    max_epsilon: float | None = None  # the site's privacy budget per dataset (at its own delta)
     allowed_aggregators: tuple[str, ...] | None = None  # None = any
     allow_no_dp: bool = False
+    accountant: str = "rdp"  # "rdp" | "prv"
+    delta: float | None = None  # None = min(1e-5, 1 / (10 x rows)) per dataset
+    max_sample_rate: float = 0.5
+    max_epochs: int = 50
+    max_steps_per_task: int = 10_000
+    metrics: str = "dp"  # "dp" | "exact" | "none": how released metrics are protected
+    metrics_noise_multiplier: float = 5.0  # Gaussian std / L2 sensitivity of a metrics release
+    metrics_loss_clip: float = 5.0  # per-example loss clipped to [0, C] in released sums
+    max_evaluations_per_run: int = 100
+    test_fraction: float = 0.2  # of each dataset's rows: the fixed test split, never trained on
+    reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
+    dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
+    allow_unprotected_flower_client: bool = False
+
+    def site_delta(self, rows: int) -> float:
+        """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
+        if self.delta is not None:
+            return float(self.delta)
+        return min(1e-5, 1.0 / (10.0 * max(1, rows)))
 
     def summary(self) -> dict[str, Any]:
-        """What the site tells the coordinator in its hello (never secrets)."""
+        """What the site tells the coordinator in its hello (never secrets: no dp_seed)."""
         return {
             "allowed_layers": list(self.allowed_layers) if self.allowed_layers else None,
             "max_parameters": self.max_parameters,
+            "max_train_memory_mb": self.max_train_memory_mb,
             "min_noise_multiplier": self.min_noise_multiplier,
             "max_epsilon": self.max_epsilon,
             "allowed_aggregators": list(self.allowed_aggregators) if self.allowed_aggregators else None,
             "allow_no_dp": self.allow_no_dp,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "max_sample_rate": self.max_sample_rate,
+            "max_epochs": self.max_epochs,
+            "max_steps_per_task": self.max_steps_per_task,
+            "metrics": self.metrics,
+            "max_evaluations_per_run": self.max_evaluations_per_run,
+            "reproducible_dp": self.reproducible_dp,
         }
 
 
@@ -159,22 +196,58 @@ def _threads(r: "_Reader") -> int | None:
 
 
 def _policy(r: "_Reader") -> SitePolicy:
+    d = SitePolicy()
     r.reject_unknown({
-        "allowed_layers", "max_parameters", "min_noise_multiplier", "max_epsilon",
-        "allowed_aggregators", "allow_no_dp",
+        "allowed_layers", "max_parameters", "max_train_memory_mb", "min_noise_multiplier", "max_epsilon",
+        "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
+        "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
+        "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
+        "allow_unprotected_flower_client",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
-    max_params = r.raw.get("max_parameters")
-    if max_params is not None and (not isinstance(max_params, int) or isinstance(max_params, bool) or max_params < 1):
-        raise SiteConfigError(r.key("max_parameters"), f"must be a positive integer, got {max_params!r}")
+    accountant = r.string("accountant", required=False) or d.accountant
+    if accountant not in ACCOUNTANTS:
+        raise SiteConfigError(r.key("accountant"), f"{accountant!r} is not one of {', '.join(ACCOUNTANTS)} "
+                                                   "(gdp does not compose across tasks)")
+    metrics = r.string("metrics", required=False) or d.metrics
+    if metrics not in METRICS_MODES:
+        raise SiteConfigError(r.key("metrics"), f"{metrics!r} is not one of {', '.join(METRICS_MODES)}")
+    delta = r.number("delta", default=None, minimum=0.0)
+    if delta is not None and not 0 < delta < 1:
+        raise SiteConfigError(r.key("delta"), f"must be in (0, 1), got {delta}")
+    sample_rate = float(r.number("max_sample_rate", default=d.max_sample_rate, minimum=0.0))
+    if not 0 < sample_rate <= 1:
+        raise SiteConfigError(r.key("max_sample_rate"), f"must be in (0, 1], got {sample_rate}")
+    test_fraction = float(r.number("test_fraction", default=d.test_fraction, minimum=0.0))
+    if not test_fraction < 0.9:
+        raise SiteConfigError(r.key("test_fraction"), f"must be in [0, 0.9), got {test_fraction}")
+    reproducible = r.boolean("reproducible_dp", default=False)
+    dp_seed = r.integer("dp_seed", default=None, minimum=0)
+    if reproducible and dp_seed is None:
+        raise SiteConfigError(r.key("dp_seed"), "reproducible_dp = true needs a site-local integer dp_seed")
     return SitePolicy(
         allowed_layers=tuple(layers) if layers is not None else None,
-        max_parameters=max_params,
-        min_noise_multiplier=r.number("min_noise_multiplier", default=None, minimum=0.0),
+        max_parameters=r.integer("max_parameters", default=d.max_parameters, minimum=1),
+        max_train_memory_mb=float(r.number("max_train_memory_mb", default=d.max_train_memory_mb, minimum=1.0)),
+        min_noise_multiplier=float(r.number("min_noise_multiplier", default=d.min_noise_multiplier, minimum=0.0)),
         max_epsilon=r.number("max_epsilon", default=None, minimum=0.0),
         allowed_aggregators=tuple(aggs) if aggs is not None else None,
         allow_no_dp=r.boolean("allow_no_dp", default=False),
+        accountant=accountant,
+        delta=delta,
+        max_sample_rate=sample_rate,
+        max_epochs=r.integer("max_epochs", default=d.max_epochs, minimum=1),
+        max_steps_per_task=r.integer("max_steps_per_task", default=d.max_steps_per_task, minimum=1),
+        metrics=metrics,
+        metrics_noise_multiplier=float(r.number("metrics_noise_multiplier", default=d.metrics_noise_multiplier,
+                                                minimum=0.1)),
+        metrics_loss_clip=float(r.number("metrics_loss_clip", default=d.metrics_loss_clip, minimum=1e-6)),
+        max_evaluations_per_run=r.integer("max_evaluations_per_run", default=d.max_evaluations_per_run, minimum=0),
+        test_fraction=test_fraction,
+        reproducible_dp=reproducible,
+        dp_seed=dp_seed,
+        allow_unprotected_flower_client=r.boolean("allow_unprotected_flower_client", default=False),
     )
 
 
@@ -291,6 +364,16 @@ class _Reader:
         if minimum is not None and v < minimum:
             raise SiteConfigError(self.key(name), f"must be >= {minimum}, got {v}")
         return float(v) if isinstance(default, float) or isinstance(v, float) else v
+
+    def integer(self, name: str, *, default: int | None, minimum: int | None = None) -> Any:
+        v = self.raw.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SiteConfigError(self.key(name), f"must be an integer, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise SiteConfigError(self.key(name), f"must be >= {minimum}, got {v}")
+        return v
 
     def boolean(self, name: str, *, default: bool) -> bool:
         v = self.raw.get(name, default)

@@ -22,6 +22,7 @@ import torch
 
 from protocol.messages import DatasetInfo
 from site_worker.config import DatasetSource
+from site_worker.splits import Split, SplitKey, array_row_hashes, assign, row_hashes, unit_values
 
 _THOUSANDS = re.compile(r"^\s*[-+]?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
 
@@ -37,7 +38,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Train/validation tensors ready for a DataLoader."""
+    """Train/validation/test tensors. The test split is the site's fixed one (``splits``):
+    never trained on, the same rows for every task and experiment on this file."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -46,6 +48,28 @@ class PreparedData:
     features: tuple[str, ...]
     task: str  # "binary" | "multiclass" | "regression"
     num_classes: int
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    rows: int = 0  # usable rows of the dataset (train + validation + test)
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of "train", "validation" or "test"; raises DataError when test is empty."""
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "validation":
+            return self.x_val, self.y_val
+        if name == "test":
+            return fixed_test_split(self)
+        raise DataError("split", f"{name!r} is not train, validation or test")
+
+
+def fixed_test_split(data: PreparedData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's fixed test split of ``data`` (rows never trained on), for evaluation and
+    personalisation reports. Raises ``DataError`` when the site holds no test rows."""
+    if data.x_test is None or data.y_test is None or len(data.x_test) == 0:
+        raise DataError("split", "this site holds no test rows for the dataset (policy.test_fraction is 0 "
+                                 "or the dataset is too small)")
+    return data.x_test, data.y_test
 
 
 # --------------------------------------------------------------------------- reading
@@ -145,13 +169,20 @@ def catalogue(source: DatasetSource) -> DatasetInfo:
 
 # ------------------------------------------------------------------------ preparing
 
-def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[int, ...] | None) -> PreparedData:
-    """Build train/validation tensors for an experiment's ``dataset`` block.
+def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None,
+            key: SplitKey | None = None, seed: int | None = None) -> PreparedData:
+    """Build train/validation/test tensors for an experiment's ``dataset`` block.
 
-    ``spec`` is ``Experiment.dataset`` (target, task, num_classes, features,
-    categorical, exclude, validation_fraction, kind). ``input_shape`` is the model's
-    input shape without the batch axis; the features must fill it exactly.
+    ``key`` is the site's split secret (``SplitKey.load_or_create``); offline callers
+    without one pass ``seed`` and get a public, seed-derived split instead. ``spec`` is
+    ``Experiment.dataset`` (target, task, num_classes, features, categorical, exclude,
+    validation_fraction, kind). ``input_shape`` is the model's input shape without the
+    batch axis; the features must fill it exactly.
     """
+    if key is None:
+        if seed is None:
+            raise ValueError("prepare needs the site's split key (or a seed for an offline, public split)")
+        key = SplitKey.from_seed(seed)
     task = getattr(spec, "task", "binary") or "binary"
     num_classes = int(getattr(spec, "num_classes", 2) or 2)
     val_frac = float(getattr(spec, "validation_fraction", 0.2))
@@ -167,53 +198,62 @@ def prepare(source: DatasetSource, spec: Any, *, seed: int, input_shape: tuple[i
             x = x.reshape((len(x), *input_shape))
         keep = ~np.isnan(y)
         x, y = x[keep], y[keep]
-        train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
+        split = _split(key, source.name, array_row_hashes(x, y), val_frac)
         features: tuple[str, ...] = ("signal",)
-        x_tr, x_va = x[train_idx], x[val_idx]
+        x_tr, x_va, x_te = x[split.train], x[split.validation], x[split.test]
     else:
-        target = source.target  # the site maps the experiment's target to its own column
+        target = source.target
+        asked = getattr(spec, "target", None)
+        if asked is not None and asked != target:
+            raise DataError("target", f"the experiment's dataset.target is {asked!r} but this site's dataset "
+                                      f"{source.name!r} has target {target!r}; make them agree (or leave "
+                                      "dataset.target out of the experiment)")
         table = _parsed_table(source, spec, task=task, num_classes=num_classes)
         y = table.y
-        train_idx, val_idx = split_indices(y, task=task, seed=seed, validation_fraction=val_frac)
-        x_tr, x_va, features = tabular_features(table, source, spec, target, train_idx, val_idx)
+        split = _split(key, source.name, _table_hashes(table), val_frac)
+        n_va = len(split.validation)
+        x_tr, x_rest, features = tabular_features(table, source, spec, target, split.train,
+                                                  np.concatenate([split.validation, split.test]))
+        x_va, x_te = x_rest[:n_va], x_rest[n_va:]
         if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
             raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
                                         f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
         if input_shape is not None and len(input_shape) > 1:
             x_tr = x_tr.reshape((len(x_tr), *input_shape))
             x_va = x_va.reshape((len(x_va), *input_shape))
+            x_te = x_te.reshape((len(x_te), *input_shape))
     y_dtype = torch.long if task == "multiclass" else torch.float32
     y_t = torch.as_tensor(y, dtype=y_dtype)
     if task != "multiclass":
         y_t = y_t.reshape(-1, 1)
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
+
     return PreparedData(
-        x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
-        y_train=y_t[torch.as_tensor(train_idx)],
-        x_val=torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32),
-        y_val=y_t[torch.as_tensor(val_idx)],
-        features=features,
-        task=task,
-        num_classes=num_classes,
+        x_train=tensor(x_tr), y_train=y_t[torch.as_tensor(split.train)],
+        x_val=tensor(x_va), y_val=y_t[torch.as_tensor(split.validation)],
+        features=features, task=task, num_classes=num_classes,
+        x_test=tensor(x_te), y_test=y_t[torch.as_tensor(split.test)], rows=int(len(y)),
     )
 
 
-def split_indices(y: np.ndarray, *, task: str, seed: int, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (for classification) train/validation split, reproducible from the task seed."""
-    from sklearn.model_selection import train_test_split
+def _split(key: SplitKey, dataset: str, hashes: np.ndarray, validation_fraction: float) -> Split:
+    if len(hashes) < 2:
+        raise DataError("rows", f"only {len(hashes)} usable row(s); need at least 2")
+    u = unit_values(key, dataset, hashes)
+    split = assign(u, test_fraction=key.test_fraction, validation_fraction=validation_fraction)
+    if len(split.train) == 0:
+        raise DataError("rows", f"{len(hashes)} usable rows leave none to train on after the test and "
+                                "validation splits")
+    return split
 
-    idx = np.arange(len(y))
-    if len(idx) < 2:
-        raise DataError("rows", f"only {len(idx)} usable row(s); need at least 2")
-    if validation_fraction <= 0:
-        return idx, idx
-    stratify = None
-    if task != "regression":
-        _, counts = np.unique(y, return_counts=True)
-        if len(counts) > 1 and counts.min() >= 2:
-            stratify = y
-    n_val = max(1, int(round(len(idx) * validation_fraction)))
-    tr, va = train_test_split(idx, test_size=n_val, random_state=seed % (2**32), stratify=stratify)
-    return np.sort(tr), np.sort(va)
+
+def _table_hashes(table: "_Table") -> np.ndarray:
+    """Row-content hashes of the table's rows (cached with the table: one pass per file version)."""
+    if table.hashes is None:
+        table.hashes = row_hashes(table.df)
+    return table.hashes
 
 
 def target_rule(spec: Any) -> Any:
@@ -271,11 +311,12 @@ def _category_key(v: Any) -> str | None:
 class _Table:
     """A file's usable rows parsed for one experiment ``dataset`` block: labels now, feature
     columns on first use. Everything here is fixed by (file, spec); the per-task split,
-    imputation and standardisation are not, and are computed from it in ``tabular_features``."""
+    imputation and standardisation are fitted on the training rows in ``tabular_features``."""
 
     df: pd.DataFrame  # rows with a usable label
     y: np.ndarray
     columns: list[tuple[str, np.ndarray, tuple[str, ...]]] | None = None  # ("cat"|"num", values, names)
+    hashes: np.ndarray | None = None  # row-content hashes for the site's keyed split
 
 
 _tables: dict[tuple[Any, ...], _Table] = {}
@@ -328,6 +369,12 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
         if col in categorical:
             cats = [_category_key(c) for c in categorical[col]]
             keys = series.map(_category_key)
+            unknown = sorted({k for k in keys if k is not None and k not in cats})
+            if unknown:  # would be encoded as all zeros, silently: refuse, naming column and value
+                raise DataError(col, f"value {unknown[0]!r} is not among the categories the experiment declares "
+                                     f"(dataset.categorical.{col} = {cats})" +
+                                (f" ({len(unknown) - 1} more unknown value(s))" if len(unknown) > 1 else "") +
+                                "; add it to the experiment or fix the file")
             block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
                 np.zeros((len(df), 0), np.float32)
             block.flags.writeable = False  # shared by every task on this file

@@ -5,6 +5,10 @@ names its factory in ``site.toml`` as ``flower_client = "module:function"``; the
 worker then calls the client instead of its own trainer. Parameters travel in the
 task's tensor order; the client's returned arrays are matched back to those names and
 shapes, so the coordinator receives exactly the layout it sent.
+
+The site's ledger covers this path too: a client declares the DP parameters it trains
+with (``fedbus_dp_plan``) and the handler checks and reserves them before ``fit``; a
+client that declares none runs only where the policy allows an unprotected client.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from protocol.messages import EvalResult, EvalTask, Tensors, TrainTask, Update
+from site_worker.dp import DPPlan
 
 
 class FlowerClientError(RuntimeError):
@@ -85,7 +90,25 @@ class FlowerAdapter:
             out.append((name, a.astype(ref.dtype, copy=False)))
         return tuple(out)
 
-    def fit(self, task: TrainTask, *, task_id: str, server_round: int) -> Update:
+    def dp_plan(self, task: TrainTask, *, server_round: int) -> DPPlan | None:
+        """The DP parameters the client declares for this fit (``fedbus_dp_plan(config)`` returning
+        ``{"noise_multiplier", "sample_rate", "steps", "max_grad_norm"}``), or None when it declares none.
+        The site cannot see inside the client: it accounts what the client declares."""
+        declare = getattr(self.client, "fedbus_dp_plan", None)
+        if not callable(declare):
+            return None
+        doc = declare(_flower_config(task, server_round))
+        try:
+            return DPPlan(noise_multiplier=float(doc["noise_multiplier"]), sample_rate=float(doc["sample_rate"]),
+                          steps=int(doc["steps"]), max_grad_norm=float(doc.get("max_grad_norm", 1.0)),
+                          delta=0.0, accountant="")
+        except (KeyError, TypeError, ValueError):
+            raise FlowerClientError("fedbus_dp_plan must return noise_multiplier, sample_rate and steps") from None
+
+    def fit(self, task: TrainTask, *, task_id: str, server_round: int, epsilon: float | None,
+            delta: float | None, keep_metrics: bool) -> Update:
+        """Run the client's fit; epsilon/delta are the ledger's (the client's own are dropped), and
+        its metrics (exact statistics of private rows) travel only with ``keep_metrics``."""
         params = [np.array(a, copy=True) for _, a in task.weights]  # writable copies: clients mutate
         result = self.client.fit(parameters=params, config=_flower_config(task, server_round))
         try:
@@ -94,9 +117,10 @@ class FlowerAdapter:
             raise FlowerClientError("NumPyClient.fit must return (parameters, num_examples, metrics)") from None
         weights = self._check([n for n, _ in task.weights], task.weights, list(new_params))
         m = _numeric(metrics)
-        eps = m.pop("epsilon", None)
-        return Update(task_id=task_id, weights=weights, num_examples=int(num_examples), metrics=m,
-                      epsilon=eps, delta=m.pop("delta", None), base_round=task.base_round)
+        m.pop("epsilon", None)
+        m.pop("delta", None)
+        return Update(task_id=task_id, weights=weights, num_examples=int(num_examples),
+                      metrics=m if keep_metrics else {}, epsilon=epsilon, delta=delta, base_round=task.base_round)
 
     def evaluate(self, task: EvalTask, *, task_id: str, server_round: int) -> EvalResult:
         params = [np.array(a, copy=True) for _, a in task.weights]

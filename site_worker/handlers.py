@@ -4,7 +4,10 @@
 checked and returns the reply payload (``Update``, ``EvalResult`` or ``Declined``).
 It never touches the bus, so the same decisions are testable without a broker and the
 daemon keeps the at-least-once bookkeeping (publish, then ack, then mark seen).
-Order of checks: experiment valid -> dataset offered -> policy -> data -> budget.
+Order of checks: experiment valid -> dataset offered -> policy -> data -> the DP plan
+against the policy (accountant, delta, noise, sample rate, epochs, steps, memory) ->
+budget check and reservation in the ledger (one locked step) -> train/evaluate ->
+release metrics as the policy says -> commit the reservation -> reply.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
-from site_worker.data import DataError, PreparedData, prepare
+from site_worker.data import DataError, PreparedData, catalogue, prepare
+from site_worker.dp import check_memory, noise_source, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
-from site_worker.ledger import PrivacyLedger
-from site_worker.metrics import evaluate
-from site_worker.policy import PolicyViolation, check_noise, check_policy, dp_settings
-from site_worker.trainer import TrainSpec, TrainingAborted, plan_dp, train
+from site_worker.ledger import BudgetExceeded, PrivacyLedger
+from site_worker.metrics import prefixed
+from site_worker.policy import PolicyViolation, check_policy
+from site_worker.release import release_entries, release_metrics
+from site_worker.splits import SplitKey
+from site_worker.trainer import TrainSpec, TrainingAborted, train
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +78,7 @@ class TaskHandler:
         self.ledger = ledger or PrivacyLedger(config.state_dir)
         self.stop = stop or threading.Event()
         self.flower = flower
+        self.split_key = SplitKey.load_or_create(config.state_dir, test_fraction=config.policy.test_fraction)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -130,10 +137,23 @@ class TaskHandler:
 
     def _data(self, task: TrainTask | EvalTask, exp: Any, summary: Any) -> PreparedData:
         try:
-            return prepare(self.config.datasets[task.dataset], exp.dataset, seed=task.seed,
+            return prepare(self.config.datasets[task.dataset], exp.dataset, key=self.split_key,
                            input_shape=tuple(summary.input_shape) if summary.input_shape else None)
         except DataError as e:
             raise _Decline("data", str(e)) from None
+
+    def _reserve(self, dataset: str, env: Envelope, *, kind: str, entries: list, delta: float,
+                 max_count: tuple[int, str] | None = None) -> float:
+        """Budget check and reservation in one locked ledger step; the projected ε."""
+        try:
+            _spent, projected = self.ledger.reserve(
+                dataset, release_id=env.message_id, kind=kind, entries=entries, delta=delta,
+                accountant=self.config.policy.accountant, max_epsilon=self.config.policy.max_epsilon,
+                run_id=env.run_id, max_count=max_count)
+        except BudgetExceeded as e:
+            reason = "policy" if e.detail.startswith("max_evaluations_per_run") else "budget"
+            raise _Decline(reason, e.detail, e.figures) from None
+        return projected
 
     def _skeleton(self, exp: Any, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
         """The experiment's module (made DP-trainable when ``for_dp``), built once; the second
@@ -168,49 +188,118 @@ class TaskHandler:
     def _train(self, env: Envelope, task: TrainTask) -> Reply:
         exp, summary, key = self._experiment(task)
         if self.flower is not None:
-            return self.flower.fit(task, task_id=env.message_id, server_round=env.round)
+            return self._flower_fit(env, task)
+        policy = self.config.policy
         spec = TrainSpec.from_experiment(exp, seed=task.seed, overrides=task.config)
         data = self._data(task, exp, summary)
-        dp = dp_settings(exp)
-        model = self._model(exp, key, task, for_dp=dp is not None)
+        n_train = len(data.x_train)
         plan = None
-        history = []
-        if spec.dp is not None:
-            plan = plan_dp(spec, len(data.x_train))
-            try:
-                check_noise(self.config.policy, plan.noise_multiplier)
-            except PolicyViolation as e:
-                raise _Decline("policy", str(e)) from None
-            history = self.ledger.history(task.dataset)
-            spent = self.ledger.spent(task.dataset, delta=plan.delta, accountant=plan.accountant)
-            projected = self.ledger.project(task.dataset, noise_multiplier=plan.noise_multiplier,
-                                            sample_rate=plan.sample_rate, steps=plan.steps,
-                                            delta=plan.delta, accountant=plan.accountant)
-            cap = self.config.policy.max_epsilon
-            if cap is not None and projected > cap:
-                raise _Decline("budget", f"training would raise epsilon on {task.dataset!r} from {spent:.4g} to "
-                                         f"{projected:.4g}, above this site's max_epsilon {cap:g}",
-                               {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": cap,
-                                "delta": plan.delta})
-        result = train(model, data, spec, history=history, plan=plan, stop=self.stop)
-        if spec.dp is not None:
+        try:
+            if spec.epochs > policy.max_epochs:
+                raise PolicyViolation(f"max_epochs: the task asks for {spec.epochs} local epochs, this site's "
+                                      f"policy.max_epochs is {policy.max_epochs}")
+            if spec.dp is not None:
+                plan = site_plan(policy, spec, n_train=n_train, rows=data.rows)
+                check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=n_train,
+                             sample_rate=plan.sample_rate)
+        except PolicyViolation as e:
+            raise _Decline("policy", str(e)) from None
+        model = self._model(exp, key, task, for_dp=plan is not None)
+        epsilon = None
+        if plan is not None:
+            entries = plan.entries() + release_entries(policy)
+            epsilon = self._reserve(task.dataset, env, kind="train", entries=entries, delta=plan.delta)
+        try:
+            rng = noise_source(policy, task_seed=task.seed, purpose="train") if plan is not None else None
+            before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
+                                      policy=policy, rng=None) if policy.metrics == "exact" else {})
+            result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False)
+        except TrainingAborted:
+            if plan is not None:
+                self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
+            raise
+        after = release_metrics(result.model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
+                                policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics"))
+        metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
+        if "n" in after:
+            metrics["n_val"] = after["n"]
+        if plan is not None:
             # Durable before the reply exists: a crash after this can only over-count, never under-count.
-            self.ledger.record(task.dataset, result.history, task_id=env.message_id)
+            self.ledger.commit(task.dataset, env.message_id)
+            if result.history != plan.entries():
+                log.error("accountant_disagrees_with_plan", planned=plan.entries(), trained=result.history)
         return Update(task_id=env.message_id, weights=to_tensors(result.model), num_examples=result.num_examples,
-                      metrics=result.metrics, epsilon=result.epsilon, delta=result.delta,
-                      base_round=task.base_round)
+                      metrics=metrics, epsilon=epsilon, delta=plan.delta if plan else None,
+                      base_round=task.base_round, reproducible=bool(plan and plan.reproducible))
 
     def _evaluate(self, env: Envelope, task: EvalTask) -> Reply:
         exp, summary, key = self._experiment(task)
+        policy = self.config.policy
         if self.flower is not None:
+            if policy.metrics != "exact" and not policy.allow_unprotected_flower_client:
+                raise _Decline("policy", "metrics: a Flower client's evaluation is exact and this site's "
+                                         f"policy.metrics is {policy.metrics!r}")
             return self.flower.evaluate(task, task_id=env.message_id, server_round=env.round)
+        if policy.metrics == "none":
+            raise _Decline("policy", "metrics: this site withholds evaluation metrics (policy.metrics = \"none\")")
+        if task.split not in ("validation", "test"):
+            raise _Decline("data", f"split {task.split!r} is not validation or test")
         data = self._data(task, exp, summary)
+        try:
+            x, y = data.split(task.split)
+        except DataError as e:
+            raise _Decline("data", str(e)) from None
         model = self._model(exp, key, task, for_dp=False)
+        self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
+                      delta=policy.site_delta(data.rows),
+                      max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
-        m = evaluate(model, data.x_val, data.y_val, loss_name=str(exp.training.loss_function), task=data.task)
+        m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task, policy=policy,
+                            rng=noise_source(policy, task_seed=task.seed, purpose="eval"))
+        self.ledger.commit(task.dataset, env.message_id)
+        n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
-        return EvalResult(task_id=env.message_id, num_examples=int(len(data.x_val)), metrics=m,
-                          base_round=task.base_round)
+        return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
+
+    def _flower_fit(self, env: Envelope, task: TrainTask) -> Reply:
+        """A Flower client trains: only with DP parameters the ledger can account (its
+        ``fedbus_dp_plan``), or when the policy explicitly allows an unprotected client."""
+        assert self.flower is not None
+        policy = self.config.policy
+        declared = self.flower.dp_plan(task, server_round=env.round)
+        if declared is None:
+            if not policy.allow_unprotected_flower_client:
+                raise _Decline("policy", "allow_unprotected_flower_client: the Flower client declares no DP "
+                                         "parameters (fedbus_dp_plan) the ledger can account, and this site's "
+                                         "policy.allow_unprotected_flower_client is false")
+            return self.flower.fit(task, task_id=env.message_id, server_round=env.round, epsilon=None, delta=None,
+                                   keep_metrics=True)
+        try:
+            rows = catalogue(self.config.datasets[task.dataset]).rows
+        except DataError as e:
+            raise _Decline("data", str(e)) from None
+        plan = declared
+        for bad, setting, detail in (
+            (plan.noise_multiplier < policy.min_noise_multiplier, "min_noise_multiplier",
+             f"noise multiplier {plan.noise_multiplier:g} < {policy.min_noise_multiplier:g}"),
+            (plan.sample_rate > policy.max_sample_rate, "max_sample_rate",
+             f"sample rate {plan.sample_rate:g} > {policy.max_sample_rate:g}"),
+            (plan.steps > policy.max_steps_per_task, "max_steps_per_task",
+             f"{plan.steps} steps > {policy.max_steps_per_task}"),
+        ):
+            if bad:
+                raise _Decline("policy", f"{setting}: the Flower client declares {detail} (policy.{setting})")
+        delta = policy.site_delta(rows)
+        epsilon = self._reserve(task.dataset, env, kind="train", entries=plan.entries(), delta=delta)
+        try:
+            update = self.flower.fit(task, task_id=env.message_id, server_round=env.round, epsilon=epsilon,
+                                     delta=delta, keep_metrics=policy.metrics == "exact")
+        except BaseException:
+            # The client may have trained and kept state; what it did is counted (over, never under).
+            self.ledger.commit(task.dataset, env.message_id)
+            raise
+        self.ledger.commit(task.dataset, env.message_id)
+        return update
 
 
 __all__ = ["TaskHandler", "TrainingAborted", "Reply"]

@@ -1,20 +1,26 @@
-"""The site's privacy ledger: Opacus accountant history per dataset, on disk.
+"""The site's privacy ledger: every release of a dataset, as Opacus accountant entries, on disk.
 
-Privacy loss accumulates over every model a site ever released from a dataset, across
-rounds, runs and restarts, so the accountant's ``state_dict`` (its history of
-``(noise_multiplier, sample_rate, steps)``) is persisted per dataset as JSON in the
-state directory and replaced atomically (write, fsync, rename). The budget check
-projects the ε the accountant *would* report after a task, before spending anything.
+Privacy loss accumulates over everything a site ever released from a dataset (models,
+DP metrics), across rounds, runs, restarts and processes, so each release's
+``(noise_multiplier, sample_rate, steps)`` entries are persisted per dataset as JSON in
+the state directory, replaced atomically (write, fsync, rename) under a cross-process
+file lock. A release is reserved (and counted) before it is computed, so the budget
+check and the spending are one step. A metrics release (a Gaussian mechanism with noise
+σ·Δ on a vector of L2 sensitivity Δ) is the entry ``(σ, 1.0, 1)``: one step of the
+subsampled Gaussian with sampling rate 1, exactly the Gaussian mechanism in RDP and PRV.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import re
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
@@ -76,8 +82,34 @@ def simulate_steps(history: History, *, noise_multiplier: float, sample_rate: fl
     return out  # type: ignore[return-value]
 
 
+class BudgetExceeded(Exception):
+    """A release would take a dataset past ``max_epsilon``; nothing was reserved."""
+
+    def __init__(self, detail: str, figures: dict[str, float]) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.figures = figures
+
+
+def merge(entries: list[Any]) -> History:
+    """Opacus-style history of a list of ``(σ, q, steps)`` entries (consecutive equal pairs merged)."""
+    out: History = []
+    for nm, sr, n in entries:
+        out = simulate_steps(out, noise_multiplier=float(nm), sample_rate=float(sr), steps=int(n))
+    return out
+
+
 class PrivacyLedger:
-    """Per-dataset accountant histories under ``state_dir/privacy/``."""
+    """Per-dataset privacy releases under ``state_dir/privacy/``, one JSON file per dataset.
+
+    Each file lists releases ``{id, kind, run_id, entries, state}``: ``kind`` is "train" or
+    "metrics"/"eval", ``entries`` are Opacus accountant entries ``(σ, q, steps)``, ``state``
+    is "reserved" (counted, training under way) or "spent". The history every epsilon is
+    computed from includes reserved releases, so a crash between reserve and commit
+    over-counts and never under-counts. Check-and-reserve happens under an exclusive
+    ``fcntl.flock`` on ``privacy/<dataset>.lock``: two daemons (or threads) sharing a state
+    directory cannot both pass the budget check on the same remaining budget.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir) / "privacy"
@@ -87,14 +119,40 @@ class PrivacyLedger:
     def _path(self, dataset: str) -> Path:
         return self.dir / f"{_safe(dataset)}.json"
 
-    def history(self, dataset: str) -> History:
-        """The accountant history spent on ``dataset`` so far (empty when never trained)."""
+    @contextlib.contextmanager
+    def _locked(self, dataset: str) -> Iterator[list[dict[str, Any]]]:
+        """The dataset's releases, read and (on normal exit) written back under the file lock."""
+        lock_path = self.dir / f"{_safe(dataset)}.lock"
+        with self._lock, open(lock_path, "a+b") as lf:
+            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+            try:
+                releases = self._read(dataset)
+                before = json.dumps(releases, sort_keys=True)
+                yield releases
+                if json.dumps(releases, sort_keys=True) != before:
+                    atomic_write_json(self._path(dataset), {"dataset": dataset, "releases": releases})
+            finally:
+                fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+
+    def _read(self, dataset: str) -> list[dict[str, Any]]:
         p = self._path(dataset)
-        with self._lock:
-            if not p.exists():
-                return []
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        return [(float(nm), float(sr), int(n)) for nm, sr, n in doc["history"]]
+        if not p.exists():
+            return []
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if "releases" in doc:
+            return list(doc["releases"])
+        # A ledger written before releases were itemised: its history is one spent release.
+        return [{"id": doc.get("last_task_id") or "legacy", "kind": "train", "run_id": None,
+                 "entries": doc.get("history", []), "state": "spent"}]
+
+    def releases(self, dataset: str) -> list[dict[str, Any]]:
+        with self._locked(dataset) as rel:
+            return [dict(r) for r in rel]
+
+    def history(self, dataset: str) -> History:
+        """The accountant history of everything released (or reserved) from ``dataset``."""
+        with self._locked(dataset) as rel:
+            return merge([e for r in rel for e in r["entries"]])
 
     def state_dict(self, dataset: str) -> dict[str, Any]:
         """In Opacus ``accountant.state_dict()`` form, for ``load_state_dict``."""
@@ -110,13 +168,53 @@ class PrivacyLedger:
                                sample_rate=sample_rate, steps=steps)
         return epsilon_of(after, delta=delta, accountant=accountant)
 
-    def record(self, dataset: str, history: History, *, task_id: str | None = None) -> None:
-        """Persist the accountant history after training (before the reply is published)."""
-        doc = {
-            "dataset": dataset,
-            "mechanism": "rdp",
-            "history": [[float(nm), float(sr), int(n)] for nm, sr, n in history],
-            "last_task_id": task_id,
-        }
-        with self._lock:
-            atomic_write_json(self._path(dataset), doc)
+    def count(self, dataset: str, *, kind: str, run_id: str) -> int:
+        """Releases of ``kind`` for ``run_id`` so far (the per-run evaluation cap)."""
+        with self._locked(dataset) as rel:
+            return sum(1 for r in rel if r["kind"] == kind and r.get("run_id") == run_id)
+
+    def reserve(self, dataset: str, *, release_id: str, kind: str, entries: History, delta: float,
+                accountant: str, max_epsilon: float | None, run_id: str | None = None,
+                max_count: tuple[int, str] | None = None) -> tuple[float, float]:
+        """Check the budget and reserve ``entries`` in one locked step; returns (spent, projected) ε.
+
+        Raises ``BudgetExceeded`` (nothing reserved) when the projection passes ``max_epsilon``,
+        or when ``max_count = (cap, setting)`` releases of this kind/run already exist. A
+        release id already in the ledger (a redelivered task) is charged again: the earlier
+        attempt may have published its reply.
+        """
+        with self._locked(dataset) as rel:
+            if max_count is not None:
+                cap, setting = max_count
+                done = sum(1 for r in rel if r["kind"] == kind and r.get("run_id") == run_id)
+                if done >= cap:
+                    raise BudgetExceeded(f"{setting}: {done} {kind} releases for run {run_id!r} already, this "
+                                         f"site's policy.{setting} is {cap}", {"count": float(done), "cap": float(cap)})
+            history = merge([e for r in rel for e in r["entries"]])
+            spent = epsilon_of(history, delta=delta, accountant=accountant)
+            projected = epsilon_of(merge([*history, *entries]), delta=delta, accountant=accountant)
+            if max_epsilon is not None and projected > max_epsilon:
+                raise BudgetExceeded(
+                    f"max_epsilon: releasing this would raise epsilon on {dataset!r} from {spent:.4g} to "
+                    f"{projected:.4g} (delta {delta:g}, {accountant}), above this site's max_epsilon {max_epsilon:g}",
+                    {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": max_epsilon,
+                     "delta": delta})
+            rel.append({"id": release_id, "kind": kind, "run_id": run_id, "state": "reserved", "at": time.time(),
+                        "entries": [[float(a), float(b), int(c)] for a, b, c in entries]})
+            return spent, projected
+
+    def commit(self, dataset: str, release_id: str) -> None:
+        """Mark a reserved release spent (its reply is about to be published)."""
+        with self._locked(dataset) as rel:
+            for r in reversed(rel):
+                if r["id"] == release_id and r["state"] == "reserved":
+                    r["state"] = "spent"
+                    return
+
+    def cancel(self, dataset: str, release_id: str) -> None:
+        """Drop a reservation whose result was never released (training aborted on stop)."""
+        with self._locked(dataset) as rel:
+            for i in range(len(rel) - 1, -1, -1):
+                if rel[i]["id"] == release_id and rel[i]["state"] == "reserved":
+                    del rel[i]
+                    return

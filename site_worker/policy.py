@@ -25,35 +25,46 @@ def dp_settings(experiment: Any) -> Any | None:
 
 
 def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int) -> None:
-    """Layer whitelist, parameter count, aggregator, DP on and strong enough."""
+    """Layer whitelist, parameter count, aggregator, DP on and strong enough (what can be
+    checked without the data; ``dp.site_plan`` checks the rest once the rows are known).
+    Every refusal names the policy setting, so the coordinator's operator knows what to change."""
     if policy.allowed_layers is not None:
         allowed = {t.lower() for t in policy.allowed_layers} | MARKER_LAYERS
         for i, layer in enumerate(experiment.architecture.layers):
             if layer.type.lower() not in allowed:
                 raise PolicyViolation(
-                    f"layer architecture.layers[{i}] of type {layer.type!r} is not allowed by this site "
-                    f"(allowed: {', '.join(policy.allowed_layers)})")
-    if policy.max_parameters is not None and parameters > policy.max_parameters:
-        raise PolicyViolation(f"model has {parameters} parameters, this site allows at most {policy.max_parameters}")
+                    f"allowed_layers: layer architecture.layers[{i}] of type {layer.type!r} is not allowed by this "
+                    f"site (allowed: {', '.join(policy.allowed_layers)})")
+    if parameters > policy.max_parameters:
+        raise PolicyViolation(f"max_parameters: model has {parameters} parameters, this site allows at most "
+                              f"{policy.max_parameters}")
     agg = experiment.federated.name
     if policy.allowed_aggregators is not None and agg not in policy.allowed_aggregators:
-        raise PolicyViolation(f"aggregator {agg!r} is not allowed by this site "
+        raise PolicyViolation(f"allowed_aggregators: aggregator {agg!r} is not allowed by this site "
                               f"(allowed: {', '.join(policy.allowed_aggregators)})")
     dp = dp_settings(experiment)
     if dp is None:
         if not policy.allow_no_dp:
-            raise PolicyViolation("differential privacy is off for this experiment and this site requires it")
+            raise PolicyViolation("allow_no_dp: differential privacy is off for this experiment and this site "
+                                  "requires it")
         return
     if dp.noise_multiplier is None and dp.target_epsilon is None:
         raise PolicyViolation("differential privacy needs noise_multiplier or target_epsilon")
+    asked = str(getattr(dp, "accountant", "rdp") or "rdp")
+    if asked != policy.accountant:
+        raise PolicyViolation(
+            f"accountant: the experiment asks for {asked!r}; this site's policy.accountant is "
+            f"{policy.accountant!r} and the site reports every epsilon with it "
+            f"(set training.optimizer.differential_privacy.accountant to {policy.accountant!r})")
     if dp.noise_multiplier is not None and dp.target_epsilon is None:
         check_noise(policy, float(dp.noise_multiplier))
     if dp.target_epsilon is not None and policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:
-        raise PolicyViolation(f"target epsilon {dp.target_epsilon} exceeds this site's max_epsilon {policy.max_epsilon}")
+        raise PolicyViolation(f"max_epsilon: target epsilon {dp.target_epsilon} exceeds this site's max_epsilon "
+                              f"{policy.max_epsilon}")
 
 
 def check_noise(policy: SitePolicy, noise_multiplier: float) -> None:
     """Minimum noise multiplier (also applied to the noise Opacus derives from a target ε)."""
-    if policy.min_noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
-        raise PolicyViolation(f"noise multiplier {noise_multiplier:g} is below this site's minimum "
-                              f"{policy.min_noise_multiplier:g}")
+    if noise_multiplier < policy.min_noise_multiplier:
+        raise PolicyViolation(f"min_noise_multiplier: noise multiplier {noise_multiplier:g} is below this site's "
+                              f"policy.min_noise_multiplier {policy.min_noise_multiplier:g}")

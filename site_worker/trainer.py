@@ -3,26 +3,29 @@
 The trainer receives a ready model and prepared tensors, trains for the experiment's
 local epochs, and hands back the weights plus the accountant history it ended with;
 it never touches the network or the ledger file, so the daemon decides when privacy
-spending becomes durable. Training checks a stop ``Event`` between batches so a
+spending becomes durable. Under DP the noise and the Poisson batches come from the site's
+secret stream (``secure_rng``), never from the task's seed. Training checks a stop ``Event`` between batches so a
 shutting-down daemon can abandon a task quickly (the task is then redelivered).
 """
 
 from __future__ import annotations
 
-import math
+import secrets
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from opacus.optimizers import DPOptimizer
 
 from site_worker.data import PreparedData
+from site_worker.dp import DPPlan, batches_per_epoch, plan_dp
 from site_worker.ledger import History, epsilon_of
 from site_worker.metrics import evaluate, make_loss, prefixed, prepare_target
+from site_worker.secure_rng import SecureRandom, poisson_batches
 
 log = structlog.get_logger(__name__)
 
@@ -83,38 +86,6 @@ class TrainSpec:
         )
 
 
-@dataclass(frozen=True)
-class DPPlan:
-    """What a DP task will spend: fixed before training so the budget can be checked first."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    delta: float
-    accountant: str
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
-
-
-def plan_dp(spec: TrainSpec, n_train: int) -> DPPlan:
-    """Sample rate and steps as Opacus derives them (1 / len(loader)), noise from σ or target ε."""
-    assert spec.dp is not None
-    per_epoch = batches_per_epoch(n_train, spec.batch_size)
-    sample_rate = 1.0 / per_epoch
-    noise = spec.dp.noise_multiplier
-    if spec.dp.target_epsilon is not None:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        noise = get_noise_multiplier(target_epsilon=spec.dp.target_epsilon, target_delta=spec.dp.delta,
-                                     sample_rate=sample_rate, epochs=spec.epochs, accountant=spec.dp.accountant)
-    assert noise is not None
-    return DPPlan(noise_multiplier=float(noise), sample_rate=sample_rate, steps=per_epoch * spec.epochs,
-                  max_grad_norm=spec.dp.max_grad_norm, delta=spec.dp.delta, accountant=spec.dp.accountant)
-
-
 @dataclass
 class TrainResult:
     model: torch.nn.Module
@@ -123,6 +94,7 @@ class TrainResult:
     epsilon: float | None  # cumulative ε at delta; None when DP is off
     delta: float | None
     num_examples: int
+    reproducible: bool = False  # DP noise came from the site's dp_seed, not from os.urandom
 
 
 def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
@@ -135,41 +107,89 @@ def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"training.optimizer.type {spec.optimizer!r} is not adam, sgd or rmsprop")
 
 
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (clipping, accounting hooks, scaling unchanged) whose Gaussian noise
+    comes from the site's secret stream instead of a seedable ``torch.Generator``."""
+
+    def __init__(self, *args: Any, rng: SecureRandom, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = rng
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.rng.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def _plain_batches(n: int, spec: TrainSpec) -> Callable[[], Iterator[torch.Tensor]]:
+    """Shuffled mini-batches without DP, reproducible from the task seed (no privacy claim)."""
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    def epoch() -> Iterator[torch.Tensor]:
+        perm = torch.randperm(n, generator=gen)
+        yield from perm.split(spec.batch_size)
+
+    return epoch
+
+
 def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, history: History | None = None,
           plan: DPPlan | None = None, stop: threading.Event | None = None,
-          on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Train ``model`` in place on ``data`` (DP-SGD when ``spec.dp``) and measure before/after.
+          on_batch: Callable[[int, int], None] | None = None, rng: SecureRandom | None = None,
+          measure: bool = True) -> TrainResult:
+    """Train ``model`` in place on ``data.x_train`` (DP-SGD when ``spec.dp``).
 
-    ``history`` is the dataset's accountant history so far; the returned history
-    includes this task's steps. Raises ``TrainingAborted`` when ``stop`` is set.
+    ``plan`` is the site's DP plan (``dp.site_plan``); without one the spec's own request
+    is planned (offline baselines). Noise and Poisson sampling come from ``rng``, a fresh
+    secret stream unless the caller passes one (the handler does, for reproducible runs).
+    ``history`` is the dataset's accountant history so far; the returned history includes
+    this task's steps. With ``measure``, exact before/after validation metrics land in
+    ``metrics`` (local use only: released metrics are the handler's, see ``release``).
+    Raises ``TrainingAborted`` when ``stop`` is set.
     """
     stop = stop or threading.Event()
-    torch.manual_seed(spec.seed)  # dropout and the like; the loaders use their own generators
-    before = evaluate(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task)
-    loader_gen = torch.Generator().manual_seed(spec.seed)
-    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=spec.batch_size,
-                        shuffle=True, generator=loader_gen)
+    n = len(data.x_train)
+    dp = spec.dp is not None
+    if dp:
+        plan = plan or plan_dp(spec, n)
+        rng = rng or SecureRandom.secret()
+    # Dropout and the like: the task seed only where nothing private depends on it.
+    torch.manual_seed(spec.seed if not dp or rng.reproducible else secrets.randbits(63))  # type: ignore[union-attr]
+    before = evaluate(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task) if measure else {}
     optimizer = make_optimizer(spec, model.parameters())
     loss_fn = make_loss(spec.loss)
-    engine = None
+    accountant = None
     train_model: torch.nn.Module = model
-    if spec.dp is not None:
-        from opacus import PrivacyEngine
+    if dp:
+        assert plan is not None and rng is not None
+        from opacus import GradSampleModule
+        from opacus.accountants import create_accountant
 
-        plan = plan or plan_dp(spec, len(data.x_train))
-        noise_gen = torch.Generator().manual_seed(spec.seed + 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure_mode=False; we seed on purpose
-            engine = PrivacyEngine(accountant=plan.accountant)
-            engine.accountant.history = [tuple(h) for h in (history or [])]
-            train_model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                noise_generator=noise_gen, poisson_sampling=True)
+        accountant = create_accountant(mechanism=plan.accountant)
+        accountant.history = [tuple(h) for h in (history or [])]
+        train_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        train_model.forbid_grad_accumulation()
+        optimizer = SecureDPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
+                                      max_grad_norm=plan.max_grad_norm,
+                                      expected_batch_size=max(1, int(n * plan.sample_rate)), loss_reduction="mean",
+                                      rng=rng)
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+        per_epoch = plan.steps // max(1, spec.epochs)
+        sample_rate = plan.sample_rate
+
+        def epoch_batches() -> Iterator[torch.Tensor]:
+            yield from poisson_batches(n, sample_rate, per_epoch, rng)  # type: ignore[arg-type]
+    else:
+        epoch_batches = _plain_batches(n, spec)
+        per_epoch = batches_per_epoch(n, spec.batch_size)
     train_model.train()
-    total_batches = len(loader) * spec.epochs
-    log.info("training_started", epochs=spec.epochs, batches=total_batches, n_train=len(data.x_train),
-             dp=spec.dp is not None, noise_multiplier=plan.noise_multiplier if plan else None)
+    total_batches = per_epoch * spec.epochs
+    log.info("training_started", epochs=spec.epochs, batches=total_batches, n_train=n, dp=dp,
+             noise_multiplier=plan.noise_multiplier if plan else None,
+             reproducible=bool(rng is not None and rng.reproducible))
     samples = 0
     step = 0
     t0 = time.perf_counter()
@@ -178,36 +198,42 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
             # Opacus' hooks fire on the first layer although inputs need no grad: harmless, noisy.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _epoch in range(spec.epochs):
-                for xb, yb in loader:
+                for idx in epoch_batches():
                     if stop.is_set():
                         raise TrainingAborted(f"stopped after {step} of {total_batches} batches")
+                    xb, yb = data.x_train[idx], data.y_train[idx]
                     optimizer.zero_grad(set_to_none=True)
-                    if len(xb) == 0 and engine is None:
+                    if len(idx) == 0 and not dp:
                         continue
                     out = train_model(xb)
-                    loss = loss_fn(out, prepare_target(yb, out, spec.loss))
+                    loss = loss_fn(out, prepare_target(yb, out, spec.loss)) if len(idx) else out.sum() * 0.0
                     loss.backward()
                     optimizer.step()
-                    samples += len(xb)
+                    samples += len(idx)
                     step += 1
                     if on_batch is not None:
                         on_batch(step, total_batches)
     finally:
-        if engine is not None and hasattr(train_model, "_close"):
+        if dp and hasattr(train_model, "_close"):
             train_model._close()  # remove Opacus hooks from the plain module
     train_s = time.perf_counter() - t0
     model.eval()
-    after = evaluate(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task)
-    metrics = {**prefixed("before", before), **prefixed("after", after)}
+    metrics: dict[str, float] = {}
+    if measure:
+        after = evaluate(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task)
+        metrics = {**prefixed("before", before), **prefixed("after", after), "n_val": float(len(data.x_val))}
     metrics.update(train_s=train_s, samples_per_s=samples / train_s if train_s > 0 else 0.0,
-                   steps=float(step), n_val=float(len(data.x_val)), n_train=float(len(data.x_train)))
+                   steps=float(step), n_train=float(n))
     new_history: History = []
     epsilon = delta = None
-    if engine is not None and plan is not None:
-        new_history = [(float(a), float(b), int(c)) for a, b, c in engine.accountant.history]
+    if accountant is not None and plan is not None:
+        new_history = [(float(a), float(b), int(c)) for a, b, c in accountant.history]
         delta = plan.delta
         epsilon = epsilon_of(new_history, delta=delta, accountant=plan.accountant)
         metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     log.info("training_finished", steps=step, train_s=round(train_s, 3), epsilon=epsilon)
     return TrainResult(model=model, metrics=metrics, history=new_history, epsilon=epsilon, delta=delta,
-                       num_examples=len(data.x_train))
+                       num_examples=n, reproducible=bool(rng is not None and rng.reproducible))
+
+
+__all__ = ["DPPlan", "DPSpec", "TrainResult", "TrainSpec", "TrainingAborted", "batches_per_epoch", "plan_dp", "train"]

@@ -33,13 +33,17 @@ __all__ = [
 def build_aggregator(
     name: str, *, parameters: dict[str, Any], initial, seed: int = 0, central_dp: dict[str, Any] | None = None
 ) -> Aggregator:
-    """The aggregator an experiment names, wrapped in central DP when ``central_dp`` is set."""
+    """The aggregator an experiment names, wrapped in central DP when ``central_dp`` is set.
+
+    ``central_dp`` holds ``clip_norm``, ``noise_multiplier`` and ``secret`` (the
+    coordinator's secret from ``central_dp.load_or_create_secret``; never the seed).
+    """
     agg = get_aggregator(name, parameters=parameters, initial=initial, seed=seed)
     if central_dp:
         agg = CentralDP(
             agg,
             clip_norm=float(central_dp["clip_norm"]),
             noise_multiplier=float(central_dp["noise_multiplier"]),
-            seed=seed,
+            secret=central_dp["secret"],
         )
     return agg

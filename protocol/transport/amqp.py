@@ -42,7 +42,7 @@ import pika.exceptions as px
 import structlog
 
 from protocol.chunking import Reassembler, split_body
-from protocol.errors import ChunkError
+from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     DEFAULT_CHUNK_SIZE,
     Bus,
@@ -471,6 +471,7 @@ class AmqpDelivery(Delivery):
 
 
 _STOP = object()
+_CAPACITY_BACKOFF_S = 0.05  # pause before requeueing a chunk refused for reassembly capacity
 
 
 class _AmqpConsumer(Consumer):
@@ -540,6 +541,7 @@ class _AmqpConsumer(Consumer):
                         self._broker_cancelled = False
                         # Queue deleted or moved: consuming again says which (404 stops us).
                         raise _BrokerCancelled(f"the broker cancelled our consumer of {self.queue!r}")
+                self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
             except Exception as e:
@@ -678,7 +680,7 @@ class _AmqpConsumer(Consumer):
     # -- worker thread ----------------------------------------------------------------------
     def _work_loop(self) -> None:
         reasm = Reassembler(**self.bus.reassembly)
-        holds: dict[str, _TransferHold] = {}
+        holds: dict[tuple[str, str], _TransferHold] = {}  # (broker-verified user, transfer id) -> chunks
         gen = 0
         while True:
             try:
@@ -688,8 +690,8 @@ class _AmqpConsumer(Consumer):
             if item is _STOP:
                 return
             if holds:
-                for tid in reasm.expire():
-                    h = holds.pop(tid, None)
+                for user, tid in reasm.expire_transfers():
+                    h = holds.pop((user or "", tid), None)
                     if h:
                         self._drop_transfer(h, f"{ChunkError.reason}: transfer {tid} timed out after {reasm.timeout_s}s waiting for missing chunks")
             if item is None:
@@ -705,19 +707,28 @@ class _AmqpConsumer(Consumer):
             if raw.chunk is None:
                 self._call(AmqpDelivery(self, [raw], raw.body))
                 continue
-            tid = str(raw.chunk.get("transfer_id"))
-            hold = holds.setdefault(tid, _TransferHold())
+            user = raw.props.user_id
+            key = (user or "", str(raw.chunk.get("transfer_id")))
+            hold = holds.setdefault(key, _TransferHold())
             hold.raws.append(raw)
             try:
-                whole = reasm.add(raw.chunk, raw.body)
+                whole = reasm.add(raw.chunk, raw.body, user=user)
+            except ChunkCapacity as e:  # no room now: give the chunks back, the transfer is retried later
+                holds.pop(key, None)
+                reasm.discard(key[1], user=user)
+                log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user)
+                self._stop.wait(_CAPACITY_BACKOFF_S)  # the broker redelivers at once: do not spin on it
+                for r in hold.raws:
+                    self._settle(r.gen, [r.tag], "requeue", extra=0)
+                continue
             except ChunkError as e:
-                holds.pop(tid, None)
-                reasm.discard(tid)
+                holds.pop(key, None)
+                reasm.discard(key[1], user=user)
                 self._drop_transfer(hold, f"{e.reason}: {e}")
                 continue
             if whole is None:
                 continue
-            holds.pop(tid, None)
+            holds.pop(key, None)
             hold.raws.sort(key=lambda r: r.chunk["index"] if r.chunk else 0)
             self._call(AmqpDelivery(self, hold.raws, whole))
 

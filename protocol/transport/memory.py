@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from protocol.chunking import Reassembler, split_body
-from protocol.errors import ChunkError
+from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     DEFAULT_CHUNK_SIZE,
     Bus,
@@ -53,6 +53,7 @@ from protocol.transport.topology import DEAD, DLX, REASON_HEADER
 log = structlog.get_logger(__name__)
 
 _EXPIRY_TICK_S = 1.0  # how often an idle consumer checks for timed-out transfers
+_CAPACITY_BACKOFF_S = 0.05  # pause after requeueing a chunk refused for reassembly capacity
 
 
 @dataclass
@@ -178,7 +179,8 @@ class MemoryBroker:
             q = self.queues.get(DEAD)
             msgs = list(q.ready) if q else []
         out: list[DeadLetter] = []
-        reasm = Reassembler(max_bytes=2**62, max_transfers=2**31)
+        reasm = Reassembler(max_bytes=2**62, max_transfers=2**31, max_transfer_bytes=2**62,
+                            max_user_transfers=2**31)
         for m in msgs:
             ch = chunk_header_from_amqp(m.headers)
             body = m.body if ch is None else reasm.add(ch, m.body)
@@ -330,7 +332,7 @@ class _MemoryConsumer(Consumer):
         self.prefetch = prefetch
         self._tags = itertools.count(1)
         self._held: dict[int, _Msg] = {}  # raw messages delivered to us, not yet settled
-        self._transfer_tags: dict[str, list[int]] = {}
+        self._transfer_tags: dict[tuple[str, str], list[int]] = {}  # (user, transfer id) -> tags
         self._reasm = Reassembler(**bus._reasm_opts)
         self._pending: deque[_MemoryDelivery] = deque()
         self._in_flight = 0
@@ -361,6 +363,11 @@ class _MemoryConsumer(Consumer):
                 while True:
                     if self._stopped:
                         return
+                    # Expiry first: a busy queue (requeued chunks) must not keep a jammed transfer alive.
+                    if self._transfer_tags and time.monotonic() >= next_expiry:
+                        next_expiry = time.monotonic() + _EXPIRY_TICK_S
+                        self._expire_locked()
+                        continue
                     if self._pending and self._in_flight < self.prefetch:
                         delivery = self._pending.popleft()
                         self._in_flight += 1
@@ -371,10 +378,6 @@ class _MemoryConsumer(Consumer):
                         self._held[tag] = msg
                         raw = (tag, msg)
                         break
-                    if self._transfer_tags and time.monotonic() >= next_expiry:
-                        next_expiry = time.monotonic() + _EXPIRY_TICK_S
-                        self._expire_locked()
-                        continue
                     cond.wait(_EXPIRY_TICK_S if self._transfer_tags else None)
             if raw is not None:
                 self._take(*raw)
@@ -387,20 +390,25 @@ class _MemoryConsumer(Consumer):
         if ch is None:
             d = _MemoryDelivery(self, [tag], msg, msg.body)
         else:
-            tid = ch["transfer_id"]
+            key = (msg.user_id or "", str(ch["transfer_id"]))
             with self.broker.cond:
                 if self._stopped:
                     return
-                self._transfer_tags.setdefault(str(tid), []).append(tag)
+                self._transfer_tags.setdefault(key, []).append(tag)
             try:
-                body = self._reasm.add(ch, msg.body)
+                body = self._reasm.add(ch, msg.body, user=msg.user_id)
+            except ChunkCapacity as e:  # no room now: give the chunk back, the transfer is retried later
+                self._requeue_chunks(key, f"{e.reason}: {e}")
+                with self.queue.cond:  # let a release (or a new message) come before trying again
+                    self.queue.cond.wait(_CAPACITY_BACKOFF_S)
+                return
             except ChunkError as e:
-                self._dead_letter_chunks(str(getattr(e, "transfer_id", None) or tid), f"{e.reason}: {e}")
+                self._dead_letter_chunks(key, f"{e.reason}: {e}")
                 return
             if body is None:
                 return
             with self.broker.cond:
-                tags = self._transfer_tags.pop(str(tid), [tag])
+                tags = self._transfer_tags.pop(key, [tag])
             first = self._held.get(tags[0], msg)
             d = _MemoryDelivery(self, tags, first, body)
             d.redelivered = any(self._held[t].redelivered for t in tags if t in self._held)
@@ -420,18 +428,32 @@ class _MemoryConsumer(Consumer):
                     log.exception("could not dead-letter after handler error", message_id=d.message_id)
 
     def _expire_locked(self) -> None:
-        for tid in self._reasm.expire():
+        for user, tid in self._reasm.expire_transfers():
             self._dead_letter_chunks_locked(
-                tid, f"{ChunkError.reason}: transfer {tid} timed out after {self._reasm.timeout_s}s waiting for missing chunks"
+                (user or "", tid),
+                f"{ChunkError.reason}: transfer {tid} timed out after {self._reasm.timeout_s}s waiting for missing chunks",
             )
 
-    def _dead_letter_chunks(self, tid: str, reason: str) -> None:
+    def _requeue_chunks(self, key: tuple[str, str], reason: str) -> None:
+        """Give a refused transfer's chunks back to the end of the queue (others go first)."""
         with self.broker.cond:
-            self._dead_letter_chunks_locked(tid, reason)
+            self._reasm.discard(key[1], user=key[0])
+            back = [self._held.pop(t) for t in self._transfer_tags.pop(key, []) if t in self._held]
+            for m in back:
+                m.redelivered = True
+            self.queue.ready.extend(back)
+            self.queue.cond.notify_all()
+        log.info("chunked transfer requeued for capacity", transfer_id=key[1], user=key[0], reason=reason,
+                 queue=self.queue.name)
 
-    def _dead_letter_chunks_locked(self, tid: str, reason: str) -> None:
-        self._reasm.discard(tid)
-        for tag in self._transfer_tags.pop(tid, []):
+    def _dead_letter_chunks(self, key: tuple[str, str], reason: str) -> None:
+        with self.broker.cond:
+            self._dead_letter_chunks_locked(key, reason)
+
+    def _dead_letter_chunks_locked(self, key: tuple[str, str], reason: str) -> None:
+        tid = key[1]
+        self._reasm.discard(tid, user=key[0])
+        for tag in self._transfer_tags.pop(key, []):
             msg = self._held.pop(tag, None)
             if msg is None:
                 continue

@@ -107,10 +107,13 @@ def provision(
     quorum: bool = False,
     method: Method = "auto",
     management_url: str | None = None,
+    passwords: dict[str, str] | None = None,
 ) -> Credentials:
     """Declare the topology (as the admin in ``broker_url``) and create the users.
 
     ``federation`` is required with ``coordinator`` (its queues are per federation).
+    ``passwords`` gives users their password instead of a new one (a kit keeps its
+    password when re-provisioned: idempotent, nothing rotates unless asked).
     """
     from protocol.transport import open_bus
 
@@ -144,7 +147,7 @@ def provision(
         wanted.append((coordinator, "coordinator", coordinator_permissions(federation)))
     existing = admin.users()
     for user, role, perms in wanted:
-        password = secrets.token_urlsafe(24)
+        password = (passwords or {}).get(user) or secrets.token_urlsafe(24)
         existed = user in existing
         admin.put_user(user, password, existed=existed)
         admin.set_permissions(vhost, user, perms)

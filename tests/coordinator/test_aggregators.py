@@ -98,27 +98,31 @@ def test_fedbuff_steps_after_k_updates_with_staleness_weighted_deltas():
     np.testing.assert_allclose(dict(g2)["x"], [6.5], rtol=1e-6)
 
 
-def test_central_dp_clips_deltas_and_adds_seeded_noise():
+def test_central_dp_clips_deltas_sums_equal_weights_and_adds_secret_noise():
     g = T(x=[0.0, 0.0])
-    plain = CentralDP(get_aggregator("FedAvg", parameters={}, initial=g), clip_norm=1.0, noise_multiplier=0.0)
+    plain = CentralDP(get_aggregator("FedAvg", parameters={}, initial=g), clip_norm=1.0, noise_multiplier=0.0,
+                      secret=b"k" * 32)
     plain.begin_round(1, g)
-    plain.add(Contribution("a", T(x=[3.0, 4.0]), 1))  # norm 5 -> clipped to [0.6, 0.8]
+    plain.add(Contribution("a", T(x=[3.0, 4.0]), 1000))  # norm 5 -> clipped to [0.6, 0.8]; n plays no part
     plain.add(Contribution("b", T(x=[0.1, 0.0]), 1))  # inside the ball: kept
     np.testing.assert_allclose(dict(plain.finish_round())["x"], [0.35, 0.4], rtol=1e-6)
 
-    def noisy(seed):
-        agg = build_aggregator("FedAvg", parameters={}, initial=g, seed=seed,
-                               central_dp={"clip_norm": 1.0, "noise_multiplier": 2.0})
+    def noisy(secret, expected=None):
+        agg = build_aggregator("FedAvg", parameters={}, initial=g, seed=7,
+                               central_dp={"clip_norm": 1.0, "noise_multiplier": 2.0, "secret": secret})
+        agg.expected_clients = expected
         agg.begin_round(3, g)
         agg.add(Contribution("a", T(x=[0.0, 0.0]), 1))
         agg.add(Contribution("b", T(x=[0.0, 0.0]), 1))
-        assert agg.noise_std() == pytest.approx(1.0)  # 2 * 1 / 2
+        assert agg.noise_std() == pytest.approx(2.0 / (expected or 2))
         return dict(agg.finish_round())["x"]
 
-    a, b = noisy(7), noisy(7)
-    np.testing.assert_array_equal(a, b)
+    a, b = noisy(b"s" * 32), noisy(b"s" * 32)
+    np.testing.assert_array_equal(a, b)  # the secret's holder (a resumed run) adds the same noise
     assert not np.allclose(a, 0.0)
-    assert not np.array_equal(a, noisy(8))
+    assert not np.array_equal(a, noisy(b"t" * 32))  # same experiment seed, another secret: other noise
+    # the fixed denominator: 4 expected clients, 2 replied -> same noise draw divided by 4, not 2
+    np.testing.assert_allclose(noisy(b"s" * 32, expected=4), a / 2, rtol=1e-6)
 
 
 def test_early_stopping_patience_and_min_delta():

@@ -148,7 +148,7 @@ def test_missing_header_field_rejected() -> None:
 
 
 def test_memory_bound_refuses_before_allocating() -> None:
-    r = Reassembler(max_bytes=5000)
+    r = Reassembler(max_bytes=5000, max_user_bytes=5000)
     _, a = _chunks(4, 1000)  # 4000 bytes reserved
     r.add(*a[0])
     assert r.reserved_bytes == 4000
@@ -180,3 +180,37 @@ def test_interleaved_transfers() -> None:
 def test_chunk_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         split_body(b"x", chunk_size=0)
+
+
+def test_one_sender_cannot_reserve_the_whole_budget() -> None:
+    """A 10-byte first chunk declaring a huge transfer: capped at the frame limit, then at its sender's quota."""
+    from protocol.errors import ChunkCapacity
+
+    r = Reassembler(max_bytes=10_000, max_transfer_bytes=8_000)
+    h, p = _chunks(2, 10)[1][0]
+    with pytest.raises(ChunkError, match="frame limit") as e:
+        r.add({**h, "transfer_id": "big", "total_size": 9_000}, p, user="mallory")
+    assert not isinstance(e.value, ChunkCapacity)  # can never succeed: dead-letter, not requeue
+    assert r.add({**h, "transfer_id": "jam", "total_size": 5_000}, p, user="mallory") is None  # half: its quota
+    assert r.user_reserved_bytes("mallory") == 5_000
+    with pytest.raises(ChunkCapacity, match="max_user_bytes=5000"):
+        r.add({**h, "transfer_id": "jam2", "total_size": 100}, p, user="mallory")
+    # an honest sender still has room; mallory reusing its transfer id opens mallory's own transfer (refused)
+    body, honest = _chunks(2, 1000)
+    assert r.add(*honest[0], user="site-1") is None
+    with pytest.raises(ChunkCapacity):
+        r.add(*honest[1], user="mallory")
+    assert r.add(*honest[1], user="site-1") == body
+    r.discard("jam", user="mallory")
+    assert r.reserved_bytes == 0 and r.user_reserved_bytes("mallory") == 0
+
+
+def test_unauthenticated_chunks_share_one_quota() -> None:
+    from protocol.errors import ChunkCapacity
+
+    r = Reassembler(max_bytes=10_000)
+    h, p = _chunks(2, 10)[1][0]
+    r.add({**h, "transfer_id": "anon", "total_size": 5_000}, p)
+    with pytest.raises(ChunkCapacity, match="unauthenticated senders"):
+        r.add({**h, "transfer_id": "anon2", "total_size": 10}, p, user=None)
+    assert r.add({**h, "transfer_id": "named", "total_size": 5_000}, p, user="site-1") is None

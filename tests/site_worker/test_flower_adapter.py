@@ -35,7 +35,8 @@ def test_flower_numpy_client_trains_through_a_fedbus_task(tmp_path, amqp_url):
     cfg = load_site_config(site_toml(
         tmp_path, site_id=site_id, federation=fed, broker_url=amqp_url, keys=keys,
         datasets={"tiny": {"path": str(tmp_path / "unused.csv"), "target": "y"}},
-        policy={"allow_no_dp": True}, extra={"flower_client": "tests.site_worker.flower_client:make_client"}))
+        policy={"allow_no_dp": True, "allow_unprotected_flower_client": True, "metrics": "exact"},
+        extra={"flower_client": "tests.site_worker.flower_client:make_client"}))
     bus = open_bus(amqp_url)
     coord = TestCoordinator(bus, keys.coordinator, federation=fed, site_id=site_id, site_pub=keys.site_pub)
     worker = SiteWorker(cfg)
@@ -83,4 +84,4 @@ def test_adapter_rejects_wrong_shapes():
     adapter = FlowerAdapter(Bad())
     assert adapter.shapes() == [(8, 12), (8,), (1, 8), (1,)]
     with pytest.raises(FlowerClientError, match="shape"):
-        adapter.fit(task, task_id="t", server_round=1)
+        adapter.fit(task, task_id="t", server_round=1, epsilon=None, delta=None, keep_metrics=True)

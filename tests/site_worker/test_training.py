@@ -13,7 +13,7 @@ from protocol.config import load_experiment
 from protocol.model import build_model, summarize
 from site_worker.config import DatasetSource, SitePolicy
 from site_worker.data import prepare
-from site_worker.ledger import PrivacyLedger
+from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.policy import PolicyViolation, check_policy
 from site_worker.trainer import TrainingAborted, TrainSpec, plan_dp, train
 
@@ -37,16 +37,18 @@ def test_dp_training_epsilon_equals_opacus_accountant_on_same_steps(hf):
     exp, data, model = _setup(hf, **{"training.epochs": 2})
     spec = TrainSpec.from_experiment(exp, seed=3)
     plan = plan_dp(spec, len(data.x_train))
+    per_epoch = -(-len(data.x_train) // 32)
+    assert plan.sample_rate == 1 / per_epoch and plan.steps == 2 * per_epoch
     prior = [(2.0, 0.05, 100)]  # earlier spending on this dataset
     before = [p.detach().clone() for p in model.parameters()]
     res = train(model, data, spec, history=prior, plan=plan)
     acc = RDPAccountant()
     acc.history = list(prior)
-    for _ in range(16):  # 2 epochs x ceil(239 / 32) batches
-        acc.step(noise_multiplier=1.0, sample_rate=1 / 8)
+    for _ in range(2 * per_epoch):
+        acc.step(noise_multiplier=1.0, sample_rate=1 / per_epoch)
     assert res.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
-    assert res.history == [(2.0, 0.05, 100), (1.0, 0.125, 16)]
-    assert res.metrics["steps"] == 16 and res.num_examples == 239
+    assert res.history == [(2.0, 0.05, 100), (1.0, 1 / per_epoch, 2 * per_epoch)]
+    assert res.metrics["steps"] == 2 * per_epoch and res.num_examples == len(data.x_train)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for k in ("before_loss", "before_accuracy", "before_auc", "before_f1", "after_loss", "after_auc", "train_s",
               "samples_per_s"):
@@ -55,13 +57,29 @@ def test_dp_training_epsilon_equals_opacus_accountant_on_same_steps(hf):
                                                           "5.bias"]
 
 
-def test_training_is_seeded(hf):
-    outs = []
-    for _ in range(2):
-        exp, data, model = _setup(hf, **{"training.epochs": 1})
-        train(model, data, TrainSpec.from_experiment(exp, seed=11))
-        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(outs[0], outs[1])
+def _weights_after(hf, changes, *, seed=11, rng_factory=None):
+    exp, data, model = _setup(hf, **changes)
+    spec = TrainSpec.from_experiment(exp, seed=seed)
+    train(model, data, spec, rng=rng_factory() if rng_factory else None)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_without_dp_training_is_seeded(hf):
+    off = {"training.epochs": 1, "training.optimizer.differential_privacy": {"enabled": False}}
+    assert torch.equal(_weights_after(hf, off), _weights_after(hf, off))
+
+
+def test_dp_noise_is_secret_unless_the_site_seeds_it(hf):
+    from site_worker.secure_rng import SecureRandom
+
+    on = {"training.epochs": 1}
+    a, b = _weights_after(hf, on), _weights_after(hf, on)  # same task seed, same data, same start
+    assert not torch.equal(a, b)
+    again = [_weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(99, 11, "train"))
+             for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+    other = _weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(98, 11, "train"))
+    assert not torch.equal(other, again[0])
 
 
 def test_dp_off_reports_no_epsilon_and_target_epsilon_sets_noise(hf):
@@ -89,7 +107,7 @@ def test_stop_event_aborts_between_batches(hf):
         if step == 3:
             stop.set()
 
-    with pytest.raises(TrainingAborted, match="after 3 of 400"):
+    with pytest.raises(TrainingAborted, match=f"after 3 of {50 * -(-len(data.x_train) // 32)}"):
         train(model, data, TrainSpec.from_experiment(exp, seed=1), stop=stop, on_batch=on_batch)
     assert seen == [1, 2, 3]
 
@@ -104,7 +122,7 @@ def test_ecg_cnn_cross_entropy_on_signals(tmp_path):
     assert res.epsilon is not None and {"after_accuracy", "after_auc", "after_f1"} <= set(res.metrics)
 
 
-def test_ledger_persists_projects_and_writes_atomically(tmp_path):
+def test_ledger_reserves_commits_cancels_and_persists(tmp_path):
     led = PrivacyLedger(tmp_path)
     assert led.history("hf") == [] and led.spent("hf", delta=1e-5) == 0.0
     acc = RDPAccountant()
@@ -113,19 +131,33 @@ def test_ledger_persists_projects_and_writes_atomically(tmp_path):
     proj = led.project("hf", noise_multiplier=1.1, sample_rate=0.1, steps=10, delta=1e-5)
     assert proj == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
     assert led.history("hf") == []  # projecting records nothing
-    led.record("hf", acc.state_dict()["history"], task_id="t1")
-    again = PrivacyLedger(tmp_path)  # a restarted daemon
+    spent, projected = led.reserve("hf", release_id="t1", kind="train", entries=[(1.1, 0.1, 10)], delta=1e-5,
+                                   accountant="rdp", max_epsilon=None, run_id="r")
+    assert spent == 0.0 and projected == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    again = PrivacyLedger(tmp_path)  # a restarted daemon (or a crash before commit): the reservation counts
     assert again.history("hf") == [(1.1, 0.1, 10)]
+    again.commit("hf", "t1")
     fresh = RDPAccountant()
     fresh.load_state_dict(again.state_dict("hf"))
     assert fresh.get_epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5))
-    for _ in range(5):
-        acc.step(noise_multiplier=1.1, sample_rate=0.1)
-    assert again.project("hf", noise_multiplier=1.1, sample_rate=0.1, steps=5, delta=1e-5) == pytest.approx(
-        acc.get_epsilon(1e-5))
+    led.reserve("hf", release_id="t2", kind="train", entries=[(1.1, 0.1, 5)], delta=1e-5, accountant="rdp",
+                max_epsilon=None, run_id="r")
+    led.cancel("hf", "t2")  # aborted before anything left the site
+    led.cancel("hf", "t1")  # a spent release cannot be cancelled
+    assert led.history("hf") == [(1.1, 0.1, 10)]
+    with pytest.raises(BudgetExceeded, match="max_epsilon") as e:
+        led.reserve("hf", release_id="t3", kind="train", entries=[(1.1, 0.1, 10)], delta=1e-5, accountant="rdp",
+                    max_epsilon=acc.get_epsilon(1e-5) + 0.01, run_id="r")
+    assert e.value.figures["epsilon_spent"] == pytest.approx(acc.get_epsilon(1e-5))
+    assert led.history("hf") == [(1.1, 0.1, 10)]  # a refused reservation records nothing
+    led.reserve("hf", release_id="e1", kind="eval", entries=[], delta=1e-5, accountant="rdp", max_epsilon=None,
+                run_id="r", max_count=(1, "max_evaluations_per_run"))
+    with pytest.raises(BudgetExceeded, match="max_evaluations_per_run"):
+        led.reserve("hf", release_id="e2", kind="eval", entries=[], delta=1e-5, accountant="rdp", max_epsilon=None,
+                    run_id="r", max_count=(1, "max_evaluations_per_run"))
     files = sorted(p.name for p in (tmp_path / "privacy").iterdir())
-    assert files == ["hf.json"]  # no temp files left behind
-    assert json.loads((tmp_path / "privacy" / "hf.json").read_text())["last_task_id"] == "t1"
+    assert files == ["hf.json", "hf.lock"]  # no temp files left behind
+    assert [r["id"] for r in json.loads((tmp_path / "privacy" / "hf.json").read_text())["releases"]] == ["t1", "e1"]
     assert again.history("other") == []  # per dataset
 
 
@@ -135,16 +167,17 @@ def test_policy_rules():
     check_policy(SitePolicy(allowed_layers=("Linear", "ReLU"), max_parameters=n, min_noise_multiplier=1.0,
                             max_epsilon=10, allowed_aggregators=("FedAvg",)), exp, parameters=n)
     cases = [
-        (SitePolicy(allowed_layers=("Linear",)), "ReLU"),
-        (SitePolicy(max_parameters=n - 1), f"{n} parameters"),
-        (SitePolicy(min_noise_multiplier=1.5), "below this site's minimum 1.5"),
-        (SitePolicy(allowed_aggregators=("FedBuff",)), "FedAvg"),
+        (SitePolicy(allowed_layers=("Linear",)), "allowed_layers: .*ReLU"),
+        (SitePolicy(max_parameters=n - 1), f"max_parameters: model has {n} parameters"),
+        (SitePolicy(min_noise_multiplier=1.5), "min_noise_multiplier: .*below .*1.5"),
+        (SitePolicy(allowed_aggregators=("FedBuff",)), "allowed_aggregators: .*FedAvg"),
+        (SitePolicy(accountant="prv"), "accountant: .*'rdp'.*'prv'"),
     ]
     for pol, text in cases:
         with pytest.raises(PolicyViolation, match=text):
             check_policy(pol, exp, parameters=n)
     no_dp = load_experiment(experiment_dict(**{"training.optimizer.differential_privacy": {"enabled": False}}))
-    with pytest.raises(PolicyViolation, match="differential privacy is off"):
+    with pytest.raises(PolicyViolation, match="allow_no_dp: differential privacy is off"):
         check_policy(SitePolicy(), no_dp, parameters=n)
     check_policy(SitePolicy(allow_no_dp=True), no_dp, parameters=n)
 
@@ -195,7 +228,7 @@ def test_handler_reuses_the_model_skeleton_without_leaking_state_between_tasks(t
     cfg = SiteConfig(site_id="s", federation="f", broker_url="memory://x", key_path=tmp_path / "k",
                      coordinator_pub=tmp_path / "p", state_dir=tmp_path / "state",
                      datasets={"heart_failure": DatasetSource(name="heart_failure", path=csv, target="DEATH_EVENT")},
-                     policy=SitePolicy(max_epsilon=1e6))
+                     policy=SitePolicy(max_epsilon=1e6, metrics="exact", reproducible_dp=True, dp_seed=1))
     handler = TaskHandler(cfg)
     exp = experiment_dict(**{"training.epochs": 1})
 
@@ -211,3 +244,4 @@ def test_handler_reuses_the_model_skeleton_without_leaking_state_between_tasks(t
     same = all(np.array_equal(a, b) for (_, a), (_, b) in zip(first.weights, again.weights))
     assert same and first.metrics["before_loss"] == again.metrics["before_loss"]
     assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(first.weights, other.weights))
+    assert first.reproducible and again.reproducible

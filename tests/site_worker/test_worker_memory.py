@@ -28,12 +28,22 @@ from tests.site_worker.support import (
 FAST = {"training.epochs": 1}
 
 
-def opacus_epsilon(*, noise: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε after ``steps`` DP-SGD steps, stepped through Opacus' RDPAccountant (not the site's ledger code)."""
+def opacus_epsilon(history, *, delta: float) -> float:
+    """ε of a (noise, sample rate, steps) history, stepped through Opacus' RDPAccountant (not the site's ledger code)."""
     acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=noise, sample_rate=sample_rate)
+    for noise, sample_rate, steps in history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=noise, sample_rate=sample_rate)
     return acc.get_epsilon(delta=delta)
+
+
+def site_data(worker, exp_dict, dataset="heart_failure"):
+    """The rows this site trains/validates/tests on for the experiment (its own secret split)."""
+    from protocol.config import load_experiment
+    from site_worker.data import prepare
+
+    exp = load_experiment(exp_dict)
+    return prepare(worker.config.datasets[dataset], exp.dataset, key=worker.handler.split_key, input_shape=(12,))
 
 
 @pytest.fixture
@@ -73,13 +83,17 @@ def test_hello_then_train_reply_is_signed_update_with_epsilon(env):
     assert reply.sender == cfg.site_id and reply.recipient == "coordinator"
     assert (reply.run_id, reply.round, u.task_id) == (task.run_id, task.round, task.message_id)
     assert reply.message_id != task.message_id
-    assert u.num_examples == 239  # 299 rows, 20 % stratified validation
+    data = site_data(worker, exp)
+    n_train = len(data.x_train)
+    assert u.num_examples == n_train and n_train + len(data.x_val) + len(data.x_test) == 299
     assert [n for n, _ in u.weights] == [n for n, _ in initial_weights(exp)]
-    for k in ("before_loss", "after_loss", "before_auc", "after_accuracy", "after_f1", "train_s", "samples_per_s"):
+    for k in ("after_loss", "after_auc", "after_accuracy", "after_f1", "train_s", "samples_per_s"):
         assert k in u.metrics
-    assert u.metrics["n_val"] == 60
-    # ceil(239/32) = 8 batches, sample rate 1/8, 1 epoch; the oracle is Opacus' own accountant
-    assert u.epsilon == pytest.approx(opacus_epsilon(noise=1.0, sample_rate=1 / 8, steps=8, delta=u.delta), rel=1e-9)
+    assert not any(k.startswith("before_") for k in u.metrics)  # metrics = "dp": one release, after training
+    assert abs(u.metrics["n_val"] - len(data.x_val)) < 6 * 5.0 * 3**0.5 * 2  # 4 noisy counts, σ·Δ = 5·√3 each
+    per_epoch = -(-n_train // 32)
+    hist = [(1.0, 1 / per_epoch, per_epoch), (5.0, 1.0, 1)]  # one epoch of DP-SGD + the metrics release
+    assert u.epsilon == pytest.approx(opacus_epsilon(hist, delta=1e-5), rel=1e-9) and u.delta == 1e-5 and not u.reproducible
     assert worker.guard.seen(task.message_id)
     # The hello went to the control queue, signed, metadata only.
     import queue as _queue
@@ -166,8 +180,9 @@ def test_budget_decline_has_figures(env):
     assert isinstance(r, Declined) and r.reason == "budget"
     assert r.figures["max_epsilon"] == 50.0
     assert r.figures["epsilon_spent"] == 0.0
+    per_epoch = -(-len(site_data(worker, exp).x_train) // 32)
     assert r.figures["epsilon_projected"] == pytest.approx(
-        opacus_epsilon(noise=0.5, sample_rate=1 / 8, steps=240, delta=r.figures["delta"]), rel=1e-9)
+        opacus_epsilon([(0.5, 1 / per_epoch, 30 * per_epoch), (5.0, 1.0, 1)], delta=1e-5), rel=1e-9)
     assert r.figures["epsilon_projected"] > 50.0
     assert worker.ledger.history("heart_failure") == []
 
@@ -179,7 +194,9 @@ def test_eval_task_and_run_control(env):
     task = coord.evaluate(exp, dataset="heart_failure")
     r = coord.reply().payload
     assert isinstance(r, EvalResult) and r.task_id == task.message_id
-    assert r.num_examples == 60 and {"loss", "accuracy", "auc", "f1", "n"} <= set(r.metrics)
+    n_val = len(site_data(worker, exp).x_val)
+    assert abs(r.num_examples - n_val) < 6 * 5.0 * 3**0.5 * 2 and {"loss", "accuracy", "auc", "f1", "n"} <= set(r.metrics)
+    assert worker.ledger.history("heart_failure") == [(5.0, 1.0, 1)]  # the evaluation is charged
     ctl = coord.control("stop")
     coord.train(exp, dataset="heart_failure")  # served after the control message
     assert isinstance(coord.reply().payload, Update)
@@ -205,7 +222,8 @@ def test_stop_mid_training_leaves_task_for_redelivery(env):
     trainer.log = Spy()
     try:
         worker.start()
-        exp = experiment_dict(**{"training.epochs": 100, "training.optimizer.differential_privacy.noise_multiplier": 5.0})
+        exp = experiment_dict(**{"training.epochs": 50, "training.batch_size": 8,
+                                 "training.optimizer.differential_privacy.noise_multiplier": 5.0})
         task = coord.train(exp, dataset="heart_failure")
         assert started.wait(30)
         stats = worker.stop(grace_s=0.2)

@@ -38,15 +38,24 @@ from tests.site_worker.support import (
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-N_TRAIN = 239  # 299 rows of heart_failure, 20 % stratified validation
-BATCHES = math.ceil(N_TRAIN / 32)
+def site_train_rows(state_dir: Path) -> int:
+    """The heart-failure rows the site process trains on: its own secret split (its state dir)."""
+    from protocol.config import load_experiment
+    from site_worker.config import DatasetSource
+    from site_worker.data import prepare
+    from site_worker.splits import SplitKey
+
+    exp = load_experiment(experiment_dict())
+    src = DatasetSource(name="heart_failure", path=state_dir.parent / "hf.csv", target="DEATH_EVENT")
+    return len(prepare(src, exp.dataset, key=SplitKey.load_or_create(state_dir, test_fraction=0.2),
+                       input_shape=(12,)).x_train)
 
 
-def opacus_epsilon(steps: int, *, noise: float = 1.0, delta: float = 1e-5) -> float:
+def opacus_epsilon(steps: int, *, batches: int, noise: float = 1.0, delta: float = 1e-5) -> float:
     """Opacus' own accountant on the same steps, independent of the site worker's code."""
     acc = RDPAccountant()
     for _ in range(steps):
-        acc.step(noise_multiplier=noise, sample_rate=1 / BATCHES)
+        acc.step(noise_multiplier=noise, sample_rate=1 / batches)
     return acc.get_epsilon(delta=delta)
 
 
@@ -117,6 +126,7 @@ def site(tmp_path, amqp_url):
     bus = open_bus(amqp_url)
     coord = TestCoordinator(bus, keys.coordinator, federation=fed, site_id=site_id, site_pub=keys.site_pub)
     procs: list[SiteProcess] = []
+    coord.state_dir = tmp_path / "state"
 
     def start(policy: dict | None = None, grace_s: float = 5.0) -> SiteProcess:
         cfg = site_toml(tmp_path, site_id=site_id, federation=fed, broker_url=amqp_url, keys=keys,
@@ -142,21 +152,29 @@ def _new_run(coord: TestCoordinator) -> None:
 def test_process_trains_with_epsilon_matching_opacus_accumulating_across_runs_and_restart(site):
     coord, start, _ = site
     exp = experiment_dict(**{"training.epochs": 1})
+    n_train = site_train_rows(coord.state_dir)  # draws the site's split secret before the site starts
+    batches = math.ceil(n_train / 32)
+    BATCHES = batches
+
+    def opacus_epsilon_(steps: int) -> float:
+        return opacus_epsilon(steps, batches=batches)
+
     # Budget lies between 3 and 4 tasks' worth of steps, so the 4th task must be declined.
-    cap = (opacus_epsilon(3 * BATCHES) + opacus_epsilon(4 * BATCHES)) / 2
-    policy = {"max_epsilon": cap, "allowed_aggregators": ["FedAvg"], "min_noise_multiplier": 0.5}
+    cap = (opacus_epsilon_(3 * BATCHES) + opacus_epsilon_(4 * BATCHES)) / 2
+    # metrics = "exact": the ledger then holds training only, so Opacus' accountant on the steps is the oracle.
+    policy = {"max_epsilon": cap, "allowed_aggregators": ["FedAvg"], "min_noise_multiplier": 0.5, "metrics": "exact"}
     p = start(policy)
     t1 = coord.train(exp, dataset="heart_failure")
     r1 = coord.reply()
     assert isinstance(r1.payload, Update) and r1.payload.task_id == t1.message_id
-    assert r1.payload.num_examples == N_TRAIN
-    assert r1.payload.epsilon == pytest.approx(opacus_epsilon(BATCHES), rel=1e-9)
+    assert r1.payload.num_examples == n_train
+    assert r1.payload.epsilon == pytest.approx(opacus_epsilon_(BATCHES), rel=1e-9)
     assert r1.payload.delta == 1e-5 and r1.payload.metrics["steps"] == BATCHES
 
     _new_run(coord)  # a second run of the federation: the ledger is per dataset, not per run
     coord.train(exp, dataset="heart_failure", weights=r1.payload.weights)
     r2 = coord.reply().payload
-    assert r2.epsilon == pytest.approx(opacus_epsilon(2 * BATCHES), rel=1e-9)
+    assert r2.epsilon == pytest.approx(opacus_epsilon_(2 * BATCHES), rel=1e-9)
     assert p.terminate() == 0
     assert p.events("site_stopped")[0]["trained"] == 2
 
@@ -164,12 +182,12 @@ def test_process_trains_with_epsilon_matching_opacus_accumulating_across_runs_an
     _new_run(coord)
     coord.train(exp, dataset="heart_failure")
     r3 = coord.reply().payload
-    assert r3.epsilon == pytest.approx(opacus_epsilon(3 * BATCHES), rel=1e-9)
+    assert r3.epsilon == pytest.approx(opacus_epsilon_(3 * BATCHES), rel=1e-9)
     coord.train(exp, dataset="heart_failure")
     r4 = coord.reply().payload
     assert isinstance(r4, Declined) and r4.reason == "budget"
-    assert r4.figures["epsilon_spent"] == pytest.approx(opacus_epsilon(3 * BATCHES), rel=1e-9)
-    assert r4.figures["epsilon_projected"] == pytest.approx(opacus_epsilon(4 * BATCHES), rel=1e-9)
+    assert r4.figures["epsilon_spent"] == pytest.approx(opacus_epsilon_(3 * BATCHES), rel=1e-9)
+    assert r4.figures["epsilon_projected"] == pytest.approx(opacus_epsilon_(4 * BATCHES), rel=1e-9)
     assert r4.figures["max_epsilon"] == pytest.approx(cap)
     assert p2.terminate() == 0
 
@@ -256,7 +274,7 @@ def test_kill_9_mid_training_task_is_redelivered_and_answered_once(site):
 def test_sigterm_mid_training_exits_within_grace_and_requeues(site):
     coord, start, bus = site
     grace = 1.0
-    p = start({"max_epsilon": 1000.0}, grace_s=grace)
+    p = start({"max_epsilon": 1000.0, "max_epochs": 2000, "max_steps_per_task": 100_000}, grace_s=grace)
     task = coord.train(experiment_dict(**{**LONG, "training.epochs": 2000}), dataset="heart_failure")
     p.wait_for("training_started")
     t0 = time.monotonic()

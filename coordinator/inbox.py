@@ -1,0 +1,342 @@
+"""The coordinator's inbound path: every message from a site is opened, checked and settled here.
+
+Opening (codec, signature, enrollment) runs on the bus's worker thread, so Ed25519 and
+the zero-copy decode pipeline with the run loop; ``Inbox.on_delivery`` never raises.
+The run loop (``coordinator/run.py``) then hands each delivery to ``Inbox.handle``,
+which checks the envelope (federation, run, recipient, clock), the type, replays and
+duplicates (by message id and by (run, round, site)), and calls the round loop's
+``route`` for what only the loop knows (which round is open, who was tasked).
+
+Settling is decided here too: an accepted message is *held* (its delivery is acked
+by the caller only after the commit that includes it), a message without effect is
+recorded and acked, a bad one is recorded and dead-lettered with its reason. Any
+exception while handling one message dead-letters that message (``internal_error``):
+it never crashes the run and, being settled, never comes back on ``--resume``.
+
+What one site can claim is bounded here: ``num_examples`` by the training rows its
+``SiteHello`` announced, every stored integer by the signed 64-bit range, and bodies
+are stored under their sha256, never under a wire-chosen name.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from coordinator import checkpoints
+from coordinator.state import StateStore, UpdateRow
+from coordinator.validation import Rejected, check_envelope, check_weights
+from protocol.messages import Declined, EvalResult, Tensors, Update
+from protocol.transport.base import BusError, Delivery
+
+INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class Inbound:
+    """A delivery with the result of ``open_frame``: exactly one of ``opened`` and ``error`` is set."""
+
+    delivery: Delivery
+    opened: Any = None
+    error: Exception | None = None
+
+
+def open_delivery(delivery: Delivery, trust: Any) -> Inbound:
+    """Verify and decode on the bus's worker thread; a frame that does not open carries its error."""
+    from protocol.codec import open_frame
+    from protocol.errors import MalformedFrame, ProtocolError
+
+    try:
+        return Inbound(delivery, opened=open_frame(delivery.body, trust))
+    except ProtocolError as e:
+        return Inbound(delivery, error=e)
+    except Exception as e:  # noqa: BLE001 - a bug must reject the frame, not kill the consumer thread
+        return Inbound(delivery, error=MalformedFrame(f"cannot open frame ({type(e).__name__}: {e})"))
+
+
+@dataclass
+class Held:
+    """An accepted message whose delivery waits for the commit that includes it."""
+
+    delivery: Delivery
+    row: UpdateRow
+    payload: Any
+
+
+@dataclass
+class Message:
+    """A delivery that opened, is signed by its sender and is addressed to this run."""
+
+    delivery: Delivery
+    opened: Any
+
+    @property
+    def env(self) -> Any:
+        return self.opened.envelope
+
+    @property
+    def payload(self) -> Any:
+        return self.opened.envelope.payload
+
+    @property
+    def site(self) -> str:
+        return self.opened.envelope.sender
+
+
+Route = Callable[[Message], None]
+
+
+class Inbox:
+    """Opens, checks and settles the messages of one run; see the module docstring."""
+
+    def __init__(self, store: StateStore, *, federation: str, dataset: str, max_skew_s: float = 300.0,
+                 store_bodies: bool = True, log: Any = None) -> None:
+        import structlog
+
+        self.store = store
+        self.federation = federation
+        self.dataset = dataset
+        self.max_skew_s = max_skew_s
+        self.store_bodies = store_bodies
+        self.run_id: str | None = None
+        self.trust: Any = None
+        self.log = log if log is not None else structlog.get_logger(__name__)
+        self._queue: queue.Queue[Inbound] = queue.Queue()
+        self._announced: dict[str, int | None] = {}  # site -> training rows, pinned at first use
+
+    # ------------------------------------------------------------------ bus side
+    def refresh_trust(self) -> None:
+        self.trust = self.store.trust_store()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Bus worker thread: verify + decode here, so the run loop only checks and aggregates."""
+        self._queue.put(open_delivery(delivery, self.trust))
+
+    def next(self, deadline: float) -> Inbound | None:
+        """The next opened delivery, or None once ``deadline`` (unix s) passed with nothing waiting."""
+        timeout = deadline - time.time()
+        try:
+            if timeout <= 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=min(timeout, 0.5))
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ one message
+    def handle(self, inbound: Inbound, *, round: int, held: dict[str, Held], route: Route) -> None:
+        """Open and check ``inbound``, then ``route`` it; every failure settles this message only."""
+        msg: Message | None = None
+        try:
+            msg = self._open(inbound, round=round, held=held)
+            if msg is not None:
+                route(msg)
+        except Rejected as e:
+            self.reject(inbound.delivery, e, round=round, opened=msg.opened if msg else None)
+        except Exception as e:  # noqa: BLE001 - one message must never crash the run or poison a restart
+            self.log.exception("error while handling a message; dead-lettering it",
+                               message_id=inbound.delivery.message_id)
+            self.reject(inbound.delivery, Rejected("internal_error", f"{type(e).__name__}: {e}"), round=round,
+                        opened=msg.opened if msg else None)
+
+    def _open(self, inbound: Inbound, *, round: int, held: dict[str, Held]) -> Message | None:
+        from protocol.errors import ProtocolError
+
+        delivery = inbound.delivery
+        try:
+            if inbound.error is not None:
+                raise inbound.error
+            opened = inbound.opened
+            env = opened.envelope
+            if env.sender != opened.signer:
+                raise Rejected("bad_signature", f"envelope sender {env.sender!r} is not the signer {opened.signer!r}")
+            check_envelope(env, federation=self.federation, run_id=self.run_id, max_skew_s=self.max_skew_s)
+            if not isinstance(env.payload, (Update, EvalResult, Declined)):
+                raise Rejected("unexpected_type", f"{env.type} does not belong on the updates queue")
+        except (ProtocolError, Rejected) as e:
+            self.reject(delivery, e, round=round)
+            return None
+        msg = Message(delivery, opened)
+        return None if self._is_replay(msg, held, round=round) else msg
+
+    def _is_replay(self, msg: Message, held: dict[str, Held], *, round: int) -> bool:
+        """A message id seen before: a redelivery is settled quietly, a fresh copy is a replay."""
+        mid, delivery = msg.env.message_id, msg.delivery
+        if mid in held:
+            if delivery.redelivered:
+                held[mid].delivery = delivery  # same message again (connection recovered): keep one count
+                delivery.release_body()
+                return True
+            self.reject(delivery, Rejected("replayed", f"message {mid} was already received in this round"),
+                        round=round, opened=msg.opened)
+            return True
+        if self.store.accepted_message(mid):
+            if delivery.redelivered:
+                self.settle(msg, verdict="duplicate", reason="redelivered after commit", round=round)
+            else:
+                self.reject(delivery, Rejected("replayed", f"message {mid} was already accepted"), round=round,
+                            opened=msg.opened)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ settling
+    def reject(self, delivery: Delivery, error: Exception, *, round: int, opened: Any = None) -> None:
+        """Record and dead-letter with the reason; never raises (a log row that fails is only logged)."""
+        reason = error.header() if hasattr(error, "header") else f"error: {error}"
+        site, msg_round = _claimed(delivery, opened)
+        if opened is None and getattr(error, "signer", None):
+            site = error.signer  # the signature verified; only the envelope was bad
+        try:
+            self.store.record([UpdateRow(
+                run_id=self.run_id, round=_int64(msg_round if msg_round is not None else round), site=site,
+                message_id=str(delivery.message_id)[:128], kind=getattr(opened.envelope, "type", None) if opened else None,
+                bytes=len(delivery.body), verdict="rejected", reason=reason,
+                body_sha256=opened.body_sha256 if opened else None, kid=opened.kid if opened else None,
+            )])
+        except Exception:  # noqa: BLE001 - the dead letter below still carries the reason
+            self.log.exception("could not record a rejected message", message_id=delivery.message_id)
+        try:
+            delivery.nack(reason)
+        except BusError as e:  # already settled, or the body was released: the broker redelivers it
+            self.log.error("could not dead-letter a message", message_id=delivery.message_id, error=str(e))
+        self.log.warning("message rejected", site_id=site, message_id=delivery.message_id, reason=reason)
+
+    def settle(self, msg: Message, *, verdict: str, reason: str, round: int) -> None:
+        """Record a valid message that has no effect (late, stale, duplicate, declined) and ack it."""
+        env, p, opened = msg.env, msg.payload, msg.opened
+        self.store.record([UpdateRow(
+            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
+            bytes=len(msg.delivery.body), verdict=verdict, reason=reason, body_sha256=opened.body_sha256,
+            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
+            base_round=getattr(p, "base_round", None), metrics=_finite_metrics(getattr(p, "metrics", {}) or {}),
+            task_id=getattr(p, "task_id", None),
+        )])
+        msg.delivery.ack()
+        self.log.info(f"message {verdict}", site_id=env.sender, round=env.round, current_round=round, reason=reason)
+
+    def decline(self, msg: Message, *, round: int) -> None:
+        p = msg.payload
+        self.settle(msg, verdict="declined", reason=f"{p.reason}: {p.detail}", round=round)
+
+    def late_eval(self, msg: Message, *, round: int) -> None:
+        self.settle(msg, verdict="late", reason="evaluation result outside an evaluation", round=round)
+
+    def hold(self, msg: Message, held: dict[str, Held], *, payload: Any, staleness: int | None = None,
+             split: str | None = None) -> Held:
+        """Accept: store the body (named by its hash), keep the delivery unacked until the commit."""
+        h = Held(delivery=msg.delivery, row=self._accept_row(msg, staleness=staleness, split=split), payload=payload)
+        held[msg.env.message_id] = h
+        msg.delivery.release_body()  # held until the commit: keep its tag, not its bytes
+        return h
+
+    def accept_update(self, msg: Message, held: dict[str, Held], *, weights: Tensors, norm_bound: float | None,
+                      fold: Callable[[Any], Any], staleness: int | None = None) -> tuple[Held, Any]:
+        """Check an Update, fold it into the aggregator (``fold(contribution)``) and hold it.
+
+        Everything that can refuse it runs before ``fold``, so a rejected update never
+        touches the aggregate; returns the held entry and what ``fold`` returned.
+        """
+        from coordinator.aggregators import Contribution
+
+        p = msg.payload
+        self.check_update(msg, weights, norm_bound=norm_bound)
+        row = self._accept_row(msg, staleness=staleness)
+        out = fold(Contribution(site=msg.site, weights=p.weights, num_examples=p.num_examples,
+                                base_round=p.base_round, metrics=dict(p.metrics)))
+        h = Held(delivery=msg.delivery, row=row, payload=_light(p))
+        held[msg.env.message_id] = h
+        msg.delivery.release_body()
+        return h, out
+
+    # ------------------------------------------------------------------ checks
+    def check_update(self, msg: Message, weights: Tensors, *, norm_bound: float | None) -> None:
+        p, site = msg.payload, msg.site
+        if p.num_examples <= 0:
+            raise Rejected("bad_num_examples", f"update from {site} reports num_examples={p.num_examples}; must be > 0")
+        rows = self.announced_rows(site)
+        if rows is None:
+            raise Rejected("num_examples_bound", f"update from {site} claims num_examples={p.num_examples} but its "
+                           f"SiteHello announced no dataset {self.dataset!r}; the site must say hello first")
+        if p.num_examples > rows:
+            raise Rejected("num_examples_bound", f"update from {site} claims num_examples={p.num_examples} but its "
+                           f"SiteHello announced {rows} rows of dataset {self.dataset!r}")
+        check_weights(p.weights, weights, norm_bound=norm_bound)
+
+    def check_eval(self, msg: Message) -> None:
+        p = msg.payload
+        if p.num_examples < 0 or any(
+            not isinstance(v, (int, float)) or not math.isfinite(float(v)) for v in p.metrics.values()
+        ):
+            raise Rejected("bad_metrics", f"evaluation result from {msg.site} has negative n or non-finite metrics")
+        n = float(p.metrics.get("n", p.num_examples))
+        rows = self.announced_rows(msg.site)
+        if rows is None or max(n, p.num_examples) > rows:
+            raise Rejected("num_examples_bound", f"evaluation result from {msg.site} counts {max(n, p.num_examples):g} "
+                           f"rows but its SiteHello announced {rows} rows of dataset {self.dataset!r}")
+
+    def announced_rows(self, site: str) -> int | None:
+        """Rows the site's SiteHello announced for the run's dataset (pinned for this run), ≤ 2^63−1."""
+        if site not in self._announced:
+            s = self.store.site(site)
+            datasets = ((s or {}).get("hello") or {}).get("datasets") or []
+            named = [d for d in datasets if d.get("name") == self.dataset] if self.dataset else datasets
+            counts = [d.get("train_rows", d.get("rows")) for d in named]
+            counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 0]
+            self._announced[site] = min(max(counts), INT64_MAX) if counts else None
+        return self._announced[site]
+
+    def _accept_row(self, msg: Message, *, staleness: int | None = None, split: str | None = None) -> UpdateRow:
+        env, p, opened = msg.env, msg.payload, msg.opened
+        eps, delta = getattr(p, "epsilon", None), getattr(p, "delta", None)
+        for name, v in (("epsilon", eps), ("delta", delta)):
+            if v is not None and not math.isfinite(v):
+                raise Rejected("bad_privacy", f"{env.type} from {env.sender} reports {name}={v}; must be finite")
+        body_path = None
+        if self.store_bodies:
+            # Named by the body's sha256 (64 hex digits): never by anything the sender chose.
+            path = self.store.run_dir(self.run_id) / "bodies" / f"{opened.body_sha256}.body"
+            checkpoints.write_atomic(path, opened.body)
+            body_path = str(path.relative_to(self.store.dir))
+        return UpdateRow(
+            run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
+            bytes=len(msg.delivery.body), verdict="accepted", split=split, body_sha256=opened.body_sha256,
+            frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
+            num_examples=int(p.num_examples), base_round=int(p.base_round), staleness=staleness,
+            metrics=_finite_metrics(p.metrics), epsilon=eps, delta=delta,
+            body_path=body_path, task_id=getattr(p, "task_id", None),
+        )
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as stored: the JSON column takes finite numbers only (NaN/inf become None)."""
+    out: dict[str, Any] = {}
+    for k, v in dict(metrics).items():
+        out[k] = float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+    return out
+
+
+def _int64(v: int) -> int | None:
+    return v if isinstance(v, int) and -(2**63) <= v <= INT64_MAX else None
+
+
+def _light(p: Any) -> Any:
+    """What a held update keeps after aggregation: everything but the weights (their bytes are dropped)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None))
+
+
+def _claimed(delivery: Delivery, opened: Any) -> tuple[str | None, int | None]:
+    """Sender and round a message claims (for the log only; unverified when ``opened`` is None)."""
+    if opened is not None:
+        return opened.envelope.sender, opened.envelope.round
+    try:
+        from protocol.codec import decode_envelope, decode_frame
+
+        _, _, body, _ = decode_frame(delivery.body)
+        env = decode_envelope(body)
+        return f"{env.sender} (unverified)", env.round
+    except Exception:  # noqa: BLE001 - best effort: the message is rejected either way
+        return delivery.user_id, None

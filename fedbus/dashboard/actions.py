@@ -1,0 +1,171 @@
+"""What the dashboard may do (only with ``--allow-actions``), and the audit it may run.
+
+Reads go through ``StateReader``; these are the only places that open the state for
+writing, each for one short transaction, exactly as the CLI would:
+
+* stop a run: ``StateStore.request_stop`` (a flag the coordinator checks every round);
+* mark a run's model valid: a signed record (``coordinator.approvals``);
+* start a run: ``fedbus coordinator run`` as its own process, on an experiment file
+  that already lies in ``STATE/experiments/`` (chosen from that listing, never a path
+  built from the request).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fedbus.dashboard.data import NoSuchRun, StateReader
+
+
+class ActionError(ValueError):
+    """An action cannot be done as asked; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _store(state_dir: Path):
+    from coordinator.state import StateStore
+
+    return StateStore(state_dir)
+
+
+class Actions:
+    """Actions on one state directory; ``key`` signs approvals, ``broker`` is where new runs go."""
+
+    def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None) -> None:
+        self.dir = Path(state_dir)
+        self.reader = StateReader(self.dir)
+        self.key = key
+        self.broker = broker
+        self.federation = federation
+        self._audits: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._children: list[subprocess.Popen] = []
+
+    # -- stop -----------------------------------------------------------------------
+    def stop(self, run_id: str, *, who: str) -> dict[str, Any]:
+        run = self._run(run_id)
+        if run["status"] != "running":
+            raise ActionError(f"run {run_id} is {run['status']}, not running")
+        store = _store(self.dir)
+        try:
+            store.request_stop(run_id, f"stopped from the dashboard by {who}")
+        finally:
+            store.close()
+        return {"run_id": run_id, "stop_requested": True,
+                "note": "the coordinator stops after the round in progress"}
+
+    # -- approve --------------------------------------------------------------------
+    def approve(self, run_id: str, *, who: str, note: str = "") -> dict[str, Any]:
+        from coordinator.approvals import ApprovalError, approve
+
+        run = self._run(run_id)
+        ck = self.reader.checkpoint(run_id)
+        if ck is None:
+            raise ActionError(f"run {run_id} has no checkpoint yet")
+        path, sha, rnd = ck
+        signer = self._signer_for(run)
+        try:
+            return approve(self.dir, run_id=run_id, round=rnd, checkpoint=str(path.relative_to(self.dir)),
+                           checkpoint_sha256=sha, approved_by=who, signer=signer, federation=run["federation"],
+                           note=note)
+        except ApprovalError as e:
+            raise ActionError(str(e), status=400) from None
+
+    def key_candidates(self) -> list[Path]:
+        """``--key``; else STATE/coordinator.key and, beside a ``simulate --out`` state, the simulation's key."""
+        if self.key is not None:
+            return [self.key]
+        found = [self.dir / "coordinator.key", *sorted(self.dir.parent.glob("work/*/keys/coordinator.key"))]
+        return [p for p in found if p.is_file()]
+
+    def _signer_for(self, run: dict[str, Any]):
+        from protocol.signing import KeyFileError, Signer
+
+        kids = []
+        for path in self.key_candidates():
+            try:
+                signer = Signer.from_file(path)
+            except KeyFileError as e:
+                raise ActionError(str(e)) from None
+            if not run.get("coordinator_kid") or signer.kid == run["coordinator_kid"]:
+                return signer
+            kids.append(f"{path} ({signer.kid})")
+        if not kids:
+            raise ActionError("no coordinator key to sign with: start the dashboard with --key COORDINATOR.key")
+        raise ActionError(f"run {run['run_id']} was coordinated by key {run['coordinator_kid']}, not by "
+                          f"{', '.join(kids)}: give the dashboard that coordinator's key (--key)")
+
+    def approvals(self, run_id: str) -> list[dict[str, Any]]:
+        from coordinator.approvals import load_approvals
+
+        try:
+            return [a["record"] for a in load_approvals(self.dir, run_id)]
+        except (ValueError, OSError, KeyError, TypeError):
+            return []
+
+    # -- audit (a check, allowed on a read-only dashboard) ------------------------------
+    def audit(self, run_id: str) -> dict[str, Any]:
+        from coordinator.audit import audit_run
+
+        self._run(run_id)
+        store = _store(self.dir)
+        try:
+            report = audit_run(store, run_id).to_json()
+        finally:
+            store.close()
+        report["checked_at"] = time.time()
+        with self._lock:
+            self._audits[run_id] = report
+        return report
+
+    def last_audit(self, run_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._audits.get(run_id)
+
+    # -- start ----------------------------------------------------------------------
+    def experiments(self) -> list[str]:
+        folder = self.dir / "experiments"
+        return sorted(p.name for p in folder.glob("*.json") if p.is_file()) if folder.is_dir() else []
+
+    def start(self, name: str) -> dict[str, Any]:
+        if name not in self.experiments():  # the file is picked from the listing, never joined from input
+            raise ActionError(f"no experiment {name!r} in {self.dir / 'experiments'}; known: {self.experiments()}", 404)
+        if not self.broker:
+            raise ActionError("this dashboard has no broker to start runs on: start it with --broker URL")
+        path = self.dir / "experiments" / name
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(name).stem).strip("-")[:40] or "run"
+        run_id = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "fedbus.cli", "coordinator", "run", str(path), "--broker", self.broker,
+               "--state", str(self.dir), "--run-id", run_id, "--no-progress"]
+        if self.federation:
+            cmd += ["--federation", self.federation]
+        if self.key is not None:
+            cmd += ["--key", str(self.key)]
+        log_path = logs / f"{run_id}.log"
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ), start_new_session=True)
+        self._children.append(child)
+        return {"run_id": run_id, "pid": child.pid, "log": str(log_path), "experiment": name}
+
+    def reap(self) -> None:
+        self._children = [c for c in self._children if c.poll() is None]
+
+    def _run(self, run_id: str) -> dict[str, Any]:
+        try:
+            return self.reader.run(run_id)
+        except NoSuchRun:
+            raise ActionError(f"no run {run_id!r} in {self.dir}", status=404) from None

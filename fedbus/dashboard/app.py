@@ -1,0 +1,190 @@
+"""The FastAPI application: one HTML page and one JSON twin (``/api/...``) per view, plus actions.
+
+Pages are small HTML shells; ``static/dashboard.js`` fills them from the JSON twin and,
+on a live run, asks ``/api/runs/{id}/rounds?after=N`` for new rounds every couple of
+seconds (one indexed SQLite read), so curves grow round by round without a reload.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from fedbus.dashboard import views
+from fedbus.dashboard.actions import ActionError, Actions
+from fedbus.dashboard.data import NoSuchRun, StateReader
+from fedbus.dashboard.dead_letters import dead_letters_doc
+from fedbus.dashboard.pages import PAGES, render
+from fedbus.dashboard.security import Access, AccessMiddleware
+
+STATIC = Path(__file__).parent / "static"
+MAX_COMPARE = 4
+
+
+def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None, broker: str | None = None,
+               federation: str | None = None, poll_s: float = 2.0) -> FastAPI:
+    """The dashboard over ``state_dir``; ``access`` fixes token, actions and CSRF (see security.py)."""
+    state = Path(state_dir)
+    reader = StateReader(state)
+    actions = Actions(state, key=key, broker=broker, federation=federation)
+    app = FastAPI(title="fedbus dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessMiddleware, access=access)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.access, app.state.actions, app.state.reader = access, actions, reader
+
+    def session() -> dict[str, Any]:
+        return {"actions_allowed": access.allow_actions, "token_required": access.token is not None,
+                "broker": bool(broker), "can_sign": bool(actions.key_candidates()), "poll_s": poll_s,
+                "state_dir": str(state)}
+
+    def page(name: str) -> HTMLResponse:
+        resp = HTMLResponse(render(name, csrf=access.csrf, session=session()))
+        resp.headers["Content-Security-Policy"] = ("default-src 'self'; script-src 'self'; style-src 'self'; "
+                                                   "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'")
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
+
+    def run_or_404(fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except NoSuchRun as e:
+            raise HTTPException(404, f"no run {e.args[0]!r} in {state}") from None
+
+    def need_actions() -> None:
+        if not access.allow_actions:
+            raise HTTPException(403, "this dashboard is read-only: start `fedbus coordinator serve` with --allow-actions")
+
+    async def body(request: Request) -> dict[str, Any]:
+        try:
+            doc = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise HTTPException(400, "the request body must be JSON") from None
+        if not isinstance(doc, dict):
+            raise HTTPException(400, "the request body must be a JSON object")
+        return doc
+
+    def acted(fn, *args, **kw) -> JSONResponse:
+        try:
+            return JSONResponse(fn(*args, **kw))
+        except ActionError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    # -- pages -------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> RedirectResponse:
+        return RedirectResponse("/runs", status_code=307)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    for name, route in PAGES.items():
+        app.add_api_route(route, (lambda n: (lambda: page(n)))(name), methods=["GET"], response_class=HTMLResponse)
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse)
+    def run_page(run_id: str) -> HTMLResponse:
+        return page("run")
+
+    # -- JSON twins --------------------------------------------------------------
+    @app.get("/api/session")
+    def api_session() -> dict[str, Any]:
+        return session()
+
+    @app.get("/api/sites")
+    def api_sites() -> dict[str, Any]:
+        return views.sites_doc(reader)
+
+    @app.get("/api/runs")
+    def api_runs(status: str | None = Query(None, pattern="^(running|completed|failed|stopped)$")) -> dict[str, Any]:
+        return views.runs_doc(reader, status=status)
+
+    @app.get("/api/runs/{run_id}")
+    def api_run(run_id: str) -> dict[str, Any]:
+        doc = run_or_404(views.run_doc, reader, run_id)
+        doc["approvals"] = actions.approvals(run_id)
+        doc["audit"] = actions.last_audit(run_id)
+        base = f"/api/runs/{run_id}/export"
+        doc["exports"] = {"experiment": f"{base}/experiment.json", "model": f"{base}/model.safetensors",
+                          "csv": f"{base}/metrics.csv"}
+        return doc
+
+    @app.get("/api/runs/{run_id}/rounds")
+    def api_rounds(run_id: str, after: int = Query(0, ge=0)) -> dict[str, Any]:
+        return run_or_404(views.rounds_doc, reader, run_id, after=after)
+
+    @app.get("/api/compare")
+    def api_compare(runs: str = Query(..., description="run ids, comma-separated")) -> dict[str, Any]:
+        ids = [r for r in (x.strip() for x in runs.split(",")) if r]
+        if not 2 <= len(ids) <= MAX_COMPARE:
+            raise HTTPException(400, f"compare needs 2 to {MAX_COMPARE} run ids: /compare?runs=A,B")
+        return run_or_404(views.compare_doc, reader, ids)
+
+    @app.get("/api/dead-letters")
+    def api_dead_letters() -> dict[str, Any]:
+        fed = federation or next(iter(reader.federations()[-1:]), None)
+        return dead_letters_doc(broker, fed)
+
+    @app.get("/api/experiments")
+    def api_experiments() -> dict[str, Any]:
+        return {"experiments": actions.experiments(), "folder": str(state / "experiments")}
+
+    # -- exports -----------------------------------------------------------------
+    @app.get("/api/runs/{run_id}/export/experiment.json")
+    def export_experiment(run_id: str) -> Response:
+        run = run_or_404(reader.run, run_id)
+        as_run = json.loads(json.dumps(run["experiment"]))
+        as_run.setdefault("training", {})["rounds"] = run["rounds_planned"]
+        as_run.setdefault("metadata", {}).update({"fedbus_run_id": run_id, "fedbus_status": run["status"]})
+        return Response(json.dumps(as_run, indent=4), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{run_id}.experiment.json"'})
+
+    @app.get("/api/runs/{run_id}/export/model.safetensors")
+    def export_model(run_id: str) -> FileResponse:
+        run_or_404(reader.run, run_id)
+        ck = reader.checkpoint(run_id)
+        if ck is None or not ck[0].exists():
+            raise HTTPException(404, f"run {run_id} has no checkpoint yet")
+        return FileResponse(ck[0], media_type="application/octet-stream", filename=f"{run_id}.round-{ck[2]}.safetensors",
+                            headers={"X-Checkpoint-Sha256": ck[1]})
+
+    @app.get("/api/runs/{run_id}/export/metrics.csv")
+    def export_csv(run_id: str) -> Response:
+        from coordinator.results import _metrics_csv
+
+        run_or_404(reader.run, run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            text = _metrics_csv(reader.rounds(run_id), Path(tmp) / "metrics.csv").read_text()
+        return Response(text, media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{run_id}.metrics.csv"'})
+
+    # -- audit and actions -------------------------------------------------------
+    @app.post("/api/runs/{run_id}/audit")
+    def api_audit(run_id: str) -> JSONResponse:
+        return acted(actions.audit, run_id)
+
+    @app.post("/api/runs/{run_id}/stop")
+    async def api_stop(run_id: str, request: Request) -> JSONResponse:
+        need_actions()
+        doc = await body(request)
+        return acted(actions.stop, run_id, who=str(doc.get("who") or "dashboard user")[:200])
+
+    @app.post("/api/runs/{run_id}/approve")
+    async def api_approve(run_id: str, request: Request) -> JSONResponse:
+        need_actions()
+        doc = await body(request)
+        return acted(actions.approve, run_id, who=str(doc.get("who") or ""), note=str(doc.get("note") or ""))
+
+    @app.post("/api/runs/start")
+    async def api_start(request: Request) -> JSONResponse:
+        need_actions()
+        doc = await body(request)
+        return acted(actions.start, str(doc.get("experiment") or ""))
+
+    return app

@@ -1,0 +1,345 @@
+// fedbus dashboard: fills each page from its /api/ twin. Plain DOM, no third-party code.
+(function () {
+  "use strict";
+  const CSRF = document.querySelector('meta[name="fedbus-csrf"]').content;
+  const SESSION = JSON.parse(document.querySelector('meta[name="fedbus-session"]').content);
+  const app = document.getElementById("app");
+  const COLORS = ["#1f6feb", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#0a7ea4", "#d4377e", "#57606a"];
+
+  // One line per figure, for a reader who is a clinician, not an ML engineer.
+  const EXPLAIN = {
+    loss: "Loss: how wrong the model's predicted probabilities are (lower is better; used for training, not for judging).",
+    accuracy: "Accuracy: the share of patients whose outcome the model predicts correctly.",
+    auc: "AUC: the chance that the model ranks a random patient with the outcome above one without it (0.5 = coin toss, 1 = perfect).",
+    f1: "F1: balance of sensitivity (outcomes found) and precision (alarms that were right); 1 is perfect.",
+    majority: "Majority-class baseline: the accuracy of always predicting the most common outcome. A model is only useful above it.",
+    epsilon: "ε (epsilon): the privacy loss a hospital's data has accumulated under differential privacy; smaller means more private.",
+    delta: "δ (delta): the small probability with which the ε guarantee may fail; it must be far below 1/(number of patients).",
+    budget: "Budget: the most ε the hospital's own policy allows this dataset to spend; the site refuses work beyond it.",
+    accountant: "Accountant: the method that adds up ε over training steps (e.g. RDP or PRV, as implemented by Opacus).",
+    validation: "Validation: patients held out from training at each hospital, used to follow training round by round.",
+    test: "Test: a fixed split of patients at each hospital that is never trained on; the figure to trust.",
+    replies: "Replies: hospitals whose update was accepted in that round.",
+    online: "Online: the site was heard from (hello or reply) in the last few minutes.",
+    train_s: "Training: time the hospitals spent training (longest site per round, summed).",
+    communication_s: "Communication: time waiting for messages to travel through the broker.",
+    aggregation_s: "Aggregation: time the coordinator spent combining updates.",
+    personalized: "Personalised: the global model fine-tuned by the hospital on its own patients, scored on its own test split.",
+    rejected: "Rejected: messages the coordinator refused (bad signature, replay, wrong round, out of bounds…), with the reason.",
+  };
+
+  // -- small helpers -------------------------------------------------------------
+  function el(tag, attrs, ...kids) {
+    const n = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") n.className = v; else if (k === "style") n.style.cssText = v; else if (k.startsWith("on")) n.addEventListener(k.slice(2), v); else n.setAttribute(k, v);
+    }
+    for (const k of kids.flat()) if (k !== null && k !== undefined) n.append(k.nodeType ? k : String(k));
+    return n;
+  }
+  const tip = (text, key) => el("span", { class: "tip", title: EXPLAIN[key] || key }, text);
+  const explain = (key) => el("p", { class: "explain" }, EXPLAIN[key]);
+  const num = (v, d = 3) => (v === null || v === undefined || !isFinite(v) ? "–" : (+v).toFixed(d));
+  const pct = (v) => (v === null || v === undefined ? "–" : (100 * v).toFixed(1) + " %");
+  const eps = (v) => (v === null || v === undefined ? "–" : (+v).toFixed(2));
+  const dlt = (v) => (v === null || v === undefined ? "–" : Array.isArray(v) ? v.map((x) => (+x).toExponential(0)).join(", ") : (+v).toExponential(0));
+  const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
+  const dur = (s) => (s === null || s === undefined ? "–" : s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h");
+  const badge = (status) => el("span", { class: "badge " + status }, status);
+  async function api(path) {
+    const r = await fetch(path, { credentials: "same-origin" });
+    if (!r.ok) throw new Error((await r.json().catch(() => ({}))).detail || r.statusText);
+    return r.json();
+  }
+  async function post(path, body) {
+    const r = await fetch(path, { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-Fedbus-CSRF": CSRF }, body: JSON.stringify(body || {}) });
+    const doc = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(doc.error || doc.detail || r.statusText);
+    return doc;
+  }
+  function setLive(on, text) {
+    const n = document.getElementById("live");
+    n.className = "live" + (on ? " on" : "");
+    n.textContent = text || "";
+  }
+  function fail(e) { app.replaceChildren(el("div", { class: "msg bad" }, "Could not load this page: " + e.message)); }
+
+  // -- sites -----------------------------------------------------------------------
+  async function sitesPage() {
+    const doc = await api("/api/sites");
+    const rows = [];
+    for (const s of doc.sites) {
+      const ds = s.datasets.length ? s.datasets : [null];
+      ds.forEach((d, i) => {
+        const spent = d && d.epsilon_spent, budget = d && d.budget;
+        const share = spent !== null && budget ? Math.min(1, spent / budget) : null;
+        rows.push(el("tr", { class: i ? "site-ds" : "", "data-site": s.site_id },
+          i ? el("td") : el("td", {}, el("b", {}, s.site_id), el("div", { class: "mono muted" }, "key " + s.kid)),
+          i ? el("td") : el("td", {}, badge(s.online ? "online" : "offline"), el("div", { class: "muted" }, "seen " + when(s.last_seen))),
+          i ? el("td") : el("td", {}, s.software_version || "–"),
+          el("td", {}, d ? el("b", {}, d.name) : el("span", { class: "muted" }, "no dataset announced yet")),
+          el("td", { class: "num" }, d ? d.rows : "–"),
+          el("td", { class: "num" }, d ? d.columns : "–"),
+          el("td", {}, d ? Object.entries(d.feature_types).map(([k, v]) => `${v} ${k}`).join(", ") || "–" : "–"),
+          el("td", {}, d ? d.target || "–" : "–"),
+          el("td", { class: "num epsilon", "data-epsilon": spent === null || spent === undefined ? "" : spent }, d ? eps(spent) : "–"),
+          el("td", { class: "num" }, d ? dlt(d.delta) : "–"),
+          el("td", {}, d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
+            el("span", { class: "muted" }, `${eps(spent)} of ${eps(budget)} (${eps(d.budget_left)} left)`))
+            : el("span", { class: "muted" }, "no budget announced")) : "–"),
+          el("td", {}, d && d.accountant ? d.accountant : el("span", { class: "muted" }, "not reported"))));
+      });
+    }
+    app.replaceChildren(
+      el("h1", {}, "Sites and privacy budgets"),
+      el("p", { class: "sub" }, `${doc.sites.length} enrolled site(s). Each hospital announces its datasets (metadata only: no patient rows leave it) and reports the privacy it has spent.`),
+      explain("epsilon"), explain("delta"), explain("budget"),
+      el("table", { id: "sites" }, el("thead", {}, el("tr", {},
+        el("th", {}, "Site"), el("th", {}, tip("Status", "online")), el("th", {}, "Software"), el("th", {}, "Dataset"),
+        el("th", { class: "num" }, "Rows"), el("th", { class: "num" }, "Columns"), el("th", {}, "Feature types"), el("th", {}, "Target"),
+        el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, tip("δ", "delta")),
+        el("th", {}, tip("Budget", "budget")), el("th", {}, tip("Accountant", "accountant")))),
+        el("tbody", {}, rows)));
+  }
+
+  // -- runs ------------------------------------------------------------------------
+  async function runsPage() {
+    const params = new URLSearchParams(location.search);
+    const status = params.get("status") || "";
+    const doc = await api("/api/runs" + (status ? "?status=" + status : ""));
+    const filter = el("select", { id: "status-filter", onchange: (e) => { location.search = e.target.value ? "?status=" + e.target.value : ""; } },
+      el("option", { value: "" }, "all statuses"), doc.statuses.map((s) => el("option", { value: s, selected: s === status ? "selected" : null }, s)));
+    const picked = new Set();
+    const compareBtn = el("button", { disabled: true, onclick: () => { location.href = "/compare?runs=" + [...picked].join(","); } }, "Compare selected");
+    const rows = doc.runs.map((r) => el("tr", { "data-run": r.run_id },
+      el("td", {}, el("input", { type: "checkbox", onchange: (e) => { e.target.checked ? picked.add(r.run_id) : picked.delete(r.run_id); compareBtn.disabled = picked.size < 2 || picked.size > 4; } })),
+      el("td", {}, el("a", { href: "/runs/" + encodeURIComponent(r.run_id) }, r.run_id), el("div", { class: "muted" }, r.experiment || "")),
+      el("td", {}, badge(r.status), r.reason ? el("div", { class: "muted" }, r.reason) : null),
+      el("td", {}, r.aggregator), el("td", {}, r.dataset || "–"), el("td", {}, when(r.created_at)),
+      el("td", { class: "num" }, dur(r.duration_s)), el("td", { class: "num" }, `${r.rounds_done} / ${r.rounds_planned}`),
+      el("td", { class: "num" }, r.final ? pct(r.final.accuracy) : "–"), el("td", { class: "num" }, r.final ? num(r.final.auc) : "–"),
+      el("td", { class: "num" }, r.final ? num(r.final.f1) : "–")));
+    const parts = [el("h1", {}, "Runs"), el("p", { class: "sub" }, "Every training run in this coordinator's state. Final figures are on each hospital's fixed test split."),
+      el("div", { class: "actions" }, el("label", {}, "Show ", filter), compareBtn),
+      el("table", { id: "runs" }, el("thead", {}, el("tr", {}, el("th", {}), el("th", {}, "Run"), el("th", {}, "Status"), el("th", {}, "Aggregator"),
+        el("th", {}, "Dataset"), el("th", {}, "Created"), el("th", { class: "num" }, "Duration"), el("th", { class: "num" }, "Rounds"),
+        el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")))),
+        el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 11, class: "muted" }, "No runs yet."))))];
+    if (SESSION.actions_allowed) parts.push(await startForm());
+    app.replaceChildren(...parts);
+    if (doc.runs.some((r) => r.status === "running")) { setLive(true, "live"); setTimeout(() => runsPage().catch(fail), 5000); }
+  }
+
+  async function startForm() {
+    const exps = (await api("/api/experiments")).experiments;
+    const box = el("div", { class: "card" }, el("h2", {}, "Start a run"));
+    if (!exps.length) { box.append(el("p", { class: "muted" }, "Put an experiment JSON in the state directory's experiments/ folder to start it from here.")); return box; }
+    const pick = el("select", { id: "start-experiment" }, exps.map((x) => el("option", { value: x }, x)));
+    const out = el("span", { class: "muted" });
+    box.append(el("div", { class: "actions" }, pick, el("button", { class: "primary", id: "start-run", disabled: !SESSION.broker, onclick: async () => {
+      try { const r = await post("/api/runs/start", { experiment: pick.value }); out.replaceChildren("started ", el("a", { href: "/runs/" + r.run_id }, r.run_id)); }
+      catch (e) { out.textContent = e.message; } } }, "Start"), out));
+    if (!SESSION.broker) box.append(el("p", { class: "muted" }, "Starting runs needs a broker: start the dashboard with --broker URL."));
+    return box;
+  }
+
+  // -- one run ---------------------------------------------------------------------
+  const CURVES = [["loss", "Loss"], ["accuracy", "Accuracy"], ["auc", "AUC"], ["f1", "F1"]];
+
+  function curveSeries(rounds, metric, perSite) {
+    const out = [{ name: "validation (all sites)", color: COLORS[0], width: 2.5, points: rounds.map((r) => [r.round, r.validation[metric]]) }];
+    if (rounds.some((r) => r.test && r.test[metric] !== null)) {
+      out.push({ name: "test (all sites)", color: COLORS[1], width: 2.5, dash: "6 3", points: rounds.map((r) => [r.round, r.test ? r.test[metric] : null]) });
+    }
+    if (perSite) {
+      const sites = [...new Set(rounds.flatMap((r) => Object.keys(r.per_site)))].sort();
+      sites.forEach((s, i) => out.push({ name: s + " (validation)", color: COLORS[(i + 2) % COLORS.length], width: 1, opacity: 0.55,
+        points: rounds.map((r) => [r.round, r.per_site[s] ? r.per_site[s].validation[metric] : null]) }));
+    }
+    return out;
+  }
+
+  function legend(series) {
+    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: `background:${s.color}` }), s.name)));
+  }
+
+  function kpi(label, key, value, note) {
+    return el("div", { class: "card kpi" }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
+  }
+
+  async function runPage() {
+    const runId = decodeURIComponent(location.pathname.split("/").pop());
+    let doc = await api("/api/runs/" + encodeURIComponent(runId));
+    const charts = {};
+    const legends = {};
+    const rounds = doc.rounds.slice();
+    const f = doc.final, test = f.test || {};
+    const maj = f.majority_class_accuracy;
+    const privacy = doc.privacy || {};
+    const epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
+
+    const header = el("div", {}, el("h1", {}, doc.experiment_name || doc.run_id, " ", badge(doc.status)),
+      el("p", { class: "sub" }, el("span", { class: "mono" }, doc.run_id), ` · ${doc.aggregator} · dataset ${doc.dataset || "–"} · created ${when(doc.created_at)} · `,
+        el("span", { id: "rounds-done" }, `${doc.rounds_done} / ${doc.rounds_planned} rounds`), ` · ${dur(doc.duration_s)}`),
+      doc.description ? el("p", { class: "explain" }, doc.description) : null, doc.reason ? el("div", { class: "msg warn" }, doc.reason) : null);
+
+    const kpis = el("div", { class: "grid k4" },
+      kpi("Test accuracy", "accuracy", pct(test.accuracy), maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported"),
+      kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect"),
+      kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split")),
+      kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
+        `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+
+    const chartGrid = el("div", { class: "grid c2", id: "curves" });
+    for (const [m, label] of CURVES) {
+      const box = el("div", { class: "card", "data-metric": m });
+      const c = el("div", { id: "chart-" + m });
+      const series = curveSeries(rounds, m, true);
+      legends[m] = legend(series);
+      box.append(c, legends[m], el("p", { class: "explain" }, EXPLAIN[m]));
+      chartGrid.append(box);
+      charts[m] = FedChart.line(c, { title: label + " per round", yLabel: label.toLowerCase(), series, xMax: doc.rounds_planned, integerX: true,
+        yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1,
+        hline: m === "accuracy" && maj !== null && maj !== undefined ? { y: maj, label: "majority baseline" } : null });
+    }
+
+    const siteRows = doc.sites.map((s) => el("tr", { "data-site": s.site },
+      el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
+      el("td", { class: "num" }, eps(s.epsilon)), el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
+      el("td", { class: "num" }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
+      el("td", { class: "num" }, s.test ? num(s.test.auc) : "–"), el("td", { class: "num" }, s.test ? num(s.test.f1) : "–"),
+      el("td", { class: "num" }, s.n_test ?? "–"),
+      el("td", { class: "num" }, s.personalized && s.personalized.accuracy !== undefined ? pct(s.personalized.accuracy) : "–"),
+      el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
+    const siteTable = el("table", { id: "run-sites" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
+      el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, "ε planned"),
+      el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
+      el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, "Test rows"),
+      el("th", { class: "num" }, tip("Personalised acc.", "personalized")), el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
+      el("tbody", {}, siteRows));
+
+    const rejected = doc.rejected.length ? el("table", { id: "rejected" }, el("thead", {}, el("tr", {}, el("th", {}, "Round"), el("th", {}, "Site"), el("th", {}, "Kind"),
+      el("th", {}, "Verdict"), el("th", {}, "Reason"), el("th", {}, "Message"))), el("tbody", {}, doc.rejected.map((r) => el("tr", {},
+      el("td", {}, r.round), el("td", {}, r.site || "?"), el("td", {}, r.kind || "?"), el("td", {}, badge(r.verdict === "rejected" ? "bad" : "warn")), el("td", {}, r.reason || "–"),
+      el("td", { class: "mono" }, r.message_id)))))
+      : el("p", { class: "muted", id: "rejected" }, "No message was rejected.");
+    const declined = doc.declined.length ? el("ul", {}, doc.declined.map((d) => el("li", {}, `round ${d.round}: ${d.site} declined (${d.reason})`))) : null;
+
+    const t = doc.timing || {};
+    const parts = [["train_s", "#1f6feb", "training"], ["communication_s", "#bf8700", "communication"], ["aggregation_s", "#1a7f37", "aggregation"]];
+    const total = parts.reduce((a, [k]) => a + (t[k] || 0), 0) || 1;
+    const timing = el("div", { class: "card", id: "timing" }, el("div", {}, `Wall time ${dur(t.wall_s)}`),
+      el("div", { class: "stack" }, parts.map(([k, c]) => el("span", { style: `width:${(100 * (t[k] || 0)) / total}%;background:${c}`, title: EXPLAIN[k] }))),
+      el("div", { class: "legend" }, parts.map(([k, c, label]) => el("span", { title: EXPLAIN[k] }, el("i", { style: `background:${c}` }), `${label} ${dur(t[k])}`))));
+
+    const exp = doc.experiment || {}, tr = exp.training || {}, opt = tr.optimizer || {}, dp = opt.differential_privacy || {};
+    const summary = [["aggregator", (exp.federated || {}).name], ["rounds", tr.rounds], ["epochs", tr.epochs], ["batch_size", tr.batch_size],
+      ["optimizer", opt.type], ["learning_rate", opt.learning_rate], ["noise_multiplier", dp.noise_multiplier], ["max_grad_norm", dp.max_grad_norm], ["δ asked", dp.delta]];
+    const expBox = el("div", { class: "card" }, el("div", { class: "actions" }, summary.filter(([, v]) => v !== undefined).map(([k, v]) => el("span", {}, el("span", { class: "muted" }, k + " "), el("b", {}, String(v))))),
+      el("details", {}, el("summary", {}, "The experiment exactly as run (JSON)"), el("pre", { id: "experiment" }, JSON.stringify(exp, null, 2))),
+      el("div", { class: "actions" }, el("a", { class: "button", href: doc.exports.experiment, download: "" }, "Export experiment JSON"),
+        el("a", { class: "button", href: doc.exports.model, download: "" }, "Export model"), el("a", { class: "button", href: doc.exports.csv, download: "" }, "Export metrics CSV")));
+
+    const auditOut = el("span", { id: "audit-status" }, auditText(doc.audit));
+    const approvals = el("ul", { id: "approvals" }, doc.approvals.map(approvalItem));
+    const who = el("input", { type: "text", id: "approver", placeholder: "your name", size: 18 });
+    const actOut = el("span", { class: "muted", id: "action-status" });
+    const actionsBox = el("div", { class: "card" }, el("h2", {}, "Audit and approval"),
+      el("p", { class: "explain" }, "The audit re-verifies every stored signature and checkpoint hash, and every signed approval of this run."),
+      el("div", { class: "actions" }, el("button", { id: "run-audit", onclick: async () => {
+        auditOut.textContent = "auditing…";
+        try { auditOut.replaceChildren(auditText(await post(`/api/runs/${encodeURIComponent(runId)}/audit`))); } catch (e) { auditOut.textContent = e.message; } } }, "Run audit"), auditOut),
+      el("h2", {}, "Mark the model as valid"), approvals,
+      SESSION.actions_allowed ? el("div", { class: "actions" }, who, el("button", { class: "primary", id: "mark-valid", disabled: !SESSION.can_sign, onclick: async () => {
+        try { const r = await post(`/api/runs/${encodeURIComponent(runId)}/approve`, { who: who.value }); approvals.append(approvalItem(r.record)); actOut.textContent = "signed"; }
+        catch (e) { actOut.textContent = e.message; } } }, "Mark valid (sign)"),
+        doc.status === "running" ? el("button", { class: "danger", id: "stop-run", onclick: async () => {
+          try { await post(`/api/runs/${encodeURIComponent(runId)}/stop`, { who: who.value || "dashboard user" }); actOut.textContent = "stop requested: the run stops after this round"; }
+          catch (e) { actOut.textContent = e.message; } } }, "Stop run") : null, actOut)
+        : el("p", { class: "muted" }, "This dashboard is read-only (start it with --allow-actions to sign approvals or stop runs)."));
+
+    app.replaceChildren(...[header, kpis, el("h2", {}, "Curves, round by round"),
+      el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test), chartGrid,
+      el("h2", {}, "Per site"), siteTable,
+      el("h2", {}, tip("Rejected messages", "rejected")), rejected, declined,
+      el("h2", {}, "Where the time went"), timing, el("h2", {}, "Experiment"), expBox, actionsBox].filter(Boolean));
+
+    if (doc.status !== "running") { setLive(false, ""); return; }
+    setLive(true, "live: new rounds appear as they complete");
+    const poll = async () => {
+      try {
+        const last = rounds.length ? rounds[rounds.length - 1].round : 0;
+        const upd = await api(`/api/runs/${encodeURIComponent(runId)}/rounds?after=${last}`);
+        if (upd.rounds.length) {
+          rounds.push(...upd.rounds);
+          for (const [m] of CURVES) { const s = curveSeries(rounds, m, true); charts[m].update(s); legends[m].replaceWith(legends[m] = legend(s)); }
+          document.getElementById("rounds-done").textContent = `${rounds.length} / ${upd.rounds_planned} rounds`;
+        }
+        if (upd.status !== "running") { setLive(false, "run " + upd.status); runPage().catch(fail); return; }
+      } catch (e) { setLive(false, "connection lost: " + e.message); }
+      setTimeout(poll, (SESSION.poll_s || 2) * 1000);
+    };
+    setTimeout(poll, (SESSION.poll_s || 2) * 1000);
+  }
+
+  function auditText(a) {
+    if (!a) return el("span", { class: "muted" }, "not audited in this session");
+    return el("span", {}, badge(a.ok ? "ok" : "bad"), a.ok ? ` verified ${a.signatures_verified} signatures, ${a.checkpoints_verified} checkpoints, ${a.approvals_verified} approvals`
+      : " FAILED: " + a.problems.join("; "), el("span", { class: "muted" }, " · " + when(a.checked_at)));
+  }
+  function approvalItem(r) {
+    return el("li", {}, el("b", {}, r.approved_by), ` marked round ${r.round} valid on ${r.approved_at_utc}; checkpoint `, el("span", { class: "mono" }, (r.checkpoint_sha256 || "").slice(0, 16) + "…"), ` signed by coordinator key ${r.coordinator_kid}`);
+  }
+
+  // -- compare ---------------------------------------------------------------------
+  async function comparePage() {
+    const ids = (new URLSearchParams(location.search).get("runs") || "").split(",").filter(Boolean);
+    if (ids.length < 2) {
+      const runs = (await api("/api/runs")).runs;
+      app.replaceChildren(el("h1", {}, "Compare runs"), el("p", { class: "sub" }, "Pick two to four runs on the Runs page, or open /compare?runs=A,B."),
+        el("ul", {}, runs.map((r) => el("li", {}, el("a", { href: "/runs/" + r.run_id }, r.run_id), " ", badge(r.status)))));
+      return;
+    }
+    const doc = await api("/api/compare?runs=" + ids.map(encodeURIComponent).join(","));
+    const grid = el("div", { class: "grid c2" });
+    for (const [m, label] of CURVES) {
+      const series = doc.runs.map((r, i) => ({ name: r.run_id, color: COLORS[i], width: 2.5, points: r.rounds.map((x) => [x.round, x.validation[m]]) }));
+      const c = el("div");
+      grid.append(el("div", { class: "card" }, c, legend(series)));
+      FedChart.line(c, { title: `Validation ${label.toLowerCase()} per round`, series, integerX: true, yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1 });
+    }
+    const diff = doc.diff.filter((d) => !d.bookkeeping), book = doc.diff.filter((d) => d.bookkeeping);
+    app.replaceChildren(el("h1", {}, "Compare runs"), el("p", { class: "sub" }, doc.runs.map((r) => r.run_id).join("  vs  ")),
+      el("div", { class: "card" }, el("h2", {}, "What changed"),
+        el("ul", { class: "diff", id: "settings-diff" }, diff.length ? diff.map((d) => el("li", { title: d.path, "data-path": d.path }, d.text)) : el("li", { class: "muted" }, "The experiments' settings are identical.")),
+        book.length ? el("details", {}, el("summary", {}, `${book.length} bookkeeping difference(s) (names, dates)`), el("ul", { class: "diff book" }, book.map((d) => el("li", { title: d.path }, d.text)))) : null),
+      el("table", { id: "compare-final" }, el("thead", {}, el("tr", {}, el("th", {}, "Run"), el("th", {}, "Status"), el("th", {}, "Aggregator"),
+        el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")), el("th", { class: "num" }, tip("Test AUC", "auc")),
+        el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, tip("max ε", "epsilon")), el("th", { class: "num" }, "Wall time"))),
+        el("tbody", {}, doc.runs.map((r) => { const t = r.final.test || {}; const e = Object.values(r.privacy.epsilon || {}).filter((v) => v !== null);
+          return el("tr", {}, el("td", {}, el("a", { href: "/runs/" + r.run_id }, r.run_id)), el("td", {}, badge(r.status)), el("td", {}, r.aggregator),
+            el("td", { class: "num" }, pct(t.accuracy)), el("td", { class: "num" }, pct(r.final.majority_class_accuracy)), el("td", { class: "num" }, num(t.auc)),
+            el("td", { class: "num" }, num(t.f1)), el("td", { class: "num" }, e.length ? eps(Math.max(...e)) + " (δ " + dlt(r.privacy.delta) + ")" : "–"),
+            el("td", { class: "num" }, dur((r.timing || {}).wall_s))); }))),
+      el("h2", {}, "Curves"), grid);
+  }
+
+  // -- dead letters ------------------------------------------------------------------
+  async function deadLettersPage() {
+    const doc = await api("/api/dead-letters");
+    const head = [el("h1", {}, "Dead letters"), el("p", { class: "sub" }, "Messages the bus refused, waiting in fedbus.dead with the reason" + (doc.federation ? ` (federation ${doc.federation})` : "") + "."),
+      el("div", { class: "actions" }, el("button", { onclick: () => deadLettersPage().catch(fail) }, "Refresh"), el("span", { class: "muted" }, "checked " + when(doc.checked_at)))];
+    if (!doc.available) { app.replaceChildren(...head, el("div", { class: "msg bad", id: "dead-letters-status" }, doc.reason)); return; }
+    const rows = doc.letters.map((d) => { const e = d.envelope || {};
+      return el("tr", {}, el("td", { class: "mono" }, d.message_id), el("td", {}, d.reason || "–"), el("td", {}, d.queue || "–"), el("td", {}, d.user || e.sender || "?"),
+        el("td", {}, e.type || "undecodable"), el("td", {}, e.run_id || "–"), el("td", { class: "num" }, e.round ?? "–"), el("td", { class: "num" }, d.size)); });
+    app.replaceChildren(...head, el("div", { class: "msg ok", id: "dead-letters-status" }, `${doc.letters.length} message(s) in fedbus.dead${doc.truncated ? " (first ones only)" : ""}.`),
+      el("table", { id: "dead-letters" }, el("thead", {}, el("tr", {}, el("th", {}, "Message"), el("th", {}, "Reason"), el("th", {}, "From queue"), el("th", {}, "Sender"),
+        el("th", {}, "Type"), el("th", {}, "Run"), el("th", { class: "num" }, "Round"), el("th", { class: "num" }, "Bytes"))), el("tbody", {}, rows)));
+  }
+
+  const PAGES = { sites: sitesPage, runs: runsPage, run: runPage, compare: comparePage, "dead-letters": deadLettersPage };
+  (PAGES[document.body.dataset.page] || runsPage)().catch(fail);
+})();

@@ -1,0 +1,282 @@
+"""The JSON documents behind each page (``/api/...``), built from a ``StateReader``.
+
+Result keys follow DESIGN.md ("privacy", ``final.per_site[site].personalized``,
+``majority_class_accuracy``; "test" is the fixed test split, validation is labelled as
+such). Keys a coordinator or site version does not report yet come back as ``None``,
+and the page says "not reported" instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedbus.dashboard.data import StateReader
+
+METRICS = ("loss", "accuracy", "auc", "f1")
+ONLINE_WINDOW_S = 300.0  # a site heard from (hello or reply) within 5 minutes counts as online
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    return {k: _num(m.get(prefix + k)) for k in METRICS}
+
+
+def _dataset_of(experiment: dict[str, Any]) -> str | None:
+    ds = experiment.get("dataset") if isinstance(experiment, dict) else None
+    return ds.get("name") if isinstance(ds, dict) else None
+
+
+def _feature_types(d: dict[str, Any]) -> dict[str, int]:
+    """{"numeric": 11, "categorical": 1}: a catalogue's per-column types, counted."""
+    ft = d.get("feature_types") or {}
+    if isinstance(ft, dict) and all(isinstance(v, int) for v in ft.values()):
+        return dict(ft)
+    counts: dict[str, int] = {}
+    for t in (ft.values() if isinstance(ft, dict) else []):
+        counts[str(t)] = counts.get(str(t), 0) + 1
+    return counts
+
+
+# -- sites -----------------------------------------------------------------------------
+def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any]:
+    """Every enrolled site, its datasets (metadata only) and the ε each dataset has spent."""
+    now = time.time() if now is None else now
+    replies = reader.last_replies()
+    spent: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for line in reader.privacy_lines():  # oldest first: the last line is the site's latest report
+        dataset = _dataset_of(json.loads(line["experiment_json"] or "{}"))
+        if line["epsilon"] is not None:
+            spent[(line["site"], dataset)] = {"epsilon": line["epsilon"], "delta": line["delta"],
+                                              "run_id": line["run_id"], "round": line["round"],
+                                              "reported_at": line["reported_at"]}
+    out = []
+    for s in reader.sites():
+        hello = s["hello"] or {}
+        policy = hello.get("policy") or {}
+        seen = [t for t in (s["hello_at"], replies.get(s["site_id"])) if t]
+        last_seen = max(seen) if seen else None
+        datasets = []
+        for d in hello.get("datasets") or []:
+            rep = spent.get((s["site_id"], d.get("name")), {})
+            budget = _num(d.get("max_epsilon", policy.get("max_epsilon")))
+            eps = _num(d.get("epsilon_spent", rep.get("epsilon")))
+            cols = d.get("columns") or []
+            datasets.append({
+                "name": d.get("name"), "rows": d.get("rows"), "columns": len(cols), "column_names": list(cols),
+                "feature_types": _feature_types(d), "target": d.get("target"),
+                "epsilon_spent": eps, "delta": _num(d.get("delta", rep.get("delta", policy.get("delta")))),
+                "accountant": d.get("accountant") or policy.get("accountant"),
+                "budget": budget, "budget_left": (budget - eps) if budget is not None and eps is not None else None,
+                "last_report": rep or None,
+            })
+        out.append({
+            "site_id": s["site_id"], "kid": s["kid"], "enrolled_at": s["enrolled_at"], "last_seen": last_seen,
+            "online": last_seen is not None and now - last_seen <= ONLINE_WINDOW_S,
+            "software_version": hello.get("software_version"), "datasets": datasets, "policy": policy or None,
+        })
+    return {"sites": out, "online_window_s": ONLINE_WINDOW_S, "now": now}
+
+
+# -- runs ------------------------------------------------------------------------------
+def _duration(r: dict[str, Any], now: float) -> float | None:
+    end = r.get("finished_at") or (now if r.get("status") == "running" else r.get("last_commit"))
+    return (end - r["created_at"]) if end and r.get("created_at") else None
+
+
+def runs_doc(reader: StateReader, *, status: str | None = None, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    rows = []
+    for r in reader.runs(status):
+        final = (r["result"] or {}).get("final") or {}
+        rows.append({
+            "run_id": r["run_id"], "status": r["status"], "reason": r["reason"], "aggregator": r["aggregator"],
+            "federation": r["federation"], "dataset": _dataset_of(r["experiment"]),
+            "experiment": (r["experiment"].get("basic_info") or {}).get("name"),
+            "created_at": r["created_at"], "finished_at": r["finished_at"], "duration_s": _duration(r, now),
+            "rounds_done": r["rounds_done"], "rounds_planned": r["rounds_planned"],
+            "final": {k: _num(final.get(k)) for k in METRICS} if final else None,
+        })
+    return {"runs": rows, "status": status, "statuses": ["running", "completed", "failed", "stopped"]}
+
+
+def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    m = r["metrics"] or {}
+    test = m.get("test") or m.get("aggregate_test") or overlay.get(int(r["round"]), {}).get("test")
+    per_site = {}
+    for site, sm in (m.get("per_site") or {}).items():
+        has_eval = any(f"eval_{k}" in sm for k in METRICS)
+        per_site[site] = {"validation": _pick(sm, "eval_" if has_eval else ""),
+                          "test": _pick(sm, "test_") if any(f"test_{k}" in sm for k in METRICS) else None,
+                          "epsilon": _num(sm.get("epsilon")), "n": _num(sm.get("eval_n", sm.get("n")))}
+    return {
+        "round": r["round"], "replies": r["replies"], "sampled": r["sampled"], "attempts": r["attempts"],
+        "validation": _pick(m.get("aggregate") or {"loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"]}),
+        "test": _pick(test) if isinstance(test, dict) else None,
+        "per_site": per_site, "wall_s": r["wall_s"], "train_s": r["train_s"],
+        "communication_s": r["communication_s"], "aggregation_s": r["aggregation_s"],
+        "committed_at": r["committed_at"], "t_s": (r["committed_at"] - created) if created else None,
+    }
+
+
+def simulator_overlay(state_dir: Path, run_id: str) -> dict[str, Any]:
+    """What ``simulate --out`` adds beside the state (``../result.json``): per-round test scores, baselines."""
+    path = state_dir.parent / "result.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) and doc.get("run_id") == run_id else {}
+
+
+def rounds_doc(reader: StateReader, run_id: str, *, after: int = 0) -> dict[str, Any]:
+    """The rounds committed after ``after`` and the run's status: what a live page polls for."""
+    run = reader.run(run_id)
+    overlay = {int(r["round"]): r for r in simulator_overlay(reader.dir, run_id).get("rounds", [])}
+    rows = [_round_row(r, run["created_at"], overlay) for r in reader.rounds(run_id, after)]
+    return {"run_id": run_id, "status": run["status"], "rounds_planned": run["rounds_planned"], "rounds": rows}
+
+
+def _privacy(result: dict[str, Any], msgs: list[dict[str, Any]]) -> dict[str, Any]:
+    """ε per site with its δ and accountant: the result's ``privacy`` block, else the update log."""
+    p = dict(result.get("privacy") or {})
+    eps: dict[str, float | None] = {}
+    deltas = set()
+    for u in msgs:
+        if u["kind"] == "Update" and u["verdict"] == "accepted" and u["site"]:
+            if u["epsilon"] is not None:
+                eps[u["site"]] = max(u["epsilon"], eps.get(u["site"]) or 0.0)
+            else:
+                eps.setdefault(u["site"], None)
+            if u["delta"] is not None:
+                deltas.add(u["delta"])
+    p.setdefault("epsilon", result.get("epsilon") or eps)
+    p.setdefault("delta", deltas.pop() if len(deltas) == 1 else (sorted(deltas) if deltas else None))
+    p.setdefault("accountant", None)
+    p.setdefault("planned_epsilon", None)
+    return p
+
+
+def _majority(per_site: dict[str, Any]) -> float | None:
+    """Test accuracy of always predicting each site's most frequent class, weighted by test rows."""
+    pairs = [(_num(m.get("majority_class_accuracy")), m.get("n_test")) for m in per_site.values()]
+    if not pairs or any(a is None or not n for a, n in pairs):
+        return None
+    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+
+
+def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> dict[str, Any]:
+    """Everything the run page shows: meta, rounds, per-site table, privacy, rejects, timing, experiment."""
+    now = time.time() if now is None else now
+    run = reader.run(run_id)
+    result = run["result"] or {}
+    overlay_doc = simulator_overlay(reader.dir, run_id)
+    overlay = {int(r["round"]): r for r in overlay_doc.get("rounds", [])}
+    rounds = [_round_row(r, run["created_at"], overlay) for r in reader.rounds(run_id)]
+    msgs = reader.messages(run_id)
+    final = dict(result.get("final") or {})
+    source = "federated evaluation on the sites' test splits" if final else None
+    if isinstance(overlay_doc.get("final"), dict) and overlay_doc["final"]:
+        final, source = dict(overlay_doc["final"]), "the simulator's held-out test splits"
+    final_sites = final.get("per_site") or {}
+    privacy = _privacy(result, msgs)
+    sites = sorted(set(run["sites"] or []) | set(final_sites) | {u["site"] for u in msgs if u["site"]}
+                   | {s for r in rounds for s in r["per_site"]})
+    table = []
+    for s in sites:
+        mine = [u for u in msgs if u["site"] == s]
+        updates = [u for u in mine if u["kind"] == "Update" and u["verdict"] == "accepted"]
+        fm = final_sites.get(s) or {}
+        table.append({
+            "site": s, "updates": len(updates),
+            "examples": updates[-1]["num_examples"] if updates else None,
+            "epsilon": (privacy.get("epsilon") or {}).get(s), "planned_epsilon": (privacy.get("planned_epsilon") or {}).get(s)
+            if isinstance(privacy.get("planned_epsilon"), dict) else None,
+            "declined": sum(u["verdict"] == "declined" for u in mine),
+            "rejected": sum(u["verdict"] not in ("accepted", "declined") for u in mine),
+            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else None, "n_test": fm.get("n_test"),
+            "majority_class_accuracy": _num(fm.get("majority_class_accuracy")),
+            "personalized": fm.get("personalized"),
+        })
+    timing = dict(result.get("timing") or {})
+    if not timing and rounds:
+        timing = {k: sum(r[k] or 0.0 for r in rounds) for k in ("wall_s", "train_s", "communication_s", "aggregation_s")}
+    last_val = rounds[-1]["validation"] if rounds else None
+    return {
+        "run_id": run_id, "status": run["status"], "reason": run["reason"], "aggregator": run["aggregator"],
+        "federation": run["federation"], "dataset": _dataset_of(run["experiment"]),
+        "experiment_name": (run["experiment"].get("basic_info") or {}).get("name"),
+        "description": (run["experiment"].get("basic_info") or {}).get("description"),
+        "created_at": run["created_at"], "finished_at": run["finished_at"],
+        "duration_s": _duration({**run, "last_commit": rounds[-1]["committed_at"] if rounds else None}, now),
+        "rounds_done": len(rounds), "rounds_planned": run["rounds_planned"], "rounds": rounds, "sites": table,
+        "final": {
+            "test": {k: _num(final.get(k)) for k in METRICS} if final else None,
+            "validation": last_val, "n_test": final.get("n_test"), "source": source,
+            "majority_class_accuracy": _num(final.get("majority_class_accuracy")) or _majority(final_sites),
+            "per_site": final_sites,
+        },
+        "baselines": result.get("baselines") or overlay_doc.get("baselines"),
+        "privacy": privacy,
+        "rejected": [{"round": u["round"], "message_id": u["message_id"], "site": u["site"], "kind": u["kind"],
+                      "verdict": u["verdict"], "reason": u["reason"], "received_at": u["received_at"]}
+                     for u in msgs if u["verdict"] not in ("accepted", "declined")],
+        "declined": [{"round": u["round"], "site": u["site"], "reason": u["reason"]}
+                     for u in msgs if u["verdict"] == "declined"],
+        "timing": timing, "experiment": run["experiment"],
+    }
+
+
+# -- compare ---------------------------------------------------------------------------
+def flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    """{"training.batch_size": 32, "architecture.layers[1].params.out_features": 64, ...}."""
+    out: dict[str, Any] = {}
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(doc, list) and any(isinstance(v, (dict, list)) for v in doc):
+        for i, v in enumerate(doc):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = doc
+    return out
+
+
+_BOOKKEEPING = ("metadata.", "job_config.")  # names and dates, not settings that change a model
+
+
+def settings_diff(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every setting that differs between the experiments: ``{"key", "path", "values", "text"}``.
+
+    ``text`` reads as in MediNet's step 7: "batch_size 16 → 32". Bookkeeping (metadata,
+    job names) comes last.
+    """
+    flat = [flatten(e) for e in experiments]
+    paths = sorted(set().union(*flat), key=lambda p: (p.startswith(_BOOKKEEPING), p))
+    out = []
+    missing = object()
+    for p in paths:
+        values = [f.get(p, missing) for f in flat]
+        if all(v == values[0] for v in values):
+            continue
+        shown = ["(absent)" if v is missing else json.dumps(v) if not isinstance(v, str) else v for v in values]
+        key = p.rsplit(".", 1)[-1]
+        out.append({"key": key, "path": p, "values": [None if v is missing else v for v in values],
+                    "text": f"{key} {' → '.join(shown)}", "bookkeeping": p.startswith(_BOOKKEEPING)})
+    return out
+
+
+def compare_doc(reader: StateReader, run_ids: list[str]) -> dict[str, Any]:
+    runs = []
+    for rid in run_ids:
+        d = run_doc(reader, rid)
+        runs.append({"run_id": rid, "status": d["status"], "aggregator": d["aggregator"],
+                     "rounds": [{"round": r["round"], "validation": r["validation"], "test": r["test"]} for r in d["rounds"]],
+                     "final": d["final"], "privacy": d["privacy"], "timing": d["timing"]})
+    exps = [reader.run(rid)["experiment"] for rid in run_ids]
+    return {"runs": runs, "diff": settings_diff(exps)}

@@ -1,0 +1,474 @@
+"""Provisioning kits: one project file in, one directory per party out.
+
+``fedbus provision PROJECT.toml --out DIR`` writes
+
+* ``DIR/<site>/``: ``site.toml`` filled in, the site's key pair, ``coordinator.pub``, the
+  broker password (``broker.password``, mode 0600), ``fedbus-site.service`` (systemd,
+  ``RestartPreventExitStatus=2``) and a ``README`` with the three steps left to the hospital;
+* ``DIR/coordinator/``: ``coordinator.toml``, the coordinator's key pair, its broker
+  password, and ``state/`` with every site enrolled;
+* ``DIR/kits.json``: what was provisioned (key ids, revocations), so re-running is
+  idempotent: existing keys and passwords are kept; only ``rotate`` renews them.
+
+It also creates the broker users (``protocol/transport/provision.py``) with the kits'
+passwords. ``revoke`` distrusts a site's key in the coordinator's state, deletes its
+broker user and removes its kit. TLS: the project's ``[tls]`` table goes to
+``tls_files`` (the hook the certificates module provides) once per party.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from protocol.signing import Signer, generate_keypair
+
+COORDINATOR = "coordinator"  # the coordinator's kit directory and key name
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ProjectError(ValueError):
+    """A bad project file; ``key`` is the TOML key at fault (exit 2)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    id: str
+    dataset: str
+    target: str | None
+    data: str | None  # path of the data file at the hospital, if known
+
+
+@dataclass(frozen=True)
+class Project:
+    federation: str
+    broker: str  # URL the parties connect to (credentials stripped in kits)
+    admin: str  # URL with admin credentials used to create the users
+    coordinator_user: str
+    quorum: bool
+    sites: list[SiteSpec]
+    tls: dict[str, Any] | None = None
+    install_dir: str | None = None  # where kits will live on the target machines (systemd paths)
+
+
+def _toml_table(raw: Any, key: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ProjectError(key, "must be a table")
+    return raw
+
+
+def _reject_unknown(t: dict[str, Any], known: set[str], where: str) -> None:
+    for k in t:
+        if k not in known:
+            raise ProjectError(f"{where}.{k}" if where else k, f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
+def _string(t: dict[str, Any], k: str, where: str, *, required: bool = True) -> str | None:
+    v = t.get(k)
+    if v is None:
+        if required:
+            raise ProjectError(f"{where}.{k}", "missing; it is required")
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise ProjectError(f"{where}.{k}", f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _ident(t: dict[str, Any], k: str, where: str) -> str:
+    v = _string(t, k, where)
+    assert v is not None
+    if not _ID.match(v):
+        raise ProjectError(f"{where}.{k}", f"{v!r} must use letters, digits, '.', '_', '-' (max 64)")
+    return v
+
+
+def load_project(path: Path) -> Project:
+    """Read and validate PROJECT.toml (see README "Deployment")."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProjectError("project", f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProjectError("project", f"{path} is not valid TOML: {e}") from None
+    _reject_unknown(raw, {"federation", "sites", "tls"}, "")
+    fed = _toml_table(raw.get("federation"), "federation")
+    _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir"},
+                    "federation")
+    name = _ident(fed, "name", "federation")
+    broker = _string(fed, "broker", "federation")
+    assert broker is not None
+    if urlsplit(broker).scheme not in ("amqp", "amqps"):
+        raise ProjectError("federation.broker", f"must be an amqp:// or amqps:// URL, got {broker!r}")
+    admin = _string(fed, "admin", "federation", required=False) or broker
+    if not urlsplit(admin).username:
+        raise ProjectError("federation.admin", "give the admin URL with credentials (amqp://admin:PASS@host:5672/vhost) "
+                                               "to create the broker users, or put them in federation.broker")
+    quorum = fed.get("quorum", False)
+    if not isinstance(quorum, bool):
+        raise ProjectError("federation.quorum", f"must be true or false, got {quorum!r}")
+    dataset = _string(fed, "dataset", "federation", required=False) or "data"
+    target = _string(fed, "target", "federation", required=False)
+    entries = raw.get("sites")
+    if not isinstance(entries, list) or not entries:
+        raise ProjectError("sites", "add at least one [[sites]] table with an id")
+    sites: list[SiteSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"sites[{i}]"
+        t = _toml_table(entry, where)
+        _reject_unknown(t, {"id", "dataset", "target", "data"}, where)
+        sid = _ident(t, "id", where)
+        if sid == COORDINATOR or any(s.id == sid for s in sites):
+            raise ProjectError(f"{where}.id", f"{sid!r} is used twice (or is the coordinator's name)")
+        ds = _string(t, "dataset", where, required=False) or dataset
+        if not _ID.match(ds):
+            raise ProjectError(f"{where}.dataset", f"{ds!r} must use letters, digits, '.', '_', '-'")
+        sites.append(SiteSpec(sid, ds, _string(t, "target", where, required=False) or target,
+                              _string(t, "data", where, required=False)))
+    tls = _toml_table(raw["tls"], "tls") if "tls" in raw else None
+    user = fed.get("coordinator_user") or f"coordinator-{name}"
+    if not isinstance(user, str) or not _ID.match(user) or user in {s.id for s in sites}:
+        raise ProjectError("federation.coordinator_user", f"{user!r} must be a name no site uses")
+    return Project(name, broker, admin, user, quorum, sites, tls, _string(fed, "install_dir", "federation", required=False))
+
+
+# ----------------------------------------------------------------------------- TLS hook
+
+TlsHook = Callable[[dict[str, Any], Path, str], "dict[str, str] | None"]
+
+
+def tls_files(tls: dict[str, Any], kit: Path, party: str) -> dict[str, str] | None:
+    """The ``[tls]`` files of one party's kit ({"ca", "cert", "key"}, paths relative to the kit).
+
+    HOOK for the certificates module: if ``protocol.transport.certificates`` defines
+    ``kit_tls(tls, kit_dir, party)``, it is called (it may issue a certificate per
+    party). Otherwise only ``tls.ca`` is copied into the kit (server-verified TLS).
+    """
+    try:
+        from protocol.transport import certificates  # type: ignore[attr-defined]
+    except ImportError:
+        certificates = None
+    hook = getattr(certificates, "kit_tls", None)
+    if hook is not None:
+        return hook(tls, kit, party)
+    ca = tls.get("ca")
+    if not ca:
+        return None
+    src = Path(ca)
+    if not src.exists():
+        raise ProjectError("tls.ca", f"{src} does not exist")
+    shutil.copyfile(src, kit / "ca.pem")
+    return {"ca": "ca.pem"}
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` with mode 0600 from the first byte on."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _q(v: str) -> str:
+    return json.dumps(v)  # a TOML basic string is a JSON string for our characters
+
+
+def party_url(broker: str, user: str) -> str:
+    """``broker`` with ``user`` and no password (the password lives in broker.password)."""
+    p = urlsplit(broker)
+    host = p.hostname or "localhost"
+    netloc = f"{quote(user, safe='')}@{host}" + (f":{p.port}" if p.port else "")
+    return urlunsplit((p.scheme, netloc, p.path or "/", p.query, ""))
+
+
+def _password(path: Path, rotate: bool) -> tuple[str, bool]:
+    if path.exists() and not rotate:
+        return path.read_text(encoding="utf-8").strip(), False
+    pw = secrets.token_urlsafe(24)
+    write_secret(path, pw + "\n")
+    return pw, True
+
+
+def _keypair(kit: Path, name: str, rotate: bool) -> tuple[str, bool]:
+    key = kit / f"{name}.key"
+    made = rotate or not key.exists()
+    if made:
+        generate_keypair(name, kit, force=True)
+    return Signer.from_file(key).kid, made
+
+
+def _tls_toml(files: dict[str, str] | None) -> str:
+    if not files:
+        return ""
+    return "\n[tls]\n" + "".join(f"{k} = {_q(v)}\n" for k, v in files.items())
+
+
+def _site_toml(p: Project, s: SiteSpec, tls: dict[str, str] | None) -> str:
+    data = s.data or f"/srv/fedbus-data/{s.dataset}.csv"
+    return f"""# fedbus site worker for {s.id} in federation {p.federation} (written by fedbus provision).
+# Relative paths are resolved against this file's directory.
+site_id = {_q(s.id)}
+federation = {_q(p.federation)}
+broker_url = {_q(party_url(p.broker, s.id))}
+broker_password_file = "broker.password"
+key_path = {_q(s.id + ".key")}
+coordinator_pub = "coordinator.pub"
+state_dir = "state"
+log_level = "info"
+
+[policy]
+max_epsilon = 10.0        # this hospital's lifetime privacy budget per dataset
+min_noise_multiplier = 0.5
+allow_no_dp = false
+
+[datasets.{s.dataset}]
+path = {_q(data)}   # STEP 1: the hospital's data file (CSV or Parquet)
+target = {_q(s.target or "TARGET_COLUMN")}
+{_tls_toml(tls)}"""
+
+
+def _unit(p: Project, s: SiteSpec, kit: Path) -> str:
+    home = Path(p.install_dir) / s.id if p.install_dir else kit.resolve()
+    exe = shutil.which("fedbus") or str(Path(sys.executable).with_name("fedbus"))
+    return f"""# systemd unit for the fedbus site worker {s.id} (written by fedbus provision).
+# Install: cp fedbus-site.service /etc/systemd/system/ && systemctl daemon-reload
+#          && systemctl enable --now fedbus-site
+[Unit]
+Description=fedbus site worker {s.id} (federation {p.federation})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+ExecStart={exe} site run --config {home}/site.toml
+WorkingDirectory={home}
+KillSignal=SIGTERM
+TimeoutStopSec=60
+Restart=on-failure
+RestartSec=5s
+# Exit 2: bad configuration or broker credentials refused; restarting will not fix it.
+RestartPreventExitStatus=2
+Environment=PYTHONUNBUFFERED=1
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=strict
+ReadWritePaths={home}/state
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _site_readme(p: Project, s: SiteSpec) -> str:
+    return f"""fedbus kit for site {s.id} (federation {p.federation})
+========================================================
+
+Everything is filled in: site.toml, this site's signing key ({s.id}.key, keep it secret),
+the coordinator's public key (coordinator.pub: only its tasks are run), the broker password
+(broker.password, mode 0600) and a systemd unit. The broker is {party_url(p.broker, s.id)};
+the site only connects out to it.
+
+Three steps are left to you:
+
+1. Point at the data file: edit `path` under [datasets.{s.dataset}] in site.toml (and
+   `target`, the column to predict, if it says TARGET_COLUMN).
+2. Check everything before joining (config, keys, broker login, data against the experiment):
+
+       fedbus site check --config site.toml --experiment EXPERIMENT.json
+
+3. Start the worker:
+
+       fedbus site run --config site.toml
+
+   or as a service: cp fedbus-site.service /etc/systemd/system/ &&
+   systemctl daemon-reload && systemctl enable --now fedbus-site
+"""
+
+
+def _coordinator_toml(p: Project, tls: dict[str, str] | None) -> str:
+    return f"""# fedbus coordinator for federation {p.federation} (written by fedbus provision).
+# Use: fedbus coordinator run EXPERIMENT.json --config coordinator.toml
+federation = {_q(p.federation)}
+broker_url = {_q(party_url(p.broker, p.coordinator_user))}
+broker_password_file = "broker.password"
+key_path = "coordinator.key"
+state_dir = "state"
+{_tls_toml(tls)}"""
+
+
+def _coordinator_readme(p: Project) -> str:
+    sites = ", ".join(s.id for s in p.sites)
+    return f"""fedbus kit for the coordinator of federation {p.federation}
+=================================================
+
+state/ has every site enrolled ({sites}); coordinator.key signs the tasks (each site kit
+holds coordinator.pub). Run an experiment:
+
+    fedbus coordinator run EXPERIMENT.json --config coordinator.toml
+
+Then: fedbus coordinator runs list --state state
+      fedbus coordinator audit RUN --state state
+"""
+
+
+# ----------------------------------------------------------------------------- provisioning
+
+@dataclass
+class KitReport:
+    out: Path
+    created: list[str] = field(default_factory=list)  # human lines: what was created or rotated
+    kept: list[str] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+    broker: str | None = None  # how the broker users were made, or None when skipped
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "created": self.created, "kept": self.kept, "revoked": self.revoked,
+                "broker": self.broker}
+
+
+def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = frozenset(),
+                   rotate_passwords: set[str] = frozenset(), revoke: set[str] = frozenset(),
+                   broker: bool = True) -> KitReport:
+    """Write or update every kit; see the module docstring. Raises ``ProjectError`` on bad names."""
+    from coordinator.state import StateStore
+
+    ids = {s.id for s in project.sites} | {COORDINATOR}
+    for what, names in (("--rotate-key", rotate_keys), ("--rotate-password", rotate_passwords)):
+        for n in names:
+            if n not in ids:
+                raise ProjectError(what, f"{n!r} is neither a site of the project nor 'coordinator'")
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "kits.json"
+    record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if record.get("federation") not in (None, project.federation):
+        raise ProjectError("federation.name", f"{out} holds kits of federation {record['federation']!r}; use another --out")
+    record["federation"] = project.federation
+    revoked: dict[str, Any] = record.setdefault("revoked", {})
+    rep = KitReport(out)
+
+    ckit = out / COORDINATOR
+    ckit.mkdir(exist_ok=True)
+    ckid, made = _keypair(ckit, COORDINATOR, COORDINATOR in rotate_keys)
+    (rep.created if made else rep.kept).append(f"coordinator key {ckid}")
+    cpw, made = _password(ckit / "broker.password", COORDINATOR in rotate_passwords)
+    (rep.created if made else rep.kept).append("coordinator broker password")
+    ctls = tls_files(project.tls, ckit, COORDINATOR) if project.tls else None
+    (ckit / "coordinator.toml").write_text(_coordinator_toml(project, ctls), encoding="utf-8")
+    (ckit / "README").write_text(_coordinator_readme(project), encoding="utf-8")
+
+    passwords = {project.coordinator_user: cpw}
+    active: list[SiteSpec] = []
+    pubs: dict[str, bytes] = {}
+    for s in project.sites:
+        if s.id in revoke:
+            continue
+        if s.id in revoked:
+            rep.kept.append(f"site {s.id} stays revoked (remove it from the project file)")
+            continue
+        kit = out / s.id
+        kit.mkdir(exist_ok=True)
+        kid, made = _keypair(kit, s.id, s.id in rotate_keys)
+        (rep.created if made else rep.kept).append(f"site {s.id} key {kid}")
+        pw, made = _password(kit / "broker.password", s.id in rotate_passwords)
+        (rep.created if made else rep.kept).append(f"site {s.id} broker password")
+        shutil.copyfile(ckit / f"{COORDINATOR}.pub", kit / "coordinator.pub")
+        tls = tls_files(project.tls, kit, s.id) if project.tls else None
+        if not (kit / "site.toml").exists():  # the hospital edits it (data path): never clobbered
+            (kit / "site.toml").write_text(_site_toml(project, s, tls), encoding="utf-8")
+        (kit / "fedbus-site.service").write_text(_unit(project, s, kit), encoding="utf-8")
+        (kit / "README").write_text(_site_readme(project, s), encoding="utf-8")
+        passwords[s.id] = pw
+        pubs[s.id] = (kit / f"{s.id}.pub").read_bytes()
+        active.append(s)
+
+    store = StateStore(ckit / "state")
+    try:
+        for sid, pem in pubs.items():
+            store.enroll(sid, pem)
+        for sid in sorted(revoke):
+            kid = store.revoke(sid)
+            revoked[sid] = {"kid": kid, "at": time.time()}
+            shutil.rmtree(out / sid, ignore_errors=True)
+            rep.revoked.append(f"site {sid}: key {kid} distrusted, kit removed")
+    finally:
+        store.close()
+
+    if broker:
+        from protocol.transport.provision import deprovision, provision
+
+        creds = provision(project.admin, sites=[s.id for s in active], coordinator=project.coordinator_user,
+                          federation=project.federation, quorum=project.quorum, passwords=passwords)
+        rep.broker = f"{creds.method} on vhost {creds.vhost!r}: {', '.join(creds.passwords)}"
+        if revoke:
+            deprovision(project.admin, sorted(revoke))
+            rep.revoked.append(f"broker users deleted: {', '.join(sorted(revoke))}")
+    record["coordinator"] = {"kid": ckid, "broker_user": project.coordinator_user}
+    record["sites"] = {s.id: {"kid": Signer.from_file(out / s.id / f"{s.id}.key").kid} for s in active}
+    record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return rep
+
+
+# ----------------------------------------------------------------------------- coordinator.toml
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    federation: str
+    broker_url: str  # with the password filled in
+    key_path: Path
+    state_dir: Path
+    tls: dict[str, str] | None
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    """A coordinator kit's ``coordinator.toml``; ``ProjectError`` naming the key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProjectError("config", f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProjectError("config", f"{path} is not valid TOML: {e}") from None
+    _reject_unknown(raw, {"federation", "broker_url", "broker_password_file", "key_path", "state_dir", "tls"}, "")
+    base = path.resolve().parent
+
+    def rel(k: str) -> Path:
+        v = _string(raw, k, "")
+        assert v is not None
+        p = Path(os.path.expanduser(v))
+        return p if p.is_absolute() else base / p
+
+    url = _string(raw, "broker_url", "")
+    assert url is not None
+    if "broker_password_file" in raw:
+        pw_file = rel("broker_password_file")
+        try:
+            pw = pw_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ProjectError("broker_password_file", f"cannot read {pw_file}: {e.strerror}") from None
+        p = urlsplit(url)
+        netloc = f"{quote(unquote(p.username or ''), safe='')}:{quote(pw, safe='')}@{p.hostname}" + (f":{p.port}" if p.port else "")
+        url = urlunsplit((p.scheme, netloc, p.path, p.query, ""))
+    tls = None
+    if "tls" in raw:
+        t = _toml_table(raw["tls"], "tls")
+        _reject_unknown(t, {"ca", "cert", "key"}, "tls")
+        tls = {k: str((base / v) if not Path(v).is_absolute() else Path(v)) for k, v in t.items()}
+    return CoordinatorConfig(federation=_ident(raw, "federation", ""), broker_url=url, key_path=rel("key_path"),
+                             state_dir=rel("state_dir"), tls=tls)

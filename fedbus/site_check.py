@@ -1,0 +1,167 @@
+"""``fedbus site check``: everything a site needs before it joins, one line per check.
+
+Config, key files and their modes, broker login and read permission on the site's own
+queue, the coordinator's key, and with an experiment: the site policy, each dataset
+file against it (target, features, categories, rows) and the ε the whole run would
+cost this site on top of what its ledger already holds. Nothing is sent to anyone.
+"""
+
+from __future__ import annotations
+
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def _mode_ok(path: Path) -> tuple[bool, str]:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return False, f"{path} has mode {mode:o}; others can read it: chmod 600 {path}"
+    return True, f"{path} (mode {mode:o})"
+
+
+def run_checks(config: Path, experiment: Path | None, *, broker_timeout_s: float = 20.0) -> list[Check]:
+    """All checks in order; later ones are skipped when the config itself is unusable."""
+    from site_worker.config import SiteConfigError, load_site_config
+
+    out: list[Check] = []
+    try:
+        cfg = load_site_config(config)
+    except SiteConfigError as e:
+        return [Check("config", False, f"{config}: {e}")]
+    out.append(Check("config", True, f"{config}: site {cfg.site_id}, federation {cfg.federation}, "
+                                     f"datasets {', '.join(sorted(cfg.datasets))}"))
+    out.append(_check_key(cfg))
+    out.extend(_check_secret_files(config))
+    out.append(_check_coordinator_key(cfg))
+    out.append(_check_broker(cfg, broker_timeout_s))
+    if experiment is not None:
+        out.extend(_check_experiment(cfg, experiment))
+    return out
+
+
+def _check_key(cfg: Any) -> Check:
+    from protocol.signing import Signer
+
+    try:
+        kid = Signer.from_file(cfg.key_path).kid
+    except (OSError, ValueError) as e:
+        return Check("site key", False, str(e))
+    ok, detail = _mode_ok(cfg.key_path)
+    return Check("site key", ok, f"{detail}, key id {kid}")
+
+
+def _check_secret_files(config: Path) -> list[Check]:
+    import tomllib
+
+    raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    pw = raw.get("broker_password_file")
+    if not pw:
+        return []
+    p = Path(pw) if Path(pw).is_absolute() else config.resolve().parent / pw
+    ok, detail = _mode_ok(p)
+    return [Check("broker password file", ok, detail)]
+
+
+def _check_coordinator_key(cfg: Any) -> Check:
+    from protocol.signing import key_id_of_pem
+
+    try:
+        kid = key_id_of_pem(Path(cfg.coordinator_pub).read_bytes())
+    except (OSError, ValueError) as e:
+        return Check("coordinator key", False, f"{cfg.coordinator_pub}: {e}")
+    return Check("coordinator key", True, f"{cfg.coordinator_pub}: tasks must be signed by key id {kid}")
+
+
+def _check_broker(cfg: Any, timeout_s: float) -> Check:
+    """Log in and attach to the site's own queue (read permission); a task that arrives meanwhile goes back."""
+    from protocol.transport import BusError, open_bus
+    from protocol.transport.topology import site_queue
+
+    queue = site_queue(cfg.site_id)
+    bus = None
+    try:
+        bus = open_bus(cfg.broker_url, tls=cfg.tls) if cfg.tls else open_bus(cfg.broker_url)
+        consumer = bus.consume(queue, lambda d: d.requeue(), prefetch=1)
+        consumer.cancel()
+    except (BusError, ValueError, OSError) as e:
+        return Check("broker", False, f"{_redact(cfg.broker_url)}: {e}")
+    finally:
+        if bus is not None:
+            bus.close()
+    return Check("broker", True, f"logged in to {_redact(cfg.broker_url)} and may read {queue}")
+
+
+def _redact(url: str) -> str:
+    from simulator.run import redact
+
+    return redact(url)
+
+
+def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
+    from protocol.config import ConfigError, load_experiment
+    from protocol.model import summarize
+    from site_worker.data import DataError, prepare
+    from site_worker.ledger import PrivacyLedger
+    from site_worker.policy import PolicyViolation, check_policy
+    from site_worker.trainer import TrainSpec, plan_dp
+
+    try:
+        exp = load_experiment(experiment)
+    except ConfigError as e:
+        return [Check("experiment", False, f"{experiment}: {e}")]
+    out = [Check("experiment", True, f"{experiment}: {exp.name}, dataset {exp.dataset.name!r}, "
+                                     f"{exp.training.rounds} rounds")]
+    try:
+        check_policy(cfg.policy, exp, parameters=int(summarize(exp.architecture.layers).parameters))
+        out.append(Check("policy", True, "the experiment is within this site's policy"))
+    except PolicyViolation as e:
+        out.append(Check("policy", False, f"this site would decline: {e}"))
+    name = exp.dataset.name
+    if name not in cfg.datasets:
+        out.append(Check(f"dataset {name}", False, f"the experiment trains on {name!r} but this site offers "
+                                                   f"{', '.join(sorted(cfg.datasets))}: add [datasets.{name}] to site.toml"))
+        return out
+    src = cfg.datasets[name]
+    try:
+        data = prepare(src, exp.dataset, seed=0, input_shape=exp.input_shape)
+    except DataError as e:
+        out.append(Check(f"dataset {name}", False, f"{src.path}: {e}"))
+        return out
+    n = len(data.x_train) + len(data.x_val)
+    out.append(Check(f"dataset {name}", True, f"{src.path}: {n} usable rows, target {src.target!r}, "
+                                              f"{len(data.features)} encoded features as the model expects"))
+    spec = TrainSpec.from_experiment(exp, seed=0)
+    if spec.dp is None:
+        out.append(Check("privacy", True, "DP is off for this experiment: updates are not differentially private"))
+        return out
+    dp = plan_dp(spec, len(data.x_train))
+    ledger = PrivacyLedger(cfg.state_dir)
+    spent = ledger.spent(name, delta=dp.delta, accountant=dp.accountant)
+    after = ledger.project(name, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                           steps=dp.steps * int(exp.training.rounds), delta=dp.delta, accountant=dp.accountant)
+    budget = cfg.policy.max_epsilon
+    ok = budget is None or after <= budget
+    out.append(Check("privacy", ok, f"the run would cost ε {after - spent:.3g} (ε {spent:.3g} -> {after:.3g} at δ "
+                                    f"{dp.delta:g}, {dp.accountant} accountant, {exp.training.rounds} rounds)"
+                                    + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+                                    + ("" if ok else ": the site would decline the rounds past its budget")))
+    return out
+
+
+def print_checks(checks: list[Check], echo: Callable[[str], None]) -> bool:
+    for c in checks:
+        echo(c.line())
+    return all(c.ok for c in checks)

@@ -1,0 +1,132 @@
+"""What a DP task will spend, fixed by the site's policy before anything is trained.
+
+The experiment's differential-privacy block is a *request*: noise multiplier or target
+epsilon, delta, accountant, and (through the training block and per-round overrides)
+epochs and batch size, hence sample rate and steps. ``site_plan`` checks every request
+against the site's policy and either returns the plan the site will run, accounted at the
+site's own delta with the site's own accountant, or raises ``PolicyViolation`` naming the
+policy setting that refused it. It never weakens a setting to make a request fit.
+
+``DPPlan`` is the one object the trainer, the ledger and the handler share; callers that
+derive noise differently (a per-run budget) build it with ``plan_dp(..., noise_multiplier=)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from site_worker.config import SitePolicy
+from site_worker.ledger import History
+from site_worker.policy import PolicyViolation
+from site_worker.secure_rng import SecureRandom, poisson_batch_bound
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """Noise, sampling and steps of one DP task, with the delta/accountant it is reported at."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epochs: int = 1
+    reproducible: bool = False  # noise from the site's dp_seed (research), else from os.urandom
+
+    def entries(self) -> History:
+        """The accountant history entries this task adds (Opacus ``(σ, q, steps)``)."""
+        return [(float(self.noise_multiplier), float(self.sample_rate), int(self.steps))]
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def plan_dp(spec: Any, n_train: int, *, delta: float | None = None, accountant: str | None = None,
+            noise_multiplier: float | None = None) -> DPPlan:
+    """Sample rate and steps as Opacus derives them (1 / len(loader)); noise from
+    ``noise_multiplier``, else the spec's σ, else the spec's target ε at ``delta``."""
+    assert spec.dp is not None
+    delta = float(spec.dp.delta if delta is None else delta)
+    accountant = str(spec.dp.accountant if accountant is None else accountant)
+    per_epoch = batches_per_epoch(n_train, spec.batch_size)
+    sample_rate = 1.0 / per_epoch
+    noise = noise_multiplier if noise_multiplier is not None else spec.dp.noise_multiplier
+    if noise_multiplier is None and spec.dp.target_epsilon is not None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        noise = get_noise_multiplier(target_epsilon=spec.dp.target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, epochs=spec.epochs, accountant=accountant)
+    assert noise is not None
+    return DPPlan(noise_multiplier=float(noise), sample_rate=sample_rate, steps=per_epoch * spec.epochs,
+                  max_grad_norm=spec.dp.max_grad_norm, delta=delta, accountant=accountant, epochs=spec.epochs)
+
+
+def check_dp_request(policy: SitePolicy, dp: Any, *, rows: int) -> float:
+    """The experiment's accountant and delta against the policy; returns the site's delta."""
+    asked = str(getattr(dp, "accountant", "rdp") or "rdp")
+    if asked != policy.accountant:
+        raise PolicyViolation(
+            f"accountant: the experiment asks for {asked!r}; this site's policy.accountant is "
+            f"{policy.accountant!r} and the site reports every epsilon with it "
+            f"(set training.optimizer.differential_privacy.accountant to {policy.accountant!r})")
+    site_delta = policy.site_delta(rows)
+    if float(dp.delta) > site_delta:
+        raise PolicyViolation(
+            f"delta: the experiment asks for delta {float(dp.delta):g}, above this site's policy.delta "
+            f"{site_delta:g} for {rows} rows (set training.optimizer.differential_privacy.delta <= {site_delta:g})")
+    return site_delta
+
+
+def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
+              noise_multiplier: float | None = None) -> DPPlan:
+    """The plan this site will run for ``spec`` on ``n_train`` training rows, or PolicyViolation."""
+    assert spec.dp is not None
+    delta = check_dp_request(policy, spec.dp, rows=rows)
+    if spec.epochs > policy.max_epochs:
+        raise PolicyViolation(f"max_epochs: the task asks for {spec.epochs} local epochs, this site's "
+                              f"policy.max_epochs is {policy.max_epochs}")
+    plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant, noise_multiplier=noise_multiplier)
+    if plan.sample_rate > policy.max_sample_rate:
+        raise PolicyViolation(
+            f"max_sample_rate: batch size {spec.batch_size} on {n_train} training rows samples at rate "
+            f"{plan.sample_rate:.4g}, above this site's policy.max_sample_rate {policy.max_sample_rate:g} "
+            f"(use a batch size of at most {int(policy.max_sample_rate * n_train)})")
+    if plan.steps > policy.max_steps_per_task:
+        raise PolicyViolation(f"max_steps_per_task: the task would take {plan.steps} DP-SGD steps, this site's "
+                              f"policy.max_steps_per_task is {policy.max_steps_per_task}")
+    if plan.noise_multiplier < policy.min_noise_multiplier:
+        raise PolicyViolation(f"min_noise_multiplier: noise multiplier {plan.noise_multiplier:g} is below this "
+                              f"site's policy.min_noise_multiplier {policy.min_noise_multiplier:g}")
+    return replace(plan, reproducible=policy.reproducible_dp)
+
+
+def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str) -> SecureRandom:
+    """Secret randomness for one task (256 bits from the OS); the site's dp_seed only when
+    the policy turns reproducible_dp on. Never anything the coordinator chose alone."""
+    if policy.reproducible_dp:
+        assert policy.dp_seed is not None
+        return SecureRandom.reproducible_from(policy.dp_seed, task_seed, purpose)
+    return SecureRandom.secret()
+
+
+def per_sample_gradient_mb(parameters: int, *, batch_size: int, n_train: int, sample_rate: float | None) -> float:
+    """Memory of Opacus' per-sample gradients: batch (a Poisson upper bound under DP) x
+    parameters x 4 bytes, plus the summed gradient, the weights and two optimizer moments."""
+    batch = poisson_batch_bound(n_train, sample_rate) if sample_rate is not None else min(batch_size, n_train)
+    return (batch * parameters * 4 + 4 * parameters * 4) / 2**20
+
+
+def check_memory(policy: SitePolicy, parameters: int, *, batch_size: int, n_train: int,
+                 sample_rate: float | None) -> float:
+    """Refuse a task whose per-sample gradients would not fit ``max_train_memory_mb``."""
+    mb = per_sample_gradient_mb(parameters, batch_size=batch_size, n_train=n_train, sample_rate=sample_rate)
+    if mb > policy.max_train_memory_mb:
+        raise PolicyViolation(
+            f"max_train_memory_mb: per-sample gradients need about {mb:.0f} MiB ({parameters} parameters x a batch "
+            f"of up to {poisson_batch_bound(n_train, sample_rate) if sample_rate else batch_size} x 4 bytes), "
+            f"above this site's policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
+    return mb

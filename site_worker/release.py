@@ -1,0 +1,137 @@
+"""Metrics a site releases, protected as its policy says: ``dp``, ``exact`` or ``none``.
+
+``exact`` metrics are exact statistics of private rows (a coordinator that crafts the
+weights reads, e.g., the positive rate of the split to full precision): a leak the
+policy may allow, named in docs/threat-model.md. ``none`` releases nothing.
+
+``dp`` releases one Gaussian mechanism per evaluation on a vector of counts and sums,
+and derives every reported metric from the noisy vector (post-processing is free):
+
+* binary: the 2x2 confusion counts at 0.5 (accuracy, F1, n), a histogram of (label,
+  score bin) over 10 equal score bins (a binned ROC AUC), and the sum of per-example
+  losses clipped to [0, C] and divided by C;
+* multiclass: the (label, prediction) confusion matrix plus the clipped loss sum;
+* regression: the row count, the clipped squared-error sum / C and the clipped
+  absolute-error sum / √C.
+
+Adding or removing one row changes one confusion cell, one histogram cell (binary) and
+the scaled loss sum by at most 1 each, so the vector's L2 sensitivity is Δ = √3 (binary),
+√2 (multiclass: one confusion cell and the loss) or √3 (regression: count, two sums). Every coordinate gets N(0, (σ·Δ)²) with σ = ``metrics_noise_multiplier``:
+a Gaussian mechanism with noise multiplier σ, i.e. the Opacus accountant entry (σ, q=1, 1
+step), charged to the same ledger as training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from site_worker.config import SitePolicy
+from site_worker.ledger import History
+from site_worker.metrics import evaluate, prepare_target
+from site_worker.secure_rng import SecureRandom
+
+BINS = 10  # score bins of the binary histogram (0.5 is a bin edge)
+
+
+def release_entries(policy: SitePolicy) -> History:
+    """Ledger entries of one metrics release under ``policy`` (none unless ``dp``)."""
+    return [(float(policy.metrics_noise_multiplier), 1.0, 1)] if policy.metrics == "dp" else []
+
+
+@torch.inference_mode()
+def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(outs) if outs else torch.zeros((0, 1))
+
+
+def _per_example_loss(out: torch.Tensor, y: torch.Tensor, loss_name: str) -> torch.Tensor:
+    t = prepare_target(y, out, loss_name)
+    if loss_name == "bce_with_logits":
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, t, reduction="none").reshape(len(out), -1).mean(1)
+    if loss_name == "cross_entropy":
+        return torch.nn.functional.cross_entropy(out, t, reduction="none")
+    return ((out - t) ** 2).reshape(len(out), -1).mean(1)
+
+
+def statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
+               clip: float) -> tuple[str, np.ndarray, float]:
+    """(layout, exact statistics vector, L2 sensitivity) for the DP release."""
+    out = _outputs(model, x)
+    if len(out) == 0:
+        raise ValueError("no rows to evaluate")
+    with torch.inference_mode():
+        if task == "regression" or loss_name == "mse":
+            err = (out.reshape(len(out), -1) - y.reshape(len(out), -1).to(out.dtype)).double()
+            se = (err**2).mean(1).clamp(max=clip) / clip
+            ae = err.abs().mean(1).clamp(max=math.sqrt(clip)) / math.sqrt(clip)
+            return "regression", np.array([len(out), float(se.sum()), float(ae.sum())]), math.sqrt(3.0)
+        loss = _per_example_loss(out, y, loss_name).double().clamp(min=0.0, max=clip) / clip
+        true = y.reshape(-1).long().numpy()
+        if out.ndim == 1 or out.shape[-1] == 1 or out.shape[-1] == 2:
+            score = (torch.sigmoid(out.reshape(-1)) if out.ndim == 1 or out.shape[-1] == 1
+                     else torch.softmax(out.double(), -1)[:, 1]).double().numpy()
+            t = true.clip(0, 1)
+            b = np.minimum((score * BINS).astype(np.int64), BINS - 1)
+            conf = np.zeros((2, 2))  # [label, prediction at 0.5]
+            np.add.at(conf, (t, (score >= 0.5).astype(np.int64)), 1.0)
+            hist = np.zeros((2, BINS))
+            np.add.at(hist, (t, b), 1.0)
+            return "binary", np.concatenate([conf.ravel(), hist.ravel(), [float(loss.sum())]]), math.sqrt(3.0)
+        k = out.shape[-1]
+        pred = out.argmax(-1).numpy()
+        conf = np.zeros((k, k))
+        np.add.at(conf, (true.clip(0, k - 1), pred), 1.0)
+        return f"multiclass:{k}", np.concatenate([conf.ravel(), [float(loss.sum())]]), math.sqrt(2.0)
+
+
+def derive(layout: str, v: np.ndarray, *, clip: float) -> dict[str, float]:
+    """Metrics from a (noisy) statistics vector; pure post-processing."""
+    if layout == "regression":
+        n = max(1.0, v[0])
+        return {"loss": max(0.0, v[1]) * clip / n, "mse": max(0.0, v[1]) * clip / n,
+                "mae": max(0.0, v[2]) * math.sqrt(clip) / n, "n": float(round(n))}
+    loss_sum = max(0.0, float(v[-1]))
+    if layout == "binary":
+        n = max(1.0, float(v[:4].sum()))  # the unclamped sum: unbiased
+        tn, fp, fn, tp = np.maximum(v[:4], 0.0)
+        hist = np.maximum(v[4:-1], 0.0).reshape(2, BINS)
+        out = {"loss": loss_sum * clip / n, "accuracy": float(np.clip((tp + tn) / n, 0.0, 1.0)),
+               "f1": float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) > 0 else 0.0, "n": float(round(n))}
+        pos, neg = hist[1], hist[0]
+        if pos.sum() > 0 and neg.sum() > 0:
+            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+            out["auc"] = float(np.clip((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()), 0.0, 1.0))
+        return out
+    k = int(layout.split(":")[1])
+    n = max(1.0, float(v[:-1].sum()))
+    conf = np.maximum(v[:-1], 0.0).reshape(k, k)
+    f1s = []
+    for c in range(k):
+        tp, fp, fn = conf[c, c], conf[:, c].sum() - conf[c, c], conf[c, :].sum() - conf[c, c]
+        f1s.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 0.0)
+    return {"loss": loss_sum * clip / n, "accuracy": float(np.trace(conf) / n), "f1": float(np.mean(f1s)),
+            "n": float(round(n))}
+
+
+def release_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
+                    policy: SitePolicy, rng: SecureRandom | None) -> dict[str, float]:
+    """The metrics this site may release on (x, y): exact, DP (noise from ``rng``) or none.
+    The caller has already reserved ``release_entries(policy)`` in the ledger."""
+    if policy.metrics == "none" or len(x) == 0:
+        return {}
+    if policy.metrics == "exact":
+        return evaluate(model, x, y, loss_name=loss_name, task=task)
+    assert rng is not None
+    layout, v, sens = statistics(model, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
+    noisy = v + rng.standard_normal(len(v)) * (policy.metrics_noise_multiplier * sens)
+    return derive(layout, noisy, clip=policy.metrics_loss_clip)
+

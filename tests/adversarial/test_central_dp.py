@@ -1,0 +1,123 @@
+"""Central DP against the people who know the experiment: its noise is secret and sized right.
+
+* The effective noise multiplier (noise std over one site's largest possible influence)
+  is the configured z even when one site claims 10^6 examples and the others 1 (with
+  example-weighted FedAvg inside it was 0.33).
+* The noise cannot be rebuilt from the experiment (its seed is public to every site);
+  only the secret in the coordinator's state directory reproduces it, so --resume is exact.
+* ε is Opacus' RDP accountant over the rounds run (computed here independently).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from coordinator.aggregators import Contribution, build_aggregator
+from coordinator.aggregators.central_dp import CentralDP
+from coordinator.checkpoints import load_tensors
+from coordinator.state import StateStore
+from tests.adversarial.malicious_site import Federation, experiment, initial_weights
+
+
+def _agg(secret: bytes, z: float = 1.0, clip: float = 1.0, d: int = 200_000):
+    ref = (("w", np.zeros(d, dtype=np.float32)),)
+    agg = build_aggregator("FedAvg", parameters={}, initial=ref, seed=3,
+                           central_dp={"clip_norm": clip, "noise_multiplier": z, "secret": secret})
+    agg.expected_clients = 3
+    return agg, ref
+
+
+def _round(agg, ref, deltas: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    agg.begin_round(1, ref)
+    for i, (d, n) in enumerate(zip(deltas, counts)):
+        agg.add(Contribution(f"site-{i}", (("w", (ref[0][1] + d).astype(np.float32)),), n))
+    return dict(agg.finish_round())["w"].astype(np.float64)
+
+
+def test_effective_noise_multiplier_is_z_whatever_the_counts():
+    z, clip, d = 1.0, 1.0, 200_000
+    counts = [10**6, 1, 1]
+    zero = [np.zeros(d)] * 3
+    secret = uuid.uuid4().bytes * 2
+    agg, ref = _agg(secret, z, clip, d)
+    noise_only = _round(agg, ref, zero, counts)
+    # The site with 10^6 examples moves as far as clipping lets it (‖Δ‖ = C); same secret and
+    # round -> same noise, so the difference is exactly that site's influence on the model.
+    push = np.full(d, clip / np.sqrt(d))
+    agg2, _ = _agg(secret, z, clip, d)
+    pushed = _round(agg2, ref, [push, zero[1], zero[2]], counts)
+    sensitivity = float(np.linalg.norm(pushed - noise_only))
+    assert sensitivity == pytest.approx(clip / 3, rel=1e-4)  # C / qN, not C·10^6/(10^6+2)
+    effective_z = float(np.std(noise_only)) / sensitivity
+    assert effective_z == pytest.approx(z, rel=0.02)  # was 0.33 with example-weighted FedAvg
+
+
+@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.broker)])
+def bus_url(request):
+    return f"memory://cdp-{uuid.uuid4().hex[:8]}" if request.param == "memory" else request.getfixturevalue("amqp_url")
+
+
+def _central_run(bus_url: str, state_dir, z: float = 1.0):
+    fed = Federation(bus_url, state_dir)
+    try:
+        fed.add_site(0.01, 10)
+        fed.add_site(0.03, 30)
+        fed.start_sites()
+        exp = experiment(rounds=2, parameters={"min_fit_clients": 2, "min_available_clients": 2},
+                         central_dp={"clip_norm": 1.0, "noise_multiplier": z})
+        result = fed.coordinator(exp).run()
+        assert result.ok, result.reason
+        return fed, exp, result
+    finally:
+        fed.close()
+
+
+def test_central_noise_is_secret_reproducible_by_its_holder_only_and_epsilon_is_rdp(bus_url, tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    fed, exp, result = _central_run(bus_url, tmp_path / "a")
+    store = StateStore(fed.state_dir)
+    secret_file = fed.state_dir / "secrets" / "central_dp.key"
+    secret = secret_file.read_bytes()
+    assert len(secret) == 32 and (secret_file.stat().st_mode & 0o777) == 0o600
+    assert secret.hex() not in str(exp) and secret.hex() not in str(store.run(result.run_id)["experiment"])
+
+    # Round 1's noise, recovered from its checkpoint: equal weights, so the clean mean delta is
+    # (0.01 + 0.03) / 2 = 0.02 on every element; the noise on the sum is (model − init − 0.02) · qN.
+    init = initial_weights(exp)
+    r1 = store.rounds(result.run_id)[0]
+    ck = load_tensors(store.dir / r1["checkpoint_path"], sha256=r1["checkpoint_sha256"])
+    noise = [(np.asarray(w, np.float64) - np.asarray(i, np.float64) - 0.02) * 2 for (_, w), (_, i) in zip(ck, init)]
+    flat = np.concatenate([n.ravel() for n in noise])
+    assert 0.3 < np.std(flat) < 3  # zC = 1: really noised
+
+    # Everyone knows the experiment's seed; the old construction from it predicts nothing.
+    rng = np.random.default_rng([int(exp["training"]["seed"]), 1, 0xD9])
+    guess = np.concatenate([rng.normal(0.0, 1.0, size=n.shape).ravel() for n in noise])
+    assert not np.allclose(flat, guess, atol=0.1)
+    assert abs(np.corrcoef(flat, guess)[0, 1]) < 0.9
+    # The secret's holder (a resumed coordinator) reproduces it exactly.
+    holder = CentralDP(build_aggregator("FedAvg", parameters={}, initial=init), clip_norm=1.0, noise_multiplier=1.0,
+                       secret=secret, context=result.run_id).rng(1)
+    rebuilt = np.concatenate([holder.normal(0.0, 1.0, size=n.shape).ravel() for n in noise])
+    np.testing.assert_allclose(flat, rebuilt, atol=2e-5)
+
+    # ε: two rounds, every available site sampled (q = 1), z = 1, δ = 1e-5; Opacus' RDP accountant.
+    acc = RDPAccountant()
+    acc.history = [(1.0, 1.0, 2)]
+    central = result.to_json()["privacy"]["central"]
+    assert central["accountant"] == "rdp" and central["delta"] == 1e-5 and central["sample_rates"] == [1.0, 1.0]
+    assert central["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert store.run(result.run_id)["result"]["privacy"]["central"]["epsilon"] == central["epsilon"]
+
+
+def test_same_experiment_same_seed_different_coordinators_give_different_noise(tmp_path):
+    url = f"memory://cdp-{uuid.uuid4().hex[:8]}"
+    _, _, a = _central_run(url, tmp_path / "a")
+    _, _, b = _central_run(f"memory://cdp-{uuid.uuid4().hex[:8]}", tmp_path / "b")
+    wa = np.concatenate([np.ravel(w) for _, w in a.weights])
+    wb = np.concatenate([np.ravel(w) for _, w in b.weights])
+    assert not np.allclose(wa, wb, atol=1e-3)

@@ -1,0 +1,155 @@
+"""``fedbus provision``: kits per party, idempotent, rotation on request, revocation; ``site check``."""
+
+from __future__ import annotations
+
+import json
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedbus.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _project(tmp: Path, sites: list[str], *, broker: str = "amqp://127.0.0.1:5672/%2F",
+             admin: str = "amqp://guest:guest@127.0.0.1:5672/%2F", fed: str = "cardio", data: Path | None = None) -> Path:
+    lines = ["[federation]", f'name = "{fed}"', f'broker = "{broker}"', f'admin = "{admin}"',
+             'dataset = "heart_failure"', 'target = "DEATH_EVENT"', ""]
+    for s in sites:
+        lines += ["[[sites]]", f'id = "{s}"'] + ([f'data = "{data}"'] if data else []) + [""]
+    p = tmp / "project.toml"
+    p.write_text("\n".join(lines))
+    return p
+
+
+def _provision(*args: str) -> object:
+    r = CliRunner().invoke(app, ["provision", *args])
+    return r
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_kits_are_complete_idempotent_and_rotate_only_what_is_asked(tmp_path: Path) -> None:
+    proj = _project(tmp_path, ["hospital-a", "hospital-b"])
+    out = tmp_path / "kits"
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json")
+    assert r.exit_code == 0, r.output
+    a = out / "hospital-a"
+    for f in ("site.toml", "hospital-a.key", "hospital-a.pub", "coordinator.pub", "broker.password",
+              "fedbus-site.service", "README"):
+        assert (a / f).exists(), f
+    assert _mode(a / "hospital-a.key") == 0o600 and _mode(a / "broker.password") == 0o600
+    assert "RestartPreventExitStatus=2" in (a / "fedbus-site.service").read_text()
+    readme = (a / "README").read_text()
+    assert "fedbus site check --config site.toml" in readme and "fedbus site run --config site.toml" in readme
+    assert (a / "coordinator.pub").read_bytes() == (out / "coordinator" / "coordinator.pub").read_bytes()
+    toml = (a / "site.toml").read_text()
+    assert 'broker_url = "amqp://hospital-a@127.0.0.1:5672/%2F"' in toml and "password" not in toml.split("broker_password_file")[0]
+
+    from coordinator.state import StateStore
+
+    store = StateStore(out / "coordinator" / "state")
+    assert [s["site_id"] for s in store.sites()] == ["hospital-a", "hospital-b"]
+    store.close()
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+                if p.is_file() and p.suffix in (".key", ".password", ".pub")}
+
+    before = snapshot()
+    assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
+    assert snapshot() == before  # idempotent: nothing renewed
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--rotate-key", "hospital-b",
+                   "--rotate-password", "hospital-a")
+    assert r.exit_code == 0, r.output
+    after = snapshot()
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"hospital-b/hospital-b.key", "hospital-b/hospital-b.pub", "hospital-a/broker.password"}
+    store = StateStore(out / "coordinator" / "state")
+    assert store.site("hospital-b")["public_pem"].encode() == (out / "hospital-b" / "hospital-b.pub").read_bytes()
+    store.close()
+
+    # One more site later: the others are untouched.
+    proj = _project(tmp_path, ["hospital-a", "hospital-b", "hospital-c"])
+    assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
+    assert (out / "hospital-c" / "site.toml").exists()
+    assert {k: v for k, v in snapshot().items() if not k.startswith("hospital-c")} == after
+
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--rotate-key", "nobody")
+    assert r.exit_code == 2 and "'nobody'" in r.stderr
+
+
+def test_bad_project_files_name_the_key(tmp_path: Path) -> None:
+    p = tmp_path / "p.toml"
+    p.write_text('[federation]\nname = "x"\nbroker = "amqp://h/"\nadmin = "amqp://a:b@h/"\nbrokr = 1\n[[sites]]\nid = "s"\n')
+    r = _provision(str(p), "--out", str(tmp_path / "k"), "--skip-broker")
+    assert r.exit_code == 2 and "federation.brokr: unknown key" in r.stderr
+    p.write_text('[federation]\nname = "x"\nbroker = "amqp://h/"\nadmin = "amqp://a:b@h/"\n')
+    r = _provision(str(p), "--out", str(tmp_path / "k"), "--skip-broker")
+    assert r.exit_code == 2 and "sites: add at least one [[sites]]" in r.stderr
+
+
+@pytest.mark.broker
+def test_revoked_site_is_refused_by_broker_and_coordinator(tmp_path: Path, amqp_url: str) -> None:
+    from urllib.parse import urlsplit
+
+    from coordinator.state import StateStore
+    from protocol.codec import new_envelope, open_frame, seal
+    from protocol.errors import ProtocolError
+    from protocol.messages import Declined
+    from protocol.signing import Signer
+    from protocol.transport import BusPermissionError, open_bus
+    from protocol.transport.topology import site_queue
+
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"rev-{tag}-a", f"rev-{tag}-b"
+    vhost = urlsplit(amqp_url).path
+    data = tmp_path / "hf.csv"
+    data.write_text("age,DEATH_EVENT\n50,0\n60,1\n")
+    proj = _project(tmp_path, [a, b], broker=f"amqp://127.0.0.1:5672{vhost}", admin=amqp_url, fed=f"fed-{tag}",
+                    data=data)
+    out = tmp_path / "kits"
+    try:
+        r = _provision(str(proj), "--out", str(out))
+        assert r.exit_code == 0, r.output
+        check = CliRunner().invoke(app, ["site", "check", "--config", str(out / b / "site.toml")])
+        assert "ok    broker: logged in" in check.stdout, check.stdout
+        signer_b = Signer.from_file(out / b / f"{b}.key")
+        r = _provision(str(proj), "--out", str(out), "--revoke", b)
+        assert r.exit_code == 0, r.output
+        assert not (out / b).exists() and (out / a / "site.toml").exists()
+        # The broker refuses the revoked site's login...
+        import tomllib
+
+        cfg = tomllib.loads((out / a / "site.toml").read_text())
+        url_b = cfg["broker_url"].replace(a, b).replace("@", ":whatever@")
+        bus = open_bus(url_b)
+        with pytest.raises(BusPermissionError, match="login refused"):
+            bus.consume(site_queue(b), lambda d: d.ack())
+        bus.close()
+        # ...and the coordinator no longer trusts its key: its next update is refused.
+        store = StateStore(out / "coordinator" / "state")
+        assert [s["site_id"] for s in store.sites()] == [a]
+        frame = seal(new_envelope(Declined(task_id="t", reason="policy", detail=""), federation=f"fed-{tag}",
+                                  run_id="r", round=1, sender=b, recipient="coordinator"), signer_b)
+        with pytest.raises(ProtocolError, match="not in the trust store"):
+            open_frame(frame, store.trust_store())
+        from coordinator.state import StateError
+
+        with pytest.raises(StateError, match="revoked"):
+            store.enroll(b, signer_b.public_pem())
+        store.close()
+        # Re-running keeps it revoked while it stays in the project file.
+        r = _provision(str(proj), "--out", str(out))
+        assert r.exit_code == 0 and "stays revoked" in r.stderr and not (out / b).exists()
+        assert json.loads((out / "kits.json").read_text())["revoked"][b]["kid"] == signer_b.kid
+    finally:
+        from protocol.transport.provision import deprovision
+
+        deprovision(amqp_url, [a, b, f"coordinator-fed-{tag}"])
