@@ -76,7 +76,7 @@ def test_a_coordinator_dying_before_the_commit_loses_no_held_update(federation):
     federation.start_sites()
     exp = experiment(rounds=1)
     coord = federation.coordinator(exp, run_id="r-crash")
-    real_next, handled = coord._next, []
+    real_next, handled = coord.inbox.next, []
 
     def next_then_crash(deadline):
         if handled:  # a's update went through validation and aggregation: die before anything else
@@ -86,7 +86,7 @@ def test_a_coordinator_dying_before_the_commit_loses_no_held_update(federation):
             handled.append(item)
         return item
 
-    coord._next = next_then_crash
+    coord.inbox.next = next_then_crash
     try:
         coord.run()
     except Crash:
