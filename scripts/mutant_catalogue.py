@@ -167,9 +167,9 @@ MUTANTS += [
         ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
     ),
     Mutant(
-        "min-noise-unchecked", "a task below the site's min_noise_multiplier is declined",
+        "min-noise-unchecked", "a task whose planned noise (e.g. derived from a target epsilon) is below min_noise_multiplier is declined",
         (Edit("site_worker/dp.py", "    if plan.noise_multiplier < policy.min_noise_multiplier:\n", "    if False:\n"),),
-        ("tests/site_worker/test_training.py", "tests/site_worker/test_worker_memory.py"), marks="not broker",
+        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
     ),
     Mutant(
         "num-examples-unbounded", "a site's num_examples is capped by the rows its SiteHello announced",
@@ -186,7 +186,7 @@ MUTANTS += [
         (Edit("coordinator/aggregators/central_dp.py",
               "key = hmac.new(self._secret, f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)",
               "key = hmac.new(b\"public\", f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)"),),
-        ("tests/adversarial/test_central_dp.py",),
+        ("tests/coordinator/test_central_dp_secret.py", "tests/adversarial/test_central_dp.py"), marks="not broker",
     ),
 ]
 

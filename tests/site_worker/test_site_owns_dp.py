@@ -54,3 +54,25 @@ def test_the_same_task_twice_gets_different_noise_and_the_site_delta(handler):
     for _ in range(2 * per_epoch):  # two tasks, metrics exact (a leak this policy allows, not charged)
         acc.step(noise_multiplier=1.0, sample_rate=1 / per_epoch)
     assert b.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize("asked", [{}, {"training.optimizer.differential_privacy.target_epsilon": 50.0}],
+                         ids=["noise-asked", "noise-derived-from-target-epsilon"])
+def test_noise_below_the_site_minimum_is_declined_before_anything_is_spent(tmp_path, asked):
+    from protocol.messages import Declined
+
+    csv = heart_failure_csv(tmp_path / "hf.csv")
+    cfg = SiteConfig(site_id="s", federation="f", broker_url="memory://x", key_path=tmp_path / "k",
+                     coordinator_pub=tmp_path / "p", state_dir=tmp_path / "state",
+                     datasets={"heart_failure": DatasetSource(name="heart_failure", path=csv, target="DEATH_EVENT")},
+                     policy=SitePolicy(max_epsilon=1e6, min_noise_multiplier=2.0))
+    handler = TaskHandler(cfg)
+    # asks for noise multiplier 1.0, or for a target epsilon whose derived noise is far below 2
+    exp = experiment_dict(**{"training.epochs": 1, **asked})
+    task = TrainTask(experiment=exp, weights=initial_weights(exp), dataset="heart_failure", base_round=0, seed=11,
+                     deadline=0.0, config={})
+    reply = handler.handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
+                                        recipient="s"))
+    assert isinstance(reply, Declined) and reply.reason == "policy", reply
+    assert "min_noise_multiplier" in reply.detail
+    assert handler.ledger.history("heart_failure") == []
