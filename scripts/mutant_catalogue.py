@@ -80,6 +80,12 @@ MUTANTS: list[Mutant] = [
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
+        "async-duplicate-task-merged", "FedAsync merges one answer per task; a second answer is settled as a duplicate",
+        (Edit(RUN, "            if any(h.row.task_id == p.task_id for h in held.values()) or "
+                   "self.store.task_answered(self.run_id, p.task_id):\n", "            if False:\n"),),
+        ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
+    ),
+    Mutant(
         "ack-before-commit", "an update is acked only once the round that includes it is committed",
         (Edit(INBOX, "        msg.delivery.release_body()\n        return h, out\n",
               "        msg.delivery.ack()\n        msg.delivery.release_body()\n        return h, out\n"),
