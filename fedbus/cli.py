@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fedbus import cli_broker, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
+from fedbus import cli_broker, cli_certs, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
 
 app = typer.Typer(
     name="fedbus",
@@ -41,6 +41,7 @@ def _main(
 app.add_typer(cli_keys.app, name="keys")
 app.add_typer(cli_config.app, name="config")
 app.add_typer(cli_broker.app, name="broker")
+app.add_typer(cli_certs.app, name="certs")
 app.add_typer(cli_coordinator.app, name="coordinator")
 app.add_typer(cli_site.app, name="site")
 cli_simulate.register(app)
@@ -48,7 +49,13 @@ cli_provision.register(app)
 
 
 def main() -> None:
-    app()
+    from protocol.transport.base import BusError, exit_code
+
+    try:
+        app()
+    except BusError as e:  # broker unreachable / refused: one line, exit 1 or 2 (systemd stops on 2)
+        typer.echo(f"fedbus: {e}", err=True)
+        raise SystemExit(exit_code(e)) from None
 
 
 if __name__ == "__main__":

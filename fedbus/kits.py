@@ -382,7 +382,7 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
     (rep.created if made else rep.kept).append(f"coordinator key {ckid}")
     cpw, made = _password(ckit / "broker.password", COORDINATOR in rotate_passwords)
     (rep.created if made else rep.kept).append("coordinator broker password")
-    ctls = tls_files(project.tls, ckit, COORDINATOR) if project.tls else None
+    ctls = tls_files(project.tls, ckit, project.coordinator_user) if project.tls else None  # cert CN = broker user
     (ckit / "coordinator.toml").write_text(_coordinator_toml(project, ctls), encoding="utf-8")
     (ckit / "README").write_text(_coordinator_readme(project), encoding="utf-8")
 
@@ -427,7 +427,8 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         from protocol.transport.provision import deprovision, provision
 
         creds = provision(project.admin, sites=[s.id for s in active], coordinator=project.coordinator_user,
-                          federation=project.federation, quorum=project.quorum, passwords=passwords)
+                          federation=project.federation, quorum=project.quorum, passwords=passwords,
+                          auth="external" if (project.tls or {}).get("auth") == "external" else "plain")
         rep.broker = f"{creds.method} on vhost {creds.vhost!r}: {', '.join(creds.passwords)}"
         if revoke:
             deprovision(project.admin, sorted(revoke))

@@ -75,8 +75,9 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(lvl)
-    # pika logs every connection step at INFO; keep its warnings only unless debugging.
-    logging.getLogger("pika").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.WARNING)
+    # pika logs every connection step at INFO and every failed attempt at ERROR; the bus
+    # says what happened in its own lines, so pika stays silent unless debugging.
+    logging.getLogger("pika").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.CRITICAL + 1)
     _configured = key
 
 

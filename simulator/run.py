@@ -354,9 +354,13 @@ def _delete_run_queues(bus: Any, *, sites: list[str], federation: str) -> None:
     delete = getattr(bus, "delete_queue", None)
     if delete is None:
         return
+    from protocol.transport.base import BrokerUnreachable
+
     for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
         try:
             delete(name)
+        except BrokerUnreachable:
+            return  # never connected: nothing to clean up, and the error is reported once
         except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
             log.warning("queue_not_deleted", queue=name, error=str(e))
 

@@ -409,8 +409,20 @@ class Federation:
         rabbitmqctl("close_all_connections", "-p", self.vhost, reason)
 
     def connection_count(self) -> int:
-        out = rabbitmqctl("list_connections", "vhost", check=False)
-        return sum(1 for line in out.splitlines() if line.strip() == self.vhost)
+        return len(self.connections())
+
+    def connections(self) -> set[str]:
+        """The broker's own list of this vhost's connections (their Erlang pids, new on every reconnect)."""
+        out = rabbitmqctl("list_connections", "pid", "vhost", check=False)
+        rows = (line.split("\t") for line in out.splitlines())
+        return {r[0].strip() for r in rows if len(r) == 2 and r[1].strip() == self.vhost}
+
+    def reconnects(self) -> dict[str, int]:
+        """How often each process says its consumer reconnected ("coordinator" and every site id)."""
+        counts = {s.site_id: len(s.events("consumer reconnected")) for s in self.sites}
+        text = "".join(p.read_text(errors="replace") for p in self.root.glob("coordinator-*.log"))
+        counts["coordinator"] = text.count("consumer reconnected")
+        return counts
 
     @staticmethod
     def restart_broker() -> None:
