@@ -189,6 +189,8 @@ def new(
     state: Annotated[Optional[Path], typer.Option("--state", help="Coordinator state directory (with --from-site).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeat).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
+    dataset_name: Annotated[Optional[str], typer.Option("--dataset-name", help="The name sites offer the data under ([datasets.NAME] in site.toml) [the file's name].")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="training.rounds.")] = 10,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
     """Write an experiment from a dataset's columns: features, categories, input size, MLP 64→32→1, DP defaults."""
@@ -200,11 +202,13 @@ def new(
         if from_site is not None:
             if state is None:
                 _fail("--from-site needs --state (the coordinator's state directory, where site hellos are kept)")
-            doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name)
+            doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name,
+                                                     rounds=rounds)
         else:
             if target is None:
                 _fail("--target COLUMN is required with a --dataset file")
-            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name)
+            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds,
+                                              dataset_name=dataset_name)
     except ValueError as e:
         _fail(str(e))
     try:

@@ -243,6 +243,15 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _central_dp_line(doc: dict[str, Any]) -> str:
+    c = (doc.get("privacy") or {}).get("central")
+    if not c:
+        return ""
+    return (f"<p><b>central DP</b>: ε = {_fmt(c.get('epsilon'))} at δ = {_fmt(c.get('delta'))} "
+            f"({html.escape(str(c.get('accountant')))} accountant; noise multiplier {_fmt(c.get('noise_multiplier'))}, "
+            f"clip {_fmt(c.get('clip_norm'))}, {_fmt(c.get('rounds'))} rounds)</p>")
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -305,7 +314,8 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
         )
         + f" · <b>sites</b>: {len(doc.get('sites', []))}</p>"
         + ("<p><b>reproducible DP</b>: site noise was drawn from a seed (--reproducible-dp), not secret; "
-           "a research run only</p>" if doc.get("reproducible_dp") else ""),
+           "a research run only</p>" if doc.get("reproducible_dp") else "")
+        + _central_dp_line(doc),
         "<h2>Final model on the fixed test splits (rows no site trained on)</h2>",
         _table(
             ["", *_UNION],

@@ -35,7 +35,12 @@ class SimulationInputError(ValueError):
 
 
 class SimulationFailed(RuntimeError):
-    """The federated run itself failed (exit 1); the message says why."""
+    """The federated run itself failed (exit 1); the message says why. ``document`` is the
+    run's result document when there is one (``--json`` prints it, with its status)."""
+
+    def __init__(self, message: str, document: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.document = document
 
 
 def redact(url: str) -> str:
@@ -349,9 +354,13 @@ def _delete_run_queues(bus: Any, *, sites: list[str], federation: str) -> None:
     delete = getattr(bus, "delete_queue", None)
     if delete is None:
         return
+    from protocol.transport.base import BrokerUnreachable
+
     for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
         try:
             delete(name)
+        except BrokerUnreachable:
+            return  # never connected: nothing to clean up, and the error is reported once
         except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
             log.warning("queue_not_deleted", queue=name, error=str(e))
 
@@ -362,7 +371,8 @@ def _document(result: Any) -> dict[str, Any]:
         doc = json.loads(doc)
     status = doc.get("status")
     if status not in (None, "finished", "completed", "done", "ok", "succeeded", "stopped_early"):
-        raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}")
+        raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}",
+                               document=doc)
     return doc
 
 

@@ -120,6 +120,11 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     timing.add_row(_f(t.get("wall_s"), 2), _f(t.get("train_s"), 2), _f(t.get("communication_s"), 2),
                    _f(t.get("aggregation_s"), 2))
     con.print(timing)
+    central = (doc.get("privacy") or {}).get("central")
+    if central:
+        con.print(f"central DP: ε = {_f(central.get('epsilon'), 3)} at δ = {central.get('delta')} "
+                  f"({central.get('accountant')} accountant, z = {central.get('noise_multiplier')}, "
+                  f"{central.get('rounds')} rounds)")
     rejected = doc.get("rejected") or []
     if rejected:
         con.print(f"[yellow]{len(rejected)} message(s) rejected[/yellow] (reasons in the JSON / report)")
