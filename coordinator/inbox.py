@@ -218,6 +218,9 @@ class Inbox:
 
     def decline(self, msg: Message, *, round: int) -> None:
         p = msg.payload
+        if p.reason == "untrusted_task":  # our signing key is not the one the site trusts
+            self.log.error(f"site {msg.env.sender} rejected our tasks: unknown signer", site_id=msg.env.sender,
+                           detail=p.detail)
         self.settle(msg, verdict="declined", reason=f"{p.reason}: {p.detail}", round=round)
 
     def late_eval(self, msg: Message, *, round: int) -> None:
@@ -247,7 +250,7 @@ class Inbox:
                                 base_round=p.base_round, metrics=dict(p.metrics)))
         h = Held(delivery=msg.delivery, row=row, payload=_light(p))
         held[msg.env.message_id] = h
-        msg.delivery.release_body()
+        msg.delivery.release_body()  # acked by the commit that includes it, not before
         return h, out
 
     # ------------------------------------------------------------------ checks
@@ -325,7 +328,8 @@ def _light(p: Any) -> Any:
     """What a held update keeps after aggregation: everything but the weights (their bytes are dropped)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None))
+    return SimpleNamespace(metrics=dict(p.metrics), num_examples=p.num_examples, epsilon=getattr(p, "epsilon", None),
+                           reproducible=bool(getattr(p, "reproducible", False)))
 
 
 def _claimed(delivery: Delivery, opened: Any) -> tuple[str | None, int | None]:

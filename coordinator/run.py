@@ -338,6 +338,7 @@ class Coordinator:
         task = TrainTask(
             experiment=self.experiment.to_wire(), weights=weights, dataset=self._dataset(), base_round=base_round,
             seed=derive_seed(self.seed, round, site), deadline=deadline,
+            config=self.agg.task_config(round),  # e.g. FedProx's proximal_mu
         )
         return self._publish(task, site=site, round=round)
 
@@ -451,6 +452,7 @@ class Coordinator:
                            metrics=val, wall_s=time.monotonic() - t0, agg_s=agg_s)
         agg_s += time.monotonic() - t
         progress.done(rnd, loss=val["aggregate"].get("loss"), accuracy=val["aggregate"].get("accuracy"))
+        _warn_reproducible(rlog, accepted)
         rlog.info("round committed", replies=len(accepted), loss=val["aggregate"].get("loss"),
                   accuracy=val["aggregate"].get("accuracy"))
         stop = self.early.update(val["aggregate"].get("loss")) if self.early else False
@@ -505,9 +507,11 @@ class Coordinator:
                     m[k] = h.payload.metrics[k]
             if h.payload.epsilon is not None:
                 m["epsilon"] = h.payload.epsilon
+            m["reproducible"] = h.payload.reproducible  # the site's DP noise is reproducible by its own setting
             per_site[site] = m
         source = "updates"
-        agg = weighted_mean([({k: v for k, v in m.items() if k not in ("epsilon",)}, m["n"]) for m in per_site.values()])
+        agg = weighted_mean([({k: v for k, v in m.items() if k not in ("epsilon", "reproducible")}, m["n"])
+                             for m in per_site.values()])
         if fed.fraction_eval > 0:
             chosen = sample_sites(sites, sample_count(len(sites), fed.fraction_eval, fed.min_eval_clients),
                                   seed=self.seed, round=rnd, purpose="eval")
@@ -662,12 +666,14 @@ class Coordinator:
                     val = {"aggregate": weighted_mean([
                         (after_training(h.payload.metrics), validation_weight(h.payload.metrics, h.payload.num_examples))
                         for h in merged.values()]), "per_site": {
-                        h.row.site: dict(after_training(h.payload.metrics), staleness=h.row.staleness)
+                        h.row.site: dict(after_training(h.payload.metrics), staleness=h.row.staleness,
+                                         reproducible=h.payload.reproducible)
                         for h in merged.values()}, "source": "updates"}
                     t = time.monotonic()
                     self._commit_round(version, new_weights, sampled=sorted({h.row.site for h in merged.values()}),
                                        attempts=1, held=held, accepted=merged, metrics=val,
                                        wall_s=time.monotonic() - t_step, agg_s=agg_s)
+                    _warn_reproducible(self._log.bind(version=version), {h.row.site: h for h in merged.values()})
                     merged = {}
                     weights = new_weights
                     versions[version] = weights
@@ -737,10 +743,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------ result
     def _privacy(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        """``reproducible_dp``: sites whose DP noise was reproducible (their setting); ``central``: central DP's ε."""
+        out: dict[str, Any] = {"reproducible_dp": sorted({
+            site for r in rounds for site, m in (r["metrics"].get("per_site") or {}).items() if m.get("reproducible")})}
         central = self.experiment.federated.central_dp
-        if not central:
-            return {}
-        return {"central": _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])}
+        if central:
+            out["central"] = _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])
+        return out
 
     def _result(self, *, status: str, reason: str | None, final: dict[str, Any], weights: Tensors,
                 wall_s: float) -> RunResult:
@@ -771,6 +780,13 @@ class Coordinator:
             status=status, reason=reason,
             weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
         )
+
+
+def _warn_reproducible(rlog: Any, accepted: dict[str, Held]) -> None:
+    sites = sorted(s for s, h in accepted.items() if getattr(h.payload, "reproducible", False))
+    if sites:
+        rlog.warning("DP noise of these sites is reproducible (their reproducible_dp setting): research runs only",
+                     sites=sites)
 
 
 def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:

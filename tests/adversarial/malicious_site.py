@@ -53,14 +53,15 @@ class Federation:
         return self.bus_url.startswith("memory")
 
     def add_site(self, offset: float, num_examples: int, *, attack=None, chunk_size: int | None = None,
-                 enroll: bool = True, **kw) -> FakeSite:
-        sid = f"site-{len(self.sites) + 1}-{uuid.uuid4().hex[:6]}"
+                 enroll: bool = True, site_id: str | None = None, bus_url: str | None = None, **kw) -> FakeSite:
+        """A FakeSite on its own connection (``bus_url``: e.g. its own provisioned broker user)."""
+        sid = site_id or f"site-{len(self.sites) + 1}-{uuid.uuid4().hex[:6]}"
         opts: dict[str, Any] = {}
         if self.memory:
             opts["user"] = sid  # broker-verified sender, as with per-site broker users
         if chunk_size:
             opts["chunk_size"] = chunk_size
-        site = FakeSite(sid, open_bus(self.bus_url, **opts), self.federation, self.signer.public_pem(),
+        site = FakeSite(sid, open_bus(bus_url or self.bus_url, **opts), self.federation, self.signer.public_pem(),
                         offset=offset, num_examples=num_examples, tamper=attack, **kw)
         if enroll:
             store = StateStore(self.state_dir)

@@ -121,3 +121,22 @@ def test_same_experiment_same_seed_different_coordinators_give_different_noise(t
     wa = np.concatenate([np.ravel(w) for _, w in a.weights])
     wb = np.concatenate([np.ravel(w) for _, w in b.weights])
     assert not np.allclose(wa, wb, atol=1e-3)
+
+
+def test_central_epsilon_is_in_the_report_and_the_terminal_table(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from simulator.report import write_report
+    from simulator.table import print_results
+
+    doc = {"run_id": "r", "aggregator": "FedAvg+central_dp", "sites": ["a"], "rounds": [], "final": {}, "epsilon": {},
+           "privacy": {"central": {"epsilon": 4.25, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1,
+                                   "clip_norm": 1.0, "rounds": 3}}}
+    paths = write_report(doc, tmp_path)
+    page = next(p for p in paths.values() if str(p).endswith(".html")).read_text()
+    assert "central DP</b>: ε = 4.25 at δ = 1e-05 (rdp accountant" in page
+    out = io.StringIO()
+    print_results(doc, console=Console(file=out, width=200))
+    assert "central DP: ε = 4.250 at δ = 1e-05 (rdp accountant, z = 1.1, 3 rounds)" in out.getvalue()

@@ -248,3 +248,56 @@ def test_a_run_goes_on_with_a_legacy_duplicate_key_in_the_state(make_fed):
     result = fed.coordinator(exp).run()
     assert result.ok, result.reason
     np.testing.assert_allclose(mean_offset(result.weights, initial_weights(exp)), 2.5, atol=1e-4)
+
+
+# ------------------------------------------------------------------ site signals
+def test_a_site_with_reproducible_dp_noise_is_shown_per_site_and_in_the_result(tmp_path):
+    from tests.adversarial.malicious_site import with_payload
+
+    fed = Federation(f"memory://adv-{uuid.uuid4().hex[:8]}", tmp_path / "state")
+    try:
+        fed.add_site(1.0, 10)
+        research = fed.add_site(3.0, 30, attack=lambda site, t, h, f: [with_payload(site, t, h, reproducible=True)])
+        fed.start_sites()
+        result = fed.coordinator(_exp(rounds=1)).run()
+    finally:
+        fed.close()
+    assert result.ok, result.reason
+    assert result.to_json()["privacy"]["reproducible_dp"] == [research.site_id]
+    per_site = StateStore(fed.state_dir).rounds(result.run_id)[0]["metrics"]["per_site"]
+    assert {s: m["reproducible"] for s, m in per_site.items()} == {fed.sites[0].site_id: False, research.site_id: True}
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_chunk_jamming_by_one_broker_user_leaves_the_others_room_on_rabbitmq(amqp_url, local_broker, tmp_path):
+    """Per-site broker users (as `fedbus broker provision` makes them): the broker vouches for
+    each chunk's user_id, so a jammer asking for the whole budget gets half (its second
+    transfer is requeued, not reserved) and the honest sites' transfers go through at once."""
+    from protocol.transport.provision import deprovision, provision, user_url
+
+    tag = uuid.uuid4().hex[:6]
+    a, b, jammer = f"site-a-{tag}", f"site-b-{tag}", f"mallory-{tag}"
+    creds = provision(amqp_url, sites=[a, b, jammer])
+    budget = 64 * 1024
+    fed = Federation(amqp_url, tmp_path / "state", bus_opts={"max_reassembly_bytes": budget, "reassembly_timeout_s": 60})
+    try:
+        for sid, offset, n in ((a, 1.0, 10), (b, 3.0, 30)):
+            fed.add_site(offset, n, site_id=sid, bus_url=user_url(amqp_url, sid, creds.passwords[sid]), chunk_size=64)
+        fed.start_sites()
+        jam = open_bus(user_url(amqp_url, jammer, creds.passwords[jammer]))
+        for _ in range(2):  # together the whole budget, if one user could reserve it all
+            h, piece = split_body(os.urandom(budget // 2), chunk_size=budget // 4)[0]
+            jam.publish(UPDATES, fed.federation, bytes(piece[:10]), message_id=uuid.uuid4().hex,
+                        headers=chunk_header_to_amqp(h))
+        jam.close()
+        exp = _exp(rounds=1, timeout_s=20)  # the jam holds its reservation for 60 s: longer than the round
+        result = fed.coordinator(exp).run()
+        assert result.ok, result.reason
+        np.testing.assert_allclose(mean_offset(result.weights, initial_weights(exp)), 2.5, atol=1e-4)
+        accepted = {u["site"] for u in StateStore(fed.state_dir).updates(result.run_id, verdict="accepted", kind="Update")}
+        assert accepted == {a, b}
+        assert fed.dead_letters() == []  # nothing honest was refused
+    finally:
+        fed.close()
+        deprovision(amqp_url, [a, b, jammer])
