@@ -221,6 +221,9 @@ class Inbox:
 
     def decline(self, msg: Message, *, round: int) -> None:
         p = msg.payload
+        if p.reason == "untrusted_task":  # our signing key is not the one the site trusts
+            self.log.error(f"site {msg.env.sender} rejected our tasks: unknown signer", site_id=msg.env.sender,
+                           detail=p.detail)
         self.settle(msg, verdict="declined", reason=f"{p.reason}: {p.detail}", round=round)
 
     def late_eval(self, msg: Message, *, round: int) -> None:

@@ -17,7 +17,12 @@ class RoundProgress:
         self._round = start
 
     def __enter__(self) -> "RoundProgress":
-        if self.enabled:
+        import sys
+        import time
+
+        self._plain = self.enabled and not sys.stderr.isatty()  # a log file, systemd: one line per round
+        self._t0 = time.monotonic()
+        if self.enabled and not self._plain:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -48,6 +53,15 @@ class RoundProgress:
         self._describe(f"round {self._round}: {text}")
 
     def done(self, rnd: int, *, loss: float | None, accuracy: float | None) -> None:
+        if getattr(self, "_plain", False):
+            import sys
+            import time
+
+            now = time.monotonic()
+            metrics = "".join(f", {k} {v:.4f}" for k, v in (("loss", loss), ("accuracy", accuracy)) if v is not None)
+            sys.stderr.write(f"round {rnd}/{self.total} done{metrics} ({now - self._t0:.1f} s)\n")
+            sys.stderr.flush()
+            self._t0 = now
         if self._progress is not None:
             parts = [f"round {rnd} done"]
             if loss is not None:

@@ -29,7 +29,27 @@ def show_run(store: StateStore, run_id: str) -> dict[str, Any]:
     for row in doc.get("rounds", []):
         row["per_site"] = per.get(row["round"], {})
     doc["privacy_ledger"] = store.privacy(run_id)
+    _label(doc)
     return doc
+
+
+def _label(doc: dict[str, Any]) -> None:
+    """Say what the figures are: rounds hold validation metrics, ``final`` the sites' fixed test
+    splits; ε with the δ the sites reported it at; the best round by validation loss."""
+    doc["rounds_split"] = "validation"
+    if isinstance(doc.get("final"), dict) and doc["final"]:
+        doc["final"].setdefault("split", "test")
+    deltas = sorted({r.get("delta") for r in doc.get("privacy_ledger") or [] if r.get("delta") is not None})
+    if doc.get("epsilon") and any(v is not None for v in doc["epsilon"].values()):
+        priv = doc["privacy"] = dict(doc.get("privacy") or {})
+        priv.setdefault("epsilon", doc["epsilon"])
+        priv.setdefault("delta", deltas[0] if len(deltas) == 1 else deltas)
+        priv.setdefault("source", "as the sites reported with their updates")
+    rows = [r for r in doc.get("rounds", []) if isinstance(r.get("loss"), (int, float))]
+    if rows:
+        best = min(rows, key=lambda r: r["loss"])
+        doc["best_round"] = {"round": best["round"], "validation_loss": best["loss"],
+                             "validation_accuracy": best.get("accuracy")}
 
 
 def list_runs(store: StateStore) -> list[dict[str, Any]]:
@@ -57,6 +77,10 @@ def compare_runs(store: StateStore, a: str, b: str) -> dict[str, Any]:
         "timing": {k: [ra.get("timing", {}).get(k), rb.get("timing", {}).get(k)]
                    for k in ("wall_s", "train_s", "communication_s", "aggregation_s")},
         "epsilon": [ra.get("epsilon", {}), rb.get("epsilon", {})],
+        "delta": [(ra.get("privacy") or {}).get("delta"), (rb.get("privacy") or {}).get("delta")],
+        "best_round": [ra.get("best_round"), rb.get("best_round")],
+        "rounds_split": "validation",
+        "final_split": "test",
     }
 
 

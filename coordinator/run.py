@@ -338,6 +338,7 @@ class Coordinator:
         task = TrainTask(
             experiment=self.experiment.to_wire(), weights=weights, dataset=self._dataset(), base_round=base_round,
             seed=derive_seed(self.seed, round, site), deadline=deadline,
+            config=self.agg.task_config(round),  # e.g. FedProx's proximal_mu
         )
         return self._publish(task, site=site, round=round)
 

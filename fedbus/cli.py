@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fedbus import cli_broker, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
+from fedbus import cli_broker, cli_certs, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
 
 app = typer.Typer(
     name="fedbus",
@@ -17,10 +17,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("fedbus")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            v = "unknown (not installed)"
+        typer.echo(f"fedbus {v}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Federated learning for hospitals over a message bus."""
 app.add_typer(cli_keys.app, name="keys")
 app.add_typer(cli_config.app, name="config")
 app.add_typer(cli_broker.app, name="broker")
+app.add_typer(cli_certs.app, name="certs")
 app.add_typer(cli_coordinator.app, name="coordinator")
 app.add_typer(cli_site.app, name="site")
 cli_simulate.register(app)
@@ -28,7 +49,13 @@ cli_provision.register(app)
 
 
 def main() -> None:
-    app()
+    from protocol.transport.base import BusError, exit_code
+
+    try:
+        app()
+    except BusError as e:  # broker unreachable / refused: one line, exit 1 or 2 (systemd stops on 2)
+        typer.echo(f"fedbus: {e}", err=True)
+        raise SystemExit(exit_code(e)) from None
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def provision_cmd(
         typer.echo(f"fedbus broker provision: {e}", err=True)
         raise typer.Exit(2) from None
     except BusError as e:
+        from protocol.transport.base import exit_code
+
         typer.echo(f"fedbus broker provision: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(e)) from None
     doc = {
         "method": creds.method,
         "vhost": creds.vhost,

@@ -73,6 +73,12 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
             f"privacy:    DP-SGD noise_multiplier={dp.noise_multiplier:g} max_grad_norm={dp.max_grad_norm:g} "
             f"delta={dp.delta:g} accountant={dp.accountant}"
         )
+    elif dp.total_epsilon is not None:
+        console.print(
+            f"privacy:    DP-SGD total_epsilon={dp.total_epsilon:g} for the whole run per site "
+            f"(each site derives its noise from its rows) max_grad_norm={dp.max_grad_norm:g} "
+            f"delta={dp.delta:g} accountant={dp.accountant}"
+        )
     else:
         console.print(
             f"privacy:    DP-SGD target_epsilon={dp.target_epsilon:g} max_grad_norm={dp.max_grad_norm:g} "
@@ -117,6 +123,9 @@ _SAMPLING = ("fraction_fit", "fraction_eval", "min_fit_clients", "min_eval_clien
 def validate(
     experiment_file: Annotated[Path, typer.Argument(metavar="EXPERIMENT.json", help="Experiment JSON file.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    catalogue: Annotated[Path | None, typer.Option(
+        "--catalogue", help='JSON {"site-id": rows, ...} (or {"site-id": {"rows": N}}): show the privacy plan '
+                            'each site derives from a total_epsilon budget.')] = None,
 ) -> None:
     """Validate an experiment: layers, output shapes, parameter count, settings."""
     from protocol.model import summarize  # torch: imported only by the verbs that need it
@@ -131,10 +140,44 @@ def validate(
             typer.echo(json.dumps({"valid": False, "error": error}))
         console.print(f"[red]invalid experiment[/red] {experiment_file}: {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    plan = _privacy_plan(experiment, catalogue, console, json_out) if catalogue is not None else None
     if json_out:
-        typer.echo(json.dumps(_report(experiment, summary)))
+        typer.echo(json.dumps({**_report(experiment, summary), **({"privacy_plan": plan} if plan else {})}))
     else:
         _print_human(console, experiment, summary, experiment_file)
+        if plan:
+            from simulator.privacy import describe_plan
+
+            console.print("\n".join(describe_plan(plan)), highlight=False)
+
+
+def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out: bool) -> dict[str, Any] | None:
+    """Per site: ε at the end of the run from its announced rows (``site_worker.run_budget``)."""
+    from site_worker import run_budget
+
+    def fail(message: str) -> None:
+        if json_out:
+            typer.echo(json.dumps({"valid": False, "error": {"path": "--catalogue", "message": message}}))
+        console.print(f"[red]--catalogue[/red] {path}: {message}", highlight=False)
+        raise typer.Exit(2)
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        fail(f"cannot read it as JSON: {e}")
+    if not isinstance(raw, dict) or not raw:
+        fail('must be a JSON object {"site-id": rows, ...}')
+    rows: dict[str, int] = {}
+    for site, v in raw.items():
+        n = v.get("rows") if isinstance(v, dict) else v
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            fail(f"{site}: rows must be an integer >= 2, got {n!r}")
+        rows[str(site)] = n
+    if not run_budget.applies(experiment):
+        console.print("privacy plan: the experiment states no training.optimizer.differential_privacy.total_epsilon; "
+                      "nothing to plan", highlight=False)
+        return None
+    return run_budget.plan_catalogue(experiment, rows)
 
 
 @app.command("new")
@@ -146,6 +189,8 @@ def new(
     state: Annotated[Optional[Path], typer.Option("--state", help="Coordinator state directory (with --from-site).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeat).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
+    dataset_name: Annotated[Optional[str], typer.Option("--dataset-name", help="The name sites offer the data under ([datasets.NAME] in site.toml) [the file's name].")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="training.rounds.")] = 10,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
     """Write an experiment from a dataset's columns: features, categories, input size, MLP 64→32→1, DP defaults."""
@@ -157,11 +202,13 @@ def new(
         if from_site is not None:
             if state is None:
                 _fail("--from-site needs --state (the coordinator's state directory, where site hellos are kept)")
-            doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name)
+            doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name,
+                                                     rounds=rounds)
         else:
             if target is None:
                 _fail("--target COLUMN is required with a --dataset file")
-            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name)
+            doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds,
+                                              dataset_name=dataset_name)
     except ValueError as e:
         _fail(str(e))
     try:

@@ -21,6 +21,9 @@ app.add_typer(runs_app, name="runs")
 from fedbus import cli_dead_letters  # noqa: E402  (a sub-group of its own)
 
 app.add_typer(cli_dead_letters.app, name="dead-letters")
+from fedbus import cli_coordinator_run  # noqa: E402  (run, runs list|stop, logs)
+
+cli_coordinator_run.register(app, runs_app)
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")
@@ -100,70 +103,9 @@ def sites(state: Path = STATE, json_out: bool = JSON) -> None:
     _err.print(table)
 
 
-@app.command()
-def run(
-    experiment: Path = typer.Argument(..., help="Experiment JSON."),
-    broker: str = typer.Option(..., "--broker", help="memory://NAME or amqp://user:pass@host:5672/vhost"),
-    state: Path = STATE,
-    resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run (or --run-id)."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (new) or the run to resume."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key [STATE/coordinator.key, created if missing]."),
-    federation: str = typer.Option("default", "--federation", help="Federation name (queues fedbus.updates.<F>)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
-    round_timeout: Optional[float] = typer.Option(None, "--round-timeout", help="Override federated.round_timeout_s."),
-    site: Optional[list[str]] = typer.Option(None, "--site", help="Run with exactly these enrolled sites (repeat)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Round progress on stderr."),
-    json_out: bool = JSON,
-) -> None:
-    """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
-    from coordinator.run import Coordinator
-    from coordinator.state import StateError
-    from fedbus.logs import configure_logging
-    from protocol.config import ConfigError, load_experiment
-    from protocol.signing import Signer, generate_keypair
-    from protocol.transport import BusError, open_bus
-
-    configure_logging("cli")
-    try:
-        exp = load_experiment(experiment)
-    except ConfigError as e:
-        _fail(f"{experiment}: {e}")
-    except OSError as e:
-        _fail(f"cannot read {experiment}: {e.strerror}")
-    state.mkdir(parents=True, exist_ok=True)
-    if key is None:
-        key = state / "coordinator.key"
-        if not key.exists():
-            generate_keypair("coordinator", state)
-            typer.echo(f"created coordinator key {key}; give {state / 'coordinator.pub'} to every site", err=True)
-    try:
-        signer = Signer.from_file(key)
-    except (OSError, ValueError) as e:
-        _fail(f"cannot load coordinator key {key}: {e}")
-    try:
-        bus = open_bus(broker)
-    except (BusError, ValueError, OSError) as e:
-        _fail(f"cannot open broker {broker}: {e}")
-    try:
-        coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=federation, sites=site or None,
-                            run_id=run_id, resume=resume, progress=progress, round_timeout_s=round_timeout,
-                            rounds=rounds)
-        result = coord.run()
-    except (StateError, ValueError) as e:
-        _fail(str(e))
-    finally:
-        bus.close()
-    doc = result.to_json()
-    _emit(doc, json_out)
-    _print_run(doc)
-    if not result.ok:
-        typer.echo(f"run {result.run_id} failed: {result.reason}", err=True)
-        raise typer.Exit(1)
-
-
 def _print_run(doc: dict[str, Any]) -> None:
     table = Table(title=f"run {doc['run_id']} ({doc.get('aggregator')}) - {doc.get('status')}")
-    for col in ("round", "replies", "loss", "accuracy", "auc", "wall s"):
+    for col in ("round", "replies", "val loss", "val accuracy", "val auc", "wall s"):
         table.add_column(col, justify="right")
     for r in doc.get("rounds", []):
         table.add_row(str(r["round"]), _fmt(r["replies"]), _fmt(r["loss"]), _fmt(r["accuracy"]), _fmt(r["auc"]),
@@ -171,30 +113,21 @@ def _print_run(doc: dict[str, Any]) -> None:
     _err.print(table)
     final = doc.get("final") or {}
     if final:
-        _err.print("final (test): " + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
+        _err.print("final (test: each site's fixed test split): "
+                   + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
         for s, m in (final.get("per_site") or {}).items():
             _err.print(f"  {s}: accuracy {_fmt(m.get('accuracy'))}, auc {_fmt(m.get('auc'))}, n_test {m.get('n_test')}")
     if doc.get("epsilon"):
-        _err.print("epsilon: " + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+        delta = (doc.get("privacy") or {}).get("delta")
+        _err.print("epsilon" + (f" (delta {delta})" if delta is not None else "") + ": "
+                   + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+    if doc.get("best_round"):
+        b = doc["best_round"]
+        _err.print(f"best round by validation loss: {b['round']} (validation loss {_fmt(b['validation_loss'])})")
     for d in doc.get("declined", []):
         _err.print(f"[yellow]declined[/] {d['site']} round {d.get('round')}: {d['reason']}")
     for r in doc.get("rejected", []):
         _err.print(f"[red]rejected[/] {r['site']} {r['message_id']}: {r['reason']}")
-
-
-@runs_app.command("list")
-def runs_list(state: Path = STATE, json_out: bool = JSON) -> None:
-    """Every run in the state directory."""
-    from coordinator.results import list_runs
-
-    rows = list_runs(_store(state))
-    _emit(rows, json_out)
-    table = Table(title="runs")
-    for col in ("run", "federation", "aggregator", "status", "rounds"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["run_id"], r["federation"], r["aggregator"], r["status"], f"{r['rounds_done']}/{r['rounds_planned']}")
-    _err.print(table)
 
 
 def _run_or_fail(fn, *args):
@@ -230,11 +163,11 @@ def runs_compare(a: str = typer.Argument(...), b: str = typer.Argument(...), sta
     table = Table(title=f"{a} vs {b}")
     table.add_column("round", justify="right")
     for k in ("loss", "accuracy", "auc"):
-        table.add_column(f"{k} A", justify="right")
-        table.add_column(f"{k} B", justify="right")
+        table.add_column(f"val {k} A", justify="right")
+        table.add_column(f"val {k} B", justify="right")
     for r in doc["rounds"]:
         table.add_row(str(r["round"]), *[_fmt(r[f"{k}_{t}"]) for k in ("loss", "accuracy", "auc") for t in ("a", "b")])
-    table.add_row("final", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
+    table.add_row("final (test)", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
     _err.print(table)
 
 

@@ -60,6 +60,10 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)
             raise typer.Exit(2) from None
         except SimulationFailed as e:
+            if json_out:  # a failed run still prints its document
+                failed = dict(e.document or {"reason": str(e)})
+                failed["status"] = "failed"
+                typer.echo(json.dumps(failed, default=str))
             err.print(f"[red]fedbus simulate: run failed:[/red] {e}", soft_wrap=True)
             raise typer.Exit(1) from None
         print_results(doc, console=err)

@@ -2,7 +2,10 @@
 
 Runs until SIGTERM/SIGINT, then stops taking tasks, finishes or abandons the current
 one within ``grace_s`` (an abandoned task is not acked, so the broker redelivers it),
-closes cleanly and logs its counts. Exit 2 on a bad config, 1 when it cannot run.
+closes cleanly and logs its counts; SIGTERM during start-up (imports, connecting)
+exits at once. Exit 2 on a bad config or a broker that refuses us (login, TLS,
+permissions: systemd's RestartPreventExitStatus=2 stops the loop), 1 when it cannot
+run for now (broker unreachable within the connect timeout).
 """
 
 from __future__ import annotations
@@ -42,25 +45,42 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     import structlog
 
     log = structlog.get_logger("fedbus.site")
-    from protocol.transport.base import BusError
+    from protocol.transport.base import BusError, exit_code
     from site_worker.daemon import SiteWorker
 
     stop = threading.Event()
     received: list[str] = []
+    starting = [True]
+
+    class _StopDuringStartup(BaseException):
+        """SIGTERM while importing, connecting or announcing: leave at once."""
 
     def _on_signal(signum: int, _frame: object) -> None:
         received.append(signal.Signals(signum).name)
         stop.set()
+        if starting[0]:
+            raise _StopDuringStartup()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
         worker = SiteWorker(cfg)
         worker.start()
-    except (BusError, OSError, ValueError) as e:
+        starting[0] = False
+    except _StopDuringStartup:
+        # Nothing was taken yet (no task is acked before its reply is confirmed): exit now.
+        log.info("site_stopped_during_startup", site_id=cfg.site_id, signal=received[0] if received else None)
+        logging.shutdown()
+        os._exit(0)
+    except BusError as e:  # one line: what, where, the likely cause
+        starting[0] = False
+        typer.echo(f"fedbus site run: cannot start: {e}", err=True)
+        raise typer.Exit(exit_code(e)) from None
+    except (OSError, ValueError) as e:
+        starting[0] = False
         log.error("site_failed_to_start", site_id=cfg.site_id, error=f"{type(e).__name__}: {e}")
         typer.echo(f"fedbus site run: cannot start: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(e, ValueError) else 1) from None
     while not stop.wait(3600):
         pass
     log.info("site_stopping", site_id=cfg.site_id, signal=received[0] if received else None, grace_s=cfg.grace_s)

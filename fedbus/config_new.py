@@ -29,7 +29,8 @@ def _target_encoding(values: list[str]) -> tuple[str, int, str | None]:
     return task, k, None
 
 
-def experiment_from_file(path: Path, *, target: str, exclude: list[str], name: str | None) -> tuple[dict[str, Any], list[str]]:
+def experiment_from_file(path: Path, *, target: str, exclude: list[str], name: str | None,
+                         rounds: int = 10, dataset_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """The experiment document and notes for the operator."""
     from site_worker.columns import plan_columns, read_file, safe_key
     from site_worker.data import DataError
@@ -43,19 +44,19 @@ def experiment_from_file(path: Path, *, target: str, exclude: list[str], name: s
     if not plan.features:
         raise ValueError(f"--dataset {path}: no usable feature column besides the target {target!r}")
     task, k, rule = _target_encoding(plan.target_values)
-    key = safe_key(path.stem)
+    key = safe_key(dataset_name or path.stem)
     notes = [f"left out {c}: {why}" for c, why in plan.excluded.items()]
     if rule:
         notes.append(f"binary target {target!r} holds {plan.target_values}: dataset.positive_if = {rule!r}")
     doc = new_experiment(name=name or key, dataset=key, target=target, features=plan.features,
                          categorical=plan.categorical, task=task, num_classes=k, positive_if=rule,
-                         exclude=[c for c in plan.excluded], rows=plan.rows)
+                         exclude=[c for c in plan.excluded], rows=plan.rows, rounds=rounds)
     notes.append(f"sites offer this file as [datasets.{key}] with target = {target!r}")
     return doc, notes
 
 
 def experiment_from_catalogue(state: Path, site: str, dataset: str, *, target: str | None, exclude: list[str],
-                              name: str | None) -> tuple[dict[str, Any], list[str]]:
+                              name: str | None, rounds: int = 10) -> tuple[dict[str, Any], list[str]]:
     """From SITE's announced ``dataset`` (its SiteHello as stored in the coordinator's state)."""
     from coordinator.state import StateStore
 
@@ -88,5 +89,6 @@ def experiment_from_catalogue(state: Path, site: str, dataset: str, *, target: s
                      "them to dataset.categorical (with the categories the site holds) and widen the input layer")
     notes.append("the target's classes are not in the catalogue: assumed binary 0/1; edit dataset.task if not")
     doc = new_experiment(name=name or dataset, dataset=dataset, target=tgt, features=features, categorical={},
-                         task="binary", num_classes=2, exclude=skipped + list(exclude), rows=info.get("rows"))
+                         task="binary", num_classes=2, exclude=skipped + list(exclude), rows=info.get("rows"),
+                         rounds=rounds)
     return doc, notes

@@ -51,6 +51,7 @@ class SiteSpec:
     dataset: str
     target: str | None
     data: str | None  # path of the data file at the hospital, if known
+    max_epsilon: float = 10.0  # the kit's default privacy budget (the hospital's to change)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ def _ident(t: dict[str, Any], k: str, where: str) -> str:
     return v
 
 
+def _number(t: dict[str, Any], k: str, where: str, default: float) -> float:
+    v = t.get(k, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ProjectError(f"{where}.{k}", f"must be a positive number, got {v!r}")
+    return float(v)
+
+
 def load_project(path: Path) -> Project:
     """Read and validate PROJECT.toml (see README "Deployment")."""
     try:
@@ -106,8 +114,8 @@ def load_project(path: Path) -> Project:
         raise ProjectError("project", f"{path} is not valid TOML: {e}") from None
     _reject_unknown(raw, {"federation", "sites", "tls"}, "")
     fed = _toml_table(raw.get("federation"), "federation")
-    _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir"},
-                    "federation")
+    _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir",
+                          "max_epsilon"}, "federation")
     name = _ident(fed, "name", "federation")
     broker = _string(fed, "broker", "federation")
     assert broker is not None
@@ -122,6 +130,7 @@ def load_project(path: Path) -> Project:
         raise ProjectError("federation.quorum", f"must be true or false, got {quorum!r}")
     dataset = _string(fed, "dataset", "federation", required=False) or "data"
     target = _string(fed, "target", "federation", required=False)
+    budget = _number(fed, "max_epsilon", "federation", 10.0)
     entries = raw.get("sites")
     if not isinstance(entries, list) or not entries:
         raise ProjectError("sites", "add at least one [[sites]] table with an id")
@@ -129,15 +138,18 @@ def load_project(path: Path) -> Project:
     for i, entry in enumerate(entries):
         where = f"sites[{i}]"
         t = _toml_table(entry, where)
-        _reject_unknown(t, {"id", "dataset", "target", "data"}, where)
+        _reject_unknown(t, {"id", "dataset", "target", "data", "max_epsilon"}, where)
         sid = _ident(t, "id", where)
         if sid == COORDINATOR or any(s.id == sid for s in sites):
             raise ProjectError(f"{where}.id", f"{sid!r} is used twice (or is the coordinator's name)")
         ds = _string(t, "dataset", where, required=False) or dataset
         if not _ID.match(ds):
             raise ProjectError(f"{where}.dataset", f"{ds!r} must use letters, digits, '.', '_', '-'")
+        data = _string(t, "data", where, required=False)
+        if data is not None and not Path(data).is_absolute():  # relative to the project file, as a reader expects
+            data = str((path.resolve().parent / data).resolve())
         sites.append(SiteSpec(sid, ds, _string(t, "target", where, required=False) or target,
-                              _string(t, "data", where, required=False)))
+                              data, _number(t, "max_epsilon", where, budget)))
     tls = _toml_table(raw["tls"], "tls") if "tls" in raw else None
     user = fed.get("coordinator_user") or f"coordinator-{name}"
     if not isinstance(user, str) or not _ID.match(user) or user in {s.id for s in sites}:
@@ -234,7 +246,7 @@ state_dir = "state"
 log_level = "info"
 
 [policy]
-max_epsilon = 10.0        # this hospital's lifetime privacy budget per dataset
+max_epsilon = {s.max_epsilon:g}        # this hospital's lifetime privacy budget per dataset
 min_noise_multiplier = 0.5
 allow_no_dp = false
 
@@ -370,7 +382,7 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
     (rep.created if made else rep.kept).append(f"coordinator key {ckid}")
     cpw, made = _password(ckit / "broker.password", COORDINATOR in rotate_passwords)
     (rep.created if made else rep.kept).append("coordinator broker password")
-    ctls = tls_files(project.tls, ckit, COORDINATOR) if project.tls else None
+    ctls = tls_files(project.tls, ckit, project.coordinator_user) if project.tls else None  # cert CN = broker user
     (ckit / "coordinator.toml").write_text(_coordinator_toml(project, ctls), encoding="utf-8")
     (ckit / "README").write_text(_coordinator_readme(project), encoding="utf-8")
 
@@ -415,7 +427,8 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         from protocol.transport.provision import deprovision, provision
 
         creds = provision(project.admin, sites=[s.id for s in active], coordinator=project.coordinator_user,
-                          federation=project.federation, quorum=project.quorum, passwords=passwords)
+                          federation=project.federation, quorum=project.quorum, passwords=passwords,
+                          auth="external" if (project.tls or {}).get("auth") == "external" else "plain")
         rep.broker = f"{creds.method} on vhost {creds.vhost!r}: {', '.join(creds.passwords)}"
         if revoke:
             deprovision(project.admin, sorted(revoke))

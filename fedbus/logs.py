@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Literal, TextIO
 
 import structlog
@@ -74,9 +75,36 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(lvl)
-    # pika logs every connection step at INFO; keep its warnings only unless debugging.
-    logging.getLogger("pika").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.WARNING)
+    # pika logs every connection step at INFO and every failed attempt at ERROR; the bus
+    # says what happened in its own lines, so pika stays silent unless debugging.
+    logging.getLogger("pika").setLevel(logging.DEBUG if lvl == logging.DEBUG else logging.CRITICAL + 1)
     _configured = key
+
+
+def add_log_file(path: Path) -> None:
+    """Also write every log line as JSON to ``path`` (appending; the coordinator keeps one
+    in its state directory, which ``fedbus coordinator logs RUN`` reads back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    tracebacks = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.ExceptionRenderer(tracebacks), structlog.processors.JSONRenderer()],
+    )
+    root = logging.getLogger()
+    name = f"{_HANDLER_NAME}-file:{path}"
+    if any(h.get_name() == name for h in root.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.set_name(name)
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
 
 
 @contextlib.contextmanager
@@ -91,4 +119,4 @@ def bind_log_context(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
-__all__ = ["configure_logging", "log_context", "bind_log_context"]
+__all__ = ["configure_logging", "add_log_file", "log_context", "bind_log_context"]

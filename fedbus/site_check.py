@@ -114,9 +114,8 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
     from protocol.config import ConfigError, load_experiment
     from protocol.model import summarize
     from site_worker.data import DataError, prepare
-    from site_worker.ledger import PrivacyLedger
     from site_worker.policy import PolicyViolation, check_policy
-    from site_worker.trainer import TrainSpec, plan_dp
+    from site_worker.splits import SplitKey
 
     try:
         exp = load_experiment(experiment)
@@ -136,29 +135,47 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
         return out
     src = cfg.datasets[name]
     try:
-        data = prepare(src, exp.dataset, seed=0, input_shape=exp.input_shape)
+        key = SplitKey.load_or_create(cfg.state_dir, test_fraction=cfg.policy.test_fraction)
+        data = prepare(src, exp.dataset, key=key, input_shape=exp.input_shape)
     except DataError as e:
         out.append(Check(f"dataset {name}", False, f"{src.path}: {e}"))
         return out
-    n = len(data.x_train) + len(data.x_val)
-    out.append(Check(f"dataset {name}", True, f"{src.path}: {n} usable rows, target {src.target!r}, "
+    out.append(Check(f"dataset {name}", True, f"{src.path}: {data.rows} usable rows, target {src.target!r}, "
                                               f"{len(data.features)} encoded features as the model expects"))
+    out.append(_check_privacy(cfg, exp, name, n_train=len(data.x_train), rows=int(data.rows)))
+    return out
+
+
+def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int) -> Check:
+    """ε of the whole run at this site: every round's DP-SGD steps plus its metrics release,
+    planned exactly as the site will (its policy's accountant, δ and limits), on top of the ledger."""
+    from site_worker.dp import site_plan
+    from site_worker.ledger import PrivacyLedger, epsilon_of
+    from site_worker.policy import PolicyViolation
+    from site_worker.release import release_entries
+    from site_worker.trainer import TrainSpec
+
+    policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
     if spec.dp is None:
-        out.append(Check("privacy", True, "DP is off for this experiment: updates are not differentially private"))
-        return out
-    dp = plan_dp(spec, len(data.x_train))
-    ledger = PrivacyLedger(cfg.state_dir)
-    spent = ledger.spent(name, delta=dp.delta, accountant=dp.accountant)
-    after = ledger.project(name, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                           steps=dp.steps * int(exp.training.rounds), delta=dp.delta, accountant=dp.accountant)
-    budget = cfg.policy.max_epsilon
+        return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
+                     + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
+    try:
+        plan = site_plan(policy, spec, n_train=n_train, rows=rows)
+    except PolicyViolation as e:
+        return Check("privacy", False, f"this site would decline: {e}")
+    rounds = int(exp.training.rounds)
+    history = PrivacyLedger(cfg.state_dir).history(dataset)
+    per_round = plan.entries() + release_entries(policy)
+    spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)
+    after = epsilon_of(list(history) + per_round * rounds, delta=plan.delta, accountant=plan.accountant)
+    budget = policy.max_epsilon
     ok = budget is None or after <= budget
-    out.append(Check("privacy", ok, f"the run would cost ε {after - spent:.3g} (ε {spent:.3g} -> {after:.3g} at δ "
-                                    f"{dp.delta:g}, {dp.accountant} accountant, {exp.training.rounds} rounds)"
-                                    + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
-                                    + ("" if ok else ": the site would decline the rounds past its budget")))
-    return out
+    return Check("privacy", ok, f"the run would cost ε {after - spent:.3g} (ε {spent:.3g} -> {after:.3g} at δ "
+                                f"{plan.delta:g}, {plan.accountant} accountant, {rounds} rounds of {plan.steps} steps "
+                                f"at noise {plan.noise_multiplier:g})"
+                                + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+                                + ("" if ok else ": the site would decline the rounds past its budget"))
 
 
 def print_checks(checks: list[Check], echo: Callable[[str], None]) -> bool:

@@ -54,6 +54,7 @@ __all__ = [
     "Experiment",
     "FederatedSpec",
     "LayerSpec",
+    "PersonalizationSpec",
     "load_experiment",
 ]
 
@@ -129,20 +130,27 @@ class BasicInfo(_Block):
 
 
 class DPConfig(_Block):
-    """Site-side DP-SGD (Opacus): a fixed noise multiplier or a target epsilon."""
+    """Site-side DP-SGD (Opacus): a fixed noise multiplier, a target epsilon per task, or a
+    total epsilon per site for the whole run (``total_epsilon``, at ``delta``), from which
+    each site derives its own noise from its own row count and the planned steps."""
 
     enabled: Bool = True
     noise_multiplier: Float | None = Field(None, ge=0)
     max_grad_norm: Float = Field(1.0, gt=0)
     target_epsilon: Float | None = Field(None, gt=0)
+    total_epsilon: Float | None = Field(None, gt=0)
     delta: Float = Field(1e-5, gt=0, lt=1)
     random_seed: Int | None = None
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> DPConfig:
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError('set "noise_multiplier" or "target_epsilon", or "enabled": false to train without DP')
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None and self.total_epsilon is None:
+            raise ValueError('set "noise_multiplier", "target_epsilon" or "total_epsilon", '
+                             'or "enabled": false to train without DP')
+        if self.total_epsilon is not None and (self.target_epsilon is not None or self.noise_multiplier is not None):
+            raise ValueError('"total_epsilon" (a budget for the whole run) fixes the noise itself; '
+                             'drop "target_epsilon" and "noise_multiplier"')
         return self
 
 
@@ -161,6 +169,16 @@ class OptimizerSpec(_Block):
         return value
 
 
+class PersonalizationSpec(_Block):
+    """After the federated rounds each site fine-tunes the global model on its own training
+    rows (``last_layer``: only the final layer; ``full``: every layer) for ``epochs``, under
+    the same DP settings and, with ``total_epsilon``, inside the same run budget."""
+
+    mode: Literal["last_layer", "full"] = "last_layer"
+    epochs: Int = Field(5, ge=1)
+    learning_rate: Float | None = Field(None, gt=0)
+
+
 class TrainingSpec(_Block):
     medinet_fields: ClassVar[frozenset[str]] = frozenset({"metrics", "flower_version"})
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -169,6 +187,7 @@ class TrainingSpec(_Block):
     batch_size: Int = Field(ge=1)
     rounds: Int = Field(ge=1)
     seed: Int = 42
+    personalization: PersonalizationSpec | None = None
 
     @field_validator("loss_function", mode="before")
     @classmethod

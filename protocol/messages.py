@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 # An ordered list of named arrays: the state_dict of a model, in module order.
 Tensors = tuple[tuple[str, np.ndarray], ...]
 
-DeclineReason = Literal["budget", "policy", "data", "error"]
+DeclineReason = Literal["budget", "policy", "data", "error", "untrusted_task"]
 ControlAction = Literal["stop", "abort"]
 
 

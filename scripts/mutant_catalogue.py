@@ -80,6 +80,12 @@ MUTANTS: list[Mutant] = [
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
+        "async-duplicate-task-merged", "FedAsync merges one answer per task; a second answer is settled as a duplicate",
+        (Edit(RUN, "            if any(h.row.task_id == p.task_id for h in held.values()) or "
+                   "self.store.task_answered(self.run_id, p.task_id):\n", "            if False:\n"),),
+        ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
+    ),
+    Mutant(
         "ack-before-commit", "an update is acked only once the round that includes it is committed",
         (Edit(INBOX, "        msg.delivery.release_body()  # acked by the commit that includes it, not before\n",
               "        msg.delivery.ack()\n        msg.delivery.release_body()\n"),
@@ -123,17 +129,19 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ site privacy
     Mutant(
         "ledger-ignores-history", "each release is charged on top of everything the dataset spent before",
-        (Edit(HANDLERS, "            history = self.ledger.history(task.dataset)\n", "            history = []\n"),),
+        (Edit("site_worker/ledger.py", "            history = merge([e for r in rel for e in r[\"entries\"]])\n            spent =",
+              "            history = []\n            spent ="),),
         ("tests/site_worker/test_ledger_accumulates.py",), marks="not broker",
     ),
     Mutant(
         "budget-check-after-training", "a task over max_epsilon is declined before any training",
-        (Edit(HANDLERS, "            if cap is not None and projected > cap:\n", "            if False:\n"),
-         Edit(HANDLERS, "            self.ledger.record(task.dataset, result.history, task_id=env.message_id)\n",
-              "            self.ledger.record(task.dataset, result.history, task_id=env.message_id)\n"
-              "            if cap is not None and result.epsilon > cap:\n"
-              "                raise _Decline(\"budget\", \"over max_epsilon\", {\"epsilon_spent\": spent, \"max_epsilon\": cap,\n"
-              "                                         \"epsilon_projected\": result.epsilon, \"delta\": plan.delta})\n")),
+        (Edit(HANDLERS, "            epsilon = self._reserve(task.dataset, env, kind=\"train\", entries=entries, delta=plan.delta)\n"
+                        "        try:\n",
+              "            pass\n        try:\n"),
+         Edit(HANDLERS, "        after = release_metrics(result.model,",
+              "        if plan is not None:\n"
+              "            epsilon = self._reserve(task.dataset, env, kind=\"train\", entries=entries, delta=plan.delta)\n"
+              "        after = release_metrics(result.model,")),
         ("tests/site_worker/test_ledger_accumulates.py", "tests/site_worker/test_worker_memory.py"), marks="not broker",
     ),
     Mutant(
@@ -141,6 +149,50 @@ MUTANTS: list[Mutant] = [
         (Edit("site_worker/data.py", "        med = np.nanmedian(train) if np.any(~np.isnan(train)) else 0.0\n",
               "        med = 0.0\n"),),
         ("tests/site_worker/test_data.py",),
+    ),
+]
+
+# ---------------------------------------------------------------------- issue 10: nobody trusted with another's bounds
+MUTANTS += [
+    Mutant(
+        "site-noise-seeded-from-task", "a site's DP noise is secret, never derived from what the coordinator sent",
+        (Edit("site_worker/dp.py", "    return SecureRandom.secret()\n",
+              "    return SecureRandom.reproducible_from(0, task_seed, purpose)\n"),),
+        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+    ),
+    Mutant(
+        "trainer-noise-seeded-from-task", "the trainer's default DP randomness is secret, not the task seed",
+        (Edit("site_worker/trainer.py", "rng = rng or SecureRandom.secret()",
+              "rng = rng or SecureRandom.reproducible_from(0, spec.seed, \"train\")"),),
+        ("tests/site_worker/test_training.py",),
+    ),
+    Mutant(
+        "delta-from-experiment", "epsilon is accounted at the site's delta, not the one the experiment asks for",
+        (Edit("site_worker/dp.py", "plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant,",
+              "plan = plan_dp(spec, n_train, delta=None, accountant=policy.accountant,"),),
+        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+    ),
+    Mutant(
+        "min-noise-unchecked", "a task whose planned noise (e.g. derived from a target epsilon) is below min_noise_multiplier is declined",
+        (Edit("site_worker/dp.py", "    if plan.noise_multiplier < policy.min_noise_multiplier:\n", "    if False:\n"),),
+        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+    ),
+    Mutant(
+        "num-examples-unbounded", "a site's num_examples is capped by the rows its SiteHello announced",
+        (Edit(INBOX, "        if p.num_examples > rows:\n", "        if False:\n"),),
+        ("tests/adversarial/test_malicious_site.py",), marks="not broker",
+    ),
+    Mutant(
+        "message-id-not-validated", "a message id is exactly a uuid4 hex (it can never name a path)",
+        (Edit("protocol/codec.py", "    if not _MESSAGE_ID.fullmatch(message_id):\n", "    if False:\n"),),
+        ("tests/protocol/test_codec.py", "tests/adversarial/test_malicious_site.py"), marks="not broker",
+    ),
+    Mutant(
+        "central-dp-noise-without-secret", "central DP noise is keyed by the coordinator's secret, not public data",
+        (Edit("coordinator/aggregators/central_dp.py",
+              "key = hmac.new(self._secret, f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)",
+              "key = hmac.new(b\"public\", f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)"),),
+        ("tests/coordinator/test_central_dp_secret.py", "tests/adversarial/test_central_dp.py"), marks="not broker",
     ),
 ]
 

@@ -18,7 +18,7 @@ import pandas as pd
 import numpy as np
 
 from protocol.model import build_model
-from simulator.evaluation import TestSplit, holdout, score, source_for
+from simulator.evaluation import TestSplit, holdout, score, source_for, union_of_own
 from site_worker.config import DatasetSource
 from site_worker.data import prepare
 from site_worker.trainer import TrainSpec, train
@@ -30,7 +30,23 @@ def _train(experiment: Any, source: DatasetSource, *, epochs: int, seed: int) ->
     input_shape = _input_shape(experiment)
     data = prepare(source, experiment.dataset, seed=seed, input_shape=input_shape)
     spec = TrainSpec.from_experiment(experiment, seed=seed, overrides={"epochs": epochs})
-    return train(model, data, spec).model
+    return train(model, data, spec, plan=_budget_plan(experiment, spec, len(data.x_train))).model
+
+
+def _budget_plan(experiment: Any, spec: TrainSpec, n_train: int) -> Any:
+    """With ``total_epsilon``: the same total spent on the baseline's own steps (else None:
+    the trainer's plan from the experiment's noise)."""
+    from site_worker import run_budget
+    from site_worker.trainer import DPPlan
+
+    if spec.dp is None or not run_budget.applies(experiment):
+        return None
+    per_epoch = run_budget.steps_per_epoch(n_train, spec.batch_size)
+    steps = per_epoch * spec.epochs
+    sigma = run_budget.solve_noise(total_epsilon=float(experiment.training.dp.total_epsilon), delta=spec.dp.delta,
+                                   accountant=spec.dp.accountant, sample_rate=1.0 / per_epoch, steps=steps)
+    return DPPlan(noise_multiplier=sigma, sample_rate=1.0 / per_epoch, steps=steps, max_grad_norm=spec.dp.max_grad_norm,
+                  delta=spec.dp.delta, accountant=spec.dp.accountant)
 
 
 def _input_shape(experiment: Any) -> tuple[int, ...] | None:
@@ -83,31 +99,12 @@ def run_baselines(
             "_model": model,
         }
     # Each hospital's own model on its own patients, pooled over hospitals.
-    union = _union_of_own(local, own_splits, loss_name=loss_name, task=task)
+    union = union_of_own({s: m["_model"] for s, m in local.items()}, own_splits, loss_name=loss_name, task=task)
     for site in local:
         local[site].pop("_model")
     local["_union"] = union
     return {"pooled": {k: v for k, v in pooled.items() if k != "per_site"}, "pooled_per_site": pooled["per_site"],
-            "local": local, "epochs": epochs}
-
-
-def _union_of_own(local: dict[str, Any], splits: list[TestSplit], *, loss_name: str, task: str) -> dict[str, Any]:
-    import torch
-
-    from site_worker.metrics import make_loss, prepare_target, task_metrics
-
-    outs, ys = [], []
-    with torch.no_grad():
-        for s in splits:
-            model = local[s.site]["_model"]
-            model.eval()
-            outs.append(model(s.x))
-            ys.append(s.y)
-    out, y = torch.cat(outs), torch.cat(ys)
-    m = {"loss": float(make_loss(loss_name)(out, prepare_target(y, out, loss_name)))}
-    m.update({k: float(v) for k, v in task_metrics(out, y, loss_name=loss_name, task=task).items() if v is not None})
-    m["n_test"] = int(len(y))
-    return m
+            "local": local, "epochs": epochs, "split": "test"}
 
 
 def _pool(files: dict[str, Path], stem: Path) -> Path:

@@ -30,6 +30,7 @@ class TestSplit:
     site: str
     x: torch.Tensor
     y: torch.Tensor
+    majority: float | None = None  # the majority class of the site's *training* rows (a no-skill model)
 
 
 def _spec_task(spec: Any) -> tuple[str, int]:
@@ -48,6 +49,8 @@ def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape
     if train.format == "npy":
         x, y_raw = site_data.read_signals(test)
         y = site_data.encode_labels(pd.Series(y_raw), test.target, task, num_classes, rule)
+        _, y_tr_raw = site_data.read_signals(train)
+        majority = _majority(site_data.encode_labels(pd.Series(y_tr_raw), train.target, task, num_classes, rule), task)
         x = np.asarray(x, dtype=np.float32)
         if input_shape is not None:
             x = x.reshape((len(x), *input_shape))
@@ -63,12 +66,24 @@ def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape
         tr_idx, te_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
         _, x, _ = site_data.tabular_features(both, train, spec, train.target, tr_idx, te_idx)
         y = y_all[te_idx]
+        majority = _majority(y_all[tr_idx], task)
         if input_shape is not None and len(input_shape) > 1:
             x = x.reshape((len(x), *input_shape))
     y_t = torch.as_tensor(y, dtype=torch.long if task == "multiclass" else torch.float32)
     if task != "multiclass":
         y_t = y_t.reshape(-1, 1)
-    return TestSplit(site=site, x=torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), y=y_t)
+    return TestSplit(site=site, x=torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), y=y_t,
+                     majority=majority)
+
+
+def _majority(y: np.ndarray, task: str) -> float | None:
+    if task == "regression":
+        return None
+    y = y[~np.isnan(y)] if y.dtype.kind == "f" else y
+    if len(y) == 0:
+        return None
+    values, counts = np.unique(y, return_counts=True)
+    return float(values[int(np.argmax(counts))])
 
 
 @torch.no_grad()
@@ -78,22 +93,57 @@ def score(model: torch.nn.Module, splits: list[TestSplit], *, loss_name: str, ta
     loss_fn = make_loss(loss_name)
     outs, ys = [], []
     per_site: dict[str, dict[str, float]] = {}
+    majority = []
     for s in splits:
         out = model(s.x) if len(s.x) else torch.zeros((0, 1))
-        per_site[s.site] = _metrics(out, s.y, loss_fn, loss_name, task)
+        per_site[s.site] = _metrics(out, s.y, loss_fn, loss_name, task, majority=s.majority)
         outs.append(out)
         ys.append(s.y)
+        if s.majority is not None:
+            majority.append((s.y.reshape(-1) == s.majority).float())
     union = _metrics(torch.cat(outs), torch.cat(ys), loss_fn, loss_name, task) if splits else {}
+    if majority and len(majority) == len(splits):
+        # every site predicting its own training majority, over the union of test rows
+        union["majority_class_accuracy"] = float(torch.cat(majority).mean())
     return {**union, "per_site": per_site}
 
 
-def _metrics(out: torch.Tensor, y: torch.Tensor, loss_fn: Any, loss_name: str, task: str) -> dict[str, float]:
+def classification_extras(out: torch.Tensor, y: torch.Tensor, *, majority: float | None) -> dict[str, Any]:
+    """Sensitivity, specificity, the majority-class baseline and whether the model predicts one class."""
+    m: dict[str, Any] = {}
+    true = y.reshape(-1).long()
+    if out.ndim == 1 or out.shape[-1] == 1:
+        pred = (torch.sigmoid(out.reshape(-1)) >= 0.5).long()
+        pos, neg = true == 1, true == 0
+        if int(pos.sum()):
+            m["sensitivity"] = float((pred[pos] == 1).float().mean())
+        if int(neg.sum()):
+            m["specificity"] = float((pred[neg] == 0).float().mean())
+    else:
+        pred = out.argmax(dim=-1)
+        if out.shape[-1] == 2:
+            pos, neg = true == 1, true == 0
+            if int(pos.sum()):
+                m["sensitivity"] = float((pred[pos] == 1).float().mean())
+            if int(neg.sum()):
+                m["specificity"] = float((pred[neg] == 0).float().mean())
+    m["predicts_one_class"] = bool(len(pred) > 1 and int(torch.unique(pred).numel()) == 1)
+    m["positive_rate"] = float((pred == 1).float().mean()) if len(pred) else 0.0
+    if majority is not None:
+        m["majority_class_accuracy"] = float((true == int(majority)).float().mean())
+    return m
+
+
+def _metrics(out: torch.Tensor, y: torch.Tensor, loss_fn: Any, loss_name: str, task: str, *,
+             majority: float | None = None) -> dict[str, Any]:
     n = int(len(y))
     if n == 0:
         return {"n_test": 0}
     loss = float(loss_fn(out, prepare_target(y, out, loss_name)))
     m: dict[str, Any] = {"loss": loss, **task_metrics(out, y, loss_name=loss_name, task=task)}
     m = {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
+    if task != "regression":
+        m.update(classification_extras(out, y, majority=majority))
     m["n_test"] = n
     return m
 
@@ -105,3 +155,29 @@ def source_for(path: Path, target: str, name: str) -> DatasetSource:
                              labels_path=path.with_name(path.name[: -len("_X.npy")] + "_y.npy"))
     fmt = "parquet" if path.suffix in (".parquet", ".pq") else "csv"
     return DatasetSource(name=name, path=path, target=target, format=fmt)
+
+
+@torch.no_grad()
+def union_of_own(models: dict[str, torch.nn.Module], splits: list[TestSplit], *, loss_name: str,
+                 task: str) -> dict[str, Any]:
+    """Each site's own model on its own test rows: metrics over the union of those rows, plus
+    ``mean_accuracy``/``mean_auc`` (the mean over sites, FLamby's per-client average)."""
+    loss_fn = make_loss(loss_name)
+    outs, ys, accs, aucs = [], [], [], []
+    for s in splits:
+        model = models[s.site]
+        model.eval()
+        out = model(s.x)
+        outs.append(out)
+        ys.append(s.y)
+        m = _metrics(out, s.y, loss_fn, loss_name, task)
+        if "accuracy" in m:
+            accs.append(m["accuracy"])
+        if "auc" in m:
+            aucs.append(m["auc"])
+    union = _metrics(torch.cat(outs), torch.cat(ys), loss_fn, loss_name, task)
+    if accs:
+        union["mean_accuracy"] = float(np.mean(accs))
+    if aucs:
+        union["mean_auc"] = float(np.mean(aucs))
+    return union

@@ -77,7 +77,8 @@ def _write_rounds_csv(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
-    cols = ["site", "accuracy", "auc", "f1", "loss", "n_test", "epsilon", "local_accuracy", "local_auc"]
+    cols = ["site", "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy", "loss", "n_test",
+            "epsilon", "personalized_accuracy", "personalized_auc", "local_accuracy", "local_auc"]
     per_site = (doc.get("final") or {}).get("per_site") or {}
     eps = doc.get("epsilon") or {}
     local = ((doc.get("baselines") or {}).get("local")) or {}
@@ -87,10 +88,13 @@ def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
         for site in doc.get("sites", sorted(per_site)):
             m = per_site.get(site, {})
             lm = local.get(site, {})
+            pm = m.get("personalized") or {}
             w.writerow(
                 [site]
-                + [_cell(m.get(c)) for c in ("accuracy", "auc", "f1", "loss", "n_test")]
-                + [_cell(eps.get(site)), _cell(lm.get("accuracy")), _cell(lm.get("auc"))]
+                + [_cell(m.get(c)) for c in ("accuracy", "auc", "f1", "sensitivity", "specificity",
+                                             "majority_class_accuracy", "loss", "n_test")]
+                + [_cell(eps.get(site)), _cell(pm.get("accuracy")), _cell(pm.get("auc")), _cell(lm.get("accuracy")),
+                   _cell(lm.get("auc"))]
             )
     return path
 
@@ -254,6 +258,47 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_UNION = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
+
+
+def _warnings_html(doc: dict[str, Any]) -> list[str]:
+    """A model that predicts one class is a majority-class predictor, whatever its accuracy."""
+    final = doc.get("final") or {}
+    notes = []
+    if final.get("predicts_one_class"):
+        notes.append("the global model predicts one class on the union of test splits")
+    for s, m in (final.get("per_site") or {}).items():
+        if m.get("predicts_one_class"):
+            notes.append(f"{s}: the global model predicts one class only (accuracy = that class's share)")
+        if (m.get("personalized") or {}).get("predicts_one_class"):
+            notes.append(f"{s}: the personalised model predicts one class only")
+    return [f"<p class='warn'>⚠ {html.escape(n)}</p>" for n in notes]
+
+
+def _privacy_html(doc: dict[str, Any]) -> list[str]:
+    priv = doc.get("privacy")
+    if not priv:
+        return ["<h2>Privacy</h2><p>DP off: nothing bounds what the updates reveal (ε = ∞).</p>"]
+    rows = [[s, v, (priv.get("planned_epsilon") or {}).get(s), priv.get("total_epsilon"),
+             (priv.get("noise_multiplier") or {}).get(s)] for s, v in sorted((priv.get("epsilon") or {}).items())]
+    return [f"<h2>Privacy</h2><p>ε per site at δ = {_fmt(priv.get('delta'))}, accountant {_fmt(priv.get('accountant'))}; "
+            "spent = the site's own ledger after the run (rounds and any personalisation fine-tune); "
+            "planned = what the site derived before round 1 from its rows and the whole-run budget.</p>",
+            _table(["site", "ε spent", "ε planned", "budget (total ε)", "noise σ"], rows)]
+
+
+def _best_round_html(doc: dict[str, Any]) -> list[str]:
+    from simulator.table import best_round
+
+    best = best_round(doc)
+    if best is None:
+        return []
+    test = best.get("test") or {}
+    return [f"<p><b>Best round</b> by aggregated validation loss: {best['round']} (validation loss "
+            f"{_fmt(best.get('loss'))}; its global model on the test splits: accuracy {_fmt(test.get('accuracy'))}, "
+            f"auc {_fmt(test.get('auc'))}). The final model above is the last round's.</p>"]
+
+
 def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
     final = doc.get("final") or {}
     timing = doc.get("timing") or {}
@@ -271,18 +316,23 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
         + ("<p><b>reproducible DP</b>: site noise was drawn from a seed (--reproducible-dp), not secret; "
            "a research run only</p>" if doc.get("reproducible_dp") else "")
         + _central_dp_line(doc),
-        "<h2>Final model on the held-out test splits</h2>",
+        "<h2>Final model on the fixed test splits (rows no site trained on)</h2>",
         _table(
-            ["", "loss", "accuracy", "auc", "f1"],
-            [["federated", *(final.get(k) for k in ("loss", "accuracy", "auc", "f1"))]]
-            + ([["pooled baseline", *(base["pooled"].get(k) for k in ("loss", "accuracy", "auc", "f1"))]] if base.get("pooled") else [])
+            ["", *_UNION],
+            [["federated (global)", *(final.get(k) for k in _UNION)]]
+            + ([[f"personalised, each site on its own split ({final['personalized'].get('method')})",
+                 *(final["personalized"].get(k) for k in _UNION)]] if final.get("personalized") else [])
+            + ([["pooled baseline", *(base["pooled"].get(k) for k in _UNION)]] if base.get("pooled") else [])
             + (
-                [["local only", *(base["local"]["_union"].get(k) for k in ("loss", "accuracy", "auc", "f1"))]]
+                [["local only", *(base["local"]["_union"].get(k) for k in _UNION)]]
                 if (base.get("local") or {}).get("_union")
                 else []
-            ),
+            )
+            + ([["majority class of each site", None, final.get("majority_class_accuracy")] + [None] * (len(_UNION) - 2)]
+               if final.get("majority_class_accuracy") is not None else []),
         ),
     ]
+    sections += _warnings_html(doc) + _privacy_html(doc) + _best_round_html(doc)
     if base.get("pooled"):
         sections.append(
             f"<p>Baselines use the same model, optimizer, batch size and DP settings for "
@@ -306,14 +356,19 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
     sites = list(doc.get("sites") or sorted(per_site))
     shown = sites[:200]
     sections.append("<h2>Per site (final model, site's test split)</h2>")
-    headers = ["site", "n_test", "accuracy", "auc", "f1", "epsilon"]
+    personal = any("personalized" in (per_site.get(s) or {}) for s in shown)
+    headers = ["site", "n_test", "accuracy", "auc", "f1", "sensitivity", "specificity", "majority-class accuracy",
+               "epsilon"]
+    if personal:
+        headers += ["personalised accuracy", "personalised auc"]
     if local:
         headers += ["local-only accuracy", "local-only auc"]
     sections.append(
         _table(
             headers,
-            [[s, per_site.get(s, {}).get("n_test"), per_site.get(s, {}).get("accuracy"), per_site.get(s, {}).get("auc"),
-              per_site.get(s, {}).get("f1"), eps.get(s)]
+            [[s] + [per_site.get(s, {}).get(k) for k in ("n_test", "accuracy", "auc", "f1", "sensitivity", "specificity",
+                                                         "majority_class_accuracy")] + [eps.get(s)]
+             + ([(per_site.get(s, {}).get("personalized") or {}).get(k) for k in ("accuracy", "auc")] if personal else [])
              + ([local.get(s, {}).get("accuracy"), local.get(s, {}).get("auc")] if local else [])
              for s in shown],
         )
@@ -334,6 +389,7 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1250px;color:#222}"
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 9px;text-align:right}"
         "th{background:#f0f0f0}td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
+        ".warn{color:#a60;font-weight:bold}"
     )
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedbus simulation report</title>"

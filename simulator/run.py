@@ -35,7 +35,12 @@ class SimulationInputError(ValueError):
 
 
 class SimulationFailed(RuntimeError):
-    """The federated run itself failed (exit 1); the message says why."""
+    """The federated run itself failed (exit 1); the message says why. ``document`` is the
+    run's result document when there is one (``--json`` prints it, with its status)."""
+
+    def __init__(self, message: str, document: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.document = document
 
 
 def redact(url: str) -> str:
@@ -222,6 +227,13 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     )
     fault_log = FaultLog()
     try:
+        from simulator import privacy
+
+        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))
+        if planned is not None and progress:
+            import sys
+
+            print("\n".join(privacy.describe_plan(planned)), file=sys.stderr, flush=True)
         t_run = time.perf_counter()
         result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
                                          fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
@@ -231,13 +243,21 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         t_score = time.perf_counter()
         scorer = _scorer(exp, ws)
         scored = scorer(final_weights)
-        doc["final_validation"] = doc.get("final")
+        # What the sites themselves reported for the final model (each on its own fixed test split,
+        # metrics as its policy releases them); "final" below is the simulator's held-out split.
+        doc["final_reported_by_sites"] = {**(doc.get("final") or {}), "split": "each site's own fixed test split"}
         from simulator.history import enrich_rounds
 
         # Per-round test scores cost one forward pass per round over the test rows: skip for huge runs.
         enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
         timing["scoring_s"] = time.perf_counter() - t_score
         doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
+        doc["final"]["split"] = "test"
+        _personalize(doc, exp, ws, final_weights)
+        dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
+        if dp_block is not None:
+            doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
+            doc["epsilon"] = dict(dp_block["epsilon"])
         if baselines:
             from simulator.baselines import run_baselines
 
@@ -334,9 +354,13 @@ def _delete_run_queues(bus: Any, *, sites: list[str], federation: str) -> None:
     delete = getattr(bus, "delete_queue", None)
     if delete is None:
         return
+    from protocol.transport.base import BrokerUnreachable
+
     for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
         try:
             delete(name)
+        except BrokerUnreachable:
+            return  # never connected: nothing to clean up, and the error is reported once
         except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
             log.warning("queue_not_deleted", queue=name, error=str(e))
 
@@ -347,7 +371,8 @@ def _document(result: Any) -> dict[str, Any]:
         doc = json.loads(doc)
     status = doc.get("status")
     if status not in (None, "finished", "completed", "done", "ok", "succeeded", "stopped_early"):
-        raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}")
+        raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}",
+                               document=doc)
     return doc
 
 
@@ -380,22 +405,51 @@ def _model_with(exp: Any, weights: Any) -> Any:
     return model
 
 
-def _scorer(exp: Any, ws: Any) -> Any:
-    """``scorer(weights) -> metrics`` on every site's held-out test split (encoded once)."""
+def _input_shape(exp: Any) -> tuple[int, ...] | None:
     from protocol.model import summarize
-    from simulator.evaluation import holdout, score, source_for
+
+    shape = summarize(exp.architecture.layers).input_shape
+    return tuple(shape) if shape else None
+
+
+def _test_splits(exp: Any, ws: Any) -> list[Any]:
+    """Every site's held-out test split, encoded with that site's training statistics."""
+    from simulator.evaluation import holdout, source_for
 
     ds = exp.dataset
-    shape = summarize(exp.architecture.layers).input_shape
-    input_shape = tuple(shape) if shape else None
     target = ds.target or "label"
-    splits = [
+    return [
         holdout(source_for(f.train, target, ds.name), source_for(f.test, target, ds.name), ds,
-                input_shape=input_shape, site=s)
+                input_shape=_input_shape(exp), site=s)
         for s, f in sorted(ws.sites.items())
     ]
+
+
+def _scorer(exp: Any, ws: Any) -> Any:
+    """``scorer(weights) -> metrics`` on every site's held-out test split (encoded once)."""
+    from simulator.evaluation import score
+
+    splits = _test_splits(exp, ws)
     return lambda weights: score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function,
-                                 task=ds.task or "binary")
+                                 task=exp.dataset.task or "binary")
+
+
+def _personalize(doc: dict[str, Any], exp: Any, ws: Any, weights: Any) -> None:
+    """Each site's personalised model on its own test split, beside the global one."""
+    from simulator import personal_eval
+    from simulator.evaluation import score, union_of_own
+
+    if not personal_eval.enabled(exp):
+        return
+    models = personal_eval.personalized_models(exp, ws, run_id=doc["run_id"], make_model=lambda: _model_with(exp, weights),
+                                               input_shape=_input_shape(exp))
+    splits = {s.site: s for s in _test_splits(exp, ws)}
+    loss, task = exp.training.loss_function, exp.dataset.task or "binary"
+    for site, model in models.items():
+        m = score(model, [splits[site]], loss_name=loss, task=task)["per_site"][site]
+        doc["final"]["per_site"].setdefault(site, {})["personalized"] = m
+    doc["final"]["personalized"] = {"method": personal_eval.method(exp),
+                                    **union_of_own(models, list(splits.values()), loss_name=loss, task=task)}
 
 
 def _save_model(out: Path, exp: Any, weights: Any) -> None:

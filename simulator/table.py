@@ -21,11 +21,17 @@ def _f(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def best_round(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The round with the lowest aggregated validation loss (None without rounds)."""
+    rows = [r for r in doc.get("rounds") or [] if isinstance(r.get("loss"), (int, float))]
+    return min(rows, key=lambda r: r["loss"]) if rows else None
+
+
 def print_results(doc: dict[str, Any], *, console: Console | None = None, max_sites: int = 25) -> None:
     """Per round (aggregated), per site at the end, epsilon per site, time split, baselines."""
     con = console or Console(stderr=True)
     rounds = Table(title=f"{doc.get('aggregator')} · {len(doc.get('sites', []))} sites · run {doc.get('run_id')}")
-    for col in ("round", "loss", "accuracy", "auc", "replies", "wall s"):
+    for col in ("round", "val loss", "val accuracy", "val auc", "replies", "wall s"):
         rounds.add_column(col, justify="right")
     for r in doc.get("rounds", []):
         rounds.add_row(str(r.get("round")), _f(r.get("loss")), _f(r.get("accuracy")), _f(r.get("auc")),
@@ -36,35 +42,76 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     base = doc.get("baselines") or {}
     local = base.get("local") or {}
     eps = doc.get("epsilon") or {}
-    sites = Table(title="Final model on each site's held-out test split")
-    sites.add_column("site", no_wrap=True)
-    for col in ("n_test", "acc", "auc", "f1", "ε"):
-        sites.add_column(col, justify="right")
-    if local:
-        sites.add_column("local acc", justify="right")
-        sites.add_column("local auc", justify="right")
+    priv = doc.get("privacy") or {}
     per_site = final.get("per_site") or {}
     names = list(doc.get("sites") or sorted(per_site))
+    personal = any("personalized" in (per_site.get(s) or {}) for s in names)
+    sites = Table(title="Final global model on each site's fixed test split (rows never trained on)")
+    sites.add_column("site", no_wrap=True)
+    # Narrow columns (2 decimals) so the table fits an 80-column terminal; the legend explains them.
+    for col in ("n", "acc", "auc", "f1", "sens", "spec", "maj", "ε"):
+        sites.add_column(col, justify="right")
+    if personal:
+        sites.add_column("p.acc", justify="right")
+        sites.add_column("p.auc", justify="right")
+    if local:
+        sites.add_column("l.acc", justify="right")
+        sites.add_column("l.auc", justify="right")
+    sites.caption = ("maj: accuracy of predicting the site's majority class; "
+                     + ("p.: the site's personalised model; " if personal else "")
+                     + ("l.: the site's local-only model; " if local else "") + "ε at the δ below")
+    warnings = []
     for s in names[:max_sites]:
         m = per_site.get(s, {})
-        row = [s, _f(m.get("n_test")), _f(m.get("accuracy")), _f(m.get("auc")), _f(m.get("f1")), _f(eps.get(s), 2)]
+        row = [s, _f(m.get("n_test"))] + [_f(m.get(k), 2) for k in (
+            "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")] + [_f(eps.get(s), 2)]
+        if personal:
+            pm = m.get("personalized") or {}
+            row += [_f(pm.get("accuracy"), 2), _f(pm.get("auc"), 2)]
+            if pm.get("predicts_one_class"):
+                warnings.append(f"{s}: the personalised model predicts one class only")
         if local:
-            row += [_f(local.get(s, {}).get("accuracy")), _f(local.get(s, {}).get("auc"))]
+            row += [_f(local.get(s, {}).get("accuracy"), 2), _f(local.get(s, {}).get("auc"), 2)]
+        if m.get("predicts_one_class"):
+            warnings.append(f"{s}: the global model predicts one class only (accuracy = that class's share)")
         sites.add_row(*row)
     if len(names) > max_sites:
-        sites.caption = f"{len(names) - max_sites} more sites in the JSON / report"
+        sites.caption += f"; {len(names) - max_sites} more sites in the JSON / report"
     con.print(sites)
+    for w in warnings:
+        con.print(f"[yellow]warning[/yellow] {w}")
+    if priv:
+        line = f"privacy: ε per site at δ = {priv.get('delta'):g} ({priv.get('accountant')} accountant)"
+        if priv.get("total_epsilon") is not None:
+            planned = priv.get("planned_epsilon") or {}
+            line += (f", run budget ε ≤ {priv['total_epsilon']:g}; planned "
+                     + ", ".join(f"{s} {v:.3f}" for s, v in sorted(planned.items())[:max_sites]))
+        con.print(line)
+    elif eps and all(v is None for v in eps.values()):
+        con.print("privacy: DP off (ε = ∞)")
 
     summary = Table(title="Union of all test splits")
-    summary.add_column("model", no_wrap=True)
-    for col in ("loss", "accuracy", "auc", "f1"):
+    summary.add_column("model")
+    cols = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
+    for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
         summary.add_column(col, justify="right")
-    summary.add_row("federated", *(_f(final.get(k)) for k in ("loss", "accuracy", "auc", "f1")))
+    summary.add_row("federated (global)", *(_f(final.get(k)) for k in cols))
+    if final.get("predicts_one_class"):
+        con.print("[yellow]warning[/yellow] the global model predicts one class only on the union of test splits")
+    if final.get("personalized"):
+        summary.add_row(f"personalised on own sites: {final['personalized'].get('method')}",
+                        *(_f(final["personalized"].get(k)) for k in cols))
     if base.get("pooled"):
-        summary.add_row("pooled (centralized)", *(_f(base["pooled"].get(k)) for k in ("loss", "accuracy", "auc", "f1")))
+        summary.add_row("pooled (centralized)", *(_f(base["pooled"].get(k)) for k in cols))
     if local.get("_union"):
-        summary.add_row("local only", *(_f(local["_union"].get(k)) for k in ("loss", "accuracy", "auc", "f1")))
+        summary.add_row("local only, own sites", *(_f(local["_union"].get(k)) for k in cols))
+    if final.get("majority_class_accuracy") is not None:
+        summary.add_row("majority class of each site", "-", _f(final.get("majority_class_accuracy")), "-", "-", "-", "-")
     con.print(summary)
+    best = best_round(doc)
+    if best is not None:
+        con.print(f"best round by validation loss: {best['round']} (validation loss {_f(best.get('loss'))}"
+                  + (f", test accuracy {_f((best.get('test') or {}).get('accuracy'))})" if best.get("test") else ")"))
 
     t = doc.get("timing") or {}
     timing = Table(title="Time (s)")

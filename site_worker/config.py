@@ -156,8 +156,13 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
     tls = None
     if "tls" in raw:
         t = r.sub("tls")
-        t.reject_unknown({"ca", "cert", "key"})
+        t.reject_unknown({"ca", "cert", "key", "auth"})
         tls = {k: str(t.path(k, required=False, must_exist=True)) for k in ("ca", "cert", "key") if k in t.raw}
+        auth = t.string("auth", required=False)
+        if auth is not None:  # "external": log in by the client certificate (broker user = its CN)
+            if auth not in ("plain", "external"):
+                raise SiteConfigError("tls.auth", f"{auth!r} is not 'plain' or 'external' (certificate login)")
+            tls["auth"] = auth
     policy = _policy(r.sub("policy")) if "policy" in raw else SitePolicy()
     datasets = _datasets(r)
     flower = r.string("flower_client", required=False)

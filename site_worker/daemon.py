@@ -20,17 +20,18 @@ from typing import Any
 import structlog
 
 from protocol.codec import new_envelope, open_frame, seal
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, UnknownSigner
 from protocol.messages import Envelope, EvalTask, RunControl, SiteHello, TrainTask
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
-from protocol.signing import Signer, TrustStore
+from protocol.signing import Signer, TrustStore, key_id_of_pem
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
 from site_worker.ledger import PrivacyLedger
 from site_worker.trainer import TrainingAborted
+from site_worker.untrusted import UntrustedNotices
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,8 @@ class SiteWorker:
         self.signer = Signer.from_file(config.key_path)
         self.trust = TrustStore()
         self.trust.add(COORDINATOR, Path(config.coordinator_pub).read_bytes())
+        self.untrusted = UntrustedNotices(site_id=config.site_id, federation=config.federation,
+                                          trusted_kid=key_id_of_pem(Path(config.coordinator_pub).read_bytes()))
         self.clock_offset_s = clock_offset_s()
         self.guard = ReplayGuard(max_skew_s=config.max_skew_s, path=config.state_dir / "seen_tasks.log",
                                  clock=self._now)
@@ -213,6 +216,8 @@ class SiteWorker:
             self.guard.check(env, recipient=self.config.site_id)
         except ProtocolError as e:
             self._reject(d, e.reason, str(e))
+            if isinstance(e, UnknownSigner):
+                self._tell_untrusted(d.body)
             return
         if not isinstance(env.payload, (TrainTask, EvalTask, RunControl)):
             self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
@@ -224,6 +229,17 @@ class SiteWorker:
         with structlog.contextvars.bound_contextvars(site_id=self.config.site_id, run_id=env.run_id,
                                                      round=env.round):
             self._task(d, env)
+
+    def _tell_untrusted(self, frame: bytes | memoryview) -> None:
+        """A signed Declined(untrusted_task) to the coordinator, once per run (site_worker/untrusted.py)."""
+        env = self.untrusted.notice(frame, sent_at=self._now())
+        if env is None:
+            return
+        try:
+            self.bus.publish(UPDATES, env.federation, seal(env, self.signer), message_id=env.message_id)
+            self.log.warning("told_coordinator_untrusted_task", run_id=env.run_id, detail=env.payload.detail)
+        except (PublishError, PublishRefused) as e:
+            self.log.error("untrusted_task_notice_failed", error=str(e))
 
     def _task(self, d: Delivery, env: Envelope) -> None:
         tlog = self.log.bind(task_id=env.message_id, type=env.type)

@@ -370,11 +370,12 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
             cats = [_category_key(c) for c in categorical[col]]
             keys = series.map(_category_key)
             unknown = sorted({k for k in keys if k is not None and k not in cats})
-            if unknown:  # would be encoded as all zeros, silently: refuse, naming column and value
-                raise DataError(col, f"value {unknown[0]!r} is not among the categories the experiment declares "
-                                     f"(dataset.categorical.{col} = {cats})" +
-                                (f" ({len(unknown) - 1} more unknown value(s))" if len(unknown) > 1 else "") +
-                                "; add it to the experiment or fix the file")
+            if unknown:  # would be encoded as all zeros, silently: refuse, naming the column only
+                # Never the value: this detail travels to the coordinator, and a rare category
+                # can identify a patient; the operator looks the column up in the file.
+                raise DataError(col, f"{len(unknown)} value(s) are not among the categories the experiment "
+                                     f"declares (dataset.categorical.{col} lists {len(cats)}); add them to the "
+                                     "experiment or fix the file")
             block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
                 np.zeros((len(df), 0), np.float32)
             block.flags.writeable = False  # shared by every task on this file

@@ -33,6 +33,7 @@ from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
 from site_worker.policy import PolicyViolation, check_policy
 from site_worker.release import release_entries, release_metrics
+from site_worker import personalize, proximal, run_budget
 from site_worker.splits import SplitKey
 from site_worker.trainer import TrainSpec, TrainingAborted, train
 
@@ -79,6 +80,7 @@ class TaskHandler:
         self.stop = stop or threading.Event()
         self.flower = flower
         self.split_key = SplitKey.load_or_create(config.state_dir, test_fraction=config.policy.test_fraction)
+        self.heads = personalize.HeadStore(config.state_dir)  # FedPer: this site's own last layers
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -199,12 +201,16 @@ class TaskHandler:
                 raise PolicyViolation(f"max_epochs: the task asks for {spec.epochs} local epochs, this site's "
                                       f"policy.max_epochs is {policy.max_epochs}")
             if spec.dp is not None:
-                plan = site_plan(policy, spec, n_train=n_train, rows=data.rows)
+                plan = site_plan(policy, spec, n_train=n_train, rows=data.rows,
+                                 noise_multiplier=self._run_noise(env, task, exp, data, n_train))
                 check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=n_train,
                              sample_rate=plan.sample_rate)
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
         model = self._model(exp, key, task, for_dp=plan is not None)
+        personal = personalize.personal_layers(exp, task.config)
+        if personal:
+            self.heads.apply(model, env.run_id, task.dataset, personal)
         epsilon = None
         if plan is not None:
             entries = plan.entries() + release_entries(policy)
@@ -213,13 +219,16 @@ class TaskHandler:
             rng = noise_source(policy, task_seed=task.seed, purpose="train") if plan is not None else None
             before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                       policy=policy, rng=None) if policy.metrics == "exact" else {})
-            result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False)
+            result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False,
+                           hooks=proximal.hooks_for(exp, task.config, model))
         except TrainingAborted:
             if plan is not None:
                 self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
             raise
         after = release_metrics(result.model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                 policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics"))
+        if personal:
+            self.heads.keep(result.model, env.run_id, task.dataset, personal)
         metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
         if "n" in after:
             metrics["n_val"] = after["n"]
@@ -250,6 +259,8 @@ class TaskHandler:
         except DataError as e:
             raise _Decline("data", str(e)) from None
         model = self._model(exp, key, task, for_dp=False)
+        if personalize.personal_layers(exp):
+            self.heads.apply(model, env.run_id, task.dataset, personalize.personal_layers(exp))
         self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
@@ -260,6 +271,18 @@ class TaskHandler:
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
+
+    def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
+        """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""
+        if not run_budget.applies(exp):
+            return None
+        policy = self.config.policy
+        try:
+            return run_budget.noise_for_task(exp, self.ledger, run_id=env.run_id, dataset=task.dataset, round=env.round,
+                                             n_train=n_train, delta=policy.site_delta(data.rows),
+                                             accountant=policy.accountant, policy=policy)
+        except run_budget.BudgetExhausted as e:
+            raise _Decline("budget", f"total_epsilon: {e}") from None
 
     def _flower_fit(self, env: Envelope, task: TrainTask) -> Reply:
         """A Flower client trains: only with DP parameters the ledger can account (its

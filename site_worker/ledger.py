@@ -168,6 +168,10 @@ class PrivacyLedger:
                                sample_rate=sample_rate, steps=steps)
         return epsilon_of(after, delta=delta, accountant=accountant)
 
+    def project_entries(self, dataset: str, entries: History, *, delta: float, accountant: str = "rdp") -> float:
+        """ε after releasing ``entries`` on top of the ledger, computed on a copy: nothing is recorded."""
+        return epsilon_of(merge([*self.history(dataset), *entries]), delta=delta, accountant=accountant)
+
     def count(self, dataset: str, *, kind: str, run_id: str) -> int:
         """Releases of ``kind`` for ``run_id`` so far (the per-run evaluation cap)."""
         with self._locked(dataset) as rel:

@@ -48,8 +48,12 @@ def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int) -> Non
             raise PolicyViolation("allow_no_dp: differential privacy is off for this experiment and this site "
                                   "requires it")
         return
-    if dp.noise_multiplier is None and dp.target_epsilon is None:
-        raise PolicyViolation("differential privacy needs noise_multiplier or target_epsilon")
+    total = getattr(dp, "total_epsilon", None)
+    if dp.noise_multiplier is None and dp.target_epsilon is None and total is None:
+        raise PolicyViolation("differential privacy needs noise_multiplier, target_epsilon or total_epsilon")
+    if total is not None and policy.max_epsilon is not None and total > policy.max_epsilon:
+        raise PolicyViolation(f"max_epsilon: total epsilon {total} for the run exceeds this site's max_epsilon "
+                              f"{policy.max_epsilon}")
     asked = str(getattr(dp, "accountant", "rdp") or "rdp")
     if asked != policy.accountant:
         raise PolicyViolation(

@@ -139,7 +139,7 @@ def _plain_batches(n: int, spec: TrainSpec) -> Callable[[], Iterator[torch.Tenso
 def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, history: History | None = None,
           plan: DPPlan | None = None, stop: threading.Event | None = None,
           on_batch: Callable[[int, int], None] | None = None, rng: SecureRandom | None = None,
-          measure: bool = True) -> TrainResult:
+          measure: bool = True, hooks: list[Callable[[torch.optim.Optimizer], None]] | None = None) -> TrainResult:
     """Train ``model`` in place on ``data.x_train`` (DP-SGD when ``spec.dp``).
 
     ``plan`` is the site's DP plan (``dp.site_plan``); without one the spec's own request
@@ -148,7 +148,8 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     ``history`` is the dataset's accountant history so far; the returned history includes
     this task's steps. With ``measure``, exact before/after validation metrics land in
     ``metrics`` (local use only: released metrics are the handler's, see ``release``).
-    Raises ``TrainingAborted`` when ``stop`` is set.
+    ``hooks`` get the plain optimizer before DP wraps it (FedProx's proximal term,
+    ``site_worker.proximal``). Raises ``TrainingAborted`` when ``stop`` is set.
     """
     stop = stop or threading.Event()
     n = len(data.x_train)
@@ -160,6 +161,8 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     torch.manual_seed(spec.seed if not dp or rng.reproducible else secrets.randbits(63))  # type: ignore[union-attr]
     before = evaluate(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task) if measure else {}
     optimizer = make_optimizer(spec, model.parameters())
+    for hook in hooks or ():
+        hook(optimizer)
     loss_fn = make_loss(spec.loss)
     accountant = None
     train_model: torch.nn.Module = model

@@ -6,6 +6,7 @@ from typing import Any
 
 from coordinator.aggregators import fedasync as _fedasync  # noqa: F401  (registers FedAsync, FedBuff)
 from coordinator.aggregators import fedavg as _fedavg  # noqa: F401  (registers FedAvg)
+from coordinator.aggregators import server_opt as _server_opt  # noqa: F401  (FedAvgM, FedAdam, FedProx, FedPer)
 from coordinator.aggregators.base import (
     ENTRY_POINT_GROUP,
     Aggregator,

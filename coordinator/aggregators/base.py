@@ -95,6 +95,12 @@ class Aggregator(abc.ABC):
         """Updates merged into the aggregator but not yet into a global step (FedBuff's buffer)."""
         return 0
 
+    # -- what sites are asked to do -------------------------------------------------
+    def task_config(self, server_round: int) -> dict[str, Any]:
+        """Per-round settings the sites' trainers need (``TrainTask.config``), e.g. FedProx's
+        ``proximal_mu``; plain JSON values only."""
+        return {}
+
     # -- resume ------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """Server-side optimiser state to checkpoint with the model (e.g. FedAdam's moments)."""

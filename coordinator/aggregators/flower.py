@@ -94,6 +94,11 @@ class FlowerAdapter(Aggregator):
         self._round = 0
         self._items: list[Contribution] = []
 
+    def task_config(self, server_round: int) -> dict[str, Any]:
+        """Flower's FedProx asks its clients for the proximal term through the fit config."""
+        mu = getattr(self.strategy, "proximal_mu", None)
+        return {"proximal_mu": float(mu)} if mu is not None else {}
+
     def begin_round(self, server_round: int, global_weights) -> None:
         self._round = server_round
         self._reference = global_weights

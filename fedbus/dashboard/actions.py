@@ -158,10 +158,12 @@ class Actions:
         with open(log_path, "ab") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ), start_new_session=True)
+        self.reap()
         self._children.append(child)
         return {"run_id": run_id, "pid": child.pid, "log": str(log_path), "experiment": name}
 
     def reap(self) -> None:
+        """Forget started coordinators that have exited (their exit status is in their log)."""
         self._children = [c for c in self._children if c.poll() is None]
 
     def _run(self, run_id: str) -> dict[str, Any]:

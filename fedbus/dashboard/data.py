@@ -113,14 +113,6 @@ class StateReader:
             out.append(r)
         return out
 
-    def round_count(self, run_id: str) -> tuple[int, str | None]:
-        """(rounds committed, run status): the cheap question a polling page asks."""
-        rows = self._rows(
-            "SELECT status, (SELECT COUNT(*) FROM rounds WHERE run_id = ?) AS n FROM runs WHERE run_id = ?",
-            (run_id, run_id),
-        )
-        return (int(rows[0]["n"]), rows[0]["status"]) if rows else (0, None)
-
     def messages(self, run_id: str) -> list[dict[str, Any]]:
         """The update log of a run without its bulky columns (signature, body path)."""
         out = []

@@ -37,7 +37,7 @@ def _tcp_problem(url: str, timeout_s: float = 3.0) -> str | None:
     return None
 
 
-def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: float = 10.0) -> dict[str, Any]:
+def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: float = 30.0) -> dict[str, Any]:
     base: dict[str, Any] = {"broker": _redact(broker) if broker else None, "federation": federation,
                             "checked_at": time.time(), "letters": []}
     if not broker:
@@ -62,8 +62,8 @@ def dead_letters_doc(broker: str | None, federation: str | None, *, timeout_s: f
         letters = [d.to_json() for d in dl.list()]
         return {**base, "available": True, "reason": None, "letters": letters,
                 "truncated": bool(getattr(dl, "truncated", False))}
-    except Exception as e:  # noqa: BLE001 - same: the page says why, the server goes on
-        return {**base, "available": False, "reason": f"broker unreachable: {type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - the broker answered but refused: the page says why, the server goes on
+        return {**base, "available": False, "reason": f"could not read fedbus.dead: {type(e).__name__}: {e}"}
     finally:
         try:
             bus.close()

@@ -185,6 +185,10 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         final, source = dict(overlay_doc["final"]), "the simulator's held-out test splits"
     final_sites = final.get("per_site") or {}
     privacy = _privacy(result, msgs)
+    if not privacy.get("accountant"):  # the sites' policies fix it (DESIGN.md "Trust"); say it when they agree
+        named = {((s["hello"] or {}).get("policy") or {}).get("accountant") for s in reader.sites()
+                 if s["site_id"] in (run["sites"] or [])}
+        privacy["accountant"] = named.pop() if len(named) == 1 else None
     sites = sorted(set(run["sites"] or []) | set(final_sites) | {u["site"] for u in msgs if u["site"]}
                    | {s for r in rounds for s in r["per_site"]})
     table = []

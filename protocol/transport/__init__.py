@@ -67,5 +67,6 @@ _AMQP_ONLY_OPTS = {
     "blocked_connection_timeout",
     "publish_timeout_s",
     "reconnect_max_s",
+    "connect_timeout_s",
     "connection_name",
 }

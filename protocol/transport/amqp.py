@@ -28,6 +28,7 @@ the broker itself come and go. So:
 from __future__ import annotations
 
 import itertools
+import logging
 import queue as queue_mod
 import random
 import ssl
@@ -35,9 +36,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import pika
+import pika.credentials
 import pika.exceptions as px
 import structlog
 
@@ -47,6 +48,8 @@ from protocol.transport.base import (
     DEFAULT_CHUNK_SIZE,
     Bus,
     BusError,
+    BrokerRefused,
+    BrokerUnreachable,
     BusPermissionError,
     Consumer,
     Delivery,
@@ -64,31 +67,50 @@ from protocol.transport.layout import (
     plan,
     strip_chunk_headers,
 )
+from protocol.transport.endpoints import Endpoint, parse_endpoints, redact, ssl_context, tls_cause
 from protocol.transport.topology import DLX, REASON_HEADER
 
 log = structlog.get_logger(__name__)
 
 USER_HEADER = "x-fedbus-user"  # on a dead letter: the broker-vouched sender of the original
 _REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED", 530: "NOT_ALLOWED", 540: "NOT_IMPLEMENTED"}
-class _BrokerCancelled(Exception):
-    """The broker sent basic.cancel; reconnecting finds out whether the queue still exists."""
+class _Nacked(Exception):
+    """The broker nacked a publish: transient on a cluster (a quorum queue electing a
+    leader after its node died), so it is retried like a lost connection, with the same
+    message id, until ``publish_timeout_s``."""
 
 
-_TRANSIENT = (_BrokerCancelled, px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
-_TLS_QUERY = {"ca_certs": "ca", "certfile": "cert", "keyfile": "key"}
+_TRANSIENT = (_Nacked, px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
 _MAX_PREFETCH = 65535
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  # a broker never reached fails within this (one line, exit 1)
+
+# pika reports every failed connection attempt at ERROR; fedbus says what happened in
+# one line of its own. ``fedbus.logs`` re-enables pika's logging at --log-level debug.
+if logging.getLogger("pika").level == logging.NOTSET:
+    logging.getLogger("pika").setLevel(logging.CRITICAL + 1)
 
 
 def build_ssl_context(*, ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     """A client TLS context that verifies the broker against ``ca`` (system CAs if None)
     and presents ``cert``/``key`` when given (mutual TLS)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert:
-        ctx.load_cert_chain(certfile=cert, keyfile=key)
-    elif key:
-        raise ValueError("tls: 'key' given without 'cert'")
-    return ctx
+    return ssl_context({k: v for k, v in (("ca", ca), ("cert", cert), ("key", key)) if v})
+
+
+def _params(node: Endpoint, *, heartbeat: int, blocked_connection_timeout: float, connection_name: str | None,
+            connect_timeout_s: float) -> pika.ConnectionParameters:
+    params = pika.URLParameters(node.url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = blocked_connection_timeout
+    params.connection_attempts = 1
+    params.socket_timeout = min(10.0, connect_timeout_s)
+    params.stack_timeout = min(15.0, connect_timeout_s)
+    if connection_name:
+        params.client_properties = {"connection_name": connection_name}
+    if node.scheme == "amqps":
+        params.ssl_options = pika.SSLOptions(ssl_context(node.tls), server_hostname=node.host)
+    if node.external:
+        params.credentials = pika.credentials.ExternalCredentials()
+    return params
 
 
 def connection_parameters(
@@ -99,37 +121,39 @@ def connection_parameters(
     blocked_connection_timeout: float = 60.0,
     connection_name: str | None = None,
 ) -> tuple[pika.ConnectionParameters, str]:
-    """pika parameters and the user name for ``url`` (amqp:// or amqps://).
+    """pika parameters and the user name for the first node of ``url`` (see
+    ``protocol.transport.endpoints`` for the URL forms)."""
+    eps = parse_endpoints(url, tls=tls)
+    return _params(eps.nodes[0], heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
+                   connection_name=connection_name, connect_timeout_s=DEFAULT_CONNECT_TIMEOUT_S), eps.user
 
-    TLS files come from ``tls={"ca", "cert", "key"}`` or the URL query parameters
-    ``ca_certs``, ``certfile``, ``keyfile``.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError(f"not an AMQP URL: {url!r}")
-    query = dict(parse_qsl(parts.query))
-    tls_opts = dict(tls or {})
-    for q, k in _TLS_QUERY.items():
-        if q in query:
-            tls_opts.setdefault(k, query.pop(q))
-    unknown = set(tls_opts) - {"ca", "cert", "key"}
-    if unknown:
-        raise ValueError(f"tls: unknown option(s) {sorted(unknown)}; use ca, cert, key")
-    if tls_opts and scheme != "amqps":
-        raise ValueError(f"TLS options given for a plain {url!r}; use amqps://")
-    clean = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), ""))
-    params = pika.URLParameters(clean)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = blocked_connection_timeout
-    params.connection_attempts = 1
-    params.socket_timeout = 10
-    if connection_name:
-        params.client_properties = {"connection_name": connection_name}
-    if scheme == "amqps":
-        params.ssl_options = pika.SSLOptions(build_ssl_context(**tls_opts), server_hostname=parts.hostname)
-    user = unquote(parts.username) if parts.username else "guest"
-    return params, user
+
+def _ssl_error(exc: BaseException) -> BaseException | None:
+    """The ssl.SSLError (or TLS alert text) somewhere inside a pika connection error."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return e
+        if isinstance(e, BaseException):
+            todo.extend([e.__cause__, e.__context__, *[a for a in e.args if isinstance(a, BaseException)]])
+            for a in e.args:
+                if isinstance(a, (list, tuple)):
+                    todo.extend(x for x in a if isinstance(x, BaseException))
+    return None
+
+
+def _tls_refusal(exc: BaseException, node: Endpoint) -> str | None:
+    """A one-line cause if ``exc`` is a TLS failure (verification or a broker alert)."""
+    if node.scheme != "amqps":
+        return None
+    err = _ssl_error(exc)
+    text = f"{err!r} {getattr(err, 'verify_message', '')}" if err is not None else repr(exc)
+    return tls_cause(text, node)  # unnamed TLS errors (a node dying mid-handshake) stay transient
 
 
 def _refusal(exc: BaseException) -> tuple[int, str] | None:
@@ -145,13 +169,19 @@ def _refusal(exc: BaseException) -> tuple[int, str] | None:
             # the broker redelivers it. (Raise the broker's consumer_timeout for long tasks.)
             log.warning("broker closed the channel: delivery held longer than its consumer_timeout", detail=text)
             return None
+        if exc.reply_code == 404 and "down or inaccessible" in text:
+            # A clustered queue whose node is down (it cancelled our consumer): it comes
+            # back with its node, or its quorum elects a leader. Retry, do not stop.
+            log.warning("queue's node is down; retrying", detail=text)
+            return None
         if exc.reply_code in _REFUSAL_CODES:
             return exc.reply_code, text
     return None
 
 
 def _permission_error(
-    code: int, text: str, *, user: str, what: str, cls: type[BusPermissionError] = BusPermissionError
+    code: int, text: str, *, user: str, what: str, cls: type[BusPermissionError] = BusPermissionError,
+    external: bool = False,
 ) -> BusPermissionError:
     hint = {
         403: "The broker user lacks this permission: re-run `fedbus broker provision` or use the right user.",
@@ -159,6 +189,9 @@ def _permission_error(
         406: "It conflicts with what exists (e.g. a queue declared with other arguments such as the quorum "
         "flag, or a message over max_message_size): delete it or declare it the same way.",
     }.get(code, "")
+    if external and code == 403:
+        hint = (f"We logged in by certificate as {user!r} (its CN): if this process is not {user!r}, it presents "
+                "another party's certificate; give it its own (`fedbus certs issue`).")
     name = _REFUSAL_CODES.get(code, str(code))
     return cls(f"broker refused {what} for user {user!r}: {name} ({code}) {text}. {hint}".rstrip())
 
@@ -169,8 +202,93 @@ def _backoff(attempt: int, *, cap: float) -> float:
     return random.uniform(d / 2, d)
 
 
+class _Connector:
+    """Opens connections to the broker's nodes in turn (failover) and fails fast on a
+    broker that was never reached: after ``connect_timeout_s`` without any connection
+    it raises :class:`BrokerUnreachable` (one line: what, where, the likely cause), and
+    every later attempt raises the same at once. Once connected, losses are retried
+    forever by the callers (a restarted broker or a failed-over node comes back)."""
+
+    def __init__(self, bus: "AmqpBus", params: list[pika.ConnectionParameters]) -> None:
+        self.bus = bus
+        self.params = params
+        self.connected = threading.Event()  # some connection of this bus succeeded once
+        self.unreachable: BrokerUnreachable | None = None
+        self._first_try: float | None = None
+        self._lock = threading.Lock()
+        self._preferred = 0  # the node that last worked: tried first
+
+    def remaining(self) -> float | None:
+        """Seconds left before a never-connected bus gives up (None once connected)."""
+        if self.connected.is_set():
+            return None
+        with self._lock:
+            if self._first_try is None:
+                self._first_try = time.monotonic()
+            return self.bus.connect_timeout_s - (time.monotonic() - self._first_try)
+
+    def open(self, what: str) -> tuple[pika.BlockingConnection, int]:
+        """A connection to the first node that answers (from the last good one); raises
+        the refusal, :class:`BrokerUnreachable`, or the last transient error."""
+        if self.unreachable is not None and not self.connected.is_set():
+            raise self.unreachable
+        self.remaining()
+        n = len(self.params)
+        last: BaseException | None = None
+        for i in range(n):
+            idx = (self._preferred + i) % n
+            node = self.bus.endpoints.nodes[idx]
+            try:
+                conn = pika.BlockingConnection(self.params[idx])
+            except Exception as e:  # noqa: BLE001 - classified below
+                refused = self.bus._refused_at_door(e, node, what)
+                if refused is not None:
+                    raise refused from e
+                if not isinstance(e, _TRANSIENT):
+                    raise
+                last = e
+                if n > 1:
+                    log.info("broker node unavailable; trying the next", node=node.where, error=repr(e))
+                continue
+            if idx != self._preferred or not self.connected.is_set():
+                log.info("connected to broker node", node=node.where, nodes=n)
+            self._preferred = idx
+            self.connected.set()
+            return conn, idx
+        left = self.remaining()
+        if left is not None and left <= 0:
+            self.unreachable = BrokerUnreachable(_unreachable_text(self.bus, last))
+            raise self.unreachable from last
+        assert last is not None
+        raise last
+
+    def cap_delay(self, delay: float) -> float:
+        left = self.remaining()
+        return delay if left is None else max(0.0, min(delay, left))
+
+
+def _unreachable_text(bus: "AmqpBus", err: BaseException | None) -> str:
+    text = repr(err).lower()
+    if "refused" in text:
+        cause = "connection refused: nothing listens there. Is RabbitMQ running, and is the port right (5672 amqp, 5671 amqps)?"
+    elif "gaierror" in text or "name or service not known" in text or "nodename nor servname" in text:
+        cause = "the host name does not resolve: check the host in the broker URL"
+    elif "timed out" in text or "timeout" in text:
+        cause = "no answer: a firewall dropping the traffic, or a wrong address"
+    elif "incompatibleprotocol" in text or "streamlost" in text or "eof" in text:
+        cause = "something answered but not as an AMQP broker: wrong port, or amqp:// on a TLS port (use amqps://)"
+    else:
+        cause = f"{type(err).__name__}: {err}" if err else "no node answered"
+    return (f"cannot reach the RabbitMQ broker at {bus.endpoints.where} (user {bus.user!r}) within "
+            f"{bus.connect_timeout_s:.0f} s: {cause}")
+
+
 class AmqpBus(Bus):
-    """A :class:`Bus` on RabbitMQ; see the module docstring for the guarantees."""
+    """A :class:`Bus` on RabbitMQ; see the module docstring for the guarantees.
+
+    ``url`` may list several nodes of a cluster (comma-separated): connections fail over
+    between them, and queues are declared as quorum queues.
+    """
 
     def __init__(
         self,
@@ -183,6 +301,7 @@ class AmqpBus(Bus):
         blocked_connection_timeout: float = 60.0,
         publish_timeout_s: float = 120.0,
         reconnect_max_s: float = 10.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         connection_name: str | None = None,
         max_reassembly_bytes: int = 1 * 2**30,
         reassembly_timeout_s: float = 300.0,
@@ -191,20 +310,42 @@ class AmqpBus(Bus):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.url = url
-        self.params, self.user = connection_parameters(
-            url, tls=tls, heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
-            connection_name=connection_name,
-        )
+        self.endpoints = parse_endpoints(url, tls=tls)
+        self.user = self.endpoints.user
+        self.connect_timeout_s = connect_timeout_s
+        plist = [
+            _params(n, heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
+                    connection_name=connection_name, connect_timeout_s=connect_timeout_s)
+            for n in self.endpoints.nodes
+        ]
+        self.params = plist[0]
+        self.connector = _Connector(self, plist)
         if user is not None and user != self.user:
             raise ValueError(f"user={user!r} differs from the URL's user {self.user!r}")
         self.chunk_size = chunk_size
-        self.quorum = quorum
+        self.quorum = quorum or self.endpoints.quorum
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s}
         self._publisher = _Publisher(self)
         self._consumers: list[_AmqpConsumer] = []
         self._closed = False
+
+    def _refused_at_door(self, exc: BaseException, node: Endpoint, what: str) -> BrokerRefused | None:
+        """A refusal of the connection itself (login, vhost, TLS), named plainly."""
+        how = "certificate" if node.external else "password"
+        if isinstance(exc, (px.AuthenticationError, px.ProbableAuthenticationError)):
+            hint = (f"the broker has no user {self.user!r} for this certificate's CN, or EXTERNAL login is not enabled "
+                    "(rabbitmq_auth_mechanism_ssl, auth_mechanisms.1 = EXTERNAL)" if node.external
+                    else "wrong user name or password: use the credentials `fedbus broker provision` wrote")
+            return BrokerRefused(f"login refused by the broker at {node.where} for user {self.user!r} ({how}): {hint}")
+        if isinstance(exc, px.ProbableAccessDeniedError):
+            return BrokerRefused(f"broker at {node.where} refused user {self.user!r} access to virtual host "
+                                 f"{node.vhost!r}: grant it with `fedbus broker provision`")
+        cause = _tls_refusal(exc, node)
+        if cause is not None:
+            return BrokerRefused(f"TLS connection to {node.where} refused ({what}): {cause}")
+        return None
 
     # -- Bus ------------------------------------------------------------------------------
     def declare(self, topology: Topology) -> None:
@@ -288,10 +429,10 @@ class _Publisher:
     def _ensure(self) -> Any:
         if self._conn is None or not self._conn.is_open:
             self._drop()
-            self._conn = pika.BlockingConnection(self.bus.params)
+            self._conn, idx = self.bus.connector.open("connecting to publish")
             if self._connected_once:
                 self.reconnects += 1
-                log.info("publisher reconnected", host=self.bus.params.host)
+                log.info("publisher reconnected", node=self.bus.endpoints.nodes[idx].where)
             self._connected_once = True
         if self._ch is None or not self._ch.is_open:
             self._ch = self._conn.channel()
@@ -343,24 +484,33 @@ class _Publisher:
             for attempt in itertools.count():
                 try:
                     return op()
-                except (PublishError, BusPermissionError):
+                except (PublishError, BusPermissionError, BrokerUnreachable):
                     raise
                 except Exception as e:
                     refused = _refusal(e)
                     if isinstance(e, px.ChannelClosedByBroker):
                         self._ch = None
                     if refused:
-                        raise _permission_error(*refused, user=self.bus.user, what=what(), cls=refusal) from e
+                        raise _permission_error(*refused, user=self.bus.user, what=what(), cls=refusal,
+                                                external=self.bus.endpoints.nodes[0].external) from e
                     if not isinstance(e, _TRANSIENT + (px.ChannelClosedByBroker,)):
                         raise
                     self._drop()
-                    delay = _backoff(attempt, cap=self.bus.reconnect_max_s)
+                    delay = self.bus.connector.cap_delay(_backoff(attempt, cap=self.bus.reconnect_max_s))
+                    if time.monotonic() + delay > deadline and isinstance(e, _Nacked):
+                        raise PublishError(
+                            f"{what()}: the broker nacked it for {self.bus.publish_timeout_s}s (a queue over its "
+                            "length limit, or a quorum queue without a majority of its nodes)"
+                        ) from e
                     if time.monotonic() + delay > deadline:
                         raise PublishError(
                             f"{what()}: broker unreachable for {self.bus.publish_timeout_s}s "
-                            f"({type(e).__name__}: {e}); is RabbitMQ up at {self.bus.params.host}:{self.bus.params.port}?"
+                            f"({type(e).__name__}: {e}); is RabbitMQ up at {self.bus.endpoints.where}?"
                         ) from e
-                    log.warning("broker connection problem; reconnecting", what=what(), error=repr(e), retry_in_s=round(delay, 2))
+                    # Before the first connection these are retries of the start-up, not losses:
+                    # quiet (the outcome is one line, below); afterwards a warning each.
+                    (log.warning if self.bus.connector.connected.is_set() else log.info)(
+                        "broker connection problem; reconnecting", what=what(), error=repr(e), retry_in_s=round(delay, 2))
                     if self._stop.wait(delay):
                         raise BusError("bus closed while reconnecting")
         raise AssertionError("unreachable")
@@ -385,7 +535,7 @@ class _Publisher:
                     f"{what}: unroutable (no queue bound for that key: unknown site or federation?)"
                 ) from e
             except px.NackError as e:
-                raise PublishError(f"{what}: the broker nacked the message (queue full or internal error)") from e
+                raise _Nacked(f"{what}: the broker nacked the message") from e
 
         if len(body) <= self.bus.chunk_size:
             data = body if isinstance(body, bytes) else bytes(body)
@@ -484,6 +634,7 @@ class _AmqpConsumer(Consumer):
         self.prefetch = prefetch
         self.error: BusPermissionError | None = None
         self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
+        self.resubscribes = 0  # consumes renewed after a broker cancel (quorum leader moved)
         self._connected_once = False
         self._broker_cancelled = False
         self._gen = 0
@@ -504,7 +655,9 @@ class _AmqpConsumer(Consumer):
     def start(self) -> None:
         self._worker.start()
         self._io.start()
-        self._first_attempt.wait(timeout=60)
+        # Until the bus has reached the broker once, wait for the outcome (connected,
+        # refused, or unreachable after connect_timeout_s); after that, the first attempt.
+        self._first_attempt.wait(timeout=self.bus.connect_timeout_s + 30)
         if self.error is not None:
             self._work.put(_STOP)
             raise self.error
@@ -515,7 +668,7 @@ class _AmqpConsumer(Consumer):
         while not self._stop.is_set():
             what = f"connecting to the broker as consumer of queue {self.queue!r}"
             try:
-                self._conn = pika.BlockingConnection(self.bus.params)
+                self._conn, _ = self.bus.connector.open(what)
                 self._ch = self._conn.channel()
                 self._gen += 1
                 with self._ops_lock:  # operations for the old connection are void
@@ -539,27 +692,35 @@ class _AmqpConsumer(Consumer):
                     self._conn.process_data_events(time_limit=0.5)
                     if self._broker_cancelled:
                         self._broker_cancelled = False
-                        # Queue deleted or moved: consuming again says which (404 stops us).
-                        raise _BrokerCancelled(f"the broker cancelled our consumer of {self.queue!r}")
+                        # Queue deleted (404 then stops us) or its quorum leader moved:
+                        # consume again on the same channel, so deliveries still unacked
+                        # stay ours and are acked once (no redelivery, no duplicate work).
+                        what = f"consuming again from queue {self.queue!r} after the broker cancelled us"
+                        self._ch.basic_consume(self.queue, self._on_message)
+                        self.resubscribes += 1
+                        log.info("consumer resubscribed after a broker cancel", queue=self.queue)
                 self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
             except Exception as e:
                 refused = _refusal(e)
                 self._close_conn()
-                if refused:
-                    self.error = _permission_error(*refused, user=self.bus.user, what=what)
-                    log.error("consumer stopped: broker refused", queue=self.queue, error=str(self.error))
+                if isinstance(e, (BrokerRefused, BrokerUnreachable)) or refused:
+                    self.error = e if isinstance(e, BusError) else _permission_error(
+                        *refused, user=self.bus.user, what=what, external=self.bus.endpoints.nodes[0].external)
+                    (log.error if self._connected_once else log.info)("consumer stopped", queue=self.queue, error=str(self.error))
                     self._stop.set()
                     self._first_attempt.set()
                     self._work.put(_STOP)
                     return
                 if not isinstance(e, _TRANSIENT + (px.ChannelClosedByBroker,)):
                     log.exception("consumer I/O failed unexpectedly; reconnecting", queue=self.queue)
-                delay = _backoff(attempt, cap=self.bus.reconnect_max_s)
+                delay = self.bus.connector.cap_delay(_backoff(attempt, cap=self.bus.reconnect_max_s))
                 attempt += 1
-                self._first_attempt.set()
-                log.warning("consumer lost the broker; reconnecting", queue=self.queue, error=repr(e), retry_in_s=round(delay, 2))
+                if self.bus.connector.connected.is_set():
+                    self._first_attempt.set()
+                (log.warning if self.bus.connector.connected.is_set() else log.info)(
+                    "consumer lost the broker; reconnecting", queue=self.queue, error=repr(e), retry_in_s=round(delay, 2))
                 self._stop.wait(delay)
 
     def _on_broker_cancel(self, frame: Any) -> None:

@@ -28,6 +28,21 @@ class BusPermissionError(BusError):
     """The broker refused an operation (AMQP 403/404/406): retrying will not help."""
 
 
+class BrokerRefused(BusPermissionError):
+    """The broker refused us at the door: login (password or certificate) or TLS. A
+    configuration problem: processes exit 2 so systemd stops restarting them."""
+
+
+class BrokerUnreachable(BusError):
+    """No broker node could be reached within the connect timeout (never connected).
+    Transient by nature: processes exit 1 and systemd retries later."""
+
+
+def exit_code(e: BusError) -> int:
+    """2 for what only a configuration change fixes (refusals), 1 for the rest."""
+    return 2 if isinstance(e, BusPermissionError) else 1
+
+
 class PublishRefused(PublishError, BusPermissionError):
     """The broker refused a publish for good (no such exchange, access refused): both a
     ``PublishError`` (publish did not happen) and a ``BusPermissionError`` (do not retry)."""

@@ -14,7 +14,9 @@ Least privilege, enforced by RabbitMQ itself:
   the bindings; it lets it neither read site queues nor publish as a site.
 
 Users are created through the management HTTP API when it answers on port 15672, else
-with ``rabbitmqctl`` on this machine; the result says which. Re-running is idempotent
+with ``rabbitmqctl`` on this machine (``node`` names a node other than the default);
+the result says which. With ``auth="external"`` users get no password at all: they log
+in by client certificate (EXTERNAL; broker user = the certificate's CN). Re-running is idempotent
 for the topology, tags and permissions and **rotates** the passwords of existing users
 (the new ones are returned, and printed or written once by the CLI).
 """
@@ -108,12 +110,15 @@ def provision(
     method: Method = "auto",
     management_url: str | None = None,
     passwords: dict[str, str] | None = None,
+    auth: Literal["plain", "external"] = "plain",
+    node: str | None = None,
 ) -> Credentials:
     """Declare the topology (as the admin in ``broker_url``) and create the users.
 
     ``federation`` is required with ``coordinator`` (its queues are per federation).
     ``passwords`` gives users their password instead of a new one (a kit keeps its
     password when re-provisioned: idempotent, nothing rotates unless asked).
+    ``auth="external"``: passwordless users for certificate login (``passwords`` stays empty).
     """
     from protocol.transport import open_bus
 
@@ -129,7 +134,9 @@ def provision(
             raise ProvisionError(f"coordinator name {coordinator!r} is also a site id; pick another")
     if federation:
         _check_name("federation", federation)
-    parts = urlsplit(broker_url)
+    if auth not in ("plain", "external"):
+        raise ProvisionError(f"auth {auth!r}: use plain (passwords) or external (client certificates)")
+    parts = urlsplit(broker_url.split(",")[0])
     if parts.scheme not in ("amqp", "amqps"):
         raise ProvisionError(f"--broker must be an amqp:// or amqps:// URL, got {broker_url!r}")
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
@@ -140,28 +147,32 @@ def provision(
     finally:
         bus.close()
 
-    admin = _Admin.choose(broker_url, method=method, management_url=management_url)
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node)
     creds = Credentials(method=admin.name, vhost=vhost)
     wanted: list[tuple[str, str, Permissions]] = [(s, "site", site_permissions(s)) for s in sites]
     if coordinator and federation:
         wanted.append((coordinator, "coordinator", coordinator_permissions(federation)))
     existing = admin.users()
     for user, role, perms in wanted:
-        password = (passwords or {}).get(user) or secrets.token_urlsafe(24)
+        password = ((passwords or {}).get(user) or secrets.token_urlsafe(24)) if auth == "plain" else None
         existed = user in existing
         admin.put_user(user, password, existed=existed)
         admin.set_permissions(vhost, user, perms)
-        creds.passwords[user] = password
+        if password is not None:
+            creds.passwords[user] = password
         creds.roles[user] = role
         creds.permissions[user] = perms
         log.info("broker user provisioned", user=user, role=role, vhost=vhost, method=admin.name,
-                 password="rotated" if existed else "new")
+                 password="none (certificate login)" if password is None else ("rotated" if existed else "new"))
     return creds
 
 
-def deprovision(broker_url: str, users: list[str], *, method: Method = "auto", management_url: str | None = None) -> None:
+def deprovision(
+    broker_url: str, users: list[str], *, method: Method = "auto", management_url: str | None = None,
+    node: str | None = None,
+) -> None:
     """Delete broker users (tests, and sites leaving the federation)."""
-    admin = _Admin.choose(broker_url, method=method, management_url=management_url)
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node)
     for u in users:
         admin.delete_user(u)
 
@@ -180,8 +191,8 @@ class _Admin(abc.ABC):
     name = ""
 
     @staticmethod
-    def choose(broker_url: str, *, method: Method, management_url: str | None) -> "_Admin":
-        p = urlsplit(broker_url)
+    def choose(broker_url: str, *, method: Method, management_url: str | None, node: str | None = None) -> "_Admin":
+        p = urlsplit(broker_url.split(",")[0])
         user, password = unquote(p.username or "guest"), unquote(p.password or "guest")
         api = management_url or f"http://{p.hostname or 'localhost'}:15672"
         if method in ("auto", "management"):
@@ -200,15 +211,16 @@ class _Admin(abc.ABC):
             )
         if p.hostname not in (None, "localhost", "127.0.0.1", "::1"):
             log.warning("using rabbitmqctl: it manages the broker node on THIS machine", broker_host=p.hostname)
-        return _Rabbitmqctl()
+        return _Rabbitmqctl(node)
 
     @abc.abstractmethod
     def users(self) -> set[str]:
         """Names of the broker's users."""
 
     @abc.abstractmethod
-    def put_user(self, user: str, password: str, *, existed: bool) -> None:
-        """Create the user, or set its password (rotate) and clear its tags."""
+    def put_user(self, user: str, password: str | None, *, existed: bool) -> None:
+        """Create the user, or set its password (rotate) and clear its tags; with
+        ``password=None`` the user has no password (certificate login only)."""
 
     @abc.abstractmethod
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
@@ -256,8 +268,9 @@ class _Management(_Admin):
         self._ok(s, b, "listing users")
         return {u["name"] for u in json.loads(b)}
 
-    def put_user(self, user: str, password: str, *, existed: bool) -> None:
-        s, b = self._call("PUT", f"/api/users/{quote(user, safe='')}", {"password": password, "tags": ""})
+    def put_user(self, user: str, password: str | None, *, existed: bool) -> None:
+        body = {"password": password, "tags": ""} if password is not None else {"password_hash": "", "tags": ""}
+        s, b = self._call("PUT", f"/api/users/{quote(user, safe='')}", body)
         self._ok(s, b, f"creating user {user!r}")
 
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
@@ -276,8 +289,12 @@ class _Management(_Admin):
 class _Rabbitmqctl(_Admin):
     name = "rabbitmqctl"
 
+    def __init__(self, node: str | None = None) -> None:
+        self._node = ["-n", node] if node else []
+
     def _run(self, *args: str, stdin: str | None = None) -> str:
-        r = subprocess.run(["rabbitmqctl", "-q", *args], input=stdin, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["rabbitmqctl", "-q", *self._node, *args], input=stdin, capture_output=True, text=True,
+                           timeout=120)
         if r.returncode != 0:
             raise ProvisionError(
                 f"rabbitmqctl {args[0]} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:500]} "
@@ -289,18 +306,22 @@ class _Rabbitmqctl(_Admin):
         out = self._run("list_users", "--formatter", "json")
         return {u["user"] for u in json.loads(out or "[]")}
 
-    def put_user(self, user: str, password: str, *, existed: bool) -> None:
+    def put_user(self, user: str, password: str | None, *, existed: bool) -> None:
         # The password goes through stdin, never the command line (visible in `ps`).
-        if existed:
+        if not existed:
+            self._run("add_user", user, stdin=(password or secrets.token_urlsafe(24)) + "\n")  # created without tags
+        elif password is not None:
             self._run("change_password", user, stdin=password + "\n")
+        if existed:
             self._run("set_user_tags", user)  # no tags: no management or admin rights
-        else:
-            self._run("add_user", user, stdin=password + "\n")  # created without tags
+        if password is None:
+            self._run("clear_password", user)  # certificate login only
 
     def set_permissions(self, vhost: str, user: str, perms: Permissions) -> None:
         self._run("set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read)
 
     def delete_user(self, user: str) -> None:
-        r = subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["rabbitmqctl", "-q", *self._node, "delete_user", user], capture_output=True, text=True,
+                           timeout=120)
         if r.returncode != 0 and "no_such_user" not in r.stdout + r.stderr and "does not exist" not in r.stdout + r.stderr:
             raise ProvisionError(f"rabbitmqctl delete_user {user} failed: {(r.stderr or r.stdout).strip()[:300]}")

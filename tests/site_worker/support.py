@@ -21,7 +21,8 @@ from protocol.transport.base import Bus, Delivery, Topology
 from protocol.transport.topology import TASKS, updates_queue
 
 ROOT = Path(__file__).resolve().parents[2]
-HEART_FAILURE = ROOT / "examples" / "heart_failure.json"
+# The seeds' 12-feature MLP with noise 1.0, frozen for tests (examples/heart_failure.json is tuned for DP).
+HEART_FAILURE = ROOT / "tests" / "protocol" / "fixtures" / "heart_failure_mlp.json"
 ECG_CNN = ROOT / "examples" / "ecg_cnn.json"
 
 

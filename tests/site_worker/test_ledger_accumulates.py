@@ -7,6 +7,8 @@ suite alone catches a ledger that forgets earlier history. The oracle is Opacus'
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -17,14 +19,18 @@ from site_worker.handlers import TaskHandler
 
 from tests.site_worker.support import experiment_dict, heart_failure_csv, initial_weights
 
-# heart failure: 239 training rows, batch 32 -> 8 Poisson batches per epoch at q = 1/8; sigma from the example
-SIGMA, Q, STEPS = 1.0, 1 / 8, 8
+SIGMA, BATCH = 1.0, 32  # the example's noise multiplier and batch size, 1 local epoch
 
 
-def opacus_epsilon(steps: int, delta: float) -> float:
+def opacus_epsilon(tasks: int, *, n_train: int, delta: float, metrics_sigma: float) -> float:
+    """ε after ``tasks`` tasks: each ceil(n/32) DP-SGD steps at q = 1/ceil(n/32) (Opacus' sample rate)
+    plus one Gaussian release of the metrics (q = 1), stepped through Opacus' RDPAccountant."""
+    per_epoch = math.ceil(n_train / BATCH)
     acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=SIGMA, sample_rate=Q)
+    for _ in range(tasks):
+        for _ in range(per_epoch):
+            acc.step(noise_multiplier=SIGMA, sample_rate=1 / per_epoch)
+        acc.step(noise_multiplier=metrics_sigma, sample_rate=1.0)
     return acc.get_epsilon(delta=delta)
 
 
@@ -45,19 +51,25 @@ def _task(handler: TaskHandler, exp, round: int):
 def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_before_training(tmp_path, monkeypatch):
     csv = heart_failure_csv(tmp_path / "hf.csv")
     exp = experiment_dict(**{"training.epochs": 1})
-    first = _task(TaskHandler(_config(tmp_path, csv, 1e6)), exp, 1)
+    config = _config(tmp_path, csv, 1e6)
+    assert config.policy.metrics == "dp"  # the default: released metrics are charged too
+    first = _task(TaskHandler(config), exp, 1)
     assert isinstance(first, Update), first
-    delta = first.delta
-    assert first.epsilon == pytest.approx(opacus_epsilon(STEPS, delta), rel=1e-9)
+
+    def expected(tasks: int) -> float:
+        return opacus_epsilon(tasks, n_train=first.num_examples, delta=first.delta,
+                              metrics_sigma=config.policy.metrics_noise_multiplier)
+
+    assert first.epsilon == pytest.approx(expected(1), rel=1e-9)
 
     handler = TaskHandler(_config(tmp_path, csv, 1e6))  # a restarted site: same state directory
     second = _task(handler, exp, 2)
     assert isinstance(second, Update), second
-    assert second.epsilon == pytest.approx(opacus_epsilon(2 * STEPS, delta), rel=1e-9)
+    assert second.epsilon == pytest.approx(expected(2), rel=1e-9)
     assert second.epsilon > first.epsilon
 
     # a budget between 2 and 3 tasks' worth: the third task is declined, and nothing is trained or charged
-    cap = (opacus_epsilon(2 * STEPS, delta) + opacus_epsilon(3 * STEPS, delta)) / 2
+    cap = (expected(2) + expected(3)) / 2
     capped = TaskHandler(_config(tmp_path, csv, cap))
     before = capped.ledger.history("heart_failure")
 
@@ -68,5 +80,5 @@ def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_befor
     third = _task(capped, exp, 3)
     assert isinstance(third, Declined) and third.reason == "budget", third
     assert third.figures["epsilon_spent"] == pytest.approx(second.epsilon, rel=1e-9)
-    assert third.figures["epsilon_projected"] == pytest.approx(opacus_epsilon(3 * STEPS, delta), rel=1e-9)
+    assert third.figures["epsilon_projected"] == pytest.approx(expected(3), rel=1e-9)
     assert capped.ledger.history("heart_failure") == before

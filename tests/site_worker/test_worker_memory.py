@@ -119,9 +119,14 @@ def test_refusals_keep_serving(env):
     coord, worker, cfg, broker_name = env
     worker.start()
     exp = experiment_dict(**FAST)
-    # 1. signed by an unknown key -> dead-lettered with the reason, no reply
+    # 1. signed by an unknown key -> dead-lettered with the reason; the coordinator gets one signed
+    #    Declined(untrusted_task) naming the key ids (site_worker/untrusted.py), never a training reply
     env1 = coord.task_envelope(_train_task(exp))
-    coord.publish(env1, signer=Signer.generate())
+    stranger = Signer.generate()
+    coord.publish(env1, signer=stranger)
+    r = coord.reply().payload
+    assert isinstance(r, Declined) and r.reason == "untrusted_task" and r.task_id == env1.message_id
+    assert stranger.kid in r.detail and "unknown signer" in r.detail
     # 2. forbidden layer (Dropout not allowed by this site)
     layers = exp["architecture"]["layers"]
     bad = experiment_dict(**FAST)

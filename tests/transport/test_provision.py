@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions as px
@@ -26,20 +27,33 @@ from protocol.transport.provision import (
     user_url,
 )
 from protocol.transport.topology import CONTROL, DEAD, REASON_HEADER, TASKS, UPDATES, site_queue, updates_queue
+from tests.conftest import unavailable
 from tests.transport.conftest import Collector, ack, new_id
 
 # Tests that create real users are marked slow: rabbitmqctl takes seconds per call.
 
 
-@pytest.fixture(scope="module")
-def provisioned(amqp_url: str, local_broker: str) -> Iterator[tuple[Credentials, str, str, str, str]]:
+def _management_available(url: str) -> bool:
+    try:
+        return _Management(f"http://{urlsplit(url).hostname}:15672", "guest", "guest").available()
+    except ProvisionError:
+        return False
+
+
+# The same least-privilege checks run for users made through rabbitmqctl and through the
+# real management HTTP API (.ci/run enables rabbitmq_management on the broker).
+@pytest.fixture(scope="module", params=["rabbitmqctl", "management"])
+def provisioned(request: pytest.FixtureRequest, amqp_url: str, local_broker: str) -> Iterator[tuple[Credentials, str, str, str, str]]:
+    method = request.param
+    if method == "management" and not _management_available(amqp_url):
+        unavailable("the management API does not answer on :15672 (rabbitmq-plugins enable rabbitmq_management)")
     tag = uuid.uuid4().hex[:8]
     a, b, coord, fed = f"site-a-{tag}", f"site-b-{tag}", f"coord-{tag}", f"fed-{tag}"
-    creds = provision(amqp_url, sites=[a, b], coordinator=coord, federation=fed)
+    creds = provision(amqp_url, sites=[a, b], coordinator=coord, federation=fed, method=method)
     try:
         yield creds, a, b, coord, fed
     finally:
-        deprovision(amqp_url, [a, b, coord])
+        deprovision(amqp_url, [a, b, coord], method=method)
         admin = open_bus(amqp_url)
         for q in (site_queue(a), site_queue(b), updates_queue(fed), f"fedbus.control.{fed}"):
             admin.delete_queue(q)  # type: ignore[attr-defined]
@@ -50,7 +64,7 @@ def provisioned(amqp_url: str, local_broker: str) -> Iterator[tuple[Credentials,
 @pytest.mark.slow
 def test_site_user_is_confined(amqp_url: str, provisioned: tuple[Credentials, str, str, str, str]) -> None:
     creds, a, b, coord, fed = provisioned
-    assert creds.method == "rabbitmqctl"  # management plugin not enabled on the test broker
+    assert creds.method in ("rabbitmqctl", "management")
     assert set(creds.passwords) == {a, b, coord}
     site = open_bus(user_url(amqp_url, a, creds.passwords[a]))
     coordinator = open_bus(user_url(amqp_url, coord, creds.passwords[coord]))
@@ -137,9 +151,9 @@ def test_forged_user_id_is_refused_by_the_broker(amqp_url: str, provisioned: tup
 @pytest.mark.slow
 def test_reprovision_is_idempotent_and_rotates(amqp_url: str, provisioned: tuple[Credentials, str, str, str, str]) -> None:
     creds, a, b, coord, fed = provisioned
-    again = provision(amqp_url, sites=[b])  # site b only: the other tests keep their passwords
+    again = provision(amqp_url, sites=[b], method=creds.method)  # type: ignore[arg-type]  # site b only
     assert again.passwords[b] != creds.passwords[b]
-    with pytest.raises(BusPermissionError, match="login refused"):
+    with pytest.raises(BusPermissionError, match="login refused by the broker"):
         open_bus(user_url(amqp_url, b, creds.passwords[b])).consume(site_queue(b), ack)
     bus = open_bus(user_url(amqp_url, b, again.passwords[b]))
     with pytest.raises(BusPermissionError, match="ACCESS_REFUSED"):
@@ -157,7 +171,8 @@ def test_cli_writes_credentials_0600(amqp_url: str, local_broker: str, tmp_path:
     site = f"site-cli-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "creds.json"
     try:
-        r = CliRunner().invoke(app, ["broker", "provision", "--broker", amqp_url, "--site", site, "--out", str(out)])
+        r = CliRunner().invoke(app, ["broker", "provision", "--broker", amqp_url, "--site", site, "--out", str(out),
+                                     "--method", "rabbitmqctl"])
         assert r.exit_code == 0, r.output
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         doc = json.loads(out.read_text())

@@ -59,5 +59,5 @@ def test_tls_context_built_from_files(tmp_path) -> None:  # type: ignore[no-unty
         connection_parameters("amqp://u:p@h/", tls={"ca": str(ca_pem)})
     with pytest.raises(ValueError, match="unknown option"):
         connection_parameters("amqps://u:p@h/", tls={"cafile": str(ca_pem)})
-    with pytest.raises(ssl.SSLError):
+    with pytest.raises(ValueError, match="does the key belong to the certificate"):
         connection_parameters("amqps://u:p@h/", tls={"ca": str(ca_pem), "cert": str(cert_pem), "key": str(ca_pem)})

@@ -23,9 +23,11 @@
     return ticks;
   }
 
-  function fmt(v) {
-    const a = Math.abs(v);
-    return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(2);
+  // Enough decimals to tell neighbouring ticks apart (step 0.025 -> 3), none for whole numbers.
+  function fmt(v, step) {
+    if (Number.isInteger(v) && (!step || Number.isInteger(step))) return String(v);
+    const text = step ? String(step) : "0.01", d = text.includes(".") ? text.split(".")[1].length : 0;
+    return v.toFixed(Math.min(d, 4));
   }
 
   function draw(el, opts) {
@@ -53,16 +55,18 @@
     }
     const X = (x) => M.l + ((x - x0) / (x1 - x0)) * iw;
     const Y = (y) => M.t + ih - ((y - y0) / (y1 - y0)) * ih;
-    for (const t of niceTicks(y0, y1, 5)) {
+    const yt = niceTicks(y0, y1, 5), ystep = yt.length > 1 ? yt[1] - yt[0] : 0;
+    for (const t of yt) {
       if (t < y0 - 1e-12 || t > y1 + 1e-12) continue;
       node("line", { x1: M.l, x2: W - M.r, y1: Y(t), y2: Y(t), class: "gridline" }, svg);
-      node("text", { x: M.l - 6, y: Y(t) + 4, "text-anchor": "end" }, svg).textContent = fmt(t);
+      node("text", { x: M.l - 6, y: Y(t) + 4, "text-anchor": "end" }, svg).textContent = fmt(t, +ystep.toFixed(10));
     }
     const xt = niceTicks(x0, x1, Math.min(8, Math.max(1, Math.round(x1 - x0)))).filter((t) => Number.isInteger(t) || !opts.integerX);
+    const xstep = xt.length > 1 ? +(xt[1] - xt[0]).toFixed(10) : 1;
     for (const t of xt) {
       if (t < x0 || t > x1) continue;
       node("line", { x1: X(t), x2: X(t), y1: M.t + ih, y2: M.t + ih + 4, class: "axis" }, svg);
-      node("text", { x: X(t), y: M.t + ih + 16, "text-anchor": "middle" }, svg).textContent = fmt(t).replace(/\.00$/, "");
+      node("text", { x: X(t), y: M.t + ih + 16, "text-anchor": "middle" }, svg).textContent = fmt(t, xstep);
     }
     node("line", { x1: M.l, x2: W - M.r, y1: M.t + ih, y2: M.t + ih, class: "axis" }, svg);
     node("line", { x1: M.l, x2: M.l, y1: M.t, y2: M.t + ih, class: "axis" }, svg);

@@ -46,6 +46,7 @@
   const dlt = (v) => (v === null || v === undefined ? "–" : Array.isArray(v) ? v.map((x) => (+x).toExponential(0)).join(", ") : (+v).toExponential(0));
   const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
   const dur = (s) => (s === null || s === undefined ? "–" : s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h");
+  const ago = (t, now) => { if (!t) return "never"; const s = Math.max(0, now - t); return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : s < 172800 ? `${(s / 3600).toFixed(0)} h ago` : when(t); };
   const badge = (status) => el("span", { class: "badge " + status }, status);
   async function api(path) {
     const r = await fetch(path, { credentials: "same-origin" });
@@ -77,7 +78,7 @@
         const share = spent !== null && budget ? Math.min(1, spent / budget) : null;
         rows.push(el("tr", { class: i ? "site-ds" : "", "data-site": s.site_id },
           i ? el("td") : el("td", {}, el("b", {}, s.site_id), el("div", { class: "mono muted" }, "key " + s.kid)),
-          i ? el("td") : el("td", {}, badge(s.online ? "online" : "offline"), el("div", { class: "muted" }, "seen " + when(s.last_seen))),
+          i ? el("td") : el("td", {}, badge(s.online ? "online" : "offline"), el("div", { class: "muted", title: when(s.last_seen) }, "seen " + ago(s.last_seen, doc.now))),
           i ? el("td") : el("td", {}, s.software_version || "–"),
           el("td", {}, d ? el("b", {}, d.name) : el("span", { class: "muted" }, "no dataset announced yet")),
           el("td", { class: "num" }, d ? d.rows : "–"),
@@ -169,43 +170,27 @@
     return el("div", { class: "card kpi" }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
   }
 
-  async function runPage() {
-    const runId = decodeURIComponent(location.pathname.split("/").pop());
-    let doc = await api("/api/runs/" + encodeURIComponent(runId));
-    const charts = {};
-    const legends = {};
-    const rounds = doc.rounds.slice();
-    const f = doc.final, test = f.test || {};
-    const maj = f.majority_class_accuracy;
-    const privacy = doc.privacy || {};
+  // The parts of the run page that change with every round; each has an id so a poll can swap it.
+  function kpisOf(doc) {
+    const f = doc.final, test = f.test || {}, maj = f.majority_class_accuracy, privacy = doc.privacy || {};
     const epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
-
-    const header = el("div", {}, el("h1", {}, doc.experiment_name || doc.run_id, " ", badge(doc.status)),
-      el("p", { class: "sub" }, el("span", { class: "mono" }, doc.run_id), ` · ${doc.aggregator} · dataset ${doc.dataset || "–"} · created ${when(doc.created_at)} · `,
-        el("span", { id: "rounds-done" }, `${doc.rounds_done} / ${doc.rounds_planned} rounds`), ` · ${dur(doc.duration_s)}`),
-      doc.description ? el("p", { class: "explain" }, doc.description) : null, doc.reason ? el("div", { class: "msg warn" }, doc.reason) : null);
-
-    const kpis = el("div", { class: "grid k4" },
-      kpi("Test accuracy", "accuracy", pct(test.accuracy), maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported"),
-      kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect"),
-      kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split")),
+    const last = doc.rounds.length ? doc.rounds[doc.rounds.length - 1] : null;
+    const baseline = maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported";
+    const haveTest = test.accuracy !== null && test.accuracy !== undefined;
+    const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baseline)
+      : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
+        doc.status === "running" ? "test figures come when the run ends · " + baseline : baseline);
+    return el("div", { class: "grid k4", id: "kpis" }, first,
+      haveTest ? kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect")
+        : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
+      haveTest ? kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
+        : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
       kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
         `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+  }
 
-    const chartGrid = el("div", { class: "grid c2", id: "curves" });
-    for (const [m, label] of CURVES) {
-      const box = el("div", { class: "card", "data-metric": m });
-      const c = el("div", { id: "chart-" + m });
-      const series = curveSeries(rounds, m, true);
-      legends[m] = legend(series);
-      box.append(c, legends[m], el("p", { class: "explain" }, EXPLAIN[m]));
-      chartGrid.append(box);
-      charts[m] = FedChart.line(c, { title: label + " per round", yLabel: label.toLowerCase(), series, xMax: doc.rounds_planned, integerX: true,
-        yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1,
-        hline: m === "accuracy" && maj !== null && maj !== undefined ? { y: maj, label: "majority baseline" } : null });
-    }
-
-    const siteRows = doc.sites.map((s) => el("tr", { "data-site": s.site },
+  function siteTableOf(doc) {
+    const rows = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
       el("td", { class: "num" }, eps(s.epsilon)), el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
       el("td", { class: "num" }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
@@ -213,26 +198,59 @@
       el("td", { class: "num" }, s.n_test ?? "–"),
       el("td", { class: "num" }, s.personalized && s.personalized.accuracy !== undefined ? pct(s.personalized.accuracy) : "–"),
       el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
-    const siteTable = el("table", { id: "run-sites" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
+    return el("table", { id: "run-sites" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
       el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, "ε planned"),
       el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
       el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, "Test rows"),
       el("th", { class: "num" }, tip("Personalised acc.", "personalized")), el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
-      el("tbody", {}, siteRows));
+      el("tbody", {}, rows));
+  }
 
-    const rejected = doc.rejected.length ? el("table", { id: "rejected" }, el("thead", {}, el("tr", {}, el("th", {}, "Round"), el("th", {}, "Site"), el("th", {}, "Kind"),
+  function rejectedOf(doc) {
+    const box = el("div", { id: "rejected-box" });
+    box.append(doc.rejected.length ? el("table", { id: "rejected" }, el("thead", {}, el("tr", {}, el("th", {}, "Round"), el("th", {}, "Site"), el("th", {}, "Kind"),
       el("th", {}, "Verdict"), el("th", {}, "Reason"), el("th", {}, "Message"))), el("tbody", {}, doc.rejected.map((r) => el("tr", {},
-      el("td", {}, r.round), el("td", {}, r.site || "?"), el("td", {}, r.kind || "?"), el("td", {}, badge(r.verdict === "rejected" ? "bad" : "warn")), el("td", {}, r.reason || "–"),
-      el("td", { class: "mono" }, r.message_id)))))
-      : el("p", { class: "muted", id: "rejected" }, "No message was rejected.");
-    const declined = doc.declined.length ? el("ul", {}, doc.declined.map((d) => el("li", {}, `round ${d.round}: ${d.site} declined (${d.reason})`))) : null;
+      el("td", {}, r.round), el("td", {}, r.site || "?"), el("td", {}, r.kind || "?"), el("td", {}, el("span", { class: "badge " + (r.verdict === "rejected" ? "bad" : "warn") }, r.verdict)),
+      el("td", {}, r.reason || "–"), el("td", { class: "mono" }, r.message_id)))))
+      : el("p", { class: "muted", id: "rejected" }, "No message was rejected."));
+    if (doc.declined.length) box.append(el("ul", {}, doc.declined.map((d) => el("li", {}, `round ${d.round}: ${d.site} declined (${d.reason})`))));
+    return box;
+  }
 
+  function timingOf(doc) {
     const t = doc.timing || {};
     const parts = [["train_s", "#1f6feb", "training"], ["communication_s", "#bf8700", "communication"], ["aggregation_s", "#1a7f37", "aggregation"]];
     const total = parts.reduce((a, [k]) => a + (t[k] || 0), 0) || 1;
-    const timing = el("div", { class: "card", id: "timing" }, el("div", {}, `Wall time ${dur(t.wall_s)}`),
+    return el("div", { class: "card", id: "timing" }, el("div", {}, `Wall time ${dur(t.wall_s)}`),
       el("div", { class: "stack" }, parts.map(([k, c]) => el("span", { style: `width:${(100 * (t[k] || 0)) / total}%;background:${c}`, title: EXPLAIN[k] }))),
       el("div", { class: "legend" }, parts.map(([k, c, label]) => el("span", { title: EXPLAIN[k] }, el("i", { style: `background:${c}` }), `${label} ${dur(t[k])}`))));
+  }
+
+  function chartsOf(doc, charts, legends) {
+    const maj = doc.final.majority_class_accuracy;
+    const grid = el("div", { class: "grid c2", id: "curves" });
+    for (const [m, label] of CURVES) {
+      const c = el("div", { id: "chart-" + m });
+      const series = curveSeries(doc.rounds, m, true);
+      legends[m] = legend(series);
+      grid.append(el("div", { class: "card", "data-metric": m }, c, legends[m], el("p", { class: "explain" }, EXPLAIN[m])));
+      charts[m] = FedChart.line(c, { title: label + " per round", yLabel: label.toLowerCase(), series, integerX: true,
+        yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1,
+        hline: m === "accuracy" && maj !== null && maj !== undefined ? { y: maj, label: "majority baseline" } : null });
+    }
+    return grid;
+  }
+
+  async function runPage() {
+    const runId = decodeURIComponent(location.pathname.split("/").pop());
+    const doc = await api("/api/runs/" + encodeURIComponent(runId));
+    const charts = {}, legends = {};
+    const rounds = doc.rounds.slice();
+
+    const header = el("div", {}, el("h1", {}, doc.experiment_name || doc.run_id, " ", badge(doc.status)),
+      el("p", { class: "sub" }, el("span", { class: "mono" }, doc.run_id), ` · ${doc.aggregator} · dataset ${doc.dataset || "–"} · created ${when(doc.created_at)} · `,
+        el("span", { id: "rounds-done" }, `${doc.rounds_done} / ${doc.rounds_planned} rounds`), ` · ${dur(doc.duration_s)}`),
+      doc.description ? el("p", { class: "explain" }, doc.description) : null, doc.reason ? el("div", { class: "msg warn" }, doc.reason) : null);
 
     const exp = doc.experiment || {}, tr = exp.training || {}, opt = tr.optimizer || {}, dp = opt.differential_privacy || {};
     const summary = [["aggregator", (exp.federated || {}).name], ["rounds", tr.rounds], ["epochs", tr.epochs], ["batch_size", tr.batch_size],
@@ -251,7 +269,9 @@
       el("div", { class: "actions" }, el("button", { id: "run-audit", onclick: async () => {
         auditOut.textContent = "auditing…";
         try { auditOut.replaceChildren(auditText(await post(`/api/runs/${encodeURIComponent(runId)}/audit`))); } catch (e) { auditOut.textContent = e.message; } } }, "Run audit"), auditOut),
-      el("h2", {}, "Mark the model as valid"), approvals,
+      el("h2", {}, "Mark the model as valid"),
+      el("p", { class: "explain" }, "Signs, with the coordinator's key, that you checked the latest checkpoint of this run; the audit verifies the signature and the checkpoint's hash."),
+      approvals,
       SESSION.actions_allowed ? el("div", { class: "actions" }, who, el("button", { class: "primary", id: "mark-valid", disabled: !SESSION.can_sign, onclick: async () => {
         try { const r = await post(`/api/runs/${encodeURIComponent(runId)}/approve`, { who: who.value }); approvals.append(approvalItem(r.record)); actOut.textContent = "signed"; }
         catch (e) { actOut.textContent = e.message; } } }, "Mark valid (sign)"),
@@ -260,11 +280,11 @@
           catch (e) { actOut.textContent = e.message; } } }, "Stop run") : null, actOut)
         : el("p", { class: "muted" }, "This dashboard is read-only (start it with --allow-actions to sign approvals or stop runs)."));
 
-    app.replaceChildren(...[header, kpis, el("h2", {}, "Curves, round by round"),
-      el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test), chartGrid,
-      el("h2", {}, "Per site"), siteTable,
-      el("h2", {}, tip("Rejected messages", "rejected")), rejected, declined,
-      el("h2", {}, "Where the time went"), timing, el("h2", {}, "Experiment"), expBox, actionsBox].filter(Boolean));
+    app.replaceChildren(...[header, kpisOf(doc), el("h2", {}, "Curves, round by round"),
+      el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test), chartsOf(doc, charts, legends),
+      el("h2", {}, "Per site"), siteTableOf(doc),
+      el("h2", {}, tip("Rejected messages", "rejected")), rejectedOf(doc),
+      el("h2", {}, "Where the time went"), timingOf(doc), el("h2", {}, "Experiment"), expBox, actionsBox].filter(Boolean));
 
     if (doc.status !== "running") { setLive(false, ""); return; }
     setLive(true, "live: new rounds appear as they complete");
@@ -272,12 +292,17 @@
       try {
         const last = rounds.length ? rounds[rounds.length - 1].round : 0;
         const upd = await api(`/api/runs/${encodeURIComponent(runId)}/rounds?after=${last}`);
+        if (upd.status !== "running") { setLive(false, "run " + upd.status); runPage().catch(fail); return; }
         if (upd.rounds.length) {
           rounds.push(...upd.rounds);
           for (const [m] of CURVES) { const s = curveSeries(rounds, m, true); charts[m].update(s); legends[m].replaceWith(legends[m] = legend(s)); }
           document.getElementById("rounds-done").textContent = `${rounds.length} / ${upd.rounds_planned} rounds`;
+          const fresh = await api("/api/runs/" + encodeURIComponent(runId));
+          document.getElementById("kpis").replaceWith(kpisOf(fresh));
+          document.getElementById("run-sites").replaceWith(siteTableOf(fresh));
+          document.getElementById("rejected-box").replaceWith(rejectedOf(fresh));
+          document.getElementById("timing").replaceWith(timingOf(fresh));
         }
-        if (upd.status !== "running") { setLive(false, "run " + upd.status); runPage().catch(fail); return; }
       } catch (e) { setLive(false, "connection lost: " + e.message); }
       setTimeout(poll, (SESSION.poll_s || 2) * 1000);
     };

@@ -1,0 +1,233 @@
+"""Privacy against utility on Fed-Heart-Disease: four real hospitals, ε per site over the whole run.
+
+For every ε in EPSILONS (``inf`` = DP off), method (FedAvg and FedAdam on
+``examples/heart_disease_dp.json``, FedPer + fine-tune on ``examples/heart_disease_fedper.json``)
+and seed, runs the experiment through the simulator (natural partition by
+hospital, the production site and coordinator code) with ``total_epsilon`` = ε, and records
+the test accuracy and AUC on the union of the hospitals' fixed test splits and on each
+hospital's own split. The FedAvg runs also train the local-only and pooled baselines under
+the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
+``.png`` and ``.log``.
+
+    python bench/privacy_utility.py                # full: 6 ε x 3 methods x 3 seeds (~15-30 min on 2 busy cores)
+    python bench/privacy_utility.py --quick        # 3 ε x 3 methods x 1 seed, a smoke run
+    python bench/privacy_utility.py --max-minutes 20   # stop starting new runs after 20 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+EXAMPLE = ROOT / "examples" / "heart_disease_dp.json"
+PERSONAL = ROOT / "examples" / "heart_disease_fedper.json"
+EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0, math.inf]
+SEEDS = [1, 2, 3]
+# FLamby's published Fed-Heart-Disease figures (mean over the four hospitals' test accuracy).
+FLAMBY = {"FedAvg": 0.685, "FedYogi": 0.731, "pooled": 0.735, "FENDA-FL (personalised)": 0.81}
+
+
+def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Experiment variants: the DP example with FedAvg or its own FedAdam, and the FedPer
+    example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
+    out = {}
+    avg = copy.deepcopy(base)
+    avg["federated"]["name"] = "FedAvg"
+    for k in ("server_learning_rate", "beta_1", "beta_2", "tau"):
+        avg["federated"]["parameters"].pop(k, None)
+    out["FedAvg"] = avg
+    out["FedAdam"] = copy.deepcopy(base)
+    per = copy.deepcopy(personal)
+    per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
+    out["FedPer+fine-tune"] = per
+    return out
+
+
+def with_epsilon(exp: dict[str, Any], eps: float) -> dict[str, Any]:
+    e = copy.deepcopy(exp)
+    dp = e["training"]["optimizer"]["differential_privacy"]
+    if math.isinf(eps):
+        e["training"]["optimizer"]["differential_privacy"] = {"enabled": False}
+    else:
+        dp.update(enabled=True, total_epsilon=float(eps))
+        dp.pop("noise_multiplier", None)
+        dp.pop("target_epsilon", None)
+    return e
+
+
+def _quiet() -> None:
+    import structlog
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+def one_run(exp: dict[str, Any], *, seed: int, baselines: bool, personal: bool) -> dict[str, Any]:
+    from simulator.run import simulate
+
+    doc = simulate(exp, partition="natural:dataset", seed=seed, progress=False, baselines=baselines)
+    final = doc["final"]
+    sites = sorted(final["per_site"])
+    if personal:
+        p = final["personalized"]
+        model = {"acc": p.get("accuracy"), "auc": p.get("auc"), "mean_acc": p.get("mean_accuracy"),
+                 "per_site": {s: {k: final["per_site"][s]["personalized"].get(k) for k in ("accuracy", "auc")}
+                              for s in sites}}
+    else:
+        model = {"acc": final.get("accuracy"), "auc": final.get("auc"),
+                 "mean_acc": statistics.fmean(final["per_site"][s]["accuracy"] for s in sites),
+                 "per_site": {s: {k: final["per_site"][s].get(k) for k in ("accuracy", "auc")} for s in sites}}
+    out = {"model": model, "epsilon": (doc.get("privacy") or {}).get("epsilon")}
+    if baselines:
+        b = doc["baselines"]
+        loc = b["local"]
+        out["local"] = {"acc": loc["_union"].get("accuracy"), "auc": loc["_union"].get("auc"),
+                        "mean_acc": loc["_union"].get("mean_accuracy"),
+                        "per_site": {s: {k: loc[s].get(k) for k in ("accuracy", "auc")} for s in sites}}
+        pooled_sites = b.get("pooled_per_site") or {}
+        out["pooled"] = {"acc": b["pooled"].get("accuracy"), "auc": b["pooled"].get("auc"),
+                         "mean_acc": statistics.fmean(pooled_sites[s]["accuracy"] for s in sites) if pooled_sites else None}
+    return out
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{series: {eps: {acc: (mean, sd), auc: .., mean_acc: .., n}}}`` over seeds."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        eps = "inf" if math.isinf(r["eps"]) else f"{r['eps']:g}"
+        groups.setdefault((r["method"], eps), []).append(r["result"]["model"])
+        for b in ("local", "pooled"):
+            if b in r["result"]:
+                groups.setdefault((f"{b}-only" if b == "local" else "pooled", eps), []).append(r["result"][b])
+    for (series, eps), rows in groups.items():
+        table.setdefault(series, {})[eps] = {k: _stats([row.get(k) for row in rows]) for k in ("acc", "auc", "mean_acc")}
+        table[series][eps]["n"] = len(rows)
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str]) -> str:
+    def cell(v: tuple[float | None, float | None]) -> str:
+        return "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+    lines = []
+    for metric, title in (("acc", "union test accuracy"), ("auc", "union test AUC"),
+                          ("mean_acc", "mean of the four hospitals' test accuracy (FLamby's measure)")):
+        lines.append(f"\n**{title}** (mean ± sd over seeds)\n")
+        lines.append("| series | " + " | ".join(f"ε={e}" for e in eps_keys) + " |")
+        lines.append("|---|" + "---|" * len(eps_keys))
+        for series in sorted(table):
+            lines.append(f"| {series} | " + " | ".join(cell(table[series].get(e, {}).get(metric, (None, None)))
+                                                     for e in eps_keys) + " |")
+    return "\n".join(lines)
+
+
+def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(range(len(eps_keys)))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (metric, title) in zip(axes, (("acc", "union test accuracy"), ("auc", "union test AUC"),
+                                          ("mean_acc", "mean per-hospital test accuracy"))):
+        for series in sorted(table):
+            m = [table[series].get(e, {}).get(metric, (None, None)) for e in eps_keys]
+            ax.errorbar([x for x, v in zip(xs, m) if v[0] is not None], [v[0] for v in m if v[0] is not None],
+                        yerr=[v[1] for v in m if v[0] is not None], marker="o", capsize=3, label=series,
+                        linestyle="--" if series in ("local-only", "pooled") else "-")
+        if metric == "mean_acc":
+            for name, v in FLAMBY.items():
+                ax.axhline(v, color="grey", linewidth=0.7, linestyle=":")
+                ax.text(xs[0], v, f"FLamby {name} {v}", fontsize=6, va="bottom", color="grey")
+        ax.set_xticks(xs, [f"ε={e}" for e in eps_keys])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("ε per site over the whole run (δ = 1e-5); inf = no DP")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fed-Heart-Disease, four hospitals (fedbus simulator, fixed test splits)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="ε in {1, 8, inf}, one seed")
+    ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per point (default 3)")
+    ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    _quiet()
+    import torch
+
+    torch.set_num_threads(1)
+    epsilons = [1.0, 8.0, math.inf] if args.quick else EPSILONS
+    seeds = SEEDS[:1] if args.quick else list(range(1, args.seeds + 1))
+    base = json.loads(EXAMPLE.read_text())
+    variants = methods(base, json.loads(PERSONAL.read_text()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "privacy_utility.log", "w", encoding="utf-8")
+    # seed outermost: a run cut short by --max-minutes still has every point for the seeds it finished
+    plan = [(m, e, s) for s in seeds for e in epsilons for m in variants]
+    runs: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, (method, eps, seed) in enumerate(plan, 1):
+        elapsed = time.perf_counter() - t0
+        if elapsed > args.max_minutes * 60:
+            msg = f"stopping: {args.max_minutes:g} min reached after {i - 1}/{len(plan)} runs"
+            print(msg, file=sys.stderr, flush=True)
+            log.write(msg + "\n")
+            break
+        t = time.perf_counter()
+        result = one_run(with_epsilon(variants[method], eps), seed=seed, baselines=method == "FedAvg",
+                         personal=method.startswith("FedPer"))
+        runs.append({"method": method, "eps": eps, "seed": seed, "result": result, "wall_s": time.perf_counter() - t})
+        done = time.perf_counter() - t0
+        eta = done / i * (len(plan) - i)
+        m = result["model"]
+        line = (f"[{i}/{len(plan)}] {method:<17} ε={eps:<4g} seed={seed} acc={m['acc']:.3f} auc={m['auc']:.3f} "
+                f"mean_acc={m['mean_acc']:.3f} ({time.perf_counter() - t:.0f}s, ETA {eta / 60:.1f} min)")
+        print(line, file=sys.stderr, flush=True)
+        log.write(line + "\n")
+        log.flush()
+    eps_keys = ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons]
+    table = summarise(runs)
+    md = markdown(table, eps_keys)
+    doc = {"example": str(EXAMPLE.relative_to(ROOT)), "epsilons": eps_keys, "seeds": seeds, "delta": 1e-5,
+           "summary": {s: {e: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
+                           for e, row in rows.items()} for s, rows in table.items()},
+           "runs": runs, "flamby": FLAMBY, "wall_s": time.perf_counter() - t0}
+    (args.out / "privacy_utility.json").write_text(json.dumps(doc, indent=1, default=str))
+    plot(table, eps_keys, args.out / "privacy_utility.png")
+    print(md)
+    log.write(md + "\n")
+    log.close()
+    print(f"\nwrote {args.out / 'privacy_utility.json'}, .png, .log ({(time.perf_counter() - t0) / 60:.1f} min)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

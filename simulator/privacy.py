@@ -1,0 +1,74 @@
+"""The privacy block of a simulated run: the plan before round 1 and what each site spent.
+
+The plan (``site_worker.run_budget.plan_run``) is what each site will derive from its own
+training rows when the experiment states ``total_epsilon``; the spend is read back from each
+site's own ledger after the run (rounds and the personalisation fine-tune), so the figures
+are the sites' accountant's, not the coordinator's idea of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from site_worker import run_budget
+from site_worker.config import load_site_config
+from site_worker.ledger import PrivacyLedger, epsilon_of
+
+
+def _site(files: Any, exp: Any, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+    from simulator.personal_eval import site_data
+
+    cfg = load_site_config(files.config)
+    return cfg, site_data(cfg, exp, input_shape)
+
+
+def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """Per site: rows, noise and ε at the end of the run (None when DP is off or no budget)."""
+    dp = exp.training.dp
+    if dp is None or not run_budget.applies(exp):
+        return None
+    sites = {}
+    accountant = dp.accountant
+    delta = float(dp.delta)
+    for site, files in sorted(ws.sites.items()):
+        cfg, data = _site(files, exp, input_shape)
+        delta = cfg.policy.site_delta(data.rows)
+        accountant = cfg.policy.accountant
+        p = run_budget.plan_run(exp, n_train=int(len(data.x_train)), delta=delta, accountant=accountant,
+                                policy=cfg.policy)
+        sites[site] = p.to_json()
+    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant, "sites": sites}
+
+
+def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
+          reported: dict[str, Any] | None) -> dict[str, Any] | None:
+    """DESIGN.md's ``privacy`` block: δ, accountant, ε per site spent (site ledgers) and planned."""
+    dp = exp.training.dp
+    if dp is None:
+        return None
+    delta = float(planned["delta"]) if planned else float(dp.delta)
+    accountant = planned["accountant"] if planned else dp.accountant
+    eps: dict[str, float] = {}
+    run_eps: dict[str, float] = {}
+    for site, files in sorted(ws.sites.items()):
+        ledger = PrivacyLedger(load_site_config(files.config).state_dir)
+        eps[site] = ledger.spent(exp.dataset.name, delta=delta, accountant=accountant)
+        run_eps[site] = epsilon_of(run_budget.run_spent(ledger, exp.dataset.name, run_id), delta=delta,
+                                   accountant=accountant)
+    out: dict[str, Any] = {"delta": delta, "accountant": accountant, "epsilon": eps, "run_epsilon": run_eps,
+                           "epsilon_reported_with_updates": reported or {}}
+    if planned is not None:
+        out["total_epsilon"] = planned["total_epsilon"]
+        out["planned_epsilon"] = {s: p["planned_epsilon"] for s, p in planned["sites"].items()}
+        out["noise_multiplier"] = {s: p["noise_multiplier"] for s, p in planned["sites"].items()}
+    return out
+
+
+def describe_plan(planned: dict[str, Any]) -> list[str]:
+    """Lines for the terminal, before the first round."""
+    lines = [f"privacy plan: total ε ≤ {planned['total_epsilon']:g} per site at δ = {planned['delta']:g} "
+             f"({planned['accountant']} accountant)"]
+    for s, p in planned["sites"].items():
+        lines.append(f"  {s}: {p['n_train']} training rows, {p['steps']} DP-SGD steps at sample rate "
+                     f"{p['sample_rate']:.3g}, noise σ = {p['noise_multiplier']:.3f} -> ε = {p['planned_epsilon']:.3f}")
+    return lines

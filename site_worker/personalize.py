@@ -1,0 +1,152 @@
+"""Personal models at a site: FedPer's private head during the rounds, and a fine-tune of
+the global model on the site's own training rows after them.
+
+* FedPer (``federated.name: "FedPer"``, ``TrainTask.config["personal_layers"]``): the site
+  keeps its own last layers between rounds under ``state_dir/personal/`` (file named by a
+  hash of run id and dataset, never by a wire string) and puts them into every model the
+  coordinator sends before training or evaluating.
+* Fine-tune (``training.personalization``): after the last round the site trains the global
+  model (with its FedPer head when it has one) for a few epochs, the last layer only or the
+  whole model, with the same DP settings; with ``total_epsilon`` those steps are part of the
+  run's plan (``site_worker.run_budget``), so the run's total still holds.
+
+The site keeps both models and reports both on its own test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocol.durable import write_atomic
+from protocol.personal import personal_names
+from site_worker.data import PreparedData
+from site_worker.ledger import PrivacyLedger
+from site_worker.dp import DPPlan
+from site_worker.trainer import TrainResult, TrainSpec, train
+
+
+def personal_layers(experiment: Any, task_config: dict[str, Any] | None = None) -> int:
+    """How many final layers stay at the site (0 unless the aggregator is FedPer)."""
+    value = (task_config or {}).get("personal_layers")
+    if value is None and experiment.federated.name == "FedPer":
+        value = experiment.federated.parameters.get("personal_layers", 1)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"personal_layers must be an integer >= 0, got {value!r}")
+    return value
+
+
+class HeadStore:
+    """The site's personal layers per (run, dataset), as an ``.npz`` of plain arrays."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / "personal"
+
+    def _path(self, run_id: str, dataset: str) -> Path:
+        return self.dir / (hashlib.sha256(f"{run_id}\0{dataset}".encode()).hexdigest()[:32] + ".npz")
+
+    def load(self, run_id: str, dataset: str) -> dict[str, np.ndarray]:
+        p = self._path(run_id, dataset)
+        if not p.exists():
+            return {}
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, run_id: str, dataset: str, arrays: dict[str, np.ndarray]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_atomic(self._path(run_id, dataset), buf.getvalue())
+
+    def apply(self, model: torch.nn.Module, run_id: str, dataset: str, layers: int) -> bool:
+        """Overwrite ``model``'s personal layers with the stored ones; False when none stored yet."""
+        stored = self.load(run_id, dataset)
+        state = model.state_dict()
+        names = personal_names(state.keys(), layers)
+        if not stored or set(stored) != set(names):
+            return False
+        with torch.no_grad():
+            for n in names:
+                if tuple(stored[n].shape) != tuple(state[n].shape):
+                    return False
+            for n in names:
+                state[n].copy_(torch.from_numpy(np.asarray(stored[n])))
+        return True
+
+    def keep(self, model: torch.nn.Module, run_id: str, dataset: str, layers: int) -> None:
+        state = model.state_dict()
+        self.save(run_id, dataset, {n: state[n].detach().cpu().numpy().copy()
+                                    for n in personal_names(state.keys(), layers)})
+
+
+def _last_layer_only(model: torch.nn.Module) -> None:
+    names = personal_names([n for n, _ in model.named_parameters()], 1)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+
+def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, seed: int,
+              plan: DPPlan | None = None, rng: Any = None) -> TrainResult:
+    """Train ``model`` in place for ``training.personalization.epochs`` on ``data``'s training rows.
+
+    ``plan`` is the DP plan to spend (the site's, under its run budget); None without DP."""
+    spec = _spec(experiment, seed)
+    if experiment.training.personalization.mode == "last_layer":
+        _last_layer_only(model)
+    try:
+        return train(model, data, spec, plan=plan, rng=rng, measure=False)
+    finally:
+        for q in model.parameters():
+            q.requires_grad_(True)
+
+
+def _spec(experiment: Any, seed: int) -> TrainSpec:
+    p = experiment.training.personalization
+    overrides: dict[str, Any] = {"epochs": int(p.epochs)}
+    if p.learning_rate is not None:
+        overrides["lr"] = float(p.learning_rate)
+    return TrainSpec.from_experiment(experiment, seed=seed, overrides=overrides)
+
+
+def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
+                        run_id: str, seed: int) -> TrainResult:
+    """What a site runs after the last round: fine-tune under its policy, charged to its ledger
+    with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
+    from site_worker import run_budget
+    from site_worker.dp import noise_source, site_plan
+
+    policy = config.policy
+    spec = _spec(experiment, seed)
+    if spec.dp is None:
+        return fine_tune(model, data, experiment, seed=seed)
+    ledger = PrivacyLedger(config.state_dir)
+    n_train = len(data.x_train)
+    noise = None
+    if run_budget.applies(experiment):
+        steps = run_budget.personalization_steps(experiment, run_budget.steps_per_epoch(n_train, spec.batch_size))
+        noise = run_budget.noise_for_task(experiment, ledger, run_id=run_id, dataset=dataset,
+                                          round=int(experiment.training.rounds) + 1, n_train=n_train,
+                                          delta=policy.site_delta(data.rows), accountant=policy.accountant,
+                                          policy=policy, remaining_steps=steps)
+    plan = site_plan(policy, spec, n_train=n_train, rows=data.rows, noise_multiplier=noise)
+    release = f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+    ledger.reserve(dataset, release_id=release, kind="train", entries=plan.entries(), delta=plan.delta,
+                   accountant=policy.accountant, max_epsilon=policy.max_epsilon, run_id=run_id)
+    try:
+        result = fine_tune(model, data, experiment, seed=seed, plan=plan,
+                           rng=noise_source(policy, task_seed=seed, purpose="personalize"))
+    except BaseException:
+        ledger.cancel(dataset, release)
+        raise
+    ledger.commit(dataset, release)
+    return result
+
+
+__all__ = ["HeadStore", "fine_tune", "personal_layers", "personalize_at_site"]

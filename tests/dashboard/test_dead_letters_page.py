@@ -1,0 +1,49 @@
+"""The dead-letters twin over a real broker: what sits in fedbus.dead for the federation, with reasons."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+
+from protocol.transport import Topology, open_bus
+from protocol.transport.dead_letters import DeadLetters
+from protocol.transport.topology import UPDATES, updates_queue
+from tests.dashboard.test_api import client
+
+
+@pytest.mark.broker
+def test_dead_letters_of_the_federation_with_their_reasons(state, amqp_url):
+    fed = f"dash-{uuid.uuid4().hex[:8]}"
+    bus = open_bus(amqp_url)
+    try:
+        bus.declare(Topology(federations=[fed]))
+        ids = [uuid.uuid4().hex for _ in range(2)]
+        for mid in ids:
+            bus.publish(UPDATES, fed, b"not a frame", message_id=mid)
+        reasons = iter(["bad_signature: unknown signer", "malformed: not msgpack"])
+        done = threading.Event()
+        seen = []
+
+        def reject(d):
+            d.nack(next(reasons))
+            seen.append(d)
+            if len(seen) == 2:
+                done.set()
+
+        consumer = bus.consume(updates_queue(fed), reject, prefetch=10)
+        assert done.wait(30), "the broker did not deliver the two messages"
+        consumer.cancel()
+        doc = client(state, broker=amqp_url, federation=fed).get("/api/dead-letters").json()
+        assert doc["available"] is True and doc["federation"] == fed, doc
+        assert [(d["message_id"], d["reason"]) for d in doc["letters"]] == list(
+            zip(ids, ["bad_signature: unknown signer", "malformed: not msgpack"])), doc
+        password = urlsplit(amqp_url).password
+        assert not password or f":{password}@" not in doc["broker"]  # the page never shows the broker password
+        again = client(state, broker=amqp_url, federation=fed).get("/api/dead-letters").json()
+        assert [d["message_id"] for d in again["letters"]] == ids, again  # looking removed nothing
+    finally:
+        DeadLetters(bus, fed, timeout_s=20).purge()
+        bus.close()
