@@ -93,7 +93,8 @@ class Inbox:
     """Opens, checks and settles the messages of one run; see the module docstring."""
 
     def __init__(self, store: StateStore, *, federation: str, dataset: str, max_skew_s: float = 300.0,
-                 store_bodies: bool = True, log: Any = None) -> None:
+                 store_bodies: bool = True, log: Any = None,
+                 wait_hello: Callable[[str, float], bool] | None = None, hello_wait_s: float = 5.0) -> None:
         import structlog
 
         self.store = store
@@ -105,7 +106,9 @@ class Inbox:
         self.trust: Any = None
         self.log = log if log is not None else structlog.get_logger(__name__)
         self._queue: queue.Queue[Inbound] = queue.Queue()
-        self._announced: dict[str, int | None] = {}  # site -> training rows, pinned at first use
+        self._announced: dict[str, int] = {}  # site -> training rows, pinned at first use
+        self._wait_hello = wait_hello  # the hello travels on another queue: an update may overtake it
+        self.hello_wait_s = hello_wait_s
 
     # ------------------------------------------------------------------ bus side
     def refresh_trust(self) -> None:
@@ -281,13 +284,19 @@ class Inbox:
 
     def announced_rows(self, site: str) -> int | None:
         """Rows the site's SiteHello announced for the run's dataset (pinned for this run), ≤ 2^63−1."""
-        if site not in self._announced:
+        if site in self._announced:
+            return self._announced[site]
+        s = self.store.site(site)
+        if s is not None and s["hello"] is None and self._wait_hello is not None:
+            self._wait_hello(site, self.hello_wait_s)
             s = self.store.site(site)
-            datasets = ((s or {}).get("hello") or {}).get("datasets") or []
-            named = [d for d in datasets if d.get("name") == self.dataset] if self.dataset else datasets
-            counts = [d.get("train_rows", d.get("rows")) for d in named]
-            counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 0]
-            self._announced[site] = min(max(counts), INT64_MAX) if counts else None
+        datasets = ((s or {}).get("hello") or {}).get("datasets") or []
+        named = [d for d in datasets if d.get("name") == self.dataset] if self.dataset else datasets
+        counts = [d.get("train_rows", d.get("rows")) for d in named]
+        counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 0]
+        if not counts:
+            return None  # not pinned: a later hello may still announce the dataset
+        self._announced[site] = min(max(counts), INT64_MAX)
         return self._announced[site]
 
     def _accept_row(self, msg: Message, *, staleness: int | None = None, split: str | None = None) -> UpdateRow:

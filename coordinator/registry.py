@@ -50,6 +50,15 @@ class SiteRegistry:
             self._cond.wait_for(lambda: len(self.available(restrict)) >= minimum, timeout=timeout_s)
         return self.available(restrict)
 
+    def wait_hello(self, site_id: str, timeout_s: float) -> bool:
+        """Block until ``site_id`` has a SiteHello on record (its update may overtake its hello)."""
+        def known() -> bool:
+            s = self.store.site(site_id)
+            return bool(s and s["hello"] is not None)
+
+        with self._cond:
+            return self._cond.wait_for(known, timeout=timeout_s)
+
     def catalogue(self) -> list[dict[str, Any]]:
         """One row per (site, dataset) offered; sites without a hello appear with no dataset."""
         rows = []

@@ -138,7 +138,7 @@ class Coordinator:
         self._task_batch: list[tuple[int, str, str, str | None, str, bytes]] | None = None
         self._log = log.bind(federation=federation)
         self.inbox = Inbox(self.store, federation=federation, dataset=self._dataset(), max_skew_s=max_skew_s,
-                           store_bodies=store_bodies, log=self._log)
+                           store_bodies=store_bodies, log=self._log, wait_hello=self.registry.wait_hello)
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:

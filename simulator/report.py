@@ -277,7 +277,7 @@ def _warnings_html(doc: dict[str, Any]) -> list[str]:
 
 def _privacy_html(doc: dict[str, Any]) -> list[str]:
     priv = doc.get("privacy")
-    if not priv:
+    if not priv or (priv.get("delta") is None and not priv.get("epsilon")):  # only central DP / flags: shown above
         return ["<h2>Privacy</h2><p>DP off: nothing bounds what the updates reveal (ε = ∞).</p>"]
     rows = [[s, v, (priv.get("planned_epsilon") or {}).get(s), priv.get("total_epsilon"),
              (priv.get("noise_multiplier") or {}).get(s)] for s, v in sorted((priv.get("epsilon") or {}).items())]
