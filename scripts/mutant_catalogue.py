@@ -32,6 +32,7 @@ class Mutant:
     marks: str | None = None
     broker: bool = False
     private_broker: bool = False
+    timeout_s: float | None = None  # overrides the runner's per-mutant timeout (chaos tests are slow)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -205,5 +206,5 @@ MUTANTS.append(Mutant(
      Edit("tests/chaos/harness.py", '        rabbitmqctl("stop_app")\n        rabbitmqctl("start_app")\n',
           "        return None\n")),
     ("tests/chaos/test_chaos.py::test_broker_restart_and_forced_connection_close_mid_round",),
-    broker=True, private_broker=True,
+    broker=True, private_broker=True, timeout_s=900.0,
 ))
