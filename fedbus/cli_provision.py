@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             proj = load_project(project)
             rep = provision_kits(proj, out, rotate_keys=set(rotate_key or ()), rotate_passwords=set(rotate_password or ()),
                                  revoke=set(revoke or ()), broker=not skip_broker)
-        except (ProjectError, ProvisionError, BusPermissionError) as e:
+        except (ProjectError, ProvisionError, BusPermissionError, ValueError) as e:  # ValueError: CertificateError
             fail(f"{project}: {e}" if isinstance(e, ProjectError) else str(e))
         except BusError as e:
             fail(str(e), 1)

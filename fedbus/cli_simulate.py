@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds per round before closing it with the replies in")] = None,
         log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "warning",
         reproducible_dp: Annotated[bool, typer.Option("--reproducible-dp", help="Research runs: sites draw DP noise from a seed (reported in every update) instead of the OS; never for real data")] = False,
-        serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard over --out's coordinator state, live; keeps serving after the run until Ctrl-C")] = False,
+        serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard (localhost, actions on) over --out's coordinator state, live; serves on after the run until Ctrl-C")] = False,
         serve_port: Annotated[int, typer.Option("--serve-port", min=0, max=65535, help="Dashboard port with --serve (0: any free port)")] = 8765,
     ) -> None:
         """Run a whole federation on one machine through the production coordinator and site workers."""

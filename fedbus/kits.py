@@ -481,7 +481,11 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     tls = None
     if "tls" in raw:
         t = _toml_table(raw["tls"], "tls")
-        _reject_unknown(t, {"ca", "cert", "key"}, "tls")
-        tls = {k: str((base / v) if not Path(v).is_absolute() else Path(v)) for k, v in t.items()}
+        _reject_unknown(t, {"ca", "cert", "key", "auth"}, "tls")
+        tls = {k: str((base / v) if not Path(v).is_absolute() else Path(v)) for k, v in t.items() if k != "auth"}
+        if "auth" in t:  # "external": log in by the client certificate (broker user = its CN)
+            if t["auth"] not in ("plain", "external"):
+                raise ProjectError("tls.auth", f"{t['auth']!r} is not 'plain' or 'external'")
+            tls["auth"] = t["auth"]
     return CoordinatorConfig(federation=_ident(raw, "federation", ""), broker_url=url, key_path=rel("key_path"),
                              state_dir=rel("state_dir"), tls=tls)

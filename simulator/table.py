@@ -80,7 +80,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     con.print(sites)
     for w in warnings:
         con.print(f"[yellow]warning[/yellow] {w}")
-    if priv:
+    if priv and priv.get("delta") is not None:  # DP off: no ε, no δ
         line = f"privacy: ε per site at δ = {priv.get('delta'):g} ({priv.get('accountant')} accountant)"
         if priv.get("total_epsilon") is not None:
             planned = priv.get("planned_epsilon") or {}

@@ -81,14 +81,19 @@ def check_dp_request(policy: SitePolicy, dp: Any, *, rows: int) -> float:
     return site_delta
 
 
+def check_epochs(policy: SitePolicy, epochs: int) -> None:
+    """Local epochs per task (the experiment's or a per-round override), DP or not."""
+    if epochs > policy.max_epochs:
+        raise PolicyViolation(f"max_epochs: the task asks for {epochs} local epochs, this site's "
+                              f"policy.max_epochs is {policy.max_epochs}")
+
+
 def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
               noise_multiplier: float | None = None) -> DPPlan:
     """The plan this site will run for ``spec`` on ``n_train`` training rows, or PolicyViolation."""
     assert spec.dp is not None
     delta = check_dp_request(policy, spec.dp, rows=rows)
-    if spec.epochs > policy.max_epochs:
-        raise PolicyViolation(f"max_epochs: the task asks for {spec.epochs} local epochs, this site's "
-                              f"policy.max_epochs is {policy.max_epochs}")
+    check_epochs(policy, spec.epochs)
     plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant, noise_multiplier=noise_multiplier)
     if plan.sample_rate > policy.max_sample_rate:
         raise PolicyViolation(

@@ -27,7 +27,7 @@ from protocol.messages import Declined, Envelope, EvalResult, EvalTask, TrainTas
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, catalogue, prepare
-from site_worker.dp import check_memory, noise_source, site_plan
+from site_worker.dp import check_epochs, check_memory, noise_source, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
@@ -197,9 +197,7 @@ class TaskHandler:
         n_train = len(data.x_train)
         plan = None
         try:
-            if spec.epochs > policy.max_epochs:
-                raise PolicyViolation(f"max_epochs: the task asks for {spec.epochs} local epochs, this site's "
-                                      f"policy.max_epochs is {policy.max_epochs}")
+            check_epochs(policy, spec.epochs)
             if spec.dp is not None:
                 plan = site_plan(policy, spec, n_train=n_train, rows=data.rows,
                                  noise_multiplier=self._run_noise(env, task, exp, data, n_train))

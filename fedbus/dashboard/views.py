@@ -184,7 +184,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
     if isinstance(overlay_doc.get("final"), dict) and overlay_doc["final"]:
         final, source = dict(overlay_doc["final"]), "the simulator's held-out test splits"
     final_sites = final.get("per_site") or {}
-    privacy = _privacy(result, msgs)
+    privacy = _privacy({**result, "privacy": {**(overlay_doc.get("privacy") or {}), **(result.get("privacy") or {})}}, msgs)
     if not privacy.get("accountant"):  # the sites' policies fix it (DESIGN.md "Trust"); say it when they agree
         named = {((s["hello"] or {}).get("policy") or {}).get("accountant") for s in reader.sites()
                  if s["site_id"] in (run["sites"] or [])}
