@@ -32,6 +32,7 @@ class Mutant:
     marks: str | None = None
     broker: bool = False
     private_broker: bool = False
+    timeout_s: float | None = None  # overrides the runner's per-mutant timeout (chaos tests are slow)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -131,7 +132,7 @@ MUTANTS: list[Mutant] = [
         "ledger-ignores-history", "each release is charged on top of everything the dataset spent before",
         (Edit("site_worker/ledger.py", "            history = merge([e for r in rel for e in r[\"entries\"]])\n            spent =",
               "            history = []\n            spent ="),),
-        ("tests/site_worker/test_ledger_accumulates.py",), marks="not broker",
+        ("tests/site_worker/test_ledger_accumulates.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
         "budget-check-after-training", "a task over max_epsilon is declined before any training",
@@ -158,7 +159,7 @@ MUTANTS += [
         "site-noise-seeded-from-task", "a site's DP noise is secret, never derived from what the coordinator sent",
         (Edit("site_worker/dp.py", "    return SecureRandom.secret()\n",
               "    return SecureRandom.reproducible_from(0, task_seed, purpose)\n"),),
-        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+        ("tests/site_worker/test_site_owns_dp.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
         "trainer-noise-seeded-from-task", "the trainer's default DP randomness is secret, not the task seed",
@@ -170,12 +171,12 @@ MUTANTS += [
         "delta-from-experiment", "epsilon is accounted at the site's delta, not the one the experiment asks for",
         (Edit("site_worker/dp.py", "plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant,",
               "plan = plan_dp(spec, n_train, delta=None, accountant=policy.accountant,"),),
-        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+        ("tests/site_worker/test_site_owns_dp.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
         "min-noise-unchecked", "a task whose planned noise (e.g. derived from a target epsilon) is below min_noise_multiplier is declined",
         (Edit("site_worker/dp.py", "    if plan.noise_multiplier < policy.min_noise_multiplier:\n", "    if False:\n"),),
-        ("tests/site_worker/test_site_owns_dp.py",), marks="not broker",
+        ("tests/site_worker/test_site_owns_dp.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
         "num-examples-unbounded", "a site's num_examples is capped by the rows its SiteHello announced",
@@ -205,5 +206,5 @@ MUTANTS.append(Mutant(
      Edit("tests/chaos/harness.py", '        rabbitmqctl("stop_app")\n        rabbitmqctl("start_app")\n',
           "        return None\n")),
     ("tests/chaos/test_chaos.py::test_broker_restart_and_forced_connection_close_mid_round",),
-    broker=True, private_broker=True,
+    broker=True, private_broker=True, timeout_s=900.0,
 ))

@@ -173,7 +173,8 @@ def run_mutant(mutant: Mutant, root: Path, *, timeout_s: float, logs: Path) -> O
     originals = apply(mutant, root)
     t0 = time.monotonic()
     try:
-        status, by, detail = run_pytest(root, list(mutant.tests), marks=mutant.marks, timeout_s=timeout_s,
+        status, by, detail = run_pytest(root, list(mutant.tests), marks=mutant.marks,
+                                        timeout_s=mutant.timeout_s or timeout_s,
                                         log_path=logs / f"{mutant.name}.log")
     finally:
         restore(originals)
@@ -187,7 +188,8 @@ def verify_catchers(outcomes: list[Outcome], root: Path, *, timeout_s: float, lo
     if not catchers:
         return
     say(f"verify: {len(catchers)} catching test(s) on the unmutated tree")
-    status, first, detail = run_pytest(root, catchers, marks=None, timeout_s=timeout_s * 2,
+    slowest = max([timeout_s, *(m.timeout_s or 0 for m in MUTANTS)])
+    status, first, detail = run_pytest(root, catchers, marks=None, timeout_s=timeout_s + slowest,
                                        log_path=logs / "verify.log", stop_first=False)
     if status == "survived":
         return
