@@ -35,13 +35,21 @@ def test_daemon_mode_writes_json_lines_with_run_round_and_site():
     log.debug("hidden")
     logging.getLogger("pika.connection").warning("socket closed %s", "now")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert len(lines) == 2
-    first, second = lines
+    assert len(lines) == 1  # debug hidden; pika stays silent below --log-level debug
+    first = lines[0]
     assert first["event"] == "update_sent" and first["bytes"] == 123 and first["level"] == "info"
     assert (first["run_id"], first["round"], first["site_id"]) == ("r-1", 3, "site-1")
     assert "timestamp" in first
-    assert second["event"] == "socket closed now" and second["logger"] == "pika.connection"
-    assert "run_id" not in second and second["site_id"] == "site-1"
+
+
+def test_debug_mode_renders_stdlib_records_with_the_site_context():
+    out = io.StringIO()
+    configure_logging("daemon", level="debug", stream=out)
+    bind_log_context(site_id="site-1")
+    logging.getLogger("pika.connection").warning("socket closed %s", "now")
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert line["event"] == "socket closed now" and line["logger"] == "pika.connection"
+    assert "run_id" not in line and line["site_id"] == "site-1"
 
 
 def test_cli_mode_writes_readable_key_value_lines():
