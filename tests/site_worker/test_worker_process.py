@@ -208,6 +208,9 @@ def test_process_refuses_bad_tasks_and_keeps_serving(site, amqp_url):
     forged = coord.task_envelope(_train_task(exp))
     coord.publish(forged, signer=Signer.generate())  # signed by a key the site does not trust
 
+    # The forged task is not run; the site tells the coordinator once that it saw an unknown signer.
+    notice = coord.reply().payload
+    assert isinstance(notice, Declined) and notice.reason == "untrusted_task", notice
     good = coord.train(exp, dataset="heart_failure")
     assert isinstance(coord.reply().payload, Update)
     from protocol.codec import seal
