@@ -138,6 +138,14 @@ class Actions:
         folder = self.dir / "experiments"
         return sorted(p.name for p in folder.glob("*.json") if p.is_file()) if folder.is_dir() else []
 
+    def _only_federation(self) -> str:
+        """The federation this state directory serves, when it has served exactly one."""
+        known = self.reader.federations()
+        if len(known) != 1:
+            raise ActionError("start the dashboard with --federation NAME: this state directory has served "
+                              + (f"several federations ({', '.join(known)})" if known else "no federation yet"))
+        return known[0]
+
     def start(self, name: str) -> dict[str, Any]:
         if name not in self.experiments():  # the file is picked from the listing, never joined from input
             raise ActionError(f"no experiment {name!r} in {self.dir / 'experiments'}; known: {self.experiments()}", 404)
@@ -150,10 +158,13 @@ class Actions:
         logs.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "fedbus.cli", "coordinator", "run", str(path), "--broker", self.broker,
                "--state", str(self.dir), "--run-id", run_id, "--no-progress"]
-        if self.federation:
-            cmd += ["--federation", self.federation]
-        if self.key is not None:
-            cmd += ["--key", str(self.key)]
+        federation = self.federation or self._only_federation()
+        cmd += ["--federation", federation]
+        key = self.key if self.key is not None else self.dir / "coordinator.key"
+        if not key.is_file():
+            raise ActionError(f"no coordinator key to sign the run's tasks: start the dashboard with --key FILE "
+                              f"(the key whose .pub the sites hold), or put it at {self.dir / 'coordinator.key'}")
+        cmd += ["--key", str(key)]
         log_path = logs / f"{run_id}.log"
         with open(log_path, "ab") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

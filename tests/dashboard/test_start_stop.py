@@ -32,7 +32,10 @@ def fresh(sim_out, tmp_path):
 
 
 def test_start_runs_only_experiments_in_the_state_directory(fresh):
-    api = client(fresh, allow_actions=True, broker="memory://dash-start")
+    from protocol.signing import generate_keypair
+
+    key, _pub = generate_keypair("coordinator", fresh / "keys")  # the key `serve --key` is given
+    api = client(fresh, allow_actions=True, broker="memory://dash-start", federation="dash-start", key=key)
     h = {"X-Fedbus-CSRF": api.app.state.access.csrf}
     assert api.post("/api/runs/start", json={"experiment": "../../etc/passwd"}, headers=h).status_code == 404
     (fresh / "experiments").mkdir()
