@@ -11,6 +11,8 @@ momentum averages the noise of successive rounds (a temporal denoiser): ``FedAvg
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any
 
 import numpy as np
@@ -55,8 +57,9 @@ class _ServerOpt(Aggregator):
         step = self._step(delta)
         return like(self._reference, [x + s for x, s in zip(self._x, step, strict=True)])
 
+    @abc.abstractmethod
     def _step(self, delta: list[np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """The server optimiser's step from the round's mean delta (FedAvgM, FedAdam)."""
 
     _MOMENTS: tuple[str, ...] = ()
 
