@@ -104,14 +104,19 @@ def _number(t: dict[str, Any], k: str, where: str, default: float) -> float:
     return float(v)
 
 
+def _read_toml(path: Path, key: str) -> dict[str, Any]:
+    """The parsed file; ``ProjectError(key)`` when it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProjectError(key, f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProjectError(key, f"{path} is not valid TOML: {e}") from None
+
+
 def load_project(path: Path) -> Project:
     """Read and validate PROJECT.toml (see README "Deployment")."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProjectError("project", f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProjectError("project", f"{path} is not valid TOML: {e}") from None
+    raw = _read_toml(path, "project")
     _reject_unknown(raw, {"federation", "sites", "tls"}, "")
     fed = _toml_table(raw.get("federation"), "federation")
     _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir",
@@ -452,12 +457,7 @@ class CoordinatorConfig:
 
 def load_coordinator_config(path: Path) -> CoordinatorConfig:
     """A coordinator kit's ``coordinator.toml``; ``ProjectError`` naming the key."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProjectError("config", f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProjectError("config", f"{path} is not valid TOML: {e}") from None
+    raw = _read_toml(path, "config")
     _reject_unknown(raw, {"federation", "broker_url", "broker_password_file", "key_path", "state_dir", "tls"}, "")
     base = path.resolve().parent
 
