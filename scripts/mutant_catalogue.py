@@ -195,6 +195,12 @@ MUTANTS += [
               "key = hmac.new(b\"public\", f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)"),),
         ("tests/coordinator/test_central_dp_secret.py", "tests/adversarial/test_central_dp.py"), marks="not broker",
     ),
+    Mutant(
+        "round-test-ignores-eval-cap", "a per-round test is not asked of a site whose max_evaluations_per_run "
+        "leaves room only for the final test",
+        (Edit(RUN, "            if isinstance(cap, int) and used + 2 > cap:", "            if False:"),),
+        ("tests/coordinator/test_round_test_eval.py",), marks="not broker",
+    ),
 ]
 
 # ---------------------------------------------------------------------- the chaos harness itself
