@@ -87,8 +87,10 @@
           el("td", {}, d ? d.target || "–" : "–"),
           el("td", { class: "num epsilon", "data-epsilon": spent === null || spent === undefined ? "" : spent }, d ? eps(spent) : "–"),
           el("td", { class: "num" }, d ? dlt(d.delta) : "–"),
-          el("td", {}, d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
-            el("span", { class: "muted" }, `${eps(spent)} of ${eps(budget)} (${eps(d.budget_left)} left)`))
+          el("td", { class: "budget", "data-budget": budget === null || budget === undefined ? "" : budget },
+            d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
+            el("span", { class: "muted" }, `ε ${eps(spent)} of ${eps(budget)} at δ ${dlt(d.delta)} (${eps(d.budget_left)} left)`),
+            d.epsilon_source ? el("div", { class: "muted" }, "as reported in " + d.epsilon_source) : null)
             : el("span", { class: "muted" }, "no budget announced")) : "–"),
           el("td", {}, d && d.accountant ? d.accountant : el("span", { class: "muted" }, "not reported"))));
       });
