@@ -231,6 +231,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         mine = [u for u in msgs if u["site"] == s]
         updates = [u for u in mine if u["kind"] == "Update" and u["verdict"] == "accepted"]
         fm = final_sites.get(s) or {}
+        latest = None if fm else next((r for r in reversed(rounds) if (r["per_site"].get(s) or {}).get("test")), None)
         table.append({
             "site": s, "updates": len(updates),
             "examples": updates[-1]["num_examples"] if updates else None,
@@ -238,7 +239,9 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
             if isinstance(privacy.get("planned_epsilon"), dict) else None,
             "declined": sum(u["verdict"] == "declined" for u in mine),
             "rejected": sum(u["verdict"] not in ("accepted", "declined") for u in mine),
-            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else None, "n_test": fm.get("n_test"),
+            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else latest["per_site"][s]["test"] if latest else None,
+            "test_round": latest["round"] if latest else None,  # while running: the latest per-round test
+            "n_test": fm.get("n_test"),
             "majority_class_accuracy": _num(fm.get("majority_class_accuracy")),
             "personalized": fm.get("personalized"),
         })

@@ -113,6 +113,20 @@ def test_test_every_round_is_released_charged_declined_or_capped_per_site(hospit
     assert _evals(sites["none"][1], result.run_id) == 0
     store.close()
 
+    # The dashboard shows every site's status: a refusal is "not released" with the site's reason.
+    from fastapi.testclient import TestClient
+
+    from fedbus.dashboard.app import create_app
+    from fedbus.dashboard.security import Access
+
+    api = TestClient(create_app(state, access=Access(token=None, allow_actions=False, loopback_only=True)),
+                     base_url="http://127.0.0.1")
+    shown = api.get(f"/api/runs/{result.run_id}/rounds").json()
+    assert shown["test_every"] == 1
+    for got, r in zip(shown["rounds"], tested):
+        assert {s: v["test_status"] for s, v in got["per_site"].items()} == r["metrics"]["test_status"]
+        assert got["per_site"][none]["test"] is None and got["per_site"][dp]["test"]["accuracy"] is not None
+
 
 def test_test_every_defaults_to_off_and_is_validated():
     from protocol.config import ConfigError, load_experiment

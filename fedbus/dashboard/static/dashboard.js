@@ -87,10 +87,10 @@
           el("td", {}, d ? d.target || "–" : "–"),
           el("td", { class: "num epsilon", "data-epsilon": spent === null || spent === undefined ? "" : spent }, d ? eps(spent) : "–"),
           el("td", { class: "num" }, d ? dlt(d.delta) : "–"),
-          el("td", { class: "budget", "data-budget": budget === null || budget === undefined ? "" : budget },
+          el("td", { class: "budget", style: "min-width:190px", "data-budget": budget === null || budget === undefined ? "" : budget },
             d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
-            el("span", { class: "muted" }, `ε ${eps(spent)} of ${eps(budget)} at δ ${dlt(d.delta)} (${eps(d.budget_left)} left)`),
-            d.epsilon_source ? el("div", { class: "muted" }, "as reported in " + d.epsilon_source) : null)
+            el("span", { class: "muted" }, `ε ${eps(spent)} of ${eps(budget)} (${eps(d.budget_left)} left)`),
+            d.epsilon_source ? el("div", { class: "muted" }, "ε as of " + d.epsilon_source) : null)
             : el("span", { class: "muted" }, "no budget announced")) : "–"),
           el("td", {}, d && d.accountant ? d.accountant : el("span", { class: "muted" }, "not reported"))));
       });
@@ -192,7 +192,8 @@
   }
 
   function legend(series) {
-    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: `background:${s.color}` }), s.name)));
+    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: s.dash
+      ? `background:repeating-linear-gradient(90deg, ${s.color} 0 4px, transparent 4px 6px)` : `background:${s.color}` }), s.name)));
   }
 
   function kpi(label, key, value, note) {
@@ -205,6 +206,16 @@
     const epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
     const last = doc.rounds.length ? doc.rounds[doc.rounds.length - 1] : null;
     const baseline = maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported";
+    const tested = doc.rounds.filter((r) => r.test && r.test.accuracy !== null && r.test_source !== "simulator");
+    if ((test.accuracy === null || test.accuracy === undefined) && tested.length) {
+      const r = tested[tested.length - 1];
+      return el("div", { class: "grid k4", id: "kpis" },
+        kpi(`Test accuracy (round ${r.round})`, "accuracy", pct(r.test.accuracy), baseline),
+        kpi(`Test AUC (round ${r.round})`, "auc", num(r.test.auc), "0.5 = coin toss, 1 = perfect"),
+        kpi(`Test F1 (round ${r.round})`, "f1", num(r.test.f1), "the sites' fixed test splits, scored during the run"),
+        kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
+          `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+    }
     const haveTest = test.accuracy !== null && test.accuracy !== undefined;
     const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baseline)
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
@@ -222,7 +233,7 @@
     const rows = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
       el("td", { class: "num" }, eps(s.epsilon)), el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
-      el("td", { class: "num" }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
+      el("td", { class: "num", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
       el("td", { class: "num" }, s.test ? num(s.test.auc) : "–"), el("td", { class: "num" }, s.test ? num(s.test.f1) : "–"),
       el("td", { class: "num" }, s.n_test ?? "–"),
       el("td", { class: "num" }, s.personalized && s.personalized.accuracy !== undefined ? pct(s.personalized.accuracy) : "–"),
