@@ -75,7 +75,7 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
                 "name": d.get("name"), "rows": d.get("rows"), "columns": len(cols), "column_names": list(cols),
                 "feature_types": _feature_types(d), "target": d.get("target"),
                 "epsilon_spent": eps, "delta": delta if delta is not None else _num(policy.get("delta")),
-                "epsilon_source": ("an update" if newer else "the site's hello") if eps is not None else None,
+                "epsilon_source": ("its latest update" if newer else "its hello") if eps is not None else None,
                 "accountant": d.get("accountant") or policy.get("accountant"),
                 "budget": budget, "budget_left": (budget - eps) if budget is not None and eps is not None else None,
                 "last_report": rep or None,

@@ -209,5 +209,5 @@ def test_every_site_announces_its_budget_in_its_hello(api, state, sim_out):
         assert said["accountant"] == ds["accountant"] == hellos[s["site_id"]]["policy"]["accountant"]
         assert said["epsilon_spent"] == 0.0  # a fresh site's ledger when it said hello, before the run
         assert said["delta"] == pytest.approx(ds["delta"])
-        assert ds["epsilon_source"] == "an update"  # the run's updates are newer than the hello
+        assert ds["epsilon_source"] == "its latest update"  # the run's updates are newer than the hello
         assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"]) and ds["budget_left"] >= 0

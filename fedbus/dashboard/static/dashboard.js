@@ -89,8 +89,8 @@
           el("td", { class: "num" }, d ? dlt(d.delta) : "–"),
           el("td", { class: "budget", style: "min-width:190px", "data-budget": budget === null || budget === undefined ? "" : budget },
             d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
-            el("span", { class: "muted" }, `ε ${eps(spent)} of ${eps(budget)} (${eps(d.budget_left)} left)`),
-            d.epsilon_source ? el("div", { class: "muted" }, "ε as of " + d.epsilon_source) : null)
+            el("span", { class: "muted", style: "white-space:nowrap" }, `ε ${eps(spent)} of ${eps(budget)} · ${eps(d.budget_left)} left`),
+            d.epsilon_source ? el("div", { class: "muted" }, "ε from " + d.epsilon_source) : null)
             : el("span", { class: "muted" }, "no budget announced")) : "–"),
           el("td", {}, d && d.accountant ? d.accountant : el("span", { class: "muted" }, "not reported"))));
       });
