@@ -211,3 +211,35 @@ def test_every_site_announces_its_budget_in_its_hello(api, state, sim_out):
         assert said["delta"] == pytest.approx(ds["delta"])
         assert ds["epsilon_source"] == "its latest update"  # the run's updates are newer than the hello
         assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"]) and ds["budget_left"] >= 0
+
+
+def test_a_restarted_sites_hello_is_newer_than_its_updates(sim_out, tmp_path):
+    """A daemon that restarts after the run says hello with its ledger's total: the sites page shows that."""
+    import shutil
+
+    from coordinator.registry import hello_to_dict
+    from coordinator.state import StateStore
+    from protocol.transport import open_bus
+    from site_worker.config import load_site_config
+    from site_worker.daemon import SiteWorker
+    from site_worker.ledger import PrivacyLedger
+
+    out = tmp_path / "out"
+    shutil.copytree(sim_out, out, symlinks=True)
+    tomls = sorted(sim_out.glob("work/*/sites/*/site.toml"), key=lambda p: p.stat().st_mtime)[-3:]
+    store = StateStore(out / "coordinator")
+    spent = {}
+    for toml in tomls:
+        cfg = load_site_config(toml)
+        worker = SiteWorker(cfg, bus=open_bus(f"memory://restart-{cfg.site_id}"))
+        hello = worker.hello()  # the daemon's own hello, from its ledger on disk
+        [info] = hello.datasets
+        spent[cfg.site_id] = PrivacyLedger(cfg.state_dir).spent(info.name, delta=info.delta)
+        store.record_hello(cfg.site_id, hello_to_dict(hello))
+    store.close()
+    doc = client(out / "coordinator").get("/api/sites").json()
+    for s in doc["sites"]:
+        [ds] = s["datasets"]
+        assert ds["epsilon_source"] == "its hello"
+        assert ds["epsilon_spent"] == pytest.approx(spent[s["site_id"]]) and ds["epsilon_spent"] > 0
+        assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"])
