@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -535,11 +536,12 @@ class Coordinator:
             return
         status: dict[str, str] = {}
         asked = []
+        caps = {s["site_id"]: ((s["hello"] or {}).get("policy") or {}).get("max_evaluations_per_run")
+                for s in self.store.sites()}
+        used = Counter(s for k, _r, s, _sp in self._task_ids.values() if k == "EvalTask")
         for site in sites:
-            policy = (((self.store.site(site) or {}).get("hello") or {}).get("policy") or {})
-            cap = policy.get("max_evaluations_per_run")
-            used = sum(1 for k, _r, s, _sp in self._task_ids.values() if k == "EvalTask" and s == site)
-            if isinstance(cap, int) and used + 2 > cap:  # this one and the final test
+            cap = caps.get(site)
+            if isinstance(cap, int) and used[site] + 2 > cap:  # this one and the final test
                 status[site] = f"not asked: max_evaluations_per_run {cap} leaves room only for the final test"
             else:
                 asked.append(site)

@@ -198,7 +198,7 @@ MUTANTS += [
     Mutant(
         "round-test-ignores-eval-cap", "a per-round test is not asked of a site whose max_evaluations_per_run "
         "leaves room only for the final test",
-        (Edit(RUN, "            if isinstance(cap, int) and used + 2 > cap:", "            if False:"),),
+        (Edit(RUN, "            if isinstance(cap, int) and used[site] + 2 > cap:", "            if False:"),),
         ("tests/coordinator/test_round_test_eval.py",), marks="not broker",
     ),
 ]
