@@ -19,7 +19,9 @@ named). On them:
   its chunk count, so a 60 MB frame passes a ``prefetch=1`` consumer. The chunks stay
   unacked until the whole frame is acked, so a consumer that dies mid-transfer loses
   nothing. Lost connections are re-established with backoff; unacked messages are
-  redelivered by the broker.
+  redelivered by the broker. A consumer the broker cancels (its queue deleted, e.g.
+  and declared again) consumes again on the same channel once the queue is back, so
+  what it holds is acked once, not redelivered.
 * **Refusals** (AMQP 403 ACCESS_REFUSED, 404 NOT_FOUND, 406 PRECONDITION_FAILED, bad
   credentials; classified in ``connector.py``) stop with :class:`BusPermissionError`
   naming the object and the user; they are never retried.
@@ -112,6 +114,7 @@ class AmqpBus(Bus):
         publish_timeout_s: float = 120.0,
         reconnect_max_s: float = 10.0,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        resubscribe_timeout_s: float = 10.0,
         connection_name: str | None = None,
         max_reassembly_bytes: int = 1 * 2**30,
         reassembly_timeout_s: float = 300.0,
@@ -136,6 +139,7 @@ class AmqpBus(Bus):
         self.quorum = quorum or self.endpoints.quorum
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
+        self.resubscribe_timeout_s = resubscribe_timeout_s  # after a broker cancel: wait this long for the queue
         self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s}
         self._publisher = _Publisher(self)
         self._consumers: list[_AmqpConsumer] = []
@@ -428,7 +432,8 @@ class _AmqpConsumer(Consumer):
         self.prefetch = prefetch
         self.error: BusPermissionError | None = None
         self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
-        self.resubscribes = 0  # consumes renewed after a broker cancel (quorum leader moved)
+        self.broker_cancels = 0  # basic.cancel notifications received (queue deleted)
+        self.resubscribes = 0  # consumes renewed after a broker cancel
         self._connected_once = False
         self._broker_cancelled = False
         self._gen = 0
@@ -486,13 +491,8 @@ class _AmqpConsumer(Consumer):
                     self._conn.process_data_events(time_limit=0.5)
                     if self._broker_cancelled:
                         self._broker_cancelled = False
-                        # Queue deleted (404 then stops us) or its quorum leader moved:
-                        # consume again on the same channel, so deliveries still unacked
-                        # stay ours and are acked once (no redelivery, no duplicate work).
                         what = f"consuming again from queue {self.queue!r} after the broker cancelled us"
-                        self._ch.basic_consume(self.queue, self._on_message)
-                        self.resubscribes += 1
-                        log.info("consumer resubscribed after a broker cancel", queue=self.queue)
+                        self._resubscribe()
                 self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
@@ -518,8 +518,43 @@ class _AmqpConsumer(Consumer):
                 self._stop.wait(delay)
 
     def _on_broker_cancel(self, frame: Any) -> None:
+        self.broker_cancels += 1
         log.warning("broker cancelled the consumer (queue deleted?)", queue=self.queue)
         self._broker_cancelled = True
+
+    def _resubscribe(self) -> None:
+        """Consume again on the *same* channel after a broker cancel, so deliveries still
+        unacked stay ours and are acked once (no redelivery, no duplicate work).
+
+        RabbitMQ cancels a consumer whose queue is deleted (also a quorum queue: its
+        leader moving is not a cancel), e.g. a re-provision that deletes and declares it
+        again. The queue is looked for on a side channel, whose 404 would close this one,
+        for up to ``resubscribe_timeout_s`` while acks and heartbeats go on; then the
+        consume is made anyway, and its refusal (404: gone for good) stops us as before.
+        """
+        deadline = time.monotonic() + self.bus.resubscribe_timeout_s
+        waits = 0
+        while not self._stop.is_set() and time.monotonic() < deadline and not self._queue_exists():
+            self._conn.process_data_events(time_limit=backoff(waits, cap=1.0))
+            waits += 1
+        if self._stop.is_set():
+            return
+        self._ch.basic_consume(self.queue, self._on_message)
+        self.resubscribes += 1
+        log.info("consumer resubscribed after a broker cancel", queue=self.queue, waited_for_queue=waits > 0)
+
+    def _queue_exists(self) -> bool:
+        """Whether the queue exists (passive declare on a throw-away channel); True when
+        the broker does not say (e.g. 403: we may consume but not declare)."""
+        side = self._conn.channel()
+        try:
+            side.queue_declare(self.queue, passive=True)
+            return True
+        except px.ChannelClosedByBroker as e:
+            return e.reply_code != 404
+        finally:
+            if side.is_open:
+                side.close()
 
     def _close_conn(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None

@@ -11,21 +11,35 @@ Sites connect outbound across firewalls and VPNs, and a clustered broker loses n
 * **Refusals** that retrying cannot fix (login, vhost, TLS verification, AMQP 403/404/406)
   are told apart from transient errors (:data:`TRANSIENT`) and named plainly
   (:func:`refusal`, :func:`permission_error`, :meth:`Connector.refused_at_door`).
+* **Every attempt is bounded by the time left.** Until the first connection, name
+  resolution (which pika does not time out), TCP, TLS and the AMQP handshake of each
+  address of each node get at most what remains of ``connect_timeout_s``, so a silent
+  or black-holed cluster fails as fast as a refused port, not after nodes x addresses
+  x ``stack_timeout``.
+* :func:`reach` makes that check once, *before* a process pays for its start-up (torch
+  imports, warm-up): on a loaded host the start-up alone can take longer than the
+  connect timeout, and a broker that is not there must not wait for it.
 """
 
 from __future__ import annotations
 
+import copy
+import ipaddress
+import itertools
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import pika.credentials
 import pika.exceptions as px
 import structlog
+from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed, AMQPConnectorException
 
 from protocol.transport.base import BrokerRefused, BrokerUnreachable, BusPermissionError
 from protocol.transport.endpoints import Endpoint, Endpoints, parse_endpoints, ssl_context, tls_cause
@@ -34,8 +48,13 @@ log = structlog.get_logger(__name__)
 
 _REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED", 530: "NOT_ALLOWED", 540: "NOT_IMPLEMENTED"}
 # Errors of a connection (not of what was asked on it): retried, never fatal.
-TRANSIENT = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
+# pika's connector errors (AMQPConnectorStackTimeout: TCP connected, no AMQP handshake in time)
+# are not AMQPConnectionErrors, but are the same kind of failure.
+TRANSIENT = (px.AMQPConnectionError, AMQPConnectorException, AMQPConnectionWorkflowFailed, px.ConnectionWrongStateError,
+             px.ChannelWrongStateError, ConnectionError, OSError)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0  # a broker never reached fails within this (one line, exit 1)
+_MIN_ATTEMPT_S = 1.0  # an attempt near the deadline still gets this long (a live broker answers in ms)
+_RESOLVE_TIMEOUT_S = 10.0  # name resolution, once connected (pika's has no limit at all)
 
 # pika reports every failed connection attempt at ERROR; fedbus says what happened in
 # one line of its own. ``fedbus.logs`` re-enables pika's logging at --log-level debug.
@@ -192,8 +211,11 @@ class Connector:
         for i in range(n):
             idx = (self._preferred + i) % n
             node = self.endpoints.nodes[idx]
+            left = self.remaining()
+            if left is not None and left <= 0 and last is not None:
+                break  # the budget is spent: the next node would only add to it
             try:
-                conn = pika.BlockingConnection(self.params[idx])
+                conn = self._attempt(idx, left, what)
             except Exception as e:  # noqa: BLE001 - classified below
                 refused = self.refused_at_door(e, node, what)
                 if refused is not None:
@@ -232,6 +254,31 @@ class Connector:
             return BrokerRefused(f"TLS connection to {node.where} refused ({what}): {cause}")
         return None
 
+    def _attempt(self, idx: int, left: float | None, what: str) -> pika.BlockingConnection:
+        """One node: each of its addresses in turn, within ``left`` seconds (if not None)."""
+        node, base = self.endpoints.nodes[idx], self.params[idx]
+        deadline = None if left is None else time.monotonic() + max(_MIN_ATTEMPT_S, left)
+
+        def within(limit: float) -> float:
+            return limit if deadline is None else min(limit, max(_MIN_ATTEMPT_S, deadline - time.monotonic()))
+
+        last: BaseException | None = None
+        for addr in resolve(node.host, node.port, timeout_s=within(_RESOLVE_TIMEOUT_S)):
+            p = copy.copy(base)
+            p.host = addr  # resolved here, within the budget; TLS still checks node.host (server_hostname)
+            p.socket_timeout = within(base.socket_timeout or _RESOLVE_TIMEOUT_S)
+            p.stack_timeout = within(base.stack_timeout or _RESOLVE_TIMEOUT_S)
+            try:
+                return pika.BlockingConnection(p)
+            except Exception as e:  # noqa: BLE001 - a refusal or a non-connection error is the caller's
+                if not isinstance(e, TRANSIENT) or self.refused_at_door(e, node, what) is not None:
+                    raise
+                last = e
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        assert last is not None  # resolve() returns at least one address or raises
+        raise last
+
     def cap_delay(self, delay: float) -> float:
         left = self.remaining()
         return delay if left is None else max(0.0, min(delay, left))
@@ -243,6 +290,11 @@ def _unreachable_text(connector: Connector, err: BaseException | None) -> str:
         cause = "connection refused: nothing listens there. Is RabbitMQ running, and is the port right (5672 amqp, 5671 amqps)?"
     elif "gaierror" in text or "name or service not known" in text or "nodename nor servname" in text:
         cause = "the host name does not resolve: check the host in the broker URL"
+    elif "resolving" in text:
+        cause = "the host name did not resolve in time: is DNS reachable from here? (or use the broker's address)"
+    elif "stacktimeout" in text:
+        cause = ("something accepted the connection but never completed the AMQP handshake: a wrong port, a proxy "
+                 "or firewall in the way, or a broker too overloaded to answer")
     elif "timed out" in text or "timeout" in text:
         cause = "no answer: a firewall dropping the traffic, or a wrong address"
     elif "incompatibleprotocol" in text or "streamlost" in text or "eof" in text:
@@ -253,3 +305,73 @@ def _unreachable_text(connector: Connector, err: BaseException | None) -> str:
     return (f"cannot reach the RabbitMQ broker at {eps.where} (user {eps.user!r}) within "
             f"{connector.connect_timeout_s:.0f} s: {cause}")
 
+
+
+def resolve(host: str, port: int, *, timeout_s: float) -> list[str]:
+    """The addresses of ``host`` (resolver order, no duplicates) within ``timeout_s``.
+
+    pika resolves names without any time limit, so a resolver that never answers would
+    hold a never-connected bus past its connect timeout; here the lookup runs on a
+    daemon thread that is abandoned (it ends with the resolver's own timeout) if late.
+    """
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except OSError as e:
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"fedbus-resolve:{host}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"resolving {host!r} took longer than {timeout_s:.1f} s")
+    if "error" in box:
+        raise box["error"]
+    addrs: list[str] = []
+    for *_, sockaddr in box["infos"]:
+        if sockaddr[0] not in addrs:
+            addrs.append(str(sockaddr[0]))
+    if not addrs:
+        raise socket.gaierror(f"{host!r} resolves to no address")
+    return addrs
+
+
+def reach(url: str, *, tls: dict[str, str] | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+          reconnect_max_s: float = 10.0) -> None:
+    """Open one connection to the broker and close it, before a process's start-up work.
+
+    A site imports torch and warms up before it first connects; on a loaded host that
+    alone outlasts the connect timeout, so an absent broker would be reported late by a
+    margin that grows with the load. Called first, this bounds the failure by
+    ``connect_timeout_s`` (:class:`BrokerUnreachable`, one line); refusals (login, TLS,
+    vhost) come out at once as :class:`BrokerRefused`. ``memory://``: nothing to reach.
+    """
+    if urlsplit(url.split(",")[0].strip()).scheme.lower() not in ("amqp", "amqps"):
+        return
+    eps = parse_endpoints(url, tls=tls)
+    params = [node_parameters(n, heartbeat=0, blocked_connection_timeout=60.0, connection_name="fedbus start-up check",
+                              connect_timeout_s=connect_timeout_s) for n in eps.nodes]
+    connector = Connector(eps, params, connect_timeout_s=connect_timeout_s)
+    what = "checking the broker before starting"
+    for attempt in itertools.count():
+        try:
+            conn, _ = connector.open(what)
+        except (BrokerRefused, BrokerUnreachable):
+            raise
+        except TRANSIENT as e:
+            delay = connector.cap_delay(backoff(attempt, cap=reconnect_max_s))
+            log.info("broker connection problem; reconnecting", what=what, error=repr(e), retry_in_s=round(delay, 2))
+            threading.Event().wait(delay)  # a signal handler (SIGTERM at start-up) still runs at once
+            continue
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - we only wanted to know it answers
+            pass
+        return
