@@ -75,7 +75,7 @@ from protocol.transport.connector import (
     backoff,
     node_parameters,
     permission_error,
-    refusal,
+    refusal_of,
 )
 from protocol.transport.endpoints import parse_endpoints
 from protocol.transport.topology import DLX, REASON_HEADER
@@ -285,7 +285,7 @@ class _Publisher:
                 except (PublishError, BusPermissionError, BrokerUnreachable):
                     raise
                 except Exception as e:
-                    refused = refusal(e)
+                    refused = refusal_of(e)
                     if isinstance(e, px.ChannelClosedByBroker):
                         self._ch = None
                     if refused:
@@ -497,7 +497,7 @@ class _AmqpConsumer(Consumer):
                 self._close_conn()
                 return
             except Exception as e:
-                refused = refusal(e)
+                refused = refusal_of(e)
                 self._close_conn()
                 if isinstance(e, (BrokerRefused, BrokerUnreachable)) or refused:
                     self.error = e if isinstance(e, BusError) else permission_error(

@@ -10,7 +10,7 @@ Sites connect outbound across firewalls and VPNs, and a clustered broker loses n
   are retried forever by the callers, with :func:`backoff`.
 * **Refusals** that retrying cannot fix (login, vhost, TLS verification, AMQP 403/404/406)
   are told apart from transient errors (:data:`TRANSIENT`) and named plainly
-  (:func:`refusal`, :func:`permission_error`, :meth:`Connector.refused_at_door`).
+  (:func:`refusal_of`, :func:`permission_error`, :meth:`Connector.refused_at_door`).
 * **Every attempt is bounded by the time left.** Until the first connection, name
   resolution (which pika does not time out), TCP, TLS and the AMQP handshake of each
   address of each node get at most what remains of ``connect_timeout_s``, so a silent
@@ -128,7 +128,7 @@ def _tls_refusal(exc: BaseException, node: Endpoint) -> str | None:
     return tls_cause(text, node)  # unnamed TLS errors (a node dying mid-handshake) stay transient
 
 
-def refusal(exc: BaseException) -> tuple[int, str] | None:
+def refusal_of(exc: BaseException) -> tuple[int, str] | None:
     """(code, text) if ``exc`` is a refusal that retrying cannot fix, else None."""
     if isinstance(exc, (px.AuthenticationError, px.ProbableAuthenticationError)):
         return 403, f"login refused (bad user name or password): {exc}"
