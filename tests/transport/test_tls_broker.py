@@ -209,10 +209,10 @@ def _kits(root: Path, broker: TlsBroker, sites: list[str], coord: str, federatio
              f"admin = {json.dumps(broker.admin_url)}", f"coordinator_user = {json.dumps(coord)}",
              'dataset = "heart_failure"', 'target = "DEATH_EVENT"', "max_epsilon = 40", "",
              "[tls]", f"pki = {json.dumps(str(broker.certs))}", 'auth = "external"', ""]
-    for i, s in enumerate(sites):  # each hospital its own file
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        df.iloc[i :: len(sites)].to_csv(root / "data" / f"{s}.csv", index=False)
-        lines += ["[[sites]]", f"id = {json.dumps(s)}", f"data = {json.dumps(str(root / 'data' / f'{s}.csv'))}", ""]
+    for i, s in enumerate(sites):  # each hospital its own file (the dataset is named by the file)
+        (root / "data" / s).mkdir(parents=True)
+        df.iloc[i :: len(sites)].to_csv(root / "data" / s / "heart_failure.csv", index=False)
+        lines += ["[[sites]]", f"id = {json.dumps(s)}", f"data = {json.dumps(str(root / 'data' / s / 'heart_failure.csv'))}", ""]
     project = root / "project.toml"
     project.write_text("\n".join(lines))
     kits = root / "kits"
@@ -238,7 +238,7 @@ def test_federation_from_its_kits_logs_in_by_certificate_and_audit_passes(tls_br
     ctoml = kits / "coordinator" / "coordinator.toml"
     assert 'auth = "external"' in ctoml.read_text() and 'auth = "external"' in (kits / sites[0] / "site.toml").read_text()
     exp = tmp_path / "experiment.json"
-    r = _fedbus("config", "new", "--dataset", str(tmp_path / "data" / f"{sites[0]}.csv"), "--target", "DEATH_EVENT",
+    r = _fedbus("config", "new", "--dataset", str(tmp_path / "data" / sites[0] / "heart_failure.csv"), "--target", "DEATH_EVENT",
                 "--rounds", "2", "--out", str(exp))
     assert r.returncode == 0, r.stderr
     logs = {s: open(tmp_path / f"{s}.log", "w") for s in sites}  # noqa: SIM115
@@ -276,11 +276,14 @@ def test_federation_from_its_kits_logs_in_by_certificate_and_audit_passes(tls_br
     assert "certificate" in r.stderr and sites[0] in r.stderr, r.stderr[-2000:]
     ctoml.write_text(ctext)
 
-    # Site 2's daemon configured with site 1's certificate: refused at start, exit 2, says why.
+    # Site 2's daemon configured with site 1's certificate: refused at start, exit 2, says why
+    # (its kit's URL names its own user, so before connecting; without a user in the URL the
+    # broker refuses B's queue to A's login: test_site_a_certificate_cannot_read_b_or_publish_as_b).
     cfg = kits / sites[1] / "site.toml"
     cfg.write_text(cfg.read_text().replace('"tls.pem"', json.dumps(str(kits / sites[0] / "tls.pem")))
                    .replace('"tls.key"', json.dumps(str(kits / sites[0] / "tls.key"))))
     r = _fedbus("site", "run", "--config", str(cfg), timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert f"logged in by certificate as {sites[0]!r}" in r.stderr and "another party's certificate" in r.stderr
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    said = r.stdout + r.stderr
+    assert f"names user {sites[1]!r}" in said and f"is for {sites[0]!r}" in said, said[-2000:]
     deprovision(tls_broker.admin_url, [*sites, coord], method="rabbitmqctl", node=tls_broker.node.node)
