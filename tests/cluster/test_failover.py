@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def _simulate(exp: Path, broker: str, out: Path) -> subprocess.Popen[bytes]:
     log = open(out.with_suffix(".stderr"), "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "fedbus.cli", "simulate", str(exp), "--broker", broker,
                              "--out", str(out), "--json", "--round-timeout", "600"],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log)
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log,
+                            start_new_session=True)  # its group holds its site processes too
 
 
 @pytest.mark.timeout(1500)
@@ -168,10 +170,17 @@ def test_federation_survives_killing_the_leader_then_the_sites_node(cluster: Clu
         back.join(timeout=600)
         assert ref.wait(timeout=900) == 0, (tmp_path / "ref.stderr").read_text(errors="replace")[-3000:]
     finally:
-        for p in (proc, ref):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # simulate and the site processes it started
+            proc.wait()
+        else:  # simulate is gone; its sites must not outlive the test either
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
         ref_err.close()
         for n in cluster.nodes:  # leave three running nodes for the next test
             if n not in cluster.alive():
