@@ -57,8 +57,6 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (also when the run fails)."),
     ) -> None:
         """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
-        from coordinator.run import Coordinator
-        from coordinator.state import StateError
         from fedbus.coordinator_lock import FederationLock, FederationLocked
         from fedbus.kits import ProjectError, load_coordinator_config
         from fedbus.logs import add_log_file, configure_logging
@@ -98,6 +96,19 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         except (OSError, ValueError) as e:
             _fail(f"cannot load coordinator key {key}: {e}. {_NO_KEY}", json_out=json_out)
         typer.echo(f"signing tasks with coordinator key id {signer.kid} ({key}); sites must hold its .pub", err=True)
+        if not broker.startswith("memory"):
+            from protocol.transport.connector import reach
+
+            try:  # before the start-up work: an absent broker fails in 10 s, whatever the load
+                reach(broker, tls=tls)
+            except BusPermissionError as e:
+                _fail(str(e), json_out=json_out)
+            except BusError as e:
+                _fail(str(e), 1, json_out=json_out)
+            except ValueError as e:  # a bad broker URL or TLS file
+                _fail(f"cannot open broker: {e}", json_out=json_out)
+        from coordinator.run import Coordinator  # (the start-up work: after the broker answered)
+        from coordinator.state import StateError
         state.mkdir(parents=True, exist_ok=True)
         lock = FederationLock(state, federation)
         try:

@@ -41,10 +41,20 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from fedbus.logs import configure_logging
+
+        configure_logging(mode="cli", level=log_level)
+        if not broker.startswith("memory"):
+            from protocol.transport.connector import reach
+            from protocol.transport.endpoints import EndpointError
+
+            try:
+                reach(broker)  # before torch's imports: an absent broker fails in 10 s, whatever the load
+            except EndpointError as e:
+                Console(stderr=True).print(f"[red]fedbus simulate:[/red] --broker: {e}", soft_wrap=True)
+                raise typer.Exit(2) from None
         from simulator.run import SimulationFailed, SimulationInputError, simulate as run_simulation
         from simulator.table import print_results
 
-        configure_logging(mode="cli", level=log_level)
         # Opacus' hooks on a model whose inputs need no gradient: harmless, and noise in a results table.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")

@@ -46,7 +46,6 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
 
     log = structlog.get_logger("fedbus.site")
     from protocol.transport.base import BusError, exit_code
-    from site_worker.daemon import SiteWorker
 
     stop = threading.Event()
     received: list[str] = []
@@ -64,6 +63,12 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        if not cfg.broker_url.startswith("memory:"):
+            from protocol.transport.connector import reach
+
+            reach(cfg.broker_url, tls=cfg.tls)  # before torch's imports: an absent broker fails in 10 s
+        from site_worker.daemon import SiteWorker
+
         worker = SiteWorker(cfg)
         worker.start()
         starting[0] = False

@@ -68,6 +68,33 @@ MUTANTS: list[Mutant] = [
               "dl_headers = {**headers, REASON_HEADER: \"\", "),),
         ("tests/transport/test_conformance.py",), marks="broker", broker=True,
     ),
+    Mutant(
+        "broker-cancel-resubscribes-at-once", "a consumer the broker cancels waits for its queue to be back, "
+        "then consumes again on the same channel (nothing lost, nothing done twice)",
+        (Edit("protocol/transport/amqp.py",
+              "        while not self._stop.is_set() and time.monotonic() < deadline and not self._queue_exists():\n",
+              "        while False:\n"),),
+        ("tests/transport/test_consumer_cancel.py",), broker=True,
+    ),
+    Mutant(
+        "connect-budget-per-node", "a broker never reached fails in connect_timeout_s, however many nodes and "
+        "addresses it has and however they fail (silent, black-holed, DNS)",
+        (Edit("protocol/transport/connector.py",
+              "            return limit if deadline is None else min(limit, max(_MIN_ATTEMPT_S, deadline - time.monotonic()))\n",
+              "            return limit\n"),
+         Edit("protocol/transport/connector.py",
+              "            if left is not None and left <= 0 and last is not None:\n",
+              "            if False:\n")),
+        ("tests/transport/test_connect_path.py::test_a_silent_cluster_fails_in_the_connect_timeout_not_per_node",
+         "tests/transport/test_connect_path.py::test_a_resolver_that_never_answers_fails_in_the_connect_timeout"),
+    ),
+    Mutant(
+        "site-warms-up-before-the-broker-check", "a site daemon learns that its broker is absent before it pays for "
+        "torch and its warm-up (exit 1 in ~10 s whatever the load)",
+        (Edit("fedbus/cli_site.py", "            reach(cfg.broker_url, tls=cfg.tls)  # before torch's imports: an absent broker fails in 10 s\n",
+              "            pass\n"),),
+        ("tests/transport/test_connect_path.py::test_site_on_a_dead_broker_exits_1_before_its_warm_up",),
+    ),
     # ------------------------------------------------------------------ coordinator: counting
     Mutant(
         "coord-message-id-dedup-removed", "a message id the coordinator already holds or committed is not counted again",

@@ -68,5 +68,6 @@ _AMQP_ONLY_OPTS = {
     "publish_timeout_s",
     "reconnect_max_s",
     "connect_timeout_s",
+    "resubscribe_timeout_s",
     "connection_name",
 }

@@ -1,7 +1,10 @@
-"""RabbitMQ bus over pika: the only module that imports pika.
+"""RabbitMQ bus over pika: publishing and consuming (with ``connector.py``, which opens
+the connections, the only modules that import pika).
 
 Sites sit behind hospital firewalls and connect outbound; connections, processes and
-the broker itself come and go. So:
+the broker itself come and go. Connections come from :class:`~protocol.transport.connector.Connector`
+(failover between a cluster's nodes, fail-fast on a broker never reached, refusals
+named). On them:
 
 * **Publishing** uses one confirm-mode channel per bus, serialised by a lock: publish
   returns only after *its own* confirm, with ``mandatory`` set (unroutable -> error) and
@@ -16,10 +19,12 @@ the broker itself come and go. So:
   its chunk count, so a 60 MB frame passes a ``prefetch=1`` consumer. The chunks stay
   unacked until the whole frame is acked, so a consumer that dies mid-transfer loses
   nothing. Lost connections are re-established with backoff; unacked messages are
-  redelivered by the broker.
+  redelivered by the broker. A consumer the broker cancels (its queue deleted, e.g.
+  and declared again) consumes again on the same channel once the queue is back, so
+  what it holds is acked once, not redelivered.
 * **Refusals** (AMQP 403 ACCESS_REFUSED, 404 NOT_FOUND, 406 PRECONDITION_FAILED, bad
-  credentials) stop with :class:`BusPermissionError` naming the object and the user;
-  they are never retried.
+  credentials; classified in ``connector.py``) stop with :class:`BusPermissionError`
+  naming the object and the user; they are never retried.
 * ``nack(reason)`` publishes a copy of the frame with ``x-fedbus-reason`` (and
   ``x-fedbus-queue``) to ``fedbus.dlx`` with confirm, *then* acks the original, so there
   is no window where the frame is in neither place.
@@ -28,17 +33,13 @@ the broker itself come and go. So:
 from __future__ import annotations
 
 import itertools
-import logging
 import queue as queue_mod
-import random
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pika
-import pika.credentials
 import pika.exceptions as px
 import structlog
 
@@ -67,220 +68,31 @@ from protocol.transport.layout import (
     plan,
     strip_chunk_headers,
 )
-from protocol.transport.endpoints import Endpoint, parse_endpoints, redact, ssl_context, tls_cause
+from protocol.transport.connector import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    TRANSIENT,
+    Connector,
+    backoff,
+    node_parameters,
+    permission_error,
+    refusal_of,
+)
+from protocol.transport.endpoints import parse_endpoints
 from protocol.transport.topology import DLX, REASON_HEADER
 
 log = structlog.get_logger(__name__)
 
 USER_HEADER = "x-fedbus-user"  # on a dead letter: the broker-vouched sender of the original
-_REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED", 530: "NOT_ALLOWED", 540: "NOT_IMPLEMENTED"}
+
+
 class _Nacked(Exception):
     """The broker nacked a publish: transient on a cluster (a quorum queue electing a
     leader after its node died), so it is retried like a lost connection, with the same
     message id, until ``publish_timeout_s``."""
 
 
-_TRANSIENT = (_Nacked, px.AMQPConnectionError, px.ConnectionWrongStateError, px.ChannelWrongStateError, ConnectionError, OSError)
+_TRANSIENT = (_Nacked, *TRANSIENT)
 _MAX_PREFETCH = 65535
-DEFAULT_CONNECT_TIMEOUT_S = 10.0  # a broker never reached fails within this (one line, exit 1)
-
-# pika reports every failed connection attempt at ERROR; fedbus says what happened in
-# one line of its own. ``fedbus.logs`` re-enables pika's logging at --log-level debug.
-if logging.getLogger("pika").level == logging.NOTSET:
-    logging.getLogger("pika").setLevel(logging.CRITICAL + 1)
-
-
-def build_ssl_context(*, ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
-    """A client TLS context that verifies the broker against ``ca`` (system CAs if None)
-    and presents ``cert``/``key`` when given (mutual TLS)."""
-    return ssl_context({k: v for k, v in (("ca", ca), ("cert", cert), ("key", key)) if v})
-
-
-def _params(node: Endpoint, *, heartbeat: int, blocked_connection_timeout: float, connection_name: str | None,
-            connect_timeout_s: float) -> pika.ConnectionParameters:
-    params = pika.URLParameters(node.url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = blocked_connection_timeout
-    params.connection_attempts = 1
-    params.socket_timeout = min(10.0, connect_timeout_s)
-    params.stack_timeout = min(15.0, connect_timeout_s)
-    if connection_name:
-        params.client_properties = {"connection_name": connection_name}
-    if node.scheme == "amqps":
-        params.ssl_options = pika.SSLOptions(ssl_context(node.tls), server_hostname=node.host)
-    if node.external:
-        params.credentials = pika.credentials.ExternalCredentials()
-    return params
-
-
-def connection_parameters(
-    url: str,
-    *,
-    tls: dict[str, str] | None = None,
-    heartbeat: int = 30,
-    blocked_connection_timeout: float = 60.0,
-    connection_name: str | None = None,
-) -> tuple[pika.ConnectionParameters, str]:
-    """pika parameters and the user name for the first node of ``url`` (see
-    ``protocol.transport.endpoints`` for the URL forms)."""
-    eps = parse_endpoints(url, tls=tls)
-    return _params(eps.nodes[0], heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
-                   connection_name=connection_name, connect_timeout_s=DEFAULT_CONNECT_TIMEOUT_S), eps.user
-
-
-def _ssl_error(exc: BaseException) -> BaseException | None:
-    """The ssl.SSLError (or TLS alert text) somewhere inside a pika connection error."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLError):
-            return e
-        if isinstance(e, BaseException):
-            todo.extend([e.__cause__, e.__context__, *[a for a in e.args if isinstance(a, BaseException)]])
-            for a in e.args:
-                if isinstance(a, (list, tuple)):
-                    todo.extend(x for x in a if isinstance(x, BaseException))
-    return None
-
-
-def _tls_refusal(exc: BaseException, node: Endpoint) -> str | None:
-    """A one-line cause if ``exc`` is a TLS failure (verification or a broker alert)."""
-    if node.scheme != "amqps":
-        return None
-    err = _ssl_error(exc)
-    text = f"{err!r} {getattr(err, 'verify_message', '')}" if err is not None else repr(exc)
-    return tls_cause(text, node)  # unnamed TLS errors (a node dying mid-handshake) stay transient
-
-
-def _refusal(exc: BaseException) -> tuple[int, str] | None:
-    """(code, text) if ``exc`` is a refusal that retrying cannot fix, else None."""
-    if isinstance(exc, (px.AuthenticationError, px.ProbableAuthenticationError)):
-        return 403, f"login refused (bad user name or password): {exc}"
-    if isinstance(exc, px.ProbableAccessDeniedError):
-        return 403, f"access to the virtual host refused: {exc}"
-    if isinstance(exc, (px.ChannelClosedByBroker, px.ConnectionClosedByBroker)):
-        text = str(exc.reply_text)
-        if exc.reply_code == 406 and "acknowledgement" in text and "timed out" in text:
-            # consumer_timeout: a handler held a delivery too long. Not a refusal: reconnect,
-            # the broker redelivers it. (Raise the broker's consumer_timeout for long tasks.)
-            log.warning("broker closed the channel: delivery held longer than its consumer_timeout", detail=text)
-            return None
-        if exc.reply_code == 404 and "down or inaccessible" in text:
-            # A clustered queue whose node is down (it cancelled our consumer): it comes
-            # back with its node, or its quorum elects a leader. Retry, do not stop.
-            log.warning("queue's node is down; retrying", detail=text)
-            return None
-        if exc.reply_code in _REFUSAL_CODES:
-            return exc.reply_code, text
-    return None
-
-
-def _permission_error(
-    code: int, text: str, *, user: str, what: str, cls: type[BusPermissionError] = BusPermissionError,
-    external: bool = False,
-) -> BusPermissionError:
-    hint = {
-        403: "The broker user lacks this permission: re-run `fedbus broker provision` or use the right user.",
-        404: "It does not exist: declare the topology first (`fedbus broker provision`, or the coordinator).",
-        406: "It conflicts with what exists (e.g. a queue declared with other arguments such as the quorum "
-        "flag, or a message over max_message_size): delete it or declare it the same way.",
-    }.get(code, "")
-    if external and code == 403:
-        hint = (f"We logged in by certificate as {user!r} (its CN): if this process is not {user!r}, it presents "
-                "another party's certificate; give it its own (`fedbus certs issue`).")
-    name = _REFUSAL_CODES.get(code, str(code))
-    return cls(f"broker refused {what} for user {user!r}: {name} ({code}) {text}. {hint}".rstrip())
-
-
-def _backoff(attempt: int, *, cap: float) -> float:
-    """Capped exponential backoff with full jitter in [d/2, d]."""
-    d = min(cap, 0.25 * 2 ** min(attempt, 16))
-    return random.uniform(d / 2, d)
-
-
-class _Connector:
-    """Opens connections to the broker's nodes in turn (failover) and fails fast on a
-    broker that was never reached: after ``connect_timeout_s`` without any connection
-    it raises :class:`BrokerUnreachable` (one line: what, where, the likely cause), and
-    every later attempt raises the same at once. Once connected, losses are retried
-    forever by the callers (a restarted broker or a failed-over node comes back)."""
-
-    def __init__(self, bus: "AmqpBus", params: list[pika.ConnectionParameters]) -> None:
-        self.bus = bus
-        self.params = params
-        self.connected = threading.Event()  # some connection of this bus succeeded once
-        self.unreachable: BrokerUnreachable | None = None
-        self._first_try: float | None = None
-        self._lock = threading.Lock()
-        self._preferred = 0  # the node that last worked: tried first
-
-    def remaining(self) -> float | None:
-        """Seconds left before a never-connected bus gives up (None once connected)."""
-        if self.connected.is_set():
-            return None
-        with self._lock:
-            if self._first_try is None:
-                self._first_try = time.monotonic()
-            return self.bus.connect_timeout_s - (time.monotonic() - self._first_try)
-
-    def open(self, what: str) -> tuple[pika.BlockingConnection, int]:
-        """A connection to the first node that answers (from the last good one); raises
-        the refusal, :class:`BrokerUnreachable`, or the last transient error."""
-        if self.unreachable is not None and not self.connected.is_set():
-            raise self.unreachable
-        self.remaining()
-        n = len(self.params)
-        last: BaseException | None = None
-        for i in range(n):
-            idx = (self._preferred + i) % n
-            node = self.bus.endpoints.nodes[idx]
-            try:
-                conn = pika.BlockingConnection(self.params[idx])
-            except Exception as e:  # noqa: BLE001 - classified below
-                refused = self.bus._refused_at_door(e, node, what)
-                if refused is not None:
-                    raise refused from e
-                if not isinstance(e, _TRANSIENT):
-                    raise
-                last = e
-                if n > 1:
-                    log.info("broker node unavailable; trying the next", node=node.where, error=repr(e))
-                continue
-            if idx != self._preferred or not self.connected.is_set():
-                log.info("connected to broker node", node=node.where, nodes=n)
-            self._preferred = idx
-            self.connected.set()
-            return conn, idx
-        left = self.remaining()
-        if left is not None and left <= 0:
-            self.unreachable = BrokerUnreachable(_unreachable_text(self.bus, last))
-            raise self.unreachable from last
-        assert last is not None
-        raise last
-
-    def cap_delay(self, delay: float) -> float:
-        left = self.remaining()
-        return delay if left is None else max(0.0, min(delay, left))
-
-
-def _unreachable_text(bus: "AmqpBus", err: BaseException | None) -> str:
-    text = repr(err).lower()
-    if "refused" in text:
-        cause = "connection refused: nothing listens there. Is RabbitMQ running, and is the port right (5672 amqp, 5671 amqps)?"
-    elif "gaierror" in text or "name or service not known" in text or "nodename nor servname" in text:
-        cause = "the host name does not resolve: check the host in the broker URL"
-    elif "timed out" in text or "timeout" in text:
-        cause = "no answer: a firewall dropping the traffic, or a wrong address"
-    elif "incompatibleprotocol" in text or "streamlost" in text or "eof" in text:
-        cause = "something answered but not as an AMQP broker: wrong port, or amqp:// on a TLS port (use amqps://)"
-    else:
-        cause = f"{type(err).__name__}: {err}" if err else "no node answered"
-    return (f"cannot reach the RabbitMQ broker at {bus.endpoints.where} (user {bus.user!r}) within "
-            f"{bus.connect_timeout_s:.0f} s: {cause}")
 
 
 class AmqpBus(Bus):
@@ -302,6 +114,7 @@ class AmqpBus(Bus):
         publish_timeout_s: float = 120.0,
         reconnect_max_s: float = 10.0,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        resubscribe_timeout_s: float = 10.0,
         connection_name: str | None = None,
         max_reassembly_bytes: int = 1 * 2**30,
         reassembly_timeout_s: float = 300.0,
@@ -314,38 +127,23 @@ class AmqpBus(Bus):
         self.user = self.endpoints.user
         self.connect_timeout_s = connect_timeout_s
         plist = [
-            _params(n, heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
+            node_parameters(n, heartbeat=heartbeat, blocked_connection_timeout=blocked_connection_timeout,
                     connection_name=connection_name, connect_timeout_s=connect_timeout_s)
             for n in self.endpoints.nodes
         ]
         self.params = plist[0]
-        self.connector = _Connector(self, plist)
+        self.connector = Connector(self.endpoints, plist, connect_timeout_s=connect_timeout_s)
         if user is not None and user != self.user:
             raise ValueError(f"user={user!r} differs from the URL's user {self.user!r}")
         self.chunk_size = chunk_size
         self.quorum = quorum or self.endpoints.quorum
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
+        self.resubscribe_timeout_s = resubscribe_timeout_s  # after a broker cancel: wait this long for the queue
         self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s}
         self._publisher = _Publisher(self)
         self._consumers: list[_AmqpConsumer] = []
         self._closed = False
-
-    def _refused_at_door(self, exc: BaseException, node: Endpoint, what: str) -> BrokerRefused | None:
-        """A refusal of the connection itself (login, vhost, TLS), named plainly."""
-        how = "certificate" if node.external else "password"
-        if isinstance(exc, (px.AuthenticationError, px.ProbableAuthenticationError)):
-            hint = (f"the broker has no user {self.user!r} for this certificate's CN, or EXTERNAL login is not enabled "
-                    "(rabbitmq_auth_mechanism_ssl, auth_mechanisms.1 = EXTERNAL)" if node.external
-                    else "wrong user name or password: use the credentials `fedbus broker provision` wrote")
-            return BrokerRefused(f"login refused by the broker at {node.where} for user {self.user!r} ({how}): {hint}")
-        if isinstance(exc, px.ProbableAccessDeniedError):
-            return BrokerRefused(f"broker at {node.where} refused user {self.user!r} access to virtual host "
-                                 f"{node.vhost!r}: grant it with `fedbus broker provision`")
-        cause = _tls_refusal(exc, node)
-        if cause is not None:
-            return BrokerRefused(f"TLS connection to {node.where} refused ({what}): {cause}")
-        return None
 
     # -- Bus ------------------------------------------------------------------------------
     def declare(self, topology: Topology) -> None:
@@ -487,16 +285,16 @@ class _Publisher:
                 except (PublishError, BusPermissionError, BrokerUnreachable):
                     raise
                 except Exception as e:
-                    refused = _refusal(e)
+                    refused = refusal_of(e)
                     if isinstance(e, px.ChannelClosedByBroker):
                         self._ch = None
                     if refused:
-                        raise _permission_error(*refused, user=self.bus.user, what=what(), cls=refusal,
+                        raise permission_error(*refused, user=self.bus.user, what=what(), cls=refusal,
                                                 external=self.bus.endpoints.nodes[0].external) from e
                     if not isinstance(e, _TRANSIENT + (px.ChannelClosedByBroker,)):
                         raise
                     self._drop()
-                    delay = self.bus.connector.cap_delay(_backoff(attempt, cap=self.bus.reconnect_max_s))
+                    delay = self.bus.connector.cap_delay(backoff(attempt, cap=self.bus.reconnect_max_s))
                     if time.monotonic() + delay > deadline and isinstance(e, _Nacked):
                         raise PublishError(
                             f"{what()}: the broker nacked it for {self.bus.publish_timeout_s}s (a queue over its "
@@ -634,7 +432,8 @@ class _AmqpConsumer(Consumer):
         self.prefetch = prefetch
         self.error: BusPermissionError | None = None
         self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
-        self.resubscribes = 0  # consumes renewed after a broker cancel (quorum leader moved)
+        self.broker_cancels = 0  # basic.cancel notifications received (queue deleted)
+        self.resubscribes = 0  # consumes renewed after a broker cancel
         self._connected_once = False
         self._broker_cancelled = False
         self._gen = 0
@@ -692,21 +491,16 @@ class _AmqpConsumer(Consumer):
                     self._conn.process_data_events(time_limit=0.5)
                     if self._broker_cancelled:
                         self._broker_cancelled = False
-                        # Queue deleted (404 then stops us) or its quorum leader moved:
-                        # consume again on the same channel, so deliveries still unacked
-                        # stay ours and are acked once (no redelivery, no duplicate work).
                         what = f"consuming again from queue {self.queue!r} after the broker cancelled us"
-                        self._ch.basic_consume(self.queue, self._on_message)
-                        self.resubscribes += 1
-                        log.info("consumer resubscribed after a broker cancel", queue=self.queue)
+                        self._resubscribe()
                 self._flush_ops()  # acks settled just before cancel() still reach the broker
                 self._close_conn()
                 return
             except Exception as e:
-                refused = _refusal(e)
+                refused = refusal_of(e)
                 self._close_conn()
                 if isinstance(e, (BrokerRefused, BrokerUnreachable)) or refused:
-                    self.error = e if isinstance(e, BusError) else _permission_error(
+                    self.error = e if isinstance(e, BusError) else permission_error(
                         *refused, user=self.bus.user, what=what, external=self.bus.endpoints.nodes[0].external)
                     (log.error if self._connected_once else log.info)("consumer stopped", queue=self.queue, error=str(self.error))
                     self._stop.set()
@@ -715,7 +509,7 @@ class _AmqpConsumer(Consumer):
                     return
                 if not isinstance(e, _TRANSIENT + (px.ChannelClosedByBroker,)):
                     log.exception("consumer I/O failed unexpectedly; reconnecting", queue=self.queue)
-                delay = self.bus.connector.cap_delay(_backoff(attempt, cap=self.bus.reconnect_max_s))
+                delay = self.bus.connector.cap_delay(backoff(attempt, cap=self.bus.reconnect_max_s))
                 attempt += 1
                 if self.bus.connector.connected.is_set():
                     self._first_attempt.set()
@@ -724,8 +518,43 @@ class _AmqpConsumer(Consumer):
                 self._stop.wait(delay)
 
     def _on_broker_cancel(self, frame: Any) -> None:
+        self.broker_cancels += 1
         log.warning("broker cancelled the consumer (queue deleted?)", queue=self.queue)
         self._broker_cancelled = True
+
+    def _resubscribe(self) -> None:
+        """Consume again on the *same* channel after a broker cancel, so deliveries still
+        unacked stay ours and are acked once (no redelivery, no duplicate work).
+
+        RabbitMQ cancels a consumer whose queue is deleted (also a quorum queue: its
+        leader moving is not a cancel), e.g. a re-provision that deletes and declares it
+        again. The queue is looked for on a side channel, whose 404 would close this one,
+        for up to ``resubscribe_timeout_s`` while acks and heartbeats go on; then the
+        consume is made anyway, and its refusal (404: gone for good) stops us as before.
+        """
+        deadline = time.monotonic() + self.bus.resubscribe_timeout_s
+        waits = 0
+        while not self._stop.is_set() and time.monotonic() < deadline and not self._queue_exists():
+            self._conn.process_data_events(time_limit=backoff(waits, cap=1.0))
+            waits += 1
+        if self._stop.is_set():
+            return
+        self._ch.basic_consume(self.queue, self._on_message)
+        self.resubscribes += 1
+        log.info("consumer resubscribed after a broker cancel", queue=self.queue, waited_for_queue=waits > 0)
+
+    def _queue_exists(self) -> bool:
+        """Whether the queue exists (passive declare on a throw-away channel); True when
+        the broker does not say (e.g. 403: we may consume but not declare)."""
+        side = self._conn.channel()
+        try:
+            side.queue_declare(self.queue, passive=True)
+            return True
+        except px.ChannelClosedByBroker as e:
+            return e.reply_code != 404
+        finally:
+            if side.is_open:
+                side.close()
 
     def _close_conn(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None

@@ -185,7 +185,7 @@ def test_quorum_queues_pass_chunked_frames_with_prefetch_one(local_broker: str) 
 
 def test_queue_deleted_under_consumer_stops_it_with_clear_error(amqp_url: str, topo: tuple[str, str]) -> None:
     site, _ = topo
-    bus = open_bus(amqp_url)
+    bus = open_bus(amqp_url, resubscribe_timeout_s=1)  # it waits this long for the queue to come back
     try:
         c = bus.consume(site_queue(site), ack)
         bus.delete_queue(site_queue(site))  # type: ignore[attr-defined]

