@@ -1,0 +1,139 @@
+"""After the rounds the coordinator sends each real site worker the final model; the daemons
+personalise under their own budget and report both models on their fixed test split."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from coordinator.run import Coordinator
+from coordinator.state import StateStore
+from protocol.signing import Signer, generate_keypair
+from protocol.transport import open_bus
+from protocol.transport.base import Topology
+from site_worker import run_budget
+from site_worker.config import load_site_config
+from site_worker.daemon import SiteWorker
+from site_worker.final_model import FinalStore
+from site_worker.ledger import PrivacyLedger, epsilon_of
+from tests.site_worker.support import experiment_dict, heart_failure_csv, site_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {"accuracy", "auc", "f1", "sensitivity", "specificity", "n_test"}
+
+
+def personalised_experiment(rounds: int = 2, **changes):
+    doc = json.loads((ROOT / "examples" / "heart_failure.json").read_text())
+    doc["training"]["rounds"] = rounds
+    doc["training"]["personalization"] = {"mode": "last_layer", "epochs": 2}
+    doc["federated"]["parameters"]["fraction_eval"] = 0.0
+    for k, v in changes.items():
+        node = doc
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return doc
+
+
+def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict | None = None):
+    kdir = tmp_path / "keys"
+    ckey, cpub = generate_keypair("coordinator", kdir)
+    state = tmp_path / "coord"
+    store = StateStore(state)
+    data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
+    sites, workers, configs = [], [], {}
+    bounds = np.linspace(0, len(data), n + 1).astype(int)
+    for i in range(n):
+        sid = f"hosp-{i + 1}-{uuid.uuid4().hex[:6]}"
+        skey, spub = generate_keypair(sid, kdir)
+        store.enroll(sid, spub.read_bytes())
+        sdir = tmp_path / sid
+        sdir.mkdir()
+        data.iloc[bounds[i]:bounds[i + 1]].to_csv(sdir / "hf.csv", index=False)
+        keys = type("K", (), {"site_key": skey, "coordinator_pub": cpub})
+        cfg = load_site_config(site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
+                                         datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
+                                                                     "target": "DEATH_EVENT"}},
+                                         policy={"max_epsilon": 100.0, "max_sample_rate": 1.0, **(policy or {})}))
+        sites.append(sid)
+        configs[sid] = cfg
+        workers.append(SiteWorker(cfg, bus=open_bus(url)))
+    store.close()
+    return Signer.from_file(ckey), state, sites, workers, configs
+
+
+@pytest.fixture
+def memory_sites(tmp_path):
+    url = f"memory://pers-{uuid.uuid4().hex[:8]}"
+    fed = f"fed-{uuid.uuid4().hex[:8]}"
+    signer, state, sites, workers, configs = start_sites(tmp_path, url, fed)
+    bus = open_bus(url)
+    bus.declare(Topology(sites=sites, federations=[fed]))
+    for w in workers:
+        w.start()
+    yield bus, signer, state, fed, sites, workers, configs
+    for w in workers:
+        w.stop(grace_s=2)
+    bus.close()
+
+
+def check_personalised_run(doc, *, sites, workers, configs, exp):
+    final = doc["final"]
+    assert final["split"] == "test" and set(final["per_site"]) == set(sites)
+    for w in workers:
+        assert w.stats["personalized"] == 1, w.stats
+    for site in sites:
+        m = final["per_site"][site]
+        assert FIELDS <= set(m) and m["majority_class_accuracy"] is not None
+        p = m["personalized"]
+        assert FIELDS <= set(p) and p["n_test"] and p["accuracy"] is not None
+        cfg = configs[site]
+        # the site keeps both models, and the figures it sent, in its own state dir
+        finals = FinalStore(cfg.state_dir)
+        reply = finals.reply(doc["run_id"], "heart_failure")
+        assert reply is not None and reply["metrics"]["personalized_accuracy"] == pytest.approx(p["accuracy"])
+        g, pers = finals.load(doc["run_id"], "heart_failure", "global"), finals.load(doc["run_id"], "heart_failure",
+                                                                                 "personalized")
+        assert set(g) == set(pers) and any(not np.array_equal(g[k], pers[k]) for k in g)
+        # the fine-tune was charged to the site's ledger, under this run, inside its total
+        ledger = PrivacyLedger(cfg.state_dir)
+        kinds = [r["kind"] for r in ledger.releases("heart_failure") if r.get("run_id") == doc["run_id"]]
+        assert kinds.count("train") == len(doc["rounds"]) + 1, kinds
+        spent = epsilon_of(run_budget.run_spent(ledger, "heart_failure", doc["run_id"]),
+                           delta=doc["privacy"]["delta"], accountant=doc["privacy"]["accountant"])
+        assert spent <= exp["training"]["optimizer"]["differential_privacy"]["total_epsilon"] + 1e-6
+        # the epsilon the result reports for the site is what its ledger holds after the fine-tune
+        assert doc["epsilon"][site] == pytest.approx(ledger.spent("heart_failure", delta=doc["privacy"]["delta"],
+                                                                  accountant=doc["privacy"]["accountant"]))
+    assert final["personalized"]["n_sites"] == len(sites) and final["personalized"]["mean_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_daemons_personalise_the_final_model_and_report_both(memory_sites, capsys):
+    bus, signer, state, fed, sites, workers, configs = memory_sites
+    exp = personalised_experiment()
+    coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=fed, progress=True)
+    result = coord.run()
+    assert result.ok, result.reason
+    doc = result.to_json()
+    check_personalised_run(doc, sites=sites, workers=workers, configs=configs, exp=exp)
+    # the privacy plan was shown before round 1 and is stored with the result
+    err = capsys.readouterr().err
+    assert "privacy plan: total ε ≤ 8 per site at δ = 1e-05 (rdp accountant)" in err
+    privacy = doc["privacy"]
+    assert privacy["delta"] == 1e-5 and privacy["accountant"] == "rdp" and privacy["total_epsilon"] == 8.0
+    assert set(privacy["planned_epsilon"]) == set(sites)
+    for site in sites:
+        planned = privacy["planned_epsilon"][site]
+        assert 0 < planned <= 8.0 + 1e-6
+        # planned from announced rows: the site's real split differs by a few rows, so close, not equal
+        assert doc["epsilon"][site] == pytest.approx(planned, rel=0.1)
+    stored = StateStore(state).run(doc["run_id"])["result"]
+    assert stored["final"]["per_site"] == json.loads(json.dumps(doc["final"]["per_site"]))
+    assert stored["privacy"]["planned_epsilon"] == privacy["planned_epsilon"]
