@@ -41,13 +41,14 @@ def personalised_experiment(rounds: int = 2, **changes):
     return doc
 
 
-def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict | None = None):
+def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict | None = None,
+                in_process: bool = True):
     kdir = tmp_path / "keys"
     ckey, cpub = generate_keypair("coordinator", kdir)
     state = tmp_path / "coord"
     store = StateStore(state)
     data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
-    sites, workers, configs = [], [], {}
+    sites, workers, configs, tomls = [], [], {}, {}
     bounds = np.linspace(0, len(data), n + 1).astype(int)
     for i in range(n):
         sid = f"hosp-{i + 1}-{uuid.uuid4().hex[:6]}"
@@ -57,22 +58,23 @@ def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict 
         sdir.mkdir()
         data.iloc[bounds[i]:bounds[i + 1]].to_csv(sdir / "hf.csv", index=False)
         keys = type("K", (), {"site_key": skey, "coordinator_pub": cpub})
-        cfg = load_site_config(site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
-                                         datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
-                                                                     "target": "DEATH_EVENT"}},
-                                         policy={"max_epsilon": 100.0, "max_sample_rate": 1.0, **(policy or {})}))
+        tomls[sid] = site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
+                               datasets={"heart_failure": {"path": str(sdir / "hf.csv"), "target": "DEATH_EVENT"}},
+                               policy={"max_epsilon": 100.0, "max_sample_rate": 1.0, **(policy or {})})
+        cfg = load_site_config(tomls[sid])
         sites.append(sid)
         configs[sid] = cfg
-        workers.append(SiteWorker(cfg, bus=open_bus(url)))
+        if in_process:
+            workers.append(SiteWorker(cfg, bus=open_bus(url)))
     store.close()
-    return Signer.from_file(ckey), state, sites, workers, configs
+    return Signer.from_file(ckey), state, sites, workers, configs, tomls
 
 
 @pytest.fixture
 def memory_sites(tmp_path):
     url = f"memory://pers-{uuid.uuid4().hex[:8]}"
     fed = f"fed-{uuid.uuid4().hex[:8]}"
-    signer, state, sites, workers, configs = start_sites(tmp_path, url, fed)
+    signer, state, sites, workers, configs, _ = start_sites(tmp_path, url, fed)
     bus = open_bus(url)
     bus.declare(Topology(sites=sites, federations=[fed]))
     for w in workers:
@@ -86,7 +88,7 @@ def memory_sites(tmp_path):
 def check_personalised_run(doc, *, sites, workers, configs, exp):
     final = doc["final"]
     assert final["split"] == "test" and set(final["per_site"]) == set(sites)
-    for w in workers:
+    for w in workers or []:
         assert w.stats["personalized"] == 1, w.stats
     for site in sites:
         m = final["per_site"][site]
@@ -137,3 +139,30 @@ def test_daemons_personalise_the_final_model_and_report_both(memory_sites, capsy
     stored = StateStore(state).run(doc["run_id"])["result"]
     assert stored["final"]["per_site"] == json.loads(json.dumps(doc["final"]["per_site"]))
     assert stored["privacy"]["planned_epsilon"] == privacy["planned_epsilon"]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_fedbus_site_run_processes_personalise_over_rabbitmq(tmp_path, amqp_url):
+    from tests.site_worker.test_worker_process import SiteProcess
+
+    fed = f"fed-{uuid.uuid4().hex[:8]}"
+    signer, state, sites, _, configs, tomls = start_sites(tmp_path, amqp_url, fed, in_process=False)
+    bus = open_bus(amqp_url)
+    procs = []
+    try:
+        bus.declare(Topology(sites=sites, federations=[fed]))  # `fedbus broker provision` in production
+        procs = [SiteProcess(tomls[s]) for s in sites]
+        for p in procs:
+            p.wait_for("site_started", timeout=120)
+        exp = personalised_experiment()
+        result = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=fed, sites=sites,
+                             progress=False).run()
+        assert result.ok, result.reason
+        for p in procs:
+            p.wait_for("personalized", timeout=60, run_id=result.run_id)
+        check_personalised_run(result.to_json(), sites=sites, workers=None, configs=configs, exp=exp)
+    finally:
+        for p in procs:
+            p.kill()
+        bus.close()
