@@ -28,7 +28,7 @@ from protocol.messages import Declined, EvalResult, PersonalizeTask, Tensors
 
 SITE_KEYS = ("accuracy", "auc", "f1", "sensitivity", "specificity", "loss")
 PREFIX = "personalized_"
-_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n"}
+_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class"}
 
 
 def personalises(experiment: Any) -> bool:
@@ -103,6 +103,8 @@ def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> d
     out: dict[str, Any] = {k: m.get(prefix + k) for k in SITE_KEYS}
     n = m.get(n_key)
     out["n_test"] = int(n) if n is not None else None
+    if m.get(prefix + "predicts_one_class") is not None:  # exact metrics only: a flag, not a figure
+        out["predicts_one_class"] = bool(m[prefix + "predicts_one_class"])
     return out
 
 
@@ -126,10 +128,12 @@ def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str
             personal[s] = {k[len(PREFIX):]: v for k, v in m.items() if k.startswith(PREFIX)}
         per_site[s] = block
     final["per_site"] = per_site
+    final["n_test"] = sum(int(m["n"]) for m in results.values())
     final["n_sites"] = len(results)
     final["split"] = "test"
     if personal:
-        pagg = weighted_mean([(pm, float(pm.get("n") or results[s]["n"])) for s, pm in personal.items()])
+        pagg = weighted_mean([({k: v for k, v in pm.items() if k not in _NOT_GLOBAL}, float(pm.get("n") or results[s]["n"]))
+                              for s, pm in personal.items()])
         accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None]
         aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None]
         final["personalized"] = {"method": method(experiment), **pagg, "n_sites": len(personal),

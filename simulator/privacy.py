@@ -65,10 +65,7 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
 
 
 def describe_plan(planned: dict[str, Any]) -> list[str]:
-    """Lines for the terminal, before the first round."""
-    lines = [f"privacy plan: total ε ≤ {planned['total_epsilon']:g} per site at δ = {planned['delta']:g} "
-             f"({planned['accountant']} accountant)"]
-    for s, p in planned["sites"].items():
-        lines.append(f"  {s}: {p['n_train']} training rows, {p['steps']} DP-SGD steps at sample rate "
-                     f"{p['sample_rate']:.3g}, noise σ = {p['noise_multiplier']:.3f} -> ε = {p['planned_epsilon']:.3f}")
-    return lines
+    """Lines for the terminal, before the first round (the coordinator's format)."""
+    from coordinator.privacy_plan import describe
+
+    return describe(planned)

@@ -4,9 +4,12 @@ Steps: load the experiment (``--seed``/``--rounds`` applied to it, so the experi
 "as run" says what ran), load and partition the data, lay out keys, per-site files and
 configs and enroll the sites (``workspace``), start the site workers (in this process
 on a private in-memory broker, or one OS process each on a real broker), run the
-production ``Coordinator``, then score the final global model on every site's held-out
-test split and, with ``baselines``, train the pooled and local-only baselines for
-comparison. ``out`` receives the coordinator's state directory and the report.
+production ``Coordinator`` (which, after the rounds, has every site score the final model
+on its own fixed test split and, when the experiment personalises, fine-tune and report its
+personalised model: ``coordinator/final.py``), then score the final global model on the
+rows the simulator held back from every site (``holdout``) and, with ``baselines``, train
+the pooled and local-only baselines on those same held-out rows for comparison. ``out``
+receives the coordinator's state directory and the report.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from simulator.faults import FaultLog, FaultSpecError, parse_faults
 from simulator.partitions import PartitionError, make_partition, parse_spec
 
 log = structlog.get_logger(__name__)
+
+# Rows the simulator holds back from every site (baselines and the per-round curves use them).
+HOLDOUT_SPLIT = "simulator held-out rows (never at any site)"
 
 
 class SimulationInputError(ValueError):
@@ -243,17 +249,16 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         t_score = time.perf_counter()
         scorer = _scorer(exp, ws)
         scored = scorer(final_weights)
-        # What the sites themselves reported for the final model (each on its own fixed test split,
-        # metrics as its policy releases them); "final" below is the simulator's held-out split.
-        doc["final_reported_by_sites"] = {**(doc.get("final") or {}), "split": "each site's own fixed test split"}
         from simulator.history import enrich_rounds
 
-        # Per-round test scores cost one forward pass per round over the test rows: skip for huge runs.
+        # Per-round held-out scores cost one forward pass per round over those rows: skip for huge runs.
         enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
         timing["scoring_s"] = time.perf_counter() - t_score
-        doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
-        doc["final"]["split"] = "test"
-        _personalize(doc, exp, ws, final_weights)
+        # "final" is what each site reported on its own fixed test split (the global model and, when the
+        # experiment personalises, its personalised one), as `coordinator runs show` shows it. The
+        # simulator also keeps rows no site ever holds: the global model on those is "holdout".
+        doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
+                          "split": HOLDOUT_SPLIT}
         dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
         if dp_block is not None:
             doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
@@ -323,6 +328,7 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
         coord = Coordinator(
             exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
             federation=federation, sites=sorted(ws.sites), progress=progress, round_timeout_s=round_timeout_s,
+            show_plan=False,  # printed above from each site's real training rows
         )
         try:
             result = coord.run()
@@ -432,24 +438,6 @@ def _scorer(exp: Any, ws: Any) -> Any:
     splits = _test_splits(exp, ws)
     return lambda weights: score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function,
                                  task=exp.dataset.task or "binary")
-
-
-def _personalize(doc: dict[str, Any], exp: Any, ws: Any, weights: Any) -> None:
-    """Each site's personalised model on its own test split, beside the global one."""
-    from simulator import personal_eval
-    from simulator.evaluation import score, union_of_own
-
-    if not personal_eval.enabled(exp):
-        return
-    models = personal_eval.personalized_models(exp, ws, run_id=doc["run_id"], make_model=lambda: _model_with(exp, weights),
-                                               input_shape=_input_shape(exp))
-    splits = {s.site: s for s in _test_splits(exp, ws)}
-    loss, task = exp.training.loss_function, exp.dataset.task or "binary"
-    for site, model in models.items():
-        m = score(model, [splits[site]], loss_name=loss, task=task)["per_site"][site]
-        doc["final"]["per_site"].setdefault(site, {})["personalized"] = m
-    doc["final"]["personalized"] = {"method": personal_eval.method(exp),
-                                    **union_of_own(models, list(splits.values()), loss_name=loss, task=task)}
 
 
 def _save_model(out: Path, exp: Any, weights: Any) -> None:

@@ -120,6 +120,7 @@ def _exact_extras(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, majo
             m["specificity"] = float((pred[neg] == 0).float().mean())
     if majority is not None and len(true):
         m["majority_class_accuracy"] = float((true == majority).float().mean())
+    m["predicts_one_class"] = float(len(pred) > 1 and int(torch.unique(pred).numel()) == 1)  # 1.0 / 0.0
     return m
 
 
