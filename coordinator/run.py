@@ -748,7 +748,7 @@ class Coordinator:
         self._log.info("privacy plan", total_epsilon=self.privacy_plan["total_epsilon"],
                        delta=self.privacy_plan["delta"], accountant=self.privacy_plan["accountant"],
                        planned_epsilon=privacy_plan.planned_epsilon(self.privacy_plan))
-        if self.show_plan and self.progress_enabled:
+        if self.show_plan:
             import sys
 
             print("\n".join(privacy_plan.describe(self.privacy_plan)), file=sys.stderr, flush=True)

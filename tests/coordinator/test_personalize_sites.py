@@ -144,10 +144,14 @@ def test_daemons_personalise_the_final_model_and_report_both(memory_sites, capsy
 @pytest.mark.broker
 @pytest.mark.slow
 def test_fedbus_site_run_processes_personalise_over_rabbitmq(tmp_path, amqp_url):
+    """`fedbus coordinator run` and three `fedbus site run` daemons on the real broker."""
+    import subprocess
+    import sys
+
     from tests.site_worker.test_worker_process import SiteProcess
 
     fed = f"fed-{uuid.uuid4().hex[:8]}"
-    signer, state, sites, _, configs, tomls = start_sites(tmp_path, amqp_url, fed, in_process=False)
+    _, state, sites, _, configs, tomls = start_sites(tmp_path, amqp_url, fed, in_process=False)
     bus = open_bus(amqp_url)
     procs = []
     try:
@@ -156,12 +160,26 @@ def test_fedbus_site_run_processes_personalise_over_rabbitmq(tmp_path, amqp_url)
         for p in procs:
             p.wait_for("site_started", timeout=120)
         exp = personalised_experiment()
-        result = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=fed, sites=sites,
-                             progress=False).run()
-        assert result.ok, result.reason
+        exp_path = tmp_path / "exp.json"
+        exp_path.write_text(json.dumps(exp))
+        cmd = [sys.executable, "-m", "fedbus.cli", "coordinator", "run", str(exp_path), "--broker", amqp_url,
+               "--state", str(state), "--key", str(tmp_path / "keys" / "coordinator.key"), "--federation", fed,
+               "--json", "--no-progress", *[a for s in sites for a in ("--site", s)]]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+        doc = json.loads(run.stdout.strip().splitlines()[-1])
+        assert doc["status"] == "completed", doc.get("reason")
+        # the plan is on the terminal before round 1, in the log, and in the result
+        err = run.stderr
+        assert "privacy plan: total ε ≤ 8 per site at δ = 1e-05 (rdp accountant)" in err
+        assert err.index("privacy plan: total") < err.index("TrainTask") if "TrainTask" in err else True
+        logged = [json.loads(line) for line in (state / "coordinator.log.jsonl").read_text().splitlines()
+                  if '"privacy plan"' in line]
+        assert logged and set(logged[0]["planned_epsilon"]) == set(sites)
+        assert doc["privacy"]["planned_epsilon"] == logged[0]["planned_epsilon"]
         for p in procs:
-            p.wait_for("personalized", timeout=60, run_id=result.run_id)
-        check_personalised_run(result.to_json(), sites=sites, workers=None, configs=configs, exp=exp)
+            p.wait_for("personalized", timeout=60, run_id=doc["run_id"])
+        check_personalised_run(doc, sites=sites, workers=None, configs=configs, exp=exp)
     finally:
         for p in procs:
             p.kill()
