@@ -26,7 +26,6 @@ from coordinator.metrics import weighted_mean
 from coordinator.sampling import derive_seed
 from protocol.messages import Declined, EvalResult, PersonalizeTask, Tensors
 
-SITE_KEYS = ("accuracy", "auc", "f1", "sensitivity", "specificity", "loss")
 PREFIX = "personalized_"
 _NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class"}
 
@@ -100,7 +99,8 @@ def _answer(coord: Any, msg: Message, rnd: int, pending: dict[str, str], results
 
 
 def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> dict[str, Any]:
-    out: dict[str, Any] = {k: m.get(prefix + k) for k in SITE_KEYS}
+    out: dict[str, Any] = {k: m.get(prefix + k) for k in ("accuracy", "auc", "f1", "loss")}
+    out.update({k: m[prefix + k] for k in ("sensitivity", "specificity") if m.get(prefix + k) is not None})
     n = m.get(n_key)
     out["n_test"] = int(n) if n is not None else None
     if m.get(prefix + "predicts_one_class") is not None:  # exact metrics only: a flag, not a figure

@@ -105,6 +105,7 @@ class Coordinator:
         available_timeout_s: float | None = None,
         store_bodies: bool = True,
         hello_grace_s: float = 2.0,
+        privacy_plan: dict[str, Any] | None = None,
         show_plan: bool = True,
     ) -> None:
         from protocol.config import load_experiment
@@ -126,8 +127,11 @@ class Coordinator:
         self.prefetch = prefetch
         self.store_bodies = store_bodies
         self.hello_grace_s = hello_grace_s
-        self.show_plan = show_plan  # print the privacy plan before round 1 (the simulator prints its own)
-        self.privacy_plan: dict[str, Any] | None = None
+        # The run's privacy plan; None: made from the rows the sites announce (the simulator, which
+        # reads the sites' data, passes the plan from their real training rows).
+        self.privacy_plan: dict[str, Any] | None = privacy_plan
+        self._plan_given = privacy_plan is not None
+        self.show_plan = show_plan  # print it on the terminal before round 1 (always logged)
         self._graced = False
         self.seed = int(self.experiment.training.seed)
         self.run_id = run_id
@@ -741,8 +745,9 @@ class Coordinator:
         """The privacy plan from the rows each site announced, before round 1: log, terminal, result."""
         from coordinator import privacy_plan
 
-        hellos = {s: (self.store.site(s) or {}).get("hello") for s in sites}
-        self.privacy_plan = privacy_plan.plan(self.experiment, hellos)
+        if not self._plan_given:
+            hellos = {s: (self.store.site(s) or {}).get("hello") for s in sites}
+            self.privacy_plan = privacy_plan.plan(self.experiment, hellos)
         if self.privacy_plan is None:
             return
         self._log.info("privacy plan", total_epsilon=self.privacy_plan["total_epsilon"],

@@ -37,7 +37,8 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         p = run_budget.plan_run(exp, n_train=int(len(data.x_train)), delta=delta, accountant=accountant,
                                 policy=cfg.policy)
         sites[site] = p.to_json()
-    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant, "sites": sites}
+    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant,
+            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
 
 
 def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,

@@ -339,6 +339,8 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
             _table(
                 ["", *_UNION],
                 [["federated (global)", *(held.get(k) for k in _UNION)]]
+                + ([["personalised, each site on its own held-out rows", *(held["personalized"].get(k) for k in _UNION)]]
+                   if held.get("personalized") else [])
                 + ([["pooled baseline", *(base["pooled"].get(k) for k in _UNION)]] if base.get("pooled") else [])
                 + ([["local only", *(base["local"]["_union"].get(k) for k in _UNION)]]
                    if (base.get("local") or {}).get("_union") else [])

@@ -235,14 +235,11 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     try:
         from simulator import privacy
 
-        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))
-        if planned is not None and progress:
-            import sys
-
-            print("\n".join(privacy.describe_plan(planned)), file=sys.stderr, flush=True)
+        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))  # the coordinator shows and stores it
         t_run = time.perf_counter()
         result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
-                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
+                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress,
+                                         privacy_plan=planned)
         doc = _document(result)
         final_weights = _final_weights(result, coord_state, doc)
         timing["setup_s"] = t_run - t_ws
@@ -259,6 +256,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         # simulator also keeps rows no site ever holds: the global model on those is "holdout".
         doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
                           "split": HOLDOUT_SPLIT}
+        _holdout_personalized(doc, exp, ws)
         dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
         if dp_block is not None:
             doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
@@ -303,7 +301,8 @@ def _json_default(v: Any) -> Any:
 
 
 def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: str, plan: Any, fault_log: FaultLog,
-                    round_timeout_s: float | None, progress: bool) -> tuple[Any, dict[str, float]]:
+                    round_timeout_s: float | None, progress: bool,
+                    privacy_plan: dict[str, Any] | None = None) -> tuple[Any, dict[str, float]]:
     from coordinator.run import Coordinator
     from protocol.signing import Signer
     from protocol.transport import open_bus
@@ -328,7 +327,7 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
         coord = Coordinator(
             exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
             federation=federation, sites=sorted(ws.sites), progress=progress, round_timeout_s=round_timeout_s,
-            show_plan=False,  # printed above from each site's real training rows
+            privacy_plan=privacy_plan, show_plan=progress,  # the plan from each site's real training rows
         )
         try:
             result = coord.run()
@@ -438,6 +437,33 @@ def _scorer(exp: Any, ws: Any) -> Any:
     splits = _test_splits(exp, ws)
     return lambda weights: score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function,
                                  task=exp.dataset.task or "binary")
+
+
+def _holdout_personalized(doc: dict[str, Any], exp: Any, ws: Any) -> None:
+    """The personalised model each site kept (``state_dir/final/``) on that site's held-out rows,
+    beside the local-only baseline scored on the same rows (the sites' own figures are in "final")."""
+    from simulator.evaluation import score, union_of_own
+    from site_worker.config import load_site_config
+    from site_worker.final_model import FinalStore
+
+    if not (doc.get("final") or {}).get("personalized"):
+        return
+    models = {}
+    for site, files in sorted(ws.sites.items()):
+        store = FinalStore(load_site_config(files.config).state_dir)
+        if store.reply(doc["run_id"], exp.dataset.name) is None:
+            continue
+        arrays = store.load(doc["run_id"], exp.dataset.name, "personalized")
+        models[site] = _model_with(exp, list(arrays.items()))
+    if not models:
+        return
+    splits = [s for s in _test_splits(exp, ws) if s.site in models]
+    loss, task = exp.training.loss_function, exp.dataset.task or "binary"
+    for sp in splits:
+        m = score(models[sp.site], [sp], loss_name=loss, task=task)["per_site"][sp.site]
+        doc["holdout"]["per_site"].setdefault(sp.site, {})["personalized"] = m
+    doc["holdout"]["personalized"] = {"method": doc["final"]["personalized"].get("method"),
+                                      **union_of_own(models, splits, loss_name=loss, task=task)}
 
 
 def _save_model(out: Path, exp: Any, weights: Any) -> None:

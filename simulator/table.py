@@ -105,6 +105,8 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
             ht.add_column(col, justify="right")
         ht.add_row("federated (global)", *(_f(held.get(k)) for k in cols))
+        if held.get("personalized"):
+            ht.add_row("personalised, own sites", *(_f(held["personalized"].get(k)) for k in cols))
         if base.get("pooled"):
             ht.add_row("pooled (centralized)", *(_f(base["pooled"].get(k)) for k in cols))
         if local.get("_union"):

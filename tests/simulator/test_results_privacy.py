@@ -104,6 +104,23 @@ def test_one_runs_test_figures_agree_between_simulate_and_runs_show(run):
         assert a["personalized"] == b["personalized"]
     # the simulator's own held-out rows are named so, and are other figures
     assert "holdout" not in shown and doc["holdout"]["n_test"] != doc["final"]["n_test"]
+    cmp = CliRunner().invoke(app, ["coordinator", "runs", "compare", doc["run_id"], doc["run_id"], "--state",
+                                   str(out / "coordinator"), "--json"])
+    assert cmp.exit_code == 0, cmp.output
+    both = json.loads(cmp.stdout.strip().splitlines()[0])
+    assert both["final_split"] == "test" and both["rounds_split"] == "validation"
+    assert both["final"]["accuracy"] == [doc["final"]["accuracy"]] * 2
+    assert both["final"]["personalized_accuracy"] == [doc["final"]["personalized"]["accuracy"]] * 2
+
+
+def test_personalised_models_are_also_scored_on_the_held_out_rows_beside_local_only(run):
+    doc, _ = run
+    held = doc["holdout"]
+    for site in doc["sites"]:
+        p = held["per_site"][site]["personalized"]
+        assert FIELDS <= set(p) and p["n_test"] == held["per_site"][site]["n_test"]
+        assert FIELDS <= set(doc["baselines"]["local"][site])  # the local-only model on the same rows
+    assert "mean_accuracy" in held["personalized"]
 
 
 def test_site_reported_test_rows_are_the_sites_fixed_split_never_trained_on(run):
