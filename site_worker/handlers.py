@@ -287,9 +287,10 @@ class TaskHandler:
         budget, keep both, and release both models' test metrics in one accounted release."""
         exp, summary, key = self._experiment(task)
         policy = self.config.policy
-        if self.flower is not None:
-            raise _Decline("policy", "personalisation: this site trains through a Flower client, which fedbus "
-                                     "cannot fine-tune under the site's ledger")
+        if self.flower is not None:  # fedbus cannot fine-tune a Flower client under the ledger: global model only
+            return self._evaluate(env, EvalTask(experiment=task.experiment, weights=task.weights, dataset=task.dataset,
+                                                base_round=task.base_round, seed=task.seed, deadline=task.deadline,
+                                                split="test"))
         last = self.joined.last_round(env.run_id, task.dataset)
         if last is None:
             raise _Decline("policy", f"run {env.run_id!r}: this site never trained in it, so it does not personalise "

@@ -16,7 +16,12 @@ from coordinator.state import StateStore
 from protocol.signing import Signer, generate_keypair
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
+from protocol.config import load_experiment
+from protocol.model import build_model, load_tensors
 from site_worker import run_budget
+from site_worker.data import prepare
+from site_worker.metrics import evaluate
+from site_worker.splits import SplitKey
 from site_worker.config import load_site_config
 from site_worker.daemon import SiteWorker
 from site_worker.final_model import FinalStore
@@ -60,7 +65,8 @@ def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict 
         keys = type("K", (), {"site_key": skey, "coordinator_pub": cpub})
         tomls[sid] = site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
                                datasets={"heart_failure": {"path": str(sdir / "hf.csv"), "target": "DEATH_EVENT"}},
-                               policy={"max_epsilon": 100.0, "max_sample_rate": 1.0, **(policy or {})})
+                               policy={"max_epsilon": 100.0, "max_sample_rate": 1.0, "metrics": "exact",
+                                       **(policy or {})})
         cfg = load_site_config(tomls[sid])
         sites.append(sid)
         configs[sid] = cfg
@@ -103,6 +109,14 @@ def check_personalised_run(doc, *, sites, workers, configs, exp):
         g, pers = finals.load(doc["run_id"], "heart_failure", "global"), finals.load(doc["run_id"], "heart_failure",
                                                                                  "personalized")
         assert set(g) == set(pers) and any(not np.array_equal(g[k], pers[k]) for k in g)
+        # exact metrics: the figures are the kept models' own, on the site's fixed test split
+        data = prepare(cfg.datasets["heart_failure"], load_experiment(exp).dataset, input_shape=(11,),
+                       key=SplitKey.load_or_create(cfg.state_dir, test_fraction=cfg.policy.test_fraction))
+        for name, block in (("global", m), ("personalized", p)):
+            model = build_model(load_experiment(exp).architecture.layers, seed=0)
+            load_tensors(model, finals.load(doc["run_id"], "heart_failure", name))
+            want = evaluate(model, data.x_test, data.y_test, loss_name="bce_with_logits", task="binary")
+            assert block["accuracy"] == pytest.approx(want["accuracy"]) and block["n_test"] == len(data.x_test)
         # the fine-tune was charged to the site's ledger, under this run, inside its total
         ledger = PrivacyLedger(cfg.state_dir)
         kinds = [r["kind"] for r in ledger.releases("heart_failure") if r.get("run_id") == doc["run_id"]]
