@@ -115,11 +115,11 @@ def _exact_extras(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, majo
     if out.ndim == 1 or out.shape[-1] <= 2:
         pos, neg = true == 1, true == 0
         if int(pos.sum()):
-            m["sensitivity"] = float((pred[pos] == 1).float().mean())
+            m["sensitivity"] = float((pred[pos] == 1).double().mean())
         if int(neg.sum()):
-            m["specificity"] = float((pred[neg] == 0).float().mean())
+            m["specificity"] = float((pred[neg] == 0).double().mean())
     if majority is not None and len(true):
-        m["majority_class_accuracy"] = float((true == majority).float().mean())
+        m["majority_class_accuracy"] = float((true == majority).double().mean())
     m["predicts_one_class"] = float(len(pred) > 1 and int(torch.unique(pred).numel()) == 1)  # 1.0 / 0.0
     return m
 

@@ -312,6 +312,13 @@ class TaskHandler:
             raise _Decline("data", str(e)) from None
         spec = TrainSpec.from_experiment(exp, seed=task.seed)
         fine_tune = exp.training.personalization is not None
+        if fine_tune:  # bounded like any training task, DP or not
+            try:
+                check_epochs(policy, int(exp.training.personalization.epochs))
+                check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=len(data.x_train),
+                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))))
+            except PolicyViolation as e:
+                raise _Decline("policy", f"personalisation: {e}") from None
         model = self._model(exp, key, task, for_dp=spec.dp is not None and fine_tune)
         global_model = copy.deepcopy(model)
         layers = personalize.personal_layers(exp, task.config)

@@ -95,3 +95,14 @@ def test_final_task_that_would_exceed_the_budget_is_declined_with_figures(attack
     assert reply.figures["max_epsilon"] == pytest.approx(after_round * 1.2)
     assert history(site) == spent  # the metrics reservation was cancelled too: nothing left the site
     assert FinalStore(site.config.state_dir).reply(site.coordinator.run_id, DATASET) is None
+
+
+def test_a_fine_tune_longer_than_the_policy_allows_is_declined_before_training(attack):
+    site = attack(max_epochs=5)
+    exp = experiment_dict(**{**PERSONAL, "training.personalization": {"mode": "full", "epochs": 10**6}})
+    assert isinstance(site.coordinator.train(exp, round=1), Update)
+    spent = history(site)
+    reply = site.coordinator.send(final_task(exp, round=1), round=1, timeout=60)
+    assert isinstance(reply, Declined) and reply.reason == "policy" and "max_epochs" in reply.detail
+    assert history(site) == spent
+    site.still_serves()
