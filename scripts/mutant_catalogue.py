@@ -214,6 +214,12 @@ MUTANTS += [
         ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
     ),
     Mutant(
+        "personalize-epochs-unbounded", "the fine-tune after the rounds is bounded by the site's max_epochs",
+        (Edit(HANDLERS, "                check_epochs(policy, int(exp.training.personalization.epochs))\n",
+              "                pass\n"),),
+        ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
+    ),
+    Mutant(
         "final-release-two-mechanisms", "the two final models' test metrics are one release (joint sensitivity)",
         (Edit("site_worker/final_model.py", "    sens = math.sqrt(sum(s * s for _, _, s in parts))\n",
               "    sens = max(s for _, _, s in parts)\n"),),

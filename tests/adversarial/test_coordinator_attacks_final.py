@@ -97,9 +97,13 @@ def test_final_task_that_would_exceed_the_budget_is_declined_with_figures(attack
     assert FinalStore(site.config.state_dir).reply(site.coordinator.run_id, DATASET) is None
 
 
-def test_a_fine_tune_longer_than_the_policy_allows_is_declined_before_training(attack):
-    site = attack(max_epochs=5)
-    exp = experiment_dict(**{**PERSONAL, "training.personalization": {"mode": "full", "epochs": 10**6}})
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_fine_tune_longer_than_the_policy_allows_is_declined_before_training(attack, dp):
+    site = attack(max_epochs=5, allow_no_dp=not dp)  # without DP no budget would ever stop it
+    changes = {**PERSONAL, "training.personalization": {"mode": "full", "epochs": 50}}
+    if not dp:
+        changes["training.optimizer.differential_privacy"] = {"enabled": False}
+    exp = experiment_dict(**changes)
     assert isinstance(site.coordinator.train(exp, round=1), Update)
     spent = history(site)
     reply = site.coordinator.send(final_task(exp, round=1), round=1, timeout=60)
