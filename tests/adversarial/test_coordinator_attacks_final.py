@@ -44,6 +44,11 @@ def test_honest_final_task_fine_tunes_charges_and_answers_once(attack):
     assert all(r["state"] == "spent" for r in site.ledger.releases(DATASET))
     assert FinalStore(site.config.state_dir).reply(site.coordinator.run_id, DATASET)["task_id"] == env.message_id
     spent = history(site)
+    # a crash after the reply was sent but before the ack: the broker redelivers the same task, which
+    # gets the same answer from the site's state dir, without a second fine-tune or release
+    redelivered = site.worker.handler.handle(env)
+    assert isinstance(redelivered, EvalResult) and redelivered.metrics == reply.metrics
+    assert history(site) == spent
 
     # the very same frame again: the replay guard dead-letters it, no second spend, no reply
     site.coordinator.publish_frame(frame, env.message_id)
