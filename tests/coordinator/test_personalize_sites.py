@@ -52,7 +52,8 @@ def start_sites(tmp_path: Path, url: str, fed: str, *, n: int = 3, policy: dict 
     ckey, cpub = generate_keypair("coordinator", kdir)
     state = tmp_path / "coord"
     store = StateStore(state)
-    data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
+    # shuffled: the file is sorted by follow-up time, so its last third holds almost no deaths
+    data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv")).sample(frac=1.0, random_state=0)
     sites, workers, configs, tomls = [], [], {}, {}
     bounds = np.linspace(0, len(data), n + 1).astype(int)
     for i in range(n):
