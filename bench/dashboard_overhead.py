@@ -5,10 +5,12 @@ coordinator and site workers) alternately without and with the dashboard: the se
 on a thread of the same process (as ``simulate --serve`` runs it, the worst case for the
 GIL) and a separate client process that polls like the run page does (the rounds
 endpoint every ``--poll-s`` seconds, the full run document after every new round, and
-the sites page every 10 s). Prints the median round wall time of each, their ratio
-and whether it is within the 5 % target.
+the sites page every 10 s). Runs come in A/B pairs, the order alternating (A/B, B/A, ...),
+so a shared machine's load drifts over both. Prints each mode's round time as mean ± sd
+of the runs' median round times, the with/without ratio per pair (mean ± sd) and whether
+it is within the 5 % target.
 
-    python bench/dashboard_overhead.py [--repeats 3] [--rounds 10] [--poll-s 2] [--json]
+    python bench/dashboard_overhead.py [--repeats 4] [--rounds 10] [--poll-s 2] [--json]
 """
 
 from __future__ import annotations
@@ -84,9 +86,23 @@ def one_run(rounds: int, served: bool, poll_s: float, cpu: list[tuple[float, flo
     return [r["wall_s"] for r in doc["rounds"][1:]]  # round 1 warms up caches and threads
 
 
+def _ratio_ci(ratios: list[float]) -> tuple[float, float]:
+    """95 % confidence interval of the pairs' geometric-mean ratio (Student t on the log ratios)."""
+    import math
+
+    logs = [math.log(x) for x in ratios]
+    if len(logs) < 2:
+        return ratios[0], ratios[0]
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    m = statistics.fmean(logs)
+    return math.exp(m - half), math.exp(m + half)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4, help="A/B pairs")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--poll-s", type=float, default=2.0)
     ap.add_argument("--json", action="store_true")
@@ -101,26 +117,42 @@ def main() -> None:
 
     configure_logging(mode="cli", level="warning")
     warnings.filterwarnings("ignore")
-    times: dict[str, list[float]] = {"without": [], "with": []}
+    runs: dict[str, list[float]] = {"without": [], "with": []}  # median round time of each run
+    ratios: list[float] = []  # with/without within each A/B pair (the same minute of machine load)
     cpu: list[tuple[float, float]] = []
     for i in range(a.repeats):
-        for mode in (("without", "with") if i % 2 == 0 else ("with", "without")):  # ABBA: drift hits both
+        pair = {}
+        for mode in (("without", "with") if i % 2 == 0 else ("with", "without")):  # A/B then B/A: drift hits both
             t = one_run(a.rounds, mode == "with", a.poll_s, cpu)
-            times[mode].extend(t)
-            print(f"repeat {i + 1} {mode:>7} dashboard: median round {statistics.median(t) * 1000:7.1f} ms "
-                  f"over {len(t)} rounds", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["with"] / med["without"]
+            pair[mode] = statistics.median(t)
+            runs[mode].append(pair[mode])
+            print(f"repeat {i + 1} {mode:>7} dashboard: median round {pair[mode] * 1000:7.1f} ms "
+                  f"over {len(t)} rounds (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+        ratios.append(pair["with"] / pair["without"])
+
+    def spread(v: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                "min": min(v), "max": max(v), "n": len(v)}
+
+    stats = {k: spread(v) for k, v in runs.items()}
+    r = spread(ratios)
+    mean_ratio = stats["with"]["mean"] / stats["without"]["mean"]
+    lo, hi = _ratio_ci(ratios)
+    verdict = "met" if hi <= TARGET else "NOT met" if lo > TARGET else "not resolved at this noise (CI spans the target)"
     busy = sum(c for c, _ in cpu) / max(1e-9, sum(w for _, w in cpu))
     doc = {"rounds_per_run": a.rounds, "repeats": a.repeats, "poll_s": a.poll_s,
-           "median_round_s": med, "ratio": ratio, "target": TARGET, "within_target": ratio <= TARGET,
+           "run_median_round_s": runs, "round_s": stats, "pair_ratios": ratios, "pair_ratio": r,
+           "ratio_of_means": mean_ratio, "pair_ratio_ci95": [lo, hi], "target": TARGET, "verdict": verdict,
            "dashboard_thread_cpu_share": busy, "load_average": list(os.getloadavg())}
-    print(f"median round time without dashboard: {med['without'] * 1000:.1f} ms")
-    print(f"median round time with dashboard + poller: {med['with'] * 1000:.1f} ms")
-    print(f"ratio with/without: {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
+    for k in ("without", "with"):
+        st = stats[k]
+        print(f"round time {k:>7} dashboard: {st['mean'] * 1000:.1f} ± {st['sd'] * 1000:.1f} ms "
+              f"(mean ± sd of {st['n']} runs' medians; min {st['min'] * 1000:.1f}, max {st['max'] * 1000:.1f})")
+    print(f"with/without per A/B pair: {r['mean']:.3f} ± {r['sd']:.3f} (min {r['min']:.3f}, max {r['max']:.3f}); "
+          f"geometric-mean 95 % CI [{lo:.3f}, {hi:.3f}]; ratio of means {mean_ratio:.3f}; target <= {TARGET}: {verdict}")
     print(f"dashboard thread CPU: {sum(c for c, _ in cpu):.2f} s over {sum(w for _, w in cpu):.1f} s of served runs "
           f"= {100 * busy:.2f} % of one core (load average now {os.getloadavg()[0]:.1f}: on a busy machine the "
-          f"round-time ratio is noise, this share is not)")
+          f"round-time ratio is noisy, this share is not)")
     if a.json:
         print(json.dumps(doc))
 

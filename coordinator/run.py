@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,6 +455,7 @@ class Coordinator:
         new_weights = self.agg.finish_round()
         agg_s += time.monotonic() - t
         val = self._validation_metrics(rnd, new_weights, accepted, held, sites, progress)
+        self._round_test_metrics(rnd, new_weights, held, sites, progress, val)
         val["available"] = len(sites)  # with len(sampled): the round's sampling rate for central DP's ε
         t = time.monotonic()
         self._commit_round(rnd, new_weights, sampled=sampled, attempts=attempt + 1, held=held, accepted=accepted,
@@ -531,9 +533,42 @@ class Coordinator:
                     per_site.setdefault(site, {}).update({f"eval_{k}": v for k, v in m.items()})
         return {"aggregate": agg, "per_site": per_site, "source": source}
 
+    def _round_test_metrics(self, rnd, new_weights, held, sites, progress, metrics: dict[str, Any]) -> None:
+        """Every ``federated.test_every`` rounds: EvalTask(split="test") to every available site.
+
+        Each answer is a release the site charges to its own ledger; a site may decline (budget,
+        policy), and a site whose announced ``max_evaluations_per_run`` has room for only the
+        final test is not asked. ``metrics["test_status"]`` says per site what happened."""
+        every = self.experiment.federated.test_every
+        if not every or rnd % every or rnd == self.rounds_planned:  # the last round's test is the final one
+            return
+        status: dict[str, str] = {}
+        asked = []
+        caps = {s["site_id"]: ((s["hello"] or {}).get("policy") or {}).get("max_evaluations_per_run")
+                for s in self.store.sites()}
+        used = Counter(s for k, _r, s, _sp in self._task_ids.values() if k == "EvalTask")
+        for site in sites:
+            cap = caps.get(site)
+            if isinstance(cap, int) and used[site] + 2 > cap:  # this one and the final test
+                status[site] = f"not asked: max_evaluations_per_run {cap} leaves room only for the final test"
+            else:
+                asked.append(site)
+        declined: dict[str, str] = {}
+        results = self._collect_evals(asked, new_weights, rnd, split="test", held=held, progress=progress,
+                                      declined=declined)
+        for site in asked:
+            status[site] = "released" if site in results else (f"declined: {declined[site]}" if site in declined
+                                                                else "no answer by the deadline")
+        for site, m in results.items():
+            metrics["per_site"].setdefault(site, {}).update({f"test_{k}": v for k, v in m.items()})
+        metrics["test"] = weighted_mean([(m, float(m.get("n", 0))) for m in results.values()]) if results else None
+        metrics["test_status"] = status
+
     def _collect_evals(self, sites: list[str], weights: Tensors, rnd: int, *, split: str, held: dict[str, Held],
-                       progress: RoundProgress | None) -> dict[str, dict[str, float]]:
-        """Send EvalTasks to ``sites`` and gather their results until all answered or the deadline."""
+                       progress: RoundProgress | None,
+                       declined: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+        """Send EvalTasks to ``sites`` and gather their results until all answered or the deadline
+        (``declined`` receives each refusing site's reason)."""
         deadline = time.time() + self.round_timeout_s
         pending: dict[str, str] = {}
         with self._batched_tasks():
@@ -550,18 +585,22 @@ class Coordinator:
                     break
                 continue
             self.inbox.handle(delivery, round=rnd, held=held,
-                              route=lambda msg: self._eval_message(msg, rnd, split, pending, results, answered, held))
+                              route=lambda msg: self._eval_message(msg, rnd, split, pending, results, answered, held,
+                                                                   declined))
             if progress is not None:
                 progress.note(f"{split} {len(answered)}/{len(sites)}")
         return results
 
     def _eval_message(self, msg: Message, rnd: int, split: str, pending: dict[str, str],
-                      results: dict[str, dict[str, float]], answered: set[str], held: dict[str, Held]) -> None:
+                      results: dict[str, dict[str, float]], answered: set[str], held: dict[str, Held],
+                      declined: dict[str, str] | None = None) -> None:
         p, site = msg.payload, msg.site
         if pending.get(getattr(p, "task_id", "")) != site:
             return self.inbox.settle(msg, verdict="late", reason="not an answer to an open evaluation task", round=rnd)
         if isinstance(p, Declined):
             answered.add(site)
+            if declined is not None:
+                declined[site] = f"{p.reason}: {p.detail}"
             return self.inbox.decline(msg, round=rnd)
         if not isinstance(p, EvalResult) or site in answered:
             return self.inbox.settle(msg, verdict="duplicate", reason="evaluation already answered", round=rnd)

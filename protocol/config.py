@@ -324,7 +324,7 @@ _FED_DEFAULTS: dict[str, float | int] = {
 
 # Other keys of ``federated.parameters`` fedbus reads itself (an aggregator's own keys,
 # e.g. FedAsync's ``alpha``, are checked by the aggregator; Flower strategies by signature).
-_FED_KEYS = ("round_timeout_s", "max_round_retries", "central_dp", "early_stopping", "norm_bound")
+_FED_KEYS = ("round_timeout_s", "max_round_retries", "central_dp", "early_stopping", "norm_bound", "test_every")
 
 
 class FederatedSpec(_Block):
@@ -336,6 +336,11 @@ class FederatedSpec(_Block):
     max_round_retries: Int = Field(2, ge=0)
     central_dp: CentralDP | None = None
     early_stopping: EarlyStopping | None = None
+    # Evaluate the global model on every site's fixed test split every N rounds (0: only the
+    # final evaluation). Off by default: each is a release charged to the site's ledger (under
+    # metrics = "dp") and counted against its max_evaluations_per_run, and choosing a round by
+    # its test score makes the final test figure optimistic.
+    test_every: Int = Field(0, ge=0)
 
     @field_validator("name")
     @classmethod

@@ -35,6 +35,12 @@ class DatasetInfo:
     columns: tuple[str, ...]
     feature_types: dict[str, str]  # column -> "numeric" | "categorical" | "signal"
     target: str
+    # The site's privacy ledger for this dataset when it says hello (site_worker.announce):
+    # ε spent over every release so far, at ``delta`` with ``accountant``, against ``max_epsilon``.
+    epsilon_spent: float | None = None
+    max_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
 
 
 @dataclass(frozen=True)

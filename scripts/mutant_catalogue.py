@@ -195,6 +195,12 @@ MUTANTS += [
               "key = hmac.new(b\"public\", f\"fedbus-central-dp:{self.context}:{server_round}\".encode(), hashlib.sha256)"),),
         ("tests/coordinator/test_central_dp_secret.py", "tests/adversarial/test_central_dp.py"), marks="not broker",
     ),
+    Mutant(
+        "round-test-ignores-eval-cap", "a per-round test is not asked of a site whose max_evaluations_per_run "
+        "leaves room only for the final test",
+        (Edit(RUN, "            if isinstance(cap, int) and used[site] + 2 > cap:", "            if False:"),),
+        ("tests/coordinator/test_round_test_eval.py",), marks="not broker",
+    ),
     # ------------------------------------------------------------------ final model / personalisation
     Mutant(
         "personalize-any-run", "a site personalises only the final model of a run it trained in (no fresh budget)",

@@ -37,6 +37,9 @@ class Workspace:
     sites: dict[str, SiteFiles]
 
 
+SITE_BUDGET = 10.0  # ε per dataset a simulated hospital allows, as deploy/site.toml suggests
+
+
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -44,6 +47,7 @@ def _toml_str(value: str) -> str:
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
     dataset: str, train: Path, target: str, signal: bool, dp_seed: int | None = None,
+    max_epsilon: float = SITE_BUDGET,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -60,6 +64,7 @@ def site_toml(
         'metrics = "exact"  # research default: exact validation metrics (a leak a hospital would not allow)',
         "max_sample_rate = 1.0  # small simulated partitions train in one batch",
         "max_evaluations_per_run = 100000",
+        f"max_epsilon = {float(max_epsilon)!r}  # the site's lifetime budget per dataset (deploy/site.toml's default)",
     ]
     if dp_seed is not None:  # fedbus simulate --reproducible-dp: DP noise from a site seed, reported as such
         lines += ["reproducible_dp = true", f"dp_seed = {int(dp_seed) & 0x7FFFFFFFFFFFFFFF}"]

@@ -26,6 +26,7 @@ from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishEr
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
+from site_worker.announce import with_budget
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
@@ -151,7 +152,7 @@ class SiteWorker:
         infos = []
         for name, src in sorted(self.config.datasets.items()):
             try:
-                infos.append(catalogue(src))
+                infos.append(with_budget(catalogue(src), ledger=self.ledger, policy=self.config.policy))
             except DataError as e:
                 self.log.error("dataset_unreadable", dataset=name, error=str(e))
         return SiteHello(site_id=self.config.site_id, software_version=software_version(), datasets=tuple(infos),

@@ -64,13 +64,18 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
         datasets = []
         for d in hello.get("datasets") or []:
             rep = spent.get((s["site_id"], d.get("name")), {})
-            budget = _num(d.get("max_epsilon", policy.get("max_epsilon")))
-            eps = _num(d.get("epsilon_spent", rep.get("epsilon")))
+            budget = _num(d.get("max_epsilon")) if d.get("max_epsilon") is not None else _num(policy.get("max_epsilon"))
+            # The hello's ledger figure, unless an Update reported a newer one since (the hello is sent at start).
+            said = _num(d.get("epsilon_spent"))
+            newer = rep.get("epsilon") is not None and (said is None or (rep.get("reported_at") or 0) > (s["hello_at"] or 0))
+            eps = _num(rep.get("epsilon")) if newer else said
+            delta = _num(rep.get("delta")) if newer else _num(d.get("delta"))
             cols = d.get("columns") or []
             datasets.append({
                 "name": d.get("name"), "rows": d.get("rows"), "columns": len(cols), "column_names": list(cols),
                 "feature_types": _feature_types(d), "target": d.get("target"),
-                "epsilon_spent": eps, "delta": _num(d.get("delta", rep.get("delta", policy.get("delta")))),
+                "epsilon_spent": eps, "delta": delta if delta is not None else _num(policy.get("delta")),
+                "epsilon_source": ("its latest update" if newer else "its hello") if eps is not None else None,
                 "accountant": d.get("accountant") or policy.get("accountant"),
                 "budget": budget, "budget_left": (budget - eps) if budget is not None and eps is not None else None,
                 "last_report": rep or None,
@@ -107,17 +112,27 @@ def runs_doc(reader: StateReader, *, status: str | None = None, now: float | Non
 
 def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict[str, Any]]) -> dict[str, Any]:
     m = r["metrics"] or {}
-    test = m.get("test") or m.get("aggregate_test") or overlay.get(int(r["round"]), {}).get("test")
+    status = m.get("test_status") or {}  # per site: "released", "declined: <reason>", ... (federated.test_every)
+    test, source = m.get("test"), "sites" if isinstance(m.get("test"), dict) else None
+    if source is None and isinstance(overlay.get(int(r["round"]), {}).get("test"), dict):
+        test, source = overlay[int(r["round"])]["test"], "simulator"
     per_site = {}
-    for site, sm in (m.get("per_site") or {}).items():
+    for site in sorted(set(m.get("per_site") or {}) | set(status)):
+        sm = (m.get("per_site") or {}).get(site) or {}
         has_eval = any(f"eval_{k}" in sm for k in METRICS)
-        per_site[site] = {"validation": _pick(sm, "eval_" if has_eval else ""),
+        has_train = any(k in sm for k in METRICS)
+        per_site[site] = {"validation": _pick(sm, "eval_" if has_eval else "") if has_eval or has_train else None,
                           "test": _pick(sm, "test_") if any(f"test_{k}" in sm for k in METRICS) else None,
+                          "test_status": status.get(site),
                           "epsilon": _num(sm.get("epsilon")), "n": _num(sm.get("eval_n", sm.get("n")))}
     return {
         "round": r["round"], "replies": r["replies"], "sampled": r["sampled"], "attempts": r["attempts"],
         "validation": _pick(m.get("aggregate") or {"loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"]}),
         "test": _pick(test) if isinstance(test, dict) else None,
+        # "sites": released by the sites on their fixed test splits during the run (federated.test_every);
+        # "simulator": scored by ``simulate`` after the run on its held-out splits.
+        "test_source": source if isinstance(test, dict) else None,
+        "test_evaluated": bool(status),
         "per_site": per_site, "wall_s": r["wall_s"], "train_s": r["train_s"],
         "communication_s": r["communication_s"], "aggregation_s": r["aggregation_s"],
         "committed_at": r["committed_at"], "t_s": (r["committed_at"] - created) if created else None,
@@ -139,7 +154,8 @@ def rounds_doc(reader: StateReader, run_id: str, *, after: int = 0) -> dict[str,
     run = reader.run(run_id)
     overlay = {int(r["round"]): r for r in simulator_overlay(reader.dir, run_id).get("rounds", [])}
     rows = [_round_row(r, run["created_at"], overlay) for r in reader.rounds(run_id, after)]
-    return {"run_id": run_id, "status": run["status"], "rounds_planned": run["rounds_planned"], "rounds": rows}
+    return {"run_id": run_id, "status": run["status"], "rounds_planned": run["rounds_planned"], "rounds": rows,
+            "test_every": _test_every(run["experiment"])}
 
 
 def _privacy(result: dict[str, Any], msgs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,6 +186,23 @@ def _majority(per_site: dict[str, Any]) -> float | None:
     return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
 
 
+def _test_every(experiment: dict[str, Any]) -> int:
+    """``federated.test_every`` of the experiment as run (0: the test split only at the end)."""
+    v = (experiment.get("federated") or {}).get("test_every") if isinstance(experiment, dict) else None
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _final_as_last_round(rounds: list[dict[str, Any]], final: Any, test_every: int) -> None:
+    """With ``test_every`` the coordinator skips the last round's test: the final evaluation is it."""
+    if not test_every or not rounds or not isinstance(final, dict) or rounds[-1]["test_source"] == "sites":
+        return
+    last = rounds[-1]
+    last["test"], last["test_source"], last["test_evaluated"] = _pick(final), "final evaluation", True
+    for site, fm in (final.get("per_site") or {}).items():
+        row = last["per_site"].setdefault(site, {"validation": None, "epsilon": None, "n": None})
+        row["test"], row["test_status"] = _pick(fm), "released"
+
+
 def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> dict[str, Any]:
     """Everything the run page shows: meta, rounds, per-site table, privacy, rejects, timing, experiment."""
     now = time.time() if now is None else now
@@ -179,6 +212,8 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
     overlay = {int(r["round"]): r for r in overlay_doc.get("rounds", [])}
     rounds = [_round_row(r, run["created_at"], overlay) for r in reader.rounds(run_id)]
     msgs = reader.messages(run_id)
+    test_every = _test_every(run["experiment"])
+    _final_as_last_round(rounds, result.get("final"), test_every)
     final = dict(result.get("final") or {})
     source = "federated evaluation on the sites' test splits" if final else None
     if isinstance(overlay_doc.get("final"), dict) and overlay_doc["final"]:
@@ -196,6 +231,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         mine = [u for u in msgs if u["site"] == s]
         updates = [u for u in mine if u["kind"] == "Update" and u["verdict"] == "accepted"]
         fm = final_sites.get(s) or {}
+        latest = None if fm else next((r for r in reversed(rounds) if (r["per_site"].get(s) or {}).get("test")), None)
         table.append({
             "site": s, "updates": len(updates),
             "examples": updates[-1]["num_examples"] if updates else None,
@@ -203,7 +239,9 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
             if isinstance(privacy.get("planned_epsilon"), dict) else None,
             "declined": sum(u["verdict"] == "declined" for u in mine),
             "rejected": sum(u["verdict"] not in ("accepted", "declined") for u in mine),
-            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else None, "n_test": fm.get("n_test"),
+            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else latest["per_site"][s]["test"] if latest else None,
+            "test_round": latest["round"] if latest else None,  # while running: the latest per-round test
+            "n_test": fm.get("n_test"),
             "majority_class_accuracy": _num(fm.get("majority_class_accuracy")),
             "personalized": fm.get("personalized"),
         })
@@ -219,6 +257,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         "created_at": run["created_at"], "finished_at": run["finished_at"],
         "duration_s": _duration({**run, "last_commit": rounds[-1]["committed_at"] if rounds else None}, now),
         "rounds_done": len(rounds), "rounds_planned": run["rounds_planned"], "rounds": rounds, "sites": table,
+        "test_every": test_every,
         "final": {
             "test": {k: _num(final.get(k)) for k in METRICS} if final else None,
             "validation": last_val, "n_test": final.get("n_test"), "source": source,

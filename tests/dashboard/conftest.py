@@ -31,9 +31,10 @@ def fedbus(*args: str, timeout: float = 240, check: bool = True) -> subprocess.C
     return proc
 
 
-def experiment_with(tmp: Path, name: str, **training) -> Path:
+def experiment_with(tmp: Path, name: str, federated: dict | None = None, **training) -> Path:
     doc = json.loads(EXAMPLE.read_text())
     doc["training"].update(training)
+    doc["federated"].update(federated or {})
     path = tmp / name
     path.write_text(json.dumps(doc))
     return path
@@ -41,12 +42,13 @@ def experiment_with(tmp: Path, name: str, **training) -> Path:
 
 @pytest.fixture(scope="session")
 def sim_out(tmp_path_factory) -> Path:
-    """``simulate --out OUT`` twice into one OUT: runs A (batch 32) and B (batch 16), 2 rounds each, 3 sites."""
+    """``simulate --out OUT`` twice into one OUT: runs A (batch 32) and B (batch 16, ``federated.test_every``
+    1: the sites score every round on their test split), 2 rounds each, 3 sites."""
     tmp = tmp_path_factory.mktemp("dash-sim")
     out = tmp / "out"
-    for name, batch in (("a.json", 32), ("b.json", 16)):
-        fedbus("simulate", str(experiment_with(tmp, name, batch_size=batch)), "--sites", "3", "--rounds", "2",
-               "--out", str(out))
+    for name, batch, fed in (("a.json", 32, {}), ("b.json", 16, {"test_every": 1})):
+        fedbus("simulate", str(experiment_with(tmp, name, federated=fed, batch_size=batch)), "--sites", "3",
+               "--rounds", "2", "--out", str(out))
     return out
 
 

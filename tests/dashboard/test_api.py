@@ -152,3 +152,94 @@ def test_audit_runs_on_a_read_only_server(api, run_ids):
 def test_experiments_listing(api):
     assert api.get("/api/experiments").json()["experiments"] == []
     assert api.get("/api/session").json()["actions_allowed"] is False
+
+
+def _site_tomls(sim_out) -> dict[str, dict]:
+    """The site.toml each simulated hospital ran with (the newest simulate's), by site id."""
+    import tomllib
+
+    out = {}
+    for path in sorted(sim_out.glob("work/*/sites/*/site.toml"), key=lambda p: p.stat().st_mtime):
+        doc = tomllib.loads(path.read_text())
+        out[doc["site_id"]] = doc
+    return out
+
+
+def test_rounds_carry_test_per_site_when_the_run_asks_for_it(api, state, run_ids):
+    """Run B has ``federated.test_every`` 1: each round but the last holds the sites' own test scores,
+    the last one is the final evaluation; run A (off) says so and holds no per-site test."""
+    a, b = run_ids[:2]
+    rows = db_rows(state, "SELECT round, metrics_json FROM rounds WHERE run_id=? ORDER BY round", (b,))
+    [final_row] = db_rows(state, "SELECT result_json FROM runs WHERE run_id=?", (b,))
+    final = json.loads(final_row["result_json"])["final"]
+    doc = api.get(f"/api/runs/{b}/rounds").json()
+    assert doc["test_every"] == 1 and [r["round"] for r in doc["rounds"]] == [1, 2]
+    first, m = doc["rounds"][0], json.loads(rows[0]["metrics_json"])
+    assert first["test_source"] == "sites" and first["test_evaluated"] is True
+    assert first["test"] == {k: m["test"][k] for k in ("loss", "accuracy", "auc", "f1")}
+    assert set(m["test_status"]) == set(first["per_site"]) and len(m["test_status"]) == 3
+    for site, row in first["per_site"].items():
+        assert row["test_status"] == m["test_status"][site] == "released"
+        assert row["test"] == {k: m["per_site"][site][f"test_{k}"] for k in ("loss", "accuracy", "auc", "f1")}
+        assert row["validation"]["accuracy"] == m["per_site"][site]["eval_accuracy"]
+    assert "test_status" not in json.loads(rows[1]["metrics_json"])  # the last round is the final evaluation
+    last = api.get(f"/api/runs/{b}").json()["rounds"][-1]
+    assert last["test_source"] == "final evaluation" and last["test"]["accuracy"] == final["accuracy"]
+    assert {s: r["test"]["accuracy"] for s, r in last["per_site"].items()} == {
+        s: v["accuracy"] for s, v in final["per_site"].items()}
+
+    off = api.get(f"/api/runs/{a}").json()
+    assert off["test_every"] == 0
+    for r in off["rounds"]:
+        assert r["test_evaluated"] is False and r["test_source"] in (None, "simulator")
+        assert all(s["test"] is None and s["test_status"] is None for s in r["per_site"].values())
+
+
+def test_every_site_announces_its_budget_in_its_hello(api, state, sim_out):
+    """Simulated sites say hello through the daemon's code: ledger ε spent, budget, δ, accountant per dataset."""
+    tomls = _site_tomls(sim_out)
+    doc = api.get("/api/sites").json()
+    hellos = {r["site_id"]: json.loads(r["hello_json"]) for r in db_rows(state, "SELECT site_id, hello_json FROM sites")}
+    assert set(tomls) == set(hellos) == {s["site_id"] for s in doc["sites"]}
+    for s in doc["sites"]:
+        [said] = hellos[s["site_id"]]["datasets"]
+        [ds] = s["datasets"]
+        policy = tomls[s["site_id"]]["policy"]
+        assert said["max_epsilon"] == policy["max_epsilon"] == ds["budget"] > 0
+        assert said["accountant"] == ds["accountant"] == hellos[s["site_id"]]["policy"]["accountant"]
+        assert said["epsilon_spent"] == 0.0  # a fresh site's ledger when it said hello, before the run
+        assert said["delta"] == pytest.approx(ds["delta"])
+        assert ds["epsilon_source"] == "its latest update"  # the run's updates are newer than the hello
+        assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"]) and ds["budget_left"] >= 0
+
+
+def test_a_restarted_sites_hello_is_newer_than_its_updates(sim_out, tmp_path):
+    """A daemon that restarts after the run says hello with its ledger's total: the sites page shows that."""
+    import shutil
+
+    from coordinator.registry import hello_to_dict
+    from coordinator.state import StateStore
+    from protocol.transport import open_bus
+    from site_worker.config import load_site_config
+    from site_worker.daemon import SiteWorker
+    from site_worker.ledger import PrivacyLedger
+
+    out = tmp_path / "out"
+    shutil.copytree(sim_out, out, symlinks=True)
+    tomls = sorted(sim_out.glob("work/*/sites/*/site.toml"), key=lambda p: p.stat().st_mtime)[-3:]
+    store = StateStore(out / "coordinator")
+    spent = {}
+    for toml in tomls:
+        cfg = load_site_config(toml)
+        worker = SiteWorker(cfg, bus=open_bus(f"memory://restart-{cfg.site_id}"))
+        hello = worker.hello()  # the daemon's own hello, from its ledger on disk
+        [info] = hello.datasets
+        spent[cfg.site_id] = PrivacyLedger(cfg.state_dir).spent(info.name, delta=info.delta)
+        store.record_hello(cfg.site_id, hello_to_dict(hello))
+    store.close()
+    doc = client(out / "coordinator").get("/api/sites").json()
+    for s in doc["sites"]:
+        [ds] = s["datasets"]
+        assert ds["epsilon_source"] == "its hello"
+        assert ds["epsilon_spent"] == pytest.approx(spent[s["site_id"]]) and ds["epsilon_spent"] > 0
+        assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"])

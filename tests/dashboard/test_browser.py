@@ -3,7 +3,8 @@
 
 What a researcher does in MediNet's walkthrough, checked as they would see it:
 * the run page's curve gains points as rounds complete, without a reload;
-* the sites page shows every enrolled site with the ε it reported;
+* the run page's test curve (``federated.test_every`` 1) gains points too, per site as well;
+* the sites page shows every enrolled site with the ε it reported against the budget its hello announced;
 * compare shows the settings diff against an earlier run ("batch_size 32 → 16");
 * "Mark valid" writes a signed record that ``fedbus coordinator audit`` verifies, and
   editing that record makes the audit fail;
@@ -82,7 +83,7 @@ def live(tmp_path_factory):
            "--out", str(out))
     state = out / "coordinator"
     (run_a,) = db_one(state, "SELECT run_id FROM runs")
-    slow = experiment_with(tmp, "b.json", batch_size=16, epochs=10)
+    slow = experiment_with(tmp, "b.json", federated={"test_every": 1}, batch_size=16, epochs=10)
     log = open(tmp / "serve.log", "w+")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "fedbus.cli", "simulate", str(slow), "--sites", "3", "--rounds",
@@ -143,6 +144,22 @@ def test_live_dashboard_in_chromium(browser, live):
     grown = int(path.get_attribute("data-points"))
     assert grown > first and grown <= rounds_done(state, b)
     assert "live" in page.locator("#live").inner_text()
+    # The test curve (federated.test_every 1: the sites score each round on their test split) grows too,
+    # all sites combined and per site, and each site's release is listed.
+    test_path = page.locator('#chart-accuracy path[data-series="test (all sites)"]')
+    seen = int(test_path.get_attribute("data-points"))
+    page.wait_for_function(
+        """(n) => +document.querySelector('#chart-accuracy path[data-series="test (all sites)"]')
+             .getAttribute('data-points') > n""", arg=seen, timeout=120_000)
+    assert 1 <= seen < int(test_path.get_attribute("data-points")) <= rounds_done(state, b)
+    run_sites = json.loads(db_one(state, "SELECT sites_json FROM runs WHERE run_id=?", (b,))[0])
+    for site in run_sites:
+        assert int(page.locator(f'#chart-accuracy path[data-series="{site} test"]').get_attribute("data-points")) >= 1
+        assert "released" in page.locator(f'#test-releases tr[data-site="{site}"] td.test-status').inner_text()
+    page.locator("#site-view").select_option(run_sites[0])
+    assert page.locator(f'#chart-auc path[data-series="{run_sites[1]} test"]').count() == 0
+    assert int(page.locator(f'#chart-auc path[data-series="{run_sites[0]} test"]').get_attribute("data-points")) >= 1
+    page.locator("#site-view").select_option("all")
     if shots_dir():
         page.wait_for_function("() => +document.querySelector('#chart-accuracy path').getAttribute('data-points') >= 4",
                                timeout=120_000)
@@ -157,6 +174,16 @@ def test_live_dashboard_in_chromium(browser, live):
              for i in range(rows.count())}
     assert set(shown) == enrolled and len(enrolled) == 3
     assert all(v and float(v) > 0 for v in shown.values()), shown
+    # ... and the budget each announced in its hello (its site.toml's max_epsilon), with ε left.
+    import tomllib
+    budgets = {}
+    for toml in sorted(state.parent.glob("work/*/sites/*/site.toml"), key=lambda p: p.stat().st_mtime):
+        doc = tomllib.loads(toml.read_text())
+        budgets[doc["site_id"]] = doc["policy"]["max_epsilon"]
+    for site in enrolled:
+        cell = page.locator(f'#sites tbody tr[data-site="{site}"] td.budget')
+        assert float(cell.get_attribute("data-budget")) == budgets[site]
+        assert f"of {budgets[site]:.2f}" in cell.inner_text() and "left" in cell.inner_text()
     if shots_dir():
         page.screenshot(path=str(shots_dir() / "dashboard-sites.png"), full_page=True)
 

@@ -87,8 +87,10 @@
           el("td", {}, d ? d.target || "–" : "–"),
           el("td", { class: "num epsilon", "data-epsilon": spent === null || spent === undefined ? "" : spent }, d ? eps(spent) : "–"),
           el("td", { class: "num" }, d ? dlt(d.delta) : "–"),
-          el("td", {}, d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
-            el("span", { class: "muted" }, `${eps(spent)} of ${eps(budget)} (${eps(d.budget_left)} left)`))
+          el("td", { class: "budget", style: "min-width:190px", "data-budget": budget === null || budget === undefined ? "" : budget },
+            d ? (budget ? el("div", {}, el("div", { class: "bar" + (share >= 1 ? " over" : "") }, el("span", { style: `width:${(share || 0) * 100}%` })),
+            el("span", { class: "muted", style: "white-space:nowrap" }, `ε ${eps(spent)} of ${eps(budget)} · ${eps(d.budget_left)} left`),
+            d.epsilon_source ? el("div", { class: "muted" }, "ε from " + d.epsilon_source) : null)
             : el("span", { class: "muted" }, "no budget announced")) : "–"),
           el("td", {}, d && d.accountant ? d.accountant : el("span", { class: "muted" }, "not reported"))));
       });
@@ -149,21 +151,49 @@
   // -- one run ---------------------------------------------------------------------
   const CURVES = [["loss", "Loss"], ["accuracy", "Accuracy"], ["auc", "AUC"], ["f1", "F1"]];
 
-  function curveSeries(rounds, metric, perSite) {
-    const out = [{ name: "validation (all sites)", color: COLORS[0], width: 2.5, points: rounds.map((r) => [r.round, r.validation[metric]]) }];
-    if (rounds.some((r) => r.test && r.test[metric] !== null)) {
-      out.push({ name: "test (all sites)", color: COLORS[1], width: 2.5, dash: "6 3", points: rounds.map((r) => [r.round, r.test ? r.test[metric] : null]) });
-    }
-    if (perSite) {
-      const sites = [...new Set(rounds.flatMap((r) => Object.keys(r.per_site)))].sort();
-      sites.forEach((s, i) => out.push({ name: s + " (validation)", color: COLORS[(i + 2) % COLORS.length], width: 1, opacity: 0.55,
-        points: rounds.map((r) => [r.round, r.per_site[s] ? r.per_site[s].validation[metric] : null]) }));
-    }
+  // view: "all" (every site overlaid), "global" (the all-sites curves only) or one site id.
+  function curveSeries(rounds, metric, view) {
+    const out = [{ name: "validation (all sites)", color: COLORS[0], width: 2.5, points: rounds.map((r) => [r.round, r.validation[metric]]) },
+      { name: "test (all sites)", color: COLORS[1], width: 2.5, dash: "6 3", points: rounds.map((r) => [r.round, r.test ? r.test[metric] : null]) }];
+    const sites = siteIds(rounds).filter((s) => view === "all" || view === s);
+    sites.forEach((s) => {
+      const color = COLORS[(siteIds(rounds).indexOf(s) + 2) % COLORS.length], one = view === s;
+      const at = (r, split) => (r.per_site[s] && r.per_site[s][split] ? r.per_site[s][split][metric] : null);
+      out.push({ name: s + " validation", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, points: rounds.map((r) => [r.round, at(r, "validation")]) });
+      out.push({ name: s + " test", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, dash: "4 3", points: rounds.map((r) => [r.round, at(r, "test")]) });
+    });
     return out;
+  }
+  const siteIds = (rounds) => [...new Set(rounds.flatMap((r) => Object.keys(r.per_site)))].sort();
+
+  // What happened to each site's per-round test evaluation: released, declined (and why), or off.
+  function testStatusOf(doc, rounds) {
+    const box = el("div", { class: "card", id: "test-status" });
+    if (!doc.test_every) {
+      const sim = rounds.some((r) => r.test_source === "simulator");
+      box.append(el("p", { class: "explain" }, "Test per round is off for this run (federated.test_every = 0): every test evaluation is a privacy release " +
+        "charged to the hospital's budget and counted against its evaluation limit, so the test split is scored once, when the run ends. " +
+        (sim ? "The all-sites test curve here was scored by the simulator after the run, on its held-out splits." : "")));
+      return box;
+    }
+    const sites = siteIds(rounds), rows = sites.map((s) => {
+      const seen = rounds.filter((r) => r.per_site[s] && r.per_site[s].test_status);
+      const released = seen.filter((r) => r.per_site[s].test_status === "released").length;
+      const last = seen.length ? seen[seen.length - 1].per_site[s].test_status : null;
+      const refused = last && last !== "released";
+      return el("tr", { "data-site": s }, el("td", {}, el("b", {}, s)), el("td", { class: "num" }, released), el("td", { class: "num" }, seen.length - released),
+        el("td", { class: "test-status" }, last ? (refused ? el("span", { class: "badge warn" }, "not released") : el("span", { class: "badge ok" }, "released")) : el("span", { class: "muted" }, "not asked yet"),
+          refused ? el("span", { class: "muted" }, " " + last) : null));
+    });
+    box.append(el("p", { class: "explain" }, `The sites score the global model on their fixed test split every ${doc.test_every} round(s); each score is a release the hospital charges to its own privacy budget, and a hospital may decline (budget spent, policy). The last round's test is the final evaluation.`),
+      el("table", { id: "test-releases" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test scores released"),
+        el("th", { class: "num" }, "Not released"), el("th", {}, "Latest"))), el("tbody", {}, rows)));
+    return box;
   }
 
   function legend(series) {
-    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: `background:${s.color}` }), s.name)));
+    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: s.dash
+      ? `background:repeating-linear-gradient(90deg, ${s.color} 0 4px, transparent 4px 6px)` : `background:${s.color}` }), s.name)));
   }
 
   function kpi(label, key, value, note) {
@@ -176,6 +206,16 @@
     const epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
     const last = doc.rounds.length ? doc.rounds[doc.rounds.length - 1] : null;
     const baseline = maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported";
+    const tested = doc.rounds.filter((r) => r.test && r.test.accuracy !== null && r.test_source !== "simulator");
+    if ((test.accuracy === null || test.accuracy === undefined) && tested.length) {
+      const r = tested[tested.length - 1];
+      return el("div", { class: "grid k4", id: "kpis" },
+        kpi(`Test accuracy (round ${r.round})`, "accuracy", pct(r.test.accuracy), baseline),
+        kpi(`Test AUC (round ${r.round})`, "auc", num(r.test.auc), "0.5 = coin toss, 1 = perfect"),
+        kpi(`Test F1 (round ${r.round})`, "f1", num(r.test.f1), "the sites' fixed test splits, scored during the run"),
+        kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
+          `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+    }
     const haveTest = test.accuracy !== null && test.accuracy !== undefined;
     const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baseline)
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
@@ -193,7 +233,7 @@
     const rows = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
       el("td", { class: "num" }, eps(s.epsilon)), el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
-      el("td", { class: "num" }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
+      el("td", { class: "num", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
       el("td", { class: "num" }, s.test ? num(s.test.auc) : "–"), el("td", { class: "num" }, s.test ? num(s.test.f1) : "–"),
       el("td", { class: "num" }, s.n_test ?? "–"),
       el("td", { class: "num" }, s.personalized && s.personalized.accuracy !== undefined ? pct(s.personalized.accuracy) : "–"),
@@ -226,12 +266,12 @@
       el("div", { class: "legend" }, parts.map(([k, c, label]) => el("span", { title: EXPLAIN[k] }, el("i", { style: `background:${c}` }), `${label} ${dur(t[k])}`))));
   }
 
-  function chartsOf(doc, charts, legends) {
+  function chartsOf(doc, charts, legends, view) {
     const maj = doc.final.majority_class_accuracy;
     const grid = el("div", { class: "grid c2", id: "curves" });
     for (const [m, label] of CURVES) {
       const c = el("div", { id: "chart-" + m });
-      const series = curveSeries(doc.rounds, m, true);
+      const series = curveSeries(doc.rounds, m, view);
       legends[m] = legend(series);
       grid.append(el("div", { class: "card", "data-metric": m }, c, legends[m], el("p", { class: "explain" }, EXPLAIN[m])));
       charts[m] = FedChart.line(c, { title: label + " per round", yLabel: label.toLowerCase(), series, integerX: true,
@@ -246,6 +286,11 @@
     const doc = await api("/api/runs/" + encodeURIComponent(runId));
     const charts = {}, legends = {};
     const rounds = doc.rounds.slice();
+    let view = "all";
+    const redraw = () => { for (const [m] of CURVES) { const s = curveSeries(rounds, m, view); charts[m].update(s); legends[m].replaceWith(legends[m] = legend(s)); } };
+    const viewPick = el("select", { id: "site-view", onchange: (e) => { view = e.target.value; redraw(); } },
+      el("option", { value: "all" }, "every site overlaid"), el("option", { value: "global" }, "all sites combined only"),
+      siteIds(rounds).map((s) => el("option", { value: s }, "site " + s)));
 
     const header = el("div", {}, el("h1", {}, doc.experiment_name || doc.run_id, " ", badge(doc.status)),
       el("p", { class: "sub" }, el("span", { class: "mono" }, doc.run_id), ` · ${doc.aggregator} · dataset ${doc.dataset || "–"} · created ${when(doc.created_at)} · `,
@@ -281,7 +326,8 @@
         : el("p", { class: "muted" }, "This dashboard is read-only (start it with --allow-actions to sign approvals or stop runs)."));
 
     app.replaceChildren(...[header, kpisOf(doc), el("h2", {}, "Curves, round by round"),
-      el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test), chartsOf(doc, charts, legends),
+      el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test + " Solid lines: validation; dashed: test."),
+      el("div", { class: "actions" }, el("label", {}, "Per site: ", viewPick)), chartsOf(doc, charts, legends, view), testStatusOf(doc, rounds),
       el("h2", {}, "Per site"), siteTableOf(doc),
       el("h2", {}, tip("Rejected messages", "rejected")), rejectedOf(doc),
       el("h2", {}, "Where the time went"), timingOf(doc), el("h2", {}, "Experiment"), expBox, actionsBox].filter(Boolean));
@@ -295,7 +341,9 @@
         if (upd.status !== "running") { setLive(false, "run " + upd.status); runPage().catch(fail); return; }
         if (upd.rounds.length) {
           rounds.push(...upd.rounds);
-          for (const [m] of CURVES) { const s = curveSeries(rounds, m, true); charts[m].update(s); legends[m].replaceWith(legends[m] = legend(s)); }
+          for (const s of siteIds(upd.rounds)) if (![...viewPick.options].some((o) => o.value === s)) viewPick.append(el("option", { value: s }, "site " + s));
+          redraw();
+          document.getElementById("test-status").replaceWith(testStatusOf(upd, rounds));
           document.getElementById("rounds-done").textContent = `${rounds.length} / ${upd.rounds_planned} rounds`;
           const fresh = await api("/api/runs/" + encodeURIComponent(runId));
           document.getElementById("kpis").replaceWith(kpisOf(fresh));
@@ -330,10 +378,11 @@
     const doc = await api("/api/compare?runs=" + ids.map(encodeURIComponent).join(","));
     const grid = el("div", { class: "grid c2" });
     for (const [m, label] of CURVES) {
-      const series = doc.runs.map((r, i) => ({ name: r.run_id, color: COLORS[i], width: 2.5, points: r.rounds.map((x) => [x.round, x.validation[m]]) }));
+      const series = doc.runs.flatMap((r, i) => [{ name: r.run_id + " validation", color: COLORS[i], width: 2.5, points: r.rounds.map((x) => [x.round, x.validation[m]]) },
+        ...(r.rounds.some((x) => x.test) ? [{ name: r.run_id + " test", color: COLORS[i], width: 1.5, dash: "6 3", points: r.rounds.map((x) => [x.round, x.test ? x.test[m] : null]) }] : [])]);
       const c = el("div");
       grid.append(el("div", { class: "card" }, c, legend(series)));
-      FedChart.line(c, { title: `Validation ${label.toLowerCase()} per round`, series, integerX: true, yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1 });
+      FedChart.line(c, { title: `${label} per round (solid: validation, dashed: test)`, series, integerX: true, yMin: m === "loss" ? undefined : 0, yMax: m === "loss" ? undefined : 1 });
     }
     const diff = doc.diff.filter((d) => !d.bookkeeping), book = doc.diff.filter((d) => d.bookkeeping);
     app.replaceChildren(el("h1", {}, "Compare runs"), el("p", { class: "sub" }, doc.runs.map((r) => r.run_id).join("  vs  ")),
