@@ -4,7 +4,7 @@ heart_disease, one site per hospital (``natural:dataset``); Switzerland is a str
 (every training task starts ``--delay`` seconds late). FedAvg waits for it every round;
 FedAsync merges each update on arrival (alpha 0.6, polynomial staleness a=0.5) and
 FedBuff steps every K=2 updates, so the fast hospitals never wait. Every committed
-global model (round or version) is scored on the union of the four held-out test
+global model (round or version) is scored on the union of the four held-out
 splits, and we report the wall time at which each first reaches ``--target`` accuracy.
 
     .venv/bin/python bench/simulator_async.py --delay 3 --target 0.80 --out /tmp/async_bench
@@ -48,14 +48,14 @@ def main() -> None:
         raw["federated"]["parameters"].update(params)
         doc = simulate(raw, partition="natural:dataset", rounds=rounds, faults=f"straggler:switzerland:{args.delay}",
                        progress=False)
-        curve = [(r.get("t_s"), r["round"], (r.get("test") or {}).get("accuracy"), (r.get("test") or {}).get("auc"))
+        curve = [(r.get("t_s"), r["round"], (r.get("holdout") or {}).get("accuracy"), (r.get("holdout") or {}).get("auc"))
                  for r in doc["rounds"]]
         results[name] = {
             "rounds_or_versions": len(doc["rounds"]),
             "wall_s": round(doc["timing"]["wall_s"], 2),
             "time_to_target_s": time_to(doc, "accuracy", args.target),
-            "final_test_accuracy": round(doc["final"]["accuracy"], 4),
-            "final_test_auc": round(doc["final"]["auc"], 4),
+            "final_test_accuracy": round(doc["holdout"]["accuracy"], 4),
+            "final_test_auc": round(doc["holdout"]["auc"], 4),
             "best_test_accuracy": round(max(c[2] for c in curve if c[2] is not None), 4),
             "curve": curve,
         }

@@ -73,7 +73,11 @@ def compare_runs(store: StateStore, a: str, b: str) -> dict[str, Any]:
                                 for k in ("loss", "accuracy", "auc", "replies")}}
             for i in range(n)
         ],
-        "final": {k: [ra.get("final", {}).get(k), rb.get("final", {}).get(k)] for k in ("loss", "accuracy", "auc", "f1")},
+        "final": {**{k: [ra.get("final", {}).get(k), rb.get("final", {}).get(k)]
+                     for k in ("loss", "accuracy", "auc", "f1", "majority_class_accuracy")},
+                  **{f"personalized_{k}": [(ra.get("final", {}).get("personalized") or {}).get(k),
+                                           (rb.get("final", {}).get("personalized") or {}).get(k)]
+                     for k in ("accuracy", "auc")}},
         "timing": {k: [ra.get("timing", {}).get(k), rb.get("timing", {}).get(k)]
                    for k in ("wall_s", "train_s", "communication_s", "aggregation_s")},
         "epsilon": [ra.get("epsilon", {}), rb.get("epsilon", {})],

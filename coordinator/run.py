@@ -106,6 +106,8 @@ class Coordinator:
         available_timeout_s: float | None = None,
         store_bodies: bool = True,
         hello_grace_s: float = 2.0,
+        privacy_plan: dict[str, Any] | None = None,
+        show_plan: bool = True,
     ) -> None:
         from protocol.config import load_experiment
 
@@ -126,6 +128,11 @@ class Coordinator:
         self.prefetch = prefetch
         self.store_bodies = store_bodies
         self.hello_grace_s = hello_grace_s
+        # The run's privacy plan; None: made from the rows the sites announce (the simulator, which
+        # reads the sites' data, passes the plan from their real training rows).
+        self.privacy_plan: dict[str, Any] | None = privacy_plan
+        self._plan_given = privacy_plan is not None
+        self.show_plan = show_plan  # print it on the terminal before round 1 (always logged)
         self._graced = False
         self.seed = int(self.experiment.training.seed)
         self.run_id = run_id
@@ -378,6 +385,7 @@ class Coordinator:
         sites = self._available()
         self.store.set_run_sites(self.run_id, sites)
         self.sites = sites
+        self._announce_plan(sites)
         with RoundProgress(self.rounds_planned, enabled=self.progress_enabled, start=first_round - 1) as progress:
             for rnd in range(first_round, self.rounds_planned + 1):
                 if self.store.stop_requested(self.run_id):
@@ -604,25 +612,15 @@ class Coordinator:
         answered.add(site)
 
     def _final_evaluation(self, weights: Tensors) -> dict[str, Any]:
-        """EvalTask(split="test") to every site of the run; results weighted by n, per site too."""
+        """Every site of the run scores the final model on its fixed test split (``coordinator/final.py``:
+        an EvalTask, or a PersonalizeTask when the experiment personalises)."""
+        from coordinator import final
+
         sites = sorted(set(getattr(self, "sites", None) or []) | set(self.registry.available(self.restrict)))
         self.sites = sites
         last = self.store.last_round(self.run_id)
         rnd = int(last["round"]) if last else 0
-        held: dict[str, Held] = {}
-        results = self._collect_evals(sites, weights, rnd, split="test", held=held, progress=None)
-        self.store.record([h.row for h in held.values()])
-        for h in held.values():
-            h.delivery.ack()
-        agg = weighted_mean([(m, m["n"]) for m in results.values()])
-        final: dict[str, Any] = {k: agg.get(k) for k in ("loss", "accuracy", "auc", "f1")}
-        final.update({k: v for k, v in agg.items() if k not in final})
-        final["per_site"] = {
-            s: {"accuracy": m.get("accuracy"), "auc": m.get("auc"), "f1": m.get("f1"), "loss": m.get("loss"),
-                "n_test": int(m["n"])} for s, m in sorted(results.items())
-        }
-        final["n_sites"] = len(results)
-        return final
+        return final.summarise(self.experiment, final.collect(self, weights, rnd, sites))
 
     # ------------------------------------------------------------------ commit
     def _commit_round(self, rnd, weights, *, sampled, attempts, held, accepted, metrics, wall_s, agg_s,
@@ -657,6 +655,7 @@ class Coordinator:
         sites = self._available()
         self.store.set_run_sites(self.run_id, sites)
         self.sites = sites
+        self._announce_plan(sites)
         version = first_version - 1
         versions: dict[int, Tensors] = {version: weights}
         active = sample_sites(sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients),
@@ -781,10 +780,35 @@ class Coordinator:
         return base
 
     # ------------------------------------------------------------------ result
-    def _privacy(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        """``reproducible_dp``: sites whose DP noise was reproducible (their setting); ``central``: central DP's ε."""
+    def _announce_plan(self, sites: list[str]) -> None:
+        """The privacy plan from the rows each site announced, before round 1: log, terminal, result."""
+        from coordinator import privacy_plan
+
+        if not self._plan_given:
+            hellos = {s: (self.store.site(s) or {}).get("hello") for s in sites}
+            self.privacy_plan = privacy_plan.plan(self.experiment, hellos)
+        if self.privacy_plan is None:
+            return
+        self._log.info("privacy plan", total_epsilon=self.privacy_plan["total_epsilon"],
+                       delta=self.privacy_plan["delta"], accountant=self.privacy_plan["accountant"],
+                       planned_epsilon=privacy_plan.planned_epsilon(self.privacy_plan))
+        if self.show_plan:
+            import sys
+
+            print("\n".join(privacy_plan.describe(self.privacy_plan)), file=sys.stderr, flush=True)
+
+    def _privacy(self, rounds: list[dict[str, Any]], eps: dict[str, float | None]) -> dict[str, Any]:
+        """``reproducible_dp``: sites whose DP noise was reproducible (their setting); ``central``: central DP's ε;
+        with site DP: δ, accountant, ε per site (reported by the sites) and the plan shown before round 1."""
         out: dict[str, Any] = {"reproducible_dp": sorted({
             site for r in rounds for site, m in (r["metrics"].get("per_site") or {}).items() if m.get("reproducible")})}
+        if self.privacy_plan is not None:
+            from coordinator import privacy_plan
+
+            p = self.privacy_plan
+            out.update(delta=p["delta"], accountant=p["accountant"], epsilon=dict(eps),
+                       planned_epsilon=privacy_plan.planned_epsilon(p), total_epsilon=p["total_epsilon"],
+                       planned_from=p["planned_from"], plan=p["sites"])
         central = self.experiment.federated.central_dp
         if central:
             out["central"] = _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])
@@ -801,6 +825,9 @@ class Coordinator:
                 eps[line["site"]] = max(line["epsilon"], eps.get(line["site"]) or 0.0)
             else:
                 eps.setdefault(line["site"], None)
+        for site, m in (final.get("per_site") or {}).items():  # after the final task (a fine-tune spends)
+            if m.get("epsilon") is not None:
+                eps[site] = max(float(m["epsilon"]), eps.get(site) or 0.0)
         upd = self.store.updates(self.run_id)
         rejected = [{"message_id": u["message_id"], "site": u["site"], "reason": u["reason"], "round": u["round"]}
                     for u in upd if u["verdict"] == "rejected"]
@@ -815,7 +842,7 @@ class Coordinator:
         last = rounds[-1] if rounds else None
         return RunResult(
             run_id=self.run_id, aggregator=self.aggregator_name, sites=sorted(eps), rounds=rows, final=final,
-            epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=self._privacy(rounds),
+            epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=self._privacy(rounds, eps),
             status=status, reason=reason,
             weights=weights, checkpoint=str(self.store.dir / last["checkpoint_path"]) if last else None,
         )

@@ -115,12 +115,29 @@ def _print_run(doc: dict[str, Any]) -> None:
     if final:
         _err.print("final (test: each site's fixed test split): "
                    + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
+        if final.get("majority_class_accuracy") is not None:
+            _err.print(f"  majority class of each site: accuracy {_fmt(final['majority_class_accuracy'])}")
+        if final.get("personalized"):
+            p = final["personalized"]
+            _err.print(f"personalised ({p.get('method')}), each site on its own test split: "
+                       + ", ".join(f"{k} {_fmt(p.get(k))}" for k in ("accuracy", "auc", "f1", "mean_accuracy")))
         for s, m in (final.get("per_site") or {}).items():
-            _err.print(f"  {s}: accuracy {_fmt(m.get('accuracy'))}, auc {_fmt(m.get('auc'))}, n_test {m.get('n_test')}")
+            line = (f"  {s}: " + ", ".join(f"{k} {_fmt(m.get(k))}" for k in ("accuracy", "auc", "f1", "sensitivity",
+                                                                             "specificity"))
+                    + f", majority-class accuracy {_fmt(m.get('majority_class_accuracy'))}, n_test {m.get('n_test')}")
+            pm = m.get("personalized") or {}
+            if pm:
+                line += f"; personalised accuracy {_fmt(pm.get('accuracy'))}, auc {_fmt(pm.get('auc'))}"
+            _err.print(line)
+            for tag, block in (("global", m), ("personalised", pm)):
+                if block.get("predicts_one_class"):
+                    _err.print(f"  [yellow]warning[/] {s}: the {tag} model predicts one class only")
     if doc.get("epsilon"):
-        delta = (doc.get("privacy") or {}).get("delta")
-        _err.print("epsilon" + (f" (delta {delta})" if delta is not None else "") + ": "
-                   + ", ".join(f"{s} {_fmt(e)}" for s, e in doc["epsilon"].items()))
+        priv = doc.get("privacy") or {}
+        delta, planned = priv.get("delta"), priv.get("planned_epsilon") or {}
+        _err.print("epsilon" + (f" (delta {delta}, {priv.get('accountant')} accountant)" if delta is not None else "")
+                   + ": " + ", ".join(f"{s} {_fmt(e)}" + (f" (planned {_fmt(planned[s])})" if planned.get(s) is not None
+                                                          else "") for s, e in doc["epsilon"].items()))
     if doc.get("best_round"):
         b = doc["best_round"]
         _err.print(f"best round by validation loss: {b['round']} (validation loss {_fmt(b['validation_loss'])})")
@@ -168,6 +185,9 @@ def runs_compare(a: str = typer.Argument(...), b: str = typer.Argument(...), sta
     for r in doc["rounds"]:
         table.add_row(str(r["round"]), *[_fmt(r[f"{k}_{t}"]) for k in ("loss", "accuracy", "auc") for t in ("a", "b")])
     table.add_row("final (test)", *[_fmt(doc["final"][k][i]) for k in ("loss", "accuracy", "auc") for i in (0, 1)])
+    if any(v is not None for v in doc["final"].get("personalized_accuracy", [])):
+        table.add_row("personalised (test)", "-", "-",
+                      *[_fmt(doc["final"][k][i]) for k in ("personalized_accuracy", "personalized_auc") for i in (0, 1)])
     _err.print(table)
 
 

@@ -81,6 +81,23 @@ class EvalTask:
 
 
 @dataclass(frozen=True)
+class PersonalizeTask:
+    """After the last round: the final global model, for the site to evaluate on its fixed test
+    split, fine-tune on its own training rows (``training.personalization``, FedPer's head) under
+    its own DP budget, keep both, and report both (an ``EvalResult``: the global model's metrics,
+    and the personalised model's under ``personalized_*``)."""
+
+    TYPE: ClassVar[str] = "PersonalizeTask"
+    experiment: dict[str, Any]
+    weights: Tensors
+    dataset: str
+    base_round: int  # the last committed round: the version these final weights are
+    seed: int
+    deadline: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Update:
     TYPE: ClassVar[str] = "Update"
     task_id: str  # message_id of the TrainTask this answers
@@ -118,11 +135,11 @@ class RunControl:
     reason: str = ""
 
 
-Payload = SiteHello | TrainTask | EvalTask | Update | EvalResult | Declined | RunControl
+Payload = SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (SiteHello, TrainTask, EvalTask, Update, EvalResult, Declined, RunControl)
+    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl)
 }
 
 

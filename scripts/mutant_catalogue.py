@@ -228,6 +228,36 @@ MUTANTS += [
         (Edit(RUN, "            if isinstance(cap, int) and used[site] + 2 > cap:", "            if False:"),),
         ("tests/coordinator/test_round_test_eval.py",), marks="not broker",
     ),
+    # ------------------------------------------------------------------ final model / personalisation
+    Mutant(
+        "personalize-any-run", "a site personalises only the final model of a run it trained in (no fresh budget)",
+        (Edit(HANDLERS, "        last = self.joined.last_round(env.run_id, task.dataset)\n",
+              "        last = self.joined.last_round(env.run_id, task.dataset) or 0\n"),),
+        ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
+    ),
+    Mutant(
+        "personalize-twice-per-run", "one personalisation per run: a fresh task id for the same run is declined",
+        (Edit(HANDLERS, "        done = self.finals.reply(env.run_id, task.dataset)\n", "        done = None\n"),),
+        ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
+    ),
+    Mutant(
+        "personalize-decline-keeps-metrics-charge", "a declined fine-tune releases nothing and charges nothing",
+        (Edit(HANDLERS, "            self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site\n",
+              "            pass\n"),),
+        ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
+    ),
+    Mutant(
+        "personalize-epochs-unbounded", "the fine-tune after the rounds is bounded by the site's max_epochs",
+        (Edit(HANDLERS, "                check_epochs(policy, int(exp.training.personalization.epochs))\n",
+              "                pass\n"),),
+        ("tests/adversarial/test_coordinator_attacks_final.py",), marks="not broker",
+    ),
+    Mutant(
+        "final-release-two-mechanisms", "the two final models' test metrics are one release (joint sensitivity)",
+        (Edit("site_worker/final_model.py", "    sens = math.sqrt(sum(s * s for _, _, s in parts))\n",
+              "    sens = max(s for _, _, s in parts)\n"),),
+        ("tests/site_worker/test_final_release.py",), marks="not broker",
+    ),
 ]
 
 # ---------------------------------------------------------------------- the chaos harness itself

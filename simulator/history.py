@@ -6,9 +6,10 @@ per-site metrics. From those the simulator adds to each round of the result:
 * ``per_site`` - each site's validation metrics of that round (for the report's
   per-site curves);
 * ``t_s`` - seconds from the run's creation to the round's commit;
-* ``test`` - the round's global model scored on the union of the held-out test
-  splits, so synchronous and asynchronous runs compare on the same yardstick
-  (time to a test accuracy), whatever each aggregator reports as its round metric.
+* ``holdout`` - the round's global model scored on the union of the rows the simulator
+  held back from every site, so synchronous and asynchronous runs compare on the same
+  yardstick (time to a held-out accuracy), whatever each aggregator reports as its round
+  metric. (``test`` is reserved for the sites' own fixed test splits.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _site_metrics(m: dict[str, Any]) -> dict[str, float]:
 
 
 def enrich_rounds(doc: dict[str, Any], *, state_dir: Path, scorer: Any | None) -> None:
-    """Add ``per_site``, ``t_s`` and (with ``scorer(weights) -> metrics``) ``test`` to ``doc["rounds"]``."""
+    """Add ``per_site``, ``t_s`` and (with ``scorer(weights) -> metrics``) ``holdout`` to ``doc["rounds"]``."""
     from coordinator.checkpoints import load_tensors
     from coordinator.state import StateStore
 
@@ -54,13 +55,13 @@ def enrich_rounds(doc: dict[str, Any], *, state_dir: Path, scorer: Any | None) -
         if scorer is not None and row.get("checkpoint_path"):
             weights = load_tensors(Path(state_dir) / row["checkpoint_path"], sha256=row.get("checkpoint_sha256"))
             scored = scorer(weights)
-            r["test"] = {k: scored[k] for k in _VAL_KEYS if k in scored}
+            r["holdout"] = {k: scored[k] for k in _VAL_KEYS if k in scored}
 
 
 def time_to(doc: dict[str, Any], metric: str, target: float) -> float | None:
-    """Seconds until a round's global model first reached ``target`` on the test splits (None: never)."""
+    """Seconds until a round's global model first reached ``target`` on the held-out rows (None: never)."""
     for r in doc.get("rounds", []):
-        v = (r.get("test") or {}).get(metric)
+        v = (r.get("holdout") or {}).get(metric)
         if v is not None and v >= target and r.get("t_s") is not None:
             return float(r["t_s"])
     return None

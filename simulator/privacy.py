@@ -37,7 +37,8 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         p = run_budget.plan_run(exp, n_train=int(len(data.x_train)), delta=delta, accountant=accountant,
                                 policy=cfg.policy)
         sites[site] = p.to_json()
-    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant, "sites": sites}
+    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant,
+            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
 
 
 def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
@@ -65,10 +66,7 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
 
 
 def describe_plan(planned: dict[str, Any]) -> list[str]:
-    """Lines for the terminal, before the first round."""
-    lines = [f"privacy plan: total ε ≤ {planned['total_epsilon']:g} per site at δ = {planned['delta']:g} "
-             f"({planned['accountant']} accountant)"]
-    for s, p in planned["sites"].items():
-        lines.append(f"  {s}: {p['n_train']} training rows, {p['steps']} DP-SGD steps at sample rate "
-                     f"{p['sample_rate']:.3g}, noise σ = {p['noise_multiplier']:.3f} -> ε = {p['planned_epsilon']:.3f}")
-    return lines
+    """Lines for the terminal, before the first round (the coordinator's format)."""
+    from coordinator.privacy_plan import describe
+
+    return describe(planned)

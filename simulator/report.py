@@ -66,22 +66,24 @@ def _jsonable(value: Any) -> Any:
 
 def _write_rounds_csv(path: Path, doc: dict[str, Any]) -> Path:
     cols = ["round", "loss", "accuracy", "auc", "f1", "replies", "wall_s", "t_s"]
-    test_cols = ["test_loss", "test_accuracy", "test_auc", "test_f1"]
+    held_cols = ["holdout_loss", "holdout_accuracy", "holdout_auc", "holdout_f1"]
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(cols + test_cols)
+        w.writerow(cols + held_cols)
         for r in doc.get("rounds", []):
-            t = r.get("test") or {}
-            w.writerow([_cell(r.get(c)) for c in cols] + [_cell(t.get(c[5:])) for c in test_cols])
+            t = r.get("holdout") or {}
+            w.writerow([_cell(r.get(c)) for c in cols] + [_cell(t.get(c[len("holdout_"):])) for c in held_cols])
     return path
 
 
 def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
     cols = ["site", "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy", "loss", "n_test",
-            "epsilon", "personalized_accuracy", "personalized_auc", "local_accuracy", "local_auc"]
+            "epsilon", "personalized_accuracy", "personalized_auc", "holdout_accuracy", "holdout_auc",
+            "local_holdout_accuracy", "local_holdout_auc"]
     per_site = (doc.get("final") or {}).get("per_site") or {}
     eps = doc.get("epsilon") or {}
     local = ((doc.get("baselines") or {}).get("local")) or {}
+    held = ((doc.get("holdout") or {}).get("per_site")) or {}
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -93,8 +95,9 @@ def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
                 [site]
                 + [_cell(m.get(c)) for c in ("accuracy", "auc", "f1", "sensitivity", "specificity",
                                              "majority_class_accuracy", "loss", "n_test")]
-                + [_cell(eps.get(site)), _cell(pm.get("accuracy")), _cell(pm.get("auc")), _cell(lm.get("accuracy")),
-                   _cell(lm.get("auc"))]
+                + [_cell(eps.get(site)), _cell(pm.get("accuracy")), _cell(pm.get("auc")),
+                   _cell(held.get(site, {}).get("accuracy")), _cell(held.get(site, {}).get("auc")),
+                   _cell(lm.get("accuracy")), _cell(lm.get("auc"))]
             )
     return path
 
@@ -126,10 +129,10 @@ def _per_site_rounds(doc: dict[str, Any]) -> dict[str, dict[int, dict[str, float
     return out
 
 
-def _series(doc: dict[str, Any], metric: str, *, test: bool = False) -> tuple[list[int], list[float]]:
+def _series(doc: dict[str, Any], metric: str, *, holdout: bool = False) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in doc.get("rounds", []):
-        v = (r.get("test") or {}).get(metric) if test else r.get(metric)
+        v = (r.get("holdout") or {}).get(metric) if holdout else r.get(metric)
         if isinstance(v, (int, float)) and math.isfinite(v):
             xs.append(int(r["round"]))
             ys.append(float(v))
@@ -144,9 +147,9 @@ def _plot_metric(doc: dict[str, Any], per_site: dict, metric: str, title: str):
     _site_lines(ax, per_site, metric)
     if xs:
         ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated validation)")
-    tx, ty = _series(doc, metric, test=True)
+    tx, ty = _series(doc, metric, holdout=True)
     if tx:
-        ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on test splits")
+        ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on held-out rows")
     ax.set(title=title, xlabel="round", ylabel=metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -178,13 +181,13 @@ def _plot_accuracy_auc(doc: dict[str, Any], per_site: dict):
         if xs:
             ax.plot(xs, ys, "k-o", lw=2.2, ms=4, label="global (aggregated validation)")
             drew = True
-        tx, ty = _series(doc, metric, test=True)
+        tx, ty = _series(doc, metric, holdout=True)
         if tx:
-            ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on test splits")
+            ax.plot(tx, ty, "--s", color="tab:green", lw=2, ms=4, label="global model on held-out rows")
             drew = True
         base = (doc.get("baselines") or {}).get("pooled") or {}
         if isinstance(base.get(metric), (int, float)):
-            ax.axhline(base[metric], color="tab:red", ls="--", label="pooled baseline (test)")
+            ax.axhline(base[metric], color="tab:red", ls="--", label="pooled baseline (held-out rows)")
         ax.set(title=f"{'Accuracy' if metric == 'accuracy' else 'ROC AUC'} per round", xlabel="round", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
@@ -209,15 +212,15 @@ def _plot_epsilon(doc: dict[str, Any]):
 
 
 def _plot_baselines(doc: dict[str, Any]):
-    """Federated vs pooled vs each site alone, on the same held-out test splits."""
-    final = doc.get("final") or {}
+    """Federated vs pooled vs each site alone, on the same rows the simulator held back from every site."""
+    final = doc.get("holdout") or {}
     base = doc.get("baselines") or {}
-    bars: list[tuple[str, dict]] = [("federated", final)]
+    bars: list[tuple[str, dict]] = [("federated (global)", final)]
     if base.get("pooled"):
         bars.append(("pooled", base["pooled"]))
     local = base.get("local") or {}
     if local.get("_union"):
-        bars.append(("local only (each site's model on its own test split)", local["_union"]))
+        bars.append(("local only (each site's model on its own held-out rows)", local["_union"]))
     if len(bars) == 1:
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -229,7 +232,7 @@ def _plot_baselines(doc: dict[str, Any]):
         rects = ax.bar(pos, vals, width, label=label)
         ax.bar_label(rects, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(metrics)), metrics)
-    ax.set(title="Federated vs baselines (union of the sites' test splits)", ylim=(0, 1.1))
+    ax.set(title="Federated vs baselines (union of the simulator's held-out rows)", ylim=(0, 1.1))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(bars), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -293,10 +296,10 @@ def _best_round_html(doc: dict[str, Any]) -> list[str]:
     best = best_round(doc)
     if best is None:
         return []
-    test = best.get("test") or {}
+    held = best.get("holdout") or {}
     return [f"<p><b>Best round</b> by aggregated validation loss: {best['round']} (validation loss "
-            f"{_fmt(best.get('loss'))}; its global model on the test splits: accuracy {_fmt(test.get('accuracy'))}, "
-            f"auc {_fmt(test.get('auc'))}). The final model above is the last round's.</p>"]
+            f"{_fmt(best.get('loss'))}; its global model on the held-out rows: accuracy {_fmt(held.get('accuracy'))}, "
+            f"auc {_fmt(held.get('auc'))}). The final model above is the last round's.</p>"]
 
 
 def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
@@ -316,28 +319,41 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
         + ("<p><b>reproducible DP</b>: site noise was drawn from a seed (--reproducible-dp), not secret; "
            "a research run only</p>" if doc.get("reproducible_dp") else "")
         + _central_dp_line(doc),
-        "<h2>Final model on the fixed test splits (rows no site trained on)</h2>",
+        "<h2>Final model on the sites' fixed test splits (reported by each site; rows it never trained on)</h2>",
         _table(
             ["", *_UNION],
             [["federated (global)", *(final.get(k) for k in _UNION)]]
             + ([[f"personalised, each site on its own split ({final['personalized'].get('method')})",
                  *(final["personalized"].get(k) for k in _UNION)]] if final.get("personalized") else [])
-            + ([["pooled baseline", *(base["pooled"].get(k) for k in _UNION)]] if base.get("pooled") else [])
-            + (
-                [["local only", *(base["local"]["_union"].get(k) for k in _UNION)]]
-                if (base.get("local") or {}).get("_union")
-                else []
-            )
             + ([["majority class of each site", None, final.get("majority_class_accuracy")] + [None] * (len(_UNION) - 2)]
                if final.get("majority_class_accuracy") is not None else []),
         ),
+        "<p>Each site scores the final model on its own fixed test split and releases the figures as its policy "
+        "says (with <code>metrics = \"dp\"</code>, noisy and accounted); the union rows are the means over sites "
+        "weighted by their test rows.</p>",
     ]
+    held = doc.get("holdout") or {}
+    if held:
+        sections += [
+            "<h2>Simulator's held-out rows (never at any site): federated vs baselines</h2>",
+            _table(
+                ["", *_UNION],
+                [["federated (global)", *(held.get(k) for k in _UNION)]]
+                + ([["personalised, each site on its own held-out rows", *(held["personalized"].get(k) for k in _UNION)]]
+                   if held.get("personalized") else [])
+                + ([["pooled baseline", *(base["pooled"].get(k) for k in _UNION)]] if base.get("pooled") else [])
+                + ([["local only", *(base["local"]["_union"].get(k) for k in _UNION)]]
+                   if (base.get("local") or {}).get("_union") else [])
+                + ([["majority class of each site", None, held.get("majority_class_accuracy")]
+                    + [None] * (len(_UNION) - 2)] if held.get("majority_class_accuracy") is not None else []),
+            ),
+        ]
     sections += _warnings_html(doc) + _privacy_html(doc) + _best_round_html(doc)
     if base.get("pooled"):
         sections.append(
             f"<p>Baselines use the same model, optimizer, batch size and DP settings for "
             f"{_fmt(base.get('epochs'))} epochs (rounds × local epochs): <i>pooled</i> trains on every site's "
-            "training rows together; <i>local only</i> is each site's own model on its own test split.</p>"
+            "training rows together; <i>local only</i> is each site's own model on its own held-out rows.</p>"
         )
     for name, title in (("baselines.png", "Federated vs baselines"), ("loss.png", "Loss"), ("accuracy_auc.png", "Accuracy and AUC"), ("epsilon.png", "Privacy")):
         if name in pngs:
@@ -345,11 +361,13 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
             sections.append(f"<h2>{title}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
     rounds = doc.get("rounds", [])
     sections.append("<h2>Rounds</h2><p>val: the aggregated validation metrics sites reported; "
-                    "test: that round's global model on the union of the held-out test splits.</p>")
+                    "held-out: that round's global model on the union of the simulator's held-out rows.</p>")
     sections.append(
-        _table(["round", "val loss", "val accuracy", "val auc", "test accuracy", "test auc", "replies", "wall s"],
-               [[r.get("round"), r.get("loss"), r.get("accuracy"), r.get("auc"), (r.get("test") or {}).get("accuracy"),
-                 (r.get("test") or {}).get("auc"), r.get("replies"), r.get("wall_s")] for r in rounds])
+        _table(["round", "val loss", "val accuracy", "val auc", "held-out accuracy", "held-out auc", "replies",
+                "wall s"],
+               [[r.get("round"), r.get("loss"), r.get("accuracy"), r.get("auc"),
+                 (r.get("holdout") or {}).get("accuracy"), (r.get("holdout") or {}).get("auc"), r.get("replies"),
+                 r.get("wall_s")] for r in rounds])
     )
     per_site = final.get("per_site") or {}
     local = base.get("local") or {}
@@ -362,14 +380,15 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
     if personal:
         headers += ["personalised accuracy", "personalised auc"]
     if local:
-        headers += ["local-only accuracy", "local-only auc"]
+        headers += ["global on held-out accuracy", "local-only on held-out accuracy"]
     sections.append(
         _table(
             headers,
             [[s] + [per_site.get(s, {}).get(k) for k in ("n_test", "accuracy", "auc", "f1", "sensitivity", "specificity",
                                                          "majority_class_accuracy")] + [eps.get(s)]
              + ([(per_site.get(s, {}).get("personalized") or {}).get(k) for k in ("accuracy", "auc")] if personal else [])
-             + ([local.get(s, {}).get("accuracy"), local.get(s, {}).get("auc")] if local else [])
+             + ([(held.get("per_site") or {}).get(s, {}).get("accuracy"), local.get(s, {}).get("accuracy")]
+                if local else [])
              for s in shown],
         )
     )

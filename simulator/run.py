@@ -4,9 +4,12 @@ Steps: load the experiment (``--seed``/``--rounds`` applied to it, so the experi
 "as run" says what ran), load and partition the data, lay out keys, per-site files and
 configs and enroll the sites (``workspace``), start the site workers (in this process
 on a private in-memory broker, or one OS process each on a real broker), run the
-production ``Coordinator``, then score the final global model on every site's held-out
-test split and, with ``baselines``, train the pooled and local-only baselines for
-comparison. ``out`` receives the coordinator's state directory and the report.
+production ``Coordinator`` (which, after the rounds, has every site score the final model
+on its own fixed test split and, when the experiment personalises, fine-tune and report its
+personalised model: ``coordinator/final.py``), then score the final global model on the
+rows the simulator held back from every site (``holdout``) and, with ``baselines``, train
+the pooled and local-only baselines on those same held-out rows for comparison. ``out``
+receives the coordinator's state directory and the report.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from simulator.faults import FaultLog, FaultSpecError, parse_faults
 from simulator.partitions import PartitionError, make_partition, parse_spec
 
 log = structlog.get_logger(__name__)
+
+# Rows the simulator holds back from every site (baselines and the per-round curves use them).
+HOLDOUT_SPLIT = "simulator held-out rows (never at any site)"
 
 
 class SimulationInputError(ValueError):
@@ -229,31 +235,28 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     try:
         from simulator import privacy
 
-        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))
-        if planned is not None and progress:
-            import sys
-
-            print("\n".join(privacy.describe_plan(planned)), file=sys.stderr, flush=True)
+        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))  # the coordinator shows and stores it
         t_run = time.perf_counter()
         result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
-                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress)
+                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress,
+                                         privacy_plan=planned)
         doc = _document(result)
         final_weights = _final_weights(result, coord_state, doc)
         timing["setup_s"] = t_run - t_ws
         t_score = time.perf_counter()
         scorer = _scorer(exp, ws)
         scored = scorer(final_weights)
-        # What the sites themselves reported for the final model (each on its own fixed test split,
-        # metrics as its policy releases them); "final" below is the simulator's held-out split.
-        doc["final_reported_by_sites"] = {**(doc.get("final") or {}), "split": "each site's own fixed test split"}
         from simulator.history import enrich_rounds
 
-        # Per-round test scores cost one forward pass per round over the test rows: skip for huge runs.
+        # Per-round held-out scores cost one forward pass per round over those rows: skip for huge runs.
         enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
         timing["scoring_s"] = time.perf_counter() - t_score
-        doc["final"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"]}
-        doc["final"]["split"] = "test"
-        _personalize(doc, exp, ws, final_weights)
+        # "final" is what each site reported on its own fixed test split (the global model and, when the
+        # experiment personalises, its personalised one), as `coordinator runs show` shows it. The
+        # simulator also keeps rows no site ever holds: the global model on those is "holdout".
+        doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
+                          "split": HOLDOUT_SPLIT}
+        _holdout_personalized(doc, exp, ws)
         dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
         if dp_block is not None:
             doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
@@ -298,7 +301,8 @@ def _json_default(v: Any) -> Any:
 
 
 def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: str, plan: Any, fault_log: FaultLog,
-                    round_timeout_s: float | None, progress: bool) -> tuple[Any, dict[str, float]]:
+                    round_timeout_s: float | None, progress: bool,
+                    privacy_plan: dict[str, Any] | None = None) -> tuple[Any, dict[str, float]]:
     from coordinator.run import Coordinator
     from protocol.signing import Signer
     from protocol.transport import open_bus
@@ -323,6 +327,7 @@ def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: st
         coord = Coordinator(
             exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
             federation=federation, sites=sorted(ws.sites), progress=progress, round_timeout_s=round_timeout_s,
+            privacy_plan=privacy_plan, show_plan=progress,  # the plan from each site's real training rows
         )
         try:
             result = coord.run()
@@ -434,22 +439,31 @@ def _scorer(exp: Any, ws: Any) -> Any:
                                  task=exp.dataset.task or "binary")
 
 
-def _personalize(doc: dict[str, Any], exp: Any, ws: Any, weights: Any) -> None:
-    """Each site's personalised model on its own test split, beside the global one."""
-    from simulator import personal_eval
+def _holdout_personalized(doc: dict[str, Any], exp: Any, ws: Any) -> None:
+    """The personalised model each site kept (``state_dir/final/``) on that site's held-out rows,
+    beside the local-only baseline scored on the same rows (the sites' own figures are in "final")."""
     from simulator.evaluation import score, union_of_own
+    from site_worker.config import load_site_config
+    from site_worker.final_model import FinalStore
 
-    if not personal_eval.enabled(exp):
+    if not (doc.get("final") or {}).get("personalized"):
         return
-    models = personal_eval.personalized_models(exp, ws, run_id=doc["run_id"], make_model=lambda: _model_with(exp, weights),
-                                               input_shape=_input_shape(exp))
-    splits = {s.site: s for s in _test_splits(exp, ws)}
+    models = {}
+    for site, files in sorted(ws.sites.items()):
+        store = FinalStore(load_site_config(files.config).state_dir)
+        if store.reply(doc["run_id"], exp.dataset.name) is None:
+            continue
+        arrays = store.load(doc["run_id"], exp.dataset.name, "personalized")
+        models[site] = _model_with(exp, list(arrays.items()))
+    if not models:
+        return
+    splits = [s for s in _test_splits(exp, ws) if s.site in models]
     loss, task = exp.training.loss_function, exp.dataset.task or "binary"
-    for site, model in models.items():
-        m = score(model, [splits[site]], loss_name=loss, task=task)["per_site"][site]
-        doc["final"]["per_site"].setdefault(site, {})["personalized"] = m
-    doc["final"]["personalized"] = {"method": personal_eval.method(exp),
-                                    **union_of_own(models, list(splits.values()), loss_name=loss, task=task)}
+    for sp in splits:
+        m = score(models[sp.site], [sp], loss_name=loss, task=task)["per_site"][sp.site]
+        doc["holdout"]["per_site"].setdefault(sp.site, {})["personalized"] = m
+    doc["holdout"]["personalized"] = {"method": doc["final"]["personalized"].get("method"),
+                                      **union_of_own(models, splits, loss_name=loss, task=task)}
 
 
 def _save_model(out: Path, exp: Any, weights: Any) -> None:

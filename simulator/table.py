@@ -54,12 +54,8 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     if personal:
         sites.add_column("p.acc", justify="right")
         sites.add_column("p.auc", justify="right")
-    if local:
-        sites.add_column("l.acc", justify="right")
-        sites.add_column("l.auc", justify="right")
-    sites.caption = ("maj: accuracy of predicting the site's majority class; "
-                     + ("p.: the site's personalised model; " if personal else "")
-                     + ("l.: the site's local-only model; " if local else "") + "ε at the δ below")
+    sites.caption = ("as each site reported it; maj: accuracy of predicting the site's majority class; "
+                     + ("p.: the site's personalised model; " if personal else "") + "ε at the δ below")
     warnings = []
     for s in names[:max_sites]:
         m = per_site.get(s, {})
@@ -70,8 +66,6 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
             row += [_f(pm.get("accuracy"), 2), _f(pm.get("auc"), 2)]
             if pm.get("predicts_one_class"):
                 warnings.append(f"{s}: the personalised model predicts one class only")
-        if local:
-            row += [_f(local.get(s, {}).get("accuracy"), 2), _f(local.get(s, {}).get("auc"), 2)]
         if m.get("predicts_one_class"):
             warnings.append(f"{s}: the global model predicts one class only (accuracy = that class's share)")
         sites.add_row(*row)
@@ -90,7 +84,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     elif eps and all(v is None for v in eps.values()):
         con.print("privacy: DP off (ε = ∞)")
 
-    summary = Table(title="Union of all test splits")
+    summary = Table(title="Union of the sites' fixed test splits (means over sites, weighted by test rows)")
     summary.add_column("model")
     cols = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
     for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
@@ -101,17 +95,28 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     if final.get("personalized"):
         summary.add_row(f"personalised on own sites: {final['personalized'].get('method')}",
                         *(_f(final["personalized"].get(k)) for k in cols))
-    if base.get("pooled"):
-        summary.add_row("pooled (centralized)", *(_f(base["pooled"].get(k)) for k in cols))
-    if local.get("_union"):
-        summary.add_row("local only, own sites", *(_f(local["_union"].get(k)) for k in cols))
     if final.get("majority_class_accuracy") is not None:
         summary.add_row("majority class of each site", "-", _f(final.get("majority_class_accuracy")), "-", "-", "-", "-")
     con.print(summary)
+    held = doc.get("holdout") or {}
+    if held:
+        ht = Table(title="Simulator's held-out rows (never at any site): federated vs baselines")
+        ht.add_column("model")
+        for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
+            ht.add_column(col, justify="right")
+        ht.add_row("federated (global)", *(_f(held.get(k)) for k in cols))
+        if held.get("personalized"):
+            ht.add_row("personalised, own sites", *(_f(held["personalized"].get(k)) for k in cols))
+        if base.get("pooled"):
+            ht.add_row("pooled (centralized)", *(_f(base["pooled"].get(k)) for k in cols))
+        if local.get("_union"):
+            ht.add_row("local only, own sites", *(_f(local["_union"].get(k)) for k in cols))
+        con.print(ht)
     best = best_round(doc)
     if best is not None:
         con.print(f"best round by validation loss: {best['round']} (validation loss {_f(best.get('loss'))}"
-                  + (f", test accuracy {_f((best.get('test') or {}).get('accuracy'))})" if best.get("test") else ")"))
+                  + (f", held-out accuracy {_f((best.get('holdout') or {}).get('accuracy'))})"
+                     if best.get("holdout") else ")"))
 
     t = doc.get("timing") or {}
     timing = Table(title="Time (s)")

@@ -97,6 +97,8 @@ class SitePolicy:
             "max_epochs": self.max_epochs,
             "max_steps_per_task": self.max_steps_per_task,
             "metrics": self.metrics,
+            "metrics_noise_multiplier": self.metrics_noise_multiplier,  # the coordinator's privacy plan needs it
+            "test_fraction": self.test_fraction,
             "max_evaluations_per_run": self.max_evaluations_per_run,
             "reproducible_dp": self.reproducible_dp,
         }

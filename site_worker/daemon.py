@@ -21,7 +21,7 @@ import structlog
 
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.errors import ProtocolError, UnknownSigner
-from protocol.messages import Envelope, EvalTask, RunControl, SiteHello, TrainTask
+from protocol.messages import Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
@@ -94,7 +94,8 @@ class SiteWorker:
         self._consumer: Consumer | None = None
         self._stats_lock = threading.Lock()
         self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
-                       "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0}
+                       "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0,
+                       "personalized": 0}
         self.log = log.bind(site_id=config.site_id)
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,7 +221,7 @@ class SiteWorker:
             if isinstance(e, UnknownSigner):
                 self._tell_untrusted(d.body)
             return
-        if not isinstance(env.payload, (TrainTask, EvalTask, RunControl)):
+        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, RunControl)):
             self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
             return
         if env.federation != self.config.federation:
@@ -290,6 +291,8 @@ class SiteWorker:
         kind = type(reply).__name__
         if kind == "Update":
             self._count("trained")
+        elif kind == "EvalResult" and isinstance(task_env.payload, PersonalizeTask):
+            self._count("personalized")
         elif kind == "EvalResult":
             self._count("evaluated")
         else:

@@ -23,7 +23,7 @@ import structlog
 import torch
 
 from protocol.config import ConfigError, load_experiment
-from protocol.messages import Declined, Envelope, EvalResult, EvalTask, TrainTask, Update
+from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, catalogue, prepare
@@ -34,6 +34,7 @@ from site_worker.metrics import prefixed
 from site_worker.policy import PolicyViolation, check_policy
 from site_worker.release import release_entries, release_metrics
 from site_worker import personalize, proximal, run_budget
+from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
 from site_worker.trainer import TrainSpec, TrainingAborted, train
 
@@ -81,6 +82,8 @@ class TaskHandler:
         self.flower = flower
         self.split_key = SplitKey.load_or_create(config.state_dir, test_fraction=config.policy.test_fraction)
         self.heads = personalize.HeadStore(config.state_dir)  # FedPer: this site's own last layers
+        self.joined = RunsJoined(config.state_dir)  # runs this site trained in (a PersonalizeTask needs one)
+        self.finals = FinalStore(config.state_dir)  # each run's final global and personalised models
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -88,13 +91,15 @@ class TaskHandler:
         self._skeletons: OrderedDict[tuple[str, bool], tuple[torch.nn.Module, str | None]] = OrderedDict()
 
     def handle(self, env: Envelope) -> Reply:
-        """Reply payload for a verified TrainTask/EvalTask. Raises ``TrainingAborted`` on stop."""
+        """Reply payload for a verified TrainTask/EvalTask/PersonalizeTask. Raises ``TrainingAborted`` on stop."""
         task = env.payload
-        assert isinstance(task, (TrainTask, EvalTask))
+        assert isinstance(task, (TrainTask, EvalTask, PersonalizeTask))
         try:
             with self._lock:
                 if isinstance(task, TrainTask):
                     return self._train(env, task)
+                if isinstance(task, PersonalizeTask):
+                    return self._personalize(env, task)
                 return self._evaluate(env, task)
         except _Decline as d:
             log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail, **d.figures)
@@ -235,6 +240,7 @@ class TaskHandler:
             self.ledger.commit(task.dataset, env.message_id)
             if result.history != plan.entries():
                 log.error("accountant_disagrees_with_plan", planned=plan.entries(), trained=result.history)
+        self.joined.trained(env.run_id, task.dataset, env.round)
         return Update(task_id=env.message_id, weights=to_tensors(result.model), num_examples=result.num_examples,
                       metrics=metrics, epsilon=epsilon, delta=plan.delta if plan else None,
                       base_round=task.base_round, reproducible=bool(plan and plan.reproducible))
@@ -263,12 +269,99 @@ class TaskHandler:
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
-        m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task, policy=policy,
-                            rng=noise_source(policy, task_seed=task.seed, purpose="eval"))
+        rng = noise_source(policy, task_seed=task.seed, purpose="eval")
+        if task.split == "test":  # with sensitivity, specificity and the majority-class baseline
+            m = release_on_test([model], x, y, data.y_train, loss_name=str(exp.training.loss_function), task=data.task,
+                                policy=policy, rng=rng)[0]
+        else:
+            m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
+                                policy=policy, rng=rng)
         self.ledger.commit(task.dataset, env.message_id)
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
+
+    def _personalize(self, env: Envelope, task: PersonalizeTask) -> Reply:
+        """The final global model: evaluate it on the fixed test split, fine-tune a personal copy
+        on the training rows (its FedPer head, ``training.personalization``) under this site's
+        budget, keep both, and release both models' test metrics in one accounted release."""
+        exp, summary, key = self._experiment(task)
+        policy = self.config.policy
+        if self.flower is not None:  # fedbus cannot fine-tune a Flower client under the ledger: global model only
+            return self._evaluate(env, EvalTask(experiment=task.experiment, weights=task.weights, dataset=task.dataset,
+                                                base_round=task.base_round, seed=task.seed, deadline=task.deadline,
+                                                split="test"))
+        last = self.joined.last_round(env.run_id, task.dataset)
+        if last is None:
+            raise _Decline("policy", f"run {env.run_id!r}: this site never trained in it, so it does not personalise "
+                                     "a final model of it (no budget is opened for a run it did not join)")
+        if env.round < last or task.base_round != env.round:
+            raise _Decline("policy", f"final model of round {env.round} (base_round {task.base_round}) but this site "
+                                     f"trained in round {last} of run {env.run_id!r}: not the run's final model")
+        done = self.finals.reply(env.run_id, task.dataset)
+        if done is not None:
+            if done.get("task_id") == env.message_id:  # redelivered after a crash: the same answer, no new spend
+                return EvalResult(task_id=env.message_id, num_examples=int(done["num_examples"]),
+                                  metrics=dict(done["metrics"]), base_round=task.base_round)
+            raise _Decline("policy", f"run {env.run_id!r} was already personalised (task {done.get('task_id')}): "
+                                     "one final model per run")
+        data = self._data(task, exp, summary)
+        try:
+            x, y = data.split("test")
+        except DataError as e:
+            raise _Decline("data", str(e)) from None
+        spec = TrainSpec.from_experiment(exp, seed=task.seed)
+        fine_tune = exp.training.personalization is not None
+        if fine_tune:  # bounded like any training task, DP or not
+            try:
+                check_epochs(policy, int(exp.training.personalization.epochs))
+                check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=len(data.x_train),
+                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))))
+            except PolicyViolation as e:
+                raise _Decline("policy", f"personalisation: {e}") from None
+        model = self._model(exp, key, task, for_dp=spec.dp is not None and fine_tune)
+        global_model = copy.deepcopy(model)
+        layers = personalize.personal_layers(exp, task.config)
+        # Reserved first: a run budget's fine-tune noise then leaves room for this release.
+        self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
+                      delta=policy.site_delta(data.rows),
+                      max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
+        t0 = time.perf_counter()
+        try:
+            if layers:
+                self.heads.apply(model, env.run_id, task.dataset, layers)
+            if fine_tune:
+                personalize.personalize_at_site(exp, model, data, config=self.config, dataset=task.dataset,
+                                                run_id=env.run_id, seed=task.seed)
+        except BaseException as e:
+            self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site
+            if isinstance(e, (BudgetExceeded, run_budget.BudgetExhausted)):
+                detail = e.detail if isinstance(e, BudgetExceeded) else f"total_epsilon: {e}"
+                raise _Decline("budget", f"personalisation: {detail}",
+                               getattr(e, "figures", None)) from None
+            if isinstance(e, PolicyViolation):
+                raise _Decline("policy", f"personalisation: {e}") from None
+            raise
+        tune_s = time.perf_counter() - t0
+        model.eval()
+        released = release_on_test([global_model, model], x, y, data.y_train, loss_name=str(exp.training.loss_function),
+                                   task=data.task, policy=policy,
+                                   rng=noise_source(policy, task_seed=task.seed, purpose="final"))
+        self.ledger.commit(task.dataset, env.message_id)
+        metrics = {**released[0], **prefixed("personalized", released[1])}
+        if "n" in released[1]:
+            metrics["personalized_n"] = released[1]["n"]
+        metrics["personalize_s"] = tune_s
+        delta = policy.site_delta(data.rows)
+        if spec.dp is not None:
+            metrics["epsilon"] = self.ledger.spent(task.dataset, delta=delta, accountant=policy.accountant)
+            metrics["delta"] = delta
+        n = int(released[0].get("n", len(x)))
+        self.finals.keep(env.run_id, task.dataset, models={"global": global_model, "personalized": model},
+                         reply={"task_id": env.message_id, "round": env.round, "num_examples": n, "metrics": metrics})
+        log.info("personalized", run_id=env.run_id, dataset=task.dataset, fine_tune=fine_tune, personal_layers=layers,
+                 personalize_s=round(tune_s, 3))
+        return EvalResult(task_id=env.message_id, num_examples=n, metrics=metrics, base_round=task.base_round)
 
     def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""

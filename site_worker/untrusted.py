@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 
 from protocol.codec import decode_envelope, decode_frame, new_envelope
-from protocol.messages import Declined, Envelope, EvalTask, TrainTask
+from protocol.messages import Declined, Envelope, EvalTask, PersonalizeTask, TrainTask
 
 _MAX_RUNS = 256
 
@@ -36,7 +36,7 @@ class UntrustedNotices:
         except Exception:  # noqa: BLE001 - garbage gets dead-lettered, never answered
             return None
         if (claimed.federation != self.federation or claimed.recipient != self.site_id
-                or not isinstance(claimed.payload, (TrainTask, EvalTask))):
+                or not isinstance(claimed.payload, (TrainTask, EvalTask, PersonalizeTask))):
             return None
         with self._lock:
             if claimed.run_id in self._sent:

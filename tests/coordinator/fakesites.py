@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from protocol.codec import new_envelope, open_frame, seal
-from protocol.messages import Declined, EvalResult, EvalTask, SiteHello, DatasetInfo, TrainTask, Update
+from protocol.messages import (Declined, EvalResult, EvalTask, PersonalizeTask, SiteHello, DatasetInfo, TrainTask,
+                               Update)
 from protocol.signing import Signer, TrustStore
 from protocol.transport.base import Bus, Delivery
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
@@ -41,6 +42,8 @@ class FakeSite:
     eval_metrics: dict = field(default_factory=lambda: {"loss": 0.5, "accuracy": 0.75, "auc": 0.8, "f1": 0.7})
     stop_after_round: int | None = None  # stop answering after this round (a site killed mid-run)
     gate: dict = field(default_factory=dict)  # round -> threading.Event to wait for before replying
+    # what it answers a PersonalizeTask with, beside eval_metrics (the global model's)
+    personal_metrics: dict = field(default_factory=lambda: {"accuracy": 0.85, "auc": 0.9, "f1": 0.8, "loss": 0.4})
 
 
     def __post_init__(self) -> None:
@@ -112,6 +115,12 @@ class FakeSite:
         elif isinstance(task, EvalTask):
             payload = EvalResult(task_id=env.message_id, num_examples=self.num_examples,
                                  metrics=dict(self.eval_metrics, n=float(self.num_examples)), base_round=task.base_round)
+        elif isinstance(task, PersonalizeTask):
+            metrics = dict(self.eval_metrics, n=float(self.num_examples))
+            metrics.update({f"personalized_{k}": v for k, v in self.personal_metrics.items()})
+            metrics.setdefault("personalized_n", float(self.num_examples))
+            payload = EvalResult(task_id=env.message_id, num_examples=self.num_examples, metrics=metrics,
+                                 base_round=task.base_round)
         else:
             delivery.ack()
             return

@@ -15,12 +15,15 @@ def _doc(n_sites: int = 3, rounds: int = 4) -> dict:
         "run_id": "r1", "aggregator": "FedAvg", "experiment": "demo", "sites": sites,
         "rounds": [
             {"round": r, "loss": 1.0 / r, "accuracy": 0.5 + 0.05 * r, "auc": 0.6 + 0.05 * r, "replies": n_sites,
-             "wall_s": 1.5, "t_s": 1.5 * r, "test": {"accuracy": 0.5 + 0.04 * r, "auc": 0.6 + 0.04 * r, "loss": 0.9 / r},
+             "wall_s": 1.5, "t_s": 1.5 * r, "holdout": {"accuracy": 0.5 + 0.04 * r, "auc": 0.6 + 0.04 * r, "loss": 0.9 / r},
              "per_site": {s: {"loss": 1.0 / r + i * 0.01, "accuracy": 0.5 + 0.05 * r, "auc": 0.7} for i, s in enumerate(sites)}}
             for r in range(1, rounds + 1)
         ],
         "final": {"loss": 0.3, "accuracy": 0.81, "auc": 0.88, "f1": 0.8,
-                  "per_site": {s: {"accuracy": 0.8, "auc": 0.9, "f1": 0.79, "loss": 0.3, "n_test": 20} for s in sites}},
+                  "per_site": {s: {"accuracy": 0.8, "auc": 0.9, "f1": 0.79, "loss": 0.3, "n_test": 20} for s in sites},
+                  "split": "test"},
+        "holdout": {"loss": 0.35, "accuracy": 0.78, "auc": 0.85, "f1": 0.7,
+                    "per_site": {s: {"accuracy": 0.77, "auc": 0.84, "n_test": 25} for s in sites}},
         "epsilon": {s: 1.0 + i for i, s in enumerate(sites)},
         "timing": {"wall_s": 10.0, "train_s": 6.0, "communication_s": 3.0, "aggregation_s": 1.0},
         "baselines": {"pooled": {"accuracy": 0.79, "auc": 0.86, "f1": 0.77, "loss": 0.4},
@@ -39,7 +42,7 @@ def test_report_files_are_written_and_consistent(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text())["run_id"] == "r1"
     rows = list(csv.DictReader((tmp_path / "rounds.csv").open()))
     assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
-    assert float(rows[3]["test_accuracy"]) == 0.66
+    assert float(rows[3]["holdout_accuracy"]) == 0.66 and "test_accuracy" not in rows[3]
     sites = list(csv.DictReader((tmp_path / "sites.csv").open()))
     assert [s["site"] for s in sites] == ["site-1", "site-2", "site-3"]
     assert [float(s["epsilon"]) for s in sites] == [1.0, 2.0, 3.0]

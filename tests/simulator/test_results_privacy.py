@@ -42,7 +42,7 @@ def test_planned_epsilon_equals_what_the_site_ledgers_spent(run):
 def test_result_fields_per_site_and_baselines(run):
     doc, _ = run
     final = doc["final"]
-    assert final["split"] == "test" and "final_reported_by_sites" in doc
+    assert final["split"] == "test" and doc["holdout"]["split"].startswith("simulator held-out")
     for site in doc["sites"]:
         m = final["per_site"][site]
         assert FIELDS <= set(m) and "majority_class_accuracy" in m
@@ -59,7 +59,7 @@ def test_test_rows_never_reached_training(run):
     for site in doc["sites"]:
         train = pd.read_csv(work / "sites" / site / "data" / "train.csv")
         test = pd.read_csv(work / "holdout" / f"{site}_test.csv")
-        assert len(test) == doc["final"]["per_site"][site]["n_test"]
+        assert len(test) == doc["holdout"]["per_site"][site]["n_test"]
         # no held-out row is in the file the site trains on (rows are unique records)
         both = train.merge(test, how="inner", on=list(test.columns))
         assert both.empty
@@ -83,3 +83,57 @@ def test_runs_show_labels_validation_and_test(run):
     assert shown["privacy"]["delta"] == 1e-5 and set(shown["privacy"]["epsilon"]) == set(doc["sites"])
     best = shown["best_round"]
     assert best["validation_loss"] == min(r["loss"] for r in shown["rounds"])
+
+
+def test_one_runs_test_figures_agree_between_simulate_and_runs_show(run):
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    doc, out = run
+    res = CliRunner().invoke(app, ["coordinator", "runs", "show", doc["run_id"], "--state", str(out / "coordinator"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout.strip().splitlines()[0])
+    assert shown["final"]["split"] == doc["final"]["split"] == "test"
+    for k in ("accuracy", "auc", "f1", "loss", "n_test", "majority_class_accuracy"):
+        assert shown["final"][k] == doc["final"][k], k
+    for site in doc["sites"]:
+        a, b = doc["final"]["per_site"][site], shown["final"]["per_site"][site]
+        assert {k: a[k] for k in FIELDS} == {k: b[k] for k in FIELDS}
+        assert a["personalized"] == b["personalized"]
+    # the simulator's own held-out rows are named so, and are other figures
+    assert "holdout" not in shown and doc["holdout"]["n_test"] != doc["final"]["n_test"]
+    cmp = CliRunner().invoke(app, ["coordinator", "runs", "compare", doc["run_id"], doc["run_id"], "--state",
+                                   str(out / "coordinator"), "--json"])
+    assert cmp.exit_code == 0, cmp.output
+    both = json.loads(cmp.stdout.strip().splitlines()[0])
+    assert both["final_split"] == "test" and both["rounds_split"] == "validation"
+    assert both["final"]["accuracy"] == [doc["final"]["accuracy"]] * 2
+    assert both["final"]["personalized_accuracy"] == [doc["final"]["personalized"]["accuracy"]] * 2
+
+
+def test_personalised_models_are_also_scored_on_the_held_out_rows_beside_local_only(run):
+    doc, _ = run
+    held = doc["holdout"]
+    for site in doc["sites"]:
+        p = held["per_site"][site]["personalized"]
+        assert FIELDS <= set(p) and p["n_test"] == held["per_site"][site]["n_test"]
+        assert FIELDS <= set(doc["baselines"]["local"][site])  # the local-only model on the same rows
+    assert "mean_accuracy" in held["personalized"]
+
+
+def test_site_reported_test_rows_are_the_sites_fixed_split_never_trained_on(run):
+    from protocol.config import load_experiment
+    from simulator.personal_eval import site_data
+    from site_worker.config import load_site_config
+
+    doc, out = run
+    exp = load_experiment(json.loads((out / "experiment.json").read_text()))
+    work = next((out / "work").iterdir())
+    for site in doc["sites"]:
+        data = site_data(load_site_config(work / "sites" / site / "site.toml"), exp, (11,))
+        assert doc["final"]["per_site"][site]["n_test"] == len(data.x_test)
+        assert doc["final"]["per_site"][site]["personalized"]["n_test"] == len(data.x_test)
+        train = {r.tobytes() for r in data.x_train.numpy()}
+        assert not any(r.tobytes() in train for r in data.x_test.numpy())

@@ -22,12 +22,15 @@ def test_memory_run_returns_the_design_document_scored_on_held_out_splits():
     assert doc["sites"] == ["site-1", "site-2", "site-3"]
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["replies"] == 3 for r in doc["rounds"])
-    final = doc["final"]
-    assert set(final["per_site"]) == set(doc["sites"])
-    # 299 rows, 20% of each site's rows held out (stratified): the union is exactly those rows.
+    final = doc["final"]  # what each site reported on its own fixed test split
+    assert final["split"] == "test" and set(final["per_site"]) == set(doc["sites"])
     assert sum(m["n_test"] for m in final["per_site"].values()) == final["n_test"]
-    assert 50 <= final["n_test"] <= 70
     assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["auc"] <= 1.0
+    held = doc["holdout"]  # the simulator's own held-out rows, never at any site
+    # 299 rows, 20% of each site's rows held out (stratified): the union is exactly those rows.
+    assert sum(m["n_test"] for m in held["per_site"].values()) == held["n_test"]
+    assert 50 <= held["n_test"] <= 70
+    assert "test" not in held["split"] and all("holdout" in r and "test" not in r for r in doc["rounds"])
     # DP is on in this experiment: every site reports a finite, positive epsilon.
     assert set(doc["epsilon"]) == set(doc["sites"])
     assert all(v is not None and 0 < v < math.inf for v in doc["epsilon"].values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protocol.messages import EvalResult, Update
+from protocol.messages import EvalResult, PersonalizeTask, Update
 from protocol.transport import open_bus
 from site_worker.config import load_site_config
 from site_worker.daemon import SiteWorker
@@ -63,6 +63,18 @@ def test_flower_numpy_client_trains_through_a_fedbus_task(tmp_path, amqp_url):
         r = coord.reply().payload
         assert isinstance(r, EvalResult) and r.task_id == ev.message_id
         assert r.num_examples == 96 and 0.0 <= r.metrics["accuracy"] <= 1.0 and "loss" in r.metrics
+
+
+        # the final-model task: a Flower client is not fine-tuned under the ledger; the site answers
+        # with the global model's test metrics, as an EvalTask(split="test") would
+        import time
+
+        fin = coord.task_envelope(PersonalizeTask(experiment=exp, weights=u.weights, dataset="tiny", base_round=3,
+                                                  seed=5, deadline=time.time() + 600), round=3)
+        coord.publish(fin)
+        f = coord.reply().payload
+        assert isinstance(f, EvalResult) and f.task_id == fin.message_id
+        assert f.metrics["accuracy"] == r.metrics["accuracy"] and not any(k.startswith("personalized_") for k in f.metrics)
     finally:
         worker.stop(grace_s=2)
         coord.close()

@@ -1,0 +1,145 @@
+"""The end of a run: every site scores the final global model on its fixed test split.
+
+Without personalisation that is an ``EvalTask(split="test")``. When the experiment
+personalises (``training.personalization`` or FedPer), each site that trained in the run
+gets a signed ``PersonalizeTask`` with the final weights instead: it fine-tunes its own
+copy under its own budget and answers one ``EvalResult`` holding the global model's test
+metrics and the personalised model's (``personalized_*``), released together. Sites that
+never trained get the plain ``EvalTask``. Replies go through the same inbox as every other
+message (signature, run, replay, bounds); they are recorded and acked when the final
+figures are stored.
+
+The result's ``final`` block: n-weighted means over the sites (``accuracy``... and
+``majority_class_accuracy``), ``per_site[site]`` with ``sensitivity``, ``specificity``,
+``majority_class_accuracy``, ``n_test`` and ``personalized`` {accuracy, auc, f1,
+sensitivity, specificity, loss, n_test}, and ``personalized`` (its n-weighted means and
+``mean_accuracy``/``mean_auc``, the plain mean over sites). ``split`` is ``"test"``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from coordinator.inbox import Held, Message
+from coordinator.metrics import weighted_mean
+from coordinator.sampling import derive_seed
+from protocol.messages import Declined, EvalResult, PersonalizeTask, Tensors
+
+PREFIX = "personalized_"
+_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class"}
+
+
+def personalises(experiment: Any) -> bool:
+    """The experiment asks for a personal model per site (a fine-tune, or FedPer's own head)."""
+    return experiment.training.personalization is not None or experiment.federated.name == "FedPer"
+
+
+def method(experiment: Any) -> str:
+    parts = []
+    if experiment.federated.name == "FedPer":
+        parts.append(f"FedPer head ({experiment.federated.parameters.get('personal_layers', 1)} layer(s))")
+    p = experiment.training.personalization
+    if p is not None:
+        parts.append(f"fine-tune {p.mode} {p.epochs} epoch(s)")
+    return " + ".join(parts)
+
+
+def collect(coord: Any, weights: Tensors, rnd: int, sites: list[str]) -> dict[str, dict[str, float]]:
+    """Send each site its final task, gather the answers until all came or the deadline passed."""
+    exp = coord.experiment
+    personal = personalises(exp)
+    trained = {u["site"] for u in coord.store.updates(coord.run_id, verdict="accepted", kind="Update")}
+    deadline = time.time() + coord.round_timeout_s
+    pending: dict[str, str] = {}
+    with coord._batched_tasks():
+        for site in sites:
+            if personal and site in trained:
+                task = PersonalizeTask(experiment=exp.to_wire(), weights=weights, dataset=coord._dataset(),
+                                       base_round=rnd, seed=derive_seed(coord.seed, rnd, site, "personalize"),
+                                       deadline=deadline)
+                pending[coord._publish(task, site=site, round=rnd)] = site
+            else:
+                pending[coord._eval_task(weights, site=site, round=rnd, split="test", deadline=deadline)] = site
+    results: dict[str, dict[str, float]] = {}
+    answered: set[str] = set()
+    held: dict[str, Held] = {}
+    while len(answered) < len(sites):
+        delivery = coord.inbox.next(deadline)
+        if delivery is None:
+            if time.time() >= deadline:
+                coord._log.warning("final evaluation deadline passed", round=rnd,
+                                   missing=sorted(set(sites) - answered))
+                break
+            continue
+        coord.inbox.handle(delivery, round=rnd, held=held,
+                           route=lambda msg: _answer(coord, msg, rnd, pending, results, answered, held))
+    coord.store.record([h.row for h in held.values()])
+    for h in held.values():
+        h.delivery.ack()
+    return results
+
+
+def _answer(coord: Any, msg: Message, rnd: int, pending: dict[str, str], results: dict[str, dict[str, float]],
+            answered: set[str], held: dict[str, Held]) -> None:
+    p, site = msg.payload, msg.site
+    if pending.get(getattr(p, "task_id", "")) != site:
+        return coord.inbox.settle(msg, verdict="late", reason="not an answer to an open final task", round=rnd)
+    if isinstance(p, Declined):
+        answered.add(site)
+        return coord.inbox.decline(msg, round=rnd)
+    if not isinstance(p, EvalResult) or site in answered:
+        return coord.inbox.settle(msg, verdict="duplicate", reason="final task already answered", round=rnd)
+    coord.inbox.check_eval(msg)
+    m = dict(p.metrics)
+    m["n"] = float(m.get("n", p.num_examples))
+    coord.inbox.hold(msg, held, payload=None, split="test")
+    results[site] = m
+    answered.add(site)
+
+
+def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> dict[str, Any]:
+    out: dict[str, Any] = {k: m.get(prefix + k) for k in ("accuracy", "auc", "f1", "loss")}
+    out.update({k: m[prefix + k] for k in ("sensitivity", "specificity") if m.get(prefix + k) is not None})
+    n = m.get(n_key)
+    out["n_test"] = int(n) if n is not None else None
+    if m.get(prefix + "predicts_one_class") is not None:  # exact metrics only: a flag, not a figure
+        out["predicts_one_class"] = bool(m[prefix + "predicts_one_class"])
+    return out
+
+
+def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The ``final`` block of the result (see the module docstring)."""
+    glob = {s: {k: v for k, v in m.items() if not k.startswith(PREFIX) and k not in _NOT_GLOBAL}
+            for s, m in results.items()}
+    agg = weighted_mean([(g, results[s]["n"]) for s, g in glob.items()])
+    final: dict[str, Any] = {k: agg.get(k) for k in ("loss", "accuracy", "auc", "f1")}
+    final.update({k: v for k, v in agg.items() if k not in final})
+    per_site: dict[str, Any] = {}
+    personal: dict[str, dict[str, float]] = {}
+    for s, m in sorted(results.items()):
+        block = _site_block(m)
+        if m.get("majority_class_accuracy") is not None:
+            block["majority_class_accuracy"] = m["majority_class_accuracy"]
+        if m.get("epsilon") is not None:
+            block["epsilon"] = m["epsilon"]
+        if any(k.startswith(PREFIX) for k in m):
+            block["personalized"] = _site_block(m, prefix=PREFIX, n_key=PREFIX + "n")
+            personal[s] = {k[len(PREFIX):]: v for k, v in m.items() if k.startswith(PREFIX)}
+        per_site[s] = block
+    final["per_site"] = per_site
+    final["n_test"] = sum(int(m["n"]) for m in results.values())
+    final["n_sites"] = len(results)
+    final["split"] = "test"
+    if personal:
+        pagg = weighted_mean([({k: v for k, v in pm.items() if k not in _NOT_GLOBAL}, float(pm.get("n") or results[s]["n"]))
+                              for s, pm in personal.items()])
+        accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None]
+        aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None]
+        final["personalized"] = {"method": method(experiment), **pagg, "n_sites": len(personal),
+                                 "mean_accuracy": sum(accs) / len(accs) if accs else None,
+                                 "mean_auc": sum(aucs) / len(aucs) if aucs else None}
+    return final
+
+
+__all__ = ["collect", "method", "personalises", "summarise"]
