@@ -131,8 +131,10 @@ def test_simulated_dp_runs_draw_secret_noise_unless_reproducible_dp_is_asked_for
     from simulator.run import simulate
 
     kw = dict(sites=2, rounds=1, progress=False, seed=3)
-    a, b = simulate(HEART_FAILURE, **kw), simulate(HEART_FAILURE, **kw)
+    # One epoch: the fixture's five (epsilon ~10.2) would pass a simulated hospital's budget of 10.
+    exp = experiment_dict(HEART_FAILURE, **{"training.epochs": 1})
+    a, b = simulate(exp, **kw), simulate(exp, **kw)
     assert a["final"]["loss"] != b["final"]["loss"]  # same seed, same data, different secret noise
     assert not a["reproducible_dp"]
-    c, d = simulate(HEART_FAILURE, reproducible_dp=True, **kw), simulate(HEART_FAILURE, reproducible_dp=True, **kw)
+    c, d = simulate(exp, reproducible_dp=True, **kw), simulate(exp, reproducible_dp=True, **kw)
     assert c["reproducible_dp"] and c["final"]["loss"] == pytest.approx(d["final"]["loss"], rel=1e-9)
