@@ -64,14 +64,14 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "dead-letter-reason-dropped-amqp", "a rejected frame waits in fedbus.dead with its reason (RabbitMQ)",
-        (Edit("protocol/transport/amqp.py", "dl_headers = {**headers, REASON_HEADER: reason, ",
+        (Edit("protocol/transport/consumer.py", "dl_headers = {**headers, REASON_HEADER: reason, ",
               "dl_headers = {**headers, REASON_HEADER: \"\", "),),
         ("tests/transport/test_conformance.py",), marks="broker", broker=True,
     ),
     Mutant(
         "broker-cancel-resubscribes-at-once", "a consumer the broker cancels waits for its queue to be back, "
         "then consumes again on the same channel (nothing lost, nothing done twice)",
-        (Edit("protocol/transport/amqp.py",
+        (Edit("protocol/transport/consumer.py",
               "        while not self._stop.is_set() and time.monotonic() < deadline and not self._queue_exists():\n",
               "        while False:\n"),),
         ("tests/transport/test_consumer_cancel.py",), broker=True,
