@@ -95,6 +95,19 @@ MUTANTS: list[Mutant] = [
               "            pass\n"),),
         ("tests/transport/test_connect_path.py::test_site_on_a_dead_broker_exits_1_before_its_warm_up",),
     ),
+    Mutant(
+        "coordinator-starts-up-before-the-broker-check", "a coordinator learns that its broker is absent before "
+        "it pays for torch and its start-up (exit 1 in ~10 s whatever the load)",
+        (Edit("fedbus/cli_coordinator_run.py", "                reach(broker, tls=tls)\n", "                pass\n"),),
+        ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
+    ),
+    Mutant(
+        "coordinator-dead-broker-retry-chatter", "a coordinator on a broker that is not there says so in one line, "
+        "not in its start-up check's retries",
+        (Edit("fedbus/cli_coordinator_run.py", "        configure_logging(\"cli\", level=\"warning\")\n",
+              "        configure_logging(\"cli\")\n"),),
+        ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
+    ),
     # ------------------------------------------------------------------ coordinator: counting
     Mutant(
         "coord-message-id-dedup-removed", "a message id the coordinator already holds or committed is not counted again",
