@@ -64,7 +64,9 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         from protocol.signing import Signer
         from protocol.transport import BusError, BusPermissionError, open_bus
 
-        configure_logging("cli")
+        # Until the broker has answered, only warnings: the start-up check's retries are not
+        # news, and a broker that is not there is one line (below), not its retry chatter.
+        configure_logging("cli", level="warning")
         tls = None
         if config is not None:
             try:
@@ -107,6 +109,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
                 _fail(str(e), 1, json_out=json_out)
             except ValueError as e:  # a bad broker URL or TLS file
                 _fail(f"cannot open broker: {e}", json_out=json_out)
+        configure_logging("cli")  # the run's own events, from here on
         from coordinator.run import Coordinator  # (the start-up work: after the broker answered)
         from coordinator.state import StateError
         state.mkdir(parents=True, exist_ok=True)

@@ -64,14 +64,14 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "dead-letter-reason-dropped-amqp", "a rejected frame waits in fedbus.dead with its reason (RabbitMQ)",
-        (Edit("protocol/transport/amqp.py", "dl_headers = {**headers, REASON_HEADER: reason, ",
+        (Edit("protocol/transport/consumer.py", "dl_headers = {**headers, REASON_HEADER: reason, ",
               "dl_headers = {**headers, REASON_HEADER: \"\", "),),
         ("tests/transport/test_conformance.py",), marks="broker", broker=True,
     ),
     Mutant(
         "broker-cancel-resubscribes-at-once", "a consumer the broker cancels waits for its queue to be back, "
         "then consumes again on the same channel (nothing lost, nothing done twice)",
-        (Edit("protocol/transport/amqp.py",
+        (Edit("protocol/transport/consumer.py",
               "        while not self._stop.is_set() and time.monotonic() < deadline and not self._queue_exists():\n",
               "        while False:\n"),),
         ("tests/transport/test_consumer_cancel.py",), broker=True,
@@ -94,6 +94,19 @@ MUTANTS: list[Mutant] = [
         (Edit("fedbus/cli_site.py", "            reach(cfg.broker_url, tls=cfg.tls)  # before torch's imports: an absent broker fails in 10 s\n",
               "            pass\n"),),
         ("tests/transport/test_connect_path.py::test_site_on_a_dead_broker_exits_1_before_its_warm_up",),
+    ),
+    Mutant(
+        "coordinator-starts-up-before-the-broker-check", "a coordinator learns that its broker is absent before "
+        "it pays for torch and its start-up (exit 1 in ~10 s whatever the load)",
+        (Edit("fedbus/cli_coordinator_run.py", "                reach(broker, tls=tls)\n", "                pass\n"),),
+        ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
+    ),
+    Mutant(
+        "coordinator-dead-broker-retry-chatter", "a coordinator on a broker that is not there says so in one line, "
+        "not in its start-up check's retries",
+        (Edit("fedbus/cli_coordinator_run.py", "        configure_logging(\"cli\", level=\"warning\")\n",
+              "        configure_logging(\"cli\")\n"),),
+        ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
     ),
     # ------------------------------------------------------------------ coordinator: counting
     Mutant(

@@ -1,7 +1,8 @@
 """Opening AMQP connections to a broker's nodes: failover, fail-fast, refusals named.
 
 Sites connect outbound across firewalls and VPNs, and a clustered broker loses nodes, so
-``amqp.py`` (publishing, consuming) gets its connections from here:
+the AMQP bus's publisher (``publisher.py``) and consumers (``consumer.py``) get their
+connections from here:
 
 * :class:`Connector` opens a connection to the first node that answers, starting from
   the one that last worked (failover between the nodes of a cluster).

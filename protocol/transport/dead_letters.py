@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 from protocol.transport.base import Bus, BusError, Delivery
-from protocol.transport.layout import QUEUE_HEADER
+from protocol.transport.layout import QUEUE_HEADER, USER_HEADER
 from protocol.transport.topology import (
     CONTROL,
     DEAD,
@@ -38,8 +38,7 @@ from protocol.transport.topology import (
 
 MARKER_HEADER = "x-fedbus-dead-marker"  # our own end-of-browse marker (never listed)
 REQUEUED_HEADER = "x-fedbus-requeued"  # on a requeued frame: the reason it had been dead-lettered
-_USER_HEADER = "x-fedbus-user"  # set by amqp.py: the broker-vouched sender of the original
-_DROP_HEADERS = {REASON_HEADER, QUEUE_HEADER, _USER_HEADER, MARKER_HEADER}
+_DROP_HEADERS = {REASON_HEADER, QUEUE_HEADER, USER_HEADER, MARKER_HEADER}
 MAX_BROWSE = 999  # letters one browse can hold unacked (+1 for the marker: the AMQP bus's prefetch limit)
 
 Action = Literal["keep", "drop", "requeue"]
@@ -96,7 +95,7 @@ def _letter(d: Delivery) -> DeadLetter:
     body = bytes(d.body)
     return DeadLetter(
         message_id=d.message_id, reason=h.get(REASON_HEADER), queue=h.get(QUEUE_HEADER),
-        routing_key=d.routing_key, user=h.get(_USER_HEADER) or d.user_id, size=len(body),
+        routing_key=d.routing_key, user=h.get(USER_HEADER) or d.user_id, size=len(body),
         redelivered=bool(d.redelivered), envelope=_envelope_summary(body), headers=h, body=body,
     )
 

@@ -24,6 +24,7 @@ from protocol.transport.topology import (
 EXCHANGES: dict[str, str] = {TASKS: "direct", UPDATES: "direct", CONTROL: "direct", DLX: "fanout"}
 
 QUEUE_HEADER = "x-fedbus-queue"  # on a dead letter: the queue it was rejected from
+USER_HEADER = "x-fedbus-user"  # on a dead letter (AMQP bus): the broker-vouched sender of the original
 
 # Chunk headers of DESIGN.md (transfer_id, index, count, sha256, total_size) as AMQP headers.
 CHUNK_HEADERS = {

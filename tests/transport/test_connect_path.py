@@ -1,8 +1,9 @@
 """Fail fast, shut down fast (issue 12, item 7), as an operator sees it: real processes.
 
 * a broker that is not there fails within 30 s with one line (what, where, the cause),
-  and pika's own logging stays out of it; the CLI checks the broker before its start-up
-  work (torch imports), so the bound holds however loaded the host is;
+  for ``simulate``, ``site run`` and ``coordinator run``, and pika's own logging stays out
+  of it; the CLI checks the broker before its start-up work (torch imports), so the
+  bound holds however loaded the host is;
 * every connection attempt is cut to the time left: a cluster whose nodes accept TCP but
   never speak AMQP, or a resolver that never answers, fail in the connect timeout too;
 * a wrong password exits 2, so systemd's RestartPreventExitStatus=2 stops the loop;
@@ -88,6 +89,28 @@ def test_site_on_a_dead_broker_exits_1_before_its_warm_up(tmp_path: Path) -> Non
     elapsed = time.monotonic() - t0
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # systemd restarts it later (not exit 2)
     assert "cannot reach the RabbitMQ broker at 127.0.0.1:1" in r.stderr and "within 10 s" in r.stderr
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+
+
+def test_coordinator_on_a_dead_broker_exits_1_with_one_line(tmp_path: Path) -> None:
+    from protocol.signing import generate_keypair
+
+    key, _ = generate_keypair("coordinator", tmp_path / "keys")
+    t0 = time.monotonic()
+    # torch cannot be imported: the coordinator checks the broker before its start-up work.
+    r = subprocess.run([sys.executable, "-m", "fedbus.cli", "coordinator", "run", "examples/heart_failure.json",
+                        "--broker", "amqp://127.0.0.1:1/", "--state", str(tmp_path / "state"), "--key", str(key),
+                        "--federation", "f"], cwd=REPO, env=_env(_no_torch(tmp_path)), capture_output=True, text=True,
+                       timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-2000:]  # unreachable is retried later (not exit 2)
+    # What it says before connecting (the experiment's unused keys, the signing key) is
+    # followed by the failure: exactly one line, no retry chatter, no traceback.
+    lines = [x for x in _lines(r.stderr) if not x.startswith(("note: not used by fedbus:", "signing tasks with"))]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("fedbus coordinator: cannot reach the RabbitMQ broker at 127.0.0.1:1"), lines[0]
+    assert "connection refused" in lines[0] and "within 10 s" in lines[0]
+    assert r.stdout == ""
     assert elapsed < 30, f"took {elapsed:.1f} s"
 
 
