@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds per round before closing it with the replies in")] = None,
         log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "warning",
         reproducible_dp: Annotated[bool, typer.Option("--reproducible-dp", help="Research runs: sites draw DP noise from a seed (reported in every update) instead of the OS; never for real data")] = False,
+        site_budget: Annotated[Optional[float], typer.Option("--site-budget", min=0.0, help="Every simulated site's max_epsilon (lifetime, per dataset), as a hospital's policy sets it; default: no limit (ε spent is still announced)")] = None,
         serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard (localhost, actions on) over --out's coordinator state, live; serves on after the run until Ctrl-C")] = False,
         serve_port: Annotated[int, typer.Option("--serve-port", min=0, max=65535, help="Dashboard port with --serve (0: any free port)")] = 8765,
     ) -> None:
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
             doc = run_simulation(
                 experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, rounds=rounds,
                 out=out, baselines=baselines, faults=faults, target=target, seed=seed,
-                round_timeout_s=round_timeout, progress=True, reproducible_dp=reproducible_dp,
+                round_timeout_s=round_timeout, progress=True, reproducible_dp=reproducible_dp, site_budget=site_budget,
             )
         except SimulationInputError as e:
             err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)

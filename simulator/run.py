@@ -155,8 +155,12 @@ def simulate(
     progress: bool = True,
     keep_work: bool | None = None,
     reproducible_dp: bool = False,
+    site_budget: float | None = None,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the DESIGN.md result document.
+
+    ``site_budget`` is every simulated site's ``max_epsilon`` (lifetime, per dataset; None: no
+    limit, the research default). Either way each site announces the ε it has spent.
 
     ``site_suffix`` is appended to every site id (tests sharing a broker use a unique one;
     site ids seed the tasks, so compare runs only with the same suffix). ``rows`` sizes
@@ -173,7 +177,7 @@ def simulate(
         return _simulate(experiment_path, sites, partition, dataset, broker, rounds, out, baselines, faults, json_out,
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
                          round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
-                         reproducible_dp=reproducible_dp)
+                         reproducible_dp=reproducible_dp, site_budget=site_budget)
     finally:
         torch.set_num_threads(threads)
 
@@ -182,7 +186,8 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               rounds: int | None, out: Any, baselines: bool, faults: str | None, json_out: bool, *,
               target: str | None, seed: int | None, site_suffix: str, rows: int | None,
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
-              score_rounds_max_sites: int = 100, reproducible_dp: bool = False) -> dict[str, Any]:
+              score_rounds_max_sites: int = 100, reproducible_dp: bool = False,
+              site_budget: float | None = None) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -229,7 +234,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     ws = build_workspace(
         work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
-        dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed,
+        dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
     )
     fault_log = FaultLog()
     try:

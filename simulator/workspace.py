@@ -37,7 +37,7 @@ class Workspace:
     sites: dict[str, SiteFiles]
 
 
-SITE_BUDGET = 10.0  # ε per dataset a simulated hospital allows, as deploy/site.toml suggests
+SUGGESTED_BUDGET = 10.0  # deploy/site.toml's suggested max_epsilon, what `simulate --site-budget` mirrors
 
 
 def _toml_str(value: str) -> str:
@@ -47,7 +47,7 @@ def _toml_str(value: str) -> str:
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
     dataset: str, train: Path, target: str, signal: bool, dp_seed: int | None = None,
-    max_epsilon: float = SITE_BUDGET,
+    max_epsilon: float | None = None,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -64,8 +64,11 @@ def site_toml(
         'metrics = "exact"  # research default: exact validation metrics (a leak a hospital would not allow)',
         "max_sample_rate = 1.0  # small simulated partitions train in one batch",
         "max_evaluations_per_run = 100000",
-        f"max_epsilon = {float(max_epsilon)!r}  # the site's lifetime budget per dataset (deploy/site.toml's default)",
     ]
+    if max_epsilon is not None:  # simulate --site-budget EPS: a hospital's lifetime budget per dataset
+        lines.append(f"max_epsilon = {float(max_epsilon)!r}  # the site's lifetime budget per dataset")
+    else:  # research default: no limit, so any experiment (a MediNet export included) runs; ε is still announced
+        lines.append("# max_epsilon unset: this simulated site spends what the experiment asks (simulate --site-budget sets one)")
     if dp_seed is not None:  # fedbus simulate --reproducible-dp: DP noise from a site seed, reported as such
         lines += ["reproducible_dp = true", f"dp_seed = {int(dp_seed) & 0x7FFFFFFFFFFFFFFF}"]
     lines += [
@@ -92,6 +95,7 @@ def build_workspace(
     coordinator_state: Path,
     dp_seed: int | None = None,
     split_seed: int | None = None,
+    site_budget: float | None = None,
 ) -> Workspace:
     """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
     root.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ def build_workspace(
             site_toml(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
-                signal=data.kind == "signal", dp_seed=dp_seed,
+                signal=data.kind == "signal", dp_seed=dp_seed, max_epsilon=site_budget,
             ),
             encoding="utf-8",
         )

@@ -48,7 +48,7 @@ def sim_out(tmp_path_factory) -> Path:
     out = tmp / "out"
     for name, batch, fed in (("a.json", 32, {}), ("b.json", 16, {"test_every": 1})):
         fedbus("simulate", str(experiment_with(tmp, name, federated=fed, batch_size=batch)), "--sites", "3",
-               "--rounds", "2", "--out", str(out))
+               "--rounds", "2", "--out", str(out), "--site-budget", "10")
     return out
 
 

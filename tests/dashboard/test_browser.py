@@ -80,14 +80,15 @@ def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dash-live")
     out = tmp / "out"
     fedbus("simulate", str(experiment_with(tmp, "a.json", batch_size=32)), "--sites", "3", "--rounds", "2",
-           "--out", str(out))
+           "--out", str(out), "--site-budget", "10")
     state = out / "coordinator"
     (run_a,) = db_one(state, "SELECT run_id FROM runs")
     slow = experiment_with(tmp, "b.json", federated={"test_every": 1}, batch_size=16, epochs=10)
     log = open(tmp / "serve.log", "w+")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "fedbus.cli", "simulate", str(slow), "--sites", "3", "--rounds",
-                             str(LIVE_ROUNDS), "--out", str(out), "--serve", "--serve-port", "0"],
+                             str(LIVE_ROUNDS), "--out", str(out), "--serve", "--serve-port", "0",
+                             "--site-budget", "10"],
                             stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT)
     try:
         def url():

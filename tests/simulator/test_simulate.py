@@ -114,3 +114,19 @@ def test_cli_bad_usage_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["simulate", str(HEART_FAILURE), "--partition", "dirichlet:zero"])
     assert res.exit_code == 2
     assert "ALPHA must be a number" in res.output
+
+
+def test_site_budget_is_each_simulated_sites_max_epsilon_and_none_means_no_limit(tmp_path):
+    """``--site-budget`` writes the hospital's max_epsilon into every site.toml: a run that needs more
+    is declined by the sites; without it a simulated site sets no limit (a MediNet export runs)."""
+    from simulator.run import SimulationFailed
+    from site_worker.config import load_site_config
+
+    with pytest.raises(SimulationFailed, match=r"declined: site-1, site-2"):
+        simulate(HEART_FAILURE, sites=2, rounds=1, progress=False, site_budget=0.5, out=tmp_path / "capped")
+    configs = sorted((tmp_path / "capped" / "work").glob("*/sites/*/site.toml"))
+    assert configs and {load_site_config(c).policy.max_epsilon for c in configs} == {0.5}
+    doc = simulate(HEART_FAILURE, sites=2, rounds=1, progress=False, out=tmp_path / "free")
+    assert doc["privacy"]["epsilon"]["site-1"] > 0.5
+    configs = sorted((tmp_path / "free" / "work").glob("*/sites/*/site.toml"))
+    assert configs and {load_site_config(c).policy.max_epsilon for c in configs} == {None}
