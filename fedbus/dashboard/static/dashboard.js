@@ -215,9 +215,10 @@
 
   // The parts of the run page that change with every round; each has an id so a poll can swap it.
   function baselineNote(doc) {
-    const f = doc.final, maj = f.majority_class_accuracy;
-    if (maj !== null && maj !== undefined) return `majority-class baseline ${pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "");
-    return "majority-class baseline: " + (doc.status === "running" ? AT_END : "not reported");
+    const f = doc.final, maj = f.majority_class_accuracy, known = maj !== null && maj !== undefined;
+    return el("span", { class: "baseline", "data-value": known ? maj : "" }, known
+      ? `majority-class baseline ${pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "")
+      : "majority-class baseline: " + (doc.status === "running" ? AT_END : "not reported"));
   }
   function epsKpi(doc) {
     const privacy = doc.privacy || {}, epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
@@ -242,14 +243,14 @@
     const haveTest = test.accuracy !== null && test.accuracy !== undefined, p = f.personalized;
     const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baselineNote(doc))
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
-        doc.status === "running" ? "test figures come when the run ends · " + baselineNote(doc) : baselineNote(doc));
+        doc.status === "running" ? el("span", {}, "test figures come when the run ends · ", baselineNote(doc)) : baselineNote(doc));
     const warned = Object.keys(f.one_class || {});
     const grid = el("div", { class: "grid k4", id: "kpis" }, first,
       haveTest ? kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect")
         : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
       haveTest ? kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
         : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
-      p ? kpi("Personalised accuracy", "personalized", pct(p.accuracy), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
+      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, pct(p.accuracy)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
         : doc.personalises ? kpi("Personalised accuracy", "personalized", "–", doc.status === "running" ? AT_END : "not reported") : null,
       epsKpi(doc));
     if (!warned.length) return grid;
@@ -259,7 +260,7 @@
 
   const cellPct = (v, pending) => (v === null || v === undefined ? (pending ? el("span", { class: "muted pending" }, AT_END) : "–") : pct(v));
   function siteTableOf(doc) {
-    const live = doc.status === "running";
+    const live = doc.status === "running", personal = doc.personalises || doc.sites.some((s) => s.personalized);
     const results = doc.sites.map((s) => { const t = s.test || {}, p = s.personalized;
       const pend = live && !s.n_test;
       return el("tr", { "data-site": s.site },
@@ -269,9 +270,9 @@
         el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" }, cellPct(s.majority_class_accuracy, pend)),
         el("td", { class: "num" }, s.test ? num(t.auc) : "–"), el("td", { class: "num" }, s.test ? num(t.f1) : "–"),
         el("td", { class: "num" }, s.test ? num(t.sensitivity, 2) : "–"), el("td", { class: "num" }, s.test ? num(t.specificity, 2) : "–"),
-        el("td", { class: "num personalized-accuracy", "data-value": p ? p.accuracy ?? "" : "" },
-          p ? pct(p.accuracy) : cellPct(null, pend && doc.personalises), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null),
-        el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? num(p.auc) : "–"));
+        personal ? el("td", { class: "num personalized-accuracy", "data-value": p ? p.accuracy ?? "" : "" },
+          p ? pct(p.accuracy) : cellPct(null, pend), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null) : null,
+        personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? num(p.auc) : "–") : null);
     });
     const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
@@ -282,12 +283,13 @@
       el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
     return el("div", { id: "run-sites" },
       el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
-        (doc.personalises ? " and its personalised model." : ".") + (live ? " Baselines and personalised figures are " + AT_END + "." : "")),
+        (personal ? " and its personalised model." : ".") + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
       el("table", { id: "site-results" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test rows"),
         el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
         el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")),
         el("th", { class: "num" }, tip("Sensitivity", "sensitivity")), el("th", { class: "num" }, tip("Specificity", "specificity")),
-        el("th", { class: "num" }, tip("Personalised accuracy", "personalized")), el("th", { class: "num" }, tip("Personalised AUC", "personalized")))),
+        personal ? el("th", { class: "num" }, tip("Personalised accuracy", "personalized")) : null,
+        personal ? el("th", { class: "num" }, tip("Personalised AUC", "personalized")) : null)),
         el("tbody", {}, results)),
       el("h3", {}, "Privacy and messages per site"),
       el("table", { id: "site-privacy" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
