@@ -295,7 +295,7 @@ def test_a_run_without_personalisation_has_no_personalised_figures(api, state, r
         s: m["majority_class_accuracy"] for s, m in final["per_site"].items()}
 
 
-def test_held_out_rows_are_labelled_held_out_and_never_test(api, state, sim_out, run_ids):
+def test_held_out_rows_are_labelled_held_out_and_never_test(api, state, sim_out, run_ids, tmp_path):
     """``simulate``'s extra rows (``holdout`` in its result.json, ``rounds[i].holdout``) come back under
     ``holdout`` only; the rounds' ``test`` is what the sites released on their own splits."""
     a, b = run_ids[:2]
@@ -312,10 +312,22 @@ def test_held_out_rows_are_labelled_held_out_and_never_test(api, state, sim_out,
         m = json.loads(row["metrics_json"])
         if "test" in m:  # a round the sites scored on their test splits
             assert got["test"] == {k: m["test"][k] for k in ("loss", "accuracy", "auc", "f1")} != got["holdout"]
-    # Run A's rounds had no per-round test (test_every 0): its rounds carry no test, whatever simulate scored.
+    # Run A had no per-round test (test_every 0). Where its simulate's result.json sits beside the state
+    # (as when it was the latest simulate), its rounds show that file's held-out scores as held-out, no test.
+    import shutil
+
     sim_a = json.loads((sim_out / f"result-{a}.json").read_text())
     assert all(r.get("holdout") for r in sim_a["rounds"]) and "test" not in sim_a["rounds"][0]
-    assert all(r["test"] is None and r["test_source"] is None for r in api.get(f"/api/runs/{a}").json()["rounds"])
+    out = tmp_path / "out"
+    shutil.copytree(sim_out, out, symlinks=True)
+    (out / "result.json").write_text(json.dumps(sim_a))
+    doc_a = client(out / "coordinator").get(f"/api/runs/{a}").json()
+    assert [r["holdout"] for r in doc_a["rounds"]] == [
+        {k: r["holdout"][k] for k in ("loss", "accuracy", "auc", "f1")} for r in sim_a["rounds"]]
+    assert all(r["test"] is None and r["test_source"] is None for r in doc_a["rounds"])
+    assert doc_a["holdout"]["metrics"]["accuracy"] == sim_a["holdout"]["accuracy"]
+    assert doc_a["final"]["test"]["accuracy"] == _stored_final(state, a)["accuracy"]
+    assert "held-out" not in doc_a["final"]["source"] and "held-out" in doc_a["holdout"]["source"]
 
 
 def test_epsilon_comes_with_delta_and_the_sites_budget(api, state, sim_out, run_ids):
