@@ -271,6 +271,18 @@ MUTANTS += [
               "    sens = max(s for _, _, s in parts)\n"),),
         ("tests/site_worker/test_final_release.py",), marks="not broker",
     ),
+    # ------------------------------------------------------------------ dashboard: results that say what they are
+    Mutant(
+        "dashboard-holdout-shown-as-test", "the dashboard's \"test\" is the sites' fixed test splits, never the simulator's held-out rows",
+        (Edit("fedbus/dashboard/views.py", '        "test": _pick(test) if test else None,\n',
+              '        "test": _pick(test) if test else _pick(holdout) if isinstance(holdout, dict) else None,\n'),),
+        ("tests/dashboard/test_api.py::test_held_out_rows_are_labelled_held_out_and_never_test",),
+    ),
+    Mutant(
+        "dashboard-one-class-unflagged", "the run page warns where a site's model predicts one class",
+        (Edit("fedbus/dashboard/results.py", "    if not isinstance(m, dict):\n        return None\n", "    return None\n"),),
+        ("tests/dashboard/test_api.py::test_a_site_whose_model_predicts_one_class_is_flagged",),
+    ),
 ]
 
 # ---------------------------------------------------------------------- the chaos harness itself

@@ -1,9 +1,12 @@
 """The JSON documents behind each page (``/api/...``), built from a ``StateReader``.
 
-Result keys follow DESIGN.md ("privacy", ``final.per_site[site].personalized``,
-``majority_class_accuracy``; "test" is the fixed test split, validation is labelled as
-such). Keys a coordinator or site version does not report yet come back as ``None``,
-and the page says "not reported" instead of guessing.
+Result keys follow DESIGN.md and issue 11 ("privacy", ``final.per_site[site].personalized``,
+``majority_class_accuracy``). Words mean one thing each: **test** is each site's fixed test
+split, as the site scored it (``final``, per-round ``test`` with ``federated.test_every``);
+**validation** is the sites' validation rows; **held-out** is the extra rows ``simulate``
+keeps back from every site (``holdout`` in its ``result.json``), shown only under that name.
+Keys a coordinator or site version does not report yet come back as ``None``, and the page
+says "not reported" (or, during a live run, "known at the end of the run") instead of guessing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedbus.dashboard import results
 from fedbus.dashboard.data import StateReader
 
 METRICS = ("loss", "accuracy", "auc", "f1")
@@ -105,7 +109,9 @@ def runs_doc(reader: StateReader, *, status: str | None = None, now: float | Non
             "experiment": (r["experiment"].get("basic_info") or {}).get("name"),
             "created_at": r["created_at"], "finished_at": r["finished_at"], "duration_s": _duration(r, now),
             "rounds_done": r["rounds_done"], "rounds_planned": r["rounds_planned"],
-            "final": {k: _num(final.get(k)) for k in METRICS} if final else None,
+            "final": {**{k: _num(final.get(k)) for k in METRICS},
+                      "majority_class_accuracy": results.weighted_baseline(final.get("per_site") or {})
+                      if final.get("per_site") else _num(final.get("majority_class_accuracy"))} if final else None,
         })
     return {"runs": rows, "status": status, "statuses": ["running", "completed", "failed", "stopped"]}
 
@@ -113,9 +119,8 @@ def runs_doc(reader: StateReader, *, status: str | None = None, now: float | Non
 def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict[str, Any]]) -> dict[str, Any]:
     m = r["metrics"] or {}
     status = m.get("test_status") or {}  # per site: "released", "declined: <reason>", ... (federated.test_every)
-    test, source = m.get("test"), "sites" if isinstance(m.get("test"), dict) else None
-    if source is None and isinstance(overlay.get(int(r["round"]), {}).get("test"), dict):
-        test, source = overlay[int(r["round"])]["test"], "simulator"
+    test = m.get("test") if isinstance(m.get("test"), dict) else None
+    holdout = overlay.get(int(r["round"]), {}).get("holdout")
     per_site = {}
     for site in sorted(set(m.get("per_site") or {}) | set(status)):
         sm = (m.get("per_site") or {}).get(site) or {}
@@ -128,10 +133,12 @@ def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict
     return {
         "round": r["round"], "replies": r["replies"], "sampled": r["sampled"], "attempts": r["attempts"],
         "validation": _pick(m.get("aggregate") or {"loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"]}),
-        "test": _pick(test) if isinstance(test, dict) else None,
+        "test": _pick(test) if test else None,
         # "sites": released by the sites on their fixed test splits during the run (federated.test_every);
-        # "simulator": scored by ``simulate`` after the run on its held-out splits.
-        "test_source": source if isinstance(test, dict) else None,
+        # "final evaluation": the last round's test is the run's final one (``_final_as_last_round``).
+        "test_source": "sites" if test else None,
+        # Not a test split: ``simulate`` scored this round's checkpoint on the rows it kept from every site.
+        "holdout": _pick(holdout) if isinstance(holdout, dict) else None,
         "test_evaluated": bool(status),
         "per_site": per_site, "wall_s": r["wall_s"], "train_s": r["train_s"],
         "communication_s": r["communication_s"], "aggregation_s": r["aggregation_s"],
@@ -140,7 +147,7 @@ def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict
 
 
 def simulator_overlay(state_dir: Path, run_id: str) -> dict[str, Any]:
-    """What ``simulate --out`` adds beside the state (``../result.json``): per-round test scores, baselines."""
+    """What ``simulate --out`` adds beside the state (``../result.json``): its held-out rows' scores, baselines."""
     path = state_dir.parent / "result.json"
     try:
         doc = json.loads(path.read_text())
@@ -178,14 +185,6 @@ def _privacy(result: dict[str, Any], msgs: list[dict[str, Any]]) -> dict[str, An
     return p
 
 
-def _majority(per_site: dict[str, Any]) -> float | None:
-    """Test accuracy of always predicting each site's most frequent class, weighted by test rows."""
-    pairs = [(_num(m.get("majority_class_accuracy")), m.get("n_test")) for m in per_site.values()]
-    if not pairs or any(a is None or not n for a, n in pairs):
-        return None
-    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
-
-
 def _test_every(experiment: dict[str, Any]) -> int:
     """``federated.test_every`` of the experiment as run (0: the test split only at the end)."""
     v = (experiment.get("federated") or {}).get("test_every") if isinstance(experiment, dict) else None
@@ -215,9 +214,8 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
     test_every = _test_every(run["experiment"])
     _final_as_last_round(rounds, result.get("final"), test_every)
     final = dict(result.get("final") or {})
-    source = "federated evaluation on the sites' test splits" if final else None
-    if isinstance(overlay_doc.get("final"), dict) and overlay_doc["final"]:
-        final, source = dict(overlay_doc["final"]), "the simulator's held-out test splits"
+    if not final and (overlay_doc.get("final") or {}).get("split") == "test":  # the same sites' figures, as simulate saved them
+        final = dict(overlay_doc["final"])
     final_sites = final.get("per_site") or {}
     privacy = _privacy({**result, "privacy": {**(overlay_doc.get("privacy") or {}), **(result.get("privacy") or {})}}, msgs)
     if not privacy.get("accountant"):  # the sites' policies fix it (DESIGN.md "Trust"); say it when they agree
@@ -226,25 +224,32 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         privacy["accountant"] = named.pop() if len(named) == 1 else None
     sites = sorted(set(run["sites"] or []) | set(final_sites) | {u["site"] for u in msgs if u["site"]}
                    | {s for r in rounds for s in r["per_site"]})
+    budgets = results.site_budgets(reader.sites(), _dataset_of(run["experiment"]))
     table = []
     for s in sites:
         mine = [u for u in msgs if u["site"] == s]
         updates = [u for u in mine if u["kind"] == "Update" and u["verdict"] == "accepted"]
         fm = final_sites.get(s) or {}
         latest = None if fm else next((r for r in reversed(rounds) if (r["per_site"].get(s) or {}).get("test")), None)
-        table.append({
+        deltas = {u["delta"] for u in updates if u["delta"] is not None}
+        eps = (privacy.get("epsilon") or {}).get(s) if isinstance(privacy.get("epsilon"), dict) else None
+        eps = eps if eps is not None else _num(fm.get("epsilon"))
+        planned = privacy.get("planned_epsilon")
+        row = {
             "site": s, "updates": len(updates),
             "examples": updates[-1]["num_examples"] if updates else None,
-            "epsilon": (privacy.get("epsilon") or {}).get(s), "planned_epsilon": (privacy.get("planned_epsilon") or {}).get(s)
-            if isinstance(privacy.get("planned_epsilon"), dict) else None,
+            "epsilon": eps, "planned_epsilon": planned.get(s) if isinstance(planned, dict) else None,
+            "delta": deltas.pop() if len(deltas) == 1 else privacy.get("delta") if not isinstance(privacy.get("delta"), list) else None,
+            "budget": budgets.get(s), "budget_left": budgets[s] - eps if budgets.get(s) is not None and eps is not None else None,
             "declined": sum(u["verdict"] == "declined" for u in mine),
             "rejected": sum(u["verdict"] not in ("accepted", "declined") for u in mine),
-            "test": {k: _num(fm.get(k)) for k in METRICS} if fm else latest["per_site"][s]["test"] if latest else None,
-            "test_round": latest["round"] if latest else None,  # while running: the latest per-round test
-            "n_test": fm.get("n_test"),
-            "majority_class_accuracy": _num(fm.get("majority_class_accuracy")),
-            "personalized": fm.get("personalized"),
-        })
+            # while running: the latest per-round test (federated.test_every), else the final evaluation
+            "test_round": latest["round"] if latest else None,
+            **results.site_block(fm),
+        }
+        if not fm:
+            row["test"] = latest["per_site"][s]["test"] if latest else None
+        table.append(row)
     timing = dict(result.get("timing") or {})
     if not timing and rounds:
         timing = {k: sum(r[k] or 0.0 for r in rounds) for k in ("wall_s", "train_s", "communication_s", "aggregation_s")}
@@ -258,12 +263,9 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         "duration_s": _duration({**run, "last_commit": rounds[-1]["committed_at"] if rounds else None}, now),
         "rounds_done": len(rounds), "rounds_planned": run["rounds_planned"], "rounds": rounds, "sites": table,
         "test_every": test_every,
-        "final": {
-            "test": {k: _num(final.get(k)) for k in METRICS} if final else None,
-            "validation": last_val, "n_test": final.get("n_test"), "source": source,
-            "majority_class_accuracy": _num(final.get("majority_class_accuracy")) or _majority(final_sites),
-            "per_site": final_sites,
-        },
+        "personalises": results.personalises(run["experiment"]),
+        "final": results.final_doc(final, last_val),
+        "holdout": results.holdout_doc(overlay_doc),
         "baselines": result.get("baselines") or overlay_doc.get("baselines"),
         "privacy": privacy,
         "rejected": [{"round": u["round"], "message_id": u["message_id"], "site": u["site"], "kind": u["kind"],

@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "heart_failure.json"
+PERSONALIZE = {"mode": "last_layer", "epochs": 1}  # each site's own fine-tune after the rounds (issue 11)
 
 
 def fedbus(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
@@ -43,12 +44,17 @@ def experiment_with(tmp: Path, name: str, federated: dict | None = None, **train
 @pytest.fixture(scope="session")
 def sim_out(tmp_path_factory) -> Path:
     """``simulate --out OUT`` twice into one OUT: runs A (batch 32) and B (batch 16, ``federated.test_every``
-    1: the sites score every round on their test split), 2 rounds each, 3 sites."""
+    1: the sites score every round on their test split; each site fine-tunes a personalised model at the
+    end), 2 rounds each, 3 sites. Each run's ``result.json`` is kept as ``OUT/result-<run_id>.json``
+    (the next simulate overwrites ``OUT/result.json``)."""
     tmp = tmp_path_factory.mktemp("dash-sim")
     out = tmp / "out"
-    for name, batch, fed in (("a.json", 32, {}), ("b.json", 16, {"test_every": 1})):
-        fedbus("simulate", str(experiment_with(tmp, name, federated=fed, batch_size=batch)), "--sites", "3",
+    for name, batch, fed, extra in (("a.json", 32, {}, {}),
+                                    ("b.json", 16, {"test_every": 1}, {"personalization": PERSONALIZE})):
+        fedbus("simulate", str(experiment_with(tmp, name, federated=fed, batch_size=batch, **extra)), "--sites", "3",
                "--rounds", "2", "--out", str(out), "--site-budget", "10")
+        doc = json.loads((out / "result.json").read_text())
+        (out / f"result-{doc['run_id']}.json").write_text(json.dumps(doc))
     return out
 
 

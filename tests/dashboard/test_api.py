@@ -191,7 +191,7 @@ def test_rounds_carry_test_per_site_when_the_run_asks_for_it(api, state, run_ids
     off = api.get(f"/api/runs/{a}").json()
     assert off["test_every"] == 0
     for r in off["rounds"]:
-        assert r["test_evaluated"] is False and r["test_source"] in (None, "simulator")
+        assert r["test_evaluated"] is False and r["test_source"] is None
         assert all(s["test"] is None and s["test_status"] is None for s in r["per_site"].values())
 
 
@@ -243,3 +243,129 @@ def test_a_restarted_sites_hello_is_newer_than_its_updates(sim_out, tmp_path):
         assert ds["epsilon_source"] == "its hello"
         assert ds["epsilon_spent"] == pytest.approx(spent[s["site_id"]]) and ds["epsilon_spent"] > 0
         assert ds["budget_left"] == pytest.approx(ds["budget"] - ds["epsilon_spent"])
+
+
+def _stored_final(state, run_id: str) -> dict:
+    [row] = db_rows(state, "SELECT result_json FROM runs WHERE run_id=?", (run_id,))
+    return json.loads(row["result_json"])["final"]
+
+
+def test_final_is_the_sites_test_split_with_baselines_and_personalised_models(api, state, run_ids):
+    """Run B personalises: every figure of the run page's headline and per-site table is the stored
+    ``final`` (the sites' own test splits), never the simulator's held-out rows."""
+    b = run_ids[1]
+    final = _stored_final(state, b)
+    assert final["split"] == "test" and set(final["per_site"]) and final["personalized"]
+    doc = api.get(f"/api/runs/{b}").json()
+    f = doc["final"]
+    assert "test split" in f["source"] and "held-out" not in f["source"] and f["split"] == "test"
+    assert f["test"]["accuracy"] == final["accuracy"] and f["test"]["auc"] == final["auc"]
+    assert f["test"]["sensitivity"] == final["sensitivity"] and f["n_test"] == final["n_test"]
+    # The headline baseline: the sites' baselines weighted by their test rows, labelled so.
+    per = final["per_site"]
+    weighted = sum(m["majority_class_accuracy"] * m["n_test"] for m in per.values()) / sum(m["n_test"] for m in per.values())
+    assert f["majority_class_accuracy"] == pytest.approx(weighted) == pytest.approx(final["majority_class_accuracy"])
+    assert "weighted by test rows" in f["majority_basis"]
+    assert f["personalized"]["accuracy"] == final["personalized"]["accuracy"]
+    assert f["personalized"]["auc"] == final["personalized"]["auc"] and f["personalized"]["method"] == final["personalized"]["method"]
+    assert doc["personalises"] is True
+    rows = {s["site"]: s for s in doc["sites"]}
+    assert set(rows) == set(per)
+    for site, m in per.items():
+        row = rows[site]
+        assert row["test"]["accuracy"] == m["accuracy"] and row["test"]["auc"] == m["auc"]
+        assert (row["test"]["sensitivity"], row["test"]["specificity"]) == (m.get("sensitivity"), m.get("specificity"))
+        assert row["majority_class_accuracy"] == m["majority_class_accuracy"] and row["n_test"] == m["n_test"]
+        assert row["personalized"]["accuracy"] == m["personalized"]["accuracy"]
+        assert row["personalized"]["auc"] == m["personalized"]["auc"]
+        assert row["personalized"]["n_test"] == m["personalized"]["n_test"]
+    # The runs list puts the same baseline beside the same accuracy.
+    [listed] = [r for r in api.get("/api/runs").json()["runs"] if r["run_id"] == b]
+    assert listed["final"]["accuracy"] == final["accuracy"]
+    assert listed["final"]["majority_class_accuracy"] == pytest.approx(weighted)
+
+
+def test_a_run_without_personalisation_has_no_personalised_figures(api, state, run_ids):
+    a = run_ids[0]
+    final = _stored_final(state, a)
+    doc = api.get(f"/api/runs/{a}").json()
+    assert doc["personalises"] is False and doc["final"]["personalized"] is None and "personalized" not in final
+    assert all(s["personalized"] is None for s in doc["sites"])
+    assert {s["site"]: s["majority_class_accuracy"] for s in doc["sites"]} == {
+        s: m["majority_class_accuracy"] for s, m in final["per_site"].items()}
+
+
+def test_held_out_rows_are_labelled_held_out_and_never_test(api, state, sim_out, run_ids, tmp_path):
+    """``simulate``'s extra rows (``holdout`` in its result.json, ``rounds[i].holdout``) come back under
+    ``holdout`` only; the rounds' ``test`` is what the sites released on their own splits."""
+    a, b = run_ids[:2]
+    sim = json.loads((sim_out / "result.json").read_text())
+    assert sim["run_id"] == b and sim["holdout"]["accuracy"] is not None
+    doc = api.get(f"/api/runs/{b}").json()
+    h = doc["holdout"]
+    assert "held-out" in h["source"] and "not any site's test split" in h["source"]
+    assert h["metrics"]["accuracy"] == sim["holdout"]["accuracy"] and h["n"] == sim["holdout"]["n_test"]
+    assert h["personalized"]["accuracy"] == sim["holdout"]["personalized"]["accuracy"]
+    stored = db_rows(state, "SELECT round, metrics_json FROM rounds WHERE run_id=? ORDER BY round", (b,))
+    for got, want, row in zip(doc["rounds"], sim["rounds"], stored):
+        assert got["holdout"] == {k: want["holdout"][k] for k in ("loss", "accuracy", "auc", "f1")}
+        m = json.loads(row["metrics_json"])
+        if "test" in m:  # a round the sites scored on their test splits
+            assert got["test"] == {k: m["test"][k] for k in ("loss", "accuracy", "auc", "f1")} != got["holdout"]
+    # Run A had no per-round test (test_every 0). Where its simulate's result.json sits beside the state
+    # (as when it was the latest simulate), its rounds show that file's held-out scores as held-out, no test.
+    import shutil
+
+    sim_a = json.loads((sim_out / f"result-{a}.json").read_text())
+    assert all(r.get("holdout") for r in sim_a["rounds"]) and "test" not in sim_a["rounds"][0]
+    out = tmp_path / "out"
+    shutil.copytree(sim_out, out, symlinks=True)
+    (out / "result.json").write_text(json.dumps(sim_a))
+    doc_a = client(out / "coordinator").get(f"/api/runs/{a}").json()
+    assert [r["holdout"] for r in doc_a["rounds"]] == [
+        {k: r["holdout"][k] for k in ("loss", "accuracy", "auc", "f1")} for r in sim_a["rounds"]]
+    assert all(r["test"] is None and r["test_source"] is None for r in doc_a["rounds"])
+    assert doc_a["holdout"]["metrics"]["accuracy"] == sim_a["holdout"]["accuracy"]
+    assert doc_a["final"]["test"]["accuracy"] == _stored_final(state, a)["accuracy"]
+    assert "held-out" not in doc_a["final"]["source"] and "held-out" in doc_a["holdout"]["source"]
+
+
+def test_epsilon_comes_with_delta_and_the_sites_budget(api, state, sim_out, run_ids):
+    tomls = _site_tomls(sim_out)
+    for rid in run_ids[:2]:
+        doc = api.get(f"/api/runs/{rid}").json()
+        deltas = {r["site"]: r["delta"] for r in db_rows(
+            state, "SELECT site, delta FROM updates WHERE run_id=? AND kind='Update' AND verdict='accepted'", (rid,))}
+        for s in doc["sites"]:
+            assert s["budget"] == tomls[s["site"]]["policy"]["max_epsilon"] > 0
+            assert s["delta"] == deltas[s["site"]] == pytest.approx(1e-5)
+            assert s["budget_left"] == pytest.approx(s["budget"] - s["epsilon"])
+
+
+def test_a_site_whose_model_predicts_one_class_is_flagged(state, sim_out, run_ids, tmp_path):
+    """The warning follows the stored figures: a copy of the state where one site's stored result says
+    its model predicts one class (its flag, or specificity 0) flags that site, and only it."""
+    import shutil
+    import sqlite3
+
+    b = run_ids[1]
+    clean = client(state).get(f"/api/runs/{b}").json()
+    assert clean["final"]["one_class"] == {} and all(s["one_class"] is None for s in clean["sites"])
+    out = tmp_path / "out"
+    shutil.copytree(sim_out, out, symlinks=True)
+    db = sqlite3.connect(out / "coordinator" / "coordinator.db")
+    result = json.loads(db.execute("SELECT result_json FROM runs WHERE run_id=?", (b,)).fetchone()[0])
+    first, second = sorted(result["final"]["per_site"])[:2]
+    result["final"]["per_site"][first]["predicts_one_class"] = True
+    result["final"]["per_site"][second].pop("predicts_one_class", None)
+    result["final"]["per_site"][second]["personalized"]["specificity"] = 0.0
+    result["final"]["per_site"][second]["personalized"].pop("predicts_one_class", None)
+    db.execute("UPDATE runs SET result_json=? WHERE run_id=?", (json.dumps(result), b))
+    db.commit()
+    db.close()
+    doc = client(out / "coordinator").get(f"/api/runs/{b}").json()
+    assert set(doc["final"]["one_class"]) == {first}
+    rows = {s["site"]: s for s in doc["sites"]}
+    assert "same class" in rows[first]["one_class"] and rows[first]["personalized"]["one_class"] is None
+    assert rows[second]["one_class"] is None and "specificity 0" in rows[second]["personalized"]["one_class"]
+    assert all(r["one_class"] is None for s, r in rows.items() if s not in (first, second))

@@ -4,6 +4,9 @@
 What a researcher does in MediNet's walkthrough, checked as they would see it:
 * the run page's curve gains points as rounds complete, without a reload;
 * the run page's test curve (``federated.test_every`` 1) gains points too, per site as well;
+* while the run is live its page says the majority-class baseline is known at the end of the run;
+* the finished run's page shows, from its stored result, each site's majority-class baseline beside
+  its test accuracy, its personalised accuracy and AUC, and the test-row-weighted baseline headline;
 * the sites page shows every enrolled site with the ε it reported against the budget its hello announced;
 * compare shows the settings diff against an earlier run ("batch_size 32 → 16");
 * "Mark valid" writes a signed record that ``fedbus coordinator audit`` verifies, and
@@ -30,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
-from tests.dashboard.conftest import EXAMPLE, ROOT, experiment_with, fedbus
+from tests.dashboard.conftest import EXAMPLE, PERSONALIZE, ROOT, experiment_with, fedbus
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -76,11 +79,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """Run A (batch 32, 2 rounds, finished), then run B (batch 16) live under --serve in the same OUT."""
+    """Run A (batch 32, 2 rounds, personalised at the end, finished), then run B (batch 16) live under
+    --serve in the same OUT."""
     tmp = tmp_path_factory.mktemp("dash-live")
     out = tmp / "out"
-    fedbus("simulate", str(experiment_with(tmp, "a.json", batch_size=32)), "--sites", "3", "--rounds", "2",
-           "--out", str(out), "--site-budget", "10")
+    fedbus("simulate", str(experiment_with(tmp, "a.json", batch_size=32, personalization=PERSONALIZE)), "--sites", "3",
+           "--rounds", "2", "--out", str(out), "--site-budget", "10")
     state = out / "coordinator"
     (run_a,) = db_one(state, "SELECT run_id FROM runs")
     slow = experiment_with(tmp, "b.json", federated={"test_every": 1}, batch_size=16, epochs=10)
@@ -161,6 +165,11 @@ def test_live_dashboard_in_chromium(browser, live):
     assert page.locator(f'#chart-auc path[data-series="{run_sites[1]} test"]').count() == 0
     assert int(page.locator(f'#chart-auc path[data-series="{run_sites[0]} test"]').get_attribute("data-points")) >= 1
     page.locator("#site-view").select_option("all")
+    # The sites report their baseline with the final evaluation: while live the page says when it comes.
+    assert "known at the end of the run" in page.locator("#kpis .baseline").inner_text()
+    assert page.locator("#kpis .baseline").get_attribute("data-value") == ""
+    assert "known at the end of the run" in page.locator(f'#site-results tr[data-site="{run_sites[0]}"] td.majority').inner_text()
+    assert page.locator("#site-results td.personalized-accuracy").count() == 0  # run B does not personalise
     if shots_dir():
         page.wait_for_function("() => +document.querySelector('#chart-accuracy path').getAttribute('data-points') >= 4",
                                timeout=120_000)
@@ -195,8 +204,32 @@ def test_live_dashboard_in_chromium(browser, live):
     epochs_a = json.loads(EXAMPLE.read_text())["training"]["epochs"]  # the finished run kept the example's epochs
     assert "batch_size 32 → 16" in diff.inner_text() and f"epochs {epochs_a} → 10" in diff.inner_text()
 
-    # 4. Mark valid: a signed record that audit verifies; tampering makes audit fail.
+    # 4. The finished run: baseline beside accuracy, personalised figures, all from its stored result.
     page.goto(f"{base}/runs/{a}")
+    page.locator("#site-results tbody tr").first.wait_for(timeout=30_000)
+    final = json.loads(db_one(state, "SELECT result_json FROM runs WHERE run_id=?", (a,))[0])["final"]
+    per = final["per_site"]
+    assert per and all(m.get("personalized") for m in per.values())
+    weighted = sum(m["majority_class_accuracy"] * m["n_test"] for m in per.values()) / sum(m["n_test"] for m in per.values())
+    head = page.locator("#kpis .baseline")
+    assert float(head.get_attribute("data-value")) == pytest.approx(weighted)
+    shown = re.search(r"baseline (\d+\.\d) %", head.inner_text())
+    assert shown and abs(float(shown.group(1)) - 100 * weighted) <= 0.05 + 1e-9, head.inner_text()
+    assert "majority-class baseline" in head.inner_text() and "weighted by test rows" in head.inner_text()
+    assert float(page.locator("#personalized-accuracy").get_attribute("data-value")) == pytest.approx(
+        final["personalized"]["accuracy"])
+    for site, m in per.items():
+        row = page.locator(f'#site-results tr[data-site="{site}"]')
+        assert float(row.locator("td.majority").get_attribute("data-value")) == pytest.approx(m["majority_class_accuracy"])
+        assert "%" in row.locator("td.majority").inner_text() and "%" in row.locator("td.test-accuracy").inner_text()
+        pa, pauc = row.locator("td.personalized-accuracy"), row.locator("td.personalized-auc")
+        assert float(pa.get_attribute("data-value")) == pytest.approx(m["personalized"]["accuracy"])
+        assert float(pauc.get_attribute("data-value")) == pytest.approx(m["personalized"]["auc"])
+        assert abs(float(pauc.inner_text()) - m["personalized"]["auc"]) <= 5e-4 + 1e-9
+        flagged = bool(m.get("predicts_one_class")) or m.get("sensitivity") == 0 or m.get("specificity") == 0
+        assert row.locator("td.test-accuracy .one-class").count() == int(flagged)
+
+    # 5. Mark valid: a signed record that audit verifies; tampering makes audit fail.
     page.locator("#approver").fill("Dr. Ada Example")
     page.locator("#mark-valid").click()
     page.locator("#approvals li").first.wait_for(timeout=30_000)
@@ -215,7 +248,7 @@ def test_live_dashboard_in_chromium(browser, live):
 
     assert not [e for e in errors if "favicon" not in e], errors
 
-    # 5. Stop the live run from its page: it ends "stopped" before its last round.
+    # 6. Stop the live run from its page: it ends "stopped" before its last round.
     assert db_one(state, "SELECT status FROM runs WHERE run_id=?", (b,))[0] == "running"
     page.goto(f"{base}/runs/{b}")
     page.locator("#stop-run").click()

@@ -24,7 +24,12 @@
     train_s: "Training: time the hospitals spent training (longest site per round, summed).",
     communication_s: "Communication: time waiting for messages to travel through the broker.",
     aggregation_s: "Aggregation: time the coordinator spent combining updates.",
-    personalized: "Personalised: the global model fine-tuned by the hospital on its own patients, scored on its own test split.",
+    personalized: "Personalised: the hospital's own version of the model (the global model fine-tuned on its own patients, or its own last layer), scored on its own test split.",
+    sensitivity: "Sensitivity: the share of patients with the outcome whom the model finds.",
+    specificity: "Specificity: the share of patients without the outcome whom the model correctly leaves alone.",
+    one_class: "Predicts one class: the model gives every test patient the same answer, so its accuracy is only the share of the most common outcome; it has learnt nothing useful.",
+    holdout: "Held-out rows (simulations only): patients the simulator kept back from every hospital. They are not any hospital's test split; they let runs be compared on the same patients.",
+    site_budget: "Site budget: the most ε the hospital's own policy lets this dataset spend (announced in its hello); it refuses work beyond it.",
     rejected: "Rejected: messages the coordinator refused (bad signature, replay, wrong round, out of bounds…), with the reason.",
   };
 
@@ -48,6 +53,9 @@
   const dur = (s) => (s === null || s === undefined ? "–" : s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h");
   const ago = (t, now) => { if (!t) return "never"; const s = Math.max(0, now - t); return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : s < 172800 ? `${(s / 3600).toFixed(0)} h ago` : when(t); };
   const badge = (status) => el("span", { class: "badge " + status }, status);
+  const AT_END = "known at the end of the run";
+  // A warning beside a figure from a model that gives every patient the same answer.
+  const oneClass = (why) => (why ? el("span", { class: "badge warn one-class", title: EXPLAIN.one_class + " Here: " + why + "." }, "predicts one class") : null);
   async function api(path) {
     const r = await fetch(path, { credentials: "same-origin" });
     if (!r.ok) throw new Error((await r.json().catch(() => ({}))).detail || r.statusText);
@@ -122,14 +130,17 @@
       el("td", {}, badge(r.status), r.reason ? el("div", { class: "muted" }, r.reason) : null),
       el("td", {}, r.aggregator), el("td", {}, r.dataset || "–"), el("td", {}, when(r.created_at)),
       el("td", { class: "num" }, dur(r.duration_s)), el("td", { class: "num" }, `${r.rounds_done} / ${r.rounds_planned}`),
-      el("td", { class: "num" }, r.final ? pct(r.final.accuracy) : "–"), el("td", { class: "num" }, r.final ? num(r.final.auc) : "–"),
+      el("td", { class: "num" }, r.final ? pct(r.final.accuracy) : "–"),
+      el("td", { class: "num" }, r.final ? pct(r.final.majority_class_accuracy) : r.status === "running" ? el("span", { class: "muted" }, AT_END) : "–"),
+      el("td", { class: "num" }, r.final ? num(r.final.auc) : "–"),
       el("td", { class: "num" }, r.final ? num(r.final.f1) : "–")));
     const parts = [el("h1", {}, "Runs"), el("p", { class: "sub" }, "Every training run in this coordinator's state. Final figures are on each hospital's fixed test split."),
       el("div", { class: "actions" }, el("label", {}, "Show ", filter), compareBtn),
       el("table", { id: "runs" }, el("thead", {}, el("tr", {}, el("th", {}), el("th", {}, "Run"), el("th", {}, "Status"), el("th", {}, "Aggregator"),
         el("th", {}, "Dataset"), el("th", {}, "Created"), el("th", { class: "num" }, "Duration"), el("th", { class: "num" }, "Rounds"),
-        el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")))),
-        el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 11, class: "muted" }, "No runs yet."))))];
+        el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
+        el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")))),
+        el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 12, class: "muted" }, "No runs yet."))))];
     if (SESSION.actions_allowed) parts.push(await startForm());
     app.replaceChildren(...parts);
     if (doc.runs.some((r) => r.status === "running")) { setLive(true, "live"); setTimeout(() => runsPage().catch(fail), 5000); }
@@ -155,6 +166,8 @@
   function curveSeries(rounds, metric, view) {
     const out = [{ name: "validation (all sites)", color: COLORS[0], width: 2.5, points: rounds.map((r) => [r.round, r.validation[metric]]) },
       { name: "test (all sites)", color: COLORS[1], width: 2.5, dash: "6 3", points: rounds.map((r) => [r.round, r.test ? r.test[metric] : null]) }];
+    if (rounds.some((r) => r.holdout)) out.push({ name: "held-out rows (simulator, not a test split)", color: "#8c959f", width: 1.5, dash: "2 3",
+      points: rounds.map((r) => [r.round, r.holdout ? r.holdout[metric] : null]) });
     const sites = siteIds(rounds).filter((s) => view === "all" || view === s);
     sites.forEach((s) => {
       const color = COLORS[(siteIds(rounds).indexOf(s) + 2) % COLORS.length], one = view === s;
@@ -170,10 +183,10 @@
   function testStatusOf(doc, rounds) {
     const box = el("div", { class: "card", id: "test-status" });
     if (!doc.test_every) {
-      const sim = rounds.some((r) => r.test_source === "simulator");
+      const sim = rounds.some((r) => r.holdout);
       box.append(el("p", { class: "explain" }, "Test per round is off for this run (federated.test_every = 0): every test evaluation is a privacy release " +
         "charged to the hospital's budget and counted against its evaluation limit, so the test split is scored once, when the run ends. " +
-        (sim ? "The all-sites test curve here was scored by the simulator after the run, on its held-out splits." : "")));
+        (sim ? "The grey dotted curve is the simulator's held-out rows (patients kept back from every hospital), scored after the run: it is not a test split of any hospital." : "")));
       return box;
     }
     const sites = siteIds(rounds), rows = sites.map((s) => {
@@ -201,49 +214,101 @@
   }
 
   // The parts of the run page that change with every round; each has an id so a poll can swap it.
+  function baselineNote(doc) {
+    const f = doc.final, maj = f.majority_class_accuracy, known = maj !== null && maj !== undefined;
+    return el("span", { class: "baseline", "data-value": known ? maj : "" }, known
+      ? `majority-class baseline ${pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "")
+      : "majority-class baseline: " + (doc.status === "running" ? AT_END : "not reported"));
+  }
+  function epsKpi(doc) {
+    const privacy = doc.privacy || {}, epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
+    const budgets = doc.sites.map((s) => s.budget).filter((v) => v !== null && v !== undefined);
+    const run = privacy.total_epsilon !== null && privacy.total_epsilon !== undefined ? ` · run budget ε ≤ ${eps(privacy.total_epsilon)}` : "";
+    const site = budgets.length ? ` · site budget${budgets.length > 1 ? "s" : ""} ${[...new Set(budgets.map(eps))].join(", ")}` : "";
+    return kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
+      `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}${run}${site}`);
+  }
   function kpisOf(doc) {
-    const f = doc.final, test = f.test || {}, maj = f.majority_class_accuracy, privacy = doc.privacy || {};
-    const epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
+    const f = doc.final, test = f.test || {};
     const last = doc.rounds.length ? doc.rounds[doc.rounds.length - 1] : null;
-    const baseline = maj !== null && maj !== undefined ? `majority-class baseline ${pct(maj)}` : "majority-class baseline: not reported";
-    const tested = doc.rounds.filter((r) => r.test && r.test.accuracy !== null && r.test_source !== "simulator");
+    const tested = doc.rounds.filter((r) => r.test && r.test.accuracy !== null);
     if ((test.accuracy === null || test.accuracy === undefined) && tested.length) {
       const r = tested[tested.length - 1];
       return el("div", { class: "grid k4", id: "kpis" },
-        kpi(`Test accuracy (round ${r.round})`, "accuracy", pct(r.test.accuracy), baseline),
+        kpi(`Test accuracy (round ${r.round})`, "accuracy", pct(r.test.accuracy), baselineNote(doc)),
         kpi(`Test AUC (round ${r.round})`, "auc", num(r.test.auc), "0.5 = coin toss, 1 = perfect"),
         kpi(`Test F1 (round ${r.round})`, "f1", num(r.test.f1), "the sites' fixed test splits, scored during the run"),
-        kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
-          `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+        doc.personalises ? kpi("Personalised accuracy", "personalized", "–", AT_END) : null, epsKpi(doc));
     }
-    const haveTest = test.accuracy !== null && test.accuracy !== undefined;
-    const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baseline)
+    const haveTest = test.accuracy !== null && test.accuracy !== undefined, p = f.personalized;
+    const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baselineNote(doc))
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
-        doc.status === "running" ? "test figures come when the run ends · " + baseline : baseline);
-    return el("div", { class: "grid k4", id: "kpis" }, first,
+        doc.status === "running" ? el("span", {}, "test figures come when the run ends · ", baselineNote(doc)) : baselineNote(doc));
+    const warned = Object.keys(f.one_class || {});
+    const grid = el("div", { class: "grid k4", id: "kpis" }, first,
       haveTest ? kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect")
         : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
       haveTest ? kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
         : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
-      kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
-        `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}`));
+      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, pct(p.accuracy)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
+        : doc.personalises ? kpi("Personalised accuracy", "personalized", "–", doc.status === "running" ? AT_END : "not reported") : null,
+      epsKpi(doc));
+    if (!warned.length) return grid;
+    return el("div", { id: "kpis" }, grid, el("div", { class: "msg warn", id: "one-class-warning" }, el("b", {}, "Predicts one class: "),
+      warned.map((s) => `${s} (${f.one_class[s]})`).join("; ") + ". " + EXPLAIN.one_class));
   }
 
+  const cellPct = (v, pending) => (v === null || v === undefined ? (pending ? el("span", { class: "muted pending" }, AT_END) : "–") : pct(v));
   function siteTableOf(doc) {
-    const rows = doc.sites.map((s) => el("tr", { "data-site": s.site },
+    const live = doc.status === "running", personal = doc.personalises || doc.sites.some((s) => s.personalized);
+    const results = doc.sites.map((s) => { const t = s.test || {}, p = s.personalized;
+      const pend = live && !s.n_test;
+      return el("tr", { "data-site": s.site },
+        el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.n_test ?? "–"),
+        el("td", { class: "num test-accuracy", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null },
+          s.test ? pct(t.accuracy) : "–", s.one_class ? " " : null, oneClass(s.one_class)),
+        el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" }, cellPct(s.majority_class_accuracy, pend)),
+        el("td", { class: "num" }, s.test ? num(t.auc) : "–"), el("td", { class: "num" }, s.test ? num(t.f1) : "–"),
+        el("td", { class: "num" }, s.test ? num(t.sensitivity, 2) : "–"), el("td", { class: "num" }, s.test ? num(t.specificity, 2) : "–"),
+        personal ? el("td", { class: "num personalized-accuracy", "data-value": p ? p.accuracy ?? "" : "" },
+          p ? pct(p.accuracy) : cellPct(null, pend), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null) : null,
+        personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? num(p.auc) : "–") : null);
+    });
+    const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
-      el("td", { class: "num" }, eps(s.epsilon)), el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
-      el("td", { class: "num", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null }, s.test ? pct(s.test.accuracy) : "–"), el("td", { class: "num" }, pct(s.majority_class_accuracy)),
-      el("td", { class: "num" }, s.test ? num(s.test.auc) : "–"), el("td", { class: "num" }, s.test ? num(s.test.f1) : "–"),
-      el("td", { class: "num" }, s.n_test ?? "–"),
-      el("td", { class: "num" }, s.personalized && s.personalized.accuracy !== undefined ? pct(s.personalized.accuracy) : "–"),
+      el("td", { class: "num epsilon", "data-epsilon": s.epsilon ?? "" }, eps(s.epsilon)), el("td", { class: "num" }, dlt(s.delta)),
+      el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
+      el("td", { class: "num site-budget", "data-budget": s.budget ?? "" }, s.budget !== null && s.budget !== undefined
+        ? `${eps(s.epsilon)} of ${eps(s.budget)} · ${eps(s.budget_left)} left` : el("span", { class: "muted" }, "no budget announced")),
       el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
-    return el("table", { id: "run-sites" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
-      el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, "ε planned"),
-      el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
-      el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, "Test rows"),
-      el("th", { class: "num" }, tip("Personalised acc.", "personalized")), el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
-      el("tbody", {}, rows));
+    return el("div", { id: "run-sites" },
+      el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
+        (personal ? " and its personalised model." : ".") + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
+      el("table", { id: "site-results" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test rows"),
+        el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
+        el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")),
+        el("th", { class: "num" }, tip("Sensitivity", "sensitivity")), el("th", { class: "num" }, tip("Specificity", "specificity")),
+        personal ? el("th", { class: "num" }, tip("Personalised accuracy", "personalized")) : null,
+        personal ? el("th", { class: "num" }, tip("Personalised AUC", "personalized")) : null)),
+        el("tbody", {}, results)),
+      el("h3", {}, "Privacy and messages per site"),
+      el("table", { id: "site-privacy" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
+        el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, tip("δ", "delta")),
+        el("th", { class: "num" }, "ε planned"), el("th", { class: "num" }, tip("Site budget", "site_budget")),
+        el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
+        el("tbody", {}, privacy)));
+  }
+
+  // What the simulator scored on the rows it kept from every site: labelled held-out, never "test".
+  function holdoutOf(doc) {
+    const h = doc.holdout;
+    if (!h) return null;
+    const m = h.metrics || {}, p = h.personalized;
+    return el("div", { class: "card", id: "holdout" }, el("h3", {}, tip("Simulator's held-out rows", "holdout")),
+      el("p", { class: "explain" }, EXPLAIN.holdout),
+      el("div", {}, `global model on ${h.n ?? "?"} held-out patients: accuracy ${pct(m.accuracy)}, AUC ${num(m.auc)}, F1 ${num(m.f1)}` +
+        (h.majority_class_accuracy !== null ? ` (majority class ${pct(h.majority_class_accuracy)})` : "") +
+        (p ? ` · each site's personalised model on them: accuracy ${pct(p.accuracy)}, AUC ${num(p.auc)}` : "")));
   }
 
   function rejectedOf(doc) {
@@ -328,7 +393,7 @@
     app.replaceChildren(...[header, kpisOf(doc), el("h2", {}, "Curves, round by round"),
       el("p", { class: "explain" }, EXPLAIN.validation + " " + EXPLAIN.test + " Solid lines: validation; dashed: test."),
       el("div", { class: "actions" }, el("label", {}, "Per site: ", viewPick)), chartsOf(doc, charts, legends, view), testStatusOf(doc, rounds),
-      el("h2", {}, "Per site"), siteTableOf(doc),
+      el("h2", {}, "Per site"), siteTableOf(doc), holdoutOf(doc),
       el("h2", {}, tip("Rejected messages", "rejected")), rejectedOf(doc),
       el("h2", {}, "Where the time went"), timingOf(doc), el("h2", {}, "Experiment"), expBox, actionsBox].filter(Boolean));
 

@@ -1,0 +1,108 @@
+"""A finished run's figures as the run page shows them: each site's own test split, its
+majority-class baseline and personalised model, a warning where a model predicts one class,
+and (kept apart, under its own name) what ``simulate`` scored on its held-out rows.
+
+Everything here reads the stored result (``runs.result_json``, the coordinator's ``final``
+from each site's final evaluation, issue 11) or ``simulate``'s ``result.json``; nothing is
+recomputed from rows. A figure the result does not hold comes back ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SITE_METRICS = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
+PERSONAL_METRICS = ("accuracy", "auc", "f1", "sensitivity", "specificity", "loss")
+MAJORITY_BASIS = "mean of the sites' majority-class baselines, weighted by test rows"
+TEST_SOURCE = "each site's fixed test split, scored by the site at the end of the run"
+HOLDOUT_SOURCE = "the simulator's held-out rows: kept back from every site, not any site's test split"
+
+
+def num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def one_class(m: dict[str, Any] | None) -> str | None:
+    """Why a model looks like it predicts one class on a test split, or None.
+
+    The site's exact flag when it sent one; otherwise a sensitivity or specificity of 0
+    (a DP release carries noisy counts, not the flag)."""
+    if not isinstance(m, dict):
+        return None
+    if m.get("predicts_one_class") is True:
+        return "it predicts the same class for every test patient"
+    if num(m.get("sensitivity")) == 0.0:
+        return "sensitivity 0: it finds no patient with the outcome"
+    if num(m.get("specificity")) == 0.0:
+        return "specificity 0: it flags every patient without the outcome"
+    return None
+
+
+def weighted_baseline(per_site: dict[str, Any]) -> float | None:
+    """The sites' majority-class baselines, averaged with their test rows as weights (None if any is missing)."""
+    pairs = [(num(m.get("majority_class_accuracy")), num(m.get("n_test"))) for m in per_site.values()]
+    if not pairs or any(a is None or not n for a, n in pairs):
+        return None
+    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+
+
+def site_block(fm: dict[str, Any]) -> dict[str, Any]:
+    """One site's final figures on its own test split: global model, baseline, personalised model."""
+    pm = fm.get("personalized") if isinstance(fm.get("personalized"), dict) else None
+    return {
+        "test": {k: num(fm.get(k)) for k in SITE_METRICS},
+        "n_test": fm.get("n_test"),
+        "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
+        "one_class": one_class(fm),
+        "personalized": ({**{k: num(pm.get(k)) for k in PERSONAL_METRICS}, "n_test": pm.get("n_test"),
+                          "one_class": one_class(pm)} if pm else None),
+    }
+
+
+def personalises(experiment: dict[str, Any]) -> bool:
+    """The experiment asks each site for a personal model (as ``coordinator.final.personalises``)."""
+    if not isinstance(experiment, dict):
+        return False
+    training, fed = experiment.get("training") or {}, experiment.get("federated") or {}
+    return bool(training.get("personalization")) or fed.get("name") == "FedPer"
+
+
+def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
+    """The run's headline: means over the sites' test splits, the weighted baseline, personalised means."""
+    per_site = final.get("per_site") or {}
+    p = final.get("personalized") if isinstance(final.get("personalized"), dict) else None
+    baseline = weighted_baseline(per_site)
+    stored = num(final.get("majority_class_accuracy"))
+    return {
+        "test": {k: num(final.get(k)) for k in SITE_METRICS} if final else None,
+        "validation": last_validation, "n_test": final.get("n_test"), "split": final.get("split"),
+        "source": TEST_SOURCE if final else None,
+        "majority_class_accuracy": baseline if baseline is not None else stored,
+        "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),
+        "personalized": ({**{k: num(p.get(k)) for k in PERSONAL_METRICS}, "method": p.get("method"),
+                          "n_sites": p.get("n_sites"), "basis": "mean over the sites, weighted by test rows"} if p else None),
+        "one_class": {s: w for s, w in ((s, one_class(m)) for s, m in per_site.items()) if w},
+        "per_site": per_site,
+    }
+
+
+def holdout_doc(overlay: dict[str, Any]) -> dict[str, Any] | None:
+    """``simulate``'s held-out block, labelled as such (None outside a simulation)."""
+    h = overlay.get("holdout")
+    if not isinstance(h, dict) or not h:
+        return None
+    p = h.get("personalized") if isinstance(h.get("personalized"), dict) else None
+    return {"source": HOLDOUT_SOURCE, "metrics": {k: num(h.get(k)) for k in SITE_METRICS}, "n": h.get("n_test"),
+            "majority_class_accuracy": num(h.get("majority_class_accuracy")),
+            "personalized": {k: num(p.get(k)) for k in PERSONAL_METRICS} if p else None}
+
+
+def site_budgets(sites: list[dict[str, Any]], dataset: str | None) -> dict[str, float | None]:
+    """Each site's ε budget for the run's dataset, as its hello announced it (dataset's, else its policy's)."""
+    out: dict[str, float | None] = {}
+    for s in sites:
+        hello = s.get("hello") or {}
+        policy = hello.get("policy") or {}
+        ds = next((d for d in hello.get("datasets") or [] if d.get("name") == dataset), {})
+        out[s["site_id"]] = num(ds.get("max_epsilon")) if ds.get("max_epsilon") is not None else num(policy.get("max_epsilon"))
+    return out
