@@ -39,16 +39,22 @@ SEEDS = [1, 2, 3]
 FLAMBY = {"FedAvg": 0.685, "FedYogi": 0.731, "pooled": 0.735, "FENDA-FL (personalised)": 0.81}
 
 
+FEDADAM = {"server_learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+
+
 def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Experiment variants: the DP example with FedAvg or its own FedAdam, and the FedPer
-    example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
+    """Experiment variants: the DP example with FedAvg (its own server) or FedAdam, and the
+    FedPer example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
     out = {}
     avg = copy.deepcopy(base)
     avg["federated"]["name"] = "FedAvg"
-    for k in ("server_learning_rate", "beta_1", "beta_2", "tau"):
+    for k in ("server_learning_rate", "beta_1", "beta_2", "tau", "server_momentum"):
         avg["federated"]["parameters"].pop(k, None)
     out["FedAvg"] = avg
-    out["FedAdam"] = copy.deepcopy(base)
+    adam = copy.deepcopy(avg)
+    adam["federated"]["name"] = "FedAdam"
+    adam["federated"]["parameters"].update(FEDADAM)
+    out["FedAdam"] = adam
     per = copy.deepcopy(personal)
     per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
     out["FedPer+fine-tune"] = per
@@ -100,6 +106,8 @@ def one_run(exp: dict[str, Any], *, seed: int, baselines: bool, personal: bool) 
         pooled_sites = b.get("pooled_per_site") or {}
         out["pooled"] = {"acc": b["pooled"].get("accuracy"), "auc": b["pooled"].get("auc"),
                          "mean_acc": statistics.fmean(pooled_sites[s]["accuracy"] for s in sites) if pooled_sites else None}
+    if personal:
+        out["global_per_site"] = {s: {k: final["per_site"][s].get(k) for k in ("accuracy", "auc")} for s in sites}
     return out
 
 
@@ -117,9 +125,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     for r in runs:
         eps = "inf" if math.isinf(r["eps"]) else f"{r['eps']:g}"
         groups.setdefault((r["method"], eps), []).append(r["result"]["model"])
+        suffix = " (FedPer's MLP)" if r["method"].startswith("FedPer") else ""
         for b in ("local", "pooled"):
             if b in r["result"]:
-                groups.setdefault((f"{b}-only" if b == "local" else "pooled", eps), []).append(r["result"][b])
+                name = ("local-only" if b == "local" else "pooled") + suffix
+                groups.setdefault((name, eps), []).append(r["result"][b])
     for (series, eps), rows in groups.items():
         table.setdefault(series, {})[eps] = {k: _stats([row.get(k) for row in rows]) for k in ("acc", "auc", "mean_acc")}
         table[series][eps]["n"] = len(rows)
@@ -142,6 +152,39 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str]) -
     return "\n".join(lines)
 
 
+def per_hospital(runs: list[dict[str, Any]]) -> str:
+    """No DP, each hospital's own test split: the personalised model against the local-only
+    models (the same MLP trained alone, and the DP example's logistic model trained alone) and
+    the global FedPer model; mean ± sd over seeds, and in how many seeds personalised >= local."""
+    def cell(vals: list[float]) -> str:
+        m, sd = _stats(vals)
+        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
+
+    inf = [r for r in runs if math.isinf(r["eps"])]
+    per = {r["seed"]: r["result"] for r in inf if r["method"].startswith("FedPer")}
+    avg = {r["seed"]: r["result"] for r in inf if r["method"] == "FedAvg"}
+    seeds = sorted(set(per) & set(avg))
+    if not seeds:
+        return ""
+    sites = sorted(per[seeds[0]]["model"]["per_site"])
+    lines = ["\n**each hospital's own test split, no DP** (mean ± sd over seeds; accuracy / AUC)\n",
+             "| hospital | personalised acc | local MLP acc | local logistic acc | global FedPer acc | "
+             "personalised AUC | local MLP AUC | local logistic AUC | global FedPer AUC | seeds pers ≥ both locals (acc and AUC) |",
+             "|---|" + "---|" * 9]
+    for site in sites:
+        row = [site]
+        for metric in ("accuracy", "auc"):
+            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
+                    cell([per[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([per[s]["global_per_site"][site][metric] for s in seeds])]
+        wins = sum(all(per[s]["model"]["per_site"][site][m] >= max(per[s]["local"]["per_site"][site][m],
+                                                                    avg[s]["local"]["per_site"][site][m])
+                       for m in ("accuracy", "auc")) for s in seeds)
+        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
 def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path: Path) -> None:
     import matplotlib
 
@@ -156,7 +199,7 @@ def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path:
             m = [table[series].get(e, {}).get(metric, (None, None)) for e in eps_keys]
             ax.errorbar([x for x, v in zip(xs, m) if v[0] is not None], [v[0] for v in m if v[0] is not None],
                         yerr=[v[1] for v in m if v[0] is not None], marker="o", capsize=3, label=series,
-                        linestyle="--" if series in ("local-only", "pooled") else "-")
+                        linestyle="--" if series.startswith(("local-only", "pooled")) else "-")
         if metric == "mean_acc":
             for name, v in FLAMBY.items():
                 ax.axhline(v, color="grey", linewidth=0.7, linestyle=":")
@@ -201,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             log.write(msg + "\n")
             break
         t = time.perf_counter()
-        result = one_run(with_epsilon(variants[method], eps), seed=seed, baselines=method == "FedAvg",
-                         personal=method.startswith("FedPer"))
+        personal = method.startswith("FedPer")
+        # FedPer's own local-only baseline (the same MLP alone) only without DP: the per-hospital table
+        result = one_run(with_epsilon(variants[method], eps), seed=seed,
+                         baselines=method == "FedAvg" or (personal and math.isinf(eps)), personal=personal)
         runs.append({"method": method, "eps": eps, "seed": seed, "result": result, "wall_s": time.perf_counter() - t})
         done = time.perf_counter() - t0
         eta = done / i * (len(plan) - i)
@@ -214,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
     eps_keys = ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons]
     table = summarise(runs)
-    md = markdown(table, eps_keys)
+    md = markdown(table, eps_keys) + "\n" + per_hospital(runs)
     doc = {"example": str(EXAMPLE.relative_to(ROOT)), "epsilons": eps_keys, "seeds": seeds, "delta": 1e-5,
            "summary": {s: {e: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
                            for e, row in rows.items()} for s, rows in table.items()},

@@ -177,6 +177,12 @@ class PersonalizationSpec(_Block):
     mode: Literal["last_layer", "full"] = "last_layer"
     epochs: Int = Field(5, ge=1)
     learning_rate: Float | None = Field(None, gt=0)
+    # "validation": keep the checkpoint (the model before fine-tuning, or after any epoch) with
+    # the lowest loss on the site's own validation split, site-local (site_worker.personalize);
+    # "last": keep the last epoch.
+    select: Literal["validation", "last"] = "validation"
+    # Ditto-style pull towards the global model while fine-tuning: grad += mu * (w - w_global).
+    proximal_mu: Float = Field(0.0, ge=0)
 
 
 class TrainingSpec(_Block):
