@@ -174,7 +174,7 @@ class PersonalizationSpec(_Block):
     rows (``last_layer``: only the final layer; ``full``: every layer) for ``epochs``, under
     the same DP settings and, with ``total_epsilon``, inside the same run budget."""
 
-    mode: Literal["last_layer", "full"] = "last_layer"
+    mode: Literal["last_layer", "bias", "full"] = "last_layer"
     epochs: Int = Field(5, ge=1)
     learning_rate: Float | None = Field(None, gt=0)
     # "validation": keep the checkpoint (the model before fine-tuning, or after any epoch) with

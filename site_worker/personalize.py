@@ -96,8 +96,11 @@ class HeadStore:
                                     for n in personal_names(state.keys(), layers)})
 
 
-def _last_layer_only(model: torch.nn.Module) -> None:
+def _last_layer_only(model: torch.nn.Module, *, bias_only: bool = False) -> None:
+    """Freeze all but the last layer (``bias_only``: all but its bias, the site's own base rate)."""
     names = personal_names([n for n, _ in model.named_parameters()], 1)
+    if bias_only:
+        names = [n for n in names if n.endswith("bias")]
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
 
@@ -112,8 +115,8 @@ def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, se
     site-local, not a metric to release."""
     p = experiment.training.personalization
     spec = _spec(experiment, seed)
-    if p.mode == "last_layer":
-        _last_layer_only(model)
+    if p.mode in ("last_layer", "bias"):
+        _last_layer_only(model, bias_only=p.mode == "bias")
     checkpoints = [_snapshot(model)]
     per_epoch = [0]
 

@@ -66,7 +66,7 @@ def test_last_layer_fine_tune_leaves_the_body_alone():
 
 def _personal_exp(**personalization):
     doc = json.loads((ROOT / "examples" / "heart_disease_fedper.json").read_text())
-    doc["training"]["personalization"] = {"mode": "full", **personalization}
+    doc["training"]["personalization"] = {"mode": "full"} | personalization
     doc["training"]["optimizer"]["learning_rate"] = 0.05
     return load_experiment(doc)
 
@@ -140,3 +140,11 @@ def test_personalization_select_is_checked():
 
     with pytest.raises(Exception, match="select"):
         _personal_exp(epochs=2, select="test")
+
+
+def test_bias_fine_tune_moves_only_the_output_bias():
+    data = _linear_data(val_agrees=True)
+    model, start = _model(), _model()
+    fine_tune(model, data, _personal_exp(epochs=2, select="last", **{"mode": "bias"}), seed=0)
+    changed = {n for (n, a), b in zip(model.state_dict().items(), start.state_dict().values()) if not torch.equal(a, b)}
+    assert changed == {"2.bias"}
