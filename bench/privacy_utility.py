@@ -48,6 +48,7 @@ def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[st
     FedPer example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
     out = {}
     avg = copy.deepcopy(base)
+    avg["training"].pop("personalization", None)  # the global model alone
     avg["federated"]["name"] = "FedAvg"
     for k in ("server_learning_rate", "beta_1", "beta_2", "tau", "server_momentum"):
         avg["federated"]["parameters"].pop(k, None)
@@ -56,10 +57,10 @@ def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[st
     adam["federated"]["name"] = "FedAdam"
     adam["federated"]["parameters"].update(FEDADAM)
     out["FedAdam"] = adam
-    # Each hospital re-fits only its output bias (its own base rate) for 5 full-batch DP epochs
+    # The example as shipped: each hospital re-fits only its output bias (its own base rate)
     # after the rounds, inside the same ε: one noisy coordinate per step.
-    bias = copy.deepcopy(avg)
-    bias["training"]["personalization"] = {"mode": "bias", "epochs": 5, "select": "validation"}
+    bias = copy.deepcopy(base)
+    bias["training"].setdefault("personalization", {"mode": "bias", "epochs": 5, "select": "validation"})
     out["FedAvg+bias fine-tune"] = bias
     per = copy.deepcopy(personal)
     per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
