@@ -13,6 +13,7 @@ the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_ut
     python bench/privacy_utility.py                # full: 6 ε x 4 methods x 3 seeds (~5 min on 2 busy cores)
     python bench/privacy_utility.py --quick        # 3 ε x 4 methods x 1 seed, a smoke run
     python bench/privacy_utility.py --max-minutes 20   # stop starting new runs after 20 minutes
+    python bench/privacy_utility.py --render bench/out/privacy_utility.json   # tables + PNG of a saved run
 """
 
 from __future__ import annotations
@@ -192,6 +193,47 @@ def per_hospital(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def per_hospital_dp(runs: list[dict[str, Any]], eps: float = 1.0, method: str = "FedAvg+bias fine-tune") -> str:
+    """At ``eps``, each hospital's own test split: its personalised model (``method``) against
+    its local-only model and the FedAvg global model under the same ε, same seeds."""
+    def cell(vals: list[float]) -> str:
+        m, sd = _stats(vals)
+        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
+
+    at = [r for r in runs if r["eps"] == eps]
+    per = {r["seed"]: r["result"] for r in at if r["method"] == method}
+    avg = {r["seed"]: r["result"] for r in at if r["method"] == "FedAvg"}
+    seeds = sorted(set(per) & set(avg))
+    if not seeds:
+        return ""
+    sites = sorted(per[seeds[0]]["model"]["per_site"])
+    lines = [f"\n**each hospital's own test split at ε = {eps:g}** ({method} vs local-only and the FedAvg global "
+             "model, the same ε; mean ± sd over seeds)\n",
+             "| hospital | personalised acc | local-only acc | FedAvg global acc | personalised AUC | local-only AUC | "
+             "FedAvg global AUC | seeds pers ≥ local (acc and AUC) |",
+             "|---|" + "---|" * 7]
+    for site in sites:
+        row = [site]
+        for metric in ("accuracy", "auc"):
+            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["model"]["per_site"][site][metric] for s in seeds])]
+        wins = sum(all(per[s]["model"]["per_site"][site][m] >= avg[s]["local"]["per_site"][site][m]
+                       for m in ("accuracy", "auc")) for s in seeds)
+        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def render(path: Path) -> int:
+    """Tables and PNG again from a saved ``privacy_utility.json`` (no training)."""
+    doc = json.loads(path.read_text())
+    runs = [dict(r, eps=float(r["eps"])) for r in doc["runs"]]
+    table = summarise(runs)
+    print(markdown(table, doc["epsilons"]) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs))
+    plot(table, doc["epsilons"], path.with_suffix(".png"))
+    return 0
+
+
 def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path: Path) -> None:
     import matplotlib
 
@@ -228,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per point (default 3)")
     ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables and redraw the PNG of a saved run")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
     _quiet()
     import torch
 
@@ -267,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
     eps_keys = ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons]
     table = summarise(runs)
-    md = markdown(table, eps_keys) + "\n" + per_hospital(runs)
+    md = markdown(table, eps_keys) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs)
     doc = {"example": str(EXAMPLE.relative_to(ROOT)), "epsilons": eps_keys, "seeds": seeds, "delta": 1e-5,
            "summary": {s: {e: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
                            for e, row in rows.items()} for s, rows in table.items()},
