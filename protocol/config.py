@@ -177,10 +177,10 @@ class PersonalizationSpec(_Block):
     mode: Literal["last_layer", "bias", "full"] = "last_layer"
     epochs: Int = Field(5, ge=1)
     learning_rate: Float | None = Field(None, gt=0)
-    # "validation": keep the checkpoint (the model before fine-tuning, or after any epoch) with
-    # the lowest loss on the site's own validation split, site-local (site_worker.personalize);
-    # "last": keep the last epoch.
-    select: Literal["validation", "last"] = "validation"
+    # "last": keep the last epoch; "validation": keep the checkpoint (the model before
+    # fine-tuning, or after any epoch) with the lowest loss on the site's own validation split,
+    # site-local (site_worker.personalize).
+    select: Literal["validation", "last"] = "last"
     # Ditto-style pull towards the global model while fine-tuning: grad += mu * (w - w_global).
     proximal_mu: Float = Field(0.0, ge=0)
 

@@ -10,7 +10,7 @@ the global model on the site's own training rows after them.
   whole model, with the same DP settings; with ``total_epsilon`` those steps are part of the
   run's plan (``site_worker.run_budget``), so the run's total still holds. ``proximal_mu``
   pulls the weights towards the global model while fine-tuning (Ditto's regulariser).
-* Selection (``select: "validation"``, the default): a fine-tune on 50-150 rows can overfit or
+* Selection (``select: "validation"``; the default ``"last"`` keeps the last epoch): a fine-tune on 50-150 rows can overfit or
   undo what the federation learnt (measured: it lowered Hungary's accuracy below its
   local-only model in every seed). The site keeps a checkpoint of the model before
   fine-tuning and after every epoch, and keeps the one with the lowest loss on its own

@@ -66,7 +66,7 @@ def test_last_layer_fine_tune_leaves_the_body_alone():
 
 def _personal_exp(**personalization):
     doc = json.loads((ROOT / "examples" / "heart_disease_fedper.json").read_text())
-    doc["training"]["personalization"] = {"mode": "full"} | personalization
+    doc["training"]["personalization"] = {"mode": "full", "select": "validation"} | personalization
     doc["training"]["optimizer"]["learning_rate"] = 0.05
     return load_experiment(doc)
 
