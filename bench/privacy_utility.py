@@ -1,7 +1,8 @@
 """Privacy against utility on Fed-Heart-Disease: four real hospitals, ε per site over the whole run.
 
-For every ε in EPSILONS (``inf`` = DP off), method (FedAvg and FedAdam on
-``examples/heart_disease_dp.json``, FedPer + fine-tune on ``examples/heart_disease_fedper.json``)
+For every ε in EPSILONS (``inf`` = DP off), method (FedAvg, FedAdam and FedAvg + a per-hospital
+bias fine-tune on ``examples/heart_disease_dp.json``, FedPer + fine-tune on
+``examples/heart_disease_fedper.json``)
 and seed, runs the experiment through the simulator (natural partition by
 hospital, the production site and coordinator code) with ``total_epsilon`` = ε, and records
 the test accuracy and AUC on the union of the hospitals' fixed test splits and on each
@@ -9,9 +10,10 @@ hospital's own split. The FedAvg runs also train the local-only and pooled basel
 the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
 ``.png`` and ``.log``.
 
-    python bench/privacy_utility.py                # full: 6 ε x 3 methods x 3 seeds (~15-30 min on 2 busy cores)
-    python bench/privacy_utility.py --quick        # 3 ε x 3 methods x 1 seed, a smoke run
+    python bench/privacy_utility.py                # full: 6 ε x 4 methods x 3 seeds (~5 min on 2 busy cores)
+    python bench/privacy_utility.py --quick        # 3 ε x 4 methods x 1 seed, a smoke run
     python bench/privacy_utility.py --max-minutes 20   # stop starting new runs after 20 minutes
+    python bench/privacy_utility.py --render bench/out/privacy_utility.json   # tables + PNG of a saved run
 """
 
 from __future__ import annotations
@@ -39,16 +41,28 @@ SEEDS = [1, 2, 3]
 FLAMBY = {"FedAvg": 0.685, "FedYogi": 0.731, "pooled": 0.735, "FENDA-FL (personalised)": 0.81}
 
 
+FEDADAM = {"server_learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+
+
 def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Experiment variants: the DP example with FedAvg or its own FedAdam, and the FedPer
-    example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
+    """Experiment variants: the DP example with FedAvg (its own server) or FedAdam, and the
+    FedPer example (an MLP with a personal output layer and a fine-tune) under the DP example's budget."""
     out = {}
     avg = copy.deepcopy(base)
+    avg["training"].pop("personalization", None)  # the global model alone
     avg["federated"]["name"] = "FedAvg"
-    for k in ("server_learning_rate", "beta_1", "beta_2", "tau"):
+    for k in ("server_learning_rate", "beta_1", "beta_2", "tau", "server_momentum"):
         avg["federated"]["parameters"].pop(k, None)
     out["FedAvg"] = avg
-    out["FedAdam"] = copy.deepcopy(base)
+    adam = copy.deepcopy(avg)
+    adam["federated"]["name"] = "FedAdam"
+    adam["federated"]["parameters"].update(FEDADAM)
+    out["FedAdam"] = adam
+    # The example as shipped: each hospital re-fits only its output bias (its own base rate)
+    # after the rounds, inside the same ε: one noisy coordinate per step.
+    bias = copy.deepcopy(base)
+    bias["training"].setdefault("personalization", {"mode": "bias", "epochs": 5, "select": "validation"})
+    out["FedAvg+bias fine-tune"] = bias
     per = copy.deepcopy(personal)
     per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
     out["FedPer+fine-tune"] = per
@@ -100,6 +114,8 @@ def one_run(exp: dict[str, Any], *, seed: int, baselines: bool, personal: bool) 
         pooled_sites = b.get("pooled_per_site") or {}
         out["pooled"] = {"acc": b["pooled"].get("accuracy"), "auc": b["pooled"].get("auc"),
                          "mean_acc": statistics.fmean(pooled_sites[s]["accuracy"] for s in sites) if pooled_sites else None}
+    if personal:
+        out["global_per_site"] = {s: {k: final["per_site"][s].get(k) for k in ("accuracy", "auc")} for s in sites}
     return out
 
 
@@ -117,9 +133,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     for r in runs:
         eps = "inf" if math.isinf(r["eps"]) else f"{r['eps']:g}"
         groups.setdefault((r["method"], eps), []).append(r["result"]["model"])
+        suffix = " (FedPer's MLP)" if r["method"].startswith("FedPer") else ""
         for b in ("local", "pooled"):
             if b in r["result"]:
-                groups.setdefault((f"{b}-only" if b == "local" else "pooled", eps), []).append(r["result"][b])
+                name = ("local-only" if b == "local" else "pooled") + suffix
+                groups.setdefault((name, eps), []).append(r["result"][b])
     for (series, eps), rows in groups.items():
         table.setdefault(series, {})[eps] = {k: _stats([row.get(k) for row in rows]) for k in ("acc", "auc", "mean_acc")}
         table[series][eps]["n"] = len(rows)
@@ -142,6 +160,80 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str]) -
     return "\n".join(lines)
 
 
+def per_hospital(runs: list[dict[str, Any]]) -> str:
+    """No DP, each hospital's own test split: the personalised model against the local-only
+    models (the same MLP trained alone, and the DP example's logistic model trained alone) and
+    the global FedPer model; mean ± sd over seeds, and in how many seeds personalised >= local."""
+    def cell(vals: list[float]) -> str:
+        m, sd = _stats(vals)
+        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
+
+    inf = [r for r in runs if math.isinf(r["eps"])]
+    per = {r["seed"]: r["result"] for r in inf if r["method"].startswith("FedPer")}
+    avg = {r["seed"]: r["result"] for r in inf if r["method"] == "FedAvg"}
+    seeds = sorted(set(per) & set(avg))
+    if not seeds:
+        return ""
+    sites = sorted(per[seeds[0]]["model"]["per_site"])
+    lines = ["\n**each hospital's own test split, no DP** (mean ± sd over seeds; accuracy / AUC)\n",
+             "| hospital | personalised acc | local MLP acc | local logistic acc | global FedPer acc | "
+             "personalised AUC | local MLP AUC | local logistic AUC | global FedPer AUC | seeds pers ≥ both locals (acc and AUC) |",
+             "|---|" + "---|" * 9]
+    for site in sites:
+        row = [site]
+        for metric in ("accuracy", "auc"):
+            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
+                    cell([per[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([per[s]["global_per_site"][site][metric] for s in seeds])]
+        wins = sum(all(per[s]["model"]["per_site"][site][m] >= max(per[s]["local"]["per_site"][site][m],
+                                                                    avg[s]["local"]["per_site"][site][m])
+                       for m in ("accuracy", "auc")) for s in seeds)
+        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def per_hospital_dp(runs: list[dict[str, Any]], eps: float = 1.0, method: str = "FedAvg+bias fine-tune") -> str:
+    """At ``eps``, each hospital's own test split: its personalised model (``method``) against
+    its local-only model and the FedAvg global model under the same ε, same seeds."""
+    def cell(vals: list[float]) -> str:
+        m, sd = _stats(vals)
+        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
+
+    at = [r for r in runs if r["eps"] == eps]
+    per = {r["seed"]: r["result"] for r in at if r["method"] == method}
+    avg = {r["seed"]: r["result"] for r in at if r["method"] == "FedAvg"}
+    seeds = sorted(set(per) & set(avg))
+    if not seeds:
+        return ""
+    sites = sorted(per[seeds[0]]["model"]["per_site"])
+    lines = [f"\n**each hospital's own test split at ε = {eps:g}** ({method} vs local-only and the FedAvg global "
+             "model, the same ε; mean ± sd over seeds)\n",
+             "| hospital | personalised acc | local-only acc | FedAvg global acc | personalised AUC | local-only AUC | "
+             "FedAvg global AUC | seeds pers ≥ local (acc and AUC) |",
+             "|---|" + "---|" * 7]
+    for site in sites:
+        row = [site]
+        for metric in ("accuracy", "auc"):
+            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
+                    cell([avg[s]["model"]["per_site"][site][metric] for s in seeds])]
+        wins = sum(all(per[s]["model"]["per_site"][site][m] >= avg[s]["local"]["per_site"][site][m]
+                       for m in ("accuracy", "auc")) for s in seeds)
+        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def render(path: Path) -> int:
+    """Tables and PNG again from a saved ``privacy_utility.json`` (no training)."""
+    doc = json.loads(path.read_text())
+    runs = [dict(r, eps=float(r["eps"])) for r in doc["runs"]]
+    table = summarise(runs)
+    print(markdown(table, doc["epsilons"]) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs))
+    plot(table, doc["epsilons"], path.with_suffix(".png"))
+    return 0
+
+
 def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path: Path) -> None:
     import matplotlib
 
@@ -156,7 +248,7 @@ def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path:
             m = [table[series].get(e, {}).get(metric, (None, None)) for e in eps_keys]
             ax.errorbar([x for x, v in zip(xs, m) if v[0] is not None], [v[0] for v in m if v[0] is not None],
                         yerr=[v[1] for v in m if v[0] is not None], marker="o", capsize=3, label=series,
-                        linestyle="--" if series in ("local-only", "pooled") else "-")
+                        linestyle="--" if series.startswith(("local-only", "pooled")) else "-")
         if metric == "mean_acc":
             for name, v in FLAMBY.items():
                 ax.axhline(v, color="grey", linewidth=0.7, linestyle=":")
@@ -178,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per point (default 3)")
     ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables and redraw the PNG of a saved run")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
     _quiet()
     import torch
 
@@ -201,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             log.write(msg + "\n")
             break
         t = time.perf_counter()
-        result = one_run(with_epsilon(variants[method], eps), seed=seed, baselines=method == "FedAvg",
-                         personal=method.startswith("FedPer"))
+        personal = method.startswith("FedPer") or "fine-tune" in method
+        # FedPer's own local-only baseline (the same MLP alone) only without DP: the per-hospital table
+        result = one_run(with_epsilon(variants[method], eps), seed=seed,
+                         baselines=method == "FedAvg" or (method.startswith("FedPer") and math.isinf(eps)),
+                         personal=personal)
         runs.append({"method": method, "eps": eps, "seed": seed, "result": result, "wall_s": time.perf_counter() - t})
         done = time.perf_counter() - t0
         eta = done / i * (len(plan) - i)
@@ -214,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
     eps_keys = ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons]
     table = summarise(runs)
-    md = markdown(table, eps_keys)
+    md = markdown(table, eps_keys) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs)
     doc = {"example": str(EXAMPLE.relative_to(ROOT)), "epsilons": eps_keys, "seeds": seeds, "delta": 1e-5,
            "summary": {s: {e: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
                            for e, row in rows.items()} for s, rows in table.items()},

@@ -174,9 +174,15 @@ class PersonalizationSpec(_Block):
     rows (``last_layer``: only the final layer; ``full``: every layer) for ``epochs``, under
     the same DP settings and, with ``total_epsilon``, inside the same run budget."""
 
-    mode: Literal["last_layer", "full"] = "last_layer"
+    mode: Literal["last_layer", "bias", "full"] = "last_layer"
     epochs: Int = Field(5, ge=1)
     learning_rate: Float | None = Field(None, gt=0)
+    # "last": keep the last epoch; "validation": keep the checkpoint (the model before
+    # fine-tuning, or after any epoch) with the lowest loss on the site's own validation split,
+    # site-local (site_worker.personalize).
+    select: Literal["validation", "last"] = "last"
+    # Ditto-style pull towards the global model while fine-tuning: grad += mu * (w - w_global).
+    proximal_mu: Float = Field(0.0, ge=0)
 
 
 class TrainingSpec(_Block):

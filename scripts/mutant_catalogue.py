@@ -191,6 +191,13 @@ MUTANTS: list[Mutant] = [
               "        med = 0.0\n"),),
         ("tests/site_worker/test_data.py",),
     ),
+    Mutant(
+        "personalize-keeps-last-epoch", "personalisation keeps the checkpoint with the lowest validation loss",
+        (Edit("site_worker/personalize.py",
+              "    kept = select_checkpoint(model, checkpoints, data, loss_name=spec.loss) if p.select == \"validation\" else None\n",
+              "    kept = None\n"),),
+        ("tests/site_worker/test_personalize.py",),
+    ),
 ]
 
 # ---------------------------------------------------------------------- issue 10: nobody trusted with another's bounds

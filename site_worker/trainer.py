@@ -95,6 +95,7 @@ class TrainResult:
     delta: float | None
     num_examples: int
     reproducible: bool = False  # DP noise came from the site's dp_seed, not from os.urandom
+    kept_epoch: int | None = None  # personalisation: the checkpoint kept (site-local, never released)
 
 
 def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
