@@ -21,10 +21,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from coordinator.inbox import Held, Message
+from coordinator.inbox import Held
 from coordinator.metrics import weighted_mean
 from coordinator.sampling import derive_seed
-from protocol.messages import Declined, EvalResult, PersonalizeTask, Tensors
+from protocol.messages import PersonalizeTask, Tensors
 
 PREFIX = "personalized_"
 _NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class"}
@@ -73,29 +73,11 @@ def collect(coord: Any, weights: Tensors, rnd: int, sites: list[str]) -> dict[st
                 break
             continue
         coord.inbox.handle(delivery, round=rnd, held=held,
-                           route=lambda msg: _answer(coord, msg, rnd, pending, results, answered, held))
+                           route=lambda msg: coord._eval_message(msg, rnd, "test", pending, results, answered, held))
     coord.store.record([h.row for h in held.values()])
     for h in held.values():
         h.delivery.ack()
     return results
-
-
-def _answer(coord: Any, msg: Message, rnd: int, pending: dict[str, str], results: dict[str, dict[str, float]],
-            answered: set[str], held: dict[str, Held]) -> None:
-    p, site = msg.payload, msg.site
-    if pending.get(getattr(p, "task_id", "")) != site:
-        return coord.inbox.settle(msg, verdict="late", reason="not an answer to an open final task", round=rnd)
-    if isinstance(p, Declined):
-        answered.add(site)
-        return coord.inbox.decline(msg, round=rnd)
-    if not isinstance(p, EvalResult) or site in answered:
-        return coord.inbox.settle(msg, verdict="duplicate", reason="final task already answered", round=rnd)
-    coord.inbox.check_eval(msg)
-    m = dict(p.metrics)
-    m["n"] = float(m.get("n", p.num_examples))
-    coord.inbox.hold(msg, held, payload=None, split="test")
-    results[site] = m
-    answered.add(site)
 
 
 def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> dict[str, Any]:
