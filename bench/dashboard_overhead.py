@@ -35,6 +35,8 @@ def poller(base: str, poll_s: float) -> None:
     import httpx
 
     with httpx.Client(base_url=base, timeout=30) as c:
+        c.get("/api/runs")  # imports done and the server answering: a browser already open on the page
+        print("ready", flush=True)
         run_id, last, sites_at = None, 0, 0.0
         while True:
             if run_id is None:
@@ -71,7 +73,12 @@ def one_run(rounds: int, served: bool, poll_s: float, cpu: list[tuple[float, flo
         if served:
             (out / "coordinator").mkdir(parents=True)
             server = BackgroundServer(ServeOptions(state=out / "coordinator", port=0, poll_s=poll_s)).start()
-            child = subprocess.Popen([sys.executable, __file__, "--poller", server.base, "--poll-s", str(poll_s)])
+            child = subprocess.Popen([sys.executable, __file__, "--poller", server.base, "--poll-s", str(poll_s)],
+                                     stdout=subprocess.PIPE, text=True)
+            # The browser is open before the run starts: the poller's own start-up (Python, httpx)
+            # is not charged to the federation's rounds. It says "ready" once it has been answered.
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("the dashboard poller did not start")
         t0 = time.monotonic()
         try:
             doc = simulate(ROOT / "examples" / "heart_failure.json", sites=3, rounds=rounds, out=out, progress=False)
