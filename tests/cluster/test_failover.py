@@ -115,7 +115,10 @@ def _site_node_ports(work: Path) -> Counter[int]:
 def _simulate(exp: Path, broker: str, out: Path) -> subprocess.Popen[bytes]:
     log = open(out.with_suffix(".stderr"), "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "fedbus.cli", "simulate", str(exp), "--broker", broker,
-                             "--out", str(out), "--json", "--round-timeout", "600"],
+                             "--out", str(out), "--json", "--round-timeout", "600",
+                             # site-1 starts each task 0.4 s late (a slow hospital): rounds last long
+                             # enough for a node to restart mid-run on a fast, quiet machine too
+                             "--faults", "straggler:site-1:0.4"],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log,
                             start_new_session=True)  # its group holds its site processes too
 
