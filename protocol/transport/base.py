@@ -87,6 +87,20 @@ class Delivery(abc.ABC):
 Handler = Callable[[Delivery], None]
 
 
+def call_handler(handler: Handler, d: Delivery, *, queue: str, log: Any) -> None:
+    """Run ``handler`` on ``d``; a handler bug must not kill the consumer or lose the frame:
+    an unsettled delivery is dead-lettered with the error as its reason (both buses)."""
+    try:
+        handler(d)
+    except Exception as e:
+        log.exception("handler failed; dead-lettering the frame", queue=queue, message_id=d.message_id)
+        if not d._settled:
+            try:
+                d.nack(f"handler_error: {type(e).__name__}: {e}")
+            except BusError:
+                log.exception("could not dead-letter after handler error", message_id=d.message_id)
+
+
 class Consumer(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:

@@ -43,6 +43,7 @@ from protocol.transport.base import (
     BusPermissionError,
     Consumer,
     Handler,
+    call_handler,
 )
 from protocol.transport.connector import TRANSIENT, backoff, permission_error, refusal_of
 from protocol.transport.delivery import AmqpDelivery, Raw
@@ -393,15 +394,7 @@ class AmqpConsumer(Consumer):
                 log.exception("could not dead-letter a chunk; it stays unacked and is redelivered later")
 
     def _call(self, d: AmqpDelivery) -> None:
-        try:
-            self.handler(d)
-        except Exception as e:  # a handler bug must not kill the consumer or lose the frame
-            log.exception("handler failed; dead-lettering the frame", queue=self.queue, message_id=d.message_id)
-            if not d._settled:
-                try:
-                    d.nack(f"handler_error: {type(e).__name__}: {e}")
-                except BusError:
-                    log.exception("could not dead-letter after handler error", message_id=d.message_id)
+        call_handler(self.handler, d, queue=self.queue, log=log)
 
     def cancel(self) -> None:
         """Stop; the broker redelivers everything not yet acked."""

@@ -38,6 +38,7 @@ from protocol.transport.base import (
     Handler,
     PublishRefused,
     Topology,
+    call_handler,
 )
 from protocol.transport.layout import (
     EXCHANGES,
@@ -417,15 +418,7 @@ class _MemoryConsumer(Consumer):
                 self._pending.append(d)
 
     def _call(self, d: _MemoryDelivery) -> None:
-        try:
-            self.handler(d)
-        except Exception as e:  # a handler bug must not kill the consumer or lose the frame
-            log.exception("handler failed; dead-lettering the frame", queue=self.queue.name, message_id=d.message_id)
-            if not d._settled:
-                try:
-                    d.nack(f"handler_error: {type(e).__name__}: {e}")
-                except BusError:
-                    log.exception("could not dead-letter after handler error", message_id=d.message_id)
+        call_handler(self.handler, d, queue=self.queue.name, log=log)
 
     def _expire_locked(self) -> None:
         for user, tid in self._reasm.expire_transfers():
