@@ -19,10 +19,9 @@ from coordinator.state import StateStore
 from protocol.signing import Signer, generate_keypair
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
-from site_worker.config import load_site_config
 from site_worker.daemon import SiteWorker
 from site_worker.ledger import PrivacyLedger
-from tests.site_worker.support import experiment_dict, heart_failure_csv, site_toml
+from tests.site_worker.support import enrolled_hospital, experiment_dict, heart_failure_csv
 
 POLICIES = {
     "dp": {"max_epsilon": 100.0, "metrics": "dp"},
@@ -42,16 +41,8 @@ def hospitals(tmp_path):
     sites, workers = {}, []
     for (kind, policy), part in zip(POLICIES.items(), (data.iloc[0:100], data.iloc[100:200], data.iloc[200:])):
         sid = f"{kind}-{uuid.uuid4().hex[:6]}"
-        skey, spub = generate_keypair(sid, tmp_path / "keys")
-        store.enroll(sid, spub.read_bytes())
-        sdir = tmp_path / sid
-        sdir.mkdir()
-        part.to_csv(sdir / "hf.csv", index=False)
-        keys = type("K", (), {"site_key": skey, "coordinator_pub": cpub})
-        cfg = load_site_config(site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
-                                         datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
-                                                                     "target": "DEATH_EVENT"}},
-                                         policy=policy))
+        cfg = enrolled_hospital(tmp_path, part, site_id=sid, store=store, federation=fed, broker_url=url,
+                                coordinator_pub=cpub, policy=policy)
         sites[kind] = (sid, cfg)
         workers.append(SiteWorker(cfg, bus=open_bus(url)))
     bus = open_bus(url)

@@ -13,33 +13,23 @@ from coordinator.state import StateStore
 from protocol.signing import Signer, generate_keypair
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
-from site_worker.config import load_site_config
 from site_worker.daemon import SiteWorker
-from tests.site_worker.support import experiment_dict, heart_failure_csv, site_toml
+from tests.site_worker.support import enrolled_hospital, experiment_dict, heart_failure_csv
 
 
 @pytest.fixture
 def three_hospitals(tmp_path):
     url = f"memory://coord-sw-{uuid.uuid4().hex[:8]}"
     fed = f"fed-{uuid.uuid4().hex[:8]}"
-    kdir = tmp_path / "keys"
-    ckey, cpub = generate_keypair("coordinator", kdir)
+    ckey, cpub = generate_keypair("coordinator", tmp_path / "keys")
     state = tmp_path / "coord"
     store = StateStore(state)
     data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
     sites, workers = [], []
     for i, part in enumerate((data.iloc[0:100], data.iloc[100:200], data.iloc[200:])):
         sid = f"hosp-{i + 1}-{uuid.uuid4().hex[:6]}"
-        skey, spub = generate_keypair(sid, kdir)
-        store.enroll(sid, spub.read_bytes())
-        sdir = tmp_path / sid
-        sdir.mkdir()
-        part.to_csv(sdir / "hf.csv", index=False)
-        keys = type("K", (), {"site_key": skey, "coordinator_pub": cpub})
-        cfg = load_site_config(site_toml(sdir, site_id=sid, federation=fed, broker_url=url, keys=keys,
-                                         datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
-                                                                     "target": "DEATH_EVENT"}},
-                                         policy={"max_epsilon": 100.0}))
+        cfg = enrolled_hospital(tmp_path, part, site_id=sid, store=store, federation=fed, broker_url=url,
+                                coordinator_pub=cpub, policy={"max_epsilon": 100.0})
         sites.append(sid)
         workers.append(SiteWorker(cfg, bus=open_bus(url)))
     bus = open_bus(url)

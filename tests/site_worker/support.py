@@ -95,6 +95,24 @@ def site_toml(tmp: Path, *, site_id: str, federation: str, broker_url: str, keys
     return path
 
 
+def enrolled_hospital(tmp: Path, rows: Any, *, site_id: str, store: Any, federation: str, broker_url: str,
+                      coordinator_pub: Path, policy: dict[str, Any]):
+    """One heart-failure hospital for a coordinator test: its key (enrolled in ``store``), its
+    rows (a DataFrame) as CSV and its loaded site config."""
+    from site_worker.config import load_site_config
+
+    skey, spub = generate_keypair(site_id, tmp / "keys")
+    store.enroll(site_id, spub.read_bytes())
+    sdir = tmp / site_id
+    sdir.mkdir()
+    rows.to_csv(sdir / "hf.csv", index=False)
+    keys = type("K", (), {"site_key": skey, "coordinator_pub": coordinator_pub})
+    return load_site_config(site_toml(sdir, site_id=site_id, federation=federation, broker_url=broker_url, keys=keys,
+                                      datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
+                                                                  "target": "DEATH_EVENT"}},
+                                      policy=policy))
+
+
 class TestCoordinator:
     """The coordinator side of a test: signs tasks, collects and verifies replies."""
 
