@@ -52,7 +52,8 @@ def test_fedavg_with_real_site_workers_reports_metrics_epsilon_and_audits(three_
     doc = result.to_json()
     assert doc["sites"] == sorted(sites)
     assert [r["replies"] for r in doc["rounds"]] == [3, 3]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 for r in doc["rounds"])
+    # The sites release DP metrics (policy default): a noisy loss sum below zero is released as 0, never negative.
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["loss"] < float("inf") for r in doc["rounds"])
     assert set(doc["final"]["per_site"]) == set(sites)
     assert sum(m["n_test"] for m in doc["final"]["per_site"].values()) > 0
     assert 0.0 <= doc["final"]["auc"] <= 1.0
