@@ -15,6 +15,8 @@ the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_ut
     python bench/privacy_utility.py --quick        # 3 ε x 4 methods x 1 seed, a smoke run
     python bench/privacy_utility.py --max-minutes 20   # stop starting new runs after 20 minutes
     python bench/privacy_utility.py --render bench/out/privacy_utility.json   # tables + PNG of a saved run
+    python bench/privacy_utility.py --epsilons 1,inf --methods "FedAvg+bias fine-tune" --seeds 20
+                                                   # one method's DP cost at ε = 1, paired over 20 seeds
 """
 
 from __future__ import annotations
@@ -228,12 +230,36 @@ def per_hospital_dp(runs: list[dict[str, Any]], eps: float = 1.0, method: str = 
     return "\n".join(lines)
 
 
+def dp_cost(runs: list[dict[str, Any]], eps: float = 1.0) -> str:
+    """Per method, union accuracy without DP minus at ``eps``, paired by seed (the same test rows):
+    mean ± standard error over seeds, and the largest mean over any 3 consecutive seeds."""
+    lines = [f"\n**DP cost at ε = {eps:g}** (union accuracy, no DP minus ε = {eps:g}, paired by seed; points)\n",
+             "| series | seeds | no DP | ε | cost | ± s.e. | worst 3-seed window |", "|---|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in runs}):
+        at = {r["seed"]: r["result"]["model"]["acc"] for r in runs if r["method"] == method and r["eps"] == eps}
+        inf = {r["seed"]: r["result"]["model"]["acc"] for r in runs if r["method"] == method and math.isinf(r["eps"])}
+        seeds = sorted(set(at) & set(inf))
+        if len(seeds) < 2:
+            continue
+        diffs = [100 * (inf[s] - at[s]) for s in seeds]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        worst = max((statistics.fmean(diffs[i:i + 3]) for i in range(len(diffs) - 2)), default=None)
+        lines.append(f"| {method} | {len(seeds)} | {statistics.fmean(inf[s] for s in seeds):.3f} | "
+                     f"{statistics.fmean(at[s] for s in seeds):.3f} | {statistics.fmean(diffs):.1f} | {se:.1f} | "
+                     + ("-" if worst is None else f"{worst:.1f}") + " |")
+    return "\n".join(lines)
+
+
+def tables(runs: list[dict[str, Any]], eps_keys: list[str]) -> str:
+    return "\n".join([markdown(summarise(runs), eps_keys), per_hospital(runs), per_hospital_dp(runs), dp_cost(runs)])
+
+
 def render(path: Path) -> int:
     """Tables and PNG again from a saved ``privacy_utility.json`` (no training)."""
     doc = json.loads(path.read_text())
     runs = [dict(r, eps=float(r["eps"])) for r in doc["runs"]]
     table = summarise(runs)
-    print(markdown(table, doc["epsilons"]) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs))
+    print(tables(runs, doc["epsilons"]))
     plot(table, doc["epsilons"], path.with_suffix(".png"))
     return 0
 
@@ -272,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="ε in {1, 8, inf}, one seed")
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per point (default 3)")
+    ap.add_argument("--epsilons", help="comma-separated ε per site, 'inf' = no DP (default 0.5,1,2,4,8,inf)")
+    ap.add_argument("--methods", help="comma-separated series to run (default all: " + ", ".join(
+        ["FedAvg", "FedAdam", "FedAvg+bias fine-tune", "FedPer+fine-tune"]) + ")")
     ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables and redraw the PNG of a saved run")
@@ -283,9 +312,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     epsilons = [1.0, 8.0, math.inf] if args.quick else EPSILONS
+    if args.epsilons:
+        epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = SEEDS[:1] if args.quick else list(range(1, args.seeds + 1))
     base = json.loads(EXAMPLE.read_text())
     variants = methods(base, json.loads(PERSONAL.read_text()))
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = [m for m in wanted if m not in variants]
+        if unknown:
+            ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(variants)}")
+        variants = {m: variants[m] for m in wanted}
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "privacy_utility.log", "w", encoding="utf-8")
     # seed outermost: a run cut short by --max-minutes still has every point for the seeds it finished
@@ -316,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
     eps_keys = ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons]
     table = summarise(runs)
-    md = markdown(table, eps_keys) + "\n" + per_hospital(runs) + "\n" + per_hospital_dp(runs)
+    md = tables(runs, eps_keys)
     doc = {"example": str(EXAMPLE.relative_to(ROOT)), "epsilons": eps_keys, "seeds": seeds, "delta": 1e-5,
            "summary": {s: {e: {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
                            for e, row in rows.items()} for s, rows in table.items()},
