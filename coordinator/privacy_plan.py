@@ -30,11 +30,6 @@ def _policy(summary: dict[str, Any]) -> Any:
     return SitePolicy(**given)
 
 
-def site_delta(policy: Any, rows: int) -> float:
-    """As ``SitePolicy.site_delta``: the site's own δ, else min(1e-5, 1 / (10·rows))."""
-    return float(policy.site_delta(rows))
-
-
 def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
     """``{total_epsilon, mode, delta, accountant, sites: {site: plan}}`` or None (DP off).
 
@@ -54,12 +49,16 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
         if not rows:
             sites[site] = {"error": f"no dataset {dataset!r} announced"}
             continue
-        policy = _policy((hello or {}).get("policy") or {})
-        delta = site_delta(policy, rows)
+        try:
+            policy = _policy((hello or {}).get("policy") or {})
+            delta = policy.site_delta(rows)
+            entry = run_budget.plan_entry(experiment, policy, rows=rows, n_train=run_budget.train_rows(
+                experiment, rows, test_fraction=float(policy.test_fraction)))
+        except (TypeError, ValueError) as e:  # a hello's summary is the site's word, not validated here
+            sites[site] = {"rows": rows, "error": f"its announced policy cannot be planned with: {e}"}
+            continue
         deltas.add(delta)
         accountants.add(policy.accountant)
-        entry = run_budget.plan_entry(experiment, policy, rows=rows, n_train=run_budget.train_rows(
-            experiment, rows, test_fraction=policy.test_fraction))
         sites[site] = {"delta": delta, "accountant": policy.accountant, **entry}
     out: dict[str, Any] = {
         "total_epsilon": float(dp.total_epsilon) if run_budget.applies(experiment) else None,
