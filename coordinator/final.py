@@ -27,7 +27,7 @@ from coordinator.sampling import derive_seed
 from protocol.messages import PersonalizeTask, Tensors
 
 PREFIX = "personalized_"
-_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class"}
+_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class", "one_class_dp_estimate"}
 
 
 def personalises(experiment: Any) -> bool:
@@ -85,9 +85,34 @@ def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> d
     out.update({k: m[prefix + k] for k in ("sensitivity", "specificity") if m.get(prefix + k) is not None})
     n = m.get(n_key)
     out["n_test"] = int(n) if n is not None else None
-    if m.get(prefix + "predicts_one_class") is not None:  # exact metrics only: a flag, not a figure
+    if m.get(prefix + "predicts_one_class") is not None:  # a flag, not a figure: exact, or a DP estimate
         out["predicts_one_class"] = bool(m[prefix + "predicts_one_class"])
+        if m.get(prefix + "one_class_dp_estimate"):
+            out["one_class_estimate"] = "dp"  # from the noisy test counts (site_worker.final_model)
+    if m.get(prefix + "predicted_positive_share") is not None:
+        out["predicted_positive_share"] = m[prefix + "predicted_positive_share"]
     return out
+
+
+def one_class_warnings(final: dict[str, Any]) -> list[str]:
+    """The report's and the CLI tables' one-class warnings for a result's ``final`` block: a
+    model that predicts one class is a majority-class predictor, whatever its accuracy. Under
+    DP metrics the flag is an estimate from noisy counts, and the text says so."""
+    notes = []
+    if final.get("predicts_one_class"):
+        notes.append("the global model predicts one class only on the union of test splits")
+    for s, m in (final.get("per_site") or {}).items():
+        for tag, block in (("global", m), ("personalised", m.get("personalized") or {})):
+            if not block.get("predicts_one_class"):
+                continue
+            if block.get("one_class_estimate") == "dp":
+                share = block.get("predicted_positive_share")
+                notes.append(f"{s}: the {tag} model appears to predict one class (DP estimate from the noisy test "
+                             "counts" + (f": about {share:.0%} predicted positive" if share is not None else "")
+                             + ")")
+            else:
+                notes.append(f"{s}: the {tag} model predicts one class only (accuracy = that class's share)")
+    return notes
 
 
 def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -124,4 +149,4 @@ def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str
     return final
 
 
-__all__ = ["collect", "method", "personalises", "summarise"]
+__all__ = ["collect", "method", "one_class_warnings", "personalises", "summarise"]

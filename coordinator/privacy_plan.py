@@ -1,45 +1,41 @@
 """The run's privacy plan as the coordinator can know it: before round 1, from what each site announced.
 
-Each site derives its own noise from its own rows (``site_worker.run_budget``); the
+Each site derives its own noise from its own rows (``site_worker.run_budget``: solved for a
+whole-run ``total_epsilon``, or the experiment's noise multiplier / per-task target ε); the
 coordinator sees only the rows and the policy summary of each ``SiteHello``, so it plans
 with the same function on the expected training rows of the site's keyed split
 (``run_budget.train_rows``), at the site's δ and with the site's accountant. The figures
 are therefore the plan *from announced rows*; what each site spent is its own ledger's.
 Shown on the terminal and in the log before the first round and stored as the result's
-``privacy`` block (``delta``, ``accountant``, ``planned_epsilon`` per site).
+``privacy`` block (``delta``, ``accountant``, ``planned_epsilon`` per site). A site whose
+policy would decline a task gets ``error`` (why) instead of a figure.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 from typing import Any
 
 from site_worker import run_budget
 
 
 def _policy(summary: dict[str, Any]) -> Any:
-    """The parts of a site's policy the plan needs, from its hello (site defaults when left out)."""
+    """The site's policy as its hello summarised it (``SitePolicy.summary``; site defaults for
+    what it left out), so the plan checks each task exactly as the site will."""
     from site_worker.config import SitePolicy
 
-    d = SitePolicy()
-    return SimpleNamespace(
-        accountant=str(summary.get("accountant") or d.accountant),
-        delta=summary.get("delta"),
-        min_noise_multiplier=summary.get("min_noise_multiplier", d.min_noise_multiplier),
-        metrics=str(summary.get("metrics") or d.metrics),
-        metrics_noise_multiplier=float(summary.get("metrics_noise_multiplier") or d.metrics_noise_multiplier),
-        test_fraction=float(summary.get("test_fraction", d.test_fraction)),
-    )
-
-
-def site_delta(policy: Any, rows: int) -> float:
-    """As ``SitePolicy.site_delta``: the site's own δ, else min(1e-5, 1 / (10·rows))."""
-    return float(policy.delta) if policy.delta is not None else min(1e-5, 1.0 / (10.0 * max(1, rows)))
+    names = {f.name for f in dataclasses.fields(SitePolicy)}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in summary.items() if k in names and v is not None}
+    given.pop("reproducible_dp", None)  # needs the site's dp_seed, never sent; no bearing on ε
+    return SitePolicy(**given)
 
 
 def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
-    """``{total_epsilon, delta, accountant, sites: {site: plan}}`` or None (DP off, or no ``total_epsilon``).
+    """``{total_epsilon, mode, delta, accountant, sites: {site: plan}}`` or None (DP off).
 
+    Every DP mode is planned: a whole-run ``total_epsilon`` (σ solved per site), a fixed
+    ``noise_multiplier`` or a ``target_epsilon`` per task (σ as the site derives it), each
+    composed over the rounds, the fine-tune and the metrics releases the site's policy adds.
     ``hellos`` maps each site of the run to its stored hello (``None``: not heard)."""
     dp = experiment.training.dp
     if dp is None:
@@ -53,21 +49,20 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
         if not rows:
             sites[site] = {"error": f"no dataset {dataset!r} announced"}
             continue
-        policy = _policy((hello or {}).get("policy") or {})
-        delta = site_delta(policy, rows)
+        try:
+            policy = _policy((hello or {}).get("policy") or {})
+            delta = policy.site_delta(rows)
+            entry = run_budget.plan_entry(experiment, policy, rows=rows, n_train=run_budget.train_rows(
+                experiment, rows, test_fraction=float(policy.test_fraction)))
+        except (TypeError, ValueError) as e:  # a hello's summary is the site's word, not validated here
+            sites[site] = {"rows": rows, "error": f"its announced policy cannot be planned with: {e}"}
+            continue
         deltas.add(delta)
         accountants.add(policy.accountant)
-        entry: dict[str, Any] = {"rows": rows, "delta": delta, "accountant": policy.accountant}
-        if run_budget.applies(experiment):
-            try:
-                p = run_budget.plan_run(experiment, n_train=run_budget.train_rows(
-                    experiment, rows, test_fraction=policy.test_fraction), delta=delta, policy=policy)
-                entry.update(p.to_json())
-            except run_budget.BudgetExhausted as e:
-                entry["error"] = str(e)
-        sites[site] = entry
+        sites[site] = {"delta": delta, "accountant": policy.accountant, **entry}
     out: dict[str, Any] = {
         "total_epsilon": float(dp.total_epsilon) if run_budget.applies(experiment) else None,
+        "mode": run_budget.mode(experiment),
         "delta": deltas.pop() if len(deltas) == 1 else (sorted(deltas) or [float(dp.delta)])[-1],
         "accountant": accountants.pop() if len(accountants) == 1 else (", ".join(sorted(accountants)) or dp.accountant),
         "planned_from": "rows each site announced (expected training rows of its keyed split)",
@@ -81,18 +76,26 @@ def planned_epsilon(planned: dict[str, Any] | None) -> dict[str, float | None]:
 
 
 def describe(planned: dict[str, Any]) -> list[str]:
-    """Lines for the terminal, before the first round (the simulator prints the same)."""
-    if planned.get("total_epsilon") is None:
-        return [f"privacy: DP-SGD at each site, ε per task from the experiment's noise; δ = {planned['delta']:g} "
-                f"({planned['accountant']} accountant); no total_epsilon, so no whole-run plan"]
-    lines = [f"privacy plan: total ε ≤ {planned['total_epsilon']:g} per site at δ = {planned['delta']:g} "
-             f"({planned['accountant']} accountant)"]
+    """Lines for the terminal, before the first round (the simulator and ``config validate`` print the same)."""
+    how = planned.get("mode") or ("total_epsilon" if planned.get("total_epsilon") is not None else "noise_multiplier")
+    at = f"at δ = {planned['delta']:g} ({planned['accountant']} accountant)"
+    if how == "total_epsilon":
+        lines = [f"privacy plan: total ε ≤ {planned['total_epsilon']:g} per site {at}"]
+    else:
+        lines = [f"privacy plan: no total_epsilon; ε at the end of the run per site {at}, composed over every "
+                 "round's DP-SGD steps, the fine-tune and the metrics releases"]
     for s, p in planned["sites"].items():
         if "planned_epsilon" not in p:
             lines.append(f"  {s}: {p.get('error', 'no plan')}")
             continue
+        noise = f"noise σ = {p['noise_multiplier']:.3f}"
+        if p.get("personalization_noise_multiplier") not in (None, p["noise_multiplier"]):
+            noise += f" (fine-tune σ = {p['personalization_noise_multiplier']:.3f})"
         lines.append(f"  {s}: {p['n_train']} training rows, {p['steps']} DP-SGD steps at sample rate "
-                     f"{p['sample_rate']:.3g}, noise σ = {p['noise_multiplier']:.3f} -> ε = {p['planned_epsilon']:.3f}")
+                     f"{p['sample_rate']:.3g}, {noise} -> ε = {p['planned_epsilon']:.3f}"
+                     + (f" at δ = {p['delta']:g}" if p.get("delta") not in (None, planned["delta"]) else ""))
+        if p.get("warning"):
+            lines.append(f"  {s}: warning: {p['warning']}")
     return lines
 
 

@@ -808,7 +808,7 @@ class Coordinator:
             p = self.privacy_plan
             out.update(delta=p["delta"], accountant=p["accountant"], epsilon=dict(eps),
                        planned_epsilon=privacy_plan.planned_epsilon(p), total_epsilon=p["total_epsilon"],
-                       planned_from=p["planned_from"], plan=p["sites"])
+                       mode=p.get("mode"), planned_from=p["planned_from"], plan=p["sites"])
         central = self.experiment.federated.central_dp
         if central:
             out["central"] = _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])

@@ -152,7 +152,8 @@ def validate(
 
 
 def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out: bool) -> dict[str, Any] | None:
-    """Per site: ε at the end of the run from its announced rows (``site_worker.run_budget``)."""
+    """Per site: ε at the end of the run from its announced rows (``site_worker.run_budget``), in
+    every DP mode (total_epsilon, noise_multiplier, target_epsilon per task), for the site defaults."""
     from site_worker import run_budget
 
     def fail(message: str) -> None:
@@ -173,9 +174,8 @@ def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             fail(f"{site}: rows must be an integer >= 2, got {n!r}")
         rows[str(site)] = n
-    if not run_budget.applies(experiment):
-        console.print("privacy plan: the experiment states no training.optimizer.differential_privacy.total_epsilon; "
-                      "nothing to plan", highlight=False)
+    if experiment.training.dp is None:
+        console.print("privacy plan: DP is off in this experiment; nothing to plan (ε = ∞)", highlight=False)
         return None
     return run_budget.plan_catalogue(experiment, rows)
 

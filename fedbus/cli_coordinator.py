@@ -129,9 +129,10 @@ def _print_run(doc: dict[str, Any]) -> None:
             if pm:
                 line += f"; personalised accuracy {_fmt(pm.get('accuracy'))}, auc {_fmt(pm.get('auc'))}"
             _err.print(line)
-            for tag, block in (("global", m), ("personalised", pm)):
-                if block.get("predicts_one_class"):
-                    _err.print(f"  [yellow]warning[/] {s}: the {tag} model predicts one class only")
+            from coordinator.final import one_class_warnings
+
+            for w in one_class_warnings({"per_site": {s: m}}):
+                _err.print(f"  [yellow]warning[/] {w}", markup=True, highlight=False)
     if doc.get("epsilon"):
         priv = doc.get("privacy") or {}
         delta, planned = priv.get("delta"), priv.get("planned_epsilon") or {}

@@ -278,6 +278,34 @@ MUTANTS += [
               "    sens = max(s for _, _, s in parts)\n"),),
         ("tests/site_worker/test_final_release.py",), marks="not broker",
     ),
+    Mutant(
+        "dp-one-class-unflagged", "under metrics = dp a model whose noisy counts show one predicted class is flagged (an estimate)",
+        (Edit("site_worker/final_model.py", "    if near[0] != near[1]:\n", "    if False:\n"),),
+        ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",
+         "tests/simulator/test_report.py::test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables"),
+    ),
+    # ------------------------------------------------------------------ the run's privacy plan
+    Mutant(
+        "plan-fine-tune-at-the-rounds-noise", "without total_epsilon the plan gives the fine-tune the noise the site solves for it",
+        (Edit("site_worker/run_budget.py",
+              "            tune_sigma = plan_dp(tune, n_train, delta=delta, accountant=accountant).noise_multiplier\n",
+              "            tune_sigma = sigma\n"),),
+        ("tests/coordinator/test_privacy_plan_modes.py::test_target_epsilon_per_task_plans_the_fine_tune_at_its_own_noise",),
+    ),
+    Mutant(
+        "plan-test-evaluations-uncounted", "the plan (and a run budget's noise) counts the test releases of federated.test_every",
+        (Edit("site_worker/run_budget.py", "    tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)\n",
+              "    tests = ()\n"),),
+        ("tests/site_worker/test_run_budget.py::test_periodic_test_evaluations_are_in_the_plan_and_in_each_tasks_noise",
+         "tests/coordinator/test_privacy_plan_modes.py::test_noise_multiplier_run_spends_exactly_its_plan"),
+    ),
+    Mutant(
+        "plan-ignores-site-policy", "a plan says a site declines where its policy refuses a task, instead of a figure",
+        (Edit("site_worker/run_budget.py",
+              "    site_plan(policy, spec, n_train=n_train, rows=rows, noise_multiplier=plan.noise_multiplier if fixed else None)\n",
+              "    pass\n"),),
+        ("tests/coordinator/test_privacy_plan_modes.py::test_plan_and_its_lines_without_total_epsilon",),
+    ),
     # ------------------------------------------------------------------ dashboard: results that say what they are
     Mutant(
         "dashboard-holdout-shown-as-test", "the dashboard's \"test\" is the sites' fixed test splits, never the simulator's held-out rows",

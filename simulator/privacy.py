@@ -1,7 +1,8 @@
 """The privacy block of a simulated run: the plan before round 1 and what each site spent.
 
-The plan (``site_worker.run_budget.plan_run``) is what each site will derive from its own
-training rows when the experiment states ``total_epsilon``; the spend is read back from each
+The plan (``site_worker.run_budget.site_run_plan``) is what each site will derive from its own
+training rows: σ solved for a ``total_epsilon``, or the experiment's noise multiplier / per-task
+target ε, composed over the run; the spend is read back from each
 site's own ledger after the run (rounds and the personalisation fine-tune), so the figures
 are the sites' accountant's, not the coordinator's idea of them.
 """
@@ -23,9 +24,9 @@ def _site(files: Any, exp: Any, input_shape: tuple[int, ...] | None) -> tuple[An
 
 
 def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
-    """Per site: rows, noise and ε at the end of the run (None when DP is off or no budget)."""
+    """Per site: rows, noise and ε at the end of the run (None when DP is off)."""
     dp = exp.training.dp
-    if dp is None or not run_budget.applies(exp):
+    if dp is None:
         return None
     sites = {}
     accountant = dp.accountant
@@ -34,10 +35,9 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         cfg, data = _site(files, exp, input_shape)
         delta = cfg.policy.site_delta(data.rows)
         accountant = cfg.policy.accountant
-        p = run_budget.plan_run(exp, n_train=int(len(data.x_train)), delta=delta, accountant=accountant,
-                                policy=cfg.policy)
-        sites[site] = p.to_json()
-    return {"total_epsilon": float(dp.total_epsilon), "delta": delta, "accountant": accountant,
+        sites[site] = run_budget.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
+    return {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
+            "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
             "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
 
 
@@ -60,8 +60,12 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
                            "epsilon_reported_with_updates": reported or {}}
     if planned is not None:
         out["total_epsilon"] = planned["total_epsilon"]
-        out["planned_epsilon"] = {s: p["planned_epsilon"] for s, p in planned["sites"].items()}
-        out["noise_multiplier"] = {s: p["noise_multiplier"] for s, p in planned["sites"].items()}
+        out["mode"] = planned.get("mode")
+        out["planned_epsilon"] = {s: p.get("planned_epsilon") for s, p in planned["sites"].items()}
+        out["noise_multiplier"] = {s: p.get("noise_multiplier") for s, p in planned["sites"].items()}
+        errors = {s: p["error"] for s, p in planned["sites"].items() if p.get("error")}
+        if errors:
+            out["plan_errors"] = errors
     return out
 
 

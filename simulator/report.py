@@ -266,16 +266,9 @@ _UNION = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
 
 def _warnings_html(doc: dict[str, Any]) -> list[str]:
     """A model that predicts one class is a majority-class predictor, whatever its accuracy."""
-    final = doc.get("final") or {}
-    notes = []
-    if final.get("predicts_one_class"):
-        notes.append("the global model predicts one class on the union of test splits")
-    for s, m in (final.get("per_site") or {}).items():
-        if m.get("predicts_one_class"):
-            notes.append(f"{s}: the global model predicts one class only (accuracy = that class's share)")
-        if (m.get("personalized") or {}).get("predicts_one_class"):
-            notes.append(f"{s}: the personalised model predicts one class only")
-    return [f"<p class='warn'>⚠ {html.escape(n)}</p>" for n in notes]
+    from coordinator.final import one_class_warnings
+
+    return [f"<p class='warn'>⚠ {html.escape(n)}</p>" for n in one_class_warnings(doc.get("final") or {})]
 
 
 def _privacy_html(doc: dict[str, Any]) -> list[str]:
@@ -286,7 +279,8 @@ def _privacy_html(doc: dict[str, Any]) -> list[str]:
              (priv.get("noise_multiplier") or {}).get(s)] for s, v in sorted((priv.get("epsilon") or {}).items())]
     return [f"<h2>Privacy</h2><p>ε per site at δ = {_fmt(priv.get('delta'))}, accountant {_fmt(priv.get('accountant'))}; "
             "spent = the site's own ledger after the run (rounds and any personalisation fine-tune); "
-            "planned = what the site derived before round 1 from its rows and the whole-run budget.</p>",
+            "planned = what the site derived before round 1 from its rows and the whole-run budget (or, without "
+            "one, the experiment's noise per task composed over the run).</p>",
             _table(["site", "ε spent", "ε planned", "budget (total ε)", "noise σ"], rows)]
 
 

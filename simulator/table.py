@@ -56,7 +56,9 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         sites.add_column("p.auc", justify="right")
     sites.caption = ("as each site reported it; maj: accuracy of predicting the site's majority class; "
                      + ("p.: the site's personalised model; " if personal else "") + "ε at the δ below")
-    warnings = []
+    from coordinator.final import one_class_warnings
+
+    warnings = one_class_warnings({"per_site": {s: per_site[s] for s in names[:max_sites] if s in per_site}})
     for s in names[:max_sites]:
         m = per_site.get(s, {})
         row = [s, _f(m.get("n_test"))] + [_f(m.get(k), 2) for k in (
@@ -64,10 +66,6 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         if personal:
             pm = m.get("personalized") or {}
             row += [_f(pm.get("accuracy"), 2), _f(pm.get("auc"), 2)]
-            if pm.get("predicts_one_class"):
-                warnings.append(f"{s}: the personalised model predicts one class only")
-        if m.get("predicts_one_class"):
-            warnings.append(f"{s}: the global model predicts one class only (accuracy = that class's share)")
         sites.add_row(*row)
     if len(names) > max_sites:
         sites.caption += f"; {len(names) - max_sites} more sites in the JSON / report"
@@ -76,10 +74,11 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         con.print(f"[yellow]warning[/yellow] {w}")
     if priv and priv.get("delta") is not None:  # DP off: no ε, no δ (privacy.central is shown below)
         line = f"privacy: ε per site at δ = {priv.get('delta'):g} ({priv.get('accountant')} accountant)"
+        planned = {s: v for s, v in (priv.get("planned_epsilon") or {}).items() if v is not None}
         if priv.get("total_epsilon") is not None:
-            planned = priv.get("planned_epsilon") or {}
-            line += (f", run budget ε ≤ {priv['total_epsilon']:g}; planned "
-                     + ", ".join(f"{s} {v:.3f}" for s, v in sorted(planned.items())[:max_sites]))
+            line += f", run budget ε ≤ {priv['total_epsilon']:g}"
+        if planned:
+            line += "; planned " + ", ".join(f"{s} {v:.3f}" for s, v in sorted(planned.items())[:max_sites])
         con.print(line)
     elif eps and all(v is None for v in eps.values()):
         con.print("privacy: DP off (ε = ∞)")
@@ -90,8 +89,8 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
         summary.add_column(col, justify="right")
     summary.add_row("federated (global)", *(_f(final.get(k)) for k in cols))
-    if final.get("predicts_one_class"):
-        con.print("[yellow]warning[/yellow] the global model predicts one class only on the union of test splits")
+    for w in one_class_warnings({"predicts_one_class": final.get("predicts_one_class")}):
+        con.print(f"[yellow]warning[/yellow] {w}")
     if final.get("personalized"):
         summary.add_row(f"personalised on own sites: {final['personalized'].get('method')}",
                         *(_f(final["personalized"].get(k)) for k in cols))

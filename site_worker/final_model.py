@@ -14,6 +14,8 @@
   Sensitivity, specificity and the majority-class accuracy are post-processing of the noisy
   confusion counts (``dp``) or exact (``exact``: a leak the policy allows, named in
   docs/threat-model.md).
+* Whether a model predicts one class: exact under ``exact``; under ``dp`` an estimate from the
+  same noisy counts (post-processing, no extra ε), see ``one_class_estimate``.
 """
 
 from __future__ import annotations
@@ -124,9 +126,38 @@ def _exact_extras(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, majo
     return m
 
 
-def _dp_extras(layout: str, v: np.ndarray) -> dict[str, float]:
-    """Sensitivity, specificity and the majority-class accuracy from noisy binary confusion
-    counts ``[tn, fp, fn, tp]`` (post-processing; the majority is the noisy test majority)."""
+ONE_CLASS_SDS = 2.0  # a noisy predicted-class count this many noise SDs from 0 is "consistent with 0"
+
+
+def one_class_estimate(counts: np.ndarray, noise_sd: float) -> dict[str, float]:
+    """From noisy binary confusion counts ``[tn, fp, fn, tp]`` (each coordinate + N(0, noise_sd²)):
+    the predicted-positive share and whether the model appears to predict one class.
+
+    Rule: the predicted positives (fp + tp) and predicted negatives (tn + fn) are each a sum of
+    two noisy counts, so each carries noise of SD √2·noise_sd. A count within ``ONE_CLASS_SDS``
+    of those SDs above 0 is consistent with 0. ``predicts_one_class`` is 1 when exactly one of the
+    two is (a true one-class model is flagged with probability ≈ 97.7 %), 0 when neither is, and
+    left out when both are (noise this large for this test split cannot tell). Post-processing of
+    the released vector: it costs no privacy."""
+    tn, fp, fn, tp = (float(c) for c in counts[:4])
+    pos, neg = fp + tp, tn + fn
+    limit = ONE_CLASS_SDS * math.sqrt(2.0) * float(noise_sd)
+    near = (pos <= limit, neg <= limit)
+    m: dict[str, float] = {"one_class_dp_estimate": 1.0}
+    cp, cn = max(pos, 0.0), max(neg, 0.0)
+    if cp + cn > 0:
+        m["predicted_positive_share"] = cp / (cp + cn)
+    if near[0] != near[1]:
+        m["predicts_one_class"] = 1.0
+    elif not any(near):
+        m["predicts_one_class"] = 0.0
+    return m
+
+
+def _dp_extras(layout: str, v: np.ndarray, *, noise_sd: float) -> dict[str, float]:
+    """Sensitivity, specificity, the majority-class accuracy and the one-class estimate from
+    noisy binary confusion counts ``[tn, fp, fn, tp]`` (post-processing; the majority is the
+    noisy test majority; ``noise_sd`` is the release's σ × sensitivity)."""
     if layout != "binary":
         return {}
     tn, fp, fn, tp = np.maximum(v[:4], 0.0)
@@ -138,6 +169,7 @@ def _dp_extras(layout: str, v: np.ndarray) -> dict[str, float]:
     n = tn + fp + fn + tp
     if n > 0:
         m["majority_class_accuracy"] = float(max(tn + fp, fn + tp) / n)
+    m.update(one_class_estimate(v[:4], noise_sd))
     return m
 
 
@@ -162,8 +194,9 @@ def release_on_test(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Ten
     for layout, v, _ in parts:
         piece = noisy[at: at + len(v)]
         at += len(v)
-        out.append({**derive(layout, piece, clip=clip), **_dp_extras(layout, piece)})
+        out.append({**derive(layout, piece, clip=clip),
+                    **_dp_extras(layout, piece, noise_sd=policy.metrics_noise_multiplier * sens)})
     return out
 
 
-__all__ = ["FinalStore", "RunsJoined", "release_on_test"]
+__all__ = ["FinalStore", "ONE_CLASS_SDS", "RunsJoined", "one_class_estimate", "release_on_test"]

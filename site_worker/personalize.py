@@ -114,7 +114,7 @@ def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, se
     ``result.kept_epoch`` says which checkpoint was kept (0: the model as received); it is
     site-local, not a metric to release."""
     p = experiment.training.personalization
-    spec = _spec(experiment, seed)
+    spec = personalization_spec(experiment, seed)
     if p.mode in ("last_layer", "bias"):
         _last_layer_only(model, bias_only=p.mode == "bias")
     checkpoints = [_snapshot(model)]
@@ -157,7 +157,8 @@ def select_checkpoint(model: torch.nn.Module, checkpoints: list[dict[str, torch.
     return min(range(len(losses)), key=lambda i: (losses[i], i))
 
 
-def _spec(experiment: Any, seed: int) -> TrainSpec:
+def personalization_spec(experiment: Any, seed: int) -> TrainSpec:
+    """The fine-tune's training spec (its epochs and learning rate): the site's and every planner's."""
     p = experiment.training.personalization
     overrides: dict[str, Any] = {"epochs": int(p.epochs)}
     if p.learning_rate is not None:
@@ -173,7 +174,7 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
     from site_worker.dp import noise_source, site_plan
 
     policy = config.policy
-    spec = _spec(experiment, seed)
+    spec = personalization_spec(experiment, seed)
     if spec.dp is None:
         return fine_tune(model, data, experiment, seed=seed)
     ledger = PrivacyLedger(config.state_dir)
@@ -199,4 +200,4 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
     return result
 
 
-__all__ = ["HeadStore", "fine_tune", "personal_layers", "personalize_at_site", "select_checkpoint"]
+__all__ = ["HeadStore", "fine_tune", "personal_layers", "personalization_spec", "personalize_at_site", "select_checkpoint"]

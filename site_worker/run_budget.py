@@ -16,6 +16,13 @@ the run still stays within its total. Rule for each task, deterministic so the p
 before round 1 is what is spent: keep the run's first σ while it still fits the budget for
 the releases left; otherwise (a retry spent extra) solve for the smallest σ that fits.
 Nothing fits: the site declines (reason ``budget``).
+
+Without ``total_epsilon`` the experiment fixes each task's noise itself: a
+``noise_multiplier``, or a ``target_epsilon`` per task that the site solves on the task's own
+steps (``dp.plan_dp``: the rounds' epochs and, separately, the fine-tune's). ``plan_run``
+then takes those σ from the same function the site trains with and composes the run's
+entries; ``site_run_plan`` also checks every task against the site's policy
+(``dp.site_plan``), so a planner says "declines" where the site would.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from site_worker.ledger import History, epsilon_of, merge, simulate_steps
+from site_worker.policy import PolicyViolation
 
 _SLACK = 1e-9  # ε comparisons: the accountant's own float noise
 _MAX_NOISE = 1e4
@@ -47,22 +55,29 @@ class RunPlan:
     personalization_steps: int
     per_round_fixed: tuple[tuple[float, float, int], ...]  # metrics released per round (policy's σ)
     final_fixed: tuple[tuple[float, float, int], ...]  # the final test evaluation
-    noise_multiplier: float
-    total_epsilon: float
+    noise_multiplier: float  # the rounds' σ
+    total_epsilon: float | None  # None: the experiment fixes each task's noise (``mode``)
     delta: float
     accountant: str
+    personalization_noise: float | None = None  # the fine-tune's σ when it differs (target_epsilon per task)
+    test_fixed: tuple[tuple[float, float, int], ...] = ()  # test evaluations during the rounds (test_every)
+    mode: str = "total_epsilon"  # "total_epsilon" | "noise_multiplier" | "target_epsilon"
 
     @property
     def total_steps(self) -> int:
         return self.round_steps * self.rounds + self.personalization_steps
 
+    def _fixed(self, rounds: int) -> list[tuple[float, float, int]]:
+        return [*(e for e in self.per_round_fixed for _ in range(rounds)), *self.test_fixed]
+
     def entries(self, *, rounds: int | None = None, sigma: float | None = None, final: bool = True) -> History:
         """Accountant entries of ``rounds`` rounds (default all), the fine-tune and the final evaluation."""
         rounds = self.rounds if rounds is None else rounds
         sigma = self.noise_multiplier if sigma is None else sigma
-        out: list[tuple[float, float, int]] = [(sigma, self.sample_rate, self.round_steps * rounds
-                                                + self.personalization_steps)]
-        out += [e for e in self.per_round_fixed for _ in range(rounds)]
+        tune = sigma if self.personalization_noise is None else self.personalization_noise
+        out: list[tuple[float, float, int]] = [(sigma, self.sample_rate, self.round_steps * rounds),
+                                               (tune, self.sample_rate, self.personalization_steps)]
+        out += self._fixed(rounds)
         if final:
             out += list(self.final_fixed)
         return merge([e for e in out if e[2] > 0])
@@ -73,12 +88,15 @@ class RunPlan:
         return epsilon_of(self.entries(), delta=self.delta, accountant=self.accountant)
 
     def to_json(self) -> dict[str, Any]:
-        fixed = epsilon_of(merge([*(e for e in self.per_round_fixed for _ in range(self.rounds)), *self.final_fixed]),
-                           delta=self.delta, accountant=self.accountant)
-        return {"n_train": self.n_train, "sample_rate": self.sample_rate, "steps": self.total_steps,
-                "noise_multiplier": self.noise_multiplier, "total_epsilon": self.total_epsilon,
-                "planned_epsilon": self.planned_epsilon, "metrics_epsilon": fixed, "delta": self.delta,
-                "accountant": self.accountant}
+        fixed = epsilon_of(merge([*self._fixed(self.rounds), *self.final_fixed]), delta=self.delta,
+                           accountant=self.accountant)
+        out = {"n_train": self.n_train, "sample_rate": self.sample_rate, "steps": self.total_steps,
+               "noise_multiplier": self.noise_multiplier, "total_epsilon": self.total_epsilon,
+               "planned_epsilon": self.planned_epsilon, "metrics_epsilon": fixed, "delta": self.delta,
+               "accountant": self.accountant, "mode": self.mode}
+        if self.personalization_noise is not None and self.personalization_steps:
+            out["personalization_noise_multiplier"] = self.personalization_noise
+        return out
 
 
 def applies(experiment: Any) -> bool:
@@ -108,6 +126,33 @@ def metrics_entries(policy: Any) -> list[tuple[float, float, int]]:
 
 def _eval_rounds(experiment: Any) -> int:
     return 1 if float(experiment.federated.fraction_eval) > 0 else 0
+
+
+def test_rounds(experiment: Any, *, first: int = 1) -> int:
+    """Test evaluations from round ``first`` on (``federated.test_every``; the last round's is the final one)."""
+    every = int(getattr(experiment.federated, "test_every", 0) or 0)
+    rounds = int(experiment.training.rounds)
+    return 0 if not every else sum(1 for r in range(max(1, first), rounds) if r % every == 0)
+
+
+def mode(experiment: Any) -> str | None:
+    """How the experiment sets the noise: a whole-run budget, a fixed σ, or a target ε per task (None: DP off)."""
+    dp = experiment.training.dp
+    if dp is None:
+        return None
+    if getattr(dp, "total_epsilon", None) is not None:
+        return "total_epsilon"
+    return "target_epsilon" if dp.noise_multiplier is None and dp.target_epsilon is not None else "noise_multiplier"
+
+
+def task_specs(experiment: Any) -> tuple[Any, Any]:
+    """The training spec of a round's task and of the fine-tune after the rounds (None without
+    one), built as the site builds them (``TrainSpec.from_experiment``, ``personalize.personalization_spec``)."""
+    from site_worker.personalize import personalization_spec
+    from site_worker.trainer import TrainSpec
+
+    tune = personalization_spec(experiment, 0) if getattr(experiment.training, "personalization", None) else None
+    return TrainSpec.from_experiment(experiment, seed=0), tune
 
 
 def _fresh(total: float, delta: float, accountant: str, sample_rate: float, steps: int,
@@ -170,9 +215,11 @@ def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_r
 def plan_run(experiment: Any, *, n_train: int, delta: float | None = None, accountant: str | None = None,
              policy: Any = None) -> RunPlan:
     """The plan of a site with ``n_train`` training rows from round 1 (the one ``config validate``,
-    the simulator and the report show); ``delta``/``accountant``/``policy`` are the site's."""
+    the simulator and the report show); ``delta``/``accountant``/``policy`` are the site's.
+    Under ``total_epsilon`` the rounds' σ is solved for the budget; otherwise each task's σ is
+    the experiment's, as ``dp.plan_dp`` derives it for the site."""
     dp = experiment.training.dp
-    assert dp is not None and dp.total_epsilon is not None
+    assert dp is not None
     delta = float(delta if delta is not None else dp.delta)
     accountant = str(accountant or (policy.accountant if policy is not None else dp.accountant))
     per_epoch = steps_per_epoch(n_train, int(experiment.training.batch_size))
@@ -183,13 +230,70 @@ def plan_run(experiment: Any, *, n_train: int, delta: float | None = None, accou
     one = metrics_entries(policy)
     per_round = tuple(one * (1 + _eval_rounds(experiment)))
     final = tuple(one)
-    fixed = tuple(merge([*(e for e in per_round for _ in range(rounds)), *final]))
-    sigma = _fresh(float(dp.total_epsilon), delta, accountant, q, round_steps * rounds + extra, fixed)
-    if policy is not None and getattr(policy, "min_noise_multiplier", None) is not None:
-        sigma = max(sigma, float(policy.min_noise_multiplier))
+    tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)
+    how = mode(experiment)
+    tune_sigma = None
+    if how == "total_epsilon":
+        fixed = tuple(merge([*(e for e in per_round for _ in range(rounds)), *tests, *final]))
+        sigma = _fresh(float(dp.total_epsilon), delta, accountant, q, round_steps * rounds + extra, fixed)
+        if policy is not None and getattr(policy, "min_noise_multiplier", None) is not None:
+            sigma = max(sigma, float(policy.min_noise_multiplier))
+    else:
+        from site_worker.dp import plan_dp
+
+        spec, tune = task_specs(experiment)
+        sigma = plan_dp(spec, n_train, delta=delta, accountant=accountant).noise_multiplier
+        if tune is not None:
+            tune_sigma = plan_dp(tune, n_train, delta=delta, accountant=accountant).noise_multiplier
     return RunPlan(n_train=n_train, steps_per_epoch=per_epoch, sample_rate=q, round_steps=round_steps, rounds=rounds,
                    personalization_steps=extra, per_round_fixed=per_round, final_fixed=final, noise_multiplier=sigma,
-                   total_epsilon=float(dp.total_epsilon), delta=delta, accountant=accountant)
+                   total_epsilon=None if how != "total_epsilon" else float(dp.total_epsilon), delta=delta,
+                   accountant=accountant, personalization_noise=tune_sigma, test_fixed=tests, mode=str(how))
+
+
+def site_run_plan(experiment: Any, policy: Any, *, n_train: int, rows: int) -> RunPlan:
+    """The plan a site with this policy and ``rows`` rows (``n_train`` for training) will run, at
+    its own δ and accountant, every task checked as the site checks it (``dp.site_plan``).
+    Raises ``PolicyViolation`` (the site would decline a task) or ``BudgetExhausted``."""
+    from site_worker.dp import site_plan
+
+    plan = plan_run(experiment, n_train=n_train, delta=policy.site_delta(rows), policy=policy)
+    spec, tune = task_specs(experiment)
+    fixed = plan.mode == "total_epsilon"  # the site passes its run-budget σ; otherwise the spec's own
+    site_plan(policy, spec, n_train=n_train, rows=rows, noise_multiplier=plan.noise_multiplier if fixed else None)
+    if tune is not None and plan.personalization_steps:
+        try:
+            site_plan(policy, tune, n_train=n_train, rows=rows,
+                      noise_multiplier=plan.noise_multiplier if fixed else None)
+        except PolicyViolation as e:
+            raise PolicyViolation(f"personalisation: {e}") from None
+    return plan
+
+
+def plan_entry(experiment: Any, policy: Any, *, n_train: int, rows: int, assumed: bool = False) -> dict[str, Any]:
+    """One site's line of a run plan (JSON): the plan, or ``error`` saying why the site would
+    not run it, and ``warning`` when the plan passes the site's own ``max_epsilon``. With
+    ``assumed`` (a policy the planner guessed, not the site's) a refusal is a ``warning`` beside
+    the figure instead."""
+    out: dict[str, Any] = {"rows": rows}
+    try:
+        p = site_run_plan(experiment, policy, n_train=n_train, rows=rows)
+    except PolicyViolation as e:
+        if not assumed:
+            return {**out, "error": f"the site declines: {e}"}
+        out["warning"] = f"a site with the policy assumed here (the site defaults) declines: {e}"
+        try:
+            p = plan_run(experiment, n_train=n_train, delta=policy.site_delta(rows), policy=policy)
+        except BudgetExhausted as e2:
+            return {**out, "error": f"total_epsilon: {e2}"}
+    except BudgetExhausted as e:
+        return {**out, "error": f"total_epsilon: {e}"}
+    out.update(p.to_json())
+    cap = getattr(policy, "max_epsilon", None)
+    if cap is not None and p.planned_epsilon > float(cap) + _SLACK:
+        out["warning"] = (f"above the site's policy.max_epsilon {float(cap):g}: it declines its tasks once its "
+                          "ledger reaches that budget (earlier runs included), before the run ends")
+    return out
 
 
 def run_spent(ledger: Any, dataset: str, run_id: str) -> History:
@@ -211,7 +315,8 @@ def noise_for_task(experiment: Any, ledger: Any, *, run_id: str, dataset: str, r
     if remaining_steps is None:
         rounds_left = max(1, plan.rounds - int(round) + 1)
         steps = rounds_left * plan.round_steps + plan.personalization_steps
-        fixed = [e for e in plan.per_round_fixed for _ in range(rounds_left)] + list(plan.final_fixed)
+        tests = [e for _ in range(test_rounds(experiment, first=int(round))) for e in metrics_entries(policy)]
+        fixed = [e for e in plan.per_round_fixed for _ in range(rounds_left)] + tests + list(plan.final_fixed)
     else:
         steps, fixed = remaining_steps, []  # after the run: its rounds and final evaluation are spent
     base = merge([*spent, *fixed])
@@ -243,23 +348,20 @@ def train_rows(experiment: Any, rows: int, *, test_fraction: float = 0.2) -> int
 
 def plan_catalogue(experiment: Any, rows_by_site: dict[str, int], *, policy: Any = None) -> dict[str, Any]:
     """The run's plan per site from the rows each site announced (``config validate --catalogue``),
-    for sites with ``policy`` (default: the site defaults)."""
+    for sites with ``policy`` (default: the site defaults; what such a site would refuse is a warning,
+    since the real sites' policies are theirs)."""
     if policy is None:
         from site_worker.config import SitePolicy
 
         policy = SitePolicy()
     dp = experiment.training.dp
-    out = {"total_epsilon": float(dp.total_epsilon), "delta": float(dp.delta), "accountant": policy.accountant,
-           "sites": {}}
-    for site, rows in sorted(rows_by_site.items()):
-        try:
-            p = plan_run(experiment, n_train=train_rows(experiment, rows, test_fraction=policy.test_fraction),
-                         delta=float(dp.delta), policy=policy)
-            out["sites"][site] = {"rows": rows, **p.to_json()}
-        except BudgetExhausted as e:
-            out["sites"][site] = {"rows": rows, "error": str(e)}
-    return out
+    sites = {site: plan_entry(experiment, policy, rows=rows, assumed=True,
+                              n_train=train_rows(experiment, rows, test_fraction=policy.test_fraction))
+             for site, rows in sorted(rows_by_site.items())}
+    deltas = sorted({p["delta"] for p in sites.values() if "delta" in p}) or [float(dp.delta)]
+    return {"total_epsilon": float(dp.total_epsilon) if applies(experiment) else None, "mode": mode(experiment),
+            "delta": deltas[-1], "accountant": policy.accountant, "sites": sites}
 
 
-__all__ = ["BudgetExhausted", "RunPlan", "applies", "noise_for_task", "plan_catalogue", "plan_run", "run_spent",
-           "solve_noise", "steps_per_epoch", "train_rows"]
+__all__ = ["BudgetExhausted", "RunPlan", "applies", "mode", "noise_for_task", "plan_catalogue", "plan_entry", "plan_run",
+           "run_spent", "site_run_plan", "solve_noise", "steps_per_epoch", "task_specs", "test_rounds", "train_rows"]

@@ -25,11 +25,13 @@ def num(v: Any) -> float | None:
 def one_class(m: dict[str, Any] | None) -> str | None:
     """Why a model looks like it predicts one class on a test split, or None.
 
-    The site's exact flag when it sent one; otherwise a sensitivity or specificity of 0
-    (a DP release carries noisy counts, not the flag)."""
+    The site's flag when it sent one (exact, or under DP metrics an estimate from the noisy
+    test counts, said so); otherwise a sensitivity or specificity of 0."""
     if not isinstance(m, dict):
         return None
     if m.get("predicts_one_class") is True:
+        if m.get("one_class_estimate") == "dp":
+            return "it appears to predict one class (DP estimate from the noisy test counts)"
         return "it predicts the same class for every test patient"
     if num(m.get("sensitivity")) == 0.0:
         return "sensitivity 0: it finds no patient with the outcome"

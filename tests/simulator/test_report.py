@@ -75,3 +75,36 @@ def test_results_table_prints_rounds_sites_baselines_and_time():
     text = con.export_text()
     for word in ("FedAvg", "site-2", "pooled (centralized)", "local only", "aggregation", "1 message(s) rejected"):
         assert word in text, word
+
+
+def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tmp_path):
+    """Real releases under metrics = "dp": the site whose model always predicts 0 gets the
+    warning, labelled a DP estimate, in the HTML report and the CLI table; the
+    site with a sensible model gets none."""
+    import io
+
+    from rich.console import Console
+
+    from coordinator.final import summarise
+    from site_worker.config import SitePolicy
+    from site_worker.final_model import release_on_test
+    from tests.site_worker.test_final_release import FixedNoise, _data, _tiny_classifiers
+
+    x, y = _data(200)
+    always_zero, sensible = _tiny_classifiers()
+    policy = SitePolicy(metrics="dp", metrics_noise_multiplier=0.5)
+    results = {site: release_on_test([model], x, y, y, loss_name="bce_with_logits", task="binary", policy=policy,
+                                     rng=FixedNoise(0.5))[0]
+               for site, model in (("site-1", always_zero), ("site-2", sensible))}
+    doc = _doc(n_sites=2)
+    doc["final"] = summarise(None, results)
+    assert doc["final"]["per_site"]["site-1"]["one_class_estimate"] == "dp"
+    warned = "site-1: the global model appears to predict one class (DP estimate"
+    write_report(doc, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert warned in page and "site-2: the global model" not in page
+    buf = io.StringIO()
+    print_results(doc, console=Console(file=buf, width=200))
+    out = buf.getvalue()
+    assert warned in out and "site-2: the global model" not in out
+    assert "predicts one class only" not in page + out  # the exact wording is for exact metrics only

@@ -39,6 +39,46 @@ def test_planned_epsilon_equals_what_the_site_ledgers_spent(run):
     assert doc["epsilon"] == privacy["epsilon"]
 
 
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    """No total_epsilon: a fixed noise multiplier per task, mini-batches (sample rate below 1, so
+    each site's own training rows set its steps), a fine-tune after three rounds."""
+    doc = json.loads((ROOT / "examples" / "heart_failure.json").read_text())
+    dp = doc["training"]["optimizer"]["differential_privacy"]
+    dp.pop("total_epsilon")
+    dp["noise_multiplier"] = 1.5
+    doc["training"].update(rounds=3, batch_size=16)
+    doc["training"]["personalization"] = {"mode": "last_layer", "epochs": 2}
+    return simulate(doc, sites=3, progress=False, baselines=False, out=tmp_path_factory.mktemp("sim-noise"))
+
+
+def test_a_noise_multiplier_run_is_planned_and_spends_its_plan(noise_run):
+    privacy = noise_run["privacy"]
+    assert privacy["mode"] == "noise_multiplier" and privacy["total_epsilon"] is None
+    assert privacy["delta"] == 1e-5 and privacy["accountant"] == "rdp"
+    rates = {p["sample_rate"] for p in privacy["plan"].values()}
+    assert max(rates) < 1.0
+    for site in noise_run["sites"]:
+        assert abs(privacy["planned_epsilon"][site] - privacy["epsilon"][site]) < 1e-6
+        assert privacy["run_epsilon"][site] == pytest.approx(privacy["epsilon"][site], abs=1e-9)
+        assert privacy["noise_multiplier"][site] == 1.5
+
+
+def test_the_results_table_shows_the_plan_without_total_epsilon(noise_run):
+    import io
+
+    from rich.console import Console
+
+    from simulator.table import print_results
+
+    buf = io.StringIO()
+    print_results(noise_run, console=Console(file=buf, width=200))
+    line = next(x for x in buf.getvalue().splitlines() if x.startswith("privacy:"))
+    planned = noise_run["privacy"]["planned_epsilon"]
+    assert line == ("privacy: ε per site at δ = 1e-05 (rdp accountant); planned "
+                    + ", ".join(f"{s} {planned[s]:.3f}" for s in sorted(planned)))
+
+
 def test_result_fields_per_site_and_baselines(run):
     doc, _ = run
     final = doc["final"]

@@ -92,3 +92,49 @@ def test_metrics_none_releases_nothing():
     a, b = _models()
     assert release_on_test([a, b], x, y, y, loss_name="bce_with_logits", task="binary",
                            policy=SitePolicy(metrics="none"), rng=None) == [{}, {}]
+
+
+def _tiny_classifiers():
+    """A real tiny model that always predicts 0 (bias far below 0) and a sensible one (the label
+    is x₀ > 0, so a weight on x₀ separates the classes)."""
+    always_zero, sensible = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        always_zero.weight.zero_()
+        always_zero.bias.fill_(-8.0)
+        sensible.weight.copy_(torch.tensor([[4.0, 0.0, 0.0]]))
+        sensible.bias.zero_()
+    return always_zero, sensible
+
+
+@pytest.mark.parametrize("noise", [-1.0, 0.0, 1.0])
+def test_dp_release_estimates_a_one_class_model_from_the_noisy_counts(noise):
+    """Under metrics = "dp" the flag is post-processing of the released counts: the model that
+    always predicts 0 is flagged as an estimate, the sensible one is not, whatever the noise draw
+    within one SD per coordinate."""
+    from site_worker.final_model import ONE_CLASS_SDS
+
+    x, y = _data(200)
+    always_zero, sensible = _tiny_classifiers()
+    policy = SitePolicy(metrics="dp", metrics_noise_multiplier=0.5)
+    rng = FixedNoise(noise)
+    zero_m, good_m = release_on_test([always_zero, sensible], x, y, y, loss_name="bce_with_logits", task="binary",
+                                     policy=policy, rng=rng)
+    assert len(rng.draws) == 1  # the estimate drew nothing: no extra release
+    sd = 0.5 * math.sqrt(6.0)  # σ × the joint sensitivity of the two models' vectors
+    assert zero_m["predicts_one_class"] == 1.0 and zero_m["one_class_dp_estimate"] == 1.0
+    # predicted positives of the one-class model: 0 plus two noise draws, within the rule's limit
+    assert 2 * noise * sd <= ONE_CLASS_SDS * math.sqrt(2.0) * sd
+    assert zero_m["predicted_positive_share"] == pytest.approx(max(2 * noise * sd, 0.0) / (200 + 4 * noise * sd))
+    assert good_m["predicts_one_class"] == 0.0
+    assert good_m["predicted_positive_share"] == pytest.approx(float((x[:, 0] > 0).float().mean()), abs=0.05)
+
+
+def test_one_class_estimate_rule_cannot_tell_when_the_noise_swamps_the_split():
+    from site_worker.final_model import one_class_estimate
+
+    # [tn, fp, fn, tp]; noise SD 1 per coordinate: a predicted-class count ≤ 2·√2 is consistent with 0
+    assert one_class_estimate(np.array([50.0, 1.0, 40.0, 0.5]), 1.0)["predicts_one_class"] == 1.0
+    assert one_class_estimate(np.array([1.0, 40.0, 0.5, 50.0]), 1.0)["predicts_one_class"] == 1.0  # all positive
+    assert one_class_estimate(np.array([50.0, 3.0, 40.0, 0.5]), 1.0)["predicts_one_class"] == 0.0
+    # both counts within the limit (a tiny split under large noise): no claim either way
+    assert "predicts_one_class" not in one_class_estimate(np.array([1.0, 1.0, 1.0, 1.0]), 1.0)

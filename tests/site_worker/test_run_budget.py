@@ -51,6 +51,9 @@ def _run(exp, ledger: PrivacyLedger, rounds: list[int], n_train: int = 64, run_i
         _release(ledger, f"task-{i}", [(sigma, plan.sample_rate, plan.round_steps), *metrics], run_id=run_id)
         if len(plan.per_round_fixed) > 1:
             _release(ledger, f"eval-{i}", metrics, kind="eval", run_id=run_id)
+        every = exp.federated.test_every
+        if every and r % every == 0 and r < plan.rounds:  # federated.test_every: a test release after the round
+            _release(ledger, f"test-{i}", metrics, kind="eval", run_id=run_id)
         sigmas.append(sigma)
     if plan.final_fixed:
         _release(ledger, "final", list(plan.final_fixed), kind="eval", run_id=run_id)
@@ -85,6 +88,48 @@ def test_planned_epsilon_equals_spent_at_the_end(tmp_path, metrics):
     assert abs(spent - plan.planned_epsilon) < 1e-6 and spent <= 4.0
     if metrics == "dp":  # the metrics releases cost budget, so training gets more noise
         assert plan.noise_multiplier > plan_run(exp, n_train=64, policy=SitePolicy(metrics="exact")).noise_multiplier
+
+
+def test_periodic_test_evaluations_are_in_the_plan_and_in_each_tasks_noise(tmp_path):
+    doc = json.loads((ROOT / "examples" / "heart_failure.json").read_text())
+    doc["training"].update(rounds=5, epochs=2, batch_size=16)
+    doc["training"]["optimizer"]["differential_privacy"] = {"total_epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}
+    doc["federated"]["test_every"] = 2  # test releases after rounds 2 and 4 (round 5's is the final one)
+    exp = load_experiment(doc)
+    policy = SitePolicy(metrics="dp")
+    ledger = PrivacyLedger(tmp_path)
+    sigmas = _run(exp, ledger, rounds=[1, 2, 3, 4, 5], policy=policy)
+    plan = plan_run(exp, n_train=64, policy=policy)
+    assert len(plan.test_fixed) == 2 and set(sigmas) == {plan.noise_multiplier}
+    spent = _opacus_epsilon(run_spent(ledger, "hf", "run-1"))
+    assert abs(spent - plan.planned_epsilon) < 1e-6 and spent <= 4.0 + 1e-9
+    doc["federated"]["test_every"] = 0
+    assert plan.noise_multiplier > plan_run(load_experiment(doc), n_train=64, policy=policy).noise_multiplier
+
+
+def test_config_validate_plans_a_noise_multiplier_experiment(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    doc = json.loads((ROOT / "examples" / "heart_failure.json").read_text())
+    doc["training"]["optimizer"]["differential_privacy"] = {"noise_multiplier": 1.2, "delta": 1e-5,
+                                                            "max_grad_norm": 1.0}
+    doc["training"]["batch_size"] = 16
+    (tmp_path / "exp.json").write_text(json.dumps(doc))
+    (tmp_path / "rows.json").write_text(json.dumps({"site-1": 100}))
+    args = ["config", "validate", str(tmp_path / "exp.json"), "--catalogue", str(tmp_path / "rows.json")]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])["privacy_plan"]["sites"]["site-1"]
+    want = plan_run(load_experiment(doc), n_train=64, policy=SitePolicy())
+    assert got["mode"] == "noise_multiplier" and got["noise_multiplier"] == 1.2
+    assert got["planned_epsilon"] == pytest.approx(want.planned_epsilon, abs=1e-12)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "privacy plan: no total_epsilon; ε at the end of the run per site at δ = 1e-05" in res.output
+    assert f"site-1: 64 training rows, {want.total_steps} DP-SGD steps at sample rate 0.25, noise σ = 1.200 -> " \
+           f"ε = {want.planned_epsilon:.3f}" in res.output
 
 
 def test_a_retried_round_stays_within_the_budget(tmp_path):
