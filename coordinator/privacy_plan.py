@@ -68,7 +68,22 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
         "planned_from": "rows each site announced (expected training rows of its keyed split)",
         "sites": sites,
     }
+    bound = upper_bound(experiment)
+    if bound:
+        out["upper_bound"] = bound
     return out
+
+
+def upper_bound(experiment: Any) -> str | None:
+    """Why the plan is a bound rather than the spend: it counts every round's training and
+    evaluation at every site, and a sampled site that sits a round out spends less."""
+    fed = experiment.federated
+    sampled = [f"{name} {value:g} < 1" for name, value in (("fraction_fit", float(fed.fraction_fit)),
+                                                          ("fraction_eval", float(fed.fraction_eval)))
+               if 0 < value < 1]
+    if not sampled:
+        return None
+    return f"{' and '.join(sampled)}: the plan counts every round at every site; a site sampled less spends less"
 
 
 def planned_epsilon(planned: dict[str, Any] | None) -> dict[str, float | None]:
@@ -96,7 +111,9 @@ def describe(planned: dict[str, Any]) -> list[str]:
                      + (f" at δ = {p['delta']:g}" if p.get("delta") not in (None, planned["delta"]) else ""))
         if p.get("warning"):
             lines.append(f"  {s}: warning: {p['warning']}")
+    if planned.get("upper_bound"):
+        lines.append(f"  an upper bound: {planned['upper_bound']}")
     return lines
 
 
-__all__ = ["describe", "plan", "planned_epsilon"]
+__all__ = ["describe", "plan", "planned_epsilon", "upper_bound"]

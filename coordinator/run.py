@@ -809,6 +809,8 @@ class Coordinator:
             out.update(delta=p["delta"], accountant=p["accountant"], epsilon=dict(eps),
                        planned_epsilon=privacy_plan.planned_epsilon(p), total_epsilon=p["total_epsilon"],
                        mode=p.get("mode"), planned_from=p["planned_from"], plan=p["sites"])
+            if p.get("upper_bound"):
+                out["planned_is_upper_bound"] = p["upper_bound"]
         central = self.experiment.federated.central_dp
         if central:
             out["central"] = _central_privacy(central, rounds, self.store.run(self.run_id)["sites"])

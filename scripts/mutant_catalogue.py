@@ -306,6 +306,11 @@ MUTANTS += [
               "    pass\n"),),
         ("tests/coordinator/test_privacy_plan_modes.py::test_plan_and_its_lines_without_total_epsilon",),
     ),
+    Mutant(
+        "plan-bound-unlabelled", "a sampled run's plan says it is an upper bound (it counts every round at every site)",
+        (Edit("coordinator/privacy_plan.py", "    if not sampled:\n        return None\n", "    return None\n"),),
+        ("tests/coordinator/test_privacy_plan_modes.py::test_a_sampled_run_says_its_plan_is_an_upper_bound",),
+    ),
     # ------------------------------------------------------------------ dashboard: results that say what they are
     Mutant(
         "dashboard-holdout-shown-as-test", "the dashboard's \"test\" is the sites' fixed test splits, never the simulator's held-out rows",

@@ -36,9 +36,14 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         delta = cfg.policy.site_delta(data.rows)
         accountant = cfg.policy.accountant
         sites[site] = run_budget.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
-    return {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
-            "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
-            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
+    from coordinator.privacy_plan import upper_bound
+
+    out = {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
+           "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
+           "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
+    if upper_bound(exp):
+        out["upper_bound"] = upper_bound(exp)
+    return out
 
 
 def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
@@ -61,6 +66,8 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
     if planned is not None:
         out["total_epsilon"] = planned["total_epsilon"]
         out["mode"] = planned.get("mode")
+        if planned.get("upper_bound"):
+            out["planned_is_upper_bound"] = planned["upper_bound"]
         out["planned_epsilon"] = {s: p.get("planned_epsilon") for s, p in planned["sites"].items()}
         out["noise_multiplier"] = {s: p.get("noise_multiplier") for s, p in planned["sites"].items()}
         errors = {s: p["error"] for s, p in planned["sites"].items() if p.get("error")}

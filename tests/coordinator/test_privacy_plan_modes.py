@@ -52,6 +52,18 @@ def test_plan_and_its_lines_without_total_epsilon():
     assert lines[2].startswith("  b: the site declines: min_noise_multiplier: noise multiplier 1.3 is below")
 
 
+def test_a_sampled_run_says_its_plan_is_an_upper_bound():
+    doc = _experiment(noise_multiplier=1.3)
+    full = privacy_plan.plan(load_experiment(doc), {"a": _hello(100, max_sample_rate=1.0)})
+    assert "upper_bound" not in full and not any("upper bound" in line for line in privacy_plan.describe(full))
+    doc["federated"]["parameters"].update(fraction_fit=0.5, min_fit_clients=1)
+    planned = privacy_plan.plan(load_experiment(doc), {"a": _hello(100, max_sample_rate=1.0)})
+    # the same figure (every round counted), now labelled as a bound
+    assert planned["sites"]["a"]["planned_epsilon"] == pytest.approx(full["sites"]["a"]["planned_epsilon"], abs=1e-12)
+    assert privacy_plan.describe(planned)[-1] == ("  an upper bound: fraction_fit 0.5 < 1: the plan counts every "
+                                                  "round at every site; a site sampled less spends less")
+
+
 def test_target_epsilon_per_task_plans_the_fine_tune_at_its_own_noise():
     doc = _experiment(target_epsilon=1.0)
     doc["training"]["personalization"]["epochs"] = 7  # not the rounds' epochs: its own σ
