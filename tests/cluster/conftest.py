@@ -9,6 +9,7 @@ restart it (same name and data) before they return, so the next test finds three
 from __future__ import annotations
 
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,9 +40,19 @@ class Cluster:
     def by_name(self, node: str) -> RabbitNode:
         return next(n for n in self.nodes if n.node == node)
 
-    def restart(self, n: RabbitNode) -> None:
-        n.start()
-        n.wait_ready()
+    def restart(self, n: RabbitNode, attempts: int = 3) -> None:
+        """Start ``n`` again (same name and data) as an operator's service manager would: a
+        node whose VM exits while booting is started again, up to ``attempts`` times; each
+        early exit is printed with the end of the node's own log, so a run says why."""
+        for attempt in range(1, attempts + 1):
+            n.start()
+            try:
+                n.wait_ready()
+                return
+            except RuntimeError as e:
+                if n.proc is None or n.proc.poll() is None or attempt == attempts:
+                    raise
+                print(f"cluster: {n.node} exited while booting (attempt {attempt}/{attempts}): {e}", file=sys.stderr)
 
     def running_members(self) -> set[str]:
         import json

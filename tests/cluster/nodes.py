@@ -122,7 +122,8 @@ class RabbitNode:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.node} exited ({self.proc.returncode}); see {self.home}/stdout.log and log/")
+                raise RuntimeError(f"node {self.node} exited ({self.proc.returncode}); the end of its stdout.log:\n"
+                                   + self.stdout_tail())
             try:
                 self.ctl("await_startup", timeout=max(5.0, deadline - time.monotonic()), check=True)
                 return
@@ -130,6 +131,12 @@ class RabbitNode:
                 if time.monotonic() > deadline:
                     raise
                 threading.Event().wait(1.0)
+
+    def stdout_tail(self, chars: int = 2000) -> str:
+        try:
+            return (self.home / "stdout.log").read_text(errors="replace")[-chars:]
+        except OSError as e:
+            return f"(unreadable: {e})"
 
     def os_pid(self) -> int | None:
         try:
