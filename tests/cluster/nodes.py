@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +38,35 @@ def missing_prerequisite() -> str | None:
     return None
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_taken: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free listening port *below* the kernel's ephemeral range. A node keeps its ports
+    across a kill -9 and restart; an ephemeral port freed by the kill can meanwhile become the
+    local end of any client's outbound connection (every fedbus client reconnects just then),
+    and the restarted node could not listen on it again."""
+    floor = _ephemeral_floor()
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, floor - 12000), floor)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range ({floor})")
 
 
 def port_open(port: int) -> bool:
