@@ -166,14 +166,28 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str]) -
     return "\n".join(lines)
 
 
+def _mean_sd(vals: list[float]) -> str:
+    m, sd = _stats(vals)
+    return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
+
+
+def _hospital_rows(sites: list[str], seeds: list[int], columns: list[Any], *, beats: Any) -> list[str]:
+    """One markdown row per hospital: each column's ``(seed, site, metric) -> value`` as mean ± sd
+    over seeds, for accuracy then AUC, and in how many seeds ``beats`` holds on both metrics."""
+    rows = []
+    for site in sites:
+        row = [site]
+        for metric in ("accuracy", "auc"):
+            row += [_mean_sd([col(s, site, metric) for s in seeds]) for col in columns]
+        wins = sum(all(beats(s, site, m) for m in ("accuracy", "auc")) for s in seeds)
+        rows.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    return rows
+
+
 def per_hospital(runs: list[dict[str, Any]]) -> str:
     """No DP, each hospital's own test split: the personalised model against the local-only
     models (the same MLP trained alone, and the DP example's logistic model trained alone) and
     the global FedPer model; mean ± sd over seeds, and in how many seeds personalised >= local."""
-    def cell(vals: list[float]) -> str:
-        m, sd = _stats(vals)
-        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
-
     inf = [r for r in runs if math.isinf(r["eps"])]
     per = {r["seed"]: r["result"] for r in inf if r["method"].startswith("FedPer")}
     avg = {r["seed"]: r["result"] for r in inf if r["method"] == "FedAvg"}
@@ -185,27 +199,18 @@ def per_hospital(runs: list[dict[str, Any]]) -> str:
              "| hospital | personalised acc | local MLP acc | local logistic acc | global FedPer acc | "
              "personalised AUC | local MLP AUC | local logistic AUC | global FedPer AUC | seeds pers ≥ both locals (acc and AUC) |",
              "|---|" + "---|" * 9]
-    for site in sites:
-        row = [site]
-        for metric in ("accuracy", "auc"):
-            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
-                    cell([per[s]["local"]["per_site"][site][metric] for s in seeds]),
-                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
-                    cell([per[s]["global_per_site"][site][metric] for s in seeds])]
-        wins = sum(all(per[s]["model"]["per_site"][site][m] >= max(per[s]["local"]["per_site"][site][m],
-                                                                    avg[s]["local"]["per_site"][site][m])
-                       for m in ("accuracy", "auc")) for s in seeds)
-        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    columns = [lambda s, site, m: per[s]["model"]["per_site"][site][m],
+               lambda s, site, m: per[s]["local"]["per_site"][site][m],
+               lambda s, site, m: avg[s]["local"]["per_site"][site][m],
+               lambda s, site, m: per[s]["global_per_site"][site][m]]
+    lines += _hospital_rows(sites, seeds, columns, beats=lambda s, site, m: per[s]["model"]["per_site"][site][m] >= max(
+        per[s]["local"]["per_site"][site][m], avg[s]["local"]["per_site"][site][m]))
     return "\n".join(lines)
 
 
 def per_hospital_dp(runs: list[dict[str, Any]], eps: float = 1.0, method: str = "FedAvg+bias fine-tune") -> str:
     """At ``eps``, each hospital's own test split: its personalised model (``method``) against
     its local-only model and the FedAvg global model under the same ε, same seeds."""
-    def cell(vals: list[float]) -> str:
-        m, sd = _stats(vals)
-        return "-" if m is None else f"{m:.3f} ± {sd:.3f}"
-
     at = [r for r in runs if r["eps"] == eps]
     per = {r["seed"]: r["result"] for r in at if r["method"] == method}
     avg = {r["seed"]: r["result"] for r in at if r["method"] == "FedAvg"}
@@ -218,15 +223,11 @@ def per_hospital_dp(runs: list[dict[str, Any]], eps: float = 1.0, method: str = 
              "| hospital | personalised acc | local-only acc | FedAvg global acc | personalised AUC | local-only AUC | "
              "FedAvg global AUC | seeds pers ≥ local (acc and AUC) |",
              "|---|" + "---|" * 7]
-    for site in sites:
-        row = [site]
-        for metric in ("accuracy", "auc"):
-            row += [cell([per[s]["model"]["per_site"][site][metric] for s in seeds]),
-                    cell([avg[s]["local"]["per_site"][site][metric] for s in seeds]),
-                    cell([avg[s]["model"]["per_site"][site][metric] for s in seeds])]
-        wins = sum(all(per[s]["model"]["per_site"][site][m] >= avg[s]["local"]["per_site"][site][m]
-                       for m in ("accuracy", "auc")) for s in seeds)
-        lines.append("| " + " | ".join(row) + f" | {wins}/{len(seeds)} |")
+    columns = [lambda s, site, m: per[s]["model"]["per_site"][site][m],
+               lambda s, site, m: avg[s]["local"]["per_site"][site][m],
+               lambda s, site, m: avg[s]["model"]["per_site"][site][m]]
+    lines += _hospital_rows(sites, seeds, columns, beats=lambda s, site, m: per[s]["model"]["per_site"][site][m]
+                            >= avg[s]["local"]["per_site"][site][m])
     return "\n".join(lines)
 
 
