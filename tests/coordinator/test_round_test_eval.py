@@ -9,19 +9,13 @@ policies written here, never numbers typed into the test.
 from __future__ import annotations
 
 import json
-import uuid
 
-import pandas as pd
 import pytest
 
 from coordinator.run import Coordinator
 from coordinator.state import StateStore
-from protocol.signing import Signer, generate_keypair
-from protocol.transport import open_bus
-from protocol.transport.base import Topology
-from site_worker.daemon import SiteWorker
 from site_worker.ledger import PrivacyLedger
-from tests.site_worker.support import enrolled_hospital, experiment_dict, heart_failure_csv
+from tests.site_worker.support import experiment_dict, running_hospitals
 
 POLICIES = {
     "dp": {"max_epsilon": 100.0, "metrics": "dp"},
@@ -32,27 +26,8 @@ POLICIES = {
 
 @pytest.fixture
 def hospitals(tmp_path):
-    url = f"memory://round-test-{uuid.uuid4().hex[:8]}"
-    fed = f"fed-{uuid.uuid4().hex[:8]}"
-    ckey, cpub = generate_keypair("coordinator", tmp_path / "keys")
-    state = tmp_path / "coord"
-    store = StateStore(state)
-    data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
-    sites, workers = {}, []
-    for (kind, policy), part in zip(POLICIES.items(), (data.iloc[0:100], data.iloc[100:200], data.iloc[200:])):
-        sid = f"{kind}-{uuid.uuid4().hex[:6]}"
-        cfg = enrolled_hospital(tmp_path, part, site_id=sid, store=store, federation=fed, broker_url=url,
-                                coordinator_pub=cpub, policy=policy)
-        sites[kind] = (sid, cfg)
-        workers.append(SiteWorker(cfg, bus=open_bus(url)))
-    bus = open_bus(url)
-    bus.declare(Topology(sites=[s for s, _ in sites.values()], federations=[fed]))
-    for w in workers:
-        w.start()
-    yield bus, Signer.from_file(ckey), state, fed, sites
-    for w in workers:
-        w.stop(grace_s=2)
-    bus.close()
+    with running_hospitals(tmp_path, POLICIES, url_prefix="round-test") as running:
+        yield running
 
 
 def _evals(cfg, run_id: str) -> int:

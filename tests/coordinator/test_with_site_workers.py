@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
-
-import pandas as pd
 import pytest
 
 from coordinator.audit import audit_run
 from coordinator.run import Coordinator
 from coordinator.state import StateStore
-from protocol.signing import Signer, generate_keypair
-from protocol.transport import open_bus
-from protocol.transport.base import Topology
-from site_worker.daemon import SiteWorker
-from tests.site_worker.support import enrolled_hospital, experiment_dict, heart_failure_csv
+from tests.site_worker.support import experiment_dict, running_hospitals
 
 
 @pytest.fixture
 def three_hospitals(tmp_path):
-    url = f"memory://coord-sw-{uuid.uuid4().hex[:8]}"
-    fed = f"fed-{uuid.uuid4().hex[:8]}"
-    ckey, cpub = generate_keypair("coordinator", tmp_path / "keys")
-    state = tmp_path / "coord"
-    store = StateStore(state)
-    data = pd.read_csv(heart_failure_csv(tmp_path / "hf.csv"))
-    sites, workers = [], []
-    for i, part in enumerate((data.iloc[0:100], data.iloc[100:200], data.iloc[200:])):
-        sid = f"hosp-{i + 1}-{uuid.uuid4().hex[:6]}"
-        cfg = enrolled_hospital(tmp_path, part, site_id=sid, store=store, federation=fed, broker_url=url,
-                                coordinator_pub=cpub, policy={"max_epsilon": 100.0})
-        sites.append(sid)
-        workers.append(SiteWorker(cfg, bus=open_bus(url)))
-    bus = open_bus(url)
-    bus.declare(Topology(sites=sites, federations=[fed]))
-    for w in workers:
-        w.start()
-    yield bus, Signer.from_file(ckey), state, fed, sites
-    for w in workers:
-        w.stop(grace_s=2)
-    bus.close()
+    policy = {"max_epsilon": 100.0}
+    with running_hospitals(tmp_path, {f"hosp-{i}": policy for i in (1, 2, 3)}, url_prefix="coord-sw") as running:
+        bus, signer, state, fed, sites = running
+        yield bus, signer, state, fed, [sid for sid, _ in sites.values()]
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ import json
 import queue
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,45 @@ def enrolled_hospital(tmp: Path, rows: Any, *, site_id: str, store: Any, federat
                                       datasets={"heart_failure": {"path": str(sdir / "hf.csv"),
                                                                   "target": "DEATH_EVENT"}},
                                       policy=policy))
+
+
+@contextmanager
+def running_hospitals(tmp: Path, policies: dict[str, dict[str, Any]], *, url_prefix: str) -> Iterator[
+        tuple[Bus, Signer, Path, str, dict[str, tuple[str, Any]]]]:
+    """Three heart-failure hospitals (rows 0-99, 100-199 and the rest) as real site workers on
+    one memory bus, each with its policy from ``policies`` and enrolled with a fresh
+    coordinator key. Yields ``(bus, coordinator signer, coordinator state dir, federation,
+    {name: (site id, site config)})``; stops the workers after."""
+    import pandas as pd
+
+    from coordinator.state import StateStore
+    from protocol.transport import open_bus
+    from site_worker.daemon import SiteWorker
+
+    assert len(policies) == 3, "three hospitals: one policy each"
+    url = f"memory://{url_prefix}-{uuid.uuid4().hex[:8]}"
+    fed = f"fed-{uuid.uuid4().hex[:8]}"
+    ckey, cpub = generate_keypair("coordinator", tmp / "keys")
+    state = tmp / "coord"
+    store = StateStore(state)
+    data = pd.read_csv(heart_failure_csv(tmp / "hf.csv"))
+    sites, workers = {}, []
+    for (name, policy), part in zip(policies.items(), (data.iloc[0:100], data.iloc[100:200], data.iloc[200:])):
+        sid = f"{name}-{uuid.uuid4().hex[:6]}"
+        cfg = enrolled_hospital(tmp, part, site_id=sid, store=store, federation=fed, broker_url=url,
+                                coordinator_pub=cpub, policy=policy)
+        sites[name] = (sid, cfg)
+        workers.append(SiteWorker(cfg, bus=open_bus(url)))
+    bus = open_bus(url)
+    bus.declare(Topology(sites=[sid for sid, _ in sites.values()], federations=[fed]))
+    for w in workers:
+        w.start()
+    try:
+        yield bus, Signer.from_file(ckey), state, fed, sites
+    finally:
+        for w in workers:
+            w.stop(grace_s=2)
+        bus.close()
 
 
 class TestCoordinator:
