@@ -41,8 +41,9 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
     out = {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
            "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
-    if upper_bound(exp):
-        out["upper_bound"] = upper_bound(exp)
+    bound = upper_bound(exp)
+    if bound:
+        out["upper_bound"] = bound
     return out
 
 
