@@ -180,6 +180,9 @@ class AmqpConsumer(Consumer):
         again. The queue is looked for on a side channel, whose 404 would close this one,
         for up to ``resubscribe_timeout_s`` while acks and heartbeats go on; then the
         consume is made anyway, and its refusal (404: gone for good) stops us as before.
+        A quorum queue can exist before its Raft member runs: RabbitMQ 3.10 then crashes the
+        channel on this consume (541, ``rabbit_quorum_queue:consume`` noproc) and the
+        connection is lost; the reconnect below consumes again, as after any loss.
         """
         deadline = time.monotonic() + self.bus.resubscribe_timeout_s
         waits = 0

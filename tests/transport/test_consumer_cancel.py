@@ -92,7 +92,12 @@ def test_queue_deleted_and_declared_again_under_a_consumer(amqp_url: str, queue:
         release.set()  # the held task finishes now and is acked on the same channel
         _until(lambda: len(handled) >= len(ids), 30, "every message handled")
         assert c.error is None  # type: ignore[attr-defined]
-        assert c.resubscribes == 1 and c.reconnects == 0  # type: ignore[attr-defined]
+        # A classic queue: the consume is renewed on the same channel. A quorum queue declared
+        # again can exist before its Raft member runs; RabbitMQ 3.10 then crashes the channel on
+        # our consume (541 INTERNAL_ERROR, rabbit_quorum_queue:consume {error,noproc} in its log)
+        # and the recovery is an ordinary reconnect. Either way nothing is lost or done twice.
+        expected = {(1, 0), (0, 1)} if admin.quorum else {(1, 0)}
+        assert (c.resubscribes, c.reconnects) in expected  # type: ignore[attr-defined]
     finally:
         release.set()
         bus.close()  # anything still unacked would go back to the queue now
