@@ -29,7 +29,10 @@ def history(site):
 
 
 def test_honest_final_task_fine_tunes_charges_and_answers_once(attack):
-    site = attack()
+    # DP metrics at a small noise multiplier: at the default 5, a noisy count pair tp + fn (or
+    # tn + fp) clips to 0 a few times in a hundred, and the site then rightly leaves sensitivity
+    # (or specificity) out as undefined; at 0.5 (SD about 1.2 per count) that needs a ~10 SD draw
+    site = attack(metrics_noise_multiplier=0.5)
     exp = experiment_dict(**PERSONAL)
     assert isinstance(site.coordinator.train(exp, round=1), Update)
     before = len(site.ledger.releases(DATASET))
