@@ -143,11 +143,18 @@ def to_numeric(series: pd.Series, column: str) -> pd.Series:
     return out.astype(float)
 
 
+def announced_rows(source: DatasetSource) -> int:
+    """The row count SiteHello announces for ``source`` (public; cheap: the cached frame or a
+    memory-mapped header)."""
+    if source.format == "npy":
+        return int(np.load(source.path, mmap_mode="r", allow_pickle=False).shape[0])
+    return int(len(read_table(source)))
+
+
 def catalogue(source: DatasetSource) -> DatasetInfo:
     """Metadata for SiteHello: names, row count, column types, target. Never values."""
     if source.format == "npy":
-        x = np.load(source.path, mmap_mode="r", allow_pickle=False)
-        return DatasetInfo(name=source.name, rows=int(x.shape[0]), columns=("signal", source.target),
+        return DatasetInfo(name=source.name, rows=announced_rows(source), columns=("signal", source.target),
                            feature_types={"signal": "signal"}, target=source.target)
     df = read_table(source)
     types: dict[str, str] = {}
@@ -163,7 +170,7 @@ def catalogue(source: DatasetSource) -> DatasetInfo:
             types[col] = "numeric"
         except DataError:
             types[col] = "categorical"
-    return DatasetInfo(name=source.name, rows=int(len(df)), columns=tuple(df.columns),
+    return DatasetInfo(name=source.name, rows=announced_rows(source), columns=tuple(df.columns),
                        feature_types=types, target=source.target)
 
 

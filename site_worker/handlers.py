@@ -26,13 +26,13 @@ from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
-from site_worker.data import DataError, PreparedData, catalogue, prepare
+from site_worker.data import DataError, PreparedData, announced_rows, catalogue, prepare
 from site_worker.dp import check_epochs, check_memory, noise_source, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
 from site_worker.policy import PolicyViolation, check_policy
-from site_worker.release import release_entries, release_metrics
+from site_worker.release import bound_counts, release_entries, release_metrics
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
@@ -260,6 +260,7 @@ class TaskHandler:
         data = self._data(task, exp, summary)
         try:
             x, y = data.split(task.split)
+            rows = announced_rows(self.config.datasets[task.dataset])  # the released counts' public bound
         except DataError as e:
             raise _Decline("data", str(e)) from None
         model = self._model(exp, key, task, for_dp=False)
@@ -277,6 +278,7 @@ class TaskHandler:
             m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng)
         self.ledger.commit(task.dataset, env.message_id)
+        m = bound_counts(m, rows)
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
@@ -308,6 +310,7 @@ class TaskHandler:
         data = self._data(task, exp, summary)
         try:
             x, y = data.split("test")
+            rows = announced_rows(self.config.datasets[task.dataset])  # the released counts' public bound
         except DataError as e:
             raise _Decline("data", str(e)) from None
         spec = TrainSpec.from_experiment(exp, seed=task.seed)
@@ -348,6 +351,7 @@ class TaskHandler:
                                    task=data.task, policy=policy,
                                    rng=noise_source(policy, task_seed=task.seed, purpose="final"))
         self.ledger.commit(task.dataset, env.message_id)
+        released = [bound_counts(r, rows) for r in released]
         metrics = {**released[0], **prefixed("personalized", released[1])}
         if "n" in released[1]:
             metrics["personalized_n"] = released[1]["n"]

@@ -60,6 +60,21 @@ def bus_url(request):
     return f"memory://cdp-{uuid.uuid4().hex[:8]}" if request.param == "memory" else request.getfixturevalue("amqp_url")
 
 
+# The toy model's hidden width in the central runs. The statistical checks on round 1's noise (its
+# std, its correlation with the old seed-derived noise) need enough coordinates: with the toy
+# experiment's 11 parameters a correct run failed them ~3 times in 10,000 (|r| > 0.9 with 9
+# degrees of freedom: p = 1.6e-4; sample std < 0.3: p = 1.6e-4); 3-64-1 has 321.
+HIDDEN = 64
+
+
+def _widen(exp: dict, hidden: int) -> None:
+    """The toy 3-2-1 MLP of ``experiment()`` with ``hidden`` units instead of 2."""
+    layers = exp["architecture"]["layers"]
+    assert [layer["type"] for layer in layers] == ["input", "Linear", "ReLU", "Linear", "output"]
+    layers[1]["params"]["out_features"] = hidden
+    layers[3]["params"]["in_features"] = hidden
+
+
 def _central_run(bus_url: str, state_dir, z: float = 1.0):
     fed = Federation(bus_url, state_dir)
     try:
@@ -68,6 +83,7 @@ def _central_run(bus_url: str, state_dir, z: float = 1.0):
         fed.start_sites()
         exp = experiment(rounds=2, parameters={"min_fit_clients": 2, "min_available_clients": 2},
                          central_dp={"clip_norm": 1.0, "noise_multiplier": z})
+        _widen(exp, HIDDEN)
         result = fed.coordinator(exp).run()
         assert result.ok, result.reason
         return fed, exp, result
