@@ -284,6 +284,12 @@ MUTANTS += [
         ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",
          "tests/simulator/test_report.py::test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables"),
     ),
+    Mutant(
+        "dp-counts-above-announced-rows", "a DP release never counts more rows than the site announced (else the coordinator drops an honest, charged reply)",
+        (Edit("site_worker/release.py", "    return {k: (float(min(v, rows)) if k in COUNT_KEYS else v) for k, v in metrics.items()}\n",
+              "    return dict(metrics)\n"),),
+        ("tests/site_worker/test_site_owns_dp.py::test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced",),
+    ),
     # ------------------------------------------------------------------ the run's privacy plan
     Mutant(
         "plan-fine-tune-at-the-rounds-noise", "without total_epsilon the plan gives the fine-tune the noise the site solves for it",
