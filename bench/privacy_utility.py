@@ -17,6 +17,8 @@ the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_ut
     python bench/privacy_utility.py --render bench/out/privacy_utility.json   # tables + PNG of a saved run
     python bench/privacy_utility.py --epsilons 1,inf --methods "FedAvg+bias fine-tune" --seeds 20
                                                    # one method's DP cost at ε = 1, paired over 20 seeds
+    python bench/privacy_utility.py --epsilons inf --methods FedPer+fine-tune --seeds 40
+                                                   # personalised vs local per hospital, paired over 40 seeds
 """
 
 from __future__ import annotations
@@ -184,27 +186,46 @@ def _hospital_rows(sites: list[str], seeds: list[int], columns: list[Any], *, be
     return rows
 
 
+def _paired(seeds: list[int], site: str, a: Any, b: Any) -> str:
+    """``a - b`` paired by seed, for accuracy then AUC: mean ± standard error over the seeds
+    where both are defined (the spread of one hospital's test split cancels in the pairing)."""
+    cells = []
+    for m in ("accuracy", "auc"):
+        d = [a(s, site, m) - b(s, site, m) for s in seeds if a(s, site, m) is not None and b(s, site, m) is not None]
+        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        cells.append("-" if not d else f"{statistics.fmean(d):+.4f} ± {se:.4f}")
+    return " / ".join(cells)
+
+
 def per_hospital(runs: list[dict[str, Any]]) -> str:
     """No DP, each hospital's own test split: the personalised model against the local-only
-    models (the same MLP trained alone, and the DP example's logistic model trained alone) and
-    the global FedPer model; mean ± sd over seeds, and in how many seeds personalised >= local."""
+    models (the same MLP trained alone, and, where the FedAvg series ran on the same seeds, the
+    DP example's logistic model trained alone) and the global FedPer model; mean ± sd over
+    seeds, personalised − local MLP paired by seed (± s.e.), and in how many seeds personalised
+    >= every local model."""
     inf = [r for r in runs if math.isinf(r["eps"])]
     per = {r["seed"]: r["result"] for r in inf if r["method"].startswith("FedPer")}
     avg = {r["seed"]: r["result"] for r in inf if r["method"] == "FedAvg"}
-    seeds = sorted(set(per) & set(avg))
+    seeds = sorted(per)
     if not seeds:
         return ""
     sites = sorted(per[seeds[0]]["model"]["per_site"])
+    pers = lambda s, site, m: per[s]["model"]["per_site"][site][m]  # noqa: E731
+    mlp = lambda s, site, m: per[s]["local"]["per_site"][site][m]  # noqa: E731
+    logistic = lambda s, site, m: avg[s]["local"]["per_site"][site][m] if s in avg else None  # noqa: E731
+
+    def beats(s: int, site: str, m: str) -> bool:
+        p = pers(s, site, m)
+        return p is not None and all(v is None or p >= v for v in (mlp(s, site, m), logistic(s, site, m)))
+
     lines = ["\n**each hospital's own test split, no DP** (mean ± sd over seeds; accuracy / AUC)\n",
              "| hospital | personalised acc | local MLP acc | local logistic acc | global FedPer acc | "
-             "personalised AUC | local MLP AUC | local logistic AUC | global FedPer AUC | seeds pers ≥ both locals (acc and AUC) |",
-             "|---|" + "---|" * 9]
-    columns = [lambda s, site, m: per[s]["model"]["per_site"][site][m],
-               lambda s, site, m: per[s]["local"]["per_site"][site][m],
-               lambda s, site, m: avg[s]["local"]["per_site"][site][m],
-               lambda s, site, m: per[s]["global_per_site"][site][m]]
-    lines += _hospital_rows(sites, seeds, columns, beats=lambda s, site, m: per[s]["model"]["per_site"][site][m] >= max(
-        per[s]["local"]["per_site"][site][m], avg[s]["local"]["per_site"][site][m]))
+             "personalised AUC | local MLP AUC | local logistic AUC | global FedPer AUC | "
+             "seeds pers ≥ every local (acc and AUC) | pers − local MLP, acc / AUC (paired, ± s.e.) |",
+             "|---|" + "---|" * 10]
+    columns = [pers, mlp, logistic, lambda s, site, m: per[s]["global_per_site"][site][m]]
+    rows = _hospital_rows(sites, seeds, columns, beats=beats)
+    lines += [row + f" {_paired(seeds, site, pers, mlp)} |" for site, row in zip(sites, rows)]
     return "\n".join(lines)
 
 
