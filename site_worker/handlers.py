@@ -26,7 +26,7 @@ from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
-from site_worker.data import DataError, PreparedData, announced_rows, catalogue, prepare
+from site_worker.data import DataError, PreparedData, announced_rows, prepare
 from site_worker.dp import check_epochs, check_memory, noise_source, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
@@ -393,7 +393,7 @@ class TaskHandler:
             return self.flower.fit(task, task_id=env.message_id, server_round=env.round, epsilon=None, delta=None,
                                    keep_metrics=True)
         try:
-            rows = catalogue(self.config.datasets[task.dataset]).rows
+            rows = announced_rows(self.config.datasets[task.dataset])
         except DataError as e:
             raise _Decline("data", str(e)) from None
         plan = declared
