@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.privacy_plan import upper_bound
 from site_worker import run_budget
 from site_worker.config import load_site_config
 from site_worker.ledger import PrivacyLedger, epsilon_of
@@ -36,8 +37,6 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         delta = cfg.policy.site_delta(data.rows)
         accountant = cfg.policy.accountant
         sites[site] = run_budget.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
-    from coordinator.privacy_plan import upper_bound
-
     out = {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
            "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
