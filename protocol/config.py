@@ -232,6 +232,14 @@ class DatasetSpec(_Block):
     column's categories; the site one-hot encodes them in this order, matching values
     as strings (``str(value)``: booleans read ``"True"``/``"False"``). ``positive_if``
     (binary tasks) turns a numeric target into 0/1, e.g. ``">0"``.
+
+    Numeric columns are standardised at each site on its own training rows unless
+    ``scaling`` gives the column a fixed ``[center, scale]``: one public scale for every
+    hospital, so the shared layers read a value the same way everywhere (a site-fitted
+    scale moves with each hospital's case mix). ``missing_values`` names the codes a
+    column uses for "not measured" (the UCI heart files record a missing cholesterol as
+    0); they are imputed like empty cells: with the column's fixed centre where it has
+    one, else with the site's training median.
     """
 
     name: Str | None = None
@@ -240,6 +248,8 @@ class DatasetSpec(_Block):
     num_classes: Int | None = Field(None, ge=2)
     features: list[Str] | None = Field(None, min_length=1)
     categorical: dict[str, list[Str]] = Field(default_factory=dict)
+    missing_values: dict[str, list[Float]] = Field(default_factory=dict)
+    scaling: dict[str, tuple[Float, Float]] = Field(default_factory=dict)
     exclude: list[Str] = Field(default_factory=list)
     validation_fraction: Float = Field(0.2, gt=0, lt=1)
     kind: Literal["tabular", "signal"] = "tabular"
@@ -287,6 +297,13 @@ class DatasetSpec(_Block):
                 raise ConfigError(where, "must list at least one category")
             if len(set(categories)) != len(categories):
                 raise ConfigError(where, "lists a category twice")
+        for column, codes in self.missing_values.items():
+            if not codes:
+                raise ConfigError(f"dataset.missing_values.{column}", "must list at least one code")
+        for column, (_, scale) in self.scaling.items():
+            if not scale > 0:
+                raise ConfigError(f"dataset.scaling.{column}",
+                                  f"is [center, scale] and scale must be > 0, got {scale}")
         return self
 
     @property
@@ -502,6 +519,9 @@ class Experiment(_Block):
                     "architecture.layers[0].params",
                     'a signal dataset needs an input marker with "channels" and "length"',
                 )
+            for key in ("missing_values", "scaling"):
+                if getattr(data, key):
+                    raise ConfigError(f"dataset.{key}", "applies to tabular columns only; remove it for a signal dataset")
             return
         if len(in_shape) != 1:
             raise ConfigError(
@@ -515,6 +535,15 @@ class Experiment(_Block):
                 raise ConfigError(f"dataset.categorical.{column}", "is also in dataset.exclude")
             if data.features is not None and column not in data.features:
                 raise ConfigError(f"dataset.categorical.{column}", "is not in dataset.features")
+        for key, columns in (("missing_values", data.missing_values), ("scaling", data.scaling)):
+            for column in columns:
+                where_col = f"dataset.{key}.{column}"
+                if column in data.categorical:
+                    raise ConfigError(where_col, "is a categorical column; only numeric columns take it")
+                if column in excluded or column == data.target:
+                    raise ConfigError(where_col, "is not a feature (excluded, or the target)")
+                if data.features is not None and column not in data.features:
+                    raise ConfigError(where_col, "is not in dataset.features")
         if data.features is None:
             return
         if len(set(data.features)) != len(data.features):

@@ -192,6 +192,11 @@ MUTANTS: list[Mutant] = [
         ("tests/site_worker/test_data.py",),
     ),
     Mutant(
+        "fixed-scaling-site-fitted", "a column with a fixed dataset.scaling is standardised with those public numbers, not the site's own",
+        (Edit("site_worker/data.py", "        if cols[0] in fixed:\n", "        if False:\n"),),
+        ("tests/site_worker/test_data.py::test_fixed_scaling_reads_a_value_the_same_way_at_every_site",),
+    ),
+    Mutant(
         "personalize-keeps-last-epoch", "personalisation keeps the checkpoint with the lowest validation loss",
         (Edit("site_worker/personalize.py",
               "    kept = select_checkpoint(model, checkpoints, data, loss_name=spec.loss) if p.select == \"validation\" else None\n",

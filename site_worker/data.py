@@ -330,7 +330,7 @@ _tables: dict[tuple[Any, ...], _Table] = {}
 
 
 def _spec_key(spec: Any, task: str, num_classes: int) -> str:
-    fields = {k: getattr(spec, k, None) for k in ("features", "categorical", "exclude", "positive_if")}
+    fields = {k: getattr(spec, k, None) for k in ("features", "categorical", "exclude", "positive_if", "missing_values")}
     return json.dumps([task, num_classes, fields], sort_keys=True, default=str)
 
 
@@ -365,6 +365,7 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
     df = table.df
     categorical: dict[str, list[Any]] = dict(getattr(spec, "categorical", None) or {})
     exclude = set(getattr(spec, "exclude", None) or ())
+    missing: dict[str, list[float]] = dict(getattr(spec, "missing_values", None) or {})
     wanted = getattr(spec, "features", None)
     if wanted is None:
         wanted = [c for c in df.columns if c != target and c not in exclude]
@@ -392,6 +393,8 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
             raise DataError(col, "the site declares it categorical but the experiment uses it as numeric; "
                                  "add it to dataset.categorical in the experiment")
         vals = to_numeric(series, col).to_numpy(dtype=np.float64)
+        if col in missing:  # the dataset's own "not measured" codes read as empty cells
+            vals = np.where(np.isin(vals, missing[col]), np.nan, vals)
         vals.flags.writeable = False
         columns.append(("num", vals, (col,)))
     table.columns = columns  # a benign race: two threads would compute the same list
@@ -401,9 +404,11 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
 def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
                       train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Feature matrix for this task's split: median imputation and standardisation fitted on
-    the training rows only. A bare DataFrame (the simulator's held-out test) is parsed uncached."""
+    the training rows only, or the experiment's fixed ``scaling`` (its centre imputes a missing
+    value). A bare DataFrame (the simulator's held-out test) is parsed uncached."""
     if isinstance(table, pd.DataFrame):
         table = _Table(df=table, y=np.empty(0))
+    fixed: dict[str, tuple[float, float]] = dict(getattr(spec, "scaling", None) or {})
     blocks: list[np.ndarray] = []
     names: list[str] = []
     n = len(table.df)
@@ -411,6 +416,11 @@ def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: 
         names.extend(cols)
         if kind == "cat":
             blocks.append(values)
+            continue
+        if cols[0] in fixed:
+            center, scale = fixed[cols[0]]
+            vals = (np.where(np.isnan(values), center, values) - center) / scale
+            blocks.append(vals.astype(np.float32)[:, None])
             continue
         train = values[train_idx]
         med = np.nanmedian(train) if np.any(~np.isnan(train)) else 0.0

@@ -371,6 +371,12 @@ def test_one_hot_width_must_match_the_input():
         (lambda d: d["dataset"]["features"].append("num"), "dataset.features[13]"),
         (lambda d: d["dataset"]["exclude"].append("age"), "dataset.features[0]"),
         (lambda d: d["dataset"]["features"].append("age"), "dataset.features"),
+        (lambda d: d["dataset"].update(scaling={"sex": [0.5, 0.5]}), "dataset.scaling.sex"),
+        (lambda d: d["dataset"].update(scaling={"age": [54, 0]}), "dataset.scaling.age"),
+        (lambda d: d["dataset"].update(scaling={"smoker": [1, 1]}), "dataset.scaling.smoker"),
+        (lambda d: d["dataset"].update(scaling={"num": [1, 1]}), "dataset.scaling.num"),
+        (lambda d: d["dataset"].update(missing_values={"chol": []}), "dataset.missing_values.chol"),
+        (lambda d: d["dataset"].update(missing_values={"thal": [0]}), "dataset.missing_values.thal"),
     ],
 )
 def test_dataset_columns_must_be_consistent(change, path):

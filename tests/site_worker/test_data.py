@@ -120,6 +120,48 @@ def test_median_imputation_uses_local_training_values(tmp_path):
     assert sorted(counts.tolist()) == [1, 9], dict(zip(values.tolist(), counts.tolist()))
 
 
+def _all_rows(d) -> np.ndarray:
+    return np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])[:, 0]
+
+
+def test_fixed_scaling_reads_a_value_the_same_way_at_every_site(tmp_path):
+    # Two hospitals with different case mixes. Site-fitted standardisation gives the same raw
+    # value 200 two different inputs; the experiment's fixed [center, scale] gives both (200 - 240) / 50.
+    low = pd.DataFrame({"chol": [150.0, 160.0, 170.0, 180.0, 200.0] * 4, "y": [0, 1] * 10})
+    high = pd.DataFrame({"chol": [200.0, 260.0, 280.0, 300.0, 320.0] * 4, "y": [0, 1] * 10})
+    fitted, fixed = [], []
+    for name, df in (("low", low), ("high", high)):
+        df.to_csv(tmp_path / f"{name}.csv", index=False)
+        src = DatasetSource(name=name, path=tmp_path / f"{name}.csv", target="y")
+        for out, sp in ((fitted, spec()), (fixed, spec(scaling={"chol": (240.0, 50.0)}))):
+            d = prepare(src, sp, seed=3, input_shape=(1,))
+            raw = np.concatenate([d.x_train.numpy(), d.x_val.numpy(), d.x_test.numpy()])[:, 0]
+            out.append(raw)
+    at_200 = [float(x.min()) if i else float(x.max()) for i, x in enumerate(fitted)]
+    assert abs(at_200[0] - at_200[1]) > 1.0  # fitted: 200 is the top of one site and the bottom of the other
+    assert float(fixed[0].max()) == pytest.approx(-0.8) and float(fixed[1].min()) == pytest.approx(-0.8)
+    assert float(fixed[1].max()) == pytest.approx((320 - 240) / 50)
+
+
+def test_missing_value_codes_are_imputed_not_read_as_values(tmp_path):
+    # The UCI heart files write a cholesterol that was not measured as 0.
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"chol": [0.0, 255.0, 0.0, np.nan, 230.0, 270.0, 0.0, 245.0, 240.0, 260.0] * 2,
+                  "y": [0, 1] * 10}).to_csv(path, index=False)
+    src = DatasetSource(name="t", path=path, target="y")
+    as_value = _all_rows(prepare(src, spec(scaling={"chol": (250.0, 10.0)}), seed=0, input_shape=(1,)))
+    coded = _all_rows(prepare(src, spec(scaling={"chol": (250.0, 10.0)}, missing_values={"chol": [0.0]}),
+                              seed=0, input_shape=(1,)))
+    assert np.isclose(as_value, -25.0).sum() == 6  # without the code each 0 is a cholesterol of 0
+    # (a second spec on the same file: not served from the first one's cached columns)
+    assert np.isclose(coded, 0.0).sum() == 8 and coded.min() == pytest.approx(-2.0)  # zeros and NaN -> centre
+    site_median = _all_rows(prepare(src, spec(missing_values={"chol": [0.0]}), seed=0, input_shape=(1,)))
+    # without a fixed scale a coded value gets the site's training median, like an empty cell
+    values, counts = np.unique(np.round(site_median, 5), return_counts=True)
+    imputed = values[counts.argmax()]
+    assert counts.max() >= 8 and site_median.min() < imputed < site_median.max()  # not an outlying 0
+
+
 def test_npy_signals_and_catalogue_has_no_values(tmp_path):
     xp, yp = ecg_arrays(tmp_path, n=100)
     src = DatasetSource(name="ecg", path=xp, target="pvc", format="npy", labels_path=yp)
