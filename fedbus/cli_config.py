@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.config import ConfigError, Experiment, load_experiment
@@ -138,7 +139,7 @@ def validate(
         if json_out:
             error = {"path": exc.path, "message": exc.message, "errors": [{"path": p, "message": m} for p, m in exc.errors]}
             typer.echo(json.dumps({"valid": False, "error": error}))
-        console.print(f"[red]invalid experiment[/red] {experiment_file}: {exc}", markup=True, highlight=False)
+        console.print(f"[red]invalid experiment[/red] {experiment_file}: {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     plan = _privacy_plan(experiment, catalogue, console, json_out) if catalogue is not None else None
     if json_out:
@@ -159,7 +160,7 @@ def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out
     def fail(message: str) -> None:
         if json_out:
             typer.echo(json.dumps({"valid": False, "error": {"path": "--catalogue", "message": message}}))
-        console.print(f"[red]--catalogue[/red] {path}: {message}", highlight=False)
+        console.print(f"[red]--catalogue[/red] {path}: {escape(str(message))}", highlight=False)
         raise typer.Exit(2)
 
     try:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
@@ -61,7 +62,7 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return escape(str(v))  # a site's hello or reply text is printed as written, never as terminal markup
 
 
 @app.command()
@@ -98,7 +99,7 @@ def sites(state: Path = STATE, json_out: bool = JSON) -> None:
     for col in ("site", "key id", "software", "dataset", "rows", "columns", "target"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["site_id"], r["kid"], _fmt(r["software_version"]), _fmt(r["dataset"]), _fmt(r["rows"]),
+        table.add_row(_fmt(r["site_id"]), _fmt(r["kid"]), _fmt(r["software_version"]), _fmt(r["dataset"]), _fmt(r["rows"]),
                       _fmt(r["columns"]), _fmt(r["target"]))
     _err.print(table)
 
@@ -132,7 +133,7 @@ def _print_run(doc: dict[str, Any]) -> None:
             from coordinator.final import one_class_warnings
 
             for w in one_class_warnings({"per_site": {s: m}}):
-                _err.print(f"  [yellow]warning[/] {w}", markup=True, highlight=False)
+                _err.print(f"  [yellow]warning[/] {escape(w)}", markup=True, highlight=False)
     if doc.get("epsilon"):
         priv = doc.get("privacy") or {}
         delta, planned = priv.get("delta"), priv.get("planned_epsilon") or {}
@@ -143,9 +144,9 @@ def _print_run(doc: dict[str, Any]) -> None:
         b = doc["best_round"]
         _err.print(f"best round by validation loss: {b['round']} (validation loss {_fmt(b['validation_loss'])})")
     for d in doc.get("declined", []):
-        _err.print(f"[yellow]declined[/] {d['site']} round {d.get('round')}: {d['reason']}")
+        _err.print(f"[yellow]declined[/] {_fmt(d['site'])} round {_fmt(d.get('round'))}: {_fmt(d['reason'])}")
     for r in doc.get("rejected", []):
-        _err.print(f"[red]rejected[/] {r['site']} {r['message_id']}: {r['reason']}")
+        _err.print(f"[red]rejected[/] {_fmt(r['site'])} {_fmt(r['message_id'])}: {_fmt(r['reason'])}")
 
 
 def _run_or_fail(fn, *args):

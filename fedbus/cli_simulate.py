@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a whole federation on one machine through the production coordinator and site workers."""
         from rich.console import Console
+        from rich.markup import escape
 
         from fedbus.logs import configure_logging
 
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
             try:
                 reach(broker)  # before torch's imports: an absent broker fails in 10 s, whatever the load
             except EndpointError as e:
-                Console(stderr=True).print(f"[red]fedbus simulate:[/red] --broker: {e}", soft_wrap=True)
+                Console(stderr=True).print(f"[red]fedbus simulate:[/red] --broker: {escape(str(e))}", soft_wrap=True)
                 raise typer.Exit(2) from None
         from simulator.run import SimulationFailed, SimulationInputError, simulate as run_simulation
         from simulator.table import print_results
@@ -68,14 +69,14 @@ def register(app: typer.Typer) -> None:
                 round_timeout_s=round_timeout, progress=True, reproducible_dp=reproducible_dp, site_budget=site_budget,
             )
         except SimulationInputError as e:
-            err.print(f"[red]fedbus simulate:[/red] {e}", soft_wrap=True)
+            err.print(f"[red]fedbus simulate:[/red] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except SimulationFailed as e:
             if json_out:  # a failed run still prints its document
                 failed = dict(e.document or {"reason": str(e)})
                 failed["status"] = "failed"
                 typer.echo(json.dumps(failed, default=str))
-            err.print(f"[red]fedbus simulate: run failed:[/red] {e}", soft_wrap=True)
+            err.print(f"[red]fedbus simulate: run failed:[/red] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(1) from None
         print_results(doc, console=err)
         if out is not None:
@@ -92,6 +93,8 @@ def register(app: typer.Typer) -> None:
 
 def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object:
     """``--serve``: the dashboard on a thread over ``OUT/coordinator``, read-only, localhost."""
+    from rich.markup import escape
+
     from fedbus.dashboard.server import BackgroundServer, ServeError, ServeOptions
 
     if out is None:
@@ -102,7 +105,7 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
                                                broker=None if broker.startswith("memory") else broker)).start()
     except ServeError as e:
-        err.print(f"[red]fedbus simulate:[/red] --serve: {e}")
+        err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}")
         raise typer.Exit(2) from None
     err.print(f"dashboard: {server.url}", soft_wrap=True)
     return server

@@ -303,7 +303,7 @@ class DatasetSpec(_Block):
         for column, (_, scale) in self.scaling.items():
             if not scale > 0:
                 raise ConfigError(f"dataset.scaling.{column}",
-                                  f"is [center, scale] and scale must be > 0, got {scale}")
+                                  f"is a (center, scale) pair and its scale must be > 0, got {scale}")
         return self
 
     @property

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -71,7 +72,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         sites.caption += f"; {len(names) - max_sites} more sites in the JSON / report"
     con.print(sites)
     for w in warnings:
-        con.print(f"[yellow]warning[/yellow] {w}")
+        con.print(f"[yellow]warning[/yellow] {escape(w)}")
     if priv and priv.get("delta") is not None:  # DP off: no ε, no δ (privacy.central is shown below)
         line = f"privacy: ε per site at δ = {priv.get('delta'):g} ({priv.get('accountant')} accountant)"
         planned = {s: v for s, v in (priv.get("planned_epsilon") or {}).items() if v is not None}
@@ -90,7 +91,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
         summary.add_column(col, justify="right")
     summary.add_row("federated (global)", *(_f(final.get(k)) for k in cols))
     for w in one_class_warnings({"predicts_one_class": final.get("predicts_one_class")}):
-        con.print(f"[yellow]warning[/yellow] {w}")
+        con.print(f"[yellow]warning[/yellow] {escape(w)}")
     if final.get("personalized"):
         summary.add_row(f"personalised on own sites: {final['personalized'].get('method')}",
                         *(_f(final["personalized"].get(k)) for k in cols))

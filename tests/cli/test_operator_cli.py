@@ -39,3 +39,15 @@ def test_runs_list_stop_and_logs_on_a_finished_run(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no run 'nope'" in r.stderr
     r = CliRunner().invoke(app, ["coordinator", "logs", "nope", "--state", state])
     assert r.exit_code == 2
+
+
+def test_a_sites_words_reach_the_operator_as_written_never_as_terminal_markup(capsys) -> None:
+    # A declined reason comes from a site's message: rich markup in it must neither style the
+    # operator's terminal nor vanish from it.
+    from fedbus.cli_coordinator import _print_run
+
+    reason = "[bold red]round accepted[/bold red] budget [epsilon, delta]"
+    _print_run({"run_id": "r1", "rounds": [], "final": {}, "rejected": [],
+                "declined": [{"site": "[blink]h1", "round": 2, "reason": reason}]})
+    err = capsys.readouterr().err.replace("\n", " ")  # the console wraps long lines
+    assert reason in err and "[blink]h1" in err

@@ -67,3 +67,14 @@ def test_validate_names_the_unknown_key_and_exits_2(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["config", "validate", str(f)])
     assert r.exit_code == 2
     assert 'training.optimizer.learnig_rate: unknown key; did you mean "learning_rate"?' in r.stderr
+
+
+def test_validate_prints_a_message_with_brackets_as_written(tmp_path: Path) -> None:
+    # The terminal's markup must not eat "[channels, length]" (rich reads it as a style tag).
+    data = json.loads((ROOT / "examples" / "ecg_cnn.json").read_text())
+    data["dataset"]["kind"] = "tabular"
+    f = tmp_path / "exp.json"
+    f.write_text(json.dumps(data))
+    r = CliRunner().invoke(app, ["config", "validate", str(f)])
+    assert r.exit_code == 2
+    assert 'set dataset.kind to "signal" for [channels, length] inputs' in r.stderr
