@@ -535,6 +535,14 @@ class Experiment(_Block):
                 raise ConfigError(f"dataset.categorical.{column}", "is also in dataset.exclude")
             if data.features is not None and column not in data.features:
                 raise ConfigError(f"dataset.categorical.{column}", "is not in dataset.features")
+        if data.features is not None:
+            if len(set(data.features)) != len(data.features):
+                raise ConfigError("dataset.features", "lists a column twice")
+            for i, column in enumerate(data.features):
+                if column == data.target:
+                    raise ConfigError(f"dataset.features[{i}]", f"is the target column {column!r}")
+                if column in excluded:
+                    raise ConfigError(f"dataset.features[{i}]", f"{column!r} is also in dataset.exclude")
         for key, columns in (("missing_values", data.missing_values), ("scaling", data.scaling)):
             for column in columns:
                 where_col = f"dataset.{key}.{column}"
@@ -546,13 +554,6 @@ class Experiment(_Block):
                     raise ConfigError(where_col, "is not in dataset.features")
         if data.features is None:
             return
-        if len(set(data.features)) != len(data.features):
-            raise ConfigError("dataset.features", "lists a column twice")
-        for i, column in enumerate(data.features):
-            if column == data.target:
-                raise ConfigError(f"dataset.features[{i}]", f"is the target column {column!r}")
-            if column in excluded:
-                raise ConfigError(f"dataset.features[{i}]", f"{column!r} is also in dataset.exclude")
         width = data.input_width()
         if width != in_shape[0]:
             n_cat = sum(len(data.categorical[f]) for f in data.features if f in data.categorical)
