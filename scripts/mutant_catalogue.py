@@ -291,7 +291,7 @@ MUTANTS += [
     ),
     Mutant(
         "dp-counts-above-announced-rows", "a DP release never counts more rows than the site announced (else the coordinator drops an honest, charged reply)",
-        (Edit("site_worker/release.py", "    return {k: (float(min(v, rows)) if k in COUNT_KEYS else v) for k, v in metrics.items()}\n",
+        (Edit("site_worker/release.py", "    return {k: (float(min(v, rows)) if k == \"n\" else v) for k, v in metrics.items()}\n",
               "    return dict(metrics)\n"),),
         ("tests/site_worker/test_site_owns_dp.py::test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced",),
     ),

@@ -122,16 +122,15 @@ def derive(layout: str, v: np.ndarray, *, clip: float) -> dict[str, float]:
             "n": float(round(n))}
 
 
-COUNT_KEYS = ("n", "personalized_n")  # the released row counts
-
-
 def bound_counts(metrics: dict[str, float], rows: int) -> dict[str, float]:
-    """``metrics`` with its row counts (``COUNT_KEYS``) at most ``rows``, the row count the site
-    announces for the dataset in its SiteHello. A DP count is the true count plus noise of SD
-    2·σ·Δ, so a small site's noisy test count can exceed its announced rows, and the coordinator
-    refuses any evaluation that counts more rows than announced (``num_examples_bound``). The
-    bound is public, so clamping is post-processing of the release: no privacy cost."""
-    return {k: (float(min(v, rows)) if k in COUNT_KEYS else v) for k, v in metrics.items()}
+    """One model's released ``metrics`` with its row count ``n`` at most ``rows``, the row
+    count the site announces for the dataset in its SiteHello (a final release's
+    ``personalized_n`` is the personalised model's ``n``, bounded before it is renamed). A DP
+    count is the true count plus noise of SD 2·σ·Δ, so a small site's noisy test count can
+    exceed its announced rows, and the coordinator refuses any evaluation that counts more rows
+    than announced (``num_examples_bound``). The bound is public, so clamping is
+    post-processing of the release: no privacy cost."""
+    return {k: (float(min(v, rows)) if k == "n" else v) for k, v in metrics.items()}
 
 
 def release_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
