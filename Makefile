@@ -1,17 +1,25 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make run    - set up and run the main job (the simulator on the embedded default)
-#   make test   - set up and run the whole test suite
+#   make test   - set up, lint (ruff, mypy, import-linter) and run the whole test suite
+# `make lock` rewrites requirements.lock from the venv after a deliberate upgrade.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test setup bench mutants
+.PHONY: run test lint setup lock bench mutants
 
 run: setup
 	$(BIN)/fedbus simulate examples/heart_failure.json --sites 3
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The lines the code must hold (docs/testing.md "Lint"): style and real bugs, types on the
+# product's lower layers, and imports that only go down the layers (pyproject [tool.importlinter]).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Plant each curated bug (scripts/mutant_catalogue.py) and check its tests fail; docs/testing.md.
 mutants: setup
@@ -19,9 +27,18 @@ mutants: setup
 
 setup: $(VENV)/.installed
 
-# torch first, pinned to the CPU build on disk; then fedbus with its test extras.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned to the CPU build on disk; then fedbus with its test extras, every
+# dependency at the version in requirements.lock (the versions the suite was last run with).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	touch $@
+
+# Refresh the lock: upgrade on purpose in the venv (e.g. `.venv/bin/pip install -U flwr`), run
+# `make test`, then `make lock` and commit requirements.lock. torch is pinned above, fedbus is us.
+lock: setup
+	{ echo "# pip constraints for make setup: the versions the suite was last run with."; \
+	  echo "# Refreshed by 'make lock' (pip freeze of .venv, without fedbus and torch); see README."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|fedbus)==' | LC_ALL=C sort -f; \
+	} > requirements.lock
