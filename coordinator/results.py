@@ -12,7 +12,7 @@ from coordinator.state import StateStore
 
 
 def show_run(store: StateStore, run_id: str) -> dict[str, Any]:
-    """The run document (DESIGN.md shape) plus per-round per-site metrics and the privacy ledger."""
+    """The run document (docs/design.md shape) plus per-round per-site metrics and the privacy ledger."""
     run = store.run(run_id)
     rounds = store.rounds(run_id)
     doc = dict(run["result"] or {})

@@ -45,7 +45,7 @@ class RunFailed(Exception):
 
 @dataclass
 class RunResult:
-    """What a run produced; ``to_json`` is the DESIGN.md result document."""
+    """What a run produced; ``to_json`` is the docs/design.md result document."""
 
     run_id: str
     aggregator: str

@@ -2,7 +2,7 @@
 
 Each verb group lives in its own module (``fedbus/cli_*.py``) so the groups stay
 small and independent. Exit codes: 0 success, 1 a run that failed, 2 bad usage or
-bad input (DESIGN.md "Command line").
+bad input (docs/design.md "Command line").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Runs the production coordinator and site workers (in-memory bus by default, one OS
 process per site with ``--broker amqp://...``), prints the results table on stderr and,
-with ``--json``, the DESIGN.md result document on stdout. Exit 0 success, 1 a run that
+with ``--json``, the docs/design.md result document on stdout. Exit 0 success, 1 a run that
 failed, 2 bad usage or bad input.
 """
 

@@ -1,4 +1,4 @@
-"""Frames and envelopes on the wire (DESIGN.md "Wire protocol").
+"""Frames and envelopes on the wire (docs/design.md "Wire protocol").
 
 A frame is the msgpack map ``{v: 1, kid, body, sig}``; ``body`` is the msgpack of
 the envelope map ``{type, schema_version, message_id, federation, run_id, round,

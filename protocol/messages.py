@@ -1,4 +1,4 @@
-"""Message types of the fedbus wire protocol (DESIGN.md "Wire protocol").
+"""Message types of the fedbus wire protocol (docs/design.md "Wire protocol").
 
 Every message is a frozen dataclass. The envelope carries routing and replay
 metadata; the payload is one of the message classes below. Weights travel as an

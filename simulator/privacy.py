@@ -48,7 +48,7 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
 
 def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
           reported: dict[str, Any] | None) -> dict[str, Any] | None:
-    """DESIGN.md's ``privacy`` block: δ, accountant, ε per site spent (site ledgers) and planned."""
+    """docs/design.md's ``privacy`` block: δ, accountant, ε per site spent (site ledgers) and planned."""
     dp = exp.training.dp
     if dp is None:
         return None

@@ -1,6 +1,6 @@
 """Files a simulated run leaves in ``--out DIR``: metrics CSV/JSON, PNG plots, ``report.html``.
 
-The input is the DESIGN.md result document (``simulate(...)`` returns it), optionally
+The input is the docs/design.md result document (``simulate(...)`` returns it), optionally
 with ``rounds[i]["per_site"]`` (per-site validation metrics of that round). The HTML
 page is self-contained (plots embedded as base64 PNG) so it can be mailed to a
 colleague or attached to an ethics board submission as one file.

@@ -157,7 +157,7 @@ def simulate(
     reproducible_dp: bool = False,
     site_budget: float | None = None,
 ) -> dict[str, Any]:
-    """Run the experiment over simulated sites; returns the DESIGN.md result document.
+    """Run the experiment over simulated sites; returns the docs/design.md result document.
 
     ``site_budget`` is every simulated site's ``max_epsilon`` (lifetime, per dataset; None: no
     limit, the research default). Either way each site announces the ε it has spent.

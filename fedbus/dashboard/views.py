@@ -1,6 +1,6 @@
 """The JSON documents behind each page (``/api/...``), built from a ``StateReader``.
 
-Result keys follow DESIGN.md and issue 11 ("privacy", ``final.per_site[site].personalized``,
+Result keys follow docs/design.md and issue 11 ("privacy", ``final.per_site[site].personalized``,
 ``majority_class_accuracy``). Words mean one thing each: **test** is each site's fixed test
 split, as the site scored it (``final``, per-round ``test`` with ``federated.test_every``);
 **validation** is the sites' validation rows; **held-out** is the extra rows ``simulate``
@@ -218,7 +218,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         final = dict(overlay_doc["final"])
     final_sites = final.get("per_site") or {}
     privacy = _privacy({**result, "privacy": {**(overlay_doc.get("privacy") or {}), **(result.get("privacy") or {})}}, msgs)
-    if not privacy.get("accountant"):  # the sites' policies fix it (DESIGN.md "Trust"); say it when they agree
+    if not privacy.get("accountant"):  # the sites' policies fix it (docs/design.md "Trust"); say it when they agree
         named = {((s["hello"] or {}).get("policy") or {}).get("accountant") for s in reader.sites()
                  if s["site_id"] in (run["sites"] or [])}
         privacy["accountant"] = named.pop() if len(named) == 1 else None

@@ -120,7 +120,7 @@ class Topology:
 class Bus(abc.ABC):
     @abc.abstractmethod
     def declare(self, topology: Topology) -> None:
-        """Declare exchanges, queues and bindings of DESIGN.md (idempotent)."""
+        """Declare exchanges, queues and bindings of docs/design.md (idempotent)."""
 
     @abc.abstractmethod
     def publish(

@@ -1,7 +1,7 @@
 """What ``declare(topology)`` creates, as data both buses (and provisioning) share.
 
 Keeping the plan in one place means the in-memory bus and RabbitMQ declare exactly
-the same exchanges, queues, arguments and bindings (DESIGN.md "Bus topology").
+the same exchanges, queues, arguments and bindings (docs/design.md "Bus topology").
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ EXCHANGES: dict[str, str] = {TASKS: "direct", UPDATES: "direct", CONTROL: "direc
 QUEUE_HEADER = "x-fedbus-queue"  # on a dead letter: the queue it was rejected from
 USER_HEADER = "x-fedbus-user"  # on a dead letter (AMQP bus): the broker-vouched sender of the original
 
-# Chunk headers of DESIGN.md (transfer_id, index, count, sha256, total_size) as AMQP headers.
+# Chunk headers of docs/design.md (transfer_id, index, count, sha256, total_size) as AMQP headers.
 CHUNK_HEADERS = {
     "transfer_id": "x-fedbus-chunk-transfer",
     "index": "x-fedbus-chunk-index",

@@ -1,4 +1,4 @@
-"""Names of the exchanges and queues of DESIGN.md "Bus topology"."""
+"""Names of the exchanges and queues of docs/design.md "Bus topology"."""
 
 TASKS = "fedbus.tasks"  # direct, routing key = site id
 UPDATES = "fedbus.updates"  # direct, routing key = federation
