@@ -120,7 +120,7 @@ def main() -> None:
         return
     import warnings
 
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
 
     configure_logging(mode="cli", level="warning")
     warnings.filterwarnings("ignore")

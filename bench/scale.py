@@ -111,7 +111,7 @@ def point_memory(sites: int, rounds: int, hidden: int | None) -> dict[str, Any]:
     from bench.echo_sites import EchoSite, make_keys
     from coordinator.run import Coordinator
     from coordinator.state import StateStore
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
     from protocol.signing import Signer, generate_keypair
     from protocol.transport import open_bus
     from protocol.transport.base import Topology

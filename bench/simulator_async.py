@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write curves.png and results.json here")
     ap.add_argument("--aggregators", default="FedAvg,FedAsync,FedBuff")
     args = ap.parse_args()
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
     from simulator.history import time_to
     from simulator.run import simulate
 

@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows-per-site", type=int, default=20)
     args = ap.parse_args()
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
     from simulator.run import simulate
 
     configure_logging(mode="cli", level="warning")

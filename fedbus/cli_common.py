@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import NoReturn, Optional
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
-
 import typer
+
+from protocol.broker_url import BrokerURLError, with_password
 
 BROKER_PASSWORD_FILE = typer.Option(
     None, "--broker-password-file",
@@ -28,14 +28,7 @@ def broker_url(url: str, password_file: Optional[Path], *, prog: str) -> str:
         password = password_file.read_text(encoding="utf-8").strip()
     except OSError as e:
         fail(prog, f"--broker-password-file {password_file}: cannot read it ({e.strerror})")
-    p = urlsplit(url)
-    if p.scheme not in ("amqp", "amqps"):
-        fail(prog, f"--broker-password-file needs an amqp:// or amqps:// --broker URL, got {url!r}")
-    user = unquote(p.username or "")
-    if not user:
-        fail(prog, f"--broker {url!r} names no user; write it as amqp://USER@host:5672/vhost")
-    host = p.hostname or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, ""))
+    try:
+        return with_password(url, password)
+    except BrokerURLError as e:
+        fail(prog, f"--broker-password-file: {e}")

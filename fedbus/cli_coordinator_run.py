@@ -59,7 +59,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
         from fedbus.coordinator_lock import FederationLock, FederationLocked
         from fedbus.kits import ProjectError, load_coordinator_config
-        from fedbus.logs import add_log_file, configure_logging
+        from protocol.logs import add_log_file, configure_logging
         from protocol.config import ConfigError, load_experiment
         from protocol.signing import Signer
         from protocol.transport import BusError, BusPermissionError, open_bus

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        from fedbus.logs import configure_logging
+        from protocol.logs import configure_logging
 
         configure_logging(mode="cli", level=log_level)
         if not broker.startswith("memory"):

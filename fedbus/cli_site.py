@@ -25,7 +25,7 @@ app = typer.Typer(help="Run a site worker (the daemon a hospital installs next t
 
 def _configure_logging(level: str) -> None:
     try:
-        from fedbus.logs import configure_logging
+        from protocol.logs import configure_logging
     except ImportError:  # logging module not landed: structlog defaults still print lines
         return
     configure_logging(mode="daemon", level=level)
@@ -111,7 +111,7 @@ def check(
 
     import io
 
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
 
     warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
     configure_logging("cli", level="error", stream=io.StringIO())  # each check reports its own failure

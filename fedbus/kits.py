@@ -29,8 +29,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from protocol.broker_url import BrokerURLError, with_password, with_user
 from protocol.signing import Signer, generate_keypair
 
 COORDINATOR = "coordinator"  # the coordinator's kit directory and key name
@@ -209,10 +210,7 @@ def _q(v: str) -> str:
 
 def party_url(broker: str, user: str) -> str:
     """``broker`` with ``user`` and no password (the password lives in broker.password)."""
-    p = urlsplit(broker)
-    host = p.hostname or "localhost"
-    netloc = f"{quote(user, safe='')}@{host}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path or "/", p.query, ""))
+    return with_user(broker, user)
 
 
 def _password(path: Path, rotate: bool) -> tuple[str, bool]:
@@ -475,9 +473,10 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             pw = pw_file.read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ProjectError("broker_password_file", f"cannot read {pw_file}: {e.strerror}") from None
-        p = urlsplit(url)
-        netloc = f"{quote(unquote(p.username or ''), safe='')}:{quote(pw, safe='')}@{p.hostname}" + (f":{p.port}" if p.port else "")
-        url = urlunsplit((p.scheme, netloc, p.path, p.query, ""))
+        try:
+            url = with_password(url, pw)
+        except BrokerURLError as e:
+            raise ProjectError("broker_password_file", f"cannot go with broker_url: {e}") from None
     tls = None
     if "tls" in raw:
         t = _toml_table(raw["tls"], "tls")

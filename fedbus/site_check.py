@@ -105,7 +105,7 @@ def _check_broker(cfg: Any, timeout_s: float) -> Check:
 
 
 def _redact(url: str) -> str:
-    from simulator.run import redact
+    from protocol.broker_url import redact
 
     return redact(url)
 

@@ -21,10 +21,11 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import structlog
 
+from protocol.broker_url import redact
 from simulator.datasets import DatasetError, load_dataset
 from site_worker.data import DataError
 from simulator.faults import FaultLog, FaultSpecError, parse_faults
@@ -47,15 +48,6 @@ class SimulationFailed(RuntimeError):
     def __init__(self, message: str, document: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.document = document
-
-
-def redact(url: str) -> str:
-    """A broker URL safe to print (password replaced)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Any:

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coordinator-pub", required=True)
     args = ap.parse_args(argv)
 
-    from fedbus.logs import configure_logging
+    from protocol.logs import configure_logging
     from protocol.signing import Signer, TrustStore
     from protocol.transport import open_bus
     from simulator.faults import FaultPlan, FaultyBus

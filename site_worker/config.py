@@ -13,7 +13,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from protocol.broker_url import BrokerURLError, with_password
 
 FORMATS = ("csv", "parquet", "npy")
 COLUMN_TYPES = ("numeric", "categorical")
@@ -154,7 +156,10 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         raise SiteConfigError("broker_url", f"scheme {scheme!r} is not supported; use amqp://, amqps:// or memory://")
     pw_file = r.path("broker_password_file", required=False, must_exist=True)
     if pw_file is not None:
-        broker_url = _with_password(broker_url, pw_file.read_text(encoding="utf-8").strip())
+        try:
+            broker_url = with_password(broker_url, pw_file.read_text(encoding="utf-8").strip())
+        except BrokerURLError as e:
+            raise SiteConfigError("broker_password_file", f"cannot go with broker_url: {e}") from None
     tls = None
     if "tls" in raw:
         t = r.sub("tls")
@@ -299,18 +304,6 @@ def _infer_format(p: Path, key: str) -> str:
     if suffix == ".npy":
         return "npy"
     raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = \"csv\" | \"parquet\" | \"npy\"")
-
-
-def _with_password(url: str, password: str) -> str:
-    parts = urlsplit(url)
-    user = parts.username or ""
-    if not user:
-        raise SiteConfigError("broker_password_file", "broker_url has no user name to go with the password")
-    host = parts.hostname or ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class _Reader:

@@ -12,13 +12,9 @@ from typing import Any
 
 
 def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    from protocol.broker_url import redact
 
-    p = urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+    return redact(url)
 
 
 def _tcp_problem(url: str, timeout_s: float = 3.0) -> str | None:

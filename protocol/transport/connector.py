@@ -58,7 +58,7 @@ _MIN_ATTEMPT_S = 1.0  # an attempt near the deadline still gets this long (a liv
 _RESOLVE_TIMEOUT_S = 10.0  # name resolution, once connected (pika's has no limit at all)
 
 # pika reports every failed connection attempt at ERROR; fedbus says what happened in
-# one line of its own. ``fedbus.logs`` re-enables pika's logging at --log-level debug.
+# one line of its own. ``protocol.logs`` re-enables pika's logging at --log-level debug.
 if logging.getLogger("pika").level == logging.NOTSET:
     logging.getLogger("pika").setLevel(logging.CRITICAL + 1)
 

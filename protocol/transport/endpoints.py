@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from protocol.broker_url import BrokerURLError, redact, with_certificate
+
 _TLS_QUERY = {"ca_certs": "ca", "certfile": "cert", "keyfile": "key"}
 TLS_KEYS = ("ca", "cert", "key", "auth")
 
@@ -125,18 +127,6 @@ def _parse_one(url: str, *, tls: dict[str, str] | None) -> Endpoint:
     return Endpoint(clean, scheme, host, port, vhost, user, auth == "external", opts)
 
 
-def redact(url: str) -> str:
-    """The URL(s) with passwords replaced by ***."""
-    out = []
-    for u in url.split(","):
-        p = urlsplit(u.strip())
-        if p.password:
-            netloc = p.netloc.replace(f":{p.password}@", ":***@")
-            u = urlunsplit((p.scheme, netloc, p.path, p.query, ""))
-        out.append(u.strip())
-    return ",".join(out)
-
-
 def certificate_cn(cert_path: str | Path) -> str:
     """The subject CN of a PEM certificate (the broker user under EXTERNAL login)."""
     from cryptography import x509
@@ -221,13 +211,7 @@ def tls_cause(text: str, node: Endpoint) -> str | None:
 def certificate_url(base: str, *, ca: str | Path, cert: str | Path, key: str | Path) -> str:
     """``base`` (amqps://host:port/vhost, one or several nodes) with certificate login:
     what a site's or the coordinator's ``broker_url`` holds under ``auth = "external"``."""
-    out = []
-    for u in split_urls(base):
-        p = urlsplit(u)
-        if p.scheme != "amqps":
-            raise EndpointError(f"certificate login needs amqps://, got {redact(u)!r}")
-        host = p.hostname or "localhost"
-        netloc = host + (f":{p.port}" if p.port else "")
-        q = urlencode({"auth": "external", "ca_certs": str(ca), "certfile": str(cert), "keyfile": str(key)})
-        out.append(urlunsplit(("amqps", netloc, p.path or "/", q, "")))
-    return ",".join(out)
+    try:
+        return with_certificate(base, ca=str(ca), cert=str(cert), key=str(key))
+    except BrokerURLError as e:
+        raise EndpointError(str(e)) from None

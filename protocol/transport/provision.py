@@ -38,6 +38,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
+from protocol.broker_url import with_user
 from protocol.transport.base import Topology
 from protocol.transport.topology import CONTROL, DEAD, DLX, TASKS, UPDATES, control_queue, site_queue, updates_queue
 
@@ -179,10 +180,7 @@ def deprovision(
 
 def user_url(broker_url: str, user: str, password: str) -> str:
     """``broker_url`` with another user's credentials (what a site's config needs)."""
-    p = urlsplit(broker_url)
-    host = p.hostname or "localhost"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{p.port}" if p.port else "")
-    return f"{p.scheme}://{netloc}{p.path or '/'}" + (f"?{p.query}" if p.query else "")
+    return with_user(broker_url, user, password)
 
 
 class _Admin(abc.ABC):

@@ -1,4 +1,4 @@
-"""fedbus.logs: JSON lines for daemons, key=value lines for the CLI, context on every line."""
+"""protocol.logs: JSON lines for daemons, key=value lines for the CLI, context on every line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from fedbus.logs import bind_log_context, configure_logging, log_context
+from protocol.logs import bind_log_context, configure_logging, log_context
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +20,9 @@ def _restore_logging():
     root = logging.getLogger()
     for h in [h for h in root.handlers if h.get_name() == "fedbus"]:
         root.removeHandler(h)
-    import fedbus.logs
+    import protocol.logs
 
-    fedbus.logs._configured = None
+    protocol.logs._configured = None
 
 
 def test_daemon_mode_writes_json_lines_with_run_round_and_site():
