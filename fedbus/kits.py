@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -32,10 +31,10 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURLError, with_password, with_user
+from protocol.ids import NAME_RULE, is_name
 from protocol.signing import Signer, generate_keypair
 
 COORDINATOR = "coordinator"  # the coordinator's kit directory and key name
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ProjectError(ValueError):
@@ -93,8 +92,8 @@ def _string(t: dict[str, Any], k: str, where: str, *, required: bool = True) -> 
 def _ident(t: dict[str, Any], k: str, where: str) -> str:
     v = _string(t, k, where)
     assert v is not None
-    if not _ID.match(v):
-        raise ProjectError(f"{where}.{k}", f"{v!r} must use letters, digits, '.', '_', '-' (max 64)")
+    if not is_name(v):
+        raise ProjectError(f"{where}.{k}", f"{v!r} must be {NAME_RULE}")
     return v
 
 
@@ -149,7 +148,7 @@ def load_project(path: Path) -> Project:
         if sid == COORDINATOR or any(s.id == sid for s in sites):
             raise ProjectError(f"{where}.id", f"{sid!r} is used twice (or is the coordinator's name)")
         ds = _string(t, "dataset", where, required=False) or dataset
-        if not _ID.match(ds):
+        if not is_name(ds):
             raise ProjectError(f"{where}.dataset", f"{ds!r} must use letters, digits, '.', '_', '-'")
         data = _string(t, "data", where, required=False)
         if data is not None and not Path(data).is_absolute():  # relative to the project file, as a reader expects
@@ -158,7 +157,7 @@ def load_project(path: Path) -> Project:
                               data, _number(t, "max_epsilon", where, budget)))
     tls = _toml_table(raw["tls"], "tls") if "tls" in raw else None
     user = fed.get("coordinator_user") or f"coordinator-{name}"
-    if not isinstance(user, str) or not _ID.match(user) or user in {s.id for s in sites}:
+    if not is_name(user) or user in {s.id for s in sites}:
         raise ProjectError("federation.coordinator_user", f"{user!r} must be a name no site uses")
     return Project(name, broker, admin, user, quorum, sites, tls, _string(fed, "install_dir", "federation", required=False))
 

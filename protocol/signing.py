@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocol.durable import write_atomic
 from protocol.errors import BadSignature, UnknownSigner
+from protocol.ids import NAME_RULE, is_name
 
 SIGNATURE_BYTES = 64
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class KeyFileError(ValueError):
@@ -126,11 +125,8 @@ def generate_keypair(name: str, out_dir: str | os.PathLike[str], *, force: bool 
     means re-enrolling the site. Raises ``ValueError`` on a bad name and
     ``FileExistsError`` on an existing key.
     """
-    if not _NAME.fullmatch(name or ""):
-        raise ValueError(
-            f"key name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if not is_name(name):
+        raise ValueError(f"key name {name!r} is not allowed: use {NAME_RULE}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

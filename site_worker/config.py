@@ -16,10 +16,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURLError, with_password
+from protocol.ids import NAME_RULE, is_name
 
 FORMATS = ("csv", "parquet", "npy")
 COLUMN_TYPES = ("numeric", "categorical")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class SiteConfigError(ValueError):
@@ -271,7 +271,7 @@ def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
         raise SiteConfigError("datasets", "no dataset offered; add a [datasets.NAME] table with path and target")
     out: dict[str, DatasetSource] = {}
     for name in d.raw:
-        if not _ID_RE.match(name):
+        if not is_name(name):
             raise SiteConfigError(f"datasets.{name}", "dataset names use letters, digits, '_', '-', '.'")
         t = d.sub(name)
         t.reject_unknown({"path", "target", "format", "columns", "labels_path", "csv_separator"})
@@ -340,8 +340,8 @@ class _Reader:
     def ident(self, name: str) -> str:
         v = self.string(name)
         assert v is not None
-        if not _ID_RE.match(v):
-            raise SiteConfigError(self.key(name), f"{v!r} must use letters, digits, '_', '-', '.' (max 128)")
+        if not is_name(v):
+            raise SiteConfigError(self.key(name), f"{v!r} must be {NAME_RULE}")
         return v
 
     def path(self, name: str, *, required: bool = True, must_exist: bool = False) -> Path | None:

@@ -39,13 +39,13 @@ from urllib.parse import quote, unquote, urlsplit
 import structlog
 
 from protocol.broker_url import with_user
+from protocol.ids import NAME_RULE, is_name
 from protocol.transport.base import Topology
 from protocol.transport.topology import CONTROL, DEAD, DLX, TASKS, UPDATES, control_queue, site_queue, updates_queue
 
 log = structlog.get_logger(__name__)
 
 Method = Literal["auto", "management", "rabbitmqctl"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 
 
 class ProvisionError(Exception):
@@ -94,11 +94,8 @@ def coordinator_permissions(federation: str) -> Permissions:
 
 
 def _check_name(kind: str, value: str) -> None:
-    if not _NAME.match(value):
-        raise ProvisionError(
-            f"{kind} {value!r} is not a valid name: use letters, digits, '.', '_' or '-' "
-            "(at most 101 characters, starting with a letter or digit)"
-        )
+    if not is_name(value):
+        raise ProvisionError(f"{kind} {value!r} is not a valid name: use {NAME_RULE}")
 
 
 def provision(
