@@ -24,24 +24,26 @@ import secrets
 import shutil
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURLError, with_password, with_user
+from protocol.config_error import ConfigError
+from protocol.durable import write_atomic
 from protocol.ids import NAME_RULE, is_name
+from protocol.toml_config import read_toml
 from protocol.signing import Signer, generate_keypair
 
 COORDINATOR = "coordinator"  # the coordinator's kit directory and key name
 
 
-class ProjectError(ValueError):
+class ProjectError(ConfigError):
     """A bad project file; ``key`` is the TOML key at fault (exit 2)."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+        super().__init__(key, message)
         self.key = key
 
 
@@ -106,12 +108,7 @@ def _number(t: dict[str, Any], k: str, where: str, default: float) -> float:
 
 def _read_toml(path: Path, key: str) -> dict[str, Any]:
     """The parsed file; ``ProjectError(key)`` when it is missing or not TOML."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProjectError(key, f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProjectError(key, f"{path} is not valid TOML: {e}") from None
+    return read_toml(path, key=key, error=ProjectError)
 
 
 def load_project(path: Path) -> Project:
@@ -194,13 +191,8 @@ def tls_files(tls: dict[str, Any], kit: Path, party: str) -> dict[str, str] | No
 # ----------------------------------------------------------------------------- files
 
 def write_secret(path: Path, text: str) -> None:
-    """Write ``text`` with mode 0600 from the first byte on."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` with mode 0600 from the first byte on, crash-safe (``protocol.durable``)."""
+    write_atomic(path, text.encode("utf-8"), mode=0o600)
 
 
 def _q(v: str) -> str:

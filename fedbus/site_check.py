@@ -64,9 +64,9 @@ def _check_key(cfg: Any) -> Check:
 
 
 def _check_secret_files(config: Path) -> list[Check]:
-    import tomllib
+    from protocol.toml_config import read_toml
 
-    raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    raw = read_toml(config)
     pw = raw.get("broker_password_file")
     if not pw:
         return []

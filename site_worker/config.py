@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from protocol.broker_url import BrokerURLError, with_password
+from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
+from protocol.toml_config import read_toml
 
 FORMATS = ("csv", "parquet", "npy")
 COLUMN_TYPES = ("numeric", "categorical")
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(ConfigError):
     """A bad site configuration; ``key`` is the dotted TOML key at fault."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+        super().__init__(key, message)
         self.key = key
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,7 @@ class SiteConfig:
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate ``site.toml``; raises ``SiteConfigError`` naming the key."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteConfigError("config", f"file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SiteConfigError("config", f"{path} is not valid TOML: {e}") from None
+    raw = read_toml(path, key="config", error=SiteConfigError)
     return site_config_from_dict(raw, base_dir=path.resolve().parent)
 
 
