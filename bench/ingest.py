@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import sys
-import threading
 import time
 import tracemalloc
 import uuid

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for t, role, pid, rss in sampler.samples:
             if rss >= 1.0:  # a killed, not yet reaped process reads 0
                 series[(role, pid)].append((t, rss))
-        for (role, pid), pts in series.items():
+        for (role, _pid), pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=role if role == "coordinator" else None)
         for r, t in round_end.items():
             if r % max(1, args.rounds // 10) == 0:

@@ -9,7 +9,6 @@ cost this site on top of what its ledger already holds. Nothing is sent to anyon
 from __future__ import annotations
 
 import stat
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

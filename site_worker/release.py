@@ -24,7 +24,6 @@ step), charged to the same ledger as training.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch

@@ -59,7 +59,7 @@ class AggregatorModeError(TypeError):
     """A synchronous call on an asynchronous aggregator, or the other way round."""
 
 
-class Aggregator(abc.ABC):
+class Aggregator(abc.ABC):  # noqa: B024 - an ABC for isinstance and registration; every method has a default
     """Base of every aggregator; subclasses set ``name`` and ``synchronous``."""
 
     name: ClassVar[str] = ""

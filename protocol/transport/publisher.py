@@ -147,7 +147,7 @@ class Publisher:
                     (log.warning if self.bus.connector.connected.is_set() else log.info)(
                         "broker connection problem; reconnecting", what=what(), error=repr(e), retry_in_s=round(delay, 2))
                     if self._stop.wait(delay):
-                        raise BusError("bus closed while reconnecting")
+                        raise BusError("bus closed while reconnecting") from e
         raise AssertionError("unreachable")
 
     def publish(

@@ -39,8 +39,8 @@ def test_config_new_from_a_csv_then_simulate(tmp_path: Path) -> None:
     assert exp.dataset.features == ["x0", "x1", "x2", "smoker", "ward"]
     assert exp.dataset.categorical == {"smoker": ["no", "yes"], "ward": ["A", "B", "C"]}
     assert exp.input_shape == (3 + 2 + 3,)  # hand count: 3 numeric + 2 + 3 categories
-    assert [l.type for l in exp.architecture.layers if l.type == "Linear"] == ["Linear"] * 3
-    assert [l.params["out_features"] for l in exp.architecture.layers if l.type == "Linear"] == [64, 32, 1]
+    assert [layer.type for layer in exp.architecture.layers if layer.type == "Linear"] == ["Linear"] * 3
+    assert [layer.params["out_features"] for layer in exp.architecture.layers if layer.type == "Linear"] == [64, 32, 1]
     assert exp.training.dp.noise_multiplier == 1.0 and exp.training.dp.delta == 1e-5
     assert "record id" in exp.dataset.exclude and "identifier" in r.stderr
     assert exp.dataset.name == "my_ward"

@@ -6,7 +6,6 @@ Plus the key traps: a coordinator without a key, and one with the wrong key."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -26,7 +26,7 @@ from site_worker.config import load_site_config
 from site_worker.daemon import SiteWorker
 from site_worker.final_model import FinalStore
 from site_worker.ledger import PrivacyLedger, epsilon_of
-from tests.site_worker.support import experiment_dict, heart_failure_csv, site_toml
+from tests.site_worker.support import heart_failure_csv, site_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {"accuracy", "auc", "f1", "sensitivity", "specificity", "n_test"}

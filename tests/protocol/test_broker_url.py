@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from typer.testing import CliRunner
 
-from protocol.broker_url import BrokerURL, BrokerURLError, redact, with_certificate, with_password, with_user
+from protocol.broker_url import BrokerURL, BrokerURLError, redact, with_certificate, with_password
 
 PASSWORD = "p@ss:w/rd%"  # every character that must be quoted in a netloc
 

@@ -171,7 +171,7 @@ def test_ecg_example_is_a_signal_classifier():
     exp = load_experiment(ROOT / "examples" / "ecg_cnn.json")
     assert exp.dataset.kind == "signal" and exp.dataset.task == "multiclass" and exp.dataset.num_classes == 2
     assert exp.training.loss_function == "cross_entropy"
-    assert [l.type for l in exp.architecture.layers] == [
+    assert [layer.type for layer in exp.architecture.layers] == [
         "input", "Conv1d", "ReLU", "MaxPool1d", "Flatten", "Linear", "ReLU", "Linear", "output",
     ]
 
@@ -212,7 +212,7 @@ def test_layer_types_are_case_insensitive_and_canonicalized():
     data["architecture"]["layers"][2]["type"] = "relu"
     data["architecture"]["layers"][0]["type"] = "Input"
     exp = load_experiment(data)
-    assert [l.type for l in exp.architecture.layers][:3] == ["input", "Linear", "ReLU"]
+    assert [layer.type for layer in exp.architecture.layers][:3] == ["input", "Linear", "ReLU"]
 
 
 def test_flower_parameter_names_are_accepted():

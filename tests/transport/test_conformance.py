@@ -176,7 +176,7 @@ def test_consumer_dies_mid_transfer_loses_nothing(net: Net) -> None:
     bus.publish(TASKS, net.site, big, message_id=mid)
     dying = net.open(chunk_size=256 * 1024)
     first = Collector()  # gets the whole frame, never acks
-    c1 = dying.consume(site_queue(net.site), first)
+    dying.consume(site_queue(net.site), first)
     assert first.wait_count(1)
     dying.close()
     second = Collector(ack)

@@ -159,7 +159,7 @@ def test_site_a_certificate_cannot_read_b_or_publish_as_b(tls_broker: TlsBroker,
     a, b, fed = two_sites
     bus = open_bus(tls_broker.url(a))
     try:
-        with pytest.raises(BusPermissionError, match=rf"ACCESS_REFUSED.*another party's certificate") as e:
+        with pytest.raises(BusPermissionError, match=r"ACCESS_REFUSED.*another party's certificate") as e:
             bus.consume(site_queue(b), ack)
         assert site_queue(b) in str(e.value) and repr(a) in str(e.value)
         got = Collector(ack)
