@@ -33,11 +33,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/pip check
 	touch $@
 
 # Refresh the lock: upgrade on purpose in the venv (e.g. `.venv/bin/pip install -U flwr`), run
 # `make test`, then `make lock` and commit requirements.lock. torch is pinned above, fedbus is us.
 lock: setup
+	$(BIN)/pip check
 	{ echo "# pip constraints for make setup: the versions the suite was last run with."; \
 	  echo "# Refreshed by 'make lock' (pip freeze of .venv, without fedbus and torch); see README."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|fedbus)==' | LC_ALL=C sort -f; \
