@@ -347,3 +347,18 @@ MUTANTS.append(Mutant(
     ("tests/chaos/test_chaos.py::test_broker_restart_and_forced_connection_close_mid_round",),
     broker=True, private_broker=True, timeout_s=900.0,
 ))
+
+# ---------------------------------------------------------------------- arch (issue 21): the shared core
+MUTANTS.extend([
+    Mutant(
+        "broker-url-drops-ipv6-brackets", "a password put into an IPv6 broker URL keeps the host's brackets",
+        (Edit("protocol/broker_url.py", '        host = f"[{self.host}]" if ":" in self.host else self.host\n',
+              "        host = self.host\n"),),
+        ("tests/protocol/test_broker_url.py::test_site_config",),
+    ),
+    Mutant(
+        "site-id-rule-128", "a site id is at most 64 characters on every path",
+        (Edit("protocol/ids.py", 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}"', 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"'),),
+        ("tests/protocol/test_ids.py::test_site_config_takes_64_and_refuses_65",),
+    ),
+])
