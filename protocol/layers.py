@@ -42,6 +42,10 @@ class _Param:
     kind: str  # "size" (int >= 1), "nonneg" (int >= 0), "int", "bool", "prob", "posfloat", "float", "padding", "shape"
     default: Any = _REQUIRED
 
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
 
 @dataclass(frozen=True)
 class ResolvedLayer:

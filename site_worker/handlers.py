@@ -64,6 +64,12 @@ def _fix_for_dp(model: torch.nn.Module) -> torch.nn.Module:
         raise PolicyViolation(
             "the model has layers Opacus cannot train with DP (" + "; ".join(str(e)[:120] for e in errors)
             + "); use GroupNorm or LayerNorm in architecture.layers")
+    for name, module in model.named_children():
+        # Opacus 1.6's LayerNorm per-sample gradient reads .bias unconditionally (crashes without one).
+        if isinstance(module, torch.nn.LayerNorm) and module.weight is not None and module.bias is None:
+            raise PolicyViolation(
+                f"dp_trainable: layer architecture.layers[{name}] is a LayerNorm with a weight and no bias, whose "
+                "per-sample gradients Opacus cannot compute; set its bias to true (or elementwise_affine to false)")
     return model
 
 
