@@ -276,3 +276,17 @@ def test_evaluation_memory_and_release_size_are_bounded_at_the_edge(tmp_path, fi
     # metrics = "exact" releases no vector: the bound is the memory one only.
     exact = handler(tmp_path / "g", files, max_release_values=25, metrics="exact", **common)
     assert isinstance(send(exact, eval_task(multi, w)), EvalResult)
+
+
+def test_a_layernorm_opacus_cannot_clip_is_declined_not_crashed_on(tmp_path, files):
+    """Found by the row-independence property test: Opacus 1.6 raises inside the backward pass
+    on a LayerNorm with a weight and no bias. The site declines it under DP, naming the layer."""
+    exp = experiment_dict(**{"training.epochs": 1})
+    exp["architecture"]["layers"].insert(2, {"type": "LayerNorm", "params": {"bias": False}})
+    site = handler(tmp_path, files)
+    reply = send(site, train_task(exp))
+    assert isinstance(reply, Declined) and reply.reason == "policy", reply
+    assert reply.detail.startswith("dp_trainable: layer architecture.layers[2] is a LayerNorm"), reply
+    assert spent(site) == []
+    exp["architecture"]["layers"][2]["params"]["bias"] = True
+    assert isinstance(send(site, train_task(exp)), Update)
