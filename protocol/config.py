@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from protocol.config_error import ConfigError
-from protocol.layers import ResolvedChain, canonical_type, resolve_layers, unknown_type_message
+from protocol.layers import ResolvedChain, canonical_type, resolve_layers, row_mixing_message, unknown_type_message
 
 __all__ = [
     "ConfigError",
@@ -479,6 +479,9 @@ class Experiment(_Block):
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
         chain = resolve_layers(self.architecture.layers)
+        if self.training.dp is not None:  # no site trains or evaluates it under DP (site_worker.policy)
+            for layer in chain.row_mixing:
+                raise ConfigError(f"architecture.layers[{layer.index}].type", row_mixing_message(layer))
         self._chain = chain
         data, training = self.dataset, self.training
         loss = training.loss_function

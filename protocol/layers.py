@@ -42,6 +42,10 @@ class _Param:
     kind: str  # "size" (int >= 1), "nonneg" (int >= 0), "int", "bool", "prob", "posfloat", "float", "padding", "shape"
     default: Any = _REQUIRED
 
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
 
 @dataclass(frozen=True)
 class ResolvedLayer:
@@ -53,10 +57,18 @@ class ResolvedLayer:
     kwargs: dict[str, Any]  # exactly what the torch constructor receives (empty for markers)
     input_shape: Shape
     output_shape: Shape
+    # Per-sample values the layer materialises besides its output: a padded copy of its
+    # input, and for Conv1d the unfolded input per-sample gradients are computed from.
+    scratch: int = 0
 
     @property
     def is_marker(self) -> bool:
         return self.type in MARKERS
+
+    @property
+    def row_independent(self) -> bool:
+        """Whether this layer's output for one row depends on that row alone (markers do)."""
+        return self.is_marker or LAYER_TYPES[self.type].row_independent
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,44 @@ class ResolvedChain:
     def modules(self) -> tuple[ResolvedLayer, ...]:
         """The layers that become torch modules (markers left out)."""
         return tuple(layer for layer in self.layers if not layer.is_marker)
+
+    @property
+    def row_mixing(self) -> tuple[ResolvedLayer, ...]:
+        """The layers whose output for one row depends on other rows of the batch."""
+        return tuple(layer for layer in self.layers if not layer.row_independent)
+
+    @property
+    def train_values(self) -> int:
+        """Per-sample values one training step holds: the input, every layer's output and
+        scratch (what autograd and Opacus keep for the backward pass), and as many again
+        for their gradients. Times the batch and 4 bytes, the step's activation memory."""
+        kept = math.prod(self.input_shape) + sum(math.prod(m.output_shape) + m.scratch for m in self.modules)
+        return 2 * kept
+
+    @property
+    def eval_values(self) -> int:
+        """Per-sample peak of one inference pass (no autograd): one layer's input, scratch
+        and output at a time."""
+        return max(math.prod(m.input_shape) + m.scratch + math.prod(m.output_shape) for m in self.modules)
+
+    @property
+    def output_values(self) -> int:
+        return math.prod(self.output_shape)
+
+
+# What to use instead of a layer that mixes rows (the experiment error and the site's decline say it).
+ROW_MIXING_ADVICE = (
+    "use GroupNorm or LayerNorm instead: they normalise each row with its own statistics"
+)
+
+
+def row_mixing_message(layer: ResolvedLayer) -> str:
+    """Why a row-mixing layer is refused, and what to use instead (public: the type only)."""
+    return (
+        f"{layer.type} computes each row's output from the other rows of its batch (batch statistics), so one "
+        f"patient would move every other row's clipped gradient and every released evaluation statistic, "
+        f"which differential privacy cannot bound; {ROW_MIXING_ADVICE}"
+    )
 
 
 class _Ctx:
@@ -281,10 +331,28 @@ def _layernorm(ctx: _Ctx, kw: dict, shape: Shape) -> Shape:
     return shape
 
 
-@dataclass(frozen=True)
+def _scratch(ltype: str, kw: Mapping[str, Any], shape: Shape, out: Shape) -> int:
+    """Per-sample values a layer allocates besides its output (``ResolvedLayer.scratch``)."""
+    if ltype == "Conv1d":
+        channels, length = shape
+        k, d, p = kw["kernel_size"], kw["dilation"], kw["padding"]
+        pad = 0 if p == "valid" else d * (k - 1) if p == "same" else 2 * p
+        return channels * (length + pad) + channels * k * out[1]  # padded input + Opacus' unfold
+    if ltype in ("MaxPool1d", "AvgPool1d"):
+        channels, length = shape
+        return channels * (length + 2 * kw["padding"])
+    return 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class _LayerType:
     params: Mapping[str, _Param]
     infer: Callable[[_Ctx, dict, Shape], Shape]
+    # Whether the layer's output for one row depends on that row alone, in training and in
+    # evaluation. DP-SGD bounds one row's effect by clipping *its own* gradient: a layer that
+    # mixes rows (batch statistics) lets one patient move every other row's clipped gradient
+    # and every released evaluation count. No default, so a new layer type must say.
+    row_independent: bool
     # Params filled from the chain when absent (declared optional in `params`).
     inferred: frozenset[str] = frozenset()
 
@@ -293,17 +361,19 @@ _NO_PARAMS: Mapping[str, _Param] = {}
 
 LAYER_TYPES: dict[str, _LayerType] = {
     "Linear": _LayerType(
-        {"in_features": _Param("size", None), "out_features": _Param("size"), "bias": _Param("bool", True)},
-        _linear,
-        frozenset({"in_features"}),
+        params={"in_features": _Param("size", None), "out_features": _Param("size"), "bias": _Param("bool", True)},
+        infer=_linear,
+        row_independent=True,
+        inferred=frozenset({"in_features"}),
     ),
-    "ReLU": _LayerType(_NO_PARAMS, _same),
-    "LeakyReLU": _LayerType({"negative_slope": _Param("float", 0.01)}, _same),
-    "Sigmoid": _LayerType(_NO_PARAMS, _same),
-    "Tanh": _LayerType(_NO_PARAMS, _same),
-    "Dropout": _LayerType({"p": _Param("prob", 0.5)}, _same),
+    "ReLU": _LayerType(params=_NO_PARAMS, infer=_same, row_independent=True),
+    "LeakyReLU": _LayerType(params={"negative_slope": _Param("float", 0.01)}, infer=_same, row_independent=True),
+    "Sigmoid": _LayerType(params=_NO_PARAMS, infer=_same, row_independent=True),
+    "Tanh": _LayerType(params=_NO_PARAMS, infer=_same, row_independent=True),
+    # Each row's mask is drawn on its own (the draws do not depend on any row's values).
+    "Dropout": _LayerType(params={"p": _Param("prob", 0.5)}, infer=_same, row_independent=True),
     "Conv1d": _LayerType(
-        {
+        params={
             "in_channels": _Param("size", None),
             "out_channels": _Param("size"),
             "kernel_size": _Param("size"),
@@ -313,61 +383,76 @@ LAYER_TYPES: dict[str, _LayerType] = {
             "groups": _Param("size", 1),
             "bias": _Param("bool", True),
         },
-        _conv1d,
-        frozenset({"in_channels"}),
+        infer=_conv1d,
+        row_independent=True,
+        inferred=frozenset({"in_channels"}),
     ),
     "MaxPool1d": _LayerType(
-        {
+        params={
             "kernel_size": _Param("size"),
             "stride": _Param("size", None),
             "padding": _Param("nonneg", 0),
             "dilation": _Param("size", 1),
             "ceil_mode": _Param("bool", False),
         },
-        _maxpool1d,
+        infer=_maxpool1d,
+        row_independent=True,
     ),
     "AvgPool1d": _LayerType(
-        {
+        params={
             "kernel_size": _Param("size"),
             "stride": _Param("size", None),
             "padding": _Param("nonneg", 0),
             "ceil_mode": _Param("bool", False),
             "count_include_pad": _Param("bool", True),
         },
-        _avgpool1d,
+        infer=_avgpool1d,
+        row_independent=True,
     ),
-    "AdaptiveAvgPool1d": _LayerType({"output_size": _Param("size")}, _adaptive_avgpool1d),
-    "Flatten": _LayerType({"start_dim": _Param("int", 1), "end_dim": _Param("int", -1)}, _flatten),
+    "AdaptiveAvgPool1d": _LayerType(
+        params={"output_size": _Param("size")}, infer=_adaptive_avgpool1d, row_independent=True
+    ),
+    "Flatten": _LayerType(
+        params={"start_dim": _Param("int", 1), "end_dim": _Param("int", -1)}, infer=_flatten, row_independent=True
+    ),
+    # Normalises with the batch's mean and variance in training, and in evaluation too without
+    # running statistics (which are themselves un-noised statistics of private rows): one row
+    # moves every other row's output. Kept in the language so an export that uses it gets an
+    # error that says what to use instead, never "unknown type".
     "BatchNorm1d": _LayerType(
-        {
+        params={
             "num_features": _Param("size", None),
             "eps": _Param("posfloat", 1e-5),
             "momentum": _Param("prob", 0.1),
             "affine": _Param("bool", True),
             "track_running_stats": _Param("bool", True),
         },
-        _batchnorm1d,
-        frozenset({"num_features"}),
+        infer=_batchnorm1d,
+        row_independent=False,
+        inferred=frozenset({"num_features"}),
     ),
+    # Per-row statistics over channel groups / trailing dimensions: row-independent.
     "GroupNorm": _LayerType(
-        {
+        params={
             "num_groups": _Param("size"),
             "num_channels": _Param("size", None),
             "eps": _Param("posfloat", 1e-5),
             "affine": _Param("bool", True),
         },
-        _groupnorm,
-        frozenset({"num_channels"}),
+        infer=_groupnorm,
+        row_independent=True,
+        inferred=frozenset({"num_channels"}),
     ),
     "LayerNorm": _LayerType(
-        {
+        params={
             "normalized_shape": _Param("shape", None),
             "eps": _Param("posfloat", 1e-5),
             "elementwise_affine": _Param("bool", True),
             "bias": _Param("bool", True),
         },
-        _layernorm,
-        frozenset({"normalized_shape"}),
+        infer=_layernorm,
+        row_independent=True,
+        inferred=frozenset({"normalized_shape"}),
     ),
 }
 
@@ -486,7 +571,7 @@ def resolve_layers(layers: Sequence[Any], *, prefix: str = "architecture.layers"
             elif key not in spec.inferred:
                 kwargs[key] = pspec.default
         out = spec.infer(ctx, kwargs, shape)
-        resolved.append(ResolvedLayer(i, ltype, name, kwargs, shape, out))
+        resolved.append(ResolvedLayer(i, ltype, name, kwargs, shape, out, _scratch(ltype, kwargs, shape, out)))
         shape = out
     assert input_shape is not None and shape is not None
     if not any(layer.type in TRAINABLE for layer in resolved):

@@ -83,6 +83,9 @@ class ModelSummary:
     input_shape: list[int]
     output_shape: list[int]
     trainable: int = field(default=0)
+    # State-dict names of the model's buffers (state that is not a trainable weight, e.g.
+    # BatchNorm's running statistics): "2.running_mean" belongs to architecture.layers[2].
+    buffers: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,7 @@ def summarize(layers: Sequence[Any]) -> ModelSummary:
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         input_shape=list(chain.input_shape),
         output_shape=list(chain.output_shape),
+        buffers=tuple(name for name, _ in model.named_buffers()),
     )
 
 

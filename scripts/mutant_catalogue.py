@@ -360,5 +360,70 @@ MUTANTS.extend([
         "site-id-rule-128", "a site id is at most 64 characters on every path",
         (Edit("protocol/ids.py", 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}"', 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"'),),
         ("tests/protocol/test_ids.py::test_site_config_takes_64_and_refuses_65",),
+# ---------------------------------------------------------------------- layers: a verifiable model language (issue 20 item 1)
+_ROWS = "tests/site_worker/test_row_independence.py"
+_LAYER_ATTACKS = "tests/adversarial/test_layer_attacks.py"
+MUTANTS.extend([
+    Mutant(
+        "layers-row-mixing-allowed-at-site", "a site refuses every layer that mixes rows, on every task path",
+        (Edit("site_worker/policy.py", "    for layer in experiment.chain.row_mixing:\n", "    for layer in ():\n"),),
+        (f"{_LAYER_ATTACKS}::test_every_batchnorm_variant_is_declined_naming_the_layer_on_every_path",
+         f"{_ROWS}::test_a_row_mixing_type_does_mix_rows_and_every_site_declines_it"),
+    ),
+    Mutant(
+        "layers-batchnorm-declared-row-independent", "each layer type's row_independent declaration is true of torch",
+        (Edit("protocol/layers.py", "        row_independent=False,\n", "        row_independent=True,\n"),),
+        (f"{_ROWS}::test_one_row_never_moves_another_rows_output_or_clipped_gradient",),
+    ),
+    Mutant(
+        "layers-config-allows-row-mixing-under-dp", "a DP experiment with a row-mixing layer is invalid, saying what to use",
+        (Edit("protocol/config.py", "            for layer in chain.row_mixing:\n", "            for layer in ():\n"),),
+        (f"{_ROWS}::test_a_row_mixing_type_does_mix_rows_and_every_site_declines_it",),
+    ),
+    Mutant(
+        "layers-buffers-allowed-under-dp", "a model with buffers is refused under DP training or DP metrics",
+        (Edit("site_worker/policy.py",
+              "    if buffers and (dp_settings(experiment) is not None or policy.metrics == \"dp\"):\n",
+              "    if False:\n"),),
+        (f"{_LAYER_ATTACKS}::test_a_model_with_buffers_is_declined_under_dp_training_or_dp_metrics_only",),
+    ),
+    Mutant(
+        "layers-train-activations-uncounted", "the training memory bound counts activations, not only weights",
+        (Edit("site_worker/dp.py", "    return (batch * (parameters + activations) * 4 + 4 * parameters * 4) / 2**20\n",
+              "    return (batch * parameters * 4 + 4 * parameters * 4) / 2**20\n"),),
+        (f"{_LAYER_ATTACKS}::test_training_activations_are_bounded_with_the_per_sample_factor",),
+    ),
+    Mutant(
+        "layers-conv-scratch-uncounted", "a Conv1d's padded input and per-sample unfold count in the bound",
+        (Edit("protocol/layers.py",
+              "        return channels * (length + pad) + channels * k * out[1]  # padded input + Opacus' unfold\n",
+              "        return 0\n"),),
+        (f"{_LAYER_ATTACKS}::test_training_activations_are_bounded_with_the_per_sample_factor",),
+    ),
+    Mutant(
+        "layers-train-memory-at-nominal-batch", "the training memory bound uses the Poisson batch bound under DP",
+        (Edit("site_worker/dp.py",
+              "    batch = poisson_batch_bound(n_train, sample_rate) if sample_rate is not None else min(batch_size, n_train)\n",
+              "    batch = min(batch_size, n_train)\n"),),
+        (f"{_LAYER_ATTACKS}::test_a_model_that_fits_at_batch_size_but_not_at_the_poisson_bound_is_declined_at_the_edge",),
+    ),
+    Mutant(
+        "layers-eval-memory-unbounded", "evaluation memory is bounded from the shapes before anything is allocated",
+        (Edit("site_worker/dp.py", "    if mb > policy.max_eval_memory_mb:\n", "    if False:\n"),),
+        (f"{_LAYER_ATTACKS}::test_memory_bombs_are_declined_before_anything_is_allocated",
+         f"{_LAYER_ATTACKS}::test_evaluation_memory_and_release_size_are_bounded_at_the_edge"),
+    ),
+    Mutant(
+        "layers-release-size-unbounded", "a DP metrics release vector is bounded by max_release_values",
+        (Edit("site_worker/dp.py", "    if policy.metrics == \"dp\" and release_values > policy.max_release_values:\n",
+              "    if False:\n"),),
+        (f"{_LAYER_ATTACKS}::test_memory_bombs_are_declined_before_anything_is_allocated",
+         f"{_LAYER_ATTACKS}::test_evaluation_memory_and_release_size_are_bounded_at_the_edge"),
+    ),
+    Mutant(
+        "layers-layernorm-without-bias-trained", "a LayerNorm Opacus cannot clip is declined under DP, not crashed on",
+        (Edit(HANDLERS, "        if isinstance(module, torch.nn.LayerNorm) and module.weight is not None and module.bias is None:\n",
+              "        if False:\n"),),
+        (f"{_LAYER_ATTACKS}::test_a_layernorm_opacus_cannot_clip_is_declined_not_crashed_on",),
     ),
 ])

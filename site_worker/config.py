@@ -58,7 +58,9 @@ class SitePolicy:
 
     allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
     max_parameters: int = 5_000_000
-    max_train_memory_mb: float = 2048.0  # per-sample gradients (batch bound x parameters x 4 B)
+    max_train_memory_mb: float = 2048.0  # one step: batch bound x (parameters + activations) x 4 B
+    max_eval_memory_mb: float = 2048.0  # one inference pass (4096 rows) plus the outputs of every row
+    max_release_values: int = 2**20  # values in one DP metrics release vector (a k-class model: k*k + 1)
     min_noise_multiplier: float = 0.5
     max_epsilon: float | None = None  # the site's privacy budget per dataset (at its own delta)
     allowed_aggregators: tuple[str, ...] | None = None  # None = any
@@ -206,6 +208,7 @@ def _policy(r: "_Reader") -> SitePolicy:
     d = SitePolicy()
     r.reject_unknown({
         "allowed_layers", "max_parameters", "max_train_memory_mb", "min_noise_multiplier", "max_epsilon",
+        "max_eval_memory_mb", "max_release_values",
         "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
@@ -237,6 +240,8 @@ def _policy(r: "_Reader") -> SitePolicy:
         allowed_layers=tuple(layers) if layers is not None else None,
         max_parameters=r.integer("max_parameters", default=d.max_parameters, minimum=1),
         max_train_memory_mb=float(r.number("max_train_memory_mb", default=d.max_train_memory_mb, minimum=1.0)),
+        max_eval_memory_mb=float(r.number("max_eval_memory_mb", default=d.max_eval_memory_mb, minimum=1.0)),
+        max_release_values=r.integer("max_release_values", default=d.max_release_values, minimum=25),
         min_noise_multiplier=float(r.number("min_noise_multiplier", default=d.min_noise_multiplier, minimum=0.0)),
         max_epsilon=r.number("max_epsilon", default=None, minimum=0.0),
         allowed_aggregators=tuple(aggs) if aggs is not None else None,

@@ -19,6 +19,7 @@ from typing import Any
 
 from site_worker.config import SitePolicy
 from site_worker.ledger import History
+from site_worker.metrics import EVAL_ROWS
 from site_worker.policy import PolicyViolation
 from site_worker.secure_rng import SecureRandom, poisson_batch_bound
 
@@ -118,20 +119,51 @@ def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str) -> SecureR
     return SecureRandom.secret()
 
 
-def per_sample_gradient_mb(parameters: int, *, batch_size: int, n_train: int, sample_rate: float | None) -> float:
-    """Memory of Opacus' per-sample gradients: batch (a Poisson upper bound under DP) x
-    parameters x 4 bytes, plus the summed gradient, the weights and two optimizer moments."""
+def train_memory_mb(parameters: int, *, activations: int, batch_size: int, n_train: int,
+                    sample_rate: float | None) -> float:
+    """Memory of one training step: a batch (a Poisson upper bound under DP) x (parameters,
+    for Opacus' per-sample gradients, + ``activations``, the per-sample values the step keeps,
+    ``ResolvedChain.train_values``) x 4 bytes, plus the summed gradient, the weights and two
+    optimizer moments."""
     batch = poisson_batch_bound(n_train, sample_rate) if sample_rate is not None else min(batch_size, n_train)
-    return (batch * parameters * 4 + 4 * parameters * 4) / 2**20
+    return (batch * (parameters + activations) * 4 + 4 * parameters * 4) / 2**20
 
 
-def check_memory(policy: SitePolicy, parameters: int, *, batch_size: int, n_train: int,
+def check_memory(policy: SitePolicy, parameters: int, *, activations: int, batch_size: int, n_train: int,
                  sample_rate: float | None) -> float:
-    """Refuse a task whose per-sample gradients would not fit ``max_train_memory_mb``."""
-    mb = per_sample_gradient_mb(parameters, batch_size=batch_size, n_train=n_train, sample_rate=sample_rate)
+    """Refuse a task whose training step would not fit ``max_train_memory_mb``: per-sample
+    gradients and activations, from the shapes alone, before anything is allocated."""
+    mb = train_memory_mb(parameters, activations=activations, batch_size=batch_size, n_train=n_train,
+                         sample_rate=sample_rate)
     if mb > policy.max_train_memory_mb:
         raise PolicyViolation(
-            f"max_train_memory_mb: per-sample gradients need about {mb:.0f} MiB ({parameters} parameters x a batch "
-            f"of up to {poisson_batch_bound(n_train, sample_rate) if sample_rate else batch_size} x 4 bytes), "
-            f"above this site's policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
+            f"max_train_memory_mb: one training step needs about {mb:.0f} MiB (a batch of up to "
+            f"{poisson_batch_bound(n_train, sample_rate) if sample_rate else batch_size} rows x ({parameters} "
+            f"parameters' per-sample gradients + {activations} activation values) x 4 bytes), above this site's "
+            f"policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
+    return mb
+
+
+def eval_memory_mb(chain: Any, *, rows: int) -> float:
+    """Memory of evaluating ``rows`` rows: one inference pass of up to ``EVAL_ROWS`` rows at the
+    chain's per-sample peak (``ResolvedChain.eval_values``) x 4 bytes, plus every row's outputs
+    kept for the metrics (float32, and a float64 copy: 12 bytes a value)."""
+    return (EVAL_ROWS * chain.eval_values * 4 + rows * chain.output_values * 12) / 2**20
+
+
+def check_eval_memory(policy: SitePolicy, chain: Any, *, rows: int, release_values: int) -> float:
+    """Refuse a model whose evaluation would not fit ``max_eval_memory_mb``, or whose DP metrics
+    release vector (``release_values``) is longer than ``max_release_values``; from the shapes
+    and the site's announced (public) row count, before anything is allocated."""
+    if policy.metrics == "dp" and release_values > policy.max_release_values:
+        raise PolicyViolation(
+            f"max_release_values: a metrics release of this model holds {release_values} values (a model with "
+            f"{chain.output_values} outputs), above this site's policy.max_release_values "
+            f"{policy.max_release_values}")
+    mb = eval_memory_mb(chain, rows=rows)
+    if mb > policy.max_eval_memory_mb:
+        raise PolicyViolation(
+            f"max_eval_memory_mb: evaluating this model needs about {mb:.0f} MiB ({EVAL_ROWS} rows per pass x "
+            f"{chain.eval_values} values per row at its largest layer x 4 bytes, plus {chain.output_values} outputs "
+            f"per row), above this site's policy.max_eval_memory_mb {policy.max_eval_memory_mb:g}")
     return mb

@@ -27,12 +27,12 @@ from protocol.messages import Declined, Envelope, EvalResult, EvalTask, Personal
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_epochs, check_memory, noise_source, site_plan
+from site_worker.dp import check_epochs, check_eval_memory, check_memory, noise_source, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
 from site_worker.policy import PolicyViolation, check_policy
-from site_worker.release import bound_counts, release_entries, release_metrics
+from site_worker.release import bound_counts, release_entries, release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
@@ -53,22 +53,24 @@ class _Decline(Exception):
 
 
 def _fix_for_dp(model: torch.nn.Module) -> torch.nn.Module:
-    """Opacus ``ModuleValidator.fix`` when needed; refuse when it would change the weights' layout."""
+    """The model as sent, when Opacus can train it with DP; refused otherwise, never "fixed"
+    (``ModuleValidator.fix`` would swap layers, i.e. train a model the coordinator did not
+    send). Opacus' validator only looks at modules with trainable parameters, so a row-mixing
+    layer without them passes it: ``check_layers`` refused those before the model was built."""
     from opacus.validators import ModuleValidator
 
     errors = ModuleValidator.validate(model, strict=False)
-    if not errors:
-        return model
-    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    fixed = ModuleValidator.fix(model)
-    after = {k: tuple(v.shape) for k, v in fixed.state_dict().items()}
-    log.info("model_fixed_for_dp", problems=[str(e)[:200] for e in errors], layout_kept=before == after)
-    if before != after:
+    if errors:
         raise PolicyViolation(
             "the model has layers Opacus cannot train with DP (" + "; ".join(str(e)[:120] for e in errors)
-            + "); replacing them (BatchNorm -> GroupNorm) changes the parameters the coordinator sent; "
-            "use GroupNorm or LayerNorm in architecture.layers")
-    return fixed
+            + "); use GroupNorm or LayerNorm in architecture.layers")
+    for name, module in model.named_children():
+        # Opacus 1.6's LayerNorm per-sample gradient reads .bias unconditionally (crashes without one).
+        if isinstance(module, torch.nn.LayerNorm) and module.weight is not None and module.bias is None:
+            raise PolicyViolation(
+                f"dp_trainable: layer architecture.layers[{name}] is a LayerNorm with a weight and no bias, whose "
+                "per-sample gradients Opacus cannot compute; set its bias to true (or elementwise_affine to false)")
+    return model
 
 
 class TaskHandler:
@@ -137,10 +139,26 @@ class TaskHandler:
             raise _Decline("data", f"dataset {task.dataset!r} is not offered by this site "
                                    f"(offered: {', '.join(sorted(self.config.datasets))})")
         try:
-            check_policy(self.config.policy, exp, parameters=int(summary.parameters))
+            check_policy(self.config.policy, exp, parameters=int(summary.parameters), buffers=summary.buffers)
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
+        self._check_evaluation(exp, task)
         return exp, summary, key
+
+    def _check_evaluation(self, exp: Any, task: TrainTask | EvalTask | PersonalizeTask) -> None:
+        """Every task evaluates (before/after metrics, an evaluation, the final release of two
+        models): its memory and its release vector, from the shapes and the announced rows."""
+        try:
+            rows = announced_rows(self.config.datasets[task.dataset])
+        except DataError as e:
+            raise _Decline("data", str(e)) from None
+        models = 2 if isinstance(task, PersonalizeTask) else 1
+        values = models * release_size(task=str(exp.dataset.task), loss_name=str(exp.training.loss_function),
+                                       outputs=exp.chain.output_values)
+        try:
+            check_eval_memory(self.config.policy, exp.chain, rows=rows, release_values=values)
+        except PolicyViolation as e:
+            raise _Decline("policy", str(e)) from None
 
     def _data(self, task: TrainTask | EvalTask, exp: Any, summary: Any) -> PreparedData:
         try:
@@ -206,8 +224,9 @@ class TaskHandler:
             if spec.dp is not None:
                 plan = site_plan(policy, spec, n_train=n_train, rows=data.rows,
                                  noise_multiplier=self._run_noise(env, task, exp, data, n_train))
-                check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=n_train,
-                             sample_rate=plan.sample_rate)
+            check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
+                         batch_size=spec.batch_size, n_train=n_train,
+                         sample_rate=plan.sample_rate if plan is not None else None)
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
         model = self._model(exp, key, task, for_dp=plan is not None)
@@ -318,7 +337,8 @@ class TaskHandler:
         if fine_tune:  # bounded like any training task, DP or not
             try:
                 check_epochs(policy, int(exp.training.personalization.epochs))
-                check_memory(policy, int(summary.parameters), batch_size=spec.batch_size, n_train=len(data.x_train),
+                check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
+                             batch_size=spec.batch_size, n_train=len(data.x_train),
                              sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))))
             except PolicyViolation as e:
                 raise _Decline("policy", f"personalisation: {e}") from None

@@ -14,6 +14,10 @@ import torch
 from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error, roc_auc_score
 
 
+# Rows per inference pass wherever a site evaluates (the memory check in site_worker.dp uses it).
+EVAL_ROWS = 4096
+
+
 def make_loss(name: str) -> torch.nn.Module:
     """The experiment's loss function by name."""
     if name == "bce_with_logits":
@@ -34,7 +38,7 @@ def prepare_target(y: torch.Tensor, out: torch.Tensor, loss_name: str) -> torch.
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
-             batch_size: int = 4096) -> dict[str, float]:
+             batch_size: int = EVAL_ROWS) -> dict[str, float]:
     """Loss and task metrics of ``model`` on (x, y) in eval mode.
 
     Runs before and after every local training, so it must cost next to nothing: one

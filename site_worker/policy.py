@@ -5,8 +5,10 @@ The coordinator cannot override these: they are read from the site's config only
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from protocol.layers import row_mixing_message
 from site_worker.config import SitePolicy
 
 MARKER_LAYERS = {"input", "output"}  # shape markers, not computation
@@ -24,10 +26,30 @@ def dp_settings(experiment: Any) -> Any | None:
     return dp
 
 
-def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int) -> None:
-    """Layer whitelist, parameter count, aggregator, DP on and strong enough (what can be
-    checked without the data; ``dp.site_plan`` checks the rest once the rows are known).
-    Every refusal names the policy setting, so the coordinator's operator knows what to change."""
+def check_layers(policy: SitePolicy, experiment: Any, *, buffers: Sequence[str] = ()) -> None:
+    """What the site can verify about the model itself: every layer computes each row's output
+    from that row alone (always: a row-mixing layer breaks DP-SGD's clipping and every DP
+    metrics release), and no buffers under DP training or DP metrics (state that is not a
+    weight travels in the Update un-noised and cannot be checked). ``buffers`` are the
+    model's buffer names (``ModelSummary.buffers``)."""
+    for layer in experiment.chain.row_mixing:
+        raise PolicyViolation(
+            f"row_independent: layer architecture.layers[{layer.index}] of type {layer.type!r}: "
+            f"{row_mixing_message(layer)}")
+    if buffers and (dp_settings(experiment) is not None or policy.metrics == "dp"):
+        first = buffers[0].split(".", 1)[0]
+        raise PolicyViolation(
+            f"buffers: layer architecture.layers[{first}] carries buffers ({', '.join(buffers)}), state that is "
+            "not a trainable weight: it would leave the site without noise and its values cannot be checked, so "
+            "this site refuses it under differential privacy (DP training or policy.metrics = \"dp\"); "
+            "use layers without running state (GroupNorm, LayerNorm)")
+
+
+def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int, buffers: Sequence[str] = ()) -> None:
+    """Layer whitelist, what the layers do (``check_layers``), parameter count, aggregator, DP
+    on and strong enough (what can be checked without the data; ``dp.site_plan`` checks the
+    rest once the rows are known). Every refusal names the policy setting, so the
+    coordinator's operator knows what to change."""
     if policy.allowed_layers is not None:
         allowed = {t.lower() for t in policy.allowed_layers} | MARKER_LAYERS
         for i, layer in enumerate(experiment.architecture.layers):
@@ -35,6 +57,7 @@ def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int) -> Non
                 raise PolicyViolation(
                     f"allowed_layers: layer architecture.layers[{i}] of type {layer.type!r} is not allowed by this "
                     f"site (allowed: {', '.join(policy.allowed_layers)})")
+    check_layers(policy, experiment, buffers=buffers)
     if parameters > policy.max_parameters:
         raise PolicyViolation(f"max_parameters: model has {parameters} parameters, this site allows at most "
                               f"{policy.max_parameters}")

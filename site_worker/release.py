@@ -30,7 +30,7 @@ import torch
 
 from site_worker.config import SitePolicy
 from site_worker.ledger import History
-from site_worker.metrics import evaluate, prepare_target
+from site_worker.metrics import EVAL_ROWS, evaluate, prepare_target
 from site_worker.secure_rng import SecureRandom
 
 BINS = 10  # score bins of the binary histogram (0.5 is a bin edge)
@@ -42,7 +42,7 @@ def release_entries(policy: SitePolicy) -> History:
 
 
 @torch.inference_mode()
-def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = EVAL_ROWS) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
@@ -50,6 +50,16 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
     finally:
         model.train(was)
     return torch.cat(outs) if outs else torch.zeros((0, 1))
+
+
+def release_size(*, task: str, loss_name: str, outputs: int) -> int:
+    """Values in one model's DP statistics vector (``statistics``), from public shapes alone:
+    binary 4 + 2 x BINS + 1, multiclass k x k + 1, regression 3."""
+    if task == "regression" or loss_name == "mse":
+        return 3
+    if outputs <= 2:
+        return 4 + 2 * BINS + 1
+    return outputs * outputs + 1
 
 
 def _per_example_loss(out: torch.Tensor, y: torch.Tensor, loss_name: str) -> torch.Tensor:
