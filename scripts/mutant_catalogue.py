@@ -360,6 +360,9 @@ MUTANTS.extend([
         "site-id-rule-128", "a site id is at most 64 characters on every path",
         (Edit("protocol/ids.py", 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}"', 'rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"'),),
         ("tests/protocol/test_ids.py::test_site_config_takes_64_and_refuses_65",),
+    ),
+])
+
 # ---------------------------------------------------------------------- layers: a verifiable model language (issue 20 item 1)
 _ROWS = "tests/site_worker/test_row_independence.py"
 _LAYER_ATTACKS = "tests/adversarial/test_layer_attacks.py"
