@@ -183,5 +183,5 @@ def login_page(problem: str | None = None, *, status: int = 200) -> HTMLResponse
     resp.headers["Content-Security-Policy"] = ("default-src 'self'; style-src 'self'; form-action 'self'; "
                                                "frame-ancestors 'none'")
     resp.headers["X-Frame-Options"] = "DENY"
-    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Referrer-Policy"] = "same-origin"  # no-referrer would make the form's Origin "null"
     return resp
