@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from protocol.loopback import is_loopback
 
 COOKIE = "fedbus_token"
 LOGIN = "/login"
@@ -50,31 +51,6 @@ def read_token(path: Path) -> str:
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
         raise TokenFileError(f"--token {path}: a token is one line of at least {MIN_TOKEN_CHARS} characters; {hint}")
     return token
-
-
-def _bare_host(host: str) -> str:
-    """``host`` without brackets or port: ``[::1]:8765`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
-    h = host.strip()
-    if h.startswith("["):
-        end = h.find("]")
-        return h[1:end] if end > 0 and (h[end + 1:] == "" or h[end + 1:].startswith(":")) else h
-    if h.count(":") == 1:  # name:port or v4:port (a bare IPv6 address has two colons or more)
-        return h.split(":", 1)[0]
-    return h
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a bind address or a Host header, with or without port) names this
-    machine only: ``localhost`` by exact match, an IP address only when it is a loopback
-    address. Anything else, ``127.evil.example`` or ``localhost.evil.example`` included,
-    is a name someone else's DNS answers for (a rebinding page can point it at 127.0.0.1)."""
-    h = _bare_host(host)
-    if h.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
