@@ -357,6 +357,20 @@ Then: fedbus coordinator runs list --state state
 
 # ----------------------------------------------------------------------------- provisioning
 
+def _kept_site_toml(path: Path, s: SiteSpec) -> str:
+    """The report line for a site.toml kept as the hospital left it; it names a budget that
+    differs from the project's (the hospital's own ``max_epsilon`` stands: re-provisioning
+    never resets it)."""
+    try:
+        own = tomllib.loads(path.read_text(encoding="utf-8")).get("policy", {}).get("max_epsilon")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError) as e:
+        return f"site {s.id} site.toml as it is (not read: {e})"
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and float(own) != s.max_epsilon:
+        return (f"site {s.id} site.toml with the hospital's max_epsilon {own:g} (the project says {s.max_epsilon:g}; "
+                "the hospital's budget stands)")
+    return f"site {s.id} site.toml"
+
+
 @dataclass
 class KitReport:
     out: Path
@@ -421,8 +435,10 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         (rep.created if made else rep.kept).append(f"site {s.id} broker password")
         shutil.copyfile(ckit / f"{COORDINATOR}.pub", kit / "coordinator.pub")
         tls = tls_files(project.tls, kit, s.id) if project.tls else None
-        if not (kit / "site.toml").exists():  # the hospital edits it (data path): never clobbered
+        if not (kit / "site.toml").exists():  # the hospital edits it (data path, budget): never clobbered
             (kit / "site.toml").write_text(_site_toml(project, s, tls), encoding="utf-8")
+        else:
+            rep.kept.append(_kept_site_toml(kit / "site.toml", s))
         (kit / "fedbus-site.service").write_text(_unit(project, s, kit), encoding="utf-8")
         (kit / "README").write_text(_site_readme(project, s), encoding="utf-8")
         passwords[s.id] = pw
