@@ -49,6 +49,13 @@ LOOPBACK_HOSTS = ["localhost", "localhost:8765", "LocalHost", "127.0.0.1", "127.
                   "[::1]", "[::1]:8765"]
 
 
+@pytest.fixture(scope="module")
+def empty_state(tmp_path_factory):
+    """A coordinator state directory with nothing in it yet: enough for who-may-connect tests
+    (no simulated runs to wait for)."""
+    return tmp_path_factory.mktemp("empty-state")
+
+
 def test_look_alike_host_names_are_not_loopback():
     for host in LOOK_ALIKES:
         assert not is_loopback(host), host
@@ -57,8 +64,8 @@ def test_look_alike_host_names_are_not_loopback():
     assert is_loopback("::1") and not is_loopback("::2")  # bind addresses come without brackets
 
 
-def test_localhost_server_refuses_foreign_and_look_alike_host_headers(state):
-    api = client(state)
+def test_localhost_server_refuses_foreign_and_look_alike_host_headers(empty_state):
+    api = client(empty_state)
     for host in LOOK_ALIKES:
         r = api.get("/api/runs", headers={"Host": host})
         assert r.status_code == 403 and "only on localhost" in r.json()["error"], host
@@ -80,7 +87,8 @@ def tls_files(tmp_path_factory):
             "token_file": d / "token"}
 
 
-def test_beyond_localhost_needs_tls_and_a_token(state, tls_files):
+def test_beyond_localhost_needs_tls_and_a_token(empty_state, tls_files):
+    state = empty_state
     t = tls_files
     with pytest.raises(ServeError, match="--tls-cert"):  # a token alone: it would cross the network in clear
         BackgroundServer(ServeOptions(state=state, host="0.0.0.0", port=0, token_file=t["token_file"]))
@@ -96,7 +104,8 @@ def test_beyond_localhost_needs_tls_and_a_token(state, tls_files):
     assert printed == "https://0.0.0.0:8765/login" and t["token"] not in printed
 
 
-def test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url(state, tls_files):
+def test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url(empty_state, tls_files):
+    state = empty_state
     t, token = tls_files, tls_files["token"]
     srv = BackgroundServer(ServeOptions(state=state, host="0.0.0.0", port=0, token_file=t["token_file"],
                                         tls_cert=t["cert"], tls_key=t["key"])).start()
@@ -146,7 +155,8 @@ def test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_ur
         srv.stop()
 
 
-def test_serve_cli_refuses_bad_options(state, tmp_path, tls_files):
+def test_serve_cli_refuses_bad_options(empty_state, tmp_path, tls_files):
+    state = empty_state
     r = fedbus("coordinator", "serve", "--state", str(state), "--host", "0.0.0.0", check=False, timeout=60)
     assert r.returncode == 2 and "--tls-cert" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = fedbus("coordinator", "serve", "--state", str(state), "--host", "0.0.0.0", "--token", str(tls_files["token_file"]),
