@@ -206,7 +206,9 @@ def test_provision_over_the_real_management_api_with_tls(tls_broker: TlsBroker) 
         provision(tls_broker.admin_url, sites=[site], method="management",
                   management_url=f"https://127.0.0.1:{tls_broker.mgmt_port}", ca=ca)
     assert site not in tls_broker.node.ctl("list_users", "--formatter", "json")
-    listeners = tls_broker.node.ctl("listeners")  # HTTPS only: no plain HTTP API (nor a clash on 15672)
+    listeners = subprocess.run(["rabbitmq-diagnostics", "-q", "-n", tls_broker.node.node, "listeners"], capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "HOME": "/var/lib/rabbitmq"}).stdout
+    # HTTPS only: no plain HTTP API (nor a clash with the shared broker's 15672).
     assert "protocol: https" in listeners and "protocol: http," not in listeners, listeners
     creds = provision(tls_broker.admin_url, sites=[site], federation=fed, method="management", management_url=api, ca=ca)
     try:
