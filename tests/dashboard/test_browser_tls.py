@@ -13,7 +13,6 @@ import base64
 import hashlib
 from pathlib import Path
 
-import pytest
 
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
 from tests.conftest import unavailable

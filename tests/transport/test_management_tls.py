@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from typer.testing import CliRunner
@@ -134,8 +134,8 @@ def test_an_amqps_broker_means_https_management() -> None:
 
 
 class _Api(BaseHTTPRequestHandler):
-    calls: list[tuple[str, str, str]] = []
-    redirect_to: str | None = None
+    calls: ClassVar[list[tuple[str, str, str]]] = []
+    redirect_to: ClassVar[str | None] = None
 
     def _reply(self, code: int, body: bytes = b"{}", headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
@@ -151,7 +151,7 @@ class _Api(BaseHTTPRequestHandler):
             self.rfile.read(n)
         self.calls.append((self.command, self.path, self.headers.get("Authorization", "")))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._record()
         if self.redirect_to:
             self._reply(302, headers={"Location": self.redirect_to})
@@ -162,7 +162,7 @@ class _Api(BaseHTTPRequestHandler):
         else:
             self._reply(404)
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._record()
         self._reply(201)
 
