@@ -13,7 +13,6 @@ import base64
 import hashlib
 from pathlib import Path
 
-
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
 from tests.conftest import unavailable
 from tests.dashboard.test_browser import ARGS, CHROMIUM
