@@ -29,6 +29,12 @@ def provision_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the credentials as JSON to FILE (mode 0600) instead of printing them."),
     quorum: bool = typer.Option(False, "--quorum", help="Declare quorum queues (clustered brokers)."),
     method: str = typer.Option("auto", "--method", help="auto | management | rabbitmqctl"),
+    management_url: Optional[str] = typer.Option(
+        None, "--management-url",
+        help="RabbitMQ management API [https://HOST:15671 for amqps://, http://HOST:15672 for amqp://]; "
+             "plain http:// only to this machine."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="Federation CA (PEM) that the broker's and the management "
+                                                       "API's certificates must chain to [the URL's ca_certs]."),
 ) -> None:
     """Declare exchanges/queues and create one user per site (and the coordinator).
 
@@ -38,7 +44,8 @@ def provision_cmd(
         typer.echo(f"fedbus broker provision: --method must be auto, management or rabbitmqctl, not {method!r}", err=True)
         raise typer.Exit(2)
     try:
-        creds = provision(broker, sites=site, coordinator=coordinator, federation=federation, quorum=quorum, method=method)  # type: ignore[arg-type]
+        creds = provision(broker, sites=site, coordinator=coordinator, federation=federation, quorum=quorum,
+                          method=method, management_url=management_url, ca=str(ca) if ca else None)  # type: ignore[arg-type]
     except ProvisionError as e:
         typer.echo(f"fedbus broker provision: {e}", err=True)
         raise typer.Exit(2) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +20,7 @@ def register(app: typer.Typer) -> None:
         revoke: Annotated[Optional[list[str]], typer.Option("--revoke", help="Revoke a site: distrust its key, delete its broker user and kit (repeat).")] = None,
         skip_broker: Annotated[bool, typer.Option("--skip-broker", help="Write the kits only; create no broker users.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print what was done as one JSON document.")] = False,
+        management_url: Annotated[Optional[str], typer.Option("--management-url", help="RabbitMQ management API [federation.management_url, else https://HOST:15671 for amqps://]; plain http:// only to this machine.")] = None,
     ) -> None:
         """Write the coordinator's and every site's kit and create their broker users; idempotent."""
         from fedbus.kits import ProjectError, load_project, provision_kits
@@ -31,6 +33,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             proj = load_project(project)
+            if management_url:
+                proj = dataclasses.replace(proj, management_url=management_url)
             rep = provision_kits(proj, out, rotate_keys=set(rotate_key or ()), rotate_passwords=set(rotate_password or ()),
                                  revoke=set(revoke or ()), broker=not skip_broker)
         except (ProjectError, ProvisionError, BusPermissionError, ValueError) as e:  # ValueError: CertificateError

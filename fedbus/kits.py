@@ -66,6 +66,14 @@ class Project:
     sites: list[SiteSpec]
     tls: dict[str, Any] | None = None
     install_dir: str | None = None  # where kits will live on the target machines (systemd paths)
+    management_url: str | None = None  # RabbitMQ management API (default: from the admin URL; see provision.py)
+
+    def ca_file(self) -> str | None:
+        """The federation CA the broker's (and its management API's) certificates chain to."""
+        t = self.tls or {}
+        if t.get("ca"):
+            return str(t["ca"])
+        return str(Path(str(t["pki"])) / "ca.pem") if t.get("pki") else None
 
 
 def _toml_table(raw: Any, key: str) -> dict[str, Any]:
@@ -117,7 +125,7 @@ def load_project(path: Path) -> Project:
     _reject_unknown(raw, {"federation", "sites", "tls"}, "")
     fed = _toml_table(raw.get("federation"), "federation")
     _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir",
-                          "max_epsilon"}, "federation")
+                          "max_epsilon", "management_url"}, "federation")
     name = _ident(fed, "name", "federation")
     broker = _string(fed, "broker", "federation")
     assert broker is not None
@@ -156,7 +164,8 @@ def load_project(path: Path) -> Project:
     user = fed.get("coordinator_user") or f"coordinator-{name}"
     if not is_name(user) or user in {s.id for s in sites}:
         raise ProjectError("federation.coordinator_user", f"{user!r} must be a name no site uses")
-    return Project(name, broker, admin, user, quorum, sites, tls, _string(fed, "install_dir", "federation", required=False))
+    return Project(name, broker, admin, user, quorum, sites, tls, _string(fed, "install_dir", "federation", required=False),
+                   _string(fed, "management_url", "federation", required=False))
 
 
 # ----------------------------------------------------------------------------- TLS hook
@@ -337,6 +346,20 @@ Then: fedbus coordinator runs list --state state
 
 # ----------------------------------------------------------------------------- provisioning
 
+def _kept_site_toml(path: Path, s: SiteSpec) -> str:
+    """The report line for a site.toml kept as the hospital left it; it names a budget that
+    differs from the project's (the hospital's own ``max_epsilon`` stands: re-provisioning
+    never resets it)."""
+    try:
+        own = read_toml(path, key="site.toml").get("policy", {}).get("max_epsilon")
+    except (ConfigError, AttributeError) as e:
+        return f"site {s.id} site.toml as it is (not read: {e})"
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and float(own) != s.max_epsilon:
+        return (f"site {s.id} site.toml with the hospital's max_epsilon {own:g} (the project says {s.max_epsilon:g}; "
+                "the hospital's budget stands)")
+    return f"site {s.id} site.toml"
+
+
 @dataclass
 class KitReport:
     out: Path
@@ -361,6 +384,10 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         for n in names:
             if n not in ids:
                 raise ProjectError(what, f"{n!r} is neither a site of the project nor 'coordinator'")
+    if broker:  # before writing anything: the admin credential never goes out in clear
+        from protocol.transport.provision import check_management_url, management_api
+
+        check_management_url(management_api(project.admin, project.management_url))
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "kits.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -397,8 +424,10 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         (rep.created if made else rep.kept).append(f"site {s.id} broker password")
         shutil.copyfile(ckit / f"{COORDINATOR}.pub", kit / "coordinator.pub")
         tls = tls_files(project.tls, kit, s.id) if project.tls else None
-        if not (kit / "site.toml").exists():  # the hospital edits it (data path): never clobbered
+        if not (kit / "site.toml").exists():  # the hospital edits it (data path, budget): never clobbered
             (kit / "site.toml").write_text(_site_toml(project, s, tls), encoding="utf-8")
+        else:
+            rep.kept.append(_kept_site_toml(kit / "site.toml", s))
         (kit / "fedbus-site.service").write_text(_unit(project, s, kit), encoding="utf-8")
         (kit / "README").write_text(_site_readme(project, s), encoding="utf-8")
         passwords[s.id] = pw
@@ -422,10 +451,11 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
 
         creds = provision(project.admin, sites=[s.id for s in active], coordinator=project.coordinator_user,
                           federation=project.federation, quorum=project.quorum, passwords=passwords,
-                          auth="external" if (project.tls or {}).get("auth") == "external" else "plain")
+                          auth="external" if (project.tls or {}).get("auth") == "external" else "plain",
+                          management_url=project.management_url, ca=project.ca_file())
         rep.broker = f"{creds.method} on vhost {creds.vhost!r}: {', '.join(creds.passwords)}"
         if revoke:
-            deprovision(project.admin, sorted(revoke))
+            deprovision(project.admin, sorted(revoke), management_url=project.management_url, ca=project.ca_file())
             rep.revoked.append(f"broker users deleted: {', '.join(sorted(revoke))}")
     record["coordinator"] = {"kid": ckid, "broker_user": project.coordinator_user}
     record["sites"] = {s.id: {"kid": Signer.from_file(out / s.id / f"{s.id}.key").kid} for s in active}

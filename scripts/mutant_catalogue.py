@@ -430,3 +430,85 @@ MUTANTS.extend([
         (f"{_LAYER_ATTACKS}::test_a_layernorm_opacus_cannot_clip_is_declined_not_crashed_on",),
     ),
 ])
+
+# ---------------------------------------------------------------------- secrets (issue 20 class 7, issue 26's is_loopback)
+# No credential in clear beyond this machine: the dashboard's token and pages, provisioning's admin
+# credential and new passwords; and "this machine" decided by name, never by a prefix.
+_ACCESS = "tests/dashboard/test_access.py"
+_MGMT = "tests/transport/test_management_tls.py"
+MUTANTS.extend([
+    Mutant(
+        "loopback-127-prefix", "only a loopback IP address is loopback: 127.evil.example is someone's DNS name (rebinding)",
+        (Edit("protocol/loopback.py", '    if h.lower() == "localhost":\n',
+              '    if h.lower() == "localhost" or h.startswith("127."):\n'),),
+        (f"{_ACCESS}::test_look_alike_host_names_are_not_loopback",),
+    ),
+    Mutant(
+        "loopback-localhost-prefix", "localhost is loopback by exact name only: localhost.evil.example is not",
+        (Edit("protocol/loopback.py", '    if h.lower() == "localhost":\n', '    if h.lower().startswith("localhost"):\n'),),
+        (f"{_ACCESS}::test_look_alike_host_names_are_not_loopback",),
+    ),
+    Mutant(
+        "dashboard-token-from-url", "the dashboard never takes its token from a URL (logs, proxies, history, relays)",
+        (Edit("fedbus/dashboard/security.py", '            if "token" in request.query_params:', "            if False:"),
+         Edit("fedbus/dashboard/security.py",
+              "        return self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n",
+              "        return (self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n"
+              "                or self.access.token_ok(request.query_params.get(\"token\")))\n")),
+        (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
+    ),
+    Mutant(
+        "dashboard-plain-http-beyond-localhost", "coordinator serve refuses to listen beyond localhost without TLS",
+        (Edit("fedbus/dashboard/server.py", "    if not loopback and not tls:\n", "    if False:\n"),),
+        (f"{_ACCESS}::test_beyond_localhost_needs_tls_and_a_token",),
+    ),
+    Mutant(
+        "dashboard-cookie-not-secure", "under TLS the session cookie is Secure (never sent over plain HTTP)",
+        (Edit("fedbus/dashboard/security.py", "                        secure=self.access.tls)", "                        secure=False)"),),
+        (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
+    ),
+    Mutant(
+        "dashboard-login-cross-origin", "the sign-in form is accepted from our own origin only (no login CSRF)",
+        (Edit("fedbus/dashboard/security.py", "        problem = self._origin_problem(request)\n", "        problem = None\n"),),
+        (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
+    ),
+    Mutant(
+        "provision-plain-http-beyond-loopback", "provisioning never sends the admin credential over plain HTTP beyond this machine",
+        (Edit("protocol/transport/provision.py", '    if p.scheme == "http" and not is_loopback(p.hostname):\n', "    if False:\n"),),
+        (f"{_MGMT}::test_plain_http_with_credentials_to_another_host_is_refused_before_any_connection",
+         f"{_MGMT}::test_cli_refuses_plain_http_beyond_loopback_in_one_line"),
+    ),
+    Mutant(
+        "provision-amqps-management-over-http", "an amqps:// broker's management API is spoken over HTTPS by default",
+        (Edit("protocol/transport/provision.py", '    if p.scheme.lower() == "amqps":\n', "    if False:\n"),),
+        (f"{_MGMT}::test_an_amqps_broker_means_https_management",),
+    ),
+    Mutant(
+        "provision-management-unverified", "the management API's certificate is verified against the federation CA and host name",
+        (Edit("protocol/transport/provision.py", "        return ssl_context(tls)\n", "        return ssl._create_unverified_context()\n"),),
+        (f"{_MGMT}::test_management_over_https_verified_with_the_federation_ca",),
+    ),
+    Mutant(
+        "provision-impostor-falls-back", "a management API that fails verification is an error, never a silent fall-back",
+        (Edit("protocol/transport/provision.py",
+              "            if isinstance(reason, ssl.SSLCertVerificationError):  # never fall back past an impostor\n",
+              "            if False:\n"),
+         Edit("protocol/transport/provision.py", "            if isinstance(reason, ssl.SSLError):\n", "            if False:\n")),
+        (f"{_MGMT}::test_management_over_https_verified_with_the_federation_ca",),
+    ),
+    Mutant(
+        "provision-follows-redirects", "a redirect from the management API is never followed with the credentials",
+        (Edit("protocol/transport/provision.py", "urllib.request.ProxyHandler({}), _NoRedirect(),", "urllib.request.ProxyHandler({}),"),),
+        (f"{_MGMT}::test_a_redirect_is_never_followed_with_the_credentials",),
+    ),
+    Mutant(
+        "kits-site-toml-rewritten", "a re-provision never resets the hospital's site.toml (its own budget)",
+        (Edit("fedbus/kits.py", '        if not (kit / "site.toml").exists():  # the hospital edits it', "        if True:  # the hospital edits it"),),
+        ("tests/cli/test_kits.py::test_reprovision_never_resets_a_sites_own_budget",),
+    ),
+    Mutant(
+        "kits-budget-difference-unreported", "a re-provision names a site budget that differs from the project's",
+        (Edit("fedbus/kits.py", "and float(own) != s.max_epsilon:", "and float(own) > s.max_epsilon:"),),
+        ("tests/cli/test_kits.py::test_reprovision_never_resets_a_sites_own_budget",),
+    ),
+])

@@ -12,7 +12,7 @@ def register_serve(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         state: Path = typer.Option(..., "--state", help="Coordinator state directory (the one `coordinator run` writes)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond localhost needs --token."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond localhost needs --token, --tls-cert and --tls-key."),
         port: int = typer.Option(8765, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
         token: Optional[Path] = typer.Option(None, "--token", "--token-file",
                                              help="File holding the access token (one line, 16+ characters)."),
@@ -21,6 +21,8 @@ def register_serve(app: typer.Typer) -> None:
         key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key that signs approvals [STATE/coordinator.key]."),
         broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL: dead letters, and where started runs go."),
         federation: Optional[str] = typer.Option(None, "--federation", help="Federation whose dead letters to show [latest run's]."),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Server certificate (PEM) to serve HTTPS with; required beyond localhost."),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."),
     ) -> None:
         """Serve the live dashboard (sites, budgets, runs, compare, dead letters) over STATE."""
         from fedbus.dashboard.security import TokenFileError
@@ -30,10 +32,11 @@ def register_serve(app: typer.Typer) -> None:
             typer.echo(f"fedbus coordinator serve: --state {state} is not a directory", err=True)
             raise typer.Exit(2)
         opts = ServeOptions(state=state, host=host, port=port, token_file=token, allow_actions=allow_actions,
-                            key=key, broker=broker, federation=federation)
+                            key=key, broker=broker, federation=federation, tls_cert=tls_cert, tls_key=tls_key)
         try:
             serve_forever(opts, announce=lambda url: typer.echo(
-                f"fedbus dashboard: {url}  ({'actions enabled' if allow_actions else 'read-only'}; Ctrl-C stops)", err=True))
+                f"fedbus dashboard: {url}  ({'sign in with the token in ' + str(token) + '; ' if token else ''}"
+                f"{'actions enabled' if allow_actions else 'read-only'}; Ctrl-C stops)", err=True))
         except (ServeError, TokenFileError) as e:
             typer.echo(f"fedbus coordinator serve: {e}", err=True)
             raise typer.Exit(2) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -28,26 +29,60 @@ class ServeOptions:
     broker: str | None = None
     federation: str | None = None
     poll_s: float = 2.0
+    tls_cert: Path | None = None  # PEM certificate (chain) served over HTTPS
+    tls_key: Path | None = None
+
+
+def check_tls(opts: ServeOptions) -> bool:
+    """Whether to serve HTTPS; the certificate and key must load together (else ServeError)."""
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        raise ServeError("--tls-cert and --tls-key go together: give the server certificate (PEM) and its private key")
+    if opts.tls_cert is None:
+        return False
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(opts.tls_cert, opts.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ServeError(f"--tls-cert {opts.tls_cert} / --tls-key {opts.tls_key}: cannot load them "
+                         f"({getattr(e, 'strerror', None) or e}); does the key belong to the certificate? "
+                         "(issue one with `fedbus certs issue NAME --server-name HOST`)") from None
+    return True
 
 
 def build(opts: ServeOptions):
-    """(app, access) for ``opts``; refuses to listen beyond localhost without a token."""
-    token = read_token(opts.token_file) if opts.token_file is not None else None
+    """(app, access) for ``opts``; refuses to listen beyond localhost without a token and TLS
+    (the token, the cookie and every page would otherwise cross the network in clear)."""
+    tls = check_tls(opts)
     loopback = is_loopback(opts.host)
+    if not loopback and not tls:
+        raise ServeError(f"--host {opts.host} listens beyond localhost: give --tls-cert FILE and --tls-key FILE "
+                         "(HTTPS) so that the token and the pages are not sent in clear, and --token FILE")
+    token = read_token(opts.token_file) if opts.token_file is not None else None
     if not loopback and token is None:
         raise ServeError(f"--host {opts.host} listens beyond localhost: give --token FILE (a file holding a secret "
                          "token) so that only people who have it can read the dashboard")
     if opts.key is not None and not opts.key.exists():
         raise ServeError(f"--key {opts.key} does not exist")
-    access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback)
+    access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback, tls=tls)
     app = create_app(opts.state, access=access, key=opts.key, broker=opts.broker, federation=opts.federation,
                      poll_s=opts.poll_s)
     return app, access
 
 
-def url_of(host: str, port: int, token: str | None) -> str:
+def base_of(host: str, port: int, tls: bool) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/runs" + (f"?token={token}" if token else "")
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def url_of(host: str, port: int, access: Access) -> str:
+    """Where to open the dashboard: the sign-in page when a token is needed (the token
+    itself never goes in a URL)."""
+    return base_of(host, port, access.tls) + ("/login" if access.token else "/runs")
+
+
+def uvicorn_config(app, opts: ServeOptions, tls: bool) -> uvicorn.Config:
+    extra = {"ssl_certfile": str(opts.tls_cert), "ssl_keyfile": str(opts.tls_key)} if tls else {}
+    return uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False, ws="none",
+                          lifespan="off", **extra)
 
 
 class BackgroundServer:
@@ -56,9 +91,7 @@ class BackgroundServer:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.app, self.access = build(opts)
-        config = uvicorn.Config(self.app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
-                                ws="none", lifespan="off")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(self.app, opts, self.access.tls))
         self.thread = threading.Thread(target=self.server.run, name="fedbus-dashboard", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
@@ -81,12 +114,11 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
-        return url_of(self.opts.host, self.port, self.access.token)
+        return url_of(self.opts.host, self.port, self.access)
 
     @property
     def base(self) -> str:
-        shown = f"[{self.opts.host}]" if ":" in self.opts.host else self.opts.host
-        return f"http://{shown}:{self.port}"
+        return base_of(self.opts.host, self.port, self.access.tls)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.server.should_exit = True
@@ -96,8 +128,6 @@ class BackgroundServer:
 def serve_forever(opts: ServeOptions, *, announce) -> None:
     """Serve in the foreground until Ctrl-C; ``announce(url)`` is told the address first."""
     app, access = build(opts)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False, ws="none",
-                            lifespan="off")
-    server = uvicorn.Server(config)
-    announce(url_of(opts.host, opts.port, access.token))
+    server = uvicorn.Server(uvicorn_config(app, opts, access.tls))
+    announce(url_of(opts.host, opts.port, access))
     server.run()

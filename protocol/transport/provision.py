@@ -13,9 +13,13 @@ Least privilege, enforced by RabbitMQ itself:
   needs its queue). Reading the exchanges and writing the queues is what AMQP requires for
   the bindings; it lets it neither read site queues nor publish as a site.
 
-Users are created through the management HTTP API when it answers on port 15672, else
-with ``rabbitmqctl`` on this machine (``node`` names a node other than the default);
-the result says which. With ``auth="external"`` users get no password at all: they log
+Users are created through the management HTTP API when it answers, else with
+``rabbitmqctl`` on this machine (``node`` names a node other than the default); the result
+says which. The management API carries the admin credential and every new password, so it
+is spoken over HTTPS (``https://HOST:15671`` for an ``amqps://`` broker, or
+``management_url``), verified against the federation CA (``ca``, else the broker URL's
+``ca_certs``); plain ``http://`` is refused, before any connection, unless the host is
+this machine (``protocol.loopback``), and a redirect is never followed. With ``auth="external"`` users get no password at all: they log
 in by client certificate (EXTERNAL; broker user = the certificate's CN). Re-running is idempotent
 for the topology, tags and permissions and **rotates** the passwords of existing users
 (the new ones are returned, and printed or written once by the CLI).
@@ -29,6 +33,7 @@ import json
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -40,12 +45,14 @@ import structlog
 
 from protocol.broker_url import with_user
 from protocol.ids import NAME_RULE, is_name
+from protocol.loopback import is_loopback
 from protocol.transport.base import Topology
 from protocol.transport.topology import CONTROL, DEAD, DLX, TASKS, UPDATES, control_queue, site_queue, updates_queue
 
 log = structlog.get_logger(__name__)
 
 Method = Literal["auto", "management", "rabbitmqctl"]
+MANAGEMENT_PORT, MANAGEMENT_TLS_PORT = 15672, 15671  # RabbitMQ's defaults (management.tcp / management.ssl)
 
 
 class ProvisionError(Exception):
@@ -110,6 +117,7 @@ def provision(
     passwords: dict[str, str] | None = None,
     auth: Literal["plain", "external"] = "plain",
     node: str | None = None,
+    ca: str | None = None,
 ) -> Credentials:
     """Declare the topology (as the admin in ``broker_url``) and create the users.
 
@@ -117,6 +125,8 @@ def provision(
     ``passwords`` gives users their password instead of a new one (a kit keeps its
     password when re-provisioned: idempotent, nothing rotates unless asked).
     ``auth="external"``: passwordless users for certificate login (``passwords`` stays empty).
+    ``ca``: the federation CA that the broker's and the management API's certificates must
+    chain to (default: the broker URL's ``ca_certs``, else the system CAs).
     """
     from protocol.transport import open_bus
 
@@ -138,14 +148,16 @@ def provision(
     if parts.scheme not in ("amqp", "amqps"):
         raise ProvisionError(f"--broker must be an amqp:// or amqps:// URL, got {broker_url!r}")
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    if method != "rabbitmqctl":  # before any connection: no credential goes out in clear
+        check_management_url(management_api(broker_url, management_url))
 
-    bus = open_bus(broker_url, quorum=quorum)
+    bus = open_bus(broker_url, quorum=quorum, **({"tls": {"ca": ca}} if ca and parts.scheme == "amqps" else {}))
     try:
         bus.declare(Topology(sites=sites, federations=[federation] if federation else [], quorum=quorum))
     finally:
         bus.close()
 
-    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node)
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node, ca=ca)
     creds = Credentials(method=admin.name, vhost=vhost)
     wanted: list[tuple[str, str, Permissions]] = [(s, "site", site_permissions(s)) for s in sites]
     if coordinator and federation:
@@ -167,10 +179,10 @@ def provision(
 
 def deprovision(
     broker_url: str, users: list[str], *, method: Method = "auto", management_url: str | None = None,
-    node: str | None = None,
+    node: str | None = None, ca: str | None = None,
 ) -> None:
     """Delete broker users (tests, and sites leaving the federation)."""
-    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node)
+    admin = _Admin.choose(broker_url, method=method, management_url=management_url, node=node, ca=ca)
     for u in users:
         admin.delete_user(u)
 
@@ -180,18 +192,78 @@ def user_url(broker_url: str, user: str, password: str) -> str:
     return with_user(broker_url, user, password)
 
 
+def management_api(broker_url: str, management_url: str | None = None) -> str:
+    """The management API's base URL: ``management_url``, else HTTPS on 15671 for an
+    ``amqps://`` broker and HTTP on 15672 for ``amqp://`` (allowed only on loopback)."""
+    if management_url:
+        return management_url.rstrip("/")
+    p = urlsplit(broker_url.split(",")[0].strip())
+    host = p.hostname or "localhost"
+    shown = f"[{host}]" if ":" in host else host
+    if p.scheme.lower() == "amqps":
+        return f"https://{shown}:{MANAGEMENT_TLS_PORT}"
+    return f"http://{shown}:{MANAGEMENT_PORT}"
+
+
+def check_management_url(api: str) -> None:
+    """Refuse a management API the admin credential would reach in clear: plain HTTP to
+    anything but this machine (decided on the name, no DNS asked, nothing connected)."""
+    p = urlsplit(api)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise ProvisionError(f"--management-url {api!r}: use https://HOST:{MANAGEMENT_TLS_PORT} (the broker's "
+                             "management.ssl listener)")
+    if p.username or p.password:
+        raise ProvisionError(f"--management-url {p.scheme}://{p.hostname}…: put no credentials in it; the admin "
+                             "user and password come from the admin broker URL")
+    if p.scheme == "http" and not is_loopback(p.hostname):
+        raise ProvisionError(
+            f"refusing to send the broker admin credentials in clear: the management API {api} is plain http:// "
+            f"to {p.hostname}, which is not this machine; enable management.ssl on the broker and give "
+            f"--management-url https://{p.hostname}:{MANAGEMENT_TLS_PORT} (verified with the federation CA), "
+            "or run this on the broker host with --method rabbitmqctl"
+        )
+
+
+def _management_context(broker_url: str, ca: str | None) -> ssl.SSLContext:
+    """Verify the management API's certificate and host name against ``ca``, else the
+    broker URL's ``ca_certs`` (the federation CA), else the system CAs; present the URL's
+    client certificate where it names one."""
+    from protocol.transport.endpoints import EndpointError, parse_endpoints, ssl_context
+
+    tls: dict[str, str] = {}
+    try:
+        if urlsplit(broker_url.split(",")[0].strip()).scheme.lower() == "amqps":
+            tls = {k: v for k, v in parse_endpoints(broker_url).nodes[0].tls.items() if k in ("ca", "cert", "key")}
+        if ca:
+            tls["ca"] = ca
+        return ssl_context(tls)
+    except EndpointError as e:
+        raise ProvisionError(f"management API over HTTPS: {e}") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to wherever it points: never followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        raise ProvisionError(f"the management API at {req.full_url} redirected ({code}) to {newurl}; credentials "
+                             "are never sent after a redirect: give the final address with --management-url")
+
+
 class _Admin(abc.ABC):
     """How users and permissions are managed: the management HTTP API or rabbitmqctl."""
 
     name = ""
 
     @staticmethod
-    def choose(broker_url: str, *, method: Method, management_url: str | None, node: str | None = None) -> "_Admin":
+    def choose(broker_url: str, *, method: Method, management_url: str | None, node: str | None = None,
+               ca: str | None = None) -> "_Admin":
         p = urlsplit(broker_url.split(",")[0])
         user, password = unquote(p.username or "guest"), unquote(p.password or "guest")
-        api = management_url or f"http://{p.hostname or 'localhost'}:15672"
+        api = management_api(broker_url, management_url)
         if method in ("auto", "management"):
-            mgmt = _Management(api, user, password)
+            check_management_url(api)
+            ctx = _management_context(broker_url, ca) if api.startswith("https:") else None
+            mgmt = _Management(api, user, password, context=ctx)
             if mgmt.available():
                 return mgmt
             if method == "management":
@@ -229,10 +301,14 @@ class _Admin(abc.ABC):
 class _Management(_Admin):
     name = "management"
 
-    def __init__(self, api: str, user: str, password: str) -> None:
+    def __init__(self, api: str, user: str, password: str, *, context: ssl.SSLContext | None = None) -> None:
+        check_management_url(api)
         self.api = api.rstrip("/")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._auth = f"Basic {token}"
+        # Direct (no proxy from the environment), verified, and no redirect followed.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
+                                                   urllib.request.HTTPSHandler(context=context or ssl.create_default_context()))
 
     def _call(self, verb: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
         req = urllib.request.Request(
@@ -240,7 +316,7 @@ class _Management(_Admin):
             headers={"Authorization": self._auth, "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with self._opener.open(req, timeout=10) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -248,7 +324,15 @@ class _Management(_Admin):
     def available(self) -> bool:
         try:
             status, _ = self._call("GET", "/api/overview")
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):  # never fall back past an impostor
+                raise ProvisionError(
+                    f"the management API at {self.api} did not prove it is our broker: {reason.verify_message} "
+                    "(its certificate must be signed by the federation CA, for this host name)") from None
+            if isinstance(reason, ssl.SSLError):
+                raise ProvisionError(f"TLS to the management API at {self.api} failed: {reason}; is it the "
+                                     "management.ssl port?") from None
             return False
         if status in (401, 403):
             raise ProvisionError(f"the management API at {self.api} refused the admin credentials ({status})")

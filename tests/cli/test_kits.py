@@ -207,3 +207,28 @@ def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -
         acc.history.append((5.0, 1.0, 1))  # the round's DP metrics release (policy.metrics_noise_multiplier)
     want = acc.get_epsilon(delta=1e-5)
     assert math.isclose(got, want, rel_tol=1e-2), (got, want)
+
+
+def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
+    """The hospital owns site.toml: its budget (and data path) survive a re-provision byte for
+    byte, and the report names a budget that differs from the project's, at the edge."""
+    proj = _project(tmp_path, ["hospital-a"])
+    out = tmp_path / "kits"
+    assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
+    cfg = out / "hospital-a" / "site.toml"
+    assert "max_epsilon = 10 " in cfg.read_text()  # the project's default
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json")
+    kept = json.loads(r.stdout.splitlines()[0])["kept"]
+    assert "site hospital-a site.toml" in kept  # the same budget: nothing to say
+    # The hospital lowers its budget just below the project's, and points at its data.
+    edited = cfg.read_text().replace("max_epsilon = 10 ", "max_epsilon = 9.99 ").replace(
+        "/srv/fedbus-data/heart_failure.csv", "/data/hf.csv")
+    cfg.write_text(edited)
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json", "--rotate-key", "hospital-a")
+    assert r.exit_code == 0, r.output
+    assert cfg.read_text() == edited  # not reset, even when rotating the site's key
+    import tomllib
+
+    assert tomllib.loads(cfg.read_text())["policy"]["max_epsilon"] == 9.99
+    kept = json.loads(r.stdout.splitlines()[0])["kept"]
+    assert any("max_epsilon 9.99" in k and "project says 10" in k for k in kept), kept

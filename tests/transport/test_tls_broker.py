@@ -30,7 +30,7 @@ from protocol.transport import certificates as certs
 from protocol.transport import BusPermissionError, Topology, open_bus
 from protocol.transport.base import BrokerRefused
 from protocol.transport.endpoints import EndpointError, certificate_url
-from protocol.transport.provision import deprovision, provision
+from protocol.transport.provision import ProvisionError, deprovision, provision
 from protocol.transport.topology import UPDATES, site_queue
 from tests.cluster.nodes import RabbitNode, chown_rabbitmq, free_port, make_root, missing_prerequisite
 from tests.conftest import unavailable
@@ -47,6 +47,7 @@ class TlsBroker:
     certs: Path  # the federation CA and every issued certificate
     tls_port: int
     admin_url: str  # plain AMQP on another port, guest: declaring and provisioning only
+    mgmt_port: int  # the management API over HTTPS only (management.ssl), certificate for localhost
 
     def base(self, host: str = "localhost") -> str:
         return f"amqps://{host}:{self.tls_port}/%2F"
@@ -65,7 +66,7 @@ def tls_broker() -> Iterator[TlsBroker]:
     cdir = root / "certs"
     certs.make_ca(cdir, federation="tls-test")
     certs.issue(cdir, "broker", server_names=["localhost"])  # not 127.0.0.1: the wrong-hostname case
-    tls_port, admin_port = free_port(), free_port()
+    tls_port, admin_port, mgmt_port = free_port(), free_port(), free_port()
     conf = "\n".join([
         f"listeners.tcp.1 = 127.0.0.1:{admin_port}",
         f"listeners.ssl.1 = 127.0.0.1:{tls_port}",
@@ -77,15 +78,20 @@ def tls_broker() -> Iterator[TlsBroker]:
         "auth_mechanisms.1 = EXTERNAL",
         "auth_mechanisms.2 = PLAIN",
         "ssl_cert_login_from = common_name",
+        f"management.ssl.port = {mgmt_port}",
+        "management.ssl.ip = 127.0.0.1",
+        f"management.ssl.cacertfile = {cdir}/ca.pem",
+        f"management.ssl.certfile = {cdir}/broker.pem",
+        f"management.ssl.keyfile = {cdir}/broker.key",
         "",
     ])
     chown_rabbitmq(root)
     node = RabbitNode(root, f"fedbus-tls-{uuid.uuid4().hex[:6]}", conf, port=admin_port,
-                      plugins=("rabbitmq_auth_mechanism_ssl",))
+                      plugins=("rabbitmq_auth_mechanism_ssl", "rabbitmq_management"))
     node.start()
     try:
         node.wait_ready()
-        yield TlsBroker(node, root, cdir, tls_port, f"amqp://guest:guest@127.0.0.1:{admin_port}/%2F")
+        yield TlsBroker(node, root, cdir, tls_port, f"amqp://guest:guest@127.0.0.1:{admin_port}/%2F", mgmt_port)
     finally:
         node.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -182,6 +188,38 @@ def test_site_a_certificate_cannot_read_b_or_publish_as_b(tls_broker: TlsBroker,
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_provision_over_the_real_management_api_with_tls(tls_broker: TlsBroker) -> None:
+    """RabbitMQ's own management listener with TLS only (``management.ssl``): the users are
+    made over HTTPS verified with the federation CA; another CA, or a name the broker's
+    certificate does not carry, is refused before a credential is sent."""
+    tag = uuid.uuid4().hex[:6]
+    site, fed = f"site-mgmt-{tag}", f"fed-{tag}"
+    api = f"https://localhost:{tls_broker.mgmt_port}"
+    ca = str(tls_broker.certs / "ca.pem")
+    other = tls_broker.root / "mgmt-other-ca"
+    certs.make_ca(other, federation="impostor")
+    with pytest.raises(ProvisionError, match="did not prove it is our broker"):
+        provision(tls_broker.admin_url, sites=[site], method="management", management_url=api, ca=str(other / "ca.pem"))
+    with pytest.raises(ProvisionError, match="did not prove it is our broker"):
+        provision(tls_broker.admin_url, sites=[site], method="management",
+                  management_url=f"https://127.0.0.1:{tls_broker.mgmt_port}", ca=ca)
+    assert site not in tls_broker.node.ctl("list_users", "--formatter", "json")
+    listeners = subprocess.run(["rabbitmq-diagnostics", "-q", "-n", tls_broker.node.node, "listeners"], capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "HOME": "/var/lib/rabbitmq"}).stdout
+    # HTTPS only: no plain HTTP API (nor a clash with the shared broker's 15672).
+    assert "protocol: https" in listeners and "protocol: http," not in listeners, listeners
+    creds = provision(tls_broker.admin_url, sites=[site], federation=fed, method="management", management_url=api, ca=ca)
+    try:
+        assert creds.method == "management" and set(creds.passwords) == {site}
+        users = {u["user"] for u in json.loads(tls_broker.node.ctl("list_users", "--formatter", "json"))}
+        assert site in users
+        perms = json.loads(tls_broker.node.ctl("list_user_permissions", site, "--formatter", "json"))
+        assert perms and perms[0]["configure"] == "^$"
+    finally:
+        deprovision(tls_broker.admin_url, [site], method="management", management_url=api, ca=ca)
+    assert site not in {u["user"] for u in json.loads(tls_broker.node.ctl("list_users", "--formatter", "json"))}
 
 
 # -- a whole federation by certificate, from its kits ------------------------------------------

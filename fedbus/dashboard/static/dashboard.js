@@ -56,14 +56,19 @@
   const AT_END = "known at the end of the run";
   // A warning beside a figure from a model that gives every patient the same answer.
   const oneClass = (why) => (why ? el("span", { class: "badge warn one-class", title: EXPLAIN.one_class + " Here: " + why + "." }, "predicts one class") : null);
+  // Signed out (the session cookie expired with the server, or was never set): the sign-in
+  // form, where the token goes in a POST body; it never goes in a URL.
+  const signIn = (r) => { if (r.status === 401) { location.assign("/login"); throw new Error("sign in first"); } };
   async function api(path) {
     const r = await fetch(path, { credentials: "same-origin" });
+    signIn(r);
     if (!r.ok) throw new Error((await r.json().catch(() => ({}))).detail || r.statusText);
     return r.json();
   }
   async function post(path, body) {
     const r = await fetch(path, { method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-Fedbus-CSRF": CSRF }, body: JSON.stringify(body || {}) });
+    signIn(r);
     const doc = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(doc.error || doc.detail || r.statusText);
     return doc;
