@@ -28,7 +28,12 @@ from coordinator.registry import SiteRegistry
 from coordinator.rounds.asynchronous import AsyncRounds
 from coordinator.rounds.context import RunContext, RunFailed, checkpoint_path
 from coordinator.rounds.evaluation import Evaluation
-from coordinator.rounds.result import RunResult, announce_plan, build_result, stored_result
+from coordinator.rounds.result import (
+    RunResult,
+    announce_plan,
+    build_result,
+    stored_result,
+)
 from coordinator.rounds.sync import SyncRounds
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
 from coordinator.state import StateError, StateStore
@@ -106,27 +111,29 @@ class Coordinator:
         """Run (or resume) to the end; a failed run returns ``status="failed"`` with the reason."""
         started = time.monotonic()
         weights, first_round = self._start()
-        stored = self.store.run(self.run_id)
+        run_id = self.run_id
+        assert run_id is not None  # _start created or found it
+        stored = self.store.run(run_id)
         if stored["status"] != "running" and stored["result"]:
-            self._log.info("run already finished; nothing to resume", run_id=self.run_id, status=stored["status"])
+            self._log.info("run already finished; nothing to resume", run_id=run_id, status=stored["status"])
             return stored_result(stored["result"], weights)
-        self._log = log.bind(run_id=self.run_id, federation=self.federation)
-        self.inbox.run_id, self.inbox.log = self.run_id, self._log
-        self.tasks.run_id = self.run_id
-        self.agg.start_run(self.run_id, self.tasks.seed)  # e.g. central DP keys its noise and sample with the run id
+        self._log = log.bind(run_id=run_id, federation=self.federation)
+        self.inbox.run_id, self.inbox.log = run_id, self._log
+        self.tasks.run_id = run_id
+        self.agg.start_run(run_id, self.tasks.seed)  # e.g. central DP keys its noise and sample with the run id
         ctx = self._context()
         status, reason = "completed", None
         try:
             self._open_consumers()
             sites = ctx.available()
-            self.store.set_run_sites(self.run_id, sites)
+            self.store.set_run_sites(run_id, sites)
             ctx.sites = sites
             self.privacy_plan = announce_plan(ctx, self.privacy_plan, show=self.show_plan)
             if self.agg.synchronous:
                 weights = SyncRounds(ctx, self.agg, self._evaluation(ctx)).run(weights, first_round)
             else:
                 weights = AsyncRounds(ctx, self.agg).run(weights, first_round, sites)
-            stop = self.store.stop_requested(self.run_id)
+            stop = self.store.stop_requested(run_id)
             if stop:
                 status, reason, final = "stopped", stop, {}
                 self._log.info("run stopped on request", reason=stop)
@@ -139,7 +146,7 @@ class Coordinator:
             self._close_consumers()
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
                               reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started)
-        self.store.finish_run(self.run_id, status=status, reason=reason, result=result.to_json())
+        self.store.finish_run(run_id, status=status, reason=reason, result=result.to_json())
         return result
 
     def _context(self) -> RunContext:

@@ -11,8 +11,9 @@ may subclass it or implement the one interface its ``synchronous`` flag names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -30,7 +31,8 @@ class FitPlan:
 
 
 class _Common(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def start_run(self, run_id: str, seed: int) -> None:
         """The run's id and seed, once known (before the first ``configure_fit``)."""

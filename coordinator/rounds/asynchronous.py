@@ -82,9 +82,9 @@ class AsyncRounds:
                     val = _step_metrics(merged)
                     t = time.monotonic()
                     ctx.commit_round(version, new_weights, agg_state=self.agg.state(),
-                                     sampled=sorted({h.row.site for h in merged.values()}), attempts=1, held=held,
+                                     sampled=sorted({_site(h) for h in merged.values()}), attempts=1, held=held,
                                      accepted=merged, metrics=val, wall_s=time.monotonic() - t_step, agg_s=agg_s)
-                    warn_reproducible(ctx.log.bind(version=version), {h.row.site: h for h in merged.values()})
+                    warn_reproducible(ctx.log.bind(version=version), {_site(h): h for h in merged.values()})
                     merged = {}
                     weights = new_weights
                     versions[version] = weights
@@ -159,12 +159,17 @@ class AsyncRounds:
         return base
 
 
+def _site(h: Held) -> str:
+    assert h.row.site is not None  # an accepted update's row names its site
+    return h.row.site
+
+
 def _step_metrics(merged: dict[str, Held]) -> dict[str, Any]:
     """A version's validation figures: the after_* metrics of the updates merged into it."""
     return {"aggregate": weighted_mean([
         (after_training(h.payload.metrics), validation_weight(h.payload.metrics, h.payload.num_examples))
         for h in merged.values()]), "per_site": {
-        h.row.site: dict(after_training(h.payload.metrics), staleness=h.row.staleness,
+        _site(h): dict(after_training(h.payload.metrics), staleness=h.row.staleness,
                          reproducible=h.payload.reproducible)
         for h in merged.values()}, "source": "updates"}
 

@@ -15,7 +15,8 @@ the round (or, for the final ones, when the final figures are stored).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from coordinator import final
 from coordinator.inbox import Held, Message

@@ -8,7 +8,7 @@ round 1: logged always, and shown on the terminal through the progress reporter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from coordinator.progress import announce
 from coordinator.rounds.context import RunContext
@@ -59,7 +59,9 @@ class RunResult:
 def announce_plan(ctx: RunContext, plan: dict[str, Any] | None, *, show: bool) -> dict[str, Any] | None:
     """The privacy plan before round 1 (``plan``, else made from the rows each site announced):
     in the log, and on the terminal when ``show``; returns it."""
-    from coordinator import privacy_plan as plans  # imports the sites' budget arithmetic: only when a run starts
+    from coordinator import (
+        privacy_plan as plans,  # imports the sites' budget arithmetic: only when a run starts
+    )
 
     if plan is None:
         hellos = {s: (ctx.store.site(s) or {}).get("hello") for s in ctx.sites}
@@ -149,7 +151,7 @@ def stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
     fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
                                           {} if k in ("final", "epsilon", "timing", "privacy") else None))
               for k, v in fields.items()}
-    return RunResult(**fields, weights=weights)
+    return RunResult(**cast(dict[str, Any], fields), weights=weights)
 
 
 __all__ = ["RunResult", "announce_plan", "build_result", "stored_result"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from coordinator.sampling import derive_seed
 from coordinator.state import StateStore
