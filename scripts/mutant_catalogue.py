@@ -351,3 +351,27 @@ MUTANTS.append(Mutant(
     ("tests/chaos/test_chaos.py::test_broker_restart_and_forced_connection_close_mid_round",),
     broker=True, private_broker=True, timeout_s=900.0,
 ))
+
+# ---------------------------------------------------------------------- issue 21: the round loop and its aggregators
+MUTANTS.extend([
+    Mutant(
+        "task-config-unbounded", "a TaskConfig field outside its bounds (or non-finite) is refused, on the wire too",
+        (Edit("protocol/messages.py", "            if not ok_type or not (math.isfinite(v) and lo <= v <= hi):\n",
+              "            if not ok_type:\n"),),
+        ("tests/protocol/test_codec.py::test_task_config_out_of_bounds_on_the_wire_is_malformed",
+         "tests/site_worker/test_proximal.py::test_task_config_bounds_at_their_edges"),
+    ),
+    Mutant(
+        "central-dp-public-sample", "under central DP the round's sites are a secret sample (configure_fit), not the public seed's",
+        (Edit("coordinator/aggregators/central_dp.py",
+              "        sites = sample_sites(list(available), count, seed=self.sampling_seed(), round=server_round, attempt=attempt)\n",
+              "        sites = sample_sites(list(available), count, seed=self.seed, round=server_round, attempt=attempt)\n"),),
+        ("tests/coordinator/test_server_opt.py::test_configure_fit_samples_the_round_and_central_dp_fixes_qn_secretly",),
+    ),
+    Mutant(
+        "central-dp-qn-unset", "central DP's denominator qN is fixed by configure_fit before any reply, not the realised count",
+        (Edit("coordinator/aggregators/central_dp.py", "        if attempt == 0:\n            self.expected_clients = len(sites)\n",
+              ""),),
+        ("tests/coordinator/test_server_opt.py::test_configure_fit_samples_the_round_and_central_dp_fixes_qn_secretly",),
+    ),
+])
