@@ -1,7 +1,8 @@
-"""The end of a run: every site scores the final global model on its fixed test split.
+"""The end of a run: every site scores the final global model on its fixed test split
+(the tasks and answers: ``coordinator/rounds/evaluation.py``; here, what the answers mean).
 
 Without personalisation that is an ``EvalTask(split="test")``. When the experiment
-personalises (``training.personalization`` or FedPer), each site that trained in the run
+personalises (``training.personalization``, or a private head: ``TaskConfig.personal_layers``), each site that trained in the run
 gets a signed ``PersonalizeTask`` with the final weights instead: it fine-tunes its own
 copy under its own budget and answers one ``EvalResult`` holding the global model's test
 metrics and the personalised model's (``personalized_*``), released together. Sites that
@@ -18,66 +19,30 @@ sensitivity, specificity, loss, n_test}, and ``personalized`` (its n-weighted me
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from coordinator.inbox import Held
 from coordinator.metrics import weighted_mean
-from coordinator.sampling import derive_seed
-from protocol.messages import PersonalizeTask, Tensors
+from protocol.config import Experiment
+from protocol.messages import TaskConfig
 
 PREFIX = "personalized_"
 _NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class", "one_class_dp_estimate"}
 
 
-def personalises(experiment: Any) -> bool:
-    """The experiment asks for a personal model per site (a fine-tune, or FedPer's own head)."""
-    return experiment.training.personalization is not None or experiment.federated.name == "FedPer"
+def personalises(experiment: Experiment, config: TaskConfig) -> bool:
+    """The run asks for a personal model per site: a fine-tune, or a private head (the
+    aggregator's ``TaskConfig.personal_layers``, e.g. FedPer's)."""
+    return experiment.training.personalization is not None or config.personal_layers > 0
 
 
-def method(experiment: Any) -> str:
+def method(experiment: Experiment, config: TaskConfig, aggregator: str) -> str:
     parts = []
-    if experiment.federated.name == "FedPer":
-        parts.append(f"FedPer head ({experiment.federated.parameters.get('personal_layers', 1)} layer(s))")
+    if config.personal_layers > 0:
+        parts.append(f"{aggregator} head ({config.personal_layers} layer(s))")
     p = experiment.training.personalization
     if p is not None:
         parts.append(f"fine-tune {p.mode} {p.epochs} epoch(s)")
     return " + ".join(parts)
-
-
-def collect(coord: Any, weights: Tensors, rnd: int, sites: list[str]) -> dict[str, dict[str, float]]:
-    """Send each site its final task, gather the answers until all came or the deadline passed."""
-    exp = coord.experiment
-    personal = personalises(exp)
-    trained = {u["site"] for u in coord.store.updates(coord.run_id, verdict="accepted", kind="Update")}
-    deadline = time.time() + coord.round_timeout_s
-    pending: dict[str, str] = {}
-    with coord._batched_tasks():
-        for site in sites:
-            if personal and site in trained:
-                task = PersonalizeTask(experiment=exp.to_wire(), weights=weights, dataset=coord._dataset(),
-                                       base_round=rnd, seed=derive_seed(coord.seed, rnd, site, "personalize"),
-                                       deadline=deadline)
-                pending[coord._publish(task, site=site, round=rnd)] = site
-            else:
-                pending[coord._eval_task(weights, site=site, round=rnd, split="test", deadline=deadline)] = site
-    results: dict[str, dict[str, float]] = {}
-    answered: set[str] = set()
-    held: dict[str, Held] = {}
-    while len(answered) < len(sites):
-        delivery = coord.inbox.next(deadline)
-        if delivery is None:
-            if time.time() >= deadline:
-                coord._log.warning("final evaluation deadline passed", round=rnd,
-                                   missing=sorted(set(sites) - answered))
-                break
-            continue
-        coord.inbox.handle(delivery, round=rnd, held=held,
-                           route=lambda msg: coord._eval_message(msg, rnd, "test", pending, results, answered, held))
-    coord.store.record([h.row for h in held.values()])
-    for h in held.values():
-        h.delivery.ack()
-    return results
 
 
 def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> dict[str, Any]:
@@ -115,7 +80,8 @@ def one_class_warnings(final: dict[str, Any]) -> list[str]:
     return notes
 
 
-def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+def summarise(experiment: Experiment, results: dict[str, dict[str, float]], *, config: TaskConfig,
+              aggregator: str) -> dict[str, Any]:
     """The ``final`` block of the result (see the module docstring)."""
     glob = {s: {k: v for k, v in m.items() if not k.startswith(PREFIX) and k not in _NOT_GLOBAL}
             for s, m in results.items()}
@@ -143,10 +109,10 @@ def summarise(experiment: Any, results: dict[str, dict[str, float]]) -> dict[str
                               for s, pm in personal.items()])
         accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None]
         aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None]
-        final["personalized"] = {"method": method(experiment), **pagg, "n_sites": len(personal),
+        final["personalized"] = {"method": method(experiment, config, aggregator), **pagg, "n_sites": len(personal),
                                  "mean_accuracy": sum(accs) / len(accs) if accs else None,
                                  "mean_auc": sum(aucs) / len(aucs) if aucs else None}
     return final
 
 
-__all__ = ["collect", "method", "one_class_warnings", "personalises", "summarise"]
+__all__ = ["method", "one_class_warnings", "personalises", "summarise"]

@@ -69,3 +69,11 @@ class RoundProgress:
             if accuracy is not None:
                 parts.append(f"acc {accuracy:.3f}")
             self._progress.update(self._task, completed=rnd, description=", ".join(parts))
+
+
+def announce(lines: list[str]) -> None:
+    """Show a block of text to the operator before the rounds (the run's privacy plan): stderr,
+    the terminal's channel for what is not the run's output; the structured log has it too."""
+    import sys
+
+    print("\n".join(lines), file=sys.stderr, flush=True)

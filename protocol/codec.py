@@ -39,7 +39,7 @@ from protocol.errors import (
     UnsupportedSchemaVersion,
 )
 from protocol.limits import DEFAULT_LIMITS, Limits
-from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, DatasetInfo, Envelope, Tensors
+from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, DatasetInfo, Envelope, TaskConfig, Tensors
 from protocol.msgpack_view import as_byte_view, read_msgpack
 from protocol.signing import Signer, TrustStore
 
@@ -399,6 +399,10 @@ def _envelope_parts(env: Envelope) -> list[bytes | memoryview]:
         parts.append(msgpack.packb(fname))
         if kind == "tensors":
             parts += _tensor_parts(value, path, offset=sum(len(p) for p in parts))
+        elif kind == "record":  # a nested typed record (TaskConfig): its fields as a map
+            if not dataclasses.is_dataclass(value) or isinstance(value, type):
+                raise TypeError(f"{path}: expected a {_RECORDS} record, got {type(value).__name__}")
+            parts.append(_pack({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, path))
         elif kind == "datasets":
             parts.append(_pack([_dataset_info_map(d, f"{path}[{i}]") for i, d in enumerate(value)], path))
         else:
@@ -519,6 +523,7 @@ def _decode_tensors(value: Any, path: str, limits: Limits, budget: list[int]) ->
 
 
 # Field kinds from the message dataclasses' type hints; computed once.
+_RECORDS = (TaskConfig,)  # typed records nested in a payload field
 _Decoder = Callable[[Any, str, Limits, list[int]], Any]
 
 
@@ -566,6 +571,13 @@ def _kind_of(hint: Any) -> tuple[str, _Decoder]:
         return "map", lambda v, p, lim, b: {k: dec(x, f"{p}.{k}", lim, b) for k, x in _map(v, p).items()}
     if hint is Any:
         return "any", lambda v, p, lim, b: _plain(v, p)
+    if hint in _RECORDS:  # its own bounds (__post_init__) refuse a value outside them
+        def dec_record(v: Any, p: str, lim: Limits, b: list[int]) -> Any:
+            try:
+                return _decode_dataclass(hint, v, p, lim, b)
+            except ValueError as e:
+                raise MalformedFrame(f"{p}: {e}") from None
+        return "record", dec_record
     raise TypeError(f"protocol/codec.py does not know how to decode {hint!r}")
 
 
@@ -579,7 +591,7 @@ def _schema(cls: type) -> list[tuple[str, str, _Decoder, bool]]:
     return out
 
 
-_SCHEMAS = {cls: _schema(cls) for cls in (*MESSAGE_TYPES.values(), DatasetInfo)}
+_SCHEMAS = {cls: _schema(cls) for cls in (*MESSAGE_TYPES.values(), DatasetInfo, *_RECORDS)}
 
 
 def _decode_dataclass(cls: type, value: Any, path: str, limits: Limits, budget: list[int]) -> Any:

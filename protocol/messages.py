@@ -12,6 +12,7 @@ simulator. ``protocol/codec.py`` owns the byte encoding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -54,6 +55,48 @@ class SiteHello:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """What the run's aggregator asks of a site's trainer, per task (issue 21): typed fields,
+    so a site reads ``proximal_mu`` or ``personal_layers`` and never branches on an
+    aggregator's name. ``None`` overrides keep the experiment's own value. Each field has
+    explicit bounds; a value outside them is refused when the task is built or decoded."""
+
+    proximal_mu: float = 0.0  # FedProx's pull towards the round's global model; 0 = none
+    personal_layers: int = 0  # FedPer: the last layers each site keeps to itself; 0 = none
+    epochs: int | None = None  # per-task overrides of the experiment (the site's policy still bounds them)
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+
+    # field -> (type, low, high), both ends inclusive; floats must also be finite.
+    BOUNDS: ClassVar[dict[str, tuple[type, float, float]]] = {
+        "proximal_mu": (float, 0.0, 1e4),
+        "personal_layers": (int, 0, 256),
+        "epochs": (int, 1, 100_000),
+        "learning_rate": (float, 1e-12, 1e3),
+        "batch_size": (int, 1, 10_000_000),
+        "weight_decay": (float, 0.0, 1e3),
+    }
+
+    def __post_init__(self) -> None:
+        for name, (kind, lo, hi) in self.BOUNDS.items():
+            v = getattr(self, name)
+            if v is None and name not in ("proximal_mu", "personal_layers"):
+                continue
+            ok_type = (type(v) is int) if kind is int else (type(v) in (int, float))
+            if not ok_type or not (math.isfinite(v) and lo <= v <= hi):
+                raise ValueError(f"task config {name} must be {'an integer' if kind is int else 'a finite number'} "
+                                 f"in [{lo:g}, {hi:g}], got {v!r}")
+            if kind is float and type(v) is int:
+                object.__setattr__(self, name, float(v))
+
+    def overrides(self) -> dict[str, Any]:
+        """The per-task overrides that are set (``epochs``, ``learning_rate``, ...)."""
+        return {k: v for k in ("epochs", "learning_rate", "batch_size", "weight_decay")
+                if (v := getattr(self, k)) is not None}
+
+
+@dataclass(frozen=True)
 class TrainTask:
     TYPE: ClassVar[str] = "TrainTask"
     # The experiment JSON as the coordinator runs it (architecture, training, dataset,
@@ -64,7 +107,7 @@ class TrainTask:
     base_round: int  # global model version these weights are (staleness for async)
     seed: int
     deadline: float  # unix seconds; a site may skip a task whose deadline has passed
-    config: dict[str, Any] = field(default_factory=dict)  # per-round overrides (epochs, lr, ...)
+    config: TaskConfig = field(default_factory=TaskConfig)  # set by the aggregator (proximal_mu, ...)
 
 
 @dataclass(frozen=True)
@@ -77,7 +120,7 @@ class EvalTask:
     seed: int
     deadline: float
     split: str = "validation"  # "validation" | "test"
-    config: dict[str, Any] = field(default_factory=dict)
+    config: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass(frozen=True)
@@ -94,7 +137,7 @@ class PersonalizeTask:
     base_round: int  # the last committed round: the version these final weights are
     seed: int
     deadline: float
-    config: dict[str, Any] = field(default_factory=dict)
+    config: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass(frozen=True)

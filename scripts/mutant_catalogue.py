@@ -36,7 +36,11 @@ class Mutant:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-RUN = "coordinator/run.py"
+RUN = "coordinator/run.py"  # the orchestrator: create or resume a run (issue 21)
+SYNC = "coordinator/rounds/sync.py"  # issue 21 moved the round loop out of run.py into coordinator/rounds/
+ASYNC = "coordinator/rounds/asynchronous.py"
+CONTEXT = "coordinator/rounds/context.py"
+EVALUATION = "coordinator/rounds/evaluation.py"
 INBOX = "coordinator/inbox.py"
 HANDLERS = "site_worker/handlers.py"
 
@@ -117,31 +121,31 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "coord-duplicate-answer-counted", "a site's second answer in a round is ignored",
-        (Edit(RUN, "        if site in accepted or site in replied:\n", "        if False:\n"),),
+        (Edit(SYNC, "        if site in accepted or site in replied:\n", "        if False:\n"),),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
         "async-duplicate-task-merged", "FedAsync merges one answer per task; a second answer is settled as a duplicate",
-        (Edit(RUN, "            if any(h.row.task_id == p.task_id for h in held.values()) or "
-                   "self.store.task_answered(self.run_id, p.task_id):\n", "            if False:\n"),),
+        (Edit(ASYNC, "            if any(h.row.task_id == p.task_id for h in held.values()) or "
+                     "ctx.store.task_answered(ctx.run_id, p.task_id):\n", "            if False:\n"),),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
         "ack-before-commit", "an update is acked only once the round that includes it is committed",
         (Edit(INBOX, "        msg.delivery.release_body()  # acked by the commit that includes it, not before\n",
               "        msg.delivery.ack()\n        msg.delivery.release_body()\n"),
-         Edit(RUN, "        for h in held.values():  # only now is every held update's effect durable\n"
+         Edit(CONTEXT, "        for h in held.values():  # only now is every held update's effect durable\n"
                    "            h.delivery.ack()\n",
               "        for h in held.values():\n            pass\n")),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
         "late-update-counted", "an update for a closed round is logged and dropped, never aggregated",
-        (Edit(RUN, "                    return self.inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n",
+        (Edit(SYNC, "                    return inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n",
               "                    from coordinator.aggregators import Contribution\n"
               "                    self.agg.add(Contribution(site=site, weights=p.weights, num_examples=p.num_examples,\n"
               "                                              base_round=p.base_round, metrics=dict(p.metrics)))\n"
-              "                    return self.inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n"),),
+              "                    return inbox.settle(msg, verdict=\"late\", reason=f\"for round {env.round}, now in round {rnd}\",\n"),),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
@@ -250,7 +254,7 @@ MUTANTS += [
     Mutant(
         "round-test-ignores-eval-cap", "a per-round test is not asked of a site whose max_evaluations_per_run "
         "leaves room only for the final test",
-        (Edit(RUN, "            if isinstance(cap, int) and used[site] + 2 > cap:", "            if False:"),),
+        (Edit(EVALUATION, "            if isinstance(cap, int) and used[site] + 2 > cap:", "            if False:"),),
         ("tests/coordinator/test_round_test_eval.py",), marks="not broker",
     ),
     # ------------------------------------------------------------------ final model / personalisation
@@ -510,5 +514,29 @@ MUTANTS.extend([
         "kits-budget-difference-unreported", "a re-provision names a site budget that differs from the project's",
         (Edit("fedbus/kits.py", "and float(own) != s.max_epsilon:", "and float(own) > s.max_epsilon:"),),
         ("tests/cli/test_kits.py::test_reprovision_never_resets_a_sites_own_budget",),
+    ),
+])
+
+# ---------------------------------------------------------------------- issue 21: the round loop and its aggregators
+MUTANTS.extend([
+    Mutant(
+        "task-config-unbounded", "a TaskConfig field outside its bounds (or non-finite) is refused, on the wire too",
+        (Edit("protocol/messages.py", "            if not ok_type or not (math.isfinite(v) and lo <= v <= hi):\n",
+              "            if not ok_type:\n"),),
+        ("tests/protocol/test_codec.py::test_task_config_out_of_bounds_on_the_wire_is_malformed",
+         "tests/site_worker/test_proximal.py::test_task_config_bounds_at_their_edges"),
+    ),
+    Mutant(
+        "central-dp-public-sample", "under central DP the round's sites are a secret sample (configure_fit), not the public seed's",
+        (Edit("coordinator/aggregators/central_dp.py",
+              "        sites = sample_sites(list(available), count, seed=self.sampling_seed(), round=server_round, attempt=attempt)\n",
+              "        sites = sample_sites(list(available), count, seed=self.seed, round=server_round, attempt=attempt)\n"),),
+        ("tests/coordinator/test_server_opt.py::test_configure_fit_samples_the_round_and_central_dp_fixes_qn_secretly",),
+    ),
+    Mutant(
+        "central-dp-qn-unset", "central DP's denominator qN is fixed by configure_fit before any reply, not the realised count",
+        (Edit("coordinator/aggregators/central_dp.py", "        if attempt == 0:\n            self.expected_clients = len(sites)\n",
+              ""),),
+        ("tests/coordinator/test_server_opt.py::test_configure_fit_samples_the_round_and_central_dp_fixes_qn_secretly",),
     ),
 ])

@@ -62,9 +62,11 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 def _flower_config(task: TrainTask | EvalTask, server_round: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {"server_round": server_round, "seed": task.seed, "dataset": task.dataset,
                            "base_round": task.base_round}
-    for k, v in (task.config or {}).items():
-        if isinstance(v, (bool, bytes, int, float, str)):
-            cfg[str(k)] = v
+    cfg.update(task.config.overrides())  # epochs, learning_rate, ... where the task sets them
+    if task.config.proximal_mu > 0:
+        cfg["proximal_mu"] = task.config.proximal_mu
+    if task.config.personal_layers > 0:
+        cfg["personal_layers"] = task.config.personal_layers
     return cfg
 
 

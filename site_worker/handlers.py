@@ -83,7 +83,7 @@ class TaskHandler:
         self.stop = stop or threading.Event()
         self.flower = flower
         self.split_key = SplitKey.load_or_create(config.state_dir, test_fraction=config.policy.test_fraction)
-        self.heads = personalize.HeadStore(config.state_dir)  # FedPer: this site's own last layers
+        self.heads = personalize.HeadStore(config.state_dir)  # TaskConfig.personal_layers: this site's own last layers
         self.joined = RunsJoined(config.state_dir)  # runs this site trained in (a PersonalizeTask needs one)
         self.finals = FinalStore(config.state_dir)  # each run's final global and personalised models
         self._lock = threading.Lock()  # one task at a time per dataset ledger
@@ -215,7 +215,7 @@ class TaskHandler:
         if self.flower is not None:
             return self._flower_fit(env, task)
         policy = self.config.policy
-        spec = TrainSpec.from_experiment(exp, seed=task.seed, overrides=task.config)
+        spec = TrainSpec.from_experiment(exp, seed=task.seed, overrides=task.config.overrides())
         data = self._data(task, exp, summary)
         n_train = len(data.x_train)
         plan = None
@@ -230,7 +230,7 @@ class TaskHandler:
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
         model = self._model(exp, key, task, for_dp=plan is not None)
-        personal = personalize.personal_layers(exp, task.config)
+        personal = personalize.personal_layers(task.config)
         if personal:
             self.heads.apply(model, env.run_id, task.dataset, personal)
         epsilon = None
@@ -242,7 +242,7 @@ class TaskHandler:
             before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                       policy=policy, rng=None) if policy.metrics == "exact" else {})
             result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False,
-                           hooks=proximal.hooks_for(exp, task.config, model))
+                           hooks=proximal.hooks_for(task.config, model))
         except TrainingAborted:
             if plan is not None:
                 self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
@@ -283,8 +283,8 @@ class TaskHandler:
         except DataError as e:
             raise _Decline("data", str(e)) from None
         model = self._model(exp, key, task, for_dp=False)
-        if personalize.personal_layers(exp):
-            self.heads.apply(model, env.run_id, task.dataset, personalize.personal_layers(exp))
+        if personalize.personal_layers(task.config):
+            self.heads.apply(model, env.run_id, task.dataset, personalize.personal_layers(task.config))
         self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
@@ -304,14 +304,14 @@ class TaskHandler:
 
     def _personalize(self, env: Envelope, task: PersonalizeTask) -> Reply:
         """The final global model: evaluate it on the fixed test split, fine-tune a personal copy
-        on the training rows (its FedPer head, ``training.personalization``) under this site's
+        on the training rows (its private head, ``training.personalization``) under this site's
         budget, keep both, and release both models' test metrics in one accounted release."""
         exp, summary, key = self._experiment(task)
         policy = self.config.policy
         if self.flower is not None:  # fedbus cannot fine-tune a Flower client under the ledger: global model only
             return self._evaluate(env, EvalTask(experiment=task.experiment, weights=task.weights, dataset=task.dataset,
                                                 base_round=task.base_round, seed=task.seed, deadline=task.deadline,
-                                                split="test"))
+                                                split="test", config=task.config))
         last = self.joined.last_round(env.run_id, task.dataset)
         if last is None:
             raise _Decline("policy", f"run {env.run_id!r}: this site never trained in it, so it does not personalise "
@@ -344,7 +344,7 @@ class TaskHandler:
                 raise _Decline("policy", f"personalisation: {e}") from None
         model = self._model(exp, key, task, for_dp=spec.dp is not None and fine_tune)
         global_model = copy.deepcopy(model)
-        layers = personalize.personal_layers(exp, task.config)
+        layers = personalize.personal_layers(task.config)
         # Reserved first: a run budget's fine-tune noise then leaves room for this release.
         self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
                       delta=policy.site_delta(data.rows),

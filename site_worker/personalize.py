@@ -1,12 +1,12 @@
-"""Personal models at a site: FedPer's private head during the rounds, and a fine-tune of
+"""Personal models at a site: a private head during the rounds (Arivazhagan et al. 2019), and a fine-tune of
 the global model on the site's own training rows after them.
 
-* FedPer (``federated.name: "FedPer"``, ``TrainTask.config["personal_layers"]``): the site
+* A private head (``TaskConfig.personal_layers``, set by the run's aggregator on every task): the site
   keeps its own last layers between rounds under ``state_dir/personal/`` (file named by a
   hash of run id and dataset, never by a wire string) and puts them into every model the
   coordinator sends before training or evaluating.
 * Fine-tune (``training.personalization``): after the last round the site trains the global
-  model (with its FedPer head when it has one) for a few epochs, the last layer only or the
+  model (with its private head when it has one) for a few epochs, the last layer only or the
   whole model, with the same DP settings; with ``total_epsilon`` those steps are part of the
   run's plan (``site_worker.run_budget``), so the run's total still holds. ``proximal_mu``
   pulls the weights towards the global model while fine-tuning (Ditto's regulariser).
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from protocol.durable import write_atomic
+from protocol.messages import TaskConfig
 from protocol.personal import personal_names
 from site_worker.data import PreparedData
 from site_worker.ledger import PrivacyLedger
@@ -41,16 +42,9 @@ from site_worker.proximal import add_proximal_term
 from site_worker.trainer import TrainResult, TrainSpec, train
 
 
-def personal_layers(experiment: Any, task_config: dict[str, Any] | None = None) -> int:
-    """How many final layers stay at the site (0 unless the aggregator is FedPer)."""
-    value = (task_config or {}).get("personal_layers")
-    if value is None and experiment.federated.name == "FedPer":
-        value = experiment.federated.parameters.get("personal_layers", 1)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"personal_layers must be an integer >= 0, got {value!r}")
-    return value
+def personal_layers(config: TaskConfig) -> int:
+    """How many final layers stay at the site (the task's ``personal_layers``; 0: none)."""
+    return int(config.personal_layers)
 
 
 class HeadStore:

@@ -1,14 +1,13 @@
-"""FedProx's proximal term (Li et al. 2020) for the site trainer.
+"""The proximal term (Li et al. 2020) for the site trainer.
 
-FedProx minimises ``F(w) + mu/2 · ||w - w_global||²`` locally, so every step adds
+The proximal objective is ``F(w) + mu/2 · ||w - w_global||²`` locally, so every step adds
 ``mu · (w - w_global)`` to the gradient. The term depends only on the weights the
 coordinator sent, never on a row, so it is added *after* Opacus has clipped and noised
 the data gradient (a step pre-hook on the plain optimizer, which DP-SGD calls after
 privatising): privacy accounting is unchanged and per-sample clipping does not shrink it.
 
-``mu`` comes from the task (``TrainTask.config["proximal_mu"]``, which the aggregator puts
-there) or, for an aggregator that asks for it by name (``FedProx``, ``flower:FedProx``),
-from ``federated.parameters.proximal_mu``.
+``mu`` comes from the task (``TaskConfig.proximal_mu``, which the run's aggregator sets);
+the site never looks at the aggregator's name.
 """
 
 from __future__ import annotations
@@ -17,20 +16,12 @@ from typing import Any, Callable
 
 import torch
 
-PROX_AGGREGATORS = ("FedProx", "flower:FedProx")
+from protocol.messages import TaskConfig
 
 
-def proximal_mu(experiment: Any, task_config: dict[str, Any] | None) -> float:
-    """The task's ``proximal_mu`` (0 when the aggregator does not ask for one)."""
-    config = task_config or {}
-    value = config.get("proximal_mu")
-    if value is None and experiment.federated.name in PROX_AGGREGATORS:
-        value = experiment.federated.parameters.get("proximal_mu")
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value != value:
-        raise ValueError(f"proximal_mu must be a number >= 0, got {value!r}")
-    return float(value)
+def proximal_mu(config: TaskConfig) -> float:
+    """The task's ``proximal_mu`` (0 when the aggregator does not ask for one; bounded by TaskConfig)."""
+    return float(config.proximal_mu)
 
 
 def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float) -> None:
@@ -49,13 +40,12 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     optimizer.register_step_pre_hook(pre_step)
 
 
-def hooks_for(experiment: Any, task_config: dict[str, Any] | None,
-              model: torch.nn.Module) -> list[Callable[[torch.optim.Optimizer], None]]:
+def hooks_for(config: TaskConfig, model: torch.nn.Module) -> list[Callable[[torch.optim.Optimizer], None]]:
     """Trainer hooks for this task: the proximal term when ``mu > 0``, else none."""
-    mu = proximal_mu(experiment, task_config)
+    mu = proximal_mu(config)
     if mu <= 0:
         return []
     return [lambda opt: add_proximal_term(opt, model, mu)]
 
 
-__all__ = ["PROX_AGGREGATORS", "add_proximal_term", "hooks_for", "proximal_mu"]
+__all__ = ["add_proximal_term", "hooks_for", "proximal_mu"]

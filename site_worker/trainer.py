@@ -149,7 +149,7 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     ``history`` is the dataset's accountant history so far; the returned history includes
     this task's steps. With ``measure``, exact before/after validation metrics land in
     ``metrics`` (local use only: released metrics are the handler's, see ``release``).
-    ``hooks`` get the plain optimizer before DP wraps it (FedProx's proximal term,
+    ``hooks`` get the plain optimizer before DP wraps it (the proximal term,
     ``site_worker.proximal``). Raises ``TrainingAborted`` when ``stop`` is set.
     """
     stop = stop or threading.Event()

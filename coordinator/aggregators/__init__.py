@@ -17,13 +17,17 @@ from coordinator.aggregators.base import (
 )
 from coordinator.aggregators.central_dp import CentralDP
 from coordinator.aggregators.early_stopping import EarlyStopping
+from coordinator.aggregators.interfaces import AsyncAggregator, FitPlan, SyncAggregator
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Aggregator",
+    "AsyncAggregator",
     "CentralDP",
     "Contribution",
     "EarlyStopping",
+    "FitPlan",
+    "SyncAggregator",
     "available",
     "build_aggregator",
     "get_aggregator",

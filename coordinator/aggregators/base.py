@@ -18,11 +18,15 @@ from __future__ import annotations
 import abc
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from protocol.messages import Tensors
+from coordinator.sampling import sample_sites
+from protocol.messages import TaskConfig, Tensors
+
+if TYPE_CHECKING:
+    from coordinator.aggregators.interfaces import FitPlan
 
 ENTRY_POINT_GROUP = "fedbus.aggregators"
 
@@ -95,11 +99,38 @@ class Aggregator(abc.ABC):  # noqa: B024 - an ABC for isinstance and registratio
         """Updates merged into the aggregator but not yet into a global step (FedBuff's buffer)."""
         return 0
 
-    # -- what sites are asked to do -------------------------------------------------
-    def task_config(self, server_round: int) -> dict[str, Any]:
-        """Per-round settings the sites' trainers need (``TrainTask.config``), e.g. FedProx's
-        ``proximal_mu``; plain JSON values only."""
-        return {}
+    def replies_per_step(self) -> int:
+        """Async: accepted updates per global step (FedBuff's K; 1 for FedAsync)."""
+        return 1
+
+    # -- what sites are asked to do (coordinator/aggregators/interfaces.py) ------------
+    def start_run(self, run_id: str, seed: int) -> None:
+        """The run's id and seed, once known; the seed drives the public choice of sites."""
+        self.seed = seed
+
+    def sampling_seed(self) -> int:
+        """Seed of the choice of training sites: the run's (public) seed unless overridden."""
+        return self.seed
+
+    def configure_fit(self, server_round: int, available: Sequence[str], count: int, *,
+                      attempt: int = 0) -> "FitPlan":
+        """Which sites train, with what config, and how many replies to wait for (Flower's configure_fit).
+
+        Synchronous: ``count`` of ``available`` for round ``server_round`` (a retry's extra
+        sites with ``attempt`` > 0); asynchronous: the sites kept busy from version
+        ``server_round`` on, and ``expected`` is the replies per global step."""
+        from coordinator.aggregators.interfaces import FitPlan
+
+        if self.synchronous:
+            sites = sample_sites(list(available), count, seed=self.sampling_seed(), round=server_round, attempt=attempt)
+            return FitPlan(sites=sites, config=self.task_config(server_round), expected=len(sites))
+        sites = sample_sites(list(available), count, seed=self.sampling_seed(), round=server_round, purpose="async")
+        return FitPlan(sites=sites, config=self.task_config(server_round), expected=self.replies_per_step())
+
+    def task_config(self, server_round: int) -> TaskConfig:
+        """What the sites' trainers need for a task of ``server_round`` (``TrainTask.config``),
+        e.g. FedProx's ``proximal_mu``; sites read its fields, never this class's name."""
+        return TaskConfig()
 
     # -- resume ------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:

@@ -25,11 +25,14 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from coordinator.aggregators.base import Aggregator, Contribution, like
-from protocol.messages import Tensors
+from coordinator.aggregators.interfaces import FitPlan
+from coordinator.sampling import sample_sites
+from protocol.messages import TaskConfig, Tensors
 
 SECRET_BYTES = 32  # 256 bits
 
@@ -116,6 +119,24 @@ class CentralDP(Aggregator):
         """A secret seed for choosing the round's sites (amplification by sampling needs a secret sample)."""
         key = hmac.new(self._secret, f"fedbus-central-dp-sampling:{self.context}".encode(), hashlib.sha256)
         return int.from_bytes(key.digest()[:4], "little") & 0x7FFFFFFF
+
+    def start_run(self, run_id: str, seed: int) -> None:
+        """Each run's noise and sample are independent of every other's (keyed with the run id)."""
+        super().start_run(run_id, seed)
+        self.context = run_id
+        self.inner.start_run(run_id, seed)
+
+    def configure_fit(self, server_round: int, available: Sequence[str], count: int, *,
+                      attempt: int = 0) -> FitPlan:
+        """A secret sample of the round's sites; the first attempt fixes qN, the DP denominator,
+        before any reply (a retry's extra sites do not change it)."""
+        sites = sample_sites(list(available), count, seed=self.sampling_seed(), round=server_round, attempt=attempt)
+        if attempt == 0:
+            self.expected_clients = len(sites)
+        return FitPlan(sites=sites, config=self.task_config(server_round), expected=len(sites))
+
+    def task_config(self, server_round: int) -> TaskConfig:
+        return self.inner.task_config(server_round)
 
     def finish_round(self) -> Tensors:
         rng = self.rng(self._round)

@@ -80,6 +80,9 @@ class FedBuff(Aggregator):
     def pending(self) -> int:
         return self._count
 
+    def replies_per_step(self) -> int:
+        return self.buffer_size
+
     def merge(
         self, contribution: Contribution, *, version: int, global_weights: Tensors, base_weights: Tensors
     ) -> Tensors | None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregators.base import Aggregator, Contribution, like
+from protocol.messages import TaskConfig
 
 _NEEDS_INITIAL = ("FedOpt", "FedAdam", "FedYogi", "FedAdagrad")
 
@@ -93,11 +94,12 @@ class FlowerAdapter(Aggregator):
         self._reference = initial
         self._round = 0
         self._items: list[Contribution] = []
+        self.task_config(0)  # a proximal_mu outside TaskConfig's bounds is refused now, not at round 1
 
-    def task_config(self, server_round: int) -> dict[str, Any]:
+    def task_config(self, server_round: int) -> TaskConfig:
         """Flower's FedProx asks its clients for the proximal term through the fit config."""
         mu = getattr(self.strategy, "proximal_mu", None)
-        return {"proximal_mu": float(mu)} if mu is not None else {}
+        return TaskConfig(proximal_mu=float(mu)) if mu is not None else TaskConfig()
 
     def begin_round(self, server_round: int, global_weights) -> None:
         self._round = server_round

@@ -19,7 +19,7 @@ import numpy as np
 
 from coordinator.aggregators.base import Aggregator, Contribution, like, register
 from coordinator.aggregators.fedavg import FedAvg, WeightedSum
-from protocol.messages import Tensors
+from protocol.messages import TaskConfig, Tensors
 
 
 def _number(parameters: dict[str, Any], key: str, default: float, *, lo: float, hi: float | None = None,
@@ -128,10 +128,10 @@ class FedProx(FedAvg):
         super().__init__(parameters=parameters, initial=initial, seed=seed)
         if "proximal_mu" not in parameters:
             raise ValueError("federated.parameters.proximal_mu is required for FedProx (e.g. 0.01)")
-        self.mu = _number(parameters, "proximal_mu", 0.0, lo=0.0, name=self.name)
+        self.mu = _number(parameters, "proximal_mu", 0.0, lo=0.0, hi=TaskConfig.BOUNDS["proximal_mu"][2], name=self.name)
 
-    def task_config(self, server_round: int) -> dict[str, Any]:
-        return {"proximal_mu": self.mu}
+    def task_config(self, server_round: int) -> TaskConfig:
+        return TaskConfig(proximal_mu=self.mu)
 
 
 @register("FedPer")
@@ -145,9 +145,11 @@ class FedPer(FedAvg):
     def __init__(self, *, parameters: dict[str, Any], initial: Tensors, seed: int = 0) -> None:
         super().__init__(parameters=parameters, initial=initial, seed=seed)
         value = parameters.get("personal_layers", 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"federated.parameters.personal_layers for FedPer must be an integer >= 1, got {value!r}")
+        most = TaskConfig.BOUNDS["personal_layers"][2]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ValueError(f"federated.parameters.personal_layers for FedPer must be an integer in [1, {most:g}], "
+                             f"got {value!r}")
         self.personal_layers = value
 
-    def task_config(self, server_round: int) -> dict[str, Any]:
-        return {"personal_layers": self.personal_layers}
+    def task_config(self, server_round: int) -> TaskConfig:
+        return TaskConfig(personal_layers=self.personal_layers)

@@ -62,11 +62,20 @@ def site_block(fm: dict[str, Any]) -> dict[str, Any]:
 
 
 def personalises(experiment: dict[str, Any]) -> bool:
-    """The experiment asks each site for a personal model (as ``coordinator.final.personalises``)."""
+    """The experiment asks each site for a personal model (as ``coordinator.final.personalises``):
+    a fine-tune, or a private head its aggregator asks for in the tasks' ``TaskConfig``."""
     if not isinstance(experiment, dict):
         return False
     training, fed = experiment.get("training") or {}, experiment.get("federated") or {}
-    return bool(training.get("personalization")) or fed.get("name") == "FedPer"
+    if training.get("personalization"):
+        return True
+    try:  # the aggregator's own answer; it needs no model to say what its tasks ask
+        from coordinator.aggregators import get_aggregator
+
+        agg = get_aggregator(str(fed.get("name")), parameters=dict(fed.get("parameters") or {}), initial=())
+        return agg.task_config(1).personal_layers > 0
+    except Exception:  # noqa: BLE001 - an aggregator this dashboard cannot build: no personal models shown
+        return False
 
 
 def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from protocol.config import load_experiment
-from protocol.messages import EvalTask, TrainTask, Update
+from protocol.messages import EvalTask, TaskConfig, TrainTask, Update
 from protocol.transport import open_bus
 from site_worker.config import SiteConfig, load_site_config
 from site_worker.daemon import SiteWorker
@@ -56,7 +56,7 @@ class MaliciousCoordinator(TestCoordinator):
               round: int = 1, dataset: str = DATASET) -> Any:  # type: ignore[override]
         task = TrainTask(experiment=exp, weights=weights if weights is not None else initial_weights(exp),
                          dataset=dataset, base_round=round - 1, seed=seed, deadline=time.time() + 600,
-                         config=config or {})
+                         config=TaskConfig(**(config or {})))
         return self.send(task, round=round)
 
     def evaluate(self, exp: dict[str, Any], *, split: str = "test", weights=None, seed: int = 3,

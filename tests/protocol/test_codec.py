@@ -43,6 +43,7 @@ from protocol.messages import (
     PersonalizeTask,
     RunControl,
     SiteHello,
+    TaskConfig,
     TrainTask,
     Update,
 )
@@ -113,6 +114,10 @@ json_like = st.recursive(
     max_leaves=12,
 )
 json_dict = st.dictionaries(st.text(max_size=8), json_like, max_size=5)
+task_config = st.builds(  # TaskConfig: every field inside its bounds
+    TaskConfig, proximal_mu=st.floats(0.0, 1e4), personal_layers=st.integers(0, 256),
+    epochs=st.none() | st.integers(1, 100_000), learning_rate=st.none() | st.floats(1e-12, 1e3),
+    batch_size=st.none() | st.integers(1, 10_000_000), weight_decay=st.none() | st.floats(0.0, 1e3))
 metrics = st.dictionaries(st.text(max_size=12), finite, max_size=6)
 dataset_info = st.builds(
     DatasetInfo,
@@ -127,12 +132,12 @@ PAYLOAD_STRATEGIES = {
     SiteHello: st.builds(SiteHello, site_id=names, software_version=names,
               datasets=st.lists(dataset_info, max_size=3).map(tuple), policy=json_dict),
     TrainTask: st.builds(TrainTask, experiment=json_dict, weights=tensors, dataset=names, base_round=st.integers(0, 10**6),
-              seed=st.integers(-(2**63), 2**63 - 1), deadline=finite, config=json_dict),
+              seed=st.integers(-(2**63), 2**63 - 1), deadline=finite, config=task_config),
     EvalTask: st.builds(EvalTask, experiment=json_dict, weights=tensors, dataset=names, base_round=st.integers(0, 10**6),
               seed=st.integers(0, 2**32), deadline=finite, split=st.sampled_from(["validation", "test"]),
-              config=json_dict),
+              config=task_config),
     PersonalizeTask: st.builds(PersonalizeTask, experiment=json_dict, weights=tensors, dataset=names,
-              base_round=st.integers(0, 10**6), seed=st.integers(0, 2**32), deadline=finite, config=json_dict),
+              base_round=st.integers(0, 10**6), seed=st.integers(0, 2**32), deadline=finite, config=task_config),
     Update: st.builds(Update, task_id=names, weights=tensors, num_examples=st.integers(0, 10**9), metrics=metrics,
               epsilon=st.none() | finite, delta=st.none() | finite, base_round=st.integers(0, 10**6)),
     EvalResult: st.builds(EvalResult, task_id=names, num_examples=st.integers(0, 10**9), metrics=metrics,
@@ -561,3 +566,28 @@ def test_every_error_has_a_distinct_reason():
     assert len(set(reasons)) == len(reasons)
     assert all(r.replace("_", "").isalpha() and r == r.lower() for r in reasons)
     assert MalformedFrame("x").header() == "malformed: x"
+
+
+@pytest.mark.parametrize("field, inside, outside", [
+    ("proximal_mu", 1e4, 1.0001e4), ("proximal_mu", 0.0, -1e-9), ("personal_layers", 256, 257),
+    ("epochs", 1, 0), ("batch_size", 10_000_000, 10_000_001), ("weight_decay", 1e3, 1.001e3),
+])
+def test_task_config_out_of_bounds_on_the_wire_is_malformed(field, inside, outside):
+    """A TaskConfig field just inside its bound decodes; just outside is refused as a malformed frame."""
+    import msgpack
+
+    task = TrainTask(experiment={}, weights=(), dataset="d", base_round=0, seed=1, deadline=0.0)
+    body = encode_envelope(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
+                                        recipient=SITE))
+    tree = msgpack.unpackb(body, raw=False)
+    for value, ok in ((inside, True), (outside, False)):
+        tree["payload"]["config"] = {field: value}
+        raw = msgpack.packb(tree, use_bin_type=True)
+        if ok:
+            assert getattr(decode_envelope(raw).payload.config, field) == value
+        else:
+            with pytest.raises(MalformedFrame, match=field):
+                decode_envelope(raw)
+    tree["payload"]["config"] = {"proximal_mu": 0.1, "name": "FedProx"}  # no untyped side channel
+    with pytest.raises(MalformedFrame, match="unknown field"):
+        decode_envelope(msgpack.packb(tree, use_bin_type=True))

@@ -16,7 +16,7 @@ import numpy as np
 
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.config import load_experiment
-from protocol.messages import Envelope, EvalTask, RunControl, TrainTask
+from protocol.messages import Envelope, EvalTask, RunControl, TaskConfig, TrainTask
 from protocol.model import build_model, to_tensors
 from protocol.signing import Signer, TrustStore, generate_keypair
 from protocol.transport.base import Bus, Delivery, Topology
@@ -193,7 +193,7 @@ class TestCoordinator:
               config: dict[str, Any] | None = None) -> Envelope:
         task = TrainTask(experiment=exp, weights=weights if weights is not None else initial_weights(exp),
                          dataset=dataset, base_round=round - 1, seed=seed, deadline=time.time() + 600,
-                         config=config or {})
+                         config=TaskConfig(**(config or {})))
         env = self.task_envelope(task, round=round)
         self.publish(env)
         return env

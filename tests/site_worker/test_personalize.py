@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from protocol.config import load_experiment
+from protocol.messages import TaskConfig
 from protocol.personal import personal_names
 from site_worker.data import PreparedData
 from site_worker.personalize import HeadStore, fine_tune, personal_layers
@@ -43,10 +44,17 @@ def test_head_store_keeps_and_restores_only_the_head(tmp_path):
     assert not store.apply(wide, "run/../x", "hf", 1)  # shapes differ: left alone
 
 
-def test_personal_layers_from_task_or_fedper():
+def test_personal_layers_come_from_the_task_config():
+    """The site keeps the layers the task's config names, whatever the aggregator is called."""
+    assert personal_layers(TaskConfig(personal_layers=2)) == 2 and personal_layers(TaskConfig()) == 0
+    # the FedPer example's aggregator asks for its one personal layer through the config
+    from coordinator.aggregators import get_aggregator
+    from protocol.model import build_model, to_tensors
+
     exp = load_experiment(ROOT / "examples" / "heart_disease_fedper.json")
-    assert personal_layers(exp) == 1 and personal_layers(exp, {"personal_layers": 2}) == 2
-    assert personal_layers(load_experiment(ROOT / "examples" / "heart_disease.json")) == 0
+    initial = to_tensors(build_model(exp.architecture.layers, seed=0))
+    agg = get_aggregator(exp.federated.name, parameters=dict(exp.federated.parameters), initial=initial)
+    assert personal_layers(agg.task_config(1)) == 1
 
 
 def test_last_layer_fine_tune_leaves_the_body_alone():

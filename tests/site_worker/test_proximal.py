@@ -1,12 +1,11 @@
-"""FedProx's proximal term, checked against numbers worked out by hand."""
+"""The proximal term (FedProx's), checked against numbers worked out by hand."""
 
 from __future__ import annotations
-
-import types
 
 import pytest
 import torch
 
+from protocol.messages import TaskConfig
 from site_worker.data import PreparedData
 from site_worker.proximal import add_proximal_term, hooks_for, proximal_mu
 from site_worker.trainer import DPPlan, DPSpec, TrainSpec, train
@@ -33,18 +32,34 @@ def test_one_step_matches_hand_computation() -> None:
     assert model.weight.item() == pytest.approx(2.3, abs=1e-6)
 
 
-def _experiment(name: str, params: dict) -> types.SimpleNamespace:
-    return types.SimpleNamespace(federated=types.SimpleNamespace(name=name, parameters=params))
+def test_mu_comes_from_the_task_config_only() -> None:
+    """The site reads TaskConfig.proximal_mu; it never looks at the aggregator's name."""
+    assert proximal_mu(TaskConfig()) == 0.0
+    assert proximal_mu(TaskConfig(proximal_mu=0.7)) == 0.7
+    assert hooks_for(TaskConfig(), _one_weight_model(0.0)) == []
+    assert len(hooks_for(TaskConfig(proximal_mu=0.2), _one_weight_model(0.0))) == 1
 
 
-def test_mu_from_task_config_or_a_prox_aggregator() -> None:
-    assert proximal_mu(_experiment("FedAvg", {"proximal_mu": 1.0}), {}) == 0.0  # FedAvg does not ask
-    assert proximal_mu(_experiment("flower:FedProx", {"proximal_mu": 0.3}), {}) == 0.3
-    assert proximal_mu(_experiment("FedProx", {"proximal_mu": 0.3}), {"proximal_mu": 0.7}) == 0.7
-    assert proximal_mu(_experiment("FedAvg", {}), {"proximal_mu": 0.2}) == 0.2
-    with pytest.raises(ValueError, match="proximal_mu"):
-        proximal_mu(_experiment("FedProx", {"proximal_mu": -1}), {})
-    assert hooks_for(_experiment("FedAvg", {}), {}, _one_weight_model(0.0)) == []
+def test_task_config_bounds_at_their_edges() -> None:
+    assert TaskConfig(proximal_mu=1e4).proximal_mu == 1e4 and TaskConfig(proximal_mu=0).proximal_mu == 0.0
+    for bad in (-1e-9, 1.0001e4, float("nan"), float("inf"), True, "0.1", None):
+        with pytest.raises(ValueError, match="proximal_mu"):
+            TaskConfig(proximal_mu=bad)  # type: ignore[arg-type]
+    assert TaskConfig(personal_layers=256).personal_layers == 256
+    for bad in (-1, 257, 1.0, True):
+        with pytest.raises(ValueError, match="personal_layers"):
+            TaskConfig(personal_layers=bad)  # type: ignore[arg-type]
+    assert TaskConfig(epochs=1).epochs == 1 and TaskConfig(epochs=100_000).epochs == 100_000
+    for bad in (0, 100_001, 2.0):
+        with pytest.raises(ValueError, match="epochs"):
+            TaskConfig(epochs=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="learning_rate"):
+        TaskConfig(learning_rate=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TaskConfig(batch_size=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TaskConfig(weight_decay=-0.1)
+    assert TaskConfig(epochs=3, learning_rate=0.5).overrides() == {"epochs": 3, "learning_rate": 0.5}
 
 
 def _data() -> PreparedData:

@@ -1,0 +1,157 @@
+"""The run's result document (docs/design.md's, see docs/contracts.md) and its privacy block.
+
+Everything here is read back from the state store, so a resumed run's document covers
+the rounds committed before the crash as well. The privacy plan is announced before
+round 1: logged always, and shown on the terminal through the progress reporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from coordinator.progress import announce
+from coordinator.rounds.context import RunContext
+from protocol.messages import Tensors
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``to_json`` is the docs/design.md result document."""
+
+    run_id: str
+    aggregator: str
+    sites: list[str]
+    rounds: list[dict[str, Any]]
+    final: dict[str, Any]
+    epsilon: dict[str, float | None]
+    timing: dict[str, float]
+    rejected: list[dict[str, Any]]
+    declined: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    status: str = "completed"
+    reason: str | None = None
+    weights: Tensors | None = None
+    checkpoint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "aggregator": self.aggregator,
+            "sites": self.sites,
+            "rounds": self.rounds,
+            "final": self.final,
+            "epsilon": self.epsilon,
+            "timing": self.timing,
+            "rejected": self.rejected,
+            "declined": self.declined,
+            "privacy": self.privacy,
+            "status": self.status,
+            "reason": self.reason,
+            "checkpoint": self.checkpoint,
+        }
+
+
+def announce_plan(ctx: RunContext, plan: dict[str, Any] | None, *, show: bool) -> dict[str, Any] | None:
+    """The privacy plan before round 1 (``plan``, else made from the rows each site announced):
+    in the log, and on the terminal when ``show``; returns it."""
+    from coordinator import (
+        privacy_plan as plans,  # imports the sites' budget arithmetic: only when a run starts
+    )
+
+    if plan is None:
+        hellos = {s: (ctx.store.site(s) or {}).get("hello") for s in ctx.sites}
+        plan = plans.plan(ctx.experiment, hellos)
+    if plan is None:
+        return None
+    ctx.log.info("privacy plan", total_epsilon=plan["total_epsilon"], delta=plan["delta"],
+                 accountant=plan["accountant"], planned_epsilon=plans.planned_epsilon(plan))
+    if show:
+        announce(plans.describe(plan))
+    return plan
+
+
+def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | None, status: str, reason: str | None,
+                 final: dict[str, Any], weights: Tensors, wall_s: float) -> RunResult:
+    store, run_id = ctx.store, ctx.run_id
+    rounds = store.rounds(run_id)
+    rows = [{"round": r["round"], "loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"],
+             "replies": r["replies"], "wall_s": r["wall_s"]} for r in rounds]
+    eps: dict[str, float | None] = {s: None for s in ctx.sites or ctx.restrict or []}
+    for line in store.privacy(run_id):
+        if line["epsilon"] is not None:
+            eps[line["site"]] = max(line["epsilon"], eps.get(line["site"]) or 0.0)
+        else:
+            eps.setdefault(line["site"], None)
+    for site, m in (final.get("per_site") or {}).items():  # after the final task (a fine-tune spends)
+        if m.get("epsilon") is not None:
+            eps[site] = max(float(m["epsilon"]), eps.get(site) or 0.0)
+    upd = store.updates(run_id)
+    rejected = [{"message_id": u["message_id"], "site": u["site"], "reason": u["reason"], "round": u["round"]}
+                for u in upd if u["verdict"] == "rejected"]
+    declined = [{"message_id": u["message_id"], "site": u["site"], "reason": u["reason"], "round": u["round"]}
+                for u in upd if u["verdict"] == "declined"]
+    timing = {
+        "wall_s": wall_s,
+        "train_s": sum(r["train_s"] or 0.0 for r in rounds),
+        "communication_s": sum(r["communication_s"] or 0.0 for r in rounds),
+        "aggregation_s": sum(r["aggregation_s"] or 0.0 for r in rounds),
+    }
+    last = rounds[-1] if rounds else None
+    return RunResult(
+        run_id=run_id, aggregator=aggregator, sites=sorted(eps), rounds=rows, final=final,
+        epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=_privacy(ctx, plan, rounds, eps),
+        status=status, reason=reason,
+        weights=weights, checkpoint=str(store.dir / last["checkpoint_path"]) if last else None,
+    )
+
+
+def _privacy(ctx: RunContext, plan: dict[str, Any] | None, rounds: list[dict[str, Any]],
+             eps: dict[str, float | None]) -> dict[str, Any]:
+    """``reproducible_dp``: sites whose DP noise was reproducible (their setting); ``central``: central DP's ε;
+    with site DP: δ, accountant, ε per site (reported by the sites) and the plan shown before round 1."""
+    out: dict[str, Any] = {"reproducible_dp": sorted({
+        site for r in rounds for site, m in (r["metrics"].get("per_site") or {}).items() if m.get("reproducible")})}
+    if plan is not None:
+        from coordinator import privacy_plan as plans
+
+        p = plan
+        out.update(delta=p["delta"], accountant=p["accountant"], epsilon=dict(eps),
+                   planned_epsilon=plans.planned_epsilon(p), total_epsilon=p["total_epsilon"],
+                   mode=p.get("mode"), planned_from=p["planned_from"], plan=p["sites"])
+        if p.get("upper_bound"):
+            out["planned_is_upper_bound"] = p["upper_bound"]
+    central = ctx.experiment.federated.central_dp
+    if central:
+        out["central"] = _central_privacy(central, rounds, ctx.store.run(ctx.run_id)["sites"])
+    return out
+
+
+def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:
+    """Central DP's ε for the rounds committed: Opacus' RDP accountant, q = sampled / available per round."""
+    from coordinator.aggregators.central_dp import central_epsilon
+
+    rates = [min(1.0, len(r["sampled"]) / max(1, int(r["metrics"].get("available") or len(run_sites) or 1)))
+             for r in rounds]
+    eps = central_epsilon(central.noise_multiplier, rates, central.delta)
+    return {"epsilon": eps, "delta": central.delta, "accountant": "rdp", "noise_multiplier": central.noise_multiplier,
+            "clip_norm": central.clip_norm, "rounds": len(rates), "sample_rates": rates,
+            "mechanism": "user-level DP-FedAvg (McMahan et al. 2018): equal weights, fixed denominator qN",
+            "note": None if eps is not None else "noise_multiplier 0: no finite epsilon"}
+
+
+def stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
+    """The result of a run that had already finished (``--resume`` of a finished run)."""
+    fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
+                                      "declined", "privacy", "status", "reason", "checkpoint")}
+    fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
+                                          {} if k in ("final", "epsilon", "timing", "privacy") else None))
+              for k, v in fields.items()}
+    return RunResult(**cast(dict[str, Any], fields), weights=weights)
+
+
+__all__ = ["RunResult", "announce_plan", "build_result", "stored_result"]
