@@ -95,16 +95,19 @@ def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
     delta = check_dp_request(policy, spec.dp, rows=rows)
     check_epochs(policy, spec.epochs)
     plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant, noise_multiplier=noise_multiplier)
+    # The sample rate, steps and a target-ε noise follow from the training rows this site holds:
+    # a refusal names the setting and the experiment's own numbers, never those (issue 20, class 2).
     if plan.sample_rate > policy.max_sample_rate:
         raise PolicyViolation(
-            f"max_sample_rate: batch size {spec.batch_size} on {n_train} training rows samples at rate "
-            f"{plan.sample_rate:.4g}, above this site's policy.max_sample_rate {policy.max_sample_rate:g} "
-            f"(use a batch size of at most {int(policy.max_sample_rate * n_train)})")
+            f"max_sample_rate: batch size {spec.batch_size} samples this site's training rows at a rate above its "
+            f"policy.max_sample_rate {policy.max_sample_rate:g} (use a smaller training.batch_size)")
     if plan.steps > policy.max_steps_per_task:
-        raise PolicyViolation(f"max_steps_per_task: the task would take {plan.steps} DP-SGD steps, this site's "
-                              f"policy.max_steps_per_task is {policy.max_steps_per_task}")
+        raise PolicyViolation(f"max_steps_per_task: {spec.epochs} epoch(s) at batch size {spec.batch_size} take more "
+                              f"DP-SGD steps than this site's policy.max_steps_per_task {policy.max_steps_per_task}")
     if plan.noise_multiplier < policy.min_noise_multiplier:
-        raise PolicyViolation(f"min_noise_multiplier: noise multiplier {plan.noise_multiplier:g} is below this "
+        fixed = noise_multiplier is None and spec.dp.target_epsilon is None  # the experiment's own σ: public
+        asked = f" {plan.noise_multiplier:g}" if fixed else ""
+        raise PolicyViolation(f"min_noise_multiplier: the task's noise multiplier{asked} is below this "
                               f"site's policy.min_noise_multiplier {policy.min_noise_multiplier:g}")
     return replace(plan, reproducible=policy.reproducible_dp)
 

@@ -42,14 +42,19 @@ log = structlog.get_logger(__name__)
 
 Reply = Update | EvalResult | Declined
 _EXPERIMENT_CACHE = 4  # experiments a site keeps parsed (one per run it serves, typically)
+# Figures a Declined may carry: public settings and what the site already reported in its
+# Updates. A projection from this task's rows (epsilon_projected) stays in the site's log.
+WIRE_FIGURES = frozenset({"epsilon_spent", "max_epsilon", "delta", "count", "cap"})
 
 
 class _Decline(Exception):
-    def __init__(self, reason: str, detail: str, figures: dict[str, float] | None = None) -> None:
+    def __init__(self, reason: str, detail: str, figures: dict[str, float] | None = None,
+                 private: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
         self.figures = figures or {}
+        self.private = private or {}  # counts from the rows: the site's log only
 
 
 def _fix_for_dp(model: torch.nn.Module) -> torch.nn.Module:
@@ -102,16 +107,22 @@ class TaskHandler:
                     return self._personalize(env, task)
                 return self._evaluate(env, task)
         except _Decline as d:
-            log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail, **d.figures)
-            return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail, figures=d.figures)  # type: ignore[arg-type]
+            log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail, **d.figures,
+                        **{f"private_{k}": v for k, v in d.private.items()})
+            figures = {k: v for k, v in d.figures.items() if k in WIRE_FIGURES}
+            return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail, figures=figures)  # type: ignore[arg-type]
         except TrainingAborted:
             raise
         except FlowerClientError as e:
             log.error("flower_client_failed", task_id=env.message_id, error=str(e))
             return Declined(task_id=env.message_id, reason="error", detail=str(e))
         except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop
+            # The text of an arbitrary exception can quote the data (a value, a row count): the
+            # coordinator gets its type, the site's log gets the rest.
             log.exception("task_failed", task_id=env.message_id)
-            return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: {e}"[:500])
+            return Declined(task_id=env.message_id, reason="error",
+                            detail=f"{type(e).__name__}: the site failed on this task; its operator has the "
+                                   "traceback in the site's log (event task_failed)")
 
     # ------------------------------------------------------------------ shared checks
 
@@ -147,7 +158,7 @@ class TaskHandler:
             return prepare(self.config.datasets[task.dataset], exp.dataset, key=self.split_key,
                            input_shape=tuple(summary.input_shape) if summary.input_shape else None)
         except DataError as e:
-            raise _Decline("data", str(e)) from None
+            raise _Decline("data", str(e), private=e.private) from None
 
     def _reserve(self, dataset: str, env: Envelope, *, kind: str, entries: list, delta: float,
                  max_count: tuple[int, str] | None = None) -> float:

@@ -198,9 +198,11 @@ class PrivacyLedger:
             spent = epsilon_of(history, delta=delta, accountant=accountant)
             projected = epsilon_of(merge([*history, *entries]), delta=delta, accountant=accountant)
             if max_epsilon is not None and projected > max_epsilon:
+                # The projection follows from this task's sample rate and steps (the site's training
+                # rows): the figure stays in ``figures`` for the site's log, the wire omits it.
                 raise BudgetExceeded(
-                    f"max_epsilon: releasing this would raise epsilon on {dataset!r} from {spent:.4g} to "
-                    f"{projected:.4g} (delta {delta:g}, {accountant}), above this site's max_epsilon {max_epsilon:g}",
+                    f"max_epsilon: releasing this would raise epsilon on {dataset!r} from {spent:.4g} (delta "
+                    f"{delta:g}, {accountant}) above this site's max_epsilon {max_epsilon:g}",
                     {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": max_epsilon,
                      "delta": delta})
             rel.append({"id": release_id, "kind": kind, "run_id": run_id, "state": "reserved", "at": time.time(),

@@ -80,5 +80,5 @@ def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_befor
     third = _task(capped, exp, 3)
     assert isinstance(third, Declined) and third.reason == "budget", third
     assert third.figures["epsilon_spent"] == pytest.approx(second.epsilon, rel=1e-9)
-    assert third.figures["epsilon_projected"] == pytest.approx(expected(3), rel=1e-9)
+    assert "epsilon_projected" not in third.figures and expected(3) > cap  # the projection stays local
     assert capped.ledger.history("heart_failure") == before
