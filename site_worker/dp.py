@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from site_worker.config import SitePolicy
 from site_worker.ledger import History
@@ -112,13 +112,54 @@ def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
     return replace(plan, reproducible=policy.reproducible_dp)
 
 
-def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str) -> SecureRandom:
+def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str,
+                 inputs: Callable[[], bytes] | None = None) -> SecureRandom:
     """Secret randomness for one task (256 bits from the OS); the site's dp_seed only when
-    the policy turns reproducible_dp on. Never anything the coordinator chose alone."""
+    the policy turns reproducible_dp on. Never anything the coordinator chose alone.
+
+    ``inputs`` gives the digest of what the release is computed from (``release_inputs``),
+    needed in reproducible mode: a repeated task seed then repeats the noise only on an
+    identical release, never on a different model, split, data or plan (issue 20, class 6)."""
     if policy.reproducible_dp:
-        assert policy.dp_seed is not None
-        return SecureRandom.reproducible_from(policy.dp_seed, task_seed, purpose)
+        if policy.dp_seed is None or inputs is None:
+            raise ValueError("reproducible_dp needs dp_seed and the release's inputs to key its noise")
+        return SecureRandom.reproducible_from(policy.dp_seed, task_seed, purpose, inputs())
     return SecureRandom.secret()
+
+
+def release_inputs(*parts: Any) -> bytes:
+    """SHA-256 over what a release is computed from: tensors (by dtype, shape and bytes),
+    modules (their state), ``PreparedData`` (every split), anything else by its ``repr``."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(x, torch.nn.Module):
+            for k, v in x.state_dict().items():
+                h.update(k.encode())
+                feed(v)
+        elif hasattr(x, "x_train") and hasattr(x, "y_train"):  # PreparedData
+            for t in (x.x_train, x.y_train, x.x_val, x.y_val, x.x_test, x.y_test):
+                feed(t if t is not None else "none")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for y in x:
+                feed(y)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+        h.update(b"\0")
+
+    for p in parts:
+        feed(p)
+    return h.digest()
 
 
 def per_sample_gradient_mb(parameters: int, *, batch_size: int, n_train: int, sample_rate: float | None) -> float:

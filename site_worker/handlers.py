@@ -27,7 +27,7 @@ from protocol.messages import Declined, Envelope, EvalResult, EvalTask, Personal
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_epochs, check_memory, noise_source, site_plan
+from site_worker.dp import check_epochs, check_memory, noise_source, release_inputs, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
@@ -229,8 +229,9 @@ class TaskHandler:
         if plan is not None:
             entries = plan.entries() + release_entries(policy)
             epsilon = self._reserve(task.dataset, env, kind="train", entries=entries, delta=plan.delta)
+        inputs = self._inputs(key, task, model, data, plan)
         try:
-            rng = noise_source(policy, task_seed=task.seed, purpose="train") if plan is not None else None
+            rng = noise_source(policy, task_seed=task.seed, purpose="train", inputs=inputs) if plan is not None else None
             before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                       policy=policy, rng=None) if policy.metrics == "exact" else {})
             result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False,
@@ -240,7 +241,8 @@ class TaskHandler:
                 self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
             raise
         after = release_metrics(result.model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
-                                policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics"))
+                                policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics",
+                                                                inputs=inputs))
         if personal:
             self.heads.keep(result.model, env.run_id, task.dataset, personal)
         metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
@@ -281,7 +283,8 @@ class TaskHandler:
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
-        rng = noise_source(policy, task_seed=task.seed, purpose="eval")
+        rng = noise_source(policy, task_seed=task.seed, purpose="eval",
+                           inputs=self._inputs(key, task, model, data, task.split))
         if task.split == "test":  # with sensitivity, specificity and the majority-class baseline
             m = release_on_test([model], x, y, data.y_train, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng)[0]
@@ -344,9 +347,10 @@ class TaskHandler:
         try:
             if layers:
                 self.heads.apply(model, env.run_id, task.dataset, layers)
+            inputs = self._inputs(key, task, global_model, model, data)
             if fine_tune:
                 personalize.personalize_at_site(exp, model, data, config=self.config, dataset=task.dataset,
-                                                run_id=env.run_id, seed=task.seed)
+                                                run_id=env.run_id, seed=task.seed, inputs=inputs)
         except BaseException as e:
             self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site
             if isinstance(e, (BudgetExceeded, run_budget.BudgetExhausted)):
@@ -360,7 +364,7 @@ class TaskHandler:
         model.eval()
         released = release_on_test([global_model, model], x, y, data.y_train, loss_name=str(exp.training.loss_function),
                                    task=data.task, policy=policy,
-                                   rng=noise_source(policy, task_seed=task.seed, purpose="final"))
+                                   rng=noise_source(policy, task_seed=task.seed, purpose="final", inputs=inputs))
         self.ledger.commit(task.dataset, env.message_id)
         released = [bound_counts(r, rows) for r in released]
         metrics = {**released[0], **prefixed("personalized", released[1])}
@@ -377,6 +381,17 @@ class TaskHandler:
         log.info("personalized", run_id=env.run_id, dataset=task.dataset, fine_tune=fine_tune, personal_layers=layers,
                  personalize_s=round(tune_s, 3))
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=metrics, base_round=task.base_round)
+
+    def _inputs(self, key: str, task: Any, *parts: Any) -> Any:
+        """The digest reproducible noise is keyed with (``dp.release_inputs``): the task as
+        sent (but its deadline), the model and data the release is computed from, the plan
+        and the policy. Computed only when the policy is reproducible (it hashes the data)."""
+        if not self.config.policy.reproducible_dp:
+            return None
+        fields = (key, task.dataset, task.seed, task.base_round, getattr(task, "split", None),
+                  json.dumps(getattr(task, "config", None) or {}, sort_keys=True, default=str))
+        digest = release_inputs(fields, *parts, repr(self.config.policy))
+        return lambda: digest
 
     def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""

@@ -167,7 +167,7 @@ def personalization_spec(experiment: Any, seed: int) -> TrainSpec:
 
 
 def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
-                        run_id: str, seed: int) -> TrainResult:
+                        run_id: str, seed: int, inputs: Any = None) -> TrainResult:
     """What a site runs after the last round: fine-tune under its policy, charged to its ledger
     with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
     from site_worker import run_budget
@@ -192,7 +192,8 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
                    accountant=policy.accountant, max_epsilon=policy.max_epsilon, run_id=run_id)
     try:
         result = fine_tune(model, data, experiment, seed=seed, plan=plan,
-                           rng=noise_source(policy, task_seed=seed, purpose="personalize"))
+                           rng=noise_source(policy, task_seed=seed, purpose="personalize",
+                                            inputs=None if inputs is None else lambda: inputs() + repr(plan).encode()))
     except BaseException:
         ledger.cancel(dataset, release)
         raise
