@@ -233,7 +233,7 @@ class SiteWorker:
             self._task(d, env)
 
     def _tell_untrusted(self, frame: bytes | memoryview) -> None:
-        """A signed Declined(untrusted_task) to the coordinator, once per run (site_worker/untrusted.py)."""
+        """A signed Declined(untrusted_task) to the coordinator, rate-limited per unknown signer (site_worker/untrusted.py)."""
         env = self.untrusted.notice(frame, sent_at=self._now())
         if env is None:
             return
