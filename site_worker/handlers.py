@@ -117,12 +117,22 @@ class TaskHandler:
             log.error("flower_client_failed", task_id=env.message_id, error=str(e))
             return Declined(task_id=env.message_id, reason="error", detail=str(e))
         except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop
+            self.release_reservations(env)  # it failed before its commit: nothing of it left the site
             # The text of an arbitrary exception can quote the data (a value, a row count): the
             # coordinator gets its type, the site's log gets the rest.
             log.exception("task_failed", task_id=env.message_id)
             return Declined(task_id=env.message_id, reason="error",
                             detail=f"{type(e).__name__}: the site failed on this task; its operator has the "
                                    "traceback in the site's log (event task_failed)")
+
+    def release_reservations(self, env: Envelope) -> None:
+        """Drop what a task reserved and never committed (committed releases stay charged)."""
+        task = env.payload
+        if getattr(task, "dataset", None) not in self.config.datasets:
+            return
+        self.ledger.cancel(task.dataset, env.message_id)
+        if isinstance(task, PersonalizeTask):
+            self.ledger.cancel(task.dataset, personalize.release_id(env.run_id))
 
     # ------------------------------------------------------------------ shared checks
 

@@ -184,10 +184,13 @@ class PrivacyLedger:
 
         Raises ``BudgetExceeded`` (nothing reserved) when the projection passes ``max_epsilon``,
         or when ``max_count = (cap, setting)`` releases of this kind/run already exist. A
-        release id already in the ledger (a redelivered task) is charged again: the earlier
-        attempt may have published its reply.
+        release id already spent (a redelivered task) is charged again: the earlier attempt
+        may have published its reply. A release id still *reserved* is an attempt that died
+        before its commit, so before any reply existed: it released nothing, and this
+        reservation replaces it (a crash loop cannot drain the budget; issue 20, class 8).
         """
         with self._locked(dataset) as rel:
+            rel[:] = [r for r in rel if not (r["id"] == release_id and r["state"] == "reserved")]
             if max_count is not None:
                 cap, setting = max_count
                 done = sum(1 for r in rel if r["kind"] == kind and r.get("run_id") == run_id)
