@@ -252,6 +252,7 @@ log_level = "info"
 
 [policy]
 max_epsilon = {s.max_epsilon:g}        # this hospital's lifetime privacy budget per dataset
+require_approval = true   # run only experiments approved here: fedbus site approve EXPERIMENT.json --config site.toml
 min_noise_multiplier = 0.5
 allow_no_dp = false
 

@@ -121,8 +121,20 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
         exp = load_experiment(experiment)
     except ConfigError as e:
         return [Check("experiment", False, f"{experiment}: {e}")]
+    from site_worker.approvals import Approvals, experiment_hash
+
     out = [Check("experiment", True, f"{experiment}: {exp.name}, dataset {exp.dataset.name!r}, "
                                      f"{exp.training.rounds} rounds")]
+    digest = experiment_hash(exp.to_wire(), exp.dataset.name)
+    approved = Approvals(cfg.state_dir).approved(digest)
+    out.append(Check("approval", approved or not cfg.policy.require_approval,
+                     f"experiment hash {digest}: " + ("approved" if approved else "not approved")
+                     + ("" if approved or not cfg.policy.require_approval else
+                        "; this site requires approval (policy.require_approval): fedbus site approve "
+                        f"{experiment} --config SITE.toml")))
+    summary = summarize(exp.architecture.layers)
+    out.append(Check("model", True, f"{int(summary.parameters)} parameters, layers "
+                                    + ", ".join(str(layer.type) for layer in exp.architecture.layers)))
     try:
         check_policy(cfg.policy, exp, parameters=int(summarize(exp.architecture.layers).parameters))
         out.append(Check("policy", True, "the experiment is within this site's policy"))

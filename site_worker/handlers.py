@@ -25,6 +25,7 @@ import torch
 from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
+from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
 from site_worker.dp import check_epochs, check_memory, noise_source, release_inputs, site_plan
@@ -89,6 +90,7 @@ class TaskHandler:
         self.heads = personalize.HeadStore(config.state_dir)  # FedPer: this site's own last layers
         self.joined = RunsJoined(config.state_dir)  # runs this site trained in (a PersonalizeTask needs one)
         self.finals = FinalStore(config.state_dir)  # each run's final global and personalised models
+        self.approvals = Approvals(config.state_dir)  # experiments the operator approved (require_approval)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -157,6 +159,12 @@ class TaskHandler:
         if task.dataset not in self.config.datasets:
             raise _Decline("data", f"dataset {task.dataset!r} is not offered by this site "
                                    f"(offered: {', '.join(sorted(self.config.datasets))})")
+        if self.config.policy.require_approval:
+            digest = experiment_hash(exp.to_wire(), task.dataset)  # normalised: as `site approve` hashes it
+            if not self.approvals.approved(digest):
+                raise _Decline("policy", f"require_approval: experiment {digest} is not approved at this site; its "
+                                         "operator reviews it with `fedbus site check --experiment` and runs "
+                                         "`fedbus site approve EXPERIMENT.json`")
         try:
             check_policy(self.config.policy, exp, parameters=int(summary.parameters))
         except PolicyViolation as e:
