@@ -96,8 +96,10 @@ PATHS: list[tuple[str, pd.DataFrame, pd.DataFrame, SitePolicy, Callable[[], Any]
     ("min_noise_multiplier-from-target-epsilon", BASE, BASE.iloc[:-1], SitePolicy(min_noise_multiplier=50.0),
      lambda: _train(experiment_dict(**{**ONE_EPOCH, f"{DP}.noise_multiplier": None, f"{DP}.target_epsilon": 5.0})),
      "policy", None),
-    ("max_epsilon", BASE, BASE.iloc[:-1], SitePolicy(max_epsilon=0.5),
-     lambda: _train(experiment_dict(**ONE_EPOCH)), "budget", None),
+    # every row trains (no test or validation split) at batch size 1: the projected ε moves with the row count
+    ("max_epsilon", BASE, BASE.iloc[:-1], SitePolicy(max_epsilon=0.5, test_fraction=0.0, max_sample_rate=1.0),
+     lambda: _train(experiment_dict(**{**ONE_EPOCH, "training.batch_size": 1, "dataset.validation_fraction": 1e-6})),
+     "budget", None),
     ("no-test-rows", BASE, BASE.iloc[:-1], SitePolicy(test_fraction=0.0),
      lambda: _eval(experiment_dict(), split="test"), "data", None),
     ("an-exception-quoting-the-data", BASE, BASE.iloc[:-1], SitePolicy(max_epsilon=1e6),
