@@ -420,4 +420,16 @@ MUTANTS.extend([
         ("tests/simulator/test_site_check_matches_ledger.py",),
         timeout_s=300.0,
     ),
+    Mutant(
+        "words-approval-not-enforced", "with require_approval a site declines every experiment hash its operator has not approved",
+        (Edit("site_worker/handlers.py", "        if self.config.policy.require_approval:\n", "        if False:\n"),),
+        ("tests/cli/test_site_approval.py::test_a_provisioned_kit_runs_only_what_its_operator_approved",),
+    ),
+    Mutant(
+        "words-approval-hash-ignores-training", "the approved hash covers the training block (a changed DP request or epochs is another experiment)",
+        (Edit("site_worker/approvals.py",
+              '    doc = {"architecture": experiment.get("architecture"), "training": experiment.get("training"),\n',
+              '    doc = {"architecture": experiment.get("architecture"),\n'),),
+        ("tests/cli/test_site_approval.py::test_a_provisioned_kit_runs_only_what_its_operator_approved",),
+    ),
 ])

@@ -243,11 +243,11 @@ class TaskHandler:
         personal = personalize.personal_layers(exp, task.config)
         if personal:
             self.heads.apply(model, env.run_id, task.dataset, personal)
+        inputs = self._inputs(key, task, model, data, plan)  # reproducible noise's key: before any training
         epsilon = None
         if plan is not None:
             entries = plan.entries() + release_entries(policy)
             epsilon = self._reserve(task.dataset, env, kind="train", entries=entries, delta=plan.delta)
-        inputs = self._inputs(key, task, model, data, plan)
         try:
             rng = noise_source(policy, task_seed=task.seed, purpose="train", inputs=inputs) if plan is not None else None
             before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
