@@ -26,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_site_check_epsilon_is_the_ledgers_after_a_total_epsilon_run(tmp_path):
+def test_site_check_epsilon_is_the_ledgers_after_a_total_epsilon_run(tmp_path, monkeypatch):
+    from simulator import workspace
     from simulator.run import simulate
+
+    real = workspace.site_toml
+    # DP metrics (a hospital's default), so the run's metrics, test and final releases are charged too
+    monkeypatch.setattr(workspace, "site_toml", lambda **kw: real(**kw).replace('metrics = "exact"', 'metrics = "dp"'))
 
     doc = json.loads((ROOT / "examples" / "heart_failure.json").read_text())
     doc["training"]["rounds"] = 2
@@ -49,4 +54,6 @@ def test_site_check_epsilon_is_the_ledgers_after_a_total_epsilon_run(tmp_path):
         delta = float(re.search(r"at δ ([0-9.e+-]+)", line).group(1))
         spent = PrivacyLedger(cfg.state_dir).spent("heart_failure", delta=delta, accountant=cfg.policy.accountant)
         assert spent > 0
+        kinds = {r["kind"] for r in PrivacyLedger(cfg.state_dir).releases("heart_failure")}
+        assert cfg.policy.metrics == "dp" and len(kinds) > 1, kinds  # more than DP-SGD steps were charged
         assert planned == pytest.approx(spent, rel=1e-3), (home.name, line, spent)
