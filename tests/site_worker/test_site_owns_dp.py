@@ -109,8 +109,9 @@ def test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced(t
     announced = catalogue(source).rows
     assert announced == 30
     real = handlers.noise_source
-    monkeypatch.setattr(handlers, "noise_source", lambda policy, *, task_seed, purpose: (
-        _HighNoise(3.0) if purpose in ("eval", "final", "metrics") else real(policy, task_seed=task_seed, purpose=purpose)))
+    monkeypatch.setattr(handlers, "noise_source", lambda policy, *, task_seed, purpose, **kw: (
+        _HighNoise(3.0) if purpose in ("eval", "final", "metrics") else real(policy, task_seed=task_seed, purpose=purpose,
+                                                                             **kw)))
     exp = experiment_dict(**{"training.epochs": 1, "training.personalization": {"mode": "last_layer", "epochs": 1}})
 
     def send(task, round=1):
