@@ -107,7 +107,7 @@ def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
     if plan.noise_multiplier < policy.min_noise_multiplier:
         fixed = noise_multiplier is None and spec.dp.target_epsilon is None  # the experiment's own σ: public
         asked = f" {plan.noise_multiplier:g}" if fixed else ""
-        raise PolicyViolation(f"min_noise_multiplier: the task's noise multiplier{asked} is below this "
+        raise PolicyViolation(f"min_noise_multiplier: noise multiplier{asked} is below this "
                               f"site's policy.min_noise_multiplier {policy.min_noise_multiplier:g}")
     return replace(plan, reproducible=policy.reproducible_dp)
 
