@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -97,6 +98,75 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="Path to site.to
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+approvals_app = typer.Typer(help="The experiments this site approved (policy.require_approval).",
+                            no_args_is_help=True)
+app.add_typer(approvals_app, name="approvals")
+
+
+def _site_and_experiment(command: str, config: Path, experiment: Path | None) -> tuple[Any, Any]:
+    """The site config and (when given) the validated experiment; exit 2 with one line otherwise."""
+    from protocol.config import ConfigError, load_experiment
+    from site_worker.config import SiteConfigError, load_site_config
+
+    try:
+        cfg = load_site_config(config)
+    except SiteConfigError as e:
+        typer.echo(f"fedbus site {command}: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
+    if experiment is None:
+        return cfg, None
+    try:
+        exp = load_experiment(experiment)
+    except ConfigError as e:
+        typer.echo(f"fedbus site {command}: {experiment}: {e}", err=True)
+        raise typer.Exit(2) from None
+    if exp.dataset.name not in cfg.datasets:
+        typer.echo(f"fedbus site {command}: {experiment}: dataset.name: {exp.dataset.name!r} is not offered by this "
+                   f"site (offered: {', '.join(sorted(cfg.datasets))})", err=True)
+        raise typer.Exit(2)
+    return cfg, exp
+
+
+@app.command("approve")
+def approve(
+    experiment: Path = typer.Argument(..., help="The experiment JSON to approve"),
+    config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml"),
+) -> None:
+    """Approve what this site would run for EXPERIMENT (architecture, training, DP request, dataset)."""
+    from site_worker.approvals import Approvals, experiment_hash
+
+    cfg, exp = _site_and_experiment("approve", config, experiment)
+    digest = experiment_hash(exp.to_wire(), exp.dataset.name)
+    Approvals(cfg.state_dir).approve(digest, name=exp.name, dataset=exp.dataset.name)
+    typer.echo(f"approved {digest} ({exp.name} on dataset {exp.dataset.name})")
+
+
+@approvals_app.command("list")
+def approvals_list(config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml")) -> None:
+    """The approved experiment hashes, with the experiment and dataset each was approved for."""
+    from site_worker.approvals import Approvals
+
+    cfg, _ = _site_and_experiment("approvals list", config, None)
+    for digest, info in sorted(Approvals(cfg.state_dir).all().items()):
+        typer.echo(f"{digest}  {info.get('name', '?')}  dataset {info.get('dataset', '?')}")
+
+
+@approvals_app.command("revoke")
+def approvals_revoke(
+    digest: str = typer.Argument(..., help="The hash to revoke (as `approvals list` prints it)"),
+    config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml"),
+) -> None:
+    """Revoke an approval: the site declines that experiment's tasks again."""
+    from site_worker.approvals import Approvals
+
+    cfg, _ = _site_and_experiment("approvals revoke", config, None)
+    if not Approvals(cfg.state_dir).revoke(digest):
+        typer.echo(f"fedbus site approvals revoke: HASH: {digest!r} is not approved at this site "
+                   "(see `fedbus site approvals list`)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {digest}")
 
 
 @app.command("check")

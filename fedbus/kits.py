@@ -4,7 +4,7 @@
 
 * ``DIR/<site>/``: ``site.toml`` filled in, the site's key pair, ``coordinator.pub``, the
   broker password (``broker.password``, mode 0600), ``fedbus-site.service`` (systemd,
-  ``RestartPreventExitStatus=2``) and a ``README`` with the three steps left to the hospital;
+  ``RestartPreventExitStatus=2``) and a ``README`` with the four steps left to the hospital;
 * ``DIR/coordinator/``: ``coordinator.toml``, the coordinator's key pair, its broker
   password, and ``state/`` with every site enrolled;
 * ``DIR/kits.json``: what was provisioned (key ids, revocations), so re-running is
@@ -250,6 +250,7 @@ log_level = "info"
 
 [policy]
 max_epsilon = {s.max_epsilon:g}        # this hospital's lifetime privacy budget per dataset
+require_approval = true   # run only experiments approved here: fedbus site approve EXPERIMENT.json --config site.toml
 min_noise_multiplier = 0.5
 allow_no_dp = false
 
@@ -301,15 +302,21 @@ the coordinator's public key (coordinator.pub: only its tasks are run), the brok
 (broker.password, mode 0600) and a systemd unit. The broker is {party_url(p.broker, s.id)};
 the site only connects out to it.
 
-Three steps are left to you:
+Four steps are left to you:
 
 1. Point at the data file: edit `path` under [datasets.{s.dataset}] in site.toml (and
    `target`, the column to predict, if it says TARGET_COLUMN).
-2. Check everything before joining (config, keys, broker login, data against the experiment):
+2. Check everything before joining (config, keys, broker login, data against the experiment,
+   the experiment's hash, its model and the privacy cost of the run here):
 
        fedbus site check --config site.toml --experiment EXPERIMENT.json
 
-3. Start the worker:
+3. Approve the experiment (this site runs only what it approved: policy.require_approval):
+
+       fedbus site approve EXPERIMENT.json --config site.toml
+
+   (`fedbus site approvals list|revoke HASH --config site.toml` to review or withdraw)
+4. Start the worker:
 
        fedbus site run --config site.toml
 

@@ -120,8 +120,20 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
         exp = load_experiment(experiment)
     except ConfigError as e:
         return [Check("experiment", False, f"{experiment}: {e}")]
+    from site_worker.approvals import Approvals, experiment_hash
+
     out = [Check("experiment", True, f"{experiment}: {exp.name}, dataset {exp.dataset.name!r}, "
                                      f"{exp.training.rounds} rounds")]
+    digest = experiment_hash(exp.to_wire(), exp.dataset.name)
+    approved = Approvals(cfg.state_dir).approved(digest)
+    out.append(Check("approval", approved or not cfg.policy.require_approval,
+                     f"experiment hash {digest}: " + ("approved" if approved else "not approved")
+                     + ("" if approved or not cfg.policy.require_approval else
+                        "; this site requires approval (policy.require_approval): fedbus site approve "
+                        f"{experiment} --config SITE.toml")))
+    summary = summarize(exp.architecture.layers)
+    out.append(Check("model", True, f"{int(summary.parameters)} parameters, layers "
+                                    + ", ".join(str(layer.type) for layer in exp.architecture.layers)))
     try:
         check_policy(cfg.policy, exp, parameters=int(summarize(exp.architecture.layers).parameters))
         out.append(Check("policy", True, "the experiment is within this site's policy"))
@@ -146,12 +158,13 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
 
 
 def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int) -> Check:
-    """ε of the whole run at this site: every round's DP-SGD steps plus its metrics release,
-    planned exactly as the site will (its policy's accountant, δ and limits), on top of the ledger."""
-    from site_worker.dp import site_plan
-    from site_worker.ledger import PrivacyLedger, epsilon_of
+    """ε of the whole run at this site on top of its ledger: the plan the site itself runs
+    (``run_budget.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
+    evaluations, the fine-tune and the final evaluation, at the policy's accountant and δ, a
+    ``total_epsilon`` run's solved σ included), so the figure is the ledger's after the run."""
+    from site_worker import run_budget
+    from site_worker.ledger import PrivacyLedger, epsilon_of, merge
     from site_worker.policy import PolicyViolation
-    from site_worker.release import release_entries
     from site_worker.trainer import TrainSpec
 
     policy = cfg.policy
@@ -160,20 +173,22 @@ def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int)
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
     try:
-        plan = site_plan(policy, spec, n_train=n_train, rows=rows)
+        plan = run_budget.site_run_plan(exp, policy, n_train=n_train, rows=rows)
     except PolicyViolation as e:
         return Check("privacy", False, f"this site would decline: {e}")
-    rounds = int(exp.training.rounds)
+    except run_budget.BudgetExhausted as e:
+        return Check("privacy", False, f"this site would decline: total_epsilon: {e}")
     history = PrivacyLedger(cfg.state_dir).history(dataset)
-    per_round = plan.entries() + release_entries(policy)
     spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)
-    after = epsilon_of(list(history) + per_round * rounds, delta=plan.delta, accountant=plan.accountant)
+    after = epsilon_of(merge([*history, *plan.entries()]), delta=plan.delta, accountant=plan.accountant)
     budget = policy.max_epsilon
     ok = budget is None or after <= budget
-    return Check("privacy", ok, f"the run would cost ε {after - spent:.3g} (ε {spent:.3g} -> {after:.3g} at δ "
-                                f"{plan.delta:g}, {plan.accountant} accountant, {rounds} rounds of {plan.steps} steps "
-                                f"at noise {plan.noise_multiplier:g})"
-                                + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+    return Check("privacy", ok, f"the run would cost ε {after - spent:.4g} (ε {spent:.4g} -> {after:.4g} at δ "
+                                f"{plan.delta:g}, {plan.accountant} accountant, {plan.rounds} rounds of "
+                                f"{plan.round_steps} steps at noise {plan.noise_multiplier:.4g}, with the metrics, "
+                                "fine-tune and final releases the site plans"
+                                + (f", total_epsilon {plan.total_epsilon:g}" if plan.total_epsilon is not None else "")
+                                + ")" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
                                 + ("" if ok else ": the site would decline the rounds past its budget"))
 
 

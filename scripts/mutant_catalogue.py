@@ -540,3 +540,89 @@ MUTANTS.extend([
         ("tests/coordinator/test_server_opt.py::test_configure_fit_samples_the_round_and_central_dp_fixes_qn_secretly",),
     ),
 ])
+
+# ---------------------------------------------------------------------- words (issue 20, classes 2, 6, 8)
+# Nothing data-dependent in a site's refusals, reproducible noise never repeated on another
+# release, notices rate-limited per signer, crash loops bounded, site check on the site's plan.
+MUTANTS.extend([
+    Mutant(
+        "words-category-count-declined", "a value outside the experiment's category list is never an uncharged refusal (the counts oracle)",
+        (Edit("site_worker/data.py",
+              "                log.warning(\"categories_not_listed\", column=col, values=len(unknown),\n",
+              "                raise DataError(col, f\"{len(unknown)} value(s) are not among the categories\")\n"
+              "                log.warning(\"categories_not_listed\", column=col, values=len(unknown),\n"),),
+        ("tests/site_worker/test_no_data_words.py::test_the_counts_oracle_is_silent_and_every_answer_is_charged",),
+    ),
+    Mutant(
+        "words-refusal-quotes-a-count", "a refusal on the wire carries no count from the rows (to_numeric's count stays in the site's log)",
+        (Edit("site_worker/data.py", '        raise DataError(column, "expected numbers but the column holds text; "\n',
+              '        raise DataError(column, f"expected numbers but {bad} value(s) hold text; "\n'),),
+        ("tests/site_worker/test_no_data_words.py::test_each_refusal_says_the_same_bytes_for_datasets_one_row_apart",),
+    ),
+    Mutant(
+        "words-projected-epsilon-on-the-wire", "a budget refusal keeps the projection from this task's rows in the site's log",
+        (Edit("site_worker/handlers.py", "            figures = {k: v for k, v in d.figures.items() if k in WIRE_FIGURES}\n",
+              "            figures = dict(d.figures)\n"),),
+        ("tests/site_worker/test_no_data_words.py::test_each_refusal_says_the_same_bytes_for_datasets_one_row_apart",),
+    ),
+    Mutant(
+        "words-exception-text-on-the-wire", "an exception's text (which can quote the data) stays in the site's log",
+        (Edit("site_worker/handlers.py",
+              "                            detail=f\"{type(e).__name__}: the site failed on this task; its operator has the \"\n",
+              "                            detail=f\"{type(e).__name__}: {e}; its operator has the \"\n"),),
+        ("tests/site_worker/test_no_data_words.py::test_each_refusal_says_the_same_bytes_for_datasets_one_row_apart",),
+    ),
+    Mutant(
+        "words-reproducible-noise-by-seed-only", "a repeated task seed never repeats reproducible noise on a different release",
+        (Edit("site_worker/secure_rng.py",
+              "        material = f\"fedbus-reproducible-dp\\0{int(site_seed)}\\0{int(task_seed)}\\0{purpose}\\0\".encode() + inputs\n",
+              "        material = f\"fedbus-reproducible-dp\\0{int(site_seed)}\\0{int(task_seed)}\\0{purpose}\\0\".encode()\n"),),
+        ("tests/site_worker/test_reproducible_noise.py",),
+    ),
+    Mutant(
+        "words-untrusted-notice-per-run", "untrusted-task notices are limited per signer and overall, whatever run id a forger claims",
+        (Edit("site_worker/untrusted.py", "            if not self._allow(str(kid)[:64]):\n",
+              "            if not self._allow(claimed.run_id):\n"),
+         Edit("site_worker/untrusted.py", "        if len(self._recent) >= self.burst:\n", "        if False:\n")),
+        ("tests/site_worker/test_untrusted_notices.py",),
+    ),
+    Mutant(
+        "words-crash-loop-unbounded", "a task that crashes the site is declined after its last allowed start",
+        (Edit("site_worker/daemon.py", "        if started >= self.attempts.max_attempts:\n", "        if False:\n"),),
+        ("tests/site_worker/test_crash_retry.py::test_a_crash_loop_ends_declined_and_its_reservation_released",),
+        timeout_s=240.0,
+    ),
+    Mutant(
+        "words-dead-reservation-charged-again", "a reservation of an attempt that died before its commit is replaced, not added to",
+        (Edit("site_worker/ledger.py",
+              "            rel[:] = [r for r in rel if not (r[\"id\"] == release_id and r[\"state\"] == \"reserved\")]\n", ""),),
+        ("tests/site_worker/test_crash_retry.py::test_a_committed_release_stays_charged_when_its_task_comes_back",),
+    ),
+    Mutant(
+        "words-failed-task-reservation-kept", "a task that fails in the handler releases what it reserved",
+        (Edit("site_worker/handlers.py",
+              "            self.release_reservations(env)  # it failed before its commit: nothing of it left the site\n", ""),),
+        ("tests/site_worker/test_crash_retry.py::test_a_task_that_fails_in_the_handler_releases_its_reservation",),
+    ),
+    Mutant(
+        "words-site-check-own-arithmetic", "site check's ε is the site's run plan (metrics, fine-tune and final releases included)",
+        (Edit("fedbus/site_check.py",
+              "    after = epsilon_of(merge([*history, *plan.entries()]), delta=plan.delta, accountant=plan.accountant)\n",
+              "    after = epsilon_of(merge([*history, (plan.noise_multiplier, plan.sample_rate, plan.round_steps * plan.rounds)]),\n"
+              "                       delta=plan.delta, accountant=plan.accountant)\n"),),
+        ("tests/simulator/test_site_check_matches_ledger.py",),
+        timeout_s=300.0,
+    ),
+    Mutant(
+        "words-approval-not-enforced", "with require_approval a site declines every experiment hash its operator has not approved",
+        (Edit("site_worker/handlers.py", "        if self.config.policy.require_approval:\n", "        if False:\n"),),
+        ("tests/cli/test_site_approval.py::test_a_provisioned_kit_runs_only_what_its_operator_approved",),
+    ),
+    Mutant(
+        "words-approval-hash-ignores-training", "the approved hash covers the training block (a changed DP request or epochs is another experiment)",
+        (Edit("site_worker/approvals.py",
+              '    doc = {"architecture": experiment.get("architecture"), "training": experiment.get("training"),\n',
+              '    doc = {"architecture": experiment.get("architecture"),\n'),),
+        ("tests/cli/test_site_approval.py::test_a_provisioned_kit_runs_only_what_its_operator_approved",),
+    ),
+])

@@ -78,6 +78,7 @@ class SitePolicy:
     reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
     dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
     allow_unprotected_flower_client: bool = False
+    require_approval: bool = False  # run only experiments the operator approved (site_worker/approvals.py)
 
     def site_delta(self, rows: int) -> float:
         """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
@@ -212,7 +213,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
-        "allow_unprotected_flower_client",
+        "allow_unprotected_flower_client", "require_approval",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -260,6 +261,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         reproducible_dp=reproducible,
         dp_seed=dp_seed,
         allow_unprotected_flower_client=r.boolean("allow_unprotected_flower_client", default=False),
+        require_approval=r.boolean("require_approval", default=False),
     )
 
 

@@ -21,12 +21,13 @@ import structlog
 
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.errors import ProtocolError, UnknownSigner
-from protocol.messages import Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
+from protocol.messages import Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
 from site_worker.announce import with_budget
+from site_worker.attempts import TaskAttempts, backoff_s
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
@@ -81,6 +82,7 @@ class SiteWorker:
         self.guard = ReplayGuard(max_skew_s=config.max_skew_s, path=config.state_dir / "seen_tasks.log",
                                  clock=self._now)
         self.ledger = PrivacyLedger(config.state_dir)
+        self.attempts = TaskAttempts(config.state_dir)
         self._abort = threading.Event()  # training checks it between batches
         self._stopping = threading.Event()
         self._idle = threading.Event()
@@ -233,7 +235,7 @@ class SiteWorker:
             self._task(d, env)
 
     def _tell_untrusted(self, frame: bytes | memoryview) -> None:
-        """A signed Declined(untrusted_task) to the coordinator, once per run (site_worker/untrusted.py)."""
+        """A signed Declined(untrusted_task) to the coordinator, rate-limited per unknown signer (site_worker/untrusted.py)."""
         env = self.untrusted.notice(frame, sent_at=self._now())
         if env is None:
             return
@@ -259,10 +261,28 @@ class SiteWorker:
             self.guard.mark_seen(env.message_id)
             return
         tlog.info("task_received", dataset=payload.dataset, redelivered=d.redelivered)
+        started = self.attempts.started(env.message_id)
+        if started >= self.attempts.max_attempts:
+            # It crashed the site every time: decline it so it cannot loop, and release what the
+            # dead attempts reserved (none of them committed, so none published anything).
+            self.handler.release_reservations(env)
+            tlog.error("task_crash_loop", attempts=started)
+            self._reply(d, env, Declined(
+                task_id=env.message_id, reason="error",
+                detail=f"crash_loop: this site started the task {started} times without finishing it (the "
+                       f"limit is {self.attempts.max_attempts}); its operator has each crash in the site's log"), tlog)
+            return
+        wait = backoff_s(started + 1)
+        if wait:
+            tlog.warning("task_retry_backoff", attempt=started + 1, backoff_s=wait)
+            if self._stopping.wait(wait):
+                return  # stopping: unsettled, redelivered later
+        self.attempts.begin(env.message_id)
         try:
             reply = self.handler.handle(env)
         except TrainingAborted as e:
             self._count("abandoned")
+            self.attempts.done(env.message_id)  # a stop, not a crash: the next start is not a retry
             tlog.warning("task_abandoned", reason=str(e))
             return  # unsettled: redelivered when the consumer is cancelled / the process dies
         self._reply(d, env, reply, tlog)
@@ -287,6 +307,7 @@ class SiteWorker:
             return
         d.ack()
         self.guard.mark_seen(task_env.message_id)
+        self.attempts.done(task_env.message_id)
         self._count("tasks_done")
         kind = type(reply).__name__
         if kind == "Update":

@@ -20,20 +20,29 @@ import numpy as np
 import pandas as pd
 import torch
 
+import structlog
+
 from protocol.messages import DatasetInfo
 from site_worker.config import DatasetSource
 from site_worker.splits import Split, SplitKey, array_row_hashes, assign, row_hashes, unit_values
 
+log = structlog.get_logger(__name__)
 _THOUSANDS = re.compile(r"^\s*[-+]?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
 
 
 class DataError(ValueError):
-    """The local data cannot serve this task; ``column`` names what is wrong."""
+    """The local data cannot serve this task; ``column`` names what is wrong.
 
-    def __init__(self, column: str, message: str) -> None:
+    The message travels to the coordinator in ``Declined(data)``, so it holds public
+    parameters only (column names, the experiment's settings); counts and values from
+    the rows go in ``private``, which the site writes to its own log and never sends.
+    """
+
+    def __init__(self, column: str, message: str, *, private: dict[str, Any] | None = None) -> None:
         super().__init__(f"column {column!r}: {message}")
         self.column = column
         self.message = message
+        self.private = dict(private or {})
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,8 @@ def read_signals(source: DatasetSource) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
         raise DataError(source.target, "labels must be a 1-D array")
     if len(x) != len(y):
-        raise DataError(source.target, f"{len(x)} signals but {len(y)} labels")
+        raise DataError(source.target, "the signal and label files hold different numbers of rows",
+                        private={"signals": len(x), "labels": len(y)})
     return x, y.reshape(-1)
 
 
@@ -138,8 +148,9 @@ def to_numeric(series: pd.Series, column: str) -> pd.Series:
     out = pd.to_numeric(s.str.strip(), errors="coerce")
     bad = int((out.isna() & series.notna() & (s.str.strip() != "")).sum())
     if bad:
-        raise DataError(column, f"expected numbers but {bad} value(s) are not numeric; "
-                                "declare it categorical in the experiment or fix the file")
+        raise DataError(column, "expected numbers but the column holds text; "
+                                "declare it categorical in the experiment or fix the file",
+                        private={"not_numeric": bad})
     return out.astype(float)
 
 
@@ -247,12 +258,12 @@ def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | 
 
 def _split(key: SplitKey, dataset: str, hashes: np.ndarray, validation_fraction: float) -> Split:
     if len(hashes) < 2:
-        raise DataError("rows", f"only {len(hashes)} usable row(s); need at least 2")
+        raise DataError("rows", "fewer than 2 usable rows", private={"usable_rows": len(hashes)})
     u = unit_values(key, dataset, hashes)
     split = assign(u, test_fraction=key.test_fraction, validation_fraction=validation_fraction)
     if len(split.train) == 0:
-        raise DataError("rows", f"{len(hashes)} usable rows leave none to train on after the test and "
-                                "validation splits")
+        raise DataError("rows", "the usable rows leave none to train on after the test and validation splits",
+                        private={"usable_rows": len(hashes)})
     return split
 
 
@@ -378,12 +389,12 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
             cats = [_category_key(c) for c in categorical[col]]
             keys = series.map(_category_key)
             unknown = sorted({k for k in keys if k is not None and k not in cats})
-            if unknown:  # would be encoded as all zeros, silently: refuse, naming the column only
-                # Never the value: this detail travels to the coordinator, and a rare category
-                # can identify a patient; the operator looks the column up in the file.
-                raise DataError(col, f"{len(unknown)} value(s) are not among the categories the experiment "
-                                     f"declares (dataset.categorical.{col} lists {len(cats)}); add them to the "
-                                     "experiment or fix the file")
+            if unknown:
+                # Encoded as all zeros ("not listed") and said in the site's log only. Refusing would
+                # answer, uncharged, whether any patient holds a value outside a list the coordinator
+                # chose (a membership and value oracle: issue 20, class 2); `site check` shows it.
+                log.warning("categories_not_listed", column=col, values=len(unknown),
+                            rows=int(keys.isin(unknown).sum()))
             block = np.stack([(keys == c).to_numpy(dtype=np.float32) for c in cats], axis=1) if cats else \
                 np.zeros((len(df), 0), np.float32)
             block.flags.writeable = False  # shared by every task on this file
@@ -392,6 +403,10 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
         if source.columns.get(col) == "categorical":
             raise DataError(col, "the site declares it categorical but the experiment uses it as numeric; "
                                  "add it to dataset.categorical in the experiment")
+        if source.format != "npy" and col in read_table(source).columns:
+            # Decided on the whole file, as the SiteHello's feature_types announces the column:
+            # the refusal repeats a public bit and says nothing about the rows this task uses.
+            to_numeric(read_table(source)[col], col)
         vals = to_numeric(series, col).to_numpy(dtype=np.float64)
         if col in missing:  # the dataset's own "not measured" codes read as empty cells
             vals = np.where(np.isin(vals, missing[col]), np.nan, vals)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from site_worker.config import SitePolicy
 from site_worker.ledger import History
@@ -96,27 +96,71 @@ def site_plan(policy: SitePolicy, spec: Any, *, n_train: int, rows: int,
     delta = check_dp_request(policy, spec.dp, rows=rows)
     check_epochs(policy, spec.epochs)
     plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant, noise_multiplier=noise_multiplier)
+    # The sample rate, steps and a target-ε noise follow from the training rows this site holds:
+    # a refusal names the setting and the experiment's own numbers, never those (issue 20, class 2).
     if plan.sample_rate > policy.max_sample_rate:
         raise PolicyViolation(
-            f"max_sample_rate: batch size {spec.batch_size} on {n_train} training rows samples at rate "
-            f"{plan.sample_rate:.4g}, above this site's policy.max_sample_rate {policy.max_sample_rate:g} "
-            f"(use a batch size of at most {int(policy.max_sample_rate * n_train)})")
+            f"max_sample_rate: batch size {spec.batch_size} samples this site's training rows at a rate above its "
+            f"policy.max_sample_rate {policy.max_sample_rate:g} (use a smaller training.batch_size)")
     if plan.steps > policy.max_steps_per_task:
-        raise PolicyViolation(f"max_steps_per_task: the task would take {plan.steps} DP-SGD steps, this site's "
-                              f"policy.max_steps_per_task is {policy.max_steps_per_task}")
+        raise PolicyViolation(f"max_steps_per_task: {spec.epochs} epoch(s) at batch size {spec.batch_size} take more "
+                              f"DP-SGD steps than this site's policy.max_steps_per_task {policy.max_steps_per_task}")
     if plan.noise_multiplier < policy.min_noise_multiplier:
-        raise PolicyViolation(f"min_noise_multiplier: noise multiplier {plan.noise_multiplier:g} is below this "
+        fixed = noise_multiplier is None and spec.dp.target_epsilon is None  # the experiment's own σ: public
+        asked = f" {plan.noise_multiplier:g}" if fixed else ""
+        raise PolicyViolation(f"min_noise_multiplier: noise multiplier{asked} is below this "
                               f"site's policy.min_noise_multiplier {policy.min_noise_multiplier:g}")
     return replace(plan, reproducible=policy.reproducible_dp)
 
 
-def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str) -> SecureRandom:
+def noise_source(policy: SitePolicy, *, task_seed: int, purpose: str,
+                 inputs: Callable[[], bytes] | None = None) -> SecureRandom:
     """Secret randomness for one task (256 bits from the OS); the site's dp_seed only when
-    the policy turns reproducible_dp on. Never anything the coordinator chose alone."""
+    the policy turns reproducible_dp on. Never anything the coordinator chose alone.
+
+    ``inputs`` gives the digest of what the release is computed from (``release_inputs``),
+    needed in reproducible mode: a repeated task seed then repeats the noise only on an
+    identical release, never on a different model, split, data or plan (issue 20, class 6)."""
     if policy.reproducible_dp:
-        assert policy.dp_seed is not None
-        return SecureRandom.reproducible_from(policy.dp_seed, task_seed, purpose)
+        if policy.dp_seed is None or inputs is None:
+            raise ValueError("reproducible_dp needs dp_seed and the release's inputs to key its noise")
+        return SecureRandom.reproducible_from(policy.dp_seed, task_seed, purpose, inputs())
     return SecureRandom.secret()
+
+
+def release_inputs(*parts: Any) -> bytes:
+    """SHA-256 over what a release is computed from: tensors (by dtype, shape and bytes),
+    modules (their state), ``PreparedData`` (every split), anything else by its ``repr``."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(x, torch.nn.Module):
+            for k, v in x.state_dict().items():
+                h.update(k.encode())
+                feed(v)
+        elif hasattr(x, "x_train") and hasattr(x, "y_train"):  # PreparedData
+            for t in (x.x_train, x.y_train, x.x_val, x.y_val, x.x_test, x.y_test):
+                feed(t if t is not None else "none")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for y in x:
+                feed(y)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+        h.update(b"\0")
+
+    for p in parts:
+        feed(p)
+    return h.digest()
 
 
 def train_memory_mb(parameters: int, *, activations: int, batch_size: int, n_train: int,

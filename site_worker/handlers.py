@@ -25,9 +25,10 @@ import torch
 from protocol.config import ConfigError, load_experiment
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
+from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_epochs, check_eval_memory, check_memory, noise_source, site_plan
+from site_worker.dp import check_epochs, check_eval_memory, check_memory, noise_source, release_inputs, site_plan
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
@@ -42,14 +43,19 @@ log = structlog.get_logger(__name__)
 
 Reply = Update | EvalResult | Declined
 _EXPERIMENT_CACHE = 4  # experiments a site keeps parsed (one per run it serves, typically)
+# Figures a Declined may carry: public settings and what the site already reported in its
+# Updates. A projection from this task's rows (epsilon_projected) stays in the site's log.
+WIRE_FIGURES = frozenset({"epsilon_spent", "max_epsilon", "delta", "count", "cap"})
 
 
 class _Decline(Exception):
-    def __init__(self, reason: str, detail: str, figures: dict[str, float] | None = None) -> None:
+    def __init__(self, reason: str, detail: str, figures: dict[str, float] | None = None,
+                 private: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
         self.figures = figures or {}
+        self.private = private or {}  # counts from the rows: the site's log only
 
 
 def _fix_for_dp(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,6 +92,7 @@ class TaskHandler:
         self.heads = personalize.HeadStore(config.state_dir)  # TaskConfig.personal_layers: this site's own last layers
         self.joined = RunsJoined(config.state_dir)  # runs this site trained in (a PersonalizeTask needs one)
         self.finals = FinalStore(config.state_dir)  # each run's final global and personalised models
+        self.approvals = Approvals(config.state_dir)  # experiments the operator approved (require_approval)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -104,16 +111,32 @@ class TaskHandler:
                     return self._personalize(env, task)
                 return self._evaluate(env, task)
         except _Decline as d:
-            log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail, **d.figures)
-            return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail, figures=d.figures)  # type: ignore[arg-type]
+            log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail, **d.figures,
+                        **{f"private_{k}": v for k, v in d.private.items()})
+            figures = {k: v for k, v in d.figures.items() if k in WIRE_FIGURES}
+            return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail, figures=figures)  # type: ignore[arg-type]
         except TrainingAborted:
             raise
         except FlowerClientError as e:
             log.error("flower_client_failed", task_id=env.message_id, error=str(e))
             return Declined(task_id=env.message_id, reason="error", detail=str(e))
         except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop
+            self.release_reservations(env)  # it failed before its commit: nothing of it left the site
+            # The text of an arbitrary exception can quote the data (a value, a row count): the
+            # coordinator gets its type, the site's log gets the rest.
             log.exception("task_failed", task_id=env.message_id)
-            return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: {e}"[:500])
+            return Declined(task_id=env.message_id, reason="error",
+                            detail=f"{type(e).__name__}: the site failed on this task; its operator has the "
+                                   "traceback in the site's log (event task_failed)")
+
+    def release_reservations(self, env: Envelope) -> None:
+        """Drop what a task reserved and never committed (committed releases stay charged)."""
+        task = env.payload
+        if getattr(task, "dataset", None) not in self.config.datasets:
+            return
+        self.ledger.cancel(task.dataset, env.message_id)
+        if isinstance(task, PersonalizeTask):
+            self.ledger.cancel(task.dataset, personalize.release_id(env.run_id))
 
     # ------------------------------------------------------------------ shared checks
 
@@ -138,6 +161,12 @@ class TaskHandler:
         if task.dataset not in self.config.datasets:
             raise _Decline("data", f"dataset {task.dataset!r} is not offered by this site "
                                    f"(offered: {', '.join(sorted(self.config.datasets))})")
+        if self.config.policy.require_approval:
+            digest = experiment_hash(exp.to_wire(), task.dataset)  # normalised: as `site approve` hashes it
+            if not self.approvals.approved(digest):
+                raise _Decline("policy", f"require_approval: experiment {digest} is not approved at this site; its "
+                                         "operator reviews it with `fedbus site check --experiment` and runs "
+                                         "`fedbus site approve EXPERIMENT.json`")
         try:
             check_policy(self.config.policy, exp, parameters=int(summary.parameters), buffers=summary.buffers)
         except PolicyViolation as e:
@@ -165,7 +194,7 @@ class TaskHandler:
             return prepare(self.config.datasets[task.dataset], exp.dataset, key=self.split_key,
                            input_shape=tuple(summary.input_shape) if summary.input_shape else None)
         except DataError as e:
-            raise _Decline("data", str(e)) from None
+            raise _Decline("data", str(e), private=e.private) from None
 
     def _reserve(self, dataset: str, env: Envelope, *, kind: str, entries: list, delta: float,
                  max_count: tuple[int, str] | None = None) -> float:
@@ -233,12 +262,13 @@ class TaskHandler:
         personal = personalize.personal_layers(task.config)
         if personal:
             self.heads.apply(model, env.run_id, task.dataset, personal)
+        inputs = self._inputs(key, task, model, data, plan)  # reproducible noise's key: before any training
         epsilon = None
         if plan is not None:
             entries = plan.entries() + release_entries(policy)
             epsilon = self._reserve(task.dataset, env, kind="train", entries=entries, delta=plan.delta)
         try:
-            rng = noise_source(policy, task_seed=task.seed, purpose="train") if plan is not None else None
+            rng = noise_source(policy, task_seed=task.seed, purpose="train", inputs=inputs) if plan is not None else None
             before = (release_metrics(model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                       policy=policy, rng=None) if policy.metrics == "exact" else {})
             result = train(model, data, spec, plan=plan, stop=self.stop, rng=rng, measure=False,
@@ -248,7 +278,8 @@ class TaskHandler:
                 self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
             raise
         after = release_metrics(result.model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
-                                policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics"))
+                                policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics",
+                                                                inputs=inputs))
         if personal:
             self.heads.keep(result.model, env.run_id, task.dataset, personal)
         metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
@@ -289,7 +320,8 @@ class TaskHandler:
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
-        rng = noise_source(policy, task_seed=task.seed, purpose="eval")
+        rng = noise_source(policy, task_seed=task.seed, purpose="eval",
+                           inputs=self._inputs(key, task, model, data, task.split))
         if task.split == "test":  # with sensitivity, specificity and the majority-class baseline
             m = release_on_test([model], x, y, data.y_train, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng)[0]
@@ -353,9 +385,10 @@ class TaskHandler:
         try:
             if layers:
                 self.heads.apply(model, env.run_id, task.dataset, layers)
+            inputs = self._inputs(key, task, global_model, model, data)
             if fine_tune:
                 personalize.personalize_at_site(exp, model, data, config=self.config, dataset=task.dataset,
-                                                run_id=env.run_id, seed=task.seed)
+                                                run_id=env.run_id, seed=task.seed, inputs=inputs)
         except BaseException as e:
             self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site
             if isinstance(e, (BudgetExceeded, run_budget.BudgetExhausted)):
@@ -369,7 +402,7 @@ class TaskHandler:
         model.eval()
         released = release_on_test([global_model, model], x, y, data.y_train, loss_name=str(exp.training.loss_function),
                                    task=data.task, policy=policy,
-                                   rng=noise_source(policy, task_seed=task.seed, purpose="final"))
+                                   rng=noise_source(policy, task_seed=task.seed, purpose="final", inputs=inputs))
         self.ledger.commit(task.dataset, env.message_id)
         released = [bound_counts(r, rows) for r in released]
         metrics = {**released[0], **prefixed("personalized", released[1])}
@@ -386,6 +419,17 @@ class TaskHandler:
         log.info("personalized", run_id=env.run_id, dataset=task.dataset, fine_tune=fine_tune, personal_layers=layers,
                  personalize_s=round(tune_s, 3))
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=metrics, base_round=task.base_round)
+
+    def _inputs(self, key: str, task: Any, *parts: Any) -> Any:
+        """The digest reproducible noise is keyed with (``dp.release_inputs``): the task as
+        sent (but its deadline), the model and data the release is computed from, the plan
+        and the policy. Computed only when the policy is reproducible (it hashes the data)."""
+        if not self.config.policy.reproducible_dp:
+            return None
+        fields = (key, task.dataset, task.seed, task.base_round, getattr(task, "split", None),
+                  json.dumps(getattr(task, "config", None) or {}, sort_keys=True, default=str))
+        digest = release_inputs(fields, *parts, repr(self.config.policy))
+        return lambda: digest
 
     def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""

@@ -184,10 +184,13 @@ class PrivacyLedger:
 
         Raises ``BudgetExceeded`` (nothing reserved) when the projection passes ``max_epsilon``,
         or when ``max_count = (cap, setting)`` releases of this kind/run already exist. A
-        release id already in the ledger (a redelivered task) is charged again: the earlier
-        attempt may have published its reply.
+        release id already spent (a redelivered task) is charged again: the earlier attempt
+        may have published its reply. A release id still *reserved* is an attempt that died
+        before its commit, so before any reply existed: it released nothing, and this
+        reservation replaces it (a crash loop cannot drain the budget; issue 20, class 8).
         """
         with self._locked(dataset) as rel:
+            rel[:] = [r for r in rel if not (r["id"] == release_id and r["state"] == "reserved")]
             if max_count is not None:
                 cap, setting = max_count
                 done = sum(1 for r in rel if r["kind"] == kind and r.get("run_id") == run_id)
@@ -198,9 +201,11 @@ class PrivacyLedger:
             spent = epsilon_of(history, delta=delta, accountant=accountant)
             projected = epsilon_of(merge([*history, *entries]), delta=delta, accountant=accountant)
             if max_epsilon is not None and projected > max_epsilon:
+                # The projection follows from this task's sample rate and steps (the site's training
+                # rows): the figure stays in ``figures`` for the site's log, the wire omits it.
                 raise BudgetExceeded(
-                    f"max_epsilon: releasing this would raise epsilon on {dataset!r} from {spent:.4g} to "
-                    f"{projected:.4g} (delta {delta:g}, {accountant}), above this site's max_epsilon {max_epsilon:g}",
+                    f"max_epsilon: releasing this would raise epsilon on {dataset!r} from {spent:.4g} (delta "
+                    f"{delta:g}, {accountant}) above this site's max_epsilon {max_epsilon:g}",
                     {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": max_epsilon,
                      "delta": delta})
             rel.append({"id": release_id, "kind": kind, "run_id": run_id, "state": "reserved", "at": time.time(),

@@ -160,8 +160,13 @@ def personalization_spec(experiment: Any, seed: int) -> TrainSpec:
     return TrainSpec.from_experiment(experiment, seed=seed, overrides=overrides)
 
 
+def release_id(run_id: str) -> str:
+    """The ledger id of a run's fine-tune release (one per run and dataset)."""
+    return f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+
+
 def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
-                        run_id: str, seed: int) -> TrainResult:
+                        run_id: str, seed: int, inputs: Any = None) -> TrainResult:
     """What a site runs after the last round: fine-tune under its policy, charged to its ledger
     with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
     from site_worker import run_budget
@@ -181,12 +186,13 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
                                           delta=policy.site_delta(data.rows), accountant=policy.accountant,
                                           policy=policy, remaining_steps=steps)
     plan = site_plan(policy, spec, n_train=n_train, rows=data.rows, noise_multiplier=noise)
-    release = f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+    release = release_id(run_id)
     ledger.reserve(dataset, release_id=release, kind="train", entries=plan.entries(), delta=plan.delta,
                    accountant=policy.accountant, max_epsilon=policy.max_epsilon, run_id=run_id)
     try:
         result = fine_tune(model, data, experiment, seed=seed, plan=plan,
-                           rng=noise_source(policy, task_seed=seed, purpose="personalize"))
+                           rng=noise_source(policy, task_seed=seed, purpose="personalize",
+                                            inputs=None if inputs is None else lambda: inputs() + repr(plan).encode()))
     except BaseException:
         ledger.cancel(dataset, release)
         raise

@@ -186,7 +186,7 @@ def _solve_cached(total_epsilon: float, delta: float, accountant: str, sample_ra
     while eps(hi) > total_epsilon:
         lo, hi = hi, hi * 2
         if hi > _MAX_NOISE:
-            raise BudgetExhausted(f"no noise fits the {steps} DP-SGD steps left in total epsilon {total_epsilon:g}")
+            raise BudgetExhausted(f"no noise fits the DP-SGD steps left in total epsilon {total_epsilon:g}")
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if eps(mid) <= total_epsilon else (mid, hi)
@@ -206,8 +206,8 @@ def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_r
     if not spent:
         try:
             return _fresh_noise(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps))
-        except ValueError as e:
-            raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in {steps} steps: {e}") from None
+        except ValueError:
+            raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in the steps left") from None
     return _solve_cached(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps),
                          tuple((float(a), float(b), int(c)) for a, b, c in spent))
 

@@ -10,9 +10,12 @@ process. Gaussian samples are Box-Muller over 53-bit uniforms, summed 2n = 4 at 
 and rescaled, exactly the defence Opacus' ``secure_mode`` uses against floating-point
 attacks on the noise (Mironov 2012; Opacus ``_generate_noise`` notes).
 
-Reproducible research runs key the same generator from a site-local seed and the task's
-seed (``reproducible(...)``): only when the site's policy says ``reproducible_dp = true``,
-and every Update then says so.
+Reproducible research runs key the same generator from a site-local seed, the task's seed
+and a digest of everything the release is computed from (``reproducible_from``): only when
+the site's policy says ``reproducible_dp = true``, and every Update then says so. The digest
+is why a coordinator repeating a seed never gets the same noise on a different release
+(issue 20, class 6): the same noise comes back only with the same model, data, plan and
+policy, i.e. on an identical release that says nothing new.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ class SecureRandom:
         return cls(os.urandom(KEY_BYTES))
 
     @classmethod
-    def reproducible_from(cls, site_seed: int, task_seed: int, purpose: str) -> "SecureRandom":
-        """Deterministic stream for research runs (site seed + task seed): NOT secret from
-        anyone who learns the site seed; only used when the site policy turns it on."""
-        material = f"fedbus-reproducible-dp\0{int(site_seed)}\0{int(task_seed)}\0{purpose}".encode()
+    def reproducible_from(cls, site_seed: int, task_seed: int, purpose: str, inputs: bytes) -> "SecureRandom":
+        """Deterministic stream for research runs (site seed + task seed + ``inputs``, the
+        digest of what the release is computed from): NOT secret from anyone who learns the
+        site seed and the data; only used when the site policy turns it on."""
+        material = f"fedbus-reproducible-dp\0{int(site_seed)}\0{int(task_seed)}\0{purpose}\0".encode() + inputs
         return cls(hashlib.sha256(material).digest(), reproducible=True)
 
     def _u64(self, n: int) -> np.ndarray:

@@ -90,9 +90,18 @@ def test_noise_cannot_be_rebuilt_from_anything_the_coordinator_knows(attack):
     site.still_serves()
 
 
-def test_the_reconstruction_succeeds_only_with_the_sites_own_reproducible_seed(attack):
+def test_the_reconstruction_succeeds_only_with_the_sites_own_reproducible_seed(attack, monkeypatch):
     """Control for the test above: the same arithmetic recovers S when the noise key is known
-    (a site that turned reproducible_dp on and leaked dp_seed), so the refusal above is real."""
+    (a site that turned reproducible_dp on and leaked dp_seed and its key material), so the
+    refusal above is real."""
+    keys: list[tuple] = []
+    real = SecureRandom.reproducible_from.__func__
+
+    def spy(cls, *args):
+        keys.append(args)
+        return real(cls, *args)
+
+    monkeypatch.setattr(SecureRandom, "reproducible_from", classmethod(spy))
     site = attack(max_sample_rate=1.0, reproducible_dp=True, dp_seed=5)
     exp = experiment_dict(**ONE_STEP)
     sent = initial_weights(exp, seed=3)
@@ -100,7 +109,9 @@ def test_the_reconstruction_succeeds_only_with_the_sites_own_reproducible_seed(a
     assert isinstance(update, Update) and update.reproducible  # reported in the Update
 
     def site_seed_noise(weights, n, std):
-        rng = SecureRandom.reproducible_from(5, TASK_SEED, "train")
+        (key,) = [k for k in keys if k[2] == "train"]
+        assert key[:2] == (5, TASK_SEED)
+        rng = real(SecureRandom, *key)
         rng.uniform(n)  # the Poisson draw of the one step
         return np.concatenate([rng.gaussian_like(torch.zeros(a.shape, dtype=torch.float64), std).numpy().ravel()
                                for _, a in weights])

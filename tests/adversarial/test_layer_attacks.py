@@ -60,7 +60,7 @@ def send(site: TaskHandler, task: Any, *, round: int = 1) -> Any:
 
 def train_task(exp: dict, weights=None, dataset: str = HF) -> TrainTask:
     return TrainTask(experiment=exp, weights=weights if weights is not None else initial_weights(exp),
-                     dataset=dataset, base_round=0, seed=5, deadline=time.time() + 600, config={})
+                     dataset=dataset, base_round=0, seed=5, deadline=time.time() + 600)
 
 
 def eval_task(exp: dict, weights, dataset: str = HF) -> EvalTask:

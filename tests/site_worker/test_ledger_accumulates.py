@@ -43,7 +43,7 @@ def _config(tmp_path, csv, max_epsilon: float) -> SiteConfig:
 
 def _task(handler: TaskHandler, exp, round: int):
     task = TrainTask(experiment=exp, weights=initial_weights(exp), dataset="heart_failure", base_round=round - 1,
-                     seed=round, deadline=0.0, config={})
+                     seed=round, deadline=0.0)
     return handler.handle(new_envelope(task, federation="f", run_id="r", round=round, sender="coordinator",
                                        recipient="s"))
 
@@ -80,5 +80,5 @@ def test_epsilon_accumulates_over_tasks_and_a_restart_and_the_budget_stops_befor
     third = _task(capped, exp, 3)
     assert isinstance(third, Declined) and third.reason == "budget", third
     assert third.figures["epsilon_spent"] == pytest.approx(second.epsilon, rel=1e-9)
-    assert third.figures["epsilon_projected"] == pytest.approx(expected(3), rel=1e-9)
+    assert "epsilon_projected" not in third.figures and expected(3) > cap  # the projection stays local
     assert capped.ledger.history("heart_failure") == before

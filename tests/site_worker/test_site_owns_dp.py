@@ -33,7 +33,7 @@ def handler(tmp_path):
 
 def _train(handler: TaskHandler, exp) -> Update:
     task = TrainTask(experiment=exp, weights=initial_weights(exp), dataset="heart_failure", base_round=0, seed=11,
-                     deadline=0.0, config={})
+                     deadline=0.0)
     reply = handler.handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
                                         recipient="s"))
     assert isinstance(reply, Update), reply
@@ -70,7 +70,7 @@ def test_noise_below_the_site_minimum_is_declined_before_anything_is_spent(tmp_p
     # asks for noise multiplier 1.0, or for a target epsilon whose derived noise is far below 2
     exp = experiment_dict(**{"training.epochs": 1, **asked})
     task = TrainTask(experiment=exp, weights=initial_weights(exp), dataset="heart_failure", base_round=0, seed=11,
-                     deadline=0.0, config={})
+                     deadline=0.0)
     reply = handler.handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
                                         recipient="s"))
     assert isinstance(reply, Declined) and reply.reason == "policy", reply
@@ -109,8 +109,9 @@ def test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced(t
     announced = catalogue(source).rows
     assert announced == 30
     real = handlers.noise_source
-    monkeypatch.setattr(handlers, "noise_source", lambda policy, *, task_seed, purpose: (
-        _HighNoise(3.0) if purpose in ("eval", "final", "metrics") else real(policy, task_seed=task_seed, purpose=purpose)))
+    monkeypatch.setattr(handlers, "noise_source", lambda policy, *, task_seed, purpose, **kw: (
+        _HighNoise(3.0) if purpose in ("eval", "final", "metrics") else real(policy, task_seed=task_seed, purpose=purpose,
+                                                                             **kw)))
     exp = experiment_dict(**{"training.epochs": 1, "training.personalization": {"mode": "last_layer", "epochs": 1}})
 
     def send(task, round=1):

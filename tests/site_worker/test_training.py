@@ -75,10 +75,10 @@ def test_dp_noise_is_secret_unless_the_site_seeds_it(hf):
     on = {"training.epochs": 1}
     a, b = _weights_after(hf, on), _weights_after(hf, on)  # same task seed, same data, same start
     assert not torch.equal(a, b)
-    again = [_weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(99, 11, "train"))
+    again = [_weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(99, 11, "train", b""))
              for _ in range(2)]
     assert torch.equal(again[0], again[1])
-    other = _weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(98, 11, "train"))
+    other = _weights_after(hf, on, rng_factory=lambda: SecureRandom.reproducible_from(98, 11, "train", b""))
     assert not torch.equal(other, again[0])
 
 
@@ -234,7 +234,7 @@ def test_handler_reuses_the_model_skeleton_without_leaking_state_between_tasks(t
 
     def run(weights_seed: int) -> Update:
         task = TrainTask(experiment=exp, weights=initial_weights(exp, seed=weights_seed), dataset="heart_failure",
-                         base_round=0, seed=5, deadline=0.0, config={})
+                         base_round=0, seed=5, deadline=0.0)
         reply = handler.handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
                                             recipient="s"))
         assert isinstance(reply, Update), reply

@@ -187,7 +187,7 @@ def test_process_trains_with_epsilon_matching_opacus_accumulating_across_runs_an
     r4 = coord.reply().payload
     assert isinstance(r4, Declined) and r4.reason == "budget"
     assert r4.figures["epsilon_spent"] == pytest.approx(opacus_epsilon_(3 * BATCHES), rel=1e-9)
-    assert r4.figures["epsilon_projected"] == pytest.approx(opacus_epsilon_(4 * BATCHES), rel=1e-9)
+    assert "epsilon_projected" not in r4.figures and opacus_epsilon_(4 * BATCHES) > cap  # projection stays local
     assert r4.figures["max_epsilon"] == pytest.approx(cap)
     assert p2.terminate() == 0
 
