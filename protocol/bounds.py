@@ -290,7 +290,7 @@ POLICY = Table(
 )
 
 TASK = {
-    "experiment": Tree(max_nodes=100_000, max_depth=24, max_str=65_536),
+    "experiment": Tree(max_nodes=100_000, max_depth=16, max_str=65_536),
     "weights": Unchecked("Limits (codec) and the receiver's model"),
     "dataset": IDENT,
     "base_round": ROUND,
