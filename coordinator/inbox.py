@@ -13,8 +13,10 @@ recorded and acked, a bad one is recorded and dead-lettered with its reason. Any
 exception while handling one message dead-letters that message (``internal_error``):
 it never crashes the run and, being settled, never comes back on ``--resume``.
 
-What one site can claim is bounded here: ``num_examples`` by the training rows its
-``SiteHello`` announced, every stored integer by the signed 64-bit range, and bodies
+Every field was bounded by the codec (``protocol/bounds.py``) before it got here; what one
+site can claim is bounded further here: ``num_examples`` and every row count in its metrics
+(``n``, ``n_val``, ``personalized_n``: the weights of the validation and final means) by the
+rows its ``SiteHello`` announced, every stored integer by the signed 64-bit range, and bodies
 are stored under their sha256, never under a wire-chosen name.
 """
 
@@ -29,6 +31,7 @@ from typing import Any, Callable
 from coordinator import checkpoints
 from coordinator.state import StateStore, UpdateRow
 from coordinator.validation import Rejected, check_envelope, check_weights
+from protocol.bounds import COUNT_METRICS
 from protocol.messages import Declined, EvalResult, Tensors, Update
 from protocol.transport.base import BusError, Delivery
 
@@ -268,7 +271,17 @@ class Inbox:
         if p.num_examples > rows:
             raise Rejected("num_examples_bound", f"update from {site} claims num_examples={p.num_examples} but its "
                            f"SiteHello announced {rows} rows of dataset {self.dataset!r}")
+        self.check_counts(msg, rows)
         check_weights(p.weights, weights, norm_bound=norm_bound)
+
+    def check_counts(self, msg: Message, rows: int) -> None:
+        """Every row count a site reports in its metrics (``n``, ``n_val``, ``personalized_n`` ...:
+        the coordinator weighs by them) is at most the rows its SiteHello announced."""
+        for key in COUNT_METRICS:
+            v = msg.payload.metrics.get(key)
+            if v is not None and v > rows:
+                raise Rejected("count_bound", f"{msg.env.type} from {msg.site} reports metrics[{key!r}]={v:g} but "
+                               f"its SiteHello announced {rows} rows of dataset {self.dataset!r}")
 
     def check_eval(self, msg: Message) -> None:
         p = msg.payload
@@ -281,6 +294,7 @@ class Inbox:
         if rows is None or max(n, p.num_examples) > rows:
             raise Rejected("num_examples_bound", f"evaluation result from {msg.site} counts {max(n, p.num_examples):g} "
                            f"rows but its SiteHello announced {rows} rows of dataset {self.dataset!r}")
+        self.check_counts(msg, rows)
 
     def announced_rows(self, site: str) -> int | None:
         """Rows the site's SiteHello announced for the run's dataset (pinned for this run), ≤ 2^63−1."""

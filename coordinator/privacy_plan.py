@@ -45,7 +45,7 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
     deltas, accountants = set(), set()
     for site, hello in sorted(hellos.items()):
         named = [d for d in (hello or {}).get("datasets") or [] if not dataset or d.get("name") == dataset]
-        rows = max((int(d.get("rows") or 0) for d in named), default=0)
+        rows = max((d["rows"] for d in named if type(d.get("rows")) is int and d["rows"] > 0), default=0)
         if not rows:
             sites[site] = {"error": f"no dataset {dataset!r} announced"}
             continue
@@ -54,8 +54,9 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
             delta = policy.site_delta(rows)
             entry = run_budget.plan_entry(experiment, policy, rows=rows, n_train=run_budget.train_rows(
                 experiment, rows, test_fraction=float(policy.test_fraction)))
-        except (TypeError, ValueError) as e:  # a hello's summary is the site's word, not validated here
-            sites[site] = {"rows": rows, "error": f"its announced policy cannot be planned with: {e}"}
+        except Exception as e:  # noqa: BLE001 - one site's summary (its word) must never stop the run or its resume
+            sites[site] = {"rows": rows, "error": f"its announced policy cannot be planned with: "
+                                                  f"{type(e).__name__}: {e}"[:300]}
             continue
         deltas.add(delta)
         accountants.add(policy.accountant)

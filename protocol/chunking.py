@@ -12,26 +12,35 @@ without one share a single anonymous quota), and a transfer may declare at most 
 frame limit, so one sender's 10-byte first chunk cannot reserve everyone's memory.
 A refusal for capacity raises :class:`ChunkCapacity`: the caller requeues the chunk,
 and the honest transfer is retried once room is free.
+
+Chunk *counts* are bounded as well as bytes, since each unacked chunk holds a slot of the
+consumer's prefetch window: a header's fields are within ``protocol.bounds.CHUNK_HEADER``,
+its count matches its total size and one chunk size (every chunk but the last is exactly
+that size, the last holds the rest, none is empty), and the chunks one broker user may
+have in progress are capped (``max_user_chunks``, default well below the 65,535-message
+prefetch window) as are all users' together (``max_chunks``). So ``total_size=0``
+followed by 65,534 empty chunks is refused at its first chunk and holds nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from protocol.errors import ChunkCapacity, ChunkError
+from protocol import bounds
+from protocol.errors import ChunkCapacity, ChunkError, ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 
-__all__ = ["split_body", "Reassembler", "ChunkError", "ChunkCapacity", "HEADER_FIELDS"]
+__all__ = ["split_body", "Reassembler", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
+           "MAX_USER_CHUNKS", "window_chunks"]
 
 HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_TRANSFER_ID = 128
-_MAX_COUNT = 1_000_000
+assert set(HEADER_FIELDS) == set(bounds.CHUNK_HEADER)
+MAX_CHUNKS = 16_384  # chunks in progress on one consumer, all users together (prefetch window: 65,535)
+MAX_USER_CHUNKS = 4_096  # ... per broker user: an honest 512 MiB frame in 8 MiB chunks is 64
 
 
 def split_body(
@@ -68,6 +77,7 @@ class _Transfer:
     user: str = ""
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
+    chunk_size: int = 0  # of every chunk but the last; 0 until a chunk tells it
 
 
 class Reassembler:
@@ -91,6 +101,8 @@ class Reassembler:
         max_transfer_bytes: int = DEFAULT_LIMITS.max_frame_bytes,
         max_user_bytes: int | None = None,
         max_user_transfers: int | None = None,
+        max_chunks: int = MAX_CHUNKS,
+        max_user_chunks: int | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_transfers = max_transfers
@@ -99,6 +111,10 @@ class Reassembler:
         # One sender may hold at most half the budget: the other half stays for everyone else.
         self.max_user_bytes = max_user_bytes if max_user_bytes is not None else min(max_bytes // 2, max_transfer_bytes)
         self.max_user_transfers = max_user_transfers if max_user_transfers is not None else min(max_transfers, 8)
+        self.max_chunks = max_chunks
+        self.max_user_chunks = max_user_chunks if max_user_chunks is not None else min(MAX_USER_CHUNKS, max_chunks)
+        self._chunks = 0
+        self._user_chunks: dict[str, int] = {}
         self._clock = clock
         self._transfers: dict[str, _Transfer] = {}
         self._reserved = 0
@@ -121,6 +137,9 @@ class Reassembler:
         """
         tid, index, count, digest, total = _check_header(header)
         size = len(data)
+        if size == 0 and total > 0:
+            raise _error(tid, f"transfer {tid}: chunk {index} of {count} is empty (total_size={total}); "
+                              "only an empty body travels as one empty chunk")
         if count == 1:
             body = bytes(data)
             _verify(tid, body, digest, total)
@@ -150,6 +169,11 @@ class Reassembler:
                 f"transfer {tid}: chunk {index} brings {t.received + size} bytes, "
                 f"more than the declared total_size={t.total_size}",
             )
+        try:
+            t.chunk_size = _chunk_size(t.chunk_size, index=index, count=count, total=total, size=size)
+        except ValueError as e:
+            self._drop(key)
+            raise _error(tid, f"transfer {tid} chunk {index} of {count}: {e}") from None
         t.parts[index] = data if isinstance(data, bytes) else bytes(data)
         t.received += size
         if len(t.parts) < t.count:
@@ -188,10 +212,22 @@ class Reassembler:
                                  f"{self.max_user_transfers} in progress (max_transfers={self.max_transfers})")
         if len(self._transfers) >= self.max_transfers:
             raise _capacity(tid, f"transfer {tid} refused for now: max_transfers={self.max_transfers} already in progress")
+        if count > min(self.max_user_chunks, self.max_chunks):
+            raise _error(tid, f"transfer {tid} declares {count} chunks, over max_user_chunks={self.max_user_chunks} "
+                              f"(max_chunks={self.max_chunks}): it could never be held; send larger chunks")
+        my_chunks = self._user_chunks.get(owner, 0)
+        if my_chunks + count > self.max_user_chunks:
+            raise _capacity(tid, f"transfer {tid} declares {count} chunks but {who} already have {my_chunks} of "
+                                 f"max_user_chunks={self.max_user_chunks} in progress; requeued until theirs finish")
+        if self._chunks + count > self.max_chunks:
+            raise _capacity(tid, f"transfer {tid} declares {count} chunks but {self._chunks} of "
+                                 f"max_chunks={self.max_chunks} are in progress; requeued until they finish")
         self._transfers[key] = _Transfer(count=count, sha256=digest, total_size=total, started=self._clock(), user=owner)
         self._reserved += total
         self._user_reserved[owner] = mine + total
         self._user_transfers[owner] = self._user_transfers.get(owner, 0) + 1
+        self._chunks += count
+        self._user_chunks[owner] = my_chunks + count
 
     def user_reserved_bytes(self, user: str | None) -> int:
         """Bytes reserved by ``user``'s transfers in progress."""
@@ -231,8 +267,10 @@ class Reassembler:
             self._reserved -= t.total_size
             self._user_reserved[t.user] -= t.total_size
             self._user_transfers[t.user] -= 1
+            self._chunks -= t.count
+            self._user_chunks[t.user] -= t.count
             if not self._user_transfers[t.user]:
-                del self._user_transfers[t.user], self._user_reserved[t.user]
+                del self._user_transfers[t.user], self._user_reserved[t.user], self._user_chunks[t.user]
 
 
 def _error(tid: str | None, msg: str) -> ChunkError:
@@ -255,23 +293,53 @@ def _verify(tid: str, body: bytes, digest: str, total: int) -> None:
         raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
 
 
+def _chunk_size(known: int, *, index: int, count: int, total: int, size: int) -> int:
+    """The transfer's chunk size, learnt from this chunk or checked against ``known``.
+
+    Every chunk but the last has the same size ``c`` with ``ceil(total / c) == count``, and
+    the last holds ``total - (count - 1) * c`` bytes (1..c): what ``split_body`` sends.
+    Raises ``ValueError`` saying what does not fit.
+    """
+    if index < count - 1:
+        c = size
+    else:
+        rest = total - size
+        if rest <= 0 or rest % (count - 1):
+            raise ValueError(f"the last chunk's {size} bytes leave {rest} for {count - 1} equal chunks")
+        c = rest // (count - 1)
+    if c < 1 or -(-total // c) != count or not 1 <= total - (count - 1) * c <= c:
+        raise ValueError(f"{count} chunks do not split total_size={total} into chunks of {c} bytes")
+    if known and c != known:
+        raise ValueError(f"chunk size {c} differs from the transfer's {known}")
+    return c
+
+
 def _check_header(header: dict[str, Any]) -> tuple[str, int, int, str, int]:
     if not isinstance(header, dict):
         raise _error(None, f"chunk header must be a dict, got {type(header).__name__}")
     missing = [f for f in HEADER_FIELDS if f not in header]
     tid = header.get("transfer_id")
+    named = tid if isinstance(tid, str) and len(tid) <= 128 else None
     if missing:
-        raise _error(tid if isinstance(tid, str) else None, f"chunk header misses {', '.join(missing)}")
+        raise _error(named, f"chunk header misses {', '.join(missing)}")
+    try:
+        bounds.check_record(bounds.CHUNK_HEADER, header, "chunk header")
+    except ProtocolError as e:
+        raise _error(named, f"transfer {named}: {e}") from None
     index, count, digest, total = (header[f] for f in HEADER_FIELDS[1:])
-    if not isinstance(tid, str) or not 0 < len(tid) <= _MAX_TRANSFER_ID:
-        raise _error(None, f"chunk header transfer_id must be a non-empty string of <= {_MAX_TRANSFER_ID} chars")
-    for name, value in (("index", index), ("count", count), ("total_size", total)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise _error(tid, f"transfer {tid}: chunk header {name} must be a non-negative int, got {value!r}")
-    if not 1 <= count <= _MAX_COUNT:
-        raise _error(tid, f"transfer {tid}: chunk count {count} outside 1..{_MAX_COUNT}")
     if index >= count:
         raise _error(tid, f"transfer {tid}: chunk index {index} >= count {count}")
-    if not isinstance(digest, str) or not _HEX64.match(digest):
-        raise _error(tid, f"transfer {tid}: chunk header sha256 must be 64 lowercase hex chars")
+    if count > max(1, total):
+        raise _error(tid, f"transfer {tid}: count {count} chunks cannot carry total_size={total} bytes "
+                          "(every chunk holds at least one byte; an empty body is one chunk)")
     return tid, index, count, digest, total
+
+
+def window_chunks(header: Any, max_user_chunks: int = MAX_USER_CHUNKS) -> int:
+    """Prefetch slots a consumer may open for the transfer ``header`` starts: its count, when
+    the header is valid and the transfer could be held; else 1 (its chunks are refused one by one)."""
+    try:
+        _, _, count, _, _ = _check_header(header)
+    except ChunkError:
+        return 1
+    return count if count <= max_user_chunks else 1

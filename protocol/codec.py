@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 import msgpack
 import numpy as np
 
+from protocol import bounds
 from protocol.errors import (
     BadSignature,
     LimitExceeded,
@@ -608,6 +609,7 @@ def _decode_dataclass(cls: type, value: Any, path: str, limits: Limits, budget: 
                 continue
             raise MalformedFrame(f"{path}.{name}: missing ({cls.__name__} needs it)")
         kwargs[name] = dec(m[name], f"{path}.{name}", limits, budget)
+        bounds.check(cls.__name__, name, kwargs[name], f"{path}.{name}")  # the value, before any handler
     return cls(**kwargs)
 
 
@@ -646,7 +648,7 @@ def _decode_envelope_tree(tree: Any, limits: Limits) -> Envelope:
         raise MalformedFrame(f"envelope.sent_at: expected a finite unix time, got {sent_at}")
     budget = [0]
     payload = _decode_dataclass(cls, env["payload"], "payload", limits, budget)
-    return Envelope(
+    envelope = Envelope(
         type=mtype,
         schema_version=version,
         message_id=message_id,
@@ -658,6 +660,9 @@ def _decode_envelope_tree(tree: Any, limits: Limits) -> Envelope:
         sent_at=sent_at,
         payload=payload,
     )
+    for f in _ENVELOPE_FIELDS:
+        bounds.check("Envelope", f, getattr(envelope, f), f"envelope.{f}")
+    return envelope
 
 
 __all__ = [

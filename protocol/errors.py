@@ -30,6 +30,13 @@ class LimitExceeded(ProtocolError):
     reason = "limit_exceeded"
 
 
+class OutOfBounds(ProtocolError):
+    """A field of the right type whose value is outside its bound (``protocol/bounds.py``):
+    non-finite, negative or huge, over-long, or not among the values allowed."""
+
+    reason = "out_of_bounds"
+
+
 class UnknownMessageType(ProtocolError):
     """The envelope names a ``type`` this version does not know."""
 
@@ -103,6 +110,7 @@ __all__ = [
     "ProtocolError",
     "MalformedFrame",
     "LimitExceeded",
+    "OutOfBounds",
     "UnknownMessageType",
     "UnsupportedSchemaVersion",
     "BadSignature",

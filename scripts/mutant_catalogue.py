@@ -626,3 +626,58 @@ MUTANTS.extend([
         ("tests/cli/test_site_approval.py::test_a_provisioned_kit_runs_only_what_its_operator_approved",),
     ),
 ])
+
+# ---------------------------------------------------------------------- wire: bounds per field and chunks (issue 20, 3 and 5)
+_BOUNDS = "tests/protocol/test_bounds.py"
+_FUZZ = "tests/adversarial/test_wire_fuzz.py"
+MUTANTS.extend([
+    Mutant(
+        "wire-bounds-unchecked", "every wire field's value is checked against protocol/bounds.py at decode",
+        (Edit("protocol/codec.py",
+              '        bounds.check(cls.__name__, name, kwargs[name], f"{path}.{name}")  # the value, before any handler\n',
+              ""),),
+        (f"{_BOUNDS}::test_the_minus_inf_policy_is_out_of_bounds_with_its_path",
+         f"{_FUZZ}::test_minus_inf_hello_is_refused_and_the_run_and_its_resume_complete[memory]"),
+    ),
+    Mutant(
+        "plan-raises-on-bad-policy", "one site's announced policy can never stop the privacy plan (or a --resume)",
+        (Edit("coordinator/privacy_plan.py",
+              "        except Exception as e:  # noqa: BLE001 - one site's summary (its word) must never stop the run or its resume\n",
+              "        except (TypeError, ValueError) as e:\n"),),
+        (f"{_FUZZ}::test_a_stored_hello_the_plan_cannot_use_does_not_stop_the_plan",),
+    ),
+    Mutant(
+        "count-metrics-unbounded", "n, n_val, personalized_n are bounded by the rows the site announced",
+        (Edit(INBOX, "            if v is not None and v > rows:\n", "            if False:\n"),),
+        (f"{_FUZZ}::test_n_val_is_bounded_by_the_rows_the_site_announced[memory-101.0-count_bound:]",),
+    ),
+    Mutant(
+        "chunk-count-unchecked", "a chunk count must fit total_size (total_size=0 with 65,535 chunks is refused)",
+        (Edit("protocol/chunking.py", "    if count > max(1, total):\n", "    if False:\n"),),
+        (f"{_BOUNDS}::test_count_must_match_total_size",
+         f"{_FUZZ}::test_empty_chunk_jam_is_refused_while_an_honest_round_completes[memory]"),
+    ),
+    Mutant(
+        "chunk-window-for-bogus-header", "a consumer opens prefetch room only for a valid transfer within its user's cap",
+        (Edit("protocol/chunking.py", "    except ChunkError:\n        return 1\n",
+              "    except ChunkError:\n        return int(header.get(\"count\", 1))\n"),),
+        (f"{_BOUNDS}::test_count_must_match_total_size",),
+    ),
+    Mutant(
+        "empty-chunk-accepted", "zero-length chunks are refused (only an empty body is one empty chunk)",
+        (Edit("protocol/chunking.py", "        if size == 0 and total > 0:\n", "        if False:\n"),),
+        (f"{_BOUNDS}::test_zero_length_chunks_are_refused_and_an_empty_body_still_travels",),
+    ),
+    Mutant(
+        "chunk-size-unchecked", "every chunk but the last has one size and the count matches it",
+        (Edit("protocol/chunking.py",
+              "            t.chunk_size = _chunk_size(t.chunk_size, index=index, count=count, total=total, size=size)\n",
+              "            pass\n"),),
+        (f"{_BOUNDS}::test_every_chunk_but_the_last_has_one_size",),
+    ),
+    Mutant(
+        "user-chunk-cap-off", "chunks in progress per broker user are capped (max_user_chunks)",
+        (Edit("protocol/chunking.py", "        if my_chunks + count > self.max_user_chunks:\n", "        if False:\n"),),
+        (f"{_BOUNDS}::test_user_chunk_cap_at_its_edge_with_the_global_cap_relaxed",),
+    ),
+])

@@ -290,7 +290,14 @@ class SiteWorker:
     def _reply(self, d: Delivery, task_env: Envelope, reply: Any, tlog: Any) -> None:
         env = new_envelope(reply, federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
                            sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
-        frame = seal(env, self.signer)
+        try:
+            frame = seal(env, self.signer)
+        except (TypeError, ProtocolError) as e:  # a reply outside protocol/bounds.py: say so instead of crashing
+            tlog.error("reply_out_of_bounds", error=str(e)[:500])
+            env = new_envelope(Declined(task_id=task_env.message_id, reason="error", detail="reply_out_of_bounds"),
+                               federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
+                               sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
+            frame, reply = seal(env, self.signer), env.payload
         try:
             self.bus.publish(UPDATES, task_env.federation, frame, message_id=env.message_id)
         except PublishRefused as e:

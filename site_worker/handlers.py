@@ -283,8 +283,8 @@ class TaskHandler:
         if personal:
             self.heads.keep(result.model, env.run_id, task.dataset, personal)
         metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
-        if "n" in after:
-            metrics["n_val"] = after["n"]
+        if "n" in after:  # at most the announced rows (public): the coordinator refuses more (count_bound)
+            metrics["n_val"] = min(after["n"], float(announced_rows(self.config.datasets[task.dataset])))
         if plan is not None:
             # Durable before the reply exists: a crash after this can only over-count, never under-count.
             self.ledger.commit(task.dataset, env.message_id)

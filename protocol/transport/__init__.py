@@ -32,13 +32,15 @@ __all__ = [
     "Topology",
 ]
 
-_MEMORY_OPTS = {"chunk_size", "user", "max_reassembly_bytes", "reassembly_timeout_s"}
+_MEMORY_OPTS = {"chunk_size", "user", "max_reassembly_bytes", "reassembly_timeout_s", "max_reassembly_chunks",
+                "max_user_chunks"}
 
 
 def open_bus(url: str, **opts: Any) -> Bus:
     """Open a bus for ``url``.
 
-    memory options: chunk_size, user, max_reassembly_bytes, reassembly_timeout_s
+    memory options: chunk_size, user, max_reassembly_bytes, reassembly_timeout_s,
+    max_reassembly_chunks, max_user_chunks
     (AMQP-only options such as tls/heartbeat/quorum are accepted and ignored so one
     configuration works on both). AMQP options: see ``AmqpBus``.
     """

@@ -37,6 +37,7 @@ from protocol.transport.consumer import AmqpConsumer
 from protocol.transport.delivery import AmqpDelivery
 from protocol.transport.endpoints import parse_endpoints
 from protocol.transport.layout import EXCHANGES, USER_HEADER, plan
+from protocol.chunking import MAX_CHUNKS, MAX_USER_CHUNKS
 from protocol.transport.publisher import Publisher
 
 __all__ = ["AmqpBus", "AmqpConsumer", "AmqpDelivery", "Publisher", "USER_HEADER"]
@@ -65,6 +66,8 @@ class AmqpBus(Bus):
         connection_name: str | None = None,
         max_reassembly_bytes: int = 1 * 2**30,
         reassembly_timeout_s: float = 300.0,
+        max_reassembly_chunks: int = MAX_CHUNKS,
+        max_user_chunks: int = MAX_USER_CHUNKS,
         user: str | None = None,
     ) -> None:
         if chunk_size < 1:
@@ -87,7 +90,8 @@ class AmqpBus(Bus):
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self.resubscribe_timeout_s = resubscribe_timeout_s  # after a broker cancel: wait this long for the queue
-        self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s}
+        self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s,
+                           "max_chunks": max_reassembly_chunks, "max_user_chunks": max_user_chunks}
         self.publisher = Publisher(self)
         self._consumers: list[AmqpConsumer] = []
         self._closed = False

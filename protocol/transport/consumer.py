@@ -6,7 +6,10 @@
   wake-up.
 * Prefetch counts whole messages: while a chunked transfer is in progress the channel's
   prefetch is raised by its chunk count, so a 60 MB frame passes a ``prefetch=1``
-  consumer. The chunks stay unacked until the whole frame is acked, so a consumer that
+  consumer. Only a transfer whose header is valid and within its broker user's chunk cap
+  (``chunking.window_chunks``; what is not counted is refused or requeued by reassembly)
+  raises it, by at most ``max_user_chunks`` per user, and each transfer's raise is given
+  back exactly once (by key), so a flood of bogus chunks cannot fill the window. The chunks stay unacked until the whole frame is acked, so a consumer that
   dies mid-transfer loses nothing.
 * Lost connections are re-established with backoff (through the bus's connector, so
   across a cluster's nodes); unacked messages are redelivered by the broker, and what a
@@ -34,7 +37,7 @@ import pika
 import pika.exceptions as px
 import structlog
 
-from protocol.chunking import Reassembler
+from protocol.chunking import MAX_USER_CHUNKS, Reassembler, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     BrokerRefused,
@@ -56,6 +59,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _MAX_PREFETCH = 65535
+
+
+def transfer_key(user: str | None, chunk: dict[str, Any]) -> tuple[str, str]:
+    """Which transfer a chunk belongs to: ids are chosen by senders, so per broker user."""
+    return (user or "", str(chunk.get("transfer_id")))
 
 
 @dataclass
@@ -95,7 +103,8 @@ class AmqpConsumer(Consumer):
         self._ops: list[tuple[int, Callable[[], None]]] = []
         self._flush_scheduled = False
         self._extra = 0  # chunks beyond one per whole message currently unacked or expected (I/O thread)
-        self._seen_transfers: set[str] = set()  # transfer ids counted in _extra (I/O thread)
+        self._counted: dict[tuple[str, str], int] = {}  # (user, transfer id) -> its share of _extra (I/O thread)
+        self._user_counted: dict[str, int] = {}  # user -> the sum of its transfers' shares (I/O thread)
         n = next(self._ids)
         self._io = threading.Thread(target=self._io_loop, name=f"fedbus-amqp-io-{n}:{queue}", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"fedbus-amqp-worker-{n}:{queue}", daemon=True)
@@ -123,7 +132,8 @@ class AmqpConsumer(Consumer):
                     self._ops.clear()
                     self._flush_scheduled = False
                 self._extra = 0
-                self._seen_transfers.clear()
+                self._counted.clear()
+                self._user_counted.clear()
                 self._work.put(("reset", self._gen))
                 what = f"setting prefetch on queue {self.queue!r}"
                 self._apply_qos()
@@ -230,21 +240,30 @@ class AmqpConsumer(Consumer):
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         chunk = chunk_header_from_amqp(props.headers)
         if chunk is not None:
-            tid = str(chunk.get("transfer_id"))
-            if tid not in self._seen_transfers:
-                self._seen_transfers.add(tid)
-                count = chunk.get("count")
-                if isinstance(count, int) and count > 1:
-                    self._extra += min(count, _MAX_PREFETCH) - 1
+            key = transfer_key(props.user_id, chunk)
+            if key not in self._counted:
+                cap = self.bus.reassembly.get("max_user_chunks", MAX_USER_CHUNKS)
+                n = window_chunks(chunk, cap) - 1
+                if self._user_counted.get(key[0], 0) + n > cap:
+                    n = 0  # over its user's cap: reassembly requeues it, and it is counted when it comes back
+                self._counted[key] = n
+                if n:
+                    self._user_counted[key[0]] = self._user_counted.get(key[0], 0) + n
+                    self._extra += n
                     if not self.bus.quorum:
                         self._apply_qos()
         self._work.put(Raw(self._gen, method.delivery_tag, method.routing_key, method.redelivered, props, body, chunk))
 
-    def _release(self, extra: int) -> None:
-        if extra > 0:
-            self._extra = max(0, self._extra - extra)
-            if self._extra == 0:
-                self._seen_transfers.clear()  # nothing chunked in flight: forget the ids
+    def _release(self, key: tuple[str, str] | None) -> None:
+        """Give back the prefetch room counted for transfer ``key`` (once; later calls do nothing)."""
+        n = self._counted.pop(key, 0) if key is not None else 0
+        if n > 0:
+            self._extra = max(0, self._extra - n)
+            left = self._user_counted.get(key[0], 0) - n  # type: ignore[index]
+            if left > 0:
+                self._user_counted[key[0]] = left  # type: ignore[index]
+            else:
+                self._user_counted.pop(key[0], None)  # type: ignore[index]
             if not self.bus.quorum and self._ch is not None and self._ch.is_open:
                 self._apply_qos()
 
@@ -283,7 +302,7 @@ class AmqpConsumer(Consumer):
         """Whether connection ``gen`` is the live one (tags of another are void on it)."""
         return gen == self._gen
 
-    def settle(self, gen: int, tags: list[int], action: str, *, extra: int) -> None:
+    def settle(self, gen: int, tags: list[int], action: str, *, key: tuple[str, str] | None) -> None:
         """Ack or requeue (``action``) the messages ``tags`` of connection ``gen``, on the I/O thread."""
         def do() -> None:
             ch = self._ch
@@ -294,13 +313,13 @@ class AmqpConsumer(Consumer):
                     ch.basic_ack(t)
                 else:
                     ch.basic_nack(t, requeue=True)
-            self._release(extra)
+            self._release(key)
 
         self._threadsafe(gen, do)
 
     def dead_letter(
         self, gen: int, raws: list[Raw], body: bytes, headers: dict[str, Any], reason: str, *,
-        message_id: str, routing_key: str, user_id: str | None, extra: int,
+        message_id: str, routing_key: str, user_id: str | None, key: tuple[str, str] | None,
     ) -> None:
         """Publish a copy of the frame to the dead-letter exchange with ``reason``, then ack
         ``raws``; without write permission there, reject them to the queue's own DLX."""
@@ -320,11 +339,11 @@ class AmqpConsumer(Consumer):
                 if ch is not None and ch.is_open:
                     for r in raws:
                         ch.basic_reject(r.tag, requeue=False)
-                    self._release(extra)
+                    self._release(key)
 
             self._threadsafe(gen, reject)
             return
-        self.settle(gen, [r.tag for r in raws], "ack", extra=extra)
+        self.settle(gen, [r.tag for r in raws], "ack", key=key)
 
     # -- worker thread ----------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -367,8 +386,8 @@ class AmqpConsumer(Consumer):
                 reasm.discard(key[1], user=user)
                 log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user)
                 self._stop.wait(_CAPACITY_BACKOFF_S)  # the broker redelivers at once: do not spin on it
-                for r in hold.raws:
-                    self.settle(r.gen, [r.tag], "requeue", extra=0)
+                for i, r in enumerate(hold.raws):  # its room is counted again when it comes back
+                    self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
                 continue
             except ChunkError as e:
                 holds.pop(key, None)
@@ -384,14 +403,14 @@ class AmqpConsumer(Consumer):
     def _drop_transfer(self, hold: TransferHold, reason: str) -> None:
         """Dead-letter every chunk held for a broken transfer, each with the reason."""
         log.warning("chunked transfer dead-lettered", reason=reason, queue=self.queue, chunks=len(hold.raws))
-        count = hold.raws[0].chunk.get("count") if hold.raws and hold.raws[0].chunk else 1
-        extra = (count - 1) if isinstance(count, int) and count > 1 else 0
+        first = hold.raws[0] if hold.raws else None
+        key = transfer_key(first.props.user_id, first.chunk) if first is not None and first.chunk else None
         for i, r in enumerate(hold.raws):
             try:
                 self.dead_letter(
                     r.gen, [r], r.body, orphan_chunk_headers(r.props.headers, reason, self.queue), reason,
                     message_id=r.props.message_id or "", routing_key=r.routing_key, user_id=r.props.user_id,
-                    extra=extra if i == 0 else 0,
+                    key=key if i == 0 else None,
                 )
             except BusError:
                 log.exception("could not dead-letter a chunk; it stays unacked and is redelivered later")

@@ -54,6 +54,7 @@ class AmqpDelivery(Delivery):
         self.redelivered = any(r.redelivered for r in raws)
         self.user_id = first.props.user_id
         self.chunks = len(raws)
+        self._key = (self.user_id or "", str(first.chunk.get("transfer_id"))) if first.chunk else None
 
     def _claim(self, action: str) -> bool:
         with self._lock:
@@ -70,11 +71,11 @@ class AmqpDelivery(Delivery):
 
     def ack(self) -> None:
         if self._claim("ack"):
-            self._consumer.settle(self._gen, [r.tag for r in self._raws], "ack", extra=self.chunks - 1)
+            self._consumer.settle(self._gen, [r.tag for r in self._raws], "ack", key=self._key)
 
     def requeue(self) -> None:
         if self._claim("requeue"):
-            self._consumer.settle(self._gen, [r.tag for r in self._raws], "requeue", extra=self.chunks - 1)
+            self._consumer.settle(self._gen, [r.tag for r in self._raws], "requeue", key=self._key)
 
     def release_body(self) -> None:
         self.body = b""
@@ -86,6 +87,6 @@ class AmqpDelivery(Delivery):
             return
         self._consumer.dead_letter(
             self._gen, self._raws, self.body, self.headers, reason, message_id=self.message_id,
-            routing_key=self.routing_key, user_id=self.user_id, extra=self.chunks - 1,
+            routing_key=self.routing_key, user_id=self.user_id, key=self._key,
         )
         log.info("frame dead-lettered", message_id=self.message_id, reason=reason, queue=self.queue)

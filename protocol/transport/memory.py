@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from protocol.chunking import Reassembler, split_body
+from protocol.chunking import MAX_CHUNKS, MAX_USER_CHUNKS, Reassembler, split_body
 from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     DEFAULT_CHUNK_SIZE,
@@ -224,6 +224,8 @@ class MemoryBus(Bus):
         user: str | None = None,
         max_reassembly_bytes: int = 1 * 2**30,
         reassembly_timeout_s: float = 300.0,
+        max_reassembly_chunks: int = MAX_CHUNKS,
+        max_user_chunks: int = MAX_USER_CHUNKS,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "memory":
@@ -234,7 +236,8 @@ class MemoryBus(Bus):
         self.broker = get_broker(parts.netloc)
         self.chunk_size = chunk_size
         self.user = user or parts.username
-        self._reasm_opts = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s}
+        self._reasm_opts = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s,
+                            "max_chunks": max_reassembly_chunks, "max_user_chunks": max_user_chunks}
         self._consumers: list[_MemoryConsumer] = []
         self._closed = False
 

@@ -170,7 +170,7 @@ def test_chunk_jamming_does_not_block_an_honest_transfer(make_fed):
         jam = open_bus(fed.bus_url, **({"user": f"mallory-{i}"} if fed.memory else {}))
         h, piece = split_body(os.urandom(budget // 2), chunk_size=budget // 4)[0]
         mid = uuid.uuid4().hex
-        jam.publish(UPDATES, fed.federation, bytes(piece[:10]), message_id=mid, headers=chunk_header_to_amqp(h))
+        jam.publish(UPDATES, fed.federation, bytes(piece), message_id=mid, headers=chunk_header_to_amqp(h))
         jam_ids.append(mid)
         jam.close()
     exp = _exp(rounds=1, timeout_s=30)
@@ -288,7 +288,7 @@ def test_chunk_jamming_by_one_broker_user_leaves_the_others_room_on_rabbitmq(amq
         jam = open_bus(user_url(amqp_url, jammer, creds.passwords[jammer]))
         for _ in range(2):  # together the whole budget, if one user could reserve it all
             h, piece = split_body(os.urandom(budget // 2), chunk_size=budget // 4)[0]
-            jam.publish(UPDATES, fed.federation, bytes(piece[:10]), message_id=uuid.uuid4().hex,
+            jam.publish(UPDATES, fed.federation, bytes(piece), message_id=uuid.uuid4().hex,
                         headers=chunk_header_to_amqp(h))
         jam.close()
         exp = _exp(rounds=1, timeout_s=20)  # the jam holds its reservation for 60 s: longer than the round

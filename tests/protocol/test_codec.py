@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests import wire_strategies
 from protocol.codec import (
     DTYPES,
     decode_envelope,
@@ -28,6 +29,7 @@ from protocol.errors import (
     BadSignature,
     LimitExceeded,
     MalformedFrame,
+    OutOfBounds,
     ProtocolError,
     UnknownMessageType,
     UnknownSigner,
@@ -38,9 +40,6 @@ from protocol.messages import (
     MESSAGE_TYPES,
     DatasetInfo,
     Declined,
-    EvalResult,
-    EvalTask,
-    PersonalizeTask,
     RunControl,
     SiteHello,
     TaskConfig,
@@ -127,25 +126,9 @@ dataset_info = st.builds(
     feature_types=st.dictionaries(names, st.sampled_from(["numeric", "categorical", "signal"]), max_size=4),
     target=names,
 )
-# One strategy per message type; ``payloads`` draws from all of them.
-PAYLOAD_STRATEGIES = {
-    SiteHello: st.builds(SiteHello, site_id=names, software_version=names,
-              datasets=st.lists(dataset_info, max_size=3).map(tuple), policy=json_dict),
-    TrainTask: st.builds(TrainTask, experiment=json_dict, weights=tensors, dataset=names, base_round=st.integers(0, 10**6),
-              seed=st.integers(-(2**63), 2**63 - 1), deadline=finite, config=task_config),
-    EvalTask: st.builds(EvalTask, experiment=json_dict, weights=tensors, dataset=names, base_round=st.integers(0, 10**6),
-              seed=st.integers(0, 2**32), deadline=finite, split=st.sampled_from(["validation", "test"]),
-              config=task_config),
-    PersonalizeTask: st.builds(PersonalizeTask, experiment=json_dict, weights=tensors, dataset=names,
-              base_round=st.integers(0, 10**6), seed=st.integers(0, 2**32), deadline=finite, config=task_config),
-    Update: st.builds(Update, task_id=names, weights=tensors, num_examples=st.integers(0, 10**9), metrics=metrics,
-              epsilon=st.none() | finite, delta=st.none() | finite, base_round=st.integers(0, 10**6)),
-    EvalResult: st.builds(EvalResult, task_id=names, num_examples=st.integers(0, 10**9), metrics=metrics,
-              base_round=st.integers(0, 10**6)),
-    Declined: st.builds(Declined, task_id=names, reason=st.sampled_from(["budget", "policy", "data", "error"]),
-              detail=names, figures=metrics),
-    RunControl: st.builds(RunControl, action=st.sampled_from(["stop", "abort"]), reason=names),
-}
+# One strategy per message type, derived from the registry and protocol/bounds.py (every field
+# inside its bound); ``payloads`` draws from all of them.
+PAYLOAD_STRATEGIES = {cls: wire_strategies.payload(cls, weights=tensors) for cls in MESSAGE_TYPES.values()}
 payloads = st.one_of(*PAYLOAD_STRATEGIES.values())
 
 
@@ -177,7 +160,7 @@ def assert_same_payload(sent, got, frame: bytes) -> None:
 
 
 @FAST
-@given(payload=payloads, round_=st.integers(0, 2**40), sent_at=st.floats(0, 4e9))
+@given(payload=payloads, round_=st.integers(0, 2**31 - 1), sent_at=st.floats(0, 4e9))
 def test_every_message_type_round_trips(payload, round_, sent_at):
     env = envelope(payload, round=round_, sent_at=sent_at)
     frame = seal(env, SIGNER)
@@ -465,7 +448,7 @@ def test_container_and_string_limits():
     frame = seal(envelope(small_update(metrics={f"m{i}": 1.0 for i in range(20)})), SIGNER)
     with pytest.raises(LimitExceeded, match="max_container_items"):
         open_frame(frame, TRUST, limits=Limits(max_container_items=16))
-    frame = seal(envelope(small_update(task_id="x" * 5000)), SIGNER)
+    frame = seal(envelope(Declined(task_id="t", reason="error", detail="x" * 5000)), SIGNER)
     with pytest.raises(LimitExceeded, match="max_str_bytes"):
         open_frame(frame, TRUST, limits=Limits(max_str_bytes=4096))
 
@@ -568,10 +551,18 @@ def test_every_error_has_a_distinct_reason():
     assert MalformedFrame("x").header() == "malformed: x"
 
 
-@pytest.mark.parametrize("field, inside, outside", [
-    ("proximal_mu", 1e4, 1.0001e4), ("proximal_mu", 0.0, -1e-9), ("personal_layers", 256, 257),
-    ("epochs", 1, 0), ("batch_size", 10_000_000, 10_000_001), ("weight_decay", 1e3, 1.001e3),
-])
+def _task_config_edges() -> list[tuple[str, float, float]]:
+    """Both ends of every TaskConfig field, from TaskConfig.BOUNDS: (field, just inside, just outside)."""
+    out = []
+    for name, (kind, lo, hi) in TaskConfig.BOUNDS.items():
+        if kind is int:
+            out += [(name, int(lo), int(lo) - 1), (name, int(hi), int(hi) + 1)]
+        else:
+            out += [(name, lo, lo - max(abs(lo) * 1e-6, 1e-15)), (name, hi, hi * (1 + 1e-6))]
+    return out
+
+
+@pytest.mark.parametrize("field, inside, outside", _task_config_edges())
 def test_task_config_out_of_bounds_on_the_wire_is_malformed(field, inside, outside):
     """A TaskConfig field just inside its bound decodes; just outside is refused as a malformed frame."""
     import msgpack
@@ -586,7 +577,7 @@ def test_task_config_out_of_bounds_on_the_wire_is_malformed(field, inside, outsi
         if ok:
             assert getattr(decode_envelope(raw).payload.config, field) == value
         else:
-            with pytest.raises(MalformedFrame, match=field):
+            with pytest.raises((MalformedFrame, OutOfBounds), match=field):  # bounds.py states TaskConfig.BOUNDS
                 decode_envelope(raw)
     tree["payload"]["config"] = {"proximal_mu": 0.1, "name": "FedProx"}  # no untyped side channel
     with pytest.raises(MalformedFrame, match="unknown field"):

@@ -209,8 +209,8 @@ def test_corrupt_chunk_is_dead_lettered_with_reason(net: Net) -> None:
         CHUNK_HEADERS["sha256"]: hashlib.sha256(b"hello world").hexdigest(),
         CHUNK_HEADERS["total_size"]: 11,
     }
-    net.bus.publish(TASKS, net.site, b"hello", message_id=mid, headers={**header, CHUNK_HEADERS["index"]: 0})
-    net.bus.publish(TASKS, net.site, b" wXrld", message_id=mid, headers={**header, CHUNK_HEADERS["index"]: 1})
+    net.bus.publish(TASKS, net.site, b"hello ", message_id=mid, headers={**header, CHUNK_HEADERS["index"]: 0})
+    net.bus.publish(TASKS, net.site, b"wXrld", message_id=mid, headers={**header, CHUNK_HEADERS["index"]: 1})
     ok = new_id()
     net.bus.publish(TASKS, net.site, b"fine", message_id=ok)
     col = Collector(ack)
