@@ -332,7 +332,7 @@ def _check_header(header: dict[str, Any]) -> tuple[str, int, int, str, int]:
     if count > max(1, total):
         raise _error(tid, f"transfer {tid}: count {count} chunks cannot carry total_size={total} bytes "
                           "(every chunk holds at least one byte; an empty body is one chunk)")
-    return tid, index, count, digest, total
+    return str(tid), int(index), int(count), str(digest), int(total)  # each checked by CHUNK_HEADER above
 
 
 def window_chunks(header: Any, max_user_chunks: int = MAX_USER_CHUNKS) -> int:

@@ -132,7 +132,7 @@ class TaskHandler:
     def release_reservations(self, env: Envelope) -> None:
         """Drop what a task reserved and never committed (committed releases stay charged)."""
         task = env.payload
-        if getattr(task, "dataset", None) not in self.config.datasets:
+        if not isinstance(task, (TrainTask, EvalTask, PersonalizeTask)) or task.dataset not in self.config.datasets:
             return
         self.ledger.cancel(task.dataset, env.message_id)
         if isinstance(task, PersonalizeTask):

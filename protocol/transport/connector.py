@@ -42,6 +42,7 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed, AMQPConnectorException
 
+from protocol.loopback import is_loopback
 from protocol.transport.base import BrokerRefused, BrokerUnreachable, BusPermissionError
 from protocol.transport.endpoints import Endpoint, Endpoints, parse_endpoints, ssl_context, tls_cause
 
@@ -69,8 +70,18 @@ def build_ssl_context(*, ca: str | None = None, cert: str | None = None, key: st
     return ssl_context({k: v for k, v in (("ca", ca), ("cert", cert), ("key", key)) if v})
 
 
+def check_no_password_in_clear(node: Endpoint) -> None:
+    """Refuse a password that plain ``amqp://`` would carry in clear beyond this machine
+    (AMQP's PLAIN login sends it as is): the network is an attacker (docs/threat-model.md §7)."""
+    if node.scheme == "amqp" and not node.external and urlsplit(node.url).password and not is_loopback(node.host):
+        raise BrokerRefused(
+            f"refusing to send broker user {node.user!r}'s password in clear to {node.where}: plain amqp:// is "
+            "allowed with a password only on this machine; use amqps:// (TLS, verified with the federation CA)")
+
+
 def node_parameters(node: Endpoint, *, heartbeat: int, blocked_connection_timeout: float, connection_name: str | None,
                     connect_timeout_s: float) -> pika.ConnectionParameters:
+    check_no_password_in_clear(node)
     params = pika.URLParameters(node.url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = blocked_connection_timeout

@@ -61,3 +61,24 @@ def test_tls_context_built_from_files(tmp_path) -> None:  # type: ignore[no-unty
         connection_parameters("amqps://u:p@h/", tls={"cafile": str(ca_pem)})
     with pytest.raises(ValueError, match="does the key belong to the certificate"):
         connection_parameters("amqps://u:p@h/", tls={"ca": str(ca_pem), "cert": str(cert_pem), "key": str(ca_pem)})
+
+
+@pytest.mark.parametrize("url, refused", [
+    ("amqp://site-a:pw@broker.example:5672/%2F", True),  # a password in clear to another host
+    ("amqp://site-a:pw@127.evil.example/%2F", True),  # a look-alike name is another host
+    ("amqp://site-a:pw@10.0.0.5/%2F", True),
+    ("amqp://site-a:pw@127.0.0.1:5672/%2F", False),  # this machine: loopback never leaves it
+    ("amqp://site-a:pw@[::1]:5672/%2F", False),
+    ("amqp://site-a:pw@localhost/%2F", False),
+    ("amqp://broker.example/%2F", False),  # no password in the URL: nothing secret to send
+])
+def test_a_password_never_goes_in_clear_beyond_this_machine(url: str, refused: bool) -> None:
+    """Plain amqp:// with a password is refused before any connection unless the host is loopback."""
+    from protocol.transport.base import BrokerRefused
+    from protocol.transport.connector import connection_parameters
+
+    if refused:
+        with pytest.raises(BrokerRefused, match="in clear"):
+            connection_parameters(url)
+    else:
+        connection_parameters(url)
