@@ -681,3 +681,10 @@ MUTANTS.extend([
         (f"{_BOUNDS}::test_user_chunk_cap_at_its_edge_with_the_global_cap_relaxed",),
     ),
 ])
+
+# ---------------------------------------------------------------------- lead: no password in clear over AMQP
+MUTANTS.append(Mutant(
+    "amqp-password-in-clear", "a password in a plain amqp:// URL is refused beyond this machine",
+    (Edit("protocol/transport/connector.py", "    check_no_password_in_clear(node)\n", ""),),
+    ("tests/transport/test_tls.py::test_a_password_never_goes_in_clear_beyond_this_machine",),
+))

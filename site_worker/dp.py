@@ -17,11 +17,15 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import structlog
+
 from site_worker.config import SitePolicy
 from site_worker.ledger import History
 from site_worker.metrics import EVAL_ROWS
 from site_worker.policy import PolicyViolation
 from site_worker.secure_rng import SecureRandom, poisson_batch_bound
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,11 +184,12 @@ def check_memory(policy: SitePolicy, parameters: int, *, activations: int, batch
     mb = train_memory_mb(parameters, activations=activations, batch_size=batch_size, n_train=n_train,
                          sample_rate=sample_rate)
     if mb > policy.max_train_memory_mb:
+        # Public figures only: the MiB and the Poisson batch bound follow from the private row count.
+        log.info("train_memory_refused", mib=round(mb, 1), n_train=n_train, sample_rate=sample_rate)
         raise PolicyViolation(
-            f"max_train_memory_mb: one training step needs about {mb:.0f} MiB (a batch of up to "
-            f"{poisson_batch_bound(n_train, sample_rate) if sample_rate else batch_size} rows x ({parameters} "
-            f"parameters' per-sample gradients + {activations} activation values) x 4 bytes), above this site's "
-            f"policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
+            f"max_train_memory_mb: one training step (batch_size {batch_size}, up to its Poisson bound under DP, x "
+            f"({parameters} parameters' per-sample gradients + {activations} activation values) x 4 bytes) does "
+            f"not fit this site's policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
     return mb
 
 
