@@ -113,7 +113,8 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
     from protocol.config import ConfigError, load_experiment
     from protocol.model import summarize
     from site_worker.data import DataError, prepare
-    from site_worker.policy import PolicyViolation, check_policy
+    from protocol.policy import PolicyViolation
+    from site_worker.policy import check_policy
     from site_worker.splits import SplitKey
 
     try:
@@ -159,13 +160,14 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
 
 def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int) -> Check:
     """ε of the whole run at this site on top of its ledger: the plan the site itself runs
-    (``run_budget.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
+    (``privacy_plan.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
     evaluations, the fine-tune and the final evaluation, at the policy's accountant and δ, a
     ``total_epsilon`` run's solved σ included), so the figure is the ledger's after the run."""
-    from site_worker import run_budget
-    from site_worker.ledger import PrivacyLedger, epsilon_of, merge
-    from site_worker.policy import PolicyViolation
-    from site_worker.trainer import TrainSpec
+    from protocol import privacy_plan
+    from protocol.accounting import epsilon_of, merge
+    from protocol.policy import PolicyViolation
+    from protocol.train_spec import TrainSpec
+    from site_worker.ledger import PrivacyLedger
 
     policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
@@ -173,10 +175,10 @@ def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int)
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
     try:
-        plan = run_budget.site_run_plan(exp, policy, n_train=n_train, rows=rows)
+        plan = privacy_plan.site_run_plan(exp, policy, n_train=n_train, rows=rows)
     except PolicyViolation as e:
         return Check("privacy", False, f"this site would decline: {e}")
-    except run_budget.BudgetExhausted as e:
+    except privacy_plan.BudgetExhausted as e:
         return Check("privacy", False, f"this site would decline: total_epsilon: {e}")
     history = PrivacyLedger(cfg.state_dir).history(dataset)
     spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)

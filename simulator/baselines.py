@@ -21,7 +21,8 @@ from protocol.model import build_model
 from simulator.evaluation import TestSplit, holdout, score, source_for, union_of_own
 from site_worker.config import DatasetSource
 from site_worker.data import prepare
-from site_worker.trainer import TrainSpec, train
+from protocol.train_spec import TrainSpec
+from site_worker.trainer import train
 
 
 def _train(experiment: Any, source: DatasetSource, *, epochs: int, seed: int) -> Any:
@@ -36,8 +37,8 @@ def _train(experiment: Any, source: DatasetSource, *, epochs: int, seed: int) ->
 def _budget_plan(experiment: Any, spec: TrainSpec, n_train: int) -> Any:
     """With ``total_epsilon``: the same total spent on the baseline's own steps (else None:
     the trainer's plan from the experiment's noise)."""
-    from site_worker import run_budget
-    from site_worker.trainer import DPPlan
+    from protocol import privacy_plan as run_budget
+    from protocol.dp_plan import DPPlan
 
     if spec.dp is None or not run_budget.applies(experiment):
         return None

@@ -23,21 +23,25 @@ import structlog
 import torch
 
 from protocol.config import ConfigError, load_experiment
+from protocol.dp_plan import check_epochs, release_entries, site_plan
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
+from protocol.policy import PolicyViolation
+from protocol.privacy_plan import BudgetExhausted, applies
+from protocol.train_spec import TrainSpec
 from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_epochs, check_eval_memory, check_memory, noise_source, release_inputs, site_plan
+from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
-from site_worker.policy import PolicyViolation, check_policy
-from site_worker.release import bound_counts, release_entries, release_metrics, release_size
+from site_worker.policy import check_policy
+from site_worker.release import bound_counts, release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
-from site_worker.trainer import TrainSpec, TrainingAborted, train
+from site_worker.trainer import TrainingAborted, train
 
 log = structlog.get_logger(__name__)
 
@@ -391,7 +395,7 @@ class TaskHandler:
                                                 run_id=env.run_id, seed=task.seed, inputs=inputs)
         except BaseException as e:
             self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site
-            if isinstance(e, (BudgetExceeded, run_budget.BudgetExhausted)):
+            if isinstance(e, (BudgetExceeded, BudgetExhausted)):
                 detail = e.detail if isinstance(e, BudgetExceeded) else f"total_epsilon: {e}"
                 raise _Decline("budget", f"personalisation: {detail}",
                                getattr(e, "figures", None)) from None
@@ -433,14 +437,14 @@ class TaskHandler:
 
     def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""
-        if not run_budget.applies(exp):
+        if not applies(exp):
             return None
         policy = self.config.policy
         try:
             return run_budget.noise_for_task(exp, self.ledger, run_id=env.run_id, dataset=task.dataset, round=env.round,
                                              n_train=n_train, delta=policy.site_delta(data.rows),
                                              accountant=policy.accountant, policy=policy)
-        except run_budget.BudgetExhausted as e:
+        except BudgetExhausted as e:
             raise _Decline("budget", f"total_epsilon: {e}") from None
 
     def _flower_fit(self, env: Envelope, task: TrainTask) -> Reply:

@@ -9,13 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from protocol.layers import row_mixing_message
-from site_worker.config import SitePolicy
+from protocol.policy import PolicyViolation, SitePolicy
 
 MARKER_LAYERS = {"input", "output"}  # shape markers, not computation
-
-
-class PolicyViolation(Exception):
-    """A task the site refuses; ``str(e)`` says which rule and what the task asked for."""
 
 
 def dp_settings(experiment: Any) -> Any | None:
