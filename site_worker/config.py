@@ -19,8 +19,8 @@ from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
 from protocol.policy import ACCOUNTANTS, METRICS_MODES, SitePolicy
 from protocol.toml_config import read_toml
+from site_worker import readers
 
-FORMATS = ("csv", "parquet", "npy")
 COLUMN_TYPES = ("numeric", "categorical")
 
 
@@ -215,10 +215,11 @@ def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
         t.reject_unknown({"path", "target", "format", "columns", "labels_path", "csv_separator"})
         p = t.path("path", must_exist=True)
         fmt = t.string("format", required=False) or _infer_format(p, t.key("format"))
-        if fmt not in FORMATS:
-            raise SiteConfigError(t.key("format"), f"{fmt!r} is not one of {', '.join(FORMATS)}")
-        labels = t.path("labels_path", required=fmt == "npy", must_exist=True) if fmt == "npy" else None
-        target = t.string("target", required=fmt != "npy") or "label"
+        if fmt not in readers.formats():
+            raise SiteConfigError(t.key("format"), f"{fmt!r} is not one of {', '.join(readers.formats())}")
+        apart = readers.by_format(fmt).labels_file  # the labels in a file of their own (an .npy pair)
+        labels = t.path("labels_path", required=True, must_exist=True) if apart else None
+        target = t.string("target", required=not apart) or "label"
         cols: dict[str, str] = {}
         if "columns" in t.raw:
             c = t.sub("columns")
@@ -234,14 +235,11 @@ def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
 
 
 def _infer_format(p: Path, key: str) -> str:
-    suffix = p.suffix.lower()
-    if suffix in (".csv", ".tsv", ".txt"):
-        return "csv"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix == ".npy":
-        return "npy"
-    raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = \"csv\" | \"parquet\" | \"npy\"")
+    fmt = readers.infer_format(p)
+    if fmt is None:
+        raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = "
+                                   + " | ".join(f'"{f}"' for f in readers.formats()))
+    return fmt
 
 
 class _Reader:
