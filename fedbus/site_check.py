@@ -11,7 +11,11 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
+    from site_worker.config import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def run_checks(config: Path, experiment: Path | None, *, broker_timeout_s: float
     return out
 
 
-def _check_key(cfg: Any) -> Check:
+def _check_key(cfg: SiteConfig) -> Check:
     from protocol.signing import Signer
 
     try:
@@ -74,7 +78,7 @@ def _check_secret_files(config: Path) -> list[Check]:
     return [Check("broker password file", ok, detail)]
 
 
-def _check_coordinator_key(cfg: Any) -> Check:
+def _check_coordinator_key(cfg: SiteConfig) -> Check:
     from protocol.signing import key_id_of_pem
 
     try:
@@ -84,7 +88,7 @@ def _check_coordinator_key(cfg: Any) -> Check:
     return Check("coordinator key", True, f"{cfg.coordinator_pub}: tasks must be signed by key id {kid}")
 
 
-def _check_broker(cfg: Any, timeout_s: float) -> Check:
+def _check_broker(cfg: SiteConfig, timeout_s: float) -> Check:
     """Log in and attach to the site's own queue (read permission); a task that arrives meanwhile goes back."""
     from protocol.transport import BusError, open_bus
     from protocol.transport.topology import site_queue
@@ -109,7 +113,7 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
+def _check_experiment(cfg: SiteConfig, experiment: Path) -> list[Check]:
     from protocol.config import ConfigError, load_experiment
     from protocol.model import summarize
     from site_worker.data import DataError, prepare
@@ -158,7 +162,7 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
     return out
 
 
-def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int) -> Check:
+def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: int, rows: int) -> Check:
     """ε of the whole run at this site on top of its ledger: the plan the site itself runs
     (``privacy_plan.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
     evaluations, the fine-tune and the final evaluation, at the policy's accountant and δ, a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from site_worker import data as site_data
 from site_worker import readers
 from site_worker.config import DatasetSource
 from site_worker.metrics import make_loss, prepare_target, task_metrics
+
+if TYPE_CHECKING:
+    from protocol.config import DatasetSpec
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,16 @@ class TestSplit:
     majority: float | None = None  # the majority class of the site's *training* rows (a no-skill model)
 
 
-def _spec_task(spec: Any) -> tuple[str, int]:
+def _spec_task(spec: DatasetSpec) -> tuple[str, int]:
     return (getattr(spec, "task", None) or "binary"), int(getattr(spec, "num_classes", None) or 2)
 
 
-def _target_rule(spec: Any) -> Any:
+def _target_rule(spec: DatasetSpec) -> Any:
     rule = getattr(spec, "positive_if", None)
     return rule if rule is not None else site_data.target_rule(spec)
 
 
-def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None, site: str) -> TestSplit:
+def holdout(train: DatasetSource, test: DatasetSource, spec: DatasetSpec, *, input_shape: tuple[int, ...] | None, site: str) -> TestSplit:
     """Encode ``test`` rows with the statistics of ``train`` (all of that site's training file)."""
     task, num_classes = _spec_task(spec)
     x, y, y_train = readers.by_format(train.format).holdout(train, test, spec, task=task, num_classes=num_classes,

@@ -9,7 +9,7 @@ are the sites' accountant's, not the coordinator's idea of them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.privacy_plan import upper_bound
 from protocol import privacy_plan
@@ -18,15 +18,18 @@ from site_worker.config import load_site_config
 from site_worker.ledger import PrivacyLedger
 from site_worker.run_budget import run_spent
 
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
-def _site(files: Any, exp: Any, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+
+def _site(files: Any, exp: Experiment, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
     from simulator.personal_eval import site_data
 
     cfg = load_site_config(files.config)
     return cfg, site_data(cfg, exp, input_shape)
 
 
-def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
+def plan(exp: Experiment, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
     """Per site: rows, noise and ε at the end of the run (None when DP is off)."""
     dp = exp.training.dp
     if dp is None:
@@ -48,7 +51,7 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
     return out
 
 
-def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
+def spent(exp: Experiment, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
           reported: dict[str, Any] | None) -> dict[str, Any] | None:
     """docs/design.md's ``privacy`` block: δ, accountant, ε per site spent (site ledgers) and planned."""
     dp = exp.training.dp

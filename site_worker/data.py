@@ -14,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from protocol.messages import DatasetInfo
 from site_worker.config import DatasetSource
 from site_worker.readers import Loaded, by_format
 from site_worker.splits import Split, SplitKey, assign, row_hashes, unit_values
+
+if TYPE_CHECKING:
+    from protocol.config import DatasetSpec
 
 log = structlog.get_logger(__name__)
 _THOUSANDS = re.compile(r"^\s*[-+]?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
@@ -176,7 +179,7 @@ def table_catalogue(source: DatasetSource) -> DatasetInfo:
 
 # ------------------------------------------------------------------------ preparing
 
-def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None,
+def prepare(source: DatasetSource, spec: DatasetSpec, *, input_shape: tuple[int, ...] | None,
             key: SplitKey | None = None, seed: int | None = None) -> PreparedData:
     """Build train/validation/test tensors for an experiment's ``dataset`` block.
 
@@ -213,7 +216,7 @@ def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | 
     )
 
 
-def load_table(source: DatasetSource, spec: Any, *, key: SplitKey, task: str, num_classes: int,
+def load_table(source: DatasetSource, spec: DatasetSpec, *, key: SplitKey, task: str, num_classes: int,
                input_shape: tuple[int, ...] | None, validation_fraction: float) -> Loaded:
     """A tabular file's rows for a task: parsed, split by the site's key, features encoded with
     statistics of the training rows only (``tabular_features``)."""
@@ -258,7 +261,7 @@ def _table_hashes(table: "_Table") -> np.ndarray:
     return table.hashes
 
 
-def target_rule(spec: Any) -> Any:
+def target_rule(spec: DatasetSpec) -> Any:
     """The experiment's rule turning a numeric target into 0/1 (``dataset.positive_if``, e.g. ``">0"``)."""
     return getattr(spec, "positive_if", None)
 
@@ -324,12 +327,12 @@ class _Table:
 _tables: dict[tuple[Any, ...], _Table] = {}
 
 
-def _spec_key(spec: Any, task: str, num_classes: int) -> str:
+def _spec_key(spec: DatasetSpec, task: str, num_classes: int) -> str:
     fields = {k: getattr(spec, k, None) for k in ("features", "categorical", "exclude", "positive_if", "missing_values")}
     return json.dumps([task, num_classes, fields], sort_keys=True, default=str)
 
 
-def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: int) -> _Table:
+def _parsed_table(source: DatasetSource, spec: DatasetSpec, *, task: str, num_classes: int) -> _Table:
     """Labels (and later the feature columns) of ``source`` for ``spec``, parsed once per file
     version: a daemon gets the same (file, experiment) every round with only the seed changing."""
     version, df = _read_table_keyed(source)
@@ -352,7 +355,7 @@ def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: i
     return table
 
 
-def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
+def _feature_columns(table: _Table, source: DatasetSource, spec: DatasetSpec,
                      target: str) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
     """One-hot blocks and raw numeric values of the experiment's features (split-independent)."""
     if table.columns is not None:
@@ -400,7 +403,7 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
     return columns
 
 
-def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
+def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: DatasetSpec, target: str,
                       train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Feature matrix for this task's split: median imputation and standardisation fitted on
     the training rows only, or the experiment's fixed ``scaling`` (its centre imputes a missing

@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -42,6 +42,9 @@ from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
 from site_worker.trainer import TrainingAborted, train
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +181,7 @@ class TaskHandler:
         self._check_evaluation(exp, task)
         return exp, summary, key
 
-    def _check_evaluation(self, exp: Any, task: TrainTask | EvalTask | PersonalizeTask) -> None:
+    def _check_evaluation(self, exp: Experiment, task: TrainTask | EvalTask | PersonalizeTask) -> None:
         """Every task evaluates (before/after metrics, an evaluation, the final release of two
         models): its memory and its release vector, from the shapes and the announced rows."""
         try:
@@ -193,7 +196,7 @@ class TaskHandler:
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
 
-    def _data(self, task: TrainTask | EvalTask, exp: Any, summary: Any) -> PreparedData:
+    def _data(self, task: TrainTask | EvalTask, exp: Experiment, summary: Any) -> PreparedData:
         try:
             return prepare(self.config.datasets[task.dataset], exp.dataset, key=self.split_key,
                            input_shape=tuple(summary.input_shape) if summary.input_shape else None)
@@ -213,7 +216,7 @@ class TaskHandler:
             raise _Decline(reason, e.detail, e.figures) from None
         return projected
 
-    def _skeleton(self, exp: Any, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
+    def _skeleton(self, exp: Experiment, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
         """The experiment's module (made DP-trainable when ``for_dp``), built once; the second
         item is why Opacus cannot train it (then the module is the plain one)."""
         cached = self._skeletons.get((key, for_dp))
@@ -229,7 +232,7 @@ class TaskHandler:
             self._remember(self._skeletons, (key, for_dp), cached)
         return cached
 
-    def _model(self, exp: Any, key: str, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
+    def _model(self, exp: Experiment, key: str, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
         """A fresh module holding the task's weights (a copy of the cached skeleton)."""
         skeleton, problem = self._skeleton(exp, key, for_dp=for_dp)
         model = copy.deepcopy(skeleton)
@@ -435,7 +438,7 @@ class TaskHandler:
         digest = release_inputs(fields, *parts, repr(self.config.policy))
         return lambda: digest
 
-    def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
+    def _run_noise(self, env: Envelope, task: TrainTask, exp: Experiment, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""
         if not applies(exp):
             return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ from site_worker.ledger import PrivacyLedger
 from site_worker.metrics import evaluate
 from site_worker.proximal import add_proximal_term
 from site_worker.trainer import TrainResult, train
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
+    from site_worker.config import SiteConfig
 
 
 def personal_layers(config: TaskConfig) -> int:
@@ -100,7 +104,7 @@ def _last_layer_only(model: torch.nn.Module, *, bias_only: bool = False) -> None
         p.requires_grad_(n in names)
 
 
-def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, seed: int,
+def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Experiment, *, seed: int,
               plan: DPPlan | None = None, rng: Any = None) -> TrainResult:
     """Train ``model`` in place for ``training.personalization.epochs`` on ``data``'s training rows,
     then keep the checkpoint ``select`` asks for (see the module docstring).
@@ -157,7 +161,7 @@ def release_id(run_id: str) -> str:
     return f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
 
 
-def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
+def personalize_at_site(experiment: Experiment, model: torch.nn.Module, data: PreparedData, *, config: SiteConfig, dataset: str,
                         run_id: str, seed: int, inputs: Any = None) -> TrainResult:
     """What a site runs after the last round: fine-tune under its policy, charged to its ledger
     with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
