@@ -52,7 +52,7 @@ def plan(experiment: Experiment, hellos: dict[str, dict[str, Any] | None]) -> di
         accountants.add(policy.accountant)
         sites[site] = {"delta": delta, "accountant": policy.accountant, **entry}
     out: dict[str, Any] = {
-        "total_epsilon": float(dp.total_epsilon) if plans.applies(experiment) else None,
+        "total_epsilon": plans.total_of(experiment),
         "mode": plans.mode(experiment),
         "delta": deltas.pop() if len(deltas) == 1 else (sorted(deltas) or [float(dp.delta)])[-1],
         "accountant": accountants.pop() if len(accountants) == 1 else (", ".join(sorted(accountants)) or dp.accountant),

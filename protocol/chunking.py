@@ -24,6 +24,8 @@ followed by 65,534 empty chunks is refused at its first chunk and holds nothing.
 
 from __future__ import annotations
 
+import typing
+
 import hashlib
 import time
 import uuid
@@ -332,7 +334,7 @@ def _check_header(header: dict[str, Any]) -> tuple[str, int, int, str, int]:
     if count > max(1, total):
         raise _error(tid, f"transfer {tid}: count {count} chunks cannot carry total_size={total} bytes "
                           "(every chunk holds at least one byte; an empty body is one chunk)")
-    return tid, index, count, digest, total
+    return typing.cast(str, tid), index, count, digest, total  # a str: check_record checked it
 
 
 def window_chunks(header: Any, max_user_chunks: int = MAX_USER_CHUNKS) -> int:

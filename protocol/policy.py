@@ -88,7 +88,7 @@ class SitePolicy:
         site's word: a value of the wrong type raises here (``TypeError``/``ValueError``) or
         later, and the planner says so for that site."""
         names = {f.name for f in dataclasses.fields(cls)}
-        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in summary.items() if k in names and v is not None}
+        given: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in summary.items() if k in names and v is not None}
         given.pop("reproducible_dp", None)  # needs the site's dp_seed, never sent; no bearing on ε
         return cls(**given)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,13 @@ class RunPlan:
         if self.personalization_noise is not None and self.personalization_steps:
             out["personalization_noise_multiplier"] = self.personalization_noise
         return out
+
+
+def total_of(experiment: Experiment) -> float | None:
+    """The run's whole budget per site (``total_epsilon``) when DP is on and states one, else None."""
+    dp = experiment.training.dp
+    total = None if dp is None else getattr(dp, "total_epsilon", None)
+    return None if total is None else float(total)
 
 
 def applies(experiment: Experiment) -> bool:
@@ -196,22 +204,22 @@ def _solve_cached(total_epsilon: float, delta: float, accountant: str, sample_ra
 
 
 def solve_noise(*, total_epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int,
-                spent: History = ()) -> float:
+                spent: Iterable[tuple[float, float, int]] = ()) -> float:
     """The smallest noise multiplier with ε(spent + steps at it) ≤ total (Opacus' search when
     nothing else is in the history; a bisection on the composed history otherwise)."""
     if steps <= 0:
         return _MAX_NOISE
-    spent = merge(list(spent))
-    if epsilon_of(spent, delta=delta, accountant=accountant) >= total_epsilon - SLACK:
+    history = merge(spent)
+    if epsilon_of(history, delta=delta, accountant=accountant) >= total_epsilon - SLACK:
         raise BudgetExhausted(f"the run's other releases already spend its total epsilon {total_epsilon:g} "
                               "(metrics releases: raise policy.metrics_noise_multiplier or lower fraction_eval)")
-    if not spent:
+    if not history:
         try:
             return _fresh_noise(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps))
         except ValueError:
             raise BudgetExhausted(f"no noise reaches epsilon {total_epsilon:g} in the steps left") from None
     return _solve_cached(float(total_epsilon), float(delta), str(accountant), float(sample_rate), int(steps),
-                         tuple((float(a), float(b), int(c)) for a, b, c in spent))
+                         tuple((float(a), float(b), int(c)) for a, b, c in history))
 
 
 def plan_run(experiment: Experiment, *, n_train: int, delta: float | None = None, accountant: str | None = None,
@@ -234,10 +242,11 @@ def plan_run(experiment: Experiment, *, n_train: int, delta: float | None = None
     final = tuple(one)
     tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)
     how = mode(experiment)
+    total = total_of(experiment)
     tune_sigma = None
-    if how == "total_epsilon":
+    if total is not None:  # how == "total_epsilon"
         fixed = tuple(merge([*(e for e in per_round for _ in range(rounds)), *tests, *final]))
-        sigma = _fresh(float(dp.total_epsilon), delta, accountant, q, round_steps * rounds + extra, fixed)
+        sigma = _fresh(total, delta, accountant, q, round_steps * rounds + extra, fixed)
         if policy is not None and getattr(policy, "min_noise_multiplier", None) is not None:
             sigma = max(sigma, float(policy.min_noise_multiplier))
     else:
@@ -247,7 +256,7 @@ def plan_run(experiment: Experiment, *, n_train: int, delta: float | None = None
             tune_sigma = plan_dp(tune, n_train, delta=delta, accountant=accountant).noise_multiplier
     return RunPlan(n_train=n_train, steps_per_epoch=per_epoch, sample_rate=q, round_steps=round_steps, rounds=rounds,
                    personalization_steps=extra, per_round_fixed=per_round, final_fixed=final, noise_multiplier=sigma,
-                   total_epsilon=None if how != "total_epsilon" else float(dp.total_epsilon), delta=delta,
+                   total_epsilon=total, delta=delta,
                    accountant=accountant, personalization_noise=tune_sigma, test_fixed=tests, mode=str(how))
 
 
@@ -308,13 +317,14 @@ def plan_catalogue(experiment: Experiment, rows_by_site: dict[str, int], *, poli
     if policy is None:
         policy = SitePolicy()
     dp = experiment.training.dp
+    assert dp is not None, "plan_catalogue plans a run with differential privacy"
     sites = {site: plan_entry(experiment, policy, rows=rows, assumed=True,
                               n_train=train_rows(experiment, rows, test_fraction=policy.test_fraction))
              for site, rows in sorted(rows_by_site.items())}
     deltas = sorted({p["delta"] for p in sites.values() if "delta" in p}) or [float(dp.delta)]
-    return {"total_epsilon": float(dp.total_epsilon) if applies(experiment) else None, "mode": mode(experiment),
+    return {"total_epsilon": total_of(experiment), "mode": mode(experiment),
             "delta": deltas[-1], "accountant": policy.accountant, "sites": sites}
 
 
-__all__ = ["BudgetExhausted", "RunPlan", "applies", "metrics_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
-           "site_run_plan", "solve_noise", "steps_per_epoch", "task_specs", "test_rounds", "train_rows"]
+__all__ = ["BudgetExhausted", "RunPlan", "SLACK", "applies", "metrics_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
+           "site_run_plan", "total_of", "solve_noise", "steps_per_epoch", "task_specs", "test_rounds", "train_rows"]

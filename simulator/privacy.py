@@ -42,7 +42,7 @@ def plan(exp: Experiment, ws: Any, *, input_shape: tuple[int, ...] | None) -> di
         delta = cfg.policy.site_delta(data.rows)
         accountant = cfg.policy.accountant
         sites[site] = privacy_plan.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
-    out = {"total_epsilon": float(dp.total_epsilon) if privacy_plan.applies(exp) else None,
+    out = {"total_epsilon": privacy_plan.total_of(exp),
            "mode": privacy_plan.mode(exp), "delta": delta, "accountant": accountant,
            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
     bound = upper_bound(exp)

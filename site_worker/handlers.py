@@ -139,11 +139,12 @@ class TaskHandler:
     def release_reservations(self, env: Envelope) -> None:
         """Drop what a task reserved and never committed (committed releases stay charged)."""
         task = env.payload
-        if getattr(task, "dataset", None) not in self.config.datasets:
+        dataset = getattr(task, "dataset", None)
+        if dataset not in self.config.datasets:
             return
-        self.ledger.cancel(task.dataset, env.message_id)
+        self.ledger.cancel(dataset, env.message_id)
         if isinstance(task, PersonalizeTask):
-            self.ledger.cancel(task.dataset, personalize.release_id(env.run_id))
+            self.ledger.cancel(dataset, personalize.release_id(env.run_id))
 
     # ------------------------------------------------------------------ shared checks
 

@@ -113,6 +113,7 @@ def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Experiment
     ``result.kept_epoch`` says which checkpoint was kept (0: the model as received); it is
     site-local, not a metric to release."""
     p = experiment.training.personalization
+    assert p is not None, "fine_tune runs only for an experiment with training.personalization"
     spec = personalization_spec(experiment, seed)
     if p.mode in ("last_layer", "bias"):
         _last_layer_only(model, bias_only=p.mode == "bias")
