@@ -53,8 +53,8 @@ class SimulationFailed(RuntimeError):
         self.document = document
 
 
-def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Any:
-    from protocol.config import ConfigError, load_experiment
+def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Experiment:
+    from protocol.config import ConfigError, apply_overrides, load_experiment
 
     if isinstance(path, dict):
         raw = json.loads(json.dumps(path))
@@ -68,14 +68,9 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
             raise SimulationInputError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(raw, dict):
         raise SimulationInputError("the experiment must be a JSON object")
-    training = raw.setdefault("training", {})
-    if isinstance(training, dict):
-        if seed is not None:
-            training["seed"] = int(seed)
-        if rounds is not None:
-            if rounds < 1:
-                raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
-            training["rounds"] = int(rounds)
+    if isinstance(raw.setdefault("training", {}), dict) and rounds is not None and rounds < 1:
+        raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
+    apply_overrides(raw, {"seed": None if seed is None else int(seed), "rounds": None if rounds is None else int(rounds)})
     try:
         return load_experiment(raw)
     except ConfigError as e:
