@@ -223,7 +223,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
         (home / "site.toml").write_text(site_toml(
             site_id=sid, federation=federation, broker_url=proxied, key=key, coordinator_pub=cpub,
             state_dir=home / "state", dataset=json.loads(EXAMPLE.read_text())["dataset"]["name"], train=data,
-            target=common.TARGET, signal=False))
+            target=common.TARGET))
     enroll(state, pubs)
 
     _reset_queues(broker, [site_queue(s) for s in sites])

@@ -39,7 +39,8 @@ from protocol.replay import ReplayGuard  # noqa: E402
 from protocol.signing import Signer, TrustStore, generate_keypair  # noqa: E402
 from site_worker.config import DatasetSource  # noqa: E402
 from site_worker.data import prepare  # noqa: E402
-from site_worker.trainer import TrainSpec, train  # noqa: E402
+from protocol.train_spec import TrainSpec  # noqa: E402
+from site_worker.trainer import train  # noqa: E402
 
 
 def _console():

@@ -1,10 +1,10 @@
 """The run's privacy plan as the coordinator can know it: before round 1, from what each site announced.
 
-Each site derives its own noise from its own rows (``site_worker.run_budget``: solved for a
+Each site derives its own noise from its own rows (``protocol.privacy_plan``: solved for a
 whole-run ``total_epsilon``, or the experiment's noise multiplier / per-task target ε); the
 coordinator sees only the rows and the policy summary of each ``SiteHello``, so it plans
 with the same function on the expected training rows of the site's keyed split
-(``run_budget.train_rows``), at the site's δ and with the site's accountant. The figures
+(``privacy_plan.train_rows``), at the site's δ and with the site's accountant. The figures
 are therefore the plan *from announced rows*; what each site spent is its own ledger's.
 Shown on the terminal and in the log before the first round and stored as the result's
 ``privacy`` block (``delta``, ``accountant``, ``planned_epsilon`` per site). A site whose
@@ -13,24 +13,14 @@ policy would decline a task gets ``error`` (why) instead of a figure.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from site_worker import run_budget
+from protocol import privacy_plan as plans
+from protocol.config import Experiment
+from protocol.policy import SitePolicy
 
 
-def _policy(summary: dict[str, Any]) -> Any:
-    """The site's policy as its hello summarised it (``SitePolicy.summary``; site defaults for
-    what it left out), so the plan checks each task exactly as the site will."""
-    from site_worker.config import SitePolicy
-
-    names = {f.name for f in dataclasses.fields(SitePolicy)}
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in summary.items() if k in names and v is not None}
-    given.pop("reproducible_dp", None)  # needs the site's dp_seed, never sent; no bearing on ε
-    return SitePolicy(**given)
-
-
-def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+def plan(experiment: Experiment, hellos: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
     """``{total_epsilon, mode, delta, accountant, sites: {site: plan}}`` or None (DP off).
 
     Every DP mode is planned: a whole-run ``total_epsilon`` (σ solved per site), a fixed
@@ -50,9 +40,9 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
             sites[site] = {"error": f"no dataset {dataset!r} announced"}
             continue
         try:
-            policy = _policy((hello or {}).get("policy") or {})
+            policy = SitePolicy.from_summary((hello or {}).get("policy") or {})
             delta = policy.site_delta(rows)
-            entry = run_budget.plan_entry(experiment, policy, rows=rows, n_train=run_budget.train_rows(
+            entry = plans.plan_entry(experiment, policy, rows=rows, n_train=plans.train_rows(
                 experiment, rows, test_fraction=float(policy.test_fraction)))
         except Exception as e:  # noqa: BLE001 - one site's summary (its word) must never stop the run or its resume
             sites[site] = {"rows": rows, "error": f"its announced policy cannot be planned with: "
@@ -62,8 +52,8 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
         accountants.add(policy.accountant)
         sites[site] = {"delta": delta, "accountant": policy.accountant, **entry}
     out: dict[str, Any] = {
-        "total_epsilon": float(dp.total_epsilon) if run_budget.applies(experiment) else None,
-        "mode": run_budget.mode(experiment),
+        "total_epsilon": plans.total_of(experiment),
+        "mode": plans.mode(experiment),
         "delta": deltas.pop() if len(deltas) == 1 else (sorted(deltas) or [float(dp.delta)])[-1],
         "accountant": accountants.pop() if len(accountants) == 1 else (", ".join(sorted(accountants)) or dp.accountant),
         "planned_from": "rows each site announced (expected training rows of its keyed split)",
@@ -75,7 +65,7 @@ def plan(experiment: Any, hellos: dict[str, dict[str, Any] | None]) -> dict[str,
     return out
 
 
-def upper_bound(experiment: Any) -> str | None:
+def upper_bound(experiment: Experiment) -> str | None:
     """Why the plan is a bound rather than the spend: it counts every round's training and
     evaluation at every site, and a sampled site that sits a round out spends less."""
     fed = experiment.federated

@@ -153,9 +153,9 @@ def validate(
 
 
 def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out: bool) -> dict[str, Any] | None:
-    """Per site: ε at the end of the run from its announced rows (``site_worker.run_budget``), in
+    """Per site: ε at the end of the run from its announced rows (``protocol.privacy_plan``), in
     every DP mode (total_epsilon, noise_multiplier, target_epsilon per task), for the site defaults."""
-    from site_worker import run_budget
+    from protocol import privacy_plan
 
     def fail(message: str) -> None:
         if json_out:
@@ -178,7 +178,7 @@ def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out
     if experiment.training.dp is None:
         console.print("privacy plan: DP is off in this experiment; nothing to plan (ε = ∞)", highlight=False)
         return None
-    return run_budget.plan_catalogue(experiment, rows)
+    return privacy_plan.plan_catalogue(experiment, rows)
 
 
 @app.command("new")

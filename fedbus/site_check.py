@@ -11,7 +11,11 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
+    from site_worker.config import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def run_checks(config: Path, experiment: Path | None, *, broker_timeout_s: float
     return out
 
 
-def _check_key(cfg: Any) -> Check:
+def _check_key(cfg: SiteConfig) -> Check:
     from protocol.signing import Signer
 
     try:
@@ -74,7 +78,7 @@ def _check_secret_files(config: Path) -> list[Check]:
     return [Check("broker password file", ok, detail)]
 
 
-def _check_coordinator_key(cfg: Any) -> Check:
+def _check_coordinator_key(cfg: SiteConfig) -> Check:
     from protocol.signing import key_id_of_pem
 
     try:
@@ -84,7 +88,7 @@ def _check_coordinator_key(cfg: Any) -> Check:
     return Check("coordinator key", True, f"{cfg.coordinator_pub}: tasks must be signed by key id {kid}")
 
 
-def _check_broker(cfg: Any, timeout_s: float) -> Check:
+def _check_broker(cfg: SiteConfig, timeout_s: float) -> Check:
     """Log in and attach to the site's own queue (read permission); a task that arrives meanwhile goes back."""
     from protocol.transport import BusError, open_bus
     from protocol.transport.topology import site_queue
@@ -109,11 +113,12 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
+def _check_experiment(cfg: SiteConfig, experiment: Path) -> list[Check]:
     from protocol.config import ConfigError, load_experiment
     from protocol.model import summarize
     from site_worker.data import DataError, prepare
-    from site_worker.policy import PolicyViolation, check_policy
+    from protocol.policy import PolicyViolation
+    from site_worker.policy import check_policy
     from site_worker.splits import SplitKey
 
     try:
@@ -157,15 +162,16 @@ def _check_experiment(cfg: Any, experiment: Path) -> list[Check]:
     return out
 
 
-def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int) -> Check:
+def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: int, rows: int) -> Check:
     """ε of the whole run at this site on top of its ledger: the plan the site itself runs
-    (``run_budget.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
+    (``privacy_plan.site_run_plan``: every round's DP-SGD steps, its metrics releases, the test
     evaluations, the fine-tune and the final evaluation, at the policy's accountant and δ, a
     ``total_epsilon`` run's solved σ included), so the figure is the ledger's after the run."""
-    from site_worker import run_budget
-    from site_worker.ledger import PrivacyLedger, epsilon_of, merge
-    from site_worker.policy import PolicyViolation
-    from site_worker.trainer import TrainSpec
+    from protocol import privacy_plan
+    from protocol.accounting import epsilon_of, merge
+    from protocol.policy import PolicyViolation
+    from protocol.train_spec import TrainSpec
+    from site_worker.ledger import PrivacyLedger
 
     policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
@@ -173,10 +179,10 @@ def _check_privacy(cfg: Any, exp: Any, dataset: str, *, n_train: int, rows: int)
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
     try:
-        plan = run_budget.site_run_plan(exp, policy, n_train=n_train, rows=rows)
+        plan = privacy_plan.site_run_plan(exp, policy, n_train=n_train, rows=rows)
     except PolicyViolation as e:
         return Check("privacy", False, f"this site would decline: {e}")
-    except run_budget.BudgetExhausted as e:
+    except privacy_plan.BudgetExhausted as e:
         return Check("privacy", False, f"this site would decline: total_epsilon: {e}")
     history = PrivacyLedger(cfg.state_dir).history(dataset)
     spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)

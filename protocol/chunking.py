@@ -24,6 +24,7 @@ followed by 65,534 empty chunks is refused at its first chunk and holds nothing.
 
 from __future__ import annotations
 
+
 import hashlib
 import time
 import uuid

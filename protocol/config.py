@@ -585,18 +585,45 @@ class Experiment(_Block):
         dataset: str | None = None,
     ) -> Experiment:
         """A re-validated copy with the given settings replaced (None keeps the value)."""
-        wire = self.to_wire()
-        training = wire["training"]
-        for key, value in (("rounds", rounds), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
-            if value is not None:
-                training[key] = value
-        if learning_rate is not None:
-            training["optimizer"]["learning_rate"] = learning_rate
-        if aggregator is not None:
-            wire["federated"]["name"] = aggregator
-        if dataset is not None:
-            wire["dataset"]["name"] = dataset
-        return load_experiment(wire)
+        return load_experiment(apply_overrides(self.to_wire(), {
+            "rounds": rounds, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+            "seed": seed, "aggregator": aggregator, "dataset": dataset}))
+
+
+# --------------------------------------------------------------------------- overrides
+
+# Where each override lives in an experiment document: the one table of them (issue 21).
+OVERRIDES: dict[str, tuple[str, ...]] = {
+    "rounds": ("training", "rounds"),
+    "epochs": ("training", "epochs"),
+    "batch_size": ("training", "batch_size"),
+    "seed": ("training", "seed"),
+    "learning_rate": ("training", "optimizer", "learning_rate"),
+    "weight_decay": ("training", "optimizer", "weight_decay"),
+    "aggregator": ("federated", "name"),
+    "dataset": ("dataset", "name"),
+}
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Write each set override (``None`` keeps the document's value) at its place in the
+    experiment document ``doc``, in place, and return ``doc``. The one function every override
+    goes through: ``Experiment.with_overrides``, the simulator's ``--rounds``/``--seed``, a
+    task's ``TaskConfig`` (``TrainSpec.from_experiment``) and the fine-tune's epochs and rate.
+    A missing block on the way is created; one that is not a table is left as it is, for
+    validation to name. An unknown override name is a programming error (``KeyError``)."""
+    for name, value in overrides.items():
+        path = OVERRIDES[name]
+        if value is None:
+            continue
+        node: Any = doc
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = value
+    return doc
 
 
 # --------------------------------------------------------------------------- loading

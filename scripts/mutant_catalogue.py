@@ -225,13 +225,13 @@ MUTANTS += [
     ),
     Mutant(
         "delta-from-experiment", "epsilon is accounted at the site's delta, not the one the experiment asks for",
-        (Edit("site_worker/dp.py", "plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant,",
+        (Edit("protocol/dp_plan.py", "plan = plan_dp(spec, n_train, delta=delta, accountant=policy.accountant,",
               "plan = plan_dp(spec, n_train, delta=None, accountant=policy.accountant,"),),
         ("tests/site_worker/test_site_owns_dp.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
         "min-noise-unchecked", "a task whose planned noise (e.g. derived from a target epsilon) is below min_noise_multiplier is declined",
-        (Edit("site_worker/dp.py", "    if plan.noise_multiplier < policy.min_noise_multiplier:\n", "    if False:\n"),),
+        (Edit("protocol/dp_plan.py", "    if plan.noise_multiplier < policy.min_noise_multiplier:\n", "    if False:\n"),),
         ("tests/site_worker/test_site_owns_dp.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
@@ -300,23 +300,24 @@ MUTANTS += [
         ("tests/site_worker/test_site_owns_dp.py::test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced",),
     ),
     # ------------------------------------------------------------------ the run's privacy plan
+    # (protocol/privacy_plan.py and protocol/dp_plan.py since issue 21: shared by site and coordinator)
     Mutant(
         "plan-fine-tune-at-the-rounds-noise", "without total_epsilon the plan gives the fine-tune the noise the site solves for it",
-        (Edit("site_worker/run_budget.py",
+        (Edit("protocol/privacy_plan.py",
               "            tune_sigma = plan_dp(tune, n_train, delta=delta, accountant=accountant).noise_multiplier\n",
               "            tune_sigma = sigma\n"),),
         ("tests/coordinator/test_privacy_plan_modes.py::test_target_epsilon_per_task_plans_the_fine_tune_at_its_own_noise",),
     ),
     Mutant(
         "plan-test-evaluations-uncounted", "the plan (and a run budget's noise) counts the test releases of federated.test_every",
-        (Edit("site_worker/run_budget.py", "    tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)\n",
+        (Edit("protocol/privacy_plan.py", "    tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)\n",
               "    tests = ()\n"),),
         ("tests/site_worker/test_run_budget.py::test_periodic_test_evaluations_are_in_the_plan_and_in_each_tasks_noise",
          "tests/coordinator/test_privacy_plan_modes.py::test_noise_multiplier_run_spends_exactly_its_plan"),
     ),
     Mutant(
         "plan-ignores-site-policy", "a plan says a site declines where its policy refuses a task, instead of a figure",
-        (Edit("site_worker/run_budget.py",
+        (Edit("protocol/privacy_plan.py",
               "    site_plan(policy, spec, n_train=n_train, rows=rows, noise_multiplier=plan.noise_multiplier if fixed else None)\n",
               "    pass\n"),),
         ("tests/coordinator/test_privacy_plan_modes.py::test_plan_and_its_lines_without_total_epsilon",),

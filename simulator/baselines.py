@@ -12,7 +12,7 @@ local and comes close to pooled.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import numpy as np
@@ -21,10 +21,14 @@ from protocol.model import build_model
 from simulator.evaluation import TestSplit, holdout, score, source_for, union_of_own
 from site_worker.config import DatasetSource
 from site_worker.data import prepare
-from site_worker.trainer import TrainSpec, train
+from protocol.train_spec import TrainSpec
+from site_worker.trainer import train
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 
-def _train(experiment: Any, source: DatasetSource, *, epochs: int, seed: int) -> Any:
+def _train(experiment: Experiment, source: DatasetSource, *, epochs: int, seed: int) -> Any:
     layers = experiment.architecture.layers
     model = build_model(layers, seed=seed)
     input_shape = _input_shape(experiment)
@@ -33,11 +37,11 @@ def _train(experiment: Any, source: DatasetSource, *, epochs: int, seed: int) ->
     return train(model, data, spec, plan=_budget_plan(experiment, spec, len(data.x_train))).model
 
 
-def _budget_plan(experiment: Any, spec: TrainSpec, n_train: int) -> Any:
+def _budget_plan(experiment: Experiment, spec: TrainSpec, n_train: int) -> Any:
     """With ``total_epsilon``: the same total spent on the baseline's own steps (else None:
     the trainer's plan from the experiment's noise)."""
-    from site_worker import run_budget
-    from site_worker.trainer import DPPlan
+    from protocol import privacy_plan as run_budget
+    from protocol.dp_plan import DPPlan
 
     if spec.dp is None or not run_budget.applies(experiment):
         return None
@@ -49,7 +53,7 @@ def _budget_plan(experiment: Any, spec: TrainSpec, n_train: int) -> Any:
                   delta=spec.dp.delta, accountant=spec.dp.accountant)
 
 
-def _input_shape(experiment: Any) -> tuple[int, ...] | None:
+def _input_shape(experiment: Experiment) -> tuple[int, ...] | None:
     from protocol.model import summarize
 
     shape = summarize(experiment.architecture.layers).input_shape
@@ -57,7 +61,7 @@ def _input_shape(experiment: Any) -> tuple[int, ...] | None:
 
 
 def run_baselines(
-    experiment: Any,
+    experiment: Experiment,
     *,
     train_files: dict[str, Path],
     test_files: dict[str, Path],

@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from site_worker import data as site_data
+from site_worker import readers
 from site_worker.config import DatasetSource
 from site_worker.metrics import make_loss, prepare_target, task_metrics
+
+if TYPE_CHECKING:
+    from protocol.config import DatasetSpec
 
 
 @dataclass(frozen=True)
@@ -33,42 +36,21 @@ class TestSplit:
     majority: float | None = None  # the majority class of the site's *training* rows (a no-skill model)
 
 
-def _spec_task(spec: Any) -> tuple[str, int]:
+def _spec_task(spec: DatasetSpec) -> tuple[str, int]:
     return (getattr(spec, "task", None) or "binary"), int(getattr(spec, "num_classes", None) or 2)
 
 
-def _target_rule(spec: Any) -> Any:
+def _target_rule(spec: DatasetSpec) -> Any:
     rule = getattr(spec, "positive_if", None)
     return rule if rule is not None else site_data.target_rule(spec)
 
 
-def holdout(train: DatasetSource, test: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None, site: str) -> TestSplit:
+def holdout(train: DatasetSource, test: DatasetSource, spec: DatasetSpec, *, input_shape: tuple[int, ...] | None, site: str) -> TestSplit:
     """Encode ``test`` rows with the statistics of ``train`` (all of that site's training file)."""
     task, num_classes = _spec_task(spec)
-    rule = _target_rule(spec)
-    if train.format == "npy":
-        x, y_raw = site_data.read_signals(test)
-        y = site_data.encode_labels(pd.Series(y_raw), test.target, task, num_classes, rule)
-        _, y_tr_raw = site_data.read_signals(train)
-        majority = _majority(site_data.encode_labels(pd.Series(y_tr_raw), train.target, task, num_classes, rule), task)
-        x = np.asarray(x, dtype=np.float32)
-        if input_shape is not None:
-            x = x.reshape((len(x), *input_shape))
-    else:
-        df_tr = site_data.read_table(train).copy()
-        df_te = pd.read_csv(test.path, low_memory=False) if test.format == "csv" else pd.read_parquet(test.path)
-        both = pd.concat([df_tr, df_te], ignore_index=True)
-        y_all = site_data.encode_labels(both[train.target], train.target, task, num_classes, rule)
-        keep = ~np.isnan(y_all)
-        is_test = np.zeros(len(both), dtype=bool)
-        is_test[len(df_tr):] = True
-        both, y_all, is_test = both.loc[keep].reset_index(drop=True), y_all[keep], is_test[keep]
-        tr_idx, te_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-        _, x, _ = site_data.tabular_features(both, train, spec, train.target, tr_idx, te_idx)
-        y = y_all[te_idx]
-        majority = _majority(y_all[tr_idx], task)
-        if input_shape is not None and len(input_shape) > 1:
-            x = x.reshape((len(x), *input_shape))
+    x, y, y_train = readers.by_format(train.format).holdout(train, test, spec, task=task, num_classes=num_classes,
+                                                             rule=_target_rule(spec), input_shape=input_shape)
+    majority = _majority(y_train, task)
     y_t = torch.as_tensor(y, dtype=torch.long if task == "multiclass" else torch.float32)
     if task != "multiclass":
         y_t = y_t.reshape(-1, 1)
@@ -149,12 +131,13 @@ def _metrics(out: torch.Tensor, y: torch.Tensor, loss_fn: Any, loss_name: str, t
 
 
 def source_for(path: Path, target: str, name: str) -> DatasetSource:
-    """A DatasetSource for a file the simulator wrote (``.csv`` or the ``_X.npy`` of a pair)."""
-    if path.name.endswith("_X.npy"):
-        return DatasetSource(name=name, path=path, target=target, format="npy",
-                             labels_path=path.with_name(path.name[: -len("_X.npy")] + "_y.npy"))
-    fmt = "parquet" if path.suffix in (".parquet", ".pq") else "csv"
-    return DatasetSource(name=name, path=path, target=target, format=fmt)
+    """A DatasetSource for a file the simulator wrote (``.csv`` or the ``_X.npy`` of a pair), as
+    its site.toml names it (``Reader.site_toml``)."""
+    fmt = readers.infer_format(path) or "csv"
+    keys = readers.by_format(fmt).site_toml(path)
+    labels = keys.get("labels_path")
+    return DatasetSource(name=name, path=path, target=target, format=keys.get("format", fmt),
+                         labels_path=None if labels is None else Path(labels))
 
 
 @torch.no_grad()

@@ -8,12 +8,16 @@ site's own split only for the privacy plan from real training rows (``simulator/
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from site_worker.data import prepare
 
+if TYPE_CHECKING:
+    from protocol.config import Experiment
+    from site_worker.config import SiteConfig
 
-def site_data(cfg: Any, exp: Any, input_shape: tuple[int, ...] | None) -> Any:
+
+def site_data(cfg: SiteConfig, exp: Experiment, input_shape: tuple[int, ...] | None) -> Any:
     """The site's prepared data, split with the site's own keyed split (as its worker splits it)."""
     from site_worker.splits import SplitKey
 

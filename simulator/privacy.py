@@ -1,6 +1,6 @@
 """The privacy block of a simulated run: the plan before round 1 and what each site spent.
 
-The plan (``site_worker.run_budget.site_run_plan``) is what each site will derive from its own
+The plan (``protocol.privacy_plan.site_run_plan``) is what each site will derive from its own
 training rows: σ solved for a ``total_epsilon``, or the experiment's noise multiplier / per-task
 target ε, composed over the run; the spend is read back from each
 site's own ledger after the run (rounds and the personalisation fine-tune), so the figures
@@ -9,22 +9,27 @@ are the sites' accountant's, not the coordinator's idea of them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.privacy_plan import upper_bound
-from site_worker import run_budget
+from protocol import privacy_plan
+from protocol.accounting import epsilon_of
 from site_worker.config import load_site_config
-from site_worker.ledger import PrivacyLedger, epsilon_of
+from site_worker.ledger import PrivacyLedger
+from site_worker.run_budget import run_spent
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 
-def _site(files: Any, exp: Any, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+def _site(files: Any, exp: Experiment, input_shape: tuple[int, ...] | None) -> tuple[Any, Any]:
     from simulator.personal_eval import site_data
 
     cfg = load_site_config(files.config)
     return cfg, site_data(cfg, exp, input_shape)
 
 
-def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
+def plan(exp: Experiment, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
     """Per site: rows, noise and ε at the end of the run (None when DP is off)."""
     dp = exp.training.dp
     if dp is None:
@@ -36,9 +41,9 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
         cfg, data = _site(files, exp, input_shape)
         delta = cfg.policy.site_delta(data.rows)
         accountant = cfg.policy.accountant
-        sites[site] = run_budget.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
-    out = {"total_epsilon": float(dp.total_epsilon) if run_budget.applies(exp) else None,
-           "mode": run_budget.mode(exp), "delta": delta, "accountant": accountant,
+        sites[site] = privacy_plan.plan_entry(exp, cfg.policy, n_train=int(len(data.x_train)), rows=int(data.rows))
+    out = {"total_epsilon": privacy_plan.total_of(exp),
+           "mode": privacy_plan.mode(exp), "delta": delta, "accountant": accountant,
            "planned_from": "each site's own training rows (the simulator reads the sites' data)", "sites": sites}
     bound = upper_bound(exp)
     if bound:
@@ -46,7 +51,7 @@ def plan(exp: Any, ws: Any, *, input_shape: tuple[int, ...] | None) -> dict[str,
     return out
 
 
-def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
+def spent(exp: Experiment, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
           reported: dict[str, Any] | None) -> dict[str, Any] | None:
     """docs/design.md's ``privacy`` block: δ, accountant, ε per site spent (site ledgers) and planned."""
     dp = exp.training.dp
@@ -59,7 +64,7 @@ def spent(exp: Any, ws: Any, *, run_id: str, planned: dict[str, Any] | None,
     for site, files in sorted(ws.sites.items()):
         ledger = PrivacyLedger(load_site_config(files.config).state_dir)
         eps[site] = ledger.spent(exp.dataset.name, delta=delta, accountant=accountant)
-        run_eps[site] = epsilon_of(run_budget.run_spent(ledger, exp.dataset.name, run_id), delta=delta,
+        run_eps[site] = epsilon_of(run_spent(ledger, exp.dataset.name, run_id), delta=delta,
                                    accountant=accountant)
     out: dict[str, Any] = {"delta": delta, "accountant": accountant, "epsilon": eps, "run_epsilon": run_eps,
                            "epsilon_reported_with_updates": reported or {}}

@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -30,6 +30,9 @@ from simulator.datasets import DatasetError, load_dataset
 from site_worker.data import DataError
 from simulator.faults import FaultLog, FaultSpecError, parse_faults
 from simulator.partitions import PartitionError, make_partition, parse_spec
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +53,8 @@ class SimulationFailed(RuntimeError):
         self.document = document
 
 
-def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Any:
-    from protocol.config import ConfigError, load_experiment
+def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Experiment:
+    from protocol.config import ConfigError, apply_overrides, load_experiment
 
     if isinstance(path, dict):
         raw = json.loads(json.dumps(path))
@@ -65,21 +68,16 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
             raise SimulationInputError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(raw, dict):
         raise SimulationInputError("the experiment must be a JSON object")
-    training = raw.setdefault("training", {})
-    if isinstance(training, dict):
-        if seed is not None:
-            training["seed"] = int(seed)
-        if rounds is not None:
-            if rounds < 1:
-                raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
-            training["rounds"] = int(rounds)
+    if isinstance(raw.setdefault("training", {}), dict) and rounds is not None and rounds < 1:
+        raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
+    apply_overrides(raw, {"seed": None if seed is None else int(seed), "rounds": None if rounds is None else int(rounds)})
     try:
         return load_experiment(raw)
     except ConfigError as e:
         raise SimulationInputError(f"experiment: {e}") from None
 
 
-def _need_dataset_option(exp: Any, experiment_path: Any) -> None:
+def _need_dataset_option(exp: Experiment, experiment_path: Any) -> None:
     """The experiment names data fedbus does not bundle (a MediNet export's hospital dataset):
     say exactly what to run instead of failing on the name."""
     from simulator.datasets import BUILTIN, canonical_name
@@ -98,7 +96,7 @@ def _need_dataset_option(exp: Any, experiment_path: Any) -> None:
     )
 
 
-def _fit_to_file(exp: Any, data: Any) -> Any:
+def _fit_to_file(exp: Experiment, data: Any) -> Any:
     """The experiment with a file-safe dataset key, and its features taken from the file when it
     declares none (a MediNet export: ``features_info.input_features`` must match the file's
     encoded columns, else the model's input layer would not fit)."""
@@ -297,7 +295,7 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
-def _run_federation(exp: Any, ws: Any, *, memory: bool, url: str, federation: str, plan: Any, fault_log: FaultLog,
+def _run_federation(exp: Experiment, ws: Any, *, memory: bool, url: str, federation: str, plan: Any, fault_log: FaultLog,
                     round_timeout_s: float | None, progress: bool,
                     privacy_plan: dict[str, Any] | None = None) -> tuple[Any, dict[str, float]]:
     from coordinator.run import Coordinator
@@ -399,7 +397,7 @@ def _final_weights(result: Any, state_dir: Path, doc: dict[str, Any]) -> Any:
     return load_tensors(path, sha256=last.get("checkpoint_sha256"))
 
 
-def _model_with(exp: Any, weights: Any) -> Any:
+def _model_with(exp: Experiment, weights: Any) -> Any:
     from protocol.model import build_model, load_tensors
 
     model = build_model(exp.architecture.layers, seed=int(exp.training.seed))
@@ -407,14 +405,14 @@ def _model_with(exp: Any, weights: Any) -> Any:
     return model
 
 
-def _input_shape(exp: Any) -> tuple[int, ...] | None:
+def _input_shape(exp: Experiment) -> tuple[int, ...] | None:
     from protocol.model import summarize
 
     shape = summarize(exp.architecture.layers).input_shape
     return tuple(shape) if shape else None
 
 
-def _test_splits(exp: Any, ws: Any) -> list[Any]:
+def _test_splits(exp: Experiment, ws: Any) -> list[Any]:
     """Every site's held-out test split, encoded with that site's training statistics."""
     from simulator.evaluation import holdout, source_for
 
@@ -427,7 +425,7 @@ def _test_splits(exp: Any, ws: Any) -> list[Any]:
     ]
 
 
-def _scorer(exp: Any, ws: Any) -> Any:
+def _scorer(exp: Experiment, ws: Any) -> Any:
     """``scorer(weights) -> metrics`` on every site's held-out test split (encoded once)."""
     from simulator.evaluation import score
 
@@ -436,7 +434,7 @@ def _scorer(exp: Any, ws: Any) -> Any:
                                  task=exp.dataset.task or "binary")
 
 
-def _holdout_personalized(doc: dict[str, Any], exp: Any, ws: Any) -> None:
+def _holdout_personalized(doc: dict[str, Any], exp: Experiment, ws: Any) -> None:
     """The personalised model each site kept (``state_dir/final/``) on that site's held-out rows,
     beside the local-only baseline scored on the same rows (the sites' own figures are in "final")."""
     from simulator.evaluation import score, union_of_own
@@ -463,7 +461,7 @@ def _holdout_personalized(doc: dict[str, Any], exp: Any, ws: Any) -> None:
                                       **union_of_own(models, splits, loss_name=loss, task=task)}
 
 
-def _save_model(out: Path, exp: Any, weights: Any) -> None:
+def _save_model(out: Path, exp: Experiment, weights: Any) -> None:
     """The final global model: safetensors weights plus the declarative layer list that builds it."""
     from coordinator.checkpoints import save_tensors
 

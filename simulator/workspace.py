@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.signing import generate_keypair
+from site_worker.readers import by_kind
 from simulator.datasets import SimDataset
 from simulator.partitions import Partition
 
@@ -46,7 +47,7 @@ def _toml_str(value: str) -> str:
 
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
-    dataset: str, train: Path, target: str, signal: bool, dp_seed: int | None = None,
+    dataset: str, train: Path, target: str, kind: str = "tabular", dp_seed: int | None = None,
     max_epsilon: float | None = None,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
@@ -77,9 +78,7 @@ def site_toml(
         f"path = {_toml_str(str(train))}",
         f"target = {_toml_str(target)}",
     ]
-    if signal:
-        y = train.with_name(train.name[: -len("_X.npy")] + "_y.npy")
-        lines += ['format = "npy"', f"labels_path = {_toml_str(str(y))}"]
+    lines += [f"{k} = {_toml_str(v)}" for k, v in by_kind(kind).site_toml(train).items()]  # the reader's keys
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +112,7 @@ def build_workspace(
             site_toml(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
-                signal=data.kind == "signal", dp_seed=dp_seed, max_epsilon=site_budget,
+                kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget,
             ),
             encoding="utf-8",
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from protocol.messages import DatasetInfo
-from site_worker.config import SitePolicy
+from protocol.policy import SitePolicy
 from site_worker.ledger import PrivacyLedger
 
 

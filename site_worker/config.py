@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 from protocol.broker_url import BrokerURLError, with_password
 from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
+from protocol.policy import ACCOUNTANTS, METRICS_MODES, SitePolicy
 from protocol.toml_config import read_toml
+from site_worker import readers
 
-FORMATS = ("csv", "parquet", "npy")
 COLUMN_TYPES = ("numeric", "categorical")
 
 
@@ -42,71 +43,6 @@ class DatasetSource:
     columns: dict[str, str] = field(default_factory=dict)  # column -> "numeric" | "categorical"
     labels_path: Path | None = None  # ``npy`` only: the y array
     csv_separator: str = ","
-
-
-METRICS_MODES = ("dp", "exact", "none")
-ACCOUNTANTS = ("rdp", "prv")  # composable over tasks; Opacus' gdp keeps only its last entry
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """The hospital's own rules; a task that breaks one is declined, never run.
-
-    The privacy settings here are the site's, not the experiment's: the experiment's
-    accountant, delta, noise, epochs and batch size are requests checked against them.
-    """
-
-    allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
-    max_parameters: int = 5_000_000
-    max_train_memory_mb: float = 2048.0  # one step: batch bound x (parameters + activations) x 4 B
-    max_eval_memory_mb: float = 2048.0  # one inference pass (4096 rows) plus the outputs of every row
-    max_release_values: int = 2**20  # values in one DP metrics release vector (a k-class model: k*k + 1)
-    min_noise_multiplier: float = 0.5
-    max_epsilon: float | None = None  # the site's privacy budget per dataset (at its own delta)
-    allowed_aggregators: tuple[str, ...] | None = None  # None = any
-    allow_no_dp: bool = False
-    accountant: str = "rdp"  # "rdp" | "prv"
-    delta: float | None = None  # None = min(1e-5, 1 / (10 x rows)) per dataset
-    max_sample_rate: float = 0.5
-    max_epochs: int = 50
-    max_steps_per_task: int = 10_000
-    metrics: str = "dp"  # "dp" | "exact" | "none": how released metrics are protected
-    metrics_noise_multiplier: float = 5.0  # Gaussian std / L2 sensitivity of a metrics release
-    metrics_loss_clip: float = 5.0  # per-example loss clipped to [0, C] in released sums
-    max_evaluations_per_run: int = 100
-    test_fraction: float = 0.2  # of each dataset's rows: the fixed test split, never trained on
-    reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
-    dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
-    allow_unprotected_flower_client: bool = False
-    require_approval: bool = False  # run only experiments the operator approved (site_worker/approvals.py)
-
-    def site_delta(self, rows: int) -> float:
-        """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
-        if self.delta is not None:
-            return float(self.delta)
-        return min(1e-5, 1.0 / (10.0 * max(1, rows)))
-
-    def summary(self) -> dict[str, Any]:
-        """What the site tells the coordinator in its hello (never secrets: no dp_seed)."""
-        return {
-            "allowed_layers": list(self.allowed_layers) if self.allowed_layers else None,
-            "max_parameters": self.max_parameters,
-            "max_train_memory_mb": self.max_train_memory_mb,
-            "min_noise_multiplier": self.min_noise_multiplier,
-            "max_epsilon": self.max_epsilon,
-            "allowed_aggregators": list(self.allowed_aggregators) if self.allowed_aggregators else None,
-            "allow_no_dp": self.allow_no_dp,
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "max_sample_rate": self.max_sample_rate,
-            "max_epochs": self.max_epochs,
-            "max_steps_per_task": self.max_steps_per_task,
-            "metrics": self.metrics,
-            "metrics_noise_multiplier": self.metrics_noise_multiplier,  # the coordinator's privacy plan needs it
-            "test_fraction": self.test_fraction,
-            "max_evaluations_per_run": self.max_evaluations_per_run,
-            "reproducible_dp": self.reproducible_dp,
-        }
 
 
 @dataclass(frozen=True)
@@ -279,10 +215,11 @@ def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
         t.reject_unknown({"path", "target", "format", "columns", "labels_path", "csv_separator"})
         p = t.path("path", must_exist=True)
         fmt = t.string("format", required=False) or _infer_format(p, t.key("format"))
-        if fmt not in FORMATS:
-            raise SiteConfigError(t.key("format"), f"{fmt!r} is not one of {', '.join(FORMATS)}")
-        labels = t.path("labels_path", required=fmt == "npy", must_exist=True) if fmt == "npy" else None
-        target = t.string("target", required=fmt != "npy") or "label"
+        if fmt not in readers.formats():
+            raise SiteConfigError(t.key("format"), f"{fmt!r} is not one of {', '.join(readers.formats())}")
+        apart = readers.by_format(fmt).labels_file  # the labels in a file of their own (an .npy pair)
+        labels = t.path("labels_path", required=True, must_exist=True) if apart else None
+        target = t.string("target", required=not apart) or "label"
         cols: dict[str, str] = {}
         if "columns" in t.raw:
             c = t.sub("columns")
@@ -298,14 +235,11 @@ def _datasets(r: "_Reader") -> dict[str, DatasetSource]:
 
 
 def _infer_format(p: Path, key: str) -> str:
-    suffix = p.suffix.lower()
-    if suffix in (".csv", ".tsv", ".txt"):
-        return "csv"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix == ".npy":
-        return "npy"
-    raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = \"csv\" | \"parquet\" | \"npy\"")
+    fmt = readers.infer_format(p)
+    if fmt is None:
+        raise SiteConfigError(key, f"cannot tell the format of {p.name}; set format = "
+                                   + " | ".join(f'"{f}"' for f in readers.formats()))
+    return fmt
 
 
 class _Reader:

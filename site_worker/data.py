@@ -14,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,11 @@ import structlog
 
 from protocol.messages import DatasetInfo
 from site_worker.config import DatasetSource
-from site_worker.splits import Split, SplitKey, array_row_hashes, assign, row_hashes, unit_values
+from site_worker.readers import Loaded, by_format
+from site_worker.splits import Split, SplitKey, assign, row_hashes, unit_values
+
+if TYPE_CHECKING:
+    from protocol.config import DatasetSpec
 
 log = structlog.get_logger(__name__)
 _THOUSANDS = re.compile(r"^\s*[-+]?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
@@ -120,23 +124,6 @@ def _read_table_keyed(source: DatasetSource) -> tuple[tuple[str, float, int], pd
     return key, df
 
 
-def read_signals(source: DatasetSource) -> tuple[np.ndarray, np.ndarray]:
-    """Load an ``.npy`` X/y pair (memory-mapped, never pickled)."""
-    try:
-        x = np.load(source.path, mmap_mode="r", allow_pickle=False)
-        y = np.load(source.labels_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError("signal", f"cannot read the .npy pair: {type(e).__name__}") from None
-    if x.ndim < 2:
-        raise DataError("signal", f"X must have a sample axis and at least one more, got {x.ndim} dimension(s)")
-    if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
-        raise DataError(source.target, "labels must be a 1-D array")
-    if len(x) != len(y):
-        raise DataError(source.target, "the signal and label files hold different numbers of rows",
-                        private={"signals": len(x), "labels": len(y)})
-    return x, y.reshape(-1)
-
-
 def to_numeric(series: pd.Series, column: str) -> pd.Series:
     """Parse a numeric column, accepting thousands separators ("265,000")."""
     if pd.api.types.is_bool_dtype(series):
@@ -156,17 +143,22 @@ def to_numeric(series: pd.Series, column: str) -> pd.Series:
 
 def announced_rows(source: DatasetSource) -> int:
     """The row count SiteHello announces for ``source`` (public; cheap: the cached frame or a
-    memory-mapped header)."""
-    if source.format == "npy":
-        return int(np.load(source.path, mmap_mode="r", allow_pickle=False).shape[0])
-    return int(len(read_table(source)))
+    memory-mapped header), from the reader of its format (``site_worker.readers``)."""
+    return by_format(source.format).rows(source)
 
 
 def catalogue(source: DatasetSource) -> DatasetInfo:
     """Metadata for SiteHello: names, row count, column types, target. Never values."""
-    if source.format == "npy":
-        return DatasetInfo(name=source.name, rows=announced_rows(source), columns=("signal", source.target),
-                           feature_types={"signal": "signal"}, target=source.target)
+    return by_format(source.format).catalogue(source)
+
+
+def table_rows(source: DatasetSource) -> int:
+    """Rows of a tabular file (the cached frame)."""
+    return int(len(read_table(source)))
+
+
+def table_catalogue(source: DatasetSource) -> DatasetInfo:
+    """A tabular file's catalogue entry: each column numeric or categorical (as declared, else as parsed)."""
     df = read_table(source)
     types: dict[str, str] = {}
     for col in df.columns:
@@ -181,13 +173,13 @@ def catalogue(source: DatasetSource) -> DatasetInfo:
             types[col] = "numeric"
         except DataError:
             types[col] = "categorical"
-    return DatasetInfo(name=source.name, rows=announced_rows(source), columns=tuple(df.columns),
+    return DatasetInfo(name=source.name, rows=table_rows(source), columns=tuple(df.columns),
                        feature_types=types, target=source.target)
 
 
 # ------------------------------------------------------------------------ preparing
 
-def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | None,
+def prepare(source: DatasetSource, spec: DatasetSpec, *, input_shape: tuple[int, ...] | None,
             key: SplitKey | None = None, seed: int | None = None) -> PreparedData:
     """Build train/validation/test tensors for an experiment's ``dataset`` block.
 
@@ -204,42 +196,10 @@ def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | 
     task = getattr(spec, "task", "binary") or "binary"
     num_classes = int(getattr(spec, "num_classes", 2) or 2)
     val_frac = float(getattr(spec, "validation_fraction", 0.2))
-    if source.format == "npy":
-        x, y_raw = read_signals(source)
-        y = encode_labels(pd.Series(y_raw), source.target, task, num_classes, target_rule(spec))
-        x = np.asarray(x, dtype=np.float32)
-        if input_shape is not None:
-            want = int(np.prod(input_shape))
-            have = int(np.prod(x.shape[1:]))
-            if want != have:
-                raise DataError("signal", f"signals have shape {list(x.shape[1:])}, the model expects {list(input_shape)}")
-            x = x.reshape((len(x), *input_shape))
-        keep = ~np.isnan(y)
-        x, y = x[keep], y[keep]
-        split = _split(key, source.name, array_row_hashes(x, y), val_frac)
-        features: tuple[str, ...] = ("signal",)
-        x_tr, x_va, x_te = x[split.train], x[split.validation], x[split.test]
-    else:
-        target = source.target
-        asked = getattr(spec, "target", None)
-        if asked is not None and asked != target:
-            raise DataError("target", f"the experiment's dataset.target is {asked!r} but this site's dataset "
-                                      f"{source.name!r} has target {target!r}; make them agree (or leave "
-                                      "dataset.target out of the experiment)")
-        table = _parsed_table(source, spec, task=task, num_classes=num_classes)
-        y = table.y
-        split = _split(key, source.name, _table_hashes(table), val_frac)
-        n_va = len(split.validation)
-        x_tr, x_rest, features = tabular_features(table, source, spec, target, split.train,
-                                                  np.concatenate([split.validation, split.test]))
-        x_va, x_te = x_rest[:n_va], x_rest[n_va:]
-        if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
-            raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
-                                        f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
-        if input_shape is not None and len(input_shape) > 1:
-            x_tr = x_tr.reshape((len(x_tr), *input_shape))
-            x_va = x_va.reshape((len(x_va), *input_shape))
-            x_te = x_te.reshape((len(x_te), *input_shape))
+    loaded = by_format(source.format).load(source, spec, key=key, task=task, num_classes=num_classes,
+                                           input_shape=input_shape, validation_fraction=val_frac)
+    y, split, features = loaded.y, loaded.split, loaded.features
+    x_tr, x_va, x_te = loaded.x_train, loaded.x_val, loaded.x_test
     y_dtype = torch.long if task == "multiclass" else torch.float32
     y_t = torch.as_tensor(y, dtype=y_dtype)
     if task != "multiclass":
@@ -256,7 +216,34 @@ def prepare(source: DatasetSource, spec: Any, *, input_shape: tuple[int, ...] | 
     )
 
 
-def _split(key: SplitKey, dataset: str, hashes: np.ndarray, validation_fraction: float) -> Split:
+def load_table(source: DatasetSource, spec: DatasetSpec, *, key: SplitKey, task: str, num_classes: int,
+               input_shape: tuple[int, ...] | None, validation_fraction: float) -> Loaded:
+    """A tabular file's rows for a task: parsed, split by the site's key, features encoded with
+    statistics of the training rows only (``tabular_features``)."""
+    target = source.target
+    asked = getattr(spec, "target", None)
+    if asked is not None and asked != target:
+        raise DataError("target", f"the experiment's dataset.target is {asked!r} but this site's dataset "
+                                  f"{source.name!r} has target {target!r}; make them agree (or leave "
+                                  "dataset.target out of the experiment)")
+    table = _parsed_table(source, spec, task=task, num_classes=num_classes)
+    y = table.y
+    split = split_rows(key, source.name, _table_hashes(table), validation_fraction)
+    n_va = len(split.validation)
+    x_tr, x_rest, features = tabular_features(table, source, spec, target, split.train,
+                                              np.concatenate([split.validation, split.test]))
+    x_va, x_te = x_rest[:n_va], x_rest[n_va:]
+    if input_shape is not None and int(np.prod(input_shape)) != x_tr.shape[1]:
+        raise DataError("features", f"the dataset yields {x_tr.shape[1]} features, the model expects "
+                                    f"{int(np.prod(input_shape))}; list dataset.features/categorical in the experiment")
+    if input_shape is not None and len(input_shape) > 1:
+        x_tr = x_tr.reshape((len(x_tr), *input_shape))
+        x_va = x_va.reshape((len(x_va), *input_shape))
+        x_te = x_te.reshape((len(x_te), *input_shape))
+    return Loaded(y=y, x_train=x_tr, x_val=x_va, x_test=x_te, split=split, features=features)
+
+
+def split_rows(key: SplitKey, dataset: str, hashes: np.ndarray, validation_fraction: float) -> Split:
     if len(hashes) < 2:
         raise DataError("rows", "fewer than 2 usable rows", private={"usable_rows": len(hashes)})
     u = unit_values(key, dataset, hashes)
@@ -274,7 +261,7 @@ def _table_hashes(table: "_Table") -> np.ndarray:
     return table.hashes
 
 
-def target_rule(spec: Any) -> Any:
+def target_rule(spec: DatasetSpec) -> Any:
     """The experiment's rule turning a numeric target into 0/1 (``dataset.positive_if``, e.g. ``">0"``)."""
     return getattr(spec, "positive_if", None)
 
@@ -340,12 +327,12 @@ class _Table:
 _tables: dict[tuple[Any, ...], _Table] = {}
 
 
-def _spec_key(spec: Any, task: str, num_classes: int) -> str:
+def _spec_key(spec: DatasetSpec, task: str, num_classes: int) -> str:
     fields = {k: getattr(spec, k, None) for k in ("features", "categorical", "exclude", "positive_if", "missing_values")}
     return json.dumps([task, num_classes, fields], sort_keys=True, default=str)
 
 
-def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: int) -> _Table:
+def _parsed_table(source: DatasetSource, spec: DatasetSpec, *, task: str, num_classes: int) -> _Table:
     """Labels (and later the feature columns) of ``source`` for ``spec``, parsed once per file
     version: a daemon gets the same (file, experiment) every round with only the seed changing."""
     version, df = _read_table_keyed(source)
@@ -368,7 +355,7 @@ def _parsed_table(source: DatasetSource, spec: Any, *, task: str, num_classes: i
     return table
 
 
-def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
+def _feature_columns(table: _Table, source: DatasetSource, spec: DatasetSpec,
                      target: str) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
     """One-hot blocks and raw numeric values of the experiment's features (split-independent)."""
     if table.columns is not None:
@@ -403,7 +390,7 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
         if source.columns.get(col) == "categorical":
             raise DataError(col, "the site declares it categorical but the experiment uses it as numeric; "
                                  "add it to dataset.categorical in the experiment")
-        if source.format != "npy" and col in read_table(source).columns:
+        if by_format(source.format).kind == "tabular" and col in read_table(source).columns:
             # Decided on the whole file, as the SiteHello's feature_types announces the column:
             # the refusal repeats a public bit and says nothing about the rows this task uses.
             to_numeric(read_table(source)[col], col)
@@ -416,7 +403,7 @@ def _feature_columns(table: _Table, source: DatasetSource, spec: Any,
     return columns
 
 
-def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: Any, target: str,
+def tabular_features(table: _Table | pd.DataFrame, source: DatasetSource, spec: DatasetSpec, target: str,
                       train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Feature matrix for this task's split: median imputation and standardisation fitted on
     the training rows only, or the experiment's fixed ``scaling`` (its centre imputes a missing

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from protocol.durable import write_atomic
-from site_worker.config import SitePolicy
+from protocol.policy import SitePolicy
 from site_worker.metrics import evaluate
 from site_worker.release import derive, statistics
 from site_worker.secure_rng import SecureRandom

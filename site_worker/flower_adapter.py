@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from protocol.messages import EvalResult, EvalTask, Tensors, TrainTask, Update
-from site_worker.dp import DPPlan
+from protocol.dp_plan import DPPlan
 
 
 class FlowerClientError(RuntimeError):

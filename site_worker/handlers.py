@@ -17,27 +17,34 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 
 from protocol.config import ConfigError, load_experiment
+from protocol.dp_plan import check_epochs, release_entries, site_plan
 from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, load_tensors, summarize, to_tensors
+from protocol.policy import PolicyViolation
+from protocol.privacy_plan import BudgetExhausted, applies
+from protocol.train_spec import TrainSpec
 from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_epochs, check_eval_memory, check_memory, noise_source, release_inputs, site_plan
+from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
-from site_worker.policy import PolicyViolation, check_policy
-from site_worker.release import bound_counts, release_entries, release_metrics, release_size
+from site_worker.policy import check_policy
+from site_worker.release import bound_counts, release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
-from site_worker.trainer import TrainSpec, TrainingAborted, train
+from site_worker.trainer import TrainingAborted, train
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 log = structlog.get_logger(__name__)
 
@@ -132,11 +139,12 @@ class TaskHandler:
     def release_reservations(self, env: Envelope) -> None:
         """Drop what a task reserved and never committed (committed releases stay charged)."""
         task = env.payload
-        if not isinstance(task, (TrainTask, EvalTask, PersonalizeTask)) or task.dataset not in self.config.datasets:
+        dataset = getattr(task, "dataset", None)
+        if dataset not in self.config.datasets:
             return
-        self.ledger.cancel(task.dataset, env.message_id)
+        self.ledger.cancel(dataset, env.message_id)
         if isinstance(task, PersonalizeTask):
-            self.ledger.cancel(task.dataset, personalize.release_id(env.run_id))
+            self.ledger.cancel(dataset, personalize.release_id(env.run_id))
 
     # ------------------------------------------------------------------ shared checks
 
@@ -174,7 +182,7 @@ class TaskHandler:
         self._check_evaluation(exp, task)
         return exp, summary, key
 
-    def _check_evaluation(self, exp: Any, task: TrainTask | EvalTask | PersonalizeTask) -> None:
+    def _check_evaluation(self, exp: Experiment, task: TrainTask | EvalTask | PersonalizeTask) -> None:
         """Every task evaluates (before/after metrics, an evaluation, the final release of two
         models): its memory and its release vector, from the shapes and the announced rows."""
         try:
@@ -189,7 +197,7 @@ class TaskHandler:
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
 
-    def _data(self, task: TrainTask | EvalTask, exp: Any, summary: Any) -> PreparedData:
+    def _data(self, task: TrainTask | EvalTask, exp: Experiment, summary: Any) -> PreparedData:
         try:
             return prepare(self.config.datasets[task.dataset], exp.dataset, key=self.split_key,
                            input_shape=tuple(summary.input_shape) if summary.input_shape else None)
@@ -209,7 +217,7 @@ class TaskHandler:
             raise _Decline(reason, e.detail, e.figures) from None
         return projected
 
-    def _skeleton(self, exp: Any, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
+    def _skeleton(self, exp: Experiment, key: str, *, for_dp: bool) -> tuple[torch.nn.Module, str | None]:
         """The experiment's module (made DP-trainable when ``for_dp``), built once; the second
         item is why Opacus cannot train it (then the module is the plain one)."""
         cached = self._skeletons.get((key, for_dp))
@@ -225,7 +233,7 @@ class TaskHandler:
             self._remember(self._skeletons, (key, for_dp), cached)
         return cached
 
-    def _model(self, exp: Any, key: str, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
+    def _model(self, exp: Experiment, key: str, task: TrainTask | EvalTask, *, for_dp: bool) -> torch.nn.Module:
         """A fresh module holding the task's weights (a copy of the cached skeleton)."""
         skeleton, problem = self._skeleton(exp, key, for_dp=for_dp)
         model = copy.deepcopy(skeleton)
@@ -391,7 +399,7 @@ class TaskHandler:
                                                 run_id=env.run_id, seed=task.seed, inputs=inputs)
         except BaseException as e:
             self.ledger.cancel(task.dataset, env.message_id)  # no metrics left the site
-            if isinstance(e, (BudgetExceeded, run_budget.BudgetExhausted)):
+            if isinstance(e, (BudgetExceeded, BudgetExhausted)):
                 detail = e.detail if isinstance(e, BudgetExceeded) else f"total_epsilon: {e}"
                 raise _Decline("budget", f"personalisation: {detail}",
                                getattr(e, "figures", None)) from None
@@ -431,16 +439,16 @@ class TaskHandler:
         digest = release_inputs(fields, *parts, repr(self.config.policy))
         return lambda: digest
 
-    def _run_noise(self, env: Envelope, task: TrainTask, exp: Any, data: PreparedData, n_train: int) -> float | None:
+    def _run_noise(self, env: Envelope, task: TrainTask, exp: Experiment, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""
-        if not run_budget.applies(exp):
+        if not applies(exp):
             return None
         policy = self.config.policy
         try:
             return run_budget.noise_for_task(exp, self.ledger, run_id=env.run_id, dataset=task.dataset, round=env.round,
                                              n_train=n_train, delta=policy.site_delta(data.rows),
                                              accountant=policy.accountant, policy=policy)
-        except run_budget.BudgetExhausted as e:
+        except BudgetExhausted as e:
             raise _Decline("budget", f"total_epsilon: {e}") from None
 
     def _flower_fit(self, env: Envelope, task: TrainTask) -> Reply:

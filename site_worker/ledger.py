@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import re
 import threading
@@ -22,12 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-
+from protocol.accounting import History, epsilon_of, merge, simulate_steps
 from protocol.durable import write_atomic
-
-History = list[tuple[float, float, int]]
 
 
 def _safe(name: str) -> str:
@@ -39,49 +34,6 @@ def atomic_write_json(path: Path, doc: Any) -> None:
     write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
 
 
-@functools.lru_cache(maxsize=256)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """RDP of one DP-SGD step at Opacus' default orders (the expensive part; a few pairs per site)."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    rdp = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                 orders=RDPAccountant.DEFAULT_ALPHAS), dtype=float)
-    rdp.setflags(write=False)
-    return rdp
-
-
-def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
-    """ε of an accountant with this history, as Opacus' ``get_epsilon`` computes it; 0 for no history.
-
-    For RDP this is ``RDPAccountant.get_privacy_spent`` with the per-step RDP cached by
-    (sample rate, noise): Opacus recomputes it on every call, which costs ~0.3 s.
-    """
-    if not history:
-        return 0.0
-    if accountant != "rdp":
-        acc = create_accountant(mechanism=accountant)
-        acc.history = [tuple(h) for h in history]
-        return float(acc.get_epsilon(delta=delta))
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    rdp = sum(_rdp_per_step(float(sr), float(nm)) * int(n) for nm, sr, n in history)
-    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-def simulate_steps(history: History, *, noise_multiplier: float, sample_rate: float, steps: int) -> History:
-    """The history after ``steps`` more DP-SGD steps (what ``RDPAccountant.step`` would record)."""
-    out = [tuple(h) for h in history]
-    if steps <= 0:
-        return out  # type: ignore[return-value]
-    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
-        nm, sr, n = out.pop()
-        out.append((nm, sr, int(n) + steps))
-    else:
-        out.append((noise_multiplier, sample_rate, steps))
-    return out  # type: ignore[return-value]
-
-
 class BudgetExceeded(Exception):
     """A release would take a dataset past ``max_epsilon``; nothing was reserved."""
 
@@ -89,14 +41,6 @@ class BudgetExceeded(Exception):
         super().__init__(detail)
         self.detail = detail
         self.figures = figures
-
-
-def merge(entries: list[Any]) -> History:
-    """Opacus-style history of a list of ``(σ, q, steps)`` entries (consecutive equal pairs merged)."""
-    out: History = []
-    for nm, sr, n in entries:
-        out = simulate_steps(out, noise_multiplier=float(nm), sample_rate=float(sr), steps=int(n))
-    return out
 
 
 class PrivacyLedger:

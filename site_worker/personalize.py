@@ -8,7 +8,7 @@ the global model on the site's own training rows after them.
 * Fine-tune (``training.personalization``): after the last round the site trains the global
   model (with its private head when it has one) for a few epochs, the last layer only or the
   whole model, with the same DP settings; with ``total_epsilon`` those steps are part of the
-  run's plan (``site_worker.run_budget``), so the run's total still holds. ``proximal_mu``
+  run's plan (``protocol.privacy_plan``), so the run's total still holds. ``proximal_mu``
   pulls the weights towards the global model while fine-tuning (Ditto's regulariser).
 * Selection (``select: "validation"``; the default ``"last"`` keeps the last epoch): a fine-tune on 50-150 rows can overfit or
   undo what the federation learnt (measured: it lowered Hungary's accuracy below its
@@ -26,20 +26,25 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from protocol.dp_plan import DPPlan
 from protocol.durable import write_atomic
 from protocol.messages import TaskConfig
 from protocol.personal import personal_names
+from protocol.train_spec import personalization_spec
 from site_worker.data import PreparedData
 from site_worker.ledger import PrivacyLedger
-from site_worker.dp import DPPlan
 from site_worker.metrics import evaluate
 from site_worker.proximal import add_proximal_term
-from site_worker.trainer import TrainResult, TrainSpec, train
+from site_worker.trainer import TrainResult, train
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
+    from site_worker.config import SiteConfig
 
 
 def personal_layers(config: TaskConfig) -> int:
@@ -99,7 +104,7 @@ def _last_layer_only(model: torch.nn.Module, *, bias_only: bool = False) -> None
         p.requires_grad_(n in names)
 
 
-def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, seed: int,
+def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Experiment, *, seed: int,
               plan: DPPlan | None = None, rng: Any = None) -> TrainResult:
     """Train ``model`` in place for ``training.personalization.epochs`` on ``data``'s training rows,
     then keep the checkpoint ``select`` asks for (see the module docstring).
@@ -108,6 +113,7 @@ def fine_tune(model: torch.nn.Module, data: PreparedData, experiment: Any, *, se
     ``result.kept_epoch`` says which checkpoint was kept (0: the model as received); it is
     site-local, not a metric to release."""
     p = experiment.training.personalization
+    assert p is not None, "fine_tune runs only for an experiment with training.personalization"
     spec = personalization_spec(experiment, seed)
     if p.mode in ("last_layer", "bias"):
         _last_layer_only(model, bias_only=p.mode == "bias")
@@ -151,26 +157,19 @@ def select_checkpoint(model: torch.nn.Module, checkpoints: list[dict[str, torch.
     return min(range(len(losses)), key=lambda i: (losses[i], i))
 
 
-def personalization_spec(experiment: Any, seed: int) -> TrainSpec:
-    """The fine-tune's training spec (its epochs and learning rate): the site's and every planner's."""
-    p = experiment.training.personalization
-    overrides: dict[str, Any] = {"epochs": int(p.epochs)}
-    if p.learning_rate is not None:
-        overrides["lr"] = float(p.learning_rate)
-    return TrainSpec.from_experiment(experiment, seed=seed, overrides=overrides)
-
-
 def release_id(run_id: str) -> str:
     """The ledger id of a run's fine-tune release (one per run and dataset)."""
     return f"personalize:{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
 
 
-def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedData, *, config: Any, dataset: str,
+def personalize_at_site(experiment: Experiment, model: torch.nn.Module, data: PreparedData, *, config: SiteConfig, dataset: str,
                         run_id: str, seed: int, inputs: Any = None) -> TrainResult:
     """What a site runs after the last round: fine-tune under its policy, charged to its ledger
     with the run id (so the run budget sees it), inside ``total_epsilon`` when the run has one."""
+    from protocol import privacy_plan
+    from protocol.dp_plan import site_plan
     from site_worker import run_budget
-    from site_worker.dp import noise_source, site_plan
+    from site_worker.dp import noise_source
 
     policy = config.policy
     spec = personalization_spec(experiment, seed)
@@ -179,8 +178,8 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
     ledger = PrivacyLedger(config.state_dir)
     n_train = len(data.x_train)
     noise = None
-    if run_budget.applies(experiment):
-        steps = run_budget.personalization_steps(experiment, run_budget.steps_per_epoch(n_train, spec.batch_size))
+    if privacy_plan.applies(experiment):
+        steps = privacy_plan.personalization_steps(experiment, privacy_plan.steps_per_epoch(n_train, spec.batch_size))
         noise = run_budget.noise_for_task(experiment, ledger, run_id=run_id, dataset=dataset,
                                           round=int(experiment.training.rounds) + 1, n_train=n_train,
                                           delta=policy.site_delta(data.rows), accountant=policy.accountant,
@@ -200,4 +199,4 @@ def personalize_at_site(experiment: Any, model: torch.nn.Module, data: PreparedD
     return result
 
 
-__all__ = ["HeadStore", "fine_tune", "personal_layers", "personalization_spec", "personalize_at_site", "select_checkpoint"]
+__all__ = ["HeadStore", "fine_tune", "personal_layers", "personalize_at_site", "select_checkpoint"]

@@ -6,19 +6,18 @@ The coordinator cannot override these: they are read from the site's config only
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.layers import row_mixing_message
-from site_worker.config import SitePolicy
+from protocol.policy import PolicyViolation, SitePolicy
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 MARKER_LAYERS = {"input", "output"}  # shape markers, not computation
 
 
-class PolicyViolation(Exception):
-    """A task the site refuses; ``str(e)`` says which rule and what the task asked for."""
-
-
-def dp_settings(experiment: Any) -> Any | None:
+def dp_settings(experiment: Experiment) -> Any | None:
     """The experiment's DP block when DP is on, else None."""
     dp = experiment.training.optimizer.differential_privacy
     if dp is None or not getattr(dp, "enabled", True):
@@ -26,7 +25,7 @@ def dp_settings(experiment: Any) -> Any | None:
     return dp
 
 
-def check_layers(policy: SitePolicy, experiment: Any, *, buffers: Sequence[str] = ()) -> None:
+def check_layers(policy: SitePolicy, experiment: Experiment, *, buffers: Sequence[str] = ()) -> None:
     """What the site can verify about the model itself: every layer computes each row's output
     from that row alone (always: a row-mixing layer breaks DP-SGD's clipping and every DP
     metrics release), and no buffers under DP training or DP metrics (state that is not a
@@ -45,7 +44,7 @@ def check_layers(policy: SitePolicy, experiment: Any, *, buffers: Sequence[str] 
             "use layers without running state (GroupNorm, LayerNorm)")
 
 
-def check_policy(policy: SitePolicy, experiment: Any, *, parameters: int, buffers: Sequence[str] = ()) -> None:
+def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int, buffers: Sequence[str] = ()) -> None:
     """Layer whitelist, what the layers do (``check_layers``), parameter count, aggregator, DP
     on and strong enough (what can be checked without the data; ``dp.site_plan`` checks the
     rest once the rows are known). Every refusal names the policy setting, so the

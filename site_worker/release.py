@@ -18,7 +18,7 @@ Adding or removing one row changes one confusion cell, one histogram cell (binar
 the scaled loss sum by at most 1 each, so the vector's L2 sensitivity is Δ = √3 (binary),
 √2 (multiclass: one confusion cell and the loss) or √3 (regression: count, two sums). Every coordinate gets N(0, (σ·Δ)²) with σ = ``metrics_noise_multiplier``:
 a Gaussian mechanism with noise multiplier σ, i.e. the Opacus accountant entry (σ, q=1, 1
-step), charged to the same ledger as training.
+step), charged to the same ledger as training: its entries are ``protocol.dp_plan.release_entries``.
 """
 
 from __future__ import annotations
@@ -28,17 +28,11 @@ import math
 import numpy as np
 import torch
 
-from site_worker.config import SitePolicy
-from site_worker.ledger import History
+from protocol.policy import SitePolicy
 from site_worker.metrics import EVAL_ROWS, evaluate, prepare_target
 from site_worker.secure_rng import SecureRandom
 
 BINS = 10  # score bins of the binary histogram (0.5 is a bin edge)
-
-
-def release_entries(policy: SitePolicy) -> History:
-    """Ledger entries of one metrics release under ``policy`` (none unless ``dp``)."""
-    return [(float(policy.metrics_noise_multiplier), 1.0, 1)] if policy.metrics == "dp" else []
 
 
 @torch.inference_mode()

@@ -14,16 +14,17 @@ import secrets
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import structlog
 import torch
 from opacus.optimizers import DPOptimizer
 
+from protocol.accounting import History, epsilon_of
+from protocol.dp_plan import DPPlan, batches_per_epoch, plan_dp
+from protocol.train_spec import TrainSpec
 from site_worker.data import PreparedData
-from site_worker.dp import DPPlan, batches_per_epoch, plan_dp
-from site_worker.ledger import History, epsilon_of
 from site_worker.metrics import evaluate, make_loss, prefixed, prepare_target
 from site_worker.secure_rng import SecureRandom, poisson_batches
 
@@ -32,58 +33,6 @@ log = structlog.get_logger(__name__)
 
 class TrainingAborted(Exception):
     """Training stopped on request before finishing; nothing was released."""
-
-
-@dataclass(frozen=True)
-class DPSpec:
-    noise_multiplier: float | None
-    max_grad_norm: float
-    target_epsilon: float | None
-    delta: float
-    accountant: str = "rdp"
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything the training loop needs, resolved from the experiment and per-task overrides."""
-
-    loss: str
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    epochs: int
-    batch_size: int
-    seed: int
-    dp: DPSpec | None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_experiment(cls, experiment: Any, *, seed: int, overrides: dict[str, Any] | None = None) -> "TrainSpec":
-        o = dict(overrides or {})
-        tr = experiment.training
-        opt = tr.optimizer
-        dp_cfg = opt.differential_privacy
-        dp = None
-        if dp_cfg is not None and getattr(dp_cfg, "enabled", True):
-            dp = DPSpec(
-                noise_multiplier=None if dp_cfg.noise_multiplier is None else float(dp_cfg.noise_multiplier),
-                max_grad_norm=float(dp_cfg.max_grad_norm),
-                target_epsilon=None if dp_cfg.target_epsilon is None else float(dp_cfg.target_epsilon),
-                delta=float(dp_cfg.delta),
-                accountant=str(getattr(dp_cfg, "accountant", "rdp") or "rdp"),
-            )
-        return cls(
-            loss=str(tr.loss_function),
-            optimizer=str(opt.type),
-            lr=float(o.get("lr", o.get("learning_rate", opt.learning_rate))),
-            weight_decay=float(o.get("weight_decay", getattr(opt, "weight_decay", 0.0) or 0.0)),
-            momentum=float(getattr(opt, "momentum", 0.0) or 0.0),
-            epochs=int(o.get("epochs", tr.epochs)),
-            batch_size=int(o.get("batch_size", tr.batch_size)),
-            seed=int(seed),
-            dp=dp,
-        )
 
 
 @dataclass
@@ -240,4 +189,4 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
                        num_examples=n, reproducible=bool(rng is not None and rng.reproducible))
 
 
-__all__ = ["DPPlan", "DPSpec", "TrainResult", "TrainSpec", "TrainingAborted", "batches_per_epoch", "plan_dp", "train"]
+__all__ = ["TrainResult", "TrainingAborted", "make_optimizer", "train"]

@@ -20,14 +20,15 @@ import torch
 
 from protocol.codec import new_envelope
 from protocol.config import load_experiment
+from protocol.dp_plan import plan_dp
 from protocol.layers import LAYER_TYPES, _LayerType, _same
 from protocol.messages import Declined, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
 from protocol.model import build_model, summarize, to_tensors
+from protocol.train_spec import TrainSpec
 from site_worker.config import DatasetSource, SiteConfig, SitePolicy
-from site_worker.dp import eval_memory_mb, plan_dp, train_memory_mb
+from site_worker.dp import eval_memory_mb, train_memory_mb
 from site_worker.handlers import TaskHandler
 from site_worker.secure_rng import poisson_batch_bound
-from site_worker.trainer import TrainSpec
 
 from tests.site_worker.support import ECG_CNN, ecg_arrays, experiment_dict, heart_failure_csv, initial_weights
 

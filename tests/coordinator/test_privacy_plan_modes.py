@@ -10,12 +10,15 @@ import pytest
 from coordinator import privacy_plan
 from coordinator.run import Coordinator
 from coordinator.state import StateStore
+from protocol import privacy_plan as shared_plan
+from protocol.accounting import epsilon_of, merge
 from protocol.config import load_experiment
+from protocol.dp_plan import plan_dp
+from protocol.policy import SitePolicy
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
-from site_worker import run_budget
-from site_worker.config import SitePolicy
-from site_worker.ledger import PrivacyLedger, epsilon_of
+from site_worker.ledger import PrivacyLedger
+from site_worker.run_budget import run_spent
 from tests.coordinator.test_personalize_sites import personalised_experiment, start_sites
 
 
@@ -37,9 +40,9 @@ def test_plan_and_its_lines_without_total_epsilon():
                                       "b": _hello(100, max_sample_rate=1.0, min_noise_multiplier=2.0)})
     assert planned["mode"] == "noise_multiplier" and planned["total_epsilon"] is None
     a = planned["sites"]["a"]
-    want = run_budget.plan_run(exp, n_train=a["n_train"], delta=1e-5, policy=SitePolicy())
+    want = shared_plan.plan_run(exp, n_train=a["n_train"], delta=1e-5, policy=SitePolicy())
     # 3 rounds + the fine-tune at σ 1.3, 3 validation + 3 with-update + 2 test + 1 final metrics releases
-    assert want.entries() == run_budget.merge([(1.3, want.sample_rate, want.total_steps), (5.0, 1.0, 9)])
+    assert want.entries() == merge([(1.3, want.sample_rate, want.total_steps), (5.0, 1.0, 9)])
     assert a["planned_epsilon"] == pytest.approx(want.planned_epsilon, abs=1e-12)
     # site b's policy refuses σ 1.3: the site declines every task, so the plan says so, with no figure
     assert "planned_epsilon" not in planned["sites"]["b"]
@@ -71,14 +74,12 @@ def test_target_epsilon_per_task_plans_the_fine_tune_at_its_own_noise():
     planned = privacy_plan.plan(exp, {"a": _hello(100, max_sample_rate=1.0)})
     a = planned["sites"]["a"]
     assert planned["mode"] == "target_epsilon"
-    from site_worker.dp import plan_dp
-
-    spec, tune = run_budget.task_specs(exp)
+    spec, tune = shared_plan.task_specs(exp)
     round_plan, tune_plan = (plan_dp(s, a["n_train"], delta=1e-5, accountant="rdp") for s in (spec, tune))
     assert a["noise_multiplier"] == round_plan.noise_multiplier
     assert a["personalization_noise_multiplier"] == tune_plan.noise_multiplier != round_plan.noise_multiplier
     rounds = int(exp.training.rounds)
-    composed = run_budget.merge([(round_plan.noise_multiplier, 1.0, round_plan.steps)] * rounds
+    composed = merge([(round_plan.noise_multiplier, 1.0, round_plan.steps)] * rounds
                                 + tune_plan.entries() + [(5.0, 1.0, 2 * rounds + 2 + 1)])
     assert a["planned_epsilon"] == pytest.approx(epsilon_of(composed, delta=1e-5, accountant="rdp"), abs=1e-9)
     # each task alone is within its target; the run composes them
@@ -114,7 +115,7 @@ def test_noise_multiplier_run_spends_exactly_its_plan(tmp_path, capsys):
         ledger = PrivacyLedger(configs[site].state_dir)
         kinds = [r["kind"] for r in ledger.releases("heart_failure") if r.get("run_id") == doc["run_id"]]
         assert kinds.count("train") == 3 + 1 and kinds.count("eval") == 3 + 2 + 1, kinds  # the plan's releases
-        spent = epsilon_of(run_budget.run_spent(ledger, "heart_failure", doc["run_id"]), delta=1e-5, accountant="rdp")
+        spent = epsilon_of(run_spent(ledger, "heart_failure", doc["run_id"]), delta=1e-5, accountant="rdp")
         assert abs(privacy["planned_epsilon"][site] - spent) < 1e-6
         assert abs(doc["epsilon"][site] - spent) < 1e-6
     err = capsys.readouterr().err

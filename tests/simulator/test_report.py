@@ -86,6 +86,7 @@ def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tm
     from rich.console import Console
 
     from coordinator.final import summarise
+    from protocol.messages import TaskConfig
     from site_worker.config import SitePolicy
     from site_worker.final_model import release_on_test
     from tests.site_worker.test_final_release import FixedNoise, _data, _tiny_classifiers
@@ -97,7 +98,7 @@ def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tm
                                      rng=FixedNoise(0.5))[0]
                for site, model in (("site-1", always_zero), ("site-2", sensible))}
     doc = _doc(n_sites=2)
-    doc["final"] = summarise(None, results)
+    doc["final"] = summarise(None, results, config=TaskConfig(), aggregator="FedAvg")  # type: ignore[arg-type]
     assert doc["final"]["per_site"]["site-1"]["one_class_estimate"] == "dp"
     warned = "site-1: the global model appears to predict one class (DP estimate"
     write_report(doc, tmp_path)

@@ -2,7 +2,7 @@
 
 It used to count rounds × (steps + one metrics release) with its own arithmetic (ε 4.36 where
 the ledger ended at 6.36) and to fail an assertion on every ``total_epsilon`` experiment. Now
-it asks ``run_budget.site_run_plan``, the plan the site runs. The run: examples/heart_failure.json
+it asks ``protocol.privacy_plan.site_run_plan``, the plan the site runs. The run: examples/heart_failure.json
 (``total_epsilon``) over two simulated sites; each site's check is taken on a copy of its state
 without the ledger (as before the run: same split secret, so the same training rows).
 """

@@ -8,7 +8,9 @@ import torch
 from protocol.messages import TaskConfig
 from site_worker.data import PreparedData
 from site_worker.proximal import add_proximal_term, hooks_for, proximal_mu
-from site_worker.trainer import DPPlan, DPSpec, TrainSpec, train
+from protocol.dp_plan import DPPlan
+from protocol.train_spec import DPSpec, TrainSpec
+from site_worker.trainer import train
 
 
 def _one_weight_model(w: float) -> torch.nn.Module:

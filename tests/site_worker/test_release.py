@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from site_worker.config import SitePolicy
+from protocol.dp_plan import release_entries
+from protocol.policy import SitePolicy
 from site_worker.metrics import evaluate
-from site_worker.release import derive, release_entries, release_metrics, statistics
+from site_worker.release import derive, release_metrics, statistics
 from site_worker.secure_rng import SecureRandom
 
 

@@ -10,9 +10,10 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from protocol.config import load_experiment
-from site_worker.config import SitePolicy
+from protocol.policy import SitePolicy
+from protocol.privacy_plan import BudgetExhausted, plan_run
 from site_worker.ledger import PrivacyLedger
-from site_worker.run_budget import BudgetExhausted, noise_for_task, plan_run, run_spent
+from site_worker.run_budget import noise_for_task, run_spent
 
 ROOT = Path(__file__).resolve().parents[2]
 

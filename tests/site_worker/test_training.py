@@ -10,12 +10,14 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from protocol.config import load_experiment
+from protocol.dp_plan import plan_dp
 from protocol.model import build_model, summarize
+from protocol.train_spec import TrainSpec
 from site_worker.config import DatasetSource, SitePolicy
 from site_worker.data import prepare
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.policy import PolicyViolation, check_policy
-from site_worker.trainer import TrainingAborted, TrainSpec, plan_dp, train
+from site_worker.trainer import TrainingAborted, train
 
 from tests.site_worker.support import ECG_CNN, HEART_FAILURE, ecg_arrays, experiment_dict, heart_failure_csv
 
