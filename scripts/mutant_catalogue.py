@@ -689,3 +689,262 @@ MUTANTS.append(Mutant(
     (Edit("protocol/transport/connector.py", "    check_no_password_in_clear(node)\n", ""),),
     ("tests/transport/test_tls.py::test_a_password_never_goes_in_clear_beyond_this_machine",),
 ))
+
+# ---------------------------------------------------------------------- issue 26: every check at its edge
+# Off-by-one (a strict comparison made inclusive or the reverse), removed and mis-keyed checks,
+# each caught by a test that plays the value just inside and just outside the bound.
+_EDGE = "tests/adversarial/test_coordinator_edges.py"
+_CDP = "tests/adversarial/test_central_dp.py"
+_CAPS = "tests/site_worker/test_policy_edges.py"
+_SITE_PATHS = "tests/adversarial/test_site_path_edges.py"
+_REPLAY = "tests/protocol/test_replay.py"
+_CHUNKS = "tests/protocol/test_chunk_edges.py"
+_PROJECT = "tests/cli/test_project_edges.py"
+_DP = "site_worker/dp.py"
+_DP_PLAN = "protocol/dp_plan.py"  # the plan checks moved here (issue 21)
+_POLICY = "site_worker/policy.py"
+MUTANTS.extend([
+    # -- 1. the coordinator's checks on what sites send
+    Mutant(
+        "edge-coord-recipient-unchecked", "an update addressed to another party is refused (wrong_recipient)",
+        (Edit("coordinator/validation.py", "    if env.recipient != recipient:\n", "    if False:\n"),),
+        (f"{_EDGE}::test_recipient_and_clock_are_checked_on_a_signed_update_at_their_edges",),
+    ),
+    Mutant(
+        "edge-coord-skew-exclusive", "a sent_at exactly max_skew_s ahead of the coordinator's clock is accepted",
+        (Edit("coordinator/validation.py", "    if env.sent_at - now > max_skew_s:\n",
+              "    if env.sent_at - now >= max_skew_s:\n"),),
+        (f"{_EDGE}::test_check_envelope_skew_edge_and_recipient",),
+    ),
+    Mutant(
+        "edge-coord-rows-not-pinned", "the announced row bound is pinned at first use in a run (a second hello cannot raise it)",
+        (Edit(INBOX, "        if site in self._announced:\n            return self._announced[site]\n", ""),),
+        (f"{_EDGE}::test_a_second_hello_mid_run_cannot_raise_the_pinned_row_bound",),
+    ),
+    Mutant(
+        "edge-coord-num-examples-at-bound-refused", "num_examples equal to the announced rows is accepted",
+        (Edit(INBOX, "        if p.num_examples > rows:\n", "        if p.num_examples >= rows:\n"),),
+        (f"{_EDGE}::test_a_second_hello_mid_run_cannot_raise_the_pinned_row_bound",),
+    ),
+    Mutant(
+        "edge-enroll-ignores-key-history", "enroll refuses a key another site held in its key history",
+        (Edit("coordinator/state.py",
+              '                "SELECT site_id FROM sites WHERE kid=? AND site_id<>? UNION "\n'
+              '                "SELECT site_id FROM keys WHERE kid=? AND site_id<>?", (kid, site_id, kid, site_id),\n',
+              '                "SELECT site_id FROM sites WHERE kid=? AND site_id<>?", (kid, site_id),\n'),),
+        (f"{_EDGE}::test_enroll_refuses_a_key_another_site_held_in_its_history",),
+    ),
+    # -- 2. central DP in a real sampled run
+    Mutant(
+        "edge-central-dp-realised-denominator", "central DP divides by the qN fixed before the round, not by the replies",
+        (Edit("coordinator/aggregators/central_dp.py",
+              "        return float(self.expected_clients) if self.expected_clients else float(max(self._n, 1))\n",
+              "        return float(max(self._n, 1))\n"),),
+        (f"{_CDP}::test_a_sampled_run_with_a_silent_site_divides_by_the_qn_fixed_before_the_round_and_samples_in_secret",),
+    ),
+    Mutant(
+        "edge-central-dp-sample-key-public", "central DP's sample is keyed by the coordinator's secret",
+        (Edit("coordinator/aggregators/central_dp.py",
+              '        key = hmac.new(self._secret, f"fedbus-central-dp-sampling:',
+              '        key = hmac.new(b"fedbus", f"fedbus-central-dp-sampling:'),),
+        (f"{_CDP}::test_a_sampled_run_with_a_silent_site_divides_by_the_qn_fixed_before_the_round_and_samples_in_secret",),
+    ),
+    # -- 3. each site cap on its own
+    Mutant(
+        "edge-site-sample-rate-inclusive", "a sample rate equal to max_sample_rate is allowed",
+        (Edit(_DP_PLAN, "    if plan.sample_rate > policy.max_sample_rate:\n", "    if plan.sample_rate >= policy.max_sample_rate:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-sample-rate-unchecked", "a sample rate above max_sample_rate is declined",
+        (Edit(_DP_PLAN, "    if plan.sample_rate > policy.max_sample_rate:\n", "    if False:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-steps-inclusive", "a task of exactly max_steps_per_task DP-SGD steps is allowed",
+        (Edit(_DP_PLAN, "    if plan.steps > policy.max_steps_per_task:\n", "    if plan.steps >= policy.max_steps_per_task:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-steps-unchecked", "a task over max_steps_per_task is declined",
+        (Edit(_DP_PLAN, "    if plan.steps > policy.max_steps_per_task:\n", "    if False:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-epochs-inclusive", "a task of exactly max_epochs local epochs is allowed",
+        (Edit(_DP_PLAN, "    if epochs > policy.max_epochs:\n", "    if epochs >= policy.max_epochs:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-min-noise-inclusive", "a planned noise equal to min_noise_multiplier is allowed",
+        (Edit(_DP_PLAN, "    if plan.noise_multiplier < policy.min_noise_multiplier:\n",
+              "    if plan.noise_multiplier <= policy.min_noise_multiplier:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge", f"{_CAPS}::test_min_noise_applies_to_a_noise_the_site_derives_itself"),
+    ),
+    Mutant(
+        "edge-site-delta-inclusive", "an experiment delta equal to the site's delta is allowed",
+        (Edit(_DP_PLAN, "    if float(dp.delta) > site_delta:\n", "    if float(dp.delta) >= site_delta:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-delta-unchecked", "an experiment delta above the site's delta is declined",
+        (Edit(_DP_PLAN, "    if float(dp.delta) > site_delta:\n", "    if False:\n"),),
+        (f"{_CAPS}::test_each_dp_cap_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-train-memory-inclusive", "a training step of exactly max_train_memory_mb is allowed",
+        (Edit(_DP, "    if mb > policy.max_train_memory_mb:\n", "    if mb >= policy.max_train_memory_mb:\n"),),
+        (f"{_CAPS}::test_training_memory_cap_at_its_edge",),
+    ),
+    Mutant(
+        "edge-site-eval-memory-inclusive", "an evaluation of exactly max_eval_memory_mb is allowed",
+        (Edit(_DP, "    if mb > policy.max_eval_memory_mb:\n", "    if mb >= policy.max_eval_memory_mb:\n"),),
+        (f"{_CAPS}::test_eval_memory_and_release_values_caps_at_their_edges",),
+    ),
+    Mutant(
+        "edge-site-release-values-inclusive", "a DP release of exactly max_release_values values is allowed",
+        (Edit(_DP, "release_values > policy.max_release_values:\n", "release_values >= policy.max_release_values:\n"),),
+        (f"{_CAPS}::test_eval_memory_and_release_values_caps_at_their_edges",),
+    ),
+    Mutant(
+        "edge-policy-max-parameters-inclusive", "a model of exactly max_parameters parameters is allowed",
+        (Edit(_POLICY, "    if parameters > policy.max_parameters:\n", "    if parameters >= policy.max_parameters:\n"),),
+        (f"{_CAPS}::test_max_parameters_at_its_edge",),
+    ),
+    Mutant(
+        "edge-policy-total-epsilon-inclusive", "a run's total_epsilon equal to the site's max_epsilon is allowed",
+        (Edit(_POLICY, "policy.max_epsilon is not None and total > policy.max_epsilon:\n",
+              "policy.max_epsilon is not None and total >= policy.max_epsilon:\n"),),
+        (f"{_CAPS}::test_max_epsilon_bounds_the_total_and_the_target_epsilon_at_their_edges",),
+    ),
+    Mutant(
+        "edge-policy-target-epsilon-unchecked", "a target_epsilon above the site's max_epsilon is declined before any data is read",
+        (Edit(_POLICY, "policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:\n",
+              "policy.max_epsilon is not None and False:\n"),),
+        (f"{_CAPS}::test_max_epsilon_bounds_the_total_and_the_target_epsilon_at_their_edges",),
+    ),
+    Mutant(
+        "edge-policy-explicit-noise-inclusive", "an explicit noise equal to min_noise_multiplier passes the data-free check",
+        (Edit(_POLICY, "    if noise_multiplier < policy.min_noise_multiplier:\n",
+              "    if noise_multiplier <= policy.min_noise_multiplier:\n"),),
+        (f"{_CAPS}::test_explicit_noise_below_the_minimum_is_refused_before_any_data_is_read",),
+    ),
+    Mutant(
+        "edge-dp-metrics-loss-unclipped", "each row adds at most 1 to a DP release's scaled loss sum (the claimed sensitivity)",
+        (Edit("site_worker/release.py", "clamp(min=0.0, max=clip) / clip", "clamp(min=0.0) / clip"),),
+        (f"{_CAPS}::test_one_row_moves_the_release_vector_by_at_most_its_sensitivity_when_its_loss_is_clipped",),
+    ),
+    Mutant(
+        "edge-flower-min-noise-unchecked", "a Flower client declaring less noise than min_noise_multiplier is declined",
+        (Edit(HANDLERS, "(plan.noise_multiplier < policy.min_noise_multiplier, \"min_noise_multiplier\",",
+              "(False, \"min_noise_multiplier\","),),
+        (f"{_SITE_PATHS}::test_a_flower_clients_plan_is_held_to_every_cap_each_alone",),
+    ),
+    Mutant(
+        "edge-flower-sample-rate-unchecked", "a Flower client declaring a sample rate over max_sample_rate is declined",
+        (Edit(HANDLERS, "(plan.sample_rate > policy.max_sample_rate, \"max_sample_rate\",",
+              "(False, \"max_sample_rate\","),),
+        (f"{_SITE_PATHS}::test_a_flower_clients_plan_is_held_to_every_cap_each_alone",),
+    ),
+    Mutant(
+        "edge-flower-steps-inclusive", "a Flower client declaring exactly max_steps_per_task steps trains",
+        (Edit(HANDLERS, "(plan.steps > policy.max_steps_per_task, \"max_steps_per_task\",",
+              "(plan.steps >= policy.max_steps_per_task, \"max_steps_per_task\","),),
+        (f"{_SITE_PATHS}::test_a_flower_clients_plan_is_held_to_every_cap_each_alone",),
+    ),
+    Mutant(
+        "edge-flower-epochs-unchecked", "a Flower client is never asked for more than max_epochs local epochs",
+        (Edit(HANDLERS, "        if task.config.epochs is not None:  # the client is told to run them",
+              "        if False:  # the client is told to run them"),),
+        (f"{_SITE_PATHS}::test_a_flower_clients_plan_is_held_to_every_cap_each_alone",),
+    ),
+    Mutant(
+        "edge-eval-train-split-handler", "the handler declines an evaluation of the training rows",
+        (Edit(HANDLERS, "        if task.split not in (\"validation\", \"test\"):\n", "        if False:\n"),),
+        (f"{_SITE_PATHS}::test_an_evaluation_of_the_training_rows_is_refused_on_the_wire_and_by_the_handler",),
+    ),
+    Mutant(
+        "edge-eval-train-split-on-the-wire", "an EvalTask's split is validation or test at decode",
+        (Edit("protocol/bounds.py", "\"split\": Text(16, choices=(\"validation\", \"test\"))", "\"split\": Text(16)"),),
+        (f"{_SITE_PATHS}::test_an_evaluation_of_the_training_rows_is_refused_on_the_wire_and_by_the_handler",),
+    ),
+    # -- 4. bounds on both sides, each alone
+    Mutant(
+        "edge-replay-forgets-at-the-window-edge", "a seen id is remembered for the whole 2·max_skew_s window, its last instant included",
+        (Edit("protocol/replay.py", "            if marked < horizon:\n", "            if marked <= horizon:\n"),),
+        (f"{_REPLAY}::test_replay_window_both_sides_with_a_sender_clock_at_the_skew_edge",),
+    ),
+    Mutant(
+        "edge-replay-window-one-skew", "the replay window is twice the allowed skew",
+        (Edit("protocol/replay.py", "        return 2 * self.max_skew_s\n", "        return self.max_skew_s\n"),),
+        (f"{_REPLAY}::test_replay_window_both_sides_with_a_sender_clock_at_the_skew_edge",),
+    ),
+    Mutant(
+        "edge-replay-capacity-off-by-one", "the replay guard keeps exactly capacity ids",
+        (Edit("protocol/replay.py", "            elif len(seen) > self.capacity:\n", "            elif len(seen) >= self.capacity:\n"),),
+        (f"{_REPLAY}::test_capacity_is_a_bound_of_its_own_inside_the_window",),
+    ),
+    Mutant(
+        "edge-replay-skew-exclusive", "a sent_at exactly max_skew_s away passes the site's skew check",
+        (Edit("protocol/replay.py", "abs(offset) > self.max_skew_s", "abs(offset) >= self.max_skew_s"),),
+        (f"{_REPLAY}::test_skew_boundary_is_inclusive",),
+    ),
+    Mutant(
+        "edge-chunk-frame-limit-inclusive", "a transfer of exactly max_transfer_bytes is held",
+        (Edit("protocol/chunking.py", "        if total > self.max_transfer_bytes:\n", "        if total >= self.max_transfer_bytes:\n"),),
+        (f"{_CHUNKS}::test_frame_limit_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-user-bytes-unchecked", "one broker user reserves at most max_user_bytes",
+        (Edit("protocol/chunking.py", "        if total > self.max_user_bytes - mine:\n", "        if False:\n"),),
+        (f"{_CHUNKS}::test_per_user_bytes_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-global-bytes-inclusive", "transfers may reserve exactly max_bytes together",
+        (Edit("protocol/chunking.py", "        if total > self.max_bytes - self._reserved:\n",
+              "        if total >= self.max_bytes - self._reserved:\n"),),
+        (f"{_CHUNKS}::test_global_bytes_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-user-transfers-unchecked", "one broker user has at most max_user_transfers transfers in progress",
+        (Edit("protocol/chunking.py", "        if self._user_transfers.get(owner, 0) >= self.max_user_transfers:\n", "        if False:\n"),),
+        (f"{_CHUNKS}::test_per_user_transfers_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-global-transfers-unchecked", "at most max_transfers transfers are in progress, whoever sends them",
+        (Edit("protocol/chunking.py", "        if len(self._transfers) >= self.max_transfers:\n", "        if False:\n"),),
+        (f"{_CHUNKS}::test_global_transfers_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-global-chunks-inclusive", "exactly max_chunks chunks may be in progress",
+        (Edit("protocol/chunking.py", "        if self._chunks + count > self.max_chunks:\n",
+              "        if self._chunks + count >= self.max_chunks:\n"),),
+        (f"{_CHUNKS}::test_global_chunks_alone_at_its_edge",),
+    ),
+    Mutant(
+        "edge-chunk-expires-at-the-timeout", "a transfer expires after timeout_s, not at it",
+        (Edit("protocol/chunking.py", "now - t.started > self.timeout_s]", "now - t.started >= self.timeout_s]"),),
+        (f"{_CHUNKS}::test_a_transfer_expires_after_its_timeout_not_at_it",),
+    ),
+    # -- 5. operator tooling
+    Mutant(
+        "edge-resume-drops-server-optimiser-state", "--resume restores FedAvgM's momentum and FedAdam's moments",
+        (Edit(RUN, "        if last[\"agg_state_path\"]:\n", "        if False:\n"),),
+        ("tests/coordinator/test_resume_server_opt.py",),
+    ),
+    Mutant(
+        "edge-project-budget-zero-accepted", "a PROJECT.toml budget must be positive (0 is refused)",
+        (Edit("fedbus/kits.py", "not isinstance(v, (int, float)) or v <= 0:\n", "not isinstance(v, (int, float)) or v < 0:\n"),),
+        (f"{_PROJECT}::test_a_budget_must_be_positive_and_the_smallest_positive_is_accepted",),
+    ),
+    Mutant(
+        "edge-project-coordinator-user-may-be-a-site", "the coordinator's broker user is no site's name",
+        (Edit("fedbus/kits.py", "    if not is_name(user) or user in {s.id for s in sites}:\n", "    if not is_name(user):\n"),),
+        (f"{_PROJECT}::test_the_coordinator_user_is_no_sites_name",),
+    ),
+    Mutant(
+        "edge-dashboard-token-one-short", "a dashboard token has at least MIN_TOKEN_CHARS characters",
+        (Edit("fedbus/dashboard/security.py", "    if len(token) < MIN_TOKEN_CHARS or", "    if len(token) < MIN_TOKEN_CHARS - 1 or"),),
+        ("tests/dashboard/test_token_edges.py",),
+    ),
+])

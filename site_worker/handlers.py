@@ -456,6 +456,11 @@ class TaskHandler:
         ``fedbus_dp_plan``), or when the policy explicitly allows an unprotected client."""
         assert self.flower is not None
         policy = self.config.policy
+        if task.config.epochs is not None:  # the client is told to run them: policy.max_epochs holds here too
+            try:
+                check_epochs(policy, task.config.epochs)
+            except PolicyViolation as e:
+                raise _Decline("policy", str(e)) from None
         declared = self.flower.dp_plan(task, server_round=env.round)
         if declared is None:
             if not policy.allow_unprotected_flower_client:

@@ -50,3 +50,20 @@ def make_dp_client() -> DPTinyClient:
 
 def make_weak_client() -> WeakDPClient:
     return WeakDPClient()
+
+
+class DeclaringClient(TinyClient):
+    """Declares whatever DP plan the test sets in ``plan`` (the hospital's code, under test) and
+    returns the parameters it got: the caps are checked on the declaration, before ``fit``."""
+
+    plan = {"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 6, "max_grad_norm": 1.0}
+
+    def fedbus_dp_plan(self, config):
+        return dict(self.plan)
+
+    def fit(self, parameters, config):
+        return parameters, len(self.x), {}
+
+
+def make_declaring_client() -> DeclaringClient:
+    return DeclaringClient()

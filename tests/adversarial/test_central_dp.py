@@ -156,3 +156,67 @@ def test_central_epsilon_is_in_the_report_and_the_terminal_table(tmp_path):
     out = io.StringIO()
     print_results(doc, console=Console(file=out, width=200))
     assert "central DP: ε = 4.250 at δ = 1e-05 (rdp accountant, z = 1.1, 3 rounds)" in out.getvalue()
+
+
+def test_a_sampled_run_with_a_silent_site_divides_by_the_qn_fixed_before_the_round_and_samples_in_secret(tmp_path):
+    """Central DP in a real run with fraction_fit < 1 and a sampled site that never answers.
+
+    Four sites, fraction_fit 0.75: configure_fit samples three *from the coordinator's secret*
+    (here planted in its state directory, so the test knows it) and fixes qN = 3 before any
+    reply. One of the three is silent: the round closes at its deadline with two updates, and
+    the noised sum is still divided by 3 (the realised 2 would give the silent site's absence
+    away and break the C/qN sensitivity). The public seed's sample is a different three."""
+    import hashlib
+    import hmac
+
+    from coordinator.aggregators.central_dp import SECRET_BYTES
+    from coordinator.sampling import sample_sites
+    from protocol.messages import TrainTask
+
+    fed = Federation(f"memory://cdp-{uuid.uuid4().hex[:8]}", tmp_path / "state")
+    try:
+        for i in range(4):
+            fed.add_site(0.01 * (i + 1), 10)
+        ids = sorted(s.site_id for s in fed.sites)
+        run_id = f"cdp-sampled-{uuid.uuid4().hex[:6]}"
+        exp = experiment(rounds=1, parameters={"min_fit_clients": 2, "min_available_clients": 2, "fraction_fit": 0.75},
+                         central_dp={"clip_norm": 1.0, "noise_multiplier": 1.0})
+        exp["federated"]["round_timeout_s"] = 3.0
+        public = sample_sites(ids, 3, seed=int(exp["training"]["seed"]), round=1)
+        init = initial_weights(exp)
+        for b in range(1, 256):  # a secret whose sample is not the public seed's (a test choice, fixed)
+            secret = bytes([b]) * SECRET_BYTES
+            # the documented derivation, by hand: HMAC-SHA256(secret, purpose ‖ run id) seeds the sample
+            key = hmac.new(secret, f"fedbus-central-dp-sampling:{run_id}".encode(), hashlib.sha256).digest()
+            chosen = sample_sites(ids, 3, seed=int.from_bytes(key[:4], "little") & 0x7FFFFFFF, round=1)
+            if chosen != public:
+                break
+        holder = CentralDP(build_aggregator("FedAvg", parameters={}, initial=init), clip_norm=1.0,
+                           noise_multiplier=1.0, secret=secret, context=run_id)
+        (fed.state_dir / "secrets").mkdir(parents=True)
+        (fed.state_dir / "secrets" / "central_dp.key").write_bytes(secret)
+        by_id = {s.site_id: s for s in fed.sites}
+        silent = by_id[chosen[0]]
+        silent.silent = True
+        fed.start_sites()
+        result = fed.coordinator(exp, run_id=run_id).run()
+        assert result.ok, result.reason
+
+        trained = sorted(s.site_id for s in fed.sites if any(isinstance(t.payload, TrainTask) for t in s.tasks))
+        assert trained == chosen != public
+        answered = [by_id[sid] for sid in chosen if sid != silent.site_id]
+        # By hand: the two clipped deltas (each ‖Δ‖ < C: unclipped) summed, the secret's noise
+        # (zC = 1) added, divided by qN = 3; the noise is rebuilt by the secret's holder.
+        rng = holder.rng(1)
+        for (name, w), (_, r) in zip(result.weights, init):
+            r64 = np.asarray(r, np.float64)
+            s = sum((np.asarray(r) + np.float32(site.offset)).astype(np.float32).astype(np.float64) - r64
+                    for site in answered)
+            want = r64 + (s + rng.normal(0.0, 1.0, size=r64.shape)) / 3
+            np.testing.assert_allclose(np.asarray(w, np.float64), want, atol=1e-5, err_msg=name)
+        central = result.to_json()["privacy"]["central"]
+        assert central["sample_rates"] == [0.75]  # q = sampled / available, fixed before the round
+        store = StateStore(fed.state_dir)
+        assert sorted(store.rounds(result.run_id)[0]["sampled"]) == chosen
+    finally:
+        fed.close()

@@ -196,3 +196,41 @@ def test_replayed_and_misrouted_frames_end_to_end():
                                                 recipient="coordinator"), **change})
         with pytest.raises(error):
             guard.check(open_frame(seal(other, site), trust).envelope, **expect)
+
+
+def test_replay_window_both_sides_with_a_sender_clock_at_the_skew_edge():
+    """A message may carry a sent_at up to max_skew_s ahead, and a copy passes the skew check
+    until max_skew_s after that: so its id must be remembered for exactly 2·max_skew_s after it
+    was marked. At that instant a replay is still refused as a replay (an id forgotten one
+    moment early would let it through the skew check); a moment later the id is forgotten and
+    the copy fails on skew instead. Both sides, with the other bound (capacity) relaxed."""
+    clock = Clock()
+    guard = ReplayGuard(max_skew_s=10, capacity=10**6, clock=clock)
+    assert guard.window_s == 20
+    marked = clock.now
+    e = env(sent_at=marked + 10)  # the sender's clock at the edge of the skew, ahead
+    guard.check(e)
+    guard.mark_seen(e.message_id)
+
+    clock.now = marked + 20  # the last instant a copy passes the skew check (inclusive)
+    guard.mark_seen("later")  # forgetting runs on mark
+    assert guard.seen(e.message_id)
+    with pytest.raises(ReplayedMessage):
+        guard.check(e)
+
+    clock.now = marked + 20.001
+    guard.mark_seen("later-still")
+    assert not guard.seen(e.message_id) and len(guard) == 2
+    with pytest.raises(ClockSkew):
+        guard.check(e)
+
+
+def test_capacity_is_a_bound_of_its_own_inside_the_window():
+    """Within the time window, capacity alone bounds memory: exactly capacity ids are kept."""
+    clock = Clock()
+    guard = ReplayGuard(max_skew_s=3600, capacity=2, clock=clock)
+    guard.mark_seen("a")
+    guard.mark_seen("b")
+    assert guard.seen("a") and guard.seen("b") and len(guard) == 2
+    guard.mark_seen("c")
+    assert not guard.seen("a") and guard.seen("b") and guard.seen("c") and len(guard) == 2
