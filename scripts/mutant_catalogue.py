@@ -681,3 +681,26 @@ MUTANTS.extend([
         (f"{_BOUNDS}::test_user_chunk_cap_at_its_edge_with_the_global_cap_relaxed",),
     ),
 ])
+
+# issue 24 (t24): DP figures read one consistent confusion matrix; honest run status.
+_DPFIG = "tests/protocol/test_dp_figures.py"
+MUTANTS.extend([
+    Mutant(
+        "dp-projection-not-clipped", "released cells are projected onto non-negative cells adding up to n",
+        (Edit("protocol/dp_figures.py", "    return np.maximum(v - theta, 0.0)\n", "    return v - theta\n"),),
+        (f"{_DPFIG}::test_projection_lands_on_non_negative_cells_adding_up_to_the_total",
+         f"{_DPFIG}::test_every_release_reads_one_consistent_matrix_over_many_noise_draws"),
+    ),
+    Mutant(
+        "dp-one-class-column-not-forced", "a predicted column consistent with 0 is set to 0 before the projection",
+        (Edit("protocol/dp_figures.py", "    force_pos, force_neg = pos & ~neg, neg & ~pos\n",
+              "    force_pos, force_neg = pos & False, neg & False\n"),),
+        ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",),
+    ),
+    Mutant(
+        "dp-interval-noise-ignored", "the intervals cover the DP noise, not only the test-set size",
+        (Edit("protocol/dp_figures.py", "    u = v + rng.standard_normal((draws, len(v))) * float(noise_sd)\n",
+              "    u = v + rng.standard_normal((draws, len(v))) * 0.0\n"),),
+        (f"{_DPFIG}::test_intervals_cover_the_true_value_in_about_95_percent_of_releases",),
+    ),
+])
