@@ -704,3 +704,16 @@ MUTANTS.extend([
         (f"{_DPFIG}::test_intervals_cover_the_true_value_in_about_95_percent_of_releases",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "run-gaps-called-completed", "a run where a sampled site declined or missed a round is completed_with_gaps",
+        (Edit("coordinator/rounds/result.py", "    if status == COMPLETED and missed:\n", "    if False:\n"),),
+        ("tests/coordinator/test_run_memory.py::test_a_declined_site_is_shown_with_its_reason",),
+    ),
+    Mutant(
+        "run-gaps-miss-silent-site", "a sampled site that never answered is a gap, not only a decline",
+        (Edit("coordinator/rounds/result.py", "            if key not in accepted:\n                out[key]",
+              "            if key in said:\n                out[key]"),),
+        ("tests/coordinator/test_run_status.py::test_each_missing_round_is_named_with_its_reason",),
+    ),
+])

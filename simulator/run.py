@@ -372,7 +372,7 @@ def _document(result: Any) -> dict[str, Any]:
     if isinstance(doc, str):
         doc = json.loads(doc)
     status = doc.get("status")
-    if status not in (None, "finished", "completed", "done", "ok", "succeeded", "stopped_early"):
+    if status not in (None, "finished", "completed", "completed_with_gaps", "done", "ok", "succeeded", "stopped_early"):
         raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}",
                                document=doc)
     return doc

@@ -63,7 +63,7 @@
   const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
   const dur = (s) => (s === null || s === undefined ? "–" : s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h");
   const ago = (t, now) => { if (!t) return "never"; const s = Math.max(0, now - t); return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : s < 172800 ? `${(s / 3600).toFixed(0)} h ago` : when(t); };
-  const badge = (status) => el("span", { class: "badge " + status }, status);
+  const badge = (status) => el("span", { class: "badge " + status }, String(status).replace(/_/g, " "));
   const AT_END = "known at the end of the run";
   // A warning beside a figure from a model that gives every patient the same answer.
   const oneClass = (why) => (why ? el("span", { class: "badge warn one-class", title: EXPLAIN.one_class + " Here: " + why + "." }, "predicts one class") : null);
@@ -335,7 +335,12 @@
       el("td", {}, r.round), el("td", {}, r.site || "?"), el("td", {}, r.kind || "?"), el("td", {}, el("span", { class: "badge " + (r.verdict === "rejected" ? "bad" : "warn") }, r.verdict)),
       el("td", {}, r.reason || "–"), el("td", { class: "mono" }, r.message_id)))))
       : el("p", { class: "muted", id: "rejected" }, "No message was rejected."));
-    if (doc.declined.length) box.append(el("ul", {}, doc.declined.map((d) => el("li", {}, `round ${d.round}: ${d.site} declined (${d.reason})`))));
+    // Every round a sampled site gave nothing (declined, late, no reply), from the run's result; while it runs, its declines.
+    const gaps = (doc.gaps && doc.gaps.length) ? doc.gaps : doc.declined.map((d) => ({ round: d.round, site: d.site, reason: "declined: " + d.reason }));
+    box.append(el("h3", {}, "Declined and missed rounds"), gaps.length
+      ? el("table", { id: "declined" }, el("thead", {}, el("tr", {}, el("th", {}, "Round"), el("th", {}, "Site"), el("th", {}, "Reason"))),
+        el("tbody", {}, gaps.map((g) => el("tr", { "data-site": g.site }, el("td", { class: "num" }, g.round), el("td", {}, el("b", {}, g.site)), el("td", {}, g.reason)))))
+      : el("p", { class: "muted", id: "declined" }, "Every sampled site answered every round."));
     return box;
   }
 
