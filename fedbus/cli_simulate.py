@@ -112,9 +112,10 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
     (out / "coordinator").mkdir(parents=True, exist_ok=True)
     try:
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
-                                               broker=None if broker.startswith("memory") else broker)).start()
+                                               broker=None if broker.startswith("memory") else broker,
+                                               port_option="--serve-port")).start()
     except ServeError as e:
-        err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}")
+        err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     err.print(f"dashboard: {server.url}", soft_wrap=True)
     return server

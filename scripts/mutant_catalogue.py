@@ -717,3 +717,16 @@ MUTANTS.extend([
         ("tests/coordinator/test_run_status.py::test_each_missing_round_is_named_with_its_reason",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "validate-skips-aggregator-name", "config validate refuses an unknown federated.name (exit 2), not the run",
+        (Edit("fedbus/cli_config.py", "        if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
+              "        if False:\n"),),
+        ("tests/cli/test_bad_input.py::test_config_validate",),
+    ),
+    Mutant(
+        "port-in-use-unnamed", "a port in use is one line naming --port / --serve-port, exit 2",
+        (Edit("fedbus/dashboard/server.py", "    check_port(opts)\n", ""),),
+        ("tests/cli/test_bad_input.py::test_a_port_in_use_names_its_option",),
+    ),
+])
