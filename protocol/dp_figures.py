@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -201,7 +201,7 @@ def too_wide(lo: float, hi: float) -> bool:
     return hi - lo >= TOO_WIDE
 
 
-def union(sites: list[Mapping[str, Any]], *, prefix: str = "") -> dict[str, float] | None:
+def union(sites: Sequence[Mapping[str, Any]], *, prefix: str = "") -> dict[str, float] | None:
     """Figures of the union of test splits from the sites' released binary cells: the cells
     add up and so do the noise variances (post-processing). None unless every site sent cells."""
     cells, var, n = np.zeros(4), 0.0, 0.0

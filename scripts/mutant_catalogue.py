@@ -289,7 +289,9 @@ MUTANTS += [
     ),
     Mutant(
         "dp-one-class-unflagged", "under metrics = dp a model whose noisy counts show one predicted class is flagged (an estimate)",
-        (Edit("site_worker/final_model.py", "    if near[0] != near[1]:\n", "    if False:\n"),),
+        (Edit("protocol/dp_figures.py",  # the flag now reads the projected matrix (issue 24)
+              "        out[\"predicts_one_class\"] = float(c[0] + c[2] == 0 or c[1] + c[3] == 0)\n",
+              "        out[\"predicts_one_class\"] = 0.0\n"),),
         ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",
          "tests/simulator/test_report.py::test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables"),
     ),
