@@ -15,6 +15,13 @@ The result's ``final`` block: n-weighted means over the sites (``accuracy``... a
 ``majority_class_accuracy``, ``n_test`` and ``personalized`` {accuracy, auc, f1,
 sensitivity, specificity, loss, n_test}, and ``personalized`` (its n-weighted means and
 ``mean_accuracy``/``mean_auc``, the plain mean over sites). ``split`` is ``"test"``.
+
+Every classification figure carries its 95 % interval beside it (``ci: {name: [lo, hi]}``),
+and one whose interval is too wide to say anything is ``None`` with
+``withheld: {name: "too few test rows for this budget"}`` (``protocol.dp_figures``). The
+union's figures, when every site sent its binary confusion cells, come from the summed cells
+(noise variances add): one consistent matrix with intervals, not a mean of noisy ratios.
+Under DP without cells the union's AUC is not shown: a mean of binned AUCs has no interval.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator.metrics import weighted_mean
+from protocol import dp_figures
 from protocol.config import Experiment
 from protocol.messages import TaskConfig
 
@@ -48,14 +56,13 @@ def method(experiment: Experiment, config: TaskConfig, aggregator: str) -> str:
 def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> dict[str, Any]:
     out: dict[str, Any] = {k: m.get(prefix + k) for k in ("accuracy", "auc", "f1", "loss")}
     out.update({k: m[prefix + k] for k in ("sensitivity", "specificity") if m.get(prefix + k) is not None})
+    out.update(dp_figures.block(m, prefix=prefix))  # each figure with its ci; too wide: withheld
     n = m.get(n_key)
     out["n_test"] = int(n) if n is not None else None
     if m.get(prefix + "predicts_one_class") is not None:  # a flag, not a figure: exact, or a DP estimate
         out["predicts_one_class"] = bool(m[prefix + "predicts_one_class"])
         if m.get(prefix + "one_class_dp_estimate"):
             out["one_class_estimate"] = "dp"  # from the noisy test counts (site_worker.final_model)
-    if m.get(prefix + "predicted_positive_share") is not None:
-        out["predicted_positive_share"] = m[prefix + "predicted_positive_share"]
     return out
 
 
@@ -80,19 +87,36 @@ def one_class_warnings(final: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _pooled(means: dict[str, float], sites: list[dict[str, float]]) -> dict[str, Any]:
+    """The union's figures: from the summed confusion cells when every site sent them (with
+    intervals), else the n-weighted means; under DP the figures a mean cannot give an interval
+    for (AUC, sensitivity...) are left out. The majority-class figure stays the sites' mean."""
+    dp = any(m.get("noise_sd") for m in sites)
+    pooled = dp_figures.union(sites)
+    if pooled is not None:
+        keep = {k: v for k, v in means.items()
+                if k not in dp_figures.WITH_CI or k == "majority_class_accuracy" or (k == "auc" and not dp)}
+        flat = {**{k: v for k, v in pooled.items() if not k.startswith("majority_class_accuracy") and k != "n"}, **keep}
+    elif dp:
+        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k in ("accuracy", "f1")}
+    else:
+        flat = means
+    return {**{k: v for k, v in flat.items() if not k.endswith(("_lo", "_hi"))}, **dp_figures.block(flat)}
+
+
 def summarise(experiment: Experiment, results: dict[str, dict[str, float]], *, config: TaskConfig,
               aggregator: str) -> dict[str, Any]:
     """The ``final`` block of the result (see the module docstring)."""
     glob = {s: {k: v for k, v in m.items() if not k.startswith(PREFIX) and k not in _NOT_GLOBAL}
             for s, m in results.items()}
-    agg = weighted_mean([(g, results[s]["n"]) for s, g in glob.items()])
+    agg = _pooled(weighted_mean([(g, results[s]["n"]) for s, g in glob.items()]), list(results.values()))
     final: dict[str, Any] = {k: agg.get(k) for k in ("loss", "accuracy", "auc", "f1")}
     final.update({k: v for k, v in agg.items() if k not in final})
     per_site: dict[str, Any] = {}
     personal: dict[str, dict[str, float]] = {}
     for s, m in sorted(results.items()):
         block = _site_block(m)
-        if m.get("majority_class_accuracy") is not None:
+        if m.get("majority_class_accuracy") is not None and "majority_class_accuracy" not in block:
             block["majority_class_accuracy"] = m["majority_class_accuracy"]
         if m.get("epsilon") is not None:
             block["epsilon"] = m["epsilon"]
@@ -107,6 +131,7 @@ def summarise(experiment: Experiment, results: dict[str, dict[str, float]], *, c
     if personal:
         pagg = weighted_mean([({k: v for k, v in pm.items() if k not in _NOT_GLOBAL}, float(pm.get("n") or results[s]["n"]))
                               for s, pm in personal.items()])
+        pagg = _pooled(pagg, list(personal.values()))
         accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None]
         aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None]
         final["personalized"] = {"method": method(experiment, config, aggregator), **pagg, "n_sites": len(personal),

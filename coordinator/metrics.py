@@ -14,13 +14,19 @@ def weighted_mean(items: list[tuple[Mapping[str, float], float]]) -> dict[str, f
     weights: dict[str, float] = {}
     for metrics, w in items:
         for k, v in metrics.items():
-            if k in _NOT_METRICS or not isinstance(v, (int, float)) or isinstance(v, bool):
+            if k in _NOT_METRICS or not isinstance(v, (int, float)) or isinstance(v, bool) or _released_part(k):
                 continue
             if not math.isfinite(float(v)) or w <= 0:
                 continue
             sums[k] = sums.get(k, 0.0) + float(v) * w
             weights[k] = weights.get(k, 0.0) + w
     return {k: sums[k] / weights[k] for k in sums}
+
+
+def _released_part(key: str) -> bool:
+    """A key that is part of a release rather than a figure to average: an interval bound, a
+    released confusion cell or its noise SD (``protocol.dp_figures``)."""
+    return key.endswith(("_lo", "_hi", "noise_sd")) or key.startswith("cm_") or "_cm_" in key
 
 
 def after_training(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -119,6 +119,9 @@ def export_run(store: StateStore, run_id: str, out: Path) -> dict[str, str]:
     (out / "experiment.json").write_text(json.dumps(as_run, indent=4))
     files["experiment"] = str(out / "experiment.json")
     files["metrics"] = str(_metrics_csv(rounds, out / "metrics.csv"))
+    final = (run.get("result") or {}).get("final") or {}
+    if final.get("per_site"):
+        files["final_test"] = str(_final_csv(final, out / "final_test.csv"))
     files.update(_plots(rounds, out, title=run_id))
     return files
 
@@ -135,6 +138,33 @@ def _metrics_csv(rounds: list[dict[str, Any]], path: Path) -> Path:
             w.writerow([r["round"], r["replies"], r["loss"], r["accuracy"], r["auc"], r["wall_s"], r["train_s"],
                         r["communication_s"], r["aggregation_s"]]
                        + [per.get(s, {}).get(k) for s in sites for k in keys + ["n", "epsilon"]])
+    return path
+
+
+FINAL_FIGURES = ("accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")
+
+
+def _final_csv(final: dict[str, Any], path: Path) -> Path:
+    """The final model on each site's fixed test split and on their union, each figure with its
+    95 % interval (``ci``) and, where the interval spans the range, the dashboard's words."""
+    from protocol.dp_figures import shown
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "site", "split", "n_test"]
+                   + [c for k in FINAL_FIGURES for c in (k, f"{k}_ci_lo", f"{k}_ci_hi", f"{k}_shown")])
+
+        def row(model: str, site: str, m: dict[str, Any]) -> None:
+            ci = m.get("ci") or {}
+            w.writerow([model, site, "test", m.get("n_test")]
+                       + [x for k in FINAL_FIGURES
+                          for x in (m.get(k), *(ci.get(k) or (None, None)), shown(m, k, percent=k == "accuracy"))])
+
+        row("global", "union of sites", final)
+        for site, m in sorted((final.get("per_site") or {}).items()):
+            row("global", site, m)
+            if isinstance(m.get("personalized"), dict):
+                row("personalised", site, m["personalized"])
     return path
 
 

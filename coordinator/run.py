@@ -146,7 +146,7 @@ class Coordinator:
             self._close_consumers()
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
                               reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started)
-        self.store.finish_run(run_id, status=status, reason=reason, result=result.to_json())
+        self.store.finish_run(run_id, status=result.status, reason=result.reason, result=result.to_json())
         return result
 
     def _context(self) -> RunContext:

@@ -135,6 +135,11 @@ def validate(
     try:
         experiment = load_experiment(experiment_file)
         summary = summarize(experiment.architecture.layers)
+        from coordinator.aggregators import unknown_name
+
+        why = unknown_name(str(experiment.federated.name))
+        if why is not None:  # a misspelt aggregator fails here, not when the run starts
+            raise ConfigError("federated.name", why)
     except ConfigError as exc:
         if json_out:
             error = {"path": exc.path, "message": exc.message, "errors": [{"path": p, "message": m} for p, m in exc.errors]}

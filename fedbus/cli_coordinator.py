@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from protocol.dp_figures import shown
+
 app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
 runs_app = typer.Typer(help="Read back stored runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
@@ -114,21 +116,22 @@ def _print_run(doc: dict[str, Any]) -> None:
     _err.print(table)
     final = doc.get("final") or {}
     if final:
-        _err.print("final (test: each site's fixed test split): "
-                   + ", ".join(f"{k} {_fmt(final.get(k))}" for k in ("loss", "accuracy", "auc", "f1")))
+        _err.print("final (test: each site's fixed test split; 95 % intervals in brackets): "
+                   + ", ".join(f"{k} {shown(final, k, percent=k == 'accuracy')}" for k in ("loss", "accuracy", "auc", "f1")))
         if final.get("majority_class_accuracy") is not None:
             _err.print(f"  majority class of each site: accuracy {_fmt(final['majority_class_accuracy'])}")
         if final.get("personalized"):
             p = final["personalized"]
             _err.print(f"personalised ({p.get('method')}), each site on its own test split: "
-                       + ", ".join(f"{k} {_fmt(p.get(k))}" for k in ("accuracy", "auc", "f1", "mean_accuracy")))
+                       + ", ".join(f"{k} {shown(p, k, percent=k == 'accuracy')}" for k in ("accuracy", "auc", "f1"))
+                       + f", mean_accuracy {_fmt(p.get('mean_accuracy'))}")
         for s, m in (final.get("per_site") or {}).items():
-            line = (f"  {s}: " + ", ".join(f"{k} {_fmt(m.get(k))}" for k in ("accuracy", "auc", "f1", "sensitivity",
-                                                                             "specificity"))
+            line = (f"  {s}: " + ", ".join(f"{k} {shown(m, k, percent=k == 'accuracy')}"
+                                           for k in ("accuracy", "auc", "f1", "sensitivity", "specificity"))
                     + f", majority-class accuracy {_fmt(m.get('majority_class_accuracy'))}, n_test {m.get('n_test')}")
             pm = m.get("personalized") or {}
             if pm:
-                line += f"; personalised accuracy {_fmt(pm.get('accuracy'))}, auc {_fmt(pm.get('auc'))}"
+                line += f"; personalised accuracy {shown(pm, 'accuracy', percent=True)}, auc {shown(pm, 'auc')}"
             _err.print(line)
             from coordinator.final import one_class_warnings
 

@@ -153,6 +153,11 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         if not result.ok:
             typer.echo(f"run {result.run_id} failed: {result.reason}", err=True)
             raise typer.Exit(1)
+        from coordinator.rounds.result import COMPLETED_WITH_GAPS, EXIT_WITH_GAPS
+
+        if result.status == COMPLETED_WITH_GAPS:  # ran to its end, without some sites' rounds: say so, exit 3
+            typer.echo(f"run {result.run_id} {result.reason}", err=True)
+            raise typer.Exit(EXIT_WITH_GAPS)
 
     @runs_app.command("list")
     def runs_list(state: Path = typer.Option(..., "--state", help="Coordinator state directory."),

@@ -3,7 +3,8 @@
 Runs the production coordinator and site workers (in-memory bus by default, one OS
 process per site with ``--broker amqp://...``), prints the results table on stderr and,
 with ``--json``, the docs/design.md result document on stdout. Exit 0 success, 1 a run that
-failed, 2 bad usage or bad input.
+failed, 2 bad usage or bad input, 3 a run that completed with gaps (a sampled site declined
+or missed a round: ``status`` "completed_with_gaps", the ``gaps`` list names them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+COMPLETED_WITH_GAPS = "completed_with_gaps"  # coordinator.rounds.result's status (imported lazily: CLI start-up)
 
 
 def register(app: typer.Typer) -> None:
@@ -89,6 +92,12 @@ def register(app: typer.Typer) -> None:
                 dashboard.thread.join()
             except KeyboardInterrupt:
                 dashboard.stop()
+        if doc.get("status") == COMPLETED_WITH_GAPS:
+            from coordinator.rounds.result import EXIT_WITH_GAPS, describe_gaps
+
+            err.print(f"[yellow]run completed with gaps:[/yellow] {escape(describe_gaps(doc.get('gaps') or []))}",
+                      soft_wrap=True)
+            raise typer.Exit(EXIT_WITH_GAPS)
 
 
 def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object:
@@ -103,9 +112,10 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
     (out / "coordinator").mkdir(parents=True, exist_ok=True)
     try:
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
-                                               broker=None if broker.startswith("memory") else broker)).start()
+                                               broker=None if broker.startswith("memory") else broker,
+                                               port_option="--serve-port")).start()
     except ServeError as e:
-        err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}")
+        err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     err.print(f"dashboard: {server.url}", soft_wrap=True)
     return server

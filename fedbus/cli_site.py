@@ -174,7 +174,8 @@ def check(
     config: Path = typer.Option(..., "--config", "-c", help="Path to site.toml"),
     experiment: Path = typer.Option(None, "--experiment", help="Also check the data and the privacy cost of this experiment."),
 ) -> None:
-    """Pre-flight: config, key files and modes, broker login, coordinator key, data vs experiment, ε; exit 0/1."""
+    """Pre-flight: config, key files and modes, broker login, coordinator key, data vs experiment, ε; exit 0/1
+    (2: the site.toml itself cannot be read, one line naming the key)."""
     import warnings
 
     from fedbus.site_check import print_checks, run_checks
@@ -185,6 +186,10 @@ def check(
 
     warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
     configure_logging("cli", level="error", stream=io.StringIO())  # each check reports its own failure
-    ok = print_checks(run_checks(config, experiment), lambda line: typer.echo(line))
+    checks = run_checks(config, experiment)
+    if len(checks) == 1 and checks[0].name == "config" and not checks[0].ok:  # bad input: nothing else can be checked
+        typer.echo(f"fedbus site check: {checks[0].detail}", err=True)
+        raise typer.Exit(2)
+    ok = print_checks(checks, lambda line: typer.echo(line))
     typer.echo("site check: all passed" if ok else "site check: FAILED (fix the lines marked FAIL)", err=True)
     raise typer.Exit(0 if ok else 1)

@@ -289,7 +289,9 @@ MUTANTS += [
     ),
     Mutant(
         "dp-one-class-unflagged", "under metrics = dp a model whose noisy counts show one predicted class is flagged (an estimate)",
-        (Edit("site_worker/final_model.py", "    if near[0] != near[1]:\n", "    if False:\n"),),
+        (Edit("protocol/dp_figures.py",  # the flag now reads the projected matrix (issue 24)
+              "        out[\"predicts_one_class\"] = float(c[0] + c[2] == 0 or c[1] + c[3] == 0)\n",
+              "        out[\"predicts_one_class\"] = 0.0\n"),),
         ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",
          "tests/simulator/test_report.py::test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables"),
     ),
@@ -946,5 +948,54 @@ MUTANTS.extend([
         "edge-dashboard-token-one-short", "a dashboard token has at least MIN_TOKEN_CHARS characters",
         (Edit("fedbus/dashboard/security.py", "    if len(token) < MIN_TOKEN_CHARS or", "    if len(token) < MIN_TOKEN_CHARS - 1 or"),),
         ("tests/dashboard/test_token_edges.py",),
+    ),
+])
+
+# issue 24 (t24): DP figures read one consistent confusion matrix; honest run status.
+_DPFIG = "tests/protocol/test_dp_figures.py"
+MUTANTS.extend([
+    Mutant(
+        "dp-projection-not-clipped", "released cells are projected onto non-negative cells adding up to n",
+        (Edit("protocol/dp_figures.py", "    return np.maximum(v - theta, 0.0)\n", "    return v - theta\n"),),
+        (f"{_DPFIG}::test_projection_lands_on_non_negative_cells_adding_up_to_the_total",
+         f"{_DPFIG}::test_every_release_reads_one_consistent_matrix_over_many_noise_draws"),
+    ),
+    Mutant(
+        "dp-one-class-column-not-forced", "a predicted column consistent with 0 is set to 0 before the projection",
+        (Edit("protocol/dp_figures.py", "    force_pos, force_neg = pos & ~neg, neg & ~pos\n",
+              "    force_pos, force_neg = pos & False, neg & False\n"),),
+        ("tests/site_worker/test_final_release.py::test_dp_release_estimates_a_one_class_model_from_the_noisy_counts",),
+    ),
+    Mutant(
+        "dp-interval-noise-ignored", "the intervals cover the DP noise, not only the test-set size",
+        (Edit("protocol/dp_figures.py", "    u = v + rng.standard_normal((draws, len(v))) * float(noise_sd)\n",
+              "    u = v + rng.standard_normal((draws, len(v))) * 0.0\n"),),
+        (f"{_DPFIG}::test_intervals_cover_the_true_value_in_about_95_percent_of_releases",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "run-gaps-called-completed", "a run where a sampled site declined or missed a round is completed_with_gaps",
+        (Edit("coordinator/rounds/result.py", "    if status == COMPLETED and missed:\n", "    if False:\n"),),
+        ("tests/coordinator/test_run_memory.py::test_a_declined_site_is_shown_with_its_reason",),
+    ),
+    Mutant(
+        "run-gaps-miss-silent-site", "a sampled site that never answered is a gap, not only a decline",
+        (Edit("coordinator/rounds/result.py", "            if key not in accepted:\n                out[key]",
+              "            if key in said:\n                out[key]"),),
+        ("tests/coordinator/test_run_status.py::test_each_missing_round_is_named_with_its_reason",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "validate-skips-aggregator-name", "config validate refuses an unknown federated.name (exit 2), not the run",
+        (Edit("fedbus/cli_config.py", "        if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
+              "        if False:\n"),),
+        ("tests/cli/test_bad_input.py::test_config_validate",),
+    ),
+    Mutant(
+        "port-in-use-unnamed", "a port in use is one line naming --port / --serve-port, exit 2",
+        (Edit("fedbus/dashboard/server.py", "    check_port(opts)\n", ""),),
+        ("tests/cli/test_bad_input.py::test_a_port_in_use_names_its_option",),
     ),
 ])

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from protocol import dp_figures  # noqa: E402
+
 METRICS = ("loss", "accuracy", "auc", "f1")
 
 
@@ -77,7 +79,8 @@ def _write_rounds_csv(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
-    cols = ["site", "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy", "loss", "n_test",
+    figs = ("accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")
+    cols = ["site", *[c for k in figs for c in (k, f"{k}_ci_lo", f"{k}_ci_hi")], "loss", "n_test",
             "epsilon", "personalized_accuracy", "personalized_auc", "holdout_accuracy", "holdout_auc",
             "local_holdout_accuracy", "local_holdout_auc"]
     per_site = (doc.get("final") or {}).get("per_site") or {}
@@ -93,8 +96,8 @@ def _write_sites_csv(path: Path, doc: dict[str, Any]) -> Path:
             pm = m.get("personalized") or {}
             w.writerow(
                 [site]
-                + [_cell(m.get(c)) for c in ("accuracy", "auc", "f1", "sensitivity", "specificity",
-                                             "majority_class_accuracy", "loss", "n_test")]
+                + [_cell(x) for k in figs for x in (m.get(k), *((m.get("ci") or {}).get(k) or (None, None)))]
+                + [_cell(m.get(c)) for c in ("loss", "n_test")]
                 + [_cell(eps.get(site)), _cell(pm.get("accuracy")), _cell(pm.get("auc")),
                    _cell(held.get(site, {}).get("accuracy")), _cell(held.get(site, {}).get("auc")),
                    _cell(lm.get("accuracy")), _cell(lm.get("auc"))]
@@ -316,15 +319,19 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
         "<h2>Final model on the sites' fixed test splits (reported by each site; rows it never trained on)</h2>",
         _table(
             ["", *_UNION],
-            [["federated (global)", *(final.get(k) for k in _UNION)]]
+            [["federated (global)", *(dp_figures.shown(final, k, percent=k == "accuracy") for k in _UNION)]]
             + ([[f"personalised, each site on its own split ({final['personalized'].get('method')})",
-                 *(final["personalized"].get(k) for k in _UNION)]] if final.get("personalized") else [])
+                 *(dp_figures.shown(final["personalized"], k, percent=k == "accuracy") for k in _UNION)]]
+               if final.get("personalized") else [])
             + ([["majority class of each site", None, final.get("majority_class_accuracy")] + [None] * (len(_UNION) - 2)]
                if final.get("majority_class_accuracy") is not None else []),
         ),
         "<p>Each site scores the final model on its own fixed test split and releases the figures as its policy "
-        "says (with <code>metrics = \"dp\"</code>, noisy and accounted); the union rows are the means over sites "
-        "weighted by their test rows.</p>",
+        "says (with <code>metrics = \"dp\"</code>, one noisy confusion matrix per model, accounted). Each figure "
+        "has its 95 % interval in brackets (DP noise and test-set size, by Monte Carlo post-processing); a figure "
+        "whose interval spans nearly the whole range reads \"too few test rows for this budget\". The union's "
+        "figures come from the sites' summed confusion matrices where every site released one, else from the "
+        "means over sites weighted by their test rows.</p>",
     ]
     held = doc.get("holdout") or {}
     if held:
@@ -378,9 +385,11 @@ def _write_html(path: Path, doc: dict[str, Any], pngs: dict[str, Path]) -> Path:
     sections.append(
         _table(
             headers,
-            [[s] + [per_site.get(s, {}).get(k) for k in ("n_test", "accuracy", "auc", "f1", "sensitivity", "specificity",
-                                                         "majority_class_accuracy")] + [eps.get(s)]
-             + ([(per_site.get(s, {}).get("personalized") or {}).get(k) for k in ("accuracy", "auc")] if personal else [])
+            [[s, per_site.get(s, {}).get("n_test")]
+             + [dp_figures.shown(per_site.get(s), k, percent=k == "accuracy") for k in (
+                 "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")] + [eps.get(s)]
+             + ([dp_figures.shown(per_site.get(s, {}).get("personalized"), k, percent=k == "accuracy") for k in ("accuracy", "auc")]
+                if personal else [])
              + ([(held.get("per_site") or {}).get(s, {}).get("accuracy"), local.get(s, {}).get("accuracy")]
                 if local else [])
              for s in shown],

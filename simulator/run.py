@@ -72,9 +72,38 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
         raise SimulationInputError(f"--rounds must be >= 1, got {rounds}")
     apply_overrides(raw, {"seed": None if seed is None else int(seed), "rounds": None if rounds is None else int(rounds)})
     try:
-        return load_experiment(raw)
+        exp = load_experiment(raw)
     except ConfigError as e:
         raise SimulationInputError(f"experiment: {e}") from None
+    from coordinator.aggregators import unknown_name
+
+    why = unknown_name(str(exp.federated.name))
+    if why is not None:
+        raise SimulationInputError(f"experiment: federated.name: {why}")
+    return exp
+
+
+def _check_columns(exp: Any, data: Any, *, target: str | None) -> None:
+    """The experiment's target and features name columns of the data (tabular), before any
+    site starts: one line naming the key and the closest column, not a traceback from a site."""
+    import difflib
+
+    frame = getattr(data, "frame", None)
+    if getattr(data, "kind", None) != "tabular" or frame is None:
+        return
+    cols = [str(c) for c in frame.columns]
+
+    def missing(key: str, name: str) -> SimulationInputError:
+        close = difflib.get_close_matches(name, cols, n=1)
+        return SimulationInputError(
+            f"experiment: {key} {name!r} is not a column of {data.name}"
+            + (f" (did you mean {close[0]!r}?)" if close else f"; columns: {', '.join(cols[:40])}"))
+
+    if target is None and exp.dataset.target and exp.dataset.target not in cols:
+        raise missing("dataset.target", str(exp.dataset.target))
+    for i, f in enumerate(exp.dataset.features or []):
+        if f not in cols:
+            raise missing(f"dataset.features[{i}]", str(f))
 
 
 def _need_dataset_option(exp: Experiment, experiment_path: Any) -> None:
@@ -190,6 +219,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         _need_dataset_option(exp, experiment_path)
     try:
         data = load_dataset(ds_name, target=target or exp.dataset.target, seed=run_seed, rows=rows)
+        _check_columns(exp, data, target=target)
         exp = _fit_to_file(exp, data) if dataset is not None else exp
         groups = data.column(spec.column) if spec.kind == "natural" else None
         part = make_partition(data.labels, spec, sites=sites, seed=run_seed, groups=groups)
@@ -370,7 +400,7 @@ def _document(result: Any) -> dict[str, Any]:
     if isinstance(doc, str):
         doc = json.loads(doc)
     status = doc.get("status")
-    if status not in (None, "finished", "completed", "done", "ok", "succeeded", "stopped_early"):
+    if status not in (None, "finished", "completed", "completed_with_gaps", "done", "ok", "succeeded", "stopped_early"):
         raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}",
                                document=doc)
     return doc

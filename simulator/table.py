@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from protocol.dp_figures import shown
+
 
 def _f(v: Any, digits: int = 3) -> str:
     if v is None:
@@ -55,18 +57,19 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     if personal:
         sites.add_column("p.acc", justify="right")
         sites.add_column("p.auc", justify="right")
-    sites.caption = ("as each site reported it; maj: accuracy of predicting the site's majority class; "
+    sites.caption = ("as each site reported it, with its 95 % interval (DP noise and test-set size); "
+                     "maj: accuracy of predicting the site's majority class; "
                      + ("p.: the site's personalised model; " if personal else "") + "ε at the δ below")
     from coordinator.final import one_class_warnings
 
     warnings = one_class_warnings({"per_site": {s: per_site[s] for s in names[:max_sites] if s in per_site}})
     for s in names[:max_sites]:
         m = per_site.get(s, {})
-        row = [s, _f(m.get("n_test"))] + [_f(m.get(k), 2) for k in (
+        row = [s, _f(m.get("n_test"))] + [shown(m, k, percent=k == "accuracy") for k in (
             "accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")] + [_f(eps.get(s), 2)]
         if personal:
             pm = m.get("personalized") or {}
-            row += [_f(pm.get("accuracy"), 2), _f(pm.get("auc"), 2)]
+            row += [shown(pm, "accuracy", percent=True), shown(pm, "auc")]
         sites.add_row(*row)
     if len(names) > max_sites:
         sites.caption += f"; {len(names) - max_sites} more sites in the JSON / report"
@@ -89,12 +92,12 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     cols = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
     for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
         summary.add_column(col, justify="right")
-    summary.add_row("federated (global)", *(_f(final.get(k)) for k in cols))
+    summary.add_row("federated (global)", *(shown(final, k, percent=k == "accuracy") for k in cols))
     for w in one_class_warnings({"predicts_one_class": final.get("predicts_one_class")}):
         con.print(f"[yellow]warning[/yellow] {escape(w)}")
     if final.get("personalized"):
         summary.add_row(f"personalised on own sites: {final['personalized'].get('method')}",
-                        *(_f(final["personalized"].get(k)) for k in cols))
+                        *(shown(final["personalized"], k, percent=k == "accuracy") for k in cols))
     if final.get("majority_class_accuracy") is not None:
         summary.add_row("majority class of each site", "-", _f(final.get("majority_class_accuracy")), "-", "-", "-", "-")
     con.print(summary)

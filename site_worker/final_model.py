@@ -11,11 +11,13 @@
   fixed test split in **one** Gaussian mechanism under ``metrics = "dp"`` (the statistics
   vectors of all models concatenated; L2 sensitivity √(Σ Δᵢ²), noise σ·√(Σ Δᵢ²) on every
   coordinate, i.e. one accountant entry (σ, 1, 1) as ``site_worker.release`` charges).
-  Sensitivity, specificity and the majority-class accuracy are post-processing of the noisy
-  confusion counts (``dp``) or exact (``exact``: a leak the policy allows, named in
-  docs/threat-model.md).
-* Whether a model predicts one class: exact under ``exact``; under ``dp`` an estimate from the
-  same noisy counts (post-processing, no extra ε), see ``one_class_estimate``.
+  Every classification figure (accuracy, sensitivity, specificity, F1, prevalence, the
+  majority-class accuracy, the one-class flag) is post-processing of one confusion matrix per
+  model, projected to non-negative cells adding up to the released n, each with its 95 %
+  interval (``protocol.dp_figures``), or exact (``exact``: a leak the policy allows, named in
+  docs/threat-model.md; its intervals cover the test split's size only).
+* Whether a model predicts one class: exact under ``exact``; under ``dp`` read off the same
+  projected matrix (an empty predicted column), left out when the noise cannot tell.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from protocol.durable import write_atomic
 from protocol.policy import SitePolicy
 from site_worker.metrics import evaluate
+from protocol import dp_figures
 from site_worker.release import derive, statistics
 from site_worker.secure_rng import SecureRandom
 
@@ -126,77 +129,49 @@ def _exact_extras(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, majo
     return m
 
 
-ONE_CLASS_SDS = 2.0  # a noisy predicted-class count this many noise SDs from 0 is "consistent with 0"
-
-
-def one_class_estimate(counts: np.ndarray, noise_sd: float) -> dict[str, float]:
-    """From noisy binary confusion counts ``[tn, fp, fn, tp]`` (each coordinate + N(0, noise_sd²)):
-    the predicted-positive share and whether the model appears to predict one class.
-
-    Rule: the predicted positives (fp + tp) and predicted negatives (tn + fn) are each a sum of
-    two noisy counts, so each carries noise of SD √2·noise_sd. A count within ``ONE_CLASS_SDS``
-    of those SDs above 0 is consistent with 0. ``predicts_one_class`` is 1 when exactly one of the
-    two is (a true one-class model is flagged with probability ≈ 97.7 %), 0 when neither is, and
-    left out when both are (noise this large for this test split cannot tell). Post-processing of
-    the released vector: it costs no privacy."""
-    tn, fp, fn, tp = (float(c) for c in counts[:4])
-    pos, neg = fp + tp, tn + fn
-    limit = ONE_CLASS_SDS * math.sqrt(2.0) * float(noise_sd)
-    near = (pos <= limit, neg <= limit)
-    m: dict[str, float] = {"one_class_dp_estimate": 1.0}
-    cp, cn = max(pos, 0.0), max(neg, 0.0)
-    if cp + cn > 0:
-        m["predicted_positive_share"] = cp / (cp + cn)
-    if near[0] != near[1]:
-        m["predicts_one_class"] = 1.0
-    elif not any(near):
-        m["predicts_one_class"] = 0.0
-    return m
-
-
-def _dp_extras(layout: str, v: np.ndarray, *, noise_sd: float) -> dict[str, float]:
-    """Sensitivity, specificity, the majority-class accuracy and the one-class estimate from
-    noisy binary confusion counts ``[tn, fp, fn, tp]`` (post-processing; the majority is the
-    noisy test majority; ``noise_sd`` is the release's σ × sensitivity)."""
+def _exact_intervals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
+                     clip: float) -> dict[str, float]:
+    """Under ``exact``: the 95 % intervals of the exact figures (the test split's size only) and
+    the exact cells, so the coordinator can pool the sites (``protocol.dp_figures.union``)."""
+    layout, v, _ = statistics(model, x, y, loss_name=loss_name, task=task, clip=clip)
     if layout != "binary":
         return {}
-    tn, fp, fn, tp = np.maximum(v[:4], 0.0)
-    m: dict[str, float] = {}
-    if tp + fn > 0:
-        m["sensitivity"] = float(tp / (tp + fn))
-    if tn + fp > 0:
-        m["specificity"] = float(tn / (tn + fp))
-    n = tn + fp + fn + tp
-    if n > 0:
-        m["majority_class_accuracy"] = float(max(tn + fp, fn + tp) / n)
-    m.update(one_class_estimate(v[:4], noise_sd))
-    return m
+    d = derive(layout, v, clip=clip, noise_sd=0.0)
+    return {k: val for k, val in d.items() if (k.endswith(("_lo", "_hi")) and not k.startswith("majority"))
+            or k in dp_figures.CELLS or k == "noise_sd"}
 
 
 def release_on_test(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, y_train: torch.Tensor, *,
-                    loss_name: str, task: str, policy: SitePolicy, rng: SecureRandom | None) -> list[dict[str, float]]:
+                    loss_name: str, task: str, policy: SitePolicy, rng: SecureRandom | None,
+                    rows: int | None = None) -> list[dict[str, float]]:
     """Metrics of every model on the test split, as one release (see the module docstring).
-    The caller has reserved ``release_entries(policy)`` (one entry) in the ledger."""
+    ``rows`` is the public bound on the released n. The caller has reserved
+    ``release_entries(policy)`` (one entry) in the ledger."""
     if policy.metrics == "none" or len(x) == 0:
         return [{} for _ in models]
     classify = task != "regression" and loss_name != "mse"
     if policy.metrics == "exact":
         majority = _majority(y_train) if classify else None
         return [{**evaluate(m, x, y, loss_name=loss_name, task=task),
-                 **(_exact_extras(m, x, y, majority) if classify else {})} for m in models]
+                 **(_exact_extras(m, x, y, majority) if classify else {}),
+                 **(_exact_intervals(m, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
+                    if classify else {})} for m in models]
     assert rng is not None
     clip = policy.metrics_loss_clip
     parts = [statistics(m, x, y, loss_name=loss_name, task=task, clip=clip) for m in models]
     sens = math.sqrt(sum(s * s for _, _, s in parts))
     joint = np.concatenate([v for _, v, _ in parts])
-    noisy = joint + rng.standard_normal(len(joint)) * (policy.metrics_noise_multiplier * sens)
+    sd = policy.metrics_noise_multiplier * sens
+    noisy = joint + rng.standard_normal(len(joint)) * sd
     out, at = [], 0
     for layout, v, _ in parts:
         piece = noisy[at: at + len(v)]
         at += len(v)
-        out.append({**derive(layout, piece, clip=clip),
-                    **_dp_extras(layout, piece, noise_sd=policy.metrics_noise_multiplier * sens)})
+        m = derive(layout, piece, clip=clip, noise_sd=sd, rows=rows)
+        if "predicts_one_class" in m:
+            m["one_class_dp_estimate"] = 1.0
+        out.append(m)
     return out
 
 
-__all__ = ["FinalStore", "ONE_CLASS_SDS", "RunsJoined", "one_class_estimate", "release_on_test"]
+__all__ = ["FinalStore", "RunsJoined", "release_on_test"]

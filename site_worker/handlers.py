@@ -287,7 +287,8 @@ class TaskHandler:
             raise
         after = release_metrics(result.model, data.x_val, data.y_val, loss_name=spec.loss, task=data.task,
                                 policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="metrics",
-                                                                inputs=inputs))
+                                                                inputs=inputs),
+                                rows=announced_rows(self.config.datasets[task.dataset]))
         if personal:
             self.heads.keep(result.model, env.run_id, task.dataset, personal)
         metrics = {**result.metrics, **prefixed("before", before), **prefixed("after", after)}
@@ -332,10 +333,10 @@ class TaskHandler:
                            inputs=self._inputs(key, task, model, data, task.split))
         if task.split == "test":  # with sensitivity, specificity and the majority-class baseline
             m = release_on_test([model], x, y, data.y_train, loss_name=str(exp.training.loss_function), task=data.task,
-                                policy=policy, rng=rng)[0]
+                                policy=policy, rng=rng, rows=rows)[0]
         else:
             m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
-                                policy=policy, rng=rng)
+                                policy=policy, rng=rng, rows=rows)
         self.ledger.commit(task.dataset, env.message_id)
         m = bound_counts(m, rows)
         n = int(m.get("n", len(x)))
@@ -409,7 +410,7 @@ class TaskHandler:
         tune_s = time.perf_counter() - t0
         model.eval()
         released = release_on_test([global_model, model], x, y, data.y_train, loss_name=str(exp.training.loss_function),
-                                   task=data.task, policy=policy,
+                                   task=data.task, policy=policy, rows=rows,
                                    rng=noise_source(policy, task_seed=task.seed, purpose="final", inputs=inputs))
         self.ledger.commit(task.dataset, env.message_id)
         released = [bound_counts(r, rows) for r in released]

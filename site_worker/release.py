@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from protocol import dp_figures
 from protocol.policy import SitePolicy
 from site_worker.metrics import EVAL_ROWS, evaluate, prepare_target
 from site_worker.secure_rng import SecureRandom
@@ -96,33 +97,27 @@ def statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss
         return f"multiclass:{k}", np.concatenate([conf.ravel(), [float(loss.sum())]]), math.sqrt(2.0)
 
 
-def derive(layout: str, v: np.ndarray, *, clip: float) -> dict[str, float]:
-    """Metrics from a (noisy) statistics vector; pure post-processing."""
+def derive(layout: str, v: np.ndarray, *, clip: float, noise_sd: float = 0.0, rows: int | None = None) -> dict[str, float]:
+    """Metrics from a (noisy) statistics vector; pure post-processing. Classification figures
+    come from the one confusion matrix, projected and with 95 % intervals
+    (``protocol.dp_figures``); ``noise_sd`` is the per-coordinate noise SD (0: exact counts),
+    ``rows`` the public bound on the released n. Binary releases also carry their noisy cells
+    (``cm_*``) and ``noise_sd`` so the coordinator can pool the sites' matrices."""
     if layout == "regression":
         n = max(1.0, v[0])
         return {"loss": max(0.0, v[1]) * clip / n, "mse": max(0.0, v[1]) * clip / n,
                 "mae": max(0.0, v[2]) * math.sqrt(clip) / n, "n": float(round(n))}
     loss_sum = max(0.0, float(v[-1]))
     if layout == "binary":
-        n = max(1.0, float(v[:4].sum()))  # the unclamped sum: unbiased
-        tn, fp, fn, tp = np.maximum(v[:4], 0.0)
-        hist = np.maximum(v[4:-1], 0.0).reshape(2, BINS)
-        out = {"loss": loss_sum * clip / n, "accuracy": float(np.clip((tp + tn) / n, 0.0, 1.0)),
-               "f1": float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) > 0 else 0.0, "n": float(round(n))}
-        pos, neg = hist[1], hist[0]
-        if pos.sum() > 0 and neg.sum() > 0:
-            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
-            out["auc"] = float(np.clip((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()), 0.0, 1.0))
+        out = dp_figures.confusion_figures(v[:4], noise_sd, rows=rows)
+        out["loss"] = loss_sum * clip / out["n"]
+        out.update(dp_figures.auc_figure(v[4:-1], noise_sd, n=out["n"]))
+        out.update({name: float(c) for name, c in zip(dp_figures.CELLS, v[:4])})
+        out["noise_sd"] = float(noise_sd)
         return out
-    k = int(layout.split(":")[1])
-    n = max(1.0, float(v[:-1].sum()))
-    conf = np.maximum(v[:-1], 0.0).reshape(k, k)
-    f1s = []
-    for c in range(k):
-        tp, fp, fn = conf[c, c], conf[:, c].sum() - conf[c, c], conf[c, :].sum() - conf[c, c]
-        f1s.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 0.0)
-    return {"loss": loss_sum * clip / n, "accuracy": float(np.trace(conf) / n), "f1": float(np.mean(f1s)),
-            "n": float(round(n))}
+    out = dp_figures.confusion_figures(v[:-1], noise_sd, rows=rows)
+    out["loss"] = loss_sum * clip / out["n"]
+    return out
 
 
 def bound_counts(metrics: dict[str, float], rows: int) -> dict[str, float]:
@@ -137,15 +132,17 @@ def bound_counts(metrics: dict[str, float], rows: int) -> dict[str, float]:
 
 
 def release_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
-                    policy: SitePolicy, rng: SecureRandom | None) -> dict[str, float]:
+                    policy: SitePolicy, rng: SecureRandom | None, rows: int | None = None) -> dict[str, float]:
     """The metrics this site may release on (x, y): exact, DP (noise from ``rng``) or none.
-    The caller has already reserved ``release_entries(policy)`` in the ledger."""
+    ``rows`` is the public bound on the released n. The caller has already reserved
+    ``release_entries(policy)`` in the ledger."""
     if policy.metrics == "none" or len(x) == 0:
         return {}
     if policy.metrics == "exact":
         return evaluate(model, x, y, loss_name=loss_name, task=task)
     assert rng is not None
     layout, v, sens = statistics(model, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
-    noisy = v + rng.standard_normal(len(v)) * (policy.metrics_noise_multiplier * sens)
-    return derive(layout, noisy, clip=policy.metrics_loss_clip)
+    sd = policy.metrics_noise_multiplier * sens
+    noisy = v + rng.standard_normal(len(v)) * sd
+    return derive(layout, noisy, clip=policy.metrics_loss_clip, noise_sd=sd, rows=rows)
 

@@ -14,6 +14,7 @@ from coordinator.aggregators.base import (
     available,
     get_aggregator,
     register,
+    unknown_name,
 )
 from coordinator.aggregators.central_dp import CentralDP
 from coordinator.aggregators.early_stopping import EarlyStopping
@@ -32,6 +33,7 @@ __all__ = [
     "build_aggregator",
     "get_aggregator",
     "register",
+    "unknown_name",
 ]
 
 

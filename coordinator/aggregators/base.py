@@ -168,6 +168,20 @@ def available() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points())) + ["flower:<StrategyName>"]
 
 
+def unknown_name(name: str) -> str | None:
+    """Why ``federated.name`` names no aggregator (None when it does): checked where an
+    experiment is validated, so a misspelling fails there and not at run time."""
+    if name.startswith("flower:") and len(name) > len("flower:"):
+        return None
+    if name in _REGISTRY or name in _entry_points():
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(_REGISTRY) | set(_entry_points())), n=1)
+    return (f"unknown aggregator {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; available: {', '.join(available())}")
+
+
 def get_aggregator(name: str, *, parameters: dict[str, Any], initial: Tensors, seed: int = 0) -> Aggregator:
     """Instantiate the aggregator ``name`` (built-in, ``flower:<Strategy>``, or entry point)."""
     if name.startswith("flower:"):

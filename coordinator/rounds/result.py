@@ -15,6 +15,44 @@ from coordinator.rounds.context import RunContext
 from protocol.messages import Tensors
 
 
+COMPLETED = "completed"
+COMPLETED_WITH_GAPS = "completed_with_gaps"  # ran to its end, but a sampled site declined or missed a round
+EXIT_WITH_GAPS = 3  # the CLI's exit code for it (0 completed, 1 failed, 2 bad input)
+
+
+def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every (round, site) where a site asked to take part gave the round nothing: each sampled
+    site of a committed round without an accepted update, and every decline (the final
+    evaluation's included), with the reason: the site's decline, a late or rejected reply,
+    or no reply by the deadline. Sorted by round, then site."""
+    accepted = {(u["round"], u["site"]) for u in updates if u["verdict"] == "accepted" and u.get("kind") == "Update"}
+    said: dict[tuple[int, str], str] = {}
+    for u in updates:  # what the site's own messages say, a decline first
+        key = (u["round"], u["site"])
+        if u["verdict"] in ("declined", "late", "rejected") and key not in accepted and u["site"]:
+            text = f"{u['verdict']}: {u['reason']}" if u["reason"] else str(u["verdict"])
+            if key not in said or u["verdict"] == "declined":
+                said[key] = text
+    out: dict[tuple[int, str], str] = {}
+    for r in rounds:
+        for site in r.get("sampled") or []:
+            key = (int(r["round"]), site)
+            if key not in accepted:
+                out[key] = said.get(key, "no reply by the round's deadline")
+    for key, text in said.items():
+        if text.startswith("declined"):
+            out.setdefault(key, text)
+    return [{"round": rnd, "site": site, "reason": out[(rnd, site)]} for rnd, site in sorted(out)]
+
+
+def describe_gaps(items: list[dict[str, Any]]) -> str:
+    """One line for people: which sites, which rounds, why."""
+    by_site: dict[str, list[str]] = {}
+    for g in items:
+        by_site.setdefault(g["site"], []).append(f"round {g['round']} ({g['reason']})")
+    return "; ".join(f"{site}: {', '.join(parts)}" for site, parts in sorted(by_site.items()))
+
+
 @dataclass
 class RunResult:
     """What a run produced; ``to_json`` is the docs/design.md result document."""
@@ -28,6 +66,7 @@ class RunResult:
     timing: dict[str, float]
     rejected: list[dict[str, Any]]
     declined: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, Any] = field(default_factory=dict)
     status: str = "completed"
     reason: str | None = None
@@ -36,7 +75,8 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "completed"
+        """The run ran to its end (with or without gaps)."""
+        return self.status in (COMPLETED, COMPLETED_WITH_GAPS)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +89,7 @@ class RunResult:
             "timing": self.timing,
             "rejected": self.rejected,
             "declined": self.declined,
+            "gaps": self.gaps,
             "privacy": self.privacy,
             "status": self.status,
             "reason": self.reason,
@@ -102,10 +143,13 @@ def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | Non
         "aggregation_s": sum(r["aggregation_s"] or 0.0 for r in rounds),
     }
     last = rounds[-1] if rounds else None
+    missed = gaps(rounds, upd)
+    if status == COMPLETED and missed:
+        status, reason = COMPLETED_WITH_GAPS, "completed with gaps: " + describe_gaps(missed)
     return RunResult(
         run_id=run_id, aggregator=aggregator, sites=sorted(eps), rounds=rows, final=final,
-        epsilon=eps, timing=timing, rejected=rejected, declined=declined, privacy=_privacy(ctx, plan, rounds, eps),
-        status=status, reason=reason,
+        epsilon=eps, timing=timing, rejected=rejected, declined=declined, gaps=missed,
+        privacy=_privacy(ctx, plan, rounds, eps), status=status, reason=reason,
         weights=weights, checkpoint=str(store.dir / last["checkpoint_path"]) if last else None,
     )
 
@@ -147,11 +191,12 @@ def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list
 def stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
     """The result of a run that had already finished (``--resume`` of a finished run)."""
     fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
-                                      "declined", "privacy", "status", "reason", "checkpoint")}
-    fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined") else
+                                      "declined", "gaps", "privacy", "status", "reason", "checkpoint")}
+    fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined", "gaps") else
                                           {} if k in ("final", "epsilon", "timing", "privacy") else None))
               for k, v in fields.items()}
     return RunResult(**cast(dict[str, Any], fields), weights=weights)
 
 
-__all__ = ["RunResult", "announce_plan", "build_result", "stored_result"]
+__all__ = ["COMPLETED", "COMPLETED_WITH_GAPS", "EXIT_WITH_GAPS", "RunResult", "announce_plan", "build_result", "describe_gaps",
+           "gaps", "stored_result"]

@@ -40,6 +40,12 @@ def one_class(m: dict[str, Any] | None) -> str | None:
     return None
 
 
+def figures(m: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Figures with their 95 % intervals (``ci``) and the ones withheld as too uncertain
+    (``withheld``), as the result stores them (``protocol.dp_figures.block``)."""
+    return {**{k: num(m.get(k)) for k in names}, "ci": dict(m.get("ci") or {}), "withheld": dict(m.get("withheld") or {})}
+
+
 def weighted_baseline(per_site: dict[str, Any]) -> float | None:
     """The sites' majority-class baselines, averaged with their test rows as weights (None if any is missing)."""
     pairs = [(num(m.get("majority_class_accuracy")), num(m.get("n_test"))) for m in per_site.values()]
@@ -52,11 +58,11 @@ def site_block(fm: dict[str, Any]) -> dict[str, Any]:
     """One site's final figures on its own test split: global model, baseline, personalised model."""
     pm = fm.get("personalized") if isinstance(fm.get("personalized"), dict) else None
     return {
-        "test": {k: num(fm.get(k)) for k in SITE_METRICS},
+        "test": figures(fm, SITE_METRICS),
         "n_test": fm.get("n_test"),
         "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
         "one_class": one_class(fm),
-        "personalized": ({**{k: num(pm.get(k)) for k in PERSONAL_METRICS}, "n_test": pm.get("n_test"),
+        "personalized": ({**figures(pm, PERSONAL_METRICS), "n_test": pm.get("n_test"),
                           "one_class": one_class(pm)} if pm else None),
     }
 
@@ -85,12 +91,12 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
     baseline = weighted_baseline(per_site)
     stored = num(final.get("majority_class_accuracy"))
     return {
-        "test": {k: num(final.get(k)) for k in SITE_METRICS} if final else None,
+        "test": figures(final, SITE_METRICS) if final else None,
         "validation": last_validation, "n_test": final.get("n_test"), "split": final.get("split"),
         "source": TEST_SOURCE if final else None,
         "majority_class_accuracy": baseline if baseline is not None else stored,
         "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),
-        "personalized": ({**{k: num(p.get(k)) for k in PERSONAL_METRICS}, "method": p.get("method"),
+        "personalized": ({**figures(p, PERSONAL_METRICS), "method": p.get("method"),
                           "n_sites": p.get("n_sites"), "basis": "mean over the sites, weighted by test rows"} if p else None),
         "one_class": {s: w for s, w in ((s, one_class(m)) for s, m in per_site.items()) if w},
         "per_site": per_site,

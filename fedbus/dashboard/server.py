@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -31,6 +32,23 @@ class ServeOptions:
     poll_s: float = 2.0
     tls_cert: Path | None = None  # PEM certificate (chain) served over HTTPS
     tls_key: Path | None = None
+    port_option: str = "--port"  # how the command that serves names its port (simulate: --serve-port)
+
+
+def check_port(opts: ServeOptions) -> None:
+    """The address is free to listen on (else ServeError naming the option), checked before
+    uvicorn, which would print its own error and exit with no word about the option."""
+    if opts.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((opts.host, opts.port))
+        except OSError as e:
+            raise ServeError(f"{opts.port_option} {opts.port}: cannot listen on {opts.host}:{opts.port} "
+                             f"({e.strerror or e}); give another port with {opts.port_option} PORT "
+                             f"({opts.port_option} 0 picks a free one)") from None
 
 
 def check_tls(opts: ServeOptions) -> bool:
@@ -62,6 +80,7 @@ def build(opts: ServeOptions):
                          "token) so that only people who have it can read the dashboard")
     if opts.key is not None and not opts.key.exists():
         raise ServeError(f"--key {opts.key} does not exist")
+    check_port(opts)
     access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback, tls=tls)
     app = create_app(opts.state, access=access, key=opts.key, broker=opts.broker, federation=opts.federation,
                      poll_s=opts.poll_s)
@@ -99,7 +118,8 @@ class BackgroundServer:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive():
-                raise ServeError(f"the dashboard could not listen on {self.opts.host}:{self.opts.port} (port in use?)")
+                raise ServeError(f"{self.opts.port_option} {self.opts.port}: the dashboard could not listen on "
+                                 f"{self.opts.host}:{self.opts.port}; give another port with {self.opts.port_option} PORT")
             if time.monotonic() > deadline:
                 raise ServeError(f"the dashboard did not start within {timeout_s:.0f} s")
             time.sleep(0.02)

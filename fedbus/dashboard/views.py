@@ -113,7 +113,7 @@ def runs_doc(reader: StateReader, *, status: str | None = None, now: float | Non
                       "majority_class_accuracy": results.weighted_baseline(final.get("per_site") or {})
                       if final.get("per_site") else _num(final.get("majority_class_accuracy"))} if final else None,
         })
-    return {"runs": rows, "status": status, "statuses": ["running", "completed", "failed", "stopped"]}
+    return {"runs": rows, "status": status, "statuses": ["running", "completed", "completed_with_gaps", "failed", "stopped"]}
 
 
 def _round_row(r: dict[str, Any], created: float | None, overlay: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -273,6 +273,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
                      for u in msgs if u["verdict"] not in ("accepted", "declined")],
         "declined": [{"round": u["round"], "site": u["site"], "reason": u["reason"]}
                      for u in msgs if u["verdict"] == "declined"],
+        "gaps": list(result.get("gaps") or []),  # the finished run's declined and missed rounds (coordinator.rounds.result)
         "timing": timing, "experiment": run["experiment"],
     }
 

@@ -71,10 +71,11 @@ def same_model(a, b, *, what: str) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{what}: {name}")
 
 
-def completed(fed: Federation, *, rounds: int, timeout: float = RUN_S) -> dict[str, Any]:
+def completed(fed: Federation, *, rounds: int, timeout: float = RUN_S, gaps: bool = False) -> dict[str, Any]:
+    """The run ran to its end: "completed" (exit 0), or with ``gaps`` "completed_with_gaps" (exit 3)."""
     rc, doc = fed.wait_coordinator(timeout)
-    assert rc == 0, f"coordinator exited {rc}\n{fed.diagnostics()}"
-    assert doc is not None and doc["status"] == "completed", doc
+    assert rc == (3 if gaps else 0), f"coordinator exited {rc}\n{fed.diagnostics()}"
+    assert doc is not None and doc["status"] == ("completed_with_gaps" if gaps else "completed"), doc
     assert [r["round"] for r in doc["rounds"]] == list(range(1, rounds + 1))
     return doc
 
@@ -290,8 +291,9 @@ def test_skewed_clock_tampered_updates_and_garbage_flood_are_dead_lettered(make_
     fed.publish_raw(UPDATES, fed.federation,
                     [rng.bytes(int(rng.integers(1, 600))) for _ in garbage_ids], message_ids=garbage_ids)
 
-    out = completed(fed, rounds=1)
+    out = completed(fed, rounds=1, gaps=True)  # site 4 was sampled and every reply of it refused
     assert out["rounds"][0]["replies"] == 3
+    assert {g["site"] for g in out["gaps"]} == {fed.site_ids[3]} and all(g["round"] == 1 for g in out["gaps"])
     counted_once(fed, run_id, rounds=[1], sites=honest)
     skewed = fed.site(3)
     skew_sent = {x["reply_id"] for x in skewed.sent(run_id)}

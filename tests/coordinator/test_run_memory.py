@@ -111,6 +111,14 @@ def test_a_declined_site_is_shown_with_its_reason(federation):
     result = federation.coordinator(experiment(rounds=1)).run()
     assert result.ok
     assert [d["reason"] for d in result.declined] == ["budget: epsilon 3.1 would exceed max_epsilon 3.0"]
+    # not "completed": the run names the site, the round and the reason, in the result and the store
+    gone = federation.sites[2].site_id
+    assert result.status == "completed_with_gaps"
+    assert result.gaps == [{"round": 1, "site": gone,
+                            "reason": "declined: budget: epsilon 3.1 would exceed max_epsilon 3.0"}]
+    assert gone in result.reason and "round 1" in result.reason
+    stored = StateStore(federation.state_dir).run(result.run_id)
+    assert stored["status"] == "completed_with_gaps" and stored["result"]["gaps"] == result.gaps
     assert result.rounds[0]["replies"] == 2
     store = StateStore(federation.state_dir)
     w0 = load_tensors(federation.state_dir / store.run(result.run_id)["initial_checkpoint"])
@@ -133,6 +141,8 @@ def test_a_site_killed_mid_run_the_round_closes_at_the_deadline_with_the_others(
     # round 1: (10*1 + 30*3 + 10*100)/50 = 22; round 2: (10*1 + 30*3)/40 = 2.5
     np.testing.assert_allclose(result.weights[1][1], w0[1][1] + 24.5, rtol=1e-5)
     assert set(result.final["per_site"]) == {s.site_id for s in federation.sites[:2]}
+    assert result.status == "completed_with_gaps"
+    assert result.gaps == [{"round": 2, "site": federation.sites[2].site_id, "reason": "no reply by the round's deadline"}]
 
 
 def test_too_few_replies_fails_the_run_after_the_retries_with_a_clear_reason(federation):

@@ -86,6 +86,7 @@ def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tm
     from rich.console import Console
 
     from coordinator.final import summarise
+    from protocol import dp_figures
     from protocol.messages import TaskConfig
     from site_worker.config import SitePolicy
     from site_worker.final_model import release_on_test
@@ -100,6 +101,12 @@ def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tm
     doc = _doc(n_sites=2)
     doc["final"] = summarise(None, results, config=TaskConfig(), aggregator="FedAvg")  # type: ignore[arg-type]
     assert doc["final"]["per_site"]["site-1"]["one_class_estimate"] == "dp"
+    # every figure beside its 95 % interval, in the JSON, the report and the CLI table
+    s1 = doc["final"]["per_site"]["site-1"]
+    assert s1["ci"]["accuracy"][0] <= s1["accuracy"] <= s1["ci"]["accuracy"][1]
+    assert doc["final"]["ci"]["accuracy"][0] <= doc["final"]["accuracy"] <= doc["final"]["ci"]["accuracy"][1]
+    shown_acc = dp_figures.shown(s1, "accuracy", percent=True)
+    assert re.fullmatch(r"\d+\.\d % \(\d+–\d+\)", shown_acc)
     warned = "site-1: the global model appears to predict one class (DP estimate"
     write_report(doc, tmp_path)
     page = (tmp_path / "report.html").read_text()
@@ -108,4 +115,5 @@ def test_a_dp_estimate_of_a_one_class_model_reaches_the_report_and_the_tables(tm
     print_results(doc, console=Console(file=buf, width=200))
     out = buf.getvalue()
     assert warned in out and "site-2: the global model" not in out
+    assert shown_acc in page and shown_acc in out
     assert "predicts one class only" not in page + out  # the exact wording is for exact metrics only

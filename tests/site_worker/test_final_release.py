@@ -12,6 +12,7 @@ import torch
 from site_worker.config import SitePolicy
 from site_worker.final_model import release_on_test
 from site_worker.metrics import evaluate
+from protocol.dp_figures import ONE_CLASS_SDS, project_binary
 from site_worker.release import derive, statistics
 
 
@@ -52,12 +53,17 @@ def test_dp_release_is_one_mechanism_with_the_joint_sensitivity():
     assert joint == pytest.approx(math.sqrt(6.0))
     for (layout, v, _), m in zip(parts, got):
         noisy = v + 0.3 * 5.0 * joint
-        want = derive(layout, noisy, clip=policy.metrics_loss_clip)
+        want = derive(layout, noisy, clip=policy.metrics_loss_clip, noise_sd=5.0 * joint)
         assert {k: m[k] for k in want} == pytest.approx(want)
-        tn, fp, fn, tp = noisy[:4]
+        # every figure reads one projected matrix: non-negative cells adding up to the released n
+        tn, fp, fn, tp = project_binary(noisy[:4], m["n"], 5.0 * joint)
+        assert min(tn, fp, fn, tp) >= 0 and tn + fp + fn + tp == pytest.approx(m["n"])
         assert m["sensitivity"] == pytest.approx(tp / (tp + fn))
         assert m["specificity"] == pytest.approx(tn / (tn + fp))
-        assert m["majority_class_accuracy"] == pytest.approx(max(tn + fp, fn + tp) / noisy[:4].sum())
+        assert m["accuracy"] == pytest.approx((tn + tp) / m["n"])
+        assert m["majority_class_accuracy"] == pytest.approx(max(tn + fp, fn + tp) / m["n"])
+        for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"):
+            assert m[k + "_lo"] <= m[k] <= m[k + "_hi"], k
 
 
 def test_exact_release_is_the_exact_metrics_with_the_training_majority():
@@ -110,9 +116,8 @@ def _tiny_classifiers():
 def test_dp_release_estimates_a_one_class_model_from_the_noisy_counts(noise):
     """Under metrics = "dp" the flag is post-processing of the released counts: the model that
     always predicts 0 is flagged as an estimate, the sensible one is not, whatever the noise draw
-    within one SD per coordinate."""
-    from site_worker.final_model import ONE_CLASS_SDS
-
+    within one SD per coordinate; the figures read the same matrix (the always-0 model's
+    predicted-positive column is 0, so its sensitivity is 0 and its specificity 1)."""
     x, y = _data(200)
     always_zero, sensible = _tiny_classifiers()
     policy = SitePolicy(metrics="dp", metrics_noise_multiplier=0.5)
@@ -124,17 +129,21 @@ def test_dp_release_estimates_a_one_class_model_from_the_noisy_counts(noise):
     assert zero_m["predicts_one_class"] == 1.0 and zero_m["one_class_dp_estimate"] == 1.0
     # predicted positives of the one-class model: 0 plus two noise draws, within the rule's limit
     assert 2 * noise * sd <= ONE_CLASS_SDS * math.sqrt(2.0) * sd
-    assert zero_m["predicted_positive_share"] == pytest.approx(max(2 * noise * sd, 0.0) / (200 + 4 * noise * sd))
+    assert zero_m["predicted_positive_share"] == 0.0
+    assert zero_m["sensitivity"] == 0.0 and zero_m["specificity"] == 1.0
+    assert zero_m["accuracy"] == pytest.approx(1.0 - zero_m["prevalence"])
     assert good_m["predicts_one_class"] == 0.0
     assert good_m["predicted_positive_share"] == pytest.approx(float((x[:, 0] > 0).float().mean()), abs=0.05)
 
 
-def test_one_class_estimate_rule_cannot_tell_when_the_noise_swamps_the_split():
-    from site_worker.final_model import one_class_estimate
+def test_one_class_rule_cannot_tell_when_the_noise_swamps_the_split():
+    from protocol.dp_figures import confusion_figures
 
     # [tn, fp, fn, tp]; noise SD 1 per coordinate: a predicted-class count ≤ 2·√2 is consistent with 0
-    assert one_class_estimate(np.array([50.0, 1.0, 40.0, 0.5]), 1.0)["predicts_one_class"] == 1.0
-    assert one_class_estimate(np.array([1.0, 40.0, 0.5, 50.0]), 1.0)["predicts_one_class"] == 1.0  # all positive
-    assert one_class_estimate(np.array([50.0, 3.0, 40.0, 0.5]), 1.0)["predicts_one_class"] == 0.0
+    assert confusion_figures(np.array([50.0, 1.0, 40.0, 0.5]), 1.0)["predicts_one_class"] == 1.0
+    assert confusion_figures(np.array([1.0, 40.0, 0.5, 50.0]), 1.0)["predicts_one_class"] == 1.0  # all positive
+    # just outside the limit (2·√2 ≈ 2.83): not consistent with 0
+    assert confusion_figures(np.array([50.0, 2.4, 40.0, 0.5]), 1.0)["predicts_one_class"] == 0.0
+    assert confusion_figures(np.array([50.0, 2.3, 40.0, 0.5]), 1.0)["predicts_one_class"] == 1.0
     # both counts within the limit (a tiny split under large noise): no claim either way
-    assert "predicts_one_class" not in one_class_estimate(np.array([1.0, 1.0, 1.0, 1.0]), 1.0)
+    assert "predicts_one_class" not in confusion_figures(np.array([1.0, 1.0, 1.0, 1.0]), 1.0)

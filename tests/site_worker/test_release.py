@@ -39,6 +39,8 @@ def test_noise_free_statistics_give_the_exact_metrics():
     for k in ("accuracy", "f1", "loss", "n"):
         assert got[k] == pytest.approx(want[k], rel=1e-6), k  # float32 model outputs
     assert abs(got["auc"] - want["auc"]) < 0.05  # binned into 10 score bins
+    for k in ("accuracy", "f1", "auc"):  # exact counts: the interval is the test split's size alone
+        assert got[k + "_lo"] <= got[k] <= got[k + "_hi"] and got[k + "_hi"] - got[k + "_lo"] < 0.3, k
     xm, ym = _data(150, k=3)
     mm = _model(3)
     layout, v, sens = statistics(mm, xm, ym, loss_name="cross_entropy", task="multiclass", clip=1e9)

@@ -47,12 +47,23 @@
   const explain = (key) => el("p", { class: "explain" }, EXPLAIN[key]);
   const num = (v, d = 3) => (v === null || v === undefined || !isFinite(v) ? "–" : (+v).toFixed(d));
   const pct = (v) => (v === null || v === undefined ? "–" : (100 * v).toFixed(1) + " %");
+  // A released figure with its 95 % interval ("72.7 % (51–89)"), or the words for one too uncertain to show.
+  const TOO_FEW = "too few test rows for this budget";
+  const fig = (t, k, asPct, d = 3) => {
+    if (!t) return "–";
+    if (t.withheld && t.withheld[k]) return el("span", { class: "muted too-few", title: "its 95 % interval spans nearly the whole range" }, TOO_FEW);
+    const v = t[k], ci = t.ci && t.ci[k];
+    if (v === null || v === undefined) return "–";
+    if (!ci) return asPct ? pct(v) : num(v, d);
+    return asPct ? `${pct(v)} (${(100 * ci[0]).toFixed(0)}–${(100 * ci[1]).toFixed(0)})`
+      : `${num(v, 2)} (${(+ci[0]).toFixed(2)}–${(+ci[1]).toFixed(2)})`;
+  };
   const eps = (v) => (v === null || v === undefined ? "–" : (+v).toFixed(2));
   const dlt = (v) => (v === null || v === undefined ? "–" : Array.isArray(v) ? v.map((x) => (+x).toExponential(0)).join(", ") : (+v).toExponential(0));
   const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
   const dur = (s) => (s === null || s === undefined ? "–" : s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h");
   const ago = (t, now) => { if (!t) return "never"; const s = Math.max(0, now - t); return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : s < 172800 ? `${(s / 3600).toFixed(0)} h ago` : when(t); };
-  const badge = (status) => el("span", { class: "badge " + status }, status);
+  const badge = (status) => el("span", { class: "badge " + status }, String(status).replace(/_/g, " "));
   const AT_END = "known at the end of the run";
   // A warning beside a figure from a model that gives every patient the same answer.
   const oneClass = (why) => (why ? el("span", { class: "badge warn one-class", title: EXPLAIN.one_class + " Here: " + why + "." }, "predicts one class") : null);
@@ -246,16 +257,16 @@
         doc.personalises ? kpi("Personalised accuracy", "personalized", "–", AT_END) : null, epsKpi(doc));
     }
     const haveTest = test.accuracy !== null && test.accuracy !== undefined, p = f.personalized;
-    const first = haveTest ? kpi("Test accuracy", "accuracy", pct(test.accuracy), baselineNote(doc))
+    const first = haveTest || (test.withheld || {}).accuracy ? kpi("Test accuracy", "accuracy", fig(test, "accuracy", true), baselineNote(doc))
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
         doc.status === "running" ? el("span", {}, "test figures come when the run ends · ", baselineNote(doc)) : baselineNote(doc));
     const warned = Object.keys(f.one_class || {});
     const grid = el("div", { class: "grid k4", id: "kpis" }, first,
-      haveTest ? kpi("Test AUC", "auc", num(test.auc), "0.5 = coin toss, 1 = perfect")
+      haveTest ? kpi("Test AUC", "auc", fig(test, "auc"), "0.5 = coin toss, 1 = perfect; 95 % interval in brackets")
         : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
-      haveTest ? kpi("Test F1", "f1", num(test.f1), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
+      haveTest ? kpi("Test F1", "f1", fig(test, "f1"), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
         : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
-      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, pct(p.accuracy)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
+      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, fig(p, "accuracy", true)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
         : doc.personalises ? kpi("Personalised accuracy", "personalized", "–", doc.status === "running" ? AT_END : "not reported") : null,
       epsKpi(doc));
     if (!warned.length) return grid;
@@ -271,12 +282,13 @@
       return el("tr", { "data-site": s.site },
         el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.n_test ?? "–"),
         el("td", { class: "num test-accuracy", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null },
-          s.test ? pct(t.accuracy) : "–", s.one_class ? " " : null, oneClass(s.one_class)),
+          s.test ? fig(t, "accuracy", true) : "–", s.one_class ? " " : null, oneClass(s.one_class)),
         el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" }, cellPct(s.majority_class_accuracy, pend)),
-        el("td", { class: "num" }, s.test ? num(t.auc) : "–"), el("td", { class: "num" }, s.test ? num(t.f1) : "–"),
-        el("td", { class: "num" }, s.test ? num(t.sensitivity, 2) : "–"), el("td", { class: "num" }, s.test ? num(t.specificity, 2) : "–"),
+        el("td", { class: "num test-auc" }, s.test ? fig(t, "auc") : "–"), el("td", { class: "num test-f1" }, s.test ? fig(t, "f1") : "–"),
+        el("td", { class: "num test-sensitivity" }, s.test ? fig(t, "sensitivity", false, 2) : "–"),
+        el("td", { class: "num test-specificity" }, s.test ? fig(t, "specificity", false, 2) : "–"),
         personal ? el("td", { class: "num personalized-accuracy", "data-value": p ? p.accuracy ?? "" : "" },
-          p ? pct(p.accuracy) : cellPct(null, pend), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null) : null,
+          p ? fig(p, "accuracy", true) : cellPct(null, pend), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null) : null,
         personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? num(p.auc) : "–") : null);
     });
     const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
@@ -288,7 +300,7 @@
       el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
     return el("div", { id: "run-sites" },
       el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
-        (personal ? " and its personalised model." : ".") + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
+        (personal ? " and its personalised model." : ".") + " In brackets: the 95 % interval, covering the privacy noise and the number of test rows; a figure whose interval spans nearly the whole range reads \"" + TOO_FEW + "\"." + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
       el("table", { id: "site-results" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test rows"),
         el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
         el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")),
@@ -323,7 +335,12 @@
       el("td", {}, r.round), el("td", {}, r.site || "?"), el("td", {}, r.kind || "?"), el("td", {}, el("span", { class: "badge " + (r.verdict === "rejected" ? "bad" : "warn") }, r.verdict)),
       el("td", {}, r.reason || "–"), el("td", { class: "mono" }, r.message_id)))))
       : el("p", { class: "muted", id: "rejected" }, "No message was rejected."));
-    if (doc.declined.length) box.append(el("ul", {}, doc.declined.map((d) => el("li", {}, `round ${d.round}: ${d.site} declined (${d.reason})`))));
+    // Every round a sampled site gave nothing (declined, late, no reply), from the run's result; while it runs, its declines.
+    const gaps = (doc.gaps && doc.gaps.length) ? doc.gaps : doc.declined.map((d) => ({ round: d.round, site: d.site, reason: "declined: " + d.reason }));
+    box.append(el("h3", {}, "Declined and missed rounds"), gaps.length
+      ? el("table", { id: "declined" }, el("thead", {}, el("tr", {}, el("th", {}, "Round"), el("th", {}, "Site"), el("th", {}, "Reason"))),
+        el("tbody", {}, gaps.map((g) => el("tr", { "data-site": g.site }, el("td", { class: "num" }, g.round), el("td", {}, el("b", {}, g.site)), el("td", {}, g.reason)))))
+      : el("p", { class: "muted", id: "declined" }, "Every sampled site answered every round."));
     return box;
   }
 

@@ -1,0 +1,99 @@
+"""Bad input anywhere in the CLI: one line that names the key, exit 2, never a traceback.
+
+Each verb gets its typical bad inputs (issue 24, Build 6): a misspelt feature in an
+experiment, an unknown aggregator name, a bad site TOML, a port in use."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedbus.cli import app
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart_failure.json"
+
+
+def _experiment(tmp_path: Path, name: str, change) -> Path:
+    doc = json.loads(EXAMPLE.read_text())
+    change(doc)
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def _one_line_exit_2(args: list[str], *names: str) -> str:
+    r = CliRunner().invoke(app, args)
+    text = r.output
+    assert r.exit_code == 2, (args, r.exit_code, text)
+    assert "Traceback" not in text and (r.exception is None or isinstance(r.exception, SystemExit)), text
+    lines = [ln for ln in (r.stderr if hasattr(r, "stderr") else text).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("fedbus", "invalid"))]
+    assert len(errors) == 1, lines
+    for n in names:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> dict[str, Path]:
+    def feature(d):
+        d["dataset"]["features"][0] = "agee"
+
+    def aggregator(d):
+        d["federated"]["name"] = "FedAvgg"
+
+    out = {"feature": _experiment(tmp_path, "feature", feature), "aggregator": _experiment(tmp_path, "agg", aggregator)}
+    (tmp_path / "not.json").write_text("{ not json")
+    out["not_json"] = tmp_path / "not.json"
+    out["toml_syntax"] = tmp_path / "syntax.toml"
+    out["toml_syntax"].write_text('site_id = "h1"\n[broker\n')
+    out["toml_key"] = tmp_path / "key.toml"
+    out["toml_key"].write_text('site_id = "h1"\n[broker]\nurl = "amqp://x"\n')
+    out["toml_type"] = tmp_path / "type.toml"
+    out["toml_type"].write_text("site_id = 5\n")
+    return out
+
+
+def test_config_validate(bad):
+    line = _one_line_exit_2(["config", "validate", str(bad["aggregator"])], "federated.name", "FedAvgg")
+    assert "did you mean 'FedAvg'" in line
+    _one_line_exit_2(["config", "validate", str(bad["not_json"])])
+
+
+def test_config_validate_accepts_every_registered_aggregator(tmp_path):
+    """Just inside: the real name (and a flower: strategy) passes validate."""
+    for name in ("FedAvg", "FedProx", "flower:FedAdam"):
+        p = _experiment(tmp_path, name.replace(":", "_"), lambda d, n=name: d["federated"].update(name=n))
+        assert CliRunner().invoke(app, ["config", "validate", str(p)]).exit_code == 0, name
+
+
+def test_simulate(bad, tmp_path):
+    line = _one_line_exit_2(["simulate", str(bad["feature"]), "--sites", "2", "--rounds", "1"],
+                            "dataset.features[0]", "agee")
+    assert "did you mean 'age'" in line
+    _one_line_exit_2(["simulate", str(bad["aggregator"]), "--sites", "2", "--rounds", "1"], "federated.name")
+    _one_line_exit_2(["simulate", str(bad["not_json"])])
+    _one_line_exit_2(["simulate", str(EXAMPLE), "--dataset", str(tmp_path / "missing.csv"), "--target", "y"])
+
+
+@pytest.mark.parametrize("verb", ["check", "run"])
+def test_site_with_a_bad_toml(bad, verb):
+    _one_line_exit_2(["site", verb, "--config", str(bad["toml_syntax"])], "not valid TOML", "line 2")
+    _one_line_exit_2(["site", verb, "--config", str(bad["toml_key"])], "broker", "unknown key")
+    _one_line_exit_2(["site", verb, "--config", str(bad["toml_type"])], "site_id")
+
+
+def test_a_port_in_use_names_its_option(tmp_path):
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        (tmp_path / "state").mkdir()
+        _one_line_exit_2(["coordinator", "serve", "--state", str(tmp_path / "state"), "--port", port], "--port", port)
+        _one_line_exit_2(["simulate", str(EXAMPLE), "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "o"),
+                          "--serve", "--serve-port", port], "--serve-port", port)
