@@ -14,6 +14,9 @@ It also creates the broker users (``protocol/transport/provision.py``) with the 
 passwords. ``revoke`` distrusts a site's key in the coordinator's state, deletes its
 broker user and removes its kit. TLS: the project's ``[tls]`` table goes to
 ``tls_files`` (the hook the certificates module provides) once per party.
+
+Over 500 lines on purpose: the project file's checks, the per-party kit writers and the
+re-provision rules (rotate, revoke, keep site.toml) must agree on one model of a kit.
 """
 
 from __future__ import annotations

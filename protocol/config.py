@@ -19,6 +19,9 @@ Validation happens here, at the edge: a bad document raises ``ConfigError`` whos
 ``architecture.layers[2].params.in_features``). The layer list is checked against the
 whitelist and its shapes walked by ``protocol.layers`` without building anything.
 Inside fedbus, code trusts the typed ``Experiment``.
+
+Over 500 lines on purpose: the experiment schema, its MediNet aliases and its cross-field
+checks are one contract with one error path (the JSON path of the fault).
 """
 
 from __future__ import annotations

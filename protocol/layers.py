@@ -10,6 +10,9 @@ same check when an experiment is loaded.
 
 Shapes here are per sample (no batch dimension): ``[features]`` for tabular input,
 ``[channels, length]`` for signals.
+
+Over 500 lines on purpose: it is the model language itself, one table entry per layer type
+(arguments, shape rule, row independence, memory figures); a second file would split the table.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ Order of checks: experiment valid -> dataset offered -> policy -> data -> the DP
 against the policy (accountant, delta, noise, sample rate, epochs, steps, memory) ->
 budget check and reservation in the ledger (one locked step) -> train/evaluate ->
 release metrics as the policy says -> commit the reservation -> reply.
+
+Over 500 lines on purpose: every task path's decisions (train, evaluate, personalise, the
+Flower client) share one set of checks and one ledger lock, and splitting them apart would
+let a path skip a check. The pieces that stand alone live beside it (dp, release, approvals).
 """
 
 from __future__ import annotations

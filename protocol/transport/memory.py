@@ -12,6 +12,10 @@ Dispatch is Condition-based (no sleeps): each consumer has one worker thread tha
 pulls from its queue while it is the queue's single active consumer and has room
 under its prefetch (counted in whole messages; chunks of a transfer in progress do not
 count), reassembles, and calls the handler.
+
+Over 500 lines on purpose: it mirrors RabbitMQ's semantics that the conformance suite
+checks on both buses (confirms, redelivery, single active consumer, dead letters, chunk
+reassembly); one file keeps the mirror reviewable against protocol/transport/amqp.py.
 """
 
 from __future__ import annotations
