@@ -17,7 +17,8 @@ import torch
 
 from protocol.config import load_experiment
 from site_worker.config import SitePolicy
-from site_worker.dp import check_eval_memory, check_memory, eval_memory_mb, site_plan, train_memory_mb
+from protocol.dp_plan import site_plan
+from site_worker.dp import check_eval_memory, check_memory, eval_memory_mb, train_memory_mb
 from site_worker.policy import PolicyViolation, check_policy
 from site_worker.release import BINS, release_size, statistics
 from site_worker.trainer import TrainSpec
