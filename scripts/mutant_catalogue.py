@@ -999,3 +999,19 @@ MUTANTS.extend([
         ("tests/cli/test_bad_input.py::test_a_port_in_use_names_its_option",),
     ),
 ])
+
+# -- chaos: reproducible noise must not hang on a model's last bit (a fault-free rerun equals a faulted run)
+_NOISE = "tests/site_worker/test_reproducible_noise.py"
+MUTANTS.extend([
+    Mutant(
+        "chaos-noise-keyed-on-model-bits", "a seed's first release gets the seeds' noise: a model one ulp off keeps it",
+        (Edit("site_worker/handlers.py", "        return lambda: self.noise_keys.extra_key(task.seed, digest)\n",
+              "        return lambda: digest\n"),),
+        (f"{_NOISE}::test_a_seeds_first_release_gets_the_seeds_noise_so_a_rerun_one_ulp_off_matches_and_a_second_release_does_not",),
+    ),
+    Mutant(
+        "chaos-noise-keys-forget-the-first-release", "the seed's first release is recorded, so another release never shares its noise",
+        (Edit("site_worker/noise_keys.py", "            known = first.get(seed)\n", "            known = None\n"),),
+        (_NOISE,),
+    ),
+])

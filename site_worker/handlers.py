@@ -40,6 +40,7 @@ from site_worker.dp import check_eval_memory, check_memory, noise_source, releas
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
+from site_worker.noise_keys import NoiseKeys
 from site_worker.policy import check_policy
 from site_worker.release import bound_counts, release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
@@ -104,6 +105,7 @@ class TaskHandler:
         self.joined = RunsJoined(config.state_dir)  # runs this site trained in (a PersonalizeTask needs one)
         self.finals = FinalStore(config.state_dir)  # each run's final global and personalised models
         self.approvals = Approvals(config.state_dir)  # experiments the operator approved (require_approval)
+        self.noise_keys = NoiseKeys(config.state_dir)  # each task seed's first release (reproducible_dp)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
@@ -434,15 +436,17 @@ class TaskHandler:
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=metrics, base_round=task.base_round)
 
     def _inputs(self, key: str, task: Any, *parts: Any) -> Any:
-        """The digest reproducible noise is keyed with (``dp.release_inputs``): the task as
-        sent (but its deadline), the model and data the release is computed from, the plan
-        and the policy. Computed only when the policy is reproducible (it hashes the data)."""
+        """What reproducible noise is keyed with beside the seeds: the digest (``dp.release_inputs``)
+        of the task as sent (but its deadline), the model and data the release is computed from,
+        the plan and the policy, unless this is the seed's first release or an identical one
+        (``noise_keys``: a model one float-rounding off must not change the noise). Computed
+        only when the policy is reproducible (it hashes the data)."""
         if not self.config.policy.reproducible_dp:
             return None
         fields = (key, task.dataset, task.seed, task.base_round, getattr(task, "split", None),
                   json.dumps(getattr(task, "config", None) or {}, sort_keys=True, default=str))
         digest = release_inputs(fields, *parts, repr(self.config.policy))
-        return lambda: digest
+        return lambda: self.noise_keys.extra_key(task.seed, digest)
 
     def _run_noise(self, env: Envelope, task: TrainTask, exp: Experiment, data: PreparedData, n_train: int) -> float | None:
         """σ under the run's ``total_epsilon`` (``site_worker.run_budget``), else None (the spec's own)."""

@@ -11,11 +11,12 @@ and rescaled, exactly the defence Opacus' ``secure_mode`` uses against floating-
 attacks on the noise (Mironov 2012; Opacus ``_generate_noise`` notes).
 
 Reproducible research runs key the same generator from a site-local seed, the task's seed
-and a digest of everything the release is computed from (``reproducible_from``): only when
-the site's policy says ``reproducible_dp = true``, and every Update then says so. The digest
-is why a coordinator repeating a seed never gets the same noise on a different release
-(issue 20, class 6): the same noise comes back only with the same model, data, plan and
-policy, i.e. on an identical release that says nothing new.
+and, for any release but a seed's first (or one identical to it), a digest of everything the
+release is computed from (``reproducible_from``; ``site_worker.noise_keys`` decides): only
+when the site's policy says ``reproducible_dp = true``, and every Update then says so. The
+digest is why a coordinator repeating a seed never gets the same noise on a different release
+(issue 20, class 6); keying the first release by the seeds alone is why a rerun whose model
+differs in the last bit (a coordinator's sum in another arrival order) draws the same noise.
 """
 
 from __future__ import annotations

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 
 from coordinator.state import StateStore
-from protocol.codec import encode_envelope, encode_frame, new_envelope
+from protocol.codec import new_envelope
 from protocol.messages import Update
 from protocol.signing import Signer
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
 from protocol.transport.topology import DEAD, REASON_HEADER
 from tests.coordinator.conftest import experiment  # noqa: F401  (re-exported for the tests)
-from tests.coordinator.fakesites import FakeSite
+from tests.coordinator.fakesites import FakeSite, seal_raw  # noqa: F401  (seal_raw re-exported)
 
 ROWS = 100  # what every FakeSite's SiteHello announces for dataset "toy"
 
@@ -129,12 +129,6 @@ def initial_weights(exp: dict):
 
 
 # ---------------------------------------------------------------------------- attacks
-def seal_raw(env, signer: Signer) -> bytes:
-    """Sign ``env`` as it is: unlike ``codec.seal`` (which refuses what receivers would), no checks."""
-    body = encode_envelope(env)
-    return encode_frame(signer.kid, body, signer.sign(body))
-
-
 def with_payload(site: FakeSite, task_env, honest_env, **changes) -> tuple[bytes, str]:
     """The honest Update with ``changes``, in a fresh envelope sealed by the site's real key."""
     payload = dataclasses.replace(honest_env.payload, **changes)

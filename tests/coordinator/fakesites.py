@@ -13,12 +13,19 @@ from typing import Callable
 
 import numpy as np
 
-from protocol.codec import new_envelope, open_frame, seal
+from protocol.codec import encode_envelope, encode_frame, new_envelope, open_frame, seal
 from protocol.messages import (Declined, EvalResult, EvalTask, PersonalizeTask, SiteHello, DatasetInfo, TrainTask,
                                Update)
 from protocol.signing import Signer, TrustStore
 from protocol.transport.base import Bus, Delivery
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
+
+
+def seal_raw(env, signer: Signer) -> bytes:
+    """Sign ``env`` as it is: unlike ``codec.seal`` (which refuses what receivers would), no checks.
+    A lying site runs its own code, so the sender-side check is no defence: the receiver's is."""
+    body = encode_envelope(env)
+    return encode_frame(signer.kid, body, signer.sign(body))
 
 
 def offset_weights(task_weights, offset: float):
@@ -44,6 +51,7 @@ class FakeSite:
     gate: dict = field(default_factory=dict)  # round -> threading.Event to wait for before replying
     # what it answers a PersonalizeTask with, beside eval_metrics (the global model's)
     personal_metrics: dict = field(default_factory=lambda: {"accuracy": 0.85, "auc": 0.9, "f1": 0.8, "loss": 0.4})
+    unchecked: bool = False  # seal replies with ``seal_raw``: a lying site skips codec.seal's checks
 
 
     def __post_init__(self) -> None:
@@ -85,7 +93,7 @@ class FakeSite:
         env = new_envelope(payload, federation=self.federation, run_id=run_id or task_env.run_id,
                            round=task_env.round if round is None else round, sender=self.site_id,
                            recipient="coordinator")
-        return env, seal(env, self.signer)
+        return env, (seal_raw(env, self.signer) if self.unchecked else seal(env, self.signer))
 
     def _on_task(self, delivery: Delivery) -> None:
         opened = open_frame(delivery.body, self.trust)

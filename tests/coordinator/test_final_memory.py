@@ -46,15 +46,20 @@ def test_sites_that_trained_get_the_final_model_the_others_a_test_evaluation(fed
     assert sorted(u["site"] for u in rows) == sorted(s.site_id for s in (a, b, c))
 
 
-def test_a_lying_answer_to_the_final_task_is_dead_lettered_and_the_run_completes(federation):
+@pytest.mark.parametrize("lie,reason", [
+    ({"accuracy": math.inf}, "out_of_bounds"),  # not a number the wire carries: refused at decode
+    ({"accuracy": 0.9, "n": 1e9}, "count_bound"),  # a well-formed number, more test rows than it announced
+])
+def test_a_lying_answer_to_the_final_task_is_dead_lettered_and_the_run_completes(federation, lie, reason):
     honest = federation.add_site(1.0, 10)
-    liar = federation.add_site(1.0, 30, personal_metrics={"accuracy": math.inf, "n": 1e9})
+    # A lying site runs its own code: it seals without codec.seal's sender-side checks.
+    liar = federation.add_site(1.0, 30, personal_metrics=lie, unchecked=True)
     federation.start_sites()
     result = federation.coordinator(personalised(), round_timeout_s=5).run()
     assert result.ok, result.reason
+    assert [e.type for e in liar.tasks if e.type != "TrainTask"] == ["PersonalizeTask"]  # it did answer the final task
     assert set(result.final["per_site"]) == {honest.site_id}
     bad = [r for r in result.rejected if r["site"] == liar.site_id]
-    assert len(bad) == 1 and bad[0]["reason"].startswith("bad_metrics")
+    assert len(bad) == 1 and bad[0]["reason"].startswith(reason), bad
     dead = get_broker(federation.bus_url.split("://")[1]).dead_letters()
-    assert [d.reason.split(":")[0] for d in dead if d.queue == f"fedbus.updates.{federation.federation}"] == [
-        "bad_metrics"]
+    assert [d.reason.split(":")[0] for d in dead if d.queue == f"fedbus.updates.{federation.federation}"] == [reason]

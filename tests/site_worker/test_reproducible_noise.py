@@ -2,10 +2,12 @@
 
 A site with ``reproducible_dp`` keys its noise with its dp_seed and the task's seed. The
 coordinator picks the task seed, so the attack sends the same seed with different models
-(or splits): with the same noise, the difference of two releases is exact. The site keys
-the stream also with a digest of what the release is computed from, so only an identical
-release (same model, data, plan, policy) gets the same noise, which says nothing new; a
-restarted site (same state directory) behaves the same (the key holds no counter to lose).
+(or splits): with the same noise, the difference of two releases is exact. The site records
+each seed's first release (a digest of what it is computed from: ``site_worker/noise_keys.py``)
+and keys any other release with that seed also with its digest, so only an identical release
+(same model, data, plan, policy) gets the same noise, which says nothing new; a restarted site
+(same state directory) behaves the same. The first release is keyed by the seeds alone, so a
+rerun whose model is one float rounding off still draws the same noise (the chaos suite).
 """
 
 from __future__ import annotations
@@ -104,3 +106,37 @@ def test_training_with_a_repeated_seed_and_other_weights_draws_other_noise(tmp_p
     assert train_keys[2] == train_keys[0]
     for (_, x), (_, y) in zip(one.weights, one_again.weights):
         assert np.array_equal(x, y)  # identical inputs: bit-identical release (nothing new to learn)
+
+
+def _one_ulp_off(weights):
+    """The same model but one weight one float32 rounding away (a FedAvg sum in another order)."""
+    (name, first), *rest = weights
+    nudged = first.copy()
+    nudged.flat[0] = np.nextafter(nudged.flat[0], np.float32(np.inf), dtype=np.float32)
+    return ((name, nudged), *rest)
+
+
+def test_a_seeds_first_release_gets_the_seeds_noise_so_a_rerun_one_ulp_off_matches_and_a_second_release_does_not(
+        tmp_path, streams):
+    # The chaos suite's guarantee: a faulted run equals a fault-free one, though the coordinator's
+    # sums (arrival order) can differ in the last bit. Stateless digest keys turned that bit into
+    # entirely different noise; a seed's first release is keyed by the seeds alone.
+    exp = experiment_dict(**{"training.epochs": 1})
+    w = initial_weights(exp, seed=1)
+    off = _one_ulp_off(w)
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(w, off))
+
+    def ask(site, weights):
+        streams.clear()
+        task = EvalTask(experiment=exp, weights=weights, dataset="heart_failure", base_round=1, seed=77,
+                        deadline=time.time() + 600)
+        assert isinstance(_send(site, task), EvalResult)
+        return [u for p, u in streams if p == "eval"]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    site_a, site_b = _handler(tmp_path / "a"), _handler(tmp_path / "b")
+    first_a = ask(site_a, w)
+    assert ask(site_b, off) == first_a, "a model one ulp off changed the noise of the seed's first release"
+    assert ask(site_a, off) != first_a, "a repeated seed repeated the noise on a different release"
+    assert ask(_handler(tmp_path / "a"), w) == first_a  # the identical release, after a restart
