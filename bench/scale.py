@@ -2,7 +2,7 @@
 
 Three sweeps, each running the production ``Coordinator``:
 
-* **sites, in memory** (1, 10, 100, 1,000): coordinator and *echo sites* (``bench/echo_sites.py``:
+* **sites, in memory** (1, 10, 100, 1,000): coordinator and *echo sites* (``bench/_echo_sites.py``:
   verify, answer, sign, publish; no training) in one process on the in-memory bus, one fresh
   process per point so its peak RSS (``VmHWM``) belongs to that point alone;
 * **sites, RabbitMQ processes** (1, 2, 4, 8, 16): ``fedbus coordinator run`` plus that many real
@@ -108,7 +108,7 @@ def parameter_count(doc: dict[str, Any]) -> int:
 
 def point_memory(sites: int, rounds: int, hidden: int | None) -> dict[str, Any]:
     """One in-memory point (run in a fresh process by ``--point``)."""
-    from bench.echo_sites import EchoSite, make_keys
+    from bench._echo_sites import EchoSite, make_keys
     from coordinator.run import Coordinator
     from coordinator.state import StateStore
     from protocol.logs import configure_logging
@@ -193,7 +193,7 @@ def point_processes(sites: int, rounds: int, broker: str) -> dict[str, Any]:
 
 
 def point_model(params: int, sites: int, rounds: int, broker: str) -> dict[str, Any]:
-    from bench.echo_sites import EchoSite
+    from bench._echo_sites import EchoSite
     from protocol.signing import Signer
     from protocol.transport import open_bus
     from tests.chaos.harness import Federation

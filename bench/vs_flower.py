@@ -38,11 +38,11 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,6 +122,36 @@ def _record_from_server_doc(doc: dict, t0: float, weights_path: Path, *, spec: c
     )
 
 
+def flower_ports() -> dict[str, int]:
+    """Free ports for the SuperLink's four APIs (flwr 1.32's defaults 9091-9093 may be taken)."""
+    return {name: free_port() for name in ("fleet", "serverappio", "control", "health")}
+
+
+def superlink_command(ports: dict[str, int]) -> list[str]:
+    """``flower-superlink`` as flwr 1.32 takes it: one address flag per API (no --host/--port)."""
+    return ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
+            "--serverappio-api-address", f"127.0.0.1:{ports['serverappio']}",
+            "--control-api-address", f"127.0.0.1:{ports['control']}",
+            "--health-server-address", f"127.0.0.1:{ports['health']}"]
+
+
+def supernode_command(partition: int, fleet_port: int) -> list[str]:
+    """``flower-supernode`` for hospital ``partition``: the Fleet API address and its own ClientAppIo port."""
+    return ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet_port}",
+            "--clientappio-api-address", f"127.0.0.1:{free_port()}",
+            "--node-config", f"partition-id={partition} num-partitions={len(common.HOSPITALS)}"]
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """Flower's deployment engine: SuperLink + 4 SuperNodes on 127.0.0.1, then ``flwr run``."""
     home, out, logs = work / "flwr_home", work / "out", work / "logs"
@@ -129,37 +159,23 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
         d.mkdir(parents=True, exist_ok=True)
     app = write_flower_app(work / "app")
     env = flower_env(home)
-    port = free_port()
+    ports = flower_ports()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "bench"\n\n'
-        f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink.bench]\naddress = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
     procs: list[subprocess.Popen] = []
     sampler: TreeSampler | None = None
     proxy: CountingProxy | None = None
     try:
-        superlink = spawn(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          log=logs / "superlink.log", env=env, cwd=work)
+        superlink = spawn(superlink_command(ports), log=logs / "superlink.log", env=env, cwd=work)
         procs.append(superlink)
         sampler = TreeSampler([superlink.pid])
         sampler.start()
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout_s=120, what=f"flower-superlink health (log {logs}/superlink.log)",
-                   alive=[superlink])
-        proxy = CountingProxy(port).start()
+        wait_until(lambda: listening(ports["control"]) and listening(ports["fleet"]), timeout_s=120,
+                   what=f"flower-superlink's Control and Fleet APIs (log {logs}/superlink.log)", alive=[superlink])
+        proxy = CountingProxy(ports["fleet"]).start()
         for i in range(len(common.HOSPITALS)):
-            procs.append(spawn(
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{proxy.port}",
-                 "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions={len(common.HOSPITALS)}"],
-                log=logs / f"supernode-{i}.log", env=env, cwd=work))
+            procs.append(spawn(supernode_command(i, proxy.port), log=logs / f"supernode-{i}.log", env=env, cwd=work))
 
         def nodes_online() -> bool:
             res = subprocess.run(["flwr", "supernode", "ls", "bench", "--format", "json"], env=env,
