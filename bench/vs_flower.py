@@ -228,6 +228,47 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
         end_processes(procs, seen)
 
 
+def probe_flower(work: Path, *, timeout_s: float = 120.0) -> float:
+    """The smoke check of the Flower side: the installed flwr's SuperLink and one SuperNode start
+    with the command lines ``run_flower`` uses and the node comes online (``flwr supernode ls``
+    through ``$FLWR_HOME/config.toml``), without a run (a Flower round costs tens of seconds
+    here). Returns the seconds it took; raises BenchError naming what failed."""
+    home, logs = work / "flwr_home", work / "logs"
+    for d in (home, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home)
+    ports = flower_ports()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "bench"\n\n'
+        f'[superlink.bench]\naddress = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
+    t0 = time.monotonic()
+    procs = [spawn(superlink_command(ports), log=logs / "superlink.log", env=env, cwd=work)]
+    try:
+        wait_until(lambda: listening(ports["control"]) and listening(ports["fleet"]), timeout_s=timeout_s,
+                   what=f"flower-superlink's Control and Fleet APIs (log {logs}/superlink.log)", alive=procs)
+        procs.append(spawn(supernode_command(0, ports["fleet"]), log=logs / "supernode-0.log", env=env, cwd=work))
+
+        def online() -> bool:
+            res = subprocess.run(["flwr", "supernode", "ls", "bench", "--format", "json"], env=env, cwd=work,
+                                 capture_output=True, text=True)
+            try:
+                return any(n.get("status") == "online" for n in json.loads(res.stdout).get("nodes", []))
+            except json.JSONDecodeError:
+                return False
+
+        wait_until(online, timeout_s=timeout_s, interval_s=0.5, what="a SuperNode online (flwr supernode ls)",
+                   alive=procs)
+        return time.monotonic() - t0
+    finally:
+        end_processes(procs)
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
 def _flower_run(env: dict[str, str], work: Path, run_id: str | None) -> dict:
     """The run's entry in ``flwr ls --format json`` (empty when unknown)."""
     res = subprocess.run(["flwr", "ls", "bench", "--format", "json"], env=env, cwd=work,
@@ -303,7 +344,8 @@ def run_flower_simulation(spec: common.JobSpec, work: Path, *, test, timeout_s: 
 def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """The no-framework floor in its own process (so its memory is measured apart from ours)."""
     out = work / "out"
-    proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds)],
+    proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds),
+                  str(spec.local_epochs)],
                  log=work / "floor.log", cwd=work)
     sampler = ProcessSampler([proc.pid])
     sampler.start()
@@ -398,20 +440,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
     parser.add_argument("--json", action="store_true", help="print the JSON document on stdout")
+    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (job default 5)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="fedbus and floor, one round of one epoch, and Flower's SuperLink + a SuperNode "
+                             "started and seen online (no Flower run): checks the bench runs (seconds)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.systems, args.rounds, args.repeats, args.local_epochs = "fedbus,floor", 1, 1, 1
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
-    if args.repeats < 1 or args.rounds < 1:
-        parser.error("--repeats and --rounds must be at least 1")
+    if args.repeats < 1 or args.rounds < 1 or (args.local_epochs is not None and args.local_epochs < 1):
+        parser.error("--repeats, --rounds and --local-epochs must be at least 1")
     args.systems = systems
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = common.JobSpec(rounds=args.rounds)
+    spec = common.JobSpec(rounds=args.rounds, **({} if args.local_epochs is None else
+                                                 {"local_epochs": args.local_epochs}))
     test = common.union_test(common.load_sites(spec=spec))
     runners: dict[str, Callable[..., common.RunRecord]] = {
         "floor": run_floor,
@@ -443,6 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{name} run {repeat + 1}/{args.repeats}: wall {record.wall_s:.1f} s, "
                     f"accuracy {record.accuracy:.3f}"))
                 progress.stop_task(task)
+    if args.smoke:
+        work = root / "flower-probe"
+        work.mkdir()
+        try:
+            console.print(f"flower: SuperLink + SuperNode online in {probe_flower(work):.1f} s (flwr "
+                          f"{_flwr_version()})")
+        except (BenchError, OSError) as e:
+            errors["flower"] = f"SuperLink/SuperNode probe: {e}"
     systems = {name: (common.summarize(runs) if runs else None) for name, runs in records.items()}
     for name, runs in records.items():
         if runs and systems[name] is not None:
