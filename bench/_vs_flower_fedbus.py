@@ -255,7 +255,10 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
         driver.write_text(DRIVER.format(repo=str(REPO), cfg=json.dumps(cfg)))
         proxy.reset()
         t0 = time.time()
-        coord = spawn([sys.executable, str(driver)], log=logs / "coordinator.log", cwd=REPO, env=env)
+        # VSFLOWER_PROFILE=DIR: the coordinator runs under cProfile, its stats in DIR (bench/README.md)
+        profile = os.environ.get("VSFLOWER_PROFILE")
+        prof = ["-m", "cProfile", "-o", str(Path(profile) / f"coordinator-{tag}.prof")] if profile else []
+        coord = spawn([sys.executable, *prof, str(driver)], log=logs / "coordinator.log", cwd=REPO, env=env)
         coordinator_pids.add(coord.pid)
         procs.append(coord)
         sampler = TreeSampler([coord.pid])

@@ -344,6 +344,7 @@ def run_flower_simulation(spec: common.JobSpec, work: Path, *, test, timeout_s: 
 def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """The no-framework floor in its own process (so its memory is measured apart from ours)."""
     out = work / "out"
+    t0 = time.time()
     proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds),
                   str(spec.local_epochs)],
                  log=work / "floor.log", cwd=work)
@@ -357,9 +358,12 @@ def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> co
     if proc.returncode != 0:
         raise BenchError(f"floor exited {proc.returncode} (log {work}/floor.log)")
     doc = json.loads((out / "result.json").read_text())
+    # wall_s is the loop's own (after the imports); process_wall_s counts from the spawn, as
+    # fedbus's wall_s counts from the coordinator process's spawn.
     return common.RunRecord(wall_s=doc["wall_s"], round_s=doc["round_s"],
                             slowest_train_s=doc["slowest_train_s"], accuracy=doc["accuracy"],
-                            auc=doc["auc"], peak_rss_mb=peak, wire_bytes=0)
+                            auc=doc["auc"], peak_rss_mb=peak, wire_bytes=0,
+                            extra={"process_wall_s": time.time() - t0})
 
 
 # --------------------------------------------------------------------------------- fedbus
