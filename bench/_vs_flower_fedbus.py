@@ -60,7 +60,10 @@ weights = result.weights
 if weights is None:
     raise SystemExit("the coordinator returned no final weights")
 np.savez(cfg["out"] + "/weights.npz", *[np.asarray(a) for _, a in weights])
-json.dump({{"started": t_start, "finished": finished, "status": result.status, "reason": result.reason,
+import resource
+usage = resource.getrusage(resource.RUSAGE_SELF)
+json.dump({{"started": t_start, "finished": finished, "cpu_s": usage.ru_utime + usage.ru_stime,
+           "status": result.status, "reason": result.reason,
            "run_id": result.run_id, "rounds": rounds, "timing": result.timing}},
           open(cfg["out"] + "/result.json", "w"))
 """
@@ -291,6 +294,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
             slowest_train_s=[r["train_s"] for r in rounds], accuracy=metrics["accuracy"], auc=metrics["auc"],
             peak_rss_mb=peak, wire_bytes=site_bytes,
             extra={"hub_bytes_per_round": hub_bytes / spec.rounds, "process_wall_s": doc["finished"] - t0,
+                   "coordinator_cpu_s": doc.get("cpu_s"), "coordinator_started_s": doc["started"] - t0,
                    "coordinator_round_wall_s": [r["wall_s"] for r in rounds], "run_id": doc["run_id"],
                    **split})
     finally:
