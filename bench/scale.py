@@ -89,8 +89,12 @@ class PeakRss:
         return self.peak_kb / 1024
 
 
-def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeout_s: float = 600.0) -> dict[str, Any]:
+ROUND_TIMEOUT_S = 600.0  # --smoke: 20 s, so a bench whose rounds cannot complete fails in a minute, not hangs
+
+
+def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeout_s: float | None = None) -> dict[str, Any]:
     """Heart-failure experiment; ``hidden`` swaps the MLP for 12 -> hidden -> 1 (≈ 14·hidden parameters)."""
+    round_timeout_s = ROUND_TIMEOUT_S if round_timeout_s is None else round_timeout_s
     from tests.chaos.harness import experiment
 
     layers = None
@@ -415,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     model_sites = [int(x) for x in args.sites.split(",") if x.strip()]
     model_rounds = max(2, args.rounds - 1)
     if args.smoke:
+        global ROUND_TIMEOUT_S
+        ROUND_TIMEOUT_S = 20.0
         sweeps = (sweeps & {"memory", "model"}) or {"memory", "model"}
         mem_sites, sizes, model_sites, model_rounds, args.rounds = [2], [10_000], [2], 1, 1
         tmp = Path(tempfile.mkdtemp(prefix="scale-smoke-"))
