@@ -378,7 +378,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax[2].set(xscale="log", yscale="log", xlabel="model parameters", ylabel="median round time (s)",
               title="model size (echo sites, RabbitMQ)")
     for a in ax[:2]:
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
