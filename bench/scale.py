@@ -356,7 +356,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    if all(r["sweep"] == "amqp-model" for r in rows):  # --only model: its panel alone
+        fig, one = plt.subplots(1, 1, figsize=(7, 4.5))
+        ax = [fig.add_subplot(frameon=False), fig.add_subplot(frameon=False), one]
+        for a in ax[:2]:
+            a.set_visible(False)
+    else:
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     for sweep, style in (("memory-sites", "o-"), ("amqp-sites", "s-")):
         pts = [r for r in rows if r["sweep"] == sweep]
         if pts:
