@@ -256,7 +256,8 @@ def probe_flower(work: Path, *, timeout_s: float = 120.0) -> float:
             except json.JSONDecodeError:
                 return False
 
-        wait_until(online, timeout_s=timeout_s, interval_s=0.5, what="a SuperNode online (flwr supernode ls)",
+        # each `flwr` call is a Python start with flwr's imports (~1.5 CPU s): poll gently
+        wait_until(online, timeout_s=timeout_s, interval_s=2.0, what="a SuperNode online (flwr supernode ls)",
                    alive=procs)
         return time.monotonic() - t0
     finally:
