@@ -4,7 +4,8 @@ A bench is a script (``bench/*.py`` not starting with ``_``: those are its helpe
 each must take ``--smoke`` and finish it in seconds, exiting 0. A new bench without a smoke
 mode fails here (argparse exits 2 on the unknown flag), and so does a protocol change that
 breaks a bench. Benches that talk to RabbitMQ (they read ``FEDBUS_AMQP_URL``) get the test
-broker through that variable, and skip or fail without one as every broker test does.
+broker through that variable (those on the chaos harness a broker this machine controls with
+``rabbitmqctl``), and skip or fail without one as every broker test does.
 Each runs as its own process, as a user runs it, importing this checkout's code.
 """
 
@@ -26,6 +27,11 @@ def needs_broker(script: Path) -> bool:
     return "FEDBUS_AMQP_URL" in script.read_text(encoding="utf-8")
 
 
+def needs_rabbitmqctl(script: Path) -> bool:
+    """The chaos harness's federations live in their own vhosts, made with rabbitmqctl."""
+    return "tests.chaos.harness" in script.read_text(encoding="utf-8")
+
+
 def test_every_bench_script_is_found() -> None:
     names = {p.stem for p in BENCHES}
     assert {"scale", "vs_flower", "soak", "codec"} <= names, names
@@ -38,7 +44,8 @@ def test_bench_smoke_mode_runs(script: Path, request: pytest.FixtureRequest, tmp
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                OMP_NUM_THREADS="1", MPLBACKEND="Agg", TMPDIR=str(tmp_path))
     if needs_broker(script):
-        env["FEDBUS_AMQP_URL"] = request.getfixturevalue("amqp_broker_url")
+        fixture = "local_broker" if needs_rabbitmqctl(script) else "amqp_broker_url"
+        env["FEDBUS_AMQP_URL"] = request.getfixturevalue(fixture)
     r = subprocess.run([sys.executable, str(script), "--smoke"], cwd=str(tmp_path), env=env, capture_output=True,
                        text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, f"{script.name} --smoke exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
