@@ -420,7 +420,7 @@ def floor_run(*, spec: JobSpec, sites: Mapping[str, SiteData] | None = None) -> 
 
 
 def _floor_main(argv: Sequence[str]) -> int:
-    """``python _vs_flower_common.py OUT_DIR [ROUNDS]``: run the floor in its own process.
+    """``python _vs_flower_common.py OUT_DIR [ROUNDS [LOCAL_EPOCHS]]``: run the floor in its own process.
 
     Writes OUT_DIR/result.json (the RunRecord fields) so the bench can sample this process's
     memory apart from its own.
@@ -430,7 +430,7 @@ def _floor_main(argv: Sequence[str]) -> int:
 
     torch.set_num_threads(1)
     out = Path(argv[0])
-    spec = JobSpec(rounds=int(argv[1])) if len(argv) > 1 else JobSpec()
+    spec = JobSpec(**{k: int(v) for k, v in zip(("rounds", "local_epochs"), argv[1:3])})
     record, _ = floor_run(spec=spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps({

@@ -60,7 +60,10 @@ weights = result.weights
 if weights is None:
     raise SystemExit("the coordinator returned no final weights")
 np.savez(cfg["out"] + "/weights.npz", *[np.asarray(a) for _, a in weights])
-json.dump({{"started": t_start, "finished": finished, "status": result.status, "reason": result.reason,
+import resource
+usage = resource.getrusage(resource.RUSAGE_SELF)
+json.dump({{"started": t_start, "finished": finished, "cpu_s": usage.ru_utime + usage.ru_stime,
+           "status": result.status, "reason": result.reason,
            "run_id": result.run_id, "rounds": rounds, "timing": result.timing}},
           open(cfg["out"] + "/result.json", "w"))
 """
@@ -163,13 +166,34 @@ def _reset_queues(broker: str, names: list[str]) -> None:
 
 
 def _delete_queues(broker: str, names: list[str]) -> None:
-    """Best-effort removal of this run's queues from the shared broker (needs rabbitmqctl as root)."""
+    """Best-effort removal of this run's queues from the shared broker: over AMQP (one
+    connection, as ``_reset_queues``), then ``rabbitmqctl`` (as root) for any the user may not
+    delete; a ``rabbitmqctl`` call per queue costs about a second."""
     from urllib.parse import unquote, urlsplit
 
-    if not shutil.which("rabbitmqctl"):
+    import pika
+
+    left = list(names)
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(broker))
+    except pika.exceptions.AMQPError:
+        conn = None
+    if conn is not None:
+        try:
+            for name in names:
+                ch = conn.channel()
+                try:
+                    ch.queue_delete(queue=name)
+                    left.remove(name)
+                    ch.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    continue
+        finally:
+            conn.close()
+    if not left or not shutil.which("rabbitmqctl"):
         return
     vhost = unquote(urlsplit(broker).path[1:]) or "/"
-    for name in names:
+    for name in left:
         try:
             subprocess.run(["rabbitmqctl", "-q", "delete_queue", "-p", vhost, name], capture_output=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -255,7 +279,10 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
         driver.write_text(DRIVER.format(repo=str(REPO), cfg=json.dumps(cfg)))
         proxy.reset()
         t0 = time.time()
-        coord = spawn([sys.executable, str(driver)], log=logs / "coordinator.log", cwd=REPO, env=env)
+        # VSFLOWER_PROFILE=DIR: the coordinator runs under cProfile, its stats in DIR (bench/README.md)
+        profile = os.environ.get("VSFLOWER_PROFILE")
+        prof = ["-m", "cProfile", "-o", str(Path(profile) / f"coordinator-{tag}.prof")] if profile else []
+        coord = spawn([sys.executable, *prof, str(driver)], log=logs / "coordinator.log", cwd=REPO, env=env)
         coordinator_pids.add(coord.pid)
         procs.append(coord)
         sampler = TreeSampler([coord.pid])
@@ -288,6 +315,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
             slowest_train_s=[r["train_s"] for r in rounds], accuracy=metrics["accuracy"], auc=metrics["auc"],
             peak_rss_mb=peak, wire_bytes=site_bytes,
             extra={"hub_bytes_per_round": hub_bytes / spec.rounds, "process_wall_s": doc["finished"] - t0,
+                   "coordinator_cpu_s": doc.get("cpu_s"), "coordinator_started_s": doc["started"] - t0,
                    "coordinator_round_wall_s": [r["wall_s"] for r in rounds], "run_id": doc["run_id"],
                    **split})
     finally:

@@ -126,14 +126,18 @@ def memory_run(body: bytes, n: int) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("FEDBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
-    args = ap.parse_args()
-    scale = 0.2 if args.quick else 1.0
-    cases = [("1 KiB", KiB, int(3000 * scale)), ("1 MiB", MiB, int(300 * scale)), ("8 MiB", 8 * MiB, int(40 * scale))]
+    ap.add_argument("--quick", action="store_true", help="fewer messages")
+    ap.add_argument("--smoke", action="store_true", help="a few messages, one round: checks the bench runs (seconds)")
+    args = ap.parse_args(argv)
+    scale = 0.01 if args.smoke else 0.2 if args.quick else 1.0
+    if args.smoke:
+        args.rounds = 1
+    cases = [("1 KiB", KiB, max(1, int(3000 * scale))), ("1 MiB", MiB, max(1, int(300 * scale))),
+             ("8 MiB", 8 * MiB, max(1, int(40 * scale)))]
 
     site = f"bench-{uuid.uuid4().hex[:8]}"
     admin = open_bus(args.url)

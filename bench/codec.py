@@ -90,12 +90,15 @@ def measure(size_mb: float, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="1,10,100")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="one 1 MB frame, once: checks the bench runs (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes_mb, args.repeats = "1", 1
     rows = [measure(float(s), args.repeats) for s in args.sizes_mb.split(",")]
     if args.json:
         print(json.dumps({"codec": rows}, indent=2))

@@ -107,14 +107,17 @@ def _ratio_ci(ratios: list[float]) -> tuple[float, float]:
     return math.exp(m - half), math.exp(m + half)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=4, help="A/B pairs")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--poll-s", type=float, default=2.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--poller", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="one A/B pair of 2 rounds: checks the bench runs (seconds)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.repeats, a.rounds, a.poll_s = 1, 2, 0.25
     if a.poller:
         poller(a.poller, a.poll_s)
         return

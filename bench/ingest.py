@@ -203,14 +203,18 @@ def bench_memory(reference, counts, signer, trust) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", default=os.environ.get("FEDBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     ap.add_argument("--params", type=int, default=10_000_000)
     ap.add_argument("--updates", type=int, default=8)
     ap.add_argument("--memory-updates", default="10,200")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="10 K parameters, 2 updates; a broker error fails the run: checks the bench runs (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.params, args.updates, args.memory_updates = 10_000, 2, "2,4"
 
     reference = model(args.params)
     params = sum(a.size for _, a in reference)
@@ -226,6 +230,8 @@ def main() -> None:
         res["ratio_ingest_vs_raw_pika"] = res["ingest_from_memory_MBps"] / res["raw_pika_consume_MBps"]
         res["ratio_end_to_end_vs_raw_pika"] = res["ingest_via_amqp_bus_MBps"] / res["raw_pika_consume_MBps"]
     except Exception as e:  # noqa: BLE001 - no broker: report the rest
+        if args.smoke:
+            raise
         res["broker_error"] = f"{type(e).__name__}: {e}"
     del frames
     res["aggregation"] = bench_aggregation(reference)

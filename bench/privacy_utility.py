@@ -326,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables and redraw the PNG of a saved run")
+    ap.add_argument("--smoke", action="store_true", help="FedAvg at ε = 1, one seed, 2 rounds, into a temporary "
+                                                         "folder: checks the bench runs (seconds)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        import tempfile
+
+        args.quick, args.epsilons, args.methods = True, "1", "FedAvg"
+        args.out = Path(tempfile.mkdtemp(prefix="privacy-utility-smoke-"))
     if args.render is not None:
         return render(args.render)
     _quiet()
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(variants)}")
         variants = {m: variants[m] for m in wanted}
+    if args.smoke:
+        for exp in variants.values():
+            exp["training"]["rounds"] = 2
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "privacy_utility.log", "w", encoding="utf-8")
     # seed outermost: a run cut short by --max-minutes still has every point for the seeds it finished

@@ -2,14 +2,18 @@
 
 Three sweeps, each running the production ``Coordinator``:
 
-* **sites, in memory** (1, 10, 100, 1,000): coordinator and *echo sites* (``bench/echo_sites.py``:
+* **sites, in memory** (1, 10, 100, 1,000): coordinator and *echo sites* (``bench/_echo_sites.py``:
   verify, answer, sign, publish; no training) in one process on the in-memory bus, one fresh
   process per point so its peak RSS (``VmHWM``) belongs to that point alone;
 * **sites, RabbitMQ processes** (1, 2, 4, 8, 16): ``fedbus coordinator run`` plus that many real
   ``fedbus site run`` processes (DP training of the heart-failure MLP), coordinator peak RSS
   sampled from ``/proc``;
-* **model size, RabbitMQ** (10 K, 100 K, 1 M, 10 M, 50 M parameters; frames over 8 MiB travel
-  chunked) with 3 echo sites in this process and ``fedbus coordinator run`` as a child process.
+* **model size, RabbitMQ** (10 K, 100 K, 1 M, 10 M, 50 M parameters, or ``--sizes``; frames over
+  8 MiB travel chunked) with 3 echo sites (``--sites 3,10``) in this process and ``fedbus
+  coordinator run`` as a child process. Per point: ``params``, ``model_mb``, ``sites``,
+  ``round_s`` (median), ``coordinator_peak_rss_mb`` (VmHWM), ``coordinator_egress_mb_per_round``
+  (the coordinator's bytes to the broker, from the kernel's socket counters, over the rounds) and
+  ``raw_pika_s`` (bare pika moving the same bytes: ``sites`` model-sized frames down, the same up).
 
 Prints a rich table (stderr), writes a PNG (matplotlib Agg) to ``--out`` and, with ``--json``,
 the figures as JSON. ``--quick`` runs a reduced sweep. Expected: cost linear in
@@ -17,6 +21,8 @@ sites x model bytes; the ``per site·MB`` column shows where it is not.
 
     .venv/bin/python bench/scale.py --quick
     .venv/bin/python bench/scale.py --out bench/out/scale.png --json bench/out/scale.json
+    .venv/bin/python bench/scale.py --only model --sizes 1e6,1e7 --sites 3,10 --json OUT.json
+    .venv/bin/python bench/scale.py --smoke           # seconds: checks the bench still runs
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN_FOR = {10_000: 714, 100_000: 7_143, 1_000_000: 71_429, 10_000_000: 714_286, 50_000_000: 3_571_429}
+
+
+def hidden_for(params: int) -> int:
+    """Hidden width giving about ``params`` parameters (12 -> hidden -> 1 has 14·hidden + 1)."""
+    return HIDDEN_FOR.get(params) or max(1, round((params - 1) / 14))
 
 
 def nominal_size(params: int) -> int:
@@ -78,8 +89,12 @@ class PeakRss:
         return self.peak_kb / 1024
 
 
-def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeout_s: float = 600.0) -> dict[str, Any]:
+ROUND_TIMEOUT_S = 600.0  # --smoke: 20 s, so a bench whose rounds cannot complete fails in a minute, not hangs
+
+
+def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeout_s: float | None = None) -> dict[str, Any]:
     """Heart-failure experiment; ``hidden`` swaps the MLP for 12 -> hidden -> 1 (≈ 14·hidden parameters)."""
+    round_timeout_s = ROUND_TIMEOUT_S if round_timeout_s is None else round_timeout_s
     from tests.chaos.harness import experiment
 
     layers = None
@@ -108,7 +123,7 @@ def parameter_count(doc: dict[str, Any]) -> int:
 
 def point_memory(sites: int, rounds: int, hidden: int | None) -> dict[str, Any]:
     """One in-memory point (run in a fresh process by ``--point``)."""
-    from bench.echo_sites import EchoSite, make_keys
+    from bench._echo_sites import EchoSite, make_keys
     from coordinator.run import Coordinator
     from coordinator.state import StateStore
     from protocol.logs import configure_logging
@@ -192,31 +207,114 @@ def point_processes(sites: int, rounds: int, broker: str) -> dict[str, Any]:
             "peak_rss_mb": mb, "sites_start_s": start_s}
 
 
-def point_model(params: int, sites: int, rounds: int, broker: str) -> dict[str, Any]:
-    from bench.echo_sites import EchoSite
+class SocketBytes:
+    """Bytes one process sent and received on its TCP connections to ``port`` (the broker), read
+    from the kernel's per-socket counters (``ss -ti``: ``bytes_acked`` / ``bytes_received``) every
+    50 ms until it exits. Connections that close keep their last reading; what a socket moves in
+    its final 50 ms before the process exits is missed (the run's last small messages)."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port = pid, port
+        self.sent: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def sample(self) -> None:
+        import re
+
+        try:
+            out = subprocess.run(["ss", "-tinpH", "state", "established", f"( dport = :{self.port} )"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        lines = out.splitlines()
+        for head, info in zip(lines[::2], lines[1::2]):
+            if f"pid={self.pid}," not in head:
+                continue
+            local = head.split()[2]
+            for key, store in (("bytes_acked", self.sent), ("bytes_received", self.received)):
+                m = re.search(rf"\b{key}:(\d+)", info)
+                if m:
+                    store[local] = max(store.get(local, 0), int(m.group(1)))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+    def stop(self) -> tuple[int, int]:
+        """(bytes sent, bytes received) over every connection seen."""
+        self._stop.set()
+        self._t.join()
+        return sum(self.sent.values()), sum(self.received.values())
+
+
+def raw_pika_s(url: str, frame_bytes: int, copies: int) -> float:
+    """Bare pika moving one round's bytes: ``copies`` frames of ``frame_bytes`` from one publisher
+    to a consumer (the tasks), then the same back (the updates); persistent, publisher confirms,
+    in chunks of at most the bus's chunk size (RabbitMQ 4 refuses messages over 16 MiB)."""
+    from bench.bus_throughput import raw_run
+    from protocol.transport import open_bus
+    from protocol.transport.base import DEFAULT_CHUNK_SIZE, Topology
+    from protocol.transport.topology import site_queue
+
+    chunks = max(1, -(-frame_bytes // DEFAULT_CHUNK_SIZE))
+    body = os.urandom(-(-frame_bytes // chunks))
+    queue = f"rawpika-{uuid.uuid4().hex[:8]}"
+    admin = open_bus(url)
+    admin.declare(Topology(sites=[queue]))
+    try:
+        return sum(raw_run(url, queue, body, copies * chunks) for _direction in ("tasks", "updates"))
+    finally:
+        admin.delete_queue(site_queue(queue))  # type: ignore[attr-defined]
+        admin.close()
+
+
+def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: int | None = None) -> dict[str, Any]:
+    """One model-size point on RabbitMQ: ``fedbus coordinator run`` (a child process: its peak RSS
+    and its bytes to and from the broker are its own) and ``sites`` echo sites in this process."""
+    from urllib.parse import urlsplit
+
+    from bench._echo_sites import EchoSite
     from protocol.signing import Signer
     from protocol.transport import open_bus
     from tests.chaos.harness import Federation
 
     root = Path(tempfile.mkdtemp(prefix="fedbus-scale-"))
+    doc = model_experiment(rounds=rounds, sites=sites, hidden=hidden or hidden_for(params))
+    n = parameter_count(doc)
     with Federation(root, sites=sites, broker_url=broker) as fed:
+        raw_s = raw_pika_s(fed.url, n * 4, sites)
         echo = [EchoSite(open_bus(fed.url), site_id=s, signer=Signer.from_file(fed.keys / f"{s}.key"),
-                         federation=fed.federation, coordinator_pub=fed.coordinator_pub.read_bytes())
+                         federation=fed.federation, coordinator_pub=fed.coordinator_pub.read_bytes(),
+                         dataset=doc["dataset"]["name"])
                 for s in fed.site_ids]
         for e in echo:
             e.start()
         try:
-            doc = model_experiment(rounds=rounds, sites=sites, hidden=HIDDEN_FOR[params])
-            out, mb = _coordinator(fed, doc, f"scale-{fed.tag}", timeout=1800)
+            proc = fed.start_coordinator(fed.write_experiment(doc, f"scale-{fed.tag}.json"), run_id=f"scale-{fed.tag}")
+            peak, wire = PeakRss(proc.pid), SocketBytes(proc.pid, urlsplit(fed.url).port or 5672)
+            try:
+                rc, out = fed.wait_coordinator(1800)
+            finally:
+                mb, (sent, received) = peak.stop(), wire.stop()
+            if rc != 0 or not out or out.get("status") != "completed":
+                raise RuntimeError(f"coordinator run failed ({rc}):\n{fed.diagnostics()}")
         finally:
             for e in echo:
                 e.stop()
                 e.bus.close()
     shutil.rmtree(root, ignore_errors=True)  # checkpoints and stored bodies: GBs at 50 M parameters
-    n = parameter_count(doc)
-    return {"sweep": "amqp-model", "sites": sites, "params": n, "model_mb": n * 4 / 2**20,
-            "round_s": statistics.median(r["wall_s"] for r in out["rounds"]), "peak_rss_mb": mb,
-            "chunks_per_frame": -(-(n * 4) // (8 * 2**20))}
+    model_mb = n * 4 / 2**20
+    done = max(1, len(out["rounds"]))
+    return {"sweep": "amqp-model", "sites": sites, "params": n, "model_mb": model_mb,
+            "round_s": statistics.median(r["wall_s"] for r in out["rounds"]), "rounds": done,
+            "coordinator_peak_rss_mb": mb, "peak_rss_mb": mb,
+            "coordinator_egress_mb_per_round": sent / 2**20 / done,
+            "coordinator_ingress_mb_per_round": received / 2**20 / done,
+            "egress_over_model": sent / 2**20 / done / model_mb,
+            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20))}
 
 
 # ----------------------------------------------------------------------------- report
@@ -244,6 +342,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             note = f"train {r['train_s']:.2f} s/round; start {r['sites_start_s']:.0f} s"
         else:
             note = f"{r['chunks_per_frame']} chunk(s)/frame"
+            if "coordinator_egress_mb_per_round" in r:
+                note += (f"; egress {r['coordinator_egress_mb_per_round']:.1f} MB/round = "
+                         f"{r['egress_over_model']:.2f} x model; raw pika {r['raw_pika_s']:.2f} s")
         t.add_row(r["sweep"], str(r["sites"]), f"{r['params']:,}", f"{r['params'] * 4 / 2**20:.2f}",
                   f"{r['round_s']:.3f}", f"{r['per_site_mb_ms']:.1f}", f"{r['peak_rss_mb']:.0f}", note)
     Console(stderr=True, width=170).print(t)
@@ -255,7 +356,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    if all(r["sweep"] == "amqp-model" for r in rows):  # --only model: its panel alone
+        fig, one = plt.subplots(1, 1, figsize=(7, 4.5))
+        ax = [fig.add_subplot(frameon=False), fig.add_subplot(frameon=False), one]
+        for a in ax[:2]:
+            a.set_visible(False)
+    else:
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     for sweep, style in (("memory-sites", "o-"), ("amqp-sites", "s-")):
         pts = [r for r in rows if r["sweep"] == sweep]
         if pts:
@@ -263,18 +370,22 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             ax[1].plot([r["sites"] for r in pts], [r["peak_rss_mb"] for r in pts], style, label=sweep)
     ax[0].set(xscale="log", yscale="log", xlabel="sites", ylabel="median round time (s)", title="round time vs sites")
     ax[1].set(xscale="log", xlabel="sites", ylabel="peak RSS (MB)", title="peak memory vs sites")
-    pts = [r for r in rows if r["sweep"] == "amqp-model"]
-    if pts:
-        x = [r["params"] for r in pts]
-        ax[2].plot(x, [r["round_s"] for r in pts], "o-", label="round time (s)")
+    model = [r for r in rows if r["sweep"] == "amqp-model"]
+    if model:
         ax2 = ax[2].twinx()
-        ax2.plot(x, [r["peak_rss_mb"] for r in pts], "s--", color="tab:red", label="coordinator peak RSS (MB)")
-        ax2.set_ylabel("coordinator peak RSS (MB)")
+        for k in sorted({r["sites"] for r in model}):
+            pts = [r for r in model if r["sites"] == k]
+            x = [r["params"] for r in pts]
+            ax[2].plot(x, [r["round_s"] for r in pts], "o-", label=f"round s, {k} sites")
+            ax2.plot(x, [r["peak_rss_mb"] for r in pts], "s--", label=f"coordinator peak RSS MB, {k} sites")
+        ax2.set_ylabel("coordinator peak RSS (MB, dashed)")
         ax2.set_yscale("log")
+        ax[2].legend(fontsize=7, loc="upper left")
     ax[2].set(xscale="log", yscale="log", xlabel="model parameters", ylabel="median round time (s)",
-              title="model size (3 echo sites, RabbitMQ)")
+              title="model size (echo sites, RabbitMQ)")
     for a in ax[:2]:
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -283,12 +394,18 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced sweep (minutes, not tens of minutes)")
+    ap.add_argument("--smoke", action="store_true", help="2 sites in memory and 10 K parameters x 2 echo sites on "
+                                                         "RabbitMQ, one round, output in a temporary folder: checks "
+                                                         "the bench runs (seconds)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale.png", help="PNG plot path")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     ap.add_argument("--broker", default=os.environ.get("FEDBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=("memory", "processes", "model"), action="append",
                     help="run only these sweeps (repeat)")
+    ap.add_argument("--sizes", default=None,
+                    help="model sweep: comma-separated parameter counts (e.g. 1e6,1e7; default 10K..50M)")
+    ap.add_argument("--sites", default="3", help="model sweep: comma-separated echo-site counts (default 3)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="JSON of an earlier run: its points are kept and not measured again")
     ap.add_argument("--point", help=argparse.SUPPRESS)
@@ -304,27 +421,44 @@ def main(argv: list[str] | None = None) -> int:
     mem_sites = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
     proc_sites = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
     sizes = [10_000, 100_000, 1_000_000, 10_000_000] if args.quick else list(HIDDEN_FOR)
+    if args.sizes:
+        sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
+    model_sites = [int(x) for x in args.sites.split(",") if x.strip()]
+    model_rounds = max(2, args.rounds - 1)
+    if args.smoke:
+        global ROUND_TIMEOUT_S
+        ROUND_TIMEOUT_S = 20.0
+        sweeps = (sweeps & {"memory", "model"}) or {"memory", "model"}
+        mem_sites, sizes, model_sites, model_rounds, args.rounds = [2], [10_000], [2], 1, 1
+        tmp = Path(tempfile.mkdtemp(prefix="scale-smoke-"))
+        args.out, args.json = tmp / "scale.png", args.json or tmp / "scale.json"
     jobs: list[tuple[str, Any]] = []
     if "memory" in sweeps:
         jobs += [("memory", n) for n in mem_sites]
     if "processes" in sweeps:
         jobs += [("processes", n) for n in proc_sites]
     if "model" in sweeps:
-        jobs += [("model", p) for p in sizes]
+        jobs += [("model", (p, k)) for p in sizes for k in model_sites]
     rows: list[dict[str, Any]] = json.loads(args.reuse.read_text()) if args.reuse and args.reuse.exists() else []
-    have = {(r["sweep"], r["sites"] if r["sweep"] != "amqp-model" else nominal_size(r["params"])) for r in rows}
+
+    def key(r: dict[str, Any]) -> tuple[str, Any]:
+        return (r["sweep"], (nominal_size(r["params"]), r["sites"]) if r["sweep"] == "amqp-model" else r["sites"])
+
+    have = {key(r) for r in rows}
     names = {"memory": "memory-sites", "processes": "amqp-sites", "model": "amqp-model"}
     jobs = [(k, n) for k, n in jobs if (names[k], n) not in have]
     with Progress(transient=True) as progress:
         task = progress.add_task("scale", total=len(jobs))
         for kind, n in jobs:
-            progress.update(task, description=f"{kind} {n:,}")
+            progress.update(task, description=f"{kind} {n}")
             if kind == "memory":
-                rows.append(run_point_process({"sites": n, "rounds": args.rounds}, timeout=3600))
+                point = {"sites": n, "rounds": args.rounds}
+                # the smoke run measures nothing: no fresh process per point
+                rows.append(point_memory(n, args.rounds, None) if args.smoke else run_point_process(point, 3600))
             elif kind == "processes":
                 rows.append(point_processes(n, args.rounds, args.broker))
             else:
-                rows.append(point_model(n, 3, max(2, args.rounds - 1), args.broker))
+                rows.append(point_model(n[0], n[1], model_rounds, args.broker))
             progress.advance(task)
     order = {"memory-sites": 0, "amqp-sites": 1, "amqp-model": 2}
     rows.sort(key=lambda r: (order[r["sweep"]], r["sites"], r["params"]))
@@ -335,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
+        print(f"figures: {args.json}", file=sys.stderr)
     return 0
 
 

@@ -28,13 +28,17 @@ CONFIGS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--delay", type=float, default=3.0, help="straggler delay (s) of the slow site")
     ap.add_argument("--target", type=float, default=0.80, help="test accuracy to reach")
     ap.add_argument("--out", type=Path, default=None, help="write curves.png and results.json here")
     ap.add_argument("--aggregators", default="FedAvg,FedAsync,FedBuff")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="FedAvg and FedBuff, 2 rounds each, no delay: checks the "
+                                                         "bench runs (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.delay, args.aggregators = 0.0, "FedAvg,FedBuff"
     from protocol.logs import configure_logging
     from simulator.history import time_to
     from simulator.run import simulate
@@ -43,10 +47,11 @@ def main() -> None:
     results = {}
     for name in args.aggregators.split(","):
         params, rounds = CONFIGS[name]
+        rounds = 2 if args.smoke else rounds
         raw = json.loads(EXAMPLE.read_text())
         raw["federated"]["name"] = name
         raw["federated"]["parameters"].update(params)
-        doc = simulate(raw, partition="natural:dataset", rounds=rounds, faults=f"straggler:switzerland:{args.delay}",
+        doc = simulate(raw, partition="natural:dataset", rounds=rounds, faults=f"straggler:switzerland:{args.delay}" if args.delay else None,
                        progress=False)
         curve = [(r.get("t_s"), r["round"], (r.get("holdout") or {}).get("accuracy"), (r.get("holdout") or {}).get("auc"))
                  for r in doc["rounds"]]

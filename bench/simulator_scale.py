@@ -70,12 +70,15 @@ class PeakSampler(threading.Thread):
             self.peak_threads = max(self.peak_threads, self.proc.num_threads())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", default="10,100,1000")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows-per-site", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="10 sites, 1 round: checks the bench runs (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sites, args.rounds = "10", 1
     from protocol.logs import configure_logging
     from simulator.run import simulate
 

@@ -74,6 +74,17 @@ def ecg_case(tmp: Path, n: int) -> dict[str, Any]:
                                     labels_path=tmp / "ecg_y.npy")}
 
 
+def _dp_plan(exp: Any, spec: TrainSpec, n_train: int) -> Any:
+    """The site's DP plan for one task: under a whole-run ``total_epsilon`` σ is solved for the
+    run (``run_budget``, as the site worker does); otherwise the spec's own σ / target ε."""
+    if spec.dp is None:
+        return None
+    from protocol.dp_plan import plan_dp
+    from protocol.privacy_plan import plan_run
+
+    return plan_dp(spec, n_train, noise_multiplier=plan_run(exp, n_train=n_train).noise_multiplier)
+
+
 def throughput(case: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Median samples/s with and without Opacus (same seed, data, model, epochs)."""
     out: dict[str, Any] = {}
@@ -87,7 +98,8 @@ def throughput(case: dict[str, Any], repeats: int) -> dict[str, Any]:
         rates, times = [], []
         for r in range(repeats):
             model = build_model(exp.architecture.layers, seed=r)
-            res = train(model, data, TrainSpec.from_experiment(exp, seed=r))
+            spec = TrainSpec.from_experiment(exp, seed=r)
+            res = train(model, data, spec, plan=_dp_plan(exp, spec, len(data.x_train)))
             rates.append(res.metrics["samples_per_s"])
             times.append(res.metrics["train_s"])
         out["dp" if dp else "plain"] = {"samples_per_s": statistics.median(rates), "train_s": statistics.median(times)}
@@ -123,8 +135,10 @@ def stages(case: dict[str, Any], repeats: int) -> dict[str, Any]:
         data = prepare(case["source"], exp.dataset, seed=r, input_shape=tuple(summary.input_shape))
         model = build_model(exp.architecture.layers, seed=r)
         load_tensors(model, opened.envelope.payload.weights)
+        spec = TrainSpec.from_experiment(exp, seed=r)
+        plan = _dp_plan(exp, spec, len(data.x_train))
         t2 = time.perf_counter()
-        res = train(model, data, TrainSpec.from_experiment(exp, seed=r))
+        res = train(model, data, spec, plan=plan)
         t3 = time.perf_counter()
         upd = Update(task_id=env.message_id, weights=to_tensors(model), num_examples=res.num_examples,
                      metrics=res.metrics, epsilon=res.epsilon, delta=res.delta, base_round=0)
@@ -163,7 +177,7 @@ def end_to_end(case: dict[str, Any], repeats: int, broker: str, tmp: Path) -> di
     cfg = site_config_from_dict({
         "site_id": site_id, "federation": fed, "broker_url": url, "key_path": str(skey),
         "coordinator_pub": str(tmp / "coordinator.pub"), "state_dir": str(tmp / f"state-{tag}"),
-        "datasets": {"d": ds}, "policy": {"max_epsilon": 1e9}})
+        "datasets": {"d": ds}, "policy": {"max_epsilon": 1e9, "max_sample_rate": 1.0}})  # full-batch DP examples
     coordinator = Signer.from_file(ckey)
     trust = TrustStore()
     trust.add(site_id, spub.read_bytes())
@@ -211,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--broker", default="memory", help="memory, or an amqp:// URL for the end-to-end part")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = fair on a shared machine)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON document on stdout")
+    ap.add_argument("--smoke", action="store_true", help="once, 200 ECG samples: checks the bench runs (seconds)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.ecg_samples = 1, 200
     torch.set_num_threads(args.threads)
     import structlog
     import logging
@@ -222,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         cases = [heart_failure_case(tmp), ecg_case(tmp, args.ecg_samples)]
+        if args.smoke:
+            for case in cases:
+                case["experiment"]["training"]["epochs"] = 1
         from rich.progress import Progress
 
         with Progress(console=console, transient=True) as progress:

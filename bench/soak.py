@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", default=os.environ.get("FEDBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     ap.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of RSS over time")
+    ap.add_argument("--smoke", action="store_true", help="2 sites, 3 rounds, a fault after round 1: checks the bench "
+                                                         "runs (seconds)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sites, args.rounds, args.fault_every, args.round_timeout = 2, 3, 1e-9, 30.0
 
     from rich.console import Console
     from rich.table import Table

@@ -38,11 +38,11 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,6 +122,36 @@ def _record_from_server_doc(doc: dict, t0: float, weights_path: Path, *, spec: c
     )
 
 
+def flower_ports() -> dict[str, int]:
+    """Free ports for the SuperLink's four APIs (flwr 1.32's defaults 9091-9093 may be taken)."""
+    return {name: free_port() for name in ("fleet", "serverappio", "control", "health")}
+
+
+def superlink_command(ports: dict[str, int]) -> list[str]:
+    """``flower-superlink`` as flwr 1.32 takes it: one address flag per API (no --host/--port)."""
+    return ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
+            "--serverappio-api-address", f"127.0.0.1:{ports['serverappio']}",
+            "--control-api-address", f"127.0.0.1:{ports['control']}",
+            "--health-server-address", f"127.0.0.1:{ports['health']}"]
+
+
+def supernode_command(partition: int, fleet_port: int) -> list[str]:
+    """``flower-supernode`` for hospital ``partition``: the Fleet API address and its own ClientAppIo port."""
+    return ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet_port}",
+            "--clientappio-api-address", f"127.0.0.1:{free_port()}",
+            "--node-config", f"partition-id={partition} num-partitions={len(common.HOSPITALS)}"]
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """Flower's deployment engine: SuperLink + 4 SuperNodes on 127.0.0.1, then ``flwr run``."""
     home, out, logs = work / "flwr_home", work / "out", work / "logs"
@@ -129,37 +159,23 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
         d.mkdir(parents=True, exist_ok=True)
     app = write_flower_app(work / "app")
     env = flower_env(home)
-    port = free_port()
+    ports = flower_ports()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "bench"\n\n'
-        f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink.bench]\naddress = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
     procs: list[subprocess.Popen] = []
     sampler: TreeSampler | None = None
     proxy: CountingProxy | None = None
     try:
-        superlink = spawn(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          log=logs / "superlink.log", env=env, cwd=work)
+        superlink = spawn(superlink_command(ports), log=logs / "superlink.log", env=env, cwd=work)
         procs.append(superlink)
         sampler = TreeSampler([superlink.pid])
         sampler.start()
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout_s=120, what=f"flower-superlink health (log {logs}/superlink.log)",
-                   alive=[superlink])
-        proxy = CountingProxy(port).start()
+        wait_until(lambda: listening(ports["control"]) and listening(ports["fleet"]), timeout_s=120,
+                   what=f"flower-superlink's Control and Fleet APIs (log {logs}/superlink.log)", alive=[superlink])
+        proxy = CountingProxy(ports["fleet"]).start()
         for i in range(len(common.HOSPITALS)):
-            procs.append(spawn(
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{proxy.port}",
-                 "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions={len(common.HOSPITALS)}"],
-                log=logs / f"supernode-{i}.log", env=env, cwd=work))
+            procs.append(spawn(supernode_command(i, proxy.port), log=logs / f"supernode-{i}.log", env=env, cwd=work))
 
         def nodes_online() -> bool:
             res = subprocess.run(["flwr", "supernode", "ls", "bench", "--format", "json"], env=env,
@@ -210,6 +226,48 @@ def run_flower(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> c
         if sampler is not None and sampler.is_alive():
             sampler.stop()
         end_processes(procs, seen)
+
+
+def probe_flower(work: Path, *, timeout_s: float = 120.0) -> float:
+    """The smoke check of the Flower side: the installed flwr's SuperLink and one SuperNode start
+    with the command lines ``run_flower`` uses and the node comes online (``flwr supernode ls``
+    through ``$FLWR_HOME/config.toml``), without a run (a Flower round costs tens of seconds
+    here). Returns the seconds it took; raises BenchError naming what failed."""
+    home, logs = work / "flwr_home", work / "logs"
+    for d in (home, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home)
+    ports = flower_ports()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "bench"\n\n'
+        f'[superlink.bench]\naddress = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
+    t0 = time.monotonic()
+    procs = [spawn(superlink_command(ports), log=logs / "superlink.log", env=env, cwd=work)]
+    try:
+        wait_until(lambda: listening(ports["control"]) and listening(ports["fleet"]), timeout_s=timeout_s,
+                   what=f"flower-superlink's Control and Fleet APIs (log {logs}/superlink.log)", alive=procs)
+        procs.append(spawn(supernode_command(0, ports["fleet"]), log=logs / "supernode-0.log", env=env, cwd=work))
+
+        def online() -> bool:
+            res = subprocess.run(["flwr", "supernode", "ls", "bench", "--format", "json"], env=env, cwd=work,
+                                 capture_output=True, text=True)
+            try:
+                return any(n.get("status") == "online" for n in json.loads(res.stdout).get("nodes", []))
+            except json.JSONDecodeError:
+                return False
+
+        # each `flwr` call is a Python start with flwr's imports (~1.5 CPU s): poll gently
+        wait_until(online, timeout_s=timeout_s, interval_s=2.0, what="a SuperNode online (flwr supernode ls)",
+                   alive=procs)
+        return time.monotonic() - t0
+    finally:
+        end_processes(procs)
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
 
 
 def _flower_run(env: dict[str, str], work: Path, run_id: str | None) -> dict:
@@ -287,7 +345,9 @@ def run_flower_simulation(spec: common.JobSpec, work: Path, *, test, timeout_s: 
 def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> common.RunRecord:
     """The no-framework floor in its own process (so its memory is measured apart from ours)."""
     out = work / "out"
-    proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds)],
+    t0 = time.time()
+    proc = spawn([sys.executable, str(BENCH_DIR / "_vs_flower_common.py"), str(out), str(spec.rounds),
+                  str(spec.local_epochs)],
                  log=work / "floor.log", cwd=work)
     sampler = ProcessSampler([proc.pid])
     sampler.start()
@@ -299,9 +359,12 @@ def run_floor(spec: common.JobSpec, work: Path, *, test, timeout_s: float) -> co
     if proc.returncode != 0:
         raise BenchError(f"floor exited {proc.returncode} (log {work}/floor.log)")
     doc = json.loads((out / "result.json").read_text())
+    # wall_s is the loop's own (after the imports); process_wall_s counts from the spawn, as
+    # fedbus's wall_s counts from the coordinator process's spawn.
     return common.RunRecord(wall_s=doc["wall_s"], round_s=doc["round_s"],
                             slowest_train_s=doc["slowest_train_s"], accuracy=doc["accuracy"],
-                            auc=doc["auc"], peak_rss_mb=peak, wire_bytes=0)
+                            auc=doc["auc"], peak_rss_mb=peak, wire_bytes=0,
+                            extra={"process_wall_s": time.time() - t0})
 
 
 # --------------------------------------------------------------------------------- fedbus
@@ -382,20 +445,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
     parser.add_argument("--json", action="store_true", help="print the JSON document on stdout")
+    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (job default 5)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="fedbus and floor, one round of one epoch, and Flower's SuperLink + a SuperNode "
+                             "started and seen online (no Flower run): checks the bench runs (seconds)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.systems, args.rounds, args.repeats, args.local_epochs = "fedbus,floor", 1, 1, 1
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
-    if args.repeats < 1 or args.rounds < 1:
-        parser.error("--repeats and --rounds must be at least 1")
+    if args.repeats < 1 or args.rounds < 1 or (args.local_epochs is not None and args.local_epochs < 1):
+        parser.error("--repeats, --rounds and --local-epochs must be at least 1")
     args.systems = systems
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = common.JobSpec(rounds=args.rounds)
+    spec = common.JobSpec(rounds=args.rounds, **({} if args.local_epochs is None else
+                                                 {"local_epochs": args.local_epochs}))
     test = common.union_test(common.load_sites(spec=spec))
     runners: dict[str, Callable[..., common.RunRecord]] = {
         "floor": run_floor,
@@ -427,6 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{name} run {repeat + 1}/{args.repeats}: wall {record.wall_s:.1f} s, "
                     f"accuracy {record.accuracy:.3f}"))
                 progress.stop_task(task)
+    if args.smoke:
+        work = root / "flower-probe"
+        work.mkdir()
+        try:
+            console.print(f"flower: SuperLink + SuperNode online in {probe_flower(work):.1f} s (flwr "
+                          f"{_flwr_version()})")
+        except (BenchError, OSError) as e:
+            errors["flower"] = f"SuperLink/SuperNode probe: {e}"
     systems = {name: (common.summarize(runs) if runs else None) for name, runs in records.items()}
     for name, runs in records.items():
         if runs and systems[name] is not None:

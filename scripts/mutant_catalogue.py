@@ -1015,3 +1015,28 @@ MUTANTS.extend([
         (_NOISE,),
     ),
 ])
+
+# ------------------------------------------------------------------ benches and fixed cost (issue 23, t23)
+_FIXED = "tests/bench/test_fixed_cost.py"
+_SMOKE = "tests/bench/test_smoke.py"
+MUTANTS.extend([
+    Mutant(
+        "privacy-plan-imported-without-dp", "a coordinator run without site DP never imports Opacus (fixed cost)",
+        (Edit("coordinator/rounds/result.py", "    if plan is None and ctx.experiment.training.dp is None:\n",
+              "    if False:\n"),),
+        (f"{_FIXED}::test_a_coordinator_run_without_site_dp_never_imports_opacus",),
+    ),
+    Mutant(
+        "sklearn-at-site-start", "a site's warm-up and binary metrics never import scikit-learn (fixed cost)",
+        (Edit("site_worker/daemon.py", "        import opacus  # noqa: F401\n",
+              "        import opacus  # noqa: F401\n        import sklearn.metrics  # noqa: F401\n"),),
+        (f"{_FIXED}::test_site_warm_up_and_binary_metrics_never_import_scikit_learn",),
+    ),
+    Mutant(
+        "echo-sites-say-no-hello", "bench/scale.py's echo sites announce their rows, so the model sweep completes",
+        (Edit("bench/_echo_sites.py", "        self._consumer = self.bus.consume(site_queue(self.site_id), self._on_task, prefetch=1)\n"
+                                      "        self.say_hello()\n",
+              "        self._consumer = self.bus.consume(site_queue(self.site_id), self._on_task, prefetch=1)\n"),),
+        (f"{_SMOKE}::test_bench_smoke_mode_runs[scale]",), broker=True, timeout_s=900,
+    ),
+])

@@ -130,11 +130,11 @@ class SiteWorker:
         return self._bus
 
     def warm_up(self) -> float:
-        """Pay one-time import costs (torch optimizers pull in torch._dynamo, Opacus, sklearn)
-        before announcing, so the first task's latency is the task's own."""
+        """Pay one-time import costs (torch optimizers pull in torch._dynamo, Opacus) before
+        announcing, so the first task's latency is the task's own. scikit-learn is left out: only
+        multiclass and regression metrics use it (``site_worker.metrics``), binary ones are numpy."""
         t0 = time.perf_counter()
         import opacus  # noqa: F401
-        import sklearn.metrics  # noqa: F401
         import torch
 
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error, roc_auc_score
 
 
 # Rows per inference pass wherever a site evaluates (the memory check in site_worker.dp uses it).
@@ -96,6 +95,8 @@ def _f1(true: np.ndarray, pred: np.ndarray, label: int) -> float:
 def task_metrics(out: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str) -> dict[str, float | None]:
     """Accuracy/AUC/F1 from logits for classification, MSE/MAE for regression."""
     if task == "regression" or loss_name == "mse":
+        from sklearn.metrics import mean_absolute_error, mean_squared_error  # seconds to import: only if used
+
         pred = out.reshape(-1).double().numpy()
         true = y.reshape(-1).double().numpy()
         return {"mse": mean_squared_error(true, pred), "mae": mean_absolute_error(true, pred)}
@@ -113,6 +114,8 @@ def task_metrics(out: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: st
             auc = binary_auc(true, prob[:, 1]) if len(classes) == 2 else None
             f1 = _f1(true, pred, 1)
         else:
+            from sklearn.metrics import f1_score, roc_auc_score  # seconds to import: only if used
+
             auc = (roc_auc_score(true, prob, multi_class="ovr", labels=list(range(prob.shape[1])))
                    if len(classes) == prob.shape[1] else None)
             f1 = f1_score(true, pred, average="macro", zero_division=0)

@@ -100,6 +100,8 @@ class RunResult:
 def announce_plan(ctx: RunContext, plan: dict[str, Any] | None, *, show: bool) -> dict[str, Any] | None:
     """The privacy plan before round 1 (``plan``, else made from the rows each site announced):
     in the log, and on the terminal when ``show``; returns it."""
+    if plan is None and ctx.experiment.training.dp is None:
+        return None  # no site DP, no plan: and no import of the budget arithmetic (Opacus: seconds)
     from coordinator import (
         privacy_plan as plans,  # imports the sites' budget arithmetic: only when a run starts
     )

@@ -3,7 +3,10 @@
 An echo site verifies each task with the coordinator's key (production codec and
 signing), answers a ``TrainTask`` with ``weights + 0.001`` and an ``EvalTask`` with fixed
 metrics, signs the reply with its own enrolled key and publishes it with confirms, then
-acks the task: the same wire work a real site does, minus the training. Used by
+acks the task: the same wire work a real site does, minus the training. Like a real site it
+first says hello (a signed ``SiteHello`` announcing ``rows`` rows of the run's dataset): the
+coordinator bounds every reported count by the announced rows and dead-letters updates from a
+site it never heard from (``num_examples_bound``). Used by
 ``bench/scale.py`` where hundreds of sites or 50 M-parameter models make real training
 impossible on a laptop.
 """
@@ -17,19 +20,24 @@ from typing import Any
 import numpy as np
 
 from protocol.codec import new_envelope, open_frame, seal
-from protocol.messages import EvalResult, EvalTask, TrainTask, Update
+from protocol.messages import DatasetInfo, EvalResult, EvalTask, SiteHello, TrainTask, Update
 from protocol.signing import Signer, TrustStore
 from protocol.transport.base import Bus, Delivery
-from protocol.transport.topology import UPDATES, site_queue
+from protocol.transport.topology import CONTROL, UPDATES, site_queue
 
 EVAL_METRICS = {"loss": 0.5, "accuracy": 0.8, "auc": 0.8, "f1": 0.5, "n": 50.0}
+NUM_EXAMPLES = 100  # what each Update claims; the hello announces ROWS >= every count reported
+ROWS = 1000
 
 
 class EchoSite:
     """One instant-answer site on ``bus`` (which it owns: one connection per site on AMQP)."""
 
-    def __init__(self, bus: Bus, *, site_id: str, signer: Signer, federation: str, coordinator_pub: bytes) -> None:
+    def __init__(self, bus: Bus, *, site_id: str, signer: Signer, federation: str, coordinator_pub: bytes,
+                 dataset: str = "heart_failure", rows: int = ROWS) -> None:
         self.bus = bus
+        self.dataset = dataset
+        self.rows = rows
         self.site_id = site_id
         self.signer = signer
         self.federation = federation
@@ -41,6 +49,16 @@ class EchoSite:
 
     def start(self) -> None:
         self._consumer = self.bus.consume(site_queue(self.site_id), self._on_task, prefetch=1)
+        self.say_hello()
+
+    def say_hello(self) -> None:
+        """Announce ``rows`` rows of ``dataset`` (metadata only), as ``site_worker`` does at start."""
+        info = DatasetInfo(name=self.dataset, rows=self.rows, columns=("x", "y"),
+                           feature_types={"x": "numeric"}, target="y")
+        env = new_envelope(SiteHello(site_id=self.site_id, software_version="echo", datasets=(info,)),
+                           federation=self.federation, run_id="", round=0, sender=self.site_id,
+                           recipient="coordinator")
+        self.bus.publish(CONTROL, self.federation, seal(env, self.signer), message_id=env.message_id)
 
     def _on_task(self, d: Delivery) -> None:
         env = open_frame(d.body, self.trust).envelope
@@ -48,7 +66,7 @@ class EchoSite:
         reply: Any
         if isinstance(p, TrainTask):
             weights = tuple((n, (np.asarray(w) + np.asarray(0.001, dtype=np.asarray(w).dtype))) for n, w in p.weights)
-            reply = Update(task_id=env.message_id, weights=weights, num_examples=100,
+            reply = Update(task_id=env.message_id, weights=weights, num_examples=NUM_EXAMPLES,
                            metrics={"train_s": 0.0, "after_loss": 0.5, "after_accuracy": 0.8, "n_val": 20.0},
                            epsilon=None, delta=None, base_round=p.base_round)
         elif isinstance(p, EvalTask):
