@@ -3,7 +3,7 @@ noise key that stops a repeated seed from repeating noise on a different release
 class 6) without making the noise hang on the last bit of a model.
 
 Keying every stream on a digest of the release's inputs (model bytes included) made the
-noise follow float rounding: a coordinator's FedAvg sum is exact only to ~1 ulp in the
+noise follow float rounding: a coordinator's weighted-mean sum is exact only to ~1 ulp in the
 order the updates arrive, so a fault-free rerun (or a resumed round) sent a model one ulp
 off and got entirely different noise, 0.04 on every weight, instead of the same model
 (``tests/chaos``). So the first release a seed is used on gets the noise of the seed
