@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 import structlog
 
@@ -28,6 +27,8 @@ from site_worker.readers import Loaded, by_format
 from site_worker.splits import Split, SplitKey, assign, row_hashes, unit_values
 
 if TYPE_CHECKING:
+    import torch
+
     from protocol.config import DatasetSpec
 
 log = structlog.get_logger(__name__)
@@ -200,6 +201,8 @@ def prepare(source: DatasetSource, spec: DatasetSpec, *, input_shape: tuple[int,
                                            input_shape=input_shape, validation_fraction=val_frac)
     y, split, features = loaded.y, loaded.split, loaded.features
     x_tr, x_va, x_te = loaded.x_train, loaded.x_val, loaded.x_test
+    import torch  # here, not at import: loading site.toml and checking the broker come first
+
     y_dtype = torch.long if task == "multiclass" else torch.float32
     y_t = torch.as_tensor(y, dtype=y_dtype)
     if task != "multiclass":

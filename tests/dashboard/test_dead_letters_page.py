@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -36,7 +37,14 @@ def test_dead_letters_of_the_federation_with_their_reasons(state, amqp_url):
         consumer = bus.consume(updates_queue(fed), reject, prefetch=10)
         assert done.wait(30), "the broker did not deliver the two messages"
         consumer.cancel()
-        doc = client(state, broker=amqp_url, federation=fed).get("/api/dead-letters").json()
+        # A nack publishes the dead letter (confirmed) on the connection's I/O thread, after the
+        # callback returned: wait, bounded, until both have reached the dead-letter queue.
+        page = client(state, broker=amqp_url, federation=fed)
+        deadline = time.monotonic() + 30
+        doc = page.get("/api/dead-letters").json()
+        while len(doc.get("letters", [])) < 2 and time.monotonic() < deadline:
+            threading.Event().wait(0.1)
+            doc = page.get("/api/dead-letters").json()
         assert doc["available"] is True and doc["federation"] == fed, doc
         assert [(d["message_id"], d["reason"]) for d in doc["letters"]] == list(
             zip(ids, ["bad_signature: unknown signer", "malformed: not msgpack"])), doc

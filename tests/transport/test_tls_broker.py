@@ -279,6 +279,9 @@ def test_federation_from_its_kits_logs_in_by_certificate_and_audit_passes(tls_br
     r = _fedbus("config", "new", "--dataset", str(tmp_path / "data" / sites[0] / "heart_failure.csv"), "--target", "DEATH_EVENT",
                 "--rounds", "2", "--out", str(exp))
     assert r.returncode == 0, r.stderr
+    for s in sites:  # each hospital approves the experiment (its kit sets policy.require_approval)
+        a = _fedbus("site", "approve", str(exp), "--config", str(kits / s / "site.toml"))
+        assert a.returncode == 0, a.stdout + a.stderr
     logs = {s: open(tmp_path / f"{s}.log", "w") for s in sites}  # noqa: SIM115
     procs = {s: subprocess.Popen([sys.executable, "-m", "fedbus.cli", "site", "run", "--config", str(kits / s / "site.toml")],
                                  cwd=REPO, env=_env(), stdout=logs[s], stderr=subprocess.STDOUT) for s in sites}
