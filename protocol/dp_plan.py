@@ -66,14 +66,19 @@ def plan_dp(spec: TrainSpec, n_train: int, *, delta: float | None = None, accoun
                   max_grad_norm=spec.dp.max_grad_norm, delta=delta, accountant=accountant, epochs=spec.epochs)
 
 
-def check_dp_request(policy: SitePolicy, dp: DPConfig | DPSpec, *, rows: int) -> float:
-    """The experiment's accountant and delta against the policy; returns the site's delta."""
+def check_accountant(policy: SitePolicy, dp: DPConfig | DPSpec) -> None:
+    """The experiment's accountant is the site's: every epsilon is reported with the site's own."""
     asked = str(getattr(dp, "accountant", "rdp") or "rdp")
     if asked != policy.accountant:
         raise PolicyViolation(
             f"accountant: the experiment asks for {asked!r}; this site's policy.accountant is "
             f"{policy.accountant!r} and the site reports every epsilon with it "
             f"(set training.optimizer.differential_privacy.accountant to {policy.accountant!r})")
+
+
+def check_dp_request(policy: SitePolicy, dp: DPConfig | DPSpec, *, rows: int) -> float:
+    """The experiment's accountant and delta against the policy; returns the site's delta."""
+    check_accountant(policy, dp)
     site_delta = policy.site_delta(rows)
     if float(dp.delta) > site_delta:
         raise PolicyViolation(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from protocol.dp_plan import check_accountant
 from protocol.layers import row_mixing_message
 from protocol.policy import PolicyViolation, SitePolicy
 
@@ -76,12 +77,7 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
     if total is not None and policy.max_epsilon is not None and total > policy.max_epsilon:
         raise PolicyViolation(f"max_epsilon: total epsilon {total} for the run exceeds this site's max_epsilon "
                               f"{policy.max_epsilon}")
-    asked = str(getattr(dp, "accountant", "rdp") or "rdp")
-    if asked != policy.accountant:
-        raise PolicyViolation(
-            f"accountant: the experiment asks for {asked!r}; this site's policy.accountant is "
-            f"{policy.accountant!r} and the site reports every epsilon with it "
-            f"(set training.optimizer.differential_privacy.accountant to {policy.accountant!r})")
+    check_accountant(policy, dp)
     if dp.noise_multiplier is not None and dp.target_epsilon is None:
         check_noise(policy, float(dp.noise_multiplier))
     if dp.target_epsilon is not None and policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:
