@@ -18,6 +18,7 @@ bounds counts further in ``coordinator/inbox.py``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -38,14 +39,16 @@ MAX_EPSILON = 1e9  # an ε a ledger can report (a site's own figure; finite)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-class Bound:
+class Bound(abc.ABC):
     """A value's bound; ``check`` raises ``OutOfBounds`` naming ``path``."""
 
-    def check(self, value: Any, path: str) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def check(self, value: Any, path: str) -> None:
+        """Raise ``OutOfBounds`` naming ``path`` unless ``value`` is within the bound."""
 
-    def describe(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The bound in words, for error messages and docs."""
 
 
 def _fail(path: str, what: str, value: Any) -> OutOfBounds:
