@@ -247,8 +247,9 @@ def load_table(source: DatasetSource, spec: DatasetSpec, *, key: SplitKey, task:
 
 
 def split_rows(key: SplitKey, dataset: str, hashes: np.ndarray, validation_fraction: float) -> Split:
-    if len(hashes) < 2:
-        raise DataError("rows", "fewer than 2 usable rows", private={"usable_rows": len(hashes)})
+    usable = int(hashes.shape[0])
+    if usable < 2:  # the count goes to the site's log only (private), never into the reason
+        raise DataError("rows", "fewer than 2 usable rows", private={"usable_rows": usable})
     u = unit_values(key, dataset, hashes)
     split = assign(u, test_fraction=key.test_fraction, validation_fraction=validation_fraction)
     if len(split.train) == 0:

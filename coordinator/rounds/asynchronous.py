@@ -16,7 +16,7 @@ from coordinator.aggregators import AsyncAggregator
 from coordinator.inbox import Held, Inbound, Message
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
-from coordinator.rounds.context import RunContext, RunFailed, warn_reproducible
+from coordinator.rounds.context import RunContext, give_up, warn_reproducible
 from coordinator.sampling import sample_count
 from coordinator.validation import Rejected
 from protocol.messages import Declined, EvalResult, Tensors
@@ -58,9 +58,8 @@ class AsyncRounds:
                     deadline = time.time() + ctx.round_timeout_s
                     timeouts += 1
                     if timeouts > fed.max_round_retries:
-                        for h in held.values():
-                            h.delivery.requeue()
-                        raise RunFailed(
+                        raise give_up(
+                            held,
                             f"version {version + 1}: no update arrived for {ctx.round_timeout_s:.0f} s, "
                             f"{fed.max_round_retries} times in a row (sites tasked: {', '.join(active)})"
                         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Mapping
 
 from coordinator import checkpoints
 from coordinator.aggregators import EarlyStopping
@@ -25,6 +26,13 @@ from protocol.messages import Tensors
 
 class RunFailed(Exception):
     """The run cannot go on (too few sites, too few replies after the retries)."""
+
+
+def give_up(held: Mapping[str, Any], reason: str) -> RunFailed:
+    """Requeue every held, uncommitted delivery (nothing is lost) and return the failure to raise."""
+    for h in held.values():
+        h.delivery.requeue()
+    return RunFailed(reason)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 from coordinator.aggregators import SyncAggregator
 from coordinator.inbox import Held, Inbound, Message
 from coordinator.progress import RoundProgress
-from coordinator.rounds.context import RunContext, RunFailed, warn_reproducible
+from coordinator.rounds.context import RunContext, RunFailed, give_up, warn_reproducible
 from coordinator.rounds.evaluation import Evaluation
 from coordinator.sampling import sample_count
 from coordinator.validation import Rejected
@@ -76,9 +76,8 @@ class SyncRounds:
             attempt += 1
             missing = sorted(set(sampled) - replied)
             if attempt > fed.max_round_retries:
-                for h in held.values():
-                    h.delivery.requeue()
-                raise RunFailed(
+                raise give_up(
+                    held,
                     f"round {rnd}: {len(accepted)} update(s) accepted by the deadline but min_fit_clients="
                     f"{fed.min_fit_clients}, after {fed.max_round_retries} retries (no reply from: "
                     f"{', '.join(missing) or 'none'}; declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
