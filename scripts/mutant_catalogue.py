@@ -297,8 +297,8 @@ MUTANTS += [
     ),
     Mutant(
         "dp-counts-above-announced-rows", "a DP release never counts more rows than the site announced (else the coordinator drops an honest, charged reply)",
-        (Edit("site_worker/release.py", "    return {k: (float(min(v, rows)) if k == \"n\" else v) for k, v in metrics.items()}\n",
-              "    return dict(metrics)\n"),),
+        (Edit("protocol/dp_figures.py", "    return min(n, float(rows)) if rows is not None and rows >= 1 else n\n",
+              "    return n\n"),),
         ("tests/site_worker/test_site_owns_dp.py::test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced",),
     ),
     # ------------------------------------------------------------------ the run's privacy plan

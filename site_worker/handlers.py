@@ -42,7 +42,7 @@ from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
 from site_worker.noise_keys import NoiseKeys
 from site_worker.policy import check_policy
-from site_worker.release import bound_counts, release_metrics, release_size
+from site_worker.release import release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
@@ -344,7 +344,6 @@ class TaskHandler:
             m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng, rows=rows)
         self.ledger.commit(task.dataset, env.message_id)
-        m = bound_counts(m, rows)
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
@@ -419,7 +418,6 @@ class TaskHandler:
                                    task=data.task, policy=policy, rows=rows,
                                    rng=noise_source(policy, task_seed=task.seed, purpose="final", inputs=inputs))
         self.ledger.commit(task.dataset, env.message_id)
-        released = [bound_counts(r, rows) for r in released]
         metrics = {**released[0], **prefixed("personalized", released[1])}
         if "n" in released[1]:
             metrics["personalized_n"] = released[1]["n"]
