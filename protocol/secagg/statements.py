@@ -48,6 +48,14 @@ class Roster:
     def digest(self) -> str:
         return hashlib.sha256(self.body()).hexdigest()
 
+    @classmethod
+    def from_body(cls, body: bytes) -> Roster:
+        """Inverse of ``body`` (bounded msgpack; ``ValueError`` on anything else)."""
+        f = _unpack(body, _ROSTER, 9)
+        bindings = tuple(KeyBinding(str(b[0]), str(b[1]), bytes(b[2]), str(b[3]), bytes(b[4])) for b in f[2])
+        return cls(str(f[0]), tuple(str(x) for x in f[1]), bindings, int(f[3]), int(f[4]), int(f[5]),
+                   float(f[6]), float(f[7]), int(f[8]))
+
     def index(self, site_id: str) -> int:
         return self.sites.index(site_id)
 
@@ -70,6 +78,24 @@ class UnmaskRequest:
             [self.run_id, self.roster_digest, self.request_id, [list(c) for c in self.contributors]],
             use_bin_type=True,
         )
+
+    @classmethod
+    def from_body(cls, body: bytes) -> UnmaskRequest:
+        f = _unpack(body, _REQUEST, 4)
+        return cls(str(f[0]), str(f[1]), str(f[2]), tuple((str(c[0]), int(c[1])) for c in f[3]))
+
+
+def _unpack(body: bytes, prefix: bytes, fields: int) -> list:  # type: ignore[type-arg]
+    if not body.startswith(prefix):
+        raise ValueError("not a secure-aggregation statement of this kind")
+    try:
+        out = msgpack.unpackb(body[len(prefix):], raw=False, max_array_len=100_000, max_map_len=0,
+                              max_str_len=4096, max_bin_len=4096)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ValueError(f"malformed statement: {e}") from None
+    if not isinstance(out, list) or len(out) != fields:
+        raise ValueError("malformed statement: wrong number of fields")
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,237 @@
+"""A site's side of secure aggregation, and the rules that keep the sum a sum.
+
+A coordinator that wants one hospital's update has three tricks against masking: ask to
+unmask a "sum" of one update (a buffer of one); ask twice, for two sets that differ by one
+hospital, and subtract; or hand the sites a roster of its own (its own X25519 keys, a
+threshold of one). The site refuses each, naming the rule (``SecAggRefused``):
+
+- ``roster_signature`` / ``request_signature``: the roster or request is not signed by this
+  site's coordinator (and every key binding in the roster by the site it names, from the
+  peer keys in the site's kit);
+- ``roster_changed`` / ``roster_mismatch``: a run's roster differs from the one the site
+  committed to, or a request names another roster;
+- ``min_contributors``: a request for fewer updates than the committed ``min_contributors``
+  (never below the site's own floor);
+- ``update_reused``: an update already included in an answered request (each update is in at
+  most one unmask request; a redelivered request with the same id and bytes gets the same answer).
+
+The commitments are durable (``protocol.durable.write_atomic``, one JSON file per run under
+``state_dir/secagg/``, named by a digest of the run id, never by the wire's string), and are
+written before an answer leaves, so a restarted site refuses exactly what it refused before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protocol.durable import write_atomic
+from protocol.errors import ProtocolError
+from protocol.secagg import field as F
+from protocol.secagg.coding import Coding, mask_and_shares
+from protocol.secagg.keys import AgreementKey, KeyBinding, open_share, seal_share, verify_binding
+from protocol.secagg.masks import new_mask_key
+from protocol.secagg.statements import Roster, Signed, UnmaskRequest, verify
+from protocol.signing import Signer, TrustStore
+
+DEFAULT_MIN_CONTRIBUTORS_FLOOR = 2  # a "sum" of one update is that update
+
+
+class SecAggRefused(Exception):
+    """A roster, request or share the site will not act on; ``rule`` names the rule."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        self.rule = rule
+        super().__init__(f"{rule}: {detail}")
+
+
+@dataclass
+class _RunState:
+    """What the site committed to in one run (the JSON on disk)."""
+
+    x25519: str = ""  # this run's private X25519 key, hex
+    roster: str = ""  # the committed roster's canonical body, hex ("" before commitment)
+    used: list[list[str | int]] = field(default_factory=list)  # [[site, tag], ...] in answered requests
+    answered: dict[str, list[str]] = field(default_factory=dict)  # request id -> [body digest, answer hex]
+    masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
+    shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> share hex (decrypted)
+
+
+@dataclass(frozen=True)
+class MaskedOutput:
+    """One masked update and its shares: ``masked`` goes to the coordinator, ``sealed[site]``
+    to that roster site through the broker, ``own`` stays here."""
+
+    masked: np.ndarray
+    sealed: dict[str, bytes]
+
+
+class SiteSecAgg:
+    """Durable secure-aggregation state of one site (all runs)."""
+
+    def __init__(self, state_dir: Path, site_id: str, signer: Signer, coordinators: TrustStore, peers: TrustStore,
+                 *, coordinator: str = "coordinator", min_contributors_floor: int = DEFAULT_MIN_CONTRIBUTORS_FLOOR) -> None:
+        self.dir = Path(state_dir) / "secagg"
+        self.site_id = site_id
+        self.signer = signer
+        self.coordinators = coordinators  # whose signature a roster / request needs
+        self.peers = peers  # the federation's site keys, from the kit: who may bind an X25519 key
+        self.coordinator = coordinator
+        self.floor = max(DEFAULT_MIN_CONTRIBUTORS_FLOOR, int(min_contributors_floor))
+
+    # ------------------------------------------------------------------ persistence
+    def _path(self, run_id: str) -> Path:
+        return self.dir / (hashlib.sha256(run_id.encode()).hexdigest()[:32] + ".json")
+
+    def _load(self, run_id: str) -> _RunState:
+        p = self._path(run_id)
+        if not p.exists():
+            return _RunState()
+        return _RunState(**json.loads(p.read_text()))
+
+    def _save(self, run_id: str, st: _RunState) -> None:
+        write_atomic(self._path(run_id), json.dumps(st.__dict__).encode(), mode=0o600)
+
+    # ------------------------------------------------------------------ joining a run
+    def key_binding(self, run_id: str) -> KeyBinding:
+        """This site's X25519 key for ``run_id`` (drawn once, kept), signed by its identity."""
+        st = self._load(run_id)
+        if not st.x25519:
+            st.x25519 = AgreementKey().private_bytes().hex()
+            self._save(run_id, st)
+        return AgreementKey.from_private_bytes(bytes.fromhex(st.x25519)).bind(self.signer, self.site_id, run_id)
+
+    def commit_roster(self, roster: Roster, signed: Signed) -> None:
+        """Check a roster and commit to it; a second, different roster for the run is refused."""
+        try:
+            verify(self.coordinators, signed, roster, coordinator=self.coordinator)
+        except ProtocolError as e:
+            raise SecAggRefused("roster_signature", f"roster for run {roster.run_id!r} refused: {e}") from None
+        st = self._load(roster.run_id)
+        if st.roster:
+            if st.roster != roster.body().hex():
+                raise SecAggRefused("roster_changed", f"run {roster.run_id!r} already has a roster this site committed "
+                                                      "to; a different one is refused")
+            return
+        self._check_roster(roster, st)
+        st.roster = roster.body().hex()
+        self._save(roster.run_id, st)
+
+    def _check_roster(self, roster: Roster, st: _RunState) -> None:
+        n = len(roster.sites)
+        if self.site_id not in roster.sites or len(set(roster.sites)) != n or len(roster.bindings) != n:
+            raise SecAggRefused("roster_invalid", "the roster must name each site once, this one included, with one "
+                                                  "key binding per site")
+        if roster.min_contributors < self.floor:
+            raise SecAggRefused("min_contributors", f"roster asks for min_contributors {roster.min_contributors}, "
+                                                    f"this site requires at least {self.floor}")
+        try:
+            Coding(n, roster.threshold, roster.privacy, roster.length)
+            F.QuantConfig(roster.clip, roster.scale, n)
+        except ValueError as e:
+            raise SecAggRefused("roster_invalid", str(e)) from None
+        mine = self.key_binding(roster.run_id)
+        for site, binding in zip(roster.sites, roster.bindings, strict=True):
+            try:
+                verify_binding(self.peers, binding, site_id=site, run_id=roster.run_id)
+            except ProtocolError as e:
+                raise SecAggRefused("roster_signature", f"key binding of {site!r}: {e}") from None
+            if site == self.site_id and binding.public != mine.public:
+                raise SecAggRefused("roster_signature", "the roster carries an X25519 key for this site that is not its own")
+
+    def roster(self, run_id: str) -> Roster:
+        """The committed roster (``SecAggRefused`` if none)."""
+        st = self._load(run_id)
+        if not st.roster:
+            raise SecAggRefused("roster_missing", f"no roster committed for run {run_id!r}")
+        return Roster.from_body(bytes.fromhex(st.roster))
+
+    # ------------------------------------------------------------------ masking and shares
+    def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
+        """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
+        roster = self.roster(run_id)
+        st = self._load(run_id)
+        if tag in st.masked_tags:
+            raise SecAggRefused("mask_reused", f"update {tag} of run {run_id!r} was already masked; a mask is used once")
+        if values.size != roster.length:
+            raise SecAggRefused("roster_mismatch", f"update has {values.size} values, the roster says {roster.length}")
+        cfg = F.QuantConfig(roster.clip, roster.scale, len(roster.sites))
+        coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
+        mask, shares = mask_and_shares(new_mask_key(), coding)
+        me = AgreementKey.from_private_bytes(bytes.fromhex(st.x25519))
+        sealed: dict[str, bytes] = {}
+        for j, (site, binding) in enumerate(zip(roster.sites, roster.bindings, strict=True)):
+            if site == self.site_id:
+                st.shares[f"{site}\0{tag}"] = F.to_bytes(shares[j]).hex()
+                continue
+            sealed[site] = seal_share(me.pair_key(self.site_id, binding), F.to_bytes(shares[j]),
+                                      run_id=run_id, tag=tag, sender=self.site_id, recipient=site)
+        st.masked_tags.append(tag)
+        self._save(run_id, st)
+        return MaskedOutput(F.add(F.quantise(values, cfg), mask), sealed)
+
+    def receive_share(self, run_id: str, sender: str, tag: int, sealed: bytes) -> None:
+        """Decrypt and keep ``sender``'s share of its update ``tag`` (idempotent on redelivery)."""
+        roster = self.roster(run_id)
+        if sender not in roster.sites or sender == self.site_id:
+            raise SecAggRefused("roster_mismatch", f"share from {sender!r}, not another site of the roster")
+        st = self._load(run_id)
+        binding = roster.bindings[roster.index(sender)]
+        me = AgreementKey.from_private_bytes(bytes.fromhex(st.x25519))
+        plain = open_share(me.pair_key(self.site_id, binding), sealed, run_id=run_id, tag=tag,
+                           sender=sender, recipient=self.site_id)
+        coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
+        F.from_bytes(plain, coding.piece)
+        key = f"{sender}\0{tag}"
+        known = st.shares.get(key)
+        if known is not None and known != plain.hex():
+            raise SecAggRefused("share_changed", f"{sender!r} already sent a different share for update {tag}")
+        st.shares[key] = plain.hex()
+        self._save(run_id, st)
+
+    # ------------------------------------------------------------------ answering an unmask request
+    def answer(self, request: UnmaskRequest, signed: Signed) -> bytes:
+        """The sum of this site's shares of exactly ``request.contributors`` (field bytes), or a refusal."""
+        try:
+            verify(self.coordinators, signed, request, coordinator=self.coordinator)
+        except ProtocolError as e:
+            raise SecAggRefused("request_signature", f"unmask request {request.request_id!r} refused: {e}") from None
+        roster = self.roster(request.run_id)
+        if request.roster_digest != roster.digest():
+            raise SecAggRefused("roster_mismatch", "the request names a roster this site did not commit to")
+        st = self._load(request.run_id)
+        digest = hashlib.sha256(request.body()).hexdigest()
+        done = st.answered.get(request.request_id)
+        if done is not None:
+            if done[0] != digest:
+                raise SecAggRefused("update_reused", f"request id {request.request_id!r} was answered for another set")
+            return bytes.fromhex(done[1])  # a redelivered request: the same answer, nothing new revealed
+        wanted = [(str(s), int(t)) for s, t in request.contributors]
+        if len(set(wanted)) != len(wanted):
+            raise SecAggRefused("update_reused", "the request names one update twice")
+        if len(wanted) < roster.min_contributors:
+            raise SecAggRefused("min_contributors", f"the request sums {len(wanted)} update(s); this site answers only "
+                                                    f"for at least {roster.min_contributors}")
+        used = {(str(s), int(t)) for s, t in st.used}
+        reused = [f"{s}#{t}" for s, t in wanted if (s, t) in used]
+        if reused:
+            raise SecAggRefused("update_reused", f"update(s) {', '.join(reused)} were already in an answered request; "
+                                                 "each update is unmasked in at most one sum")
+        missing = [f"{s}#{t}" for s, t in wanted if f"{s}\0{t}" not in st.shares]
+        if missing:
+            raise SecAggRefused("missing_share", f"this site holds no share of {', '.join(missing)}")
+        coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
+        total = np.zeros(coding.piece, dtype=np.int64)
+        for s, t in wanted:
+            total = F.add(total, F.from_bytes(bytes.fromhex(st.shares[f"{s}\0{t}"]), coding.piece))
+        out = F.to_bytes(total)
+        st.used.extend([s, t] for s, t in wanted)
+        st.answered[request.request_id] = [digest, out.hex()]
+        for s, t in wanted:  # a share is never needed again: do not keep it
+            st.shares.pop(f"{s}\0{t}", None)
+        self._save(request.run_id, st)  # durable before the answer leaves
+        return out
