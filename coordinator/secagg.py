@@ -13,11 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.config import Experiment
+from protocol.config_error import ConfigError
 from protocol.secagg import field as F
 from protocol.secagg.coding import Coding, decode_sum
 from protocol.secagg.keys import KeyBinding
 from protocol.secagg.statements import Roster, Signed, UnmaskRequest, sign
 from protocol.signing import Signer
+
+
+def refuse_until_wired(experiment: Experiment) -> None:
+    """Never run "secure" rounds in the clear: the round loop does not mask updates yet."""
+    if experiment.federated.secure_aggregation is not None:
+        raise ConfigError("federated.secure_aggregation", "this coordinator cannot run secure aggregation over the "
+                          "bus yet (the masking and the sites' rules exist, the round loop does not use them: "
+                          "issue 22); remove the key to run without it")
 
 
 @dataclass
@@ -32,6 +42,13 @@ class MaskedSum:
             return  # a redelivered update is counted once
         self.total = F.add(self.total, masked)
         self.contributors.append((site, tag))
+
+
+def weighted_mean(total: np.ndarray) -> np.ndarray:
+    """FedAvg's step from the unmasked ``[sum w_i delta_i..., sum w_i]`` (``site_worker.secagg.weighted_vector``)."""
+    if total[-1] <= 0:
+        raise ValueError("the unmasked sum of weights is not positive: no update in the sum")
+    return total[:-1] / total[-1]
 
 
 class CoordinatorSecAgg:

@@ -1099,3 +1099,30 @@ MUTANTS.extend([
         ("tests/protocol/test_secagg_core.py::test_bit_budget_refuses_the_first_configuration_that_would_overflow",),
     ),
 ])
+
+# ------------------------------------------------------------------ secure aggregation: what it refuses to run, and the site's policy
+_SA_CFG = "tests/cli/test_secagg_config.py"
+_SA_POLICY = "tests/site_worker/test_secagg_policy.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-allows-fedasync", "FedAsync under secure aggregation is refused at config validate, naming FedBuff",
+        (Edit("protocol/secagg/rules.py", '    if name == "FedAsync":\n', '    if name == "FedAsync" and False:\n'),),
+        (f"{_SA_CFG}::test_fedasync_is_refused_naming_fedbuff",),
+    ),
+    Mutant(
+        "secagg-allows-robust-flower", "Flower strategies that need each update (Krum, median) are refused with the reason",
+        (Edit("protocol/secagg/rules.py", "        if strategy in NEEDS_INDIVIDUAL_UPDATES:\n", "        if False:\n"),),
+        (f"{_SA_CFG}::test_flower_strategies_needing_individual_updates_are_refused_with_the_reason",),
+    ),
+    Mutant(
+        "secagg-runs-in-the-clear", "a run asking for secure aggregation is refused while the round loop cannot mask",
+        (Edit("coordinator/secagg.py", "    if experiment.federated.secure_aggregation is not None:\n", "    if False:\n"),),
+        (f"{_SA_CFG}::test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear",),
+    ),
+    Mutant(
+        "secagg-required-policy-ignored", "a site whose policy requires secure aggregation declines a run without it",
+        (Edit("site_worker/policy.py", '    if policy.secure_aggregation == "required" and secagg is None:\n',
+              "    if False:\n"),),
+        (f"{_SA_POLICY}::test_the_site_decides_whether_its_update_is_seen_in_the_clear",),
+    ),
+])

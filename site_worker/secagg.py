@@ -41,6 +41,14 @@ from protocol.signing import Signer, TrustStore
 DEFAULT_MIN_CONTRIBUTORS_FLOOR = 2  # a "sum" of one update is that update
 
 
+def weighted_vector(delta: np.ndarray, num_examples: int, max_weight: int) -> np.ndarray:
+    """FedAvg's numerator and denominator in one vector, so the weight is masked too:
+    ``[w * delta..., w]`` with ``w = min(num_examples, max_weight) / max_weight`` in (0, 1]
+    (``max_weight`` public, fixed by the run), ``delta`` this site's update minus the global model."""
+    w = min(int(num_examples), int(max_weight)) / int(max_weight)
+    return np.concatenate([w * np.asarray(delta, dtype=np.float64).ravel(), [w]])
+
+
 class SecAggRefused(Exception):
     """A roster, request or share the site will not act on; ``rule`` names the rule."""
 
