@@ -66,7 +66,7 @@ class _RunState:
     used: list[list[str | int]] = field(default_factory=list)  # [[site, tag], ...] in answered requests
     answered: dict[str, list[str]] = field(default_factory=dict)  # request id -> [body digest, answer hex]
     masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
-    shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> share hex (decrypted)
+    shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> sha256 of the share file held
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,20 @@ class SiteSecAgg:
 
     def _save(self, run_id: str, st: _RunState) -> None:
         write_atomic(self._path(run_id), json.dumps(st.__dict__).encode(), mode=0o600)
+
+    def _share_path(self, run_id: str, key: str) -> Path:
+        """One file per held share (a share is model-sized / (U - T)): never rewritten with the run's JSON."""
+        return self._path(run_id).with_suffix("") / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".share")
+
+    def _keep_share(self, run_id: str, st: _RunState, key: str, data: bytes) -> None:
+        write_atomic(self._share_path(run_id, key), data, mode=0o600)
+        st.shares[key] = hashlib.sha256(data).hexdigest()
+
+    def _share(self, run_id: str, st: _RunState, key: str) -> bytes:
+        data = self._share_path(run_id, key).read_bytes()
+        if hashlib.sha256(data).hexdigest() != st.shares[key]:
+            raise SecAggRefused("share_changed", "a stored share does not match its digest (state directory damaged)")
+        return data
 
     # ------------------------------------------------------------------ joining a run
     def key_binding(self, run_id: str) -> KeyBinding:
@@ -174,7 +188,7 @@ class SiteSecAgg:
         sealed: dict[str, bytes] = {}
         for j, (site, binding) in enumerate(zip(roster.sites, roster.bindings, strict=True)):
             if site == self.site_id:
-                st.shares[f"{site}\0{tag}"] = F.to_bytes(shares[j]).hex()
+                self._keep_share(run_id, st, f"{site}\0{tag}", F.to_bytes(shares[j]))
                 continue
             sealed[site] = seal_share(me.pair_key(self.site_id, binding), F.to_bytes(shares[j]),
                                       run_id=run_id, tag=tag, sender=self.site_id, recipient=site)
@@ -196,9 +210,10 @@ class SiteSecAgg:
         F.from_bytes(plain, coding.piece)
         key = f"{sender}\0{tag}"
         known = st.shares.get(key)
-        if known is not None and known != plain.hex():
+        if known is not None and known != hashlib.sha256(plain).hexdigest():
             raise SecAggRefused("share_changed", f"{sender!r} already sent a different share for update {tag}")
-        st.shares[key] = plain.hex()
+        if known is None:
+            self._keep_share(run_id, st, key, plain)
         self._save(run_id, st)
 
     # ------------------------------------------------------------------ answering an unmask request
@@ -235,11 +250,13 @@ class SiteSecAgg:
         coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
         total = np.zeros(coding.piece, dtype=np.int64)
         for s, t in wanted:
-            total = F.add(total, F.from_bytes(bytes.fromhex(st.shares[f"{s}\0{t}"]), coding.piece))
+            total = F.add(total, F.from_bytes(self._share(request.run_id, st, f"{s}\0{t}"), coding.piece))
         out = F.to_bytes(total)
         st.used.extend([s, t] for s, t in wanted)
         st.answered[request.request_id] = [digest, out.hex()]
         for s, t in wanted:  # a share is never needed again: do not keep it
             st.shares.pop(f"{s}\0{t}", None)
         self._save(request.run_id, st)  # durable before the answer leaves
+        for s, t in wanted:
+            self._share_path(request.run_id, f"{s}\0{t}").unlink(missing_ok=True)
         return out

@@ -57,3 +57,35 @@ def test_up_to_n_minus_u_contributors_may_drop_after_uploading_and_one_more_fail
     fewer = dict(list(answers.items())[: u - 1])  # 4 dropped: U - 1 answers
     with pytest.raises(NotEnoughShares, match=r"more than N - U = 3 sites dropped"):
         fed.coordinator.unmask(masked, fewer)
+
+
+def test_fedbuff_buffers_unmask_each_update_once_whatever_round_it_came_from(tmp_path):
+    """FedBuff: each site's k-th update is tagged k; a buffer closes at K = 3 updates from any
+    mix of sites and tags; each buffer unmasks to its own sum, and no update is in two buffers."""
+    fed = federation(tmp_path, 4, threshold=3, privacy=1, min_contributors=3, length=D + 1, scale=2.0**20)
+    rng = np.random.default_rng(3)
+    arrivals = [("site-0", 1), ("site-1", 1), ("site-2", 1), ("site-0", 2), ("site-3", 1), ("site-1", 2)]
+    sums = []
+    buffer, values = fed.coordinator.new_sum(), []
+    for site, tag in arrivals:
+        v = weighted_vector(rng.normal(0, 0.05, D), int(rng.integers(10, MAX_WEIGHT)), MAX_WEIGHT)
+        fed.upload(tag, {site: v}, buffer)
+        values.append(v)
+        if len(buffer.contributors) == 3:
+            req, signed = fed.coordinator.request(buffer)
+            answers = {s: fed.sites[s].answer(req, signed) for s in ["site-1", "site-2", "site-3"]}  # site-0 gone
+            sums.append((fed.coordinator.unmask(buffer, answers), np.sum(values, axis=0), req))
+            buffer, values = fed.coordinator.new_sum(), []
+    assert len(sums) == 2
+    for got, want, _ in sums:
+        assert np.abs(got - want).max() <= fed.coordinator.quant.error_bound(3)
+    # a third "buffer" re-using two of the first buffer's updates and one of the second's is refused
+    from protocol.secagg.statements import UnmaskRequest, sign
+    from site_worker.secagg import SecAggRefused
+
+    first, second = sums[0][2].contributors, sums[1][2].contributors
+    replay = UnmaskRequest(fed.coordinator.roster.run_id, fed.coordinator.roster.digest(), "replay",
+                           (*first[:2], second[0]))
+    with pytest.raises(SecAggRefused) as e:
+        fed.sites["site-2"].answer(replay, sign(fed.coord_signer, replay))
+    assert e.value.rule == "update_reused"
