@@ -1126,3 +1126,10 @@ MUTANTS.extend([
         (f"{_SA_POLICY}::test_the_site_decides_whether_its_update_is_seen_in_the_clear",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "secagg-state-unlocked", "two daemons sharing a state dir check and record an unmask answer as one step",
+        (Edit(_SITE_SECAGG, "                fcntl.flock(lf.fileno(), fcntl.LOCK_EX)\n", ""),),
+        (f"{_SECAGG}::test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests",),
+    ),
+])

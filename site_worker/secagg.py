@@ -22,10 +22,16 @@ written before an answer leaves, so a restarted site refuses exactly what it ref
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +45,19 @@ from protocol.secagg.statements import Roster, Signed, UnmaskRequest, verify
 from protocol.signing import Signer, TrustStore
 
 DEFAULT_MIN_CONTRIBUTORS_FLOOR = 2  # a "sum" of one update is that update
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_at_a_time(run_of: Callable[[Any], str]) -> Callable[[_F], _F]:
+    """Run the method under the run's file lock: check and record are one step, even for two
+    daemons sharing a state directory (else both could answer overlapping requests)."""
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def locked(self: SiteSecAgg, first: Any, *args: Any, **kwargs: Any) -> Any:
+            with self._locked(run_of(first)):
+                return method(self, first, *args, **kwargs)
+        return locked  # type: ignore[return-value]
+    return wrap
 
 
 def weighted_vector(delta: np.ndarray, num_examples: int, max_weight: int) -> np.ndarray:
@@ -90,6 +109,28 @@ class SiteSecAgg:
         self.peers = peers  # the federation's site keys, from the kit: who may bind an X25519 key
         self.coordinator = coordinator
         self.floor = max(DEFAULT_MIN_CONTRIBUTORS_FLOOR, int(min_contributors_floor))
+        self._thread_lock = threading.RLock()
+        self._depth: dict[str, int] = {}  # run -> nesting depth of _locked in this process
+
+    @contextlib.contextmanager
+    def _locked(self, run_id: str) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth.get(run_id):
+                self._depth[run_id] += 1
+                try:
+                    yield
+                finally:
+                    self._depth[run_id] -= 1
+                return
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self._path(run_id).with_suffix(".lock"), "a+b") as lf:
+                fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+                self._depth[run_id] = 1
+                try:
+                    yield
+                finally:
+                    self._depth[run_id] = 0
+                    fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ persistence
     def _path(self, run_id: str) -> Path:
@@ -119,6 +160,7 @@ class SiteSecAgg:
         return data
 
     # ------------------------------------------------------------------ joining a run
+    @_one_at_a_time(lambda run_id: run_id)
     def key_binding(self, run_id: str) -> KeyBinding:
         """This site's X25519 key for ``run_id`` (drawn once, kept), signed by its identity."""
         st = self._load(run_id)
@@ -127,6 +169,7 @@ class SiteSecAgg:
             self._save(run_id, st)
         return AgreementKey.from_private_bytes(bytes.fromhex(st.x25519)).bind(self.signer, self.site_id, run_id)
 
+    @_one_at_a_time(lambda roster: roster.run_id)
     def commit_roster(self, roster: Roster, signed: Signed) -> None:
         """Check a roster and commit to it; a second, different roster for the run is refused."""
         try:
@@ -165,6 +208,7 @@ class SiteSecAgg:
             if site == self.site_id and binding.public != mine.public:
                 raise SecAggRefused("roster_signature", "the roster carries an X25519 key for this site that is not its own")
 
+    @_one_at_a_time(lambda run_id: run_id)
     def roster(self, run_id: str) -> Roster:
         """The committed roster (``SecAggRefused`` if none)."""
         st = self._load(run_id)
@@ -173,6 +217,7 @@ class SiteSecAgg:
         return Roster.from_body(bytes.fromhex(st.roster))
 
     # ------------------------------------------------------------------ masking and shares
+    @_one_at_a_time(lambda run_id: run_id)
     def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
         """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
         roster = self.roster(run_id)
@@ -196,6 +241,7 @@ class SiteSecAgg:
         self._save(run_id, st)
         return MaskedOutput(F.add(F.quantise(values, cfg), mask), sealed)
 
+    @_one_at_a_time(lambda run_id: run_id)
     def receive_share(self, run_id: str, sender: str, tag: int, sealed: bytes) -> None:
         """Decrypt and keep ``sender``'s share of its update ``tag`` (idempotent on redelivery)."""
         roster = self.roster(run_id)
@@ -217,6 +263,7 @@ class SiteSecAgg:
         self._save(run_id, st)
 
     # ------------------------------------------------------------------ answering an unmask request
+    @_one_at_a_time(lambda request: request.run_id)
     def answer(self, request: UnmaskRequest, signed: Signed) -> bytes:
         """The sum of this site's shares of exactly ``request.contributors`` (field bytes), or a refusal."""
         try:

@@ -126,3 +126,38 @@ def test_a_roster_below_the_sites_floor_is_refused(tmp_path):
     with pytest.raises(SecAggRefused) as e:
         fed.sites["site-0"].commit_roster(low, sign(fed.coord_signer, low))
     assert e.value.rule == "min_contributors"
+
+
+def test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests(tmp_path):
+    """Check and record are one step under the run's file lock, across processes sharing a state dir."""
+    import fcntl
+    import threading
+
+    from site_worker.secagg import SiteSecAgg
+
+    fed = federation(tmp_path, 3, threshold=2)
+    masked = fed.coordinator.new_sum()
+    fed.upload(1, _values(fed.sites), masked)
+    a = fed.sites["site-0"]
+    b = SiteSecAgg(tmp_path / "site-0", "site-0", a.signer, fed.coordinators, fed.peers)  # a second daemon
+    everyone, signed = fed.coordinator.request(masked)
+    minus = UnmaskRequest(RUN, fed.coordinator.roster.digest(), "minus", tuple(masked.contributors[:2]))
+    results: dict[str, object] = {}
+
+    def run(name, site, req, s):
+        try:
+            results[name] = site.answer(req, s)
+        except SecAggRefused as e:
+            results[name] = e.rule
+
+    with open(a._path(RUN).with_suffix(".lock"), "a+b") as lf:  # a third process holds the run's lock
+        fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+        t = threading.Thread(target=run, args=("b", b, everyone, signed))
+        t.start()
+        t.join(timeout=0.5)
+        assert t.is_alive() and "b" not in results  # waits for the lock instead of reading stale state
+        fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+    t.join(timeout=30)
+    assert isinstance(results["b"], bytes)
+    run("a", a, minus, sign(fed.coord_signer, minus))
+    assert results["a"] == "update_reused"
