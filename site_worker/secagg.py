@@ -83,7 +83,7 @@ class _RunState:
     x25519: str = ""  # this run's private X25519 key, hex
     roster: str = ""  # the committed roster's canonical body, hex ("" before commitment)
     used: list[list[str | int]] = field(default_factory=list)  # [[site, tag], ...] in answered requests
-    answered: dict[str, list[str]] = field(default_factory=dict)  # request id -> [body digest, answer hex]
+    answered: dict[str, list[str]] = field(default_factory=dict)  # request id -> [body digest, answer file's sha256]
     masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
     shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> sha256 of the share file held
 
@@ -153,11 +153,14 @@ class SiteSecAgg:
         write_atomic(self._share_path(run_id, key), data, mode=0o600)
         st.shares[key] = hashlib.sha256(data).hexdigest()
 
-    def _share(self, run_id: str, st: _RunState, key: str) -> bytes:
+    def _blob(self, run_id: str, key: str, digest: str) -> bytes:
         data = self._share_path(run_id, key).read_bytes()
-        if hashlib.sha256(data).hexdigest() != st.shares[key]:
+        if hashlib.sha256(data).hexdigest() != digest:
             raise SecAggRefused("share_changed", "a stored share does not match its digest (state directory damaged)")
         return data
+
+    def _share(self, run_id: str, st: _RunState, key: str) -> bytes:
+        return self._blob(run_id, key, st.shares[key])
 
     # ------------------------------------------------------------------ joining a run
     @_one_at_a_time(lambda run_id: run_id)
@@ -279,7 +282,7 @@ class SiteSecAgg:
         if done is not None:
             if done[0] != digest:
                 raise SecAggRefused("update_reused", f"request id {request.request_id!r} was answered for another set")
-            return bytes.fromhex(done[1])  # a redelivered request: the same answer, nothing new revealed
+            return self._blob(request.run_id, f"\0answer\0{request.request_id}", done[1])  # redelivered: same answer
         wanted = [(str(s), int(t)) for s, t in request.contributors]
         if len(set(wanted)) != len(wanted):
             raise SecAggRefused("update_reused", "the request names one update twice")
@@ -300,7 +303,8 @@ class SiteSecAgg:
             total = F.add(total, F.from_bytes(self._share(request.run_id, st, f"{s}\0{t}"), coding.piece))
         out = F.to_bytes(total)
         st.used.extend([s, t] for s, t in wanted)
-        st.answered[request.request_id] = [digest, out.hex()]
+        write_atomic(self._share_path(request.run_id, f"\0answer\0{request.request_id}"), out, mode=0o600)
+        st.answered[request.request_id] = [digest, hashlib.sha256(out).hexdigest()]
         for s, t in wanted:  # a share is never needed again: do not keep it
             st.shares.pop(f"{s}\0{t}", None)
         self._save(request.run_id, st)  # durable before the answer leaves
