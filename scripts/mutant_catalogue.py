@@ -1047,7 +1047,7 @@ _SITE_SECAGG = "site_worker/secagg.py"
 MUTANTS.extend([
     Mutant(
         "secagg-answers-a-buffer-of-one", "a site never answers an unmask request for fewer than min_contributors updates",
-        (Edit(_SITE_SECAGG, "        if len(wanted) < roster.min_contributors:\n", "        if False:\n"),),
+        (Edit(_SITE_SECAGG, "        if len(hospitals) < roster.min_contributors:\n", "        if False:\n"),),
         (f"{_SECAGG}::test_a_buffer_of_one_is_refused_and_min_contributors_is_answered_at_the_edge",),
     ),
     Mutant(

@@ -10,8 +10,8 @@ threshold of one). The site refuses each, naming the rule (``SecAggRefused``):
   peer keys in the site's kit);
 - ``roster_changed`` / ``roster_mismatch``: a run's roster differs from the one the site
   committed to, or a request names another roster;
-- ``min_contributors``: a request for fewer updates than the committed ``min_contributors``
-  (never below the site's own floor);
+- ``min_contributors``: a request whose updates come from fewer distinct sites than the
+  committed ``min_contributors`` (never below the site's own floor);
 - ``update_reused``: an update already included in an answered request (each update is in at
   most one unmask request; a redelivered request with the same id and bytes gets the same answer).
 
@@ -286,9 +286,10 @@ class SiteSecAgg:
         wanted = [(str(s), int(t)) for s, t in request.contributors]
         if len(set(wanted)) != len(wanted):
             raise SecAggRefused("update_reused", "the request names one update twice")
-        if len(wanted) < roster.min_contributors:
-            raise SecAggRefused("min_contributors", f"the request sums {len(wanted)} update(s); this site answers only "
-                                                    f"for at least {roster.min_contributors}")
+        hospitals = {s for s, _ in wanted}  # K updates from one site would be that site's own sum
+        if len(hospitals) < roster.min_contributors:
+            raise SecAggRefused("min_contributors", f"the request sums updates of {len(hospitals)} site(s); this site "
+                                                    f"answers only for at least {roster.min_contributors} sites")
         used = {(str(s), int(t)) for s, t in st.used}
         reused = [f"{s}#{t}" for s, t in wanted if (s, t) in used]
         if reused:

@@ -161,3 +161,18 @@ def test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests(tm
     assert isinstance(results["b"], bytes)
     run("a", a, minus, sign(fed.coord_signer, minus))
     assert results["a"] == "update_reused"
+
+
+def test_k_updates_from_fewer_than_k_hospitals_are_refused(tmp_path):
+    """Under FedBuff a site may upload several updates; K of them from K - 1 sites would let a
+    coalition isolate one hospital's own sum, so the rule counts distinct sites."""
+    fed = federation(tmp_path, 4, threshold=3, min_contributors=3)
+    masked = fed.coordinator.new_sum()
+    fed.upload(1, _values(fed.sites, 1), masked)
+    fed.upload(2, {"site-0": _values(["site-0"], 2)["site-0"]}, masked)
+    digest = fed.coordinator.roster.digest()
+    two_sites = UnmaskRequest(RUN, digest, "two", (("site-0", 1), ("site-0", 2), ("site-1", 1)))
+    assert set(_refusals(fed, two_sites, sign(fed.coord_signer, two_sites), ["site-2", "site-3"]).values()) \
+        == {"min_contributors"}
+    three_sites = UnmaskRequest(RUN, digest, "three", (("site-0", 1), ("site-0", 2), ("site-1", 1), ("site-2", 1)))
+    assert fed.sites["site-3"].answer(three_sites, sign(fed.coord_signer, three_sites))

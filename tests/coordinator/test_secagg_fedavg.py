@@ -85,7 +85,7 @@ def test_fedbuff_buffers_unmask_each_update_once_whatever_round_it_came_from(tmp
 
     first, second = sums[0][2].contributors, sums[1][2].contributors
     replay = UnmaskRequest(fed.coordinator.roster.run_id, fed.coordinator.roster.digest(), "replay",
-                           (*first[:2], second[0]))
+                           (*first[:2], second[2]))
     with pytest.raises(SecAggRefused) as e:
         fed.sites["site-2"].answer(replay, sign(fed.coord_signer, replay))
     assert e.value.rule == "update_reused"
