@@ -36,6 +36,7 @@ from coordinator.rounds.result import (
 )
 from coordinator.rounds.sync import SyncRounds
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
+from coordinator.secagg import refuse_until_wired
 from coordinator.state import StateError, StateStore
 from coordinator.validation import Rejected
 from protocol.config import Experiment
@@ -77,6 +78,7 @@ class Coordinator:
         from protocol.config import load_experiment
 
         self.experiment: Experiment = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+        refuse_until_wired(self.experiment)
         self.bus = bus
         self.store = StateStore(state_dir)
         self.registry = SiteRegistry(self.store)

@@ -60,6 +60,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         from fedbus.coordinator_lock import FederationLock, FederationLocked
         from fedbus.kits import ProjectError, load_coordinator_config
         from protocol.logs import add_log_file, configure_logging
+        from coordinator.secagg import refuse_until_wired
         from protocol.config import ConfigError, load_experiment
         from protocol.signing import Signer
         from protocol.transport import BusError, BusPermissionError, open_bus
@@ -85,6 +86,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         broker = broker_url(broker, broker_password_file, prog=_PROG)
         try:
             exp = load_experiment(experiment)
+            refuse_until_wired(exp)
         except ConfigError as e:
             _fail(f"{experiment}: {e}", json_out=json_out)
         if exp.not_used:

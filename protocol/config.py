@@ -334,6 +334,23 @@ class CentralDP(_Block):
     delta: Float = Field(1e-5, gt=0, lt=1)  # the δ the run's central ε is reported at
 
 
+class SecureAggregation(_Block):
+    """``federated.secure_aggregation``: the coordinator sees only sums (protocol/secagg/).
+
+    ``min_contributors`` (K): the fewest updates a site will unmask as one sum; ``threshold``
+    (U): aggregated shares needed to unmask, so up to N - U sites may drop after uploading;
+    ``privacy`` (T): sites that together learn nothing of one mask; ``clip`` (C) and ``scale``
+    the fixed-point quantisation; ``max_sites`` the most sites a sum may hold (the bit budget:
+    max_sites x round(C x scale) must stay below 2**30)."""
+
+    min_contributors: Int = Field(ge=2)
+    threshold: Int = Field(ge=1)
+    privacy: Int = Field(1, ge=0)
+    clip: Float = Field(1.0, gt=0)
+    scale: Float = Field(65536.0, ge=1)
+    max_sites: Int = Field(64, ge=1, le=10_000)
+
+
 class EarlyStopping(_Block):
     patience: Int = Field(ge=1)
     min_delta: Float = Field(0.0, ge=0)
@@ -362,6 +379,7 @@ class FederatedSpec(_Block):
     max_round_retries: Int = Field(2, ge=0)
     central_dp: CentralDP | None = None
     early_stopping: EarlyStopping | None = None
+    secure_aggregation: SecureAggregation | None = None
     # Evaluate the global model on every site's fixed test split every N rounds (0: only the
     # final evaluation). Off by default: each is a release charged to the site's ledger (under
     # metrics = "dp") and counted against its max_evaluations_per_run, and choosing a round by
@@ -406,6 +424,13 @@ class FederatedSpec(_Block):
                 f"must be >= min_fit_clients ({params['min_fit_clients']})",
             )
         self.parameters = params
+        if self.secure_aggregation is not None:
+            from protocol.secagg.rules import check_aggregator
+
+            sa = self.secure_aggregation
+            check_aggregator(self.name, params, central_dp=self.central_dp is not None,
+                             min_contributors=sa.min_contributors, threshold=sa.threshold, privacy=sa.privacy,
+                             clip=sa.clip, scale=sa.scale, max_sites=sa.max_sites)
         return self
 
     @property

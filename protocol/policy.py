@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METRICS_MODES = ("dp", "exact", "none")
+SECURE_AGGREGATION_MODES = ("required", "allowed", "off")  # issue 22: may the coordinator see my update?
 ACCOUNTANTS = ("rdp", "prv")  # composable over tasks; Opacus' gdp keeps only its last entry
 
 
@@ -52,6 +53,9 @@ class SitePolicy:
     dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
     allow_unprotected_flower_client: bool = False
     require_approval: bool = False  # run only experiments the operator approved (site_worker/approvals.py)
+    # "required": train only for runs under federated.secure_aggregation; "off": never join one.
+    secure_aggregation: str = "allowed"
+    secure_aggregation_min_contributors: int = 2  # the site's floor under any roster's min_contributors
 
     def site_delta(self, rows: int) -> float:
         """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
@@ -79,6 +83,8 @@ class SitePolicy:
             "test_fraction": self.test_fraction,
             "max_evaluations_per_run": self.max_evaluations_per_run,
             "reproducible_dp": self.reproducible_dp,
+            "secure_aggregation": self.secure_aggregation,
+            "secure_aggregation_min_contributors": self.secure_aggregation_min_contributors,
         }
 
     @classmethod
@@ -93,4 +99,4 @@ class SitePolicy:
         return cls(**given)
 
 
-__all__ = ["ACCOUNTANTS", "METRICS_MODES", "PolicyViolation", "SitePolicy"]
+__all__ = ["ACCOUNTANTS", "METRICS_MODES", "SECURE_AGGREGATION_MODES", "PolicyViolation", "SitePolicy"]

@@ -1040,3 +1040,96 @@ MUTANTS.extend([
         (f"{_SMOKE}::test_bench_smoke_mode_runs[scale]",), broker=True, timeout_s=900,
     ),
 ])
+
+# ------------------------------------------------------------------ secure aggregation (issue 22): the site's rules
+_SECAGG = "tests/adversarial/test_secagg_coordinator.py"
+_SITE_SECAGG = "site_worker/secagg.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-answers-a-buffer-of-one", "a site never answers an unmask request for fewer than min_contributors updates",
+        (Edit(_SITE_SECAGG, "        if len(hospitals) < roster.min_contributors:\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_a_buffer_of_one_is_refused_and_min_contributors_is_answered_at_the_edge",),
+    ),
+    Mutant(
+        "secagg-update-in-two-requests", "a site includes each update in at most one unmask request",
+        (Edit(_SITE_SECAGG, "        if reused:\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_two_requests_differing_by_one_hospital_are_refused",),
+    ),
+    Mutant(
+        "secagg-used-updates-not-durable", "the updates a site unmasked stay refused after a restart",
+        (Edit(_SITE_SECAGG, "        st.used.extend([s, t] for s, t in wanted)\n", ""),),
+        (f"{_SECAGG}::test_the_rule_survives_a_restart",),
+    ),
+    Mutant(
+        "secagg-roster-signature-unchecked", "a site refuses a roster its coordinator did not sign",
+        (Edit(_SITE_SECAGG, "            verify(self.coordinators, signed, roster, coordinator=self.coordinator)\n",
+              "            pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-key-bindings-unchecked", "a site refuses a roster whose X25519 key is not signed by the site it names",
+        (Edit(_SITE_SECAGG, "                verify_binding(self.peers, binding, site_id=site, run_id=roster.run_id)\n",
+              "                pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-roster-may-change", "a site refuses a second, different roster for a run it committed to",
+        (Edit(_SITE_SECAGG, "            if st.roster != roster.body().hex():\n", "            if False:\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-request-roster-unchecked", "a site refuses an unmask request naming a roster it did not commit to",
+        (Edit(_SITE_SECAGG, "        if request.roster_digest != roster.digest():\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-request-signature-unchecked", "a site refuses an unmask request its coordinator did not sign",
+        (Edit(_SITE_SECAGG, "            verify(self.coordinators, signed, request, coordinator=self.coordinator)\n",
+              "            pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-threshold-not-enforced", "fewer than U aggregated shares decode nothing",
+        (Edit("protocol/secagg/coding.py", "    if len(aggregated) < u:\n", "    if False:\n"),),
+        ("tests/protocol/test_secagg_core.py::test_sum_of_masks_decodes_from_any_u_aggregated_shares_and_not_from_u_minus_1",),
+    ),
+    Mutant(
+        "secagg-bit-budget-unchecked", "a quantisation whose N-site sum could overflow the field is refused",
+        (Edit("protocol/secagg/field.py", "        if self.sites * self.max_level > HALF:\n", "        if False:\n"),),
+        ("tests/protocol/test_secagg_core.py::test_bit_budget_refuses_the_first_configuration_that_would_overflow",),
+    ),
+])
+
+# ------------------------------------------------------------------ secure aggregation: what it refuses to run, and the site's policy
+_SA_CFG = "tests/cli/test_secagg_config.py"
+_SA_POLICY = "tests/site_worker/test_secagg_policy.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-allows-fedasync", "FedAsync under secure aggregation is refused at config validate, naming FedBuff",
+        (Edit("protocol/secagg/rules.py", '    if name == "FedAsync":\n', '    if name == "FedAsync" and False:\n'),),
+        (f"{_SA_CFG}::test_fedasync_is_refused_naming_fedbuff",),
+    ),
+    Mutant(
+        "secagg-allows-robust-flower", "Flower strategies that need each update (Krum, median) are refused with the reason",
+        (Edit("protocol/secagg/rules.py", "        if strategy in NEEDS_INDIVIDUAL_UPDATES:\n", "        if False:\n"),),
+        (f"{_SA_CFG}::test_flower_strategies_needing_individual_updates_are_refused_with_the_reason",),
+    ),
+    Mutant(
+        "secagg-runs-in-the-clear", "a run asking for secure aggregation is refused while the round loop cannot mask",
+        (Edit("coordinator/secagg.py", "    if experiment.federated.secure_aggregation is not None:\n", "    if False:\n"),),
+        (f"{_SA_CFG}::test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear",),
+    ),
+    Mutant(
+        "secagg-required-policy-ignored", "a site whose policy requires secure aggregation declines a run without it",
+        (Edit("site_worker/policy.py", '    if policy.secure_aggregation == "required" and secagg is None:\n',
+              "    if False:\n"),),
+        (f"{_SA_POLICY}::test_the_site_decides_whether_its_update_is_seen_in_the_clear",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "secagg-state-unlocked", "two daemons sharing a state dir check and record an unmask answer as one step",
+        (Edit(_SITE_SECAGG, "                fcntl.flock(lf.fileno(), fcntl.LOCK_EX)\n", ""),),
+        (f"{_SECAGG}::test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests",),
+    ),
+])

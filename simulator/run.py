@@ -54,6 +54,7 @@ class SimulationFailed(RuntimeError):
 
 
 def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Experiment:
+    from coordinator.secagg import refuse_until_wired
     from protocol.config import ConfigError, apply_overrides, load_experiment
 
     if isinstance(path, dict):
@@ -73,6 +74,7 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
     apply_overrides(raw, {"seed": None if seed is None else int(seed), "rounds": None if rounds is None else int(rounds)})
     try:
         exp = load_experiment(raw)
+        refuse_until_wired(exp)
     except ConfigError as e:
         raise SimulationInputError(f"experiment: {e}") from None
     from coordinator.aggregators import unknown_name

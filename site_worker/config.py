@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from protocol.broker_url import BrokerURLError, with_password
 from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
-from protocol.policy import ACCOUNTANTS, METRICS_MODES, SitePolicy
+from protocol.policy import ACCOUNTANTS, METRICS_MODES, SECURE_AGGREGATION_MODES, SitePolicy
 from protocol.toml_config import read_toml
 from site_worker import readers
 
@@ -149,7 +149,8 @@ def _policy(r: "_Reader") -> SitePolicy:
         "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
-        "allow_unprotected_flower_client", "require_approval",
+        "allow_unprotected_flower_client", "require_approval", "secure_aggregation",
+        "secure_aggregation_min_contributors",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -169,6 +170,9 @@ def _policy(r: "_Reader") -> SitePolicy:
     test_fraction = float(r.number("test_fraction", default=d.test_fraction, minimum=0.0))
     if not test_fraction < 0.9:
         raise SiteConfigError(r.key("test_fraction"), f"must be in [0, 0.9), got {test_fraction}")
+    secagg = r.string("secure_aggregation", required=False) or d.secure_aggregation
+    if secagg not in SECURE_AGGREGATION_MODES:
+        raise SiteConfigError(r.key("secure_aggregation"), f"{secagg!r} is not one of {', '.join(SECURE_AGGREGATION_MODES)}")
     reproducible = r.boolean("reproducible_dp", default=False)
     dp_seed = r.integer("dp_seed", default=None, minimum=0)
     if reproducible and dp_seed is None:
@@ -198,6 +202,9 @@ def _policy(r: "_Reader") -> SitePolicy:
         dp_seed=dp_seed,
         allow_unprotected_flower_client=r.boolean("allow_unprotected_flower_client", default=False),
         require_approval=r.boolean("require_approval", default=False),
+        secure_aggregation=secagg,
+        secure_aggregation_min_contributors=r.integer("secure_aggregation_min_contributors",
+                                                      default=d.secure_aggregation_min_contributors, minimum=2),
     )
 
 
