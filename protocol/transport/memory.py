@@ -195,7 +195,8 @@ class MemoryBroker:
                             max_user_transfers=2**31)
         for m in msgs:
             ch = chunk_header_from_amqp(m.headers)
-            body = m.body if ch is None else reasm.add(ch, m.body)
+            whole = m.body if ch is None else reasm.add(ch, m.body)
+            body = None if whole is None else bytes(whole)
             if body is None:
                 continue
             h = strip_chunk_headers(m.headers)
