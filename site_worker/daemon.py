@@ -250,7 +250,7 @@ class SiteWorker:
             self._reject(d, "model_chunk_refused", str(e))
             return
         d.ack()
-        self.log.debug("model_chunk_stored", sha256=digest[:12], bytes=len(d.body))
+        self.log.info("model_chunk_stored", sha256=digest[:12], bytes=len(d.body))
 
     def _tell_untrusted(self, frame: bytes | memoryview) -> None:
         """A signed Declined(untrusted_task) to the coordinator, rate-limited per unknown signer (site_worker/untrusted.py)."""
