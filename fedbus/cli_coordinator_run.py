@@ -55,6 +55,9 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         site: Optional[list[str]] = typer.Option(None, "--site", help="Run with exactly these enrolled sites (repeat)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Round progress on stderr."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (also when the run fails)."),
+        model_inline_below: Optional[int] = typer.Option(
+            None, "--model-inline-below", min=0,
+            help="Models of at least this many bytes are published once and fetched by hash (default 1 MiB; 0: always)."),
     ) -> None:
         """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
         from fedbus.coordinator_lock import FederationLock, FederationLocked
@@ -129,7 +132,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         try:
             coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=federation, sites=site or None,
                                 run_id=run_id, resume=resume, progress=progress, round_timeout_s=round_timeout,
-                                rounds=rounds)
+                                rounds=rounds, model_inline_below=model_inline_below)
             result = coord.run()
         except (StateError, ValueError) as e:
             _fail(str(e), json_out=json_out, run_id=run_id)

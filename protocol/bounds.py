@@ -318,6 +318,8 @@ POLICY = Table(
     other=Opt(Tree(max_nodes=257, max_depth=1, max_str=256)),
 )
 
+MAX_MODEL_CHUNKS = 65_536  # chunks of one published model (a 512 MiB model in 8 MiB chunks is 64)
+
 TASK = {
     "experiment": Tree(max_nodes=100_000, max_depth=16, max_str=65_536),
     "weights": Unchecked("Limits (codec) and the receiver's model"),
@@ -326,6 +328,9 @@ TASK = {
     "seed": Int(*_INT64),
     "deadline": Num(0.0, 1e11),
     "config": Record(TaskConfig),
+    "model_sha256": Opt(Text(64, min_len=64, pattern=r"[0-9a-f]{64}")),  # None: weights inline
+    "model_size": Int(0, 2**40),
+    "model_chunks": Items(Text(64, min_len=64, pattern=r"[0-9a-f]{64}"), MAX_MODEL_CHUNKS),
 }
 
 FIELDS: dict[str, dict[str, Bound]] = {

@@ -1133,3 +1133,23 @@ MUTANTS.extend([
         (f"{_SECAGG}::test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests",),
     ),
 ])
+# ------------------------------------------------------------------ publish once, fetch by hash (issue 23, transfer)
+_TRANSFER = "tests/coordinator/test_model_transfer.py"
+MUTANTS.extend([
+    Mutant(
+        "model-published-per-site", "one publish per round: a version goes to the broker once, fanned out to every site",
+        (Edit("coordinator/rounds/tasks.py", "        for (weights, ref), sites in versions.values():\n"
+                                             "            self.models.send(weights, ref, sites)\n",
+              "        for s in batch:\n"
+              "            if s.model is not None:\n"
+              "                self.models.send(*s.model, [s.record.site])\n"),),
+        (f"{_TRANSFER}::test_a_run_publishes_each_version_once_whatever_the_number_of_sites",),
+    ),
+    Mutant(
+        "model-hash-unchecked-before-use", "a site verifies the model against the signed sha256 before any use",
+        (Edit("site_worker/model_cache.py", "        if got_sha != want:\n", "        if False:\n"),),
+        (f"{_TRANSFER}::test_the_whole_blob_is_verified_against_the_signed_hash_before_use",
+         f"{_TRANSFER}::test_a_site_trains_on_the_verified_model_refuses_a_wrong_hash_and_declines_a_gone_version"),
+        marks="not broker",
+    ),
+])

@@ -11,6 +11,7 @@ training does not starve heartbeats.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 
 from protocol.codec import new_envelope, open_frame, seal
+from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.messages import Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
@@ -32,6 +34,7 @@ from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
 from site_worker.ledger import PrivacyLedger
+from site_worker.model_cache import ChunkRefused, ModelCache, ModelMismatch, ModelUnavailable
 from site_worker.trainer import TrainingAborted
 from site_worker.untrusted import UntrustedNotices
 
@@ -83,6 +86,7 @@ class SiteWorker:
                                  clock=self._now)
         self.ledger = PrivacyLedger(config.state_dir)
         self.attempts = TaskAttempts(config.state_dir)
+        self.models = ModelCache(config.state_dir)
         self._abort = threading.Event()  # training checks it between batches
         self._stopping = threading.Event()
         self._idle = threading.Event()
@@ -214,6 +218,10 @@ class SiteWorker:
         d.nack(f"{reason}: {message}")
 
     def _process(self, d: Delivery) -> None:
+        claimed = (d.headers or {}).get(MODEL_CHUNK_HEADER)
+        if claimed is not None:
+            self._model_chunk(d, claimed)
+            return
         try:
             opened = open_frame(d.body, self.trust)
             env = opened.envelope
@@ -233,6 +241,16 @@ class SiteWorker:
         with structlog.contextvars.bound_contextvars(site_id=self.config.site_id, run_id=env.run_id,
                                                      round=env.round):
             self._task(d, env)
+
+    def _model_chunk(self, d: Delivery, claimed: object) -> None:
+        """Store a chunk of a published model (site_worker/model_cache.py); ack once it is durable."""
+        try:
+            digest = self.models.put(claimed if isinstance(claimed, (str, bytes)) else repr(claimed), d.body)
+        except ChunkRefused as e:
+            self._reject(d, "model_chunk_refused", str(e))
+            return
+        d.ack()
+        self.log.info("model_chunk_stored", sha256=digest[:12], bytes=len(d.body))
 
     def _tell_untrusted(self, frame: bytes | memoryview) -> None:
         """A signed Declined(untrusted_task) to the coordinator, rate-limited per unknown signer (site_worker/untrusted.py)."""
@@ -261,6 +279,17 @@ class SiteWorker:
             self.guard.mark_seen(env.message_id)
             return
         tlog.info("task_received", dataset=payload.dataset, redelivered=d.redelivered)
+        if isinstance(payload, (TrainTask, EvalTask, PersonalizeTask)) and payload.model_sha256:
+            try:  # the model by hash: verified against the signed sha256 before anything uses it
+                payload = dataclasses.replace(payload, weights=self.models.resolve(payload))
+            except ModelMismatch as e:
+                self._reject(d, "model_hash_mismatch", str(e))
+                return
+            except ModelUnavailable as e:
+                tlog.warning("model_unavailable", error=str(e))
+                self._reply(d, env, Declined(task_id=env.message_id, reason="model_unavailable", detail=str(e)), tlog)
+                return
+            env = dataclasses.replace(env, payload=payload)
         started = self.attempts.started(env.message_id)
         if started >= self.attempts.max_attempts:
             # It crashed the site every time: decline it so it cannot loop, and release what the
