@@ -1040,3 +1040,26 @@ MUTANTS.extend([
         (f"{_SMOKE}::test_bench_smoke_mode_runs[scale]",), broker=True, timeout_s=900,
     ),
 ])
+
+# ------------------------------------------------------------------ sites that train bigger models (issue 23, sitefast)
+_NOISE32 = "tests/site_worker/test_secure_noise.py"
+MUTANTS.extend([
+    Mutant(
+        "secure-noise-sigma-off", "DP-SGD's float32 secure noise has exactly the requested sigma (KS test)",
+        (Edit("site_worker/secure_rng.py", "            torch.mul(self._noise32(k), std / 2.0, out=out[i : i + k])\n",
+              "            torch.mul(self._noise32(k), std / 1.96, out=out[i : i + k])\n"),),
+        (f"{_NOISE32}::test_the_noise_is_gaussian_with_the_requested_sigma",),
+    ),
+    Mutant(
+        "secure-noise-radius-24-bits", "the radius uniform keeps 63 bits, so the noise's tails are not cut at 5.9 sigma",
+        (Edit("site_worker/secure_rng.py", "    return (words & _MASK63).to(torch.float32).add_(0.5).mul_(2.0**-63)\n",
+              "    return ((words & _MASK63) >> 39).to(torch.float32).add_(0.5).mul_(2.0**-24)\n"),),
+        (f"{_NOISE32}::test_the_radius_uniform_reaches_deep_tails",),
+    ),
+    Mutant(
+        "secure-noise-chunk-repeats", "each chunk of DP-SGD noise is new keystream, never a repeat of the last",
+        (Edit("site_worker/secure_rng.py", "        self._enc.update_into(memoryview(zeros)[:nbytes], buf)\n",
+              "        buf[:nbytes] = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor().update(zeros[:nbytes])\n"),),
+        (f"{_NOISE32}::test_chunks_continue_the_stream", f"{_NOISE32}::test_the_stream_is_keyed_by_its_secret"),
+    ),
+])
