@@ -31,8 +31,8 @@ class SitePolicy:
     """
 
     allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
-    max_parameters: int = 5_000_000
-    max_train_memory_mb: float = 2048.0  # one step: batch bound x (parameters + activations) x 4 B
+    max_parameters: int | None = None  # an explicit cap if the site wants one; memory is max_train_memory_mb's
+    max_train_memory_mb: float = 2048.0  # one step: batch bound x (per-sample gradients + activations) x 4 B
     max_eval_memory_mb: float = 2048.0  # one inference pass (4096 rows) plus the outputs of every row
     max_release_values: int = 2**20  # values in one DP metrics release vector (a k-class model: k*k + 1)
     min_noise_multiplier: float = 0.5

@@ -399,8 +399,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "layers-train-activations-uncounted", "the training memory bound counts activations, not only weights",
-        (Edit("site_worker/dp.py", "    return (batch * (parameters + activations) * 4 + 4 * parameters * 4) / 2**20\n",
-              "    return (batch * parameters * 4 + 4 * parameters * 4) / 2**20\n"),),
+        (Edit("site_worker/dp.py", "    return (batch * (per_sample + activations) * 4 + 4 * parameters * 4) / 2**20\n",
+              "    return (batch * per_sample * 4 + 4 * parameters * 4) / 2**20\n"),),
         (f"{_LAYER_ATTACKS}::test_training_activations_are_bounded_with_the_per_sample_factor",),
     ),
     Mutant(
@@ -810,7 +810,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "edge-policy-max-parameters-inclusive", "a model of exactly max_parameters parameters is allowed",
-        (Edit(_POLICY, "    if parameters > policy.max_parameters:\n", "    if parameters >= policy.max_parameters:\n"),),
+        (Edit(_POLICY, "    if policy.max_parameters is not None and parameters > policy.max_parameters:\n",
+              "    if policy.max_parameters is not None and parameters >= policy.max_parameters:\n"),),
         (f"{_CAPS}::test_max_parameters_at_its_edge",),
     ),
     Mutant(
@@ -1151,5 +1152,49 @@ MUTANTS.extend([
         (f"{_TRANSFER}::test_the_whole_blob_is_verified_against_the_signed_hash_before_use",
          f"{_TRANSFER}::test_a_site_trains_on_the_verified_model_refuses_a_wrong_hash_and_declines_a_gone_version"),
         marks="not broker",
+    ),
+])
+# ------------------------------------------------------------------ sites that train bigger models (issue 23, sitefast)
+_NOISE32 = "tests/site_worker/test_secure_noise.py"
+MUTANTS.extend([
+    Mutant(
+        "secure-noise-sigma-off", "DP-SGD's float32 secure noise has exactly the requested sigma (KS test)",
+        (Edit("site_worker/secure_rng.py", "            torch.mul(self._noise32(k), std / 2.0, out=out[i : i + k])\n",
+              "            torch.mul(self._noise32(k), std / 1.96, out=out[i : i + k])\n"),),
+        (f"{_NOISE32}::test_the_noise_is_gaussian_with_the_requested_sigma",),
+    ),
+    Mutant(
+        "secure-noise-radius-24-bits", "the radius uniform keeps 63 bits, so the noise's tails are not cut at 5.9 sigma",
+        (Edit("site_worker/secure_rng.py", "    return (words & _MASK63).to(torch.float32).add_(0.5).mul_(2.0**-63)\n",
+              "    return ((words & _MASK63) >> 39).to(torch.float32).add_(0.5).mul_(2.0**-24)\n"),),
+        (f"{_NOISE32}::test_the_radius_uniform_reaches_deep_tails",),
+    ),
+    Mutant(
+        "secure-noise-chunk-repeats", "each chunk of DP-SGD noise is new keystream, never a repeat of the last",
+        (Edit("site_worker/secure_rng.py", "        self._enc.update_into(memoryview(zeros)[:nbytes], buf)\n",
+              "        buf[:nbytes] = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor().update(zeros[:nbytes])\n"),),
+        (f"{_NOISE32}::test_chunks_continue_the_stream", f"{_NOISE32}::test_the_stream_is_keyed_by_its_secret"),
+    ),
+])
+
+_GHOST = "tests/site_worker/test_ghost_clipping.py"
+MUTANTS.extend([
+    Mutant(
+        "ghost-clipping-wrong-norm", "ghost clipping clips each row at the plan's max_grad_norm (the same sum as per-sample)",
+        (Edit("site_worker/trainer.py", "                                                               max_grad_norm=plan.max_grad_norm,\n",
+              "                                                               max_grad_norm=2 * plan.max_grad_norm,\n"),),
+        (f"{_GHOST}::test_ghost_and_per_sample_clipping_give_the_same_step",),
+    ),
+    Mutant(
+        "ghost-memory-bound-ignores-mode", "the training memory bound counts ghost clipping's largest layer, not every per-sample gradient",
+        (Edit("site_worker/dp.py", "    return chain.ghost_values if dp and chain.clipping == \"ghost\" else None\n",
+              "    return None\n"),),
+        (f"{_GHOST}::test_the_memory_bound_counts_what_each_mode_holds",),
+    ),
+    Mutant(
+        "residual-block-batch-norm", "ResidualBlock1d normalises each row alone (GroupNorm), never with the batch",
+        (Edit("protocol/model.py", "        self.norm1 = nn.GroupNorm(num_groups, out_channels)\n",
+              "        self.norm1 = nn.BatchNorm1d(out_channels, track_running_stats=False)\n"),),
+        ("tests/site_worker/test_row_independence.py::test_one_row_never_moves_another_rows_output_or_clipped_gradient",),
     ),
 ])

@@ -179,7 +179,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         raise SiteConfigError(r.key("dp_seed"), "reproducible_dp = true needs a site-local integer dp_seed")
     return SitePolicy(
         allowed_layers=tuple(layers) if layers is not None else None,
-        max_parameters=r.integer("max_parameters", default=d.max_parameters, minimum=1),
+        max_parameters=r.integer("max_parameters", default=None, minimum=1),
         max_train_memory_mb=float(r.number("max_train_memory_mb", default=d.max_train_memory_mb, minimum=1.0)),
         max_eval_memory_mb=float(r.number("max_eval_memory_mb", default=d.max_eval_memory_mb, minimum=1.0)),
         max_release_values=r.integer("max_release_values", default=d.max_release_values, minimum=25),

@@ -36,7 +36,7 @@ from protocol.train_spec import TrainSpec
 from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs
+from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs, step_ghost_values
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
@@ -269,7 +269,8 @@ class TaskHandler:
                                  noise_multiplier=self._run_noise(env, task, exp, data, n_train))
             check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
                          batch_size=spec.batch_size, n_train=n_train,
-                         sample_rate=plan.sample_rate if plan is not None else None)
+                         sample_rate=plan.sample_rate if plan is not None else None,
+                         ghost_values=step_ghost_values(exp.chain, dp=plan is not None))
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
         model = self._model(exp, key, task, for_dp=plan is not None)
@@ -385,7 +386,8 @@ class TaskHandler:
                 check_epochs(policy, int(exp.training.personalization.epochs))
                 check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
                              batch_size=spec.batch_size, n_train=len(data.x_train),
-                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))))
+                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))),
+                             ghost_values=step_ghost_values(exp.chain, dp=spec.dp is not None))
             except PolicyViolation as e:
                 raise _Decline("policy", f"personalisation: {e}") from None
         model = self._model(exp, key, task, for_dp=spec.dp is not None and fine_tune)
