@@ -197,9 +197,13 @@ def new(
     name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
     dataset_name: Annotated[Optional[str], typer.Option("--dataset-name", help="The name sites offer the data under ([datasets.NAME] in site.toml) [the file's name].")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="training.rounds.")] = 10,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Keep a column flagged as an outcome leak (repeat).")] = None,
+    epsilon: Annotated[float, typer.Option("--epsilon", min=0.01, max=100.0, help="Whole-run ε per site (total_epsilon).")] = 8.0,
+    rows_per_site: Annotated[Optional[int], typer.Option("--rows-per-site", min=2, help="Size the model for this many rows per site [the file's rows].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
-    """Write an experiment from a dataset's columns: features, categories, input size, MLP 64→32→1, DP defaults."""
+    """Write an experiment from a dataset's columns, leaving out columns that leak the outcome,
+    with a model sized to the rows per site and the whole-run ε (logistic regression for small sites)."""
     from fedbus.config_new import experiment_from_catalogue, experiment_from_file
 
     if out.exists() and not force:
@@ -209,12 +213,13 @@ def new(
             if state is None:
                 _fail("--from-site needs --state (the coordinator's state directory, where site hellos are kept)")
             doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name,
-                                                     rounds=rounds)
+                                                     rounds=rounds, epsilon=epsilon, rows_per_site=rows_per_site)
         else:
             if target is None:
                 _fail("--target COLUMN is required with a --dataset file")
             doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds,
-                                              dataset_name=dataset_name)
+                                              dataset_name=dataset_name, keep=keep, epsilon=epsilon,
+                                              rows_per_site=rows_per_site)
     except ValueError as e:
         _fail(str(e))
     try:
@@ -224,9 +229,11 @@ def new(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     ds = exp.dataset
+    linear = [layer for layer in exp.architecture.layers if layer.type == "Linear"]
+    model = "logistic regression" if len(linear) == 1 else "MLP " + "-".join(str(lay.params["out_features"]) for lay in linear)
     typer.echo(f"wrote {out}: {len(ds.features or [])} features ({len(ds.categorical)} categorical) -> input "
-               f"{exp.input_shape[0]}, target {ds.target!r} ({ds.task}), MLP 64-32-{exp.output_shape[0]}, "
-               "DP-SGD noise 1.0 clip 1.0 delta 1e-5", err=True)
+               f"{exp.input_shape[0]}, target {ds.target!r} ({ds.task}), {model}, "
+               f"DP-SGD within a whole-run epsilon {epsilon:g} per site, clip 1.0, delta 1e-5", err=True)
     for n in notes:
         typer.echo(f"note: {n}", err=True)
     typer.echo(f"next: fedbus config validate {out}", err=True)

@@ -1198,3 +1198,25 @@ MUTANTS.extend([
         ("tests/site_worker/test_row_independence.py::test_one_row_never_moves_another_rows_output_or_clipped_gradient",),
     ),
 ])
+# ------------------------------------------------------------------ results a clinician can trust (issue 24, clinician)
+_LEAKS = "tests/cli/test_config_new_leaks.py"
+MUTANTS.extend([
+    Mutant(
+        "leak-screen-keeps-durations", "config new leaves out follow-up / time-to-event durations (they leak the outcome)",
+        (Edit("fedbus/leak_screen.py", "    if set(_tokens(name)) & _DURATION_TOKENS or any(p in norm for p in _DURATION_PHRASES):\n",
+              "    if False:\n"),),
+        (f"{_LEAKS}::test_a_follow_up_column_is_left_out_with_one_line_each_and_keep_overrides",),
+    ),
+    Mutant(
+        "leak-screen-separation-off-by-edge", "a column with single-column AUC at the threshold is left out",
+        (Edit("fedbus/leak_screen.py", "    if auc is None or auc < SEPARATION_AUC:\n",
+              "    if auc is None or auc <= SEPARATION_AUC:\n"),),
+        (f"{_LEAKS}::test_separation_at_its_edge",),
+    ),
+    Mutant(
+        "config-new-mlp-for-small-sites", "config new writes logistic regression for sites below MLP_MIN_ROWS rows",
+        (Edit("protocol/experiment_template.py", "    if rows < MLP_MIN_ROWS or epsilon < MLP_MIN_EPSILON:\n",
+              "    if rows < MLP_MIN_ROWS - 1 or epsilon < MLP_MIN_EPSILON:\n"),),
+        (f"{_LEAKS}::test_the_model_is_sized_to_rows_per_site_and_budget",),
+    ),
+])

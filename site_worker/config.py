@@ -72,6 +72,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return site_config_from_dict(raw, base_dir=path.resolve().parent)
 
 
+STATE_DIR_ENV = "FEDBUS_STATE_DIR"  # set by a kit's systemd unit (its StateDirectory=); replaces state_dir
+
+
+def _state_dir(r: _Reader) -> Path:
+    """``state_dir`` from site.toml, unless ``FEDBUS_STATE_DIR`` names the one the service may write."""
+    env = os.environ.get(STATE_DIR_ENV, "").strip()
+    if env:
+        if not Path(env).is_absolute():
+            raise SiteConfigError("state_dir", f"{STATE_DIR_ENV}={env!r} must be an absolute path")
+        return Path(env)
+    p = r.path("state_dir", must_exist=False)
+    assert p is not None
+    return p
+
+
 def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) -> SiteConfig:
     """Validate an already-parsed TOML document (tests and the simulator use this)."""
     base = base_dir or Path.cwd()
@@ -118,7 +133,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         broker_url=broker_url,
         key_path=r.path("key_path", must_exist=True),
         coordinator_pub=r.path("coordinator_pub", must_exist=True),
-        state_dir=r.path("state_dir", must_exist=False),
+        state_dir=_state_dir(r),
         datasets=datasets,
         policy=policy,
         tls=tls,
