@@ -149,7 +149,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
-        "allow_unprotected_flower_client", "require_approval",
+        "allow_unprotected_flower_client", "require_approval", "stats", "stats_noise_multiplier",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -160,6 +160,9 @@ def _policy(r: "_Reader") -> SitePolicy:
     metrics = r.string("metrics", required=False) or d.metrics
     if metrics not in METRICS_MODES:
         raise SiteConfigError(r.key("metrics"), f"{metrics!r} is not one of {', '.join(METRICS_MODES)}")
+    stats = r.string("stats", required=False) or d.stats
+    if stats not in METRICS_MODES:
+        raise SiteConfigError(r.key("stats"), f"{stats!r} is not one of {', '.join(METRICS_MODES)}")
     delta = r.number("delta", default=None, minimum=0.0)
     if delta is not None and not 0 < delta < 1:
         raise SiteConfigError(r.key("delta"), f"must be in (0, 1), got {delta}")
@@ -198,6 +201,9 @@ def _policy(r: "_Reader") -> SitePolicy:
         dp_seed=dp_seed,
         allow_unprotected_flower_client=r.boolean("allow_unprotected_flower_client", default=False),
         require_approval=r.boolean("require_approval", default=False),
+        stats=stats,
+        stats_noise_multiplier=float(r.number("stats_noise_multiplier", default=d.stats_noise_multiplier,
+                                              minimum=0.1)),
     )
 
 
