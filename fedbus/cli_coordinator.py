@@ -27,6 +27,9 @@ app.add_typer(cli_dead_letters.app, name="dead-letters")
 from fedbus import cli_coordinator_run  # noqa: E402  (run, runs list|stop, logs)
 
 cli_coordinator_run.register(app, runs_app)
+from fedbus import cli_cohort  # noqa: E402  (cohort: the sites' Table 1 before training)
+
+cli_cohort.register(app)
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")

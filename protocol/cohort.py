@@ -225,7 +225,7 @@ def _figure(point: float, draws: np.ndarray, widen: float = 0.0, lo: float = -ma
 def _column_figures(c: Column, v: np.ndarray, draws: np.ndarray, n: float, bins: int) -> dict[str, Any]:
     """Figures of one column from its cells ``v`` and Monte Carlo ``draws`` (draws x cells)."""
     both = np.vstack([v[None, :], draws])  # row 0: the release itself
-    miss = np.clip(both[:, 0] if (c.numeric or c.kind == "categorical") else both[:, -1], 0.0, n)
+    miss = np.clip(both[:, 0] if c.numeric else both[:, -1], 0.0, n)  # numeric: first cell; others: last
     out: dict[str, Any] = {"name": c.name, "kind": c.kind}
     out["missing"] = _figure(miss[0], miss[1:], lo=0.0, hi=n)
     out["missing_share"] = _figure(miss[0] / n if n else math.nan, miss[1:] / n if n else miss[1:] * math.nan,
