@@ -91,6 +91,9 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="3 draws, seconds")
     args = ap.parse_args()
+    from protocol.logs import configure_logging
+
+    configure_logging("cli", level="warning")  # the sites' per-release log lines are not the result
     with tempfile.TemporaryDirectory() as tmp:
         out = draws(3 if args.smoke else args.draws, Path(tmp))
     print(json.dumps(out, indent=1))
