@@ -225,12 +225,15 @@ def _figure(point: float, draws: np.ndarray, widen: float = 0.0, lo: float = -ma
 def _column_figures(c: Column, v: np.ndarray, draws: np.ndarray, n: float, bins: int) -> dict[str, Any]:
     """Figures of one column from its cells ``v`` and Monte Carlo ``draws`` (draws x cells)."""
     both = np.vstack([v[None, :], draws])  # row 0: the release itself
-    miss = np.clip(both[:, 0] if c.numeric else both[:, -1], 0.0, n)  # numeric: first cell; others: last
+    raw_miss = both[:, 0] if c.numeric else both[:, -1]  # numeric: the first cell; the others: the last
+    miss = np.clip(raw_miss, 0.0, n)
     out: dict[str, Any] = {"name": c.name, "kind": c.kind}
     out["missing"] = _figure(miss[0], miss[1:], lo=0.0, hi=n)
     out["missing_share"] = _figure(miss[0] / n if n else math.nan, miss[1:] / n if n else miss[1:] * math.nan,
                                    lo=0.0, hi=1.0)
-    observed = np.maximum(n - miss, 1.0)
+    # Denominators from the unclipped noisy count: clipping a count whose truth is 0 at 0 would bias
+    # every share and mean of the column (the noise is symmetric, the clipped count is not).
+    observed = np.maximum(n - raw_miss, 1.0)
     if c.numeric:
         out["task"] = c.task if c.kind == "outcome" else None
         if c.bounds:
