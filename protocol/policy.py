@@ -48,6 +48,8 @@ class SitePolicy:
     metrics_noise_multiplier: float = 5.0  # Gaussian std / L2 sensitivity of a metrics release
     metrics_loss_clip: float = 5.0  # per-example loss clipped to [0, C] in released sums
     max_evaluations_per_run: int = 100
+    stats: str = "dp"  # "dp" | "exact" | "none": how a cohort table (StatsTask) is released
+    stats_noise_multiplier: float = 2.0  # Gaussian std / L2 sensitivity of a cohort release
     test_fraction: float = 0.2  # of each dataset's rows: the fixed test split, never trained on
     reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
     dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
@@ -81,6 +83,8 @@ class SitePolicy:
             "metrics": self.metrics,
             "metrics_noise_multiplier": self.metrics_noise_multiplier,  # the coordinator's privacy plan needs it
             "test_fraction": self.test_fraction,
+            "stats": self.stats,
+            "stats_noise_multiplier": self.stats_noise_multiplier,  # the cohort's ε plan
             "max_evaluations_per_run": self.max_evaluations_per_run,
             "reproducible_dp": self.reproducible_dp,
             "secure_aggregation": self.secure_aggregation,

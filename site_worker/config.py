@@ -166,6 +166,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
         "allow_unprotected_flower_client", "require_approval", "secure_aggregation",
         "secure_aggregation_min_contributors",
+        "allow_unprotected_flower_client", "require_approval", "stats", "stats_noise_multiplier",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -176,6 +177,9 @@ def _policy(r: "_Reader") -> SitePolicy:
     metrics = r.string("metrics", required=False) or d.metrics
     if metrics not in METRICS_MODES:
         raise SiteConfigError(r.key("metrics"), f"{metrics!r} is not one of {', '.join(METRICS_MODES)}")
+    stats = r.string("stats", required=False) or d.stats
+    if stats not in METRICS_MODES:
+        raise SiteConfigError(r.key("stats"), f"{stats!r} is not one of {', '.join(METRICS_MODES)}")
     delta = r.number("delta", default=None, minimum=0.0)
     if delta is not None and not 0 < delta < 1:
         raise SiteConfigError(r.key("delta"), f"must be in (0, 1), got {delta}")
@@ -220,6 +224,9 @@ def _policy(r: "_Reader") -> SitePolicy:
         secure_aggregation=secagg,
         secure_aggregation_min_contributors=r.integer("secure_aggregation_min_contributors",
                                                       default=d.secure_aggregation_min_contributors, minimum=2),
+        stats=stats,
+        stats_noise_multiplier=float(r.number("stats_noise_multiplier", default=d.stats_noise_multiplier,
+                                              minimum=0.1)),
     )
 
 

@@ -28,7 +28,8 @@ import torch
 
 from protocol.config import ConfigError, load_experiment
 from protocol.dp_plan import check_epochs, release_entries, site_plan
-from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
+from protocol.messages import (Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, StatsResult, StatsTask,
+                               TrainTask, Update)
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from protocol.policy import PolicyViolation
 from protocol.privacy_plan import BudgetExhausted, applies
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Reply = Update | EvalResult | Declined
+Reply = Update | EvalResult | StatsResult | Declined
 _EXPERIMENT_CACHE = 4  # experiments a site keeps parsed (one per run it serves, typically)
 # Figures a Declined may carry: public settings and what the site already reported in its
 # Updates. A projection from this task's rows (epsilon_projected) stays in the site's log.
@@ -115,9 +116,13 @@ class TaskHandler:
     def handle(self, env: Envelope) -> Reply:
         """Reply payload for a verified TrainTask/EvalTask/PersonalizeTask. Raises ``TrainingAborted`` on stop."""
         task = env.payload
-        assert isinstance(task, (TrainTask, EvalTask, PersonalizeTask))
+        assert isinstance(task, (TrainTask, EvalTask, PersonalizeTask, StatsTask))
         try:
             with self._lock:
+                if isinstance(task, StatsTask):
+                    from site_worker.stats import handle_stats  # the cohort table (issue 25)
+
+                    return handle_stats(self, env, task)
                 if isinstance(task, TrainTask):
                     return self._train(env, task)
                 if isinstance(task, PersonalizeTask):
