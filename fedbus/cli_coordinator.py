@@ -27,6 +27,9 @@ app.add_typer(cli_dead_letters.app, name="dead-letters")
 from fedbus import cli_coordinator_run  # noqa: E402  (run, runs list|stop, logs)
 
 cli_coordinator_run.register(app, runs_app)
+from fedbus import cli_users  # noqa: E402  (users add|remove|passwd)
+
+app.add_typer(cli_users.app, name="users")
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")

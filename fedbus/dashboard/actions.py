@@ -42,8 +42,10 @@ def _store(state_dir: Path):
 class Actions:
     """Actions on one state directory; ``key`` signs approvals, ``broker`` is where new runs go."""
 
-    def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None) -> None:
+    def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None,
+                 simulate_out: Path | None = None) -> None:
         self.dir = Path(state_dir)
+        self.simulate_out = simulate_out  # ``simulate --serve``: a started experiment is simulated into this OUT
         self.reader = StateReader(self.dir)
         self.key = key
         self.broker = broker
@@ -66,7 +68,7 @@ class Actions:
                 "note": "the coordinator stops after the round in progress"}
 
     # -- approve --------------------------------------------------------------------
-    def approve(self, run_id: str, *, who: str, note: str = "") -> dict[str, Any]:
+    def approve(self, run_id: str, *, who: str, note: str = "", model_name: str | None = None) -> dict[str, Any]:
         from coordinator.approvals import ApprovalError, approve
 
         run = self._run(run_id)
@@ -149,9 +151,11 @@ class Actions:
     def start(self, name: str) -> dict[str, Any]:
         if name not in self.experiments():  # the file is picked from the listing, never joined from input
             raise ActionError(f"no experiment {name!r} in {self.dir / 'experiments'}; known: {self.experiments()}", 404)
+        path = self.dir / "experiments" / name
+        if not self.broker and self.simulate_out is not None:
+            return self._simulate(path, name)
         if not self.broker:
             raise ActionError("this dashboard has no broker to start runs on: start it with --broker URL")
-        path = self.dir / "experiments" / name
         slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(name).stem).strip("-")[:40] or "run"
         run_id = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         logs = self.dir / "logs"
@@ -172,6 +176,23 @@ class Actions:
         self.reap()
         self._children.append(child)
         return {"run_id": run_id, "pid": child.pid, "log": str(log_path), "experiment": name}
+
+    def _simulate(self, path: Path, name: str) -> dict[str, Any]:
+        """A simulation's dashboard: the experiment runs as ``fedbus simulate EXP --out OUT`` (its own
+        sites, the same state directory), one at a time (two would share OUT's sites and result)."""
+        self.reap()
+        if self._children:
+            raise ActionError("a simulated run is still going: wait for it to finish, then start the next")
+        assert self.simulate_out is not None
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"simulate-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
+        cmd = [sys.executable, "-m", "fedbus.cli", "simulate", str(path), "--out", str(self.simulate_out)]
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ), start_new_session=True)
+        self._children.append(child)
+        return {"run_id": None, "pid": child.pid, "log": str(log_path), "experiment": name, "simulated": True}
 
     def reap(self) -> None:
         """Forget started coordinators that have exited (their exit status is in their log)."""
