@@ -25,6 +25,12 @@ from typing import Any
 from fedbus.dashboard.data import NoSuchRun, StateReader
 
 
+def default_model_name(run: dict[str, Any]) -> str:
+    """The registry name a model gets when none is given: its experiment's name, as a slug."""
+    base = (run.get("experiment") or {}).get("basic_info", {}).get("name") or run["run_id"].split("-")[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(base)).strip("-._")[:100] or "model"
+
+
 class ActionError(ValueError):
     """An action cannot be done as asked; ``status`` is the HTTP status to answer with."""
 
@@ -68,21 +74,41 @@ class Actions:
                 "note": "the coordinator stops after the round in progress"}
 
     # -- approve --------------------------------------------------------------------
-    def approve(self, run_id: str, *, who: str, note: str = "", model_name: str | None = None) -> dict[str, Any]:
+    def approve(self, run_id: str, *, who: str, note: str = "", model_name: str | None = None,
+                mlflow: str | None = None) -> dict[str, Any]:
+        """Mark valid: a signed approval, then a signed registry entry (``model_name``, default the
+        experiment's name) for a finished run; with ``mlflow``, the version goes to MLflow's registry too."""
         from coordinator.approvals import ApprovalError, approve
+        from coordinator.model_registry import FINISHED, RegistryError, check_name, register
 
         run = self._run(run_id)
         ck = self.reader.checkpoint(run_id)
         if ck is None:
             raise ActionError(f"run {run_id} has no checkpoint yet")
+        if run["status"] not in FINISHED:
+            raise ActionError(f"run {run_id} is {run['status']}: mark its model valid once the run has finished")
+        name = model_name or default_model_name(run)
+        try:
+            check_name(name)
+        except RegistryError as e:
+            raise ActionError(str(e), status=400) from None
         path, sha, rnd = ck
         signer = self._signer_for(run)
+        rel = str(path.relative_to(self.dir))
         try:
-            return approve(self.dir, run_id=run_id, round=rnd, checkpoint=str(path.relative_to(self.dir)),
-                           checkpoint_sha256=sha, approved_by=who, signer=signer, federation=run["federation"],
-                           note=note)
-        except ApprovalError as e:
+            signed = approve(self.dir, run_id=run_id, round=rnd, checkpoint=rel, checkpoint_sha256=sha,
+                             approved_by=who, signer=signer, federation=run["federation"], note=note)
+            entry = register(self.dir, name=name, run=run, round=rnd, checkpoint=rel, checkpoint_sha256=sha,
+                             approved_by=signed["record"]["approved_by"], signer=signer,
+                             approval_signature=signed["signature"])
+        except (ApprovalError, RegistryError) as e:
             raise ActionError(str(e), status=400) from None
+        out = {**signed, "registry": entry["record"]}
+        if mlflow:
+            from coordinator.model_registry_mlflow import to_mlflow
+
+            out["mlflow"] = to_mlflow(mlflow, entry["record"], self.dir / rel)
+        return out
 
     def key_candidates(self) -> list[Path]:
         """``--key``; else STATE/coordinator.key and, beside a ``simulate --out`` state, the simulation's key."""
