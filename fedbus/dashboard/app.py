@@ -98,6 +98,9 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
         return JSONResponse(doc, status_code=status)
 
     app.state.allowed, app.state.acted, app.state.user_of, app.state.page = allowed, acted, user_of, page
+    from fedbus.dashboard import workbench
+
+    workbench.register(app, state, reader)  # designer, registry, model cards
 
     # -- pages -------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

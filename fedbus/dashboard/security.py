@@ -127,6 +127,9 @@ class AccessMiddleware(BaseHTTPMiddleware):
             if request.url.path == LOGIN:
                 return await self._login(request)
             if request.url.path == LOGOUT and request.method == "POST":
+                problem = self._origin_problem(request)
+                if problem:
+                    return JSONResponse({"error": problem}, status_code=403)
                 resp = RedirectResponse(LOGIN, status_code=303)
                 a.close_session(request.cookies.get(SESSION_COOKIE))
                 resp.delete_cookie(SESSION_COOKIE, path="/")
