@@ -31,6 +31,12 @@ cli_coordinator_run.register(app, runs_app)
 from fedbus import cli_cohort  # noqa: E402  (cohort: the sites' Table 1 before training)
 
 cli_cohort.register(app)
+from fedbus import cli_users  # noqa: E402  (users add|remove|passwd)
+
+app.add_typer(cli_users.app, name="users")
+from fedbus import cli_models  # noqa: E402  (models register|list|show|export)
+
+app.add_typer(cli_models.app, name="models")
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")
@@ -231,7 +237,7 @@ def audit(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool
     _emit(report.to_json(), json_out)
     if report.ok:
         typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints, "
-                   f"{report.approvals} approvals verified)", err=True)
+                   f"{report.approvals} approvals, {report.registry} registry entries verified)", err=True)
         return
     for p in report.problems:
         typer.echo(f"audit {run_id}: {p}", err=True)

@@ -163,6 +163,7 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
     try:
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
                                                broker=None if broker.startswith("memory") else broker,
+                                               simulate_out=out if broker.startswith("memory") else None,
                                                port_option="--serve-port")).start()
     except ServeError as e:
         err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}", soft_wrap=True)
