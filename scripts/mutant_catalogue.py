@@ -1133,3 +1133,10 @@ MUTANTS.extend([
         (f"{_SECAGG}::test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "secagg-threshold-half-accepted", "a site refuses a roster whose threshold U is at most half its sites (split-view requests)",
+        (Edit(_SITE_SECAGG, "        if 2 * roster.threshold <= n:", "        if False:"),),
+        (f"{_SECAGG}::test_split_view_requests_to_two_groups_of_sites_cannot_both_be_unmasked",),
+    ),
+])
