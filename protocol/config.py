@@ -44,6 +44,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -253,6 +254,10 @@ class DatasetSpec(_Block):
     categorical: dict[str, list[Str]] = Field(default_factory=dict)
     missing_values: dict[str, list[Float]] = Field(default_factory=dict)
     scaling: dict[str, tuple[Float, Float]] = Field(default_factory=dict)
+    # Public [lo, hi] per numeric column, for the cohort table's DP histogram, mean and SD
+    # (protocol/cohort.py): a value outside is clipped. Left out of the wire form when empty,
+    # so experiments without it keep their hash.
+    bounds: dict[str, tuple[Float, Float]] = Field(default_factory=dict)
     exclude: list[Str] = Field(default_factory=list)
     validation_fraction: Float = Field(0.2, gt=0, lt=1)
     kind: Literal["tabular", "signal"] = "tabular"
@@ -303,11 +308,23 @@ class DatasetSpec(_Block):
         for column, codes in self.missing_values.items():
             if not codes:
                 raise ConfigError(f"dataset.missing_values.{column}", "must list at least one code")
+        for column, (lo, hi) in self.bounds.items():
+            if not lo < hi:
+                raise ConfigError(f"dataset.bounds.{column}", f"is a [low, high] pair with low < high, got [{lo}, {hi}]")
+            if column in self.categorical:
+                raise ConfigError(f"dataset.bounds.{column}", "is a categorical column; only numeric columns take bounds")
         for column, (_, scale) in self.scaling.items():
             if not scale > 0:
                 raise ConfigError(f"dataset.scaling.{column}",
                                   f"is a (center, scale) pair and its scale must be > 0, got {scale}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_bounds(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and not self.bounds:
+            out.pop("bounds", None)
+        return out
 
     @property
     def positive_rule(self) -> tuple[str, float] | None:

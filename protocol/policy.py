@@ -31,8 +31,8 @@ class SitePolicy:
     """
 
     allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
-    max_parameters: int = 5_000_000
-    max_train_memory_mb: float = 2048.0  # one step: batch bound x (parameters + activations) x 4 B
+    max_parameters: int | None = None  # an explicit cap if the site wants one; memory is max_train_memory_mb's
+    max_train_memory_mb: float = 2048.0  # one step: batch bound x (per-sample gradients + activations) x 4 B
     max_eval_memory_mb: float = 2048.0  # one inference pass (4096 rows) plus the outputs of every row
     max_release_values: int = 2**20  # values in one DP metrics release vector (a k-class model: k*k + 1)
     min_noise_multiplier: float = 0.5
@@ -48,6 +48,8 @@ class SitePolicy:
     metrics_noise_multiplier: float = 5.0  # Gaussian std / L2 sensitivity of a metrics release
     metrics_loss_clip: float = 5.0  # per-example loss clipped to [0, C] in released sums
     max_evaluations_per_run: int = 100
+    stats: str = "dp"  # "dp" | "exact" | "none": how a cohort table (StatsTask) is released
+    stats_noise_multiplier: float = 2.0  # Gaussian std / L2 sensitivity of a cohort release
     test_fraction: float = 0.2  # of each dataset's rows: the fixed test split, never trained on
     reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
     dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
@@ -81,6 +83,8 @@ class SitePolicy:
             "metrics": self.metrics,
             "metrics_noise_multiplier": self.metrics_noise_multiplier,  # the coordinator's privacy plan needs it
             "test_fraction": self.test_fraction,
+            "stats": self.stats,
+            "stats_noise_multiplier": self.stats_noise_multiplier,  # the cohort's ε plan
             "max_evaluations_per_run": self.max_evaluations_per_run,
             "reproducible_dp": self.reproducible_dp,
             "secure_aggregation": self.secure_aggregation,

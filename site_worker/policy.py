@@ -58,7 +58,7 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
                     f"allowed_layers: layer architecture.layers[{i}] of type {layer.type!r} is not allowed by this "
                     f"site (allowed: {', '.join(policy.allowed_layers)})")
     check_layers(policy, experiment, buffers=buffers)
-    if parameters > policy.max_parameters:
+    if policy.max_parameters is not None and parameters > policy.max_parameters:
         raise PolicyViolation(f"max_parameters: model has {parameters} parameters, this site allows at most "
                               f"{policy.max_parameters}")
     secagg = experiment.federated.secure_aggregation
