@@ -1220,3 +1220,10 @@ MUTANTS.extend([
         (f"{_LEAKS}::test_the_model_is_sized_to_rows_per_site_and_budget",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "secagg-threshold-half-accepted", "a site refuses a roster whose threshold U is at most half its sites (split-view requests)",
+        (Edit(_SITE_SECAGG, "        if 2 * roster.threshold <= n:", "        if False:"),),
+        (f"{_SECAGG}::test_split_view_requests_to_two_groups_of_sites_cannot_both_be_unmasked",),
+    ),
+])

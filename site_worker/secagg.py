@@ -13,7 +13,9 @@ threshold of one). The site refuses each, naming the rule (``SecAggRefused``):
 - ``min_contributors``: a request whose updates come from fewer distinct sites than the
   committed ``min_contributors`` (never below the site's own floor);
 - ``update_reused``: an update already included in an answered request (each update is in at
-  most one unmask request; a redelivered request with the same id and bytes gets the same answer).
+  most one unmask request; a redelivered request with the same id and bytes gets the same answer);
+- ``threshold``: a roster whose U is at most half its sites: the coordinator could then send two
+  overlapping requests to two disjoint groups of U sites, each of which sees only one.
 
 The commitments are durable (``protocol.durable.write_atomic``, one JSON file per run under
 ``state_dir/secagg/``, named by a digest of the run id, never by the wire's string), and are
@@ -197,6 +199,10 @@ class SiteSecAgg:
         if roster.min_contributors < self.floor:
             raise SecAggRefused("min_contributors", f"roster asks for min_contributors {roster.min_contributors}, "
                                                     f"this site requires at least {self.floor}")
+        if 2 * roster.threshold <= n:  # two disjoint answer sets of U could unmask two overlapping requests
+            raise SecAggRefused("threshold", f"threshold {roster.threshold} of {n} sites: it must exceed half the "
+                                             "roster, so any two sets of answering sites share one that refuses "
+                                             "the second of two overlapping requests")
         try:
             Coding(n, roster.threshold, roster.privacy, roster.length)
             F.QuantConfig(roster.clip, roster.scale, n)

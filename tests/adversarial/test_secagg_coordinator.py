@@ -176,3 +176,33 @@ def test_k_updates_from_fewer_than_k_hospitals_are_refused(tmp_path):
         == {"min_contributors"}
     three_sites = UnmaskRequest(RUN, digest, "three", (("site-0", 1), ("site-0", 2), ("site-1", 1), ("site-2", 1)))
     assert fed.sites["site-3"].answer(three_sites, sign(fed.coord_signer, three_sites))
+
+
+def test_split_view_requests_to_two_groups_of_sites_cannot_both_be_unmasked(tmp_path):
+    """Two overlapping requests sent to two different groups of sites, each group seeing one:
+    a roster with U at most half the sites is refused (two disjoint groups of U could answer),
+    and with U above half, the second group cannot reach U answers."""
+    fed = federation(tmp_path, 4, threshold=3)
+    r = fed.coordinator.roster
+    half = Roster("run-half", r.sites, tuple(fed.sites[s].key_binding("run-half") for s in r.sites), 2, 2, 1, 1.0,
+                  2.0**16, 6)  # U = 2 of 4
+    for s in r.sites:
+        with pytest.raises(SecAggRefused) as e:
+            fed.sites[s].commit_roster(half, sign(fed.coord_signer, half))
+        assert e.value.rule == "threshold"
+    masked = fed.coordinator.new_sum()
+    fed.upload(1, _values(fed.sites), masked)
+    req, signed = fed.coordinator.request(masked)
+    first = {s: fed.sites[s].answer(req, signed) for s in ["site-0", "site-1", "site-2"]}  # group 1: U answers
+    minus = UnmaskRequest(RUN, r.digest(), "minus", tuple(masked.contributors[:3]))
+    ms = sign(fed.coord_signer, minus)
+    second = {}
+    for s in fed.sites:  # every site is asked; only those that never answered the first may answer
+        try:
+            second[s] = fed.sites[s].answer(minus, ms)
+        except SecAggRefused as e:
+            assert e.rule == "update_reused"
+    assert list(second) == ["site-3"]
+    fed.coordinator.unmask(masked, first)
+    with pytest.raises(NotEnoughShares):
+        fed.coordinator.unmask(masked, second)
