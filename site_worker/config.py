@@ -166,8 +166,6 @@ def _policy(r: "_Reader") -> SitePolicy:
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
         "allow_unprotected_flower_client", "require_approval", "secure_aggregation",
         "secure_aggregation_min_contributors", "stats", "stats_noise_multiplier",
-        "secure_aggregation_min_contributors",
-        "stats", "stats_noise_multiplier",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
