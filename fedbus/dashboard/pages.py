@@ -14,7 +14,7 @@ PAGES = {"sites": "/sites", "runs": "/runs", "compare": "/compare", "dead-letter
 _TITLES = {"sites": "Sites and privacy budgets", "runs": "Runs", "run": "Run", "compare": "Compare runs",
            "dead-letters": "Dead letters"}
 _NAV = [("runs", "/runs", "Runs"), ("sites", "/sites", "Sites"), ("compare", "/compare", "Compare"),
-        ("dead-letters", "/dead-letters", "Dead letters")]
+        ("dead-letters", "/dead-letters", "Dead letters"), ("cohort", "/cohort", "Cohort")]
 
 
 def render(name: str, *, csrf: str, session: dict[str, Any]) -> str:
