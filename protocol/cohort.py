@@ -279,7 +279,7 @@ def _column_figures(c: Column, v: np.ndarray, draws: np.ndarray, n: float, bins:
     return out
 
 
-def table(spec: CohortSpec, vector: Sequence[float], *, n: float, noise_sd: float) -> dict[str, Any]:
+def table(spec: CohortSpec, vector: Sequence[float] | np.ndarray, *, n: float, noise_sd: float) -> dict[str, Any]:
     """Table 1 figures of one released vector (a site's, or the pooled sum), each with its 95 %
     interval. ``n`` is the public row count; ``noise_sd`` the per-coordinate noise SD (0: exact).
     Pure post-processing: no privacy cost."""

@@ -1227,3 +1227,24 @@ MUTANTS.extend([
         (f"{_SECAGG}::test_split_view_requests_to_two_groups_of_sites_cannot_both_be_unmasked",),
     ),
 ])
+# ------------------------------------------------------------------ the cohort before training (issue 25)
+_STATS = "tests/site_worker/test_stats.py"
+MUTANTS.extend([
+    Mutant(
+        "stats-not-charged-to-ledger", "a DP cohort release is charged to the site's ledger before it is computed",
+        (Edit("site_worker/stats.py", "    if entries:\n        try:\n", "    if False:\n        try:\n"),),
+        (f"{_STATS}::test_dp_release_is_one_gaussian_charged_to_the_ledger_with_secret_noise",),
+    ),
+    Mutant(
+        "stats-numeric-sensitivity-understated", "a bounded numeric column's L2 sensitivity is √3 (a bin, the sum, the sum of squares)",
+        (Edit("protocol/cohort.py", "        return 3.0 if self.numeric and self.bounds else 1.0\n",
+              "        return 1.0\n"),),
+        (f"{_STATS}::test_one_row_moves_the_vector_by_at_most_the_stated_sensitivity",),
+    ),
+    Mutant(
+        "stats-values-not-clipped-to-public-bounds", "a value outside its column's public bounds is clipped before it is summed",
+        (Edit("protocol/cohort.py", "                u = np.clip((x[~miss] - lo) / (hi - lo), 0.0, 1.0)\n",
+              "                u = np.maximum((x[~miss] - lo) / (hi - lo), 0.0)\n"),),
+        (f"{_STATS}::test_one_row_moves_the_vector_by_at_most_the_stated_sensitivity",),
+    ),
+])

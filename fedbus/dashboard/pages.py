@@ -15,7 +15,8 @@ OWN_SCRIPT = {"designer": "/static/designer.js", "models": "/static/models.js"} 
 _TITLES = {"sites": "Sites and privacy budgets", "runs": "Runs", "run": "Run", "compare": "Compare runs",
            "dead-letters": "Dead letters", "designer": "Model designer", "models": "Model registry"}
 _NAV = [("runs", "/runs", "Runs"), ("sites", "/sites", "Sites"), ("compare", "/compare", "Compare"),
-        ("dead-letters", "/dead-letters", "Dead letters"), ("designer", "/designer", "Designer"), ("models", "/models", "Models")]
+        ("dead-letters", "/dead-letters", "Dead letters"), ("cohort", "/cohort", "Cohort"),
+        ("designer", "/designer", "Designer"), ("models", "/models", "Models")]
 
 
 def render(name: str, *, csrf: str, session: dict[str, Any]) -> str:

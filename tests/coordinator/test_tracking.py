@@ -102,7 +102,6 @@ def test_a_bad_mlflow_uri_is_one_line_and_exit_2(simulated, tmp_path):
                  [*export, blocker.resolve().as_uri() + "/store"],  # a store that cannot be created
                  ["coordinator", "run", str(EXAMPLE), "--broker", "amqp://127.0.0.1:1/%2F", "--state",
                   str(tmp_path / "s"), "--federation", "f", "--mlflow", bad]):
-        if True:
-            r = fedbus(*args, check=False)
-            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-            assert r.returncode == 2 and len(lines) == 1 and "--mlflow" in lines[0], (args, r.stderr)
+        r = fedbus(*args, check=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "--mlflow" in lines[0], (args, r.stderr)
