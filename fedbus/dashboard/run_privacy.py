@@ -59,7 +59,14 @@ def run_privacy(run: dict[str, Any], privacy: dict[str, Any], hellos: dict[str, 
     and ``run_spent_epsilon`` per site (this run only, by the plan, for the rounds each site trained);
     ``epsilon`` stays what the sites reported: their lifetime ledger, renamed ``lifetime_epsilon``."""
     out = dict(privacy)
-    out["lifetime_epsilon"] = dict(privacy.get("epsilon") or {}) if isinstance(privacy.get("epsilon"), dict) else {}
+    lifetime = dict(privacy.get("epsilon") or {}) if isinstance(privacy.get("epsilon"), dict) else {}
+    dataset = ((run.get("experiment") or {}).get("dataset") or {}).get("name")
+    for site, hello in hellos.items():  # before its first update: the ledger figure its hello announced
+        if lifetime.get(site) is None:
+            said = [d.get("epsilon_spent") for d in (hello or {}).get("datasets") or [] if d.get("name") == dataset]
+            if said and isinstance(said[0], (int, float)):
+                lifetime[site] = float(said[0])
+    out["lifetime_epsilon"] = lifetime
     plan = plan_of(run, hellos)
     if plan is None:
         out.setdefault("run_spent_epsilon", {})

@@ -240,6 +240,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         deltas = {u["delta"] for u in updates if u["delta"] is not None}
         eps = (privacy.get("epsilon") or {}).get(s) if isinstance(privacy.get("epsilon"), dict) else None
         eps = eps if eps is not None else _num(fm.get("epsilon"))
+        eps = eps if eps is not None else (privacy.get("lifetime_epsilon") or {}).get(s)
         planned = privacy.get("planned_epsilon")
         row = {
             "site": s, "updates": len(updates),
