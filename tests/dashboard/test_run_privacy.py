@@ -68,6 +68,12 @@ def test_this_runs_spend_grows_with_the_rounds_trained_up_to_the_plan() -> None:
     spent = [plans.run_spent(exp, hello, rounds_trained=k, finished=False) for k in (1, 5, 15)]
     assert spent == sorted(spent) and spent[0] > 0 and spent[-1] < planned
     assert plans.run_spent(exp, hello, rounds_trained=15, finished=True) == pytest.approx(planned, rel=1e-9)
+    # Nothing released before the first round, a fine-tune after the rounds included (it comes at the end).
+    tuned = json.loads(EXAMPLE.read_text())
+    tuned["training"]["personalization"] = {"mode": "last_layer", "epochs": 1}
+    tuned_exp = load_experiment(tuned)
+    assert plans.run_spent(tuned_exp, hello, rounds_trained=0, finished=False) == pytest.approx(0.0, abs=1e-9)
+    assert plans.run_spent(tuned_exp, hello, rounds_trained=0, finished=True) > 0
     # Two runs of the same settings at the same site: the same run ε, whatever the lifetime ledger says.
     older = {**hello, "datasets": [{**hello["datasets"][0], "epsilon_spent": 39.0}]}
     assert plans.run_spent(exp, older, rounds_trained=15, finished=True) == pytest.approx(planned, rel=1e-9)
