@@ -13,6 +13,8 @@ impossible on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ import numpy as np
 
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.messages import DatasetInfo, EvalResult, EvalTask, SiteHello, TrainTask, Update
+from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.signing import Signer, TrustStore
 from protocol.transport.base import Bus, Delivery
 from protocol.transport.topology import CONTROL, UPDATES, site_queue
+from site_worker.model_cache import ModelCache
 
 EVAL_METRICS = {"loss": 0.5, "accuracy": 0.8, "auc": 0.8, "f1": 0.5, "n": 50.0}
 NUM_EXAMPLES = 100  # what each Update claims; the hello announces ROWS >= every count reported
@@ -34,8 +38,10 @@ class EchoSite:
     """One instant-answer site on ``bus`` (which it owns: one connection per site on AMQP)."""
 
     def __init__(self, bus: Bus, *, site_id: str, signer: Signer, federation: str, coordinator_pub: bytes,
-                 dataset: str = "heart_failure", rows: int = ROWS) -> None:
+                 dataset: str = "heart_failure", rows: int = ROWS, state_dir: Path | None = None) -> None:
         self.bus = bus
+        # Models published by hash (coordinator/models.py) land in this cache, as on a real site.
+        self.models = ModelCache(state_dir or Path(tempfile.mkdtemp(prefix=f"echo-{site_id}-")))
         self.dataset = dataset
         self.rows = rows
         self.site_id = site_id
@@ -61,8 +67,15 @@ class EchoSite:
         self.bus.publish(CONTROL, self.federation, seal(env, self.signer), message_id=env.message_id)
 
     def _on_task(self, d: Delivery) -> None:
+        claimed = (d.headers or {}).get(MODEL_CHUNK_HEADER)
+        if claimed is not None:  # a chunk of a published model: verified, stored, acked (site_worker.daemon)
+            self.models.put(claimed, d.body)
+            d.ack()
+            return
         env = open_frame(d.body, self.trust).envelope
         p = env.payload
+        if isinstance(p, (TrainTask, EvalTask)) and p.model_sha256:
+            p = dataclasses.replace(p, weights=self.models.resolve(p))
         reply: Any
         if isinstance(p, TrainTask):
             weights = tuple((n, (np.asarray(w) + np.asarray(0.001, dtype=np.asarray(w).dtype))) for n, w in p.weights)

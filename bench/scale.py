@@ -394,7 +394,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced sweep (minutes, not tens of minutes)")
-    ap.add_argument("--smoke", action="store_true", help="2 sites in memory and 10 K parameters x 2 echo sites on "
+    ap.add_argument("--smoke", action="store_true", help="2 sites in memory and 300 K parameters x 2 echo sites on "
                                                          "RabbitMQ, one round, output in a temporary folder: checks "
                                                          "the bench runs (seconds)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scale.png", help="PNG plot path")
@@ -429,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         global ROUND_TIMEOUT_S
         ROUND_TIMEOUT_S = 20.0
         sweeps = (sweeps & {"memory", "model"}) or {"memory", "model"}
-        mem_sites, sizes, model_sites, model_rounds, args.rounds = [2], [10_000], [2], 1, 1
+        # 300 K parameters (1.2 MB): over coordinator.models.INLINE_BELOW, so the model goes by hash
+        mem_sites, sizes, model_sites, model_rounds, args.rounds = [2], [300_000], [2], 1, 1
         tmp = Path(tempfile.mkdtemp(prefix="scale-smoke-"))
         args.out, args.json = tmp / "scale.png", args.json or tmp / "scale.json"
     jobs: list[tuple[str, Any]] = []

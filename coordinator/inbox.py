@@ -109,6 +109,8 @@ class Inbox:
         self.trust: Any = None
         self.log = log if log is not None else structlog.get_logger(__name__)
         self._queue: queue.Queue[Inbound] = queue.Queue()
+        # Told of a site that declined model_unavailable (coordinator/models.py re-sends it its model).
+        self.on_model_unavailable: Callable[[str], None] | None = None
         self._announced: dict[str, int] = {}  # site -> training rows, pinned at first use
         self._wait_hello = wait_hello  # the hello travels on another queue: an update may overtake it
         self.hello_wait_s = hello_wait_s
@@ -227,6 +229,8 @@ class Inbox:
         if p.reason == "untrusted_task":  # our signing key is not the one the site trusts
             self.log.error(f"site {msg.env.sender} rejected our tasks: unknown signer", site_id=msg.env.sender,
                            detail=p.detail)
+        if p.reason == "model_unavailable" and self.on_model_unavailable is not None:
+            self.on_model_unavailable(msg.env.sender)
         self.settle(msg, verdict="declined", reason=f"{p.reason}: {p.detail}", round=round)
 
     def late_eval(self, msg: Message, *, round: int) -> None:

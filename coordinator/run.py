@@ -35,7 +35,9 @@ from coordinator.rounds.result import (
     stored_result,
 )
 from coordinator.rounds.sync import SyncRounds
+from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
+from coordinator.secagg import refuse_until_wired
 from coordinator.state import StateError, StateStore
 from coordinator.validation import Rejected
 from protocol.config import Experiment
@@ -73,10 +75,12 @@ class Coordinator:
         hello_grace_s: float = 2.0,
         privacy_plan: dict[str, Any] | None = None,
         show_plan: bool = True,
+        model_inline_below: int | None = None,
     ) -> None:
         from protocol.config import load_experiment
 
         self.experiment: Experiment = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+        refuse_until_wired(self.experiment)
         self.bus = bus
         self.store = StateStore(state_dir)
         self.registry = SiteRegistry(self.store)
@@ -102,9 +106,12 @@ class Coordinator:
         self._consumers: list[Consumer] = []
         self._log = log.bind(federation=federation)
         self.tasks = TaskBook(experiment=self.experiment, bus=bus, store=self.store, signer=signer,
-                              federation=federation, seed=int(self.experiment.training.seed))
+                              federation=federation, seed=int(self.experiment.training.seed),
+                              models=ModelPublisher(bus, inline_below=INLINE_BELOW if model_inline_below is None
+                                                    else model_inline_below))
         self.inbox = Inbox(self.store, federation=federation, dataset=self.tasks.dataset(), max_skew_s=max_skew_s,
                            store_bodies=store_bodies, log=self._log, wait_hello=self.registry.wait_hello)
+        self.inbox.on_model_unavailable = self.tasks.models.forget
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:

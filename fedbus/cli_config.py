@@ -24,22 +24,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Experiment configuration.", no_args_is_help=True)
 
 
-def _report(experiment: Experiment, summary: ModelSummary) -> dict[str, Any]:
-    wire = experiment.to_wire()
-    return {
-        "valid": True,
-        "name": experiment.name,
-        "parameters": summary.parameters,
-        "input_shape": summary.input_shape,
-        "output_shape": summary.output_shape,
-        "layers": summary.layers,
-        "training": wire["training"],
-        "federated": wire["federated"],
-        "dataset": {k: v for k, v in wire["dataset"].items() if k != "selected_datasets"},
-        "not_used_by_fedbus": experiment.not_used,
-    }
-
-
 def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -129,26 +113,19 @@ def validate(
                             'each site derives from a total_epsilon budget.')] = None,
 ) -> None:
     """Validate an experiment: layers, output shapes, parameter count, settings."""
-    from protocol.model import summarize  # torch: imported only by the verbs that need it
+    from fedbus.experiment_check import check_experiment, error_doc, report
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        experiment = load_experiment(experiment_file)
-        summary = summarize(experiment.architecture.layers)
-        from coordinator.aggregators import unknown_name
-
-        why = unknown_name(str(experiment.federated.name))
-        if why is not None:  # a misspelt aggregator fails here, not when the run starts
-            raise ConfigError("federated.name", why)
+        experiment, summary = check_experiment(experiment_file)
     except ConfigError as exc:
         if json_out:
-            error = {"path": exc.path, "message": exc.message, "errors": [{"path": p, "message": m} for p, m in exc.errors]}
-            typer.echo(json.dumps({"valid": False, "error": error}))
+            typer.echo(json.dumps(error_doc(exc)))
         console.print(f"[red]invalid experiment[/red] {experiment_file}: {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     plan = _privacy_plan(experiment, catalogue, console, json_out) if catalogue is not None else None
     if json_out:
-        typer.echo(json.dumps({**_report(experiment, summary), **({"privacy_plan": plan} if plan else {})}))
+        typer.echo(json.dumps({**report(experiment, summary), **({"privacy_plan": plan} if plan else {})}))
     else:
         _print_human(console, experiment, summary, experiment_file)
         if plan:
@@ -160,8 +137,6 @@ def validate(
 def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out: bool) -> dict[str, Any] | None:
     """Per site: ε at the end of the run from its announced rows (``protocol.privacy_plan``), in
     every DP mode (total_epsilon, noise_multiplier, target_epsilon per task), for the site defaults."""
-    from protocol import privacy_plan
-
     def fail(message: str) -> None:
         if json_out:
             typer.echo(json.dumps({"valid": False, "error": {"path": "--catalogue", "message": message}}))
@@ -183,7 +158,9 @@ def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out
     if experiment.training.dp is None:
         console.print("privacy plan: DP is off in this experiment; nothing to plan (ε = ∞)", highlight=False)
         return None
-    return privacy_plan.plan_catalogue(experiment, rows)
+    from fedbus.experiment_check import privacy_plan as plan
+
+    return plan(experiment, rows)
 
 
 @app.command("new")

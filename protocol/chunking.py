@@ -76,7 +76,8 @@ class _Transfer:
     total_size: int
     started: float
     user: str = ""
-    parts: dict[int, bytes] = field(default_factory=dict)
+    buf: bytearray = field(default_factory=bytearray)  # total_size bytes; each chunk copied to its place
+    parts: set[int] = field(default_factory=set)  # indexes received
     received: int = 0
     chunk_size: int = 0  # of every chunk but the last; 0 until a chunk tells it
 
@@ -121,14 +122,21 @@ class Reassembler:
         self._reserved = 0
         self._user_reserved: dict[str, int] = {}
         self._user_transfers: dict[str, int] = {}
+        # The bytes of the chunk last added, as a view of its transfer's buffer: a consumer that
+        # keeps chunks for dead-lettering keeps this view, not a second copy of the chunk.
+        self.last_view: memoryview | None = None
 
     @property
     def reserved_bytes(self) -> int:
         """Bytes reserved by transfers in progress (sum of their declared sizes)."""
         return self._reserved
 
-    def add(self, header: dict[str, Any], data: bytes | bytearray | memoryview, *, user: str | None = None) -> bytes | None:
+    def add(self, header: dict[str, Any], data: bytes | bytearray | memoryview, *,
+            user: str | None = None) -> bytes | memoryview | None:
         """Store one chunk of ``user``'s transfer; return the verified whole body when it completes.
+
+        Chunks are copied into one buffer of the declared size as they come (in any order), so a
+        transfer holds one copy of its body, and the body handed back is a view of that buffer.
 
         ``user`` is the broker-verified sender (AMQP ``user_id``), None when unknown.
         Raises ``ChunkCapacity`` when there is no room now (nothing is dropped: requeue
@@ -138,6 +146,7 @@ class Reassembler:
         """
         tid, index, count, digest, total = _check_header(header)
         size = len(data)
+        self.last_view = None
         if size == 0 and total > 0:
             raise _error(tid, f"transfer {tid}: chunk {index} of {count} is empty (total_size={total}); "
                               "only an empty body travels as one empty chunk")
@@ -175,17 +184,21 @@ class Reassembler:
         except ValueError as e:
             self._drop(key)
             raise _error(tid, f"transfer {tid} chunk {index} of {count}: {e}") from None
-        t.parts[index] = data if isinstance(data, bytes) else bytes(data)
+        if not t.buf:
+            t.buf = bytearray(total)
+        at = index * t.chunk_size
+        view = memoryview(t.buf)
+        view[at:at + size] = data
+        self.last_view = view[at:at + size]
+        t.parts.add(index)
         t.received += size
         if len(t.parts) < t.count:
             return None
         self._drop(key)
         if t.received != t.total_size:
             raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
-        body = b"".join(t.parts[i] for i in range(t.count))
-        t.parts.clear()
-        _verify(tid, body, digest, total)
-        return body
+        _verify(tid, view, digest, total)
+        return view
 
     def _reserve(self, tid: str, key: str, owner: str, *, count: int, digest: str, total: int) -> None:
         who = f"user {owner!r}" if owner else "unauthenticated senders"
@@ -286,7 +299,7 @@ def _capacity(tid: str, msg: str) -> ChunkCapacity:
     return err
 
 
-def _verify(tid: str, body: bytes, digest: str, total: int) -> None:
+def _verify(tid: str, body: bytes | memoryview, digest: str, total: int) -> None:
     if len(body) != total:
         raise _error(tid, f"transfer {tid}: body has {len(body)} bytes, declared {total}")
     got = hashlib.sha256(body).hexdigest()

@@ -136,6 +136,23 @@ def decode_envelope(body: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS
         raise MalformedFrame(f"body: cannot decode ({type(e).__name__}: {e})") from e
 
 
+def tensor_parts(tensors: Tensors) -> list[bytes | memoryview]:
+    """``tensors`` as the msgpack array the codec sends, in parts (array data as views, no copy):
+    the body of a published model (``protocol/model_blob.py``), streamed chunk by chunk."""
+    return _tensor_parts(tensors, "model", offset=0)
+
+
+def decode_tensors(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> Tensors:
+    """The arrays of ``tensor_parts``' bytes, bounded by ``limits``, as views of ``data``."""
+    try:
+        tree = read_msgpack(as_byte_view(data), limits=limits, what="model")
+        return _decode_tensors(tree, "model", limits, [0])
+    except ProtocolError:
+        raise
+    except Exception as e:  # a bug here must still read as a rejection, not a crash
+        raise MalformedFrame(f"model: cannot decode ({type(e).__name__}: {e})") from e
+
+
 # --------------------------------------------------------------------------------------
 # frames
 

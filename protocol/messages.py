@@ -23,7 +23,8 @@ SCHEMA_VERSION = 1
 # An ordered list of named arrays: the state_dict of a model, in module order.
 Tensors = tuple[tuple[str, np.ndarray], ...]
 
-DeclineReason = Literal["budget", "policy", "data", "error", "untrusted_task"]
+# model_unavailable: the task's model (by hash) never reached the site or was retired (protocol/model_blob.py)
+DeclineReason = Literal["budget", "policy", "data", "error", "untrusted_task", "model_unavailable"]
 ControlAction = Literal["stop", "abort"]
 
 
@@ -108,6 +109,11 @@ class TrainTask:
     seed: int
     deadline: float  # unix seconds; a site may skip a task whose deadline has passed
     config: TaskConfig = field(default_factory=TaskConfig)  # set by the aggregator (proximal_mu, ...)
+    # The model by reference (protocol/model_blob.py): when ``model_sha256`` is set, ``weights``
+    # is empty and the site fetches the blob's chunks by hash and verifies them before use.
+    model_sha256: str | None = None
+    model_size: int = 0
+    model_chunks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,11 @@ class EvalTask:
     deadline: float
     split: str = "validation"  # "validation" | "test"
     config: TaskConfig = field(default_factory=TaskConfig)
+    # The model by reference (protocol/model_blob.py): when ``model_sha256`` is set, ``weights``
+    # is empty and the site fetches the blob's chunks by hash and verifies them before use.
+    model_sha256: str | None = None
+    model_size: int = 0
+    model_chunks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,11 @@ class PersonalizeTask:
     seed: int
     deadline: float
     config: TaskConfig = field(default_factory=TaskConfig)
+    # The model by reference (protocol/model_blob.py): when ``model_sha256`` is set, ``weights``
+    # is empty and the site fetches the blob's chunks by hash and verifies them before use.
+    model_sha256: str | None = None
+    model_size: int = 0
+    model_chunks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,11 +194,44 @@ class RunControl:
     reason: str = ""
 
 
-Payload = SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
+@dataclass(frozen=True)
+class StatsTask:
+    """Coordinator -> site: a "Table 1" of ``dataset`` (issue 25). The layout follows from the
+    experiment's public ``dataset`` block and ``bins`` alone (``protocol.cohort``); the site
+    answers one ``StatsResult`` released as its ``stats`` policy says, or a ``Declined``."""
+
+    TYPE: ClassVar[str] = "StatsTask"
+    experiment: dict[str, Any]
+    dataset: str
+    bins: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    """Site -> coordinator: the cohort vector (``protocol.cohort`` layout ``layout``), with the
+    per-coordinate noise SD (0 under ``exact``) and the ledger's ε at ``delta`` with ``accountant``
+    after this release (None under ``exact``). ``n`` is the row count the site's hello announced."""
+
+    TYPE: ClassVar[str] = "StatsResult"
+    task_id: str
+    values: tuple[float, ...]
+    n: int
+    noise_sd: float
+    mode: str  # "dp" | "exact"
+    layout: str
+    epsilon: float | None
+    delta: float | None
+    accountant: str | None
+
+
+Payload = (SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
+           | StatsTask | StatsResult)
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl)
+    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
+                StatsTask, StatsResult)
 }
 
 

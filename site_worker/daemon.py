@@ -11,6 +11,7 @@ training does not starve heartbeats.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -20,8 +21,10 @@ from typing import Any
 import structlog
 
 from protocol.codec import new_envelope, open_frame, seal
+from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.errors import ProtocolError, UnknownSigner
-from protocol.messages import Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
+from protocol.messages import (Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, StatsTask,
+                               TrainTask)
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
@@ -32,6 +35,7 @@ from site_worker.config import SiteConfig
 from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
 from site_worker.ledger import PrivacyLedger
+from site_worker.model_cache import ChunkRefused, ModelCache, ModelMismatch, ModelUnavailable
 from site_worker.trainer import TrainingAborted
 from site_worker.untrusted import UntrustedNotices
 
@@ -83,6 +87,7 @@ class SiteWorker:
                                  clock=self._now)
         self.ledger = PrivacyLedger(config.state_dir)
         self.attempts = TaskAttempts(config.state_dir)
+        self.models = ModelCache(config.state_dir)
         self._abort = threading.Event()  # training checks it between batches
         self._stopping = threading.Event()
         self._idle = threading.Event()
@@ -97,7 +102,7 @@ class SiteWorker:
         self._stats_lock = threading.Lock()
         self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
                        "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0,
-                       "personalized": 0}
+                       "personalized": 0, "stats": 0}
         self.log = log.bind(site_id=config.site_id)
 
     # ------------------------------------------------------------------ lifecycle
@@ -214,6 +219,10 @@ class SiteWorker:
         d.nack(f"{reason}: {message}")
 
     def _process(self, d: Delivery) -> None:
+        claimed = (d.headers or {}).get(MODEL_CHUNK_HEADER)
+        if claimed is not None:
+            self._model_chunk(d, claimed)
+            return
         try:
             opened = open_frame(d.body, self.trust)
             env = opened.envelope
@@ -223,7 +232,7 @@ class SiteWorker:
             if isinstance(e, UnknownSigner):
                 self._tell_untrusted(d.body)
             return
-        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, RunControl)):
+        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, StatsTask, RunControl)):
             self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
             return
         if env.federation != self.config.federation:
@@ -233,6 +242,16 @@ class SiteWorker:
         with structlog.contextvars.bound_contextvars(site_id=self.config.site_id, run_id=env.run_id,
                                                      round=env.round):
             self._task(d, env)
+
+    def _model_chunk(self, d: Delivery, claimed: object) -> None:
+        """Store a chunk of a published model (site_worker/model_cache.py); ack once it is durable."""
+        try:
+            digest = self.models.put(claimed if isinstance(claimed, (str, bytes)) else repr(claimed), d.body)
+        except ChunkRefused as e:
+            self._reject(d, "model_chunk_refused", str(e))
+            return
+        d.ack()
+        self.log.info("model_chunk_stored", sha256=digest[:12], bytes=len(d.body))
 
     def _tell_untrusted(self, frame: bytes | memoryview) -> None:
         """A signed Declined(untrusted_task) to the coordinator, rate-limited per unknown signer (site_worker/untrusted.py)."""
@@ -261,6 +280,17 @@ class SiteWorker:
             self.guard.mark_seen(env.message_id)
             return
         tlog.info("task_received", dataset=payload.dataset, redelivered=d.redelivered)
+        if isinstance(payload, (TrainTask, EvalTask, PersonalizeTask)) and payload.model_sha256:
+            try:  # the model by hash: verified against the signed sha256 before anything uses it
+                payload = dataclasses.replace(payload, weights=self.models.resolve(payload))
+            except ModelMismatch as e:
+                self._reject(d, "model_hash_mismatch", str(e))
+                return
+            except ModelUnavailable as e:
+                tlog.warning("model_unavailable", error=str(e))
+                self._reply(d, env, Declined(task_id=env.message_id, reason="model_unavailable", detail=str(e)), tlog)
+                return
+            env = dataclasses.replace(env, payload=payload)
         started = self.attempts.started(env.message_id)
         if started >= self.attempts.max_attempts:
             # It crashed the site every time: decline it so it cannot loop, and release what the
@@ -323,6 +353,8 @@ class SiteWorker:
             self._count("personalized")
         elif kind == "EvalResult":
             self._count("evaluated")
+        elif kind == "StatsResult":
+            self._count("stats")
         else:
             self._count("declined")
         tlog.info("reply_sent", reply=kind, reply_id=env.message_id, bytes=len(frame),

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from coordinator.sampling import derive_seed
 from coordinator.state import StateStore
+from coordinator.models import ModelPublisher
 from protocol.config import Experiment
 from protocol.messages import EvalTask, PersonalizeTask, TaskConfig, Tensors, TrainTask
+from protocol.model_blob import ModelRef
 from protocol.signing import Signer
 from protocol.transport.base import Bus
 from protocol.transport.topology import TASKS
@@ -43,13 +45,14 @@ class TaskRecord:
 class _Sealed:
     record: TaskRecord
     frame: bytes
+    model: tuple[Tensors, ModelRef] | None = None  # the version the task names by hash
 
 
 class TaskBook:
     """Builds, seals, records and publishes tasks; answers "did this run send that task?"."""
 
     def __init__(self, *, experiment: Experiment, bus: Bus, store: StateStore, signer: Signer,
-                 federation: str, seed: int) -> None:
+                 federation: str, seed: int, models: ModelPublisher | None = None) -> None:
         self.experiment = experiment
         self.bus = bus
         self.store = store
@@ -60,6 +63,7 @@ class TaskBook:
         self._by_id: dict[str, TaskRecord] = {}
         self._tasked: dict[tuple[int, str], set[str]] = {}  # (round, kind) -> sites tasked
         self._batch: list[_Sealed] | None = None  # inside batch(): sealed, not yet recorded
+        self.models = models if models is not None else ModelPublisher(bus)
 
     # ------------------------------------------------------------------ lookups
     def restore(self, rows: list[dict[str, Any]]) -> None:
@@ -84,8 +88,11 @@ class TaskBook:
         self._by_id[record.task_id] = record
 
     # ------------------------------------------------------------------ sending
-    def publish(self, payload: Task, *, site: str, round: int) -> str:
-        """Seal ``payload`` for ``site``, record it, publish it (or queue it in ``batch``); its task id."""
+    def publish(self, payload: Task, *, site: str, round: int,
+                model: tuple[Tensors, ModelRef] | None = None) -> str:
+        """Seal ``payload`` for ``site``, record it, publish it (or queue it in ``batch``); its task id.
+
+        ``model``: the version ``payload`` names by hash, published (once) before the task."""
         from protocol.codec import new_envelope, seal
 
         env = new_envelope(payload, federation=self.federation, run_id=self.run_id, round=round,
@@ -96,10 +103,12 @@ class TaskBook:
         self._remember(record)
         frame = seal(env, self.signer)
         if self._batch is not None:
-            self._batch.append(_Sealed(record, frame))
+            self._batch.append(_Sealed(record, frame, model))
             return env.message_id
         # Recorded before publishing: a reply can never arrive for a task we do not know.
         self.store.record_task(run_id=self.run_id, round=round, site=site, kind=kind, task_id=env.message_id, split=split)
+        if model is not None:
+            self.models.send(*model, [site])
         self.bus.publish(TASKS, site, frame, message_id=env.message_id)
         return env.message_id
 
@@ -120,33 +129,51 @@ class TaskBook:
             return
         self.store.record_tasks(run_id=self.run_id, tasks=[(s.record.round, s.record.site, s.record.kind,
                                                             s.record.split, s.record.task_id) for s in batch])
+        # Each version once, to every site of the batch that names it, before any task that does.
+        versions: dict[str, tuple[tuple[Tensors, ModelRef], list[str]]] = {}
+        for s in batch:
+            if s.model is not None:
+                versions.setdefault(s.model[1].sha256, (s.model, []))[1].append(s.record.site)
+        for (weights, ref), sites in versions.values():
+            self.models.send(weights, ref, sites)
         for s in batch:
             self.bus.publish(TASKS, s.record.site, s.frame, message_id=s.record.task_id)
 
     def dataset(self) -> str:
         return self.experiment.dataset.name or ""
 
+    def _by_ref(self, weights: Tensors) -> tuple[Tensors, dict[str, Any], tuple[Tensors, ModelRef] | None]:
+        """The task's ``weights`` and model fields: inline, or empty and named by hash."""
+        ref = self.models.ref(weights)
+        if ref is None:
+            return weights, {}, None
+        return (), {"model_sha256": ref.sha256, "model_size": ref.size, "model_chunks": ref.chunks}, (weights, ref)
+
     def train(self, weights: Tensors, *, site: str, round: int, base_round: int, deadline: float,
               config: TaskConfig) -> str:
+        inline, fields, model = self._by_ref(weights)
         task = TrainTask(
-            experiment=self.experiment.to_wire(), weights=weights, dataset=self.dataset(), base_round=base_round,
-            seed=derive_seed(self.seed, round, site), deadline=deadline, config=config,
+            experiment=self.experiment.to_wire(), weights=inline, dataset=self.dataset(), base_round=base_round,
+            seed=derive_seed(self.seed, round, site), deadline=deadline, config=config, **fields,
         )
-        return self.publish(task, site=site, round=round)
+        return self.publish(task, site=site, round=round, model=model)
 
     def evaluate(self, weights: Tensors, *, site: str, round: int, split: str, deadline: float,
                  config: TaskConfig) -> str:
+        inline, fields, model = self._by_ref(weights)
         task = EvalTask(
-            experiment=self.experiment.to_wire(), weights=weights, dataset=self.dataset(), base_round=round,
+            experiment=self.experiment.to_wire(), weights=inline, dataset=self.dataset(), base_round=round,
             seed=derive_seed(self.seed, round, site, "eval"), deadline=deadline, split=split, config=config,
+            **fields,
         )
-        return self.publish(task, site=site, round=round)
+        return self.publish(task, site=site, round=round, model=model)
 
     def personalize(self, weights: Tensors, *, site: str, round: int, deadline: float, config: TaskConfig) -> str:
-        task = PersonalizeTask(experiment=self.experiment.to_wire(), weights=weights, dataset=self.dataset(),
+        inline, fields, model = self._by_ref(weights)
+        task = PersonalizeTask(experiment=self.experiment.to_wire(), weights=inline, dataset=self.dataset(),
                                base_round=round, seed=derive_seed(self.seed, round, site, "personalize"),
-                               deadline=deadline, config=config)
-        return self.publish(task, site=site, round=round)
+                               deadline=deadline, config=config, **fields)
+        return self.publish(task, site=site, round=round, model=model)
 
 
 __all__ = ["COORDINATOR", "TaskBook", "TaskRecord"]

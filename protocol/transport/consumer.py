@@ -394,6 +394,8 @@ class AmqpConsumer(Consumer):
                 reasm.discard(key[1], user=user)
                 self._drop_transfer(hold, f"{e.reason}: {e}")
                 continue
+            if reasm.last_view is not None:
+                raw.body = reasm.last_view  # the chunk's bytes now live in the transfer's one buffer
             if whole is None:
                 continue
             holds.pop(key, None)

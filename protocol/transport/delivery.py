@@ -32,7 +32,7 @@ class Raw:
     routing_key: str
     redelivered: bool
     props: Any
-    body: bytes
+    body: bytes | memoryview
     chunk: dict[str, Any] | None
 
 

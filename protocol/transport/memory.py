@@ -154,8 +154,15 @@ class MemoryBroker:
                 f"NOT_FOUND: exchange {exchange!r} does not exist on memory://{self.name}; "
                 "declare the topology first"
             )
+        # RabbitMQ's sender-selected distribution: a direct exchange also routes to the keys in
+        # the BCC header, which it removes before delivery (coordinator/models.py fans out so).
+        bcc = msgs[0].headers.get("BCC") if msgs else None
+        keys = {routing_key, *bcc} if isinstance(bcc, list) and kind == "direct" else {routing_key}
+        if bcc is not None:
+            for m in msgs:
+                m.headers.pop("BCC", None)
         targets = [
-            q for key, q in self.bindings[exchange] if kind == "fanout" or key == routing_key
+            q for key, q in self.bindings[exchange] if kind == "fanout" or key in keys
         ]
         if not targets:
             raise PublishRefused(
@@ -188,7 +195,8 @@ class MemoryBroker:
                             max_user_transfers=2**31)
         for m in msgs:
             ch = chunk_header_from_amqp(m.headers)
-            body = m.body if ch is None else reasm.add(ch, m.body)
+            whole = m.body if ch is None else reasm.add(ch, m.body)
+            body = None if whole is None else bytes(whole)
             if body is None:
                 continue
             h = strip_chunk_headers(m.headers)

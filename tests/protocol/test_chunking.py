@@ -214,3 +214,30 @@ def test_unauthenticated_chunks_share_one_quota() -> None:
     with pytest.raises(ChunkCapacity, match="unauthenticated senders"):
         r.add({**h, "transfer_id": "anon2", "total_size": 10}, b"x" * 5, user=None)
     assert r.add({**h, "transfer_id": "named", "total_size": 5_000}, b"x" * 2_500, user="site-1") is None
+
+
+def test_a_transfer_is_reassembled_in_one_buffer_not_two() -> None:
+    """Each chunk is copied into the transfer's one buffer as it comes (issue 23, "stream
+    everywhere"): a 16 MiB body in 1 MiB chunks that arrive as fresh bytes (as from the socket)
+    peaks at one body plus a chunk or two, never the chunks and their join (two bodies)."""
+    import gc
+    import tracemalloc
+
+    total, size = 16 * 2**20, 2**20
+    body = bytes(range(256)) * (total // 256)
+    headers = [h for h, _ in split_body(body, chunk_size=size)]
+    r = Reassembler(max_bytes=2**30, max_transfer_bytes=2**30)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        whole = None
+        for h in reversed(headers):  # in any order
+            i = h["index"]
+            chunk = bytes(body[i * size:(i + 1) * size])  # a fresh object per chunk, dropped after add
+            whole = r.add(h, chunk)
+            del chunk
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert whole is not None and bytes(whole) == body
+    assert peak < total + 3 * size, f"peak {peak / 2**20:.1f} MiB for a {total / 2**20:.0f} MiB body"
