@@ -107,4 +107,32 @@ def describe(planned: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["describe", "plan", "planned_epsilon", "upper_bound"]
+__all__ = ["describe", "plan", "planned_epsilon", "run_spent", "upper_bound"]
+
+
+def run_spent(experiment: Experiment, hello: dict[str, Any] | None, *, rounds_trained: int, finished: bool) -> float | None:
+    """ε this run has cost a site so far, by the same plan the site runs (``protocol.privacy_plan``):
+    the releases of the ``rounds_trained`` rounds it trained, and once the run is ``finished`` its
+    fine-tune and final evaluation. Apart from the site's lifetime ledger figure (every run it
+    ever joined), which is what its updates report. None: DP off or the site cannot be planned."""
+    import dataclasses
+
+    from protocol.accounting import epsilon_of
+
+    if experiment.training.dp is None:
+        return None
+    dataset = experiment.dataset.name
+    named = [d for d in (hello or {}).get("datasets") or [] if not dataset or d.get("name") == dataset]
+    rows = max((d["rows"] for d in named if type(d.get("rows")) is int and d["rows"] > 0), default=0)
+    if not rows:
+        return None
+    try:
+        policy = SitePolicy.from_summary((hello or {}).get("policy") or {})
+        p = plans.site_run_plan(experiment, policy, rows=rows, n_train=plans.train_rows(
+            experiment, rows, test_fraction=float(policy.test_fraction)))
+    except Exception:  # noqa: BLE001 - the site's word; the page then says "not planned"
+        return None
+    if not finished:
+        p = dataclasses.replace(p, personalization_steps=0)
+    return epsilon_of(p.entries(rounds=min(rounds_trained, p.rounds), final=finished), delta=p.delta,
+                      accountant=p.accountant)

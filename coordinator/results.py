@@ -118,26 +118,71 @@ def export_run(store: StateStore, run_id: str, out: Path) -> dict[str, str]:
     as_run.setdefault("metadata", {}).update({"fedbus_run_id": run_id, "fedbus_status": run["status"]})
     (out / "experiment.json").write_text(json.dumps(as_run, indent=4))
     files["experiment"] = str(out / "experiment.json")
-    files["metrics"] = str(_metrics_csv(rounds, out / "metrics.csv"))
     final = (run.get("result") or {}).get("final") or {}
+    files["metrics"] = str(_metrics_csv(rounds, out / "metrics.csv", final=final,
+                                        test_every=int(exp.federated.test_every or 0)))
     if final.get("per_site"):
         files["final_test"] = str(_final_csv(final, out / "final_test.csv"))
     files.update(_plots(rounds, out, title=run_id))
     return files
 
 
-def _metrics_csv(rounds: list[dict[str, Any]], path: Path) -> Path:
-    sites = sorted({s for r in rounds for s in r["metrics"].get("per_site", {})})
-    keys = ["loss", "accuracy", "auc"]
+ROUND_METRICS = ("loss", "accuracy", "auc", "f1")
+
+
+def _pick(m: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    return {k: (m or {}).get(prefix + k) for k in ROUND_METRICS}
+
+
+def round_figures(r: dict[str, Any]) -> dict[str, Any]:
+    """One round's figures under the dashboard's names (``fedbus.dashboard.views``): "validation"
+    is the sites' validation rows (each site's evaluation of the global model when it ran one,
+    else the figures its update reported), "test" each site's fixed test split (``test_every``)."""
+    m = r["metrics"] or {}
+    out: dict[str, Any] = {"validation (all sites)": _pick(m.get("aggregate") or {"loss": r["loss"],
+                                                                                  "accuracy": r["accuracy"],
+                                                                                  "auc": r["auc"]}),
+                           "test (all sites)": _pick(m["test"]) if isinstance(m.get("test"), dict) else _pick(None)}
+    for site, sm in sorted((m.get("per_site") or {}).items()):
+        has_eval = any(f"eval_{k}" in sm for k in ROUND_METRICS)
+        has_train = any(k in sm for k in ROUND_METRICS)
+        out[f"{site} validation"] = _pick(sm, "eval_" if has_eval else "") if has_eval or has_train else _pick(None)
+        out[f"{site} test"] = _pick(sm, "test_")
+        out[f"{site} n"] = sm.get("eval_n", sm.get("n"))
+        out[f"{site} lifetime epsilon"] = sm.get("epsilon")
+    return out
+
+
+def _final_as_last_round(figs: list[dict[str, Any]], rounds: list[dict[str, Any]], final: dict[str, Any],
+                         test_every: int) -> None:
+    """With ``test_every`` the coordinator skips the last round's test: the final evaluation is it
+    (as the dashboard shows it)."""
+    if not test_every or not figs or not final or isinstance((rounds[-1]["metrics"] or {}).get("test"), dict):
+        return
+    figs[-1]["test (all sites)"] = _pick(final)
+    for site, fm in (final.get("per_site") or {}).items():
+        figs[-1][f"{site} test"] = _pick(fm)
+
+
+def _metrics_csv(rounds: list[dict[str, Any]], path: Path, *, final: dict[str, Any] | None = None,
+                 test_every: int = 0) -> Path:
+    """Per round: the dashboard's curves under its labels (``round_figures``), then the timing."""
+    figs = [round_figures(r) for r in rounds]
+    _final_as_last_round(figs, rounds, final or {}, test_every)
+    cols: list[str] = []
+    for fig_ in figs:
+        for name, v in fig_.items():
+            for c in ([f"{name} {k}" for k in ROUND_METRICS] if isinstance(v, dict) else [name]):
+                if c not in cols:
+                    cols.append(c)
+    timing = ["wall_s", "train_s", "communication_s", "aggregation_s"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["round", "replies", "loss", "accuracy", "auc", "wall_s", "train_s", "communication_s",
-                    "aggregation_s"] + [f"{s}.{k}" for s in sites for k in keys + ["n", "epsilon"]])
-        for r in rounds:
-            per = r["metrics"].get("per_site", {})
-            w.writerow([r["round"], r["replies"], r["loss"], r["accuracy"], r["auc"], r["wall_s"], r["train_s"],
-                        r["communication_s"], r["aggregation_s"]]
-                       + [per.get(s, {}).get(k) for s in sites for k in keys + ["n", "epsilon"]])
+        w.writerow(["round", "replies", *cols, *timing])
+        for r, fig in zip(rounds, figs):
+            flat = {f"{name} {k}": x for name, v in fig.items() if isinstance(v, dict) for k, x in v.items()}
+            flat.update({name: v for name, v in fig.items() if not isinstance(v, dict)})
+            w.writerow([r["round"], r["replies"], *(flat.get(c) for c in cols), *(r[k] for k in timing)])
     return path
 
 

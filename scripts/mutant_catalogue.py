@@ -1220,6 +1220,7 @@ MUTANTS.extend([
         (f"{_LEAKS}::test_the_model_is_sized_to_rows_per_site_and_budget",),
     ),
 ])
+
 MUTANTS.extend([
     Mutant(
         "secagg-threshold-half-accepted", "a site refuses a roster whose threshold U is at most half its sites (split-view requests)",
@@ -1246,5 +1247,43 @@ MUTANTS.extend([
         (Edit("protocol/cohort.py", "                u = np.clip((x[~miss] - lo) / (hi - lo), 0.0, 1.0)\n",
               "                u = np.maximum((x[~miss] - lo) / (hi - lo), 0.0)\n"),),
         (f"{_STATS}::test_one_row_moves_the_vector_by_at_most_the_stated_sensitivity",),
+    ),
+])
+
+_KITS = "tests/cli/test_kit_portable.py"
+_RUN_EPS = "tests/dashboard/test_run_privacy.py"
+MUTANTS.extend([
+    Mutant(
+        "kit-unit-runs-as-root", "a kit's systemd unit runs as the unprivileged user fedbus, never root",
+        (Edit("fedbus/kit_unit.py", "User={SERVICE_USER}\n", "User=root\n"),),
+        (f"{_KITS}::test_no_kit_file_names_a_path_of_the_provisioning_machine",),
+    ),
+    Mutant(
+        "kit-data-path-absolute", "a kit's data path is relative to the kit, not the provisioner's absolute path",
+        (Edit("fedbus/kits.py", "    return os.path.relpath(s.data, kit.resolve())\n", "    return s.data\n"),),
+        (f"{_KITS}::test_no_kit_file_names_a_path_of_the_provisioning_machine",),
+    ),
+    Mutant(
+        "site-check-skips-data-without-experiment", "site check opens the data file and checks the target without --experiment",
+        (Edit("fedbus/site_check.py", "        out.extend(_check_data_file(name, src) for name, src in sorted(cfg.datasets.items()))\n",
+              "        pass\n"),),
+        (f"{_KITS}::test_site_check_always_opens_the_data_and_checks_the_target",),
+    ),
+    Mutant(
+        "dashboard-no-plan-before-round-1", "a running DP run's page shows the plan before any round",
+        (Edit("fedbus/dashboard/run_privacy.py", "    if not _dp(run.get(\"experiment\") or {}):\n        return None\n",
+              "    if True:\n        return None\n"),),
+        (f"{_RUN_EPS}::test_a_dp_run_shows_its_plan_before_round_1",),
+    ),
+    Mutant(
+        "run-spent-counts-the-fine-tune-early", "this run's ε while it runs counts only the releases made so far",
+        (Edit("coordinator/privacy_plan.py", "        p = dataclasses.replace(p, personalization_steps=0)\n", "        pass\n"),),
+        (f"{_RUN_EPS}::test_this_runs_spend_grows_with_the_rounds_trained_up_to_the_plan",),
+    ),
+    Mutant(
+        "export-last-round-test-missing", "the export's last round carries the final test figures as the dashboard's does",
+        (Edit("coordinator/results.py", "    _final_as_last_round(figs, rounds, final or {}, test_every)\n", ""),),
+        ("tests/dashboard/test_export_matches.py::test_the_export_matches_the_run_page",),
+        timeout_s=900,
     ),
 ])

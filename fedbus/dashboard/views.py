@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedbus.dashboard import results
+from fedbus.dashboard import results, run_privacy
 from fedbus.dashboard.data import StateReader
 
 METRICS = ("loss", "accuracy", "auc", "f1")
@@ -222,6 +222,12 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         named = {((s["hello"] or {}).get("policy") or {}).get("accountant") for s in reader.sites()
                  if s["site_id"] in (run["sites"] or [])}
         privacy["accountant"] = named.pop() if len(named) == 1 else None
+    hellos = {sid: s["hello"] for s in reader.sites() if (sid := s["site_id"]) in (run["sites"] or [])}
+    trained = {}
+    for u in msgs:
+        if u["kind"] == "Update" and u["verdict"] == "accepted" and u["site"]:
+            trained[u["site"]] = trained.get(u["site"], 0) + 1
+    privacy = run_privacy.run_privacy(run, privacy, hellos, trained)
     sites = sorted(set(run["sites"] or []) | set(final_sites) | {u["site"] for u in msgs if u["site"]}
                    | {s for r in rounds for s in r["per_site"]})
     budgets = results.site_budgets(reader.sites(), _dataset_of(run["experiment"]))
@@ -234,11 +240,13 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         deltas = {u["delta"] for u in updates if u["delta"] is not None}
         eps = (privacy.get("epsilon") or {}).get(s) if isinstance(privacy.get("epsilon"), dict) else None
         eps = eps if eps is not None else _num(fm.get("epsilon"))
+        eps = eps if eps is not None else (privacy.get("lifetime_epsilon") or {}).get(s)
         planned = privacy.get("planned_epsilon")
         row = {
             "site": s, "updates": len(updates),
             "examples": updates[-1]["num_examples"] if updates else None,
             "epsilon": eps, "planned_epsilon": planned.get(s) if isinstance(planned, dict) else None,
+            "run_spent_epsilon": (privacy.get("run_spent_epsilon") or {}).get(s),
             "delta": deltas.pop() if len(deltas) == 1 else privacy.get("delta") if not isinstance(privacy.get("delta"), list) else None,
             "budget": budgets.get(s), "budget_left": budgets[s] - eps if budgets.get(s) is not None and eps is not None else None,
             "declined": sum(u["verdict"] == "declined" for u in mine),

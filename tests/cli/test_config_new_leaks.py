@@ -145,5 +145,12 @@ def test_the_readme_demo_experiment_beats_the_majority_class(tmp_path: Path) -> 
     exp = demo_experiment(tmp_path, rounds=3)
     doc = json.loads(exp.read_text())
     assert "time" not in doc["dataset"]["features"] and len(doc["architecture"]["layers"]) == 3
+    # A kit's site (the default policy: max_sample_rate 0.5) plans it rather than declining it.
+    from coordinator import privacy_plan as plans
+    from protocol.policy import SitePolicy
+
+    hello = {"policy": SitePolicy().summary(), "datasets": [{"name": "heart_failure", "rows": 100}]}
+    (site,) = plans.plan(load_experiment(doc), {"hospital-a": hello})["sites"].values()
+    assert "error" not in site and site["planned_epsilon"] <= 8.0 + 1e-9, site
     runs = [run_once(exp, seed, reproducible=True) for seed in (1, 2, 3)]
     assert statistics.mean(r["accuracy"] for r in runs) > statistics.mean(r["majority"] for r in runs), runs

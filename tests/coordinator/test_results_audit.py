@@ -85,7 +85,7 @@ def test_runs_list_show_compare_export(finished, tmp_path):
     assert json.loads((out / "model_spec.json").read_text())["parameters"] == sum(a.size for _, a in weights)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["round"] for r in rows] == ["1", "2"]
-    assert float(rows[0]["loss"]) == pytest.approx(result.rounds[0]["loss"])
+    assert float(rows[0]["validation (all sites) loss"]) == pytest.approx(result.rounds[0]["loss"])
     for png in ("loss.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = _cli("coordinator", "runs", "show", "nope", "--state", fed.state_dir)

@@ -220,8 +220,10 @@
     return box;
   }
 
+  // Only curves with at least one point: a legend never names a curve that is not drawn.
+  const hasData = (s) => s.points.some((p) => p[1] !== null && p[1] !== undefined);
   function legend(series) {
-    return el("div", { class: "legend" }, series.map((s) => el("span", {}, el("i", { style: s.dash
+    return el("div", { class: "legend" }, series.filter(hasData).map((s) => el("span", {}, el("i", { style: s.dash
       ? `background:repeating-linear-gradient(90deg, ${s.color} 0 4px, transparent 4px 6px)` : `background:${s.color}` }), s.name)));
   }
 
@@ -236,13 +238,16 @@
       ? `majority-class baseline ${pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "")
       : "majority-class baseline: " + (doc.status === "running" ? AT_END : "not reported"));
   }
+  // This run's ε (spent by the plan for the rounds trained, and planned), apart from each site's lifetime ledger.
+  const vals = (o) => Object.values(o || {}).filter((v) => v !== null && v !== undefined);
   function epsKpi(doc) {
-    const privacy = doc.privacy || {}, epsVals = Object.values(privacy.epsilon || {}).filter((v) => v !== null);
-    const budgets = doc.sites.map((s) => s.budget).filter((v) => v !== null && v !== undefined);
-    const run = privacy.total_epsilon !== null && privacy.total_epsilon !== undefined ? ` · run budget ε ≤ ${eps(privacy.total_epsilon)}` : "";
-    const site = budgets.length ? ` · site budget${budgets.length > 1 ? "s" : ""} ${[...new Set(budgets.map(eps))].join(", ")}` : "";
-    return kpi("Privacy ε (largest site)", "epsilon", epsVals.length ? eps(Math.max(...epsVals)) : "no DP",
-      `δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}${run}${site}`);
+    const privacy = doc.privacy || {}, spent = vals(privacy.run_spent_epsilon), planned = vals(privacy.planned_epsilon);
+    const lifetime = vals(privacy.lifetime_epsilon), budgets = vals(doc.sites.map((s) => s.budget));
+    const dp = spent.length || planned.length || lifetime.length;
+    const run = privacy.total_epsilon !== null && privacy.total_epsilon !== undefined ? ` (run budget ≤ ${eps(privacy.total_epsilon)})` : "";
+    const site = lifetime.length ? ` · site lifetime ε ${eps(Math.max(...lifetime))}` + (budgets.length ? ` of budget ${[...new Set(budgets.map(eps))].join(", ")}` : "") : "";
+    return kpi("Privacy ε this run (largest site)", "epsilon", !dp ? "no DP" : spent.length ? eps(Math.max(...spent)) : eps(0),
+      dp ? `planned ${planned.length ? eps(Math.max(...planned)) : "not planned"}${run} · δ = ${dlt(privacy.delta)} · accountant ${privacy.accountant || "not reported"}${site}` : "this run releases without differential privacy");
   }
   function kpisOf(doc) {
     const f = doc.final, test = f.test || {};
@@ -293,10 +298,11 @@
     });
     const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
-      el("td", { class: "num epsilon", "data-epsilon": s.epsilon ?? "" }, eps(s.epsilon)), el("td", { class: "num" }, dlt(s.delta)),
-      el("td", { class: "num" }, s.planned_epsilon !== null ? eps(s.planned_epsilon) : "–"),
-      el("td", { class: "num site-budget", "data-budget": s.budget ?? "" }, s.budget !== null && s.budget !== undefined
-        ? `${eps(s.epsilon)} of ${eps(s.budget)} · ${eps(s.budget_left)} left` : el("span", { class: "muted" }, "no budget announced")),
+      el("td", { class: "num run-epsilon", "data-epsilon": s.run_spent_epsilon ?? "" }, s.run_spent_epsilon !== null && s.run_spent_epsilon !== undefined ? eps(s.run_spent_epsilon) : "–"),
+      el("td", { class: "num planned-epsilon", "data-epsilon": s.planned_epsilon ?? "" }, s.planned_epsilon !== null && s.planned_epsilon !== undefined ? eps(s.planned_epsilon) : "–"),
+      el("td", { class: "num" }, dlt(s.delta)),
+      el("td", { class: "num site-budget epsilon", "data-epsilon": s.epsilon ?? "", "data-budget": s.budget ?? "" }, s.budget !== null && s.budget !== undefined
+        ? `${eps(s.epsilon)} of ${eps(s.budget)} · ${eps(s.budget_left)} left` : s.epsilon !== null && s.epsilon !== undefined ? `${eps(s.epsilon)} · no budget announced` : el("span", { class: "muted" }, "–")),
       el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
     return el("div", { id: "run-sites" },
       el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
@@ -310,8 +316,9 @@
         el("tbody", {}, results)),
       el("h3", {}, "Privacy and messages per site"),
       el("table", { id: "site-privacy" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
-        el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε spent", "epsilon")), el("th", { class: "num" }, tip("δ", "delta")),
-        el("th", { class: "num" }, "ε planned"), el("th", { class: "num" }, tip("Site budget", "site_budget")),
+        el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε this run", "epsilon")),
+        el("th", { class: "num" }, "ε planned (this run)"), el("th", { class: "num" }, tip("δ", "delta")),
+        el("th", { class: "num" }, tip("Site lifetime ε (all runs) of its budget", "site_budget")),
         el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
         el("tbody", {}, privacy)));
   }
@@ -478,8 +485,8 @@
         book.length ? el("details", {}, el("summary", {}, `${book.length} bookkeeping difference(s) (names, dates)`), el("ul", { class: "diff book" }, book.map((d) => el("li", { title: d.path }, d.text)))) : null),
       el("table", { id: "compare-final" }, el("thead", {}, el("tr", {}, el("th", {}, "Run"), el("th", {}, "Status"), el("th", {}, "Aggregator"),
         el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")), el("th", { class: "num" }, tip("Test AUC", "auc")),
-        el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, tip("max ε", "epsilon")), el("th", { class: "num" }, "Wall time"))),
-        el("tbody", {}, doc.runs.map((r) => { const t = r.final.test || {}; const e = Object.values(r.privacy.epsilon || {}).filter((v) => v !== null);
+        el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, tip("ε this run (largest site)", "epsilon")), el("th", { class: "num" }, "Wall time"))),
+        el("tbody", {}, doc.runs.map((r) => { const t = r.final.test || {}; const e = vals(r.privacy.run_spent_epsilon);
           return el("tr", {}, el("td", {}, el("a", { href: "/runs/" + r.run_id }, r.run_id)), el("td", {}, badge(r.status)), el("td", {}, r.aggregator),
             el("td", { class: "num" }, pct(t.accuracy)), el("td", { class: "num" }, pct(r.final.majority_class_accuracy)), el("td", { class: "num" }, num(t.auc)),
             el("td", { class: "num" }, num(t.f1)), el("td", { class: "num" }, e.length ? eps(Math.max(...e)) + " (δ " + dlt(r.privacy.delta) + ")" : "–"),
