@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from coordinator.checkpoints import sha256_file
 from coordinator.state import StateStore
@@ -22,6 +23,7 @@ class AuditReport:
     signatures: int = 0
     checkpoints: int = 0
     approvals: int = 0
+    registry: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -30,7 +32,8 @@ class AuditReport:
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "ok": self.ok, "signatures_verified": self.signatures,
-                "checkpoints_verified": self.checkpoints, "approvals_verified": self.approvals, "problems": self.problems}
+                "checkpoints_verified": self.checkpoints, "approvals_verified": self.approvals,
+                "registry_entries_verified": self.registry, "problems": self.problems}
 
 
 def _check_file(store: StateStore, rel: str | None, sha: str | None, what: str, report: AuditReport) -> None:
@@ -95,12 +98,32 @@ def audit_run(store: StateStore, run_id: str) -> AuditReport:
     return report
 
 
+class HasRounds(Protocol):
+    def rounds(self, run_id: str) -> list[dict[str, Any]]: ...
+
+
+def run_checkpoints(store: HasRounds, run: dict) -> dict[int, tuple[str, str]]:
+    """round -> (checkpoint path, sha256) as the database recorded them (round 0: the initial model)."""
+    cks = {0: (run.get("initial_checkpoint"), run.get("initial_sha256"))}
+    cks.update({r["round"]: (r["checkpoint_path"], r["checkpoint_sha256"]) for r in store.rounds(run["run_id"])})
+    return cks
+
+
 def _check_approvals(store: StateStore, run: dict, report: AuditReport) -> None:
     """Every signed "model is valid" record (coordinator/approvals.py) must still verify."""
     from coordinator.approvals import verify_approvals
 
-    cks = {0: (run.get("initial_checkpoint"), run.get("initial_sha256"))}
-    cks.update({r["round"]: (r["checkpoint_path"], r["checkpoint_sha256"]) for r in store.rounds(run["run_id"])})
+    cks = run_checkpoints(store, run)
     ok, problems = verify_approvals(store.dir, run, cks)
     report.approvals += ok
+    report.problems.extend(problems)
+    _check_registry(store, run, cks, report)
+
+
+def _check_registry(store: StateStore, run: dict, cks: dict, report: AuditReport) -> None:
+    """Every signed registry entry of the run (coordinator/model_registry.py) must still verify."""
+    from coordinator.model_registry import verify_entries
+
+    ok, problems = verify_entries(store.dir, run, cks)
+    report.registry += ok
     report.problems.extend(problems)

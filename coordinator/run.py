@@ -37,6 +37,7 @@ from coordinator.rounds.result import (
 from coordinator.rounds.sync import SyncRounds
 from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
+from coordinator.secagg import refuse_until_wired
 from coordinator.state import StateError, StateStore
 from coordinator.validation import Rejected
 from protocol.config import Experiment
@@ -79,6 +80,7 @@ class Coordinator:
         from protocol.config import load_experiment
 
         self.experiment: Experiment = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+        refuse_until_wired(self.experiment)
         self.bus = bus
         self.store = StateStore(state_dir)
         self.registry = SiteRegistry(self.store)

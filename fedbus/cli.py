@@ -48,9 +48,25 @@ cli_simulate.register(app)
 cli_provision.register(app)
 
 
+OPTIONAL_VALUE = {"--mlflow": "default"}  # options whose value may be left out: `--mlflow [URI]`
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """``--mlflow`` with no value (last, or before another option) reads ``--mlflow default``."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a in OPTIONAL_VALUE and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUE[a])
+    return out
+
+
 def main() -> None:
+    import sys
+
     from protocol.transport.base import BusError, exit_code
 
+    sys.argv[1:] = optional_values(sys.argv[1:])
     try:
         app()
     except BusError as e:  # broker unreachable / refused: one line, exit 1 or 2 (systemd stops on 2)

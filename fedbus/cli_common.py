@@ -32,3 +32,36 @@ def broker_url(url: str, password_file: Optional[Path], *, prog: str) -> str:
         return with_password(url, password)
     except BrokerURLError as e:
         fail(prog, f"--broker-password-file: {e}")
+
+
+MLFLOW = typer.Option(
+    None, "--mlflow",
+    help="Also log the run to MLflow at this tracking URI (file:///DIR, http(s)://HOST, sqlite:///FILE); "
+         "`--mlflow` alone: a local file store (OUT/mlruns, else ./mlruns). Needs fedbus[mlflow].",
+)
+
+
+def mlflow_uri(value: Optional[str], base: Optional[Path], *, prog: str) -> Optional[str]:
+    """The tracking URI ``--mlflow`` names (``default``: a local file store), checked now: a bad one is
+    one line and exit 2, before any run starts."""
+    if value is None:
+        return None
+    from coordinator.tracking import TrackingError, check_uri, default_uri
+
+    uri = default_uri(base) if value == "default" else value
+    try:
+        check_uri(uri)
+    except TrackingError as e:
+        fail(prog, str(e))
+    return uri
+
+
+def log_to_mlflow(state: Path, run_id: str, uri: str, *, prog: str) -> None:
+    """Log a finished run to MLflow and say where; a failure is one line and exit 2."""
+    from coordinator.tracking import TrackingError, log_run
+
+    try:
+        done = log_run(state, run_id, uri)
+    except TrackingError as e:
+        fail(prog, str(e))
+    typer.echo(f"mlflow: run {run_id} logged as {done['mlflow_run_id']} in {uri}", err=True)

@@ -24,22 +24,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Experiment configuration.", no_args_is_help=True)
 
 
-def _report(experiment: Experiment, summary: ModelSummary) -> dict[str, Any]:
-    wire = experiment.to_wire()
-    return {
-        "valid": True,
-        "name": experiment.name,
-        "parameters": summary.parameters,
-        "input_shape": summary.input_shape,
-        "output_shape": summary.output_shape,
-        "layers": summary.layers,
-        "training": wire["training"],
-        "federated": wire["federated"],
-        "dataset": {k: v for k, v in wire["dataset"].items() if k != "selected_datasets"},
-        "not_used_by_fedbus": experiment.not_used,
-    }
-
-
 def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -129,26 +113,19 @@ def validate(
                             'each site derives from a total_epsilon budget.')] = None,
 ) -> None:
     """Validate an experiment: layers, output shapes, parameter count, settings."""
-    from protocol.model import summarize  # torch: imported only by the verbs that need it
+    from fedbus.experiment_check import check_experiment, error_doc, report
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        experiment = load_experiment(experiment_file)
-        summary = summarize(experiment.architecture.layers)
-        from coordinator.aggregators import unknown_name
-
-        why = unknown_name(str(experiment.federated.name))
-        if why is not None:  # a misspelt aggregator fails here, not when the run starts
-            raise ConfigError("federated.name", why)
+        experiment, summary = check_experiment(experiment_file)
     except ConfigError as exc:
         if json_out:
-            error = {"path": exc.path, "message": exc.message, "errors": [{"path": p, "message": m} for p, m in exc.errors]}
-            typer.echo(json.dumps({"valid": False, "error": error}))
+            typer.echo(json.dumps(error_doc(exc)))
         console.print(f"[red]invalid experiment[/red] {experiment_file}: {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     plan = _privacy_plan(experiment, catalogue, console, json_out) if catalogue is not None else None
     if json_out:
-        typer.echo(json.dumps({**_report(experiment, summary), **({"privacy_plan": plan} if plan else {})}))
+        typer.echo(json.dumps({**report(experiment, summary), **({"privacy_plan": plan} if plan else {})}))
     else:
         _print_human(console, experiment, summary, experiment_file)
         if plan:
@@ -160,8 +137,6 @@ def validate(
 def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out: bool) -> dict[str, Any] | None:
     """Per site: ε at the end of the run from its announced rows (``protocol.privacy_plan``), in
     every DP mode (total_epsilon, noise_multiplier, target_epsilon per task), for the site defaults."""
-    from protocol import privacy_plan
-
     def fail(message: str) -> None:
         if json_out:
             typer.echo(json.dumps({"valid": False, "error": {"path": "--catalogue", "message": message}}))
@@ -183,7 +158,9 @@ def _privacy_plan(experiment: Experiment, path: Path, console: Console, json_out
     if experiment.training.dp is None:
         console.print("privacy plan: DP is off in this experiment; nothing to plan (ε = ∞)", highlight=False)
         return None
-    return privacy_plan.plan_catalogue(experiment, rows)
+    from fedbus.experiment_check import privacy_plan as plan
+
+    return plan(experiment, rows)
 
 
 @app.command("new")
@@ -197,9 +174,13 @@ def new(
     name: Annotated[Optional[str], typer.Option("--name", help="basic_info.name [the dataset's name].")] = None,
     dataset_name: Annotated[Optional[str], typer.Option("--dataset-name", help="The name sites offer the data under ([datasets.NAME] in site.toml) [the file's name].")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="training.rounds.")] = 10,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Keep a column flagged as an outcome leak (repeat).")] = None,
+    epsilon: Annotated[float, typer.Option("--epsilon", min=0.01, max=100.0, help="Whole-run ε per site (total_epsilon).")] = 8.0,
+    rows_per_site: Annotated[Optional[int], typer.Option("--rows-per-site", min=2, help="Size the model for this many rows per site [the file's rows].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
-    """Write an experiment from a dataset's columns: features, categories, input size, MLP 64→32→1, DP defaults."""
+    """Write an experiment from a dataset's columns, leaving out columns that leak the outcome,
+    with a model sized to the rows per site and the whole-run ε (logistic regression for small sites)."""
     from fedbus.config_new import experiment_from_catalogue, experiment_from_file
 
     if out.exists() and not force:
@@ -209,12 +190,13 @@ def new(
             if state is None:
                 _fail("--from-site needs --state (the coordinator's state directory, where site hellos are kept)")
             doc, notes = experiment_from_catalogue(state, from_site, dataset, target=target, exclude=exclude or [], name=name,
-                                                     rounds=rounds)
+                                                     rounds=rounds, epsilon=epsilon, rows_per_site=rows_per_site)
         else:
             if target is None:
                 _fail("--target COLUMN is required with a --dataset file")
             doc, notes = experiment_from_file(Path(dataset), target=target, exclude=exclude or [], name=name, rounds=rounds,
-                                              dataset_name=dataset_name)
+                                              dataset_name=dataset_name, keep=keep, epsilon=epsilon,
+                                              rows_per_site=rows_per_site)
     except ValueError as e:
         _fail(str(e))
     try:
@@ -224,9 +206,11 @@ def new(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     ds = exp.dataset
+    linear = [layer for layer in exp.architecture.layers if layer.type == "Linear"]
+    model = "logistic regression" if len(linear) == 1 else "MLP " + "-".join(str(lay.params["out_features"]) for lay in linear)
     typer.echo(f"wrote {out}: {len(ds.features or [])} features ({len(ds.categorical)} categorical) -> input "
-               f"{exp.input_shape[0]}, target {ds.target!r} ({ds.task}), MLP 64-32-{exp.output_shape[0]}, "
-               "DP-SGD noise 1.0 clip 1.0 delta 1e-5", err=True)
+               f"{exp.input_shape[0]}, target {ds.target!r} ({ds.task}), {model}, "
+               f"DP-SGD within a whole-run epsilon {epsilon:g} per site, clip 1.0, delta 1e-5", err=True)
     for n in notes:
         typer.echo(f"note: {n}", err=True)
     typer.echo(f"next: fedbus config validate {out}", err=True)

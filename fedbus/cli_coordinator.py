@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedbus.cli_common import MLFLOW, log_to_mlflow, mlflow_uri
 from protocol.dp_figures import shown
 
 app = typer.Typer(help="The coordinator: sites, runs, results, audit.", no_args_is_help=True)
@@ -27,6 +28,15 @@ app.add_typer(cli_dead_letters.app, name="dead-letters")
 from fedbus import cli_coordinator_run  # noqa: E402  (run, runs list|stop, logs)
 
 cli_coordinator_run.register(app, runs_app)
+from fedbus import cli_cohort  # noqa: E402  (cohort: the sites' Table 1 before training)
+
+cli_cohort.register(app)
+from fedbus import cli_users  # noqa: E402  (users add|remove|passwd)
+
+app.add_typer(cli_users.app, name="users")
+from fedbus import cli_models  # noqa: E402  (models register|list|show|export)
+
+app.add_typer(cli_models.app, name="models")
 
 _err = Console(stderr=True)
 STATE = typer.Option(..., "--state", help="Coordinator state directory (SQLite database, checkpoints).")
@@ -197,15 +207,25 @@ def runs_compare(a: str = typer.Argument(...), b: str = typer.Argument(...), sta
 
 
 @runs_app.command("export")
-def runs_export(run_id: str = typer.Argument(...), out: Path = typer.Option(..., "--out", help="Directory to write."),
-                state: Path = STATE, json_out: bool = JSON) -> None:
-    """Final model (safetensors + spec), experiment JSON as run, metrics CSV, loss/accuracy PNG plots."""
+def runs_export(run_id: str = typer.Argument(...),
+                out: Optional[Path] = typer.Option(None, "--out", help="Directory to write (needed unless --mlflow)."),
+                state: Path = STATE, json_out: bool = JSON, mlflow: Optional[str] = MLFLOW) -> None:
+    """Final model (safetensors + spec), experiment JSON as run, metrics CSV, loss/accuracy PNG plots;
+    with --mlflow, the run logged to MLflow (parameters, metrics per round, final metrics, ε, artifacts)."""
     from coordinator.results import export_run
 
-    files = _run_or_fail(export_run, _store(state), run_id, out)
-    _emit(files, json_out)
-    for k, v in files.items():
-        typer.echo(f"{k}: {v}", err=True)
+    if out is None and mlflow is None:
+        _fail("runs export needs --out DIR, --mlflow [URI] or both")
+    tracking = mlflow_uri(mlflow, out, prog="fedbus coordinator runs export")
+    store = _store(state)
+    if out is not None:
+        files = _run_or_fail(export_run, store, run_id, out)
+        _emit(files, json_out)
+        for k, v in files.items():
+            typer.echo(f"{k}: {v}", err=True)
+    if tracking is not None:
+        _run_or_fail(store.run, run_id)
+        log_to_mlflow(state, run_id, tracking, prog="fedbus coordinator runs export")
 
 
 @app.command()
@@ -217,7 +237,7 @@ def audit(run_id: str = typer.Argument(...), state: Path = STATE, json_out: bool
     _emit(report.to_json(), json_out)
     if report.ok:
         typer.echo(f"audit {run_id}: OK ({report.signatures} signatures, {report.checkpoints} checkpoints, "
-                   f"{report.approvals} approvals verified)", err=True)
+                   f"{report.approvals} approvals, {report.registry} registry entries verified)", err=True)
         return
     for p in report.problems:
         typer.echo(f"audit {run_id}: {p}", err=True)

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbus.cli_common import BROKER_PASSWORD_FILE, broker_url, fail
+from fedbus.cli_common import BROKER_PASSWORD_FILE, MLFLOW, broker_url, fail, log_to_mlflow, mlflow_uri
 
 _PROG = "fedbus coordinator"
 _err = Console(stderr=True)
@@ -58,11 +58,13 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         model_inline_below: Optional[int] = typer.Option(
             None, "--model-inline-below", min=0,
             help="Models of at least this many bytes are published once and fetched by hash (default 1 MiB; 0: always)."),
+        mlflow: Optional[str] = MLFLOW,
     ) -> None:
         """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
         from fedbus.coordinator_lock import FederationLock, FederationLocked
         from fedbus.kits import ProjectError, load_coordinator_config
         from protocol.logs import add_log_file, configure_logging
+        from coordinator.secagg import refuse_until_wired
         from protocol.config import ConfigError, load_experiment
         from protocol.signing import Signer
         from protocol.transport import BusError, BusPermissionError, open_bus
@@ -86,8 +88,10 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
             _fail("--federation NAME is required: the federation the sites serve (federation = ... in their "
                   "site.toml); the coordinator's queues are fedbus.updates.<NAME>", json_out=json_out)
         broker = broker_url(broker, broker_password_file, prog=_PROG)
+        tracking = mlflow_uri(mlflow, None, prog=_PROG)
         try:
             exp = load_experiment(experiment)
+            refuse_until_wired(exp)
         except ConfigError as e:
             _fail(f"{experiment}: {e}", json_out=json_out)
         if exp.not_used:
@@ -147,6 +151,8 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         from fedbus.cli_coordinator import _print_run
 
         _print_run(doc)
+        if tracking is not None:
+            log_to_mlflow(state, result.run_id, tracking, prog=_PROG)
         for d in doc.get("declined", []):
             if str(d.get("reason", "")).startswith("untrusted_task"):
                 typer.echo(f"site {d['site']} rejected our tasks: {d['reason'].split(': ', 1)[-1]}", err=True)

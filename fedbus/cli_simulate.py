@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         reproducible_dp: Annotated[bool, typer.Option("--reproducible-dp", help="Research runs: sites draw DP noise from a seed (reported in every update) instead of the OS; never for real data")] = False,
         site_budget: Annotated[Optional[float], typer.Option("--site-budget", min=0.0, help="Every simulated site's max_epsilon (lifetime, per dataset), as a hospital's policy sets it; default: no limit (ε spent is still announced)")] = None,
         serve: Annotated[bool, typer.Option("--serve", help="Open the dashboard (localhost, actions on) over --out's coordinator state, live; serves on after the run until Ctrl-C")] = False,
+        mlflow: Annotated[Optional[str], typer.Option("--mlflow", help="Also log the run to MLflow at this tracking URI; `--mlflow` alone: OUT/mlruns, else ./mlruns (fedbus[mlflow])")] = None,
+        cohort_only: Annotated[bool, typer.Option("--cohort-only", help="Train nothing: ask the simulated sites for the cohort table (DP, each site's default policy), per site and pooled")] = False,
+        bins: Annotated[int, typer.Option("--bins", min=2, max=200, help="Histogram bins of the cohort table (--cohort-only)")] = 20,
         serve_port: Annotated[int, typer.Option("--serve-port", min=0, max=65535, help="Dashboard port with --serve (0: any free port)")] = 8765,
     ) -> None:
         """Run a whole federation on one machine through the production coordinator and site workers."""
@@ -64,6 +67,18 @@ def register(app: typer.Typer) -> None:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
         err = Console(stderr=True)
+        if cohort_only:
+            _cohort_only(experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, out=out,
+                         target=target, seed=seed, bins=bins, json_out=json_out, err=err)
+            return
+        from fedbus.cli_common import log_to_mlflow, mlflow_uri
+
+        tracking = mlflow_uri(mlflow, out, prog="fedbus simulate")
+        keep = out
+        if tracking is not None and out is None:  # the run's state must outlive the simulation to be logged
+            import tempfile
+
+            out = Path(tempfile.mkdtemp(prefix="fedbus-sim-mlflow-"))
         dashboard = _start_dashboard(out, serve_port, broker, err) if serve else None
         try:
             doc = run_simulation(
@@ -82,6 +97,14 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]fedbus simulate: run failed:[/red] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(1) from None
         print_results(doc, console=err)
+        if tracking is not None:
+            assert out is not None
+            log_to_mlflow(out / "coordinator", doc["run_id"], tracking, prog="fedbus simulate")
+            if keep is None:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+                out = None
         if out is not None:
             err.print(f"report: {out / 'report.html'}  ·  coordinator state: {out / 'coordinator'}")
         if json_out:
@@ -100,6 +123,33 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_WITH_GAPS)
 
 
+def _cohort_only(experiment: Path, *, sites: Optional[int], partition: str, dataset: Optional[str], broker: str,
+                 out: Optional[Path], target: Optional[str], seed: Optional[int], bins: int, json_out: bool,
+                 err) -> None:
+    """``--cohort-only``: the cohort table of the simulated sites, nothing trained."""
+    from rich.markup import escape
+
+    from fedbus.cli_cohort import print_cohort
+    from simulator.run import SimulationFailed, SimulationInputError, simulate as run_simulation
+
+    try:
+        doc = run_simulation(experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, out=out,
+                             target=target, seed=seed, progress=False, cohort_only=True, bins=bins)
+    except SimulationInputError as e:
+        err.print(f"[red]fedbus simulate:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except SimulationFailed as e:
+        err.print(f"[red]fedbus simulate: cohort failed:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    print_cohort(doc)
+    if out is not None:
+        err.print(f"cohort kept in {out / 'coordinator' / 'cohorts'}")
+    if json_out:
+        typer.echo(json.dumps(doc))
+    if not doc.get("pooled"):
+        raise typer.Exit(1)
+
+
 def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object:
     """``--serve``: the dashboard on a thread over ``OUT/coordinator``, read-only, localhost."""
     from rich.markup import escape
@@ -113,6 +163,7 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
     try:
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
                                                broker=None if broker.startswith("memory") else broker,
+                                               simulate_out=out if broker.startswith("memory") else None,
                                                port_option="--serve-port")).start()
     except ServeError as e:
         err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}", soft_wrap=True)

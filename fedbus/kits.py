@@ -25,13 +25,13 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from fedbus.kit_unit import site_unit, state_directory
 from protocol.broker_url import BrokerURLError, with_password, with_user
 from protocol.config_error import ConfigError
 from protocol.durable import write_atomic
@@ -238,10 +238,18 @@ def _tls_toml(files: dict[str, str] | None) -> str:
     return "\n[tls]\n" + "".join(f"{k} = {_q(v)}\n" for k, v in files.items())
 
 
-def _site_toml(p: Project, s: SiteSpec, tls: dict[str, str] | None) -> str:
-    data = s.data or f"/srv/fedbus-data/{s.dataset}.csv"
+def _data_path(s: SiteSpec, kit: Path) -> str:
+    """The data file as site.toml names it: relative to the kit (portable), never the provisioner's absolute path."""
+    if s.data is None:
+        return f"data/{s.dataset}.csv"
+    return os.path.relpath(s.data, kit.resolve())
+
+
+def _site_toml(p: Project, s: SiteSpec, tls: dict[str, str] | None, kit: Path) -> str:
+    data = _data_path(s, kit)
     return f"""# fedbus site worker for {s.id} in federation {p.federation} (written by fedbus provision).
-# Relative paths are resolved against this file's directory.
+# Every path is relative to this file's directory (the kit): copy the kit anywhere.
+# FEDBUS_STATE_DIR (environment), when set, replaces state_dir (the systemd unit sets it).
 site_id = {_q(s.id)}
 federation = {_q(p.federation)}
 broker_url = {_q(party_url(p.broker, s.id))}
@@ -263,39 +271,6 @@ target = {_q(s.target or "TARGET_COLUMN")}
 {_tls_toml(tls)}"""
 
 
-def _unit(p: Project, s: SiteSpec, kit: Path) -> str:
-    home = Path(p.install_dir) / s.id if p.install_dir else kit.resolve()
-    exe = shutil.which("fedbus") or str(Path(sys.executable).with_name("fedbus"))
-    return f"""# systemd unit for the fedbus site worker {s.id} (written by fedbus provision).
-# Install: cp fedbus-site.service /etc/systemd/system/ && systemctl daemon-reload
-#          && systemctl enable --now fedbus-site
-[Unit]
-Description=fedbus site worker {s.id} (federation {p.federation})
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-ExecStart={exe} site run --config {home}/site.toml
-WorkingDirectory={home}
-KillSignal=SIGTERM
-TimeoutStopSec=60
-Restart=on-failure
-RestartSec=5s
-# Exit 2: bad configuration or broker credentials refused; restarting will not fix it.
-RestartPreventExitStatus=2
-Environment=PYTHONUNBUFFERED=1
-NoNewPrivileges=yes
-PrivateTmp=yes
-ProtectSystem=strict
-ReadWritePaths={home}/state
-UMask=0077
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
 def _site_readme(p: Project, s: SiteSpec) -> str:
     return f"""fedbus kit for site {s.id} (federation {p.federation})
 ========================================================
@@ -307,8 +282,9 @@ the site only connects out to it.
 
 Four steps are left to you:
 
-1. Point at the data file: edit `path` under [datasets.{s.dataset}] in site.toml (and
-   `target`, the column to predict, if it says TARGET_COLUMN).
+1. Point at the data file: edit `path` under [datasets.{s.dataset}] in site.toml (relative
+   to this kit, or absolute; and `target`, the column to predict, if it says TARGET_COLUMN).
+   Every path in the kit is relative to the kit: copy the whole folder where you like.
 2. Check everything before joining (config, keys, broker login, data against the experiment,
    the experiment's hash, its model and the privacy cost of the run here):
 
@@ -323,8 +299,10 @@ Four steps are left to you:
 
        fedbus site run --config site.toml
 
-   or as a service: cp fedbus-site.service /etc/systemd/system/ &&
-   systemctl daemon-reload && systemctl enable --now fedbus-site
+   or as a service, as the unprivileged user `fedbus` (never root): set FEDBUS_KIT_DIR in
+   fedbus-site.service to where this kit lives, then follow the install lines at its top.
+   The service keeps its state (privacy ledger, approvals) in /var/lib/{state_directory(s.id)}:
+   approve for it with `sudo -u fedbus FEDBUS_STATE_DIR=/var/lib/{state_directory(s.id)} fedbus site approve ...`.
 """
 
 
@@ -435,10 +413,11 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         shutil.copyfile(ckit / f"{COORDINATOR}.pub", kit / "coordinator.pub")
         tls = tls_files(project.tls, kit, s.id) if project.tls else None
         if not (kit / "site.toml").exists():  # the hospital edits it (data path, budget): never clobbered
-            (kit / "site.toml").write_text(_site_toml(project, s, tls), encoding="utf-8")
+            (kit / "site.toml").write_text(_site_toml(project, s, tls, kit), encoding="utf-8")
         else:
             rep.kept.append(_kept_site_toml(kit / "site.toml", s))
-        (kit / "fedbus-site.service").write_text(_unit(project, s, kit), encoding="utf-8")
+        (kit / "fedbus-site.service").write_text(site_unit(site_id=s.id, federation=project.federation,
+                                                             install_dir=project.install_dir), encoding="utf-8")
         (kit / "README").write_text(_site_readme(project, s), encoding="utf-8")
         passwords[s.id] = pw
         pubs[s.id] = (kit / f"{s.id}.pub").read_bytes()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from protocol.config import Experiment
-    from site_worker.config import SiteConfig
+    from site_worker.config import DatasetSource, SiteConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,43 @@ def run_checks(config: Path, experiment: Path | None, *, broker_timeout_s: float
     out.append(_check_broker(cfg, broker_timeout_s))
     if experiment is not None:
         out.extend(_check_experiment(cfg, experiment))
+    else:  # always open the data: a misspelt target or a missing file fails here, not at the first task
+        out.extend(_check_data_file(name, src) for name, src in sorted(cfg.datasets.items()))
     return out
+
+
+def _check_data_file(name: str, src: DatasetSource) -> Check:
+    """Open one dataset file and check its target and feature columns (no experiment needed)."""
+    from site_worker.columns import plan_columns
+    from site_worker.data import DataError, read_table
+
+    label = f"dataset {name}"
+    if src.format == "npy":
+        import numpy as np
+
+        try:
+            x = np.load(src.path, mmap_mode="r", allow_pickle=False)
+            y = np.load(src.labels_path, mmap_mode="r", allow_pickle=False) if src.labels_path else None
+        except (OSError, ValueError) as e:
+            return Check(label, False, f"{src.path}: {e}")
+        if y is None or len(y) != len(x):
+            return Check(label, False, f"{src.path}: labels_path must hold one label per row of {src.path}")
+        return Check(label, True, f"{src.path}: {len(x)} rows of shape {tuple(x.shape[1:])}, labels {src.labels_path}")
+    try:
+        plan = plan_columns(read_table(src), target=src.target)
+    except DataError as e:
+        return Check(label, False, f"{src.path}: {e}")
+    except OSError as e:
+        return Check(label, False, f"{src.path}: cannot read it ({e}); fix path under [datasets.{name}]")
+    missing = [c for c in src.columns if c not in plan.features and c not in plan.excluded]
+    if missing:
+        return Check(label, False, f"{src.path}: [datasets.{name}.columns] names {', '.join(missing)}, not in the file")
+    if not plan.features:
+        return Check(label, False, f"{src.path}: no feature column besides the target {src.target!r}")
+    if len(plan.target_values) < 2:
+        return Check(label, False, f"{src.path}: target {src.target!r} holds {len(plan.target_values)} distinct value(s)")
+    return Check(label, True, f"{src.path}: {plan.rows} rows, target {src.target!r} ({len(plan.target_values)} values), "
+                              f"{len(plan.features)} feature columns")
 
 
 def _check_key(cfg: SiteConfig) -> Check:

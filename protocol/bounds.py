@@ -310,6 +310,8 @@ POLICY = Table(
         "metrics": Opt(Text(16, choices=("dp", "exact", "none"))),
         "metrics_noise_multiplier": Opt(Num(0.1, 1e6)),
         "metrics_loss_clip": Opt(Num(1e-6, 1e6)),
+        "stats": Opt(Text(16, choices=("dp", "exact", "none"))),
+        "stats_noise_multiplier": Opt(Num(0.1, 1e6)),
         "test_fraction": Opt(Num(0.0, 0.9, open_hi=True)),
         "max_evaluations_per_run": Opt(Int(0, 10**9)),
         "reproducible_dp": Opt(Flag()),
@@ -392,6 +394,24 @@ FIELDS: dict[str, dict[str, Bound]] = {
     "RunControl": {
         "action": Text(16, choices=get_args(ControlAction)),
         "reason": Text(1024),
+    },
+    # The cohort table (protocol/cohort.py): public layout settings out, one noisy vector back.
+    "StatsTask": {
+        "experiment": TASK["experiment"],
+        "dataset": IDENT,
+        "bins": Int(2, 200),  # protocol.cohort.MAX_BINS
+        "deadline": TASK["deadline"],
+    },
+    "StatsResult": {
+        "task_id": TASK_ID,
+        "values": Items(COUNT, 65_536),  # protocol.cohort.MAX_STATS_VALUES; noisy counts may be negative
+        "n": Int(0, MAX_ROWS),
+        "noise_sd": Num(0.0, MAX_ABS),
+        "mode": Text(8, choices=("dp", "exact")),
+        "layout": Text(16, min_len=16, pattern=r"[0-9a-f]{16}"),
+        "epsilon": EPSILON,
+        "delta": DELTA,
+        "accountant": Opt(Text(16, choices=("rdp", "prv"))),
     },
 }
 

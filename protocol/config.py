@@ -44,6 +44,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -253,6 +254,10 @@ class DatasetSpec(_Block):
     categorical: dict[str, list[Str]] = Field(default_factory=dict)
     missing_values: dict[str, list[Float]] = Field(default_factory=dict)
     scaling: dict[str, tuple[Float, Float]] = Field(default_factory=dict)
+    # Public [lo, hi] per numeric column, for the cohort table's DP histogram, mean and SD
+    # (protocol/cohort.py): a value outside is clipped. Left out of the wire form when empty,
+    # so experiments without it keep their hash.
+    bounds: dict[str, tuple[Float, Float]] = Field(default_factory=dict)
     exclude: list[Str] = Field(default_factory=list)
     validation_fraction: Float = Field(0.2, gt=0, lt=1)
     kind: Literal["tabular", "signal"] = "tabular"
@@ -303,11 +308,23 @@ class DatasetSpec(_Block):
         for column, codes in self.missing_values.items():
             if not codes:
                 raise ConfigError(f"dataset.missing_values.{column}", "must list at least one code")
+        for column, (lo, hi) in self.bounds.items():
+            if not lo < hi:
+                raise ConfigError(f"dataset.bounds.{column}", f"is a [low, high] pair with low < high, got [{lo}, {hi}]")
+            if column in self.categorical:
+                raise ConfigError(f"dataset.bounds.{column}", "is a categorical column; only numeric columns take bounds")
         for column, (_, scale) in self.scaling.items():
             if not scale > 0:
                 raise ConfigError(f"dataset.scaling.{column}",
                                   f"is a (center, scale) pair and its scale must be > 0, got {scale}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_bounds(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and not self.bounds:
+            out.pop("bounds", None)
+        return out
 
     @property
     def positive_rule(self) -> tuple[str, float] | None:
@@ -332,6 +349,23 @@ class CentralDP(_Block):
     clip_norm: Float = Field(gt=0)
     noise_multiplier: Float = Field(ge=0)
     delta: Float = Field(1e-5, gt=0, lt=1)  # the δ the run's central ε is reported at
+
+
+class SecureAggregation(_Block):
+    """``federated.secure_aggregation``: the coordinator sees only sums (protocol/secagg/).
+
+    ``min_contributors`` (K): the fewest updates a site will unmask as one sum; ``threshold``
+    (U): aggregated shares needed to unmask, so up to N - U sites may drop after uploading;
+    ``privacy`` (T): sites that together learn nothing of one mask; ``clip`` (C) and ``scale``
+    the fixed-point quantisation; ``max_sites`` the most sites a sum may hold (the bit budget:
+    max_sites x round(C x scale) must stay below 2**30)."""
+
+    min_contributors: Int = Field(ge=2)
+    threshold: Int = Field(ge=1)
+    privacy: Int = Field(1, ge=0)
+    clip: Float = Field(1.0, gt=0)
+    scale: Float = Field(65536.0, ge=1)
+    max_sites: Int = Field(64, ge=1, le=10_000)
 
 
 class EarlyStopping(_Block):
@@ -362,6 +396,7 @@ class FederatedSpec(_Block):
     max_round_retries: Int = Field(2, ge=0)
     central_dp: CentralDP | None = None
     early_stopping: EarlyStopping | None = None
+    secure_aggregation: SecureAggregation | None = None
     # Evaluate the global model on every site's fixed test split every N rounds (0: only the
     # final evaluation). Off by default: each is a release charged to the site's ledger (under
     # metrics = "dp") and counted against its max_evaluations_per_run, and choosing a round by
@@ -406,6 +441,13 @@ class FederatedSpec(_Block):
                 f"must be >= min_fit_clients ({params['min_fit_clients']})",
             )
         self.parameters = params
+        if self.secure_aggregation is not None:
+            from protocol.secagg.rules import check_aggregator
+
+            sa = self.secure_aggregation
+            check_aggregator(self.name, params, central_dp=self.central_dp is not None,
+                             min_contributors=sa.min_contributors, threshold=sa.threshold, privacy=sa.privacy,
+                             clip=sa.clip, scale=sa.scale, max_sites=sa.max_sites)
         return self
 
     @property

@@ -123,5 +123,12 @@ def release_entries(policy: SitePolicy) -> History:
     return [(float(policy.metrics_noise_multiplier), 1.0, 1)] if policy.metrics == "dp" else []
 
 
+def stats_entries(policy: SitePolicy) -> History:
+    """Ledger entries of one cohort-table release under ``policy`` (none unless ``dp``;
+    ``site_worker.stats``): one Gaussian mechanism with noise multiplier ``stats_noise_multiplier``
+    on a vector of L2 sensitivity Δ (``protocol.cohort``), i.e. the entry (σ_s, 1, 1)."""
+    return [(float(policy.stats_noise_multiplier), 1.0, 1)] if policy.stats == "dp" else []
+
+
 __all__ = ["DPPlan", "batches_per_epoch", "check_dp_request", "check_epochs", "plan_dp", "release_entries",
-           "site_plan"]
+           "site_plan", "stats_entries"]

@@ -63,6 +63,12 @@ class ResolvedLayer:
     # Per-sample values the layer materialises besides its output: a padded copy of its
     # input, and for Conv1d the unfolded input per-sample gradients are computed from.
     scratch: int = 0
+    # Per-sample values ghost clipping makes for this layer in its backward hook and drops
+    # before the next layer's (``_ghost_scratch``): its norm's Gram matrices or its gradient.
+    ghost_scratch: int = 0
+    # Per-sample values besides input and output an inference pass holds at once (no autograd):
+    # ``scratch`` for single layers; less for a block, whose parts are freed as it goes.
+    eval_scratch: int = 0
 
     @property
     def is_marker(self) -> bool:
@@ -99,10 +105,23 @@ class ResolvedChain:
         return 2 * kept
 
     @property
+    def clipping(self) -> str:
+        """How DP-SGD clips this model's per-sample gradients: ``"ghost"`` (Opacus' memory-efficient
+        clipping, ``GradSampleModuleFastGradientClipping``) when every layer is one it handles
+        (``FAST_CLIPPING``), else ``"per_sample"`` (every parameter's per-sample gradient at once)."""
+        return "ghost" if all(m.type in FAST_CLIPPING for m in self.modules) else "per_sample"
+
+    @property
+    def ghost_values(self) -> int:
+        """Per-sample values ghost clipping adds to the activations: the largest one layer makes
+        in its backward hook (``ResolvedLayer.ghost_scratch``), never all layers' at once."""
+        return max((m.ghost_scratch for m in self.modules), default=0)
+
+    @property
     def eval_values(self) -> int:
         """Per-sample peak of one inference pass (no autograd): one layer's input, scratch
         and output at a time."""
-        return max(math.prod(m.input_shape) + m.scratch + math.prod(m.output_shape) for m in self.modules)
+        return max(math.prod(m.input_shape) + m.eval_scratch + math.prod(m.output_shape) for m in self.modules)
 
     @property
     def output_values(self) -> int:
@@ -250,6 +269,19 @@ def _conv1d(ctx: _Ctx, kw: dict, shape: Shape) -> Shape:
     return (kw["out_channels"], out_len)
 
 
+def _residual1d(ctx: _Ctx, kw: dict, shape: Shape) -> Shape:
+    """Two same-padded convolutions (the first strided) with GroupNorm, plus a shortcut (a 1 x 1
+    strided convolution when the channels or the length change): see ``protocol.model``."""
+    channels, length = _need_signal(ctx, "ResidualBlock1d", shape)
+    _match(ctx, kw, "in_channels", channels, "channels")
+    if kw["kernel_size"] % 2 == 0:
+        raise ctx.fail(ctx.param("kernel_size"), f"must be odd (the block pads k // 2 each side), got {kw['kernel_size']}")
+    if kw["out_channels"] % kw["num_groups"]:
+        raise ctx.fail(ctx.param("num_groups"),
+                       f"must divide out_channels ({kw['out_channels']}), got {kw['num_groups']}")
+    return (kw["out_channels"], (length - 1) // kw["stride"] + 1)
+
+
 def _pool_len(ctx: _Ctx, length: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     if p > k // 2:
         raise ctx.fail(ctx.param("padding"), f"must be at most half the kernel size ({k // 2}), got {p}")
@@ -344,6 +376,56 @@ def _scratch(ltype: str, kw: Mapping[str, Any], shape: Shape, out: Shape) -> int
     if ltype in ("MaxPool1d", "AvgPool1d"):
         channels, length = shape
         return channels * (length + 2 * kw["padding"])
+    if ltype == "ResidualBlock1d":
+        (c_in, length), (c_out, out_len), k = shape, out, kw["kernel_size"]
+        pad = k - 1
+        convs = c_in * (length + pad) + c_in * k * out_len + c_out * (out_len + pad) + c_out * k * out_len
+        shortcut = c_in * out_len + c_out * out_len  # the 1 x 1 conv's unfolded input and output
+        return convs + shortcut + 7 * c_out * out_len  # conv, norm, ReLU, dropout, conv, norm, sum
+    return 0
+
+
+def _eval_scratch(ltype: str, kw: Mapping[str, Any], shape: Shape, out: Shape, scratch: int) -> int:
+    """``ResolvedLayer.eval_scratch``: a ResidualBlock1d holds one padded input, one convolution's
+    unfolded input and three intermediate outputs at a time in inference; others their scratch."""
+    if ltype != "ResidualBlock1d":
+        return scratch
+    (c_in, length), (c_out, out_len), k = shape, out, kw["kernel_size"]
+    return max(c_in * (length + k - 1), c_out * (out_len + k - 1)) + max(c_in, c_out) * k * out_len + 3 * c_out * out_len
+
+
+def _ghost_scratch(ltype: str, kw: Mapping[str, Any], shape: Shape) -> int:
+    """Per-sample values ghost clipping makes for one layer (``ResolvedLayer.ghost_scratch``).
+
+    Opacus 1.6 computes a Linear's per-sample gradient norm from its input and output gradient
+    alone (ghost norm): O(1) a row for a [features] input, two T x T Gram matrices for a
+    [T, features] one. Other layers with weights get their per-sample gradient made in their
+    backward hook and reduced to a norm at once (fast gradient clipping): their own parameter
+    count a row. Then one ordinary backward pass with the clipping factors."""
+    if ltype == "Linear":
+        t = math.prod(shape[:-1])
+        return 0 if len(shape) == 1 else 2 * t * t
+    return _parameters(ltype, kw, shape)
+
+
+def _parameters(ltype: str, kw: Mapping[str, Any], shape: Shape) -> int:
+    """A layer's trainable parameter count from its arguments (what torch would allocate)."""
+    if ltype == "Conv1d":
+        return kw["out_channels"] * (kw["in_channels"] // kw["groups"]) * kw["kernel_size"] + (
+            kw["out_channels"] if kw["bias"] else 0)
+    if ltype == "Linear":
+        return kw["out_features"] * kw["in_features"] + (kw["out_features"] if kw["bias"] else 0)
+    if ltype == "GroupNorm":
+        return 2 * kw["num_channels"] if kw["affine"] else 0
+    if ltype == "LayerNorm":
+        n = math.prod(kw["normalized_shape"])
+        return (n + (n if kw["bias"] else 0)) if kw["elementwise_affine"] else 0
+    if ltype == "BatchNorm1d":
+        return 2 * kw["num_features"] if kw["affine"] else 0
+    if ltype == "ResidualBlock1d":
+        c_in, c_out, k = kw["in_channels"], kw["out_channels"], kw["kernel_size"]
+        shortcut = c_in * c_out + c_out if (c_in != c_out or kw["stride"] != 1) else 0
+        return (c_in * c_out * k + c_out) + (c_out * c_out * k + c_out) + 4 * c_out + shortcut
     return 0
 
 
@@ -434,6 +516,21 @@ LAYER_TYPES: dict[str, _LayerType] = {
         row_independent=False,
         inferred=frozenset({"num_features"}),
     ),
+    # A residual block (DiagnoseNET, Rajpurkar et al. 2017) with GroupNorm, not BatchNorm: each
+    # row's output is its own convolutions, per-row norms and shortcut.
+    "ResidualBlock1d": _LayerType(
+        params={
+            "in_channels": _Param("size", None),
+            "out_channels": _Param("size"),
+            "kernel_size": _Param("size"),
+            "stride": _Param("size", 1),
+            "num_groups": _Param("size", 1),
+            "dropout": _Param("prob", 0.0),
+        },
+        infer=_residual1d,
+        row_independent=True,
+        inferred=frozenset({"in_channels"}),
+    ),
     # Per-row statistics over channel groups / trailing dimensions: row-independent.
     "GroupNorm": _LayerType(
         params={
@@ -460,7 +557,13 @@ LAYER_TYPES: dict[str, _LayerType] = {
 }
 
 # Layer types that own trainable parameters: a model needs at least one of them.
-TRAINABLE = frozenset({"Linear", "Conv1d"})
+TRAINABLE = frozenset({"Linear", "Conv1d", "ResidualBlock1d"})
+
+# Layer types Opacus' ghost clipping (``GradSampleModuleFastGradientClipping``) handles: a norm
+# sampler (Linear) or a per-sample gradient sampler (the others with weights), or no weights at
+# all. A model with any other layer falls back to per-sample gradients (``ResolvedChain.clipping``);
+# ``tests/protocol/test_layer_types.py`` checks this set against Opacus' own tables.
+FAST_CLIPPING = frozenset(set(LAYER_TYPES) - {"BatchNorm1d"})
 
 _CANONICAL = {name.lower(): name for name in (*LAYER_TYPES, *MARKERS)}
 ALLOWED_TYPES: tuple[str, ...] = (*MARKERS, *LAYER_TYPES)
@@ -574,7 +677,9 @@ def resolve_layers(layers: Sequence[Any], *, prefix: str = "architecture.layers"
             elif key not in spec.inferred:
                 kwargs[key] = pspec.default
         out = spec.infer(ctx, kwargs, shape)
-        resolved.append(ResolvedLayer(i, ltype, name, kwargs, shape, out, _scratch(ltype, kwargs, shape, out)))
+        scratch = _scratch(ltype, kwargs, shape, out)
+        resolved.append(ResolvedLayer(i, ltype, name, kwargs, shape, out, scratch, _ghost_scratch(ltype, kwargs, shape),
+                                      _eval_scratch(ltype, kwargs, shape, out, scratch)))
         shape = out
     assert input_shape is not None and shape is not None
     if not any(layer.type in TRAINABLE for layer in resolved):

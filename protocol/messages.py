@@ -194,11 +194,44 @@ class RunControl:
     reason: str = ""
 
 
-Payload = SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
+@dataclass(frozen=True)
+class StatsTask:
+    """Coordinator -> site: a "Table 1" of ``dataset`` (issue 25). The layout follows from the
+    experiment's public ``dataset`` block and ``bins`` alone (``protocol.cohort``); the site
+    answers one ``StatsResult`` released as its ``stats`` policy says, or a ``Declined``."""
+
+    TYPE: ClassVar[str] = "StatsTask"
+    experiment: dict[str, Any]
+    dataset: str
+    bins: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    """Site -> coordinator: the cohort vector (``protocol.cohort`` layout ``layout``), with the
+    per-coordinate noise SD (0 under ``exact``) and the ledger's ε at ``delta`` with ``accountant``
+    after this release (None under ``exact``). ``n`` is the row count the site's hello announced."""
+
+    TYPE: ClassVar[str] = "StatsResult"
+    task_id: str
+    values: tuple[float, ...]
+    n: int
+    noise_sd: float
+    mode: str  # "dp" | "exact"
+    layout: str
+    epsilon: float | None
+    delta: float | None
+    accountant: str | None
+
+
+Payload = (SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
+           | StatsTask | StatsResult)
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl)
+    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
+                StatsTask, StatsResult)
 }
 
 

@@ -28,6 +28,31 @@ from protocol.messages import Tensors
 
 __all__ = ["ModelSummary", "build_model", "load_tensors", "summarize", "to_tensors"]
 
+class ResidualBlock1d(nn.Module):
+    """Conv1d(k, stride) -> GroupNorm -> ReLU -> Dropout -> Conv1d(k) -> GroupNorm, plus the input
+    (through a 1 x 1 strided Conv1d when the channels or the length change), then ReLU: the
+    residual block of DiagnoseNET's and Rajpurkar et al.'s ECG networks, with GroupNorm (per
+    row) where they use BatchNorm (per batch, which DP-SGD cannot bound). Children are plain
+    torch layers, so Opacus computes (or ghost-clips) their per-sample gradients as usual."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 num_groups: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, padding=pad)
+        self.norm1 = nn.GroupNorm(num_groups, out_channels)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size, padding=pad)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels)
+        self.shortcut: nn.Module = (nn.Conv1d(in_channels, out_channels, 1, stride=stride)
+                                    if in_channels != out_channels or stride != 1 else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(self.act(self.norm1(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(y)) + self.shortcut(x))
+
+
 _MODULES: dict[str, Callable[..., nn.Module]] = {
     "Linear": nn.Linear,
     "ReLU": nn.ReLU,
@@ -43,6 +68,7 @@ _MODULES: dict[str, Callable[..., nn.Module]] = {
     "BatchNorm1d": nn.BatchNorm1d,
     "GroupNorm": nn.GroupNorm,
     "LayerNorm": nn.LayerNorm,
+    "ResidualBlock1d": ResidualBlock1d,
 }
 
 

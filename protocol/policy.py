@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METRICS_MODES = ("dp", "exact", "none")
+SECURE_AGGREGATION_MODES = ("required", "allowed", "off")  # issue 22: may the coordinator see my update?
 ACCOUNTANTS = ("rdp", "prv")  # composable over tasks; Opacus' gdp keeps only its last entry
 
 
@@ -30,8 +31,8 @@ class SitePolicy:
     """
 
     allowed_layers: tuple[str, ...] | None = None  # None = every layer the builder knows
-    max_parameters: int = 5_000_000
-    max_train_memory_mb: float = 2048.0  # one step: batch bound x (parameters + activations) x 4 B
+    max_parameters: int | None = None  # an explicit cap if the site wants one; memory is max_train_memory_mb's
+    max_train_memory_mb: float = 2048.0  # one step: batch bound x (per-sample gradients + activations) x 4 B
     max_eval_memory_mb: float = 2048.0  # one inference pass (4096 rows) plus the outputs of every row
     max_release_values: int = 2**20  # values in one DP metrics release vector (a k-class model: k*k + 1)
     min_noise_multiplier: float = 0.5
@@ -47,11 +48,16 @@ class SitePolicy:
     metrics_noise_multiplier: float = 5.0  # Gaussian std / L2 sensitivity of a metrics release
     metrics_loss_clip: float = 5.0  # per-example loss clipped to [0, C] in released sums
     max_evaluations_per_run: int = 100
+    stats: str = "dp"  # "dp" | "exact" | "none": how a cohort table (StatsTask) is released
+    stats_noise_multiplier: float = 2.0  # Gaussian std / L2 sensitivity of a cohort release
     test_fraction: float = 0.2  # of each dataset's rows: the fixed test split, never trained on
     reproducible_dp: bool = False  # research only: DP noise from dp_seed, reported in every Update
     dp_seed: int | None = None  # site-local; required with reproducible_dp, never sent
     allow_unprotected_flower_client: bool = False
     require_approval: bool = False  # run only experiments the operator approved (site_worker/approvals.py)
+    # "required": train only for runs under federated.secure_aggregation; "off": never join one.
+    secure_aggregation: str = "allowed"
+    secure_aggregation_min_contributors: int = 2  # the site's floor under any roster's min_contributors
 
     def site_delta(self, rows: int) -> float:
         """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
@@ -77,8 +83,12 @@ class SitePolicy:
             "metrics": self.metrics,
             "metrics_noise_multiplier": self.metrics_noise_multiplier,  # the coordinator's privacy plan needs it
             "test_fraction": self.test_fraction,
+            "stats": self.stats,
+            "stats_noise_multiplier": self.stats_noise_multiplier,  # the cohort's ε plan
             "max_evaluations_per_run": self.max_evaluations_per_run,
             "reproducible_dp": self.reproducible_dp,
+            "secure_aggregation": self.secure_aggregation,
+            "secure_aggregation_min_contributors": self.secure_aggregation_min_contributors,
         }
 
     @classmethod
@@ -93,4 +103,4 @@ class SitePolicy:
         return cls(**given)
 
 
-__all__ = ["ACCOUNTANTS", "METRICS_MODES", "PolicyViolation", "SitePolicy"]
+__all__ = ["ACCOUNTANTS", "METRICS_MODES", "SECURE_AGGREGATION_MODES", "PolicyViolation", "SitePolicy"]

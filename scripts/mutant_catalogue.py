@@ -297,8 +297,8 @@ MUTANTS += [
     ),
     Mutant(
         "dp-counts-above-announced-rows", "a DP release never counts more rows than the site announced (else the coordinator drops an honest, charged reply)",
-        (Edit("site_worker/release.py", "    return {k: (float(min(v, rows)) if k == \"n\" else v) for k, v in metrics.items()}\n",
-              "    return dict(metrics)\n"),),
+        (Edit("protocol/dp_figures.py", "    return min(n, float(rows)) if rows is not None and rows >= 1 else n\n",
+              "    return n\n"),),
         ("tests/site_worker/test_site_owns_dp.py::test_a_noisy_row_count_is_never_released_above_the_rows_the_site_announced",),
     ),
     # ------------------------------------------------------------------ the run's privacy plan
@@ -399,8 +399,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "layers-train-activations-uncounted", "the training memory bound counts activations, not only weights",
-        (Edit("site_worker/dp.py", "    return (batch * (parameters + activations) * 4 + 4 * parameters * 4) / 2**20\n",
-              "    return (batch * parameters * 4 + 4 * parameters * 4) / 2**20\n"),),
+        (Edit("site_worker/dp.py", "    return (batch * (per_sample + activations) * 4 + 4 * parameters * 4) / 2**20\n",
+              "    return (batch * per_sample * 4 + 4 * parameters * 4) / 2**20\n"),),
         (f"{_LAYER_ATTACKS}::test_training_activations_are_bounded_with_the_per_sample_factor",),
     ),
     Mutant(
@@ -810,7 +810,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "edge-policy-max-parameters-inclusive", "a model of exactly max_parameters parameters is allowed",
-        (Edit(_POLICY, "    if parameters > policy.max_parameters:\n", "    if parameters >= policy.max_parameters:\n"),),
+        (Edit(_POLICY, "    if policy.max_parameters is not None and parameters > policy.max_parameters:\n",
+              "    if policy.max_parameters is not None and parameters >= policy.max_parameters:\n"),),
         (f"{_CAPS}::test_max_parameters_at_its_edge",),
     ),
     Mutant(
@@ -1041,6 +1042,98 @@ MUTANTS.extend([
     ),
 ])
 
+# ------------------------------------------------------------------ secure aggregation (issue 22): the site's rules
+_SECAGG = "tests/adversarial/test_secagg_coordinator.py"
+_SITE_SECAGG = "site_worker/secagg.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-answers-a-buffer-of-one", "a site never answers an unmask request for fewer than min_contributors updates",
+        (Edit(_SITE_SECAGG, "        if len(hospitals) < roster.min_contributors:\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_a_buffer_of_one_is_refused_and_min_contributors_is_answered_at_the_edge",),
+    ),
+    Mutant(
+        "secagg-update-in-two-requests", "a site includes each update in at most one unmask request",
+        (Edit(_SITE_SECAGG, "        if reused:\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_two_requests_differing_by_one_hospital_are_refused",),
+    ),
+    Mutant(
+        "secagg-used-updates-not-durable", "the updates a site unmasked stay refused after a restart",
+        (Edit(_SITE_SECAGG, "        st.used.extend([s, t] for s, t in wanted)\n", ""),),
+        (f"{_SECAGG}::test_the_rule_survives_a_restart",),
+    ),
+    Mutant(
+        "secagg-roster-signature-unchecked", "a site refuses a roster its coordinator did not sign",
+        (Edit(_SITE_SECAGG, "            verify(self.coordinators, signed, roster, coordinator=self.coordinator)\n",
+              "            pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-key-bindings-unchecked", "a site refuses a roster whose X25519 key is not signed by the site it names",
+        (Edit(_SITE_SECAGG, "                verify_binding(self.peers, binding, site_id=site, run_id=roster.run_id)\n",
+              "                pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-roster-may-change", "a site refuses a second, different roster for a run it committed to",
+        (Edit(_SITE_SECAGG, "            if st.roster != roster.body().hex():\n", "            if False:\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-request-roster-unchecked", "a site refuses an unmask request naming a roster it did not commit to",
+        (Edit(_SITE_SECAGG, "        if request.roster_digest != roster.digest():\n", "        if False:\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-request-signature-unchecked", "a site refuses an unmask request its coordinator did not sign",
+        (Edit(_SITE_SECAGG, "            verify(self.coordinators, signed, request, coordinator=self.coordinator)\n",
+              "            pass\n"),),
+        (f"{_SECAGG}::test_a_forged_roster_is_refused",),
+    ),
+    Mutant(
+        "secagg-threshold-not-enforced", "fewer than U aggregated shares decode nothing",
+        (Edit("protocol/secagg/coding.py", "    if len(aggregated) < u:\n", "    if False:\n"),),
+        ("tests/protocol/test_secagg_core.py::test_sum_of_masks_decodes_from_any_u_aggregated_shares_and_not_from_u_minus_1",),
+    ),
+    Mutant(
+        "secagg-bit-budget-unchecked", "a quantisation whose N-site sum could overflow the field is refused",
+        (Edit("protocol/secagg/field.py", "        if self.sites * self.max_level > HALF:\n", "        if False:\n"),),
+        ("tests/protocol/test_secagg_core.py::test_bit_budget_refuses_the_first_configuration_that_would_overflow",),
+    ),
+])
+
+# ------------------------------------------------------------------ secure aggregation: what it refuses to run, and the site's policy
+_SA_CFG = "tests/cli/test_secagg_config.py"
+_SA_POLICY = "tests/site_worker/test_secagg_policy.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-allows-fedasync", "FedAsync under secure aggregation is refused at config validate, naming FedBuff",
+        (Edit("protocol/secagg/rules.py", '    if name == "FedAsync":\n', '    if name == "FedAsync" and False:\n'),),
+        (f"{_SA_CFG}::test_fedasync_is_refused_naming_fedbuff",),
+    ),
+    Mutant(
+        "secagg-allows-robust-flower", "Flower strategies that need each update (Krum, median) are refused with the reason",
+        (Edit("protocol/secagg/rules.py", "        if strategy in NEEDS_INDIVIDUAL_UPDATES:\n", "        if False:\n"),),
+        (f"{_SA_CFG}::test_flower_strategies_needing_individual_updates_are_refused_with_the_reason",),
+    ),
+    Mutant(
+        "secagg-runs-in-the-clear", "a run asking for secure aggregation is refused while the round loop cannot mask",
+        (Edit("coordinator/secagg.py", "    if experiment.federated.secure_aggregation is not None:\n", "    if False:\n"),),
+        (f"{_SA_CFG}::test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear",),
+    ),
+    Mutant(
+        "secagg-required-policy-ignored", "a site whose policy requires secure aggregation declines a run without it",
+        (Edit("site_worker/policy.py", '    if policy.secure_aggregation == "required" and secagg is None:\n',
+              "    if False:\n"),),
+        (f"{_SA_POLICY}::test_the_site_decides_whether_its_update_is_seen_in_the_clear",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "secagg-state-unlocked", "two daemons sharing a state dir check and record an unmask answer as one step",
+        (Edit(_SITE_SECAGG, "                fcntl.flock(lf.fileno(), fcntl.LOCK_EX)\n", ""),),
+        (f"{_SECAGG}::test_two_daemons_on_one_state_dir_cannot_both_answer_overlapping_requests",),
+    ),
+])
 # ------------------------------------------------------------------ publish once, fetch by hash (issue 23, transfer)
 _TRANSFER = "tests/coordinator/test_model_transfer.py"
 MUTANTS.extend([
@@ -1059,5 +1152,99 @@ MUTANTS.extend([
         (f"{_TRANSFER}::test_the_whole_blob_is_verified_against_the_signed_hash_before_use",
          f"{_TRANSFER}::test_a_site_trains_on_the_verified_model_refuses_a_wrong_hash_and_declines_a_gone_version"),
         marks="not broker",
+    ),
+])
+# ------------------------------------------------------------------ sites that train bigger models (issue 23, sitefast)
+_NOISE32 = "tests/site_worker/test_secure_noise.py"
+MUTANTS.extend([
+    Mutant(
+        "secure-noise-sigma-off", "DP-SGD's float32 secure noise has exactly the requested sigma (KS test)",
+        (Edit("site_worker/secure_rng.py", "            torch.mul(self._noise32(k), std / 2.0, out=out[i : i + k])\n",
+              "            torch.mul(self._noise32(k), std / 1.96, out=out[i : i + k])\n"),),
+        (f"{_NOISE32}::test_the_noise_is_gaussian_with_the_requested_sigma",),
+    ),
+    Mutant(
+        "secure-noise-radius-24-bits", "the radius uniform keeps 63 bits, so the noise's tails are not cut at 5.9 sigma",
+        (Edit("site_worker/secure_rng.py", "    return (words & _MASK63).to(torch.float32).add_(0.5).mul_(2.0**-63)\n",
+              "    return ((words & _MASK63) >> 39).to(torch.float32).add_(0.5).mul_(2.0**-24)\n"),),
+        (f"{_NOISE32}::test_the_radius_uniform_reaches_deep_tails",),
+    ),
+    Mutant(
+        "secure-noise-chunk-repeats", "each chunk of DP-SGD noise is new keystream, never a repeat of the last",
+        (Edit("site_worker/secure_rng.py", "        self._enc.update_into(memoryview(zeros)[:nbytes], buf)\n",
+              "        buf[:nbytes] = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor().update(zeros[:nbytes])\n"),),
+        (f"{_NOISE32}::test_chunks_continue_the_stream", f"{_NOISE32}::test_the_stream_is_keyed_by_its_secret"),
+    ),
+])
+
+_GHOST = "tests/site_worker/test_ghost_clipping.py"
+MUTANTS.extend([
+    Mutant(
+        "ghost-clipping-wrong-norm", "ghost clipping clips each row at the plan's max_grad_norm (the same sum as per-sample)",
+        (Edit("site_worker/trainer.py", "                                                               max_grad_norm=plan.max_grad_norm,\n",
+              "                                                               max_grad_norm=2 * plan.max_grad_norm,\n"),),
+        (f"{_GHOST}::test_ghost_and_per_sample_clipping_give_the_same_step",),
+    ),
+    Mutant(
+        "ghost-memory-bound-ignores-mode", "the training memory bound counts ghost clipping's largest layer, not every per-sample gradient",
+        (Edit("site_worker/dp.py", "    return chain.ghost_values if dp and chain.clipping == \"ghost\" else None\n",
+              "    return None\n"),),
+        (f"{_GHOST}::test_the_memory_bound_counts_what_each_mode_holds",),
+    ),
+    Mutant(
+        "residual-block-batch-norm", "ResidualBlock1d normalises each row alone (GroupNorm), never with the batch",
+        (Edit("protocol/model.py", "        self.norm1 = nn.GroupNorm(num_groups, out_channels)\n",
+              "        self.norm1 = nn.BatchNorm1d(out_channels, track_running_stats=False)\n"),),
+        ("tests/site_worker/test_row_independence.py::test_one_row_never_moves_another_rows_output_or_clipped_gradient",),
+    ),
+])
+# ------------------------------------------------------------------ results a clinician can trust (issue 24, clinician)
+_LEAKS = "tests/cli/test_config_new_leaks.py"
+MUTANTS.extend([
+    Mutant(
+        "leak-screen-keeps-durations", "config new leaves out follow-up / time-to-event durations (they leak the outcome)",
+        (Edit("fedbus/leak_screen.py", "    if set(_tokens(name)) & _DURATION_TOKENS or any(p in norm for p in _DURATION_PHRASES):\n",
+              "    if False:\n"),),
+        (f"{_LEAKS}::test_a_follow_up_column_is_left_out_with_one_line_each_and_keep_overrides",),
+    ),
+    Mutant(
+        "leak-screen-separation-off-by-edge", "a column with single-column AUC at the threshold is left out",
+        (Edit("fedbus/leak_screen.py", "    if auc is None or auc < SEPARATION_AUC:\n",
+              "    if auc is None or auc <= SEPARATION_AUC:\n"),),
+        (f"{_LEAKS}::test_separation_at_its_edge",),
+    ),
+    Mutant(
+        "config-new-mlp-for-small-sites", "config new writes logistic regression for sites below MLP_MIN_ROWS rows",
+        (Edit("protocol/experiment_template.py", "    if rows < MLP_MIN_ROWS or epsilon < MLP_MIN_EPSILON:\n",
+              "    if rows < MLP_MIN_ROWS - 1 or epsilon < MLP_MIN_EPSILON:\n"),),
+        (f"{_LEAKS}::test_the_model_is_sized_to_rows_per_site_and_budget",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "secagg-threshold-half-accepted", "a site refuses a roster whose threshold U is at most half its sites (split-view requests)",
+        (Edit(_SITE_SECAGG, "        if 2 * roster.threshold <= n:", "        if False:"),),
+        (f"{_SECAGG}::test_split_view_requests_to_two_groups_of_sites_cannot_both_be_unmasked",),
+    ),
+])
+# ------------------------------------------------------------------ the cohort before training (issue 25)
+_STATS = "tests/site_worker/test_stats.py"
+MUTANTS.extend([
+    Mutant(
+        "stats-not-charged-to-ledger", "a DP cohort release is charged to the site's ledger before it is computed",
+        (Edit("site_worker/stats.py", "    if entries:\n        try:\n", "    if False:\n        try:\n"),),
+        (f"{_STATS}::test_dp_release_is_one_gaussian_charged_to_the_ledger_with_secret_noise",),
+    ),
+    Mutant(
+        "stats-numeric-sensitivity-understated", "a bounded numeric column's L2 sensitivity is √3 (a bin, the sum, the sum of squares)",
+        (Edit("protocol/cohort.py", "        return 3.0 if self.numeric and self.bounds else 1.0\n",
+              "        return 1.0\n"),),
+        (f"{_STATS}::test_one_row_moves_the_vector_by_at_most_the_stated_sensitivity",),
+    ),
+    Mutant(
+        "stats-values-not-clipped-to-public-bounds", "a value outside its column's public bounds is clipped before it is summed",
+        (Edit("protocol/cohort.py", "                u = np.clip((x[~miss] - lo) / (hi - lo), 0.0, 1.0)\n",
+              "                u = np.maximum((x[~miss] - lo) / (hi - lo), 0.0)\n"),),
+        (f"{_STATS}::test_one_row_moves_the_vector_by_at_most_the_stated_sensitivity",),
     ),
 ])

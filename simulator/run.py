@@ -54,6 +54,7 @@ class SimulationFailed(RuntimeError):
 
 
 def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Experiment:
+    from coordinator.secagg import refuse_until_wired
     from protocol.config import ConfigError, apply_overrides, load_experiment
 
     if isinstance(path, dict):
@@ -73,6 +74,7 @@ def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rou
     apply_overrides(raw, {"seed": None if seed is None else int(seed), "rounds": None if rounds is None else int(rounds)})
     try:
         exp = load_experiment(raw)
+        refuse_until_wired(exp)
     except ConfigError as e:
         raise SimulationInputError(f"experiment: {e}") from None
     from coordinator.aggregators import unknown_name
@@ -175,8 +177,13 @@ def simulate(
     keep_work: bool | None = None,
     reproducible_dp: bool = False,
     site_budget: float | None = None,
+    cohort_only: bool = False,
+    bins: int | None = None,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the docs/design.md result document.
+
+    ``cohort_only``: train nothing; ask the sites for the cohort table (``simulator.cohort``)
+    with ``bins`` histogram bins, and return the cohort document instead.
 
     ``site_budget`` is every simulated site's ``max_epsilon`` (lifetime, per dataset; None: no
     limit, the research default). Either way each site announces the ε it has spent.
@@ -196,7 +203,8 @@ def simulate(
         return _simulate(experiment_path, sites, partition, dataset, broker, rounds, out, baselines, faults, json_out,
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
                          round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
-                         reproducible_dp=reproducible_dp, site_budget=site_budget)
+                         reproducible_dp=reproducible_dp, site_budget=site_budget, cohort_only=cohort_only,
+                         bins=bins)
     finally:
         torch.set_num_threads(threads)
 
@@ -206,7 +214,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               target: str | None, seed: int | None, site_suffix: str, rows: int | None,
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
               score_rounds_max_sites: int = 100, reproducible_dp: bool = False,
-              site_budget: float | None = None) -> dict[str, Any]:
+              site_budget: float | None = None, cohort_only: bool = False, bins: int | None = None) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -256,6 +264,9 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
         dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
     )
+    if cohort_only:
+        return _cohort_only(exp, ws, memory=memory, url=url, federation=federation, bins=bins, out_dir=out_dir,
+                            work=work, keep_work=keep_work, json_out=json_out, sites=ids, groups=part.groups)
     fault_log = FaultLog()
     try:
         from simulator import privacy
@@ -314,6 +325,26 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     finally:
         if out_dir is None and not keep_work:
             shutil.rmtree(work, ignore_errors=True)
+    if json_out:
+        print(json.dumps(doc, default=_json_default))
+    return doc
+
+
+def _cohort_only(exp: Experiment, ws: Any, *, memory: bool, url: str, federation: str, bins: int | None,
+                 out_dir: Path | None, work: Path, keep_work: bool | None, json_out: bool, sites: dict[str, str],
+                 groups: dict[str, Any] | None) -> dict[str, Any]:
+    from protocol.cohort import DEFAULT_BINS, CohortError
+    from simulator.cohort import run_cohort
+
+    try:
+        doc = run_cohort(exp, ws, memory=memory, url=url, federation=federation, bins=bins or DEFAULT_BINS)
+    except CohortError as e:
+        raise SimulationInputError(str(e)) from None
+    finally:
+        if out_dir is None and not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    doc["site_groups"] = {sites[s]: v for s, v in (groups or {}).items()} or None
+    doc["coordinator_state"] = str(ws.coordinator_state) if out_dir is not None else None
     if json_out:
         print(json.dumps(doc, default=_json_default))
     return doc

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from protocol.broker_url import BrokerURLError, with_password
 from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
-from protocol.policy import ACCOUNTANTS, METRICS_MODES, SitePolicy
+from protocol.policy import ACCOUNTANTS, METRICS_MODES, SECURE_AGGREGATION_MODES, SitePolicy
 from protocol.toml_config import read_toml
 from site_worker import readers
 
@@ -72,6 +72,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return site_config_from_dict(raw, base_dir=path.resolve().parent)
 
 
+STATE_DIR_ENV = "FEDBUS_STATE_DIR"  # set by a kit's systemd unit (its StateDirectory=); replaces state_dir
+
+
+def _state_dir(r: _Reader) -> Path:
+    """``state_dir`` from site.toml, unless ``FEDBUS_STATE_DIR`` names the one the service may write."""
+    env = os.environ.get(STATE_DIR_ENV, "").strip()
+    if env:
+        if not Path(env).is_absolute():
+            raise SiteConfigError("state_dir", f"{STATE_DIR_ENV}={env!r} must be an absolute path")
+        return Path(env)
+    p = r.path("state_dir", must_exist=False)
+    assert p is not None
+    return p
+
+
 def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) -> SiteConfig:
     """Validate an already-parsed TOML document (tests and the simulator use this)."""
     base = base_dir or Path.cwd()
@@ -118,7 +133,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         broker_url=broker_url,
         key_path=r.path("key_path", must_exist=True),
         coordinator_pub=r.path("coordinator_pub", must_exist=True),
-        state_dir=r.path("state_dir", must_exist=False),
+        state_dir=_state_dir(r),
         datasets=datasets,
         policy=policy,
         tls=tls,
@@ -149,7 +164,8 @@ def _policy(r: "_Reader") -> SitePolicy:
         "allowed_aggregators", "allow_no_dp", "accountant", "delta", "max_sample_rate", "max_epochs",
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
-        "allow_unprotected_flower_client", "require_approval",
+        "allow_unprotected_flower_client", "require_approval", "secure_aggregation",
+        "secure_aggregation_min_contributors", "stats", "stats_noise_multiplier",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -160,6 +176,9 @@ def _policy(r: "_Reader") -> SitePolicy:
     metrics = r.string("metrics", required=False) or d.metrics
     if metrics not in METRICS_MODES:
         raise SiteConfigError(r.key("metrics"), f"{metrics!r} is not one of {', '.join(METRICS_MODES)}")
+    stats = r.string("stats", required=False) or d.stats
+    if stats not in METRICS_MODES:
+        raise SiteConfigError(r.key("stats"), f"{stats!r} is not one of {', '.join(METRICS_MODES)}")
     delta = r.number("delta", default=None, minimum=0.0)
     if delta is not None and not 0 < delta < 1:
         raise SiteConfigError(r.key("delta"), f"must be in (0, 1), got {delta}")
@@ -169,13 +188,16 @@ def _policy(r: "_Reader") -> SitePolicy:
     test_fraction = float(r.number("test_fraction", default=d.test_fraction, minimum=0.0))
     if not test_fraction < 0.9:
         raise SiteConfigError(r.key("test_fraction"), f"must be in [0, 0.9), got {test_fraction}")
+    secagg = r.string("secure_aggregation", required=False) or d.secure_aggregation
+    if secagg not in SECURE_AGGREGATION_MODES:
+        raise SiteConfigError(r.key("secure_aggregation"), f"{secagg!r} is not one of {', '.join(SECURE_AGGREGATION_MODES)}")
     reproducible = r.boolean("reproducible_dp", default=False)
     dp_seed = r.integer("dp_seed", default=None, minimum=0)
     if reproducible and dp_seed is None:
         raise SiteConfigError(r.key("dp_seed"), "reproducible_dp = true needs a site-local integer dp_seed")
     return SitePolicy(
         allowed_layers=tuple(layers) if layers is not None else None,
-        max_parameters=r.integer("max_parameters", default=d.max_parameters, minimum=1),
+        max_parameters=r.integer("max_parameters", default=None, minimum=1),
         max_train_memory_mb=float(r.number("max_train_memory_mb", default=d.max_train_memory_mb, minimum=1.0)),
         max_eval_memory_mb=float(r.number("max_eval_memory_mb", default=d.max_eval_memory_mb, minimum=1.0)),
         max_release_values=r.integer("max_release_values", default=d.max_release_values, minimum=25),
@@ -198,6 +220,12 @@ def _policy(r: "_Reader") -> SitePolicy:
         dp_seed=dp_seed,
         allow_unprotected_flower_client=r.boolean("allow_unprotected_flower_client", default=False),
         require_approval=r.boolean("require_approval", default=False),
+        secure_aggregation=secagg,
+        secure_aggregation_min_contributors=r.integer("secure_aggregation_min_contributors",
+                                                      default=d.secure_aggregation_min_contributors, minimum=2),
+        stats=stats,
+        stats_noise_multiplier=float(r.number("stats_noise_multiplier", default=d.stats_noise_multiplier,
+                                              minimum=0.1)),
     )
 
 

@@ -23,7 +23,8 @@ import structlog
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.errors import ProtocolError, UnknownSigner
-from protocol.messages import Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, TrainTask
+from protocol.messages import (Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, StatsTask,
+                               TrainTask)
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
@@ -101,7 +102,7 @@ class SiteWorker:
         self._stats_lock = threading.Lock()
         self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
                        "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0,
-                       "personalized": 0}
+                       "personalized": 0, "stats": 0}
         self.log = log.bind(site_id=config.site_id)
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,7 +232,7 @@ class SiteWorker:
             if isinstance(e, UnknownSigner):
                 self._tell_untrusted(d.body)
             return
-        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, RunControl)):
+        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, StatsTask, RunControl)):
             self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
             return
         if env.federation != self.config.federation:
@@ -352,6 +353,8 @@ class SiteWorker:
             self._count("personalized")
         elif kind == "EvalResult":
             self._count("evaluated")
+        elif kind == "StatsResult":
+            self._count("stats")
         else:
             self._count("declined")
         tlog.info("reply_sent", reply=kind, reply_id=env.message_id, bytes=len(frame),

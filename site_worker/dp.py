@@ -68,27 +68,40 @@ def release_inputs(*parts: Any) -> bytes:
 
 
 def train_memory_mb(parameters: int, *, activations: int, batch_size: int, n_train: int,
-                    sample_rate: float | None) -> float:
-    """Memory of one training step: a batch (a Poisson upper bound under DP) x (parameters,
-    for Opacus' per-sample gradients, + ``activations``, the per-sample values the step keeps,
-    ``ResolvedChain.train_values``) x 4 bytes, plus the summed gradient, the weights and two
-    optimizer moments."""
+                    sample_rate: float | None, ghost_values: int | None = None) -> float:
+    """Memory of one training step: a batch (a Poisson upper bound under DP) x (the per-sample
+    values the step keeps, ``activations`` = ``ResolvedChain.train_values``, + the per-sample
+    gradients) x 4 bytes, plus the summed gradient, the weights and two optimizer moments.
+
+    Per-sample gradients are every parameter at once (Opacus' ``GradSampleModule``), or with
+    ghost clipping (``ghost_values`` = ``ResolvedChain.ghost_values``) only the largest one
+    layer makes and drops in its backward hook."""
     batch = poisson_batch_bound(n_train, sample_rate) if sample_rate is not None else min(batch_size, n_train)
-    return (batch * (parameters + activations) * 4 + 4 * parameters * 4) / 2**20
+    per_sample = parameters if ghost_values is None else ghost_values
+    return (batch * (per_sample + activations) * 4 + 4 * parameters * 4) / 2**20
+
+
+def step_ghost_values(chain: Any, *, dp: bool) -> int | None:
+    """``ghost_values`` for ``check_memory``: the chain's under DP when ghost clipping trains it
+    (``ResolvedChain.clipping``), else None (per-sample gradients of every parameter, the bound
+    without DP too)."""
+    return chain.ghost_values if dp and chain.clipping == "ghost" else None
 
 
 def check_memory(policy: SitePolicy, parameters: int, *, activations: int, batch_size: int, n_train: int,
-                 sample_rate: float | None) -> float:
+                 sample_rate: float | None, ghost_values: int | None = None) -> float:
     """Refuse a task whose training step would not fit ``max_train_memory_mb``: per-sample
     gradients and activations, from the shapes alone, before anything is allocated."""
     mb = train_memory_mb(parameters, activations=activations, batch_size=batch_size, n_train=n_train,
-                         sample_rate=sample_rate)
+                         sample_rate=sample_rate, ghost_values=ghost_values)
     if mb > policy.max_train_memory_mb:
         # Public figures only: the MiB and the Poisson batch bound follow from the private row count.
         log.info("train_memory_refused", mib=round(mb, 1), n_train=n_train, sample_rate=sample_rate)
+        grads = (f"{parameters} parameters' per-sample gradients" if ghost_values is None else
+                 f"{ghost_values} values of ghost clipping's largest layer")
         raise PolicyViolation(
             f"max_train_memory_mb: one training step (batch_size {batch_size}, up to its Poisson bound under DP, x "
-            f"({parameters} parameters' per-sample gradients + {activations} activation values) x 4 bytes) does "
+            f"({grads} + {activations} activation values) x 4 bytes, plus 4 x {parameters} weights' values) does "
             f"not fit this site's policy.max_train_memory_mb {policy.max_train_memory_mb:g}")
     return mb
 

@@ -28,7 +28,8 @@ import torch
 
 from protocol.config import ConfigError, load_experiment
 from protocol.dp_plan import check_epochs, release_entries, site_plan
-from protocol.messages import Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, TrainTask, Update
+from protocol.messages import (Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, StatsResult, StatsTask,
+                               TrainTask, Update)
 from protocol.model import build_model, load_tensors, summarize, to_tensors
 from protocol.policy import PolicyViolation
 from protocol.privacy_plan import BudgetExhausted, applies
@@ -36,13 +37,13 @@ from protocol.train_spec import TrainSpec
 from site_worker.approvals import Approvals, experiment_hash
 from site_worker.config import SiteConfig
 from site_worker.data import DataError, PreparedData, announced_rows, prepare
-from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs
+from site_worker.dp import check_eval_memory, check_memory, noise_source, release_inputs, step_ghost_values
 from site_worker.flower_adapter import FlowerAdapter, FlowerClientError
 from site_worker.ledger import BudgetExceeded, PrivacyLedger
 from site_worker.metrics import prefixed
 from site_worker.noise_keys import NoiseKeys
 from site_worker.policy import check_policy
-from site_worker.release import bound_counts, release_metrics, release_size
+from site_worker.release import release_metrics, release_size
 from site_worker import personalize, proximal, run_budget
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
 from site_worker.splits import SplitKey
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Reply = Update | EvalResult | Declined
+Reply = Update | EvalResult | StatsResult | Declined
 _EXPERIMENT_CACHE = 4  # experiments a site keeps parsed (one per run it serves, typically)
 # Figures a Declined may carry: public settings and what the site already reported in its
 # Updates. A projection from this task's rows (epsilon_projected) stays in the site's log.
@@ -115,9 +116,13 @@ class TaskHandler:
     def handle(self, env: Envelope) -> Reply:
         """Reply payload for a verified TrainTask/EvalTask/PersonalizeTask. Raises ``TrainingAborted`` on stop."""
         task = env.payload
-        assert isinstance(task, (TrainTask, EvalTask, PersonalizeTask))
+        assert isinstance(task, (TrainTask, EvalTask, PersonalizeTask, StatsTask))
         try:
             with self._lock:
+                if isinstance(task, StatsTask):
+                    from site_worker.stats import handle_stats  # the cohort table (issue 25)
+
+                    return handle_stats(self, env, task)
                 if isinstance(task, TrainTask):
                     return self._train(env, task)
                 if isinstance(task, PersonalizeTask):
@@ -269,7 +274,8 @@ class TaskHandler:
                                  noise_multiplier=self._run_noise(env, task, exp, data, n_train))
             check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
                          batch_size=spec.batch_size, n_train=n_train,
-                         sample_rate=plan.sample_rate if plan is not None else None)
+                         sample_rate=plan.sample_rate if plan is not None else None,
+                         ghost_values=step_ghost_values(exp.chain, dp=plan is not None))
         except PolicyViolation as e:
             raise _Decline("policy", str(e)) from None
         model = self._model(exp, key, task, for_dp=plan is not None)
@@ -344,7 +350,6 @@ class TaskHandler:
             m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng, rows=rows)
         self.ledger.commit(task.dataset, env.message_id)
-        m = bound_counts(m, rows)
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
@@ -386,7 +391,8 @@ class TaskHandler:
                 check_epochs(policy, int(exp.training.personalization.epochs))
                 check_memory(policy, int(summary.parameters), activations=exp.chain.train_values,
                              batch_size=spec.batch_size, n_train=len(data.x_train),
-                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))))
+                             sample_rate=None if spec.dp is None else min(1.0, spec.batch_size / max(1, len(data.x_train))),
+                             ghost_values=step_ghost_values(exp.chain, dp=spec.dp is not None))
             except PolicyViolation as e:
                 raise _Decline("policy", f"personalisation: {e}") from None
         model = self._model(exp, key, task, for_dp=spec.dp is not None and fine_tune)
@@ -419,7 +425,6 @@ class TaskHandler:
                                    task=data.task, policy=policy, rows=rows,
                                    rng=noise_source(policy, task_seed=task.seed, purpose="final", inputs=inputs))
         self.ledger.commit(task.dataset, env.message_id)
-        released = [bound_counts(r, rows) for r in released]
         metrics = {**released[0], **prefixed("personalized", released[1])}
         if "n" in released[1]:
             metrics["personalized_n"] = released[1]["n"]

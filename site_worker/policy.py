@@ -58,9 +58,20 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
                     f"allowed_layers: layer architecture.layers[{i}] of type {layer.type!r} is not allowed by this "
                     f"site (allowed: {', '.join(policy.allowed_layers)})")
     check_layers(policy, experiment, buffers=buffers)
-    if parameters > policy.max_parameters:
+    if policy.max_parameters is not None and parameters > policy.max_parameters:
         raise PolicyViolation(f"max_parameters: model has {parameters} parameters, this site allows at most "
                               f"{policy.max_parameters}")
+    secagg = experiment.federated.secure_aggregation
+    if policy.secure_aggregation == "required" and secagg is None:
+        raise PolicyViolation("secure_aggregation: this site sends updates only under federated.secure_aggregation "
+                              "(its policy says required); the coordinator would see this site's update in the clear")
+    if policy.secure_aggregation == "off" and secagg is not None:
+        raise PolicyViolation("secure_aggregation: this site does not take part in secure aggregation (its policy "
+                              "says off); run without federated.secure_aggregation or ask the site to allow it")
+    if secagg is not None and secagg.min_contributors < policy.secure_aggregation_min_contributors:
+        raise PolicyViolation(f"secure_aggregation_min_contributors: the experiment unmasks sums of "
+                              f"{secagg.min_contributors} update(s), this site requires at least "
+                              f"{policy.secure_aggregation_min_contributors}")
     agg = experiment.federated.name
     if policy.allowed_aggregators is not None and agg not in policy.allowed_aggregators:
         raise PolicyViolation(f"allowed_aggregators: aggregator {agg!r} is not allowed by this site "

@@ -104,9 +104,9 @@ def derive(layout: str, v: np.ndarray, *, clip: float, noise_sd: float = 0.0, ro
     ``rows`` the public bound on the released n. Binary releases also carry their noisy cells
     (``cm_*``) and ``noise_sd`` so the coordinator can pool the sites' matrices."""
     if layout == "regression":
-        n = max(1.0, v[0])
+        n = dp_figures.released_n(v[:1], rows)
         return {"loss": max(0.0, v[1]) * clip / n, "mse": max(0.0, v[1]) * clip / n,
-                "mae": max(0.0, v[2]) * math.sqrt(clip) / n, "n": float(round(n))}
+                "mae": max(0.0, v[2]) * math.sqrt(clip) / n, "n": n}
     loss_sum = max(0.0, float(v[-1]))
     if layout == "binary":
         out = dp_figures.confusion_figures(v[:4], noise_sd, rows=rows)
@@ -118,17 +118,6 @@ def derive(layout: str, v: np.ndarray, *, clip: float, noise_sd: float = 0.0, ro
     out = dp_figures.confusion_figures(v[:-1], noise_sd, rows=rows)
     out["loss"] = loss_sum * clip / out["n"]
     return out
-
-
-def bound_counts(metrics: dict[str, float], rows: int) -> dict[str, float]:
-    """One model's released ``metrics`` with its row count ``n`` at most ``rows``, the row
-    count the site announces for the dataset in its SiteHello (a final release's
-    ``personalized_n`` is the personalised model's ``n``, bounded before it is renamed). A DP
-    count is the true count plus noise of SD 2·σ·Δ, so a small site's noisy test count can
-    exceed its announced rows, and the coordinator refuses any evaluation that counts more rows
-    than announced (``num_examples_bound``). The bound is public, so clamping is
-    post-processing of the release: no privacy cost."""
-    return {k: (float(min(v, rows)) if k == "n" else v) for k, v in metrics.items()}
 
 
 def release_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,

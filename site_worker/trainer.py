@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import structlog
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from protocol.accounting import History, epsilon_of
 from protocol.dp_plan import DPPlan, batches_per_epoch, plan_dp
@@ -57,12 +57,15 @@ def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"training.optimizer.type {spec.optimizer!r} is not adam, sgd or rmsprop")
 
 
-class SecureDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer (clipping, accounting hooks, scaling unchanged) whose Gaussian noise
-    comes from the site's secret stream instead of a seedable ``torch.Generator``."""
+class _SecureNoise:
+    """Opacus' ``add_noise`` with the site's secret stream instead of a seedable ``torch.Generator``."""
+
+    params: list[Any]  # Opacus sets summed_grad on each
+    noise_multiplier: float
+    max_grad_norm: float
 
     def __init__(self, *args: Any, rng: SecureRandom, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.rng = rng
 
     def add_noise(self) -> None:
@@ -73,6 +76,45 @@ class SecureDPOptimizer(DPOptimizer):
             noise = self.rng.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class SecureDPOptimizer(_SecureNoise, DPOptimizer):
+    """Opacus' DPOptimizer (clipping, accounting hooks, scaling unchanged), secret noise."""
+
+
+class SecureGhostDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for ghost clipping (the gradient arrives clipped and summed from the
+    second backward pass; accounting hooks and scaling unchanged), secret noise."""
+
+
+def ghost_clippable(model: torch.nn.Module) -> bool:
+    """Whether Opacus' ghost clipping handles every layer with weights (a norm sampler or a
+    per-sample gradient sampler): the torch side of ``protocol.layers.FAST_CLIPPING``."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as Ghost
+
+    known = set(Ghost.GRAD_SAMPLERS) | set(Ghost.NORM_SAMPLERS)
+    return all(type(m) in known for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+
+
+def _per_sample_loss(loss_fn: torch.nn.Module, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each row's loss (the mean over its outputs), so the batch mean equals ``loss_fn``'s."""
+    reduction = str(loss_fn.reduction)
+    loss_fn.reduction = "none"  # type: ignore[assignment]
+    try:
+        per = loss_fn(out, target)
+    finally:
+        loss_fn.reduction = reduction  # type: ignore[assignment]
+    return per if per.dim() == 1 else per.flatten(1).mean(dim=1)
+
+
+def _ghost_backward(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
+                    out: torch.Tensor, target: torch.Tensor) -> None:
+    """Ghost clipping's two backward passes: per-sample gradient norms, then the loss weighted
+    by each row's clipping factor (Opacus' ``DPTensorFastGradientClipping.backward``)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    per = _per_sample_loss(loss_fn, out, target) if len(out) else out.flatten(1).sum(dim=1) * 0.0  # empty batch
+    DPTensorFastGradientClipping(module, optimizer, per, "mean").backward()  # type: ignore[arg-type]
 
 
 def _plain_batches(n: int, spec: TrainSpec) -> Callable[[], Iterator[torch.Tensor]]:
@@ -89,7 +131,8 @@ def _plain_batches(n: int, spec: TrainSpec) -> Callable[[], Iterator[torch.Tenso
 def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, history: History | None = None,
           plan: DPPlan | None = None, stop: threading.Event | None = None,
           on_batch: Callable[[int, int], None] | None = None, rng: SecureRandom | None = None,
-          measure: bool = True, hooks: list[Callable[[torch.optim.Optimizer], None]] | None = None) -> TrainResult:
+          measure: bool = True, hooks: list[Callable[[torch.optim.Optimizer], None]] | None = None,
+          clipping: str | None = None) -> TrainResult:
     """Train ``model`` in place on ``data.x_train`` (DP-SGD when ``spec.dp``).
 
     ``plan`` is the site's DP plan (``dp.site_plan``); without one the spec's own request
@@ -100,6 +143,9 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
     ``metrics`` (local use only: released metrics are the handler's, see ``release``).
     ``hooks`` get the plain optimizer before DP wraps it (the proximal term,
     ``site_worker.proximal``). Raises ``TrainingAborted`` when ``stop`` is set.
+    ``clipping`` is DP-SGD's: ``"ghost"`` (Opacus' memory-efficient clipping, the default where
+    every layer allows it, ``ghost_clippable``) or ``"per_sample"``; the same clipped sum, noise
+    and accounting either way.
     """
     stop = stop or threading.Event()
     n = len(data.x_train)
@@ -123,12 +169,20 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
 
         accountant = create_accountant(mechanism=plan.accountant)
         accountant.history = [tuple(h) for h in (history or [])]
-        train_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        train_model.forbid_grad_accumulation()
-        optimizer = SecureDPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
-                                      max_grad_norm=plan.max_grad_norm,
-                                      expected_batch_size=max(1, int(n * plan.sample_rate)), loss_reduction="mean",
-                                      rng=rng)
+        clipping = clipping or ("ghost" if ghost_clippable(model) else "per_sample")
+        dp_kwargs = dict(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                         expected_batch_size=max(1, int(n * plan.sample_rate)), loss_reduction="mean", rng=rng)
+        if clipping == "ghost":
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+            train_model = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                               max_grad_norm=plan.max_grad_norm,
+                                                               use_ghost_clipping=True)
+            optimizer = SecureGhostDPOptimizer(optimizer, **dp_kwargs)  # type: ignore[arg-type]
+        else:
+            train_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            train_model.forbid_grad_accumulation()
+            optimizer = SecureDPOptimizer(optimizer, **dp_kwargs)  # type: ignore[arg-type]
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         per_epoch = plan.steps // max(1, spec.epochs)
         sample_rate = plan.sample_rate
@@ -159,8 +213,11 @@ def train(model: torch.nn.Module, data: PreparedData, spec: TrainSpec, *, histor
                     if len(idx) == 0 and not dp:
                         continue
                     out = train_model(xb)
-                    loss = loss_fn(out, prepare_target(yb, out, spec.loss)) if len(idx) else out.sum() * 0.0
-                    loss.backward()
+                    if clipping == "ghost":
+                        _ghost_backward(train_model, optimizer, loss_fn, out, prepare_target(yb, out, spec.loss))
+                    else:
+                        loss = loss_fn(out, prepare_target(yb, out, spec.loss)) if len(idx) else out.sum() * 0.0
+                        loss.backward()
                     optimizer.step()
                     samples += len(idx)
                     step += 1

@@ -25,6 +25,12 @@ from typing import Any
 from fedbus.dashboard.data import NoSuchRun, StateReader
 
 
+def default_model_name(run: dict[str, Any]) -> str:
+    """The registry name a model gets when none is given: its experiment's name, as a slug."""
+    base = (run.get("experiment") or {}).get("basic_info", {}).get("name") or run["run_id"].split("-")[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(base)).strip("-._")[:100] or "model"
+
+
 class ActionError(ValueError):
     """An action cannot be done as asked; ``status`` is the HTTP status to answer with."""
 
@@ -42,8 +48,10 @@ def _store(state_dir: Path):
 class Actions:
     """Actions on one state directory; ``key`` signs approvals, ``broker`` is where new runs go."""
 
-    def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None) -> None:
+    def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None,
+                 simulate_out: Path | None = None) -> None:
         self.dir = Path(state_dir)
+        self.simulate_out = simulate_out  # ``simulate --serve``: a started experiment is simulated into this OUT
         self.reader = StateReader(self.dir)
         self.key = key
         self.broker = broker
@@ -66,21 +74,41 @@ class Actions:
                 "note": "the coordinator stops after the round in progress"}
 
     # -- approve --------------------------------------------------------------------
-    def approve(self, run_id: str, *, who: str, note: str = "") -> dict[str, Any]:
+    def approve(self, run_id: str, *, who: str, note: str = "", model_name: str | None = None,
+                mlflow: str | None = None) -> dict[str, Any]:
+        """Mark valid: a signed approval, then a signed registry entry (``model_name``, default the
+        experiment's name) for a finished run; with ``mlflow``, the version goes to MLflow's registry too."""
         from coordinator.approvals import ApprovalError, approve
+        from coordinator.model_registry import FINISHED, RegistryError, check_name, register
 
         run = self._run(run_id)
         ck = self.reader.checkpoint(run_id)
         if ck is None:
             raise ActionError(f"run {run_id} has no checkpoint yet")
+        if run["status"] not in FINISHED:
+            raise ActionError(f"run {run_id} is {run['status']}: mark its model valid once the run has finished")
+        name = model_name or default_model_name(run)
+        try:
+            check_name(name)
+        except RegistryError as e:
+            raise ActionError(str(e), status=400) from None
         path, sha, rnd = ck
         signer = self._signer_for(run)
+        rel = str(path.relative_to(self.dir))
         try:
-            return approve(self.dir, run_id=run_id, round=rnd, checkpoint=str(path.relative_to(self.dir)),
-                           checkpoint_sha256=sha, approved_by=who, signer=signer, federation=run["federation"],
-                           note=note)
-        except ApprovalError as e:
+            signed = approve(self.dir, run_id=run_id, round=rnd, checkpoint=rel, checkpoint_sha256=sha,
+                             approved_by=who, signer=signer, federation=run["federation"], note=note)
+            entry = register(self.dir, name=name, run=run, round=rnd, checkpoint=rel, checkpoint_sha256=sha,
+                             approved_by=signed["record"]["approved_by"], signer=signer,
+                             approval_signature=signed["signature"])
+        except (ApprovalError, RegistryError) as e:
             raise ActionError(str(e), status=400) from None
+        out = {**signed, "registry": entry["record"]}
+        if mlflow:
+            from coordinator.model_registry_mlflow import to_mlflow
+
+            out["mlflow"] = to_mlflow(mlflow, entry["record"], self.dir / rel)
+        return out
 
     def key_candidates(self) -> list[Path]:
         """``--key``; else STATE/coordinator.key and, beside a ``simulate --out`` state, the simulation's key."""
@@ -149,9 +177,11 @@ class Actions:
     def start(self, name: str) -> dict[str, Any]:
         if name not in self.experiments():  # the file is picked from the listing, never joined from input
             raise ActionError(f"no experiment {name!r} in {self.dir / 'experiments'}; known: {self.experiments()}", 404)
+        path = self.dir / "experiments" / name
+        if not self.broker and self.simulate_out is not None:
+            return self._simulate(path, name)
         if not self.broker:
             raise ActionError("this dashboard has no broker to start runs on: start it with --broker URL")
-        path = self.dir / "experiments" / name
         slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(name).stem).strip("-")[:40] or "run"
         run_id = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         logs = self.dir / "logs"
@@ -172,6 +202,23 @@ class Actions:
         self.reap()
         self._children.append(child)
         return {"run_id": run_id, "pid": child.pid, "log": str(log_path), "experiment": name}
+
+    def _simulate(self, path: Path, name: str) -> dict[str, Any]:
+        """A simulation's dashboard: the experiment runs as ``fedbus simulate EXP --out OUT`` (its own
+        sites, the same state directory), one at a time (two would share OUT's sites and result)."""
+        self.reap()
+        if self._children:
+            raise ActionError("a simulated run is still going: wait for it to finish, then start the next")
+        assert self.simulate_out is not None
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"simulate-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
+        cmd = [sys.executable, "-m", "fedbus.cli", "simulate", str(path), "--out", str(self.simulate_out)]
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ), start_new_session=True)
+        self._children.append(child)
+        return {"run_id": None, "pid": child.pid, "log": str(log_path), "experiment": name, "simulated": True}
 
     def reap(self) -> None:
         """Forget started coordinators that have exited (their exit status is in their log)."""

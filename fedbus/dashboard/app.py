@@ -16,35 +16,41 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fedbus.dashboard import views
+from fedbus.dashboard import action_log, views
 from fedbus.dashboard.actions import ActionError, Actions
 from fedbus.dashboard.data import NoSuchRun, StateReader
 from fedbus.dashboard.dead_letters import dead_letters_doc
 from fedbus.dashboard.pages import PAGES, render
-from fedbus.dashboard.security import Access, AccessMiddleware
+from fedbus.dashboard.security import LOCAL, Access, AccessMiddleware
+from fedbus.dashboard.users import ALLOWED, User
 
 STATIC = Path(__file__).parent / "static"
 MAX_COMPARE = 4
 
 
 def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None, broker: str | None = None,
-               federation: str | None = None, poll_s: float = 2.0) -> FastAPI:
+               federation: str | None = None, poll_s: float = 2.0, simulate_out: Path | None = None) -> FastAPI:
     """The dashboard over ``state_dir``; ``access`` fixes token, actions and CSRF (see security.py)."""
     state = Path(state_dir)
     reader = StateReader(state)
-    actions = Actions(state, key=key, broker=broker, federation=federation)
+    actions = Actions(state, key=key, broker=broker, federation=federation, simulate_out=simulate_out)
     app = FastAPI(title="fedbus dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AccessMiddleware, access=access)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.access, app.state.actions, app.state.reader = access, actions, reader
 
-    def session() -> dict[str, Any]:
+    def session(user: User = LOCAL) -> dict[str, Any]:
         return {"actions_allowed": access.allow_actions, "token_required": access.token is not None,
-                "broker": bool(broker), "can_sign": bool(actions.key_candidates()), "poll_s": poll_s,
-                "state_dir": str(state)}
+                "broker": bool(broker) or actions.simulate_out is not None, "can_sign": bool(actions.key_candidates()),
+                "poll_s": poll_s, "state_dir": str(state), "user": user.name, "role": user.role,
+                "named_users": access.users is not None,
+                "may": {a: access.allow_actions and user.may(a) for a in ALLOWED}}
 
-    def page(name: str) -> HTMLResponse:
-        resp = HTMLResponse(render(name, csrf=access.csrf, session=session()))
+    def user_of(request: Request) -> User:
+        return getattr(request.state, "user", LOCAL)
+
+    def page(name: str, request: Request) -> HTMLResponse:
+        resp = HTMLResponse(render(name, csrf=access.csrf, session=session(user_of(request))))
         resp.headers["Content-Security-Policy"] = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                                                    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'")
         resp.headers["X-Frame-Options"] = "DENY"
@@ -57,9 +63,19 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
         except NoSuchRun as e:
             raise HTTPException(404, f"no run {e.args[0]!r} in {state}") from None
 
-    def need_actions() -> None:
+    def allowed(request: Request, action: str, target: str | None) -> User:
+        """The user, when they may ``action`` here; else 403 (logged, as every action is)."""
+        user = user_of(request)
+        why = None
         if not access.allow_actions:
-            raise HTTPException(403, "this dashboard is read-only: start `fedbus coordinator serve` with --allow-actions")
+            why = "this dashboard is read-only: start `fedbus coordinator serve` with --allow-actions"
+        elif not user.may(action):
+            why = (f"{user.name} is a {user.role}; to {action} needs the role "
+                   f"{' or '.join(sorted(ALLOWED[action]))} (`fedbus coordinator users passwd NAME --role ROLE`)")
+        if why:
+            action_log.record(state, user=user.name, role=user.role, action=action, target=target, status=403, detail=why)
+            raise HTTPException(403, why)
+        return user
 
     async def body(request: Request) -> dict[str, Any]:
         try:
@@ -70,11 +86,21 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
             raise HTTPException(400, "the request body must be a JSON object")
         return doc
 
-    def acted(fn, *args, **kw) -> JSONResponse:
+    def acted(fn, *args, log: tuple[User, str, str | None] | None = None, **kw) -> JSONResponse:
         try:
-            return JSONResponse(fn(*args, **kw))
+            doc, status = fn(*args, **kw), 200
         except ActionError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            doc, status = {"error": str(e)}, e.status
+        if log is not None:
+            user, action, target = log
+            action_log.record(state, user=user.name, role=user.role, action=action, target=target, status=status,
+                              detail=doc.get("error") if status >= 400 else None)
+        return JSONResponse(doc, status_code=status)
+
+    app.state.allowed, app.state.acted, app.state.user_of, app.state.page = allowed, acted, user_of, page
+    from fedbus.dashboard import workbench
+
+    workbench.register(app, state, reader)  # designer, registry, model cards
 
     # -- pages -------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -86,16 +112,35 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
         return Response(status_code=204)
 
     for name, route in PAGES.items():
-        app.add_api_route(route, (lambda n: (lambda: page(n)))(name), methods=["GET"], response_class=HTMLResponse)
+        app.add_api_route(route, _page_route(page, name), methods=["GET"], response_class=HTMLResponse)
+
+    @app.get("/cohort", response_class=HTMLResponse)
+    def cohort_page(id: str | None = Query(None, max_length=128)) -> HTMLResponse:
+        from fedbus.dashboard.cohort import render_cohort
+        from fedbus.dashboard.pages import _NAV
+
+        here = ' class="here"'
+        nav = "".join(f'<a href="{href}"{here if key == "cohort" else ""}>{label}</a>' for key, href, label in _NAV)
+        resp = HTMLResponse(render_cohort(state, cohort_id=id, nav=nav, footer=f"Read from {state}"))
+        for k, v in page("cohort").headers.items():  # the same security headers as every page
+            if k.lower() in ("content-security-policy", "x-frame-options", "referrer-policy"):
+                resp.headers[k] = v
+        return resp
+
+    @app.get("/api/cohort")
+    def api_cohort(id: str | None = Query(None, max_length=128)) -> dict[str, Any]:
+        from fedbus.dashboard.cohort import cohort_doc
+
+        return cohort_doc(state, id)
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
-    def run_page(run_id: str) -> HTMLResponse:
-        return page("run")
+    def run_page(run_id: str, request: Request) -> HTMLResponse:
+        return page("run", request)
 
     # -- JSON twins --------------------------------------------------------------
     @app.get("/api/session")
-    def api_session() -> dict[str, Any]:
-        return session()
+    def api_session(request: Request) -> dict[str, Any]:
+        return session(user_of(request))
 
     @app.get("/api/sites")
     def api_sites() -> dict[str, Any]:
@@ -169,22 +214,41 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
     def api_audit(run_id: str) -> JSONResponse:
         return acted(actions.audit, run_id)
 
+    def named(user: User, doc: dict[str, Any], default: str) -> str:
+        """Who acts: a signed-in person's own name; the token or a local operator may say who they are."""
+        if access.users is not None and user.name not in (LOCAL.name, "token"):
+            return user.name
+        return str(doc.get("who") or default)[:200]
+
     @app.post("/api/runs/{run_id}/stop")
     async def api_stop(run_id: str, request: Request) -> JSONResponse:
-        need_actions()
+        user = allowed(request, "stop", run_id)
         doc = await body(request)
-        return acted(actions.stop, run_id, who=str(doc.get("who") or "dashboard user")[:200])
+        return acted(actions.stop, run_id, who=named(user, doc, "dashboard user"), log=(user, "stop", run_id))
 
     @app.post("/api/runs/{run_id}/approve")
     async def api_approve(run_id: str, request: Request) -> JSONResponse:
-        need_actions()
+        user = allowed(request, "approve", run_id)
         doc = await body(request)
-        return acted(actions.approve, run_id, who=str(doc.get("who") or ""), note=str(doc.get("note") or ""))
+        return acted(actions.approve, run_id, who=named(user, doc, ""), note=str(doc.get("note") or ""),
+                     model_name=str(doc.get("name") or "") or None, log=(user, "approve", run_id))
 
     @app.post("/api/runs/start")
     async def api_start(request: Request) -> JSONResponse:
-        need_actions()
         doc = await body(request)
-        return acted(actions.start, str(doc.get("experiment") or ""))
+        name = str(doc.get("experiment") or "")
+        user = allowed(request, "start", name)
+        return acted(actions.start, name, log=(user, "start", name))
+
+    @app.get("/api/actions")
+    def api_actions() -> dict[str, Any]:
+        return {"actions": action_log.read(state)}
 
     return app
+
+
+def _page_route(page, name: str):
+    def route(request: Request) -> HTMLResponse:
+        return page(name, request)
+
+    return route

@@ -23,6 +23,8 @@ def register_serve(app: typer.Typer) -> None:
         federation: Optional[str] = typer.Option(None, "--federation", help="Federation whose dead letters to show [latest run's]."),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Server certificate (PEM) to serve HTTPS with; required beyond localhost."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."),
+        users: Optional[Path] = typer.Option(None, "--users", help="Users file (`coordinator users add`): people sign in "
+                                                                   "by name and password; their role decides what they may do."),
     ) -> None:
         """Serve the live dashboard (sites, budgets, runs, compare, dead letters) over STATE."""
         from fedbus.dashboard.security import TokenFileError
@@ -32,10 +34,12 @@ def register_serve(app: typer.Typer) -> None:
             typer.echo(f"fedbus coordinator serve: --state {state} is not a directory", err=True)
             raise typer.Exit(2)
         opts = ServeOptions(state=state, host=host, port=port, token_file=token, allow_actions=allow_actions,
-                            key=key, broker=broker, federation=federation, tls_cert=tls_cert, tls_key=tls_key)
+                            key=key, broker=broker, federation=federation, tls_cert=tls_cert, tls_key=tls_key,
+                            users_file=users)
         try:
             serve_forever(opts, announce=lambda url: typer.echo(
                 f"fedbus dashboard: {url}  ({'sign in with the token in ' + str(token) + '; ' if token else ''}"
+                f"{'named users from ' + str(users) + '; ' if users else ''}"
                 f"{'actions enabled' if allow_actions else 'read-only'}; Ctrl-C stops)", err=True))
         except (ServeError, TokenFileError) as e:
             typer.echo(f"fedbus coordinator serve: {e}", err=True)

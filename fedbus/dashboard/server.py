@@ -33,6 +33,8 @@ class ServeOptions:
     tls_cert: Path | None = None  # PEM certificate (chain) served over HTTPS
     tls_key: Path | None = None
     port_option: str = "--port"  # how the command that serves names its port (simulate: --serve-port)
+    users_file: Path | None = None  # named users with roles (fedbus/dashboard/users.py)
+    simulate_out: Path | None = None  # ``simulate --serve``: started experiments are simulated into this OUT
 
 
 def check_port(opts: ServeOptions) -> None:
@@ -75,15 +77,27 @@ def build(opts: ServeOptions):
         raise ServeError(f"--host {opts.host} listens beyond localhost: give --tls-cert FILE and --tls-key FILE "
                          "(HTTPS) so that the token and the pages are not sent in clear, and --token FILE")
     token = read_token(opts.token_file) if opts.token_file is not None else None
-    if not loopback and token is None:
-        raise ServeError(f"--host {opts.host} listens beyond localhost: give --token FILE (a file holding a secret "
-                         "token) so that only people who have it can read the dashboard")
+    users = None
+    if opts.users_file is not None:
+        from fedbus.dashboard.users import UsersError, UsersFile
+
+        users = UsersFile(opts.users_file)
+        try:
+            known = users.load()
+        except UsersError as e:
+            raise ServeError(f"--users {opts.users_file}: {e}") from None
+        if not known:
+            raise ServeError(f"--users {opts.users_file}: no users yet; add one with "
+                             f"`fedbus coordinator users add NAME --role admin --file {opts.users_file}`")
+    if not loopback and token is None and users is None:
+        raise ServeError(f"--host {opts.host} listens beyond localhost: give --users FILE (named users) or --token FILE "
+                         "(a file holding a secret token) so that only people you chose can read the dashboard")
     if opts.key is not None and not opts.key.exists():
         raise ServeError(f"--key {opts.key} does not exist")
     check_port(opts)
-    access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback, tls=tls)
+    access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback, tls=tls, users=users)
     app = create_app(opts.state, access=access, key=opts.key, broker=opts.broker, federation=opts.federation,
-                     poll_s=opts.poll_s)
+                     poll_s=opts.poll_s, simulate_out=opts.simulate_out)
     return app, access
 
 
@@ -95,7 +109,7 @@ def base_of(host: str, port: int, tls: bool) -> str:
 def url_of(host: str, port: int, access: Access) -> str:
     """Where to open the dashboard: the sign-in page when a token is needed (the token
     itself never goes in a URL)."""
-    return base_of(host, port, access.tls) + ("/login" if access.token else "/runs")
+    return base_of(host, port, access.tls) + ("/login" if access.sign_in_required else "/runs")
 
 
 def uvicorn_config(app, opts: ServeOptions, tls: bool) -> uvicorn.Config:

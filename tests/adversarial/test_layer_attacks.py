@@ -26,7 +26,7 @@ from protocol.messages import Declined, EvalResult, EvalTask, PersonalizeTask, T
 from protocol.model import build_model, summarize, to_tensors
 from protocol.train_spec import TrainSpec
 from site_worker.config import DatasetSource, SiteConfig, SitePolicy
-from site_worker.dp import eval_memory_mb, train_memory_mb
+from site_worker.dp import eval_memory_mb, step_ghost_values, train_memory_mb
 from site_worker.handlers import TaskHandler
 from site_worker.secure_rng import poisson_batch_bound
 
@@ -189,7 +189,7 @@ def test_memory_bombs_are_declined_before_anything_is_allocated(tmp_path, files,
     site = handler(tmp_path, files)
     chain = load_experiment(exp).chain
     # Under the site's parameter limit: the bomb is in the activations or the release, not the weights.
-    assert summarize(exp["architecture"]["layers"]).parameters < SitePolicy().max_parameters
+    assert summarize(exp["architecture"]["layers"]).parameters < 5_000_000  # the old default cap
     weights = initial_weights(exp)
     _no_allocation(monkeypatch)
     tracemalloc.start()
@@ -239,8 +239,11 @@ def test_a_model_that_fits_at_batch_size_but_not_at_the_poisson_bound_is_decline
     params, acts = summarize(loaded.architecture.layers).parameters, loaded.chain.train_values
     n_train, q = _hf_sizes(handler(tmp_path, files), exp)  # same state dir, so the same split key
     assert poisson_batch_bound(n_train, q) > 16
-    at_bound = train_memory_mb(params, activations=acts, batch_size=16, n_train=n_train, sample_rate=q)
-    at_batch = train_memory_mb(params, activations=acts, batch_size=16, n_train=n_train, sample_rate=None)
+    ghost = step_ghost_values(loaded.chain, dp=True)  # the bound the site applies under DP
+    at_bound = train_memory_mb(params, activations=acts, batch_size=16, n_train=n_train, sample_rate=q,
+                               ghost_values=ghost)
+    at_batch = train_memory_mb(params, activations=acts, batch_size=16, n_train=n_train, sample_rate=None,
+                               ghost_values=ghost)
     just_below = math.nextafter(at_bound, 0.0)
     assert at_batch < just_below  # fits at the nominal batch size: only the Poisson bound refuses it
     inside = send(handler(tmp_path, files, max_train_memory_mb=at_bound), train_task(exp))

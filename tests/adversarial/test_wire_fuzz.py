@@ -237,8 +237,12 @@ def test_a_stored_hello_the_plan_cannot_use_does_not_stop_the_plan(tmp_path):
 
     exp = load_experiment(_exp(rounds=2, dp=True))
     hello = {"datasets": [{"name": "toy", "rows": 100}], "policy": {"max_sample_rate": -math.inf}}
-    plan = privacy_plan.plan(exp, {"evil": hello, "ok": {"datasets": [{"name": "toy", "rows": 100}], "policy": {}}})
+    # test_fraction inf overflows int(): an OverflowError, neither a TypeError nor a ValueError
+    overflow = {"datasets": [{"name": "toy", "rows": 100}], "policy": {"test_fraction": math.inf}}
+    plan = privacy_plan.plan(exp, {"evil": hello, "overflow": overflow,
+                                   "ok": {"datasets": [{"name": "toy", "rows": 100}], "policy": {}}})
     assert "error" in plan["sites"]["evil"] and "planned_epsilon" in plan["sites"]["ok"]
+    assert "OverflowError" in plan["sites"]["overflow"]["error"]
 
 
 @pytest.mark.parametrize("n_val, refused", [(1e300, "out_of_bounds: payload.metrics.n_val"),

@@ -39,9 +39,9 @@ def test_config_new_from_a_csv_then_simulate(tmp_path: Path) -> None:
     assert exp.dataset.features == ["x0", "x1", "x2", "smoker", "ward"]
     assert exp.dataset.categorical == {"smoker": ["no", "yes"], "ward": ["A", "B", "C"]}
     assert exp.input_shape == (3 + 2 + 3,)  # hand count: 3 numeric + 2 + 3 categories
-    assert [layer.type for layer in exp.architecture.layers if layer.type == "Linear"] == ["Linear"] * 3
-    assert [layer.params["out_features"] for layer in exp.architecture.layers if layer.type == "Linear"] == [64, 32, 1]
-    assert exp.training.dp.noise_multiplier == 1.0 and exp.training.dp.delta == 1e-5
+    # 240 rows per site: logistic regression, full-batch, inside a whole-run ε 8 (tests/cli/test_config_new_leaks.py)
+    assert [layer.params["out_features"] for layer in exp.architecture.layers if layer.type == "Linear"] == [1]
+    assert exp.training.dp.total_epsilon == 8.0 and exp.training.dp.delta == 1e-5 and exp.training.batch_size >= 240
     assert "record id" in exp.dataset.exclude and "identifier" in r.stderr
     assert exp.dataset.name == "my_ward"
     again = CliRunner().invoke(app, ["config", "new", "--dataset", str(csv), "--target", "died", "--out", str(out)])

@@ -92,7 +92,7 @@ def test_provision_to_completed_run_with_the_commands_only(trial) -> None:
     for s in sites:
         kit = kits / s
         # Step 1 of the kit's README: point at the data file.
-        toml = (kit / "site.toml").read_text().replace("/srv/fedbus-data/heart_failure.csv", str(data[s]))
+        toml = (kit / "site.toml").read_text().replace('"data/heart_failure.csv"', json.dumps(str(data[s])))
         (kit / "site.toml").write_text(toml)
         # Step 2: the hospital approves the experiment (the kit sets policy.require_approval), and
         # the pre-flight check passes, one line per check.
@@ -144,7 +144,7 @@ def test_a_coordinator_with_the_wrong_key_is_told_by_the_sites(trial) -> None:
     fedbus("config", "new", "--dataset", str(data[sites[0]]), "--target", "DEATH_EVENT", "--rounds", "1",
            "--out", str(exp), check=True)
     s = sites[0]
-    toml = (kits / s / "site.toml").read_text().replace("/srv/fedbus-data/heart_failure.csv", str(data[s]))
+    toml = (kits / s / "site.toml").read_text().replace('"data/heart_failure.csv"', json.dumps(str(data[s])))
     (kits / s / "site.toml").write_text(toml)
     procs.append(subprocess.Popen([FEDBUS, "site", "run", "--config", str(kits / s / "site.toml")],
                                   stdout=subprocess.DEVNULL, stderr=open(root / "site.log", "wb")))

@@ -150,7 +150,7 @@ def test_revoked_site_is_refused_by_broker_and_coordinator(tmp_path: Path, amqp_
         import subprocess
         import sys
 
-        bad = tmp_path / "bad-kit"
+        bad = tmp_path / "bad" / "kit"  # the kit's data path is relative to the kit: keep it the same depth
         shutil.copytree(out / a, bad)
         (bad / "broker.password").write_text("not-the-password\n")
         run = subprocess.run([str(Path(sys.executable).with_name("fedbus")), "site", "run", "--config",
@@ -186,8 +186,12 @@ def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -
     assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
     exp = tmp_path / "exp.json"
     r = CliRunner().invoke(app, ["config", "new", "--dataset", str(csv), "--target", "y", "--rounds", "3",
-                                 "--out", str(exp)])
+                                 "--keep", "x", "--out", str(exp)])  # x numbers the rows: kept on purpose
     assert r.exit_code == 0, r.output
+    doc = json.loads(exp.read_text())  # a fixed noise multiplier and batches of 32: the arithmetic checked below
+    doc["training"].update(epochs=5, batch_size=32)
+    doc["training"]["optimizer"]["differential_privacy"] = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+    exp.write_text(json.dumps(doc))
     r = CliRunner().invoke(app, ["site", "check", "--config", str(out / "h1" / "site.toml"), "--experiment", str(exp)])
     assert r.exit_code == 1  # the broker is not provisioned (--skip-broker): that line fails, the rest runs
     assert "FAIL  broker" in r.stdout and "ok    dataset d" in r.stdout
@@ -225,7 +229,7 @@ def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
     assert "site hospital-a site.toml" in kept  # the same budget: nothing to say
     # The hospital lowers its budget just below the project's, and points at its data.
     edited = cfg.read_text().replace("max_epsilon = 10 ", "max_epsilon = 9.99 ").replace(
-        "/srv/fedbus-data/heart_failure.csv", "/data/hf.csv")
+        "data/heart_failure.csv", "/data/hf.csv")
     cfg.write_text(edited)
     r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json", "--rotate-key", "hospital-a")
     assert r.exit_code == 0, r.output

@@ -104,12 +104,12 @@ def test_load_copies_the_input_dict():
 #   heart_failure: 11*1+1 (logistic regression: DP at ~65 rows per site)  = 12
 #   heart_disease: 25*64+64 + 64*32+32 + 32+1            = 1664 + 2080 + 33     = 3777
 #   ecg_cnn:       1*16*5+16 + 1440*128+128 + 128*2+2    = 96 + 184448 + 258    = 184802
-EXPECTED_INPUT = {"heart_failure.json": (11,), "heart_disease_dp.json": (25,), "heart_disease_fedper.json": (25,), "heart_disease.json": (25,), "ecg_cnn.json": (1, 185)}
+EXPECTED_INPUT = {"heart_failure.json": (11,), "heart_disease_dp.json": (25,), "heart_disease_fedper.json": (25,), "heart_disease.json": (25,), "ecg_cnn.json": (1, 185), "ecg_resnet.json": (1, 185)}
 # The ECG CNN under DP noise 1.0 needs Adam 1e-2 to leave the majority class within a
 # few rounds (measured with the simulator); heart_failure's full-batch DP-SGD needs 5e-2
 # (bench/README.md); heart_disease uses the seeds' 1e-3.
-EXPECTED_LR = {"heart_failure.json": 5e-2, "heart_disease.json": 1e-3, "ecg_cnn.json": 1e-2}
-EXPECTED_BATCH = {"heart_failure.json": 256}
+EXPECTED_LR = {"heart_failure.json": 5e-2, "heart_disease.json": 1e-3, "ecg_cnn.json": 1e-2, "ecg_resnet.json": 1e-3}
+EXPECTED_BATCH = {"heart_failure.json": 256, "ecg_resnet.json": 128}
 
 
 def test_every_example_is_listed():

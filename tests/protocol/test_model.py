@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "protocol" / "fixtures" / "medinet_export.json"  # byte copy of ../shared/fixtures
 EXAMPLES = sorted((ROOT / "examples").glob("*.json"))
 
+
+
+def _block(i: int, o: int, stride: int, k: int = 9) -> int:
+    """ResidualBlock1d by hand: two convolutions with biases, two GroupNorms, a 1 x 1 shortcut
+    when the channels or the length change."""
+    return i * o * k + o + o * o * k + o + 4 * o + (i * o + o if i != o or stride != 1 else 0)
+
+
 # By hand (weights + biases), see tests/protocol/test_config.py for the derivation.
 EXPECTED_PARAMETERS = {
     "medinet_export.json": 52 * 64 + 64 + 64 * 1 + 1,  # 3457
@@ -28,6 +36,8 @@ EXPECTED_PARAMETERS = {
     "heart_disease_fedper.json": 25 * 16 + 16 + 16 + 1,  # 433
     "heart_disease.json": 25 * 64 + 64 + 64 * 32 + 32 + 32 + 1,  # 3777
     "ecg_cnn.json": 1 * 16 * 5 + 16 + 16 * 90 * 128 + 128 + 128 * 2 + 2,  # 184802
+    "ecg_resnet.json": 1 * 32 * 15 + 32 + 2 * 32 + _block(32, 32, 1) + _block(32, 64, 2) + _block(64, 64, 1)
+    + _block(64, 128, 2) + _block(128, 128, 1) + _block(128, 192, 2) + 192 * 2 + 2,  # 1256322
 }
 
 
@@ -134,6 +144,14 @@ WHITELIST_CHAINS = {
         {"type": "GroupNorm", "params": {"num_groups": 4, "num_channels": 16}},
         {"type": "LayerNorm", "params": {"normalized_shape": 16, "elementwise_affine": False}},
         {"type": "Linear", "params": {"out_features": 1, "bias": False}},
+    ],
+    "residual": [
+        {"type": "input", "params": {"channels": 2, "length": 33}},
+        {"type": "ResidualBlock1d", "params": {"out_channels": 4, "kernel_size": 5, "stride": 2, "num_groups": 2,
+                                               "dropout": 0.1}},
+        {"type": "ResidualBlock1d", "params": {"out_channels": 4, "kernel_size": 3}},  # identity shortcut
+        {"type": "Flatten"},
+        {"type": "Linear", "params": {"out_features": 2}},
     ],
     "no_input_marker": [
         {"type": "Linear", "params": {"in_features": 7, "out_features": 2}},

@@ -502,5 +502,5 @@
   }
 
   const PAGES = { sites: sitesPage, runs: runsPage, run: runPage, compare: comparePage, "dead-letters": deadLettersPage };
-  (PAGES[document.body.dataset.page] || runsPage)().catch(fail);
+  if (!document.body.dataset.own) (PAGES[document.body.dataset.page] || runsPage)().catch(fail);  // own: designer.js, models.js
 })();
