@@ -29,7 +29,7 @@ log = structlog.get_logger("fedbus.coordinator.models")
 
 INLINE_BELOW = 1 * 2**20  # bytes: smaller models ride inside their tasks
 BCC_GROUP = 256  # sites per published copy (the BCC header must fit one AMQP frame)
-_KEEP_VERSIONS = 4  # versions whose hash and recipients are remembered (the global, the next, ...)
+_KEEP_VERSIONS = 4  # versions whose recipients are remembered (hashes only: no weights are kept)
 
 
 class ModelPublisher:
@@ -40,7 +40,7 @@ class ModelPublisher:
         bus_chunk: int = getattr(bus, "chunk_size", DEFAULT_CHUNK_SIZE)
         self.chunk_size = int(chunk_size or bus_chunk)
         self.inline_below = inline_below
-        # id(weights) -> (weights kept alive so the id stays theirs, their ref); newest last.
+        # id(weights) -> (weights kept alive so the id stays theirs, their ref): the newest version only.
         self._refs: OrderedDict[int, tuple[Tensors, ModelRef]] = OrderedDict()
         self._sent: OrderedDict[str, set[str]] = OrderedDict()  # sha256 -> sites sent it
         self.publishes = 0  # versions put on the bus (one per send() that had sites to reach)
@@ -55,7 +55,7 @@ class ModelPublisher:
             return hit[1] if hit[1].size >= self.inline_below else None
         ref = model_ref(weights, chunk_size=self.chunk_size)
         self._refs[key] = (weights, ref)
-        while len(self._refs) > _KEEP_VERSIONS:
+        while len(self._refs) > 1:  # the newest version only: an older one would be a model copy kept alive
             self._refs.popitem(last=False)
         return ref if ref.size >= self.inline_below else None
 

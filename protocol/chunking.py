@@ -26,6 +26,9 @@ from __future__ import annotations
 
 
 import hashlib
+import mmap
+import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from protocol import bounds
 from protocol.errors import ChunkCapacity, ChunkError, ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 
-__all__ = ["split_body", "Reassembler", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
+__all__ = ["split_body", "Reassembler", "SpilledChunk", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
            "MAX_USER_CHUNKS", "window_chunks"]
 
 HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
@@ -77,6 +80,7 @@ class _Transfer:
     started: float
     user: str = ""
     buf: bytearray = field(default_factory=bytearray)  # total_size bytes; each chunk copied to its place
+    file: Any = None  # with ``spill``: an unlinked temporary file of total_size bytes instead of ``buf``
     parts: set[int] = field(default_factory=set)  # indexes received
     received: int = 0
     chunk_size: int = 0  # of every chunk but the last; 0 until a chunk tells it
@@ -105,7 +109,12 @@ class Reassembler:
         max_user_transfers: int | None = None,
         max_chunks: int = MAX_CHUNKS,
         max_user_chunks: int | None = None,
+        spill: bool = False,
     ) -> None:
+        # spill: partial transfers wait in unlinked temporary files (the page cache, not this
+        # process's memory); a complete body is mapped read-only, so it costs memory only while
+        # it is read. A consumer that receives many large transfers at once holds none of them.
+        self.spill = spill
         self.max_bytes = max_bytes
         self.max_transfers = max_transfers
         self.timeout_s = timeout_s
@@ -122,9 +131,10 @@ class Reassembler:
         self._reserved = 0
         self._user_reserved: dict[str, int] = {}
         self._user_transfers: dict[str, int] = {}
-        # The bytes of the chunk last added, as a view of its transfer's buffer: a consumer that
-        # keeps chunks for dead-lettering keeps this view, not a second copy of the chunk.
-        self.last_view: memoryview | None = None
+        # The bytes of the chunk last added, as a view of its transfer's buffer (or, spilling, a
+        # reference into its file): a consumer that keeps chunks for dead-lettering keeps this,
+        # not a second copy of the chunk.
+        self.last_view: memoryview | SpilledChunk | None = None
 
     @property
     def reserved_bytes(self) -> int:
@@ -184,12 +194,17 @@ class Reassembler:
         except ValueError as e:
             self._drop(key)
             raise _error(tid, f"transfer {tid} chunk {index} of {count}: {e}") from None
-        if not t.buf:
-            t.buf = bytearray(total)
         at = index * t.chunk_size
-        view = memoryview(t.buf)
-        view[at:at + size] = data
-        self.last_view = view[at:at + size]
+        if self.spill:
+            if t.file is None:
+                t.file = tempfile.TemporaryFile(prefix="fedbus-transfer-")
+            os.pwrite(t.file.fileno(), data, at)
+            self.last_view = SpilledChunk(t.file, at, size)
+        else:
+            if not t.buf:
+                t.buf = bytearray(total)
+            memoryview(t.buf)[at:at + size] = data
+            self.last_view = memoryview(t.buf)[at:at + size]
         t.parts.add(index)
         t.received += size
         if len(t.parts) < t.count:
@@ -197,6 +212,10 @@ class Reassembler:
         self._drop(key)
         if t.received != t.total_size:
             raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
+        if t.file is not None:
+            view = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))
+        else:
+            view = memoryview(t.buf)
         _verify(tid, view, digest, total)
         return view
 
@@ -285,6 +304,19 @@ class Reassembler:
             self._user_chunks[t.user] -= t.count
             if not self._user_transfers[t.user]:
                 del self._user_transfers[t.user], self._user_reserved[t.user], self._user_chunks[t.user]
+
+
+class SpilledChunk:
+    """A received chunk's bytes in its transfer's spill file, read back only to dead-letter it."""
+
+    def __init__(self, file: Any, at: int, size: int) -> None:
+        self.file, self.at, self.size = file, at, size
+
+    def read(self) -> bytes:
+        return os.pread(self.file.fileno(), self.size, self.at)
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def _error(tid: str | None, msg: str) -> ChunkError:

@@ -157,26 +157,20 @@ def decode_tensors(data: bytes | bytearray | memoryview, *, limits: Limits = DEF
 # frames
 
 
-def encode_frame(kid: str, body: bytes | memoryview, sig: bytes) -> bytes:
-    """The frame map around ``body``, which starts at a multiple of ``ALIGN`` bytes into the frame."""
+def _frame_head(kid: str, body_len: int) -> bytes:
+    """The frame map's bytes before a body of ``body_len`` bytes, which then starts at a multiple
+    of ``ALIGN`` bytes into the frame."""
     kid_packed = msgpack.packb(kid)
     # Unpadded: fixmap, "v", 1, "kid", kid, "body", bin32 header.
     pad = -(1 + 2 + 1 + 4 + len(kid_packed) + 5 + 5) % ALIGN
     key_v, key_kid, key_body = _padded_keys(("v", "kid", "body"), pad)
-    return b"".join(
-        (
-            b"\x84",
-            key_v,
-            msgpack.packb(FRAME_VERSION),
-            key_kid,
-            kid_packed,
-            key_body,
-            b"\xc6" + len(body).to_bytes(4, "big"),  # always bin32: the offset must not depend on the size
-            body,
-            b"\xa3sig",
-            msgpack.packb(bytes(sig)),
-        )
-    )
+    return b"".join((b"\x84", key_v, msgpack.packb(FRAME_VERSION), key_kid, kid_packed, key_body,
+                     b"\xc6" + body_len.to_bytes(4, "big")))  # always bin32: the offset must not depend on the size
+
+
+def encode_frame(kid: str, body: bytes | memoryview, sig: bytes) -> bytes:
+    """The frame map around ``body``, which starts at a multiple of ``ALIGN`` bytes into the frame."""
+    return b"".join((_frame_head(kid, len(body)), body, b"\xa3sig", msgpack.packb(bytes(sig))))
 
 
 def decode_frame(
@@ -233,19 +227,37 @@ def seal(envelope: Envelope, signer: Signer, *, limits: Limits = DEFAULT_LIMITS)
     The body is decoded once before signing (cheap: no copies, no crypto), so a field
     of the wrong type fails here with a ``TypeError`` naming it, not at the receiver.
     """
-    body = encode_envelope(envelope)
-    if len(body) > limits.max_frame_bytes:
+    # One buffer for the whole frame: the body's parts (array data read through views) are
+    # written straight into it and signed in place, so a large update is built once, not as a
+    # body and then a frame around a copy of it (issue 23, "stream everywhere").
+    parts = _envelope_parts(envelope)
+    n = sum(len(p) for p in parts)
+    if n > limits.max_frame_bytes:
         raise LimitExceeded(
-            f"body of {len(body)} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}: "
+            f"body of {n} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}: "
             "receivers would refuse it; shrink the model or raise the limit on both sides"
         )
+    head = _frame_head(signer.kid, n)
+    sig_at = len(head) + n
+    frame = bytearray(sig_at + 4 + 2 + 64)  # then "sig": bin8 of an Ed25519 signature's 64 bytes
+    view = memoryview(frame)
+    view[:len(head)] = head
+    pos = len(head)
+    for p in parts:
+        view[pos:pos + len(p)] = p
+        pos += len(p)
+    body = view[len(head):sig_at]
     try:
         decode_envelope(body, limits=limits)
     except LimitExceeded:
         raise
     except ProtocolError as e:
         raise TypeError(f"cannot send this {envelope.type}: {e}") from None
-    frame = encode_frame(signer.kid, body, signer.sign(body))
+    tail = b"\xa3sig" + msgpack.packb(bytes(signer.sign(body)))
+    if len(tail) != len(frame) - sig_at:
+        raise ValueError(f"signature of unexpected length from key {signer.kid}")
+    view[sig_at:] = tail
+    del body, view
     if len(frame) > limits.max_frame_bytes:
         raise LimitExceeded(
             f"frame of {len(frame)} bytes is over Limits.max_frame_bytes={limits.max_frame_bytes}: "

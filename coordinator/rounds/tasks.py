@@ -4,6 +4,8 @@ A reply names its task by ``task_id`` (the task's message id); ``TaskBook`` keep
 ``TaskRecord`` per task so the loops can tell an answer to a task of this run from one
 they never sent. Inside ``batch()`` a round's tasks are recorded in one transaction and
 only then published (one durable commit per round, never a reply to an unknown task).
+A model over ``coordinator.models.INLINE_BELOW`` travels by hash: the task names it, and each
+version is published once (``ModelPublisher``) for all the batch's sites before their tasks.
 """
 
 from __future__ import annotations

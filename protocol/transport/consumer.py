@@ -37,7 +37,7 @@ import pika
 import pika.exceptions as px
 import structlog
 
-from protocol.chunking import MAX_USER_CHUNKS, Reassembler, window_chunks
+from protocol.chunking import MAX_USER_CHUNKS, Reassembler, SpilledChunk, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
 from protocol.transport.base import (
     BrokerRefused,
@@ -347,7 +347,7 @@ class AmqpConsumer(Consumer):
 
     # -- worker thread ----------------------------------------------------------------------
     def _work_loop(self) -> None:
-        reasm = Reassembler(**self.bus.reassembly)
+        reasm = Reassembler(**self.bus.reassembly, spill=True)
         holds: dict[tuple[str, str], TransferHold] = {}  # (broker-verified user, transfer id) -> chunks
         gen = 0
         while True:
@@ -366,7 +366,7 @@ class AmqpConsumer(Consumer):
                 continue
             if isinstance(item, tuple) and item[0] == "reset":
                 gen = item[1]
-                reasm = Reassembler(**self.bus.reassembly)
+                reasm = Reassembler(**self.bus.reassembly, spill=True)
                 holds.clear()
                 continue
             raw: Raw = item
@@ -410,7 +410,7 @@ class AmqpConsumer(Consumer):
         for i, r in enumerate(hold.raws):
             try:
                 self.dead_letter(
-                    r.gen, [r], r.body, orphan_chunk_headers(r.props.headers, reason, self.queue), reason,
+                    r.gen, [r], r.body.read() if isinstance(r.body, SpilledChunk) else r.body, orphan_chunk_headers(r.props.headers, reason, self.queue), reason,
                     message_id=r.props.message_id or "", routing_key=r.routing_key, user_id=r.props.user_id,
                     key=key if i == 0 else None,
                 )

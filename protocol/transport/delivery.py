@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from protocol.chunking import SpilledChunk
 from protocol.transport.base import BusError, Delivery
 from protocol.transport.layout import strip_chunk_headers
 
@@ -32,7 +33,7 @@ class Raw:
     routing_key: str
     redelivered: bool
     props: Any
-    body: bytes | memoryview
+    body: bytes | memoryview | SpilledChunk  # a chunk of a transfer in progress may wait in its spill file
     chunk: dict[str, Any] | None
 
 

@@ -582,3 +582,26 @@ def test_task_config_out_of_bounds_on_the_wire_is_malformed(field, inside, outsi
     tree["payload"]["config"] = {"proximal_mu": 0.1, "name": "FedProx"}  # no untyped side channel
     with pytest.raises(MalformedFrame, match="unknown field"):
         decode_envelope(msgpack.packb(tree, use_bin_type=True))
+
+
+def test_seal_builds_a_large_frame_once() -> None:
+    """A site's update frame is built in one buffer and signed in place (issue 23): sealing 16 MiB
+    of weights peaks at about one frame, not a body and then a frame around a copy of it."""
+    import gc
+
+    signer = Signer.generate()
+    weights = (("w", np.ones(4 * 2**20, dtype=np.float32)),)
+    env = new_envelope(Update(task_id="t", weights=weights, num_examples=1, metrics={}, epsilon=None, delta=None,
+                              base_round=0), federation="f", run_id="r", round=1, sender="s", recipient="coordinator")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        frame = seal(env, signer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    trust = TrustStore()
+    trust.add("s", signer.public_pem())
+    got = open_frame(frame, trust).envelope.payload.weights
+    np.testing.assert_array_equal(got[0][1], weights[0][1])
+    assert peak < 1.25 * len(frame), f"peak {peak / 2**20:.1f} MiB for a {len(frame) / 2**20:.1f} MiB frame"
