@@ -45,7 +45,8 @@ COORDINATOR_RUN = """
     DP
     result = fed.coordinator(exp).run()
     print(json.dumps({"status": result.status, "privacy": result.privacy,
-                      "opacus": sorted(m for m in sys.modules if m.split(".")[0] == "opacus")[:3]}))
+                      "opacus": sorted(m for m in sys.modules if m.split(".")[0] == "opacus")[:3],
+                      "planner": "coordinator.privacy_plan" in sys.modules}))
 """
 
 
@@ -53,6 +54,7 @@ def test_a_coordinator_run_without_site_dp_never_imports_opacus() -> None:
     out = _run(COORDINATOR_RUN.replace("DP", "pass"))
     assert out["status"] == "completed"
     assert out["opacus"] == []
+    assert out["planner"] is False  # not even the budget arithmetic's module (its imports are lazy today)
     assert "planned_epsilon" not in out["privacy"]  # no plan without DP, as before
 
 
