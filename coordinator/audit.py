@@ -104,7 +104,9 @@ class HasRounds(Protocol):
 
 def run_checkpoints(store: HasRounds, run: dict) -> dict[int, tuple[str, str]]:
     """round -> (checkpoint path, sha256) as the database recorded them (round 0: the initial model)."""
-    cks = {0: (run.get("initial_checkpoint"), run.get("initial_sha256"))}
+    cks: dict[int, tuple[str, str]] = {}
+    if run.get("initial_checkpoint") and run.get("initial_sha256"):
+        cks[0] = (run["initial_checkpoint"], run["initial_sha256"])
     cks.update({r["round"]: (r["checkpoint_path"], r["checkpoint_sha256"]) for r in store.rounds(run["run_id"])})
     return cks
 

@@ -1040,3 +1040,19 @@ MUTANTS.extend([
         (f"{_SMOKE}::test_bench_smoke_mode_runs[scale]",), broker=True, timeout_s=900,
     ),
 ])
+
+# ------------------------------------------------------------------ researcher's workbench (issue 25, t25)
+_ROLES = "tests/dashboard/test_users_roles.py"
+_REGISTRY = "tests/dashboard/test_model_registry.py"
+MUTANTS.extend([
+    Mutant(
+        "viewer-can-act", "a viewer cannot act: every action needs a role allowed to do it (403 otherwise)",
+        (Edit("fedbus/dashboard/users.py", "        return self.role in ALLOWED[action]\n", "        return True\n"),),
+        (f"{_ROLES}::test_a_viewer_gets_403_on_every_action_even_read_write",),
+    ),
+    Mutant(
+        "registry-signature-not-verified", "a registry entry's signature is verified: an edited entry fails the audit",
+        (Edit("coordinator/model_registry.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
+        (f"{_REGISTRY}::test_a_tampered_entry_fails_the_audit",),
+    ),
+])
