@@ -459,9 +459,9 @@ MUTANTS.extend([
         "dashboard-token-from-url", "the dashboard never takes its token from a URL (logs, proxies, history, relays)",
         (Edit("fedbus/dashboard/security.py", '            if "token" in request.query_params:', "            if False:"),
          Edit("fedbus/dashboard/security.py",
-              "        return self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n",
-              "        return (self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n"
-              "                or self.access.token_ok(request.query_params.get(\"token\")))\n")),
+              "        if a.token_ok(bearer) or a.token_ok(request.cookies.get(COOKIE)):\n",
+              "        if (a.token_ok(bearer) or a.token_ok(request.cookies.get(COOKIE))\n"
+              "                or a.token_ok(request.query_params.get(\"token\"))):\n")),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
@@ -471,12 +471,17 @@ MUTANTS.extend([
     ),
     Mutant(
         "dashboard-cookie-not-secure", "under TLS the session cookie is Secure (never sent over plain HTTP)",
-        (Edit("fedbus/dashboard/security.py", "                        secure=self.access.tls)", "                        secure=False)"),),
+        (Edit("fedbus/dashboard/security.py", 'samesite="strict", path="/", secure=a.tls)\n',
+              'samesite="strict", path="/", secure=False)\n'),),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
         "dashboard-login-cross-origin", "the sign-in form is accepted from our own origin only (no login CSRF)",
-        (Edit("fedbus/dashboard/security.py", "        problem = self._origin_problem(request)\n", "        problem = None\n"),),
+        (Edit("fedbus/dashboard/security.py",
+              "            return login_page(users=a.users is not None, token=a.token is not None)\n"
+              "        problem = self._origin_problem(request)\n",
+              "            return login_page(users=a.users is not None, token=a.token is not None)\n"
+              "        problem = None\n"),),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
@@ -989,8 +994,8 @@ MUTANTS.extend([
 MUTANTS.extend([
     Mutant(
         "validate-skips-aggregator-name", "config validate refuses an unknown federated.name (exit 2), not the run",
-        (Edit("fedbus/cli_config.py", "        if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
-              "        if False:\n"),),
+        (Edit("fedbus/experiment_check.py", "    if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
+              "    if False:\n"),),
         ("tests/cli/test_bad_input.py::test_config_validate",),
     ),
     Mutant(
