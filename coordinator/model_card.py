@@ -115,10 +115,11 @@ def sections(record: dict[str, Any], *, run: dict[str, Any] | None = None, cohor
     out.append(Section("Limitations", anchor="limitations", paragraphs=lim or ["None flagged by the checks (one-class sites, small test sets, sites without DP)."]))
     audit = Section("Audit trail", anchor="audit-trail", header=["When (UTC)", "Who", "What"])
     audit.rows.append([record["approved_at_utc"], record["approved_by"],
-                       f"marked valid: {record['name']} v{record['version']} = run {record['run_id']} round {record['round']}"])
+                       f"signed: {record['name']} v{record['version']} = run {record['run_id']} round {record['round']}"])
     for line in trail or []:
         audit.rows.append([str(line.get("at_utc", "")), f"{line.get('user')} ({line.get('role')})",
                            f"{line.get('action')} {line.get('target') or ''}: {line.get('outcome')}"])
+    audit.rows.sort(key=lambda r: r[0])  # ISO times: in the order things happened
     audit.paragraphs += [
         f"Checkpoint sha256 `{record['checkpoint_sha256']}`; experiment sha256 `{record['experiment_sha256']}`.",
         f"Signed by coordinator key `{record['coordinator_kid']}`"

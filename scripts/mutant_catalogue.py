@@ -459,9 +459,9 @@ MUTANTS.extend([
         "dashboard-token-from-url", "the dashboard never takes its token from a URL (logs, proxies, history, relays)",
         (Edit("fedbus/dashboard/security.py", '            if "token" in request.query_params:', "            if False:"),
          Edit("fedbus/dashboard/security.py",
-              "        return self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n",
-              "        return (self.access.token_ok(bearer) or self.access.token_ok(request.cookies.get(COOKIE))\n"
-              "                or self.access.token_ok(request.query_params.get(\"token\")))\n")),
+              "        if a.token_ok(bearer) or a.token_ok(request.cookies.get(COOKIE)):\n",
+              "        if (a.token_ok(bearer) or a.token_ok(request.cookies.get(COOKIE))\n"
+              "                or a.token_ok(request.query_params.get(\"token\"))):\n")),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
@@ -471,12 +471,17 @@ MUTANTS.extend([
     ),
     Mutant(
         "dashboard-cookie-not-secure", "under TLS the session cookie is Secure (never sent over plain HTTP)",
-        (Edit("fedbus/dashboard/security.py", "                        secure=self.access.tls)", "                        secure=False)"),),
+        (Edit("fedbus/dashboard/security.py", 'samesite="strict", path="/", secure=a.tls)\n',
+              'samesite="strict", path="/", secure=False)\n'),),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
         "dashboard-login-cross-origin", "the sign-in form is accepted from our own origin only (no login CSRF)",
-        (Edit("fedbus/dashboard/security.py", "        problem = self._origin_problem(request)\n", "        problem = None\n"),),
+        (Edit("fedbus/dashboard/security.py",
+              "            return login_page(users=a.users is not None, token=a.token is not None)\n"
+              "        problem = self._origin_problem(request)\n",
+              "            return login_page(users=a.users is not None, token=a.token is not None)\n"
+              "        problem = None\n"),),
         (f"{_ACCESS}::test_dashboard_over_tls_signs_in_by_post_and_never_takes_the_token_from_a_url",),
     ),
     Mutant(
@@ -990,8 +995,8 @@ MUTANTS.extend([
 MUTANTS.extend([
     Mutant(
         "validate-skips-aggregator-name", "config validate refuses an unknown federated.name (exit 2), not the run",
-        (Edit("fedbus/cli_config.py", "        if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
-              "        if False:\n"),),
+        (Edit("fedbus/experiment_check.py", "    if why is not None:  # a misspelt aggregator fails here, not when the run starts\n",
+              "    if False:\n"),),
         ("tests/cli/test_bad_input.py::test_config_validate",),
     ),
     Mutant(
@@ -1285,5 +1290,20 @@ MUTANTS.extend([
         (Edit("coordinator/results.py", "    _final_as_last_round(figs, rounds, final or {}, test_every)\n", ""),),
         ("tests/dashboard/test_export_matches.py::test_the_export_matches_the_run_page",),
         timeout_s=900,
+    ),
+])
+# ------------------------------------------------------------------ researcher's workbench (issue 25, t25)
+_ROLES = "tests/dashboard/test_users_roles.py"
+_REGISTRY = "tests/dashboard/test_model_registry.py"
+MUTANTS.extend([
+    Mutant(
+        "viewer-can-act", "a viewer cannot act: every action needs a role allowed to do it (403 otherwise)",
+        (Edit("fedbus/dashboard/users.py", "        return self.role in ALLOWED[action]\n", "        return True\n"),),
+        (f"{_ROLES}::test_a_viewer_gets_403_on_every_action_even_read_write",),
+    ),
+    Mutant(
+        "registry-signature-not-verified", "a registry entry's signature is verified: an edited entry fails the audit",
+        (Edit("coordinator/model_registry.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
+        (f"{_REGISTRY}::test_a_tampered_entry_fails_the_audit",),
     ),
 ])

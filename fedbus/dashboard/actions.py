@@ -207,8 +207,10 @@ class Actions:
         """A simulation's dashboard: the experiment runs as ``fedbus simulate EXP --out OUT`` (its own
         sites, the same state directory), one at a time (two would share OUT's sites and result)."""
         self.reap()
-        if self._children:
-            raise ActionError("a simulated run is still going: wait for it to finish, then start the next")
+        live = [r["run_id"] for r in self.reader.runs("running")]
+        if self._children or live:  # two simulations would share OUT's sites and its result.json
+            raise ActionError(f"a simulated run is still going ({', '.join(live) or 'starting'}): wait for it to "
+                              "finish, then start the next")
         assert self.simulate_out is not None
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)

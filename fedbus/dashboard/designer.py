@@ -90,7 +90,7 @@ def template(kind: str, *, dataset: str, target: str, features: list[str], rows:
                                          doc["architecture"]["layers"][-1]]
     opt = doc["training"]["optimizer"]
     opt["differential_privacy"] = {"total_epsilon": 8.0, "max_grad_norm": 1.0, "delta": 1e-5}
-    doc["training"].update(epochs=1, batch_size=64, rounds=3)
+    doc["training"].update(epochs=1, batch_size=16, rounds=3)  # a sample rate the site defaults allow at ~50 rows
     doc["basic_info"]["description"] = f"{kind} for {target} on {dataset}, designed in the fedbus dashboard"
     return doc
 

@@ -21,6 +21,24 @@ from fedbus.dashboard.data import StateReader
 CARD_CSP = "default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 
 
+def trail_targets(reader: StateReader, record: dict[str, Any]) -> set[str]:
+    """What the action log names for this model's history: its run, and the experiment it was
+    designed (its name) and started as (its file in STATE/experiments/)."""
+    out = {record["run_id"]}
+    try:
+        exp = reader.run(record["run_id"])["experiment"]
+    except LookupError:
+        return out
+    name = str((exp.get("basic_info") or {}).get("name") or "")
+    if name:
+        out.add(name)
+        try:
+            out.add(designer.file_name(exp))
+        except designer.DesignError:
+            pass
+    return out
+
+
 def register(app: FastAPI, state: Path, reader: StateReader) -> None:
     allowed, acted, page = app.state.allowed, app.state.acted, app.state.page
 
@@ -104,7 +122,7 @@ def register(app: FastAPI, state: Path, reader: StateReader) -> None:
             signed = entry(state, name, version)
         except RegistryError as e:
             raise HTTPException(404, str(e)) from None
-        trail = [x for x in action_log.read(state) if x.get("target") == signed["record"]["run_id"]]
+        trail = [x for x in action_log.read(state) if x.get("target") in trail_targets(reader, signed["record"])]
         return signed["record"], card_inputs(reader, state, signed, trail)
 
     @app.get("/models/{name}/v{version}.md")

@@ -412,7 +412,8 @@
       el("p", { class: "explain" }, "Signs, with the coordinator's key, that you checked the latest checkpoint of this run; the audit verifies the signature and the checkpoint's hash."),
       approvals,
       SESSION.actions_allowed ? el("div", { class: "actions" }, who, el("button", { class: "primary", id: "mark-valid", disabled: !SESSION.can_sign, onclick: async () => {
-        try { const r = await post(`/api/runs/${encodeURIComponent(runId)}/approve`, { who: who.value }); approvals.append(approvalItem(r.record)); actOut.textContent = "signed"; }
+        try { const r = await post(`/api/runs/${encodeURIComponent(runId)}/approve`, { who: who.value }); approvals.append(approvalItem(r.record));
+          actOut.replaceChildren("signed", ...(r.registry ? [" · registered as ", el("a", { href: `/models/${encodeURIComponent(r.registry.name)}/v${r.registry.version}`, id: "model-card-link" }, `${r.registry.name} v${r.registry.version} (model card)`)] : [])); }
         catch (e) { actOut.textContent = e.message; } } }, "Mark valid (sign)"),
         doc.status === "running" ? el("button", { class: "danger", id: "stop-run", onclick: async () => {
           try { await post(`/api/runs/${encodeURIComponent(runId)}/stop`, { who: who.value || "dashboard user" }); actOut.textContent = "stop requested: the run stops after this round"; }

@@ -90,13 +90,14 @@
       const marker = MARKERS.includes(layer.type);
       const spec = meta.palette[layer.type] || {};
       const walk = rows && rows.find((r) => r.index === i);
-      const old = document.querySelector(`#layers-body tr[data-index="${i}"] td.shape`);
+      const old = document.querySelector(`#layers-body tr[data-index="${i}"] td.shape`);  // kept until the check answers
+      const oldW = document.querySelector(`#layers-body tr[data-index="${i}"] td.layer-params`);
       return el("tr", { "data-index": i, "data-type": layer.type },
         el("td", { class: "num" }, i), el("td", {}, layer.type),
         el("td", {}, marker ? el("span", { class: "muted" }, JSON.stringify(layer.params)) :
           Object.entries(spec).filter(([, s]) => !s.inferred).map(([n, s]) => paramInput(layer, n, s))),
         el("td", { class: "shape mono" }, walk ? JSON.stringify(walk.output_shape) : (old && !result ? old.textContent : "–")),
-        el("td", { class: "num layer-params" }, walk ? walk.parameters : "–"),
+        el("td", { class: "num layer-params" }, walk ? walk.parameters : (oldW && !result ? oldW.textContent : "–")),
         el("td", {}, marker ? "" : el("button", { class: "remove-layer", onclick: () => { doc.architecture.layers.splice(i, 1); changed(); } }, "remove")));
     }));
   }
