@@ -11,7 +11,6 @@ A section whose input is absent (no cohort) is left out rather than filled with 
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,19 +164,35 @@ def html_page(record: dict[str, Any], *, stylesheet: str | None = None, **kw: An
             f'<body><main class="model-card">{"".join(body)}</main></body></html>\n')
 
 
-def load_cohort(state_dir: Path, dataset: str | None) -> dict[str, Any] | None:
-    """The cohort table for ``dataset`` when one was saved as ``STATE/cohort/<dataset>.json``
-    (federated descriptive statistics); None leaves the card's cohort section out."""
-    from coordinator.model_registry import NAME
+def load_cohort(state_dir: Path, run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pooled cohort table of the run's experiment (``coordinator.cohort``, the newest
+    ``fedbus coordinator cohort`` release for it or its dataset) as ``{"columns": [...]}`` rows
+    the card can print; None (no cohort released) leaves the card's cohort section out."""
+    from coordinator.cohort import latest_cohort
 
-    if not dataset or not NAME.fullmatch(dataset):
+    if not run or not run.get("experiment"):
         return None
-    path = Path(state_dir) / "cohort" / f"{dataset}.json"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = latest_cohort(Path(state_dir), run["experiment"])
+    except (ValueError, TypeError, OSError):  # an experiment the loader refuses has no cohort to show
         return None
-    return doc if isinstance(doc, dict) else None
+    pooled = (doc or {}).get("pooled") or {}
+    cols = (pooled.get("table") or {}).get("columns")
+    if not isinstance(cols, list):
+        return None
+    keys = ("n", "missing", "mean", "sd", "median", "q1", "q3", "prevalence")
+    return {"columns": [{"column": str(c.get("name", "")), "sites": ", ".join(pooled.get("sites") or []),
+                         **{k: _fig(c.get(k)) for k in keys if k in c}} for c in cols if isinstance(c, dict)]}
+
+
+def _fig(f: object) -> str:
+    """``{"value": v, "ci": [lo, hi]}`` as "v (lo–hi)"; anything else as text."""
+    if isinstance(f, dict) and isinstance(f.get("value"), (int, float)):
+        ci = f.get("ci")
+        if isinstance(ci, list) and len(ci) == 2:
+            return f"{f['value']:.3g} ({ci[0]:.3g}–{ci[1]:.3g})"
+        return f"{f['value']:.3g}"
+    return "" if f is None else str(f)
 
 
 def card_inputs(reader: HasRuns, state_dir: Path, signed: dict[str, Any],
@@ -195,4 +210,4 @@ def card_inputs(reader: HasRuns, state_dir: Path, signed: dict[str, Any],
     if run is not None:
         path = entry_path(state_dir, record["name"], int(record["version"]))
         verified = verify_entry(state_dir, path, signed, run, run_checkpoints(reader, run)) is None
-    return {"run": run, "verified": verified, "cohort": load_cohort(state_dir, record.get("dataset")), "trail": trail}
+    return {"run": run, "verified": verified, "cohort": load_cohort(state_dir, run), "trail": trail}
