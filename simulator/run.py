@@ -29,7 +29,9 @@ from protocol.broker_url import redact
 from simulator.datasets import DatasetError, load_dataset
 from site_worker.data import DataError
 from simulator.faults import FaultLog, FaultSpecError, parse_faults
+from simulator.errors import SimulationFailed, SimulationInputError  # noqa: F401 - callers import them from here
 from simulator.partitions import PartitionError, make_partition, parse_spec
+from simulator import scoring
 
 if TYPE_CHECKING:
     from protocol.config import Experiment
@@ -38,19 +40,6 @@ log = structlog.get_logger(__name__)
 
 # Rows the simulator holds back from every site (baselines and the per-round curves use them).
 HOLDOUT_SPLIT = "simulator held-out rows (never at any site)"
-
-
-class SimulationInputError(ValueError):
-    """Bad input to the simulator (exit 2); the message names what to fix."""
-
-
-class SimulationFailed(RuntimeError):
-    """The federated run itself failed (exit 1); the message says why. ``document`` is the
-    run's result document when there is one (``--json`` prints it, with its status)."""
-
-    def __init__(self, message: str, document: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.document = document
 
 
 def _load_experiment(path: str | Path | dict[str, Any], *, seed: int | None, rounds: int | None) -> Experiment:
@@ -271,16 +260,16 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
     try:
         from simulator import privacy
 
-        planned = privacy.plan(exp, ws, input_shape=_input_shape(exp))  # the coordinator shows and stores it
+        planned = privacy.plan(exp, ws, input_shape=scoring.input_shape(exp))  # the coordinator shows and stores it
         t_run = time.perf_counter()
         result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
                                          fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress,
                                          privacy_plan=planned)
         doc = _document(result)
-        final_weights = _final_weights(result, coord_state, doc)
+        final_weights = scoring.final_weights(result, coord_state, doc)
         timing["setup_s"] = t_run - t_ws
         t_score = time.perf_counter()
-        scorer = _scorer(exp, ws)
+        scorer = scoring.scorer(exp, ws)
         scored = scorer(final_weights)
         from simulator.history import enrich_rounds
 
@@ -292,7 +281,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         # simulator also keeps rows no site ever holds: the global model on those is "holdout".
         doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
                           "split": HOLDOUT_SPLIT}
-        _holdout_personalized(doc, exp, ws)
+        scoring.holdout_personalized(doc, exp, ws)
         dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
         if dp_block is not None:
             doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
@@ -320,7 +309,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         if out_dir is not None:
             from simulator.report import write_report
 
-            _save_model(out_dir, exp, final_weights)
+            scoring.save_model(out_dir, exp, final_weights)
             write_report(doc, out_dir, experiment=exp.raw)
     finally:
         if out_dir is None and not keep_work:
@@ -435,96 +424,3 @@ def _document(result: Any) -> dict[str, Any]:
         raise SimulationFailed(f"run {doc.get('run_id')} ended {status}: {doc.get('reason') or 'no reason given'}",
                                document=doc)
     return doc
-
-
-def _final_weights(result: Any, state_dir: Path, doc: dict[str, Any]) -> Any:
-    weights = getattr(result, "final_weights", None) or getattr(result, "weights", None)
-    if weights is not None:
-        return weights
-    from coordinator.state import StateStore
-
-    store = StateStore(state_dir)
-    try:
-        last = store.last_round(doc["run_id"])
-    finally:
-        store.close()
-    if not last or not last.get("checkpoint"):
-        raise SimulationFailed(f"run {doc.get('run_id')} has no committed checkpoint to evaluate")
-    from coordinator.checkpoints import load_tensors
-
-    path = Path(last["checkpoint"])
-    if not path.is_absolute():
-        path = state_dir / path
-    return load_tensors(path, sha256=last.get("checkpoint_sha256"))
-
-
-def _model_with(exp: Experiment, weights: Any) -> Any:
-    from protocol.model import build_model, load_tensors
-
-    model = build_model(exp.architecture.layers, seed=int(exp.training.seed))
-    load_tensors(model, tuple(weights))
-    return model
-
-
-def _input_shape(exp: Experiment) -> tuple[int, ...] | None:
-    from protocol.model import summarize
-
-    shape = summarize(exp.architecture.layers).input_shape
-    return tuple(shape) if shape else None
-
-
-def _test_splits(exp: Experiment, ws: Any) -> list[Any]:
-    """Every site's held-out test split, encoded with that site's training statistics."""
-    from simulator.evaluation import holdout, source_for
-
-    ds = exp.dataset
-    target = ds.target or "label"
-    return [
-        holdout(source_for(f.train, target, ds.name), source_for(f.test, target, ds.name), ds,
-                input_shape=_input_shape(exp), site=s)
-        for s, f in sorted(ws.sites.items())
-    ]
-
-
-def _scorer(exp: Experiment, ws: Any) -> Any:
-    """``scorer(weights) -> metrics`` on every site's held-out test split (encoded once)."""
-    from simulator.evaluation import score
-
-    splits = _test_splits(exp, ws)
-    return lambda weights: score(_model_with(exp, weights), splits, loss_name=exp.training.loss_function,
-                                 task=exp.dataset.task or "binary")
-
-
-def _holdout_personalized(doc: dict[str, Any], exp: Experiment, ws: Any) -> None:
-    """The personalised model each site kept (``state_dir/final/``) on that site's held-out rows,
-    beside the local-only baseline scored on the same rows (the sites' own figures are in "final")."""
-    from simulator.evaluation import score, union_of_own
-    from site_worker.config import load_site_config
-    from site_worker.final_model import FinalStore
-
-    if not (doc.get("final") or {}).get("personalized"):
-        return
-    models = {}
-    for site, files in sorted(ws.sites.items()):
-        store = FinalStore(load_site_config(files.config).state_dir)
-        if store.reply(doc["run_id"], exp.dataset.name) is None:
-            continue
-        arrays = store.load(doc["run_id"], exp.dataset.name, "personalized")
-        models[site] = _model_with(exp, list(arrays.items()))
-    if not models:
-        return
-    splits = [s for s in _test_splits(exp, ws) if s.site in models]
-    loss, task = exp.training.loss_function, exp.dataset.task or "binary"
-    for sp in splits:
-        m = score(models[sp.site], [sp], loss_name=loss, task=task)["per_site"][sp.site]
-        doc["holdout"]["per_site"].setdefault(sp.site, {})["personalized"] = m
-    doc["holdout"]["personalized"] = {"method": doc["final"]["personalized"].get("method"),
-                                      **union_of_own(models, splits, loss_name=loss, task=task)}
-
-
-def _save_model(out: Path, exp: Experiment, weights: Any) -> None:
-    """The final global model: safetensors weights plus the declarative layer list that builds it."""
-    from coordinator.checkpoints import save_tensors
-
-    save_tensors(out / "model.safetensors", tuple(weights), metadata={"experiment": exp.name})
-    (out / "model_spec.json").write_text(json.dumps(exp.raw.get("architecture", {}), indent=2) + "\n", encoding="utf-8")

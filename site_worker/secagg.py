@@ -63,7 +63,7 @@ def _one_at_a_time(run_of: Callable[[Any], str]) -> Callable[[_F], _F]:
 
 
 def weighted_vector(delta: np.ndarray, num_examples: int, max_weight: int) -> np.ndarray:
-    """FedAvg's numerator and denominator in one vector, so the weight is masked too:
+    """The weighted mean's numerator and denominator in one vector, so the weight is masked too:
     ``[w * delta..., w]`` with ``w = min(num_examples, max_weight) / max_weight`` in (0, 1]
     (``max_weight`` public, fixed by the run), ``delta`` this site's update minus the global model."""
     w = min(int(num_examples), int(max_weight)) / int(max_weight)
