@@ -58,6 +58,7 @@ def site_toml(
         f"key_path = {_toml_str(str(key))}",
         f"coordinator_pub = {_toml_str(str(coordinator_pub))}",
         f"state_dir = {_toml_str(str(state_dir))}",
+        f"peers_dir = {_toml_str(str(coordinator_pub.parent))}  # every site's .pub (secure aggregation)",
         "grace_s = 5.0",
         "",
         "[policy]",
