@@ -133,7 +133,9 @@ def test_no_frame_a_site_publishes_carries_an_update_or_a_training_metric(monkey
 
     monkeypatch.setattr(MemoryBus, "publish", record)
     rec = Recorder(monkeypatch)
-    simulate(_experiment(3, threshold=2), sites=3, rounds=2, progress=False)
+    exp = _experiment(3, threshold=2, timeout=15.0)
+    exp["federated"]["max_round_retries"] = 0
+    simulate(exp, sites=3, rounds=2, progress=False)
     kinds: dict[str, int] = {}
     plain = {(rnd, s): new for rnd, sites in rec.plain.items() for s, (_, new, _) in sites.items()}
     for frame in frames:
@@ -163,3 +165,21 @@ def test_secure_fedavg_on_rabbitmq_equals_the_in_memory_run(amqp_url):
     assert [r["replies"] for r in amqp["rounds"]] == [3, 3] and amqp["rejected"] == []
     for key in ("loss", "accuracy"):
         assert amqp["holdout"][key] == pytest.approx(mem["holdout"][key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_plain_update_in_a_secure_run_is_refused_and_not_stored(monkeypatch):
+    """A site (buggy or hostile to its own privacy) that sends its Update in the clear is not aggregated."""
+    masked = SecAggSite.masked
+
+    def plain_from_site_3(site: SecAggSite, env: Any, global_weights: Any, update: Any, cap: int) -> Any:
+        return update if site.config.site_id == "site-3" else masked(site, env, global_weights, update, cap)
+
+    monkeypatch.setattr(SecAggSite, "masked", plain_from_site_3)
+    exp = _experiment(3, threshold=2, timeout=6.0)
+    exp["federated"]["parameters"]["min_fit_clients"] = 2
+    exp["federated"]["max_round_retries"] = 0
+    doc = simulate(exp, sites=3, rounds=1, progress=False)
+    assert [r["replies"] for r in doc["rounds"]] == [2]
+    refused = [r for r in doc["rejected"] if r["site"] == "site-3"]
+    assert refused and all("secure_aggregation" in r["reason"] for r in refused), doc["rejected"]
+    assert doc["rounds"][0]["secure_aggregation"]["contributors"] == 2
