@@ -183,3 +183,23 @@ def test_a_plain_update_in_a_secure_run_is_refused_and_not_stored(monkeypatch):
     refused = [r for r in doc["rejected"] if r["site"] == "site-3"]
     assert refused and all("secure_aggregation" in r["reason"] for r in refused), doc["rejected"]
     assert doc["rounds"][0]["secure_aggregation"]["contributors"] == 2
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_site_killed_after_uploading_still_counts_on_rabbitmq(amqp_url):
+    """kill -9 of a site process right after its masked update left: the round completes with the
+    sum of all three (the same model as in memory, where the same site stops after its upload)."""
+    suffix = f"-{uuid.uuid4().hex[:6]}"
+    exp = _experiment(3, threshold=2, timeout=20.0)
+    kwargs: dict[str, Any] = dict(sites=3, rounds=1, seed=5, site_suffix=suffix, progress=False,
+                                  faults=f"crash-after-upload:site-3{suffix}@1")
+    mem = simulate(exp, **kwargs)
+    amqp = simulate(exp, broker=amqp_url, **kwargs)
+    for doc in (mem, amqp):
+        assert [r["replies"] for r in doc["rounds"]] == [3]
+        seen = doc["rounds"][0]["secure_aggregation"]
+        assert seen["contributors"] == 3 and f"site-3{suffix}" not in seen["answered"]
+        assert [(e["kind"], e["site"]) for e in doc["faults"]["events"]] == [("crash-after-upload", f"site-3{suffix}")]
+    for key in ("loss", "accuracy"):
+        assert amqp["holdout"][key] == pytest.approx(mem["holdout"][key], rel=1e-6, abs=1e-9), key
