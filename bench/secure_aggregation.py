@@ -13,7 +13,7 @@ sends (masked update, N - 1 sealed shares, one answer) over what it sends withou
 aggregation (a float32 update). U = ceil(2N/3), T = 1 (a third of the sites may drop after uploading).
 
 ``--bus URL`` (``amqp://...`` or ``memory``) also times real rounds: the production coordinator
-and site workers (one OS process per site on RabbitMQ) train a 11-H-1 MLP of ``params`` parameters
+and site workers (one OS process per site on RabbitMQ) train a 11-H-H-1 MLP of about ``params`` parameters
 on heart_failure for 2 rounds with and without ``federated.secure_aggregation``;
 ``round_time_ratio`` is the mean round wall time with over without (round 1 included: the
 roster exchange happens before it). Without ``--bus`` it is null.
@@ -103,10 +103,13 @@ def point(n: int, params: int) -> dict:
 
 def _mlp_experiment(n: int, params: int, secure: bool) -> dict:
     exp = json.loads((Path(__file__).resolve().parents[1] / "examples" / "heart_failure.json").read_text())
-    hidden = max(1, (params - 1) // 13)  # 11*H + H (layer 1) + H + 1 (layer 2)
+    # 11-H-H-1: 12H + H*H + H + H + 1 = H**2 + 14H + 1 parameters, H values per row (the sites' memory policy)
+    hidden = max(1, int((-14 + math.sqrt(196 + 4 * (params - 1))) / 2))
     exp["architecture"]["layers"] = [
         {"name": "Input Layer", "type": "input", "params": {"features": 11}, "readonly": True},
         {"name": "Linear", "type": "Linear", "params": {"in_features": 11, "out_features": hidden, "bias": True}},
+        {"name": "ReLU", "type": "ReLU", "params": {}},
+        {"name": "Linear", "type": "Linear", "params": {"in_features": hidden, "out_features": hidden, "bias": True}},
         {"name": "ReLU", "type": "ReLU", "params": {}},
         {"name": "Linear", "type": "Linear", "params": {"in_features": hidden, "out_features": 1, "bias": True}},
         {"name": "Output Layer", "type": "output", "params": {"features": 1}, "readonly": True},
