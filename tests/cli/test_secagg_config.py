@@ -66,5 +66,6 @@ def test_unknown_and_out_of_range_keys_are_named(tmp_path):
 def test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear(tmp_path):
     """FedBuff's buffers are not masked over the bus yet: the coordinator refuses the key rather than
     run unmasked (sync FedAvg runs under it: tests/simulator/test_secure_aggregation.py)."""
-    _one_line_exit_2(["simulate", str(_with(tmp_path, "FedBuff", buffer_size=2)), "--sites", "2", "--rounds", "1"],
+    _one_line_exit_2(["simulate", str(_with(tmp_path, "FedBuff", buffer_size=2, round_timeout_s=2,
+                                                    max_round_retries=0)), "--sites", "2", "--rounds", "1"],
                      "federated.secure_aggregation", "FedBuff")
