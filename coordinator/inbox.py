@@ -32,7 +32,7 @@ from coordinator import checkpoints
 from coordinator.state import StateStore, UpdateRow
 from coordinator.validation import Rejected, check_envelope, check_weights
 from protocol.bounds import COUNT_METRICS
-from protocol.messages import Declined, EvalResult, Tensors, Update
+from protocol.messages import Declined, EvalResult, MaskedUpdate, SecAggAnswer, SecAggKey, Tensors, Update
 from protocol.transport.base import BusError, Delivery
 
 INT64_MAX = 2**63 - 1
@@ -161,7 +161,7 @@ class Inbox:
             if env.sender != opened.signer:
                 raise Rejected("bad_signature", f"envelope sender {env.sender!r} is not the signer {opened.signer!r}")
             check_envelope(env, federation=self.federation, run_id=self.run_id, max_skew_s=self.max_skew_s)
-            if not isinstance(env.payload, (Update, EvalResult, Declined)):
+            if not isinstance(env.payload, (Update, EvalResult, Declined, MaskedUpdate, SecAggKey, SecAggAnswer)):
                 raise Rejected("unexpected_type", f"{env.type} does not belong on the updates queue")
         except (ProtocolError, Rejected) as e:
             self.reject(delivery, e, round=round)
@@ -333,8 +333,8 @@ class Inbox:
             run_id=self.run_id, round=env.round, message_id=env.message_id, site=env.sender, kind=env.type,
             bytes=len(msg.delivery.body), verdict="accepted", split=split, body_sha256=opened.body_sha256,
             frame_sha256=opened.frame_sha256, signature=bytes(opened.signature), kid=opened.kid,
-            num_examples=int(p.num_examples), base_round=int(p.base_round), staleness=staleness,
-            metrics=_finite_metrics(p.metrics), epsilon=eps, delta=delta,
+            num_examples=int(getattr(p, "num_examples", 0)), base_round=int(p.base_round), staleness=staleness,
+            metrics=_finite_metrics(getattr(p, "metrics", {})), epsilon=eps, delta=delta,
             body_path=body_path, task_id=getattr(p, "task_id", None),
         )
 

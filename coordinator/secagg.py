@@ -23,11 +23,13 @@ from protocol.signing import Signer
 
 
 def refuse_until_wired(experiment: Experiment) -> None:
-    """Never run "secure" rounds in the clear: the round loop does not mask updates yet."""
+    """Never run "secure" rounds in the clear: only the sync loop masks updates (FedBuff's buffers do not yet)."""
     if experiment.federated.secure_aggregation is not None:
-        raise ConfigError("federated.secure_aggregation", "this coordinator cannot run secure aggregation over the "
-                          "bus yet (the masking and the sites' rules exist, the round loop does not use them: "
-                          "issue 22); remove the key to run without it")
+        if experiment.federated.name != "FedBuff":
+            return  # the sync loop masks (coordinator/rounds/secure.py)
+        raise ConfigError("federated.secure_aggregation", "this coordinator runs secure aggregation in synchronous "
+                          "rounds only (FedAvg, FedAvgM, FedAdam, FedProx); FedBuff's buffers are not masked over the "
+                          "bus yet (issue 22): use a synchronous aggregator or remove the key")
 
 
 @dataclass

@@ -87,7 +87,7 @@ CREATE TABLE IF NOT EXISTS updates (
     frame_sha256 TEXT,
     signature BLOB,
     kid TEXT,
-    verdict TEXT NOT NULL,             -- accepted | rejected | late | stale | duplicate | declined
+    verdict TEXT NOT NULL,             -- accepted | rejected | late | stale | duplicate | declined | secagg
     reason TEXT,
     num_examples INTEGER,
     base_round INTEGER,
@@ -425,7 +425,7 @@ class StateStore:
             d = asdict(u)
             d["metrics_json"] = json.dumps(d.pop("metrics"), default=float)
             db.execute(f"INSERT INTO updates ({', '.join(d)}) VALUES ({', '.join('?' * len(d))})", tuple(d.values()))
-            if u.verdict == "accepted" and u.kind == "Update":
+            if u.verdict == "accepted" and u.kind in ("Update", "MaskedUpdate"):
                 db.execute(
                     "INSERT INTO privacy VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (u.run_id, u.round, u.site, u.epsilon, u.delta, u.message_id, u.received_at),

@@ -119,6 +119,23 @@ class Text(Bound):
 
 
 @dataclass(frozen=True)
+class Bin(Bound):
+    """Raw bytes of ``min_len..max_len`` (keys, signatures, signed statements)."""
+
+    max_len: int
+    min_len: int = 0
+
+    def check(self, value: Any, path: str) -> None:
+        if type(value) is not bytes:
+            raise _fail(path, f"expected bytes, not {_type_name(value)}", value)
+        if not self.min_len <= len(value) <= self.max_len:
+            raise _fail(path, f"must be {self.min_len}..{self.max_len} bytes", len(value))
+
+    def describe(self) -> str:
+        return f"{self.min_len}..{self.max_len} bytes"
+
+
+@dataclass(frozen=True)
 class Flag(Bound):
     def check(self, value: Any, path: str) -> None:
         if type(value) is not bool:
@@ -320,6 +337,7 @@ POLICY = Table(
     other=Opt(Tree(max_nodes=257, max_depth=1, max_str=256)),
 )
 
+SECAGG_STATEMENT = 4 * 1024 * 1024  # a signed roster (~200 bytes a site) or unmask request (~150 an update)
 MAX_MODEL_CHUNKS = 65_536  # chunks of one published model (a 512 MiB model in 8 MiB chunks is 64)
 
 TASK = {
@@ -413,6 +431,27 @@ FIELDS: dict[str, dict[str, Bound]] = {
         "delta": DELTA,
         "accountant": Opt(Text(16, choices=("rdp", "prv"))),
     },
+    # Secure aggregation (protocol/secagg/, docs/secure-aggregation.md): field vectors and sealed
+    # shares are Tensors (Limits bound them; site_worker/secagg.py and coordinator/secagg.py check
+    # their lengths against the roster); statements are small signed bytes.
+    "SecAggJoin": {"deadline": TASK["deadline"]},
+    "SecAggKey": {"task_id": TASK_ID, "public": Bin(32, min_len=32), "kid": Text(64), "sig": Bin(64, min_len=64)},
+    "SecAggRoster": {"body": Bin(SECAGG_STATEMENT), "kid": Text(64), "sig": Bin(64, min_len=64)},
+    "MaskedUpdate": {
+        "task_id": TASK_ID,
+        "tag": ROUND,
+        "masked": Unchecked("Limits (codec); one uint32 array of the roster's length (coordinator/rounds/secure.py)"),
+        "shares": Unchecked("Limits (codec); one sealed uint8 share per other roster site (coordinator/rounds/secure.py)"),
+        "epsilon": EPSILON,
+        "delta": DELTA,
+        "base_round": ROUND,
+    },
+    "SecAggShare": {"sender": IDENT, "tag": ROUND,
+                    "sealed": Unchecked("Limits (codec); AES-GCM authenticates it (protocol/secagg/keys.py)")},
+    "SecAggUnmask": {"body": Bin(SECAGG_STATEMENT), "kid": Text(64), "sig": Bin(64, min_len=64),
+                     "deadline": TASK["deadline"]},
+    "SecAggAnswer": {"task_id": TASK_ID, "request_id": Text(64),
+                     "share": Unchecked("Limits (codec); one uint32 array of the coding's piece length")},
 }
 
 # The chunk header (protocol/chunking.py), decoded from AMQP headers before any reassembly.

@@ -66,6 +66,7 @@ DTYPES: dict[str, np.dtype] = {
         "int32": "<i4",
         "int64": "<i8",
         "uint8": "u1",
+        "uint32": "<u4",  # secure aggregation's field vectors (p = 2**31 - 1): half an int64's bytes
         "bool": "?",
     }.items()
 }
@@ -570,6 +571,12 @@ def _kind_of(hint: Any) -> tuple[str, _Decoder]:
         return "int", lambda v, p, lim, b: _int(v, p)
     if hint is float:
         return "float", lambda v, p, lim, b: _float(v, p)
+    if hint is bytes:
+        def dec_bytes(v: Any, p: str, lim: Limits, b: list[int]) -> bytes:
+            if not isinstance(v, (bytes, memoryview)):
+                raise MalformedFrame(f"{p}: expected bin, got {_tname(v)}")
+            return bytes(v)
+        return "bytes", dec_bytes
     if hint is bool:
         def dec_bool(v: Any, p: str, lim: Limits, b: list[int]) -> bool:
             if type(v) is not bool:

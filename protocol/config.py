@@ -351,6 +351,9 @@ class CentralDP(_Block):
     delta: Float = Field(1e-5, gt=0, lt=1)  # the δ the run's central ε is reported at
 
 
+MAX_WEIGHT_CAP = 2**30
+
+
 class SecureAggregation(_Block):
     """``federated.secure_aggregation``: the coordinator sees only sums (protocol/secagg/).
 
@@ -366,6 +369,8 @@ class SecureAggregation(_Block):
     clip: Float = Field(1.0, gt=0)
     scale: Float = Field(65536.0, ge=1)
     max_sites: Int = Field(64, ge=1, le=10_000)
+    # W: public FedAvg weight cap; a site weighs min(rows, W) / W, masked inside its vector.
+    weight_cap: Int = Field(1000, ge=1, le=MAX_WEIGHT_CAP)
 
 
 class EarlyStopping(_Block):

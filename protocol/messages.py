@@ -24,7 +24,9 @@ SCHEMA_VERSION = 1
 Tensors = tuple[tuple[str, np.ndarray], ...]
 
 # model_unavailable: the task's model (by hash) never reached the site or was retired (protocol/model_blob.py)
-DeclineReason = Literal["budget", "policy", "data", "error", "untrusted_task", "model_unavailable"]
+# secure_aggregation: a roster, share or unmask request the site refused (site_worker/secagg.py names the rule)
+DeclineReason = Literal["budget", "policy", "data", "error", "untrusted_task", "model_unavailable",
+                        "secure_aggregation"]
 ControlAction = Literal["stop", "abort"]
 
 
@@ -225,13 +227,96 @@ class StatsResult:
     accountant: str | None
 
 
+
+# ---------------------------------------------------------------- secure aggregation (issue 22)
+# docs/secure-aggregation.md "Protocol, message by message". Everything a site sends here is
+# masked, sealed for another site, or a sum over at least min_contributors sites.
+
+
+@dataclass(frozen=True)
+class SecAggJoin:
+    """Coordinator -> site: send this run's X25519 key, signed by your identity (``SecAggKey``)."""
+
+    TYPE: ClassVar[str] = "SecAggJoin"
+    deadline: float
+
+
+@dataclass(frozen=True)
+class SecAggKey:
+    """Site -> coordinator: the site's X25519 public key for the run (``protocol.secagg.keys.KeyBinding``)."""
+
+    TYPE: ClassVar[str] = "SecAggKey"
+    task_id: str
+    public: bytes  # 32 raw bytes
+    kid: str  # the site's Ed25519 key id
+    sig: bytes  # over KeyBinding.signed_bytes()
+
+
+@dataclass(frozen=True)
+class SecAggRoster:
+    """Coordinator -> site: ``Roster.body()`` and the coordinator's signature over exactly those bytes."""
+
+    TYPE: ClassVar[str] = "SecAggRoster"
+    body: bytes
+    kid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    """Site -> coordinator, in place of an ``Update`` under secure aggregation: the masked field
+    vector ``[w*delta..., w]`` (one little-endian uint32 array) and the mask's shares, each sealed
+    (AES-GCM) for the roster site it is named after; the coordinator relays them unopened."""
+
+    TYPE: ClassVar[str] = "MaskedUpdate"
+    task_id: str
+    tag: int  # the update's tag in unmask requests (the round)
+    masked: Tensors  # (("masked", uint32[length]),)
+    shares: Tensors  # ((recipient site, uint8 sealed share), ...)
+    epsilon: float | None
+    delta: float | None
+    base_round: int
+
+
+@dataclass(frozen=True)
+class SecAggShare:
+    """Coordinator -> site: one sealed share relayed from ``sender`` (the coordinator cannot open it)."""
+
+    TYPE: ClassVar[str] = "SecAggShare"
+    sender: str
+    tag: int
+    sealed: Tensors  # ((sender, uint8 sealed share),)
+
+
+@dataclass(frozen=True)
+class SecAggUnmask:
+    """Coordinator -> site: ``UnmaskRequest.body()`` (the exact contributor set) and its signature."""
+
+    TYPE: ClassVar[str] = "SecAggUnmask"
+    body: bytes
+    kid: str
+    sig: bytes
+    deadline: float
+
+
+@dataclass(frozen=True)
+class SecAggAnswer:
+    """Site -> coordinator: the sum of the site's shares of exactly the request's contributors."""
+
+    TYPE: ClassVar[str] = "SecAggAnswer"
+    task_id: str
+    request_id: str
+    share: Tensors  # (("share", uint32[piece]),)
+
 Payload = (SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
-           | StatsTask | StatsResult)
+           | StatsTask | StatsResult | SecAggJoin | SecAggKey | SecAggRoster | MaskedUpdate | SecAggShare
+           | SecAggUnmask | SecAggAnswer)
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
-                StatsTask, StatsResult)
+                StatsTask, StatsResult, SecAggJoin, SecAggKey, SecAggRoster, MaskedUpdate, SecAggShare, SecAggUnmask,
+                SecAggAnswer)
 }
 
 

@@ -1307,3 +1307,24 @@ MUTANTS.extend([
         (f"{_REGISTRY}::test_a_tampered_entry_fails_the_audit",),
     ),
 ])
+# ------------------------------------------------------------------ secure aggregation wired into the round loop
+_SECAGG_RUN = "tests/simulator/test_secure_aggregation.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-site-sends-plain-update", "under secure aggregation a site publishes only the masked update, never its Update",
+        (Edit("site_worker/daemon.py", "            self._reply(d, env, masked, tlog)\n", "            self._reply(d, env, reply, tlog)\n"),),
+        (f"{_SECAGG_RUN}::test_no_frame_a_site_publishes_carries_an_update_or_a_training_metric",),
+    ),
+    Mutant(
+        "secagg-relay-drops-shares", "the coordinator relays every sealed share to its recipient (else no U sites can answer)",
+        (Edit("coordinator/rounds/secure.py", "            for recipient, sealed in p.shares:\n",
+              "            for recipient, sealed in p.shares[:0]:\n"),),
+        (f"{_SECAGG_RUN}::test_secure_fedavg_equals_the_plain_weighted_mean_within_the_quantisation_error",),
+    ),
+    Mutant(
+        "secagg-coordinator-folds-plain-update", "a coordinator under secure aggregation refuses an unmasked Update",
+        (Edit("coordinator/rounds/sync.py", "            if (self.secure is not None) != isinstance(p, MaskedUpdate):\n",
+              "            if self.secure is None and isinstance(p, MaskedUpdate):\n"),),
+        (f"{_SECAGG_RUN}::test_a_plain_update_in_a_secure_run_is_refused_and_not_stored",),
+    ),
+])

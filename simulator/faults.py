@@ -10,6 +10,9 @@ The simulator must test the code hospitals run, so faults never fork the site wo
   from the distribution (``SITE`` may be ``*``);
 * **crash** ``crash:SITE@ROUND`` - the site dies on receiving its task of ROUND, the
   task unacknowledged (in memory: its consumer is cancelled; as a process: SIGKILL);
+* **crash after upload** ``crash-after-upload:SITE@ROUND`` - the site dies (SIGKILL as a
+  process) right after it published its update of ROUND: under secure aggregation its masked
+  update counts, and it never answers the unmask request;
 * **byzantine** ``byzantine:SITE:flip[:K]`` | ``byzantine:SITE:scale[:K]`` - every
   update the site sends is replaced by ``base - K * delta`` (flip, K = 10 by default)
   or ``base + K * delta`` (scale, K = 10), re-signed with the site's own key: a
@@ -43,7 +46,7 @@ class FaultSpecError(ValueError):
 
 _FORMS = (
     "dropout:P | straggler:SITE:SECONDS | straggler:SITE:exp:MEAN | straggler:SITE:uniform:LO:HI | "
-    "crash:SITE@ROUND | byzantine:SITE:flip[:K] | byzantine:SITE:scale[:K]"
+    "crash:SITE@ROUND | crash-after-upload:SITE@ROUND | byzantine:SITE:flip[:K] | byzantine:SITE:scale[:K]"
 )
 
 
@@ -78,13 +81,15 @@ class FaultPlan:
     crashes: dict[str, int] = field(default_factory=dict)
     byzantine: tuple[Byzantine, ...] = ()
     seed: int = 0
+    upload_crashes: dict[str, int] = field(default_factory=dict)  # crash-after-upload:SITE@ROUND
 
     @property
     def empty(self) -> bool:
-        return not (self.dropout or self.stragglers or self.crashes or self.byzantine)
+        return not (self.dropout or self.stragglers or self.crashes or self.byzantine or self.upload_crashes)
 
     def sites_named(self) -> set[str]:
-        named = {s.site for s in self.stragglers} | set(self.crashes) | {b.site for b in self.byzantine}
+        named = ({s.site for s in self.stragglers} | set(self.crashes) | {b.site for b in self.byzantine}
+                 | set(self.upload_crashes))
         return named - {"*"}
 
     def straggler_for(self, site: str) -> Straggler | None:
@@ -100,7 +105,8 @@ class FaultPlan:
         return None
 
     def affects(self, site: str) -> bool:
-        return bool(self.dropout or self.straggler_for(site) or site in self.crashes or self.byzantine_for(site))
+        return bool(self.dropout or self.straggler_for(site) or site in self.crashes or self.byzantine_for(site)
+                    or site in self.upload_crashes)
 
     def rng(self, round_: int, site: str, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, round_, zlib.crc32(site.encode()), salt])
@@ -116,6 +122,7 @@ class FaultPlan:
             "crashes": dict(self.crashes),
             "byzantine": [dataclasses.asdict(b) for b in self.byzantine],
             "seed": self.seed,
+            "upload_crashes": dict(self.upload_crashes),
         }
 
     @classmethod
@@ -126,6 +133,7 @@ class FaultPlan:
             crashes={str(k): int(v) for k, v in (d.get("crashes") or {}).items()},
             byzantine=tuple(Byzantine(**b) for b in d.get("byzantine", ())),
             seed=int(d.get("seed", 0)),
+            upload_crashes={str(k): int(v) for k, v in (d.get("upload_crashes") or {}).items()},
         )
 
 
@@ -136,6 +144,7 @@ def parse_faults(spec: str | None, *, seed: int = 0) -> FaultPlan:
     dropout = 0.0
     stragglers: list[Straggler] = []
     crashes: dict[str, int] = {}
+    upload_crashes: dict[str, int] = {}
     byz: list[Byzantine] = []
     for item in (p.strip() for p in spec.replace(";", ",").split(",")):
         if not item:
@@ -161,6 +170,11 @@ def parse_faults(spec: str | None, *, seed: int = 0) -> FaultPlan:
                 crashes[site] = int(rnd)
                 if crashes[site] < 1:
                     raise FaultSpecError(f"--faults {item!r}: ROUND must be >= 1")
+            elif kind == "crash-after-upload" and len(parts) == 1 and "@" in parts[0]:
+                site, _, rnd = parts[0].partition("@")
+                upload_crashes[site] = int(rnd)
+                if upload_crashes[site] < 1:
+                    raise FaultSpecError(f"--faults {item!r}: ROUND must be >= 1")
             elif kind == "byzantine" and len(parts) in (2, 3) and parts[1] in ("flip", "scale"):
                 factor = float(parts[2]) if len(parts) == 3 else 10.0
                 byz.append(Byzantine(parts[0], parts[1], factor))
@@ -170,7 +184,8 @@ def parse_faults(spec: str | None, *, seed: int = 0) -> FaultPlan:
             if isinstance(e, FaultSpecError):
                 raise
             raise FaultSpecError(f"--faults {item!r}: {e}; use {_FORMS}") from None
-    return FaultPlan(dropout=dropout, stragglers=tuple(stragglers), crashes=crashes, byzantine=tuple(byz), seed=seed)
+    return FaultPlan(dropout=dropout, stragglers=tuple(stragglers), crashes=crashes, byzantine=tuple(byz), seed=seed,
+                     upload_crashes=upload_crashes)
 
 
 def _nonneg(text: str, item: str) -> float:
@@ -315,7 +330,25 @@ class FaultyBus(Bus):
         byz = self.plan.byzantine_for(self.site_id)
         if byz is not None and exchange == UPDATES:
             body = self._poison(body, byz)
+        if self.crashed:
+            return  # a dead site says nothing more
         self.inner.publish(exchange, routing_key, body, message_id=message_id, headers=headers)
+        after = self.plan.upload_crashes.get(self.site_id)
+        if after is not None and exchange == UPDATES:
+            env = self._peek_reply(body)
+            if env is not None and env.type in ("Update", "MaskedUpdate") and int(env.round) >= after:
+                self.crashed = True  # the update is out; the site dies before anything else
+                self.fault_log.add(kind="crash-after-upload", site=self.site_id, round=int(env.round))
+                for consumer in self._consumers:
+                    self._crash(consumer)
+
+    def _peek_reply(self, body: bytes) -> Any:
+        from protocol.codec import decode_envelope, decode_frame
+
+        try:
+            return decode_envelope(decode_frame(body, limits=_limits())[2], limits=_limits())
+        except Exception:  # noqa: BLE001 - our own site's frame; unreadable means not an update
+            return None
 
     def _poison(self, body: bytes, byz: Byzantine) -> bytes:
         from protocol.codec import decode_envelope, decode_frame, seal

@@ -252,6 +252,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
         dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
+        peers=exp.federated.secure_aggregation is not None,
     )
     if cohort_only:
         return _cohort_only(exp, ws, memory=memory, url=url, federation=federation, bins=bins, out_dir=out_dir,

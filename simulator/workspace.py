@@ -48,7 +48,7 @@ def _toml_str(value: str) -> str:
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
     dataset: str, train: Path, target: str, kind: str = "tabular", dp_seed: int | None = None,
-    max_epsilon: float | None = None,
+    max_epsilon: float | None = None, peers: bool = False,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -59,6 +59,10 @@ def site_toml(
         f"coordinator_pub = {_toml_str(str(coordinator_pub))}",
         f"state_dir = {_toml_str(str(state_dir))}",
         "grace_s = 5.0",
+    ]
+    if peers:  # every site's .pub (secure aggregation): only for runs that ask for it
+        lines.append(f"peers_dir = {_toml_str(str(coordinator_pub.parent))}")
+    lines += [
         "",
         "[policy]",
         "allow_no_dp = true  # simulated experiments may run without DP; a hospital decides this itself",
@@ -95,6 +99,7 @@ def build_workspace(
     dp_seed: int | None = None,
     split_seed: int | None = None,
     site_budget: float | None = None,
+    peers: bool = False,
 ) -> Workspace:
     """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
     root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,7 @@ def build_workspace(
             site_toml(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
-                kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget,
+                kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget, peers=peers,
             ),
             encoding="utf-8",
         )

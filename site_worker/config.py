@@ -63,6 +63,9 @@ class SiteConfig:
     declare_topology: bool = False  # provisioned site users may not declare; guest/dev may
     log_level: str = "info"
     torch_threads: int | None = None  # CPU threads for training (None = torch's default)
+    # The federation's site public keys (NAME.pub, from the kit): who may bind an X25519 key in a
+    # secure-aggregation roster (site_worker/secagg.py). None: this site cannot join secure runs.
+    peers_dir: Path | None = None
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -95,6 +98,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         "site_id", "federation", "broker_url", "broker_password_file", "key_path",
         "coordinator_pub", "state_dir", "datasets", "policy", "tls", "flower_client",
         "max_skew_s", "grace_s", "heartbeat_s", "declare_topology", "log_level", "torch_threads",
+        "peers_dir",
     }
     r.reject_unknown(known)
     site_id = r.ident("site_id")
@@ -144,6 +148,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         declare_topology=r.boolean("declare_topology", default=False),
         log_level=level,
         torch_threads=_threads(r),
+        peers_dir=r.path("peers_dir", required=False, must_exist=True),
     )
 
 

@@ -24,7 +24,7 @@ from protocol.codec import new_envelope, open_frame, seal
 from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.errors import ProtocolError, UnknownSigner
 from protocol.messages import (Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, StatsTask,
-                               TrainTask)
+                               TrainTask, Update)
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
@@ -36,6 +36,7 @@ from site_worker.data import DataError, catalogue
 from site_worker.handlers import TaskHandler
 from site_worker.ledger import PrivacyLedger
 from site_worker.model_cache import ChunkRefused, ModelCache, ModelMismatch, ModelUnavailable
+from site_worker.secagg_handlers import SECAGG_TASKS, SecAggSite, wants_secagg
 from site_worker.trainer import TrainingAborted
 from site_worker.untrusted import UntrustedNotices
 
@@ -98,11 +99,12 @@ class SiteWorker:
 
             flower = FlowerAdapter(make_client(config.flower_client, config))
         self.handler = TaskHandler(config, ledger=self.ledger, stop=self._abort, flower=flower)
+        self.secagg = SecAggSite(config, self.signer, Path(config.coordinator_pub).read_bytes())
         self._consumer: Consumer | None = None
         self._stats_lock = threading.Lock()
         self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
                        "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0,
-                       "personalized": 0, "stats": 0}
+                       "personalized": 0, "stats": 0, "secagg": 0}
         self.log = log.bind(site_id=config.site_id)
 
     # ------------------------------------------------------------------ lifecycle
@@ -232,7 +234,7 @@ class SiteWorker:
             if isinstance(e, UnknownSigner):
                 self._tell_untrusted(d.body)
             return
-        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, StatsTask, RunControl)):
+        if not isinstance(env.payload, (TrainTask, EvalTask, PersonalizeTask, StatsTask, RunControl, *SECAGG_TASKS)):
             self._reject(d, "unexpected_type", f"{env.type} is not a task a site accepts")
             return
         if env.federation != self.config.federation:
@@ -273,6 +275,9 @@ class SiteWorker:
             d.ack()
             self.guard.mark_seen(env.message_id)
             return
+        if isinstance(payload, SECAGG_TASKS):
+            self._secagg_task(d, env, tlog)
+            return
         if payload.deadline and payload.deadline > 0 and time.time() > payload.deadline:
             tlog.warning("task_expired", deadline=payload.deadline)
             self._count("expired")
@@ -307,6 +312,10 @@ class SiteWorker:
             tlog.warning("task_retry_backoff", attempt=started + 1, backoff_s=wait)
             if self._stopping.wait(wait):
                 return  # stopping: unsettled, redelivered later
+        secure = wants_secagg(payload.experiment) if isinstance(payload, TrainTask) else None
+        if secure is not None and (refused := self.secagg.ready(env)) is not None:
+            self._reply(d, env, refused, tlog)  # no roster committed: decline before anything is spent
+            return
         self.attempts.begin(env.message_id)
         try:
             reply = self.handler.handle(env)
@@ -315,7 +324,28 @@ class SiteWorker:
             self.attempts.done(env.message_id)  # a stop, not a crash: the next start is not a retry
             tlog.warning("task_abandoned", reason=str(e))
             return  # unsettled: redelivered when the consumer is cancelled / the process dies
+        if secure is not None and isinstance(reply, Update):
+            # Under secure aggregation only the masked vector and sealed shares leave: no update, no metric.
+            masked = self.secagg.masked(env, env.payload.weights, reply, int(secure.get("weight_cap", 1000)))
+            self._reply(d, env, masked, tlog)
+            return
         self._reply(d, env, reply, tlog)
+
+    def _secagg_task(self, d: Delivery, env: Envelope, tlog: Any) -> None:
+        """A roster, relayed share or unmask request (site_worker/secagg_handlers.py)."""
+        deadline = getattr(env.payload, "deadline", 0.0)
+        if deadline and time.time() > deadline:
+            tlog.warning("task_expired", deadline=deadline)
+            self._count("expired")
+            d.ack()
+            self.guard.mark_seen(env.message_id)
+            return
+        reply = self.secagg.handle(env)
+        if reply is not None:
+            self._reply(d, env, reply, tlog)
+            return
+        d.ack()
+        self.guard.mark_seen(env.message_id)
 
     def _reply(self, d: Delivery, task_env: Envelope, reply: Any, tlog: Any) -> None:
         env = new_envelope(reply, federation=task_env.federation, run_id=task_env.run_id, round=task_env.round,
@@ -347,7 +377,7 @@ class SiteWorker:
         self.attempts.done(task_env.message_id)
         self._count("tasks_done")
         kind = type(reply).__name__
-        if kind == "Update":
+        if kind in ("Update", "MaskedUpdate"):
             self._count("trained")
         elif kind == "EvalResult" and isinstance(task_env.payload, PersonalizeTask):
             self._count("personalized")
@@ -355,6 +385,8 @@ class SiteWorker:
             self._count("evaluated")
         elif kind == "StatsResult":
             self._count("stats")
+        elif kind in ("SecAggKey", "SecAggAnswer"):
+            self._count("secagg")
         else:
             self._count("declined")
         tlog.info("reply_sent", reply=kind, reply_id=env.message_id, bytes=len(frame),

@@ -48,6 +48,8 @@ def within(bound: B.Bound, *, field: str = "") -> st.SearchStrategy[Any]:
         return st.text(min_size=bound.min_len, max_size=min(bound.max_len, 24))
     if isinstance(bound, B.Flag):
         return st.booleans()
+    if isinstance(bound, B.Bin):
+        return st.binary(min_size=bound.min_len, max_size=min(bound.max_len, max(bound.min_len, 24)))
     if isinstance(bound, B.Opt):
         return st.none() | within(bound.inner)
     if isinstance(bound, B.Items):
@@ -67,7 +69,7 @@ def within(bound: B.Bound, *, field: str = "") -> st.SearchStrategy[Any]:
     if isinstance(bound, B.Record):
         return st.builds(bound.cls, **{k: within(v) for k, v in bound.fields().items()})
     if isinstance(bound, B.Unchecked):
-        if field == "weights":
+        if field in ("weights", "masked", "shares", "sealed", "share"):  # Tensors (secure aggregation's too)
             return tensors
         if field == "datasets":
             return payload(DatasetInfo)
@@ -100,6 +102,12 @@ def outside(bound: B.Bound) -> st.SearchStrategy[Any] | None:
         return st.one_of(*bad)
     if isinstance(bound, B.Flag):
         return st.sampled_from([1, "true", None])
+    if isinstance(bound, B.Bin):
+        bad = [st.just(b"x" * (bound.max_len + 1)) if bound.max_len <= 4096 else st.sampled_from([3, None]),
+               st.sampled_from([3, None, [1]])]
+        if bound.min_len:
+            bad.append(st.just(b"x" * (bound.min_len - 1)))
+        return st.one_of(*bad)
     if isinstance(bound, B.Opt):
         return outside(bound.inner)
     if isinstance(bound, B.Items):

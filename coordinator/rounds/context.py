@@ -96,7 +96,8 @@ class RunContext:
             p = self.checkpoint_path(rnd, ".agg")
             st_sha = checkpoints.save_tensors(p, agg_state)
             st_path = str(p.relative_to(self.store.dir))
-        train_s = max((float(h.payload.metrics.get("train_s", 0.0)) for h in accepted.values()), default=0.0)
+        train_s = max((float((getattr(h.payload, "metrics", None) or {}).get("train_s", 0.0)) for h in accepted.values()),
+                      default=0.0)  # a MaskedUpdate carries no metric
         a = metrics["aggregate"]
         row = RoundRow(
             run_id=self.run_id, round=rnd, attempts=attempts, sampled=list(sampled), replies=len(accepted),

@@ -123,7 +123,10 @@ def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | Non
     store, run_id = ctx.store, ctx.run_id
     rounds = store.rounds(run_id)
     rows = [{"round": r["round"], "loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"],
-             "replies": r["replies"], "wall_s": r["wall_s"]} for r in rounds]
+             "replies": r["replies"], "wall_s": r["wall_s"],
+             # Under secure aggregation: what the coordinator saw (contributors, who answered, the weight sum).
+             **({"secure_aggregation": r["metrics"]["secure_aggregation"]}
+                if "secure_aggregation" in (r.get("metrics") or {}) else {})} for r in rounds]
     eps: dict[str, float | None] = {s: None for s in ctx.sites or ctx.restrict or []}
     for line in store.privacy(run_id):
         if line["epsilon"] is not None:

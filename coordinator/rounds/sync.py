@@ -20,7 +20,9 @@ from coordinator.rounds.context import RunContext, RunFailed, give_up, warn_repr
 from coordinator.rounds.evaluation import Evaluation
 from coordinator.sampling import sample_count
 from coordinator.validation import Rejected
-from protocol.messages import Declined, EvalResult, TaskConfig, Tensors
+from coordinator.rounds.secure import SecureSync
+from coordinator.secagg import MaskedSum
+from protocol.messages import Declined, EvalResult, MaskedUpdate, TaskConfig, Tensors, Update
 
 
 class SyncRounds:
@@ -30,9 +32,16 @@ class SyncRounds:
         self.ctx = ctx
         self.agg = agg
         self.evaluation = evaluation
+        # Under federated.secure_aggregation: masked updates, relayed shares, one unmask per round.
+        self.secure = SecureSync(ctx) if ctx.experiment.federated.secure_aggregation is not None else None
 
     def run(self, weights: Tensors, first_round: int) -> Tensors:
         ctx = self.ctx
+        if self.secure is not None:
+            if first_round > 1:
+                raise RunFailed("a run under secure aggregation cannot be resumed yet (its roster and the sites' "
+                                "shares belong to the interrupted run): start a new run")
+            self.secure.setup(ctx.available(), weights)
         with RoundProgress(ctx.rounds_planned, enabled=ctx.progress, start=first_round - 1) as progress:
             for rnd in range(first_round, ctx.rounds_planned + 1):
                 if ctx.store.stop_requested(ctx.run_id):
@@ -47,6 +56,9 @@ class SyncRounds:
         ctx = self.ctx
         fed = ctx.experiment.federated
         sites = ctx.available()
+        if self.secure is not None:  # only roster sites hold keys and shares
+            sites = [s for s in sites if s in self.secure.sites]
+        total = self.secure.new_sum() if self.secure is not None else None
         ctx.inbox.refresh_trust()
         t0 = time.monotonic()
         rlog = ctx.log.bind(round=rnd)
@@ -68,7 +80,7 @@ class SyncRounds:
                         break
                     continue
                 t = time.monotonic()
-                self._message(delivery, rnd, weights, sampled, held, accepted, replied, rlog)
+                self._message(delivery, rnd, weights, sampled, held, accepted, replied, rlog, total)
                 agg_s += time.monotonic() - t
                 progress.replies(len(replied), len(sampled))
             if len(accepted) >= fed.min_fit_clients:
@@ -95,9 +107,14 @@ class SyncRounds:
             progress.begin(rnd, expected=len(sampled))
 
         t = time.monotonic()
+        if self.secure is not None and total is not None:  # the only contribution is the unmasked mean
+            self.agg.add(self.secure.unmask(rnd, weights, total, held))
         new_weights = self.agg.finish_round()
         agg_s += time.monotonic() - t
-        val = self.evaluation.validation(rnd, new_weights, accepted, held, sites, progress)
+        # Under secure aggregation no per-site training metric exists here (only EvalTask releases).
+        val = self.evaluation.validation(rnd, new_weights, {} if self.secure else accepted, held, sites, progress)
+        if self.secure is not None:
+            val["secure_aggregation"] = self.secure.report["rounds"][-1]
         self.evaluation.round_test(rnd, new_weights, held, sites, progress, val)
         val["available"] = len(sites)  # with len(sampled): the round's sampling rate for central DP's ε
         t = time.monotonic()
@@ -119,7 +136,7 @@ class SyncRounds:
         return deadline
 
     def _message(self, inbound: Inbound, rnd: int, weights: Tensors, sampled: list[str], held: dict[str, Held],
-                 accepted: dict[str, Held], replied: set[str], rlog: Any) -> None:
+                 accepted: dict[str, Held], replied: set[str], rlog: Any, total: MaskedSum | None = None) -> None:
         inbox, tasks = self.ctx.inbox, self.ctx.tasks
 
         def route(msg: Message) -> None:
@@ -143,6 +160,14 @@ class SyncRounds:
             if p.base_round != rnd - 1:
                 raise Rejected("wrong_round", f"update trained from model version {p.base_round}, "
                                f"round {rnd} sent version {rnd - 1}")
+            if (self.secure is not None) != isinstance(p, MaskedUpdate):
+                raise Rejected("secure_aggregation", "this run is under secure aggregation: an unmasked Update is "
+                               "refused and not stored" if isinstance(p, Update) else "a MaskedUpdate outside secure aggregation")
+            if self.secure is not None and total is not None:
+                self.secure.accept(msg, rnd, total)  # relays its sealed shares, adds the masked vector
+                accepted[site] = inbox.hold(msg, held, payload=p)
+                replied.add(site)
+                return None
             h, _ = inbox.accept_update(msg, held, weights=weights, norm_bound=self.ctx.norm_bound, fold=self.agg.add)
             accepted[site] = h
             replied.add(site)

@@ -20,7 +20,8 @@ from coordinator.sampling import derive_seed
 from coordinator.state import StateStore
 from coordinator.models import ModelPublisher
 from protocol.config import Experiment
-from protocol.messages import EvalTask, PersonalizeTask, TaskConfig, Tensors, TrainTask
+from protocol.messages import (EvalTask, PersonalizeTask, SecAggJoin, SecAggRoster, SecAggShare, SecAggUnmask, TaskConfig,
+                               Tensors, TrainTask)
 from protocol.model_blob import ModelRef
 from protocol.signing import Signer
 from protocol.transport.base import Bus
@@ -29,7 +30,7 @@ from protocol.transport.topology import TASKS
 COORDINATOR = "coordinator"
 
 TaskKind = Literal["TrainTask", "EvalTask", "PersonalizeTask"]
-Task = TrainTask | EvalTask | PersonalizeTask
+Task = TrainTask | EvalTask | PersonalizeTask | SecAggJoin | SecAggRoster | SecAggShare | SecAggUnmask  # secure.py
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,18 @@ def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.mod(np.asarray(a, dtype=np.int64) - np.asarray(b, dtype=np.int64), P)
 
 
+def to_bytes_array(elements: np.ndarray) -> np.ndarray:
+    """Field vector as the little-endian uint32 array a message's Tensors carry."""
+    return np.asarray(elements, dtype=np.int64).astype("<u4")
+
+
+def from_array(arr: np.ndarray, length: int) -> np.ndarray:
+    """A uint32 array off the wire back to field elements; refuses another dtype, length or an element >= P."""
+    if arr.dtype != np.dtype("<u4") or arr.ndim != 1:
+        raise ValueError(f"a field vector is a 1-d uint32 array, got {arr.dtype} of shape {arr.shape}")
+    return from_bytes(arr.tobytes(), length)
+
+
 def to_bytes(elements: np.ndarray) -> bytes:
     """Field vector on the wire: little-endian uint32 (31 bits used), half an int64's bytes."""
     return np.asarray(elements, dtype=np.int64).astype("<u4").tobytes()

@@ -64,6 +64,17 @@ def test_unknown_and_out_of_range_keys_are_named(tmp_path):
 
 
 def test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear(tmp_path):
-    """Until the round loop masks updates, the coordinator refuses the key rather than run unmasked."""
-    _one_line_exit_2(["simulate", str(_with(tmp_path)), "--sites", "2", "--rounds", "1"],
-                     "federated.secure_aggregation")
+    """FedBuff's buffers are not masked over the bus yet: the coordinator refuses the key rather than
+    run unmasked (sync FedAvg runs under it: tests/simulator/test_secure_aggregation.py)."""
+    import json
+
+    from coordinator.secagg import refuse_until_wired
+    from protocol.config import ConfigError, load_experiment
+
+    fedbuff = load_experiment(json.loads(_with(tmp_path, "FedBuff", buffer_size=2).read_text()))
+    with pytest.raises(ConfigError, match="FedBuff"):
+        refuse_until_wired(fedbuff)
+    refuse_until_wired(load_experiment(json.loads(_with(tmp_path, "FedAvg").read_text())))  # sync: wired
+    _one_line_exit_2(["simulate", str(_with(tmp_path, "FedBuff", buffer_size=2, round_timeout_s=2,
+                                                    max_round_retries=0)), "--sites", "2", "--rounds", "1"],
+                     "federated.secure_aggregation", "FedBuff")

@@ -40,6 +40,8 @@ def inside(bound: B.Bound) -> Any:
         return "a" * bound.min_len
     if isinstance(bound, B.Flag):
         return False
+    if isinstance(bound, B.Bin):
+        return b"\0" * bound.min_len
     if isinstance(bound, B.Opt):
         return None
     if isinstance(bound, (B.Items,)):
@@ -76,6 +78,11 @@ def edges(bound: B.Bound) -> tuple[list[Any], list[Any]]:
         return [fill * bound.max_len, fill * max(bound.min_len, 1 if bound.pattern else 0)], outs
     if isinstance(bound, B.Flag):
         return [True, False], [1, "true"]
+    if isinstance(bound, B.Bin):
+        outs_b: list[Any] = [b"x" * (bound.max_len + 1), "x" * bound.min_len]
+        if bound.min_len:
+            outs_b.append(b"x" * (bound.min_len - 1))
+        return [b"x" * bound.max_len, b"x" * bound.min_len], outs_b
     if isinstance(bound, B.Opt):
         ins, outs = edges(bound.inner)
         return [None, *ins], outs

@@ -148,11 +148,12 @@ def assert_same_array(sent: np.ndarray, got: np.ndarray, frame: bytes) -> None:
 
 def assert_same_payload(sent, got, frame: bytes) -> None:
     assert type(got) is type(sent)
-    if hasattr(sent, "weights"):
-        assert [n for n, _ in got.weights] == [n for n, _ in sent.weights]
-        for (_, a), (_, b) in zip(sent.weights, got.weights):
-            assert_same_array(a, b, frame)
-        sent, got = dataclasses.replace(sent, weights=()), dataclasses.replace(got, weights=())
+    for name in ("weights", "masked", "shares", "sealed", "share"):  # every Tensors field
+        if hasattr(sent, name):
+            assert [n for n, _ in getattr(got, name)] == [n for n, _ in getattr(sent, name)]
+            for (_, a), (_, b) in zip(getattr(sent, name), getattr(got, name)):
+                assert_same_array(a, b, frame)
+            sent, got = dataclasses.replace(sent, **{name: ()}), dataclasses.replace(got, **{name: ()})
     assert got == sent
 
 
@@ -537,7 +538,8 @@ def test_sender_errors_name_the_field():
 
 
 def test_wire_dtype_whitelist_is_little_endian():
-    assert set(DTYPES) == {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+    assert set(DTYPES) == {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32",
+                            "bool"}
     assert all(dt.str[0] in "<|" for dt in DTYPES.values())
 
 

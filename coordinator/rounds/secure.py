@@ -1,0 +1,208 @@
+"""Secure aggregation in the sync round loop (issue 22): the coordinator sees sums, never an update.
+
+Before the first round the coordinator asks every available site for its X25519 key
+(``SecAggJoin`` -> ``SecAggKey``), builds and signs the roster (``coordinator/secagg.py``) and
+sends it (``SecAggRoster``). In each round a site answers its TrainTask with a ``MaskedUpdate``:
+the masked field vector ``[w*delta..., w]`` and one AES-GCM-sealed share per other roster site.
+The coordinator **relays** each sealed share to its recipient on ``fedbus.tasks``, re-signed as
+its own ``SecAggShare``: sites never connect to each other, and a site's broker user may
+publish only to ``fedbus.updates`` / ``fedbus.control``, so the coordinator is the one party
+that can write to a site's queue. It cannot read a share (the pair key is X25519 between the
+two sites, bound to their Ed25519 identities) nor redirect or alter one (the routing is GCM's
+associated data). It adds the masked vector to a running ``MaskedSum``. When the round closes
+it sends one signed ``SecAggUnmask`` naming exactly the contributors to every roster site,
+decodes the mask sum from the first U ``SecAggAnswer``s, subtracts it and divides by the
+unmasked sum of weights. Fewer than U answers by the deadline fail the round
+(``NotEnoughShares``) and nothing but the masked sum was ever held.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregators import Contribution
+from coordinator.inbox import Held, Message
+from coordinator.rounds.context import RunContext, RunFailed, give_up
+from coordinator.secagg import CoordinatorSecAgg, MaskedSum, weighted_mean
+from coordinator.validation import Rejected
+from protocol.errors import ProtocolError
+from protocol.messages import (Declined, MaskedUpdate, SecAggAnswer, SecAggJoin, SecAggKey, SecAggRoster, SecAggShare,
+                               SecAggUnmask, Tensors)
+from protocol.secagg import field as F
+from protocol.secagg.coding import NotEnoughShares
+from protocol.secagg.keys import KeyBinding, verify_binding
+
+SETUP_ROUND = 0  # the join and roster travel before round 1
+
+
+def _flat(tensors: Tensors) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for _, a in tensors])
+
+
+def _unflat(flat: np.ndarray, like: Tensors) -> Tensors:
+    out, i = [], 0
+    for name, a in like:
+        n = int(np.asarray(a).size)
+        out.append((name, flat[i:i + n].reshape(np.asarray(a).shape).astype(np.asarray(a).dtype)))
+        i += n
+    return tuple(out)
+
+
+class SecureSync:
+    """One run's roster and, per round, the masked sum and its unmasking."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        sa = ctx.experiment.federated.secure_aggregation
+        assert sa is not None
+        self.ctx = ctx
+        self.cfg = sa
+        self.agg: CoordinatorSecAgg | None = None
+        self.report: dict[str, Any] = {"coordinator_saw": "masked updates and the unmasked sum of each round"}
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.agg.roster.sites) if self.agg else []
+
+    # ------------------------------------------------------------------ before round 1
+    def setup(self, sites: list[str], weights: Tensors) -> None:
+        """Collect the available sites' key bindings, sign the roster, send it to each."""
+        ctx = self.ctx
+        if any(not np.issubdtype(np.asarray(a).dtype, np.floating) for _, a in weights):
+            raise RunFailed("secure aggregation sums float tensors only; this model has integer buffers")
+        deadline = time.time() + ctx.round_timeout_s
+        asked: dict[str, str] = {}
+        with ctx.tasks.batch():
+            for site in sites:
+                asked[ctx.tasks.publish(SecAggJoin(deadline=deadline), site=site, round=SETUP_ROUND)] = site
+        bindings: dict[str, KeyBinding] = {}
+        declined: set[str] = set()
+        held: dict[str, Held] = {}
+        trust = ctx.store.trust_store()
+        while len(bindings) + len(declined) < len(sites):
+            inbound = ctx.inbox.next(deadline)
+            if inbound is None:
+                if time.time() >= deadline:
+                    break
+                continue
+
+            def route(msg: Message) -> None:
+                p = msg.payload
+                if not isinstance(p, (SecAggKey, Declined)) or asked.get(p.task_id) != msg.site:
+                    raise Rejected("not_tasked", f"{msg.env.type} from {msg.site} answers no key request of this run")
+                if isinstance(p, Declined):
+                    declined.add(msg.site)
+                    return ctx.inbox.decline(msg, round=SETUP_ROUND)
+                b = KeyBinding(msg.site, ctx.run_id, p.public, p.kid, p.sig)
+                try:
+                    verify_binding(trust, b, site_id=msg.site, run_id=ctx.run_id)
+                except ProtocolError as e:
+                    raise Rejected("bad_signature", f"X25519 key of {msg.site}: {e}") from None
+                bindings[msg.site] = b
+                ctx.inbox.settle(msg, verdict="secagg", reason="secure aggregation key", round=SETUP_ROUND)
+
+            ctx.inbox.handle(inbound, round=SETUP_ROUND, held=held, route=route)
+        n = len(bindings)
+        if n < self.cfg.threshold or n < self.cfg.min_contributors or 2 * self.cfg.threshold <= n:
+            raise RunFailed(
+                f"secure aggregation: {n} site(s) sent a key ({', '.join(sorted(bindings)) or 'none'}); the roster "
+                f"needs threshold U={self.cfg.threshold} with N/2 < U <= N and at least min_contributors="
+                f"{self.cfg.min_contributors} sites: start the missing sites or adjust federated.secure_aggregation")
+        self.agg = CoordinatorSecAgg.build(
+            ctx.tasks.signer, ctx.run_id, list(bindings.values()), min_contributors=self.cfg.min_contributors,
+            threshold=self.cfg.threshold, privacy=self.cfg.privacy, clip=self.cfg.clip, scale=self.cfg.scale,
+            length=int(_flat(weights).size) + 1)
+        signed = self.agg.signed_roster
+        with ctx.tasks.batch():
+            for site in self.agg.roster.sites:
+                ctx.tasks.publish(SecAggRoster(body=signed.body, kid=signed.kid, sig=signed.sig), site=site,
+                                  round=SETUP_ROUND)
+        self.report.update(sites=n, threshold=self.cfg.threshold, min_contributors=self.cfg.min_contributors,
+                           privacy=self.cfg.privacy, roster_sha256=self.agg.roster.digest())
+        ctx.log.info("secure aggregation roster sent", sites=n, threshold=self.cfg.threshold)
+
+    # ------------------------------------------------------------------ per round
+    def new_sum(self) -> MaskedSum:
+        assert self.agg is not None
+        return self.agg.new_sum()
+
+    def accept(self, msg: Message, rnd: int, total: MaskedSum) -> None:
+        """Check a MaskedUpdate, relay its sealed shares (unopened), add the masked vector."""
+        assert self.agg is not None
+        p: MaskedUpdate = msg.payload
+        roster = self.agg.roster
+        if p.tag != rnd:
+            raise Rejected("wrong_round", f"masked update tagged {p.tag} in round {rnd}")
+        if len(p.masked) != 1:
+            raise Rejected("bad_shape", "a masked update is one uint32 array")
+        try:
+            masked = F.from_array(p.masked[0][1], roster.length)
+        except ValueError as e:
+            raise Rejected("bad_shape", f"masked update: {e}") from None
+        want = sorted(s for s in roster.sites if s != msg.site)
+        if sorted(name for name, _ in p.shares) != want or any(a.dtype != np.uint8 or a.ndim != 1
+                                                                  for _, a in p.shares):
+            raise Rejected("bad_shape", f"a masked update carries one sealed uint8 share for each of {want}")
+        with self.ctx.tasks.batch():
+            for recipient, sealed in p.shares:
+                self.ctx.tasks.publish(SecAggShare(sender=msg.site, tag=p.tag, sealed=((msg.site, sealed),)),
+                                       site=recipient, round=rnd)
+        total.add(msg.site, p.tag, masked)
+
+    def unmask(self, rnd: int, weights: Tensors, total: MaskedSum, held: dict[str, Held]) -> Contribution:
+        """Ask every roster site for its aggregated share, decode from U, and return the round's mean model."""
+        ctx, agg = self.ctx, self.agg
+        assert agg is not None
+        req, signed = agg.request(total)
+        deadline = time.time() + ctx.round_timeout_s
+        asked: dict[str, str] = {}
+        with ctx.tasks.batch():
+            for site in agg.roster.sites:
+                task = SecAggUnmask(body=signed.body, kid=signed.kid, sig=signed.sig, deadline=deadline)
+                asked[ctx.tasks.publish(task, site=site, round=rnd)] = site
+        answers: dict[str, bytes] = {}
+        refused: dict[str, str] = {}
+        while len(answers) < agg.roster.threshold and len(answers) + len(refused) < len(asked):
+            inbound = ctx.inbox.next(deadline)
+            if inbound is None:
+                if time.time() >= deadline:
+                    break
+                continue
+
+            def route(msg: Message) -> None:
+                p = msg.payload
+                if isinstance(p, (SecAggAnswer, Declined)) and asked.get(p.task_id) == msg.site:
+                    if isinstance(p, Declined):
+                        refused[msg.site] = p.detail
+                        return ctx.inbox.decline(msg, round=rnd)
+                    if p.request_id != req.request_id or len(p.share) != 1:
+                        raise Rejected("bad_shape", "an answer is one uint32 share for this request")
+                    try:
+                        answers[msg.site] = F.from_array(p.share[0][1], agg.coding.piece).astype("<u4").tobytes()
+                    except ValueError as e:
+                        raise Rejected("bad_shape", f"answer: {e}") from None
+                    return ctx.inbox.settle(msg, verdict="secagg", reason="secure aggregation answer", round=rnd)
+                if msg.env.round < rnd or isinstance(p, (MaskedUpdate, SecAggKey)):
+                    return ctx.inbox.settle(msg, verdict="late", reason=f"{msg.env.type} after round {rnd} closed",
+                                            round=rnd)
+                raise Rejected("unexpected_type", f"{msg.env.type} while round {rnd} is unmasking")
+
+            ctx.inbox.handle(inbound, round=rnd, held=held, route=route)
+        try:
+            summed = agg.unmask(total, answers)
+        except NotEnoughShares as e:
+            why = "; ".join(f"{s}: {d[:200]}" for s, d in sorted(refused.items()))
+            raise give_up(held, f"round {rnd}: secure aggregation could not unmask the sum of {len(total.contributors)} "
+                                f"update(s): {e}; answered: {', '.join(sorted(answers)) or 'none'}"
+                                + (f"; refused: {why}" if why else "")
+                                + ". Nothing but the masked sum was held.") from None
+        step = weighted_mean(summed)
+        mean = _unflat(_flat(weights) + step, weights)
+        self.report.setdefault("rounds", []).append({"round": rnd, "contributors": len(total.contributors),
+                                                      "answered": sorted(answers), "weight_sum": float(summed[-1])})
+        return Contribution(site="secure-sum", weights=mean, num_examples=1, base_round=rnd - 1)
+
+
+__all__ = ["SETUP_ROUND", "SecureSync"]
