@@ -115,14 +115,14 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
         app.add_api_route(route, _page_route(page, name), methods=["GET"], response_class=HTMLResponse)
 
     @app.get("/cohort", response_class=HTMLResponse)
-    def cohort_page(id: str | None = Query(None, max_length=128)) -> HTMLResponse:
+    def cohort_page(request: Request, id: str | None = Query(None, max_length=128)) -> HTMLResponse:
         from fedbus.dashboard.cohort import render_cohort
         from fedbus.dashboard.pages import _NAV
 
         here = ' class="here"'
         nav = "".join(f'<a href="{href}"{here if key == "cohort" else ""}>{label}</a>' for key, href, label in _NAV)
         resp = HTMLResponse(render_cohort(state, cohort_id=id, nav=nav, footer=f"Read from {state}"))
-        for k, v in page("cohort").headers.items():  # the same security headers as every page
+        for k, v in page("cohort", request).headers.items():  # the same security headers as every page
             if k.lower() in ("content-security-policy", "x-frame-options", "referrer-policy"):
                 resp.headers[k] = v
         return resp

@@ -1,23 +1,30 @@
 """MediNet's path in Debian's chromium, each step as a different named user (issue 25):
-a researcher signs in, designs a model with a live parameter count and ε plan, starts it (a tiny
-simulated run), watches it and compares it with an earlier run; an approver marks it valid and opens
-its model card; a viewer is refused each action (403).
+a researcher signs in, looks at the cohort of the simulated federation (``simulate --cohort-only``
+into the state the dashboard serves), designs a model with a live parameter count and ε plan, starts
+it (a tiny simulated run), watches it and compares it with an earlier run; an approver marks it valid
+and opens its model card; a viewer is refused each action (403). Last, the run and the registered
+model are found in a real MLflow file store (``coordinator runs export --mlflow``, ``coordinator
+models register --mlflow``: the CLI twins, as the dashboard has no MLflow option), read back with
+MLflow's own client.
 
-With ``FEDBUS_DASHBOARD_SCREENSHOTS=DIR`` it saves the designer and the model card as PNGs there.
+With ``FEDBUS_DASHBOARD_SCREENSHOTS=DIR`` it saves the cohort page, the designer and the model card
+as PNGs there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
 from fedbus.dashboard.users import MIN_PASSWORD, UsersFile
-from tests.dashboard.conftest import ROOT
+from tests.dashboard.conftest import EXAMPLE, ROOT, fedbus
 from tests.dashboard.test_browser import browser, db_one, shots_dir, wait_for  # noqa: F401  (the chromium fixture)
 
 PASSWORD = "w" * MIN_PASSWORD
@@ -68,8 +75,30 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
 
-    # 1. The researcher designs a model: the parameter count and the ε plan follow each edit.
+    # 0. The researcher looks at the cohort of the simulated federation: per site and pooled, each with its interval.
+    fedbus("simulate", str(EXAMPLE), "--sites", "3", "--cohort-only", "--out", str(state.parent))
+    [cohort] = [json.loads(p.read_text()) for p in (state / "cohorts").glob("*.json")]
     sign_in(page, base, "rita")
+    page.click("header nav >> text=Cohort")
+    page.wait_for_url(f"{base}/cohort")
+    released = sorted(s for s, v in cohort["sites"].items() if v["status"] == "released")
+    assert len(released) == 3 and cohort["pooled"]
+    assert page.locator("#cohort-table thead th").all_inner_texts()[1:] == [*released, "pooled"]
+    assert page.locator("#cohort-table tbody tr").first.locator("td").all_inner_texts()[1:] == [
+        f"{cohort['sites'][s]['table']['n']:.0f}" for s in released] + [f"{cohort['pooled']['n']:.0f}"]
+    outcome = next(c for c in cohort["columns"] if c["kind"] == "outcome")["name"]
+    cells = page.locator("#cohort-table tbody tr", has_text=f"{outcome}: prevalence").locator("td").all_inner_texts()[1:]
+    tables = [cohort["sites"][s]["table"] for s in released] + [cohort["pooled"]["table"]]
+    for cell, table in zip(cells, tables, strict=True):
+        fig = next(c for c in table["columns"] if c["name"] == outcome)["prevalence"]
+        assert cell == f"{fig['value'] * 100:.1f} % ({fig['ci'][0] * 100:.1f}–{fig['ci'][1] * 100:.1f})"
+    privacy = page.locator("#cohort-privacy tbody tr").all_inner_texts()
+    for site in released:
+        assert next(r for r in privacy if r.startswith(site)).split("\t")[2] == f"{cohort['sites'][site]['epsilon']:.3g}"
+    if shots_dir():
+        page.screenshot(path=str(shots_dir() / "cohort-walk.png"), full_page=True)
+
+    # 1. The researcher designs a model: the parameter count and the ε plan follow each edit.
     page.goto(f"{base}/designer")
     count = page.locator("#param-count")
     page.wait_for_function("() => document.querySelector('#param-count').dataset.value", timeout=60_000)
@@ -145,3 +174,26 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     assert page.locator('#models tr[data-model="designed_mlp"] td.ok').inner_text() == "verifies"
     assert not errors, errors
     assert before  # the earlier runs were there to compare with
+
+    # 5. The run and the registered model in MLflow (a file store here), read back with MLflow's own client.
+    from tests.coordinator.test_tracking import check_logged, read_back
+
+    uri = (state.parent.parent / "mlruns").resolve().as_uri()
+    fedbus("coordinator", "runs", "export", run, "--state", str(state), "--mlflow", uri)
+    client, logged = read_back(uri, run)
+    check_logged(client, logged, state, json.loads((state.parent / "result.json").read_text()))
+    assert logged.data.params["training.rounds"] == "2"
+    marked = json.loads(fedbus("coordinator", "models", "register", run, "--name", "designed_mlp", "--approved-by", "alan",
+                               "--state", str(state), "--mlflow", uri, "--json").stdout)
+    from mlflow.tracking import MlflowClient
+
+    from coordinator.model_registry import entry
+
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [version] = registry.search_model_versions("name='designed_mlp'")
+    assert version.tags["fedbus.version"] == str(marked["registry"]["version"]) == "2"
+    assert version.tags["fedbus.run_id"] == run and version.tags["fedbus.approved_by"] == "alan"
+    sha = entry(state, "designed_mlp", 1)["record"]["checkpoint_sha256"]  # the version the approver marked on the page
+    assert version.tags["fedbus.checkpoint_sha256"] == marked["registry"]["checkpoint_sha256"] == sha
+    [model] = list(Path(registry.download_artifacts(version.run_id, "model", str(state.parent / "dl"))).iterdir())
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == sha
