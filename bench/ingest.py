@@ -90,7 +90,7 @@ def bench_raw_pika(url: str, frames) -> float:
     n = 0
     for f in frames:
         for start in range(0, len(f), CHUNK):
-            ch.basic_publish("", q, f[start:start + CHUNK])
+            ch.basic_publish("", q, bytes(f[start:start + CHUNK]))  # seal() frames are bytearrays
             n += 1
     total = sum(len(f) for f in frames)
     got = [0, 0]

@@ -440,7 +440,7 @@ class Federation:
             ch = conn.channel()
             ch.confirm_delivery()
             for body, mid in zip(bodies, message_ids):
-                ch.basic_publish(exchange, routing_key, body,
+                ch.basic_publish(exchange, routing_key, bytes(body),  # seal() builds frames in a bytearray
                                  properties=pika.BasicProperties(delivery_mode=2, message_id=mid), mandatory=True)
         finally:
             conn.close()

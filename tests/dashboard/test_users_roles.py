@@ -21,6 +21,8 @@ PASSWORD = "p" * MIN_PASSWORD  # just long enough
 def fresh(sim_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(sim_out, out)
+    # other tests act on the shared simulation (as 'local', the token's user): start this one's log empty
+    (out / "coordinator" / "dashboard-actions.jsonl").unlink(missing_ok=True)
     return out / "coordinator"
 
 
