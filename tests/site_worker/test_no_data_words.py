@@ -91,8 +91,9 @@ PATHS: list[tuple[str, pd.DataFrame, pd.DataFrame, SitePolicy, Callable[[], Any]
      SitePolicy(), lambda: _train(experiment_dict(**ONE_EPOCH)), "data", None),
     ("max_sample_rate", BASE, BASE.iloc[:-1], SitePolicy(max_sample_rate=0.2),
      lambda: _train(experiment_dict(**{**ONE_EPOCH, "training.batch_size": 60})), "policy", None),
+    # five epochs: well past the cap at 119 and 120 rows alike (one epoch sat at its edge, 2 or 3 steps by the split)
     ("max_steps_per_task", BASE, BASE.iloc[:-1], SitePolicy(max_steps_per_task=2),
-     lambda: _train(experiment_dict(**ONE_EPOCH)), "policy", None),
+     lambda: _train(experiment_dict(**{"training.epochs": 5})), "policy", None),
     ("min_noise_multiplier-from-target-epsilon", BASE, BASE.iloc[:-1], SitePolicy(min_noise_multiplier=50.0),
      lambda: _train(experiment_dict(**{**ONE_EPOCH, f"{DP}.noise_multiplier": None, f"{DP}.target_epsilon": 5.0})),
      "policy", None),
