@@ -134,7 +134,11 @@ def test_simulated_dp_runs_draw_secret_noise_unless_reproducible_dp_is_asked_for
     # One epoch: the fixture's five (epsilon ~10.2) would pass a simulated hospital's budget of 10.
     exp = experiment_dict(HEART_FAILURE, **{"training.epochs": 1})
     a, b = simulate(exp, **kw), simulate(exp, **kw)
-    assert a["final"]["loss"] != b["final"]["loss"]  # same seed, same data, different secret noise
+    # float32 training under thread scheduling can move the last digits of a loss (4e-8 relative
+    # was seen in CI between two reproducible runs), so "the same" is within 1e-6 and "different"
+    # is farther apart than that (different secret noise moves it by about 1e-3).
+    jitter = 1e-6
+    assert a["final"]["loss"] != pytest.approx(b["final"]["loss"], rel=jitter)  # same seed and data, different secret noise
     assert not a["reproducible_dp"]
     c, d = simulate(exp, reproducible_dp=True, **kw), simulate(exp, reproducible_dp=True, **kw)
-    assert c["reproducible_dp"] and c["final"]["loss"] == pytest.approx(d["final"]["loss"], rel=1e-9)
+    assert c["reproducible_dp"] and c["final"]["loss"] == pytest.approx(d["final"]["loss"], rel=jitter)
