@@ -11,8 +11,10 @@ BIN := $(VENV)/bin
 run: setup
 	$(BIN)/fedbus simulate examples/heart_failure.json --sites 3
 
+# Two workers, then alone the tests that act on the whole broker node (tests/conftest.py, "serial").
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 # The lines the code must hold (docs/testing.md "Lint"): style and real bugs, types on the
 # product's lower layers, and imports that only go down the layers (pyproject [tool.importlinter]).

@@ -86,6 +86,18 @@ def rabbitmqctl(*args: str, check: bool = True, timeout: float = 60) -> str:
     return r.stdout
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that act on the whole local broker node run alone, after the parallel pass.
+
+    ``make test`` runs the suite on two workers (``-n 2 -m "not serial"``), then ``-m serial``.
+    A test that asks for ``local_broker`` may stop the node's app, close every connection or
+    change a node-wide setting, which would fail whatever the other worker has in flight.
+    """
+    for item in items:
+        if "local_broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serial)
+
+
 @pytest.fixture(scope="session")
 def amqp_broker_url() -> Iterator[str]:
     """The broker's base URL (default vhost), found as described in the module docstring."""

@@ -32,13 +32,19 @@ def needs_rabbitmqctl(script: Path) -> bool:
     return "tests.chaos.harness" in script.read_text(encoding="utf-8")
 
 
+def marks_for(script: Path) -> list[pytest.MarkDecorator]:
+    """Broker benches are broker tests; those on the chaos harness restart the node: serial."""
+    marks = [pytest.mark.broker] if needs_broker(script) else []
+    return marks + ([pytest.mark.serial] if needs_rabbitmqctl(script) else [])
+
+
 def test_every_bench_script_is_found() -> None:
     names = {p.stem for p in BENCHES}
     assert {"scale", "vs_flower", "soak", "codec"} <= names, names
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [pytest.param(p, id=p.stem, marks=[pytest.mark.broker] if needs_broker(p) else [])
+@pytest.mark.parametrize("script", [pytest.param(p, id=p.stem, marks=marks_for(p))
                                     for p in BENCHES])
 def test_bench_smoke_mode_runs(script: Path, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
