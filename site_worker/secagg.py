@@ -227,6 +227,13 @@ class SiteSecAgg:
 
     # ------------------------------------------------------------------ masking and shares
     @_one_at_a_time(lambda run_id: run_id)
+    def next_tag(self, run_id: str, at_least: int) -> int:
+        """The tag of this site's next update: ``at_least`` (the task's round), or past every tag it
+        masked in the run (a FedBuff site may train twice from one model version; a mask is used once)."""
+        st = self._load(run_id)
+        return max([int(at_least)] + [t + 1 for t in st.masked_tags])
+
+    @_one_at_a_time(lambda run_id: run_id)
     def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
         """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
         roster = self.roster(run_id)

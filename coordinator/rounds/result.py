@@ -25,7 +25,8 @@ def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[di
     site of a committed round without an accepted update, and every decline (the final
     evaluation's included), with the reason: the site's decline, a late or rejected reply,
     or no reply by the deadline. Sorted by round, then site."""
-    accepted = {(u["round"], u["site"]) for u in updates if u["verdict"] == "accepted" and u.get("kind") == "Update"}
+    accepted = {(u["round"], u["site"]) for u in updates
+                if u["verdict"] == "accepted" and u.get("kind") in ("Update", "MaskedUpdate")}
     said: dict[tuple[int, str], str] = {}
     for u in updates:  # what the site's own messages say, a decline first
         key = (u["round"], u["site"])
