@@ -1328,3 +1328,27 @@ MUTANTS.extend([
         (f"{_SECAGG_RUN}::test_a_plain_update_in_a_secure_run_is_refused_and_not_stored",),
     ),
 ])
+# ------------------------------------------------------------------ FedBuff under secure aggregation (s22)
+_SECAGG_BUF = "tests/simulator/test_secure_fedbuff.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-site-reuses-tag", "a site tags each masked update past every tag it used (a FedBuff site trains twice "
+        "from one version; else it declines its second update as mask_reused)",
+        (Edit("site_worker/secagg.py", "        return max([int(at_least)] + [t + 1 for t in st.masked_tags])\n",
+              "        return int(at_least)\n"),),
+        (f"{_SECAGG_BUF}::test_secure_fedbuff_unmasks_each_buffer_to_its_weighted_mean_and_waits_for_distinct_sites",),
+    ),
+    Mutant(
+        "secagg-buffer-ignores-distinct-sites", "a FedBuff buffer under secure aggregation closes only with updates of "
+        "min_contributors distinct sites",
+        (Edit("coordinator/rounds/secure_buffer.py",
+              "                and len(self._distinct()) >= self.secure.cfg.min_contributors)\n",
+              "                and True)\n"),),
+        (f"{_SECAGG_BUF}::test_secure_fedbuff_unmasks_each_buffer_to_its_weighted_mean_and_waits_for_distinct_sites",),
+    ),
+    Mutant(
+        "secagg-fedbuff-staleness-allowed", "FedBuff under secure aggregation takes only the constant staleness",
+        (Edit("protocol/secagg/rules.py", '        if kind != "constant":\n', "        if False:\n"),),
+        (f"{_SA_CFG}::test_fedbuff_under_secure_aggregation_takes_only_the_constant_staleness",),
+    ),
+])

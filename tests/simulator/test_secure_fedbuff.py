@@ -84,7 +84,7 @@ def test_secure_fedbuff_unmasks_each_buffer_to_its_weighted_mean_and_waits_for_d
     """site-3 is a straggler: sites 1 and 2 upload again and again, but a buffer of 3 updates from
     2 hospitals does not close (min_contributors=3 distinct sites); every update is in one buffer."""
     rec = Recorder(monkeypatch)
-    exp = _experiment(3, buffer_size=3, min_contributors=3, threshold=2)
+    exp = _experiment(3, buffer_size=3, min_contributors=3, threshold=2, timeout=20.0)
     doc = simulate(exp, sites=3, rounds=2, progress=False, faults="straggler:site-3:1.0")
     assert len(doc["rounds"]) == 2 and doc["rejected"] == []
     assert len(rec.buffers) == 2
