@@ -1352,3 +1352,14 @@ MUTANTS.extend([
         (f"{_SA_CFG}::test_fedbuff_under_secure_aggregation_takes_only_the_constant_staleness",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "secagg-roster-refusal-unrecorded", "a site's refusal of a forged roster is recorded as its decline, naming "
+        "the rule (not dropped as a stray message)",
+        (Edit("coordinator/rounds/secure.py",
+              '        if task is None or task.kind != "SecAggRoster" or task.site != msg.site:\n',
+              "        if True:\n"),),
+        ("tests/adversarial/test_secagg_fedbuff_coordinator.py::"
+         "test_a_forged_roster_in_a_fedbuff_run_is_refused_by_every_site",),
+    ),
+])

@@ -125,6 +125,17 @@ class SecureSync:
                            privacy=self.cfg.privacy, roster_sha256=self.agg.roster.digest())
         ctx.log.info("secure aggregation roster sent", sites=n, threshold=self.cfg.threshold)
 
+    def roster_refused(self, msg: Message, rnd: int) -> bool:
+        """A site's ``Declined`` to the roster it was sent (e.g. ``roster_signature``): recorded as that
+        site's decline, naming its rule; the site then declines every TrainTask of the run."""
+        p = msg.payload
+        task = self.ctx.tasks.get(p.task_id) if isinstance(p, Declined) else None
+        if task is None or task.kind != "SecAggRoster" or task.site != msg.site:
+            return False
+        self.ctx.log.warning("a site refused the secure-aggregation roster", site_id=msg.site, detail=p.detail[:300])
+        self.ctx.inbox.decline(msg, round=rnd)
+        return True
+
     # ------------------------------------------------------------------ per round
     def new_sum(self) -> MaskedSum:
         assert self.agg is not None

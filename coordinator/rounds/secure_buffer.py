@@ -178,6 +178,8 @@ class SecureBufferRounds:
         version = self.version
         if isinstance(p, EvalResult):
             return inbox.late_eval(msg, round=version)
+        if self.secure.roster_refused(msg, version):
+            return None
         task = ctx.tasks.get(p.task_id)
         if task is not None and task.site == site and task.kind in ("SecAggUnmask", "SecAggJoin"):
             # an answer past the U that unmasked a buffer (or a key after the roster was sent): no effect
