@@ -1363,3 +1363,21 @@ MUTANTS.extend([
          "test_a_forged_roster_in_a_fedbuff_run_is_refused_by_every_site",),
     ),
 ])
+# ------------------------------------------------------------------ union metrics from secure sums (s22)
+_UNION = "tests/coordinator/test_secure_union_metrics.py"
+MUTANTS.extend([
+    Mutant(
+        "secure-union-noise-not-shared", "a site adds only its share of the union's noise, σ·Δ/√K (K shares add to σ·Δ)",
+        (Edit("protocol/secagg/union.py",
+              "    return float(noise_multiplier) * float(sensitivity) / math.sqrt(int(min_contributors))\n",
+              "    return float(noise_multiplier) * float(sensitivity)\n"),),
+        (f"{_UNION}::test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",
+         f"{_UNION}::test_the_union_from_a_secure_sum_carries_the_noise_once_and_is_sqrt_n_narrower"),
+    ),
+    Mutant(
+        "secure-union-without-noise", "a site's contribution to union metrics carries its noise share before it is masked",
+        (Edit("site_worker/secure_metrics.py", "    return layout, to_field(v + rng.standard_normal(len(v)) * sd), sd\n",
+              "    return layout, to_field(v), sd\n"),),
+        (f"{_UNION}::test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",),
+    ),
+])
