@@ -58,6 +58,9 @@ class SecureBufferRounds:
         if first_version > 1:
             raise RunFailed("a run under secure aggregation cannot be resumed yet (its roster and the sites' "
                             "shares belong to the interrupted run): start a new run")
+        if ctx.early is not None:
+            ctx.log.warning("early stopping is not applied: under secure aggregation a FedBuff version has no "
+                            "validation loss (no per-site training metric leaves a site)")
         self.secure.setup(sites, weights)
         sites = [s for s in sites if s in self.secure.sites]
         self.version, self.weights = first_version - 1, weights
