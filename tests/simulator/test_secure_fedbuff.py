@@ -106,6 +106,9 @@ def test_secure_fedbuff_with_a_site_silent_after_uploading_still_unmasks(monkeyp
     doc = simulate(exp, sites=3, rounds=3, progress=False)
     assert len(doc["rounds"]) == 3 and doc["rejected"] == []
     _check_buffers(rec, n=3, buffer_size=2, min_contributors=2)
+    seen = doc["privacy"]["secure_aggregation"]  # the result says the run used it and what was seen
+    assert seen["used"] is True and seen["sums_unmasked"] == 3 and seen["fewest_contributors"] >= 2
+    assert "sum of each buffer" in seen["coordinator_saw"]
     assert any(s == "site-3" for c, _, _ in rec.buffers for s, _ in c)  # its updates counted
     assert all("site-3" not in r["secure_aggregation"]["answered"] for r in doc["rounds"])
 
