@@ -34,6 +34,7 @@ from coordinator.rounds.result import (
     build_result,
     stored_result,
 )
+from coordinator.rounds.secure_buffer import SecureBufferRounds
 from coordinator.rounds.sync import SyncRounds
 from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
@@ -138,6 +139,8 @@ class Coordinator:
             self.privacy_plan = announce_plan(ctx, self.privacy_plan, show=self.show_plan)
             if self.agg.synchronous:
                 weights = SyncRounds(ctx, self.agg, self._evaluation(ctx)).run(weights, first_round)
+            elif self.experiment.federated.secure_aggregation is not None:  # FedBuff's buffers, masked
+                weights = SecureBufferRounds(ctx, self.agg).run(weights, first_round, sites)
             else:
                 weights = AsyncRounds(ctx, self.agg).run(weights, first_round, sites)
             stop = self.store.stop_requested(run_id)

@@ -18,18 +18,20 @@ from protocol.config_error import ConfigError
 from protocol.secagg import field as F
 from protocol.secagg.coding import Coding, decode_sum
 from protocol.secagg.keys import KeyBinding
+from protocol.secagg.rules import SYNC_AGGREGATORS
 from protocol.secagg.statements import Roster, Signed, UnmaskRequest, sign
 from protocol.signing import Signer
 
 
 def refuse_until_wired(experiment: Experiment) -> None:
-    """Never run "secure" rounds in the clear: only the sync loop masks updates (FedBuff's buffers do not yet)."""
+    """Never run "secure" rounds in the clear: only the loops that mask may run under secure aggregation
+    (the sync loop, ``coordinator/rounds/secure.py``; FedBuff's buffers, ``coordinator/rounds/secure_buffer.py``)."""
     if experiment.federated.secure_aggregation is not None:
-        if experiment.federated.name != "FedBuff":
-            return  # the sync loop masks (coordinator/rounds/secure.py)
-        raise ConfigError("federated.secure_aggregation", "this coordinator runs secure aggregation in synchronous "
-                          "rounds only (FedAvg, FedAvgM, FedAdam, FedProx); FedBuff's buffers are not masked over the "
-                          "bus yet (issue 22): use a synchronous aggregator or remove the key")
+        if experiment.federated.name in SYNC_AGGREGATORS + ("FedBuff",):
+            return
+        raise ConfigError("federated.secure_aggregation", f"this coordinator masks updates only in synchronous rounds "
+                          f"({', '.join(SYNC_AGGREGATORS)}) and FedBuff's buffers, not under "
+                          f"{experiment.federated.name!r}: use one of them or remove the key")
 
 
 @dataclass

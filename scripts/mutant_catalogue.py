@@ -1328,3 +1328,56 @@ MUTANTS.extend([
         (f"{_SECAGG_RUN}::test_a_plain_update_in_a_secure_run_is_refused_and_not_stored",),
     ),
 ])
+# ------------------------------------------------------------------ FedBuff under secure aggregation (s22)
+_SECAGG_BUF = "tests/simulator/test_secure_fedbuff.py"
+MUTANTS.extend([
+    Mutant(
+        "secagg-site-reuses-tag", "a site tags each masked update past every tag it used (a FedBuff site trains twice "
+        "from one version; else it declines its second update as mask_reused)",
+        (Edit("site_worker/secagg.py", "        return max([int(at_least)] + [t + 1 for t in st.masked_tags])\n",
+              "        return int(at_least)\n"),),
+        (f"{_SECAGG_BUF}::test_secure_fedbuff_unmasks_each_buffer_to_its_weighted_mean_and_waits_for_distinct_sites",),
+    ),
+    Mutant(
+        "secagg-buffer-ignores-distinct-sites", "a FedBuff buffer under secure aggregation closes only with updates of "
+        "min_contributors distinct sites",
+        (Edit("coordinator/rounds/secure_buffer.py",
+              "                and len(self._distinct()) >= self.secure.cfg.min_contributors)\n",
+              "                and True)\n"),),
+        (f"{_SECAGG_BUF}::test_secure_fedbuff_unmasks_each_buffer_to_its_weighted_mean_and_waits_for_distinct_sites",),
+    ),
+    Mutant(
+        "secagg-fedbuff-staleness-allowed", "FedBuff under secure aggregation takes only the constant staleness",
+        (Edit("protocol/secagg/rules.py", '        if kind != "constant":\n', "        if False:\n"),),
+        (f"{_SA_CFG}::test_fedbuff_under_secure_aggregation_takes_only_the_constant_staleness",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "secagg-roster-refusal-unrecorded", "a site's refusal of a forged roster is recorded as its decline, naming "
+        "the rule (not dropped as a stray message)",
+        (Edit("coordinator/rounds/secure.py",
+              '        if task is None or task.kind != "SecAggRoster" or task.site != msg.site:\n',
+              "        if True:\n"),),
+        ("tests/adversarial/test_secagg_fedbuff_coordinator.py::"
+         "test_a_forged_roster_in_a_fedbuff_run_is_refused_by_every_site",),
+    ),
+])
+# ------------------------------------------------------------------ union metrics from secure sums (s22)
+_UNION = "tests/coordinator/test_secure_union_metrics.py"
+MUTANTS.extend([
+    Mutant(
+        "secure-union-noise-not-shared", "a site adds only its share of the union's noise, σ·Δ/√K (K shares add to σ·Δ)",
+        (Edit("protocol/secagg/union.py",
+              "    return float(noise_multiplier) * float(sensitivity) / math.sqrt(int(min_contributors))\n",
+              "    return float(noise_multiplier) * float(sensitivity)\n"),),
+        (f"{_UNION}::test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",
+         f"{_UNION}::test_the_union_from_a_secure_sum_carries_the_noise_once_and_is_sqrt_n_narrower"),
+    ),
+    Mutant(
+        "secure-union-without-noise", "a site's contribution to union metrics carries its noise share before it is masked",
+        (Edit("site_worker/secure_metrics.py", "    return layout, to_field(v + rng.standard_normal(len(v)) * sd), sd\n",
+              "    return layout, to_field(v), sd\n"),),
+        (f"{_UNION}::test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",),
+    ),
+])

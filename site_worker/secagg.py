@@ -144,15 +144,18 @@ class SiteSecAgg:
             return _RunState()
         return _RunState(**json.loads(p.read_text()))
 
-    def _save(self, run_id: str, st: _RunState) -> None:
-        write_atomic(self._path(run_id), json.dumps(st.__dict__).encode(), mode=0o600)
+    def _save(self, run_id: str, st: _RunState, *, fsync: bool = True) -> None:
+        write_atomic(self._path(run_id), json.dumps(st.__dict__).encode(), mode=0o600, fsync=fsync)
 
     def _share_path(self, run_id: str, key: str) -> Path:
         """One file per held share (a share is model-sized / (U - T)): never rewritten with the run's JSON."""
         return self._path(run_id).with_suffix("") / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".share")
 
     def _keep_share(self, run_id: str, st: _RunState, key: str, data: bytes) -> None:
-        write_atomic(self._share_path(run_id, key), data, mode=0o600)
+        """Atomic but not fsynced: a share lost to a power cut makes this site a dropout for that
+        update (it answers ``missing_share``), never a disclosure; the commitments that keep the
+        sum a sum (roster, masked tags, updates answered for) are fsynced."""
+        write_atomic(self._share_path(run_id, key), data, mode=0o600, fsync=False)
         st.shares[key] = hashlib.sha256(data).hexdigest()
 
     def _blob(self, run_id: str, key: str, digest: str) -> bytes:
@@ -227,6 +230,13 @@ class SiteSecAgg:
 
     # ------------------------------------------------------------------ masking and shares
     @_one_at_a_time(lambda run_id: run_id)
+    def next_tag(self, run_id: str, at_least: int) -> int:
+        """The tag of this site's next update: ``at_least`` (the task's round), or past every tag it
+        masked in the run (a FedBuff site may train twice from one model version; a mask is used once)."""
+        st = self._load(run_id)
+        return max([int(at_least)] + [t + 1 for t in st.masked_tags])
+
+    @_one_at_a_time(lambda run_id: run_id)
     def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
         """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
         roster = self.roster(run_id)
@@ -269,7 +279,7 @@ class SiteSecAgg:
             raise SecAggRefused("share_changed", f"{sender!r} already sent a different share for update {tag}")
         if known is None:
             self._keep_share(run_id, st, key, plain)
-        self._save(run_id, st)
+        self._save(run_id, st, fsync=False)  # only a held share's digest changed (see _keep_share)
 
     # ------------------------------------------------------------------ answering an unmask request
     @_one_at_a_time(lambda request: request.run_id)

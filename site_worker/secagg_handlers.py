@@ -131,11 +131,12 @@ class SecAggSite:
         delta = flat(update.weights) - flat(global_weights)
         values = weighted_vector(delta, update.num_examples, weight_cap)
         try:
-            out = self.state.mask(env.run_id, env.round, values)
+            tag = self.state.next_tag(env.run_id, env.round)
+            out = self.state.mask(env.run_id, tag, values)
         except SecAggRefused as e:
             return self._refused(env, e.rule, str(e))
         return MaskedUpdate(
-            task_id=update.task_id, tag=env.round,
+            task_id=update.task_id, tag=tag,
             masked=(("masked", F.to_bytes_array(out.masked)),),
             shares=tuple((site, np.frombuffer(sealed, dtype=np.uint8)) for site, sealed in sorted(out.sealed.items())),
             epsilon=update.epsilon, delta=update.delta, base_round=update.base_round,

@@ -25,7 +25,8 @@ def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[di
     site of a committed round without an accepted update, and every decline (the final
     evaluation's included), with the reason: the site's decline, a late or rejected reply,
     or no reply by the deadline. Sorted by round, then site."""
-    accepted = {(u["round"], u["site"]) for u in updates if u["verdict"] == "accepted" and u.get("kind") == "Update"}
+    accepted = {(u["round"], u["site"]) for u in updates
+                if u["verdict"] == "accepted" and u.get("kind") in ("Update", "MaskedUpdate")}
     said: dict[tuple[int, str], str] = {}
     for u in updates:  # what the site's own messages say, a decline first
         key = (u["round"], u["site"])
@@ -177,7 +178,22 @@ def _privacy(ctx: RunContext, plan: dict[str, Any] | None, rounds: list[dict[str
     central = ctx.experiment.federated.central_dp
     if central:
         out["central"] = _central_privacy(central, rounds, ctx.store.run(ctx.run_id)["sites"])
+    out["secure_aggregation"] = _secure_summary(ctx, rounds)
     return out
+
+
+def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the run used secure aggregation and what the coordinator saw of the sites' updates."""
+    sa = ctx.experiment.federated.secure_aggregation
+    if sa is None:
+        return {"used": False, "coordinator_saw": "each contributing site's update in the clear"}
+    sums = [r["metrics"]["secure_aggregation"] for r in rounds if "secure_aggregation" in (r.get("metrics") or {})]
+    return {"used": True, "min_contributors": sa.min_contributors, "threshold": sa.threshold, "privacy": sa.privacy,
+            "clip": sa.clip, "scale": sa.scale, "sums_unmasked": len(sums),
+            "fewest_contributors": min((int(x["contributors"]) for x in sums), default=None),
+            "coordinator_saw": "each site's masked update (uniform field elements) and the unmasked sum of each "
+                               + ("buffer" if ctx.experiment.federated.name == "FedBuff" else "round")
+                               + " with its weight sum: never one site's update, row count or training metric"}
 
 
 def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:

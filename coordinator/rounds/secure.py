@@ -19,6 +19,7 @@ unmasked sum of weights. Fewer than U answers by the deadline fail the round
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ class SecureSync:
         self.cfg = sa
         self.agg: CoordinatorSecAgg | None = None
         self.report: dict[str, Any] = {"coordinator_saw": "masked updates and the unmasked sum of each round"}
+        self.tags: set[tuple[str, int]] = set()  # every (site, tag) accepted in this run: each is summed once
 
     @property
     def sites(self) -> list[str]:
@@ -123,18 +125,33 @@ class SecureSync:
                            privacy=self.cfg.privacy, roster_sha256=self.agg.roster.digest())
         ctx.log.info("secure aggregation roster sent", sites=n, threshold=self.cfg.threshold)
 
+    def roster_refused(self, msg: Message, rnd: int) -> bool:
+        """A site's ``Declined`` to the roster it was sent (e.g. ``roster_signature``): recorded as that
+        site's decline, naming its rule; the site then declines every TrainTask of the run."""
+        p = msg.payload
+        task = self.ctx.tasks.get(p.task_id) if isinstance(p, Declined) else None
+        if task is None or task.kind != "SecAggRoster" or task.site != msg.site:
+            return False
+        self.ctx.log.warning("a site refused the secure-aggregation roster", site_id=msg.site, detail=p.detail[:300])
+        self.ctx.inbox.decline(msg, round=rnd)
+        return True
+
     # ------------------------------------------------------------------ per round
     def new_sum(self) -> MaskedSum:
         assert self.agg is not None
         return self.agg.new_sum()
 
     def accept(self, msg: Message, rnd: int, total: MaskedSum) -> None:
-        """Check a MaskedUpdate, relay its sealed shares (unopened), add the masked vector."""
+        """Check a MaskedUpdate, relay its sealed shares (unopened), add the masked vector.
+
+        A site tags each update it masks with ``max(task round, its last tag + 1)`` (a FedBuff site
+        may train twice from one version), so a tag below the task's round is not this task's."""
         assert self.agg is not None
         p: MaskedUpdate = msg.payload
         roster = self.agg.roster
-        if p.tag != rnd:
-            raise Rejected("wrong_round", f"masked update tagged {p.tag} in round {rnd}")
+        if p.tag < msg.env.round or (msg.site, p.tag) in self.tags:
+            raise Rejected("wrong_round", f"masked update tagged {p.tag} for a task of round {msg.env.round}"
+                           + (" (a tag this site already used)" if (msg.site, p.tag) in self.tags else ""))
         if len(p.masked) != 1:
             raise Rejected("bad_shape", "a masked update is one uint32 array")
         try:
@@ -150,9 +167,14 @@ class SecureSync:
                 self.ctx.tasks.publish(SecAggShare(sender=msg.site, tag=p.tag, sealed=((msg.site, sealed),)),
                                        site=recipient, round=rnd)
         total.add(msg.site, p.tag, masked)
+        self.tags.add((msg.site, p.tag))
 
-    def unmask(self, rnd: int, weights: Tensors, total: MaskedSum, held: dict[str, Held]) -> Contribution:
-        """Ask every roster site for its aggregated share, decode from U, and return the round's mean model."""
+    def unmask(self, rnd: int, weights: Tensors, total: MaskedSum, held: dict[str, Held],
+               other: Callable[[Message], None] | None = None) -> Contribution:
+        """Ask every roster site for its aggregated share, decode from U, and return the round's mean model.
+
+        ``other`` (FedBuff): every message that is not an answer to this request is handed to it
+        (the next buffer's masked updates keep arriving while this one unmasks)."""
         ctx, agg = self.ctx, self.agg
         assert agg is not None
         req, signed = agg.request(total)
@@ -184,6 +206,8 @@ class SecureSync:
                     except ValueError as e:
                         raise Rejected("bad_shape", f"answer: {e}") from None
                     return ctx.inbox.settle(msg, verdict="secagg", reason="secure aggregation answer", round=rnd)
+                if other is not None:
+                    return other(msg)
                 if msg.env.round < rnd or isinstance(p, (MaskedUpdate, SecAggKey)):
                     return ctx.inbox.settle(msg, verdict="late", reason=f"{msg.env.type} after round {rnd} closed",
                                             round=rnd)

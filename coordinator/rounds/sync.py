@@ -143,6 +143,8 @@ class SyncRounds:
             env, p, site = msg.env, msg.payload, msg.site
             if isinstance(p, EvalResult):
                 return inbox.late_eval(msg, round=rnd)
+            if self.secure is not None and self.secure.roster_refused(msg, rnd):
+                return None
             if env.round != rnd:
                 if env.round < rnd and site in tasks.tasked(env.round, "TrainTask"):
                     return inbox.settle(msg, verdict="late", reason=f"for round {env.round}, now in round {rnd}",

@@ -44,6 +44,12 @@ def check_aggregator(name: str, parameters: Mapping[str, Any], *, central_dp: bo
         if k < min_contributors:
             raise ConfigError("federated.parameters.buffer_size", f"{k} is below secure_aggregation.min_contributors "
                                                                   f"({min_contributors}): sites would refuse to unmask")
+        spec = parameters.get("staleness", "constant")
+        kind = spec.get("function", spec.get("type", "constant")) if isinstance(spec, Mapping) else spec
+        if kind != "constant":
+            raise ConfigError("federated.parameters.staleness", f"{kind!r} weights each update by its own staleness, "
+                                                                "which a masked update cannot be multiplied by; under "
+                                                                "secure aggregation FedBuff uses constant (the default)")
     elif name in SYNC_AGGREGATORS:
         if int(parameters.get("min_fit_clients", 1)) < min_contributors:
             raise ConfigError("federated.parameters.min_fit_clients",

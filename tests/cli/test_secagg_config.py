@@ -64,17 +64,27 @@ def test_unknown_and_out_of_range_keys_are_named(tmp_path):
 
 
 def test_a_run_asking_for_secure_aggregation_is_never_run_in_the_clear(tmp_path):
-    """FedBuff's buffers are not masked over the bus yet: the coordinator refuses the key rather than
-    run unmasked (sync FedAvg runs under it: tests/simulator/test_secure_aggregation.py)."""
+    """Only the loops that mask run under the key (sync rounds, FedBuff's buffers): an experiment
+    that slipped past validation with another aggregator is refused by the coordinator, not run
+    unmasked (FedBuff runs under it: tests/simulator/test_secure_fedbuff.py)."""
     import json
 
     from coordinator.secagg import refuse_until_wired
     from protocol.config import ConfigError, load_experiment
 
     fedbuff = load_experiment(json.loads(_with(tmp_path, "FedBuff", buffer_size=2).read_text()))
-    with pytest.raises(ConfigError, match="FedBuff"):
-        refuse_until_wired(fedbuff)
+    refuse_until_wired(fedbuff)  # wired: coordinator/rounds/secure_buffer.py
     refuse_until_wired(load_experiment(json.loads(_with(tmp_path, "FedAvg").read_text())))  # sync: wired
-    _one_line_exit_2(["simulate", str(_with(tmp_path, "FedBuff", buffer_size=2, round_timeout_s=2,
-                                                    max_round_retries=0)), "--sites", "2", "--rounds", "1"],
-                     "federated.secure_aggregation", "FedBuff")
+    fedasync = fedbuff.model_copy(update={"federated": fedbuff.federated.model_copy(update={"name": "FedAsync"})})
+    with pytest.raises(ConfigError, match="federated.secure_aggregation.*FedAsync"):
+        refuse_until_wired(fedasync)
+
+
+def test_fedbuff_under_secure_aggregation_takes_only_the_constant_staleness(tmp_path):
+    """A masked update cannot be weighted by its own staleness: constant validates, the others are refused."""
+    r = CliRunner().invoke(app, ["config", "validate", str(_with(tmp_path, "FedBuff", buffer_size=2,
+                                                                 staleness="constant"))])
+    assert r.exit_code == 0, r.output
+    for spec in ("polynomial", {"function": "hinge", "a": 10, "b": 4}):
+        _one_line_exit_2(["config", "validate", str(_with(tmp_path, "FedBuff", buffer_size=2, staleness=spec))],
+                         "federated.parameters.staleness")
