@@ -1328,3 +1328,12 @@ MUTANTS.extend([
         (f"{_SECAGG_RUN}::test_a_plain_update_in_a_secure_run_is_refused_and_not_stored",),
     ),
 ])
+# ------------------------------------------------------------------ researcher's workbench, closing (issue 25, c25)
+_REGISTRY_C25 = "tests/dashboard/test_model_registry.py"
+MUTANTS.extend([
+    Mutant(
+        "dashboard-mark-valid-skips-mlflow", "a dashboard served with --mlflow registers a version marked valid in MLflow's registry too",
+        (Edit("fedbus/dashboard/actions.py", "        mlflow = mlflow or self.mlflow\n", "        mlflow = mlflow\n"),),
+        (f"{_REGISTRY_C25}::test_mark_valid_on_a_dashboard_served_with_mlflow_registers_there_too",),
+    ),
+])
