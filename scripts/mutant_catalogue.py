@@ -1337,3 +1337,17 @@ MUTANTS.extend([
         (f"{_REGISTRY_C25}::test_mark_valid_on_a_dashboard_served_with_mlflow_registers_there_too",),
     ),
 ])
+_DESIGNER_C25 = "tests/dashboard/test_designer.py"
+MUTANTS.extend([
+    Mutant(
+        "designer-plan-ignores-site-policy", "the designer plans each site's ε with the policy its hello announced, not the site defaults",
+        (Edit("fedbus/dashboard/designer.py", "        out[\"privacy_plan\"] = plan(experiment, hellos) if hellos else None\n",
+              "        out[\"privacy_plan\"] = plan(experiment, {s: {**h, \"policy\": {}} for s, h in hellos.items()}) if hellos else None\n"),),
+        (f"{_DESIGNER_C25}::test_the_eps_plan_is_each_sites_own_from_its_announced_policy",),
+    ),
+    Mutant(
+        "designer-template-keeps-leaking-columns", "a tabular template leaves out the columns that leak the outcome by name (follow-up time)",
+        (Edit("fedbus/dashboard/designer.py", "        why = duration_reason(c) or identifier_reason(c, None)\n", "        why = None\n"),),
+        (f"{_DESIGNER_C25}::test_tabular_templates_leave_out_the_columns_that_leak_the_outcome",),
+    ),
+])
