@@ -1303,7 +1303,7 @@ MUTANTS.extend([
     ),
     Mutant(
         "registry-signature-not-verified", "a registry entry's signature is verified: an edited entry fails the audit",
-        (Edit("coordinator/model_registry.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
+        (Edit("coordinator/approvals.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
         (f"{_REGISTRY}::test_a_tampered_entry_fails_the_audit",),
     ),
 ])
