@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbus.cli_common import BROKER_PASSWORD_FILE, broker_url, fail
+from fedbus.cli_common import BROKER_PASSWORD_FILE, fail
+from fedbus.cli_federation import BROKER, CONFIG, FEDERATION, KEY, STATE
 
 _PROG = "fedbus coordinator cohort"
 
@@ -78,63 +79,42 @@ def register(app: typer.Typer) -> None:
     @app.command("cohort")
     def cohort(
         experiment: Path = typer.Argument(..., help="Experiment JSON (its dataset block: features, categorical, bounds)."),
-        config: Optional[Path] = typer.Option(None, "--config", help="A kit's coordinator.toml."),
-        broker: Optional[str] = typer.Option(None, "--broker", help="amqp://user[:pass]@host:5672/vhost"),
+        config: Optional[Path] = CONFIG,
+        broker: Optional[str] = BROKER,
         broker_password_file: Optional[Path] = BROKER_PASSWORD_FILE,
-        state: Optional[Path] = typer.Option(None, "--state", help="Coordinator state directory."),
-        key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key."),
-        federation: Optional[str] = typer.Option(None, "--federation", help="Federation name."),
+        state: Optional[Path] = STATE,
+        key: Optional[Path] = KEY,
+        federation: Optional[str] = FEDERATION,
         site: Optional[list[str]] = typer.Option(None, "--site", help="Ask exactly these enrolled sites (repeat)."),
         bins: int = typer.Option(20, "--bins", min=2, max=200, help="Histogram bins over each column's public bounds."),
         timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds to wait for the sites' answers."),
         json_out: bool = typer.Option(False, "--json", help="Print the cohort document on stdout."),
     ) -> None:
         """Ask the sites for the cohort table of EXPERIMENT.json (DP per site policy), per site and pooled."""
-        from fedbus.coordinator_lock import FederationLock, FederationLocked
-        from fedbus.kits import ProjectError, load_coordinator_config
+        from fedbus import cli_federation
         from protocol.cohort import CohortError, spec_from_experiment
         from protocol.config import ConfigError, load_experiment
         from protocol.logs import configure_logging
-        from protocol.signing import Signer
-        from protocol.transport import BusError, BusPermissionError, open_bus
+        from protocol.transport import BusError, BusPermissionError
 
         configure_logging("cli", level="warning")
-        tls = None
-        if config is not None:
-            try:
-                cfg = load_coordinator_config(config)
-            except ProjectError as e:
-                fail(_PROG, f"--config {config}: {e}")
-            broker = broker or cfg.broker_url
-            state, key, federation, tls = state or cfg.state_dir, key or cfg.key_path, federation or cfg.federation, cfg.tls
-        if broker is None or state is None or federation is None:
-            fail(_PROG, "--broker, --state and --federation are required (or --config coordinator.toml from a kit)")
-        broker = broker_url(broker, broker_password_file, prog=_PROG)
+
+        def on_error(message: str, code: int = 2) -> NoReturn:
+            fail(_PROG, message, code)
+
+        fed = cli_federation.resolve(config=config, broker=broker, password_file=broker_password_file, state=state,
+                                     key=key, federation=federation, prog=_PROG, on_error=on_error)
         try:
             exp = load_experiment(experiment)
             spec_from_experiment(exp, bins=bins)
         except (ConfigError, CohortError) as e:
             fail(_PROG, f"{experiment}: {e}")
-        key = key or state / "coordinator.key"
-        try:
-            signer = Signer.from_file(key)
-        except (OSError, ValueError) as e:
-            fail(_PROG, f"--key: cannot load coordinator key {key}: {e}")
+        signer, _key = cli_federation.signer(fed, on_error=on_error)
         from coordinator.cohort import CohortCollector, CohortFailed
 
-        state.mkdir(parents=True, exist_ok=True)
-        lock = FederationLock(state, federation)
+        lock, bus = cli_federation.lock_and_open(fed, what=f"cohort of {experiment}", on_error=on_error)
         try:
-            lock.acquire(state=str(state.resolve()), experiment=f"cohort of {experiment}")
-        except FederationLocked as e:
-            fail(_PROG, str(e))
-        try:
-            bus = open_bus(broker, tls=tls) if tls else open_bus(broker)
-        except (BusError, ValueError, OSError) as e:
-            lock.release()
-            fail(_PROG, f"cannot open broker: {e}", 2 if isinstance(e, (BusPermissionError, ValueError)) else 1)
-        try:
-            doc = CohortCollector(exp, bus=bus, state_dir=state, signer=signer, federation=federation,
+            doc = CohortCollector(exp, bus=bus, state_dir=fed.state, signer=signer, federation=fed.federation,
                                   sites=site or None, bins=bins, timeout_s=timeout).collect()
         except CohortFailed as e:
             fail(_PROG, str(e))
