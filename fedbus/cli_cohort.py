@@ -17,41 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cohort import rows_of
 from fedbus.cli_common import BROKER_PASSWORD_FILE, fail
 from fedbus.cli_federation import BROKER, CONFIG, FEDERATION, KEY, STATE
 
 _PROG = "fedbus coordinator cohort"
-
-
-def _fmt(fig: dict[str, Any] | None, *, pct: bool = False, digits: int = 1) -> str:
-    if not fig or fig.get("value") is None:
-        return "-"
-    k = 100.0 if pct else 1.0
-    lo, hi = fig["ci"]
-    unit = " %" if pct else ""
-    return f"{fig['value'] * k:.{digits}f}{unit} ({lo * k:.{digits}f}–{hi * k:.{digits}f})"
-
-
-def rows_of(doc: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """(label, one cell per site then pooled) for every figure of the cohort table."""
-    sites = [s for s, v in doc["sites"].items() if v["status"] == "released"]
-    tables = [doc["sites"][s]["table"] for s in sites] + ([doc["pooled"]["table"]] if doc.get("pooled") else [])
-    out: list[tuple[str, list[str]]] = [("n (announced rows)", [f"{t['n']:.0f}" for t in tables])]
-    for i, col in enumerate(doc["columns"]):
-        cols = [t["columns"][i] for t in tables]
-        name = col["name"]
-        if col["kind"] == "outcome" and col.get("task") == "binary":
-            out.append((f"{name}: prevalence", [_fmt(c.get("prevalence"), pct=True) for c in cols]))
-        elif col["kind"] == "categorical" or (col["kind"] == "outcome" and col.get("task") == "multiclass"):
-            key, label = ("categories", "category") if col["kind"] == "categorical" else ("classes", "class")
-            for j, cat in enumerate(cols[0][key] if cols else []):
-                out.append((f"{name} = {cat[label]}", [_fmt(c[key][j]["share"], pct=True) for c in cols]))
-        elif col.get("bounds"):
-            out.append((f"{name}: mean (SD)", [f"{_fmt(c.get('mean'))}  SD {_fmt(c.get('sd'))}" for c in cols]))
-            out.append((f"{name}: median [IQR]", [
-                f"{_fmt(c.get('median'))} [{_fmt(c.get('q1'))}, {_fmt(c.get('q3'))}]" for c in cols]))
-        out.append((f"{name}: missing", [_fmt(c.get("missing_share"), pct=True) for c in cols]))
-    return out
 
 
 def print_cohort(doc: dict[str, Any], console: Console | None = None) -> None:

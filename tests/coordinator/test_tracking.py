@@ -42,8 +42,11 @@ def simulated(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def read_back(uri: str, run_id: str):
+    """The tracked run of ``run_id`` (a registered version's own MLflow run, in the registry's experiment, is not it)."""
+    from coordinator.model_registry_mlflow import EXPERIMENT as REGISTRY
+
     client = MlflowClient(tracking_uri=uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+    runs = [r for e in client.search_experiments() if e.name != REGISTRY for r in client.search_runs([e.experiment_id])
             if r.data.tags.get("fedbus.run_id") == run_id]
     assert len(runs) == 1, runs
     return client, runs[0]
