@@ -102,7 +102,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "coordinator-starts-up-before-the-broker-check", "a coordinator learns that its broker is absent before "
         "it pays for torch and its start-up (exit 1 in ~10 s whatever the load)",
-        (Edit("fedbus/cli_coordinator_run.py", "                reach(broker, tls=tls)\n", "                pass\n"),),
+        (Edit("fedbus/cli_coordinator_run.py", "                reach(fed.broker, tls=fed.tls)\n", "                pass\n"),),
         ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
     ),
     Mutant(
@@ -1349,5 +1349,13 @@ MUTANTS.extend([
         "designer-template-keeps-leaking-columns", "a tabular template leaves out the columns that leak the outcome by name (follow-up time)",
         (Edit("fedbus/dashboard/designer.py", "        why = duration_reason(c) or identifier_reason(c, None)\n", "        why = None\n"),),
         (f"{_DESIGNER_C25}::test_tabular_templates_leave_out_the_columns_that_leak_the_outcome",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "cohort-rows-missing-count-as-share", "the cohort table's missing row is the released share with its interval, not the noisy count",
+        (Edit("coordinator/cohort.py", "        out.append((f\"{name}: missing\", [_fmt(c.get(\"missing_share\"), pct=True) for c in cols]))\n",
+              "        out.append((f\"{name}: missing\", [_fmt(c.get(\"missing\"), pct=True) for c in cols]))\n"),),
+        ("tests/coordinator/test_model_card_cohort.py::test_the_card_prints_the_pooled_cohort_with_intervals",),
     ),
 ])
