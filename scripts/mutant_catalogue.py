@@ -1359,3 +1359,11 @@ MUTANTS.extend([
         ("tests/coordinator/test_model_card_cohort.py::test_the_card_prints_the_pooled_cohort_with_intervals",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-started-run-not-tracked", "a run a dashboard served with --mlflow starts is given that tracking URI",
+        (Edit("fedbus/dashboard/actions.py", "        cmd += [\"--key\", str(key)] + ([\"--mlflow\", self.mlflow] if self.mlflow else [])\n",
+              "        cmd += [\"--key\", str(key)]\n"),),
+        ("tests/dashboard/test_start_stop.py::test_start_runs_only_experiments_in_the_state_directory",),
+    ),
+])
