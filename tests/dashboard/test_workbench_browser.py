@@ -104,6 +104,9 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     count = page.locator("#param-count")
     page.wait_for_function("() => document.querySelector('#param-count').dataset.value", timeout=60_000)
     mlp = int(count.get_attribute("data-value"))
+    features = page.locator("#features input")  # the template leaves out the follow-up time (it leaks the outcome)
+    assert features.count() == 12 and not page.locator('#features input[value="time"]').is_checked()
+    assert page.locator("#features input:checked").count() == 11
     sites = page.locator("#eps-plan tr[data-site]")
     assert sites.count() == 3
     assert all(abs(float(sites.nth(i).locator("td.planned-epsilon").get_attribute("data-epsilon")) - 8.0) < 0.05 for i in range(3))
