@@ -5,9 +5,12 @@ heart-disease file split by its ``dataset`` column, each a production ``TaskHand
 default policy ``stats = "dp"``) for their cohort table of ``examples/heart_disease.json``, pools
 the four releases, and checks whether the pooled mean age and the outcome prevalence
 (``num > 0``) lie within their printed intervals of the true values (pandas on the same rows).
-Every draw's noise is the sites' secret noise. It also checks that each site's ledger holds
-exactly one ``(σ_s, 1, 1)`` entry per draw and that the ε it reports is Opacus' RDP accountant
-stepped that many times. ``--draws 20`` (default); ``--smoke``: 3 draws.
+Every draw's noise is the sites' secret noise. ε is charged as planned: the plan is the sites'
+own planner (``protocol.dp_plan.stats_entries`` under the default policy, composed over the draws
+by ``protocol.accounting``); each site's ledger must hold exactly that entry per draw, and the ε it
+reports must equal both the plan and Opacus' RDP accountant stepped that many times (an oracle
+apart from the planner). ``--draws 20`` (default); ``--smoke``: 3 draws. Exits 1 unless the
+ledger is as planned.
 """
 
 from __future__ import annotations
@@ -75,15 +78,29 @@ def draws(n: int, tmp: Path) -> dict:
         cols = {c["name"]: c for c in doc["columns"]}
         for name, fig in (("age", cols["age"]["mean"]), ("prevalence", cols["num"]["prevalence"])):
             hits[name] += fig["ci"][0] <= truth[name] <= fig["ci"][1]
+    from protocol.accounting import epsilon_of, merge
+    from protocol.dp_plan import stats_entries
+    from protocol.policy import SitePolicy
+
+    policy = SitePolicy()  # what each hospital runs here (the default: stats = "dp")
+    entry = [list(e) for e in stats_entries(policy)]
+    deltas = {d for _e, d, _r in eps.values()}
+    assert len(deltas) == 1, deltas
+    delta = deltas.pop()
+    planned = epsilon_of(merge(stats_entries(policy) * n), delta=delta, accountant=policy.accountant)
     acc = RDPAccountant()
     for _ in range(n):
-        acc.step(noise_multiplier=2.0, sample_rate=1.0)
-    planned = acc.get_epsilon(delta=1e-5)
-    ledger_ok = all(len(r) == n and all(x["entries"] == [[2.0, 1.0, 1]] and x["kind"] == "stats" for x in r)
-                    and abs(e - planned) <= 1e-9 * planned for e, _d, r in eps.values())
+        for sigma, q, steps in stats_entries(policy):
+            for _step in range(steps):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+    opacus = acc.get_epsilon(delta=delta)
+    ledger_ok = abs(planned - opacus) <= 1e-9 * opacus and all(
+        len(r) == n and all(x["entries"] == entry and x["kind"] == "stats" for x in r)
+        and abs(e - planned) <= 1e-9 * planned for e, _d, r in eps.values())
     return {"draws": n, "truth": truth, "covered": hits, "coverage": {k: v / n for k, v in hits.items()},
             "epsilon_per_site": {h: e for h, (e, _d, _r) in eps.items()}, "epsilon_planned": planned,
-            "delta": 1e-5, "accountant": "rdp", "ledger_as_planned": ledger_ok}
+            "epsilon_opacus": opacus, "ledger_entry": entry, "delta": delta, "accountant": policy.accountant,
+            "ledger_as_planned": ledger_ok}
 
 
 def main() -> int:

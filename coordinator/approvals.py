@@ -6,7 +6,8 @@ Ed25519 key and kept in ``STATE/approvals/<run_id>.json``. ``fedbus coordinator 
 re-verifies every record: the signature over the canonical JSON of the record, the key
 against the run's recorded coordinator key id, and the checkpoint hash against both the
 database and the file on disk. Editing any byte of a record, re-signing it with another
-key, or swapping the checkpoint makes the audit fail.
+key, or swapping the checkpoint makes the audit fail. The signing and the checks (``sign``,
+``verify_signed``, ``checkpoint_problem``) are shared with the model registry's entries.
 """
 
 from __future__ import annotations
@@ -71,8 +72,7 @@ def approve(
         "round": int(round), "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256,
         "coordinator_kid": signer.kid, "note": note,
     }
-    signed = {"record": record, "kid": signer.kid, "public_pem": signer.public_pem().decode(),
-              "signature": base64.b64encode(signer.sign(canonical(record))).decode()}
+    signed = sign(record, signer)
     path = approvals_path(state_dir, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = load_approvals(state_dir, run_id)
@@ -80,11 +80,51 @@ def approve(
     return signed
 
 
-def verify_approvals(state_dir: Path, run: dict[str, Any], checkpoints: dict[int, tuple[str, str]]) -> tuple[int, list[str]]:
-    """(records verified, problems) for ``run`` (a state row); ``checkpoints``: round -> (path, sha256) from the db."""
+def sign(record: dict[str, Any], signer: Any) -> dict[str, Any]:
+    """The signed form of ``record`` (an approval here, a registry entry in ``model_registry``): the
+    record, the key id and public key, and the Ed25519 signature over its canonical bytes."""
+    return {"record": record, "kid": signer.kid, "public_pem": signer.public_pem().decode(),
+            "signature": base64.b64encode(signer.sign(canonical(record))).decode()}
+
+
+def verify_signed(signed: dict[str, Any], *, expected_kid: str | None, what: str = "record") -> str | None:
+    """None when the signature over ``signed["record"]`` holds under the key it names, and that key is
+    the run's coordinator key (``expected_kid``); else what is wrong. One check for approvals and
+    registry entries."""
     from protocol.errors import BadSignature
     from protocol.signing import KeyFileError, TrustStore
 
+    try:
+        record, pem = signed["record"], signed["public_pem"].encode()
+        sig = base64.b64decode(signed["signature"], validate=True)
+        trust = TrustStore()
+        kid = trust.add("coordinator", pem)
+        trust.verify(kid, canonical(record), sig)
+    except BadSignature:
+        return f"the signature does not match the {what} (it was changed after signing)"
+    except (KeyError, TypeError, AttributeError, ValueError, KeyFileError) as e:
+        return f"malformed ({type(e).__name__}: {e})"
+    if kid != signed.get("kid") or kid != record.get("coordinator_kid") or (expected_kid and kid != expected_kid):
+        return f"signed by key {kid}, the run's coordinator key is {expected_kid}"
+    return None
+
+
+def checkpoint_problem(state_dir: Path, record: dict[str, Any], checkpoints: dict[int, tuple[str, str]]) -> str | None:
+    """None when the checkpoint ``record`` names is the one the database recorded for its round and the
+    file still has that sha256; else what is wrong."""
+    rnd = record.get("round")
+    stored = checkpoints.get(rnd) if isinstance(rnd, int) else None
+    if stored is None or stored != (record.get("checkpoint"), record.get("checkpoint_sha256")):
+        return (f"checkpoint {record.get('checkpoint')} ({record.get('checkpoint_sha256')}) is not the one the "
+                f"database recorded for round {record.get('round')}")
+    path = Path(state_dir) / stored[0]
+    if not path.exists() or sha256_file(path) != stored[1]:
+        return f"checkpoint file {path} is missing or no longer has the approved sha256"
+    return None
+
+
+def verify_approvals(state_dir: Path, run: dict[str, Any], checkpoints: dict[int, tuple[str, str]]) -> tuple[int, list[str]]:
+    """(records verified, problems) for ``run`` (a state row); ``checkpoints``: round -> (path, sha256) from the db."""
     run_id = run["run_id"]
     try:
         records = load_approvals(state_dir, run_id)
@@ -93,33 +133,15 @@ def verify_approvals(state_dir: Path, run: dict[str, Any], checkpoints: dict[int
     ok, problems = 0, []
     for i, signed in enumerate(records):
         what = f"approval {i + 1} of {run_id}"
-        try:
-            record, pem = signed["record"], signed["public_pem"].encode()
-            sig = base64.b64decode(signed["signature"], validate=True)
-            trust = TrustStore()
-            kid = trust.add("coordinator", pem)
-            trust.verify(kid, canonical(record), sig)
-        except BadSignature:
-            problems.append(f"{what}: the signature does not match the record (it was changed after signing)")
-            continue
-        except (KeyError, TypeError, AttributeError, ValueError, KeyFileError) as e:
-            problems.append(f"{what}: malformed ({type(e).__name__}: {e})")
-            continue
-        expected_kid = run.get("coordinator_kid")
-        if kid != signed.get("kid") or kid != record.get("coordinator_kid") or (expected_kid and kid != expected_kid):
-            problems.append(f"{what}: signed by key {kid}, the run's coordinator key is {expected_kid}")
-            continue
-        if record.get("kind") != KIND or record.get("run_id") != run_id:
-            problems.append(f"{what}: names run {record.get('run_id')!r}, not {run_id!r}")
-            continue
-        stored = checkpoints.get(record.get("round"))
-        if stored is None or stored != (record.get("checkpoint"), record.get("checkpoint_sha256")):
-            problems.append(f"{what}: checkpoint {record.get('checkpoint')} ({record.get('checkpoint_sha256')}) "
-                            f"is not the one the database recorded for round {record.get('round')}")
-            continue
-        path = Path(state_dir) / stored[0]
-        if not path.exists() or sha256_file(path) != stored[1]:
-            problems.append(f"{what}: checkpoint file {path} is missing or no longer has the approved sha256")
-            continue
-        ok += 1
+        problem = verify_signed(signed, expected_kid=run.get("coordinator_kid"))
+        if problem is None:
+            record = signed["record"]
+            if record.get("kind") != KIND or record.get("run_id") != run_id:
+                problem = f"names run {record.get('run_id')!r}, not {run_id!r}"
+            else:
+                problem = checkpoint_problem(state_dir, record, checkpoints)
+        if problem:
+            problems.append(f"{what}: {problem}")
+        else:
+            ok += 1
     return ok, problems

@@ -8,7 +8,9 @@ the cohort document: per site, the released vector, its noise SD and the ε the 
 column from the summed releases (noise variances add). Everything is post-processing of what
 the sites released. Documents are kept as ``STATE/cohorts/<cohort_id>.json`` (names made here,
 never from the wire); ``latest_cohort`` finds the newest for an experiment (the model card's
-"data" section and the dashboard's Cohort page read it).
+"data" section and the dashboard's Cohort page read it). ``rows_of`` lays the document out as
+labelled rows, one cell per site and pooled, each figure with its interval (one layout for the
+terminal, the Cohort page and the model card).
 """
 
 from __future__ import annotations
@@ -117,6 +119,39 @@ def latest_cohort(state_dir: Path, experiment: Experiment | dict[str, Any] | Non
             if doc.get("dataset") == name:
                 return doc
     return None
+
+
+def _fmt(fig: dict[str, Any] | None, *, pct: bool = False, digits: int = 1) -> str:
+    if not fig or fig.get("value") is None:
+        return "-"
+    k = 100.0 if pct else 1.0
+    lo, hi = fig["ci"]
+    unit = " %" if pct else ""
+    return f"{fig['value'] * k:.{digits}f}{unit} ({lo * k:.{digits}f}–{hi * k:.{digits}f})"
+
+
+def rows_of(doc: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(label, one cell per released site then pooled) for every figure of the cohort table: the
+    terminal's table (``coordinator cohort``), the dashboard's Cohort page and the model card's
+    cohort section (a document whose ``sites`` is empty gives the pooled column alone)."""
+    sites = [s for s, v in doc["sites"].items() if v["status"] == "released"]
+    tables = [doc["sites"][s]["table"] for s in sites] + ([doc["pooled"]["table"]] if doc.get("pooled") else [])
+    out: list[tuple[str, list[str]]] = [("n (announced rows)", [f"{t['n']:.0f}" for t in tables])]
+    for i, col in enumerate(doc["columns"]):
+        cols = [t["columns"][i] for t in tables]
+        name = col["name"]
+        if col["kind"] == "outcome" and col.get("task") == "binary":
+            out.append((f"{name}: prevalence", [_fmt(c.get("prevalence"), pct=True) for c in cols]))
+        elif col["kind"] == "categorical" or (col["kind"] == "outcome" and col.get("task") == "multiclass"):
+            key, label = ("categories", "category") if col["kind"] == "categorical" else ("classes", "class")
+            for j, cat in enumerate(cols[0][key] if cols else []):
+                out.append((f"{name} = {cat[label]}", [_fmt(c[key][j]["share"], pct=True) for c in cols]))
+        elif col.get("bounds"):
+            out.append((f"{name}: mean (SD)", [f"{_fmt(c.get('mean'))}  SD {_fmt(c.get('sd'))}" for c in cols]))
+            out.append((f"{name}: median [IQR]", [
+                f"{_fmt(c.get('median'))} [{_fmt(c.get('q1'))}, {_fmt(c.get('q3'))}]" for c in cols]))
+        out.append((f"{name}: missing", [_fmt(c.get("missing_share"), pct=True) for c in cols]))
+    return out
 
 
 class CohortCollector:

@@ -76,15 +76,11 @@ def sections(record: dict[str, Any], *, run: dict[str, Any] | None = None, cohor
     data.paragraphs.append(f"Features: {', '.join(map(str, ds.get('features') or [])) or 'as the dataset declares'}.")
     out.append(data)
     if cohort:
-        coh = Section("Cohort", anchor="cohort", paragraphs=["The cohort's descriptive statistics, as the sites released them."])
-        cols = cohort.get("columns") if isinstance(cohort.get("columns"), list) else None
-        if cols and all(isinstance(c, dict) for c in cols):
-            keys = list(dict.fromkeys(k for c in cols for k in c))
-            coh.header = keys
-            coh.rows = [[str(c.get(k, "")) for k in keys] for c in cols]
-        else:
-            coh.rows = [[str(k), str(v)] for k, v in cohort.items()]
-            coh.header = ["Item", "Value"]
+        sites = ", ".join(cohort.get("sites") or [])
+        coh = Section("Cohort", anchor="cohort", header=["Figure", f"Pooled over {sites}"], paragraphs=[
+            f"The cohort's descriptive statistics as the sites released them (cohort {cohort.get('cohort_id')}), "
+            "each with its 95 % interval (the interval covers the sites' DP noise)."])
+        coh.rows = [[str(label), str(cell)] for label, cell in cohort.get("rows") or []]
         out.append(coh)
     perf = Section("Performance", anchor="performance", header=["Where", "Accuracy", "AUC", "F1", "Sensitivity", "Specificity", "Test rows"],
                    paragraphs=[f"On the sites' fixed {m.get('split', 'test')} splits, after round {record.get('round')}."])
@@ -166,9 +162,10 @@ def html_page(record: dict[str, Any], *, stylesheet: str | None = None, **kw: An
 
 def load_cohort(state_dir: Path, run: dict[str, Any] | None) -> dict[str, Any] | None:
     """The pooled cohort table of the run's experiment (``coordinator.cohort``, the newest
-    ``fedbus coordinator cohort`` release for it or its dataset) as ``{"columns": [...]}`` rows
-    the card can print; None (no cohort released) leaves the card's cohort section out."""
-    from coordinator.cohort import latest_cohort
+    ``fedbus coordinator cohort`` release for it or its dataset) as ``{"sites", "rows": [(label,
+    cell)]}`` in the Cohort page's layout (``cohort.rows_of``: each figure with its 95 % interval);
+    None (no cohort released) leaves the card's cohort section out."""
+    from coordinator.cohort import latest_cohort, rows_of
 
     if not run or not run.get("experiment"):
         return None
@@ -177,22 +174,13 @@ def load_cohort(state_dir: Path, run: dict[str, Any] | None) -> dict[str, Any] |
     except (ValueError, TypeError, OSError):  # an experiment the loader refuses has no cohort to show
         return None
     pooled = (doc or {}).get("pooled") or {}
-    cols = (pooled.get("table") or {}).get("columns")
-    if not isinstance(cols, list):
+    if not isinstance((pooled.get("table") or {}).get("columns"), list) or not isinstance((doc or {}).get("columns"), list):
         return None
-    keys = ("n", "missing", "mean", "sd", "median", "q1", "q3", "prevalence")
-    return {"columns": [{"column": str(c.get("name", "")), "sites": ", ".join(pooled.get("sites") or []),
-                         **{k: _fig(c.get(k)) for k in keys if k in c}} for c in cols if isinstance(c, dict)]}
-
-
-def _fig(f: object) -> str:
-    """``{"value": v, "ci": [lo, hi]}`` as "v (lo–hi)"; anything else as text."""
-    if isinstance(f, dict) and isinstance(f.get("value"), (int, float)):
-        ci = f.get("ci")
-        if isinstance(ci, list) and len(ci) == 2:
-            return f"{f['value']:.3g} ({ci[0]:.3g}–{ci[1]:.3g})"
-        return f"{f['value']:.3g}"
-    return "" if f is None else str(f)
+    try:
+        rows = [(label, cells[0]) for label, cells in rows_of({**(doc or {}), "sites": {}})]
+    except (KeyError, TypeError, IndexError, ValueError):  # a document another version wrote: no section, not a crash
+        return None
+    return {"sites": [str(s) for s in pooled.get("sites") or []], "cohort_id": (doc or {}).get("cohort_id"), "rows": rows}
 
 
 def card_inputs(reader: HasRuns, state_dir: Path, signed: dict[str, Any],

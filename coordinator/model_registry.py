@@ -16,7 +16,6 @@ any byte of an entry fails the audit.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.approvals import canonical
+from coordinator.approvals import canonical, checkpoint_problem, sign, verify_signed
 from coordinator.checkpoints import sha256_file
 from protocol import durable
 
@@ -113,8 +112,7 @@ def register(state_dir: Path, *, name: str, run: dict[str, Any], round: int, che
             "privacy": privacy_of(result, experiment), "sites": sorted(run.get("sites") or []),
             "coordinator_kid": signer.kid,
         }
-        signed = {"record": record, "kid": signer.kid, "public_pem": signer.public_pem().decode(),
-                  "signature": base64.b64encode(signer.sign(canonical(record))).decode()}
+        signed = sign(record, signer)
         final = folder / f"v{version}.json"
         tmp = folder / f".v{version}.{os.getpid()}.tmp"
         durable.write_atomic(tmp, json.dumps(signed, indent=2).encode("utf-8"))
@@ -162,32 +160,12 @@ def entry(state_dir: Path, name: str, version: int | None = None) -> dict[str, A
     raise RegistryError(f"model {name} has no version {version} (versions: {[e['record'].get('version') for e in found]})")
 
 
-def verify_signed(signed: dict[str, Any], *, expected_kid: str | None) -> str | None:
-    """None when the signature over the record holds under the named key; else what is wrong."""
-    from protocol.errors import BadSignature
-    from protocol.signing import KeyFileError, TrustStore
-
-    try:
-        record, pem = signed["record"], signed["public_pem"].encode()
-        sig = base64.b64decode(signed["signature"], validate=True)
-        trust = TrustStore()
-        kid = trust.add("coordinator", pem)
-        trust.verify(kid, canonical(record), sig)
-    except BadSignature:
-        return "the signature does not match the entry (it was changed after signing)"
-    except (KeyError, TypeError, AttributeError, ValueError, KeyFileError) as e:
-        return f"malformed ({type(e).__name__}: {e})"
-    if kid != signed.get("kid") or kid != record.get("coordinator_kid") or (expected_kid and kid != expected_kid):
-        return f"signed by key {kid}, the run's coordinator key is {expected_kid}"
-    return None
-
-
 def verify_entry(state_dir: Path, path: Path, signed: dict[str, Any], run: dict[str, Any],
                  checkpoints: dict[int, tuple[str, str]]) -> str | None:
     """None when the entry stored at ``path`` verifies against ``run`` (a state row, ``experiment`` parsed)
     and its checkpoints (round -> (path, sha256) from the database); else what is wrong."""
     record = signed["record"]
-    problem = verify_signed(signed, expected_kid=run.get("coordinator_kid"))
+    problem = verify_signed(signed, expected_kid=run.get("coordinator_kid"), what="entry")
     if problem:
         return problem
     try:
@@ -196,11 +174,9 @@ def verify_entry(state_dir: Path, path: Path, signed: dict[str, Any], run: dict[
         where = None
     if record.get("kind") != KIND or where != path:
         return f"names model {record.get('name')} v{record.get('version')}, not the file it is stored in"
-    stored = checkpoints.get(record.get("round"))
-    if stored is None or stored != (record.get("checkpoint"), record.get("checkpoint_sha256")):
-        return f"checkpoint {record.get('checkpoint')} is not the one the database recorded for round {record.get('round')}"
-    if not (Path(state_dir) / stored[0]).exists() or sha256_file(Path(state_dir) / stored[0]) != stored[1]:
-        return f"checkpoint file {stored[0]} is missing or no longer has the registered sha256"
+    problem = checkpoint_problem(state_dir, record, checkpoints)
+    if problem:
+        return problem
     if experiment_sha256(run.get("experiment") or {}) != record.get("experiment_sha256"):
         return "the experiment the database holds for the run no longer has the registered sha256"
     return None

@@ -12,13 +12,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbus.cli_common import BROKER_PASSWORD_FILE, MLFLOW, broker_url, fail, log_to_mlflow, mlflow_uri
+from fedbus.cli_common import BROKER_PASSWORD_FILE, MLFLOW, fail, log_to_mlflow, mlflow_uri
+from fedbus.cli_federation import BROKER, CONFIG, FEDERATION, KEY, STATE
 
 _PROG = "fedbus coordinator"
 _err = Console(stderr=True)
@@ -31,23 +32,18 @@ def _fail(message: str, code: int = 2, *, json_out: bool = False, run_id: str | 
     fail(_PROG, message, code)
 
 
-_NO_KEY = (
-    "no coordinator key: pass --key FILE (a kit's coordinator/coordinator.key from `fedbus provision`, or "
-    "--config coordinator/coordinator.toml). To make one: `fedbus keys generate coordinator --out DIR`, give "
-    "DIR/coordinator.pub to every site (coordinator_pub in its site.toml), then pass --key DIR/coordinator.key"
-)
 
 
 def register(app: typer.Typer, runs_app: typer.Typer) -> None:
     @app.command()
     def run(
         experiment: Path = typer.Argument(..., help="Experiment JSON."),
-        config: Optional[Path] = typer.Option(None, "--config", help="A kit's coordinator.toml (broker, key, state, federation)."),
-        broker: Optional[str] = typer.Option(None, "--broker", help="memory://NAME or amqp://user[:pass]@host:5672/vhost"),
+        config: Optional[Path] = CONFIG,
+        broker: Optional[str] = BROKER,
         broker_password_file: Optional[Path] = BROKER_PASSWORD_FILE,
-        state: Optional[Path] = typer.Option(None, "--state", help="Coordinator state directory (SQLite, checkpoints, log)."),
-        key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key (the sites hold its .pub)."),
-        federation: Optional[str] = typer.Option(None, "--federation", help="Federation name, as in the sites' site.toml (queues fedbus.updates.<F>)."),
+        state: Optional[Path] = STATE,
+        key: Optional[Path] = KEY,
+        federation: Optional[str] = FEDERATION,
         resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished run (or --run-id)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (new) or the run to resume."),
         rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
@@ -61,33 +57,21 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         mlflow: Optional[str] = MLFLOW,
     ) -> None:
         """Run EXPERIMENT.json over the broker; with --resume, continue after a crash."""
-        from fedbus.coordinator_lock import FederationLock, FederationLocked
-        from fedbus.kits import ProjectError, load_coordinator_config
+        from fedbus import cli_federation
         from protocol.logs import add_log_file, configure_logging
         from coordinator.secagg import refuse_until_wired
         from protocol.config import ConfigError, load_experiment
-        from protocol.signing import Signer
-        from protocol.transport import BusError, BusPermissionError, open_bus
+        from protocol.transport import BusError, BusPermissionError
 
         # Until the broker has answered, only warnings: the start-up check's retries are not
         # news, and a broker that is not there is one line (below), not its retry chatter.
         configure_logging("cli", level="warning")
-        tls = None
-        if config is not None:
-            try:
-                cfg = load_coordinator_config(config)
-            except ProjectError as e:
-                _fail(f"--config {config}: {e}", json_out=json_out)
-            broker = broker or cfg.broker_url
-            state, key, federation, tls = state or cfg.state_dir, key or cfg.key_path, federation or cfg.federation, cfg.tls
-        if broker is None:
-            _fail("--broker URL is required (or --config coordinator.toml from a kit)", json_out=json_out)
-        if state is None:
-            _fail("--state DIR is required (or --config coordinator.toml from a kit)", json_out=json_out)
-        if federation is None:
-            _fail("--federation NAME is required: the federation the sites serve (federation = ... in their "
-                  "site.toml); the coordinator's queues are fedbus.updates.<NAME>", json_out=json_out)
-        broker = broker_url(broker, broker_password_file, prog=_PROG)
+
+        def on_error(message: str, code: int = 2) -> NoReturn:
+            _fail(message, code, json_out=json_out)
+
+        fed = cli_federation.resolve(config=config, broker=broker, password_file=broker_password_file, state=state,
+                                     key=key, federation=federation, prog=_PROG, on_error=on_error)
         tracking = mlflow_uri(mlflow, None, prog=_PROG)
         try:
             exp = load_experiment(experiment)
@@ -96,20 +80,13 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
             _fail(f"{experiment}: {e}", json_out=json_out)
         if exp.not_used:
             typer.echo(f"note: not used by fedbus: {', '.join(exp.not_used)}", err=True)
-        if key is None:
-            if not (state / "coordinator.key").exists():
-                _fail(_NO_KEY, json_out=json_out)
-            key = state / "coordinator.key"  # made on purpose earlier (fedbus keys generate ... --out STATE)
-        try:
-            signer = Signer.from_file(key)
-        except (OSError, ValueError) as e:
-            _fail(f"cannot load coordinator key {key}: {e}. {_NO_KEY}", json_out=json_out)
+        signer, key = cli_federation.signer(fed, on_error=on_error)
         typer.echo(f"signing tasks with coordinator key id {signer.kid} ({key}); sites must hold its .pub", err=True)
-        if not broker.startswith("memory"):
+        if not fed.broker.startswith("memory"):
             from protocol.transport.connector import reach
 
             try:  # before the start-up work: an absent broker fails in 10 s, whatever the load
-                reach(broker, tls=tls)
+                reach(fed.broker, tls=fed.tls)
             except BusPermissionError as e:
                 _fail(str(e), json_out=json_out)
             except BusError as e:
@@ -119,20 +96,11 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         configure_logging("cli")  # the run's own events, from here on
         from coordinator.run import Coordinator  # (the start-up work: after the broker answered)
         from coordinator.state import StateError
-        state.mkdir(parents=True, exist_ok=True)
-        lock = FederationLock(state, federation)
-        try:
-            lock.acquire(state=str(state.resolve()), experiment=str(experiment))
-        except FederationLocked as e:
-            _fail(str(e), json_out=json_out)
+        state = fed.state
+        lock, bus = cli_federation.lock_and_open(fed, what=str(experiment), on_error=on_error)
         add_log_file(state / LOG_FILE)
         try:
-            bus = open_bus(broker, tls=tls) if tls else open_bus(broker)
-        except (BusError, ValueError, OSError) as e:
-            lock.release()
-            _fail(f"cannot open broker: {e}", json_out=json_out)
-        try:
-            coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=federation, sites=site or None,
+            coord = Coordinator(exp, bus=bus, state_dir=state, signer=signer, federation=fed.federation, sites=site or None,
                                 run_id=run_id, resume=resume, progress=progress, round_timeout_s=round_timeout,
                                 rounds=rounds, model_inline_below=model_inline_below)
             result = coord.run()

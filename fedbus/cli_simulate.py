@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
             import tempfile
 
             out = Path(tempfile.mkdtemp(prefix="fedbus-sim-mlflow-"))
-        dashboard = _start_dashboard(out, serve_port, broker, err) if serve else None
+        dashboard = _start_dashboard(out, serve_port, broker, err, tracking) if serve else None
         try:
             doc = run_simulation(
                 experiment, sites=sites, partition=partition, dataset=dataset, broker=broker, rounds=rounds,
@@ -150,7 +150,7 @@ def _cohort_only(experiment: Path, *, sites: Optional[int], partition: str, data
         raise typer.Exit(1)
 
 
-def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object:
+def _start_dashboard(out: Optional[Path], port: int, broker: str, err, mlflow: Optional[str] = None) -> object:
     """``--serve``: the dashboard on a thread over ``OUT/coordinator``, read-only, localhost."""
     from rich.markup import escape
 
@@ -164,7 +164,7 @@ def _start_dashboard(out: Optional[Path], port: int, broker: str, err) -> object
         server = BackgroundServer(ServeOptions(state=out / "coordinator", port=port, allow_actions=True,
                                                broker=None if broker.startswith("memory") else broker,
                                                simulate_out=out if broker.startswith("memory") else None,
-                                               port_option="--serve-port")).start()
+                                               port_option="--serve-port", mlflow=mlflow)).start()
     except ServeError as e:
         err.print(f"[red]fedbus simulate:[/red] --serve: {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None

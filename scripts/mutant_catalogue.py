@@ -102,7 +102,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "coordinator-starts-up-before-the-broker-check", "a coordinator learns that its broker is absent before "
         "it pays for torch and its start-up (exit 1 in ~10 s whatever the load)",
-        (Edit("fedbus/cli_coordinator_run.py", "                reach(broker, tls=tls)\n", "                pass\n"),),
+        (Edit("fedbus/cli_coordinator_run.py", "                reach(fed.broker, tls=fed.tls)\n", "                pass\n"),),
         ("tests/transport/test_connect_path.py::test_coordinator_on_a_dead_broker_exits_1_with_one_line",),
     ),
     Mutant(
@@ -1303,7 +1303,7 @@ MUTANTS.extend([
     ),
     Mutant(
         "registry-signature-not-verified", "a registry entry's signature is verified: an edited entry fails the audit",
-        (Edit("coordinator/model_registry.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
+        (Edit("coordinator/approvals.py", "        trust.verify(kid, canonical(record), sig)\n", "        pass\n"),),
         (f"{_REGISTRY}::test_a_tampered_entry_fails_the_audit",),
     ),
 ])
@@ -1352,6 +1352,29 @@ MUTANTS.extend([
         (f"{_SA_CFG}::test_fedbuff_under_secure_aggregation_takes_only_the_constant_staleness",),
     ),
 ])
+# ------------------------------------------------------------------ researcher's workbench, closing (issue 25, c25)
+_REGISTRY_C25 = "tests/dashboard/test_model_registry.py"
+MUTANTS.extend([
+    Mutant(
+        "dashboard-mark-valid-skips-mlflow", "a dashboard served with --mlflow registers a version marked valid in MLflow's registry too",
+        (Edit("fedbus/dashboard/actions.py", "        mlflow = mlflow or self.mlflow\n", "        mlflow = mlflow\n"),),
+        (f"{_REGISTRY_C25}::test_mark_valid_on_a_dashboard_served_with_mlflow_registers_there_too",),
+    ),
+])
+_DESIGNER_C25 = "tests/dashboard/test_designer.py"
+MUTANTS.extend([
+    Mutant(
+        "designer-plan-ignores-site-policy", "the designer plans each site's ε with the policy its hello announced, not the site defaults",
+        (Edit("fedbus/dashboard/designer.py", "        out[\"privacy_plan\"] = plan(experiment, hellos) if hellos else None\n",
+              "        out[\"privacy_plan\"] = plan(experiment, {s: {**h, \"policy\": {}} for s, h in hellos.items()}) if hellos else None\n"),),
+        (f"{_DESIGNER_C25}::test_the_eps_plan_is_each_sites_own_from_its_announced_policy",),
+    ),
+    Mutant(
+        "designer-template-keeps-leaking-columns", "a tabular template leaves out the columns that leak the outcome by name (follow-up time)",
+        (Edit("fedbus/dashboard/designer.py", "        why = duration_reason(c) or identifier_reason(c, None)\n", "        why = None\n"),),
+        (f"{_DESIGNER_C25}::test_tabular_templates_leave_out_the_columns_that_leak_the_outcome",),
+    ),
+])
 MUTANTS.extend([
     Mutant(
         "secagg-roster-refusal-unrecorded", "a site's refusal of a forged roster is recorded as its decline, naming "
@@ -1379,5 +1402,21 @@ MUTANTS.extend([
         (Edit("site_worker/secure_metrics.py", "    return layout, to_field(v + rng.standard_normal(len(v)) * sd), sd\n",
               "    return layout, to_field(v), sd\n"),),
         (f"{_UNION}::test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "cohort-rows-missing-count-as-share", "the cohort table's missing row is the released share with its interval, not the noisy count",
+        (Edit("coordinator/cohort.py", "        out.append((f\"{name}: missing\", [_fmt(c.get(\"missing_share\"), pct=True) for c in cols]))\n",
+              "        out.append((f\"{name}: missing\", [_fmt(c.get(\"missing\"), pct=True) for c in cols]))\n"),),
+        ("tests/coordinator/test_model_card_cohort.py::test_the_card_prints_the_pooled_cohort_with_intervals",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-started-run-not-tracked", "a run a dashboard served with --mlflow starts is given that tracking URI",
+        (Edit("fedbus/dashboard/actions.py", "        cmd += [\"--key\", str(key)] + ([\"--mlflow\", self.mlflow] if self.mlflow else [])\n",
+              "        cmd += [\"--key\", str(key)]\n"),),
+        ("tests/dashboard/test_start_stop.py::test_start_runs_only_experiments_in_the_state_directory",),
     ),
 ])

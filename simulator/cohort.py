@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from protocol.config import Experiment
 
@@ -20,39 +19,15 @@ def run_cohort(exp: Experiment, ws: Any, *, memory: bool, url: str, federation: 
     """The cohort document (``coordinator.cohort``), kept in the workspace's coordinator state."""
     from coordinator.cohort import CohortCollector
     from protocol.signing import Signer
-    from protocol.transport import open_bus
     from simulator.faults import FaultLog, parse_faults
-    from simulator.federation import MemoryFederation, ProcessFederation
-    from simulator.run import SimulationFailed, _delete_run_queues
+    from simulator.federation import running
 
-    plan = parse_faults(None, seed=0)
-    fed: Any = (MemoryFederation(ws, url=url, federation=federation, plan=plan, fault_log=FaultLog()) if memory
-                else ProcessFederation(ws, url=url, federation=federation, plan=plan))
-    bus = open_bus(url)
     t0 = time.perf_counter()
-    try:
-        fed.declare(bus)
-        fed.start()
-        if not memory:
-            try:
-                fed.wait_ready()
-            except RuntimeError as e:
-                raise SimulationFailed(str(e)) from None
-        collector = CohortCollector(exp, bus=bus, state_dir=ws.coordinator_state,
+    with running(ws, memory=memory, url=url, federation=federation, plan=parse_faults(None, seed=0),
+                 fault_log=FaultLog()) as live:
+        collector = CohortCollector(exp, bus=live.bus, state_dir=ws.coordinator_state,
                                     signer=Signer.from_file(ws.coordinator_key), federation=federation,
                                     sites=sorted(ws.sites), bins=bins, timeout_s=timeout_s)
         doc = collector.collect()
-    finally:
-        fed.stop()
-        if not memory:
-            _delete_run_queues(bus, sites=sorted(ws.sites), federation=federation)
-        try:
-            bus.close()
-        except Exception:  # noqa: BLE001
-            pass
-        if memory:
-            from protocol.transport.memory import drop_broker
-
-            drop_broker(urlsplit(url).netloc)
     doc["wall_s"] = time.perf_counter() - t0
     return doc

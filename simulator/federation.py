@@ -8,7 +8,8 @@ Two ways, both running the production ``SiteWorker`` unchanged:
   ``fedbus site run --config SITE.toml``, or, for a site with injected faults,
   ``python -m simulator.site_process`` (the same daemon with a ``FaultyBus``).
 
-The coordinator runs in the simulator's process in both cases (``run.simulate``).
+The coordinator runs in the simulator's process in both cases (``run.simulate``). ``running``
+starts and stops either kind around a simulated run or a cohort (one start and stop for both).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -177,3 +182,72 @@ class ProcessFederation:
         for f in self._logs:
             f.close()
         return codes
+
+
+@dataclass
+class Running:
+    """A started federation (``running``): the coordinator's bus, the sites, and how long they took."""
+
+    bus: Bus
+    fed: MemoryFederation | ProcessFederation
+    sites_start_s: float = 0.0
+    sites_stop_s: float = 0.0
+
+
+@contextmanager
+def running(ws: Workspace, *, memory: bool, url: str, federation: str, plan: FaultPlan,
+            fault_log: FaultLog) -> Iterator[Running]:
+    """The simulated sites started and ready, with the coordinator's bus open; on the way out the sites
+    stop, their fault events join ``fault_log``, the run's queues go (RabbitMQ) or the private broker
+    (memory). The one start and stop for a simulated run (``run.simulate``) and a cohort (``cohort``)."""
+    from simulator.errors import SimulationFailed
+
+    fed: MemoryFederation | ProcessFederation = (
+        MemoryFederation(ws, url=url, federation=federation, plan=plan, fault_log=fault_log) if memory
+        else ProcessFederation(ws, url=url, federation=federation, plan=plan))
+    bus = open_bus(url)
+    out = Running(bus=bus, fed=fed)
+    t0 = time.perf_counter()
+    try:
+        fed.declare(bus)
+        fed.start()
+        if isinstance(fed, ProcessFederation):
+            try:
+                fed.wait_ready()
+            except RuntimeError as e:
+                raise SimulationFailed(str(e)) from None
+        out.sites_start_s = time.perf_counter() - t0
+        yield out
+    finally:
+        t_stop = time.perf_counter()
+        fed.stop()
+        out.sites_stop_s = time.perf_counter() - t_stop
+        if isinstance(fed, ProcessFederation):
+            fault_log.events.extend(fed.fault_events())
+            delete_run_queues(bus, sites=sorted(ws.sites), federation=federation)
+        try:
+            bus.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if memory:
+            from protocol.transport.memory import drop_broker
+
+            drop_broker(urlsplit(url).netloc)
+
+
+def delete_run_queues(bus: Bus, *, sites: list[str], federation: str) -> None:
+    """Leave the broker as we found it: the run's queues are simulation-only (use a dedicated vhost
+    on a broker that real sites share, so simulated site ids never meet real ones)."""
+    from protocol.transport.base import BrokerUnreachable
+    from protocol.transport.topology import control_queue, site_queue, updates_queue
+
+    delete = getattr(bus, "delete_queue", None)
+    if delete is None:
+        return
+    for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
+        try:
+            delete(name)
+        except BrokerUnreachable:
+            return  # never connected: nothing to clean up, and the error is reported once
+        except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
+            log.warning("queue_not_deleted", queue=name, error=str(e))

@@ -351,27 +351,11 @@ def _run_federation(exp: Experiment, ws: Any, *, memory: bool, url: str, federat
                     privacy_plan: dict[str, Any] | None = None) -> tuple[Any, dict[str, float]]:
     from coordinator.run import Coordinator
     from protocol.signing import Signer
-    from protocol.transport import open_bus
-    from simulator.federation import MemoryFederation, ProcessFederation
+    from simulator.federation import running
 
-    fed: Any
-    if memory:
-        fed = MemoryFederation(ws, url=url, federation=federation, plan=plan, fault_log=fault_log)
-    else:
-        fed = ProcessFederation(ws, url=url, federation=federation, plan=plan)
-    coord_bus = open_bus(url)
-    t0 = time.perf_counter()
-    try:
-        fed.declare(coord_bus)
-        fed.start()
-        if not memory:
-            try:
-                fed.wait_ready()
-            except RuntimeError as e:
-                raise SimulationFailed(str(e)) from None
-        t_sites = time.perf_counter() - t0
+    with running(ws, memory=memory, url=url, federation=federation, plan=plan, fault_log=fault_log) as live:
         coord = Coordinator(
-            exp, bus=coord_bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
+            exp, bus=live.bus, state_dir=ws.coordinator_state, signer=Signer.from_file(ws.coordinator_key),
             federation=federation, sites=sorted(ws.sites), progress=progress, round_timeout_s=round_timeout_s,
             privacy_plan=privacy_plan, show_plan=progress,  # the plan from each site's real training rows
         )
@@ -379,41 +363,7 @@ def _run_federation(exp: Experiment, ws: Any, *, memory: bool, url: str, federat
             result = coord.run()
         except Exception as e:  # noqa: BLE001 - the coordinator's own failure, reported as a failed run
             raise SimulationFailed(f"the coordinator failed: {type(e).__name__}: {e}") from e
-    finally:
-        t_stop = time.perf_counter()
-        fed.stop()
-        t_stop = time.perf_counter() - t_stop
-        if not memory:
-            fault_log.events.extend(fed.fault_events())
-            _delete_run_queues(coord_bus, sites=sorted(ws.sites), federation=federation)
-        try:
-            coord_bus.close()
-        except Exception:  # noqa: BLE001
-            pass
-        if memory:
-            from protocol.transport.memory import drop_broker
-
-            drop_broker(urlsplit(url).netloc)
-    return result, {"sites_start_s": t_sites, "sites_stop_s": t_stop}
-
-
-def _delete_run_queues(bus: Any, *, sites: list[str], federation: str) -> None:
-    """Leave the broker as we found it: the run's queues are simulation-only (use a dedicated vhost
-    on a broker that real sites share, so simulated site ids never meet real ones)."""
-    from protocol.transport.topology import control_queue, site_queue, updates_queue
-
-    delete = getattr(bus, "delete_queue", None)
-    if delete is None:
-        return
-    from protocol.transport.base import BrokerUnreachable
-
-    for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
-        try:
-            delete(name)
-        except BrokerUnreachable:
-            return  # never connected: nothing to clean up, and the error is reported once
-        except Exception as e:  # noqa: BLE001 - cleanup must not turn a finished run into a failure
-            log.warning("queue_not_deleted", queue=name, error=str(e))
+    return result, {"sites_start_s": live.sites_start_s, "sites_stop_s": live.sites_stop_s}
 
 
 def _document(result: Any) -> dict[str, Any]:

@@ -8,6 +8,10 @@ writing, each for one short transaction, exactly as the CLI would:
 * start a run: ``fedbus coordinator run`` as its own process, on an experiment file
   that already lies in ``STATE/experiments/`` (chosen from that listing, never a path
   built from the request).
+
+With an MLflow tracking URI (``coordinator serve --mlflow``), a model marked valid is also
+registered in MLflow's model registry (``coordinator.model_registry_mlflow``) and a started
+run is logged there when it finishes (``coordinator run --mlflow``, ``simulate --mlflow``).
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ class Actions:
     """Actions on one state directory; ``key`` signs approvals, ``broker`` is where new runs go."""
 
     def __init__(self, state_dir: Path, *, key: Path | None, broker: str | None, federation: str | None,
-                 simulate_out: Path | None = None) -> None:
+                 simulate_out: Path | None = None, mlflow: str | None = None) -> None:
         self.dir = Path(state_dir)
+        self.mlflow = mlflow  # tracking URI (checked when the dashboard started)
         self.simulate_out = simulate_out  # ``simulate --serve``: a started experiment is simulated into this OUT
         self.reader = StateReader(self.dir)
         self.key = key
@@ -77,7 +82,9 @@ class Actions:
     def approve(self, run_id: str, *, who: str, note: str = "", model_name: str | None = None,
                 mlflow: str | None = None) -> dict[str, Any]:
         """Mark valid: a signed approval, then a signed registry entry (``model_name``, default the
-        experiment's name) for a finished run; with ``mlflow``, the version goes to MLflow's registry too."""
+        experiment's name) for a finished run; with ``mlflow`` (default: the dashboard's), the version goes
+        to MLflow's registry too. The signed entry is made first and stands if MLflow fails: the answer
+        then carries ``mlflow.error``, and ``coordinator models register --mlflow`` can retry."""
         from coordinator.approvals import ApprovalError, approve
         from coordinator.model_registry import FINISHED, RegistryError, check_name, register
 
@@ -104,10 +111,15 @@ class Actions:
         except (ApprovalError, RegistryError) as e:
             raise ActionError(str(e), status=400) from None
         out = {**signed, "registry": entry["record"]}
+        mlflow = mlflow or self.mlflow
         if mlflow:
             from coordinator.model_registry_mlflow import to_mlflow
 
-            out["mlflow"] = to_mlflow(mlflow, entry["record"], self.dir / rel)
+            try:
+                out["mlflow"] = to_mlflow(mlflow, entry["record"], self.dir / rel)
+            except Exception as e:  # noqa: BLE001 - MLflow's many kinds; the signed entry is made and stays
+                out["mlflow"] = {"uri": mlflow, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                                 if str(e) else type(e).__name__}
         return out
 
     def key_candidates(self) -> list[Path]:
@@ -194,7 +206,7 @@ class Actions:
         if not key.is_file():
             raise ActionError(f"no coordinator key to sign the run's tasks: start the dashboard with --key FILE "
                               f"(the key whose .pub the sites hold), or put it at {self.dir / 'coordinator.key'}")
-        cmd += ["--key", str(key)]
+        cmd += ["--key", str(key)] + (["--mlflow", self.mlflow] if self.mlflow else [])
         log_path = logs / f"{run_id}.log"
         with open(log_path, "ab") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -215,7 +227,8 @@ class Actions:
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
         log_path = logs / f"simulate-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
-        cmd = [sys.executable, "-m", "fedbus.cli", "simulate", str(path), "--out", str(self.simulate_out)]
+        cmd = [sys.executable, "-m", "fedbus.cli", "simulate", str(path), "--out", str(self.simulate_out),
+               *(["--mlflow", self.mlflow] if self.mlflow else [])]
         with open(log_path, "ab") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ), start_new_session=True)

@@ -29,11 +29,13 @@ MAX_COMPARE = 4
 
 
 def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None, broker: str | None = None,
-               federation: str | None = None, poll_s: float = 2.0, simulate_out: Path | None = None) -> FastAPI:
-    """The dashboard over ``state_dir``; ``access`` fixes token, actions and CSRF (see security.py)."""
+               federation: str | None = None, poll_s: float = 2.0, simulate_out: Path | None = None,
+               mlflow: str | None = None) -> FastAPI:
+    """The dashboard over ``state_dir``; ``access`` fixes token, actions and CSRF (see security.py);
+    ``mlflow``: a tracking URI that "Mark valid" registers into and started runs log to."""
     state = Path(state_dir)
     reader = StateReader(state)
-    actions = Actions(state, key=key, broker=broker, federation=federation, simulate_out=simulate_out)
+    actions = Actions(state, key=key, broker=broker, federation=federation, simulate_out=simulate_out, mlflow=mlflow)
     app = FastAPI(title="fedbus dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AccessMiddleware, access=access)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -43,7 +45,7 @@ def create_app(state_dir: str | Path, *, access: Access, key: Path | None = None
         return {"actions_allowed": access.allow_actions, "token_required": access.token is not None,
                 "broker": bool(broker) or actions.simulate_out is not None, "can_sign": bool(actions.key_candidates()),
                 "poll_s": poll_s, "state_dir": str(state), "user": user.name, "role": user.role,
-                "named_users": access.users is not None,
+                "named_users": access.users is not None, "mlflow": mlflow,
                 "may": {a: access.allow_actions and user.may(a) for a in ALLOWED}}
 
     def user_of(request: Request) -> User:

@@ -25,21 +25,28 @@ def register_serve(app: typer.Typer) -> None:
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."),
         users: Optional[Path] = typer.Option(None, "--users", help="Users file (`coordinator users add`): people sign in "
                                                                    "by name and password; their role decides what they may do."),
+        mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (file:///DIR, http(s)://HOST, "
+                                             "sqlite:///FILE; `--mlflow` alone: ./mlruns): \"Mark valid\" also registers "
+                                             "the version in MLflow's model registry, and started runs are logged there. "
+                                             "Needs fedbus[mlflow]."),
     ) -> None:
         """Serve the live dashboard (sites, budgets, runs, compare, dead letters) over STATE."""
+        from fedbus.cli_common import mlflow_uri
         from fedbus.dashboard.security import TokenFileError
         from fedbus.dashboard.server import ServeError, ServeOptions, serve_forever
 
         if not state.is_dir():
             typer.echo(f"fedbus coordinator serve: --state {state} is not a directory", err=True)
             raise typer.Exit(2)
+        tracking = mlflow_uri(mlflow, None, prog="fedbus coordinator serve")
         opts = ServeOptions(state=state, host=host, port=port, token_file=token, allow_actions=allow_actions,
                             key=key, broker=broker, federation=federation, tls_cert=tls_cert, tls_key=tls_key,
-                            users_file=users)
+                            users_file=users, mlflow=tracking)
         try:
             serve_forever(opts, announce=lambda url: typer.echo(
                 f"fedbus dashboard: {url}  ({'sign in with the token in ' + str(token) + '; ' if token else ''}"
                 f"{'named users from ' + str(users) + '; ' if users else ''}"
+                f"{'MLflow at ' + tracking + '; ' if tracking else ''}"
                 f"{'actions enabled' if allow_actions else 'read-only'}; Ctrl-C stops)", err=True))
         except (ServeError, TokenFileError) as e:
             typer.echo(f"fedbus coordinator serve: {e}", err=True)

@@ -13,8 +13,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from coordinator.cohort import cohorts
-from fedbus.cli_cohort import rows_of
+from coordinator.cohort import cohorts, rows_of
 
 _E = html.escape
 

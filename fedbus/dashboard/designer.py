@@ -3,11 +3,17 @@
 The page (``static/designer.js``) edits one experiment document. Every change is posted to
 ``/api/designer/check``, which answers with exactly what ``fedbus config validate`` says
 (``fedbus.experiment_check``: schema, shape walk, parameter count, aggregator) and each
-site's ε plan from the rows it announced (``protocol.privacy_plan``, the one planner).
+site's ε plan from the rows *and the policy* its hello announced: ``coordinator.privacy_plan.plan``,
+the plan ``coordinator run`` prints before round 1 (over ``protocol.privacy_plan``, the planner the
+sites spend by), so a site's own δ, accountant, sample-rate cap or budget shows here, and a site
+that would decline says why.
 Saving validates again and writes ``STATE/experiments/<slug>.json``, the slug made from the
 validated experiment name by a fixed rule (never a path from the request); the existing
 ``/api/runs/start`` starts it. Templates build the examples' models (logistic regression,
-MLP, ECG CNN) for the dataset chosen from the sites' catalogue.
+MLP, ECG CNN) for the dataset chosen from the sites' catalogue; a tabular template's features
+are the dataset's columns less the target and less the columns that would leak the outcome by
+their name (``fedbus.leak_screen``, as ``config new`` screens them: a follow-up duration such as
+heart failure's ``time``, an identifier). The researcher may still tick one back.
 """
 
 from __future__ import annotations
@@ -64,12 +70,31 @@ def catalogue(reader: StateReader) -> dict[str, Any]:
     return found
 
 
+def template_features(cat: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """(features, left out with why) for a tabular template over a catalogue entry: every column but
+    the target, less those whose name says they leak the outcome (a follow-up duration, an identifier)."""
+    from fedbus.leak_screen import duration_reason, identifier_reason
+
+    features, left_out = [], {}
+    for c in cat["columns"]:
+        if c == cat["target"]:
+            continue
+        why = duration_reason(c) or identifier_reason(c, None)
+        if why:
+            left_out[c] = why
+        else:
+            features.append(c)
+    return features, left_out
+
+
 def _layer(t: str, **params: Any) -> dict[str, Any]:
     return {"name": t, "type": t, "params": params}
 
 
-def template(kind: str, *, dataset: str, target: str, features: list[str], rows: int | None = None) -> dict[str, Any]:
-    """An experiment for ``dataset`` with the layers of ``kind``: "logistic", "mlp" or "ecg_cnn"."""
+def template(kind: str, *, dataset: str, target: str, features: list[str], rows: int | None = None,
+             left_out: dict[str, str] | None = None) -> dict[str, Any]:
+    """An experiment for ``dataset`` with the layers of ``kind``: "logistic", "mlp" or "ecg_cnn";
+    ``left_out``: columns kept out of ``features`` as outcome leaks (named in the description)."""
     if kind == "ecg_cnn":
         doc = new_experiment(name=f"{dataset}_ecg_cnn", dataset=dataset, target=target, features=[], categorical={},
                              task="multiclass", num_classes=2, rows=rows)
@@ -91,7 +116,8 @@ def template(kind: str, *, dataset: str, target: str, features: list[str], rows:
     opt = doc["training"]["optimizer"]
     opt["differential_privacy"] = {"total_epsilon": 8.0, "max_grad_norm": 1.0, "delta": 1e-5}
     doc["training"].update(epochs=1, batch_size=16, rounds=3)  # a sample rate the site defaults allow at ~50 rows
-    doc["basic_info"]["description"] = f"{kind} for {target} on {dataset}, designed in the fedbus dashboard"
+    doc["basic_info"]["description"] = f"{kind} for {target} on {dataset}, designed in the fedbus dashboard" + (
+        f"; left out as outcome leaks: {'; '.join(f'{c} ({why})' for c, why in left_out.items())}" if left_out else "")
     return doc
 
 
@@ -100,7 +126,7 @@ TEMPLATES = {"logistic": "Logistic regression", "mlp": "MLP (one hidden layer of
 
 def check(doc: Any, reader: StateReader) -> dict[str, Any]:
     """What ``config validate`` says of ``doc``, plus each site's ε plan for its dataset."""
-    from fedbus.experiment_check import check_experiment, error_doc, privacy_plan, report
+    from fedbus.experiment_check import check_experiment, error_doc, report
 
     if not isinstance(doc, dict):
         return {"valid": False, "error": {"path": "", "message": "the experiment must be a JSON object", "errors": []}}
@@ -111,11 +137,14 @@ def check(doc: Any, reader: StateReader) -> dict[str, Any]:
         experiment, summary = check_experiment(doc)
     except ConfigError as exc:
         return error_doc(exc)
+    from coordinator.privacy_plan import plan
+
     out = report(experiment, summary)
     rows = {s: int(n) for s, n in (catalogue(reader).get(experiment.dataset.name, {}).get("sites") or {}).items()
             if isinstance(n, int) and n >= 2}
+    hellos = {s["site_id"]: s["hello"] for s in reader.sites() if s["site_id"] in rows}
     try:
-        out["privacy_plan"] = privacy_plan(experiment, rows)
+        out["privacy_plan"] = plan(experiment, hellos) if hellos else None
     except (ValueError, ConfigError) as e:  # a budget no noise can meet, say: shown, not raised
         out["privacy_plan"] = {"error": str(e)}
     out["catalogue_rows"] = rows

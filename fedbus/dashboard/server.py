@@ -35,6 +35,7 @@ class ServeOptions:
     port_option: str = "--port"  # how the command that serves names its port (simulate: --serve-port)
     users_file: Path | None = None  # named users with roles (fedbus/dashboard/users.py)
     simulate_out: Path | None = None  # ``simulate --serve``: started experiments are simulated into this OUT
+    mlflow: str | None = None  # MLflow tracking URI: "Mark valid" registers there too, started runs log there
 
 
 def check_port(opts: ServeOptions) -> None:
@@ -94,10 +95,17 @@ def build(opts: ServeOptions):
                          "(a file holding a secret token) so that only people you chose can read the dashboard")
     if opts.key is not None and not opts.key.exists():
         raise ServeError(f"--key {opts.key} does not exist")
+    if opts.mlflow is not None:
+        from coordinator.tracking import TrackingError, check_uri
+
+        try:
+            check_uri(opts.mlflow)
+        except TrackingError as e:
+            raise ServeError(str(e)) from None
     check_port(opts)
     access = Access(token=token, allow_actions=opts.allow_actions, loopback_only=loopback, tls=tls, users=users)
     app = create_app(opts.state, access=access, key=opts.key, broker=opts.broker, federation=opts.federation,
-                     poll_s=opts.poll_s, simulate_out=opts.simulate_out)
+                     poll_s=opts.poll_s, simulate_out=opts.simulate_out, mlflow=opts.mlflow)
     return app, access
 
 

@@ -72,12 +72,12 @@ def register(app: FastAPI, state: Path, reader: StateReader) -> None:
         cat = designer.catalogue(reader).get(dataset)
         if cat is None:
             raise HTTPException(404, f"no site offers a dataset {dataset!r}; see /sites")
-        cols = [c for c in features.split(",") if c] if features else [c for c in cat["columns"] if c != cat["target"]]
+        cols, left_out = ([c for c in features.split(",") if c], {}) if features else designer.template_features(cat)
         unknown = [c for c in cols if c not in cat["columns"]]
         if unknown:
             raise HTTPException(400, f"{dataset} has no column(s) {unknown}")
         rows = sum(n for n in cat["sites"].values() if isinstance(n, int)) or None
-        return designer.template(kind, dataset=dataset, target=str(cat["target"]), features=cols, rows=rows)
+        return designer.template(kind, dataset=dataset, target=str(cat["target"]), features=cols, rows=rows, left_out=left_out)
 
     @app.post("/api/designer/check")
     async def api_check(request: Request) -> dict[str, Any]:

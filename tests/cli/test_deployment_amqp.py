@@ -107,8 +107,11 @@ def test_provision_to_completed_run_with_the_commands_only(trial) -> None:
 
     out, err = root / "coordinator.json", root / "coordinator.err"
     t = time.monotonic()
+    import importlib.util
+
+    tracking = (root / "mlruns").as_uri() if importlib.util.find_spec("mlflow") else None  # `coordinator run --mlflow`
     first = subprocess.Popen([FEDBUS, "coordinator", "run", str(exp), "--config", str(coord / "coordinator.toml"),
-                              *[a for s in sites for a in ("--site", s)], "--json"],
+                              *[a for s in sites for a in ("--site", s)], "--json", *(["--mlflow", tracking] if tracking else [])],
                              stdout=open(out, "wb"), stderr=open(err, "wb"))
     procs.append(first)
     lock = coord / "state" / "locks" / f"{fed}.lock"
@@ -133,6 +136,11 @@ def test_provision_to_completed_run_with_the_commands_only(trial) -> None:
     assert row["final"]["accuracy"] == doc["final"]["accuracy"]
     logs = fedbus("coordinator", "logs", doc["run_id"], "--state", state, "--json", check=True).stdout.splitlines()
     assert logs and all(json.loads(line)["run_id"] == doc["run_id"] for line in logs)
+    if tracking:  # the live run, logged to MLflow by `coordinator run --mlflow`, read back with MLflow's client
+        from tests.coordinator.test_tracking import check_logged, read_back
+
+        client, logged = read_back(tracking, doc["run_id"])
+        check_logged(client, logged, coord / "state", doc)
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
 
 

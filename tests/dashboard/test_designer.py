@@ -53,7 +53,10 @@ def test_the_designer_checks_as_config_validate_does(fresh, tmp_path):
     (tmp_path / "cat.json").write_text(json.dumps(rows))
     cli = json.loads(fedbus("config", "validate", str(path), "--json", "--catalogue", str(tmp_path / "cat.json")).stdout)
     assert got["parameters"] == cli["parameters"] and got["layers"] == cli["layers"]
-    assert got["privacy_plan"] == cli["privacy_plan"] and set(got["privacy_plan"]["sites"]) == set(rows)
+    from coordinator.privacy_plan import plan
+    from protocol.config import load_experiment
+
+    assert got["privacy_plan"] == plan(load_experiment(doc), hellos) and set(got["privacy_plan"]["sites"]) == set(rows)
     # Adding a layer changes the count by exactly its weights (Linear 32 -> 8 before the output: 32*8+8, 8*1+1 vs 32*1+1).
     bigger = json.loads(json.dumps(doc))
     bigger["architecture"]["layers"].insert(-2, {"name": "Linear", "type": "Linear", "params": {"out_features": 8}})
@@ -98,3 +101,54 @@ def test_viewers_approvers_and_read_only_dashboards_cannot_save_or_start(fresh, 
     assert c.post("/api/designer/save", json={"experiment": doc}).status_code == 403
     assert c.post("/api/runs/start", json={"experiment": "x.json"}).status_code == 403
     assert not (fresh / "experiments").exists()
+
+
+def _announce(state, site: str, **policy) -> None:
+    """Change what ``site``'s stored hello announced about its policy (the state a later hello would leave)."""
+    import sqlite3
+
+    db = sqlite3.connect(state / "coordinator.db")
+    try:
+        hello = json.loads(db.execute("SELECT hello_json FROM sites WHERE site_id=?", (site,)).fetchone()[0])
+        hello["policy"] = {**(hello.get("policy") or {}), **policy}
+        db.execute("UPDATE sites SET hello_json=? WHERE site_id=?", (json.dumps(hello), site))
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_the_eps_plan_is_each_sites_own_from_its_announced_policy(fresh, tmp_path):
+    """The designer plans each site with the policy its hello announced (the run's own plan before round 1),
+    not the site defaults: a site's own δ shows, and its sample-rate cap declines at its edge."""
+    c = _client(fresh, tmp_path, "researcher")
+    doc = c.get("/api/designer/template", params={"kind": "logistic", "dataset": "heart_failure"}).json()
+    before = c.post("/api/designer/check", json={"experiment": doc}).json()["privacy_plan"]["sites"]
+    site, other = sorted(before)[:2]
+    rate = before[site]["sample_rate"]
+    _announce(fresh, site, delta=5e-5, max_sample_rate=rate)  # just inside its cap: the site runs it, at its own δ
+    after = c.post("/api/designer/check", json={"experiment": doc}).json()["privacy_plan"]["sites"]
+    assert "planned_epsilon" in after[site], after[site]
+    assert after[site]["delta"] == 5e-5 and after[site]["planned_epsilon"] == pytest.approx(doc["training"]["optimizer"][
+        "differential_privacy"]["total_epsilon"], rel=1e-3)
+    assert after[site]["noise_multiplier"] < before[site]["noise_multiplier"]  # the same ε at a larger δ needs less noise
+    assert after[other] == before[other]
+    for policy, word in (({"max_sample_rate": rate * 0.999}, "max_sample_rate"), ({"delta": 1e-7, "max_sample_rate": rate}, "delta")):
+        _announce(fresh, site, **policy)  # just outside: the site would decline, and the plan says why
+        declined = c.post("/api/designer/check", json={"experiment": doc}).json()["privacy_plan"]["sites"][site]
+        assert "planned_epsilon" not in declined and "declines" in declined["error"] and word in declined["error"], declined
+
+
+def test_tabular_templates_leave_out_the_columns_that_leak_the_outcome(fresh, tmp_path):
+    """heart_failure's follow-up ``time`` (known only after the outcome) is not a template feature, and the
+    description says why; every other column but the target is; a researcher who asks for it gets it."""
+    c = _client(fresh, tmp_path, "researcher")
+    cat = c.get("/api/designer").json()["catalogue"]["heart_failure"]
+    assert "time" in cat["columns"]
+    for kind in ("logistic", "mlp"):
+        doc = c.get("/api/designer/template", params={"kind": kind, "dataset": "heart_failure"}).json()
+        assert doc["dataset"]["features"] == [x for x in cat["columns"] if x not in (cat["target"], "time")], kind
+        assert "left out as outcome leaks: time (a follow-up / time-to-event duration" in doc["basic_info"]["description"]
+        assert doc["architecture"]["layers"][0]["params"]["features"] == len(doc["dataset"]["features"])
+        assert c.post("/api/designer/check", json={"experiment": doc}).json()["valid"]
+    asked = c.get("/api/designer/template", params={"kind": "logistic", "dataset": "heart_failure", "features": "age,time"}).json()
+    assert asked["dataset"]["features"] == ["age", "time"] and "left out" not in asked["basic_info"]["description"]

@@ -140,3 +140,48 @@ def test_register_into_mlflows_model_registry(fresh, run_ids, tmp_path):
 
     [ck] = list(Path(local).iterdir())
     assert hashlib.sha256(ck.read_bytes()).hexdigest() == rec["checkpoint_sha256"]
+
+
+def test_mark_valid_on_a_dashboard_served_with_mlflow_registers_there_too(fresh, run_ids, tmp_path):
+    """``coordinator serve --mlflow URI``: the approver's "Mark valid" makes the signed entry and the same
+    version in MLflow's model registry (read back with MlflowClient); a dashboard without it registers
+    nothing there; a bad URI is refused when the dashboard starts, one line and exit 2."""
+    pytest.importorskip("mlflow")
+    from fastapi.testclient import TestClient
+    from mlflow.tracking import MlflowClient
+
+    from fedbus.dashboard.app import create_app
+    from fedbus.dashboard.security import Access
+    from fedbus.dashboard.server import ServeError, ServeOptions, build
+    from fedbus.dashboard.users import MIN_PASSWORD, UsersFile
+
+    users = UsersFile(tmp_path / "users.json")
+    users.add("alan", "approver", "a" * MIN_PASSWORD)
+    uri = (tmp_path / "mlruns").as_uri()
+
+    def approve(mlflow: str | None, name: str) -> dict:
+        c = TestClient(create_app(fresh, access=Access(token=None, allow_actions=True, loopback_only=True, users=users),
+                                  mlflow=mlflow), base_url="http://127.0.0.1")
+        assert c.post("/login", data={"user": "alan", "password": "a" * MIN_PASSWORD}, follow_redirects=False).status_code == 303
+        r = c.post(f"/api/runs/{run_ids[0]}/approve", json={"name": name}, headers={"X-Fedbus-CSRF": c.app.state.access.csrf})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain = approve(None, "no-mlflow")
+    assert "mlflow" not in plain and not (tmp_path / "mlruns").exists()
+    out = approve(uri, "heart-mlp")
+    rec = out["registry"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [mv] = client.search_model_versions("name='heart-mlp'")
+    assert out["mlflow"] == {"uri": uri, "mlflow_run_id": mv.run_id, "model": "heart-mlp", "mlflow_version": str(mv.version)}
+    assert mv.tags["fedbus.checkpoint_sha256"] == rec["checkpoint_sha256"] and mv.tags["fedbus.approved_by"] == "alan"
+    assert mv.tags["fedbus.run_id"] == run_ids[0] and mv.tags["fedbus.version"] == str(rec["version"]) == "1"
+    assert client.search_model_versions("name='no-mlflow'") == []
+    # an unusable URI: refused before the dashboard listens (the one-line message names --mlflow)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for bad in ("ftp://example.org/mlruns", blocker.resolve().as_uri() + "/store"):
+        with pytest.raises(ServeError, match="--mlflow"):
+            build(ServeOptions(state=fresh, port=0, mlflow=bad))
+    r = fedbus("coordinator", "serve", "--state", str(fresh), "--port", "0", "--mlflow", "ftp://example.org/x", check=False, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--mlflow" in r.stderr, r.stderr

@@ -35,7 +35,8 @@ def test_start_runs_only_experiments_in_the_state_directory(fresh):
     from protocol.signing import generate_keypair
 
     key, _pub = generate_keypair("coordinator", fresh / "keys")  # the key `serve --key` is given
-    api = client(fresh, allow_actions=True, broker="memory://dash-start", federation="dash-start", key=key)
+    tracking = (fresh.parent / "mlruns").as_uri()  # `serve --mlflow`: the runs it starts are logged there
+    api = client(fresh, allow_actions=True, broker="memory://dash-start", federation="dash-start", key=key, mlflow=tracking)
     h = {"X-Fedbus-CSRF": api.app.state.access.csrf}
     assert api.post("/api/runs/start", json={"experiment": "../../etc/passwd"}, headers=h).status_code == 404
     (fresh / "experiments").mkdir()
@@ -44,6 +45,7 @@ def test_start_runs_only_experiments_in_the_state_directory(fresh):
     r = api.post("/api/runs/start", json={"experiment": "heart_failure.json"}, headers=h)
     assert r.status_code == 200, r.text
     started = r.json()
+    assert api.app.state.actions._children[-1].args[-2:] == ["--mlflow", tracking]
     try:
         # The coordinator process creates its run (then waits for sites, which this memory broker has none of).
         _wait(lambda: any(x["run_id"] == started["run_id"] for x in api.get("/api/runs?status=running").json()["runs"]),

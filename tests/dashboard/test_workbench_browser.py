@@ -2,10 +2,10 @@
 a researcher signs in, looks at the cohort of the simulated federation (``simulate --cohort-only``
 into the state the dashboard serves), designs a model with a live parameter count and ε plan, starts
 it (a tiny simulated run), watches it and compares it with an earlier run; an approver marks it valid
-and opens its model card; a viewer is refused each action (403). Last, the run and the registered
-model are found in a real MLflow file store (``coordinator runs export --mlflow``, ``coordinator
-models register --mlflow``: the CLI twins, as the dashboard has no MLflow option), read back with
-MLflow's own client.
+and opens its model card; a viewer is refused each action (403). The dashboard is served with an
+MLflow tracking URI (``coordinator serve --mlflow``): the run it started is logged there
+(``simulate --mlflow``) and "Mark valid" registers the version in MLflow's model registry; last,
+both are found in that real MLflow file store, read back with MLflow's own client.
 
 With ``FEDBUS_DASHBOARD_SCREENSHOTS=DIR`` it saves the cohort page, the designer and the model card
 as PNGs there.
@@ -39,7 +39,8 @@ def served(sim_out, tmp_path, monkeypatch):
         users.add(name, role, PASSWORD + name)
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # the started simulation
     server = BackgroundServer(ServeOptions(state=out / "coordinator", port=0, allow_actions=True, poll_s=0.5,
-                                           users_file=tmp_path / "users.json", simulate_out=out)).start()
+                                           users_file=tmp_path / "users.json", simulate_out=out,
+                                           mlflow=(tmp_path / "mlruns").as_uri())).start()
     try:
         yield server, out / "coordinator"
     finally:
@@ -103,6 +104,9 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     count = page.locator("#param-count")
     page.wait_for_function("() => document.querySelector('#param-count').dataset.value", timeout=60_000)
     mlp = int(count.get_attribute("data-value"))
+    features = page.locator("#features input")  # the template leaves out the follow-up time (it leaks the outcome)
+    assert features.count() == 12 and not page.locator('#features input[value="time"]').is_checked()
+    assert page.locator("#features input:checked").count() == 11
     sites = page.locator("#eps-plan tr[data-site]")
     assert sites.count() == 3
     assert all(abs(float(sites.nth(i).locator("td.planned-epsilon").get_attribute("data-epsilon")) - 8.0) < 0.05 for i in range(3))
@@ -159,6 +163,8 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     assert post_status(page, "/api/runs/start", {"experiment": "designed_mlp.json"}) == 403  # approvers do not train
     page.goto(f"{base}/runs/{run}")
     page.locator("#mark-valid").click()
+    page.locator("#mlflow-version").wait_for(timeout=60_000)
+    assert page.locator("#mlflow-version").inner_text() == "MLflow: designed_mlp version 1"
     page.locator("#model-card-link").click()
     page.locator("#performance").wait_for(timeout=30_000)
     text = page.locator("main").inner_text()
@@ -175,25 +181,28 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     assert not errors, errors
     assert before  # the earlier runs were there to compare with
 
-    # 5. The run and the registered model in MLflow (a file store here), read back with MLflow's own client.
-    from tests.coordinator.test_tracking import check_logged, read_back
-
-    uri = (state.parent.parent / "mlruns").resolve().as_uri()
-    fedbus("coordinator", "runs", "export", run, "--state", str(state), "--mlflow", uri)
-    client, logged = read_back(uri, run)
-    check_logged(client, logged, state, json.loads((state.parent / "result.json").read_text()))
-    assert logged.data.params["training.rounds"] == "2"
-    marked = json.loads(fedbus("coordinator", "models", "register", run, "--name", "designed_mlp", "--approved-by", "alan",
-                               "--state", str(state), "--mlflow", uri, "--json").stdout)
+    # 5. The run (logged by the started simulation) and the version "Mark valid" registered, in MLflow's
+    # file store the dashboard was served with, read back with MLflow's own client.
     from mlflow.tracking import MlflowClient
 
     from coordinator.model_registry import entry
+    from tests.coordinator.test_tracking import check_logged, read_back
 
+    uri = server.opts.mlflow
+
+    def tracked():
+        try:
+            return read_back(uri, run)
+        except AssertionError:  # not logged yet (the simulation logs it once the run has finished)
+            return None
+
+    client, logged = wait_for(tracked, 120, "the started run to be logged to MLflow")
+    check_logged(client, logged, state, json.loads((state.parent / "result.json").read_text()))
+    assert logged.data.params["training.rounds"] == "2"
     registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
     [version] = registry.search_model_versions("name='designed_mlp'")
-    assert version.tags["fedbus.version"] == str(marked["registry"]["version"]) == "2"
-    assert version.tags["fedbus.run_id"] == run and version.tags["fedbus.approved_by"] == "alan"
-    sha = entry(state, "designed_mlp", 1)["record"]["checkpoint_sha256"]  # the version the approver marked on the page
-    assert version.tags["fedbus.checkpoint_sha256"] == marked["registry"]["checkpoint_sha256"] == sha
+    signed = entry(state, "designed_mlp", 1)["record"]  # the version the approver marked on the page
+    assert version.tags["fedbus.version"] == "1" and version.tags["fedbus.run_id"] == run
+    assert version.tags["fedbus.approved_by"] == "alan" and version.tags["fedbus.checkpoint_sha256"] == signed["checkpoint_sha256"]
     [model] = list(Path(registry.download_artifacts(version.run_id, "model", str(state.parent / "dl"))).iterdir())
-    assert hashlib.sha256(model.read_bytes()).hexdigest() == sha
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == signed["checkpoint_sha256"]

@@ -92,3 +92,15 @@ def test_cohort_cli_refuses_bad_input_in_one_line(tmp_path):
         assert r.returncode == 2, r.stderr
         assert "dataset.bounds.age" in r.stderr and "Traceback" not in r.stderr
         assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+
+
+def test_cohort_cli_names_a_missing_option_and_never_makes_a_key(tmp_path):
+    """``coordinator cohort`` takes ``coordinator run``'s live-federation options (fedbus/cli_federation.py):
+    a missing one is named, and without --key it refuses as run does rather than make a key."""
+    base = ["coordinator", "cohort", str(HEART_DISEASE), "--broker", "amqp://127.0.0.1:1/%2F", "--state", str(tmp_path / "s")]
+    for args, words in ((base, "--federation NAME is required"), ([*base, "--federation", "f"], "no coordinator key")):
+        r = subprocess.run([sys.executable, "-m", "fedbus.cli", *args], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+    assert not (tmp_path / "s" / "coordinator.key").exists()

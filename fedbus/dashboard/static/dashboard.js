@@ -413,7 +413,9 @@
       approvals,
       SESSION.actions_allowed ? el("div", { class: "actions" }, who, el("button", { class: "primary", id: "mark-valid", disabled: !SESSION.can_sign, onclick: async () => {
         try { const r = await post(`/api/runs/${encodeURIComponent(runId)}/approve`, { who: who.value }); approvals.append(approvalItem(r.record));
-          actOut.replaceChildren("signed", ...(r.registry ? [" · registered as ", el("a", { href: `/models/${encodeURIComponent(r.registry.name)}/v${r.registry.version}`, id: "model-card-link" }, `${r.registry.name} v${r.registry.version} (model card)`)] : [])); }
+          actOut.replaceChildren("signed", ...(r.registry ? [" · registered as ", el("a", { href: `/models/${encodeURIComponent(r.registry.name)}/v${r.registry.version}`, id: "model-card-link" }, `${r.registry.name} v${r.registry.version} (model card)`)] : []),
+            ...(r.mlflow ? [" · ", el("span", { id: "mlflow-version" }, r.mlflow.error ? `not registered in MLflow (${r.mlflow.error}): retry with coordinator models register --mlflow`
+              : `MLflow: ${r.mlflow.model} version ${r.mlflow.mlflow_version}`)] : [])); }
         catch (e) { actOut.textContent = e.message; } } }, "Mark valid (sign)"),
         doc.status === "running" ? el("button", { class: "danger", id: "stop-run", onclick: async () => {
           try { await post(`/api/runs/${encodeURIComponent(runId)}/stop`, { who: who.value || "dashboard user" }); actOut.textContent = "stop requested: the run stops after this round"; }

@@ -67,7 +67,7 @@
       el("td", {}, site), el("td", { class: "num" }, s.rows ?? "–"),
       el("td", { class: "num planned-epsilon", "data-epsilon": s.planned_epsilon ?? "" }, s.planned_epsilon === undefined ? "–" : (+s.planned_epsilon).toFixed(2)),
       el("td", { class: "num" }, s.noise_multiplier === undefined ? "–" : (+s.noise_multiplier).toFixed(3)),
-      el("td", {}, s.warning || s.error || `δ ${p.delta}, ${p.accountant}`))));
+      el("td", { class: "plan-note" }, s.warning || s.error || `δ ${s.delta ?? p.delta}, ${s.accountant ?? p.accountant}`))));
   }
 
   function paramInput(layer, name, spec) {
@@ -171,7 +171,7 @@
     const may = SESSION.may || {};
     app.replaceChildren(
       el("h1", {}, "Model designer"),
-      el("p", { class: "sub" }, "Build a sequential model from the layers the model language allows; every change is checked as `fedbus config validate` checks it, with each site's ε plan from the rows it announced."),
+      el("p", { class: "sub" }, "Build a sequential model from the layers the model language allows; every change is checked as `fedbus config validate` checks it, with each site's ε plan from the rows and the privacy policy it announced (the plan the run prints before round 1)."),
       el("div", { class: "actions" },
         el("label", {}, "Dataset ", el("select", { id: "dataset" }, datasets.map((d) => el("option", { value: d }, d)))),
         el("label", {}, " Template ", el("select", { id: "template" }, Object.entries(meta.templates).map(([k, v]) => el("option", { value: k, selected: k === "mlp" ? "selected" : null }, v)))),
