@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'STALE' if problems else 'ok   '} {name}" + (f": {'; '.join(problems)}" if problems else ""))
         return 1 if any(stale.values()) else 0
 
+    args.out = args.out.resolve()  # pytest runs in the scratch copy: a relative --junitxml would land there
     args.out.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
