@@ -1328,3 +1328,32 @@ MUTANTS.extend([
         (f"{_SECAGG_RUN}::test_a_plain_update_in_a_secure_run_is_refused_and_not_stored",),
     ),
 ])
+# ------------------------------------------------------------------ site liveness from heartbeats (issue 24, c24)
+_LIVE = "tests/coordinator/test_liveness.py"
+MUTANTS.extend([
+    Mutant(
+        "liveness-five-minute-window", "a site is offline after three missed beats (at most 30 s), not 5 minutes",
+        (Edit("coordinator/liveness.py", "    return min(MISSED * float(every_s), MAX_OFFLINE_AFTER_S)\n",
+              "    return 300.0\n"),),
+        (f"{_LIVE}::test_online_up_to_three_missed_beats_and_offline_just_after",),
+    ),
+    Mutant(
+        "liveness-beat-at-receipt", "a beat counts from min(received, sent_at): a queued beat does not look fresh",
+        (Edit("coordinator/liveness.py", "    return min(received_at, beat_sent_at)\n", "    return received_at\n"),),
+        (f"{_LIVE}::test_a_beat_counts_from_its_earlier_clock_and_a_backlog_is_dropped",),
+    ),
+    Mutant(
+        "liveness-beat-for-another-site", "a heartbeat counts only for the site whose key signed it",
+        (Edit("coordinator/run.py",
+              "            if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py\n"
+              "                liveness.record(self.store, opened.signer,",
+              "            if isinstance(hello, Heartbeat):  # coordinator/liveness.py\n"
+              "                liveness.record(self.store, hello.site_id,"),),
+        (f"{_LIVE}::test_the_coordinator_records_signed_beats_and_refuses_a_forged_one",),
+    ),
+    Mutant(
+        "liveness-site-never-beats", "the site daemon beats every alive_every_s after its hello",
+        (Edit("site_worker/daemon.py", "        if self.config.alive_every_s > 0:\n", "        if False:\n"),),
+        (f"{_LIVE}::test_the_site_daemon_beats_signed_every_interval_after_its_hello",),
+    ),
+])

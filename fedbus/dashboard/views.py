@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator import liveness
 from fedbus.dashboard import results, run_privacy
 from fedbus.dashboard.data import StateReader
 
 METRICS = ("loss", "accuracy", "auc", "f1")
-ONLINE_WINDOW_S = 300.0  # a site heard from (hello or reply) within 5 minutes counts as online
 
 
 def _num(v: Any) -> float | None:
@@ -52,6 +52,7 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
     """Every enrolled site, its datasets (metadata only) and the ε each dataset has spent."""
     now = time.time() if now is None else now
     replies = reader.last_replies()
+    beats, monitored = reader.liveness(), reader.listening()
     spent: dict[tuple[str, str | None], dict[str, Any]] = {}
     for line in reader.privacy_lines():  # oldest first: the last line is the site's latest report
         dataset = _dataset_of(json.loads(line["experiment_json"] or "{}"))
@@ -63,8 +64,10 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
     for s in reader.sites():
         hello = s["hello"] or {}
         policy = hello.get("policy") or {}
-        seen = [t for t in (s["hello_at"], replies.get(s["site_id"])) if t]
+        beat = beats.get(s["site_id"])
+        seen = [t for t in (s["hello_at"], replies.get(s["site_id"]), (beat or {}).get("seen_at")) if t]
         last_seen = max(seen) if seen else None
+        state = liveness.status(beat, now=now, monitored=monitored)  # from heartbeats only, never a reply's age
         datasets = []
         for d in hello.get("datasets") or []:
             rep = spent.get((s["site_id"], d.get("name")), {})
@@ -86,10 +89,11 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
             })
         out.append({
             "site_id": s["site_id"], "kid": s["kid"], "enrolled_at": s["enrolled_at"], "last_seen": last_seen,
-            "online": last_seen is not None and now - last_seen <= ONLINE_WINDOW_S,
+            "online": state == "online", "liveness": state, "last_heartbeat": (beat or {}).get("seen_at"),
+            "offline_after_s": liveness.offline_after_s(beat["every_s"]) if beat else liveness.MAX_OFFLINE_AFTER_S,
             "software_version": hello.get("software_version"), "datasets": datasets, "policy": policy or None,
         })
-    return {"sites": out, "online_window_s": ONLINE_WINDOW_S, "now": now}
+    return {"sites": out, "online_window_s": liveness.MAX_OFFLINE_AFTER_S, "monitored": monitored, "now": now}
 
 
 # -- runs ------------------------------------------------------------------------------

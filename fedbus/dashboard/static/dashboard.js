@@ -20,7 +20,7 @@
     validation: "Validation: patients held out from training at each hospital, used to follow training round by round.",
     test: "Test: a fixed split of patients at each hospital that is never trained on; the figure to trust.",
     replies: "Replies: hospitals whose update was accepted in that round.",
-    online: "Online: the site was heard from (hello or reply) in the last few minutes.",
+    online: "Online: the site's signed heartbeat (every 10 s or less) arrived within its last three beats; offline after three missed beats, at most 30 s. \"Not monitored\": no coordinator is running, so nobody hears the beats.",
     train_s: "Training: time the hospitals spent training (longest site per round, summed).",
     communication_s: "Communication: time waiting for messages to travel through the broker.",
     aggregation_s: "Aggregation: time the coordinator spent combining updates.",
@@ -102,7 +102,8 @@
         const share = spent !== null && budget ? Math.min(1, spent / budget) : null;
         rows.push(el("tr", { class: i ? "site-ds" : "", "data-site": s.site_id },
           i ? el("td") : el("td", {}, el("b", {}, s.site_id), el("div", { class: "mono muted" }, "key " + s.kid)),
-          i ? el("td") : el("td", {}, badge(s.online ? "online" : "offline"), el("div", { class: "muted", title: when(s.last_seen) }, "seen " + ago(s.last_seen, doc.now))),
+          i ? el("td") : el("td", { class: "liveness", "data-liveness": s.liveness }, badge(s.liveness || (s.online ? "online" : "offline")),
+            el("div", { class: "muted", title: when(s.last_heartbeat || s.last_seen) }, s.last_heartbeat ? "heartbeat " + ago(s.last_heartbeat, doc.now) : "seen " + ago(s.last_seen, doc.now))),
           i ? el("td") : el("td", {}, s.software_version || "–"),
           el("td", {}, d ? el("b", {}, d.name) : el("span", { class: "muted" }, "no dataset announced yet")),
           el("td", { class: "num" }, d ? d.rows : "–"),
