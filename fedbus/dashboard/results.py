@@ -61,6 +61,8 @@ def site_block(fm: dict[str, Any]) -> dict[str, Any]:
         "test": figures(fm, SITE_METRICS),
         "n_test": fm.get("n_test"),
         "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
+        # under DP metrics the baseline is a figure of the released matrix too: with its interval
+        "majority": figures(fm, ("majority_class_accuracy",)),
         "one_class": one_class(fm),
         "personalized": ({**figures(pm, PERSONAL_METRICS), "n_test": pm.get("n_test"),
                           "one_class": one_class(pm)} if pm else None),

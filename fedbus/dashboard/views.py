@@ -19,6 +19,7 @@ from typing import Any
 from coordinator import liveness
 from fedbus.dashboard import results, run_privacy
 from fedbus.dashboard.data import StateReader
+from protocol import dp_figures
 
 METRICS = ("loss", "accuracy", "auc", "f1")
 
@@ -27,8 +28,20 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
-    return {k: _num(m.get(prefix + k)) for k in METRICS}
+def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The curve figures of one release; where the site released intervals (DP metrics:
+    ``{name}_lo``/``_hi``, protocol/dp_figures.py) also ``ci`` and ``withheld`` as the result's blocks."""
+    out: dict[str, Any] = {k: _num(m.get(prefix + k)) for k in METRICS}
+    ci = {k: [float(lo), float(hi)] for k in METRICS if (lo := _num(m.get(f"{prefix}{k}_lo"))) is not None
+          and (hi := _num(m.get(f"{prefix}{k}_hi"))) is not None}
+    if not prefix and isinstance(m.get("ci"), dict):  # a result block (final figures): its ``ci`` as stored
+        ci.update({k: [float(v[0]), float(v[1])] for k, v in m["ci"].items() if k in METRICS and len(v) == 2})
+    if ci:
+        out["ci"] = ci
+        withheld = {k: dp_figures.TOO_FEW for k, (lo, hi) in ci.items() if dp_figures.too_wide(lo, hi)}
+        if withheld:
+            out["withheld"] = withheld
+    return out
 
 
 def _dataset_of(experiment: dict[str, Any]) -> str | None:
