@@ -1357,3 +1357,24 @@ MUTANTS.extend([
         (f"{_LIVE}::test_the_site_daemon_beats_signed_every_interval_after_its_hello",),
     ),
 ])
+# ------------------------------------------------------------------ no DP figure without its interval (issue 24, c24)
+MUTANTS.extend([
+    Mutant(
+        "dashboard-bare-dp-mean-shown", "under DP metrics the run page shows no figure without its interval",
+        (Edit("fedbus/dashboard/results.py",
+              "        out.update({k: None for k in names if k in WITH_CI and k not in ci})\n", "        pass\n"),),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_the_run_page_drops_a_dp_figure_that_has_no_interval",),
+    ),
+    Mutant(
+        "final-union-keeps-noisy-means", "the coordinator's union under DP keeps no mean of noisy figures (no interval)",
+        (Edit("coordinator/final.py",
+              "        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k == \"majority_class_accuracy\"}\n",
+              "        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k in (\"accuracy\", \"f1\", \"auc\")}\n"),),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_a_mean_of_noisy_figures_is_not_shown_and_exact_means_are",),
+    ),
+    Mutant(
+        "round-curves-without-intervals", "each site's per-round figure carries the interval it released (curves, API, export)",
+        (Edit("fedbus/dashboard/views.py", "    if ci:\n        out[\"ci\"] = ci\n", "    if False:\n        out[\"ci\"] = ci\n"),),
+        ("tests/dashboard/test_api.py::test_rounds_carry_test_per_site_when_the_run_asks_for_it",),
+    ),
+])

@@ -233,7 +233,7 @@
   }
 
   function kpi(label, key, value, note) {
-    return el("div", { class: "card kpi" }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
+    return el("div", { class: "card kpi", "data-kpi": key }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
   }
 
   // The parts of the run page that change with every round; each has an id so a poll can swap it.
