@@ -1378,3 +1378,11 @@ MUTANTS.extend([
         ("tests/dashboard/test_api.py::test_rounds_carry_test_per_site_when_the_run_asks_for_it",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-plan-missing-for-late-hello", "a site the coordinator planned before its hello gets the one planner's figure",
+        (Edit("fedbus/dashboard/run_privacy.py", "    if result_privacy.get(\"plan\") and not unheard:\n",
+              "    if result_privacy.get(\"plan\"):\n"),),
+        ("tests/dashboard/test_run_privacy.py::test_a_site_planned_before_its_hello_gets_the_planners_figure_from_its_hello",),
+    ),
+])
