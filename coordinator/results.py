@@ -135,7 +135,8 @@ def _pick(m: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     released one (flat ``{k}_lo``/``_hi``, or a result block's ``ci``), as the dashboard shows it."""
     m = m or {}
     out = {k: m.get(prefix + k) for k in ROUND_METRICS}
-    block = m.get("ci") if not prefix and isinstance(m.get("ci"), dict) else {}
+    stored = m.get("ci")
+    block: dict[str, Any] = stored if not prefix and isinstance(stored, dict) else {}
     for k in ROUND_METRICS:
         lo, hi = (block.get(k) or (m.get(f"{prefix}{k}_lo"), m.get(f"{prefix}{k}_hi")))
         if lo is not None and hi is not None:
