@@ -328,9 +328,9 @@ Payload = (SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalRes
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
+    for cls in (SiteHello, Heartbeat, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
                 StatsTask, StatsResult, SecAggJoin, SecAggKey, SecAggRoster, MaskedUpdate, SecAggShare, SecAggUnmask,
-                SecAggAnswer, Heartbeat)
+                SecAggAnswer)
 }
 
 
