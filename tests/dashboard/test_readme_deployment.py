@@ -184,7 +184,12 @@ def test_the_readme_deployment_verbatim_then_its_pages_in_chromium(tmp_path: Pat
             os.killpg(walk.pid, signal.SIGKILL)
             rc = walk.wait(timeout=30)
         err.close()
-        from protocol.transport.provision import deprovision
+        from protocol.transport.provision import ProvisionError, deprovision
 
-        deprovision(amqp_url, [*sites, f"coordinator-cardio-{tag}"])
+        try:  # cleanup of the shared broker's users: a busy rabbitmqctl must not fail the walk
+            deprovision(amqp_url, [*sites, f"coordinator-cardio-{tag}"])
+        except ProvisionError as e:
+            import warnings
+
+            warnings.warn(f"broker users of the walk left behind: {e}", stacklevel=1)
     assert rc == 0, (tmp_path / "walk.err").read_text()[-4000:]
