@@ -59,6 +59,8 @@ def _site_block(m: dict[str, float], *, prefix: str = "", n_key: str = "n") -> d
     out.update(dp_figures.block(m, prefix=prefix))  # each figure with its ci; too wide: withheld
     n = m.get(n_key)
     out["n_test"] = int(n) if n is not None else None
+    if isinstance(m.get(prefix + "noise_sd"), (int, float)):  # public: the release's noise SD per cell (0: exact)
+        out["noise_sd"] = float(m[prefix + "noise_sd"])
     if m.get(prefix + "predicts_one_class") is not None:  # a flag, not a figure: exact, or a DP estimate
         out["predicts_one_class"] = bool(m[prefix + "predicts_one_class"])
         if m.get(prefix + "one_class_dp_estimate"):
@@ -97,8 +99,8 @@ def _pooled(means: dict[str, float], sites: list[dict[str, float]]) -> dict[str,
         keep = {k: v for k, v in means.items()
                 if k not in dp_figures.WITH_CI or k == "majority_class_accuracy" or (k == "auc" and not dp)}
         flat = {**{k: v for k, v in pooled.items() if not k.startswith("majority_class_accuracy") and k != "n"}, **keep}
-    elif dp:
-        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k in ("accuracy", "f1")}
+    elif dp:  # a mean of noisy figures has no interval: not shown (only pooled cells give one)
+        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k == "majority_class_accuracy"}
     else:
         flat = means
     return {**{k: v for k, v in flat.items() if not k.endswith(("_lo", "_hi"))}, **dp_figures.block(flat)}

@@ -131,7 +131,17 @@ ROUND_METRICS = ("loss", "accuracy", "auc", "f1")
 
 
 def _pick(m: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    return {k: (m or {}).get(prefix + k) for k in ROUND_METRICS}
+    """The figures, and beside each its 95 % interval as ``{k}_ci_lo``/``{k}_ci_hi`` where the site
+    released one (flat ``{k}_lo``/``_hi``, or a result block's ``ci``), as the dashboard shows it."""
+    m = m or {}
+    out = {k: m.get(prefix + k) for k in ROUND_METRICS}
+    stored = m.get("ci")
+    block: dict[str, Any] = stored if not prefix and isinstance(stored, dict) else {}
+    for k in ROUND_METRICS:
+        lo, hi = (block.get(k) or (m.get(f"{prefix}{k}_lo"), m.get(f"{prefix}{k}_hi")))
+        if lo is not None and hi is not None:
+            out[f"{k}_ci_lo"], out[f"{k}_ci_hi"] = lo, hi
+    return out
 
 
 def round_figures(r: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +182,7 @@ def _metrics_csv(rounds: list[dict[str, Any]], path: Path, *, final: dict[str, A
     cols: list[str] = []
     for fig_ in figs:
         for name, v in fig_.items():
-            for c in ([f"{name} {k}" for k in ROUND_METRICS] if isinstance(v, dict) else [name]):
+            for c in ([f"{name} {k}" for k in v] if isinstance(v, dict) else [name]):
                 if c not in cols:
                     cols.append(c)
     timing = ["wall_s", "train_s", "communication_s", "aggregation_s"]

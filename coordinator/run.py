@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from coordinator import checkpoints
+from coordinator import checkpoints, liveness
 from coordinator.aggregators import Aggregator, EarlyStopping, build_aggregator
 from coordinator.inbox import Inbox
 from coordinator.registry import SiteRegistry
@@ -42,7 +42,7 @@ from coordinator.secagg import refuse_until_wired
 from coordinator.state import StateError, StateStore
 from coordinator.validation import Rejected
 from protocol.config import Experiment
-from protocol.messages import SiteHello, Tensors
+from protocol.messages import Heartbeat, SiteHello, Tensors
 from protocol.signing import Signer
 from protocol.transport.base import Bus, Consumer, Delivery, Topology
 from protocol.transport.topology import control_queue, updates_queue
@@ -276,6 +276,10 @@ class Coordinator:
                 self.inbox.refresh_trust()
                 opened = open_frame(delivery.body, self.inbox.trust)
             hello = opened.envelope.payload
+            if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py
+                liveness.record(self.store, opened.signer, hello, sent_at=opened.envelope.sent_at, received_at=time.time())
+                delivery.ack()
+                return
             if not isinstance(hello, SiteHello) or hello.site_id != opened.signer:
                 raise Rejected("bad_hello", f"control message from {opened.signer} is not its own SiteHello")
         except (ProtocolError, Rejected) as e:

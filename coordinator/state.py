@@ -116,6 +116,12 @@ CREATE TABLE IF NOT EXISTS tasks (      -- every task sent, so a late reply is t
     sent_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id, round);
+CREATE TABLE IF NOT EXISTS liveness (   -- each site's newest Heartbeat (coordinator/liveness.py)
+    site_id TEXT PRIMARY KEY,
+    seen_at REAL NOT NULL,             -- min(received, the beat's sent_at): never later than it was alive
+    every_s REAL NOT NULL,             -- the interval the site announced
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS privacy (    -- the sites' privacy ledger, as they reported it
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -297,6 +303,20 @@ class StateStore:
                 "UPDATE sites SET hello_json=?, hello_at=? WHERE site_id=?",
                 (json.dumps(hello, sort_keys=True), at or time.time(), site_id),
             )
+
+    def record_heartbeat(self, site_id: str, *, seen_at: float, every_s: float, seq: int) -> None:
+        """Keep ``site_id``'s newest beat (an older one, replayed or reordered, changes nothing)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO liveness VALUES (?, ?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET "
+                "seen_at=excluded.seen_at, every_s=excluded.every_s, seq=excluded.seq "
+                "WHERE excluded.seen_at > liveness.seen_at",
+                (site_id, seen_at, every_s, seq),
+            )
+
+    def liveness(self) -> dict[str, dict[str, float]]:
+        return {r["site_id"]: {"seen_at": r["seen_at"], "every_s": r["every_s"], "seq": r["seq"]}
+                for r in self._query("SELECT * FROM liveness")}
 
     def key(self, kid: str) -> tuple[str, bytes] | None:
         rows = self._query("SELECT site_id, public_pem FROM keys WHERE kid=?", (kid,))

@@ -387,6 +387,8 @@ FIELDS: dict[str, dict[str, Bound]] = {
         "datasets": Items(Unchecked("DatasetInfo's bounds"), 256),
         "policy": POLICY,
     },
+    # A liveness beat (coordinator/liveness.py): at most every 10 s, so three missed beats are ≤ 30 s.
+    "Heartbeat": {"site_id": IDENT, "seq": Int(0, 2**63 - 1), "every_s": Num(1.0, 10.0)},
     "TrainTask": dict(TASK),
     "EvalTask": {**TASK, "split": Text(16, choices=("validation", "test"))},
     "PersonalizeTask": dict(TASK),

@@ -58,6 +58,20 @@ class SiteHello:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Site -> coordinator, on the control exchange every ``every_s`` seconds (site.toml
+    ``alive_every_s``, 1-10): the site's daemon is alive. Signed like every message; it carries
+    no data about patients. The coordinator keeps ``min(received, sent_at)`` of the newest one
+    (``coordinator/liveness.py``) and the dashboard calls a site offline after three missed
+    beats, so within 30 s of a kill."""
+
+    TYPE: ClassVar[str] = "Heartbeat"
+    site_id: str
+    seq: int
+    every_s: float
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """What the run's aggregator asks of a site's trainer, per task (issue 21): typed fields,
     so a site reads ``proximal_mu`` or ``personal_layers`` and never branches on an
@@ -310,11 +324,11 @@ class SecAggAnswer:
 
 Payload = (SiteHello | TrainTask | EvalTask | PersonalizeTask | Update | EvalResult | Declined | RunControl
            | StatsTask | StatsResult | SecAggJoin | SecAggKey | SecAggRoster | MaskedUpdate | SecAggShare
-           | SecAggUnmask | SecAggAnswer)
+           | SecAggUnmask | SecAggAnswer | Heartbeat)
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (SiteHello, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
+    for cls in (SiteHello, Heartbeat, TrainTask, EvalTask, PersonalizeTask, Update, EvalResult, Declined, RunControl,
                 StatsTask, StatsResult, SecAggJoin, SecAggKey, SecAggRoster, MaskedUpdate, SecAggShare, SecAggUnmask,
                 SecAggAnswer)
 }

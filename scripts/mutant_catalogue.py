@@ -1375,6 +1375,56 @@ MUTANTS.extend([
         (f"{_DESIGNER_C25}::test_tabular_templates_leave_out_the_columns_that_leak_the_outcome",),
     ),
 ])
+# ------------------------------------------------------------------ site liveness from heartbeats (issue 24, c24)
+_LIVE = "tests/coordinator/test_liveness.py"
+MUTANTS.extend([
+    Mutant(
+        "liveness-five-minute-window", "a site is offline after three missed beats (at most 30 s), not 5 minutes",
+        (Edit("coordinator/liveness.py", "    return min(MISSED * float(every_s), MAX_OFFLINE_AFTER_S)\n",
+              "    return 300.0\n"),),
+        (f"{_LIVE}::test_online_up_to_three_missed_beats_and_offline_just_after",),
+    ),
+    Mutant(
+        "liveness-beat-at-receipt", "a beat counts from min(received, sent_at): a queued beat does not look fresh",
+        (Edit("coordinator/liveness.py", "    return min(received_at, beat_sent_at)\n", "    return received_at\n"),),
+        (f"{_LIVE}::test_a_beat_counts_from_its_earlier_clock_and_a_backlog_is_dropped",),
+    ),
+    Mutant(
+        "liveness-beat-for-another-site", "a heartbeat counts only for the site whose key signed it",
+        (Edit("coordinator/run.py",
+              "            if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py\n"
+              "                liveness.record(self.store, opened.signer,",
+              "            if isinstance(hello, Heartbeat):  # coordinator/liveness.py\n"
+              "                liveness.record(self.store, hello.site_id,"),),
+        (f"{_LIVE}::test_the_coordinator_records_signed_beats_and_refuses_a_forged_one",),
+    ),
+    Mutant(
+        "liveness-site-never-beats", "the site daemon beats every alive_every_s after its hello",
+        (Edit("site_worker/daemon.py", "        if self.config.alive_every_s > 0:\n", "        if False:\n"),),
+        (f"{_LIVE}::test_the_site_daemon_beats_signed_every_interval_after_its_hello",),
+    ),
+])
+# ------------------------------------------------------------------ no DP figure without its interval (issue 24, c24)
+MUTANTS.extend([
+    Mutant(
+        "dashboard-bare-dp-mean-shown", "under DP metrics the run page shows no figure without its interval",
+        (Edit("fedbus/dashboard/results.py",
+              "        out.update({k: None for k in names if k in WITH_CI and k not in ci})\n", "        pass\n"),),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_the_run_page_drops_a_dp_figure_that_has_no_interval",),
+    ),
+    Mutant(
+        "final-union-keeps-noisy-means", "the coordinator's union under DP keeps no mean of noisy figures (no interval)",
+        (Edit("coordinator/final.py",
+              "        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k == \"majority_class_accuracy\"}\n",
+              "        flat = {k: v for k, v in means.items() if k not in dp_figures.WITH_CI or k in (\"accuracy\", \"f1\", \"auc\")}\n"),),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_a_mean_of_noisy_figures_is_not_shown_and_exact_means_are",),
+    ),
+    Mutant(
+        "round-curves-without-intervals", "each site's per-round figure carries the interval it released (curves, API, export)",
+        (Edit("fedbus/dashboard/views.py", "    if ci:\n        out[\"ci\"] = ci\n", "    if False:\n        out[\"ci\"] = ci\n"),),
+        ("tests/dashboard/test_api.py::test_rounds_carry_test_per_site_when_the_run_asks_for_it",),
+    ),
+])
 MUTANTS.extend([
     Mutant(
         "secagg-roster-refusal-unrecorded", "a site's refusal of a forged roster is recorded as its decline, naming "
@@ -1418,5 +1468,13 @@ MUTANTS.extend([
         (Edit("fedbus/dashboard/actions.py", "        cmd += [\"--key\", str(key)] + ([\"--mlflow\", self.mlflow] if self.mlflow else [])\n",
               "        cmd += [\"--key\", str(key)]\n"),),
         ("tests/dashboard/test_start_stop.py::test_start_runs_only_experiments_in_the_state_directory",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-plan-missing-for-late-hello", "a site the coordinator planned before its hello gets the one planner's figure",
+        (Edit("fedbus/dashboard/run_privacy.py", "    if result_privacy.get(\"plan\") and not unheard:\n",
+              "    if result_privacy.get(\"plan\"):\n"),),
+        ("tests/dashboard/test_run_privacy.py::test_a_site_planned_before_its_hello_gets_the_planners_figure_from_its_hello",),
     ),
 ])

@@ -48,7 +48,7 @@ def _toml_str(value: str) -> str:
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
     dataset: str, train: Path, target: str, kind: str = "tabular", dp_seed: int | None = None,
-    max_epsilon: float | None = None, peers: bool = False,
+    max_epsilon: float | None = None, peers: bool = False, metrics: str = "exact",
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -66,7 +66,8 @@ def site_toml(
         "",
         "[policy]",
         "allow_no_dp = true  # simulated experiments may run without DP; a hospital decides this itself",
-        'metrics = "exact"  # research default: exact validation metrics (a leak a hospital would not allow)',
+        (f"metrics = {_toml_str(metrics)}" if metrics != "exact" else
+         'metrics = "exact"  # research default: exact validation metrics (a leak a hospital would not allow)'),
         "max_sample_rate = 1.0  # small simulated partitions train in one batch",
         "max_evaluations_per_run = 100000",
     ]
@@ -100,6 +101,7 @@ def build_workspace(
     split_seed: int | None = None,
     site_budget: float | None = None,
     peers: bool = False,
+    site_metrics: str = "exact",
 ) -> Workspace:
     """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
     root.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def build_workspace(
             site_toml(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
-                kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget, peers=peers,
+                kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget, peers=peers, metrics=site_metrics,
             ),
             encoding="utf-8",
         )

@@ -60,6 +60,7 @@ class SiteConfig:
     max_skew_s: float = 300.0
     grace_s: float = 30.0
     heartbeat_s: int = 30
+    alive_every_s: float = 10.0  # signed liveness beat to the coordinator (protocol Heartbeat, 1-10 s; 0: none)
     declare_topology: bool = False  # provisioned site users may not declare; guest/dev may
     log_level: str = "info"
     torch_threads: int | None = None  # CPU threads for training (None = torch's default)
@@ -98,7 +99,7 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         "site_id", "federation", "broker_url", "broker_password_file", "key_path",
         "coordinator_pub", "state_dir", "datasets", "policy", "tls", "flower_client",
         "max_skew_s", "grace_s", "heartbeat_s", "declare_topology", "log_level", "torch_threads",
-        "peers_dir",
+        "peers_dir", "alive_every_s",
     }
     r.reject_unknown(known)
     site_id = r.ident("site_id")
@@ -145,11 +146,20 @@ def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path | None = None) 
         max_skew_s=r.number("max_skew_s", default=300.0, minimum=0.0),
         grace_s=r.number("grace_s", default=30.0, minimum=0.0),
         heartbeat_s=int(r.number("heartbeat_s", default=30, minimum=0)),
+        alive_every_s=_alive_every(r),
         declare_topology=r.boolean("declare_topology", default=False),
         log_level=level,
         torch_threads=_threads(r),
         peers_dir=r.path("peers_dir", required=False, must_exist=True),
     )
+
+
+def _alive_every(r: "_Reader") -> float:
+    """``alive_every_s``: 0 (no beats) or 1-10 s, the wire bound of ``Heartbeat.every_s``."""
+    v = float(r.number("alive_every_s", default=10.0, minimum=0.0))
+    if v != 0.0 and not 1.0 <= v <= 10.0:
+        raise SiteConfigError(r.key("alive_every_s"), f"must be 0 (no liveness beats) or between 1 and 10 seconds, got {v:g}")
+    return v
 
 
 def _threads(r: "_Reader") -> int | None:

@@ -23,8 +23,8 @@ import structlog
 from protocol.codec import new_envelope, open_frame, seal
 from protocol.model_blob import MODEL_CHUNK_HEADER
 from protocol.errors import ProtocolError, UnknownSigner
-from protocol.messages import (Declined, Envelope, EvalTask, PersonalizeTask, RunControl, SiteHello, StatsTask,
-                               TrainTask, Update)
+from protocol.messages import (Declined, Envelope, EvalTask, Heartbeat, PersonalizeTask, RunControl, SiteHello,
+                               StatsTask, TrainTask, Update)
 from protocol.transport.base import Bus, BusError, Consumer, Delivery, PublishError, PublishRefused, Topology
 from protocol.replay import ReplayGuard
 from protocol.signing import Signer, TrustStore, key_id_of_pem
@@ -101,6 +101,7 @@ class SiteWorker:
         self.handler = TaskHandler(config, ledger=self.ledger, stop=self._abort, flower=flower)
         self.secagg = SecAggSite(config, self.signer, Path(config.coordinator_pub).read_bytes())
         self._consumer: Consumer | None = None
+        self._beats: threading.Thread | None = None
         self._stats_lock = threading.Lock()
         self._stats = {"tasks_done": 0, "trained": 0, "evaluated": 0, "declined": 0, "rejected": 0,
                        "abandoned": 0, "controls": 0, "expired": 0, "publish_failed": 0,
@@ -154,6 +155,9 @@ class SiteWorker:
             self.bus.declare(Topology(sites=[self.config.site_id], federations=[self.config.federation]))
         self.announce()
         self._consumer = self.bus.consume(site_queue(self.config.site_id), self._on_delivery, prefetch=1)
+        if self.config.alive_every_s > 0:
+            self._beats = threading.Thread(target=self._beat, name=f"fedbus-alive-{self.config.site_id}", daemon=True)
+            self._beats.start()
         self.log.info("site_started", queue=site_queue(self.config.site_id), datasets=sorted(self.config.datasets),
                       federation=self.config.federation, warm_up_s=round(warm_s, 3))
 
@@ -177,10 +181,29 @@ class SiteWorker:
         except PublishError as e:
             self.log.warning("hello_not_delivered", error=str(e))
 
+    def _beat(self) -> None:
+        """Publish a signed ``Heartbeat`` every ``alive_every_s`` until stopping (coordinator/liveness.py).
+        A beat that cannot be delivered is logged and skipped: the next one tries again."""
+        every = float(self.config.alive_every_s)
+        seq = 0
+        while True:
+            env = new_envelope(Heartbeat(site_id=self.config.site_id, seq=seq, every_s=every),
+                               federation=self.config.federation, run_id="", round=0,
+                               sender=self.config.site_id, recipient=COORDINATOR, sent_at=self._now())
+            try:
+                self.bus.publish(CONTROL, self.config.federation, seal(env, self.signer), message_id=env.message_id)
+            except (BusError, PublishError) as e:
+                self.log.warning("heartbeat_not_delivered", error=str(e))
+            seq += 1
+            if self._stopping.wait(every):
+                return
+
     def stop(self, grace_s: float | None = None) -> dict[str, int]:
         """Stop taking tasks, let the current one finish within ``grace_s`` or abandon it, close."""
         grace = self.config.grace_s if grace_s is None else grace_s
         self._stopping.set()
+        if self._beats is not None:
+            self._beats.join(timeout=10.0)
         t0 = time.monotonic()
         finished = self._idle.wait(grace)
         if not finished:

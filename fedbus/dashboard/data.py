@@ -66,6 +66,14 @@ class StateReader:
             out.append(r)
         return out
 
+    def liveness(self) -> dict[str, dict[str, Any]]:
+        """Each site's newest heartbeat (``coordinator/liveness.py``); empty for a state written before beats."""
+        return {r["site_id"]: r for r in self._rows("SELECT site_id, seen_at, every_s, seq FROM liveness")}
+
+    def listening(self) -> bool:
+        """A coordinator consumes the control queue, where heartbeats arrive: a run here is running."""
+        return bool(self._rows("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"))
+
     def last_replies(self) -> dict[str, float]:
         """Latest time each site's message reached the coordinator (any verdict)."""
         rows = self._rows("SELECT site, MAX(received_at) AS at FROM updates WHERE site IS NOT NULL GROUP BY site")

@@ -40,10 +40,25 @@ def one_class(m: dict[str, Any] | None) -> str | None:
     return None
 
 
-def figures(m: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+def figures(m: dict[str, Any], names: tuple[str, ...], *, dp: bool = False) -> dict[str, Any]:
     """Figures with their 95 % intervals (``ci``) and the ones withheld as too uncertain
-    (``withheld``), as the result stores them (``protocol.dp_figures.block``)."""
-    return {**{k: num(m.get(k)) for k in names}, "ci": dict(m.get("ci") or {}), "withheld": dict(m.get("withheld") or {})}
+    (``withheld``), as the result stores them (``protocol.dp_figures.block``). Under DP metrics
+    (``dp``) a released figure without an interval is not shown (None): e.g. a mean of the sites'
+    noisy AUCs, which no histogram backs (issue 24: "otherwise it is not shown")."""
+    ci = dict(m.get("ci") or {})
+    out = {k: num(m.get(k)) for k in names}
+    if dp:
+        out.update({k: None for k in names if k in WITH_CI and k not in ci})
+    return {**out, "ci": ci, "withheld": dict(m.get("withheld") or {})}
+
+
+WITH_CI = ("accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")
+
+
+def under_dp(final: dict[str, Any]) -> bool:
+    """The sites released the final figures under DP metrics (their noise SD rides with them)."""
+    return any(isinstance((m or {}).get("noise_sd"), (int, float)) and m["noise_sd"] > 0
+               for m in (final.get("per_site") or {}).values())
 
 
 def weighted_baseline(per_site: dict[str, Any]) -> float | None:
@@ -61,6 +76,8 @@ def site_block(fm: dict[str, Any]) -> dict[str, Any]:
         "test": figures(fm, SITE_METRICS),
         "n_test": fm.get("n_test"),
         "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
+        # under DP metrics the baseline is a figure of the released matrix too: with its interval
+        "majority": figures(fm, ("majority_class_accuracy",)),
         "one_class": one_class(fm),
         "personalized": ({**figures(pm, PERSONAL_METRICS), "n_test": pm.get("n_test"),
                           "one_class": one_class(pm)} if pm else None),
@@ -90,13 +107,14 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
     p = final.get("personalized") if isinstance(final.get("personalized"), dict) else None
     baseline = weighted_baseline(per_site)
     stored = num(final.get("majority_class_accuracy"))
+    dp = under_dp(final)
     return {
-        "test": figures(final, SITE_METRICS) if final else None,
+        "test": figures(final, SITE_METRICS, dp=dp) if final else None,
         "validation": last_validation, "n_test": final.get("n_test"), "split": final.get("split"),
         "source": TEST_SOURCE if final else None,
         "majority_class_accuracy": baseline if baseline is not None else stored,
         "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),
-        "personalized": ({**figures(p, PERSONAL_METRICS), "method": p.get("method"),
+        "personalized": ({**figures(p, PERSONAL_METRICS, dp=dp), "method": p.get("method"),
                           "n_sites": p.get("n_sites"), "basis": "mean over the sites, weighted by test rows"} if p else None),
         "one_class": {s: w for s, w in ((s, one_class(m)) for s, m in per_site.items()) if w},
         "per_site": per_site,

@@ -34,7 +34,9 @@ def plan_of(run: dict[str, Any], hellos: dict[str, dict[str, Any] | None]) -> di
     """The run's privacy plan: the finished run's own (its result), else the coordinator's planner
     on the experiment and the hellos (cached once every site of the run has said hello)."""
     result_privacy = (run.get("result") or {}).get("privacy") or {}
-    if result_privacy.get("plan"):
+    unheard = [s for s, p in (result_privacy.get("plan") or {}).items()  # planned before its hello arrived
+               if isinstance(p, dict) and "planned_epsilon" not in p and hellos.get(s)]
+    if result_privacy.get("plan") and not unheard:
         return {"total_epsilon": result_privacy.get("total_epsilon"), "delta": result_privacy.get("delta"),
                 "accountant": result_privacy.get("accountant"), "sites": result_privacy["plan"]}
     if not _dp(run.get("experiment") or {}):
@@ -72,8 +74,11 @@ def run_privacy(run: dict[str, Any], privacy: dict[str, Any], hellos: dict[str, 
         out.setdefault("run_spent_epsilon", {})
         return out
     sites = plan.get("sites") or {}
-    if not isinstance(out.get("planned_epsilon"), dict) or not out["planned_epsilon"]:
-        out["planned_epsilon"] = {s: p.get("planned_epsilon") for s, p in sites.items()}
+    stored = out.get("planned_epsilon") if isinstance(out.get("planned_epsilon"), dict) else {}
+    # the result's figure where it has one, else the one planner's on the site's hello (a site the
+    # coordinator planned before its hello arrived: the README deployment starts them together)
+    out["planned_epsilon"] = {s: stored.get(s) if stored.get(s) is not None else p.get("planned_epsilon")
+                              for s, p in sites.items()} or dict(stored)
     if out.get("total_epsilon") is None:
         out["total_epsilon"] = plan.get("total_epsilon")
     for k in ("delta", "accountant"):

@@ -16,19 +16,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator import liveness
 from fedbus.dashboard import results, run_privacy
 from fedbus.dashboard.data import StateReader
+from protocol import dp_figures
 
 METRICS = ("loss", "accuracy", "auc", "f1")
-ONLINE_WINDOW_S = 300.0  # a site heard from (hello or reply) within 5 minutes counts as online
 
 
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
-    return {k: _num(m.get(prefix + k)) for k in METRICS}
+def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The curve figures of one release; where the site released intervals (DP metrics:
+    ``{name}_lo``/``_hi``, protocol/dp_figures.py) also ``ci`` and ``withheld`` as the result's blocks."""
+    out: dict[str, Any] = {k: _num(m.get(prefix + k)) for k in METRICS}
+    ci = {k: [float(lo), float(hi)] for k in METRICS if (lo := _num(m.get(f"{prefix}{k}_lo"))) is not None
+          and (hi := _num(m.get(f"{prefix}{k}_hi"))) is not None}
+    if not prefix and isinstance(m.get("ci"), dict):  # a result block (final figures): its ``ci`` as stored
+        ci.update({k: [float(v[0]), float(v[1])] for k, v in m["ci"].items() if k in METRICS and len(v) == 2})
+    if ci:
+        out["ci"] = ci
+        withheld = {k: dp_figures.TOO_FEW for k, (lo, hi) in ci.items() if dp_figures.too_wide(lo, hi)}
+        if withheld:
+            out["withheld"] = withheld
+    return out
 
 
 def _dataset_of(experiment: dict[str, Any]) -> str | None:
@@ -52,6 +65,7 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
     """Every enrolled site, its datasets (metadata only) and the ε each dataset has spent."""
     now = time.time() if now is None else now
     replies = reader.last_replies()
+    beats, monitored = reader.liveness(), reader.listening()
     spent: dict[tuple[str, str | None], dict[str, Any]] = {}
     for line in reader.privacy_lines():  # oldest first: the last line is the site's latest report
         dataset = _dataset_of(json.loads(line["experiment_json"] or "{}"))
@@ -63,8 +77,10 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
     for s in reader.sites():
         hello = s["hello"] or {}
         policy = hello.get("policy") or {}
-        seen = [t for t in (s["hello_at"], replies.get(s["site_id"])) if t]
+        beat = beats.get(s["site_id"])
+        seen = [t for t in (s["hello_at"], replies.get(s["site_id"]), (beat or {}).get("seen_at")) if t]
         last_seen = max(seen) if seen else None
+        state = liveness.status(beat, now=now, monitored=monitored)  # from heartbeats only, never a reply's age
         datasets = []
         for d in hello.get("datasets") or []:
             rep = spent.get((s["site_id"], d.get("name")), {})
@@ -86,10 +102,11 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
             })
         out.append({
             "site_id": s["site_id"], "kid": s["kid"], "enrolled_at": s["enrolled_at"], "last_seen": last_seen,
-            "online": last_seen is not None and now - last_seen <= ONLINE_WINDOW_S,
+            "online": state == "online", "liveness": state, "last_heartbeat": (beat or {}).get("seen_at"),
+            "offline_after_s": liveness.offline_after_s(beat["every_s"]) if beat else liveness.MAX_OFFLINE_AFTER_S,
             "software_version": hello.get("software_version"), "datasets": datasets, "policy": policy or None,
         })
-    return {"sites": out, "online_window_s": ONLINE_WINDOW_S, "now": now}
+    return {"sites": out, "online_window_s": liveness.MAX_OFFLINE_AFTER_S, "monitored": monitored, "now": now}
 
 
 # -- runs ------------------------------------------------------------------------------

@@ -97,3 +97,48 @@ def test_a_port_in_use_names_its_option(tmp_path):
         _one_line_exit_2(["coordinator", "serve", "--state", str(tmp_path / "state"), "--port", port], "--port", port)
         _one_line_exit_2(["simulate", str(EXAMPLE), "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "o"),
                           "--serve", "--serve-port", port], "--serve-port", port)
+
+
+def _verb_cases(d: Path) -> list[tuple[list[str], str]]:
+    """(arguments, a word the one line must hold) for every verb's typical bad input."""
+    (d / "bad.json").write_text("{ not json")
+    (d / "bad.toml").write_text("site_id = 5\n")
+    (d / "badproj.toml").write_text("[federation\n")
+    (d / "x.csv").write_text("a,b\n1,2\n")
+    st = str(d / "st")
+    return [
+        (["keys", "generate", "bad name!", "--out", str(d)], "bad name!"),
+        (["config", "new", "--dataset", str(d / "missing.csv"), "--target", "y", "--out", str(d / "o.json")], "--dataset"),
+        (["config", "new", "--dataset", str(d / "x.csv"), "--target", "nope", "--out", str(d / "o.json")], "nope"),
+        (["config", "new", "--dataset", str(d / "x.csv"), "--target", "a", "--out", str(d / "o.json"), "--keep", "zz"],
+         "--keep zz"),
+        (["config", "validate", str(d / "missing.json")], "missing.json"),
+        (["provision", str(d / "badproj.toml"), "--out", str(d / "kits")], "not valid TOML"),
+        (["provision", str(d / "missing.toml"), "--out", str(d / "kits")], "does not exist"),
+        (["coordinator", "run", str(d / "bad.json"), "--broker", "amqp://x@127.0.0.1:5672/%2F", "--state", st,
+          "--federation", "f"], "not valid JSON"),
+        (["coordinator", "run", str(d / "bad.json"), "--config", str(d / "missing.toml")], "--config"),
+        (["coordinator", "runs", "show", "nope", "--state", st], "--state"),
+        (["coordinator", "runs", "export", "nope", "--state", st, "--out", str(d / "ex")], "--state"),
+        (["coordinator", "audit", "nope", "--state", st], "--state"),
+        (["coordinator", "logs", "nope", "--state", st], "--state"),
+        (["coordinator", "enroll", "s1", str(d / "missing.pub"), "--state", st], "missing.pub"),
+        (["coordinator", "serve", "--state", str(d / "missing-state")], "--state"),
+        (["coordinator", "cohort", str(d / "bad.json"), "--broker", "amqp://127.0.0.1:5672/%2F", "--state", st,
+          "--federation", "f"], "not valid JSON"),
+        (["site", "approve", str(d / "bad.json"), "--config", str(d / "bad.toml")], "site_id"),
+        (["site", "approvals", "list", "--config", str(d / "bad.toml")], "site_id"),
+        (["simulate", str(EXAMPLE), "--partition", "bogus"], "--partition"),
+        (["certs", "show", str(d / "x.csv")], "x.csv"),
+    ]
+
+
+def test_each_verb_refuses_its_typical_bad_input_in_one_line(tmp_path: Path) -> None:
+    """Issue 24, Must show: every verb of the CLI, fed a bad file or value, says so in one line
+    naming the key (or the file) and exits 2; none prints a traceback."""
+    for args, word in _verb_cases(tmp_path):
+        r = CliRunner().invoke(app, args)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2, (args, r.exit_code, r.output[-2000:])
+        assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), args
+        assert len(lines) == 1 and word in lines[0], (args, lines)

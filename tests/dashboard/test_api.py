@@ -180,7 +180,13 @@ def test_rounds_carry_test_per_site_when_the_run_asks_for_it(api, state, run_ids
     assert set(m["test_status"]) == set(first["per_site"]) and len(m["test_status"]) == 3
     for site, row in first["per_site"].items():
         assert row["test_status"] == m["test_status"][site] == "released"
-        assert row["test"] == {k: m["per_site"][site][f"test_{k}"] for k in ("loss", "accuracy", "auc", "f1")}
+        sm = m["per_site"][site]
+        assert {k: row["test"][k] for k in ("loss", "accuracy", "auc", "f1")} == {
+            k: sm[f"test_{k}"] for k in ("loss", "accuracy", "auc", "f1")}
+        # each released figure's 95 % interval rides with it onto the curve (a whisker) and the tables
+        assert row["test"]["ci"] == {k: [sm[f"test_{k}_lo"], sm[f"test_{k}_hi"]] for k in ("accuracy", "auc", "f1")
+                                     if f"test_{k}_lo" in sm}
+        assert row["test"]["ci"]["accuracy"][0] <= row["test"]["accuracy"] <= row["test"]["ci"]["accuracy"][1]
         assert row["validation"]["accuracy"] == m["per_site"][site]["eval_accuracy"]
     assert "test_status" not in json.loads(rows[1]["metrics_json"])  # the last round is the final evaluation
     last = api.get(f"/api/runs/{b}").json()["rounds"][-1]

@@ -33,19 +33,28 @@ def test_the_export_matches_the_run_page(state: Path, run_ids: list[str], tmp_pa
             store.close()
         rows = list(csv.DictReader(open(tmp_path / rid / "metrics.csv")))
         assert [int(r["round"]) for r in rows] == [r["round"] for r in page["rounds"]]
-        checked = 0
+        checked = with_ci = 0
         for row, rnd in zip(rows, page["rounds"]):
             for k, v in rnd["validation"].items():
                 assert _same(_f(row[f"validation (all sites) {k}"]), v), (rid, rnd["round"], k)
             for site, ps in rnd["per_site"].items():
                 for split in ("validation", "test"):
-                    for k, v in (ps[split] or {}).items():
+                    shown = ps[split] or {}
+                    for k, v in shown.items():
+                        if k in ("ci", "withheld"):
+                            continue
                         assert _same(_f(row[f"{site} {split} {k}"]), v), (rid, rnd["round"], site, split, k)
                         checked += v is not None
+                        lo, hi = (shown.get("ci") or {}).get(k) or (None, None)  # the curve's interval, as drawn
+                        assert _same(_f(row.get(f"{site} {split} {k}_ci_lo", "")), lo), (rid, rnd["round"], site, split, k)
+                        assert _same(_f(row.get(f"{site} {split} {k}_ci_hi", "")), hi), (rid, rnd["round"], site, split, k)
+                        with_ci += lo is not None
             if rnd["test_source"] == "sites":
                 for k, v in rnd["test"].items():
                     assert _same(_f(row[f"test (all sites) {k}"]), v)
         assert checked > 0
+        if any(r["test_source"] == "sites" for r in page["rounds"]):  # run B: the sites' per-round test releases
+            assert with_ci > 0  # carry their intervals, on the curves and in the export
         assert not any(c.endswith(("validation loss", "validation accuracy")) and c.startswith("after") for c in rows[0])
         # The final test figures, each with its interval, as the page's sites table shows them.
         final = {(r["model"], r["site"]): r for r in csv.DictReader(open(tmp_path / rid / "final_test.csv"))}

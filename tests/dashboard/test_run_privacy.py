@@ -77,3 +77,23 @@ def test_this_runs_spend_grows_with_the_rounds_trained_up_to_the_plan() -> None:
     # Two runs of the same settings at the same site: the same run ε, whatever the lifetime ledger says.
     older = {**hello, "datasets": [{**hello["datasets"][0], "epsilon_spent": 39.0}]}
     assert plans.run_spent(exp, older, rounds_trained=15, finished=True) == pytest.approx(planned, rel=1e-9)
+
+
+def test_a_site_planned_before_its_hello_gets_the_planners_figure_from_its_hello(tmp_path: Path) -> None:
+    """The README deployment starts the sites and the coordinator together: the coordinator
+    planned h2 before h2's hello arrived ("no dataset announced"). The finished run's page shows
+    h1's planned ε as the result holds it and h2's from the one planner on h2's hello, never
+    "not planned"; a site the result planned keeps the result's figure."""
+    doc = json.loads(EXAMPLE.read_text())
+    state, run_id = _running(tmp_path, doc)
+    full = plans.plan(load_experiment(doc), {s: _hello(s, r) for s, r in (("h1", 100), ("h2", 99))})
+    early = plans.plan(load_experiment(doc), {"h1": _hello("h1", 100), "h2": None})
+    assert "error" in early["sites"]["h2"]
+    store = StateStore(state)
+    store.finish_run(run_id, status="completed", reason=None, result={"privacy": {
+        "plan": early["sites"], "planned_epsilon": plans.planned_epsilon(early), "total_epsilon": 8.0,
+        "delta": early["delta"], "accountant": early["accountant"], "epsilon": {}}})
+    store.close()
+    privacy = views.run_doc(StateReader(state), run_id)["privacy"]
+    assert privacy["planned_epsilon"]["h1"] == pytest.approx(plans.planned_epsilon(early)["h1"])
+    assert privacy["planned_epsilon"]["h2"] == pytest.approx(plans.planned_epsilon(full)["h2"])

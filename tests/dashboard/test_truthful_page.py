@@ -71,6 +71,9 @@ def test_legends_name_only_curves_with_data(page, state: Path, run_ids: list[str
             names = legend.locator("span").all_inner_texts()
             assert any("validation" in n for n in names), names
             assert any("test" in n for n in names) == has_test, (rid, names)
+            if has_test:  # each site's per-round test figure is drawn with its released 95 % interval
+                whiskers = pg.locator('.card[data-metric="accuracy"] line.ci[data-series$=" test"]')
+                assert whiskers.count() >= 3, whiskers.count()
         assert not errors, errors
     finally:
         server.stop()

@@ -1,5 +1,6 @@
 // fedbus dashboard: a small SVG line chart (no third-party code).
-// FedChart.line(el, {title, xLabel, yLabel, series: [{name, points: [[x, y], ...], color, width, dash}]})
+// FedChart.line(el, {title, xLabel, yLabel, series: [{name, points: [[x, y] or [x, y, lo, hi], ...], color, width, dash}]})
+// ([x, y, lo, hi]: a 95 % interval, drawn as a whisker with class "ci")
 // draws into el and returns {update(series)}. Every series path carries data-series and
 // data-points (how many points it holds), which the browser tests read.
 (function () {
@@ -36,7 +37,7 @@
     const svg = node("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": opts.title || "chart" }, el);
     node("text", { x: M.l, y: 16, class: "title" }, svg).textContent = opts.title || "";
     const series = (opts.series || []).map((s) => ({ ...s, points: (s.points || []).filter((p) => p[1] !== null && p[1] !== undefined && isFinite(p[1])) }));
-    const all = series.flatMap((s) => s.points);
+    const all = series.flatMap((s) => s.points.flatMap((p) => (p.length > 3 && isFinite(p[2]) && isFinite(p[3]) ? [p, [p[0], p[2]], [p[0], p[3]]] : [p])));
     const iw = W - M.l - M.r, ih = H - M.t - M.b;
     if (!all.length) {
       node("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, svg).textContent = opts.empty || "no rounds yet";
@@ -80,6 +81,12 @@
       if (s.opacity) path.setAttribute("stroke-opacity", s.opacity);
       if (s.markers !== false) {
         for (const p of s.points) {
+          if (p.length > 3 && isFinite(p[2]) && isFinite(p[3])) {  // the release's 95 % interval, as a whisker
+            const w = node("line", { x1: X(p[0]), x2: X(p[0]), y1: Y(p[2]), y2: Y(p[3]), stroke: s.color || "#1f6feb",
+              "stroke-width": 1, class: "ci", "data-series": s.name }, svg);
+            if (s.opacity) w.setAttribute("stroke-opacity", s.opacity * 0.7);
+            node("title", {}, w).textContent = `${s.name}, round ${p[0]}: 95 % interval ${(+p[2]).toFixed(3)}–${(+p[3]).toFixed(3)}`;
+          }
           const c = node("circle", { cx: X(p[0]), cy: Y(p[1]), r: s.width > 1.5 || !s.width ? 3 : 2, fill: s.color || "#1f6feb" }, svg);
           if (s.opacity) c.setAttribute("fill-opacity", s.opacity);
           node("title", {}, c).textContent = `${s.name}, round ${p[0]}: ${(+p[1]).toFixed(4)}`;

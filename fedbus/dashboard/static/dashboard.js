@@ -20,7 +20,7 @@
     validation: "Validation: patients held out from training at each hospital, used to follow training round by round.",
     test: "Test: a fixed split of patients at each hospital that is never trained on; the figure to trust.",
     replies: "Replies: hospitals whose update was accepted in that round.",
-    online: "Online: the site was heard from (hello or reply) in the last few minutes.",
+    online: "Online: the site's signed heartbeat (every 10 s or less) arrived within its last three beats; offline after three missed beats, at most 30 s. \"Not monitored\": no coordinator is running, so nobody hears the beats.",
     train_s: "Training: time the hospitals spent training (longest site per round, summed).",
     communication_s: "Communication: time waiting for messages to travel through the broker.",
     aggregation_s: "Aggregation: time the coordinator spent combining updates.",
@@ -102,7 +102,8 @@
         const share = spent !== null && budget ? Math.min(1, spent / budget) : null;
         rows.push(el("tr", { class: i ? "site-ds" : "", "data-site": s.site_id },
           i ? el("td") : el("td", {}, el("b", {}, s.site_id), el("div", { class: "mono muted" }, "key " + s.kid)),
-          i ? el("td") : el("td", {}, badge(s.online ? "online" : "offline"), el("div", { class: "muted", title: when(s.last_seen) }, "seen " + ago(s.last_seen, doc.now))),
+          i ? el("td") : el("td", { class: "liveness", "data-liveness": s.liveness }, badge(s.liveness || (s.online ? "online" : "offline")),
+            el("div", { class: "muted", title: when(s.last_heartbeat || s.last_seen) }, s.last_heartbeat ? "heartbeat " + ago(s.last_heartbeat, doc.now) : "seen " + ago(s.last_seen, doc.now))),
           i ? el("td") : el("td", {}, s.software_version || "–"),
           el("td", {}, d ? el("b", {}, d.name) : el("span", { class: "muted" }, "no dataset announced yet")),
           el("td", { class: "num" }, d ? d.rows : "–"),
@@ -187,9 +188,13 @@
     const sites = siteIds(rounds).filter((s) => view === "all" || view === s);
     sites.forEach((s) => {
       const color = COLORS[(siteIds(rounds).indexOf(s) + 2) % COLORS.length], one = view === s;
-      const at = (r, split) => (r.per_site[s] && r.per_site[s][split] ? r.per_site[s][split][metric] : null);
-      out.push({ name: s + " validation", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, points: rounds.map((r) => [r.round, at(r, "validation")]) });
-      out.push({ name: s + " test", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, dash: "4 3", points: rounds.map((r) => [r.round, at(r, "test")]) });
+      // [round, figure, lo, hi]: the 95 % interval the site released with it, drawn as a whisker
+      const at = (r, split) => { const f = r.per_site[s] && r.per_site[s][split];
+        if (!f || (f.withheld && f.withheld[metric])) return [r.round, null];
+        const ci = f.ci && f.ci[metric];
+        return ci ? [r.round, f[metric], ci[0], ci[1]] : [r.round, f[metric]]; };
+      out.push({ name: s + " validation", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, points: rounds.map((r) => at(r, "validation")) });
+      out.push({ name: s + " test", color, width: one ? 2 : 1, opacity: one ? 1 : 0.55, dash: "4 3", points: rounds.map((r) => at(r, "test")) });
     });
     return out;
   }
@@ -228,7 +233,7 @@
   }
 
   function kpi(label, key, value, note) {
-    return el("div", { class: "card kpi" }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
+    return el("div", { class: "card kpi", "data-kpi": key }, el("div", { class: "label" }, tip(label, key)), el("div", { class: "value" }, value), note ? el("div", { class: "note" }, note) : null);
   }
 
   // The parts of the run page that change with every round; each has an id so a poll can swap it.
@@ -288,13 +293,14 @@
         el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.n_test ?? "–"),
         el("td", { class: "num test-accuracy", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null },
           s.test ? fig(t, "accuracy", true) : "–", s.one_class ? " " : null, oneClass(s.one_class)),
-        el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" }, cellPct(s.majority_class_accuracy, pend)),
+        el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" },
+          s.majority && s.majority.ci && s.majority.ci.majority_class_accuracy ? fig(s.majority, "majority_class_accuracy", true) : cellPct(s.majority_class_accuracy, pend)),
         el("td", { class: "num test-auc" }, s.test ? fig(t, "auc") : "–"), el("td", { class: "num test-f1" }, s.test ? fig(t, "f1") : "–"),
         el("td", { class: "num test-sensitivity" }, s.test ? fig(t, "sensitivity", false, 2) : "–"),
         el("td", { class: "num test-specificity" }, s.test ? fig(t, "specificity", false, 2) : "–"),
         personal ? el("td", { class: "num personalized-accuracy", "data-value": p ? p.accuracy ?? "" : "" },
           p ? fig(p, "accuracy", true) : cellPct(null, pend), p && p.one_class ? " " : null, p ? oneClass(p.one_class) : null) : null,
-        personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? num(p.auc) : "–") : null);
+        personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? fig(p, "auc") : "–") : null);
     });
     const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
       el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),

@@ -1,0 +1,31 @@
+"""Under DP metrics no figure is shown without its interval (issue 24, Build 1: AUC "otherwise
+not shown"): a union AUC or F1 that is only a mean of the sites' noisy figures is left out,
+by the coordinator's summary and by the run page; without DP (exact counts) the mean stays."""
+
+from __future__ import annotations
+
+from coordinator.final import _pooled
+from fedbus.dashboard import results
+
+
+def _site(noise_sd: float, **extra: float) -> dict[str, float]:
+    return {"accuracy": 0.7, "auc": 0.6, "f1": 0.5, "n": 20.0, "noise_sd": noise_sd, **extra}
+
+
+def test_a_mean_of_noisy_figures_is_not_shown_and_exact_means_are() -> None:
+    means = {"accuracy": 0.7, "auc": 0.6, "f1": 0.5, "loss": 0.4, "majority_class_accuracy": 0.66}
+    noisy = _pooled(means, [_site(8.66), _site(8.66)])  # no cells: nothing to pool
+    assert "accuracy" not in noisy and "auc" not in noisy and "f1" not in noisy, noisy
+    assert noisy["loss"] == 0.4 and noisy["majority_class_accuracy"] == 0.66
+    exact = _pooled(means, [{**_site(0.0)}, {**_site(0.0)}])
+    assert exact["accuracy"] == 0.7 and exact["auc"] == 0.6
+
+
+def test_the_run_page_drops_a_dp_figure_that_has_no_interval() -> None:
+    final = {"accuracy": 0.7, "auc": 0.21, "f1": 0.51, "ci": {"accuracy": [0.5, 0.85]},
+             "per_site": {"h1": {"accuracy": 0.7, "noise_sd": 8.66, "n_test": 20, "ci": {"accuracy": [0.4, 0.9]}}}}
+    doc = results.final_doc(final, None)
+    assert doc["test"]["accuracy"] == 0.7 and doc["test"]["ci"]["accuracy"] == [0.5, 0.85]
+    assert doc["test"]["auc"] is None and doc["test"]["f1"] is None  # no interval under DP: not shown
+    exact = {**final, "per_site": {"h1": {**final["per_site"]["h1"], "noise_sd": 0.0}}}
+    assert results.final_doc(exact, None)["test"]["auc"] == 0.21  # exact counts: the mean is a fact
