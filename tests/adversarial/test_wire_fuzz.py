@@ -24,17 +24,21 @@ from hypothesis import strategies as st
 
 from coordinator.state import StateStore
 from protocol.codec import new_envelope
-from protocol.messages import DatasetInfo, EvalTask, PersonalizeTask, SiteHello, TrainTask
+from protocol.messages import DatasetInfo, EvalTask, PersonalizeTask, RunControl, SiteHello, StatsTask, TrainTask
 from protocol.transport.layout import chunk_header_to_amqp
 from protocol.transport.topology import CONTROL, UPDATES
 from tests.adversarial.malicious_site import Federation, experiment, seal_raw, with_payload
 from tests.adversarial.site_harness import attack  # noqa: F401  (fixture: a real SiteWorker on both buses)
+from site_worker.secagg_handlers import SECAGG_TASKS
 from tests.wire_strategies import MESSAGE_CLASSES, broken, payload
 
 # The training-path tasks, each of which must get an answer before the honest task is sent.
 ANSWERED = (TrainTask, EvalTask, PersonalizeTask)
 
 BAD_REASONS = ("out_of_bounds:", "malformed:")
+# What a site accepts at all (site_worker/daemon.py); any other type is refused by its type
+# first, so an out-of-bound one of those may read "unexpected_type" (refused either way).
+SITE_TYPES = (TrainTask, EvalTask, PersonalizeTask, StatsTask, RunControl, *SECAGG_TASKS)
 ESCAPED = ("handler_error", "internal_error")
 SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
@@ -175,6 +179,7 @@ def test_every_wire_message_type_fuzzed_through_the_site_worker(attack, bus_url,
     site = attack()
     coord = site.coordinator
     bad, tasks, answered = set(), set(), set()
+    not_for_sites: set[str] = set()  # bad messages of a type no site accepts
     for cls in MESSAGE_CLASSES:
         for p, is_bad in ((data.draw(payload(cls)), False), (data.draw(broken(cls))[0], True)):
             if isinstance(p, ANSWERED) and hasattr(p, "deadline"):
@@ -187,6 +192,8 @@ def test_every_wire_message_type_fuzzed_through_the_site_worker(attack, bus_url,
                 continue
             coord.publish_frame(frame, env.message_id)
             (bad if is_bad else tasks).add(env.message_id)
+            if is_bad and not isinstance(p, SITE_TYPES):
+                not_for_sites.add(env.message_id)
             # a task naming its model by hash that the site cannot verify is dead-lettered, not answered
             if not is_bad and isinstance(p, ANSWERED) and not p.model_sha256:
                 answered.add(env.message_id)
@@ -195,13 +202,15 @@ def test_every_wire_message_type_fuzzed_through_the_site_worker(attack, bus_url,
         answered.discard(reply.payload.task_id)
     coord.stale = tasks  # late answers to other fuzzed task types (a StatsTask, a secure-aggregation one)
     site.still_serves()  # an honest task after the fuzz: a normal, accounted update
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a condition, not a sleep: generous for a loaded two-worker run
     letters = _site_letters(bus_url, bad)
     while set(letters) != bad and time.monotonic() < deadline:
         time.sleep(0.2)
         letters = _site_letters(bus_url, bad)
     assert set(letters) == bad
-    assert all(r.startswith(BAD_REASONS) for r in letters.values()), letters
+    wrong = {m: r for m, r in letters.items()
+             if not (r.startswith(BAD_REASONS) or (m in not_for_sites and r.startswith("unexpected_type:")))}
+    assert not wrong, wrong
     assert site.worker.stats["rejected"] >= len(bad)
     escaped = _site_letters(bus_url, tasks)
     assert not [r for r in escaped.values() if r.startswith(ESCAPED)], escaped
