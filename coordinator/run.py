@@ -35,6 +35,8 @@ from coordinator.rounds.result import (
     stored_result,
 )
 from coordinator.rounds.sync import SyncRounds
+from coordinator.initial_model import initial_weights
+from coordinator.memory import return_freed_buffers
 from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
 from coordinator.secagg import refuse_until_wired
@@ -117,6 +119,7 @@ class Coordinator:
     def run(self) -> RunResult:
         """Run (or resume) to the end; a failed run returns ``status="failed"`` with the reason."""
         started = time.monotonic()
+        return_freed_buffers()  # before any model-sized buffer (coordinator/memory.py)
         weights, first_round = self._start()
         run_id = self.run_id
         assert run_id is not None  # _start created or found it
@@ -171,8 +174,6 @@ class Coordinator:
 
     # ------------------------------------------------------------------ set-up
     def _start(self) -> tuple[Tensors, int]:
-        from protocol.model import build_model, to_tensors
-
         if self.resume:
             self.run_id = self.run_id or self.store.latest_unfinished(self.federation)
             if self.run_id is None:
@@ -185,7 +186,7 @@ class Coordinator:
                 if self.resume:
                     raise
         seed = self.tasks.seed
-        initial = to_tensors(build_model(self.experiment.architecture.layers, seed=seed))
+        initial = initial_weights(list(self.experiment.architecture.layers), seed=seed, workdir=self.store.dir)
         self.agg: Aggregator = build_aggregator(
             self.aggregator_name,
             parameters=dict(self.experiment.federated.parameters),
