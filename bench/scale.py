@@ -317,7 +317,10 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             "coordinator_egress_mb_per_round": sent / 2**20 / done,
             "coordinator_ingress_mb_per_round": received / 2**20 / done,
             "egress_over_model": sent / 2**20 / done / model_mb,
-            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20))}
+            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20)),
+            # The coordinator's own VmHWM before its first model-sized buffer and at its end (result "memory").
+            "coordinator_floor_rss_mb": (out.get("memory") or {}).get("floor_mb"),
+            "coordinator_self_peak_rss_mb": (out.get("memory") or {}).get("peak_mb")}
 
 
 # ----------------------------------------------------------------------------- report

@@ -77,7 +77,7 @@ def _write_safetensors(f: BinaryIO, items: list[tuple[str, np.ndarray]], meta: d
     f.write(raw)
     for a in arrays:
         if a.nbytes:
-            f.write(memoryview(a.reshape(-1)).cast("B"))
+            f.write(a.reshape(-1).view(np.uint8).data)
 
 
 def load_tensors(path: Path, *, sha256: str | None = None) -> Tensors:

@@ -14,6 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import numpy as np
+
+from protocol.messages import Tensors
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 64 * 1024  # below pika's 128 KiB body frames
@@ -37,4 +41,20 @@ def return_freed_buffers() -> bool:
     return _done
 
 
-__all__ = ["return_freed_buffers"]
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (``VmHWM``), MiB; None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def model_mb(weights: Tensors) -> float:
+    return sum(np.asarray(a).nbytes for _, a in weights) / 2**20
+
+
+__all__ = ["model_mb", "peak_rss_mb", "return_freed_buffers"]

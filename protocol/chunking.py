@@ -336,7 +336,10 @@ def _capacity(tid: str, msg: str) -> ChunkCapacity:
 def _verify(tid: str, body: bytes | memoryview, digest: str, total: int) -> None:
     if len(body) != total:
         raise _error(tid, f"transfer {tid}: body has {len(body)} bytes, declared {total}")
-    got = hashlib.sha256(body).hexdigest()
+    _check_digest(tid, hashlib.sha256(body).hexdigest(), digest)
+
+
+def _check_digest(tid: str, got: str, digest: str) -> None:
     if got != digest:
         raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
 
@@ -354,9 +357,7 @@ def _verify_file(tid: str, fd: int, digest: str, total: int) -> None:
             raise _error(tid, f"transfer {tid}: body has {at} bytes, declared {total}")
         h.update(view[:n])
         at += n
-    got = h.hexdigest()
-    if got != digest:
-        raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
+    _check_digest(tid, h.hexdigest(), digest)
 
 
 def _chunk_size(known: int, *, index: int, count: int, total: int, size: int) -> int:
