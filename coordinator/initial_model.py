@@ -5,10 +5,11 @@ layers (``protocol.model.build_model``). A coordinator without site DP needs tor
 nothing else, and importing it costs about 250 MB of resident memory for the whole run
 (its libraries and allocator), most of the coordinator's floor: issue 23's bound on the
 coordinator, 3 × model + 300 MB, cannot hold with it. So where torch is not imported yet, a
-child process (``python -m coordinator.initial_model``) builds the model, writes it as a
+child process (``python -m coordinator.initial_model``) builds a model of at least 1 MiB, writes it as a
 checkpoint and exits; this process reads the arrays back (the same bits: same torch, same
 seed, same code). Where torch is already imported (the simulator, whose sites train in this
-process, or a run whose privacy plan imported Opacus) the model is built here, as before.
+process, or a run whose privacy plan imported Opacus), and for smaller models (where a second
+interpreter's start-up would cost more than the memory is worth), the model is built here.
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ from typing import Any
 from protocol.config_error import ConfigError
 from protocol.messages import Tensors
 
+# Below this many bytes of float32 weights the model is built here: the coordinator's floor
+# matters less than the second interpreter's start-up, which every run would pay (fixed cost).
+CHILD_FROM_BYTES = 1 << 20
+
 
 def initial_weights(layers: list[Any], *, seed: int, workdir: Path | None = None) -> Tensors:
     """``to_tensors(build_model(layers, seed=seed))``, in a child process unless torch is loaded."""
-    if "torch" in sys.modules:
+    from protocol.layers import parameter_count, resolve_layers
+
+    if "torch" in sys.modules or 4 * parameter_count(resolve_layers(layers)) < CHILD_FROM_BYTES:
         from protocol.model import build_model, to_tensors
 
         return to_tensors(build_model(layers, seed=seed))
+    return built_in_child(layers, seed=seed, workdir=workdir)
+
+
+def built_in_child(layers: list[Any], *, seed: int, workdir: Path | None = None) -> Tensors:
+    """The initial weights as a child process builds them (``python -m coordinator.initial_model``)."""
     from coordinator.checkpoints import load_tensors
 
     spec = [layer.model_dump(mode="json") if hasattr(layer, "model_dump") else dict(layer) for layer in layers]
