@@ -153,6 +153,8 @@ class Inbox:
                                message_id=inbound.delivery.message_id)
             self.reject(inbound.delivery, Rejected("internal_error", f"{type(e).__name__}: {e}"), round=round,
                         opened=msg.opened if msg else None)
+        finally:
+            inbound.opened = None  # the caller's reference must not keep the decoded update (a model) alive
 
     def _open(self, inbound: Inbound, *, round: int, held: dict[str, Held]) -> Message | None:
         from protocol.errors import ProtocolError
