@@ -27,9 +27,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import queue as queue_mod
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,9 +74,6 @@ class TransferHold:
 
 
 _STOP = object()
-# Chunk bodies taken off the socket but not yet spilled by the worker, held in memory at most; past
-# it the I/O thread writes a chunk to a temporary file (many sites uploading at once: issue 23).
-QUEUED_CHUNK_BYTES = 32 * 2**20
 _CAPACITY_BACKOFF_S = 0.05  # pause before requeueing a chunk refused for reassembly capacity
 
 
@@ -104,8 +99,6 @@ class AmqpConsumer(Consumer):
         self._stop = threading.Event()
         self._first_attempt = threading.Event()
         self._work: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
-        self._queued_lock = threading.Lock()
-        self._queued_bytes = 0  # chunk bytes in _work held in memory (the rest wait in files)
         self._ops_lock = threading.Lock()
         self._ops: list[tuple[int, Callable[[], None]]] = []
         self._flush_scheduled = False
@@ -259,17 +252,7 @@ class AmqpConsumer(Consumer):
                     self._extra += n
                     if not self.bus.quorum:
                         self._apply_qos()
-        held: bytes | SpilledChunk = body
-        if chunk is not None:  # chunk bodies waiting for the worker are bounded in memory (issue 23)
-            with self._queued_lock:
-                room = self._queued_bytes + len(body) <= QUEUED_CHUNK_BYTES
-                if room:
-                    self._queued_bytes += len(body)
-            if not room:  # the worker is behind: this chunk waits in a file, not in this process
-                f = tempfile.TemporaryFile(prefix="fedbus-chunk-")
-                os.pwrite(f.fileno(), body, 0)
-                held = SpilledChunk(f, 0, len(body))
-        self._work.put(Raw(self._gen, method.delivery_tag, method.routing_key, method.redelivered, props, held, chunk))
+        self._work.put(Raw(self._gen, method.delivery_tag, method.routing_key, method.redelivered, props, body, chunk))
 
     def _release(self, key: tuple[str, str] | None) -> None:
         """Give back the prefetch room counted for transfer ``key`` (once; later calls do nothing)."""
@@ -387,9 +370,6 @@ class AmqpConsumer(Consumer):
                 holds.clear()
                 continue
             raw: Raw = item
-            if raw.chunk is not None and not isinstance(raw.body, SpilledChunk):
-                with self._queued_lock:
-                    self._queued_bytes -= len(raw.body)
             if raw.gen != gen or raw.gen != self._gen:
                 continue  # from a lost connection: the broker redelivers it
             if raw.chunk is None:
@@ -400,8 +380,7 @@ class AmqpConsumer(Consumer):
             hold = holds.setdefault(key, TransferHold())
             hold.raws.append(raw)
             try:
-                whole = reasm.add(raw.chunk, raw.body.read() if isinstance(raw.body, SpilledChunk) else raw.body,
-                                  user=user)
+                whole = reasm.add(raw.chunk, raw.body, user=user)
             except ChunkCapacity as e:  # no room now: give the chunks back, the transfer is retried later
                 holds.pop(key, None)
                 reasm.discard(key[1], user=user)
