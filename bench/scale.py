@@ -108,6 +108,9 @@ def model_experiment(*, rounds: int, sites: int, hidden: int | None, round_timeo
         ]
     doc = experiment(rounds=rounds, sites=sites, round_timeout_s=round_timeout_s, layers=layers)
     doc["federated"]["parameters"]["fraction_eval"] = 0.0
+    # Echo sites do not train, so no site DP: with it the coordinator's privacy plan imports Opacus
+    # (and torch with it) for its accountant, which is the plan's cost, not the model transfer's.
+    doc["training"]["optimizer"].pop("differential_privacy", None)
     return doc
 
 
@@ -314,7 +317,10 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             "coordinator_egress_mb_per_round": sent / 2**20 / done,
             "coordinator_ingress_mb_per_round": received / 2**20 / done,
             "egress_over_model": sent / 2**20 / done / model_mb,
-            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20))}
+            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20)),
+            # The coordinator's own VmHWM before its first model-sized buffer and at its end (result "memory").
+            "coordinator_floor_rss_mb": (out.get("memory") or {}).get("floor_mb"),
+            "coordinator_self_peak_rss_mb": (out.get("memory") or {}).get("peak_mb")}
 
 
 # ----------------------------------------------------------------------------- report

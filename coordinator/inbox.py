@@ -1,7 +1,10 @@
 """The coordinator's inbound path: every message from a site is opened, checked and settled here.
 
-Opening (codec, signature, enrollment) runs on the bus's worker thread, so Ed25519 and
-the zero-copy decode pipeline with the run loop; ``Inbox.on_delivery`` never raises.
+Opening (codec, signature, enrollment) runs on the run loop's thread when it takes the
+delivery (``Inbox.next``), one at a time: a large update arrives as an untouched map of its
+spill file, so updates waiting in the queue cost no memory, and the coordinator holds at
+most one update being decoded beside the global model and the accumulator (issue 23).
+``Inbox.on_delivery`` only queues, and never raises.
 The run loop (``coordinator/run.py``) then hands each delivery to ``Inbox.handle``,
 which checks the envelope (federation, run, recipient, clock), the type, replays and
 duplicates (by message id and by (run, round, site)), and calls the round loop's
@@ -108,7 +111,7 @@ class Inbox:
         self.run_id: str | None = None
         self.trust: Any = None
         self.log = log if log is not None else structlog.get_logger(__name__)
-        self._queue: queue.Queue[Inbound] = queue.Queue()
+        self._queue: queue.Queue[Delivery] = queue.Queue()
         # Told of a site that declined model_unavailable (coordinator/models.py re-sends it its model).
         self.on_model_unavailable: Callable[[str], None] | None = None
         self._announced: dict[str, int] = {}  # site -> training rows, pinned at first use
@@ -120,18 +123,20 @@ class Inbox:
         self.trust = self.store.trust_store()
 
     def on_delivery(self, delivery: Delivery) -> None:
-        """Bus worker thread: verify + decode here, so the run loop only checks and aggregates."""
-        self._queue.put(open_delivery(delivery, self.trust))
+        """Bus worker thread: queue only (opening here would hold every waiting update's bytes)."""
+        self._queue.put(delivery)
 
     def next(self, deadline: float) -> Inbound | None:
-        """The next opened delivery, or None once ``deadline`` (unix s) passed with nothing waiting."""
+        """The next delivery, opened, or None once ``deadline`` (unix s) passed with nothing waiting."""
         timeout = deadline - time.time()
         try:
             if timeout <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=min(timeout, 0.5))
+                delivery = self._queue.get_nowait()
+            else:
+                delivery = self._queue.get(timeout=min(timeout, 0.5))
         except queue.Empty:
             return None
+        return open_delivery(delivery, self.trust)
 
     # ------------------------------------------------------------------ one message
     def handle(self, inbound: Inbound, *, round: int, held: dict[str, Held], route: Route) -> None:
@@ -148,6 +153,8 @@ class Inbox:
                                message_id=inbound.delivery.message_id)
             self.reject(inbound.delivery, Rejected("internal_error", f"{type(e).__name__}: {e}"), round=round,
                         opened=msg.opened if msg else None)
+        finally:
+            inbound.opened = None  # the caller's reference must not keep the decoded update (a model) alive
 
     def _open(self, inbound: Inbound, *, round: int, held: dict[str, Held]) -> Message | None:
         from protocol.errors import ProtocolError

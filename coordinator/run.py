@@ -36,6 +36,8 @@ from coordinator.rounds.result import (
 )
 from coordinator.rounds.secure_buffer import SecureBufferRounds
 from coordinator.rounds.sync import SyncRounds
+from coordinator.initial_model import initial_weights
+from coordinator.memory import model_mb, peak_rss_mb, return_freed_buffers
 from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
 from coordinator.secagg import refuse_until_wired
@@ -105,6 +107,7 @@ class Coordinator:
         norm = fed.parameters.get("norm_bound")
         self.norm_bound = float(norm) if norm is not None else None
         self._consumers: list[Consumer] = []
+        self._resumed_from: dict[str, Any] | None = None  # the committed round a --resume started from
         self._log = log.bind(federation=federation)
         self.tasks = TaskBook(experiment=self.experiment, bus=bus, store=self.store, signer=signer,
                               federation=federation, seed=int(self.experiment.training.seed),
@@ -118,7 +121,10 @@ class Coordinator:
     def run(self) -> RunResult:
         """Run (or resume) to the end; a failed run returns ``status="failed"`` with the reason."""
         started = time.monotonic()
+        return_freed_buffers()  # before any model-sized buffer (coordinator/memory.py)
+        floor_mb = peak_rss_mb()
         weights, first_round = self._start()
+        size_mb = model_mb(weights)
         run_id = self.run_id
         assert run_id is not None  # _start created or found it
         stored = self.store.run(run_id)
@@ -137,12 +143,15 @@ class Coordinator:
             self.store.set_run_sites(run_id, sites)
             ctx.sites = sites
             self.privacy_plan = announce_plan(ctx, self.privacy_plan, show=self.show_plan)
+            # Handed over, not kept: a reference here would hold the initial model for the whole run.
+            initial = [weights]
+            del weights
             if self.agg.synchronous:
-                weights = SyncRounds(ctx, self.agg, self._evaluation(ctx)).run(weights, first_round)
+                weights = SyncRounds(ctx, self.agg, self._evaluation(ctx)).run(initial.pop(), first_round)
             elif self.experiment.federated.secure_aggregation is not None:  # FedBuff's buffers, masked
-                weights = SecureBufferRounds(ctx, self.agg).run(weights, first_round, sites)
+                weights = SecureBufferRounds(ctx, self.agg).run(initial.pop(), first_round, sites)
             else:
-                weights = AsyncRounds(ctx, self.agg).run(weights, first_round, sites)
+                weights = AsyncRounds(ctx, self.agg).run(initial.pop(), first_round, sites)
             stop = self.store.stop_requested(run_id)
             if stop:
                 status, reason, final = "stopped", stop, {}
@@ -151,13 +160,25 @@ class Coordinator:
                 final = self._evaluation(ctx).final(weights)
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
+            weights = self._started_from()  # as before the hand-over: the model the rounds started from
             self._log.error("run failed", reason=reason)
         finally:
             self._close_consumers()
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
                               reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started)
+        peak = peak_rss_mb()
+        if floor_mb is not None and peak is not None:
+            result.memory = {"floor_mb": round(floor_mb, 1), "peak_mb": round(peak, 1), "model_mb": round(size_mb, 3)}
         self.store.finish_run(run_id, status=result.status, reason=result.reason, result=result.to_json())
         return result
+
+    def _started_from(self) -> Tensors:
+        """The model this run (or this resume) started its rounds from, read back from its checkpoint."""
+        assert self.run_id is not None
+        run, last = self.store.run(self.run_id), self._resumed_from
+        if last is not None:
+            return checkpoints.load_tensors(self.store.dir / last["checkpoint_path"], sha256=last["checkpoint_sha256"])
+        return checkpoints.load_tensors(self.store.dir / run["initial_checkpoint"], sha256=run["initial_sha256"])
 
     def _context(self) -> RunContext:
         assert self.run_id is not None
@@ -174,8 +195,6 @@ class Coordinator:
 
     # ------------------------------------------------------------------ set-up
     def _start(self) -> tuple[Tensors, int]:
-        from protocol.model import build_model, to_tensors
-
         if self.resume:
             self.run_id = self.run_id or self.store.latest_unfinished(self.federation)
             if self.run_id is None:
@@ -188,7 +207,7 @@ class Coordinator:
                 if self.resume:
                     raise
         seed = self.tasks.seed
-        initial = to_tensors(build_model(self.experiment.architecture.layers, seed=seed))
+        initial = initial_weights(list(self.experiment.architecture.layers), seed=seed, workdir=self.store.dir)
         self.agg: Aggregator = build_aggregator(
             self.aggregator_name,
             parameters=dict(self.experiment.federated.parameters),
@@ -223,7 +242,7 @@ class Coordinator:
         if run["sites"] and self.restrict is None:
             self.restrict = run["sites"]
         self.tasks.restore(self.store.tasks(self.run_id))
-        last = self.store.last_round(self.run_id)
+        last = self._resumed_from = self.store.last_round(self.run_id)
         if last is None:
             return checkpoints.load_tensors(self.store.dir / run["initial_checkpoint"], sha256=run["initial_sha256"]), 1
         weights = checkpoints.load_tensors(self.store.dir / last["checkpoint_path"], sha256=last["checkpoint_sha256"])

@@ -213,9 +213,11 @@ class Reassembler:
         if t.received != t.total_size:
             raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
         if t.file is not None:
-            view = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))
-        else:
-            view = memoryview(t.buf)
+            # Hashed from the file in blocks, then mapped untouched: the body costs this process
+            # no memory until its reader reads it (the coordinator opens one update at a time).
+            _verify_file(tid, t.file.fileno(), digest, total)
+            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))
+        view = memoryview(t.buf)
         _verify(tid, view, digest, total)
         return view
 
@@ -334,9 +336,28 @@ def _capacity(tid: str, msg: str) -> ChunkCapacity:
 def _verify(tid: str, body: bytes | memoryview, digest: str, total: int) -> None:
     if len(body) != total:
         raise _error(tid, f"transfer {tid}: body has {len(body)} bytes, declared {total}")
-    got = hashlib.sha256(body).hexdigest()
+    _check_digest(tid, hashlib.sha256(body).hexdigest(), digest)
+
+
+def _check_digest(tid: str, got: str, digest: str) -> None:
     if got != digest:
         raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
+
+
+_HASH_BLOCK = 1 << 20
+
+
+def _verify_file(tid: str, fd: int, digest: str, total: int) -> None:
+    """``_verify`` over a spill file, read in 1 MiB blocks (one block of memory, no mapping)."""
+    h, at, block = hashlib.sha256(), 0, bytearray(_HASH_BLOCK)
+    view = memoryview(block)
+    while at < total:
+        n = os.preadv(fd, [view[: min(_HASH_BLOCK, total - at)]], at)
+        if n <= 0:
+            raise _error(tid, f"transfer {tid}: body has {at} bytes, declared {total}")
+        h.update(view[:n])
+        at += n
+    _check_digest(tid, h.hexdigest(), digest)
 
 
 def _chunk_size(known: int, *, index: int, count: int, total: int, size: int) -> int:

@@ -408,6 +408,11 @@ def _ghost_scratch(ltype: str, kw: Mapping[str, Any], shape: Shape) -> int:
     return _parameters(ltype, kw, shape)
 
 
+def parameter_count(chain: ResolvedChain) -> int:
+    """Trainable parameters of a resolved model, without torch (``protocol.model.summarize``'s count)."""
+    return sum(_parameters(layer.type, layer.kwargs, layer.input_shape) for layer in chain.layers)
+
+
 def _parameters(ltype: str, kw: Mapping[str, Any], shape: Shape) -> int:
     """A layer's trainable parameter count from its arguments (what torch would allocate)."""
     if ltype == "Conv1d":

@@ -1478,3 +1478,23 @@ MUTANTS.extend([
         ("tests/dashboard/test_run_privacy.py::test_a_site_planned_before_its_hello_gets_the_planners_figure_from_its_hello",),
     ),
 ])
+# ------------------------------------------------------------------ issue 23: the coordinator's memory (c23)
+_INBOX_MEMORY = "tests/coordinator/test_inbox_memory.py::test_waiting_updates_cost_no_memory_and_the_loop_reads_one_at_a_time"
+MUTANTS.extend([
+    Mutant(
+        "coordinator-opens-updates-on-arrival", "updates waiting for the run loop are not opened (their bytes stay unread, "
+        "costing no memory); the loop opens one at a time",
+        (Edit("coordinator/inbox.py", "        self._queue.put(delivery)\n",
+              "        open_delivery(delivery, self.trust)\n        self._queue.put(delivery)\n"),),
+        (_INBOX_MEMORY,),
+    ),
+    Mutant(
+        "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed by reading its file, so its map stays "
+        "untouched (not resident) until the loop reads it",
+        (Edit("protocol/chunking.py", "            _verify_file(tid, t.file.fileno(), digest, total)\n"
+              "            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n",
+              "            whole = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n"
+              "            _verify(tid, whole, digest, total)\n            return whole\n"),),
+        (_INBOX_MEMORY,),
+    ),
+])

@@ -34,7 +34,9 @@ class WeightedSum:
     def __init__(self, reference: Tensors, *, accumulator: str = "float32") -> None:
         if accumulator not in ("float32", "float64"):
             raise ValueError(f"federated.parameters.accumulator must be float32 or float64, got {accumulator!r}")
-        self.reference = reference
+        # Names and dtypes only (all ``like`` reads): holding the arrays would keep the run's initial
+        # model alive for the whole run, a fourth model in the coordinator (issue 23).
+        self.reference: Tensors = tuple((n, np.empty(0, dtype=np.asarray(a).dtype)) for n, a in reference)
         self._axpy = _saxpy() if accumulator == "float32" else None
         self.acc = [
             np.zeros(a.shape, dtype=np.float32 if (self._axpy is not None and a.dtype == np.float32) else np.float64)

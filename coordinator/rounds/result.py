@@ -73,6 +73,9 @@ class RunResult:
     reason: str | None = None
     weights: Tensors | None = None
     checkpoint: str | None = None
+    # This process's resident memory (Linux): VmHWM before the first model-sized buffer and at the end,
+    # and the model's size, in MiB (issue 23's bound: peak within 3 models of the floor).
+    memory: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +98,7 @@ class RunResult:
             "status": self.status,
             "reason": self.reason,
             "checkpoint": self.checkpoint,
+            "memory": self.memory,
         }
 
 
@@ -212,9 +216,9 @@ def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list
 def stored_result(doc: dict[str, Any], weights: Tensors) -> RunResult:
     """The result of a run that had already finished (``--resume`` of a finished run)."""
     fields = {k: doc.get(k) for k in ("run_id", "aggregator", "sites", "rounds", "final", "epsilon", "timing", "rejected",
-                                      "declined", "gaps", "privacy", "status", "reason", "checkpoint")}
+                                      "declined", "gaps", "privacy", "status", "reason", "checkpoint", "memory")}
     fields = {k: (v if v is not None else ([] if k in ("sites", "rounds", "rejected", "declined", "gaps") else
-                                          {} if k in ("final", "epsilon", "timing", "privacy") else None))
+                                          {} if k in ("final", "epsilon", "timing", "privacy", "memory") else None))
               for k, v in fields.items()}
     return RunResult(**cast(dict[str, Any], fields), weights=weights)
 

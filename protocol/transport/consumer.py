@@ -401,6 +401,7 @@ class AmqpConsumer(Consumer):
             holds.pop(key, None)
             hold.raws.sort(key=lambda r: r.chunk["index"] if r.chunk else 0)
             self._call(AmqpDelivery(self, hold.raws, whole))
+            whole = None  # else this thread keeps the last update's map (read: resident) while it waits
 
     def _drop_transfer(self, hold: TransferHold, reason: str) -> None:
         """Dead-letter every chunk held for a broken transfer, each with the reason."""
