@@ -21,8 +21,9 @@ from typing import Any
 
 import structlog
 
-from coordinator import checkpoints, liveness
+from coordinator import checkpoints
 from coordinator.aggregators import Aggregator, EarlyStopping, build_aggregator
+from coordinator.control import on_control
 from coordinator.inbox import Inbox
 from coordinator.registry import SiteRegistry
 from coordinator.rounds.asynchronous import AsyncRounds
@@ -42,11 +43,10 @@ from coordinator.models import INLINE_BELOW, ModelPublisher
 from coordinator.rounds.tasks import COORDINATOR, TaskBook
 from coordinator.secagg import refuse_until_wired
 from coordinator.state import StateError, StateStore
-from coordinator.validation import Rejected
 from protocol.config import Experiment
-from protocol.messages import Heartbeat, SiteHello, Tensors
+from protocol.messages import Tensors
 from protocol.signing import Signer
-from protocol.transport.base import Bus, Consumer, Delivery, Topology
+from protocol.transport.base import Bus, Consumer, Topology
 from protocol.transport.topology import control_queue, updates_queue
 
 log = structlog.get_logger(__name__)
@@ -272,7 +272,8 @@ class Coordinator:
         sites = self.restrict if self.restrict is not None else self.registry.enrolled()
         self.bus.declare(Topology(sites=sites, federations=[self.federation]))
         self.inbox.refresh_trust()
-        self._consumers.append(self.bus.consume(control_queue(self.federation), self._on_hello, prefetch=16))
+        self._consumers.append(self.bus.consume(control_queue(self.federation), lambda d: on_control(
+            d, inbox=self.inbox, store=self.store, registry=self.registry, log=self._log), prefetch=16))
         self._consumers.append(self.bus.consume(updates_queue(self.federation), self.inbox.on_delivery,
                                                 prefetch=self.prefetch))
 
@@ -283,30 +284,6 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - closing must not hide the run's outcome
                 self._log.warning("consumer cancel failed", error=str(e))
         self._consumers.clear()
-
-    def _on_hello(self, delivery: Delivery) -> None:
-        from protocol.codec import open_frame
-        from protocol.errors import ProtocolError, UnknownSigner
-
-        try:
-            try:
-                opened = open_frame(delivery.body, self.inbox.trust)
-            except UnknownSigner:  # enrolled after the run started: refresh once from the store
-                self.inbox.refresh_trust()
-                opened = open_frame(delivery.body, self.inbox.trust)
-            hello = opened.envelope.payload
-            if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py
-                liveness.record(self.store, opened.signer, hello, sent_at=opened.envelope.sent_at, received_at=time.time())
-                delivery.ack()
-                return
-            if not isinstance(hello, SiteHello) or hello.site_id != opened.signer:
-                raise Rejected("bad_hello", f"control message from {opened.signer} is not its own SiteHello")
-        except (ProtocolError, Rejected) as e:
-            delivery.nack(e.header())
-            self._log.warning("hello rejected", reason=e.header())
-            return
-        self.registry.record_hello(opened.signer, hello)
-        delivery.ack()
 
 
 def _slug(name: str) -> str:

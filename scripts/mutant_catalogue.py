@@ -1391,11 +1391,11 @@ MUTANTS.extend([
     ),
     Mutant(
         "liveness-beat-for-another-site", "a heartbeat counts only for the site whose key signed it",
-        (Edit("coordinator/run.py",
-              "            if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py\n"
-              "                liveness.record(self.store, opened.signer,",
-              "            if isinstance(hello, Heartbeat):  # coordinator/liveness.py\n"
-              "                liveness.record(self.store, hello.site_id,"),),
+        (Edit("coordinator/control.py",
+              "        if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py\n"
+              "            liveness.record(store, opened.signer,",
+              "        if isinstance(hello, Heartbeat):  # coordinator/liveness.py\n"
+              "            liveness.record(store, hello.site_id,"),),
         (f"{_LIVE}::test_the_coordinator_records_signed_beats_and_refuses_a_forged_one",),
     ),
     Mutant(
