@@ -1498,3 +1498,23 @@ MUTANTS.extend([
         (_INBOX_MEMORY,),
     ),
 ])
+# ------------------------------------------------------------------ an exact figure inside its interval (lead, 7 Dec)
+MUTANTS.extend([
+    Mutant(
+        "exact-interval-misses-exact-auc", "every exact figure lies inside its 95 % interval (the exact AUC is unbinned, "
+        "its interval comes from the binned histogram)",
+        (Edit("site_worker/final_model.py",
+              "            out[f\"{k}_lo\"], out[f\"{k}_hi\"] = min(out[f\"{k}_lo\"], val), max(out[f\"{k}_hi\"], val)\n",
+              "            pass\n"),),
+        ("tests/site_worker/test_final_release.py::test_every_exact_figure_lies_inside_its_interval_over_many_splits",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-site-dp-figure-without-interval", "a site figure released under DP without its interval is not shown "
+        "(the page says '–', never a bare noisy number)",
+        (Edit("fedbus/dashboard/results.py", "    dp = released_under_dp(fm)\n", "    dp = False\n"),
+         Edit("fedbus/dashboard/results.py", "dp=dp or released_under_dp(pm)", "dp=dp")),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
+    ),
+])

@@ -130,15 +130,21 @@ def _exact_extras(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, majo
 
 
 def _exact_intervals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_name: str, task: str,
-                     clip: float) -> dict[str, float]:
+                     clip: float, exact: dict[str, float]) -> dict[str, float]:
     """Under ``exact``: the 95 % intervals of the exact figures (the test split's size only) and
-    the exact cells, so the coordinator can pool the sites (``protocol.dp_figures.union``)."""
+    the exact cells, so the coordinator can pool the sites (``protocol.dp_figures.union``).
+    Each interval holds its ``exact`` figure: the AUC's comes from the binned histogram, and the
+    exact (unbinned) AUC can lie just outside the binned one's interval."""
     layout, v, _ = statistics(model, x, y, loss_name=loss_name, task=task, clip=clip)
     if layout != "binary":
         return {}
     d = derive(layout, v, clip=clip, noise_sd=0.0)
-    return {k: val for k, val in d.items() if (k.endswith(("_lo", "_hi")) and not k.startswith("majority"))
-            or k in dp_figures.CELLS or k == "noise_sd"}
+    out = {k: val for k, val in d.items() if (k.endswith(("_lo", "_hi")) and not k.startswith("majority"))
+           or k in dp_figures.CELLS or k == "noise_sd"}
+    for k, val in exact.items():
+        if f"{k}_lo" in out and f"{k}_hi" in out:
+            out[f"{k}_lo"], out[f"{k}_hi"] = min(out[f"{k}_lo"], val), max(out[f"{k}_hi"], val)
+    return out
 
 
 def release_on_test(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, y_train: torch.Tensor, *,
@@ -152,10 +158,13 @@ def release_on_test(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Ten
     classify = task != "regression" and loss_name != "mse"
     if policy.metrics == "exact":
         majority = _majority(y_train) if classify else None
-        return [{**evaluate(m, x, y, loss_name=loss_name, task=task),
-                 **(_exact_extras(m, x, y, majority) if classify else {}),
-                 **(_exact_intervals(m, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
-                    if classify else {})} for m in models]
+        out = []
+        for m in models:
+            exact = {**evaluate(m, x, y, loss_name=loss_name, task=task),
+                     **(_exact_extras(m, x, y, majority) if classify else {})}
+            out.append({**exact, **(_exact_intervals(m, x, y, loss_name=loss_name, task=task,
+                                                     clip=policy.metrics_loss_clip, exact=exact) if classify else {})})
+        return out
     assert rng is not None
     clip = policy.metrics_loss_clip
     parts = [statistics(m, x, y, loss_name=loss_name, task=task, clip=clip) for m in models]

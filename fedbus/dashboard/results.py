@@ -55,6 +55,11 @@ def figures(m: dict[str, Any], names: tuple[str, ...], *, dp: bool = False) -> d
 WITH_CI = ("accuracy", "auc", "f1", "sensitivity", "specificity", "majority_class_accuracy")
 
 
+def released_under_dp(m: dict[str, Any]) -> bool:
+    """One site's block was released under DP metrics (its noise SD rides with it)."""
+    return isinstance(m.get("noise_sd"), (int, float)) and not isinstance(m.get("noise_sd"), bool) and m["noise_sd"] > 0
+
+
 def under_dp(final: dict[str, Any]) -> bool:
     """The sites released the final figures under DP metrics (their noise SD rides with them)."""
     return any(isinstance((m or {}).get("noise_sd"), (int, float)) and m["noise_sd"] > 0
@@ -72,14 +77,17 @@ def weighted_baseline(per_site: dict[str, Any]) -> float | None:
 def site_block(fm: dict[str, Any]) -> dict[str, Any]:
     """One site's final figures on its own test split: global model, baseline, personalised model."""
     pm = fm.get("personalized") if isinstance(fm.get("personalized"), dict) else None
+    # Under DP metrics a site figure whose interval could not be computed (e.g. an AUC whose noisy
+    # histogram left a class empty in most draws) is not shown either.
+    dp = released_under_dp(fm)
     return {
-        "test": figures(fm, SITE_METRICS),
+        "test": figures(fm, SITE_METRICS, dp=dp),
         "n_test": fm.get("n_test"),
         "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
         # under DP metrics the baseline is a figure of the released matrix too: with its interval
         "majority": figures(fm, ("majority_class_accuracy",)),
         "one_class": one_class(fm),
-        "personalized": ({**figures(pm, PERSONAL_METRICS), "n_test": pm.get("n_test"),
+        "personalized": ({**figures(pm, PERSONAL_METRICS, dp=dp or released_under_dp(pm)), "n_test": pm.get("n_test"),
                           "one_class": one_class(pm)} if pm else None),
     }
 

@@ -41,6 +41,15 @@ def experiment_with(tmp: Path, name: str, federated: dict | None = None, **train
     return path
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, one per test module (tests/dashboard/chromium.py)."""
+    from tests.dashboard.chromium import launch
+
+    with launch() as b:
+        yield b
+
+
 @pytest.fixture(scope="session")
 def sim_out(tmp_path_factory) -> Path:
     """``simulate --out OUT`` twice into one OUT: runs A (batch 32) and B (batch 16, ``federated.test_every``

@@ -14,8 +14,7 @@ import hashlib
 from pathlib import Path
 
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
-from tests.conftest import unavailable
-from tests.dashboard.test_browser import ARGS, CHROMIUM
+from tests.dashboard.chromium import launch
 
 
 def _spki_sha256(cert: Path) -> str:
@@ -28,12 +27,6 @@ def _spki_sha256(cert: Path) -> str:
 
 
 def test_sign_in_over_https_in_chromium(state, run_ids, tmp_path):
-    if not Path(CHROMIUM).exists():
-        unavailable(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("the playwright package is not installed (pip install -e '.[test]')")
     from protocol.transport import certificates
 
     certificates.make_ca(tmp_path, federation="dash-browser")
@@ -44,33 +37,28 @@ def test_sign_in_over_https_in_chromium(state, run_ids, tmp_path):
                                         tls_cert=tmp_path / "dashboard.pem", tls_key=tmp_path / "dashboard.key")).start()
     urls: list[str] = []
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                *ARGS, f"--ignore-certificate-errors-spki-list={_spki_sha256(tmp_path / 'dashboard.pem')}"])
-            try:
-                page = browser.new_page()
-                page.on("request", lambda r: urls.append(r.url))
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(f"https://localhost:{srv.port}/runs")
-                assert page.url.endswith("/login")  # signed out: the form, not the runs
-                page.fill("#token", token + "z")
-                page.click("#sign-in")
-                assert page.locator("#login-problem").inner_text() == "wrong token"
-                page.fill("#token", token)
-                page.click("#sign-in")
-                page.wait_for_url("**/runs")
-                page.locator(f'text="{run_ids[0]}"').first.wait_for(timeout=30_000)  # filled from /api/runs
-                cookie = {c["name"]: c for c in page.context.cookies()}["fedbus_token"]
-                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-                assert page.evaluate("document.cookie") == ""  # no script can read it
-                # Signed out again (cookie gone): the next API call sends the page to the form.
-                page.context.clear_cookies()
-                page.goto(f"https://localhost:{srv.port}/sites")
-                page.wait_for_url("**/login")
-                assert not errors, errors
-            finally:
-                browser.close()
+        with launch(f"--ignore-certificate-errors-spki-list={_spki_sha256(tmp_path / 'dashboard.pem')}") as browser:
+            page = browser.new_page()
+            page.on("request", lambda r: urls.append(r.url))
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"https://localhost:{srv.port}/runs")
+            assert page.url.endswith("/login")  # signed out: the form, not the runs
+            page.fill("#token", token + "z")
+            page.click("#sign-in")
+            assert page.locator("#login-problem").inner_text() == "wrong token"
+            page.fill("#token", token)
+            page.click("#sign-in")
+            page.wait_for_url("**/runs")
+            page.locator(f'text="{run_ids[0]}"').first.wait_for(timeout=30_000)  # filled from /api/runs
+            cookie = {c["name"]: c for c in page.context.cookies()}["fedbus_token"]
+            assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert page.evaluate("document.cookie") == ""  # no script can read it
+            # Signed out again (cookie gone): the next API call sends the page to the form.
+            page.context.clear_cookies()
+            page.goto(f"https://localhost:{srv.port}/sites")
+            page.wait_for_url("**/login")
+            assert not errors, errors
     finally:
         srv.stop()
     assert urls and all(u.startswith("https://") for u in urls), urls

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard.conftest import ROOT, fedbus
-from tests.dashboard.test_browser import browser  # noqa: F401  (the chromium fixture)
 
 EXAMPLE = ROOT / "examples" / "heart_disease.json"
 

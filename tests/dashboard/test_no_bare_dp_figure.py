@@ -29,3 +29,16 @@ def test_the_run_page_drops_a_dp_figure_that_has_no_interval() -> None:
     assert doc["test"]["auc"] is None and doc["test"]["f1"] is None  # no interval under DP: not shown
     exact = {**final, "per_site": {"h1": {**final["per_site"]["h1"], "noise_sd": 0.0}}}
     assert results.final_doc(exact, None)["test"]["auc"] == 0.21  # exact counts: the mean is a fact
+
+
+def test_a_site_figure_released_under_dp_without_its_interval_is_not_shown() -> None:
+    """A site's DP release can hold a figure whose interval had too few finite draws (an AUC whose
+    noisy histogram leaves a class empty): the page shows "–", not a bare number (seen in CI:
+    "0.969" on the README walk's run page). With exact counts the figure stays."""
+    site = {"accuracy": 0.7, "auc": 0.969, "n_test": 20, "noise_sd": 8.66, "ci": {"accuracy": [0.4, 0.9]},
+            "personalized": {"accuracy": 0.6, "auc": 0.57, "ci": {"accuracy": [0.3, 0.8]}}}
+    block = results.site_block(site)
+    assert block["test"]["accuracy"] == 0.7 and block["test"]["auc"] is None
+    assert block["personalized"]["accuracy"] == 0.6 and block["personalized"]["auc"] is None
+    exact = results.site_block({**site, "noise_sd": 0.0})
+    assert exact["test"]["auc"] == 0.969 and exact["personalized"]["auc"] == 0.57

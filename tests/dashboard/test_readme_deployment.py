@@ -38,11 +38,8 @@ import pytest
 from fedbus.dashboard.data import StateReader
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
 from fedbus.dashboard.views import run_doc, sites_doc
-from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 INTERVAL = re.compile(r"\(\d+(\.\d+)?–\d+(\.\d+)?\)")
 TOO_FEW = "too few test rows for this budget"
 LAST = "kill %1 %2 %3"
@@ -74,20 +71,6 @@ def _shots() -> Path | None:
     if d:
         Path(d).mkdir(parents=True, exist_ok=True)
     return Path(d) if d else None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        unavailable(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("the playwright package is not installed (pip install -e '.[test]')")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _consistent(site: str, t: dict, majority: float | None) -> None:

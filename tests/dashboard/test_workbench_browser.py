@@ -25,7 +25,7 @@ import pytest
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
 from fedbus.dashboard.users import MIN_PASSWORD, UsersFile
 from tests.dashboard.conftest import EXAMPLE, ROOT, fedbus
-from tests.dashboard.test_browser import browser, db_one, shots_dir, wait_for  # noqa: F401  (the chromium fixture)
+from tests.dashboard.test_browser import db_one, shots_dir, wait_for
 
 PASSWORD = "w" * MIN_PASSWORD
 
@@ -67,7 +67,7 @@ def post_status(page, path, body):
                          [path, body])
 
 
-def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(browser, served):  # noqa: F811
+def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(browser, served):
     server, state = served
     base = server.base
     before = {r[0] for r in [db_one(state, "SELECT run_id FROM runs ORDER BY created_at")] if r}
