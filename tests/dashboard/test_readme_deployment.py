@@ -151,8 +151,20 @@ def test_the_readme_deployment_verbatim_then_its_pages_in_chromium(tmp_path: Pat
         # TOO_FEW; the union's accuracy (pooled cells) and each site's baseline carry intervals.
         assert INTERVAL.search(texts[0]) or TOO_FEW in texts[0], texts[0]
         assert sum(bool(INTERVAL.search(t)) for t in texts) >= 3, texts
-        whiskers = page.locator('.card[data-metric="accuracy"] line.ci')  # per-round figures with their intervals
-        assert whiskers.count() >= 3, whiskers.count()
+        # Per-round figures: every per-site figure the sites released under DP carries its interval
+        # (or is withheld as too uncertain), and the curves draw the shown ones as whiskers. How many
+        # are shown depends on the secret noise (at σ_m 5 most are withheld), so the count is not fixed.
+        shown = 0
+        for r in doc["rounds"]:
+            for site, blocks in r["per_site"].items():
+                for split in ("validation", "test"):
+                    f = (blocks or {}).get(split)
+                    if not f or f.get("accuracy") is None:
+                        continue
+                    assert "accuracy" in (f.get("ci") or {}), (r["round"], site, split, f)
+                    shown += "accuracy" not in (f.get("withheld") or {})
+        whiskers = page.locator('.card[data-metric="accuracy"] line.ci')
+        assert (whiskers.count() >= 1) == (shown >= 1), (whiskers.count(), shown)
         assert not errors, errors
         if _shots():
             page.screenshot(path=str(_shots() / "deployment-run.png"), full_page=True)
