@@ -158,13 +158,13 @@ def release_on_test(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Ten
     classify = task != "regression" and loss_name != "mse"
     if policy.metrics == "exact":
         majority = _majority(y_train) if classify else None
-        out = []
-        for m in models:
-            exact = {**evaluate(m, x, y, loss_name=loss_name, task=task),
-                     **(_exact_extras(m, x, y, majority) if classify else {})}
-            out.append({**exact, **(_exact_intervals(m, x, y, loss_name=loss_name, task=task,
-                                                     clip=policy.metrics_loss_clip, exact=exact) if classify else {})})
-        return out
+        released: list[dict[str, float]] = []
+        for model in models:
+            exact = {**evaluate(model, x, y, loss_name=loss_name, task=task),
+                     **(_exact_extras(model, x, y, majority) if classify else {})}
+            released.append({**exact, **(_exact_intervals(model, x, y, loss_name=loss_name, task=task,
+                                                          clip=policy.metrics_loss_clip, exact=exact) if classify else {})})
+        return released
     assert rng is not None
     clip = policy.metrics_loss_clip
     parts = [statistics(m, x, y, loss_name=loss_name, task=task, clip=clip) for m in models]
