@@ -14,7 +14,8 @@ The result's ``final`` block: n-weighted means over the sites (``accuracy``... a
 ``majority_class_accuracy``), ``per_site[site]`` with ``sensitivity``, ``specificity``,
 ``majority_class_accuracy``, ``n_test`` and ``personalized`` {accuracy, auc, f1,
 sensitivity, specificity, loss, n_test}, and ``personalized`` (its n-weighted means and
-``mean_accuracy``/``mean_auc``, the plain mean over sites). ``split`` is ``"test"``.
+``mean_accuracy``/``mean_auc``, the plain mean over sites, left out under DP metrics:
+it has no interval). ``split`` is ``"test"``.
 
 Every classification figure carries its 95 % interval beside it (``ci: {name: [lo, hi]}``),
 and one whose interval is too wide to say anything is ``None`` with
@@ -134,8 +135,10 @@ def summarise(experiment: Experiment, results: dict[str, dict[str, float]], *, c
         pagg = weighted_mean([({k: v for k, v in pm.items() if k not in _NOT_GLOBAL}, float(pm.get("n") or results[s]["n"]))
                               for s, pm in personal.items()])
         pagg = _pooled(pagg, list(personal.values()))
-        accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None]
-        aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None]
+        # the plain mean over sites has no interval: under DP metrics it is not released
+        noisy = any(pm.get("noise_sd") for pm in personal.values())
+        accs = [pm["accuracy"] for pm in personal.values() if pm.get("accuracy") is not None and not noisy]
+        aucs = [pm["auc"] for pm in personal.values() if pm.get("auc") is not None and not noisy]
         final["personalized"] = {"method": method(experiment, config, aggregator), **pagg, "n_sites": len(personal),
                                  "mean_accuracy": sum(accs) / len(accs) if accs else None,
                                  "mean_auc": sum(aucs) / len(aucs) if aucs else None}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import typer
 
+from fedbus.cli_common import OneLineErrors
 from fedbus import cli_broker, cli_certs, cli_config, cli_coordinator, cli_keys, cli_provision, cli_simulate, cli_site
 
 app = typer.Typer(
     name="fedbus",
+    cls=OneLineErrors,
     help="Federated learning for hospitals over a message bus.",
     no_args_is_help=True,
     add_completion=False,

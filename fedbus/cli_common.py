@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from protocol.broker_url import BrokerURLError, with_password
 
@@ -12,6 +17,41 @@ BROKER_PASSWORD_FILE = typer.Option(
     None, "--broker-password-file",
     help="File holding the broker password for the --broker URL's user (a kit's broker.password, mode 0600).",
 )
+
+
+class OneLineErrors(TyperGroup):
+    """The top command group: bad usage (an unknown option, a value out of its range) is one line
+    naming the option and exit 2, like every other bad input; typer's own error box is five."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # no arguments: the help, as typer shows it
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            if not standalone_mode:
+                raise
+            path = e.ctx.command_path if e.ctx is not None else "fedbus"
+            typer.echo(f"{path}: {e.format_message()} (see {path} -h)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        # without standalone mode typer returns a typer.Exit's code; a command's own return value is not one
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:

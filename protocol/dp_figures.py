@@ -219,10 +219,15 @@ def union(sites: Sequence[Mapping[str, Any]], *, prefix: str = "") -> dict[str, 
 
 def block(m: Mapping[str, Any], names: tuple[str, ...] = WITH_CI, *, prefix: str = "") -> dict[str, Any]:
     """The result JSON's form of flat figures: ``{name: value or None, "ci": {name: [lo, hi]},
-    "withheld": {name: TOO_FEW}}``; a figure whose interval is too wide has value None."""
+    "withheld": {name: TOO_FEW}}``; a figure whose interval is too wide has value None. Under DP
+    (the release's ``noise_sd`` > 0) a figure that came without an interval is withheld too (an
+    AUC whose noisy histogram left a class empty in most draws): every table, page and export
+    reads this block, so none can show a bare noisy number."""
     out: dict[str, Any] = {}
     ci: dict[str, list[float]] = {}
     withheld: dict[str, str] = {}
+    sd = m.get(prefix + "noise_sd")
+    noisy = isinstance(sd, (int, float)) and not isinstance(sd, bool) and sd > 0
     for name in names:
         v, lo, hi = m.get(prefix + name), m.get(f"{prefix}{name}_lo"), m.get(f"{prefix}{name}_hi")
         if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
@@ -230,6 +235,10 @@ def block(m: Mapping[str, Any], names: tuple[str, ...] = WITH_CI, *, prefix: str
             if too_wide(float(lo), float(hi)):
                 withheld[name] = TOO_FEW
                 v = None
+        elif noisy and v is not None:
+            withheld[name] = TOO_FEW
+            v = None
+            out[name] = None
         if v is not None or name in ci:
             out[name] = v
     if ci:

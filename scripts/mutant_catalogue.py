@@ -1518,3 +1518,40 @@ MUTANTS.extend([
         ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "result-dp-figure-without-interval", "a figure released under DP without its interval is withheld where the "
+        "result is made, so no CLI table, report or export shows it bare",
+        (Edit("protocol/dp_figures.py", "        elif noisy and v is not None:\n", "        elif False:\n"),),
+        ("tests/coordinator/test_no_bare_dp_figure_in_summary.py::"
+         "test_block_withholds_a_noisy_figure_without_an_interval_and_keeps_an_exact_one",),
+    ),
+    Mutant(
+        "result-dp-mean-of-noisy-figures", "under DP metrics the plain mean of the sites' personalised figures (no "
+        "interval) is not in the result",
+        (Edit("coordinator/final.py", "        noisy = any(pm.get(\"noise_sd\") for pm in personal.values())\n",
+              "        noisy = False\n"),),
+        ("tests/coordinator/test_no_bare_dp_figure_in_summary.py::"
+         "test_the_summary_and_the_cli_table_never_show_a_bare_dp_figure",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "cli-usage-error-box", "click's usage errors (a value out of range, an unknown option) are one line naming the "
+        "option, exit 2",
+        (Edit("fedbus/cli_common.py", "complete_var, standalone_mode=False, **extra)",
+              "complete_var, standalone_mode=standalone_mode, **extra)"),),
+        ("tests/cli/test_bad_input.py::test_usage_errors_are_one_line_naming_the_option",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "cli-table-cuts-intervals", "the CLI result tables never cut a figure's interval short (a log gets the full "
+        "width, a narrow terminal folds)",
+        (Edit("simulator/table.py", "        con.width = max(con.width, 160)\n", "        pass\n"),
+         Edit("simulator/table.py", 'sites.add_column(col, justify="right", overflow="fold")',
+              'sites.add_column(col, justify="right")')),
+        ("tests/coordinator/test_no_bare_dp_figure_in_summary.py::"
+         "test_no_interval_is_cut_short_in_a_log_or_on_a_narrow_terminal",),
+    ),
+])

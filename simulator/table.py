@@ -33,6 +33,8 @@ def best_round(doc: dict[str, Any]) -> dict[str, Any] | None:
 def print_results(doc: dict[str, Any], *, console: Console | None = None, max_sites: int = 25) -> None:
     """Per round (aggregated), per site at the end, epsilon per site, time split, baselines."""
     con = console or Console(stderr=True)
+    if not con.is_terminal:  # a log or a pipe has no width to fit: never cut a figure's interval to "(0.52–…"
+        con.width = max(con.width, 160)
     rounds = Table(title=f"{doc.get('aggregator')} · {len(doc.get('sites', []))} sites · run {doc.get('run_id')}")
     for col in ("round", "val loss", "val accuracy", "val auc", "replies", "wall s"):
         rounds.add_column(col, justify="right")
@@ -51,12 +53,13 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     personal = any("personalized" in (per_site.get(s) or {}) for s in names)
     sites = Table(title="Final global model on each site's fixed test split (rows never trained on)")
     sites.add_column("site", no_wrap=True)
-    # Narrow columns (2 decimals) so the table fits an 80-column terminal; the legend explains them.
+    # Narrow columns (2 decimals); on a narrow terminal a figure's interval folds onto the next
+    # line rather than being cut (rich's default ellipsis hid the upper bound).
     for col in ("n", "acc", "auc", "f1", "sens", "spec", "maj", "ε"):
-        sites.add_column(col, justify="right")
+        sites.add_column(col, justify="right", overflow="fold")
     if personal:
-        sites.add_column("p.acc", justify="right")
-        sites.add_column("p.auc", justify="right")
+        sites.add_column("p.acc", justify="right", overflow="fold")
+        sites.add_column("p.auc", justify="right", overflow="fold")
     sites.caption = ("as each site reported it, with its 95 % interval (DP noise and test-set size); "
                      "maj: accuracy of predicting the site's majority class; "
                      + ("p.: the site's personalised model; " if personal else "") + "ε at the δ below")
@@ -91,7 +94,7 @@ def print_results(doc: dict[str, Any], *, console: Console | None = None, max_si
     summary.add_column("model")
     cols = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
     for col in ("loss", "acc", "auc", "f1", "sens", "spec"):
-        summary.add_column(col, justify="right")
+        summary.add_column(col, justify="right", overflow="fold")
     summary.add_row("federated (global)", *(shown(final, k, percent=k == "accuracy") for k in cols))
     for w in one_class_warnings({"predicts_one_class": final.get("predicts_one_class")}):
         con.print(f"[yellow]warning[/yellow] {escape(w)}")

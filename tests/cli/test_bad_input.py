@@ -142,3 +142,21 @@ def test_each_verb_refuses_its_typical_bad_input_in_one_line(tmp_path: Path) -> 
         assert r.exit_code == 2, (args, r.exit_code, r.output[-2000:])
         assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), args
         assert len(lines) == 1 and word in lines[0], (args, lines)
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["simulate", str(EXAMPLE), "--sites", "0"], ("--sites", "0")),  # just outside the range x >= 1
+    (["simulate", str(EXAMPLE), "--sites", "abc"], ("--sites", "abc")),
+    (["simulate", str(EXAMPLE), "--bogus"], ("--bogus",)),
+    (["simulate"], ("EXPERIMENT",)),
+    (["coordinator", "runs", "show"], ("RUN_ID",)),
+])
+def test_usage_errors_are_one_line_naming_the_option(args: list[str], names: tuple[str, ...]) -> None:
+    """Click's own usage errors (a value out of its range, an unknown option, a missing argument)
+    are one line too, not typer's five-line box."""
+    _one_line_exit_2(args, *names)
+
+
+def test_no_arguments_still_shows_the_help() -> None:
+    r = CliRunner().invoke(app, [])
+    assert "Usage: fedbus" in r.output and "simulate" in r.output, r.output
