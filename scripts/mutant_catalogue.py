@@ -1555,3 +1555,11 @@ MUTANTS.extend([
          "test_no_interval_is_cut_short_in_a_log_or_on_a_narrow_terminal",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-noisy-count-unmarked", "under DP metrics a site's test-row count (the released matrix's noisy total) is "
+        "marked as noisy on the run page",
+        (Edit("fedbus/dashboard/results.py", '        "n_test_noisy": dp,\n', '        "n_test_noisy": False,\n'),),
+        ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
+    ),
+])

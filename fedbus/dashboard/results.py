@@ -83,6 +83,8 @@ def site_block(fm: dict[str, Any]) -> dict[str, Any]:
     return {
         "test": figures(fm, SITE_METRICS, dp=dp),
         "n_test": fm.get("n_test"),
+        # under DP metrics the test-row count is the released matrix's total: a noisy figure too
+        "n_test_noisy": dp,
         "majority_class_accuracy": num(fm.get("majority_class_accuracy")),
         # under DP metrics the baseline is a figure of the released matrix too: with its interval
         "majority": figures(fm, ("majority_class_accuracy",)),
@@ -119,6 +121,7 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
     return {
         "test": figures(final, SITE_METRICS, dp=dp) if final else None,
         "validation": last_validation, "n_test": final.get("n_test"), "split": final.get("split"),
+        "n_test_noisy": dp,  # the sum of the sites' released (noisy) totals
         "source": TEST_SOURCE if final else None,
         "majority_class_accuracy": baseline if baseline is not None else stored,
         "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),

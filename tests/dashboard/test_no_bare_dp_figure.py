@@ -25,10 +25,12 @@ def test_the_run_page_drops_a_dp_figure_that_has_no_interval() -> None:
     final = {"accuracy": 0.7, "auc": 0.21, "f1": 0.51, "ci": {"accuracy": [0.5, 0.85]},
              "per_site": {"h1": {"accuracy": 0.7, "noise_sd": 8.66, "n_test": 20, "ci": {"accuracy": [0.4, 0.9]}}}}
     doc = results.final_doc(final, None)
+    assert doc["n_test_noisy"] is True  # the headline's test-patient count is a sum of noisy totals
     assert doc["test"]["accuracy"] == 0.7 and doc["test"]["ci"]["accuracy"] == [0.5, 0.85]
     assert doc["test"]["auc"] is None and doc["test"]["f1"] is None  # no interval under DP: not shown
     exact = {**final, "per_site": {"h1": {**final["per_site"]["h1"], "noise_sd": 0.0}}}
     assert results.final_doc(exact, None)["test"]["auc"] == 0.21  # exact counts: the mean is a fact
+    assert results.final_doc(exact, None)["n_test_noisy"] is False
 
 
 def test_a_site_figure_released_under_dp_without_its_interval_is_not_shown() -> None:
@@ -38,6 +40,8 @@ def test_a_site_figure_released_under_dp_without_its_interval_is_not_shown() -> 
     site = {"accuracy": 0.7, "auc": 0.969, "n_test": 20, "noise_sd": 8.66, "ci": {"accuracy": [0.4, 0.9]},
             "personalized": {"accuracy": 0.6, "auc": 0.57, "ci": {"accuracy": [0.3, 0.8]}}}
     block = results.site_block(site)
+    assert block["n_test_noisy"] is True  # the released total of a noisy matrix: the page marks it "≈"
+    assert results.site_block({**site, "noise_sd": 0.0})["n_test_noisy"] is False
     assert block["test"]["accuracy"] == 0.7 and block["test"]["auc"] is None
     assert block["personalized"]["accuracy"] == 0.6 and block["personalized"]["auc"] is None
     exact = results.site_block({**site, "noise_sd": 0.0})

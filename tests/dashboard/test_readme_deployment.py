@@ -163,6 +163,12 @@ def test_the_readme_deployment_verbatim_then_its_pages_in_chromium(tmp_path: Pat
                         continue
                     assert "accuracy" in (f.get("ci") or {}), (r["round"], site, split, f)
                     shown += "accuracy" not in (f.get("withheld") or {})
+        # Under DP metrics each site's test-row count is the released matrix's noisy total: marked "≈".
+        rows = page.locator("#site-results td.test-rows").all_inner_texts()
+        assert rows and all(t.startswith("≈ ") for t in rows), rows
+        # The per-site tables fit the window (a wide one scrolls inside its card).
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), \
+            page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
         whiskers = page.locator('.card[data-metric="accuracy"] line.ci')
         assert (whiskers.count() >= 1) == (shown >= 1), (whiskers.count(), shown)
         assert not errors, errors

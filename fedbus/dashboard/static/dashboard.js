@@ -274,7 +274,7 @@
     const grid = el("div", { class: "grid k4", id: "kpis" }, first,
       haveTest ? kpi("Test AUC", "auc", fig(test, "auc"), "0.5 = coin toss, 1 = perfect; 95 % interval in brackets")
         : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
-      haveTest ? kpi("Test F1", "f1", fig(test, "f1"), (f.n_test ? `${f.n_test} test patients · ` : "") + (f.source || "test split"))
+      haveTest ? kpi("Test F1", "f1", fig(test, "f1"), (f.n_test ? `${f.n_test_noisy ? "≈ " : ""}${f.n_test} test patients${f.n_test_noisy ? " (a noisy count)" : ""} · ` : "") + (f.source || "test split"))
         : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
       p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, fig(p, "accuracy", true)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
         : doc.personalises ? kpi("Personalised accuracy", "personalized", "–", doc.status === "running" ? AT_END : "not reported") : null,
@@ -290,7 +290,9 @@
     const results = doc.sites.map((s) => { const t = s.test || {}, p = s.personalized;
       const pend = live && !s.n_test;
       return el("tr", { "data-site": s.site },
-        el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.n_test ?? "–"),
+        el("td", {}, el("b", {}, s.site)), el("td", { class: "num test-rows" }, s.n_test_noisy && s.n_test !== null && s.n_test !== undefined
+          ? el("span", { class: "noisy", title: "released under differential privacy: a noisy count, not the exact number of test rows" }, "≈ " + s.n_test)
+          : s.n_test ?? "–"),
         el("td", { class: "num test-accuracy", title: s.test_round ? `round ${s.test_round} (the run is still going)` : null },
           s.test ? fig(t, "accuracy", true) : "–", s.one_class ? " " : null, oneClass(s.one_class)),
         el("td", { class: "num majority", "data-value": s.majority_class_accuracy ?? "" },
@@ -313,20 +315,20 @@
     return el("div", { id: "run-sites" },
       el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
         (personal ? " and its personalised model." : ".") + " In brackets: the 95 % interval, covering the privacy noise and the number of test rows; a figure whose interval spans nearly the whole range reads \"" + TOO_FEW + "\"." + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
-      el("table", { id: "site-results" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test rows"),
+      el("div", { class: "table-scroll" }, el("table", { id: "site-results" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Test rows"),
         el("th", { class: "num" }, tip("Test accuracy", "accuracy")), el("th", { class: "num" }, tip("Majority baseline", "majority")),
         el("th", { class: "num" }, tip("Test AUC", "auc")), el("th", { class: "num" }, tip("Test F1", "f1")),
         el("th", { class: "num" }, tip("Sensitivity", "sensitivity")), el("th", { class: "num" }, tip("Specificity", "specificity")),
         personal ? el("th", { class: "num" }, tip("Personalised accuracy", "personalized")) : null,
         personal ? el("th", { class: "num" }, tip("Personalised AUC", "personalized")) : null)),
-        el("tbody", {}, results)),
+        el("tbody", {}, results))),
       el("h3", {}, "Privacy and messages per site"),
-      el("table", { id: "site-privacy" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
+      el("div", { class: "table-scroll" }, el("table", { id: "site-privacy" }, el("thead", {}, el("tr", {}, el("th", {}, "Site"), el("th", { class: "num" }, "Updates"),
         el("th", { class: "num" }, "Training rows"), el("th", { class: "num" }, tip("ε this run", "epsilon")),
         el("th", { class: "num" }, "ε planned (this run)"), el("th", { class: "num" }, tip("δ", "delta")),
         el("th", { class: "num" }, tip("Site lifetime ε (all runs) of its budget", "site_budget")),
         el("th", { class: "num" }, "Declined"), el("th", { class: "num" }, tip("Rejected", "rejected")))),
-        el("tbody", {}, privacy)));
+        el("tbody", {}, privacy))));
   }
 
   // What the simulator scored on the rows it kept from every site: labelled held-out, never "test".
