@@ -1563,3 +1563,20 @@ MUTANTS.extend([
         ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-secure-run-unsaid", "a run under secure aggregation says so on its page while it runs (from its "
+        "experiment), before its result exists",
+        (Edit("fedbus/dashboard/results.py", "    if isinstance(sa, dict):\n        return {\"used\": True,",
+              "    if False:\n        return {\"used\": True,"),),
+        ("tests/dashboard/test_secure_run_page.py::test_a_running_secure_run_says_so_from_its_experiment",),
+    ),
+    Mutant(
+        "dashboard-no-dp-run-reads-zero", "a run without DP reads 'no DP', not '0.00 · planned not planned' because its "
+        "sites' lifetime ledgers exist",
+        (Edit("fedbus/dashboard/static/dashboard.js",
+              "const dp = spent.some((v) => v > 0) || planned.some((v) => v > 0) || trainsDp;",
+              "const dp = spent.length || planned.length || lifetime.length;"),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])

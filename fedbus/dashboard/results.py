@@ -152,3 +152,17 @@ def site_budgets(sites: list[dict[str, Any]], dataset: str | None) -> dict[str, 
         ds = next((d for d in hello.get("datasets") or [] if d.get("name") == dataset), {})
         out[s["site_id"]] = num(ds.get("max_epsilon")) if ds.get("max_epsilon") is not None else num(policy.get("max_epsilon"))
     return out
+
+
+def secure_of(experiment: dict[str, Any], privacy: dict[str, Any] | None) -> dict[str, Any]:
+    """What the coordinator saw of the sites' updates: the finished run's own account
+    (``privacy.secure_aggregation`` in its result), else, while it runs, its experiment's setting."""
+    stored = (privacy or {}).get("secure_aggregation")
+    if isinstance(stored, dict) and isinstance(stored.get("used"), bool):
+        return stored
+    sa = ((experiment or {}).get("federated") or {}).get("secure_aggregation")
+    if isinstance(sa, dict):
+        return {"used": True, "min_contributors": sa.get("min_contributors"), "threshold": sa.get("threshold"),
+                "coordinator_saw": "the unmasked sums of the sites' masked updates, never one site's update"}
+    return {"used": False, "coordinator_saw": "each contributing site's update in the clear"}
+

@@ -288,6 +288,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         "duration_s": _duration({**run, "last_commit": rounds[-1]["committed_at"] if rounds else None}, now),
         "rounds_done": len(rounds), "rounds_planned": run["rounds_planned"], "rounds": rounds, "sites": table,
         "test_every": test_every,
+        "secure_aggregation": results.secure_of(run["experiment"], result.get("privacy")),
         "personalises": results.personalises(run["experiment"]),
         "final": results.final_doc(final, last_val),
         "holdout": results.holdout_doc(overlay_doc),

@@ -248,7 +248,10 @@
   function epsKpi(doc) {
     const privacy = doc.privacy || {}, spent = vals(privacy.run_spent_epsilon), planned = vals(privacy.planned_epsilon);
     const lifetime = vals(privacy.lifetime_epsilon), budgets = vals(doc.sites.map((s) => s.budget));
-    const dp = spent.length || planned.length || lifetime.length;
+    // a DP run: it plans or spends ε, or its experiment trains under DP (a site's lifetime ledger from
+    // earlier runs does not make this run one: it read "0.00 · planned not planned")
+    const trainsDp = !!((((doc.experiment || {}).training || {}).optimizer || {}).differential_privacy);
+    const dp = spent.some((v) => v > 0) || planned.some((v) => v > 0) || trainsDp;
     const run = privacy.total_epsilon !== null && privacy.total_epsilon !== undefined ? ` (run budget ≤ ${eps(privacy.total_epsilon)})` : "";
     const site = lifetime.length ? ` · site lifetime ε ${eps(Math.max(...lifetime))}` + (budgets.length ? ` of budget ${[...new Set(budgets.map(eps))].join(", ")}` : "") : "";
     return kpi("Privacy ε this run (largest site)", "epsilon", !dp ? "no DP" : spent.length ? eps(Math.max(...spent)) : eps(0),
@@ -383,6 +386,17 @@
     return grid;
   }
 
+  // What the coordinator saw of each hospital's update: only sums (secure aggregation), or each update.
+  function secureOf(sa) {
+    if (!sa) return null;
+    if (!sa.used) return el("p", { class: "sub", id: "secure-aggregation", "data-used": "false" },
+      el("b", {}, "No secure aggregation: "), "the coordinator saw each hospital's update in the clear.");
+    const sums = sa.sums_unmasked !== undefined ? ` · ${sa.sums_unmasked} sum(s) unmasked` + (sa.fewest_contributors ? `, the smallest of ${sa.fewest_contributors} hospitals` : "") : "";
+    return el("p", { class: "sub", id: "secure-aggregation", "data-used": "true" }, el("b", {}, "Secure aggregation: "),
+      `the coordinator saw only sums of at least ${sa.min_contributors} hospitals' masked updates, never one hospital's update or training figures` +
+      (sa.threshold ? ` (any ${sa.threshold} hospitals can unmask a sum)` : "") + sums + ".");
+  }
+
   async function runPage() {
     const runId = decodeURIComponent(location.pathname.split("/").pop());
     const doc = await api("/api/runs/" + encodeURIComponent(runId));
@@ -397,7 +411,8 @@
     const header = el("div", {}, el("h1", {}, doc.experiment_name || doc.run_id, " ", badge(doc.status)),
       el("p", { class: "sub" }, el("span", { class: "mono" }, doc.run_id), ` · ${doc.aggregator} · dataset ${doc.dataset || "–"} · created ${when(doc.created_at)} · `,
         el("span", { id: "rounds-done" }, `${doc.rounds_done} / ${doc.rounds_planned} rounds`), ` · ${dur(doc.duration_s)}`),
-      doc.description ? el("p", { class: "explain" }, doc.description) : null, doc.reason ? el("div", { class: "msg warn" }, doc.reason) : null);
+      doc.description ? el("p", { class: "explain" }, doc.description) : null, secureOf(doc.secure_aggregation),
+      doc.reason ? el("div", { class: "msg warn" }, doc.reason) : null);
 
     const exp = doc.experiment || {}, tr = exp.training || {}, opt = tr.optimizer || {}, dp = opt.differential_privacy || {};
     const summary = [["aggregator", (exp.federated || {}).name], ["rounds", tr.rounds], ["epochs", tr.epochs], ["batch_size", tr.batch_size],
