@@ -1,4 +1,9 @@
-"""The run's initial weights, built by torch in a child process when this one has no torch.
+"""The run's initial weights: without torch where the layers allow, else by torch, in a child
+process when this one has no torch.
+
+``protocol.initial_numpy`` makes torch's seeded initialisation of the common layer types bit for
+bit without importing torch (about 1–2.5 s of a coordinator's start-up). A chain with any other
+parametrised type (BatchNorm1d) is built by torch, as follows.
 
 The weights every site starts from are torch's seeded initialisation of the experiment's
 layers (``protocol.model.build_model``). A coordinator without site DP needs torch for
@@ -31,10 +36,17 @@ CHILD_FROM_BYTES = 1 << 20
 
 
 def initial_weights(layers: list[Any], *, seed: int, workdir: Path | None = None) -> Tensors:
-    """``to_tensors(build_model(layers, seed=seed))``, in a child process unless torch is loaded."""
+    """``to_tensors(build_model(layers, seed=seed))``: made without torch where every layer type
+    allows (``protocol.initial_numpy``, the same bits), else by torch, in a child process unless
+    torch is loaded."""
+    from protocol.initial_numpy import weights
     from protocol.layers import parameter_count, resolve_layers
 
-    if "torch" in sys.modules or 4 * parameter_count(resolve_layers(layers)) < CHILD_FROM_BYTES:
+    chain = resolve_layers(layers)
+    made = weights(chain, seed=seed)
+    if made is not None:
+        return made
+    if "torch" in sys.modules or 4 * parameter_count(chain) < CHILD_FROM_BYTES:
         from protocol.model import build_model, to_tensors
 
         return to_tensors(build_model(layers, seed=seed))

@@ -1580,3 +1580,18 @@ MUTANTS.extend([
         ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "initial-weights-import-torch", "a coordinator makes the common models' initial weights without importing torch "
+        "(issue 23: fixed cost)",
+        (Edit("coordinator/initial_model.py", "    made = weights(chain, seed=seed)\n", "    made = None\n"),),
+        ("tests/coordinator/test_initial_model.py::test_a_coordinator_makes_the_example_models_without_importing_torch",),
+    ),
+    Mutant(
+        "initial-weights-not-torchs-bits", "the torch-free initial weights are torch's bit for bit (bounds rounded to "
+        "float32 first, as torch does)",
+        (Edit("protocol/initial_numpy.py", "        lo, hi = float(np.float32(low)), float(np.float32(high))\n",
+              "        lo, hi = low, high\n"),),
+        ("tests/protocol/test_initial_numpy.py::test_larger_layers_and_the_torch_only_types",),
+    ),
+])

@@ -35,3 +35,30 @@ def test_a_model_that_does_not_build_is_the_childs_config_error(tmp_path: Path) 
     with pytest.raises(ConfigError) as e:
         built_in_child(layers, seed=1, workdir=tmp_path)
     assert e.value.path.startswith("architecture.layers[1]"), e.value
+
+
+def test_a_coordinator_makes_the_example_models_without_importing_torch() -> None:
+    """Issue 23, fixed cost: the examples' models (MLPs, the ECG CNNs) are made by
+    protocol.initial_numpy in a fresh interpreter that never imports torch, and equal torch's."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, numpy as np\n"
+            "from coordinator.initial_model import initial_weights\n"
+            "out = {}\n"
+            "for name in ('heart_failure', 'ecg_resnet'):\n"
+            "    layers = json.load(open(f'examples/{name}.json'))['architecture']['layers']\n"
+            "    w = initial_weights(layers, seed=7)\n"
+            "    np.savez(f'{sys.argv[1]}/{name}.npz', **dict(w))\n"
+            "print('torch' in sys.modules)\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.run([sys.executable, "-c", code, d], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "False", proc.stdout  # torch was never imported
+        for name in ("heart_failure", "ecg_resnet"):
+            made = np.load(f"{d}/{name}.npz")
+            layers = json.loads((REPO / f"examples/{name}.json").read_text())["architecture"]["layers"]
+            for key, b in to_tensors(build_model(layers, seed=7)):
+                assert np.array_equal(made[key], b), (name, key)
