@@ -1595,3 +1595,18 @@ MUTANTS.extend([
         ("tests/protocol/test_initial_numpy.py::test_larger_layers_and_the_torch_only_types",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "patience-gives-up-one-early", "the asynchronous loops give up after max_round_retries silent deadlines in a "
+        "row, not at them",
+        (Edit("coordinator/rounds/patience.py", "        return self.misses > self.retries\n",
+              "        return self.misses >= self.retries\n"),),
+        ("tests/coordinator/test_patience.py::test_the_deadline_edge_and_the_retries_edge",),
+    ),
+    Mutant(
+        "patience-deadline-edge", "the deadline itself has passed (a silent deadline), just before it the loop waits on",
+        (Edit("coordinator/rounds/patience.py", "        if time.time() < self.deadline:\n",
+              "        if time.time() <= self.deadline:\n"),),
+        ("tests/coordinator/test_patience.py::test_the_deadline_edge_and_the_retries_edge",),
+    ),
+])

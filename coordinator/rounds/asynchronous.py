@@ -17,6 +17,7 @@ from coordinator.inbox import Held, Inbound, Message
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
 from coordinator.rounds.context import RunContext, give_up, warn_reproducible
+from coordinator.rounds.patience import Patience
 from coordinator.sampling import sample_count
 from coordinator.validation import Rejected
 from protocol.messages import Declined, EvalResult, Tensors
@@ -44,20 +45,18 @@ class AsyncRounds:
             self._task(weights, site, version)
         held: dict[str, Held] = {}
         merged: dict[str, Held] = {}
-        timeouts = 0
+        patience = Patience(ctx.round_timeout_s, fed.max_round_retries)
         t_step = time.monotonic()
         agg_s = 0.0
         with RoundProgress(ctx.rounds_planned, enabled=ctx.progress, start=version) as progress:
             progress.begin(version + 1, expected=plan.expected)
-            deadline = time.time() + ctx.round_timeout_s
+            patience.restart()
             while version < ctx.rounds_planned and not ctx.store.stop_requested(ctx.run_id):
-                delivery = ctx.inbox.next(deadline)
+                delivery = ctx.inbox.next(patience.deadline)
                 if delivery is None:
-                    if time.time() < deadline:
+                    if not patience.silent():
                         continue
-                    deadline = time.time() + ctx.round_timeout_s
-                    timeouts += 1
-                    if timeouts > fed.max_round_retries:
+                    if patience.exhausted:
                         raise give_up(
                             held,
                             f"version {version + 1}: no update arrived for {ctx.round_timeout_s:.0f} s, "
@@ -67,8 +66,7 @@ class AsyncRounds:
                     for site in active:
                         self._task(weights, site, version)
                     continue
-                timeouts = 0
-                deadline = time.time() + ctx.round_timeout_s
+                patience.heard()
                 t = time.monotonic()
                 step = self._message(delivery, version, weights, versions, held, merged)
                 agg_s += time.monotonic() - t

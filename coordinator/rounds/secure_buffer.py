@@ -28,6 +28,7 @@ from coordinator.aggregators import AsyncAggregator
 from coordinator.inbox import Held, Inbound, Message
 from coordinator.progress import RoundProgress
 from coordinator.rounds.context import RunContext, RunFailed, give_up
+from coordinator.rounds.patience import Patience
 from coordinator.rounds.secure import SecureSync, _flat, _unflat
 from coordinator.sampling import sample_count
 from coordinator.secagg import MaskedSum
@@ -70,31 +71,29 @@ class SecureBufferRounds:
         active = plan.sites
         for site in active:
             self._task(site)
-        timeouts = 0
+        patience = Patience(ctx.round_timeout_s, fed.max_round_retries)
         t_step = time.monotonic()
         try:
             with RoundProgress(ctx.rounds_planned, enabled=ctx.progress, start=self.version) as progress:
                 progress.begin(self.version + 1, expected=self.buffer_size)
-                deadline = time.time() + ctx.round_timeout_s
+                patience.restart()
                 while self.version < ctx.rounds_planned and not ctx.store.stop_requested(ctx.run_id):
                     if self._full():
                         self._step(progress, time.monotonic() - t_step)
                         self._send_retasks()  # the buffer's sites train on the new version
                         t_step = time.monotonic()
-                        deadline = time.time() + ctx.round_timeout_s
+                        patience.restart()
                         continue
                     if self.waiting:
                         self._deliver(self.waiting.pop(0))
                         if not self._full():
                             self._send_retasks()
                         continue
-                    inbound = ctx.inbox.next(deadline)
+                    inbound = ctx.inbox.next(patience.deadline)
                     if inbound is None:
-                        if time.time() < deadline:
+                        if not patience.silent():
                             continue
-                        deadline = time.time() + ctx.round_timeout_s
-                        timeouts += 1
-                        if timeouts > fed.max_round_retries:
+                        if patience.exhausted:
                             raise give_up(self.held, (
                                 f"version {self.version + 1}: the buffer holds {len(self._contributors())} masked "
                                 f"update(s) of {len(self._distinct())} site(s) after {ctx.round_timeout_s:.0f} s, "
@@ -105,8 +104,7 @@ class SecureBufferRounds:
                         for site in active:
                             self._task(site)
                         continue
-                    timeouts = 0
-                    deadline = time.time() + ctx.round_timeout_s
+                    patience.heard()
                     self._handle(inbound)
                     if not self._full():
                         self._send_retasks()
