@@ -1518,3 +1518,38 @@ MUTANTS.extend([
         ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
     ),
 ])
+# ------------------------------------------------------------------ issue 22 item 4: record-level DP at pooled cost (ddp)
+_POOLED_SIM = "tests/simulator/test_pooled_dp.py"
+MUTANTS.extend([
+    Mutant(
+        "pooled-noise-share-for-m-plus-one", "each site adds Sk(mu/m, mu/m), so m honest shares sum to the pooled "
+        "Sk(mu, mu): the noise of the secure sum has SD sqrt(2 mu)",
+        (Edit("site_worker/pooled_dp.py", "    return rng.skellam(mu / assume_honest_sites, dim)\n",
+              "    return rng.skellam(mu / (assume_honest_sites + 1), dim)\n"),),
+        (f"{_POOLED_SIM}::test_the_noise_of_the_sum_has_the_pooled_sd",
+         "tests/site_worker/test_pooled_dp.py::test_skellam_shares_of_m_sites_sum_to_the_pooled_variance"),
+    ),
+    Mutant(
+        "pooled-rounding-per-batch", "each record's clipped gradient is rounded on its own, so one record moves the "
+        "integer sum by at most Delta2 = s*C + sqrt(d) (the accountant's sensitivity)",
+        (Edit("site_worker/pooled_dp.py",
+              "    rows = torch.round(per * factor * scale).to(torch.int64)  # per sample: the sensitivity's premise\n"
+              "    return rows.sum(dim=0).numpy()\n",
+              "    return torch.round((per * factor * scale).sum(dim=0)).to(torch.int64).numpy()\n"),),
+        ("tests/site_worker/test_pooled_dp.py::test_the_batch_sum_rounds_each_record_separately",),
+    ),
+    Mutant(
+        "pooled-honest-floor-off-by-one", "a site masks a pooled share only under a roster whose min_contributors is "
+        "at least its assume_honest_sites (m = K just inside, m = K + 1 refused)",
+        (Edit("site_worker/secagg.py", "        if roster.min_contributors < int(assume_honest_sites):\n",
+              "        if roster.min_contributors < int(assume_honest_sites) - 1:\n"),),
+        (f"{_POOLED_SIM}::test_a_site_assuming_more_honest_sites_than_the_roster_unmasks_refuses_to_contribute",),
+    ),
+    Mutant(
+        "subsampled-rdp-q-too-small", "the Poisson-subsampled RDP bound is computed at the sampling rate q itself "
+        "(never below Opacus' exact sampled-Gaussian RDP)",
+        (Edit("protocol/secagg/skellam.py", "    lq, l1q = math.log(q), math.log1p(-q)\n",
+              "    q = q / 2\n    lq, l1q = math.log(q), math.log1p(-q)\n"),),
+        ("tests/protocol/test_skellam_accountant.py::test_the_subsampled_bound_on_the_gaussian_is_sound_and_within_a_stated_factor",),
+    ),
+])
