@@ -1553,3 +1553,17 @@ MUTANTS.extend([
         ("tests/protocol/test_skellam_accountant.py::test_the_subsampled_bound_on_the_gaussian_is_sound_and_within_a_stated_factor",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "pooled-run-over-the-bus", "the coordinator refuses a pooled-DP run over the bus (its loop would train with no "
+        "noise at all)",
+        (Edit("coordinator/secagg.py", "    if sa is not None and sa.dp != \"off\":\n", "    if False:\n"),),
+        (f"{_POOLED_SIM}::test_a_pooled_experiment_is_never_run_over_the_bus_without_its_noise",),
+    ),
+    Mutant(
+        "pooled-task-trained-by-the-daemon", "a site declines a pooled-DP task its worker cannot run (it would send an "
+        "update with no noise)",
+        (Edit("site_worker/policy.py", "    if secagg is not None and secagg.dp != \"off\":", "    if False:"),),
+        (f"{_POOLED_SIM}::test_a_pooled_experiment_is_never_run_over_the_bus_without_its_noise",),
+    ),
+])

@@ -68,6 +68,9 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
     if policy.secure_aggregation == "off" and secagg is not None:
         raise PolicyViolation("secure_aggregation: this site does not take part in secure aggregation (its policy "
                               "says off); run without federated.secure_aggregation or ask the site to allow it")
+    if secagg is not None and secagg.dp != "off":  # the daemon trains local DP-SGD or none: never a pooled share
+        raise PolicyViolation(f"secure_aggregation: this site's worker does not take pooled DP steps "
+                              f"(federated.secure_aggregation.dp = {secagg.dp!r}); it would send an update without noise")
     if secagg is not None and secagg.min_contributors < policy.secure_aggregation_min_contributors:
         raise PolicyViolation(f"secure_aggregation_min_contributors: the experiment unmasks sums of "
                               f"{secagg.min_contributors} update(s), this site requires at least "
