@@ -8,7 +8,10 @@ hospital, the production site and coordinator code) with ``total_epsilon`` = ε,
 the accuracy and AUC on the union of the hospitals' held-out rows (the simulator keeps 20 % of
 each hospital's rows from every site; the baselines are scored on the same rows) and on each
 hospital's own held-out rows. The FedAvg runs also train the local-only and pooled baselines under
-the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
+the same ε. "pooled DP (secure sum)" is issue 22's record-level pooled-cost mode
+(``simulator/pooled_run.py``: one DP-SGD step a round per hospital with a Skellam share of the
+noise, the coordinator steps on the secure sum; same data path and held-out rows; at ε = inf the
+same pipeline with no noise). Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
 ``.png`` and ``.log``.
 
     python bench/privacy_utility.py                # full: 6 ε x 4 methods x 3 seeds (~5 min on 2 busy cores)
@@ -19,6 +22,8 @@ the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_ut
                                                    # one method's DP cost at ε = 1, paired over 20 seeds
     python bench/privacy_utility.py --epsilons inf --methods FedPer+fine-tune --seeds 40
                                                    # personalised vs local per hospital, paired over 40 seeds
+    python bench/privacy_utility.py --epsilons 0.5,1,inf --methods "FedAvg,pooled DP (secure sum)" --seeds 20
+                                                   # pooled-cost DP against per-site DP-SGD (bench/README.md)
 """
 
 from __future__ import annotations
@@ -339,7 +344,7 @@ def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path:
             m = [table[series].get(e, {}).get(metric, (None, None)) for e in eps_keys]
             ax.errorbar([x for x, v in zip(xs, m) if v[0] is not None], [v[0] for v in m if v[0] is not None],
                         yerr=[v[1] for v in m if v[0] is not None], marker="o", capsize=3, label=series,
-                        linestyle="--" if series.startswith(("local-only", "pooled")) else "-")
+                        linestyle="--" if series.startswith(("local-only", "pooled")) and series != POOLED else "-")
         if metric == "mean_acc":
             for name, v in FLAMBY.items():
                 ax.axhline(v, color="grey", linewidth=0.7, linestyle=":")
