@@ -28,11 +28,10 @@ def refuse_until_wired(experiment: Experiment) -> None:
     """Never run "secure" rounds in the clear: only the loops that mask may run under secure aggregation
     (the sync loop, ``coordinator/rounds/secure.py``; FedBuff's buffers, ``coordinator/rounds/secure_buffer.py``)."""
     sa = experiment.federated.secure_aggregation
-    if sa is not None and sa.dp != "off":
-        # the bus loop masks float updates and never takes pooled steps: it would run with no noise at all
-        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} runs only in memory for now "
-                          "(simulator/pooled_run.py, bench/privacy_utility.py); the round loop over the bus does not "
-                          "take pooled DP steps yet")
+    if sa is not None and sa.dp != "off" and experiment.federated.name != "FedAvg":
+        # pooled: the coordinator's own step is the SGD step on the pooled gradient (rounds/secure.py)
+        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} steps the model with the experiment's "
+                          f"learning rate; run it under FedAvg, not {experiment.federated.name!r}")
     if experiment.federated.secure_aggregation is not None:
         if experiment.federated.name in SYNC_AGGREGATORS + ("FedBuff",):
             return

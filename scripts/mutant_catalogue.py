@@ -1553,17 +1553,37 @@ MUTANTS.extend([
         ("tests/protocol/test_skellam_accountant.py::test_the_subsampled_bound_on_the_gaussian_is_sound_and_within_a_stated_factor",),
     ),
 ])
+_POOLED_BUS = "tests/simulator/test_pooled_dp_bus.py"
 MUTANTS.extend([
     Mutant(
-        "pooled-run-over-the-bus", "the coordinator refuses a pooled-DP run over the bus (its loop would train with no "
-        "noise at all)",
-        (Edit("coordinator/secagg.py", "    if sa is not None and sa.dp != \"off\":\n", "    if False:\n"),),
-        (f"{_POOLED_SIM}::test_a_pooled_experiment_is_never_run_over_the_bus_without_its_noise",),
+        "pooled-daemon-trains-locally", "a site's daemon answers a pooled-DP TrainTask with one masked pooled step "
+        "charged to its ledger as planned (never with its local trainer)",
+        (Edit("site_worker/daemon.py", "        if secure is not None and secure.get(\"dp\") == \"pooled\":", "        if False:"),),
+        (f"{_POOLED_BUS}::test_a_pooled_run_over_the_memory_bus_charges_each_ledger_the_plan",),
     ),
     Mutant(
-        "pooled-task-trained-by-the-daemon", "a site declines a pooled-DP task its worker cannot run (it would send an "
-        "update with no noise)",
-        (Edit("site_worker/policy.py", "    if secagg is not None and secagg.dp != \"off\":", "    if False:"),),
-        (f"{_POOLED_SIM}::test_a_pooled_experiment_is_never_run_over_the_bus_without_its_noise",),
+        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg only (the coordinator's step is the "
+        "SGD step on the pooled gradient)",
+        (Edit("coordinator/secagg.py",
+              "    if sa is not None and sa.dp != \"off\" and experiment.federated.name != \"FedAvg\":\n",
+              "    if False:\n"),),
+        (f"{_POOLED_BUS}::test_a_pooled_run_steps_with_fedavg_only",),
+    ),
+    Mutant(
+        "pooled-policy-honest-floor-off-by-one", "a site declines a pooled run whose min_contributors is below its "
+        "assume_honest_sites (m = K inside, m = K + 1 refused)",
+        (Edit("site_worker/policy.py", "    if sa.min_contributors < policy.assume_honest_sites:\n",
+              "    if sa.min_contributors < policy.assume_honest_sites - 1:\n"),),
+        (f"{_POOLED_BUS}::test_a_sites_policy_refuses_what_it_cannot_honour",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "pooled-run-trained-locally-without-noise", "the site's local trainer declines a pooled-DP run (only the pooled "
+        "step, with its Skellam share, may answer it)",
+        (Edit("site_worker/handlers.py",
+              "        if (sa := exp.federated.secure_aggregation) is not None and sa.dp != \"off\":  # never without its noise\n",
+              "        if False:\n"),),
+        (f"{_POOLED_BUS}::test_the_task_handler_never_trains_a_pooled_run_without_its_noise",),
     ),
 ])

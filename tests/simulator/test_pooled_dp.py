@@ -188,23 +188,3 @@ def test_a_site_refuses_to_mask_a_vector_past_its_stated_bound(tmp_path: Path) -
     bad[0] = -(b + 1)
     with pytest.raises(SecAggRefused, match="field_budget"):
         site.secagg.mask_integers("run-pooled-dp", 2, bad, assume_honest_sites=3, bound=b)
-
-
-def test_a_pooled_experiment_is_never_run_over_the_bus_without_its_noise() -> None:
-    """The bus loop does not take pooled steps yet: the coordinator refuses the run, a site declines
-    the task (either would otherwise train and send an update with no DP at all)."""
-    from coordinator.secagg import refuse_until_wired
-    from protocol.policy import SitePolicy
-    from site_worker.policy import PolicyViolation, check_policy
-
-    exp = load_experiment(_pooled_exp())
-    with pytest.raises(ConfigError) as e:
-        refuse_until_wired(exp)
-    assert str(e.value).startswith("federated.secure_aggregation.dp: 'pooled' runs only in memory")
-    with pytest.raises(PolicyViolation, match="^secure_aggregation: this site's worker does not take pooled DP steps"):
-        check_policy(SitePolicy(allow_no_dp=True), exp, parameters=26)
-    plain = _pooled_exp()
-    for k in ("dp", "noise_multiplier", "max_batch"):
-        plain["federated"]["secure_aggregation"].pop(k)
-    plain["federated"]["secure_aggregation"]["scale"] = 65536.0
-    refuse_until_wired(load_experiment(plain))  # the masked float updates still run
