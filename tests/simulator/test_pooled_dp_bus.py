@@ -131,3 +131,16 @@ def test_the_task_handler_never_trains_a_pooled_run_without_its_noise(tmp_path: 
                                                  recipient="s"))
     assert isinstance(reply, Declined) and reply.reason == "policy"
     assert reply.detail.startswith("secure_aggregation: a pooled DP run is trained only by the daemon's pooled step")
+
+
+def test_config_validate_says_the_pooled_mode_and_its_noise(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    path = tmp_path / "pooled.json"
+    path.write_text(json.dumps(_exp()))
+    r = CliRunner().invoke(app, ["config", "validate", str(path)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("privacy:"))
+    assert "pooled DP under secure aggregation" in line and "accountant=skellam-rdp" in line and "DP off" not in line
