@@ -174,8 +174,10 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ site privacy
     Mutant(
         "ledger-ignores-history", "each release is charged on top of everything the dataset spent before",
-        (Edit("site_worker/ledger.py", "            history = merge([e for r in rel for e in r[\"entries\"]])\n            spent =",
-              "            history = []\n            spent ="),),
+        (Edit("site_worker/ledger.py",
+              "            history, before = merge([e for r in rel for e in r[\"entries\"]]), _skellam_rows(rel)\n"
+              "            spent =",
+              "            history, before = [], []\n            spent ="),),
         ("tests/site_worker/test_ledger_accumulates.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
@@ -1053,7 +1055,7 @@ _SITE_SECAGG = "site_worker/secagg.py"
 MUTANTS.extend([
     Mutant(
         "secagg-answers-a-buffer-of-one", "a site never answers an unmask request for fewer than min_contributors updates",
-        (Edit(_SITE_SECAGG, "        if len(hospitals) < roster.min_contributors:\n", "        if False:\n"),),
+        (Edit(_SITE_SECAGG, "        if len(hospitals) < floor:\n", "        if False:\n"),),
         (f"{_SECAGG}::test_a_buffer_of_one_is_refused_and_min_contributors_is_answered_at_the_edge",),
     ),
     Mutant(
@@ -1533,9 +1535,9 @@ MUTANTS.extend([
         "pooled-rounding-per-batch", "each record's clipped gradient is rounded on its own, so one record moves the "
         "integer sum by at most Delta2 = s*C + sqrt(d) (the accountant's sensitivity)",
         (Edit("site_worker/pooled_dp.py",
-              "    rows = torch.round(per * factor * scale).to(torch.int64)  # per sample: the sensitivity's premise\n"
+              "    rows = torch.round(per.mul_(factor * scale)).to(torch.int64)  # per sample: the sensitivity's premise\n"
               "    return rows.sum(dim=0).numpy()\n",
-              "    return torch.round((per * factor * scale).sum(dim=0)).to(torch.int64).numpy()\n"),),
+              "    return torch.round(per.mul_(factor * scale).sum(dim=0)).to(torch.int64).numpy()\n"),),
         ("tests/site_worker/test_pooled_dp.py::test_the_batch_sum_rounds_each_record_separately",),
     ),
     Mutant(
@@ -1585,5 +1587,14 @@ MUTANTS.extend([
               "        if (sa := exp.federated.secure_aggregation) is not None and sa.dp != \"off\":  # never without its noise\n",
               "        if False:\n"),),
         (f"{_POOLED_BUS}::test_the_task_handler_never_trains_a_pooled_run_without_its_noise",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "pooled-step-memory-unchecked", "a pooled step whose per-sample gradients would not fit the site's "
+        "max_train_memory_mb is declined before anything is spent",
+        (Edit("site_worker/pooled_task.py", "            except PolicyViolation as e:\n                raise _Decline(\"policy\", str(e)) from None\n",
+              "            except PolicyViolation:\n                pass\n"),),
+        (f"{_POOLED_BUS}::test_a_pooled_step_that_would_not_fit_the_sites_memory_is_declined_before_anything_is_spent",),
     ),
 ])

@@ -25,6 +25,11 @@ from site_worker.metrics import make_loss, prepare_target
 from site_worker.secure_rng import SecureRandom
 
 
+# Memory of one per-sample gradient value in the pooled step, in float32 units: Opacus' float32
+# grad_sample, its float64 copy (scaled in place) and the rounded int64 rows (4 + 8 + 8 bytes).
+MEMORY_FACTOR = 5
+
+
 class PooledRefused(Exception):
     """A pooled step the site will not take; ``rule`` names the rule."""
 
@@ -75,9 +80,8 @@ def integer_gradient_sum(model: torch.nn.Module, loss_name: str, x: torch.Tensor
             p.grad = None
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
-    norms = per.norm(dim=1, keepdim=True)
-    factor = torch.clamp(clip / (norms + 1e-12), max=1.0)
-    rows = torch.round(per * factor * scale).to(torch.int64)  # per sample: the sensitivity's premise
+    factor = torch.clamp(clip / (per.norm(dim=1, keepdim=True) + 1e-12), max=1.0)
+    rows = torch.round(per.mul_(factor * scale)).to(torch.int64)  # per sample: the sensitivity's premise
     return rows.sum(dim=0).numpy()
 
 
@@ -115,5 +119,5 @@ class PooledStep:
         return skellam.SkellamEntry(self.mu, l1, l2, self.sample_rate, steps)
 
 
-__all__ = ["PooledRefused", "PooledStep", "check_contributors", "effective_floor", "integer_gradient_sum",
+__all__ = ["MEMORY_FACTOR", "PooledRefused", "PooledStep", "check_contributors", "effective_floor", "integer_gradient_sum",
            "noise_share"]

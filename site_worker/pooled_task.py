@@ -19,7 +19,9 @@ from protocol.messages import Declined, Envelope, MaskedUpdate, TrainTask
 from protocol.secagg import field as F
 from protocol.secagg import skellam
 from protocol.secagg.rules import pooled_mu
-from site_worker.pooled_dp import PooledStep
+from protocol.policy import PolicyViolation
+from site_worker.dp import check_memory
+from site_worker.pooled_dp import MEMORY_FACTOR, PooledStep
 from site_worker.secagg import SecAggRefused
 from site_worker.secure_rng import SecureRandom
 
@@ -43,6 +45,12 @@ def pooled_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope) -> Ma
             assert sa is not None
             policy = handler.config.policy
             data = handler._data(task, exp, summary)
+            try:  # the step's per-sample gradients must fit max_train_memory_mb (at most max_batch rows)
+                check_memory(policy, int(summary.parameters) * MEMORY_FACTOR, activations=exp.chain.train_values,
+                             batch_size=min(sa.max_batch, len(data.x_train)), n_train=len(data.x_train),
+                             sample_rate=sa.sample_rate if sa.sample_rate < 1 else None)
+            except PolicyViolation as e:
+                raise _Decline("policy", str(e)) from None
             model = handler._model(exp, key, task, for_dp=True)
             step = PooledStep(sa.clip, sa.scale, pooled_mu(exp), sa.sample_rate, sa.max_batch,
                               policy.assume_honest_sites)

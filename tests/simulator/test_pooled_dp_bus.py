@@ -108,10 +108,9 @@ def test_a_pooled_run_steps_with_fedavg_only() -> None:
     assert str(e.value).startswith("federated.secure_aggregation.dp: 'pooled' steps the model with the experiment's")
 
 
-def test_the_task_handler_never_trains_a_pooled_run_without_its_noise(tmp_path: Path) -> None:
-    """Only the daemon's pooled path takes a pooled run's step; the local trainer declines it."""
+def _handler_and_task(tmp_path: Path, policy: SitePolicy):
     from protocol.codec import new_envelope
-    from protocol.messages import Declined, TrainTask
+    from protocol.messages import TrainTask
     from site_worker.config import DatasetSource, SiteConfig
     from site_worker.handlers import TaskHandler
     from tests.site_worker.support import experiment_dict, heart_failure_csv, initial_weights
@@ -124,13 +123,32 @@ def test_the_task_handler_never_trains_a_pooled_run_without_its_noise(tmp_path: 
     cfg = SiteConfig(site_id="s", federation="f", broker_url="memory://x", key_path=tmp_path / "k",
                      coordinator_pub=tmp_path / "p", state_dir=tmp_path / "state",
                      datasets={"heart_failure": DatasetSource(name="heart_failure", path=csv, target="DEATH_EVENT")},
-                     policy=SitePolicy(allow_no_dp=True))
+                     policy=policy)
     task = TrainTask(experiment=exp, weights=initial_weights(exp), dataset="heart_failure", base_round=0, seed=1,
                      deadline=0.0)
-    reply = TaskHandler(cfg).handle(new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator",
-                                                 recipient="s"))
+    env = new_envelope(task, federation="f", run_id="r", round=1, sender="coordinator", recipient="s")
+    return TaskHandler(cfg), env
+
+
+def test_the_task_handler_never_trains_a_pooled_run_without_its_noise(tmp_path: Path) -> None:
+    """Only the daemon's pooled path takes a pooled run's step; the local trainer declines it."""
+    from protocol.messages import Declined
+
+    handler, env = _handler_and_task(tmp_path, SitePolicy(allow_no_dp=True))
+    reply = handler.handle(env)
     assert isinstance(reply, Declined) and reply.reason == "policy"
     assert reply.detail.startswith("secure_aggregation: a pooled DP run is trained only by the daemon's pooled step")
+
+
+def test_a_pooled_step_that_would_not_fit_the_sites_memory_is_declined_before_anything_is_spent(tmp_path: Path) -> None:
+    from protocol.messages import Declined
+    from site_worker.pooled_task import pooled_update
+
+    handler, env = _handler_and_task(tmp_path, SitePolicy(max_train_memory_mb=0.01))
+    reply = pooled_update(handler, None, env)  # type: ignore[arg-type]  (refused before any masking)
+    assert isinstance(reply, Declined) and reply.reason == "policy"
+    assert reply.detail.startswith("max_train_memory_mb: one training step")
+    assert handler.ledger.releases("heart_failure") == []
 
 
 def test_config_validate_says_the_pooled_mode_and_its_noise(tmp_path: Path) -> None:
