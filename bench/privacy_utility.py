@@ -8,7 +8,10 @@ hospital, the production site and coordinator code) with ``total_epsilon`` = ε,
 the accuracy and AUC on the union of the hospitals' held-out rows (the simulator keeps 20 % of
 each hospital's rows from every site; the baselines are scored on the same rows) and on each
 hospital's own held-out rows. The FedAvg runs also train the local-only and pooled baselines under
-the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
+the same ε. "pooled DP (secure sum)" is issue 22's record-level pooled-cost mode
+(``simulator/pooled_run.py``: one DP-SGD step a round per hospital with a Skellam share of the
+noise, the coordinator steps on the secure sum; same data path and held-out rows; at ε = inf the
+same pipeline with no noise). Prints progress and a markdown table, writes ``bench/out/privacy_utility.json``,
 ``.png`` and ``.log``.
 
     python bench/privacy_utility.py                # full: 6 ε x 4 methods x 3 seeds (~5 min on 2 busy cores)
@@ -19,6 +22,8 @@ the same ε. Prints progress and a markdown table, writes ``bench/out/privacy_ut
                                                    # one method's DP cost at ε = 1, paired over 20 seeds
     python bench/privacy_utility.py --epsilons inf --methods FedPer+fine-tune --seeds 40
                                                    # personalised vs local per hospital, paired over 40 seeds
+    python bench/privacy_utility.py --epsilons 0.5,1,inf --methods "FedAvg,pooled DP (secure sum)" --seeds 20
+                                                   # pooled-cost DP against per-site DP-SGD (bench/README.md)
 """
 
 from __future__ import annotations
@@ -71,11 +76,36 @@ def methods(base: dict[str, Any], personal: dict[str, Any]) -> dict[str, dict[st
     per = copy.deepcopy(personal)
     per["training"]["optimizer"]["differential_privacy"] = copy.deepcopy(base["training"]["optimizer"]["differential_privacy"])
     out["FedPer+fine-tune"] = per
+    out[POOLED] = pooled_variant(base)
     return out
+
+
+POOLED = "pooled DP (secure sum)"
+
+
+def pooled_variant(base: dict[str, Any]) -> dict[str, Any]:
+    """Record-level DP at pooled cost (issue 22 item 4): the DP example's logistic model, its clip 0.5
+    and lr 6, one full-batch step a round at every hospital with a Skellam share of the noise, the
+    coordinator one step on the unmasked sum (``simulator/pooled_run.py``); every hospital assumes
+    all four add their share (m = 4, min_contributors 4)."""
+    e = copy.deepcopy(base)
+    dp = e["training"]["optimizer"].pop("differential_privacy")
+    e["training"].pop("personalization", None)
+    e["federated"]["name"] = "FedAvg"
+    e["federated"]["parameters"].update(min_fit_clients=4, min_available_clients=4)
+    e["federated"]["secure_aggregation"] = {
+        "min_contributors": 4, "threshold": 3, "dp": "pooled", "clip": float(dp["max_grad_norm"]), "scale": 1024.0,
+        "max_sites": 4, "max_batch": 512, "sample_rate": 1.0, "delta": float(dp["delta"]),
+        "target_epsilon": float(dp["total_epsilon"])}
+    return e
 
 
 def with_epsilon(exp: dict[str, Any], eps: float) -> dict[str, Any]:
     e = copy.deepcopy(exp)
+    sa = e["federated"].get("secure_aggregation")
+    if sa is not None and sa.get("dp") == "pooled":  # inf: the same pipeline with no noise (one_run)
+        sa["target_epsilon"] = 1.0 if math.isinf(eps) else float(eps)
+        return e
     dp = e["training"]["optimizer"]["differential_privacy"]
     if math.isinf(eps):
         e["training"]["optimizer"]["differential_privacy"] = {"enabled": False}
@@ -92,6 +122,20 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+def pooled_run(exp: dict[str, Any], *, seed: int, noise: bool) -> dict[str, Any]:
+    """The pooled-DP series: scored on the same held-out rows as ``one_run``'s."""
+    from simulator.pooled_run import simulate_pooled
+
+    doc = simulate_pooled(exp, seed=seed, noise=noise)
+    final = doc["holdout"]
+    sites = sorted(final["per_site"])
+    eps = doc["privacy"]["epsilon"]
+    return {"model": {"acc": final.get("accuracy"), "auc": final.get("auc"),
+                      "mean_acc": statistics.fmean(final["per_site"][s]["accuracy"] for s in sites),
+                      "per_site": {s: {k: final["per_site"][s].get(k) for k in ("accuracy", "auc")} for s in sites}},
+            "epsilon": eps if noise else None, "privacy": {k: v for k, v in doc["privacy"].items() if k != "epsilon"}}
 
 
 def one_run(exp: dict[str, Any], *, seed: int, baselines: bool, personal: bool) -> dict[str, Any]:
@@ -300,7 +344,7 @@ def plot(table: dict[str, dict[str, dict[str, Any]]], eps_keys: list[str], path:
             m = [table[series].get(e, {}).get(metric, (None, None)) for e in eps_keys]
             ax.errorbar([x for x, v in zip(xs, m) if v[0] is not None], [v[0] for v in m if v[0] is not None],
                         yerr=[v[1] for v in m if v[0] is not None], marker="o", capsize=3, label=series,
-                        linestyle="--" if series.startswith(("local-only", "pooled")) else "-")
+                        linestyle="--" if series.startswith(("local-only", "pooled")) and series != POOLED else "-")
         if metric == "mean_acc":
             for name, v in FLAMBY.items():
                 ax.axhline(v, color="grey", linewidth=0.7, linestyle=":")
@@ -322,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per point (default 3)")
     ap.add_argument("--epsilons", help="comma-separated ε per site, 'inf' = no DP (default 0.5,1,2,4,8,inf)")
     ap.add_argument("--methods", help="comma-separated series to run (default all: " + ", ".join(
-        ["FedAvg", "FedAdam", "FedAvg+bias fine-tune", "FedPer+fine-tune"]) + ")")
+        ["FedAvg", "FedAdam", "FedAvg+bias fine-tune", "FedPer+fine-tune", POOLED]) + ")")
     ap.add_argument("--max-minutes", type=float, default=45.0, help="start no new run after this long")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables and redraw the PNG of a saved run")
@@ -332,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         import tempfile
 
-        args.quick, args.epsilons, args.methods = True, "1", "FedAvg"
+        args.quick, args.epsilons, args.methods = True, "1", f"FedAvg,{POOLED}"
         args.out = Path(tempfile.mkdtemp(prefix="privacy-utility-smoke-"))
     if args.render is not None:
         return render(args.render)
@@ -371,9 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         personal = method.startswith("FedPer") or "fine-tune" in method
         # FedPer's own local-only baseline (the same MLP alone) only without DP: the per-hospital table
-        result = one_run(with_epsilon(variants[method], eps), seed=seed,
-                         baselines=method == "FedAvg" or (method.startswith("FedPer") and math.isinf(eps)),
-                         personal=personal)
+        if method == POOLED:
+            result = pooled_run(with_epsilon(variants[method], eps), seed=seed, noise=not math.isinf(eps))
+        else:
+            result = one_run(with_epsilon(variants[method], eps), seed=seed,
+                             baselines=method == "FedAvg" or (method.startswith("FedPer") and math.isinf(eps)),
+                             personal=personal)
         runs.append({"method": method, "eps": eps, "seed": seed, "result": result, "wall_s": time.perf_counter() - t})
         done = time.perf_counter() - t0
         eta = done / i * (len(plan) - i)

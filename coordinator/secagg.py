@@ -9,6 +9,7 @@ U sites' aggregated shares decode to. With fewer than U answers it raises
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,11 @@ from protocol.signing import Signer
 def refuse_until_wired(experiment: Experiment) -> None:
     """Never run "secure" rounds in the clear: only the loops that mask may run under secure aggregation
     (the sync loop, ``coordinator/rounds/secure.py``; FedBuff's buffers, ``coordinator/rounds/secure_buffer.py``)."""
+    sa = experiment.federated.secure_aggregation
+    if sa is not None and sa.dp != "off" and experiment.federated.name != "FedAvg":
+        # pooled: the coordinator's own step is the SGD step on the pooled gradient (rounds/secure.py)
+        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} steps the model with the experiment's "
+                          f"learning rate; run it under FedAvg, not {experiment.federated.name!r}")
     if experiment.federated.secure_aggregation is not None:
         if experiment.federated.name in SYNC_AGGREGATORS + ("FedBuff",):
             return
@@ -46,6 +52,26 @@ class MaskedSum:
             return  # a redelivered update is counted once
         self.total = F.add(self.total, masked)
         self.contributors.append((site, tag))
+
+
+def expected_batch(rows: Mapping[str, int], contributors: Iterable[str], sample_rate: float) -> float:
+    """Pooled DP's expected batch, sum of q * n_i over the sites in the sum, from the rows each
+    ANNOUNCED in its hello (public): dividing by it keeps the step unbiased without learning a
+    site's actual (private) Poisson batch size."""
+    sites = sorted(set(contributors))
+    missing = [s for s in sites if s not in rows]
+    if missing:
+        raise ValueError(f"no announced row count for {', '.join(missing)}")
+    total = sample_rate * sum(int(rows[s]) for s in sites)
+    if total <= 0:
+        raise ValueError("the expected pooled batch is empty: no announced rows among the contributors")
+    return total
+
+
+def pooled_gradient(total: np.ndarray, *, scale: float, batch: float) -> np.ndarray:
+    """The noisy mean gradient from the unmasked integer sum (``sum_i round(s g_i) + Sk(mu, mu)``):
+    divided by the scale and the expected pooled batch; the coordinator adds no noise of its own."""
+    return np.asarray(total, dtype=np.float64) / (float(scale) * float(batch))
 
 
 def weighted_mean(total: np.ndarray) -> np.ndarray:
@@ -69,8 +95,10 @@ class CoordinatorSecAgg:
     def build(cls, signer: Signer, run_id: str, bindings: list[KeyBinding], *, min_contributors: int,
               threshold: int, privacy: int, clip: float, scale: float, length: int) -> CoordinatorSecAgg:
         ordered = sorted(bindings, key=lambda b: b.site_id)
-        roster = Roster(run_id, tuple(b.site_id for b in ordered), tuple(ordered), min_contributors, threshold,
-                        privacy, clip, scale, length)
+        # float(): the roster's bytes pack clip and scale as floats on both sides (an int 1024 here
+        # would make the coordinator's digest differ from the one every site recomputes)
+        roster = Roster(run_id, tuple(b.site_id for b in ordered), tuple(ordered), int(min_contributors),
+                        int(threshold), int(privacy), float(clip), float(scale), int(length))
         return cls(signer, roster)
 
     def new_sum(self) -> MaskedSum:
@@ -80,6 +108,11 @@ class CoordinatorSecAgg:
         req = UnmaskRequest(self.roster.run_id, self.roster.digest(), uuid.uuid4().hex,
                             tuple(sorted(masked.contributors)))
         return req, sign(self.signer, req)
+
+    def unmask_integers(self, masked: MaskedSum, answers: dict[str, bytes]) -> np.ndarray:
+        """The signed integer sum (pooled DP: the noisy batch sums, never one of them) from U answers."""
+        shares = {self.roster.index(site): F.from_bytes(data, self.coding.piece) for site, data in answers.items()}
+        return F.lift(F.sub(masked.total, decode_sum(shares, self.coding)))
 
     def unmask(self, masked: MaskedSum, answers: dict[str, bytes]) -> np.ndarray:
         """The float sum of the contributors' clipped updates from U sites' answers."""

@@ -51,7 +51,18 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
         f"rounds={training.rounds} seed={training.seed}"
     )
     dp = training.dp
-    if dp is None:
+    sa = experiment.federated.secure_aggregation
+    if dp is None and sa is not None and sa.dp == "pooled":
+        from protocol.secagg import skellam
+        from protocol.secagg.rules import pooled_mu
+
+        mu = pooled_mu(experiment)
+        sigma = skellam.gaussian_equivalent(mu, skellam.sensitivities(sa.clip, sa.scale, summary.trainable)[1])
+        console.print(f"privacy:    pooled DP under secure aggregation: one DP-SGD step a round per site, Skellam "
+                      f"noise mu={mu:.4g} in every sum (Gaussian-equivalent noise_multiplier={sigma:.4g}), "
+                      f"clip={sa.clip:g} scale={sa.scale:g} sample_rate={sa.sample_rate:g} delta={sa.delta:g} "
+                      f"accountant={skellam.ACCOUNTANT}")
+    elif dp is None:
         console.print("privacy:    DP off")
     elif dp.noise_multiplier is not None:
         console.print(

@@ -54,6 +54,15 @@ def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> fl
     return float(eps)
 
 
+def rdp_of(history: History) -> np.ndarray:
+    """The RDP curve of a Gaussian history at Opacus' default orders (to compose with other
+    RDP mechanisms at the same orders, e.g. ``protocol.secagg.skellam``)."""
+    import numpy as np
+
+    return np.asarray(sum((_rdp_per_step(float(sr), float(nm)) * int(n) for nm, sr, n in history),
+                          np.zeros(len(_rdp_per_step(1.0, 1.0)))), dtype=float)
+
+
 def simulate_steps(history: History, *, noise_multiplier: float, sample_rate: float, steps: int) -> History:
     """The history after ``steps`` more DP-SGD steps (what ``RDPAccountant.step`` would record)."""
     out: History = [(h[0], h[1], h[2]) for h in history]
@@ -76,4 +85,4 @@ def merge(entries: Iterable[Any]) -> History:
     return out
 
 
-__all__ = ["History", "epsilon_of", "merge", "simulate_steps"]
+__all__ = ["History", "epsilon_of", "merge", "rdp_of", "simulate_steps"]

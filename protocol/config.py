@@ -371,6 +371,17 @@ class SecureAggregation(_Block):
     max_sites: Int = Field(64, ge=1, le=10_000)
     # W: public FedAvg weight cap; a site weighs min(rows, W) / W, masked inside its vector.
     weight_cap: Int = Field(1000, ge=1, le=MAX_WEIGHT_CAP)
+    # Distributed DP (issue 22 item 4): "pooled" = each site takes one DP-SGD step a round and adds
+    # Sk(mu/m, mu/m), the sum carries the pooled noise once (protocol/secagg/skellam.py). The pooled
+    # noise is ``noise_multiplier`` x Delta2 (2 mu = (sigma Delta2)^2) or the least that keeps the
+    # run's ``rounds`` steps within ``target_epsilon`` at ``delta``; ``sample_rate`` each site's
+    # Poisson rate, ``max_batch`` the most rows a site's batch sum holds (the bit budget).
+    dp: Str = "off"
+    noise_multiplier: Float | None = Field(None, gt=0, le=1e6)
+    target_epsilon: Float | None = Field(None, gt=0, le=1e4)
+    delta: Float = Field(1e-5, gt=0, lt=1)
+    sample_rate: Float = Field(1.0, gt=0, le=1)
+    max_batch: Int = Field(4096, ge=1, le=2**20)
 
 
 class EarlyStopping(_Block):
@@ -559,6 +570,11 @@ class Experiment(_Block):
         if data.positive_if is not None and data.task != "binary":
             raise ConfigError("dataset.positive_if", 'only applies to dataset.task "binary"')
         self._check_columns(chain)
+        sa = self.federated.secure_aggregation
+        if sa is not None and sa.dp != "off":
+            from protocol.secagg.rules import check_pooled
+
+            check_pooled(self)
         return self
 
     def _check_columns(self, chain: ResolvedChain) -> None:

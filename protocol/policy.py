@@ -15,6 +15,7 @@ from typing import Any
 
 METRICS_MODES = ("dp", "exact", "none")
 SECURE_AGGREGATION_MODES = ("required", "allowed", "off")  # issue 22: may the coordinator see my update?
+MAX_ASSUMED_HONEST = 10_000  # assume_honest_sites: no sum holds more sites (secure_aggregation.max_sites)
 ACCOUNTANTS = ("rdp", "prv")  # composable over tasks; Opacus' gdp keeps only its last entry
 
 
@@ -58,6 +59,9 @@ class SitePolicy:
     # "required": train only for runs under federated.secure_aggregation; "off": never join one.
     secure_aggregation: str = "allowed"
     secure_aggregation_min_contributors: int = 2  # the site's floor under any roster's min_contributors
+    # Pooled DP (issue 22 item 4): the honest noise shares this site assumes in every sum. It adds
+    # Sk(mu/m, mu/m) and unmasks no sum of fewer than m sites; 1 = the full noise from this site alone.
+    assume_honest_sites: int = 1
 
     def site_delta(self, rows: int) -> float:
         """The delta every epsilon of a dataset with ``rows`` rows is reported at."""
@@ -89,6 +93,7 @@ class SitePolicy:
             "reproducible_dp": self.reproducible_dp,
             "secure_aggregation": self.secure_aggregation,
             "secure_aggregation_min_contributors": self.secure_aggregation_min_contributors,
+            "assume_honest_sites": self.assume_honest_sites,
         }
 
     @classmethod
@@ -103,4 +108,4 @@ class SitePolicy:
         return cls(**given)
 
 
-__all__ = ["ACCOUNTANTS", "METRICS_MODES", "SECURE_AGGREGATION_MODES", "PolicyViolation", "SitePolicy"]
+__all__ = ["ACCOUNTANTS", "MAX_ASSUMED_HONEST", "METRICS_MODES", "SECURE_AGGREGATION_MODES", "PolicyViolation", "SitePolicy"]

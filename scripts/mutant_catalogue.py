@@ -174,8 +174,10 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ site privacy
     Mutant(
         "ledger-ignores-history", "each release is charged on top of everything the dataset spent before",
-        (Edit("site_worker/ledger.py", "            history = merge([e for r in rel for e in r[\"entries\"]])\n            spent =",
-              "            history = []\n            spent ="),),
+        (Edit("site_worker/ledger.py",
+              "            history, before = merge([e for r in rel for e in r[\"entries\"]]), _skellam_rows(rel)\n"
+              "            spent =",
+              "            history, before = [], []\n            spent ="),),
         ("tests/site_worker/test_ledger_accumulates.py", "tests/adversarial/test_coordinator_attacks_site.py"), marks="not broker",
     ),
     Mutant(
@@ -1053,7 +1055,7 @@ _SITE_SECAGG = "site_worker/secagg.py"
 MUTANTS.extend([
     Mutant(
         "secagg-answers-a-buffer-of-one", "a site never answers an unmask request for fewer than min_contributors updates",
-        (Edit(_SITE_SECAGG, "        if len(hospitals) < roster.min_contributors:\n", "        if False:\n"),),
+        (Edit(_SITE_SECAGG, "        if len(hospitals) < floor:\n", "        if False:\n"),),
         (f"{_SECAGG}::test_a_buffer_of_one_is_refused_and_min_contributors_is_answered_at_the_edge",),
     ),
     Mutant(
@@ -1535,6 +1537,65 @@ MUTANTS.extend([
          "test_the_summary_and_the_cli_table_never_show_a_bare_dp_figure",),
     ),
 ])
+# ------------------------------------------------------------------ issue 22 item 4: record-level DP at pooled cost (ddp)
+_POOLED_SIM = "tests/simulator/test_pooled_dp.py"
+MUTANTS.extend([
+    Mutant(
+        "pooled-noise-share-for-m-plus-one", "each site adds Sk(mu/m, mu/m), so m honest shares sum to the pooled "
+        "Sk(mu, mu): the noise of the secure sum has SD sqrt(2 mu)",
+        (Edit("site_worker/pooled_dp.py", "    return rng.skellam(mu / assume_honest_sites, dim)\n",
+              "    return rng.skellam(mu / (assume_honest_sites + 1), dim)\n"),),
+        (f"{_POOLED_SIM}::test_the_noise_of_the_sum_has_the_pooled_sd",
+         "tests/site_worker/test_pooled_dp.py::test_skellam_shares_of_m_sites_sum_to_the_pooled_variance"),
+    ),
+    Mutant(
+        "pooled-rounding-per-batch", "each record's clipped gradient is rounded on its own, so one record moves the "
+        "integer sum by at most Delta2 = s*C + sqrt(d) (the accountant's sensitivity)",
+        (Edit("site_worker/pooled_dp.py",
+              "    rows = torch.round(per.mul_(factor * scale)).to(torch.int64)  # per sample: the sensitivity's premise\n"
+              "    return rows.sum(dim=0).numpy()\n",
+              "    return torch.round(per.mul_(factor * scale).sum(dim=0)).to(torch.int64).numpy()\n"),),
+        ("tests/site_worker/test_pooled_dp.py::test_the_batch_sum_rounds_each_record_separately",),
+    ),
+    Mutant(
+        "pooled-honest-floor-off-by-one", "a site masks a pooled share only under a roster whose min_contributors is "
+        "at least its assume_honest_sites (m = K just inside, m = K + 1 refused)",
+        (Edit("site_worker/secagg.py", "        if roster.min_contributors < int(assume_honest_sites):\n",
+              "        if roster.min_contributors < int(assume_honest_sites) - 1:\n"),),
+        (f"{_POOLED_SIM}::test_a_site_assuming_more_honest_sites_than_the_roster_unmasks_refuses_to_contribute",),
+    ),
+    Mutant(
+        "subsampled-rdp-q-too-small", "the Poisson-subsampled RDP bound is computed at the sampling rate q itself "
+        "(never below Opacus' exact sampled-Gaussian RDP)",
+        (Edit("protocol/secagg/skellam.py", "    lq, l1q = math.log(q), math.log1p(-q)\n",
+              "    q = q / 2\n    lq, l1q = math.log(q), math.log1p(-q)\n"),),
+        ("tests/protocol/test_skellam_accountant.py::test_the_subsampled_bound_on_the_gaussian_is_sound_and_within_a_stated_factor",),
+    ),
+])
+_POOLED_BUS = "tests/simulator/test_pooled_dp_bus.py"
+MUTANTS.extend([
+    Mutant(
+        "pooled-daemon-trains-locally", "a site's daemon answers a pooled-DP TrainTask with one masked pooled step "
+        "charged to its ledger as planned (never with its local trainer)",
+        (Edit("site_worker/daemon.py", "        if secure is not None and secure.get(\"dp\") == \"pooled\":", "        if False:"),),
+        (f"{_POOLED_BUS}::test_a_pooled_run_over_the_memory_bus_charges_each_ledger_the_plan",),
+    ),
+    Mutant(
+        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg only (the coordinator's step is the "
+        "SGD step on the pooled gradient)",
+        (Edit("coordinator/secagg.py",
+              "    if sa is not None and sa.dp != \"off\" and experiment.federated.name != \"FedAvg\":\n",
+              "    if False:\n"),),
+        (f"{_POOLED_BUS}::test_a_pooled_run_steps_with_fedavg_only",),
+    ),
+    Mutant(
+        "pooled-policy-honest-floor-off-by-one", "a site declines a pooled run whose min_contributors is below its "
+        "assume_honest_sites (m = K inside, m = K + 1 refused)",
+        (Edit("site_worker/policy.py", "    if sa.min_contributors < policy.assume_honest_sites:\n",
+              "    if sa.min_contributors < policy.assume_honest_sites - 1:\n"),),
+        (f"{_POOLED_BUS}::test_a_sites_policy_refuses_what_it_cannot_honour",),
+    ),
+])
 MUTANTS.extend([
     Mutant(
         "cli-usage-error-box", "click's usage errors (a value out of range, an unknown option) are one line naming the "
@@ -1542,6 +1603,16 @@ MUTANTS.extend([
         (Edit("fedbus/cli_common.py", "complete_var, standalone_mode=False, **extra)",
               "complete_var, standalone_mode=standalone_mode, **extra)"),),
         ("tests/cli/test_bad_input.py::test_usage_errors_are_one_line_naming_the_option",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "pooled-run-trained-locally-without-noise", "the site's local trainer declines a pooled-DP run (only the pooled "
+        "step, with its Skellam share, may answer it)",
+        (Edit("site_worker/handlers.py",
+              "        if (sa := exp.federated.secure_aggregation) is not None and sa.dp != \"off\":  # never without its noise\n",
+              "        if False:\n"),),
+        (f"{_POOLED_BUS}::test_the_task_handler_never_trains_a_pooled_run_without_its_noise",),
     ),
 ])
 MUTANTS.extend([
@@ -1608,5 +1679,14 @@ MUTANTS.extend([
         (Edit("coordinator/rounds/patience.py", "        if time.time() < self.deadline:\n",
               "        if time.time() <= self.deadline:\n"),),
         ("tests/coordinator/test_patience.py::test_the_deadline_edge_and_the_retries_edge",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "pooled-step-memory-unchecked", "a pooled step whose per-sample gradients would not fit the site's "
+        "max_train_memory_mb is declined before anything is spent",
+        (Edit("site_worker/pooled_task.py", "            except PolicyViolation as e:\n                raise _Decline(\"policy\", str(e)) from None\n",
+              "            except PolicyViolation:\n                pass\n"),),
+        (f"{_POOLED_BUS}::test_a_pooled_step_that_would_not_fit_the_sites_memory_is_declined_before_anything_is_spent",),
     ),
 ])

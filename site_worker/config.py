@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from protocol.broker_url import BrokerURLError, with_password
 from protocol.config_error import ConfigError
 from protocol.ids import NAME_RULE, is_name
-from protocol.policy import ACCOUNTANTS, METRICS_MODES, SECURE_AGGREGATION_MODES, SitePolicy
+from protocol.policy import ACCOUNTANTS, MAX_ASSUMED_HONEST, METRICS_MODES, SECURE_AGGREGATION_MODES, SitePolicy
 from protocol.toml_config import read_toml
 from site_worker import readers
 
@@ -180,7 +180,7 @@ def _policy(r: "_Reader") -> SitePolicy:
         "max_steps_per_task", "metrics", "metrics_noise_multiplier", "metrics_loss_clip",
         "max_evaluations_per_run", "test_fraction", "reproducible_dp", "dp_seed",
         "allow_unprotected_flower_client", "require_approval", "secure_aggregation",
-        "secure_aggregation_min_contributors", "stats", "stats_noise_multiplier",
+        "secure_aggregation_min_contributors", "stats", "stats_noise_multiplier", "assume_honest_sites",
     })
     layers = r.string_list("allowed_layers")
     aggs = r.string_list("allowed_aggregators")
@@ -238,6 +238,8 @@ def _policy(r: "_Reader") -> SitePolicy:
         secure_aggregation=secagg,
         secure_aggregation_min_contributors=r.integer("secure_aggregation_min_contributors",
                                                       default=d.secure_aggregation_min_contributors, minimum=2),
+        assume_honest_sites=r.integer("assume_honest_sites", default=d.assume_honest_sites, minimum=1,
+                                      maximum=MAX_ASSUMED_HONEST),
         stats=stats,
         stats_noise_multiplier=float(r.number("stats_noise_multiplier", default=d.stats_noise_multiplier,
                                               minimum=0.1)),
@@ -344,7 +346,8 @@ class _Reader:
             raise SiteConfigError(self.key(name), f"must be >= {minimum}, got {v}")
         return float(v) if isinstance(default, float) or isinstance(v, float) else v
 
-    def integer(self, name: str, *, default: int | None, minimum: int | None = None) -> Any:
+    def integer(self, name: str, *, default: int | None, minimum: int | None = None,
+                maximum: int | None = None) -> Any:
         v = self.raw.get(name, default)
         if v is None:
             return None
@@ -352,6 +355,8 @@ class _Reader:
             raise SiteConfigError(self.key(name), f"must be an integer, got {v!r}")
         if minimum is not None and v < minimum:
             raise SiteConfigError(self.key(name), f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise SiteConfigError(self.key(name), f"must be <= {maximum}, got {v}")
         return v
 
     def boolean(self, name: str, *, default: bool) -> bool:

@@ -340,6 +340,11 @@ class SiteWorker:
             self._reply(d, env, refused, tlog)  # no roster committed: decline before anything is spent
             return
         self.attempts.begin(env.message_id)
+        if secure is not None and secure.get("dp") == "pooled":  # one pooled DP step, masked (issue 22 item 4)
+            from site_worker.pooled_task import pooled_update
+
+            self._reply(d, env, pooled_update(self.handler, self.secagg, env), tlog)
+            return
         try:
             reply = self.handler.handle(env)
         except TrainingAborted as e:

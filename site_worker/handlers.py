@@ -216,13 +216,13 @@ class TaskHandler:
             raise _Decline("data", str(e), private=e.private) from None
 
     def _reserve(self, dataset: str, env: Envelope, *, kind: str, entries: list, delta: float,
-                 max_count: tuple[int, str] | None = None) -> float:
+                 max_count: tuple[int, str] | None = None, pooled: list | None = None) -> float:
         """Budget check and reservation in one locked ledger step; the projected ε."""
         try:
             _spent, projected = self.ledger.reserve(
                 dataset, release_id=env.message_id, kind=kind, entries=entries, delta=delta,
                 accountant=self.config.policy.accountant, max_epsilon=self.config.policy.max_epsilon,
-                run_id=env.run_id, max_count=max_count)
+                run_id=env.run_id, max_count=max_count, pooled=pooled)
         except BudgetExceeded as e:
             reason = "policy" if e.detail.startswith("max_evaluations_per_run") else "budget"
             raise _Decline(reason, e.detail, e.figures) from None
@@ -260,6 +260,9 @@ class TaskHandler:
 
     def _train(self, env: Envelope, task: TrainTask) -> Reply:
         exp, summary, key = self._experiment(task)
+        if (sa := exp.federated.secure_aggregation) is not None and sa.dp != "off":  # never without its noise
+            raise _Decline("policy", "secure_aggregation: a pooled DP run is trained only by the daemon's pooled "
+                                     "step (site_worker/pooled_task.py)")
         if self.flower is not None:
             return self._flower_fit(env, task)
         policy = self.config.policy

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from protocol.accounting import History, epsilon_of, merge, simulate_steps
+from protocol.accounting import History, epsilon_of, merge, rdp_of, simulate_steps
 from protocol.durable import write_atomic
+from protocol.secagg import skellam
 
 
 def _safe(name: str) -> str:
@@ -32,6 +33,20 @@ def _safe(name: str) -> str:
 def atomic_write_json(path: Path, doc: Any) -> None:
     """Replace ``path`` with ``doc`` so a crash leaves the old or the new file, never half."""
     write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def _skellam_rows(rel: list[dict[str, Any]]) -> list[skellam.SkellamEntry]:
+    return [skellam.SkellamEntry.from_list(e) for r in rel for e in r.get("skellam", ())]
+
+
+def _epsilon(history: History, pooled: list[skellam.SkellamEntry], *, delta: float, accountant: str) -> float:
+    """epsilon of Gaussian entries plus pooled-DP (Skellam) steps: RDP composed at Opacus' orders
+    (``protocol.secagg.skellam``); without pooled steps exactly ``epsilon_of``."""
+    if not pooled:
+        return epsilon_of(history, delta=delta, accountant=accountant)
+    if accountant not in ("rdp", skellam.ACCOUNTANT):
+        raise ValueError(f"pooled-DP steps compose in RDP only; this ledger reports with {accountant!r}")
+    return skellam.epsilon_of(pooled, delta=delta, gaussian_rdp=rdp_of(history) if history else None)
 
 
 class BudgetExceeded(Exception):
@@ -47,7 +62,8 @@ class PrivacyLedger:
     """Per-dataset privacy releases under ``state_dir/privacy/``, one JSON file per dataset.
 
     Each file lists releases ``{id, kind, run_id, entries, state}``: ``kind`` is "train" or
-    "metrics"/"eval", ``entries`` are Opacus accountant entries ``(σ, q, steps)``, ``state``
+    "metrics"/"eval", ``entries`` are Opacus accountant entries ``(σ, q, steps)`` (a pooled-DP
+    step adds ``skellam``: ``[mu, Δ1, Δ2, q, steps]``, ``protocol.secagg.skellam``), ``state``
     is "reserved" (counted, training under way) or "spent". The history every epsilon is
     computed from includes reserved releases, so a crash between reserve and commit
     over-counts and never under-counts. Check-and-reserve happens under an exclusive
@@ -103,18 +119,23 @@ class PrivacyLedger:
         return {"history": self.history(dataset), "mechanism": "rdp"}
 
     def spent(self, dataset: str, *, delta: float, accountant: str = "rdp") -> float:
-        return epsilon_of(self.history(dataset), delta=delta, accountant=accountant)
+        with self._locked(dataset) as rel:
+            history, pooled = merge([e for r in rel for e in r["entries"]]), _skellam_rows(rel)
+        return _epsilon(history, pooled, delta=delta, accountant=accountant)
 
     def project(self, dataset: str, *, noise_multiplier: float, sample_rate: float, steps: int,
                 delta: float, accountant: str = "rdp") -> float:
         """ε after this task's steps, computed on a copy: nothing is recorded."""
-        after = simulate_steps(self.history(dataset), noise_multiplier=noise_multiplier,
-                               sample_rate=sample_rate, steps=steps)
-        return epsilon_of(after, delta=delta, accountant=accountant)
+        with self._locked(dataset) as rel:
+            history, pooled = merge([e for r in rel for e in r["entries"]]), _skellam_rows(rel)
+        after = simulate_steps(history, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return _epsilon(after, pooled, delta=delta, accountant=accountant)
 
     def project_entries(self, dataset: str, entries: History, *, delta: float, accountant: str = "rdp") -> float:
         """ε after releasing ``entries`` on top of the ledger, computed on a copy: nothing is recorded."""
-        return epsilon_of(merge([*self.history(dataset), *entries]), delta=delta, accountant=accountant)
+        with self._locked(dataset) as rel:
+            history, pooled = merge([e for r in rel for e in r["entries"]]), _skellam_rows(rel)
+        return _epsilon(merge([*history, *entries]), pooled, delta=delta, accountant=accountant)
 
     def count(self, dataset: str, *, kind: str, run_id: str) -> int:
         """Releases of ``kind`` for ``run_id`` so far (the per-run evaluation cap)."""
@@ -123,7 +144,8 @@ class PrivacyLedger:
 
     def reserve(self, dataset: str, *, release_id: str, kind: str, entries: History, delta: float,
                 accountant: str, max_epsilon: float | None, run_id: str | None = None,
-                max_count: tuple[int, str] | None = None) -> tuple[float, float]:
+                max_count: tuple[int, str] | None = None,
+                pooled: list[skellam.SkellamEntry] | None = None) -> tuple[float, float]:
         """Check the budget and reserve ``entries`` in one locked step; returns (spent, projected) ε.
 
         Raises ``BudgetExceeded`` (nothing reserved) when the projection passes ``max_epsilon``,
@@ -141,9 +163,10 @@ class PrivacyLedger:
                 if done >= cap:
                     raise BudgetExceeded(f"{setting}: {done} {kind} releases for run {run_id!r} already, this "
                                          f"site's policy.{setting} is {cap}", {"count": float(done), "cap": float(cap)})
-            history = merge([e for r in rel for e in r["entries"]])
-            spent = epsilon_of(history, delta=delta, accountant=accountant)
-            projected = epsilon_of(merge([*history, *entries]), delta=delta, accountant=accountant)
+            history, before = merge([e for r in rel for e in r["entries"]]), _skellam_rows(rel)
+            spent = _epsilon(history, before, delta=delta, accountant=accountant)
+            projected = _epsilon(merge([*history, *entries]), [*before, *(pooled or [])], delta=delta,
+                                 accountant=accountant)
             if max_epsilon is not None and projected > max_epsilon:
                 # The projection follows from this task's sample rate and steps (the site's training
                 # rows): the figure stays in ``figures`` for the site's log, the wire omits it.
@@ -153,7 +176,8 @@ class PrivacyLedger:
                     {"epsilon_spent": spent, "epsilon_projected": projected, "max_epsilon": max_epsilon,
                      "delta": delta})
             rel.append({"id": release_id, "kind": kind, "run_id": run_id, "state": "reserved", "at": time.time(),
-                        "entries": [[float(a), float(b), int(c)] for a, b, c in entries]})
+                        "entries": [[float(a), float(b), int(c)] for a, b, c in entries],
+                        **({"skellam": [p.as_list() for p in pooled]} if pooled else {})})
             return spent, projected
 
     def commit(self, dataset: str, release_id: str) -> None:

@@ -68,6 +68,8 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
     if policy.secure_aggregation == "off" and secagg is not None:
         raise PolicyViolation("secure_aggregation: this site does not take part in secure aggregation (its policy "
                               "says off); run without federated.secure_aggregation or ask the site to allow it")
+    if secagg is not None and secagg.dp != "off":
+        check_pooled_policy(policy, experiment)
     if secagg is not None and secagg.min_contributors < policy.secure_aggregation_min_contributors:
         raise PolicyViolation(f"secure_aggregation_min_contributors: the experiment unmasks sums of "
                               f"{secagg.min_contributors} update(s), this site requires at least "
@@ -78,6 +80,8 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
                               f"(allowed: {', '.join(policy.allowed_aggregators)})")
     dp = dp_settings(experiment)
     if dp is None:
+        if secagg is not None and secagg.dp == "pooled":
+            return  # DP comes from the pooled step (check_pooled_policy)
         if not policy.allow_no_dp:
             raise PolicyViolation("allow_no_dp: differential privacy is off for this experiment and this site "
                                   "requires it")
@@ -93,6 +97,32 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
         check_noise(policy, float(dp.noise_multiplier))
     if dp.target_epsilon is not None and policy.max_epsilon is not None and dp.target_epsilon > policy.max_epsilon:
         raise PolicyViolation(f"max_epsilon: target epsilon {dp.target_epsilon} exceeds this site's max_epsilon "
+                              f"{policy.max_epsilon}")
+
+
+def check_pooled_policy(policy: SitePolicy, experiment: Experiment) -> None:
+    """Pooled DP (``federated.secure_aggregation.dp = "pooled"``): the site's share composes with its
+    other releases in RDP only, its m must fit under the roster's K, and the pooled noise must
+    meet the site's ``min_noise_multiplier`` (as a Gaussian of the same variance)."""
+    from protocol.model import summarize
+    from protocol.secagg import skellam
+    from protocol.secagg.rules import pooled_mu
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None
+    if sa.dp != "pooled":
+        raise PolicyViolation(f"secure_aggregation: this site does not know dp = {sa.dp!r}")
+    if policy.accountant != "rdp":
+        raise PolicyViolation(f"accountant: pooled DP steps compose in RDP; this site's policy.accountant is "
+                              f"{policy.accountant!r}")
+    if sa.min_contributors < policy.assume_honest_sites:
+        raise PolicyViolation(f"assume_honest_sites: the experiment unmasks sums of {sa.min_contributors} site(s), "
+                              f"fewer than the {policy.assume_honest_sites} noise shares this site assumes")
+    _, l2 = skellam.sensitivities(sa.clip, sa.scale, summarize(experiment.architecture.layers).trainable)
+    sigma = skellam.gaussian_equivalent(pooled_mu(experiment), l2)
+    check_noise(policy, sigma)
+    if sa.target_epsilon is not None and policy.max_epsilon is not None and sa.target_epsilon > policy.max_epsilon:
+        raise PolicyViolation(f"max_epsilon: target epsilon {sa.target_epsilon} exceeds this site's max_epsilon "
                               f"{policy.max_epsilon}")
 
 

@@ -88,6 +88,7 @@ class _RunState:
     answered: dict[str, list[str]] = field(default_factory=dict)  # request id -> [body digest, answer file's sha256]
     masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
     shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> sha256 of the share file held
+    pooled_floor: int = 0  # assume_honest_sites once a pooled-DP share was masked: no sum of fewer sites
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,34 @@ class SiteSecAgg:
         if values.size != roster.length:
             raise SecAggRefused("roster_mismatch", f"update has {values.size} values, the roster says {roster.length}")
         cfg = F.QuantConfig(roster.clip, roster.scale, len(roster.sites))
+        return self._masked(run_id, tag, roster, st, F.quantise(values, cfg))
+
+    @_one_at_a_time(lambda run_id: run_id)
+    def mask_integers(self, run_id: str, tag: int, values: np.ndarray, *, assume_honest_sites: int,
+                      bound: int) -> MaskedOutput:
+        """Mask an integer vector (the pooled-DP mode's noisy batch sum, ``site_worker.pooled_dp``),
+        only under a roster whose K is at least m, and commit to never answering for a sum of fewer
+        than max(K, m) sites: fewer would carry less noise than the site's ledger charged for."""
+        roster = self.roster(run_id)
+        st = self._load(run_id)
+        if tag in st.masked_tags:
+            raise SecAggRefused("mask_reused", f"update {tag} of run {run_id!r} was already masked; a mask is used once")
+        if values.size != roster.length:
+            raise SecAggRefused("roster_mismatch", f"update has {values.size} values, the roster says {roster.length}")
+        # Every roster site enforces the committed K at unmask, this site's m only where it answers:
+        # so K itself must cover m, or U other sites could unmask a sum of fewer than m shares.
+        if roster.min_contributors < int(assume_honest_sites):
+            raise SecAggRefused("min_contributors", f"the roster unmasks sums of {roster.min_contributors} site(s), "
+                                                    f"fewer than the {int(assume_honest_sites)} noise shares this site "
+                                                    "assumes (assume_honest_sites): ask for min_contributors >= that")
+        ints = np.asarray(values, dtype=np.int64)
+        if ints.size and int(np.abs(ints).max()) > bound:
+            raise SecAggRefused("field_budget", f"a coordinate of {int(np.abs(ints).max())} exceeds the stated "
+                                                f"per-site bound {bound}: the sum could wrap around the field")
+        st.pooled_floor = max(st.pooled_floor, int(assume_honest_sites))
+        return self._masked(run_id, tag, roster, st, np.mod(ints, F.P))
+
+    def _masked(self, run_id: str, tag: int, roster: Roster, st: _RunState, elements: np.ndarray) -> MaskedOutput:
         coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
         mask, shares = mask_and_shares(new_mask_key(), coding)
         me = AgreementKey.from_private_bytes(bytes.fromhex(st.x25519))
@@ -258,7 +287,7 @@ class SiteSecAgg:
                                       run_id=run_id, tag=tag, sender=self.site_id, recipient=site)
         st.masked_tags.append(tag)
         self._save(run_id, st)
-        return MaskedOutput(F.add(F.quantise(values, cfg), mask), sealed)
+        return MaskedOutput(F.add(elements, mask), sealed)
 
     @_one_at_a_time(lambda run_id: run_id)
     def receive_share(self, run_id: str, sender: str, tag: int, sealed: bytes) -> None:
@@ -303,9 +332,10 @@ class SiteSecAgg:
         if len(set(wanted)) != len(wanted):
             raise SecAggRefused("update_reused", "the request names one update twice")
         hospitals = {s for s, _ in wanted}  # K updates from one site would be that site's own sum
-        if len(hospitals) < roster.min_contributors:
+        floor = max(roster.min_contributors, st.pooled_floor)  # pooled DP: never fewer than m noise shares
+        if len(hospitals) < floor:
             raise SecAggRefused("min_contributors", f"the request sums updates of {len(hospitals)} site(s); this site "
-                                                    f"answers only for at least {roster.min_contributors} sites")
+                                                    f"answers only for at least {floor} sites")
         used = {(str(s), int(t)) for s, t in st.used}
         reused = [f"{s}#{t}" for s, t in wanted if (s, t) in used]
         if reused:

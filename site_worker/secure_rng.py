@@ -45,6 +45,7 @@ _NOISE_CHUNK = 1 << 18
 _PAIR_BYTES = 12
 _MASK63 = (1 << 63) - 1
 _MASK24 = (1 << 24) - 1
+_PTRS_MIN = 10.0  # Poisson rates from here on use PTRS (its constants are fitted for lam >= 10)
 
 
 class SecureRandom:
@@ -122,6 +123,64 @@ class SecureRandom:
         c, s = torch.cos(angle).mul_(radius), torch.sin(angle).mul_(radius)
         # Fixed order of the four adds, so a reproducible run's noise does not depend on threads.
         return c[:k].add_(c[k:]).add_(s[:k]).add_(s[k:])
+
+    def poisson(self, lam: float, n: int) -> np.ndarray:
+        """``n`` Poisson(``lam``) draws (int64) from this stream: exact inversion by sequential
+        search below ``_PTRS_MIN``, above it Hormann's transformed rejection with squeeze (PTRS,
+        1993; the algorithm NumPy's ``random_poisson_ptrs`` runs), each rejected draw redrawn. Both
+        are exact up to float64 rounding of the acceptance test (lgamma, log): the pooled mode's
+        privacy noise (``skellam``), so never numpy's default generator."""
+        if not (math.isfinite(lam) and lam >= 0) or n < 0:
+            raise ValueError(f"poisson needs a finite rate >= 0 and n >= 0, got {lam!r}, {n!r}")
+        if lam == 0 or n == 0:
+            return np.zeros(n, dtype=np.int64)
+        return self._poisson_small(lam, n) if lam < _PTRS_MIN else self._poisson_ptrs(lam, n)
+
+    def _poisson_small(self, lam: float, n: int) -> np.ndarray:
+        """Inversion: the smallest k with F(k) >= u; the loop ends (F -> 1) within ~lam + 40 terms."""
+        u = self.uniform(n)
+        k = np.zeros(n, dtype=np.int64)
+        p = math.exp(-lam)
+        cdf = np.full(n, p)
+        j = 0
+        active = u > cdf
+        while active.any() and j < 1000:
+            j += 1
+            p *= lam / j
+            k[active] += 1
+            cdf[active] += p
+            active &= u > cdf
+        return k
+
+    def _poisson_ptrs(self, lam: float, n: int) -> np.ndarray:
+        from scipy.special import gammaln  # imported on first use: most tasks never draw a Poisson
+
+        slam, loglam = math.sqrt(lam), math.log(lam)
+        b = 0.931 + 2.53 * slam
+        a = -0.059 + 0.02483 * b
+        invalpha = 1.1239 + 1.1328 / (b - 3.4)
+        vr = 0.9277 - 3.6224 / (b - 2)
+        out = np.empty(n, dtype=np.int64)
+        todo = np.arange(n)
+        while todo.size:
+            u = self.uniform(todo.size) - 0.5
+            v = self.uniform(todo.size)
+            us = 0.5 - np.abs(u)
+            k = np.floor((2 * a / us + b) * u + lam + 0.43)
+            fast = (us >= 0.07) & (v <= vr)
+            valid = (k >= 0) & ~((us < 0.013) & (v > us))
+            kk = np.maximum(k, 0.0)
+            lg = gammaln(kk + 1.0)
+            slow = valid & (np.log(v) + math.log(invalpha) - np.log(a / (us * us) + b) <= -lam + kk * loglam - lg)
+            ok = fast | slow
+            out[todo[ok]] = k[ok].astype(np.int64)
+            todo = todo[~ok]
+        return out
+
+    def skellam(self, mu: float, n: int) -> np.ndarray:
+        """``n`` Sk(mu, mu) draws: the difference of two independent Poisson(mu) (variance 2*mu).
+        A sum of shares Sk(mu_i, mu_i) is exactly Sk(sum mu_i, sum mu_i)."""
+        return self.poisson(mu, n) - self.poisson(mu, n)
 
     def bernoulli_indices(self, n: int, p: float) -> torch.Tensor:
         """Indices of the rows kept by independent Bernoulli(p) draws (one Poisson batch)."""

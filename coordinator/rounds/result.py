@@ -192,12 +192,16 @@ def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]]) -> dict[str, 
     if sa is None:
         return {"used": False, "coordinator_saw": "each contributing site's update in the clear"}
     sums = [r["metrics"]["secure_aggregation"] for r in rounds if "secure_aggregation" in (r.get("metrics") or {})]
+    saw = ("each site's masked update (uniform field elements) and the unmasked sum of each "
+           + ("buffer" if ctx.experiment.federated.name == "FedBuff" else "round")
+           + " with its weight sum: never one site's update, row count or training metric")
+    if sa.dp == "pooled":
+        saw = ("each site's masked update (uniform field elements) and each round's unmasked sum of the sites' "
+               "noisy integer batch gradients (pooled Skellam noise, added by the sites): never one site's step, "
+               "batch size or training metric, never an un-noised sum")
     return {"used": True, "min_contributors": sa.min_contributors, "threshold": sa.threshold, "privacy": sa.privacy,
-            "clip": sa.clip, "scale": sa.scale, "sums_unmasked": len(sums),
-            "fewest_contributors": min((int(x["contributors"]) for x in sums), default=None),
-            "coordinator_saw": "each site's masked update (uniform field elements) and the unmasked sum of each "
-                               + ("buffer" if ctx.experiment.federated.name == "FedBuff" else "round")
-                               + " with its weight sum: never one site's update, row count or training metric"}
+            "clip": sa.clip, "scale": sa.scale, "sums_unmasked": len(sums), "dp": sa.dp,
+            "fewest_contributors": min((int(x["contributors"]) for x in sums), default=None), "coordinator_saw": saw}
 
 
 def _central_privacy(central: Any, rounds: list[dict[str, Any]], run_sites: list[str]) -> dict[str, Any]:

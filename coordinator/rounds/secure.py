@@ -27,7 +27,7 @@ import numpy as np
 from coordinator.aggregators import Contribution
 from coordinator.inbox import Held, Message
 from coordinator.rounds.context import RunContext, RunFailed, give_up
-from coordinator.secagg import CoordinatorSecAgg, MaskedSum, weighted_mean
+from coordinator.secagg import CoordinatorSecAgg, MaskedSum, expected_batch, pooled_gradient, weighted_mean
 from coordinator.validation import Rejected
 from protocol.errors import ProtocolError
 from protocol.messages import (Declined, MaskedUpdate, SecAggAnswer, SecAggJoin, SecAggKey, SecAggRoster, SecAggShare,
@@ -63,6 +63,7 @@ class SecureSync:
         self.agg: CoordinatorSecAgg | None = None
         self.report: dict[str, Any] = {"coordinator_saw": "masked updates and the unmasked sum of each round"}
         self.tags: set[tuple[str, int]] = set()  # every (site, tag) accepted in this run: each is summed once
+        self.pooled = sa.dp == "pooled"  # record-level DP at pooled cost: integer batch sums + Skellam shares
 
     @property
     def sites(self) -> list[str]:
@@ -115,7 +116,7 @@ class SecureSync:
         self.agg = CoordinatorSecAgg.build(
             ctx.tasks.signer, ctx.run_id, list(bindings.values()), min_contributors=self.cfg.min_contributors,
             threshold=self.cfg.threshold, privacy=self.cfg.privacy, clip=self.cfg.clip, scale=self.cfg.scale,
-            length=int(_flat(weights).size) + 1)
+            length=int(_flat(weights).size) + (0 if self.pooled else 1))  # pooled: no weight slot
         signed = self.agg.signed_roster
         with ctx.tasks.batch():
             for site in self.agg.roster.sites:
@@ -215,18 +216,38 @@ class SecureSync:
 
             ctx.inbox.handle(inbound, round=rnd, held=held, route=route)
         try:
-            summed = agg.unmask(total, answers)
+            summed = agg.unmask_integers(total, answers) if self.pooled else agg.unmask(total, answers)
         except NotEnoughShares as e:
             why = "; ".join(f"{s}: {d[:200]}" for s, d in sorted(refused.items()))
             raise give_up(held, f"round {rnd}: secure aggregation could not unmask the sum of {len(total.contributors)} "
                                 f"update(s): {e}; answered: {', '.join(sorted(answers)) or 'none'}"
                                 + (f"; refused: {why}" if why else "")
                                 + ". Nothing but the masked sum was held.") from None
-        step = weighted_mean(summed)
+        if self.pooled:
+            step, row = self._pooled_step(summed, total)
+        else:
+            step, row = weighted_mean(summed), {"weight_sum": float(summed[-1])}
         mean = _unflat(_flat(weights) + step, weights)
         self.report.setdefault("rounds", []).append({"round": rnd, "contributors": len(total.contributors),
-                                                      "answered": sorted(answers), "weight_sum": float(summed[-1])})
+                                                      "answered": sorted(answers), **row})
         return Contribution(site="secure-sum", weights=mean, num_examples=1, base_round=rnd - 1)
+
+    def _pooled_step(self, summed: np.ndarray, total: MaskedSum) -> tuple[np.ndarray, dict[str, Any]]:
+        """One SGD step on the noisy pooled gradient: the integer sum over s and the expected batch
+        (q x the training rows the contributors announced: rows x (1 - test_fraction) x (1 -
+        validation_fraction), all public). The coordinator adds no noise."""
+        exp = self.ctx.experiment
+        rows = {}
+        for site in {s for s, _ in total.contributors}:
+            rec = self.ctx.store.site(site) or {}
+            hello = rec.get("hello") or {}
+            test = float((hello.get("policy") or {}).get("test_fraction", 0.2))
+            announced = [d.get("rows") or 0 for d in hello.get("datasets") or [] if d.get("name") == exp.dataset.name]
+            n = int(announced[0]) if announced else 0
+            rows[site] = max(1, int(n * (1 - test) * (1 - float(exp.dataset.validation_fraction))))
+        batch = expected_batch(rows, rows, self.cfg.sample_rate)
+        grad = pooled_gradient(summed, scale=self.cfg.scale, batch=batch)
+        return -float(exp.training.optimizer.learning_rate) * grad, {"expected_batch": batch}
 
 
 __all__ = ["SETUP_ROUND", "SecureSync"]

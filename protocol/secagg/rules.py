@@ -9,11 +9,15 @@ per-update norm check and central DP's per-update clipping (the sites clip to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.config_error import ConfigError
-from protocol.secagg.field import QuantConfig
+from protocol.secagg.field import HALF, QuantConfig
+
+if TYPE_CHECKING:
+    from protocol.config import Experiment
 
 WHERE = "federated.secure_aggregation"
 SYNC_AGGREGATORS = ("FedAvg", "FedAvgM", "FedAdam", "FedProx")  # server steps on the average only
@@ -64,3 +68,53 @@ def check_aggregator(name: str, parameters: Mapping[str, Any], *, central_dp: bo
     if central_dp:
         raise ConfigError("federated.central_dp", "central DP clips each update at the coordinator, which secure "
                                                   "aggregation hides; leave it out (sites add the noise themselves)")
+
+
+DP_MODES = ("off", "pooled")
+
+
+def pooled_mu(experiment: Experiment) -> float:
+    """The pooled Skellam parameter mu of a ``dp = "pooled"`` run: from ``noise_multiplier`` (2 mu =
+    (sigma Delta2)^2, the Gaussian's variance) or the least mu meeting ``target_epsilon`` over the
+    run's rounds (one step each) at ``delta`` (``protocol.secagg.skellam.plan_mu``)."""
+    from protocol.model import summarize
+    from protocol.secagg import skellam
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None
+    dim = summarize(experiment.architecture.layers).trainable
+    l1, l2 = skellam.sensitivities(sa.clip, sa.scale, dim)
+    if sa.noise_multiplier is not None:
+        return 0.5 * (sa.noise_multiplier * l2) ** 2
+    assert sa.target_epsilon is not None
+    return skellam.plan_mu(target_epsilon=sa.target_epsilon, delta=sa.delta, steps=int(experiment.training.rounds),
+                           sample_rate=sa.sample_rate, l1=l1, l2=l2)
+
+
+def check_pooled(experiment: Experiment) -> None:
+    """Refuse a pooled-mode experiment that is incomplete, runs where it cannot, or would overflow
+    the field: ``max_sites`` batch sums of ``max_batch`` rows plus the noise of the sum out to
+    ``NOISE_TAIL_SDS`` standard deviations (m = 1, the most noise any site may add) must stay
+    within the field's 2**30 - 1."""
+    from protocol.secagg import skellam
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None
+    if sa.dp not in DP_MODES:
+        raise ConfigError(f"{WHERE}.dp", f"must be one of {', '.join(DP_MODES)}, got {sa.dp!r}")
+    if (sa.noise_multiplier is None) == (sa.target_epsilon is None):
+        raise ConfigError(f"{WHERE}.dp", 'pooled needs exactly one of noise_multiplier or target_epsilon')
+    if experiment.federated.name not in SYNC_AGGREGATORS:
+        raise ConfigError(f"{WHERE}.dp", f"pooled takes one step a round in the synchronous loop; use "
+                                         f"{', '.join(SYNC_AGGREGATORS)}, not {experiment.federated.name!r}")
+    if experiment.training.dp is not None:
+        raise ConfigError(f"{WHERE}.dp", "pooled adds the DP-SGD noise itself (a share per site); disable "
+                                         "training.optimizer.differential_privacy")
+    mu = pooled_mu(experiment)
+    bound = skellam.field_bound(sites=sa.max_sites, max_batch=sa.max_batch, clip=sa.clip, scale=sa.scale, mu=mu,
+                                honest=1)
+    if bound > HALF:
+        per = math.floor(sa.scale * sa.clip + 0.5)
+        raise ConfigError(f"{WHERE}.scale", f"{sa.max_sites} sites x max_batch {sa.max_batch} x round(clip x scale) "
+                                            f"{per} plus {skellam.NOISE_TAIL_SDS:g} SDs of the noise = {bound} exceeds "
+                                            f"the field's {HALF}: lower scale, max_batch or max_sites")
