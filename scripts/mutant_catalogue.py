@@ -1690,3 +1690,12 @@ MUTANTS.extend([
         (f"{_POOLED_BUS}::test_a_pooled_step_that_would_not_fit_the_sites_memory_is_declined_before_anything_is_spent",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "kit-needs-root", "a provisioned kit, copied and handed to an unprivileged user, runs as that user (its state "
+        "in the kit, nothing under a root-only path)",
+        (Edit("fedbus/kits.py", 'coordinator_pub = "coordinator.pub"\nstate_dir = "state"\nlog_level = "info"\n',
+              'coordinator_pub = "coordinator.pub"\nstate_dir = "/root/fedbus-state"\nlog_level = "info"\n'),),
+        ("tests/cli/test_kit_portable.py::test_a_copied_kit_runs_as_an_unprivileged_user",),
+    ),
+])

@@ -4,6 +4,7 @@ and passes ``site check``, which always opens the data file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,7 @@ def test_a_kit_copied_to_another_folder_starts_and_passes_site_check(tmp_path: P
     """Provisioned in one folder, the kit (and the data, where the hospital keeps it) copied to
     another and the original deleted: ``site check`` passes every line (broker login included)
     and ``site run`` starts (its hello reaches the broker) from an unrelated working directory.
-    Not run as another user here: the shared venv is not readable by an unprivileged user on
-    this machine, so the unit's User=fedbus is checked by its text only."""
+    Run as another user: ``test_a_copied_kit_runs_as_an_unprivileged_user``."""
     tag = uuid.uuid4().hex[:8]
     site = f"port-{tag}"
     vhost = urlsplit(amqp_url).path
@@ -139,6 +139,75 @@ def test_a_kit_copied_to_another_folder_starts_and_passes_site_check(tmp_path: P
             proc.terminate()
             proc.wait(timeout=60)
     finally:
+        from protocol.transport.provision import deprovision
+
+        deprovision(amqp_url, [site, f"coordinator-fed-{tag}"])
+
+
+DEBIAN_PYTHON = Path("/usr/bin/python3.11")  # the system's interpreter: the venv's lives under /root (0700)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None or not DEBIAN_PYTHON.exists()
+                    or sys.version_info[:2] != (3, 11),
+                    reason="needs root (runuser), Debian's python3.11 and a 3.11 venv")
+def test_a_copied_kit_runs_as_an_unprivileged_user(tmp_path: Path, amqp_url: str) -> None:
+    """Issue 24 (kits travel): the kit copied to the hospital's folder and handed to an unprivileged
+    user (``nobody``, as the unit's ``User=`` would) passes ``site check`` and starts ``site run``
+    as that user: its keys, data and state are its own, nothing needs root. The interpreter is
+    Debian's python3.11 over the project's installed packages (the venv's own python sits under
+    /root, which no other user may enter on this machine)."""
+    import pwd
+    import tempfile
+
+    tag = uuid.uuid4().hex[:8]
+    site = f"user-{tag}"
+    vhost = urlsplit(amqp_url).path
+    proj_dir = tmp_path / "provisioner"
+    proj_dir.mkdir()
+    data = _data(proj_dir / "hf.csv")
+    proj = _project(proj_dir, [site], data=data, broker=f"amqp://127.0.0.1:5672{vhost}", admin=amqp_url,
+                    fed=f"fed-{tag}")
+    hospital = Path(tempfile.mkdtemp(prefix="fedbus-hospital-", dir="/tmp"))  # pytest's tmp is root's alone
+    nobody = pwd.getpwnam("nobody")
+    try:
+        r = CliRunner().invoke(app, ["provision", str(proj), "--out", str(proj_dir / "kits")])
+        assert r.exit_code == 0, r.output
+        kit = hospital / "opt" / "fedbus" / site
+        shutil.copytree(proj_dir / "kits" / site, kit)
+        rel = tomllib.loads((kit / "site.toml").read_text())["datasets"]["heart_failure"]["path"]
+        (kit / rel).resolve().parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data, (kit / rel).resolve())
+        for p in [hospital, *hospital.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        hospital.chmod(0o755)
+        site_packages = next(Path(sys.prefix).glob("lib/python3.11/site-packages"))
+        if subprocess.run(["runuser", "-u", "nobody", "--", "test", "-r", str(site_packages / "torch" / "__init__.py")],
+                          timeout=30).returncode != 0:
+            pytest.skip(f"{site_packages} is not readable by an unprivileged user here")
+        # fedbus as the hospital installs it: its packages in a folder the service user may read
+        repo, app_dir = Path(__file__).resolve().parents[2], hospital / "app"
+        for package in ("fedbus", "protocol", "site_worker", "coordinator", "simulator"):
+            shutil.copytree(repo / package, app_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [hospital, *hospital.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        as_nobody = ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={app_dir}{os.pathsep}{site_packages}",
+                     f"HOME={hospital}", str(DEBIAN_PYTHON), "-m", "fedbus.cli", "site"]
+        check = subprocess.run([*as_nobody, "check", "--config", str(kit / "site.toml")], cwd=hospital,
+                               capture_output=True, text=True, timeout=180)
+        assert check.returncode == 0, check.stdout + check.stderr[-2000:]
+        assert "ok    dataset heart_failure" in check.stdout and "ok    broker: logged in" in check.stdout
+        proc = subprocess.Popen([*as_nobody, "run", "--config", str(kit / "site.toml")], cwd=hospital,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert _wait_for_line(proc, "hello", timeout_s=120), "the site never said hello as nobody"
+            state = kit / "state"
+            assert state.is_dir() and state.stat().st_uid == nobody.pw_uid  # its state is the user's own
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    finally:
+        shutil.rmtree(hospital, ignore_errors=True)
         from protocol.transport.provision import deprovision
 
         deprovision(amqp_url, [site, f"coordinator-fed-{tag}"])
