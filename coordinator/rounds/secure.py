@@ -194,7 +194,7 @@ class SecureSync:
 
         ``other`` (FedBuff): every message that is not an answer to this request is handed to it
         (the next buffer's masked updates keep arriving while this one unmasks)."""
-        ctx, agg = self.ctx, self.agg
+        agg = self.agg
         assert agg is not None
         answers, refused = self.answers(rnd, total, held, other)
         try:
