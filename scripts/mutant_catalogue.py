@@ -1319,8 +1319,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "secagg-relay-drops-shares", "the coordinator relays every sealed share to its recipient (else no U sites can answer)",
-        (Edit("coordinator/rounds/secure.py", "            for recipient, sealed in p.shares:\n",
-              "            for recipient, sealed in p.shares[:0]:\n"),),
+        (Edit("coordinator/rounds/secure.py", "            for recipient, sealed in shares:\n",
+              "            for recipient, sealed in shares[:0]:\n"),),
         (f"{_SECAGG_RUN}::test_secure_fedavg_equals_the_plain_weighted_mean_within_the_quantisation_error",),
     ),
     Mutant(
