@@ -160,3 +160,20 @@ def test_no_frame_a_site_publishes_carries_an_unmasked_union_vector(run):
                 q = F.quantise(pack(v, masked.size, sa["clip"]), F.QuantConfig(sa["clip"], sa["scale"], N))
                 assert (q != masked.astype(np.int64)).mean() > 0.9  # masked: never the quantised vector
     assert unions == N
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_on_rabbitmq_the_union_figures_come_from_the_secure_sum(amqp_url):
+    """The same run with the sites as processes on RabbitMQ: the union from the secure sum, its noise
+    σ·Δ once, each site's own release beside it, and nothing refused or declined."""
+    import uuid
+
+    doc = simulate(_experiment(), sites=N, rounds=2, seed=3, progress=False, site_metrics="dp", broker=amqp_url,
+                   site_suffix=f"-{uuid.uuid4().hex[:6]}")
+    final = doc["final"]
+    assert final["union_source"] == "secure_sum" and doc["rejected"] == [] and doc["declined"] == []
+    assert final["noise_sd"] == pytest.approx(SIGMA * DELTA_SENS)
+    lo, hi = final["ci"]["accuracy"]
+    widths = [m["ci"]["accuracy"][1] - m["ci"]["accuracy"][0] for m in final["per_site"].values()]
+    assert len(widths) == N and (hi - lo) < min(widths)
