@@ -1730,4 +1730,11 @@ MUTANTS.extend([
               "    fields = {\"union_tag\": tag, \"union_masked\": ((\"masked\", F.to_bytes_array(plain)),),\n"),),
         (f"{_UNION_RUN}::test_no_frame_a_site_publishes_carries_an_unmasked_union_vector",),
     ),
+    Mutant(
+        "union-asks-below-k", "the coordinator asks to unmask a union only from at least min_contributors vectors "
+        "(K inside; K - 1: pooled releases, saying why)",
+        (Edit("coordinator/rounds/secure.py", "        if len(contributors) < self.cfg.min_contributors:\n",
+              "        if len(contributors) < self.cfg.min_contributors - 1:\n"),),
+        (f"{_UNION_RUN}::test_the_union_is_unmasked_only_from_at_least_k_vectors",),
+    ),
 ])

@@ -14,6 +14,10 @@ it sends one signed ``SecAggUnmask`` naming exactly the contributors to every ro
 decodes the mask sum from the first U ``SecAggAnswer``s, subtracts it and divides by the
 unmasked sum of weights. Fewer than U answers by the deadline fail the round
 (``NotEnoughShares``) and nothing but the masked sum was ever held.
+
+The final test's union metrics (``protocol/secagg/union.py``) ride the same machinery: the roster's
+vector has room for the union vector, each DP-metrics site's final ``EvalResult`` carries its masked
+union vector (``accept_union``), and ``union`` unmasks only their sum, from at least K sites.
 """
 
 from __future__ import annotations

@@ -177,3 +177,41 @@ def test_on_rabbitmq_the_union_figures_come_from_the_secure_sum(amqp_url):
     lo, hi = final["ci"]["accuracy"]
     widths = [m["ci"]["accuracy"][1] - m["ci"]["accuracy"][0] for m in final["per_site"].values()]
     assert len(widths) == N and (hi - lo) < min(widths)
+
+
+@pytest.mark.parametrize(("k", "secure"), [(3, True), (4, False)])
+def test_the_union_is_unmasked_only_from_at_least_k_vectors(monkeypatch, k, secure):
+    """site-4 declines its final test (it cannot mask a union vector): three vectors are a secure sum
+    when K = 3 (just inside) and are never unmasked when K = 4 (just outside): the union is then
+    pooled from the sites' own releases, and the result says why."""
+    from site_worker.secagg import SecAggRefused
+
+    check = sm.check_union
+
+    def site_4_cannot(secagg: Any, env: Any) -> None:
+        if secagg is not None and secagg.config.site_id == "site-4":
+            raise SecAggRefused("roster_missing", "site-4 lost its secure-aggregation state")
+        check(secagg, env)
+
+    unmasked: list[int] = []
+    union = SecureSync.union
+
+    def count(sec: SecureSync, rnd: int, total: Any, results: Any, held: Any) -> Any:
+        out = union(sec, rnd, total, results, held)
+        unmasked.append(int(out[0] is not None))
+        return out
+
+    monkeypatch.setattr(sm, "check_union", site_4_cannot)
+    monkeypatch.setattr(SecureSync, "union", count)
+    exp = _experiment()
+    exp["federated"]["secure_aggregation"]["min_contributors"] = k
+    doc = simulate(exp, sites=N, rounds=1, seed=3, progress=False, site_metrics="dp")
+    final = doc["final"]
+    assert sorted(final["per_site"]) == ["site-1", "site-2", "site-3"] and unmasked == [int(secure)]
+    if secure:
+        assert final["union_source"] == "secure_sum"
+        assert final["noise_sd"] == pytest.approx(SIGMA * DELTA_SENS * math.sqrt(3 / k))  # K' = 3 shares of σΔ/√K
+    else:
+        assert final["union_source"].startswith("per_site_releases (3 union vector(s), fewer than min_contributors 4")
+        assert "noise_sd" not in final and "accuracy" in final["ci"]  # pooled from the three releases' cells
+    assert [d["site"] for d in doc["declined"]] == ["site-4"]
