@@ -37,6 +37,7 @@ from protocol import dp_figures
 COUNT_CAP = 2.0**14  # rows a site's count may reach in the field's [-1, 1]
 RELEASE_BINS = 10  # score bins of the binary histogram (site_worker/release.py's BINS)
 CLASSIFICATION_LOSSES = ("bce_with_logits", "cross_entropy")
+LEVELS_PER_COUNT = 4  # field levels per row a roster must give: quantisation <= 1/8 row per site
 
 
 def release_length(*, task: str, loss_name: str, outputs: int) -> int:
@@ -52,9 +53,13 @@ def release_length(*, task: str, loss_name: str, outputs: int) -> int:
 def union_planned(experiment: Any) -> bool:
     """The run's final test carries union vectors: secure aggregation in the sync loop (FedBuff's
     buffers do not send it yet), a classification loss, no personalisation (a PersonalizeTask's
-    release is two models'). The coordinator, the privacy plan and the site's ledger all ask this."""
+    release is two models'), and a roster fine enough for counts: at least ``LEVELS_PER_COUNT``
+    field levels per row (C x S >= 4 x COUNT_CAP; the pooled mode's gradient-sized rosters are
+    not). The coordinator, the privacy plan and the site's ledger all ask this."""
     fed = experiment.federated
-    return (fed.secure_aggregation is not None and fed.name != "FedBuff"
+    sa = fed.secure_aggregation
+    return (sa is not None and fed.name != "FedBuff"
+            and float(sa.clip) * float(sa.scale) >= LEVELS_PER_COUNT * COUNT_CAP
             and str(experiment.training.loss_function) in CLASSIFICATION_LOSSES
             and experiment.training.personalization is None)
 
@@ -115,5 +120,5 @@ def union_figures(layout: str, summed: np.ndarray, *, noise_sd: float, clip: flo
     return out
 
 
-__all__ = ["CLASSIFICATION_LOSSES", "COUNT_CAP", "RELEASE_BINS", "from_field", "noise_share_sd", "pack", "release_length",
+__all__ = ["CLASSIFICATION_LOSSES", "COUNT_CAP", "LEVELS_PER_COUNT", "RELEASE_BINS", "from_field", "noise_share_sd", "pack", "release_length",
            "roster_length", "to_field", "union_figures", "union_noise_sd", "union_planned", "unpack"]

@@ -19,10 +19,10 @@ HEART_FAILURE = Path(__file__).resolve().parents[2] / "examples" / "heart_failur
 DP = SitePolicy(metrics="dp")
 
 
-def _experiment(secure: bool = True, name: str | None = None) -> Any:
+def _experiment(secure: bool = True, name: str | None = None, scale: float = 65536.0) -> Any:
     exp = json.loads(HEART_FAILURE.read_text())
     if secure:
-        exp["federated"]["secure_aggregation"] = {"min_contributors": 2, "threshold": 2}
+        exp["federated"]["secure_aggregation"] = {"min_contributors": 2, "threshold": 2, "scale": scale}
     if name is not None:
         exp["federated"]["name"] = name
     return load_experiment(exp)
@@ -38,3 +38,14 @@ def test_no_union_release_is_planned_where_no_union_vector_is_sent():
     assert len(plan_run(_experiment(secure=False), n_train=100, policy=DP).final_fixed) == 1  # no secure sum
     assert len(plan_run(_experiment(name="FedBuff"), n_train=100, policy=DP).final_fixed) == 1  # not wired there
     assert plan_run(_experiment(), n_train=100, policy=SitePolicy(metrics="exact")).final_fixed == ()
+
+
+def test_a_roster_too_coarse_for_counts_sends_no_union_vector():
+    """C x S >= 4 x COUNT_CAP (4 field levels per row): the default C = 1, S = 2**16 just inside, one
+    level less just outside (e.g. the pooled mode's gradient-sized rosters)."""
+    from protocol.secagg.union import COUNT_CAP, LEVELS_PER_COUNT, union_planned
+
+    edge = LEVELS_PER_COUNT * COUNT_CAP  # clip 1.0
+    assert union_planned(_experiment(scale=edge)) and edge == 65536.0
+    assert not union_planned(_experiment(scale=edge - 1))
+    assert len(plan_run(_experiment(scale=edge - 1), n_train=100, policy=DP).final_fixed) == 1
