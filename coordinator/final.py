@@ -23,6 +23,11 @@ and one whose interval is too wide to say anything is ``None`` with
 union's figures, when every site sent its binary confusion cells, come from the summed cells
 (noise variances add): one consistent matrix with intervals, not a mean of noisy ratios.
 Under DP without cells the union's AUC is not shown: a mean of binned AUCs has no interval.
+
+Under secure aggregation the union's figures come instead from the unmasked SUM of the sites'
+masked union vectors (``union``: ``protocol.secagg.union.union_figures``, noise added once for
+the union, not once per site), in the same form (value, ``ci``, ``withheld``); the caller marks
+``union_source``. Per-site figures stay each site's own release.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from protocol.config import Experiment
 from protocol.messages import TaskConfig
 
 PREFIX = "personalized_"
-_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class", "one_class_dp_estimate"}
+_NOT_GLOBAL = {"epsilon", "delta", "eval_s", "personalize_s", "n", "predicts_one_class", "one_class_dp_estimate",
+               "union_share_sd", "union_loss_clip"}
 
 
 def personalises(experiment: Experiment, config: TaskConfig) -> bool:
@@ -107,12 +113,23 @@ def _pooled(means: dict[str, float], sites: list[dict[str, float]]) -> dict[str,
     return {**{k: v for k, v in flat.items() if not k.endswith(("_lo", "_hi"))}, **dp_figures.block(flat)}
 
 
+def _from_sum(means: dict[str, float], union: dict[str, float]) -> dict[str, Any]:
+    """The union's block from the secure sum's figures (with intervals); the majority-class figure
+    stays the sites' mean (it is no figure of the model)."""
+    flat = {k: v for k, v in union.items() if k != "n" and not k.startswith("majority_class_accuracy")}
+    if means.get("majority_class_accuracy") is not None:
+        flat["majority_class_accuracy"] = means["majority_class_accuracy"]
+    return {**{k: v for k, v in flat.items() if not k.endswith(("_lo", "_hi"))}, **dp_figures.block(flat)}
+
+
 def summarise(experiment: Experiment, results: dict[str, dict[str, float]], *, config: TaskConfig,
-              aggregator: str) -> dict[str, Any]:
-    """The ``final`` block of the result (see the module docstring)."""
+              aggregator: str, union: dict[str, float] | None = None) -> dict[str, Any]:
+    """The ``final`` block of the result (see the module docstring); ``union``: the figures of
+    the secure sum of the sites' union vectors, which replace the pooled per-site releases."""
     glob = {s: {k: v for k, v in m.items() if not k.startswith(PREFIX) and k not in _NOT_GLOBAL}
             for s, m in results.items()}
-    agg = _pooled(weighted_mean([(g, results[s]["n"]) for s, g in glob.items()]), list(results.values()))
+    means = weighted_mean([(g, results[s]["n"]) for s, g in glob.items()])
+    agg = _pooled(means, list(results.values())) if union is None else _from_sum(means, union)
     final: dict[str, Any] = {k: agg.get(k) for k in ("loss", "accuracy", "auc", "f1")}
     final.update({k: v for k, v in agg.items() if k not in final})
     per_site: dict[str, Any] = {}

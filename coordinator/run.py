@@ -146,8 +146,10 @@ class Coordinator:
             # Handed over, not kept: a reference here would hold the initial model for the whole run.
             initial = [weights]
             del weights
+            secure = None  # the sync loop's secure aggregation: the final test's union vectors are summed by it
             if self.agg.synchronous:
-                weights = SyncRounds(ctx, self.agg, self._evaluation(ctx)).run(initial.pop(), first_round)
+                sync = SyncRounds(ctx, self.agg, self._evaluation(ctx))
+                weights, secure = sync.run(initial.pop(), first_round), sync.secure
             elif self.experiment.federated.secure_aggregation is not None:  # FedBuff's buffers, masked
                 weights = SecureBufferRounds(ctx, self.agg).run(initial.pop(), first_round, sites)
             else:
@@ -157,7 +159,7 @@ class Coordinator:
                 status, reason, final = "stopped", stop, {}
                 self._log.info("run stopped on request", reason=stop)
             else:
-                final = self._evaluation(ctx).final(weights)
+                final = self._evaluation(ctx).final(weights, secure=secure)
         except RunFailed as e:
             status, reason, final = "failed", str(e), {}
             weights = self._started_from()  # as before the hand-over: the model the rounds started from

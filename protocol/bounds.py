@@ -390,7 +390,7 @@ FIELDS: dict[str, dict[str, Bound]] = {
     # A liveness beat (coordinator/liveness.py): at most every 10 s, so three missed beats are ≤ 30 s.
     "Heartbeat": {"site_id": IDENT, "seq": Int(0, 2**63 - 1), "every_s": Num(1.0, 10.0)},
     "TrainTask": dict(TASK),
-    "EvalTask": {**TASK, "split": Text(16, choices=("validation", "test"))},
+    "EvalTask": {**TASK, "split": Text(16, choices=("validation", "test")), "union_tag": ROUND},
     "PersonalizeTask": dict(TASK),
     "Update": {
         "task_id": TASK_ID,
@@ -407,6 +407,11 @@ FIELDS: dict[str, dict[str, Bound]] = {
         "num_examples": Int(0, MAX_COUNT),
         "metrics": METRICS,
         "base_round": ROUND,
+        "union_tag": ROUND,
+        "union_masked": Unchecked("Limits (codec); empty, or one uint32 array of the roster's length "
+                                  "(coordinator/rounds/secure.py)"),
+        "union_shares": Unchecked("Limits (codec); empty, or one sealed uint8 share per other roster site "
+                                  "(coordinator/rounds/secure.py)"),
     },
     "Declined": {
         "task_id": TASK_ID,

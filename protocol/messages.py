@@ -148,6 +148,9 @@ class EvalTask:
     model_sha256: str | None = None
     model_size: int = 0
     model_chunks: tuple[str, ...] = ()
+    # Under secure aggregation, the run's final test (protocol/secagg/union.py): > 0 asks a site
+    # whose metrics policy is dp to add its masked union vector, tagged at least this, to its answer.
+    union_tag: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,12 @@ class EvalResult:
     num_examples: int
     metrics: dict[str, float]
     base_round: int
+    # The union vector of a secure run's final test (protocol/secagg/union.py): its tag in the unmask
+    # request, the masked field vector (one uint32 array of the roster's length) and one sealed
+    # uint8 share per other roster site, as in a MaskedUpdate; empty otherwise.
+    union_tag: int = 0
+    union_masked: Tensors = ()
+    union_shares: Tensors = ()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import Any
 from protocol.accounting import History, epsilon_of, merge, simulate_steps
 from protocol.config import Experiment
 from protocol.dp_plan import plan_dp, release_entries, site_plan
+from protocol.secagg.union import union_planned
 from protocol.policy import PolicyViolation, SitePolicy
 from protocol.train_spec import TrainSpec, personalization_spec
 
@@ -135,6 +136,14 @@ def metrics_entries(policy: SitePolicy | None) -> list[tuple[float, float, int]]
     if policy is None:
         return []
     return [(float(a), float(b), int(c)) for a, b, c in release_entries(policy)]
+
+
+def union_entries(experiment: Experiment, policy: SitePolicy | None) -> list[tuple[float, float, int]]:
+    """The final test's union release under secure aggregation (``protocol.secagg.union``): one more
+    metrics release, charged by a site whose metrics policy is dp (``site_worker.secure_metrics``)."""
+    if policy is None or policy.metrics != "dp" or not union_planned(experiment):
+        return []
+    return metrics_entries(policy)
 
 
 def _eval_rounds(experiment: Experiment) -> int:
@@ -239,7 +248,7 @@ def plan_run(experiment: Experiment, *, n_train: int, delta: float | None = None
     extra = personalization_steps(experiment, per_epoch)
     one = metrics_entries(policy)
     per_round = tuple(one * (1 + _eval_rounds(experiment)))
-    final = tuple(one)
+    final = tuple(one + union_entries(experiment, policy))
     tests = tuple(e for _ in range(test_rounds(experiment)) for e in one)
     how = mode(experiment)
     total = total_of(experiment)
@@ -326,5 +335,5 @@ def plan_catalogue(experiment: Experiment, rows_by_site: dict[str, int], *, poli
             "delta": deltas[-1], "accountant": policy.accountant, "sites": sites}
 
 
-__all__ = ["BudgetExhausted", "RunPlan", "SLACK", "applies", "metrics_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
+__all__ = ["BudgetExhausted", "RunPlan", "SLACK", "applies", "metrics_entries", "union_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
            "site_run_plan", "total_of", "solve_noise", "steps_per_epoch", "task_specs", "test_rounds", "train_rows"]

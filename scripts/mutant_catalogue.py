@@ -1319,8 +1319,8 @@ MUTANTS.extend([
     ),
     Mutant(
         "secagg-relay-drops-shares", "the coordinator relays every sealed share to its recipient (else no U sites can answer)",
-        (Edit("coordinator/rounds/secure.py", "            for recipient, sealed in p.shares:\n",
-              "            for recipient, sealed in p.shares[:0]:\n"),),
+        (Edit("coordinator/rounds/secure.py", "            for recipient, sealed in shares:\n",
+              "            for recipient, sealed in shares[:0]:\n"),),
         (f"{_SECAGG_RUN}::test_secure_fedavg_equals_the_plain_weighted_mean_within_the_quantisation_error",),
     ),
     Mutant(
@@ -1697,5 +1697,53 @@ MUTANTS.extend([
         (Edit("fedbus/kits.py", 'coordinator_pub = "coordinator.pub"\nstate_dir = "state"\nlog_level = "info"\n',
               'coordinator_pub = "coordinator.pub"\nstate_dir = "/root/fedbus-state"\nlog_level = "info"\n'),),
         ("tests/cli/test_kit_portable.py::test_a_copied_kit_runs_as_an_unprivileged_user",),
+    ),
+])
+_UNION_RUN = "tests/simulator/test_secure_union_run.py"
+MUTANTS.extend([
+    Mutant(
+        "union-share-is-the-whole-noise", "under secure aggregation each site adds only its share σ·Δ/√K of the "
+        "union's noise, so the unmasked sum carries σ·Δ once (issue 22 item 5)",
+        (Edit("protocol/secagg/union.py",
+              "    return float(noise_multiplier) * float(sensitivity) / math.sqrt(int(min_contributors))\n",
+              "    return float(noise_multiplier) * float(sensitivity)\n"),),
+        (f"{_UNION_RUN}::test_the_union_figures_come_from_the_secure_sum_with_the_noise_once",),
+    ),
+    Mutant(
+        "union-from-pooled-releases", "a secure run's union figures come from the unmasked sum of the union vectors, "
+        "not from pooling the sites' own releases",
+        (Edit(EVALUATION,
+              "        out = final.summarise(ctx.experiment, results, config=config, aggregator=self.aggregator, union=figures)\n",
+              "        out = final.summarise(ctx.experiment, results, config=config, aggregator=self.aggregator)\n"),),
+        (f"{_UNION_RUN}::test_the_union_figures_come_from_the_secure_sum_with_the_noise_once",),
+    ),
+    Mutant(
+        "union-release-not-charged", "a site charges its union release to its ledger beside its own final release, "
+        "as the privacy plan counts it",
+        (Edit(HANDLERS,
+              "                      entries=release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else []),\n",
+              "                      entries=release_entries(policy),\n"),),
+        (f"{_UNION_RUN}::test_each_site_charged_its_own_release_and_the_union_release_as_planned",),
+    ),
+    Mutant(
+        "union-release-not-planned", "the privacy plan counts the final test's union release of a secure run",
+        (Edit("protocol/privacy_plan.py", "    final = tuple(one + union_entries(experiment, policy))\n",
+              "    final = tuple(one)\n"),),
+        ("tests/protocol/test_union_plan.py",),
+    ),
+    Mutant(
+        "union-vector-sent-unmasked", "a site's union vector leaves it masked, never as its quantised values",
+        (Edit("site_worker/secure_metrics.py",
+              "    fields = {\"union_tag\": tag, \"union_masked\": ((\"masked\", F.to_bytes_array(out.masked)),),\n",
+              "    plain = F.quantise(packed, F.QuantConfig(roster.clip, roster.scale, len(roster.sites)))\n"
+              "    fields = {\"union_tag\": tag, \"union_masked\": ((\"masked\", F.to_bytes_array(plain)),),\n"),),
+        (f"{_UNION_RUN}::test_no_frame_a_site_publishes_carries_an_unmasked_union_vector",),
+    ),
+    Mutant(
+        "union-asks-below-k", "the coordinator asks to unmask a union only from at least min_contributors vectors "
+        "(K inside; K - 1: pooled releases, saying why)",
+        (Edit("coordinator/rounds/secure.py", "        if len(contributors) < self.cfg.min_contributors:\n",
+              "        if len(contributors) < self.cfg.min_contributors - 1:\n"),),
+        (f"{_UNION_RUN}::test_the_union_is_unmasked_only_from_at_least_k_vectors",),
     ),
 ])

@@ -100,6 +100,7 @@ class SiteWorker:
             flower = FlowerAdapter(make_client(config.flower_client, config))
         self.handler = TaskHandler(config, ledger=self.ledger, stop=self._abort, flower=flower)
         self.secagg = SecAggSite(config, self.signer, Path(config.coordinator_pub).read_bytes())
+        self.handler.secagg = self.secagg  # a secure run's final test adds the masked union vector
         self._consumer: Consumer | None = None
         self._beats: threading.Thread | None = None
         self._stats_lock = threading.Lock()

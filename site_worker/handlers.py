@@ -44,13 +44,15 @@ from site_worker.metrics import prefixed
 from site_worker.noise_keys import NoiseKeys
 from site_worker.policy import check_policy
 from site_worker.release import release_metrics, release_size
-from site_worker import personalize, proximal, run_budget
+from site_worker import personalize, proximal, run_budget, secure_metrics
 from site_worker.final_model import FinalStore, RunsJoined, release_on_test
+from site_worker.secagg import SecAggRefused
 from site_worker.splits import SplitKey
 from site_worker.trainer import TrainingAborted, train
 
 if TYPE_CHECKING:
     from protocol.config import Experiment
+    from site_worker.secagg_handlers import SecAggSite
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +110,7 @@ class TaskHandler:
         self.approvals = Approvals(config.state_dir)  # experiments the operator approved (require_approval)
         self.noise_keys = NoiseKeys(config.state_dir)  # each task seed's first release (reproducible_dp)
         self._lock = threading.Lock()  # one task at a time per dataset ledger
+        self.secagg: SecAggSite | None = None  # the daemon's secure-aggregation endpoint (a secure run's union vector)
         # Per experiment (canonical JSON): the validated experiment, its summary and the model
         # skeletons. A daemon gets the same experiment every round; only weights and seed change.
         self._experiments: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
@@ -340,7 +343,14 @@ class TaskHandler:
         model = self._model(exp, key, task, for_dp=False)
         if personalize.personal_layers(task.config):
             self.heads.apply(model, env.run_id, task.dataset, personalize.personal_layers(task.config))
-        self._reserve(task.dataset, env, kind="eval", entries=release_entries(policy),
+        union = secure_metrics.union_wanted(task, policy)  # a secure run's final test: its own release + the union's
+        if union:
+            try:
+                secure_metrics.check_union(self.secagg, env)
+            except SecAggRefused as e:
+                raise _Decline("secure_aggregation", str(e)) from None
+        self._reserve(task.dataset, env, kind="eval",
+                      entries=release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else []),
                       delta=policy.site_delta(data.rows),
                       max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
@@ -352,10 +362,22 @@ class TaskHandler:
         else:
             m = release_metrics(model, x, y, loss_name=str(exp.training.loss_function), task=data.task,
                                 policy=policy, rng=rng, rows=rows)
+        fields: dict[str, Any] = {}
+        if union:
+            assert self.secagg is not None  # check_union
+            try:
+                fields, public = secure_metrics.masked_union(
+                    self.secagg, env, task, model, x, y, loss_name=str(exp.training.loss_function), task_kind=data.task,
+                    policy=policy, rng=noise_source(policy, task_seed=task.seed, purpose="union",
+                                                    inputs=self._inputs(key, task, model, data, "union")))
+            except SecAggRefused as e:
+                self.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
+                raise _Decline("secure_aggregation", str(e)) from None
+            m.update(public)
         self.ledger.commit(task.dataset, env.message_id)
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
-        return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round)
+        return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round, **fields)
 
     def _personalize(self, env: Envelope, task: PersonalizeTask) -> Reply:
         """The final global model: evaluate it on the fixed test split, fine-tune a personal copy

@@ -25,6 +25,8 @@ from site_worker.pooled_dp import MEMORY_FACTOR, PooledStep
 from site_worker.secagg import SecAggRefused
 from site_worker.secure_rng import SecureRandom
 
+from site_worker.secagg_handlers import room_for_union
+
 if TYPE_CHECKING:
     from site_worker.handlers import TaskHandler
     from site_worker.secagg_handlers import SecAggSite
@@ -64,7 +66,8 @@ def pooled_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope) -> Ma
                 tag = secagg.state.next_tag(env.run_id, env.round)
                 bound = skellam.field_bound(sites=1, max_batch=sa.max_batch, clip=sa.clip, scale=sa.scale,
                                             mu=step.mu, honest=step.assume_honest_sites)
-                out = secagg.state.mask_integers(env.run_id, tag, np.asarray(ints), bound=bound,
+                ints = room_for_union(np.asarray(ints), secagg.state.roster(env.run_id).length)
+                out = secagg.state.mask_integers(env.run_id, tag, ints, bound=bound,
                                                  assume_honest_sites=step.assume_honest_sites)
             except SecAggRefused:
                 handler.ledger.cancel(task.dataset, env.message_id)  # nothing left the site

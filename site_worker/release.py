@@ -30,10 +30,11 @@ import torch
 
 from protocol import dp_figures
 from protocol.policy import SitePolicy
+from protocol.secagg.union import RELEASE_BINS, release_length
 from site_worker.metrics import EVAL_ROWS, evaluate, prepare_target
 from site_worker.secure_rng import SecureRandom
 
-BINS = 10  # score bins of the binary histogram (0.5 is a bin edge)
+BINS = RELEASE_BINS  # score bins of the binary histogram (0.5 is a bin edge)
 
 
 @torch.inference_mode()
@@ -50,11 +51,7 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = EVAL_ROW
 def release_size(*, task: str, loss_name: str, outputs: int) -> int:
     """Values in one model's DP statistics vector (``statistics``), from public shapes alone:
     binary 4 + 2 x BINS + 1, multiclass k x k + 1, regression 3."""
-    if task == "regression" or loss_name == "mse":
-        return 3
-    if outputs <= 2:
-        return 4 + 2 * BINS + 1
-    return outputs * outputs + 1
+    return release_length(task=task, loss_name=loss_name, outputs=outputs)
 
 
 def _per_example_loss(out: torch.Tensor, y: torch.Tensor, loss_name: str) -> torch.Tensor:

@@ -49,6 +49,14 @@ def load_peers(config: SiteConfig) -> TrustStore:
     return peers
 
 
+def room_for_union(values: np.ndarray, length: int) -> np.ndarray:
+    """An update zero-padded to the roster's length, which may leave room past it for the final
+    test's union vector (``protocol.secagg.union.roster_length``); the mask covers the zeros too."""
+    if values.size >= length:
+        return values  # equal, or too long: SiteSecAgg.mask refuses it (roster_mismatch)
+    return np.concatenate([values, np.zeros(length - values.size, dtype=values.dtype)])
+
+
 def flat(tensors: Tensors) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for _, a in tensors]) if tensors else np.zeros(0)
 
@@ -132,7 +140,7 @@ class SecAggSite:
         values = weighted_vector(delta, update.num_examples, weight_cap)
         try:
             tag = self.state.next_tag(env.run_id, env.round)
-            out = self.state.mask(env.run_id, tag, values)
+            out = self.state.mask(env.run_id, tag, room_for_union(values, self.state.roster(env.run_id).length))
         except SecAggRefused as e:
             return self._refused(env, e.rule, str(e))
         return MaskedUpdate(
@@ -143,4 +151,4 @@ class SecAggSite:
         )
 
 
-__all__ = ["SECAGG_TASKS", "SecAggSite", "flat", "wants_secagg"]
+__all__ = ["SECAGG_TASKS", "SecAggSite", "flat", "room_for_union", "wants_secagg"]

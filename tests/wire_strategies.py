@@ -69,7 +69,7 @@ def within(bound: B.Bound, *, field: str = "") -> st.SearchStrategy[Any]:
     if isinstance(bound, B.Record):
         return st.builds(bound.cls, **{k: within(v) for k, v in bound.fields().items()})
     if isinstance(bound, B.Unchecked):
-        if field in ("weights", "masked", "shares", "sealed", "share"):  # Tensors (secure aggregation's too)
+        if field in ("weights", "masked", "shares", "sealed", "share", "union_masked", "union_shares"):  # Tensors (secure aggregation's too)
             return tensors
         if field == "datasets":
             return payload(DatasetInfo)

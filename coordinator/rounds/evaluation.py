@@ -6,7 +6,9 @@
   site whose ``max_evaluations_per_run`` leaves room for it and the final test;
 * final: every site of the run scores the final model on its fixed test split, an
   ``EvalTask``, or a ``PersonalizeTask`` when the run personalises (``coordinator/final.py``
-  turns the answers into the result's ``final`` block).
+  turns the answers into the result's ``final`` block). Under secure aggregation (sync loop)
+  the ``EvalTask`` carries ``union_tag``: each DP-metrics site's answer adds its masked union
+  vector, and the union's figures come from their unmasked sum (``SecureSync.union``).
 
 Answers go through the inbox like every other message; they are held and recorded with
 the round (or, for the final ones, when the final figures are stored).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator import final
 from coordinator.inbox import Held, Message
@@ -24,7 +26,13 @@ from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
 from coordinator.rounds.context import RunContext
 from coordinator.sampling import sample_count, sample_sites
+from coordinator.secagg import MaskedSum
+from coordinator.validation import Rejected
 from protocol.messages import Declined, EvalResult, TaskConfig, Tensors
+from protocol.secagg.union import union_planned
+
+if TYPE_CHECKING:
+    from coordinator.rounds.secure import SecureSync
 
 
 class Evaluation:
@@ -34,6 +42,7 @@ class Evaluation:
         self.ctx = ctx
         self.task_config = task_config  # the aggregator's config of a round's tasks (a private head, ...)
         self.aggregator = aggregator
+        self._union: tuple[SecureSync, MaskedSum] | None = None  # the final test's masked union sum, while open
 
     # ------------------------------------------------------------------ per round
     def validation(self, rnd: int, new_weights: Tensors, accepted: dict[str, Held], held: dict[str, Held],
@@ -112,9 +121,11 @@ class Evaluation:
                                 "evaluation deadline passed", round=rnd, split=split, missing=missing))
 
     # ------------------------------------------------------------------ the end of the run
-    def final(self, weights: Tensors) -> dict[str, Any]:
+    def final(self, weights: Tensors, secure: SecureSync | None = None) -> dict[str, Any]:
         """Every site of the run scores the final model on its fixed test split: an EvalTask, or a
-        PersonalizeTask to each site that trained when the run personalises; the ``final`` block."""
+        PersonalizeTask to each site that trained when the run personalises; the ``final`` block.
+        Under ``secure`` aggregation the union's figures come from the sum of the sites' masked
+        union vectors (only the sum is unmasked), else from pooling the per-site releases."""
         ctx = self.ctx
         sites = sorted(set(ctx.sites) | set(ctx.registry.available(ctx.restrict)))
         ctx.sites = sites
@@ -125,22 +136,38 @@ class Evaluation:
         trained = {u["site"] for u in ctx.store.updates(ctx.run_id, verdict="accepted", kind="Update")}
         deadline = time.time() + ctx.round_timeout_s
         pending: dict[str, str] = {}
+        union = secure.new_sum() if secure is not None and secure.agg is not None and union_planned(ctx.experiment) \
+            else None
+        self._union = (secure, union) if secure is not None and union is not None else None
         with ctx.tasks.batch():
             for site in sites:
                 if personal and site in trained:
                     tid = ctx.tasks.personalize(weights, site=site, round=rnd, deadline=deadline, config=config)
-                else:
+                else:  # a roster site of a secure run: add the masked union vector (tagged past every round)
+                    tag = rnd + 1 if union is not None and secure is not None and site in secure.sites else 0
                     tid = ctx.tasks.evaluate(weights, site=site, round=rnd, split="test", deadline=deadline,
-                                             config=config)
+                                             config=config, union_tag=tag)
                 pending[tid] = site
         held: dict[str, Held] = {}
         results = self._gather(sites, rnd, "test", pending, held, deadline, None, None,
                                on_deadline=lambda missing: ctx.log.warning(
                                    "final evaluation deadline passed", round=rnd, missing=missing))
+        self._union = None
+        figures, source = None, "per_site_releases"
+        if secure is not None and union is not None and results:
+            figures, why = secure.union(rnd, union, results, held)
+            if figures is not None:
+                source = why
+            else:
+                ctx.log.warning("union metrics from the per-site releases, not a secure sum", reason=why)
+                source = f"per_site_releases ({why})"
         ctx.store.record([h.row for h in held.values()])
         for h in held.values():
             h.delivery.ack()
-        return final.summarise(ctx.experiment, results, config=config, aggregator=self.aggregator)
+        out = final.summarise(ctx.experiment, results, config=config, aggregator=self.aggregator, union=figures)
+        if secure is not None:
+            out["union_source"] = source
+        return out
 
     # ------------------------------------------------------------------ answers
     def _gather(self, sites: list[str], rnd: int, split: str, pending: dict[str, str], held: dict[str, Held],
@@ -178,6 +205,11 @@ class Evaluation:
         if not isinstance(p, EvalResult) or site in answered:
             return inbox.settle(msg, verdict="duplicate", reason="evaluation already answered", round=rnd)
         inbox.check_eval(msg)
+        if p.union_tag or p.union_masked or p.union_shares:  # only a secure run's final test carries one
+            if self._union is None:
+                raise Rejected("secure_aggregation", "a union vector outside a secure run's final test")
+            sec, total = self._union
+            sec.accept_union(msg, rnd, total)  # relays its sealed shares, adds the masked vector
         m = dict(p.metrics)
         m["n"] = float(m.get("n", p.num_examples))
         inbox.hold(msg, held, payload=None, split=split)

@@ -159,13 +159,13 @@ def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | Non
     return RunResult(
         run_id=run_id, aggregator=aggregator, sites=sorted(eps), rounds=rows, final=final,
         epsilon=eps, timing=timing, rejected=rejected, declined=declined, gaps=missed,
-        privacy=_privacy(ctx, plan, rounds, eps), status=status, reason=reason,
+        privacy=_privacy(ctx, plan, rounds, eps, final), status=status, reason=reason,
         weights=weights, checkpoint=str(store.dir / last["checkpoint_path"]) if last else None,
     )
 
 
 def _privacy(ctx: RunContext, plan: dict[str, Any] | None, rounds: list[dict[str, Any]],
-             eps: dict[str, float | None]) -> dict[str, Any]:
+             eps: dict[str, float | None], final: dict[str, Any] | None = None) -> dict[str, Any]:
     """``reproducible_dp``: sites whose DP noise was reproducible (their setting); ``central``: central DP's ε;
     with site DP: δ, accountant, ε per site (reported by the sites) and the plan shown before round 1."""
     out: dict[str, Any] = {"reproducible_dp": sorted({
@@ -182,11 +182,11 @@ def _privacy(ctx: RunContext, plan: dict[str, Any] | None, rounds: list[dict[str
     central = ctx.experiment.federated.central_dp
     if central:
         out["central"] = _central_privacy(central, rounds, ctx.store.run(ctx.run_id)["sites"])
-    out["secure_aggregation"] = _secure_summary(ctx, rounds)
+    out["secure_aggregation"] = _secure_summary(ctx, rounds, final or {})
     return out
 
 
-def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, Any]:
     """Whether the run used secure aggregation and what the coordinator saw of the sites' updates."""
     sa = ctx.experiment.federated.secure_aggregation
     if sa is None:
@@ -199,7 +199,13 @@ def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]]) -> dict[str, 
         saw = ("each site's masked update (uniform field elements) and each round's unmasked sum of the sites' "
                "noisy integer batch gradients (pooled Skellam noise, added by the sites): never one site's step, "
                "batch size or training metric, never an un-noised sum")
-    return {"used": True, "min_contributors": sa.min_contributors, "threshold": sa.threshold, "privacy": sa.privacy,
+    metrics = ("the final test's union figures: only the unmasked sum of the sites' masked union vectors "
+               "(confusion cells, score histogram, clipped loss sum, each with its share of the DP noise), "
+               "besides each site's own DP release" if final.get("union_source") == "secure_sum" else
+               "each site's own metrics release" + (f"; union from pooling them: {final['union_source']}"
+                                                    if final.get("union_source") else ""))
+    return {"used": True, "metrics_saw": metrics, "union_source": final.get("union_source"),
+            "min_contributors": sa.min_contributors, "threshold": sa.threshold, "privacy": sa.privacy,
             "clip": sa.clip, "scale": sa.scale, "sums_unmasked": len(sums), "dp": sa.dp,
             "fewest_contributors": min((int(x["contributors"]) for x in sums), default=None), "coordinator_saw": saw}
 

@@ -14,6 +14,10 @@ it sends one signed ``SecAggUnmask`` naming exactly the contributors to every ro
 decodes the mask sum from the first U ``SecAggAnswer``s, subtracts it and divides by the
 unmasked sum of weights. Fewer than U answers by the deadline fail the round
 (``NotEnoughShares``) and nothing but the masked sum was ever held.
+
+The final test's union metrics (``protocol/secagg/union.py``) ride the same machinery: the roster's
+vector has room for the union vector, each DP-metrics site's final ``EvalResult`` carries its masked
+union vector (``accept_union``), and ``union`` unmasks only their sum, from at least K sites.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from coordinator.rounds.context import RunContext, RunFailed, give_up
 from coordinator.secagg import CoordinatorSecAgg, MaskedSum, expected_batch, pooled_gradient, weighted_mean
 from coordinator.validation import Rejected
 from protocol.errors import ProtocolError
-from protocol.messages import (Declined, MaskedUpdate, SecAggAnswer, SecAggJoin, SecAggKey, SecAggRoster, SecAggShare,
-                               SecAggUnmask, Tensors)
+from protocol.messages import (Declined, EvalResult, MaskedUpdate, SecAggAnswer, SecAggJoin, SecAggKey, SecAggRoster,
+                               SecAggShare, SecAggUnmask, Tensors)
 from protocol.secagg import field as F
 from protocol.secagg.coding import NotEnoughShares
 from protocol.secagg.keys import KeyBinding, verify_binding
+from protocol.secagg.union import release_length, roster_length, union_figures, union_noise_sd, union_planned, unpack
 
 SETUP_ROUND = 0  # the join and roster travel before round 1
 
@@ -64,6 +69,8 @@ class SecureSync:
         self.report: dict[str, Any] = {"coordinator_saw": "masked updates and the unmasked sum of each round"}
         self.tags: set[tuple[str, int]] = set()  # every (site, tag) accepted in this run: each is summed once
         self.pooled = sa.dp == "pooled"  # record-level DP at pooled cost: integer batch sums + Skellam shares
+        self.base = 0  # the update's values in the roster's vector (the rest: room for the final test's union vector)
+        self.outputs = 1  # the model's outputs (public: the last tensor's first dimension)
 
     @property
     def sites(self) -> list[str]:
@@ -113,10 +120,15 @@ class SecureSync:
                 f"secure aggregation: {n} site(s) sent a key ({', '.join(sorted(bindings)) or 'none'}); the roster "
                 f"needs threshold U={self.cfg.threshold} with N/2 < U <= N and at least min_contributors="
                 f"{self.cfg.min_contributors} sites: start the missing sites or adjust federated.secure_aggregation")
+        self.base = int(_flat(weights).size) + (0 if self.pooled else 1)  # pooled: no weight slot
+        self.outputs = int(np.asarray(weights[-1][1]).shape[0]) if weights and np.asarray(weights[-1][1]).ndim else 1
+        length = self.base
+        if union_planned(ctx.experiment):  # room for the final test's union vector (protocol/secagg/union.py)
+            length = roster_length(self.base, loss_name=str(ctx.experiment.training.loss_function), outputs=self.outputs)
         self.agg = CoordinatorSecAgg.build(
             ctx.tasks.signer, ctx.run_id, list(bindings.values()), min_contributors=self.cfg.min_contributors,
             threshold=self.cfg.threshold, privacy=self.cfg.privacy, clip=self.cfg.clip, scale=self.cfg.scale,
-            length=int(_flat(weights).size) + (0 if self.pooled else 1))  # pooled: no weight slot
+            length=length)
         signed = self.agg.signed_roster
         with ctx.tasks.batch():
             for site in self.agg.roster.sites:
@@ -147,28 +159,38 @@ class SecureSync:
 
         A site tags each update it masks with ``max(task round, its last tag + 1)`` (a FedBuff site
         may train twice from one version), so a tag below the task's round is not this task's."""
-        assert self.agg is not None
         p: MaskedUpdate = msg.payload
+        self._take(msg, rnd, total, p.tag, p.masked, p.shares, what="masked update")
+
+    def accept_union(self, msg: Message, rnd: int, total: MaskedSum) -> None:
+        """The masked union vector on a final test's ``EvalResult`` (``union_*`` fields), as an update."""
+        p: EvalResult = msg.payload
+        self._take(msg, rnd, total, p.union_tag, p.union_masked, p.union_shares, what="union vector")
+
+    def _take(self, msg: Message, rnd: int, total: MaskedSum, tag: int, masked_arrays: Tensors, shares: Tensors, *,
+              what: str) -> None:
+        assert self.agg is not None
         roster = self.agg.roster
-        if p.tag < msg.env.round or (msg.site, p.tag) in self.tags:
-            raise Rejected("wrong_round", f"masked update tagged {p.tag} for a task of round {msg.env.round}"
-                           + (" (a tag this site already used)" if (msg.site, p.tag) in self.tags else ""))
-        if len(p.masked) != 1:
-            raise Rejected("bad_shape", "a masked update is one uint32 array")
+        if msg.site not in roster.sites:
+            raise Rejected("secure_aggregation", f"a {what} from {msg.site}, not a site of the roster")
+        if tag < msg.env.round or (msg.site, tag) in self.tags:
+            raise Rejected("wrong_round", f"{what} tagged {tag} for a task of round {msg.env.round}"
+                           + (" (a tag this site already used)" if (msg.site, tag) in self.tags else ""))
+        if len(masked_arrays) != 1:
+            raise Rejected("bad_shape", f"a {what} is one uint32 array")
         try:
-            masked = F.from_array(p.masked[0][1], roster.length)
+            masked = F.from_array(masked_arrays[0][1], roster.length)
         except ValueError as e:
-            raise Rejected("bad_shape", f"masked update: {e}") from None
+            raise Rejected("bad_shape", f"{what}: {e}") from None
         want = sorted(s for s in roster.sites if s != msg.site)
-        if sorted(name for name, _ in p.shares) != want or any(a.dtype != np.uint8 or a.ndim != 1
-                                                                  for _, a in p.shares):
-            raise Rejected("bad_shape", f"a masked update carries one sealed uint8 share for each of {want}")
+        if sorted(name for name, _ in shares) != want or any(a.dtype != np.uint8 or a.ndim != 1 for _, a in shares):
+            raise Rejected("bad_shape", f"a {what} carries one sealed uint8 share for each of {want}")
         with self.ctx.tasks.batch():
-            for recipient, sealed in p.shares:
-                self.ctx.tasks.publish(SecAggShare(sender=msg.site, tag=p.tag, sealed=((msg.site, sealed),)),
+            for recipient, sealed in shares:
+                self.ctx.tasks.publish(SecAggShare(sender=msg.site, tag=tag, sealed=((msg.site, sealed),)),
                                        site=recipient, round=rnd)
-        total.add(msg.site, p.tag, masked)
-        self.tags.add((msg.site, p.tag))
+        total.add(msg.site, tag, masked)
+        self.tags.add((msg.site, tag))
 
     def unmask(self, rnd: int, weights: Tensors, total: MaskedSum, held: dict[str, Held],
                other: Callable[[Message], None] | None = None) -> Contribution:
@@ -176,6 +198,31 @@ class SecureSync:
 
         ``other`` (FedBuff): every message that is not an answer to this request is handed to it
         (the next buffer's masked updates keep arriving while this one unmasks)."""
+        agg = self.agg
+        assert agg is not None
+        answers, refused = self.answers(rnd, total, held, other)
+        try:
+            summed = agg.unmask_integers(total, answers) if self.pooled else agg.unmask(total, answers)
+        except NotEnoughShares as e:
+            why = "; ".join(f"{s}: {d[:200]}" for s, d in sorted(refused.items()))
+            raise give_up(held, f"round {rnd}: secure aggregation could not unmask the sum of {len(total.contributors)} "
+                                f"update(s): {e}; answered: {', '.join(sorted(answers)) or 'none'}"
+                                + (f"; refused: {why}" if why else "")
+                                + ". Nothing but the masked sum was held.") from None
+        summed = summed[:self.base]  # past it: zeros (room for the final test's union vector)
+        if self.pooled:
+            step, row = self._pooled_step(summed, total)
+        else:
+            step, row = weighted_mean(summed), {"weight_sum": float(summed[-1])}
+        mean = _unflat(_flat(weights) + step, weights)
+        self.report.setdefault("rounds", []).append({"round": rnd, "contributors": len(total.contributors),
+                                                      "answered": sorted(answers), **row})
+        return Contribution(site="secure-sum", weights=mean, num_examples=1, base_round=rnd - 1)
+
+    def answers(self, rnd: int, total: MaskedSum, held: dict[str, Held],
+                other: Callable[[Message], None] | None = None) -> tuple[dict[str, bytes], dict[str, str]]:
+        """Send one signed unmask request for exactly ``total``'s contributors to every roster site;
+        gather (answers, refusals) until U answered, every site replied, or the deadline."""
         ctx, agg = self.ctx, self.agg
         assert agg is not None
         req, signed = agg.request(total)
@@ -215,22 +262,51 @@ class SecureSync:
                 raise Rejected("unexpected_type", f"{msg.env.type} while round {rnd} is unmasking")
 
             ctx.inbox.handle(inbound, round=rnd, held=held, route=route)
+        return answers, refused
+
+    # ------------------------------------------------------------------ the final test's union
+    def union(self, rnd: int, total: MaskedSum, results: dict[str, dict[str, float]],
+              held: dict[str, Held]) -> tuple[dict[str, float] | None, str]:
+        """The union's figures from the unmasked sum of the sites' union vectors (noise once), or
+        (None, why) when it cannot be: a site's final release came without its vector (the union
+        would leave it out: the caller then pools the per-site releases), fewer than K vectors,
+        or fewer than U answers (nothing is revealed). Only the sum is ever unmasked."""
+        agg = self.agg
+        assert agg is not None
+        contributors = sorted({s for s, _ in total.contributors})
+        without = sorted(s for s in results if s not in contributors)
+        if without:
+            return None, f"the final test of {', '.join(without)} came without a union vector"
+        if len(contributors) < self.cfg.min_contributors:
+            return None, (f"{len(contributors)} union vector(s), fewer than min_contributors "
+                          f"{self.cfg.min_contributors}: not unmasked")
+        answers, refused = self.answers(rnd, total, held)
         try:
-            summed = agg.unmask_integers(total, answers) if self.pooled else agg.unmask(total, answers)
+            summed = agg.unmask(total, answers)
         except NotEnoughShares as e:
             why = "; ".join(f"{s}: {d[:200]}" for s, d in sorted(refused.items()))
-            raise give_up(held, f"round {rnd}: secure aggregation could not unmask the sum of {len(total.contributors)} "
-                                f"update(s): {e}; answered: {', '.join(sorted(answers)) or 'none'}"
-                                + (f"; refused: {why}" if why else "")
-                                + ". Nothing but the masked sum was held.") from None
-        if self.pooled:
-            step, row = self._pooled_step(summed, total)
-        else:
-            step, row = weighted_mean(summed), {"weight_sum": float(summed[-1])}
-        mean = _unflat(_flat(weights) + step, weights)
-        self.report.setdefault("rounds", []).append({"round": rnd, "contributors": len(total.contributors),
-                                                      "answered": sorted(answers), **row})
-        return Contribution(site="secure-sum", weights=mean, num_examples=1, base_round=rnd - 1)
+            return None, f"the union's sum could not be unmasked: {e}" + (f"; refused: {why}" if why else "")
+        sds = [results[s].get("union_share_sd") for s in contributors]
+        clips = {results[s].get("union_loss_clip") for s in contributors}
+        if not all(isinstance(sd, (int, float)) and sd > 0 for sd in sds) or len(clips) != 1 or None in clips:
+            return None, "a site's final release did not state its union share's noise SD and loss clip"
+        loss = str(self.ctx.experiment.training.loss_function)
+        size = release_length(task="classification", loss_name=loss, outputs=self.outputs)
+        layout = "binary" if size == release_length(task="classification", loss_name=loss, outputs=1) \
+            else f"multiclass:{self.outputs}"
+        noise = union_noise_sd([float(sd) for sd in sds if sd is not None])
+        rows = sum(self._announced(s) for s in contributors)
+        figures = union_figures(layout, unpack(summed, size, agg.roster.clip), noise_sd=noise,
+                                clip=float(clips.pop() or 0.0), rows=rows or None)
+        self.report["union"] = {"contributors": len(contributors), "answered": sorted(answers), "noise_sd": noise}
+        return figures, "secure_sum"
+
+    def _announced(self, site: str) -> int:
+        """The rows ``site`` announced for the run's dataset in its hello (public), 0 if none."""
+        hello = (self.ctx.store.site(site) or {}).get("hello") or {}
+        rows = [d.get("rows") or 0 for d in hello.get("datasets") or []
+                if d.get("name") == self.ctx.experiment.dataset.name]
+        return int(rows[0]) if rows and isinstance(rows[0], int) else 0
 
     def _pooled_step(self, summed: np.ndarray, total: MaskedSum) -> tuple[np.ndarray, dict[str, Any]]:
         """One SGD step on the noisy pooled gradient: the integer sum over s and the expected batch
@@ -239,12 +315,9 @@ class SecureSync:
         exp = self.ctx.experiment
         rows = {}
         for site in {s for s, _ in total.contributors}:
-            rec = self.ctx.store.site(site) or {}
-            hello = rec.get("hello") or {}
+            hello = (self.ctx.store.site(site) or {}).get("hello") or {}
             test = float((hello.get("policy") or {}).get("test_fraction", 0.2))
-            announced = [d.get("rows") or 0 for d in hello.get("datasets") or [] if d.get("name") == exp.dataset.name]
-            n = int(announced[0]) if announced else 0
-            rows[site] = max(1, int(n * (1 - test) * (1 - float(exp.dataset.validation_fraction))))
+            rows[site] = max(1, int(self._announced(site) * (1 - test) * (1 - float(exp.dataset.validation_fraction))))
         batch = expected_batch(rows, rows, self.cfg.sample_rate)
         grad = pooled_gradient(summed, scale=self.cfg.scale, batch=batch)
         return -float(exp.training.optimizer.learning_rate) * grad, {"expected_batch": batch}

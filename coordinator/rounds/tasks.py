@@ -162,12 +162,12 @@ class TaskBook:
         return self.publish(task, site=site, round=round, model=model)
 
     def evaluate(self, weights: Tensors, *, site: str, round: int, split: str, deadline: float,
-                 config: TaskConfig) -> str:
+                 config: TaskConfig, union_tag: int = 0) -> str:
         inline, fields, model = self._by_ref(weights)
         task = EvalTask(
             experiment=self.experiment.to_wire(), weights=inline, dataset=self.dataset(), base_round=round,
             seed=derive_seed(self.seed, round, site, "eval"), deadline=deadline, split=split, config=config,
-            **fields,
+            union_tag=union_tag, **fields,
         )
         return self.publish(task, site=site, round=round, model=model)
 

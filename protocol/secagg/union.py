@@ -14,20 +14,72 @@ own noise), the noise left is σ·Δ·√((K' − k)/K); the site's ledger charg
 mechanism of multiplier σ (``union_release_entries``), which holds while at least K contributors
 are honest. ``docs/secure-aggregation.md`` says what a coalition learns.
 
-Field encoding: each value is divided by the public ``COUNT_CAP`` so that counts of up to
-``COUNT_CAP`` rows sit in the roster's clip range [−1, 1] (noise past it is clipped: post-processing);
-with scale S the quantisation error of a K'-site sum is at most K'·COUNT_CAP/(2S) per count.
+Field encoding: each value is divided by the public ``COUNT_CAP`` (and multiplied by the roster's
+clip C, ``pack``) so that counts of up to ``COUNT_CAP`` rows sit in the roster's clip range [−C, C]
+(noise past it is clipped: post-processing); with scale S the quantisation error of a K'-site sum
+is at most K'·COUNT_CAP/(2·S·C) per count.
+
+In a run (``union_planned``): the final test ``EvalTask`` of a sync run under secure aggregation
+carries ``union_tag``; a site whose metrics policy is ``dp`` answers its own release as ever and,
+on the same ``EvalResult``, its masked union vector (``union_masked``) with the mask's sealed shares
+(``union_shares``), padded to the roster's length (``roster_length`` makes room for it).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from protocol import dp_figures
 
 COUNT_CAP = 2.0**14  # rows a site's count may reach in the field's [-1, 1]
+RELEASE_BINS = 10  # score bins of the binary histogram (site_worker/release.py's BINS)
+CLASSIFICATION_LOSSES = ("bce_with_logits", "cross_entropy")
+LEVELS_PER_COUNT = 4  # field levels per row a roster must give: quantisation <= 1/8 row per site
+
+
+def release_length(*, task: str, loss_name: str, outputs: int) -> int:
+    """Values in one model's DP statistics vector, from public shapes alone:
+    binary 4 + 2 x BINS + 1, multiclass k x k + 1, regression 3."""
+    if task == "regression" or loss_name == "mse":
+        return 3
+    if outputs <= 2:
+        return 4 + 2 * RELEASE_BINS + 1
+    return outputs * outputs + 1
+
+
+def union_planned(experiment: Any) -> bool:
+    """The run's final test carries union vectors: secure aggregation in the sync loop (FedBuff's
+    buffers do not send it yet), a classification loss, no personalisation (a PersonalizeTask's
+    release is two models'), and a roster fine enough for counts: at least ``LEVELS_PER_COUNT``
+    field levels per row (C x S >= 4 x COUNT_CAP; the pooled mode's gradient-sized rosters are
+    not). The coordinator, the privacy plan and the site's ledger all ask this."""
+    fed = experiment.federated
+    sa = fed.secure_aggregation
+    return (sa is not None and fed.name != "FedBuff"
+            and float(sa.clip) * float(sa.scale) >= LEVELS_PER_COUNT * COUNT_CAP
+            and str(experiment.training.loss_function) in CLASSIFICATION_LOSSES
+            and experiment.training.personalization is None)
+
+
+def roster_length(base: int, *, loss_name: str, outputs: int) -> int:
+    """The roster's vector length: the update's ``base`` values, or the union vector if longer."""
+    return max(int(base), release_length(task="classification", loss_name=loss_name, outputs=outputs))
+
+
+def pack(field_values: np.ndarray, length: int, clip: float) -> np.ndarray:
+    """A union vector (already ``to_field``) in the roster's [-C, C], zero-padded to ``length``."""
+    v = np.asarray(field_values, dtype=np.float64) * float(clip)
+    if v.size > length:
+        raise ValueError(f"the union vector has {v.size} values, the roster only {length}")
+    return np.concatenate([v, np.zeros(length - v.size)])
+
+
+def unpack(summed: np.ndarray, size: int, clip: float) -> np.ndarray:
+    """The summed statistics (counts) from the unmasked sum of packed vectors."""
+    return from_field(np.asarray(summed[:size], dtype=np.float64) / float(clip))
 
 
 def noise_share_sd(noise_multiplier: float, sensitivity: float, min_contributors: int) -> float:
@@ -68,4 +120,5 @@ def union_figures(layout: str, summed: np.ndarray, *, noise_sd: float, clip: flo
     return out
 
 
-__all__ = ["COUNT_CAP", "from_field", "noise_share_sd", "to_field", "union_figures", "union_noise_sd"]
+__all__ = ["CLASSIFICATION_LOSSES", "COUNT_CAP", "LEVELS_PER_COUNT", "RELEASE_BINS", "from_field", "noise_share_sd", "pack", "release_length",
+           "roster_length", "to_field", "union_figures", "union_noise_sd", "union_planned", "unpack"]

@@ -148,7 +148,7 @@ def assert_same_array(sent: np.ndarray, got: np.ndarray, frame: bytes) -> None:
 
 def assert_same_payload(sent, got, frame: bytes) -> None:
     assert type(got) is type(sent)
-    for name in ("weights", "masked", "shares", "sealed", "share"):  # every Tensors field
+    for name in ("weights", "masked", "shares", "sealed", "share", "union_masked", "union_shares"):  # every Tensors field
         if hasattr(sent, name):
             assert [n for n, _ in getattr(got, name)] == [n for n, _ in getattr(sent, name)]
             for (_, a), (_, b) in zip(getattr(sent, name), getattr(got, name)):
