@@ -1747,3 +1747,19 @@ MUTANTS.extend([
         (f"{_UNION_RUN}::test_the_union_is_unmasked_only_from_at_least_k_vectors",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-withheld-final-falls-back-to-validation", "a run whose final test accuracy is withheld shows its "
+        "final test figures (with intervals or withheld), never bare validation figures as its headline",
+        (Edit("fedbus/dashboard/static/dashboard.js", "    const haveTest = finalTest, p = f.personalized;\n",
+              "    const haveTest = test.accuracy !== null && test.accuracy !== undefined, p = f.personalized;\n"),),
+        ("tests/dashboard/test_withheld_final_page.py::test_a_withheld_final_accuracy_leaves_no_bare_figure",),
+    ),
+    Mutant(
+        "dashboard-runs-list-bare-figures", "the runs list shows each final figure with its interval or withheld, as "
+        "the run page does",
+        (Edit("fedbus/dashboard/views.py", '"final": {**results.figures(final, METRICS, dp=results.under_dp(final)),',
+              '"final": {**{k: _num(final.get(k)) for k in METRICS},'),),
+        ("tests/dashboard/test_withheld_final_page.py::test_a_withheld_final_accuracy_leaves_no_bare_figure",),
+    ),
+])

@@ -126,7 +126,8 @@ def runs_doc(reader: StateReader, *, status: str | None = None, now: float | Non
             "experiment": (r["experiment"].get("basic_info") or {}).get("name"),
             "created_at": r["created_at"], "finished_at": r["finished_at"], "duration_s": _duration(r, now),
             "rounds_done": r["rounds_done"], "rounds_planned": r["rounds_planned"],
-            "final": {**{k: _num(final.get(k)) for k in METRICS},
+            # with their intervals and withheld figures, as the run page shows them (never a bare DP figure)
+            "final": {**results.figures(final, METRICS, dp=results.under_dp(final)),
                       "majority_class_accuracy": results.weighted_baseline(final.get("per_site") or {})
                       if final.get("per_site") else _num(final.get("majority_class_accuracy"))} if final else None,
         })

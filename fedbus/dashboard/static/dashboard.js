@@ -58,6 +58,7 @@
     return asPct ? `${pct(v)} (${(100 * ci[0]).toFixed(0)}–${(100 * ci[1]).toFixed(0)})`
       : `${num(v, 2)} (${(+ci[0]).toFixed(2)}–${(+ci[1]).toFixed(2)})`;
   };
+  const figText = (t, k) => { const x = fig(t, k); return typeof x === "string" ? x : x.textContent; };
   const eps = (v) => (v === null || v === undefined ? "–" : (+v).toFixed(2));
   const dlt = (v) => (v === null || v === undefined ? "–" : Array.isArray(v) ? v.map((x) => (+x).toExponential(0)).join(", ") : (+v).toExponential(0));
   const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
@@ -147,10 +148,10 @@
       el("td", {}, badge(r.status), r.reason ? el("div", { class: "muted" }, r.reason) : null),
       el("td", {}, r.aggregator), el("td", {}, r.dataset || "–"), el("td", {}, when(r.created_at)),
       el("td", { class: "num" }, dur(r.duration_s)), el("td", { class: "num" }, `${r.rounds_done} / ${r.rounds_planned}`),
-      el("td", { class: "num" }, r.final ? pct(r.final.accuracy) : "–"),
+      el("td", { class: "num" }, r.final ? fig(r.final, "accuracy", true) : "–"),
       el("td", { class: "num" }, r.final ? pct(r.final.majority_class_accuracy) : r.status === "running" ? el("span", { class: "muted" }, AT_END) : "–"),
-      el("td", { class: "num" }, r.final ? num(r.final.auc) : "–"),
-      el("td", { class: "num" }, r.final ? num(r.final.f1) : "–")));
+      el("td", { class: "num" }, r.final ? fig(r.final, "auc") : "–"),
+      el("td", { class: "num" }, r.final ? fig(r.final, "f1") : "–")));
     const parts = [el("h1", {}, "Runs"), el("p", { class: "sub" }, "Every training run in this coordinator's state. Final figures are on each hospital's fixed test split."),
       el("div", { class: "actions" }, el("label", {}, "Show ", filter), compareBtn),
       el("table", { id: "runs" }, el("thead", {}, el("tr", {}, el("th", {}), el("th", {}, "Run"), el("th", {}, "Status"), el("th", {}, "Aggregator"),
@@ -261,25 +262,28 @@
     const f = doc.final, test = f.test || {};
     const last = doc.rounds.length ? doc.rounds[doc.rounds.length - 1] : null;
     const tested = doc.rounds.filter((r) => r.test && r.test.accuracy !== null);
-    if ((test.accuracy === null || test.accuracy === undefined) && tested.length) {
+    // the final test exists when a figure is shown or withheld as too uncertain: never fall back to
+    // an earlier round's or to validation figures then (they read as the run's result, bare)
+    const finalTest = (test.accuracy !== null && test.accuracy !== undefined) || Object.keys(test.withheld || {}).length > 0;
+    if (!finalTest && tested.length) {
       const r = tested[tested.length - 1];
       return el("div", { class: "grid k4", id: "kpis" },
-        kpi(`Test accuracy (round ${r.round})`, "accuracy", pct(r.test.accuracy), baselineNote(doc)),
-        kpi(`Test AUC (round ${r.round})`, "auc", num(r.test.auc), "0.5 = coin toss, 1 = perfect"),
-        kpi(`Test F1 (round ${r.round})`, "f1", num(r.test.f1), "the sites' fixed test splits, scored during the run"),
+        kpi(`Test accuracy (round ${r.round})`, "accuracy", fig(r.test, "accuracy", true), baselineNote(doc)),
+        kpi(`Test AUC (round ${r.round})`, "auc", fig(r.test, "auc"), "0.5 = coin toss, 1 = perfect"),
+        kpi(`Test F1 (round ${r.round})`, "f1", fig(r.test, "f1"), "the sites' fixed test splits, scored during the run"),
         doc.personalises ? kpi("Personalised accuracy", "personalized", "–", AT_END) : null, epsKpi(doc));
     }
-    const haveTest = test.accuracy !== null && test.accuracy !== undefined, p = f.personalized;
-    const first = haveTest || (test.withheld || {}).accuracy ? kpi("Test accuracy", "accuracy", fig(test, "accuracy", true), baselineNote(doc))
-      : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? pct(last.validation.accuracy) : "–",
+    const haveTest = finalTest, p = f.personalized;
+    const first = haveTest ? kpi("Test accuracy", "accuracy", fig(test, "accuracy", true), baselineNote(doc))
+      : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? fig(last.validation, "accuracy", true) : "–",
         doc.status === "running" ? el("span", {}, "test figures come when the run ends · ", baselineNote(doc)) : baselineNote(doc));
     const warned = Object.keys(f.one_class || {});
     const grid = el("div", { class: "grid k4", id: "kpis" }, first,
       haveTest ? kpi("Test AUC", "auc", fig(test, "auc"), "0.5 = coin toss, 1 = perfect; 95 % interval in brackets")
-        : kpi("Validation AUC", "auc", last ? num(last.validation.auc) : "–", "0.5 = coin toss, 1 = perfect"),
+        : kpi("Validation AUC", "auc", last ? fig(last.validation, "auc") : "–", "0.5 = coin toss, 1 = perfect"),
       haveTest ? kpi("Test F1", "f1", fig(test, "f1"), (f.n_test ? `${f.n_test_noisy ? "≈ " : ""}${f.n_test} test patients${f.n_test_noisy ? " (a noisy count)" : ""} · ` : "") + (f.source || "test split"))
-        : kpi("Validation F1", "f1", last ? num(last.validation.f1) : "–", "on the sites' validation rows"),
-      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, fig(p, "accuracy", true)), `AUC ${num(p.auc)} · ${p.method || "personalised"} · ${p.basis}`)
+        : kpi("Validation F1", "f1", last ? fig(last.validation, "f1") : "–", "on the sites' validation rows"),
+      p ? kpi("Personalised accuracy", "personalized", el("span", { id: "personalized-accuracy", "data-value": p.accuracy ?? "" }, fig(p, "accuracy", true)), `AUC ${figText(p, "auc")} · ${p.method || "personalised"} · ${p.basis}`)
         : doc.personalises ? kpi("Personalised accuracy", "personalized", "–", doc.status === "running" ? AT_END : "not reported") : null,
       epsKpi(doc));
     if (!warned.length) return grid;
@@ -514,8 +518,8 @@
         el("th", { class: "num" }, tip("Test F1", "f1")), el("th", { class: "num" }, tip("ε this run (largest site)", "epsilon")), el("th", { class: "num" }, "Wall time"))),
         el("tbody", {}, doc.runs.map((r) => { const t = r.final.test || {}; const e = vals(r.privacy.run_spent_epsilon);
           return el("tr", {}, el("td", {}, el("a", { href: "/runs/" + r.run_id }, r.run_id)), el("td", {}, badge(r.status)), el("td", {}, r.aggregator),
-            el("td", { class: "num" }, pct(t.accuracy)), el("td", { class: "num" }, pct(r.final.majority_class_accuracy)), el("td", { class: "num" }, num(t.auc)),
-            el("td", { class: "num" }, num(t.f1)), el("td", { class: "num" }, e.length ? eps(Math.max(...e)) + " (δ " + dlt(r.privacy.delta) + ")" : "–"),
+            el("td", { class: "num" }, fig(t, "accuracy", true)), el("td", { class: "num" }, pct(r.final.majority_class_accuracy)), el("td", { class: "num" }, fig(t, "auc")),
+            el("td", { class: "num" }, fig(t, "f1")), el("td", { class: "num" }, e.length ? eps(Math.max(...e)) + " (δ " + dlt(r.privacy.delta) + ")" : "–"),
             el("td", { class: "num" }, dur((r.timing || {}).wall_s))); }))),
       el("h2", {}, "Curves"), grid);
   }
