@@ -1763,3 +1763,16 @@ MUTANTS.extend([
         ("tests/dashboard/test_withheld_final_page.py::test_a_withheld_final_accuracy_leaves_no_bare_figure",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-masked-updates-uncounted", "the run page's ε this run counts the rounds a site trained with masked "
+        "updates (secure aggregation), not only plain ones",
+        (Edit("fedbus/dashboard/views.py", 'UPDATE_KINDS = ("Update", "MaskedUpdate")', 'UPDATE_KINDS = ("Update",)'),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+    Mutant(
+        "dashboard-union-source-unsaid", "a secure run's union test figures say they come from the secure sum",
+        (Edit("fedbus/dashboard/results.py", '        "union_source": final.get("union_source"),\n', ''),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])

@@ -122,6 +122,9 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
         "test": figures(final, SITE_METRICS, dp=dp) if final else None,
         "validation": last_validation, "n_test": final.get("n_test"), "split": final.get("split"),
         "n_test_noisy": dp,  # the sum of the sites' released (noisy) totals
+        # "secure_sum": the union's figures come from the unmasked sum of the sites' masked statistics
+        # (noise once); otherwise a reason they were pooled from the sites' own releases
+        "union_source": final.get("union_source"),
         "source": TEST_SOURCE if final else None,
         "majority_class_accuracy": baseline if baseline is not None else stored,
         "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),

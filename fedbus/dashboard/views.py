@@ -28,6 +28,10 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+# A site's trained update, plain or masked (secure aggregation): each is one round it trained and spent ε on.
+UPDATE_KINDS = ("Update", "MaskedUpdate")
+
+
 def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The curve figures of one release; where the site released intervals (DP metrics:
     ``{name}_lo``/``_hi``, protocol/dp_figures.py) also ``ci`` and ``withheld`` as the result's blocks."""
@@ -189,7 +193,7 @@ def _privacy(result: dict[str, Any], msgs: list[dict[str, Any]]) -> dict[str, An
     eps: dict[str, float | None] = {}
     deltas = set()
     for u in msgs:
-        if u["kind"] == "Update" and u["verdict"] == "accepted" and u["site"]:
+        if u["kind"] in UPDATE_KINDS and u["verdict"] == "accepted" and u["site"]:
             if u["epsilon"] is not None:
                 eps[u["site"]] = max(u["epsilon"], eps.get(u["site"]) or 0.0)
             else:
@@ -243,7 +247,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
     hellos = {sid: s["hello"] for s in reader.sites() if (sid := s["site_id"]) in (run["sites"] or [])}
     trained = {}
     for u in msgs:
-        if u["kind"] == "Update" and u["verdict"] == "accepted" and u["site"]:
+        if u["kind"] in UPDATE_KINDS and u["verdict"] == "accepted" and u["site"]:
             trained[u["site"]] = trained.get(u["site"], 0) + 1
     privacy = run_privacy.run_privacy(run, privacy, hellos, trained)
     sites = sorted(set(run["sites"] or []) | set(final_sites) | {u["site"] for u in msgs if u["site"]}
@@ -252,7 +256,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
     table = []
     for s in sites:
         mine = [u for u in msgs if u["site"] == s]
-        updates = [u for u in mine if u["kind"] == "Update" and u["verdict"] == "accepted"]
+        updates = [u for u in mine if u["kind"] in UPDATE_KINDS and u["verdict"] == "accepted"]
         fm = final_sites.get(s) or {}
         latest = None if fm else next((r for r in reversed(rounds) if (r["per_site"].get(s) or {}).get("test")), None)
         deltas = {u["delta"] for u in updates if u["delta"] is not None}

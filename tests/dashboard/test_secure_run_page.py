@@ -10,14 +10,20 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from fedbus.dashboard import results
 from fedbus.dashboard.server import BackgroundServer, ServeOptions
+from simulator.run import simulate
 from tests.dashboard.conftest import EXAMPLE, fedbus
 
 
 def _experiment(tmp: Path, name: str, secure: bool) -> Path:
+    """The plain run without DP (its page must read "no DP"); the secure run with the example's DP
+    (its sites release DP metrics: the union comes from the secure sum of their statistics)."""
     doc = json.loads(EXAMPLE.read_text())
-    doc["training"]["optimizer"].pop("differential_privacy")  # fast; what the page says does not depend on it
+    if not secure:
+        doc["training"]["optimizer"].pop("differential_privacy")
     doc["federated"]["parameters"].update(min_fit_clients=3, min_available_clients=3, fraction_eval=0.0)
     if secure:
         doc["federated"]["secure_aggregation"] = {"min_contributors": 2, "threshold": 2}
@@ -28,8 +34,10 @@ def _experiment(tmp: Path, name: str, secure: bool) -> Path:
 
 def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    for name, secure in (("plain.json", False), ("secure.json", True)):
-        fedbus("simulate", str(_experiment(tmp_path, name, secure)), "--sites", "3", "--rounds", "2", "--out", str(out))
+    fedbus("simulate", str(_experiment(tmp_path, "plain.json", False)), "--sites", "3", "--rounds", "2", "--out", str(out))
+    # the secure run's sites release DP metrics, as a hospital's kit does (the simulator's default is exact)
+    simulate(str(_experiment(tmp_path, "secure.json", True)), sites=3, rounds=2, out=str(out), site_metrics="dp",
+             progress=False)
     state = out / "coordinator"
     db = sqlite3.connect(state / "coordinator.db")
     try:
@@ -39,6 +47,7 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
     (plain, _), (secure, secure_result) = list(runs.items())
     stored = json.loads(secure_result)["privacy"]["secure_aggregation"]
     assert stored["used"] is True and stored["sums_unmasked"] == 2, stored
+    assert json.loads(secure_result)["final"].get("union_source") == "secure_sum"
     server = BackgroundServer(ServeOptions(state=state, port=0)).start()
     page = browser.new_page()
     errors: list[str] = []
@@ -51,15 +60,28 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
         text = line.inner_text()
         assert "only sums of at least 2 hospitals" in text, text
         assert f"{stored['sums_unmasked']} sum(s) unmasked, the smallest of {stored['fewest_contributors']} hospitals" in text
+        # the union's test figures say where they come from: the secure sum of the sites' statistics
+        assert "from the secure sum" in page.locator("#union-source").inner_text()
+        # ε this run counts the rounds each site trained with masked updates: a finished run that trained
+        # every round spent its plan (it once read only the final test's ε, 1.16 of 8), and at least
+        # what the sites' ledgers reported with their last masked update
+        ledger = json.loads(secure_result)["epsilon"]
+        for site, reported in ledger.items():
+            row = page.locator(f'#site-privacy tr[data-site="{site}"]')
+            spent = float(row.locator("td.run-epsilon").get_attribute("data-epsilon") or "nan")
+            planned = float(row.locator("td.planned-epsilon").get_attribute("data-epsilon") or "nan")
+            assert spent == pytest.approx(planned, rel=1e-6) and spent >= reported - 1e-9, (site, spent, planned, reported)
         if os.environ.get("FEDBUS_DASHBOARD_SCREENSHOTS"):
             page.screenshot(path=str(Path(os.environ["FEDBUS_DASHBOARD_SCREENSHOTS"]) / "secure-run.png"))
-        # neither run trains under DP nor spends ε: the privacy figure says so, not "0.00 · planned not planned"
-        kpi = page.locator('.kpi[data-kpi="epsilon"]')
-        assert "no DP" in kpi.inner_text() and "not planned" not in kpi.inner_text(), kpi.inner_text()
         page.goto(f"{server.base}/runs/{plain}")
         line = page.locator("#secure-aggregation")
         line.wait_for(timeout=60_000)
         assert line.get_attribute("data-used") == "false" and "in the clear" in line.inner_text()
+        assert page.locator("#union-source").count() == 0
+        # the plain run neither trains under DP nor spends ε: its privacy figure says so, not
+        # "0.00 · planned not planned" from the sites' lifetime ledgers (the secure run's DP)
+        kpi = page.locator('.kpi[data-kpi="epsilon"]')
+        assert "no DP" in kpi.inner_text() and "not planned" not in kpi.inner_text(), kpi.inner_text()
         assert not errors, errors
     finally:
         page.close()

@@ -274,7 +274,8 @@
         doc.personalises ? kpi("Personalised accuracy", "personalized", "–", AT_END) : null, epsKpi(doc));
     }
     const haveTest = finalTest, p = f.personalized;
-    const first = haveTest ? kpi("Test accuracy", "accuracy", fig(test, "accuracy", true), baselineNote(doc))
+    const union = f.union_source === "secure_sum" ? el("span", { id: "union-source" }, " · union of the test rows from the secure sum of the sites' masked statistics (privacy noise added once)") : null;
+    const first = haveTest ? kpi("Test accuracy", "accuracy", fig(test, "accuracy", true), el("span", {}, baselineNote(doc), union))
       : kpi(`Validation accuracy${last ? " (round " + last.round + ")" : ""}`, "validation", last ? fig(last.validation, "accuracy", true) : "–",
         doc.status === "running" ? el("span", {}, "test figures come when the run ends · ", baselineNote(doc)) : baselineNote(doc));
     const warned = Object.keys(f.one_class || {});
