@@ -1518,3 +1518,34 @@ MUTANTS.extend([
         ("tests/dashboard/test_no_bare_dp_figure.py::test_a_site_figure_released_under_dp_without_its_interval_is_not_shown",),
     ),
 ])
+# ------------------------------------------------------------------ issue 23: coordinator memory at 10 M x 10 and 100 M x 3 (mem)
+MUTANTS.extend([
+    Mutant(
+        "consumer-window-without-credit", "the AMQP consumer holds at most BACKLOG_CHUNKS chunk sizes its worker has "
+        "not spilled (the broker gets credit, not the whole window of every transfer in flight)",
+        (Edit("protocol/transport/consumer.py",
+              "        return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra, credit))\n",
+              "        return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra))\n"),),
+        ("tests/transport/test_consumer_backlog.py::test_a_slow_worker_holds_at_most_the_credit_of_chunks",),
+    ),
+    Mutant(
+        "checkpoint-loaded-whole-then-copied", "loading a checkpoint holds one model (each tensor read into its own "
+        "array), not the whole file and a copy of it",
+        (Edit("coordinator/checkpoints.py", "    arrays, meta = read_safetensors(path)\n",
+              "    arrays, meta = read_safetensors(path)\n    from safetensors.numpy import load_file\n"
+              "    arrays = load_file(str(path))\n"),),
+        ("tests/coordinator/test_checkpoint_memory.py::test_loading_a_checkpoint_holds_one_model",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "capacity-requeue-without-backoff", "a transfer refused for reassembly capacity waits a doubling backoff "
+        "(0.25 s, 0.5 s, ...) before its chunks are requeued together, so it does not bounce through the broker "
+        "while the admitted transfer is received",
+        (Edit("protocol/transport/backlog.py",
+              "    return min(CAPACITY_BACKOFF_MAX_S, CAPACITY_BACKOFF_S * 2 ** (refusals - 1))\n",
+              "    return 0.05\n"),),
+        ("tests/transport/test_consumer_backlog.py::"
+         "test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker",),
+    ),
+])

@@ -11,6 +11,8 @@
   raises it, by at most ``max_user_chunks`` per user, and each transfer's raise is given
   back exactly once (by key), so a flood of bogus chunks cannot fill the window. The chunks stay unacked until the whole frame is acked, so a consumer that
   dies mid-transfer loses nothing.
+* Credit: the broker may send at most ``BACKLOG_CHUNKS`` chunk sizes past what the worker has
+  spilled; a transfer refused for capacity waits without its bytes (``backlog.py``).
 * Lost connections are re-established with backoff (through the bus's connector, so
   across a cluster's nodes); unacked messages are redelivered by the broker, and what a
   lost connection delivered is never settled on the new one.
@@ -39,6 +41,7 @@ import structlog
 
 from protocol.chunking import MAX_USER_CHUNKS, Reassembler, SpilledChunk, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
+from protocol.transport.backlog import MAX_REFUSALS_KEPT, Deferred, capacity_backoff_s, lookahead, until_due
 from protocol.transport.base import (
     BrokerRefused,
     BrokerUnreachable,
@@ -74,18 +77,6 @@ class TransferHold:
 
 
 _STOP = object()
-BACKLOG_CHUNKS = 3  # chunk sizes of received bytes the worker may be behind (the credit's lookahead)
-_CAPACITY_BACKOFF_S = 0.25  # first wait before a transfer refused for reassembly capacity is requeued
-_CAPACITY_BACKOFF_MAX_S = 4.0  # ... doubling per refusal of the same transfer, up to this
-_MAX_REFUSALS_KEPT = 4096
-
-
-@dataclass
-class Deferred:
-    """A transfer refused for capacity: its chunks' tags (bytes dropped), requeued at ``due``."""
-
-    due: float
-    raws: list[Raw] = field(default_factory=list)
 
 
 class AmqpConsumer(Consumer):
@@ -116,15 +107,14 @@ class AmqpConsumer(Consumer):
         self._extra = 0  # chunks beyond one per whole message currently unacked or expected (I/O thread)
         self._counted: dict[tuple[str, str], int] = {}  # (user, transfer id) -> its share of _extra (I/O thread)
         self._user_counted: dict[str, int] = {}  # user -> the sum of its transfers' shares (I/O thread)
-        # Credit: the broker may send only LOOKAHEAD messages past what the worker finished with
-        # (``_window``). Counters of this connection: delivered and settled (I/O thread), processed
-        # (worker, under the lock); the backlog is the bytes delivered and not yet processed.
+        # Credit (``_window``): delivered and settled (I/O thread), processed (worker, under the lock).
         self._delivered = self._settled = self._processed = 0
         self._backlog = 0
         self._backlog_lock = threading.Lock()
         self._size = float(bus.chunk_size)  # recent message size, biased to the largest (I/O thread)
         self._applied = 0  # the prefetch count last sent to the broker (I/O thread)
         self.backlog_peak = 0  # the largest backlog seen, bytes (monitoring, tests)
+        self.capacity_refusals = 0  # transfers refused for reassembly capacity (each waits, then is requeued)
         n = next(self._ids)
         self._io = threading.Thread(target=self._io_loop, name=f"fedbus-amqp-io-{n}:{queue}", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"fedbus-amqp-worker-{n}:{queue}", daemon=True)
@@ -263,14 +253,10 @@ class AmqpConsumer(Consumer):
                 self._applied = count
 
     def _window(self) -> int:
-        """The channel's prefetch count: the whole messages and transfer chunks the consumer may hold
-        (``prefetch + _extra``), and never more than LOOKAHEAD messages past those the worker has
-        spilled or handed on. Without that credit the broker pushes every chunk of every transfer in
-        flight at once, and what the worker has not spilled yet waits in memory: 1.1 GB of 8 MiB
-        bodies at 100 M parameters x 3 sites (issue 23). The worker always drains, so no deadlock."""
-        budget = BACKLOG_CHUNKS * self.bus.chunk_size
-        lookahead = max(BACKLOG_CHUNKS, min(self.prefetch, int(budget // max(1.0, self._size))))
-        credit = self._processed - self._settled + lookahead
+        """``prefetch + _extra``, and never more than the lookahead past what the worker finished with
+        (``protocol/transport/backlog.py``; the worker always drains, so this cannot deadlock)."""
+        credit = self._processed - self._settled + lookahead(chunk_size=self.bus.chunk_size, prefetch=self.prefetch,
+                                                             message_size=self._size)
         return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra, credit))
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
@@ -417,7 +403,7 @@ class AmqpConsumer(Consumer):
                 self._drained(*taken)
                 taken = None
             try:
-                item = self._work.get(timeout=_until_due(deferred))
+                item = self._work.get(timeout=until_due(deferred))
             except queue_mod.Empty:
                 item = None
             if item is _STOP:
@@ -458,13 +444,12 @@ class AmqpConsumer(Consumer):
             except ChunkCapacity as e:  # no room now: give the chunks back later, the transfer is retried
                 holds.pop(key, None)
                 reasm.discard(key[1], user=user)
-                # Never wait here: the chunks of the transfers in progress queue up behind this thread
-                # (8 MiB each, held by pika's bodies: 1.1 GB at 100 M parameters x 3 sites, issue 23).
-                # The refused transfer's chunks keep their tags only and are requeued once due.
-                if len(refusals) > _MAX_REFUSALS_KEPT:  # transfers that never came back: forget their counts
+                # Never wait here: the admitted transfers' chunks queue up behind this thread (backlog.py).
+                if len(refusals) > MAX_REFUSALS_KEPT:  # transfers that never came back: forget their counts
                     refusals.clear()
                 n = refusals[key] = refusals.get(key, 0) + 1
-                wait = min(_CAPACITY_BACKOFF_MAX_S, _CAPACITY_BACKOFF_S * 2 ** (n - 1))
+                self.capacity_refusals += 1
+                wait = capacity_backoff_s(n)
                 log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user,
                          retry_in_s=wait)
                 for r in hold.raws:
@@ -529,10 +514,3 @@ class AmqpConsumer(Consumer):
         self._work.put(_STOP)
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout=30)
-
-
-def _until_due(deferred: dict[tuple[str, str], Deferred]) -> float:
-    """How long the worker may wait for a delivery before a deferred requeue falls due."""
-    if not deferred:
-        return 1.0
-    return max(0.0, min(1.0, min(d.due for d in deferred.values()) - time.monotonic()))
