@@ -127,7 +127,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
                 raise ValueError(f"checkpoint {path}: tensor {name!r} holds {stop - start} bytes, its shape {shape} "
                                  f"of {dtype} needs {a.nbytes}")
             f.seek(base + start)
-            if a.nbytes and f.readinto(memoryview(a.reshape(-1).view(np.uint8))) != a.nbytes:
+            if a.nbytes and f.readinto(a.reshape(-1).view(np.uint8).data) != a.nbytes:
                 raise ValueError(f"checkpoint {path}: tensor {name!r} is cut short")
             arrays[name] = a
     return arrays, {str(k): str(v) for k, v in dict(meta).items()}
