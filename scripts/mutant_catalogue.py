@@ -1539,12 +1539,10 @@ MUTANTS.extend([
 ])
 MUTANTS.extend([
     Mutant(
-        "capacity-requeue-without-backoff", "a transfer refused for reassembly capacity waits a doubling backoff "
-        "(0.25 s, 0.5 s, ...) before its chunks are requeued together, so it does not bounce through the broker "
-        "while the admitted transfer is received",
-        (Edit("protocol/transport/backlog.py",
-              "    return min(CAPACITY_BACKOFF_MAX_S, CAPACITY_BACKOFF_S * 2 ** (refusals - 1))\n",
-              "    return 0.05\n"),),
+        "capacity-requeue-before-room", "a transfer refused for reassembly capacity is requeued (all its chunks "
+        "together) only once the reassembler has room for it, so it does not bounce ahead of the admitted "
+        "transfer's chunks",
+        (Edit("protocol/transport/consumer.py", " and reasm.has_room(d.total, d.count, user=k[0])]:", "]:"),),
         ("tests/transport/test_consumer_backlog.py::"
          "test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker",),
     ),

@@ -5,8 +5,11 @@ for reassembly capacity waits (issue 23: the coordinator's memory).
   worker has spilled or handed on (``lookahead``); the rest waits in the broker, not in this process.
 * **Capacity.** A transfer the reassembler has no room for is refused once: its chunks already in
   the window are set aside with their tags only (``Deferred``, no bytes) and requeued together
-  after a backoff that doubles per refusal of the same transfer (``capacity_backoff_s``). The
-  worker never sleeps on it: the admitted transfers' chunks behind it keep being spilled.
+  once the reassembler has room for it and a backoff that doubles per refusal of the same transfer
+  has passed (``capacity_backoff_s``). The worker never sleeps on it: the admitted transfers'
+  chunks behind it keep being spilled. Requeued chunks go back to the head of the queue, so one
+  requeued before there is room would be sent again ahead of the admitted transfer's chunks, again
+  and again: at 100 M parameters x 3 sites that starved the admitted transfer until it timed out.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Deferred:
     """A transfer refused for capacity: its chunks' ``Raw`` (bytes dropped), requeued at ``due``."""
 
     due: float
+    total: int  # the transfer's declared bytes and chunks: it is requeued only once they fit
+    count: int
     raws: list[Any] = field(default_factory=list)
 
 
@@ -44,7 +49,8 @@ def capacity_backoff_s(refusals: int) -> float:
 
 
 def until_due(deferred: dict[Any, Deferred]) -> float:
-    """How long the worker may wait for a delivery before a deferred requeue falls due."""
+    """How long the worker may wait for a delivery before a deferred requeue falls due (at least
+    50 ms: one that is due but has no room yet is looked at again, not spun on)."""
     if not deferred:
         return 1.0
-    return max(0.0, min(1.0, min(d.due for d in deferred.values()) - time.monotonic()))
+    return max(0.05, min(1.0, min(d.due for d in deferred.values()) - time.monotonic()))

@@ -409,7 +409,7 @@ class AmqpConsumer(Consumer):
             if item is _STOP:
                 return
             if deferred:
-                self._requeue_due(deferred)
+                self._requeue_due(deferred, reasm)
             if holds:
                 for user, tid in reasm.expire_transfers():
                     h = holds.pop((user or "", tid), None)
@@ -454,7 +454,8 @@ class AmqpConsumer(Consumer):
                          retry_in_s=wait)
                 for r in hold.raws:
                     r.body = b""
-                deferred[key] = Deferred(due=time.monotonic() + wait, raws=hold.raws)
+                deferred[key] = Deferred(due=time.monotonic() + wait, total=int(raw.chunk.get("total_size", 0)),
+                                         count=int(raw.chunk.get("count", 1)), raws=hold.raws)
                 continue
             except ChunkError as e:
                 holds.pop(key, None)
@@ -472,11 +473,11 @@ class AmqpConsumer(Consumer):
             self._call(AmqpDelivery(self, hold.raws, whole))
             whole = None  # else this thread keeps the last update's map (read: resident) while it waits
 
-    def _requeue_due(self, deferred: dict[tuple[str, str], Deferred]) -> None:
-        """Requeue the chunks of every deferred transfer whose wait is over (its room is counted
-        again when it comes back)."""
+    def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], reasm: Reassembler) -> None:
+        """Requeue the chunks of every deferred transfer whose wait is over and that would be admitted
+        now (its window room is counted again when it comes back)."""
         now = time.monotonic()
-        for key in [k for k, d in deferred.items() if d.due <= now]:
+        for key in [k for k, d in deferred.items() if d.due <= now and reasm.has_room(d.total, d.count, user=k[0])]:
             for i, r in enumerate(deferred.pop(key).raws):
                 self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
 
