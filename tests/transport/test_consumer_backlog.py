@@ -43,6 +43,14 @@ class SlowReassembler(consumer_mod.Reassembler):
         return super().add(*args, **kwargs)
 
 
+class SlowerReassembler(consumer_mod.Reassembler):
+    """50 ms per chunk: the admitted transfer takes longer than the first capacity backoff (0.25 s)."""
+
+    def add(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return super().add(*args, **kwargs)
+
+
 def test_a_slow_worker_holds_at_most_the_credit_of_chunks(net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(consumer_mod, "Reassembler", SlowReassembler)
     sender = net.open(chunk_size=CHUNK)
@@ -71,7 +79,7 @@ def test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker(
     transfer is requeued once there is room for it, so it is refused exactly once. Requeued before
     (every 50 ms, refusing and sleeping on each chunk), it went back to the head of the queue ahead
     of the admitted transfer's chunks, again and again: at 100 M x 3 the admitted one timed out."""
-    monkeypatch.setattr(consumer_mod, "Reassembler", SlowReassembler)
+    monkeypatch.setattr(consumer_mod, "Reassembler", SlowerReassembler)
     senders = [net.open(chunk_size=CHUNK) for _ in range(2)]  # two sites uploading at once: chunks interleave
     receiver = open_bus(net.url, chunk_size=CHUNK, max_reassembly_bytes=2 * (FRAME + CHUNK))  # one transfer per user
     frames = [os.urandom(FRAME) for _ in range(2)]
