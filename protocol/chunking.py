@@ -264,6 +264,17 @@ class Reassembler:
         self._chunks += count
         self._user_chunks[owner] = my_chunks + count
 
+    def has_room(self, total: int, count: int, *, user: str | None = None) -> bool:
+        """Whether a transfer of ``total`` bytes in ``count`` chunks from ``user`` would be admitted
+        now (the capacity checks of ``add``): a consumer requeues a transfer it refused only then."""
+        owner = user or ""
+        return (total <= self.max_user_bytes - self._user_reserved.get(owner, 0)
+                and total <= self.max_bytes - self._reserved
+                and self._user_transfers.get(owner, 0) < self.max_user_transfers
+                and len(self._transfers) < self.max_transfers
+                and self._user_chunks.get(owner, 0) + count <= self.max_user_chunks
+                and self._chunks + count <= self.max_chunks)
+
     def user_reserved_bytes(self, user: str | None) -> int:
         """Bytes reserved by ``user``'s transfers in progress."""
         return self._user_reserved.get(user or "", 0)

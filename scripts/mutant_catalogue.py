@@ -1596,6 +1596,25 @@ MUTANTS.extend([
         (f"{_POOLED_BUS}::test_a_sites_policy_refuses_what_it_cannot_honour",),
     ),
 ])
+# ------------------------------------------------------------------ issue 23: coordinator memory at 10 M x 10 and 100 M x 3 (mem)
+MUTANTS.extend([
+    Mutant(
+        "consumer-window-without-credit", "the AMQP consumer holds at most BACKLOG_CHUNKS chunk sizes its worker has "
+        "not spilled (the broker gets credit, not the whole window of every transfer in flight)",
+        (Edit("protocol/transport/consumer.py",
+              "        return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra, credit))\n",
+              "        return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra))\n"),),
+        ("tests/transport/test_consumer_backlog.py::test_a_slow_worker_holds_at_most_the_credit_of_chunks",),
+    ),
+    Mutant(
+        "checkpoint-loaded-whole-then-copied", "loading a checkpoint holds one model (each tensor read into its own "
+        "array), not the whole file and a copy of it",
+        (Edit("coordinator/checkpoints.py", "    arrays, meta = read_safetensors(path)\n",
+              "    arrays, meta = read_safetensors(path)\n    from safetensors.numpy import load_file\n"
+              "    arrays = load_file(str(path))\n"),),
+        ("tests/coordinator/test_checkpoint_memory.py::test_loading_a_checkpoint_holds_one_model",),
+    ),
+])
 MUTANTS.extend([
     Mutant(
         "cli-usage-error-box", "click's usage errors (a value out of range, an unknown option) are one line naming the "
@@ -1774,5 +1793,15 @@ MUTANTS.extend([
         "dashboard-union-source-unsaid", "a secure run's union test figures say they come from the secure sum",
         (Edit("fedbus/dashboard/results.py", '        "union_source": final.get("union_source"),\n', ''),),
         ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "capacity-requeue-before-room", "a transfer refused for reassembly capacity is requeued (all its chunks "
+        "together) only once the reassembler has room for it, so it does not bounce ahead of the admitted "
+        "transfer's chunks",
+        (Edit("protocol/transport/consumer.py", " and reasm.has_room(d.total, d.count, user=k[0])]:", "]:"),),
+        ("tests/transport/test_consumer_backlog.py::"
+         "test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker",),
     ),
 ])

@@ -11,6 +11,8 @@
   raises it, by at most ``max_user_chunks`` per user, and each transfer's raise is given
   back exactly once (by key), so a flood of bogus chunks cannot fill the window. The chunks stay unacked until the whole frame is acked, so a consumer that
   dies mid-transfer loses nothing.
+* Credit: the broker may send at most ``BACKLOG_CHUNKS`` chunk sizes past what the worker has
+  spilled; a transfer refused for capacity waits without its bytes (``backlog.py``).
 * Lost connections are re-established with backoff (through the bus's connector, so
   across a cluster's nodes); unacked messages are redelivered by the broker, and what a
   lost connection delivered is never settled on the new one.
@@ -39,6 +41,7 @@ import structlog
 
 from protocol.chunking import MAX_USER_CHUNKS, Reassembler, SpilledChunk, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
+from protocol.transport.backlog import MAX_REFUSALS_KEPT, Deferred, capacity_backoff_s, lookahead, until_due
 from protocol.transport.base import (
     BrokerRefused,
     BrokerUnreachable,
@@ -74,7 +77,6 @@ class TransferHold:
 
 
 _STOP = object()
-_CAPACITY_BACKOFF_S = 0.05  # pause before requeueing a chunk refused for reassembly capacity
 
 
 class AmqpConsumer(Consumer):
@@ -105,6 +107,14 @@ class AmqpConsumer(Consumer):
         self._extra = 0  # chunks beyond one per whole message currently unacked or expected (I/O thread)
         self._counted: dict[tuple[str, str], int] = {}  # (user, transfer id) -> its share of _extra (I/O thread)
         self._user_counted: dict[str, int] = {}  # user -> the sum of its transfers' shares (I/O thread)
+        # Credit (``_window``): delivered and settled (I/O thread), processed (worker, under the lock).
+        self._delivered = self._settled = self._processed = 0
+        self._backlog = 0
+        self._backlog_lock = threading.Lock()
+        self._size = float(bus.chunk_size)  # recent message size, biased to the largest (I/O thread)
+        self._applied = 0  # the prefetch count last sent to the broker (I/O thread)
+        self.backlog_peak = 0  # the largest backlog seen, bytes (monitoring, tests)
+        self.capacity_refusals = 0  # transfers refused for reassembly capacity (each waits, then is requeued)
         n = next(self._ids)
         self._io = threading.Thread(target=self._io_loop, name=f"fedbus-amqp-io-{n}:{queue}", daemon=True)
         self._worker = threading.Thread(target=self._work_loop, name=f"fedbus-amqp-worker-{n}:{queue}", daemon=True)
@@ -134,6 +144,8 @@ class AmqpConsumer(Consumer):
                 self._extra = 0
                 self._counted.clear()
                 self._user_counted.clear()
+                with self._backlog_lock:
+                    self._delivered = self._settled = self._processed = self._backlog = self._applied = 0
                 self._work.put(("reset", self._gen))
                 what = f"setting prefetch on queue {self.queue!r}"
                 self._apply_qos()
@@ -235,7 +247,17 @@ class AmqpConsumer(Consumer):
             room = -(-self.bus.reassembly["max_bytes"] // self.bus.chunk_size)
             self._ch.basic_qos(prefetch_count=min(_MAX_PREFETCH, self.prefetch + room))
         else:
-            self._ch.basic_qos(prefetch_count=min(_MAX_PREFETCH, self.prefetch + self._extra), global_qos=True)
+            count = self._window()
+            if count != self._applied:
+                self._ch.basic_qos(prefetch_count=count, global_qos=True)
+                self._applied = count
+
+    def _window(self) -> int:
+        """``prefetch + _extra``, and never more than the lookahead past what the worker finished with
+        (``protocol/transport/backlog.py``; the worker always drains, so this cannot deadlock)."""
+        credit = self._processed - self._settled + lookahead(chunk_size=self.bus.chunk_size, prefetch=self.prefetch,
+                                                             message_size=self._size)
+        return max(1, min(_MAX_PREFETCH, self.prefetch + self._extra, credit))
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         chunk = chunk_header_from_amqp(props.headers)
@@ -252,7 +274,22 @@ class AmqpConsumer(Consumer):
                     self._extra += n
                     if not self.bus.quorum:
                         self._apply_qos()
+        self._delivered += 1
+        self._size = max(float(len(body)), 0.9 * self._size)
+        with self._backlog_lock:
+            self._backlog += len(body)
+            self.backlog_peak = max(self.backlog_peak, self._backlog)
         self._work.put(Raw(self._gen, method.delivery_tag, method.routing_key, method.redelivered, props, body, chunk))
+
+    def _drained(self, gen: int, n: int) -> None:
+        """Worker thread: one message of ``n`` bytes is spilled or handed on; its credit goes back to
+        the broker with the I/O thread's next flush (never waited for here)."""
+        with self._backlog_lock:
+            if gen != self._gen:
+                return
+            self._processed += 1
+            self._backlog -= n
+        self._threadsafe(gen, lambda: None)  # the flush re-applies the window
 
     def _release(self, key: tuple[str, str] | None) -> None:
         """Give back the prefetch room counted for transfer ``key`` (once; later calls do nothing)."""
@@ -297,6 +334,8 @@ class AmqpConsumer(Consumer):
         for gen, fn in ops:
             if gen == self._gen:
                 fn()
+        if ops and not self.bus.quorum and self._ch is not None and self._ch.is_open:
+            self._apply_qos()  # settled and processed messages moved the credit
 
     def is_live(self, gen: int) -> bool:
         """Whether connection ``gen`` is the live one (tags of another are void on it)."""
@@ -308,6 +347,9 @@ class AmqpConsumer(Consumer):
             ch = self._ch
             if ch is None or not ch.is_open:
                 return
+            self._settled += len(tags)
+            if not self.bus.quorum:
+                self._apply_qos()  # the window shrinks first: the room these free is not the broker's to fill
             for t in tags:
                 if action == "ack":
                     ch.basic_ack(t)
@@ -337,6 +379,9 @@ class AmqpConsumer(Consumer):
             def reject() -> None:
                 ch = self._ch
                 if ch is not None and ch.is_open:
+                    self._settled += len(raws)
+                    if not self.bus.quorum:
+                        self._apply_qos()
                     for r in raws:
                         ch.basic_reject(r.tag, requeue=False)
                     self._release(key)
@@ -349,14 +394,22 @@ class AmqpConsumer(Consumer):
     def _work_loop(self) -> None:
         reasm = Reassembler(**self.bus.reassembly, spill=True)
         holds: dict[tuple[str, str], TransferHold] = {}  # (broker-verified user, transfer id) -> chunks
+        deferred: dict[tuple[str, str], Deferred] = {}  # refused for capacity: requeued once due
+        refusals: dict[tuple[str, str], int] = {}  # capacity refusals per transfer (its backoff doubles)
         gen = 0
+        taken: tuple[int, int] | None = None  # (connection, bytes) of the message handled last
         while True:
+            if taken is not None:
+                self._drained(*taken)
+                taken = None
             try:
-                item = self._work.get(timeout=1.0)
+                item = self._work.get(timeout=until_due(deferred))
             except queue_mod.Empty:
                 item = None
             if item is _STOP:
                 return
+            if deferred:
+                self._requeue_due(deferred, reasm)
             if holds:
                 for user, tid in reasm.expire_transfers():
                     h = holds.pop((user or "", tid), None)
@@ -368,8 +421,11 @@ class AmqpConsumer(Consumer):
                 gen = item[1]
                 reasm = Reassembler(**self.bus.reassembly, spill=True)
                 holds.clear()
+                deferred.clear()  # their tags died with the connection: the broker redelivers them
+                refusals.clear()
                 continue
             raw: Raw = item
+            taken = (raw.gen, len(raw.body))
             if raw.gen != gen or raw.gen != self._gen:
                 continue  # from a lost connection: the broker redelivers it
             if raw.chunk is None:
@@ -377,20 +433,33 @@ class AmqpConsumer(Consumer):
                 continue
             user = raw.props.user_id
             key = (user or "", str(raw.chunk.get("transfer_id")))
+            if key in deferred:  # refused for capacity: keep the tag, never the bytes, until its requeue
+                raw.body = b""
+                deferred[key].raws.append(raw)
+                continue
             hold = holds.setdefault(key, TransferHold())
             hold.raws.append(raw)
             try:
                 whole = reasm.add(raw.chunk, raw.body, user=user)
-            except ChunkCapacity as e:  # no room now: give the chunks back, the transfer is retried later
+            except ChunkCapacity as e:  # no room now: give the chunks back later, the transfer is retried
                 holds.pop(key, None)
                 reasm.discard(key[1], user=user)
-                log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user)
-                self._stop.wait(_CAPACITY_BACKOFF_S)  # the broker redelivers at once: do not spin on it
-                for i, r in enumerate(hold.raws):  # its room is counted again when it comes back
-                    self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
+                # Never wait here: the admitted transfers' chunks queue up behind this thread (backlog.py).
+                if len(refusals) > MAX_REFUSALS_KEPT:  # transfers that never came back: forget their counts
+                    refusals.clear()
+                n = refusals[key] = refusals.get(key, 0) + 1
+                self.capacity_refusals += 1
+                wait = capacity_backoff_s(n)
+                log.info("chunked transfer requeued for capacity", reason=str(e), queue=self.queue, user=user,
+                         retry_in_s=wait)
+                for r in hold.raws:
+                    r.body = b""
+                deferred[key] = Deferred(due=time.monotonic() + wait, total=int(raw.chunk.get("total_size", 0)),
+                                         count=int(raw.chunk.get("count", 1)), raws=hold.raws)
                 continue
             except ChunkError as e:
                 holds.pop(key, None)
+                refusals.pop(key, None)
                 reasm.discard(key[1], user=user)
                 self._drop_transfer(hold, f"{e.reason}: {e}")
                 continue
@@ -399,9 +468,18 @@ class AmqpConsumer(Consumer):
             if whole is None:
                 continue
             holds.pop(key, None)
+            refusals.pop(key, None)
             hold.raws.sort(key=lambda r: r.chunk["index"] if r.chunk else 0)
             self._call(AmqpDelivery(self, hold.raws, whole))
             whole = None  # else this thread keeps the last update's map (read: resident) while it waits
+
+    def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], reasm: Reassembler) -> None:
+        """Requeue the chunks of every deferred transfer whose wait is over and that would be admitted
+        now (its window room is counted again when it comes back)."""
+        now = time.monotonic()
+        for key in [k for k, d in deferred.items() if d.due <= now and reasm.has_room(d.total, d.count, user=k[0])]:
+            for i, r in enumerate(deferred.pop(key).raws):
+                self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
 
     def _drop_transfer(self, hold: TransferHold, reason: str) -> None:
         """Dead-letter every chunk held for a broken transfer, each with the reason."""

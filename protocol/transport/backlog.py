@@ -1,0 +1,56 @@
+"""How far an AMQP consumer's worker may fall behind its I/O thread, and how a transfer refused
+for reassembly capacity waits (issue 23: the coordinator's memory).
+
+* **Credit.** The broker may send at most ``BACKLOG_CHUNKS`` chunk sizes of messages past those the
+  worker has spilled or handed on (``lookahead``); the rest waits in the broker, not in this process.
+* **Capacity.** A transfer the reassembler has no room for is refused once: its chunks already in
+  the window are set aside with their tags only (``Deferred``, no bytes) and requeued together
+  once the reassembler has room for it and a backoff that doubles per refusal of the same transfer
+  has passed (``capacity_backoff_s``). The worker never sleeps on it: the admitted transfers'
+  chunks behind it keep being spilled. Requeued chunks go back to the head of the queue, so one
+  requeued before there is room would be sent again ahead of the admitted transfer's chunks, again
+  and again: at 100 M parameters x 3 sites that starved the admitted transfer until it timed out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKLOG_CHUNKS = 3  # chunk sizes of received bytes the worker may be behind (the credit's lookahead)
+CAPACITY_BACKOFF_S = 0.25  # first wait before a transfer refused for capacity is requeued
+CAPACITY_BACKOFF_MAX_S = 4.0  # ... doubling per refusal of the same transfer, up to this
+MAX_REFUSALS_KEPT = 4096  # transfers whose refusals are counted (beyond: forgotten, backoff starts again)
+
+__all__ = ["BACKLOG_CHUNKS", "Deferred", "capacity_backoff_s", "lookahead", "until_due"]
+
+
+@dataclass
+class Deferred:
+    """A transfer refused for capacity: its chunks' ``Raw`` (bytes dropped), requeued at ``due``."""
+
+    due: float
+    total: int  # the transfer's declared bytes and chunks: it is requeued only once they fit
+    count: int
+    raws: list[Any] = field(default_factory=list)
+
+
+def lookahead(*, chunk_size: int, prefetch: int, message_size: float) -> int:
+    """Messages the broker may send past what the worker finished with: ``BACKLOG_CHUNKS`` chunk
+    sizes of messages of ``message_size`` bytes (at least ``BACKLOG_CHUNKS``, at most ``prefetch``)."""
+    budget = BACKLOG_CHUNKS * chunk_size
+    return max(BACKLOG_CHUNKS, min(prefetch, int(budget // max(1.0, message_size))))
+
+
+def capacity_backoff_s(refusals: int) -> float:
+    """The wait before the ``refusals``-th refusal of one transfer is requeued."""
+    return min(CAPACITY_BACKOFF_MAX_S, CAPACITY_BACKOFF_S * 2 ** (refusals - 1))
+
+
+def until_due(deferred: dict[Any, Deferred]) -> float:
+    """How long the worker may wait for a delivery before a deferred requeue falls due (at least
+    50 ms: one that is due but has no room yet is looked at again, not spun on)."""
+    if not deferred:
+        return 1.0
+    return max(0.05, min(1.0, min(d.due for d in deferred.values()) - time.monotonic()))
