@@ -192,9 +192,13 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
 
     def tracked():
         try:
-            return read_back(uri, run)
+            client, logged = read_back(uri, run)
         except AssertionError:  # not logged yet (the simulation logs it once the run has finished)
             return None
+        # the artifacts are logged after the params and metrics (coordinator/tracking.py): wait for them too
+        if not {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"model.safetensors", "experiment.json"}:
+            return None
+        return client, logged
 
     client, logged = wait_for(tracked, 120, "the started run to be logged to MLflow")
     check_logged(client, logged, state, json.loads((state.parent / "result.json").read_text()))

@@ -23,8 +23,13 @@ def test_amqp_processes_give_the_same_final_metrics_as_memory(amqp_url):
     assert amqp["broker"].startswith("amqp://") and "guest:guest" not in amqp["broker"]
     assert amqp["sites"] == mem["sites"]
     assert [r["replies"] for r in amqp["rounds"]] == [4, 4]
-    for key in ("loss", "accuracy", "auc", "f1"):
+    for key in ("loss", "accuracy"):
         assert amqp["final"][key] == pytest.approx(mem["final"][key], rel=1e-6, abs=1e-9), key
+    # FedAvg sums the updates in the order they arrive (streaming, memory O(model)): over the broker
+    # that order is the network's, so the model may differ in its last float32 bit, and a ranking
+    # figure may flip one tied pair of scores (CI saw AUC 0.87829 vs 0.87880: one pair in ~2,000).
+    for key in ("auc", "f1"):
+        assert amqp["final"][key] == pytest.approx(mem["final"][key], abs=2e-3), key
     for site in mem["sites"]:
         assert amqp["final"]["per_site"][site]["loss"] == pytest.approx(mem["final"]["per_site"][site]["loss"], rel=1e-6)
     # Per-round aggregated validation metrics agree too, not only the end point.
