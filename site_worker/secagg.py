@@ -237,15 +237,21 @@ class SiteSecAgg:
         st = self._load(run_id)
         return max([int(at_least)] + [t + 1 for t in st.masked_tags])
 
-    @_one_at_a_time(lambda run_id: run_id)
-    def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
-        """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
+    def _fresh(self, run_id: str, tag: int, values: np.ndarray) -> tuple[Roster, _RunState]:
+        """The run's roster and state for masking update ``tag``: refused if that tag was masked
+        before (a mask is used once) or the vector's length is not the roster's."""
         roster = self.roster(run_id)
         st = self._load(run_id)
         if tag in st.masked_tags:
             raise SecAggRefused("mask_reused", f"update {tag} of run {run_id!r} was already masked; a mask is used once")
         if values.size != roster.length:
             raise SecAggRefused("roster_mismatch", f"update has {values.size} values, the roster says {roster.length}")
+        return roster, st
+
+    @_one_at_a_time(lambda run_id: run_id)
+    def mask(self, run_id: str, tag: int, values: np.ndarray) -> MaskedOutput:
+        """Quantise ``values`` (clipped), mask them under a fresh key, seal one share per roster site."""
+        roster, st = self._fresh(run_id, tag, values)
         cfg = F.QuantConfig(roster.clip, roster.scale, len(roster.sites))
         return self._masked(run_id, tag, roster, st, F.quantise(values, cfg))
 
@@ -255,12 +261,7 @@ class SiteSecAgg:
         """Mask an integer vector (the pooled-DP mode's noisy batch sum, ``site_worker.pooled_dp``),
         only under a roster whose K is at least m, and commit to never answering for a sum of fewer
         than max(K, m) sites: fewer would carry less noise than the site's ledger charged for."""
-        roster = self.roster(run_id)
-        st = self._load(run_id)
-        if tag in st.masked_tags:
-            raise SecAggRefused("mask_reused", f"update {tag} of run {run_id!r} was already masked; a mask is used once")
-        if values.size != roster.length:
-            raise SecAggRefused("roster_mismatch", f"update has {values.size} values, the roster says {roster.length}")
+        roster, st = self._fresh(run_id, tag, values)
         # Every roster site enforces the committed K at unmask, this site's m only where it answers:
         # so K itself must cover m, or U other sites could unmask a sum of fewer than m shares.
         if roster.min_contributors < int(assume_honest_sites):

@@ -98,20 +98,26 @@ def test_site_check_always_opens_the_data_and_checks_the_target(tmp_path: Path) 
     assert not all(c.ok for c in checks) and any("missing.csv" in c.detail for c in checks if not c.ok)
 
 
-@pytest.mark.slow
-def test_a_kit_copied_to_another_folder_starts_and_passes_site_check(tmp_path: Path, amqp_url: str) -> None:
-    """Provisioned in one folder, the kit (and the data, where the hospital keeps it) copied to
-    another and the original deleted: ``site check`` passes every line (broker login included)
-    and ``site run`` starts (its hello reaches the broker) from an unrelated working directory.
-    Run as another user: ``test_a_copied_kit_runs_as_an_unprivileged_user``."""
+def _provisioned(tmp_path: Path, amqp_url: str, prefix: str) -> tuple[str, str, Path, Path, Path]:
+    """A one-site project on the test's vhost: (site, tag, provisioner folder, data file, project.toml)."""
     tag = uuid.uuid4().hex[:8]
-    site = f"port-{tag}"
+    site = f"{prefix}-{tag}"
     vhost = urlsplit(amqp_url).path
     proj_dir = tmp_path / "provisioner"
     proj_dir.mkdir()
     data = _data(proj_dir / "hf.csv")
     proj = _project(proj_dir, [site], data=data, broker=f"amqp://127.0.0.1:5672{vhost}", admin=amqp_url,
                     fed=f"fed-{tag}")
+    return site, tag, proj_dir, data, proj
+
+
+@pytest.mark.slow
+def test_a_kit_copied_to_another_folder_starts_and_passes_site_check(tmp_path: Path, amqp_url: str) -> None:
+    """Provisioned in one folder, the kit (and the data, where the hospital keeps it) copied to
+    another and the original deleted: ``site check`` passes every line (broker login included)
+    and ``site run`` starts (its hello reaches the broker) from an unrelated working directory.
+    Run as another user: ``test_a_copied_kit_runs_as_an_unprivileged_user``."""
+    site, tag, proj_dir, data, proj = _provisioned(tmp_path, amqp_url, "port")
     try:
         r = CliRunner().invoke(app, ["provision", str(proj), "--out", str(proj_dir / "kits")])
         assert r.exit_code == 0, r.output
@@ -160,14 +166,7 @@ def test_a_copied_kit_runs_as_an_unprivileged_user(tmp_path: Path, amqp_url: str
     import pwd
     import tempfile
 
-    tag = uuid.uuid4().hex[:8]
-    site = f"user-{tag}"
-    vhost = urlsplit(amqp_url).path
-    proj_dir = tmp_path / "provisioner"
-    proj_dir.mkdir()
-    data = _data(proj_dir / "hf.csv")
-    proj = _project(proj_dir, [site], data=data, broker=f"amqp://127.0.0.1:5672{vhost}", admin=amqp_url,
-                    fed=f"fed-{tag}")
+    site, tag, proj_dir, data, proj = _provisioned(tmp_path, amqp_url, "user")
     hospital = Path(tempfile.mkdtemp(prefix="fedbus-hospital-", dir="/tmp"))  # pytest's tmp is root's alone
     nobody = pwd.getpwnam("nobody")
     try:
