@@ -33,3 +33,20 @@ def launch(*extra_args: str) -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+@contextmanager
+def served_page(browser: Any, state: Path) -> Iterator[tuple[Any, Any, list[str]]]:
+    """A read-only dashboard over ``state`` and a fresh page of ``browser``: (server, page, the
+    page's JavaScript errors). Both are closed afterwards."""
+    from fedbus.dashboard.server import BackgroundServer, ServeOptions
+
+    server = BackgroundServer(ServeOptions(state=state, port=0)).start()
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        yield server, page, errors
+    finally:
+        page.close()
+        server.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedbus.dashboard import results
-from fedbus.dashboard.server import BackgroundServer, ServeOptions
+from tests.dashboard.chromium import served_page
 from simulator.run import simulate
 from tests.dashboard.conftest import EXAMPLE, fedbus
 
@@ -48,11 +48,7 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
     stored = json.loads(secure_result)["privacy"]["secure_aggregation"]
     assert stored["used"] is True and stored["sums_unmasked"] == 2, stored
     assert json.loads(secure_result)["final"].get("union_source") == "secure_sum"
-    server = BackgroundServer(ServeOptions(state=state, port=0)).start()
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    try:
+    with served_page(browser, state) as (server, page, errors):
         page.goto(f"{server.base}/runs/{secure}")
         line = page.locator("#secure-aggregation")
         line.wait_for(timeout=60_000)
@@ -83,9 +79,6 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
         kpi = page.locator('.kpi[data-kpi="epsilon"]')
         assert "no DP" in kpi.inner_text() and "not planned" not in kpi.inner_text(), kpi.inner_text()
         assert not errors, errors
-    finally:
-        page.close()
-        server.stop()
 
 
 def test_a_running_secure_run_says_so_from_its_experiment() -> None:

@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from fedbus.dashboard.server import BackgroundServer, ServeOptions
+from tests.dashboard.chromium import served_page
 from protocol.dp_figures import TOO_FEW
 
 INTERVAL = re.compile(r"\(\d+(\.\d+)?–\d+(\.\d+)?\)")
@@ -43,11 +43,7 @@ def test_a_withheld_final_accuracy_leaves_no_bare_figure(browser, state: Path, r
     run = run_ids[0]
     copy = tmp_path / "state"
     _withheld_copy(state, copy, run)
-    server = BackgroundServer(ServeOptions(state=copy, port=0)).start()
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    try:
+    with served_page(browser, copy) as (server, page, errors):
         page.goto(f"{server.base}/runs/{run}")
         page.locator("#kpis").wait_for(timeout=60_000)
         labels = page.locator("#kpis .kpi .label").all_inner_texts()
@@ -65,6 +61,3 @@ def test_a_withheld_final_accuracy_leaves_no_bare_figure(browser, state: Path, r
         first = page.locator("#compare-final tbody tr").first.locator("td.num").all_inner_texts()
         assert TOO_FEW in first[0] and first[2] == "0.61 (0.40–0.80)", first
         assert not errors, errors
-    finally:
-        page.close()
-        server.stop()
