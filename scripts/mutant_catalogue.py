@@ -126,8 +126,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "async-duplicate-task-merged", "FedAsync merges one answer per task; a second answer is settled as a duplicate",
-        (Edit(ASYNC, "            if any(h.row.task_id == p.task_id for h in held.values()) or "
-                     "ctx.store.task_answered(ctx.run_id, p.task_id):\n", "            if False:\n"),),
+        (Edit("coordinator/rounds/answers.py", "    if any(h.row.task_id == p.task_id for h in held.values()) or "
+                     "ctx.store.task_answered(ctx.run_id, p.task_id):\n", "    if False:\n"),),
         ("tests/coordinator/test_at_least_once_memory.py",), marks="not broker",
     ),
     Mutant(
@@ -1803,5 +1803,16 @@ MUTANTS.extend([
         (Edit("protocol/transport/consumer.py", " and reasm.has_room(d.total, d.count, user=k[0])]:", "]:"),),
         ("tests/transport/test_consumer_backlog.py::"
          "test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker",),
+    ),
+])
+# ------------------------------------------------------------------ one admission rule for the asynchronous loops
+MUTANTS.extend([
+    Mutant(
+        "secagg-fedbuff-folds-plain-update", "a FedBuff run under secure aggregation refuses an unmasked Update "
+        "(the asynchronous loops share one admission rule, coordinator/rounds/answers.py)",
+        (Edit("coordinator/rounds/answers.py",
+              "    if masked and (isinstance(p, Update) or not isinstance(p, MaskedUpdate)):\n",
+              "    if False:\n"),),
+        ("tests/simulator/test_secure_fedbuff.py::test_a_plain_update_in_a_secure_fedbuff_run_is_refused_and_not_stored",),
     ),
 ])

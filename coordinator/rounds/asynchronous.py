@@ -16,11 +16,11 @@ from coordinator.aggregators import AsyncAggregator
 from coordinator.inbox import Held, Inbound, Message
 from coordinator.metrics import after_training, validation_weight, weighted_mean
 from coordinator.progress import RoundProgress
+from coordinator.rounds.answers import admit
 from coordinator.rounds.context import RunContext, give_up, warn_reproducible
 from coordinator.rounds.patience import Patience
 from coordinator.sampling import sample_count
-from coordinator.validation import Rejected
-from protocol.messages import Declined, EvalResult, Tensors
+from protocol.messages import EvalResult, Tensors
 
 # (new weights or None, site to re-task or None); None: nothing changed
 Step = tuple[Tensors | None, str | None] | None
@@ -114,23 +114,12 @@ class AsyncRounds:
             env, p, site = msg.env, msg.payload, msg.site
             if isinstance(p, EvalResult):
                 return inbox.late_eval(msg, round=version)
-            task = ctx.tasks.get(p.task_id)
-            if task is None or task.kind != "TrainTask" or task.site != site or task.round != env.round:
-                raise Rejected("not_tasked", f"{site} answers task {p.task_id}, which this run did not send it")
-            if any(h.row.task_id == p.task_id for h in held.values()) or ctx.store.task_answered(ctx.run_id, p.task_id):
-                return inbox.settle(msg, verdict="duplicate", reason=f"task {p.task_id} already answered",
-                                    round=version)
-            if isinstance(p, Declined):
-                return inbox.decline(msg, round=version)
-            tau = version - p.base_round
-            if p.base_round != env.round or tau < 0:
-                raise Rejected("wrong_round", f"update based on version {p.base_round} for task of version "
-                               f"{env.round}; the model is at version {version}")
-            if self.agg.max_staleness is not None and tau > self.agg.max_staleness:
-                inbox.settle(msg, verdict="stale", reason=f"staleness {tau} > max_staleness {self.agg.max_staleness}",
-                             round=version)
+            admitted = admit(ctx, msg, version=version, held=held, max_staleness=self.agg.max_staleness)
+            if admitted.outcome == "stale":
                 step[0] = (None, site)
-                return
+            if admitted.outcome != "update":
+                return None
+            tau = admitted.staleness
             base = self._version_weights(p.base_round, versions)
             h, new = inbox.accept_update(
                 msg, held, weights=weights, norm_bound=ctx.norm_bound, staleness=tau,

@@ -27,13 +27,14 @@ from typing import Any
 from coordinator.aggregators import AsyncAggregator
 from coordinator.inbox import Held, Inbound, Message
 from coordinator.progress import RoundProgress
+from coordinator.rounds.answers import admit
 from coordinator.rounds.context import RunContext, RunFailed, give_up
 from coordinator.rounds.patience import Patience
 from coordinator.rounds.secure import SecureSync, _flat, _unflat
 from coordinator.sampling import sample_count
 from coordinator.secagg import MaskedSum
 from coordinator.validation import Rejected
-from protocol.messages import Declined, EvalResult, MaskedUpdate, Tensors, Update
+from protocol.messages import EvalResult, Tensors
 
 
 class SecureBufferRounds:
@@ -185,24 +186,12 @@ class SecureBufferRounds:
         if task is not None and task.site == site and task.kind in ("SecAggUnmask", "SecAggJoin"):
             # an answer past the U that unmasked a buffer (or a key after the roster was sent): no effect
             return inbox.settle(msg, verdict="late", reason=f"{env.type} to a {task.kind} already done", round=version)
-        if task is None or task.kind != "TrainTask" or task.site != site or task.round != env.round:
-            raise Rejected("not_tasked", f"{site} answers task {p.task_id}, which this run did not send it")
-        if any(h.row.task_id == p.task_id for h in self.held.values()) or ctx.store.task_answered(ctx.run_id, p.task_id):
-            return inbox.settle(msg, verdict="duplicate", reason=f"task {p.task_id} already answered", round=version)
-        if isinstance(p, Declined):
-            return inbox.decline(msg, round=version)
-        if isinstance(p, Update) or not isinstance(p, MaskedUpdate):
-            raise Rejected("secure_aggregation", "this run is under secure aggregation: an unmasked Update is "
-                           "refused and not stored")
-        tau = version - p.base_round
-        if p.base_round != env.round or tau < 0:
-            raise Rejected("wrong_round", f"update based on version {p.base_round} for task of version "
-                           f"{env.round}; the model is at version {version}")
-        if self.agg.max_staleness is not None and tau > self.agg.max_staleness:
-            inbox.settle(msg, verdict="stale", reason=f"staleness {tau} > max_staleness {self.agg.max_staleness}",
-                         round=version)
+        admitted = admit(ctx, msg, version=version, held=self.held, max_staleness=self.agg.max_staleness, masked=True)
+        if admitted.outcome == "stale":
             self.retask.append(site)
-            return
+        if admitted.outcome != "update":
+            return None
+        tau = admitted.staleness
         assert self.buffer is not None
         self.secure.accept(msg, env.round, self.buffer)  # relays its sealed shares, adds the masked vector
         inbox.hold(msg, self.held, payload=p, staleness=tau)

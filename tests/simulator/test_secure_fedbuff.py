@@ -113,6 +113,24 @@ def test_secure_fedbuff_with_a_site_silent_after_uploading_still_unmasks(monkeyp
     assert all("site-3" not in r["secure_aggregation"]["answered"] for r in doc["rounds"])
 
 
+def test_a_plain_update_in_a_secure_fedbuff_run_is_refused_and_not_stored(monkeypatch):
+    """site-3 sends its updates in the clear: each is refused (secure_aggregation), none is buffered,
+    and the buffers close on the two masking sites alone."""
+    rec = Recorder(monkeypatch)
+    masked = SecAggSite.masked
+
+    def plain_from_site_3(site: SecAggSite, env: Any, global_weights: Any, update: Any, cap: int) -> Any:
+        return update if site.config.site_id == "site-3" else masked(site, env, global_weights, update, cap)
+
+    monkeypatch.setattr(SecAggSite, "masked", plain_from_site_3)
+    exp = _experiment(3, buffer_size=2, min_contributors=2, threshold=2, timeout=20.0)
+    doc = simulate(exp, sites=3, rounds=2, progress=False)
+    assert len(doc["rounds"]) == 2
+    refused = [r for r in doc["rejected"] if r["site"] == "site-3"]
+    assert refused and all("secure_aggregation" in r["reason"] for r in refused), doc["rejected"]
+    assert all(s != "site-3" for c, _, _ in rec.buffers for s, _ in c), rec.buffers
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 def test_secure_fedbuff_on_rabbitmq_unmasks_exactly_each_buffers_weights(monkeypatch, amqp_url):
