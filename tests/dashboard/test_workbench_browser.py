@@ -102,7 +102,7 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     # 1. The researcher designs a model: the parameter count and the ε plan follow each edit.
     page.goto(f"{base}/designer")
     count = page.locator("#param-count")
-    page.wait_for_function("() => document.querySelector('#param-count').dataset.value", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#param-count')?.dataset.value", timeout=60_000)
     mlp = int(count.get_attribute("data-value"))
     features = page.locator("#features input")  # the template leaves out the follow-up time (it leaks the outcome)
     assert features.count() == 12 and not page.locator('#features input[value="time"]').is_checked()
@@ -112,23 +112,23 @@ def test_researcher_designs_and_starts_approver_marks_valid_viewer_is_refused(br
     assert all(abs(float(sites.nth(i).locator("td.planned-epsilon").get_attribute("data-epsilon")) - 8.0) < 0.05 for i in range(3))
     page.locator("#total-epsilon").fill("4")
     page.locator("#total-epsilon").dispatch_event("change")
-    page.wait_for_function("() => Math.abs(+document.querySelector('#eps-plan td.planned-epsilon').dataset.epsilon - 4) < 0.05",
+    page.wait_for_function("() => Math.abs(+document.querySelector('#eps-plan td.planned-epsilon')?.dataset.epsilon - 4) < 0.05",
                            timeout=30_000)
     page.locator("#layer-type").select_option("Linear")
     page.locator("#add-layer").click()  # Linear(16) before the output: the output becomes 16 wide, which BCE refuses
-    page.wait_for_function("() => document.querySelector('#check-status').textContent.startsWith('invalid')", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#check-status')?.textContent?.startsWith('invalid')", timeout=30_000)
     assert count.inner_text() == "–"
     n_layers = page.locator("#layers-body tr").count()
     new = page.locator(f'#layers-body tr[data-index="{n_layers - 2}"] input[data-param="out_features"]')
     new.fill("1")
     new.dispatch_event("change")
-    page.wait_for_function("(n) => +document.querySelector('#param-count').dataset.value === n", arg=mlp + 2, timeout=30_000)
+    page.wait_for_function("(n) => +document.querySelector('#param-count')?.dataset.value === n", arg=mlp + 2, timeout=30_000)
     assert page.locator(f'#layers-body tr[data-index="{n_layers - 2}"] td.layer-params').inner_text() == "2"
     page.locator("#exp-name").fill("designed_mlp")
     page.locator("#exp-name").dispatch_event("change")
     page.locator("#rounds").fill("2")
     page.locator("#rounds").dispatch_event("change")
-    page.wait_for_function("() => document.querySelector('#check-status').textContent.startsWith('valid')", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#check-status')?.textContent?.startsWith('valid')", timeout=30_000)
     if shots_dir():
         page.screenshot(path=str(shots_dir() / "dashboard-designer.png"), full_page=True)
 
