@@ -31,7 +31,7 @@ from protocol.messages import Heartbeat, SiteHello
 from protocol.signing import Signer, TrustStore, generate_keypair
 from protocol.transport import open_bus
 from protocol.transport.base import Topology
-from protocol.transport.dead_letters import DeadLetters
+from protocol.transport.dead_letters import DeadLetterError, DeadLetters
 from protocol.transport.topology import CONTROL, control_queue, liveness_queue
 
 POLL_S = 0.05
@@ -161,6 +161,8 @@ def test_a_forged_beat_is_dead_lettered_with_its_reason_and_counts_for_nobody(tm
         assert "unknown" in dead[unknown].reason.lower() and dead[unknown].queue == liveness_queue(fed)
         assert set(store.liveness()) == {a}
         assert monitor.beats == 1
+        with pytest.raises(DeadLetterError, match="liveness monitor"):  # the control queue had its own copy
+            DeadLetters(bus, fed).requeue([forged])
     finally:
         monitor.stop()
         bus.close()
