@@ -234,3 +234,40 @@ def test_the_coordinator_may_read_the_liveness_queue_and_a_site_may_not() -> Non
     assert re.match(coord.read, liveness_queue("fed")) and re.match(coord.configure, liveness_queue("fed"))
     assert not re.match(coord.read, liveness_queue("other"))  # its federation's only
     assert not re.match(site.read, liveness_queue("fed")) and not re.match(site.read, control_queue("fed"))
+
+
+@pytest.mark.broker
+def test_rabbitmq_bounds_the_liveness_queue_as_declared(amqp_url: str) -> None:
+    """On RabbitMQ: the liveness queue carries its bounds (TTL, max length, drop-head, no
+    dead-letter exchange) and the broker enforces them: one message past the bound, the queue
+    still holds LIVENESS_MAX_LENGTH and the control queue holds every one."""
+    import pika
+
+    from protocol.transport.layout import plan
+    from protocol.transport.topology import LIVENESS_MAX_LENGTH, LIVENESS_TTL_MS, updates_queue
+
+    fed = f"fed-{uuid.uuid4().hex[:8]}"
+    [qp] = [q for q in plan(Topology(federations=[fed])) if q.name == liveness_queue(fed)]
+    assert qp.arguments["x-message-ttl"] == LIVENESS_TTL_MS == 300_000
+    assert qp.arguments["x-max-length"] == LIVENESS_MAX_LENGTH and qp.arguments["x-overflow"] == "drop-head"
+    assert "x-dead-letter-exchange" not in qp.arguments
+    bus = open_bus(amqp_url)
+    bus.declare(Topology(federations=[fed]))
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        for i in range(LIVENESS_MAX_LENGTH + 1):  # unconfirmed raw publishes: fast; the passive declare orders after them
+            ch.basic_publish(CONTROL, fed, b"x", pika.BasicProperties(message_id=f"m{i}"))
+
+        def depth(name: str) -> int:
+            return ch.queue_declare(name, passive=True).method.message_count
+
+        wait_for(lambda: depth(control_queue(fed)) == LIVENESS_MAX_LENGTH + 1, 30, "every message in the control queue")
+        assert depth(liveness_queue(fed)) == LIVENESS_MAX_LENGTH
+        got = ch.basic_get(liveness_queue(fed), auto_ack=True)
+        assert got[1].message_id == "m1"  # the oldest went
+    finally:
+        conn.close()
+        for name in (liveness_queue(fed), control_queue(fed), updates_queue(fed)):
+            bus.delete_queue(name)  # type: ignore[attr-defined]
+        bus.close()
