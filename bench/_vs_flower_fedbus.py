@@ -209,7 +209,7 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
     from protocol.signing import generate_keypair
     from protocol.transport import open_bus
     from protocol.transport.base import Topology
-    from protocol.transport.topology import control_queue, site_queue, updates_queue
+    from protocol.transport.topology import control_queue, liveness_queue, site_queue, updates_queue
     from simulator.workspace import enroll, site_toml
 
     tag = uuid.uuid4().hex[:8]
@@ -324,4 +324,5 @@ def run(spec: common.JobSpec, work: Path, *, test: tuple[np.ndarray, np.ndarray]
             sampler.stop()
         end_processes(procs, seen, grace_s=15)
         proxy.close()
-        _delete_queues(broker, [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)])
+        _delete_queues(broker, [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation),
+                             liveness_queue(federation)])

@@ -9,9 +9,12 @@ beat older than ``STALE_S`` (a backlog queued while no coordinator listened) is 
 replayed beat carries its old ``sent_at`` and changes nothing, so no replay guard is needed.
 
 ``status`` is what the sites page shows: "online" while the newest beat is within
-``MISSED`` intervals (≤ 30 s at the 10 s maximum), "offline" after that, and, when no
-coordinator is listening to the control queue (no run in this state is running), "not
-monitored" rather than a guess.
+``MISSED`` intervals (≤ 30 s at the 10 s maximum), "offline" after that, and, when nobody is
+listening for beats, "not monitored" rather than a guess. Someone listens while a run in this
+state is running (its control queue), or while a monitor (``coordinator serve --broker``:
+coordinator/liveness_monitor.py, on the federation's liveness queue, between runs too) ticks in
+the state's ``monitors`` table: a monitor is believed for ``MISSED`` of its ticks, so a crashed
+one stops claiming within ``offline_after_s`` of its last tick.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def record(store: Any, signer: str, beat: Heartbeat, *, sent_at: float, received
         return False
     store.record_heartbeat(signer, seen_at=at, every_s=float(beat.every_s), seq=int(beat.seq))
     return True
+
+
+def monitor_live(tick: Mapping[str, Any], *, now: float) -> bool:
+    """A monitor's last tick (``seen_at``, ``every_s``) still says it listens: the sites' rule."""
+    return now - float(tick["seen_at"]) <= offline_after_s(float(tick["every_s"]))
 
 
 def status(beat: Mapping[str, Any] | None, *, now: float, monitored: bool) -> str:

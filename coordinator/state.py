@@ -122,6 +122,11 @@ CREATE TABLE IF NOT EXISTS liveness (   -- each site's newest Heartbeat (coordin
     every_s REAL NOT NULL,             -- the interval the site announced
     seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS monitors (   -- who watches heartbeats between runs (coordinator/liveness_monitor.py)
+    name TEXT PRIMARY KEY,             -- e.g. "dashboard:<federation>"
+    seen_at REAL NOT NULL,             -- its last tick while its consumer was subscribed
+    every_s REAL NOT NULL              -- its tick interval: stale after liveness.MISSED of them
+);
 CREATE TABLE IF NOT EXISTS privacy (    -- the sites' privacy ledger, as they reported it
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -313,6 +318,17 @@ class StateStore:
                 "WHERE excluded.seen_at > liveness.seen_at",
                 (site_id, seen_at, every_s, seq),
             )
+
+    def record_monitor(self, name: str, *, seen_at: float, every_s: float) -> None:
+        """``name`` is consuming heartbeats now; it says so again every ``every_s`` while it does."""
+        with self._tx() as db:
+            db.execute("INSERT INTO monitors VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "seen_at=excluded.seen_at, every_s=excluded.every_s", (name, seen_at, every_s))
+
+    def drop_monitor(self, name: str) -> None:
+        """``name`` stopped watching (a clean stop; a crash is told by its row going stale)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM monitors WHERE name=?", (name,))
 
     def liveness(self) -> dict[str, dict[str, float]]:
         return {r["site_id"]: {"seen_at": r["seen_at"], "every_s": r["every_s"], "seq": r["seq"]}

@@ -1394,11 +1394,13 @@ MUTANTS.extend([
     Mutant(
         "liveness-beat-for-another-site", "a heartbeat counts only for the site whose key signed it",
         (Edit("coordinator/control.py",
-              "        if isinstance(hello, Heartbeat) and hello.site_id == opened.signer:  # coordinator/liveness.py\n"
-              "            liveness.record(store, opened.signer,",
-              "        if isinstance(hello, Heartbeat):  # coordinator/liveness.py\n"
-              "            liveness.record(store, hello.site_id,"),),
-        (f"{_LIVE}::test_the_coordinator_records_signed_beats_and_refuses_a_forged_one",),
+              "    if not isinstance(beat, Heartbeat) or beat.site_id != opened.signer:\n",
+              "    if not isinstance(beat, Heartbeat):\n"),
+         Edit("coordinator/control.py", "liveness.record(store, opened.signer, beat,",
+              "liveness.record(store, beat.site_id, beat,")),
+        (f"{_LIVE}::test_the_coordinator_records_signed_beats_and_refuses_a_forged_one",
+         "tests/dashboard/test_liveness_between_runs.py::"
+         "test_a_forged_beat_is_dead_lettered_with_its_reason_and_counts_for_nobody[memory]"),
     ),
     Mutant(
         "liveness-site-never-beats", "the site daemon beats every alive_every_s after its hello",
@@ -1814,5 +1816,42 @@ MUTANTS.extend([
               "    if masked and (isinstance(p, Update) or not isinstance(p, MaskedUpdate)):\n",
               "    if False:\n"),),
         ("tests/simulator/test_secure_fedbuff.py::test_a_plain_update_in_a_secure_fedbuff_run_is_refused_and_not_stored",),
+    ),
+])
+_LIVE = "tests/dashboard/test_liveness_between_runs.py"
+MUTANTS.extend([
+    Mutant(
+        "liveness-monitor-records-nothing", "between runs the dashboard's liveness monitor records each verified "
+        "heartbeat (it acked them and kept none: every site stayed offline)",
+        (Edit("coordinator/liveness_monitor.py", "if record_beat(self.store, opened, received_at=time.time()):",
+              'if type(opened.envelope.payload).__name__ == "Heartbeat":'),),
+        (f"{_LIVE}::test_between_runs_a_beating_site_is_online_then_offline_and_its_hello_stays_for_the_run[memory]",),
+    ),
+    Mutant(
+        "listening-ignores-the-monitor", "the sites page counts a ticking liveness monitor as listening, so between "
+        "runs it says offline, not 'not monitored'",
+        (Edit("fedbus/dashboard/data.py",
+              'return any(monitor_live(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))',
+              "return False"),),
+        (f"{_LIVE}::test_a_monitor_is_believed_for_three_ticks_and_not_after_it_stops",),
+    ),
+    Mutant(
+        "monitor-believed-forever", "a monitor's tick is believed for three ticks, not forever: a killed dashboard "
+        "stops claiming 'monitored'",
+        (Edit("coordinator/liveness.py",
+              'return now - float(tick["seen_at"]) <= offline_after_s(float(tick["every_s"]))', "return True"),),
+        (f"{_LIVE}::test_a_monitor_is_believed_for_three_ticks_and_not_after_it_stops",),
+    ),
+    Mutant(
+        "monitor-ticks-unsubscribed", "the monitor ticks only while its consumer is subscribed (Consumer.live)",
+        (Edit("coordinator/liveness_monitor.py", "if self.consumer is None or not self.consumer.live:",
+              "if self.consumer is None:"),),
+        (f"{_LIVE}::test_a_monitor_is_believed_for_three_ticks_and_not_after_it_stops",),
+    ),
+    Mutant(
+        "liveness-queue-unbounded", "the liveness queue nobody may be watching keeps at most LIVENESS_MAX_LENGTH "
+        "messages (drop-head)",
+        (Edit("protocol/transport/layout.py", '"x-max-length": LIVENESS_MAX_LENGTH, ', ""),),
+        (f"{_LIVE}::test_the_liveness_queue_is_bounded_and_drops_its_oldest",),
     ),
 ])

@@ -239,12 +239,13 @@ def delete_run_queues(bus: Bus, *, sites: list[str], federation: str) -> None:
     """Leave the broker as we found it: the run's queues are simulation-only (use a dedicated vhost
     on a broker that real sites share, so simulated site ids never meet real ones)."""
     from protocol.transport.base import BrokerUnreachable
-    from protocol.transport.topology import control_queue, site_queue, updates_queue
+    from protocol.transport.topology import control_queue, liveness_queue, site_queue, updates_queue
 
     delete = getattr(bus, "delete_queue", None)
     if delete is None:
         return
-    for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation)]:
+    for name in [*(site_queue(s) for s in sites), updates_queue(federation), control_queue(federation),
+                  liveness_queue(federation)]:
         try:
             delete(name)
         except BrokerUnreachable:

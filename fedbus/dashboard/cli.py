@@ -19,7 +19,8 @@ def register_serve(app: typer.Typer) -> None:
         allow_actions: bool = typer.Option(False, "--allow-actions",
                                            help="Allow stopping runs, signing approvals and starting runs."),
         key: Optional[Path] = typer.Option(None, "--key", help="Coordinator private key that signs approvals [STATE/coordinator.key]."),
-        broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL: dead letters, and where started runs go."),
+        broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL: dead letters, where started runs go, "
+                                             "and site heartbeats between runs (the sites page's online/offline)."),
         federation: Optional[str] = typer.Option(None, "--federation", help="Federation whose dead letters to show [latest run's]."),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Server certificate (PEM) to serve HTTPS with; required beyond localhost."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."),
@@ -41,12 +42,13 @@ def register_serve(app: typer.Typer) -> None:
         tracking = mlflow_uri(mlflow, None, prog="fedbus coordinator serve")
         opts = ServeOptions(state=state, host=host, port=port, token_file=token, allow_actions=allow_actions,
                             key=key, broker=broker, federation=federation, tls_cert=tls_cert, tls_key=tls_key,
-                            users_file=users, mlflow=tracking)
+                            users_file=users, mlflow=tracking, liveness=broker is not None)
         try:
             serve_forever(opts, announce=lambda url: typer.echo(
                 f"fedbus dashboard: {url}  ({'sign in with the token in ' + str(token) + '; ' if token else ''}"
                 f"{'named users from ' + str(users) + '; ' if users else ''}"
                 f"{'MLflow at ' + tracking + '; ' if tracking else ''}"
+                f"{'site heartbeats watched; ' if broker else ''}"
                 f"{'actions enabled' if allow_actions else 'read-only'}; Ctrl-C stops)", err=True))
         except (ServeError, TokenFileError) as e:
             typer.echo(f"fedbus coordinator serve: {e}", err=True)

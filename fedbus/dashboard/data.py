@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,9 +71,15 @@ class StateReader:
         """Each site's newest heartbeat (``coordinator/liveness.py``); empty for a state written before beats."""
         return {r["site_id"]: r for r in self._rows("SELECT site_id, seen_at, every_s, seq FROM liveness")}
 
-    def listening(self) -> bool:
-        """A coordinator consumes the control queue, where heartbeats arrive: a run here is running."""
-        return bool(self._rows("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"))
+    def listening(self, now: float | None = None) -> bool:
+        """Someone records heartbeats: a run here is running (its control queue), or a liveness
+        monitor (``coordinator serve --broker``) ticked recently (coordinator/liveness_monitor.py)."""
+        from coordinator.liveness import monitor_live
+
+        if self._rows("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"):
+            return True
+        now = time.time() if now is None else now
+        return any(monitor_live(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))
 
     def last_replies(self) -> dict[str, float]:
         """Latest time each site's message reached the coordinator (any verdict)."""

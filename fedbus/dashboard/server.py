@@ -36,6 +36,8 @@ class ServeOptions:
     users_file: Path | None = None  # named users with roles (fedbus/dashboard/users.py)
     simulate_out: Path | None = None  # ``simulate --serve``: started experiments are simulated into this OUT
     mlflow: str | None = None  # MLflow tracking URI: "Mark valid" registers there too, started runs log there
+    liveness: bool = False  # with a broker: watch heartbeats between runs (fedbus/dashboard/liveness.py)
+    liveness_tick_s: float = 2.0
 
 
 def check_port(opts: ServeOptions) -> None:
@@ -126,6 +128,15 @@ def uvicorn_config(app, opts: ServeOptions, tls: bool) -> uvicorn.Config:
                           lifespan="off", **extra)
 
 
+def monitor_of(opts: ServeOptions):
+    """The liveness monitor this dashboard runs (``coordinator serve --broker``), or None."""
+    if not (opts.liveness and opts.broker):
+        return None
+    from fedbus.dashboard.liveness import start_monitor
+
+    return start_monitor(opts.state, opts.broker, opts.federation, tick_s=opts.liveness_tick_s)
+
+
 class BackgroundServer:
     """uvicorn on a daemon thread; ``start()`` returns once it accepts connections."""
 
@@ -134,6 +145,7 @@ class BackgroundServer:
         self.app, self.access = build(opts)
         self.server = uvicorn.Server(uvicorn_config(self.app, opts, self.access.tls))
         self.thread = threading.Thread(target=self.server.run, name="fedbus-dashboard", daemon=True)
+        self.monitor = None
 
     def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
         self.thread.start()
@@ -145,6 +157,7 @@ class BackgroundServer:
             if time.monotonic() > deadline:
                 raise ServeError(f"the dashboard did not start within {timeout_s:.0f} s")
             time.sleep(0.02)
+        self.monitor = monitor_of(self.opts)
         return self
 
     @property
@@ -163,6 +176,8 @@ class BackgroundServer:
         return base_of(self.opts.host, self.port, self.access.tls)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         self.server.should_exit = True
         self.thread.join(timeout_s)
 
@@ -172,4 +187,9 @@ def serve_forever(opts: ServeOptions, *, announce) -> None:
     app, access = build(opts)
     server = uvicorn.Server(uvicorn_config(app, opts, access.tls))
     announce(url_of(opts.host, opts.port, access))
-    server.run()
+    monitor = monitor_of(opts)
+    try:
+        server.run()
+    finally:
+        if monitor is not None:
+            monitor.stop()

@@ -69,7 +69,7 @@ def sites_doc(reader: StateReader, *, now: float | None = None) -> dict[str, Any
     """Every enrolled site, its datasets (metadata only) and the ε each dataset has spent."""
     now = time.time() if now is None else now
     replies = reader.last_replies()
-    beats, monitored = reader.liveness(), reader.listening()
+    beats, monitored = reader.liveness(), reader.listening(now)
     spent: dict[tuple[str, str | None], dict[str, Any]] = {}
     for line in reader.privacy_lines():  # oldest first: the last line is the site's latest report
         dataset = _dataset_of(json.loads(line["experiment_json"] or "{}"))

@@ -106,6 +106,12 @@ class Consumer(abc.ABC):
     def cancel(self) -> None:
         """Stop receiving; unacked deliveries go back to the queue."""
 
+    @property
+    def live(self) -> bool:
+        """Subscribed right now: False while reconnecting, after a refusal and after ``cancel``
+        (whoever says "I am watching this queue" asks this first: coordinator/liveness_monitor.py)."""
+        return True
+
 
 @dataclass
 class Topology:

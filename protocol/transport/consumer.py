@@ -94,6 +94,7 @@ class AmqpConsumer(Consumer):
         self.broker_cancels = 0  # basic.cancel notifications received (queue deleted)
         self.resubscribes = 0  # consumes renewed after a broker cancel
         self._connected_once = False
+        self._consuming = False  # basic.consume made on the current connection (``live``)
         self._broker_cancelled = False
         self._gen = 0
         self._conn: pika.BlockingConnection | None = None
@@ -152,6 +153,7 @@ class AmqpConsumer(Consumer):
                 what = f"consuming from queue {self.queue!r}"
                 self._ch.add_on_cancel_callback(self._on_broker_cancel)
                 self._ch.basic_consume(self.queue, self._on_message)
+                self._consuming = True
                 if self._connected_once:
                     self.reconnects += 1
                     log.info("consumer reconnected", queue=self.queue, attempts=attempt)
@@ -192,6 +194,7 @@ class AmqpConsumer(Consumer):
         self.broker_cancels += 1
         log.warning("broker cancelled the consumer (queue deleted?)", queue=self.queue)
         self._broker_cancelled = True
+        self._consuming = False
 
     def _resubscribe(self) -> None:
         """Consume again on the *same* channel after a broker cancel, so deliveries still
@@ -214,6 +217,7 @@ class AmqpConsumer(Consumer):
         if self._stop.is_set():
             return
         self._ch.basic_consume(self.queue, self._on_message)
+        self._consuming = True
         self.resubscribes += 1
         log.info("consumer resubscribed after a broker cancel", queue=self.queue, waited_for_queue=waits > 0)
 
@@ -230,7 +234,12 @@ class AmqpConsumer(Consumer):
             if side.is_open:
                 side.close()
 
+    @property
+    def live(self) -> bool:
+        return self._consuming and not self._stop.is_set() and self.error is None
+
     def _close_conn(self) -> None:
+        self._consuming = False
         conn, self._conn, self._ch = self._conn, None, None
         self._gen += 1  # deliveries of the old connection are now stale
         if conn is not None:

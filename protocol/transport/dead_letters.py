@@ -32,6 +32,7 @@ from protocol.transport.topology import (
     TASKS,
     UPDATES,
     control_queue,
+    liveness_queue,
     site_queue,
     updates_queue,
 )
@@ -104,7 +105,7 @@ def belongs_to(letter: DeadLetter, federation: str | None) -> bool:
     """Whether ``letter`` is ``federation``'s (every letter when ``federation`` is None)."""
     if federation is None:
         return True
-    if letter.queue in (updates_queue(federation), control_queue(federation)):
+    if letter.queue in (updates_queue(federation), control_queue(federation), liveness_queue(federation)):
         return True
     return bool(letter.envelope and letter.envelope.get("federation") == federation)
 
@@ -112,6 +113,11 @@ def belongs_to(letter: DeadLetter, federation: str | None) -> bool:
 def origin(letter: DeadLetter) -> tuple[str, str]:
     """The (exchange, routing key) that feeds the queue ``letter`` was rejected from."""
     q = letter.queue or ""
+    if q.startswith(liveness_queue("")):
+        raise DeadLetterError(
+            f"dead letter {letter.message_id} was refused by the liveness monitor ({q}), which reads a copy of the "
+            "control messages: the coordinator's control queue had its own copy, so it is not requeued; purge it"
+        )
     for prefix, exchange in ((site_queue(""), TASKS), (updates_queue(""), UPDATES), (control_queue(""), CONTROL)):
         if q.startswith(prefix) and len(q) > len(prefix):
             return exchange, q[len(prefix):]

@@ -14,9 +14,12 @@ from protocol.transport.topology import (
     CONTROL,
     DEAD,
     DLX,
+    LIVENESS_MAX_LENGTH,
+    LIVENESS_TTL_MS,
     TASKS,
     UPDATES,
     control_queue,
+    liveness_queue,
     site_queue,
     updates_queue,
 )
@@ -59,6 +62,15 @@ def queue_arguments(*, quorum: bool, dead_letter: bool = True) -> dict[str, Any]
     return args
 
 
+def liveness_arguments(*, quorum: bool) -> dict[str, Any]:
+    """The liveness queue's: bounded by age and count, and *not* dead-lettering what the bounds
+    drop (an unwatched queue would otherwise pour every expired beat into ``fedbus.dead``).
+    A consumer's ``nack(reason)`` still dead-letters: it publishes to ``fedbus.dlx`` itself."""
+    args = queue_arguments(quorum=quorum, dead_letter=False)
+    args.update({"x-message-ttl": LIVENESS_TTL_MS, "x-max-length": LIVENESS_MAX_LENGTH, "x-overflow": "drop-head"})
+    return args
+
+
 def plan(topology: Topology) -> list[QueuePlan]:
     """The queues (with their one binding each) a topology declares, dead queue first."""
     quorum = bool(topology.quorum)
@@ -68,6 +80,7 @@ def plan(topology: Topology) -> list[QueuePlan]:
     for fed in topology.federations:
         out.append(QueuePlan(updates_queue(fed), UPDATES, fed, queue_arguments(quorum=quorum)))
         out.append(QueuePlan(control_queue(fed), CONTROL, fed, queue_arguments(quorum=quorum)))
+        out.append(QueuePlan(liveness_queue(fed), CONTROL, fed, liveness_arguments(quorum=quorum)))
     return out
 
 

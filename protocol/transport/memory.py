@@ -70,6 +70,7 @@ class _Msg:
     headers: dict[str, Any]
     user_id: str | None
     redelivered: bool = False
+    expires_at: float | None = None  # monotonic; a queue's x-message-ttl, set when it is enqueued
 
 
 @dataclass
@@ -171,18 +172,20 @@ class MemoryBroker:
             )
         for qname in targets:
             q = self.queues[qname]
-            if len(targets) == 1:
-                q.ready.extend(msgs)
-            else:
-                q.ready.extend(
-                    _Msg(m.body, m.message_id, m.exchange, m.routing_key, dict(m.headers), m.user_id)
-                    for m in msgs
-                )
+            ttl = q.arguments.get("x-message-ttl")
+            expires = None if ttl is None else time.monotonic() + float(ttl) / 1000.0
+            copies = msgs if len(targets) == 1 else [
+                _Msg(m.body, m.message_id, m.exchange, m.routing_key, dict(m.headers), m.user_id) for m in msgs]
+            for m in copies:
+                m.expires_at = expires
+            q.ready.extend(copies)
+            _bound(q)
             q.cond.notify_all()
 
     def queue_depth(self, name: str) -> int:
         """Messages ready in ``name`` (chunks count one each)."""
         with self.cond:
+            _bound(self.queues[name])
             return len(self.queues[name].ready)
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -204,6 +207,18 @@ class MemoryBroker:
                 DeadLetter(m.message_id, h.get(REASON_HEADER), h.get(QUEUE_HEADER), m.routing_key, h, body)
             )
         return out
+
+
+def _bound(q: _Queue) -> None:
+    """RabbitMQ's x-max-length (drop-head: the oldest go) and x-message-ttl (expired messages
+    leave from the head) on a queue that has them; caller holds the broker lock. Dropped
+    messages vanish: the queues that set these bounds set no dead-letter exchange."""
+    most = q.arguments.get("x-max-length")
+    while most is not None and len(q.ready) > int(most):
+        q.ready.popleft()
+    now = time.monotonic()
+    while q.ready and q.ready[0].expires_at is not None and q.ready[0].expires_at <= now:
+        q.ready.popleft()
 
 
 _BROKERS: dict[str, MemoryBroker] = {}
@@ -360,9 +375,14 @@ class _MemoryConsumer(Consumer):
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def live(self) -> bool:
+        return not self._stopped
+
     # -- worker ---------------------------------------------------------------------------
     def _can_pull(self) -> bool:
         q = self.queue
+        _bound(q)
         return (
             bool(q.ready)
             and q.consumers[0] is self

@@ -7,8 +7,9 @@ Least privilege, enforced by RabbitMQ itself:
   ``fedbus.updates`` / ``fedbus.control`` (and ``fedbus.dlx``, so it can dead-letter a
   rejected task with its reason), and configure nothing: it cannot declare, bind or
   delete anything;
-* the **coordinator** user may read its federation's queues and ``fedbus.dead`` (never a
-  site's queue), publish to ``fedbus.tasks`` and ``fedbus.dlx``, and configure the fedbus
+* the **coordinator** user may read its federation's queues (updates, control, and the
+  liveness copy of the control messages that ``coordinator serve --broker`` watches between
+  runs) and ``fedbus.dead`` (never a site's queue), publish to ``fedbus.tasks`` and ``fedbus.dlx``, and configure the fedbus
   exchanges and queues so that it can run ``bus.declare()`` for its topology (a new site
   needs its queue). Reading the exchanges and writing the queues is what AMQP requires for
   the bindings; it lets it neither read site queues nor publish as a site.
@@ -47,7 +48,17 @@ from protocol.broker_url import with_user
 from protocol.ids import NAME_RULE, is_name
 from protocol.loopback import is_loopback
 from protocol.transport.base import Topology
-from protocol.transport.topology import CONTROL, DEAD, DLX, TASKS, UPDATES, control_queue, site_queue, updates_queue
+from protocol.transport.topology import (
+    CONTROL,
+    DEAD,
+    DLX,
+    TASKS,
+    UPDATES,
+    control_queue,
+    liveness_queue,
+    site_queue,
+    updates_queue,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +102,7 @@ def coordinator_permissions(federation: str) -> Permissions:
     queues, read on the exchanges and write on the queues for the bindings. Reading a
     site's queue stays refused."""
     site_queues = re.escape(site_queue("")) + r"[A-Za-z0-9._-]+"
-    own = [updates_queue(federation), control_queue(federation)]
+    own = [updates_queue(federation), control_queue(federation), liveness_queue(federation)]
     names = [re.escape(n) for n in (TASKS, UPDATES, CONTROL, DLX, DEAD, *own)]
     return Permissions(
         configure="^(" + "|".join([*names, site_queues]) + ")$",

@@ -26,7 +26,16 @@ from protocol.transport.provision import (
     site_permissions,
     user_url,
 )
-from protocol.transport.topology import CONTROL, DEAD, REASON_HEADER, TASKS, UPDATES, site_queue, updates_queue
+from protocol.transport.topology import (
+    CONTROL,
+    DEAD,
+    REASON_HEADER,
+    TASKS,
+    UPDATES,
+    liveness_queue,
+    site_queue,
+    updates_queue,
+)
 from tests.conftest import unavailable
 from tests.transport.conftest import Collector, ack, new_id
 
@@ -55,7 +64,8 @@ def provisioned(request: pytest.FixtureRequest, amqp_url: str, local_broker: str
     finally:
         deprovision(amqp_url, [a, b, coord], method=method)
         admin = open_bus(amqp_url)
-        for q in (site_queue(a), site_queue(b), updates_queue(fed), f"fedbus.control.{fed}"):
+        for q in (site_queue(a), site_queue(b), updates_queue(fed), f"fedbus.control.{fed}",
+                  liveness_queue(fed)):
             admin.delete_queue(q)  # type: ignore[attr-defined]
         admin.close()
 
@@ -86,11 +96,18 @@ def test_site_user_is_confined(amqp_url: str, provisioned: tuple[Credentials, st
         c.cancel()
         assert updates.ids() == [reply]
         assert updates.deliveries[0].user_id == a  # the broker vouches: sender is site a
+        copies = Collector(ack)  # the dashboard's liveness monitor, as the coordinator user, reads its copy
+        c = coordinator.consume(liveness_queue(fed), copies)
+        assert copies.wait_count(1)
+        c.cancel()
+        assert copies.deliveries[0].user_id == a
 
         # Refused: another site's queue, the tasks exchange, declaring anything.
         with pytest.raises(BusPermissionError, match=rf"ACCESS_REFUSED.*{site_queue(b)}|{site_queue(b)}.*ACCESS_REFUSED") as e:
             site.consume(site_queue(b), ack)
         assert repr(a) in str(e.value)  # names the user
+        with pytest.raises(BusPermissionError, match="ACCESS_REFUSED"):  # nor another site's beats
+            site.consume(liveness_queue(fed), ack)
         with pytest.raises(PublishError, match="ACCESS_REFUSED") as e2:
             site.publish(TASKS, b, b"forged task", message_id=new_id())
         assert isinstance(e2.value, BusPermissionError) and TASKS in str(e2.value)
