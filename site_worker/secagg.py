@@ -89,6 +89,7 @@ class _RunState:
     masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
     shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> sha256 of the share file held
     pooled_floor: int = 0  # assume_honest_sites once a pooled-DP share was masked: no sum of fewer sites
+    integer_tags: list[int] = field(default_factory=list)  # tags masked by mask_integers (DP modes' noisy vectors)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,13 @@ class SiteSecAgg:
             raise SecAggRefused("field_budget", f"a coordinate of {int(np.abs(ints).max())} exceeds the stated "
                                                 f"per-site bound {bound}: the sum could wrap around the field")
         st.pooled_floor = max(st.pooled_floor, int(assume_honest_sites))
+        st.integer_tags.append(int(tag))
         return self._masked(run_id, tag, roster, st, np.mod(ints, F.P))
+
+    @_one_at_a_time(lambda run_id: run_id)
+    def integer_masked(self, run_id: str) -> int:
+        """How many noisy integer vectors this site masked in ``run_id`` (the central mode's T cap)."""
+        return len(self._load(run_id).integer_tags)
 
     def _masked(self, run_id: str, tag: int, roster: Roster, st: _RunState, elements: np.ndarray) -> MaskedOutput:
         coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
