@@ -4,7 +4,7 @@ The handler trains as usual (no per-record noise) and returns its ``Update``; he
 anything leaves, the site charges its ledger the run's user-level epsilon (the whole run, T
 sampled Skellam steps, on its first update of the run: ``site_worker.central_dp``), refuses a
 (T+1)-th update, clips the whole delta to C, rounds it at s, adds Sk(mu/m, mu/m) from its secret
-stream and masks the integer vector (``SiteSecAgg.mask_integers``: never under a roster that
+stream (the site's dp_seed only under its research setting reproducible_dp) and masks the integer vector (``SiteSecAgg.mask_integers``: never under a roster that
 unmasks sums of fewer than m sites). The reservation is committed before the masked update
 exists; a refusal to mask cancels it. Nothing but the masked vector and sealed shares leaves.
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
+import torch
 
 from protocol.messages import Declined, Envelope, MaskedUpdate, TrainTask, Update
 from protocol.secagg import field as F
@@ -23,7 +24,7 @@ from protocol.secagg.rules import central_rate, pooled_mu
 from site_worker.central_dp import CentralRefused, CentralShare, check_rounds
 from site_worker.secagg import SecAggRefused
 from site_worker.secagg_handlers import flat, room_for_union
-from site_worker.secure_rng import SecureRandom
+from site_worker.dp import noise_source, release_inputs
 
 if TYPE_CHECKING:
     from site_worker.handlers import TaskHandler
@@ -68,7 +69,9 @@ def central_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope, upda
             else:
                 epsilon = handler.ledger.spent(task.dataset, delta=delta, accountant=policy.accountant)
             try:
-                ints = share.contribution(delta_vec, SecureRandom.secret())
+                rng = noise_source(policy, task_seed=task.seed, purpose="central-dp",  # secret unless reproducible_dp
+                                   inputs=lambda: release_inputs(torch.from_numpy(delta_vec), env.round))
+                ints = share.contribution(delta_vec, rng)
                 tag = secagg.state.next_tag(env.run_id, env.round)
                 ints = room_for_union(np.asarray(ints), roster.length)
                 out = secagg.state.mask_integers(env.run_id, tag, ints, bound=share.field_bound(),
