@@ -178,3 +178,36 @@ def test_the_field_budget_with_the_noise_is_refused_one_step_past_its_edge() -> 
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     load_experiment(_exp(scale=lo, max_sites=64, clip=1.0))  # the edge: inside
     assert _refused(_exp(scale=hi, max_sites=64, clip=1.0)).startswith("federated.secure_aggregation.scale: 64 sites")
+
+
+def test_the_coordinator_samples_the_roster_from_its_secret_and_fixes_the_denominator(tmp_path: Path) -> None:
+    """k = max(ceil(fraction_fit x N), min_fit_clients) of the WHOLE roster (the q = k/N the ledgers charge),
+    keyed from the coordinator's secret file: the same secret repeats the sample (a resumed round),
+    another secret draws another; a sampled site that is not available is a dropout, k stays."""
+    from types import SimpleNamespace
+
+    from coordinator.rounds.secure import SecureSync
+    from protocol.secagg.rules import central_rate
+
+    exp = _exp()
+    exp["federated"]["parameters"].update(fraction_fit=0.5, min_fit_clients=3)
+    x = load_experiment(exp)
+    roster = [f"site-{i}" for i in range(8)]
+
+    def sync(state: Path) -> SecureSync:
+        s = SecureSync.__new__(SecureSync)
+        s.ctx = SimpleNamespace(experiment=x, store=SimpleNamespace(dir=state), run_id="run-1")  # type: ignore[assignment]
+        s.agg = SimpleNamespace(roster=SimpleNamespace(sites=tuple(roster)))  # type: ignore[assignment]
+        s.planned = 0
+        return s
+
+    a, b = sync(tmp_path / "a"), sync(tmp_path / "b")
+    draws_a = [a.sample(r, roster) for r in range(1, 11)]
+    assert all(len(d) == 4 for d in draws_a) and a.planned == 4  # ceil(0.5 x 8) = 4 >= min_fit_clients 3
+    assert central_rate(0.5, 3, len(roster)) == 4 / 8
+    assert [sync(tmp_path / "a").sample(r, roster) for r in range(1, 11)] == draws_a  # the secret on disk
+    assert [b.sample(r, roster) for r in range(1, 11)] != draws_a  # another secret, another sample
+    chosen = a.sample(1, roster)
+    away = chosen[0]
+    got = a.sample(1, [s for s in roster if s != away])
+    assert got == chosen[1:] and a.planned == 4  # the dropout keeps the denominator
