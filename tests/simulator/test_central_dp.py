@@ -211,3 +211,21 @@ def test_the_coordinator_samples_the_roster_from_its_secret_and_fixes_the_denomi
     away = chosen[0]
     got = a.sample(1, [s for s in roster if s != away])
     assert got == chosen[1:] and a.planned == 4  # the dropout keeps the denominator
+
+
+def test_config_validate_says_the_central_mode_and_its_noise(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    path = tmp_path / "central.json"
+    path.write_text(json.dumps(_exp()))
+    r = CliRunner().invoke(app, ["config", "validate", str(path)])
+    assert r.exit_code == 0, r.output
+    line = " ".join(r.output.split())  # the console may wrap the line
+    assert "user-level (central) DP under secure aggregation" in line and "noise_multiplier=0.5)" in line
+    assert "accountant=skellam-rdp" in line and "DP off" not in line
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_exp(sample_rate=0.5)))
+    r = CliRunner().invoke(app, ["config", "validate", str(bad)])
+    assert r.exit_code == 2 and "federated.secure_aggregation.sample_rate: belongs to dp" in r.output
