@@ -1856,3 +1856,12 @@ MUTANTS.extend([
         (f"{_CENTRAL}::test_the_coordinator_samples_the_roster_from_its_secret_and_fixes_the_denominator",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "dp-sum-with-two-updates-of-one-site", "under the DP modes a site answers no request whose sum holds two "
+        "updates of one site (its sensitivity there would double past what its ledger charged)",
+        (Edit("site_worker/secagg.py", "        if st.pooled_floor and len(hospitals) != len(wanted):",
+              "        if False:"),),
+        (f"{_CENTRAL}::test_a_sum_holding_two_updates_of_one_site_is_refused_under_the_dp_modes",),
+    ),
+])

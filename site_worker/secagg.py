@@ -14,6 +14,8 @@ threshold of one). The site refuses each, naming the rule (``SecAggRefused``):
   committed ``min_contributors`` (never below the site's own floor);
 - ``update_reused``: an update already included in an answered request (each update is in at
   most one unmask request; a redelivered request with the same id and bytes gets the same answer);
+- ``one_update_per_site``: under the DP modes (once a Skellam share was masked), a request whose sum
+  holds two updates of one site (its sensitivity there would be twice what its ledger charged);
 - ``threshold``: a roster whose U is at most half its sites: the coordinator could then send two
   overlapping requests to two disjoint groups of U sites, each of which sees only one.
 
@@ -344,6 +346,10 @@ class SiteSecAgg:
         if len(hospitals) < floor:
             raise SecAggRefused("min_contributors", f"the request sums updates of {len(hospitals)} site(s); this site "
                                                     f"answers only for at least {floor} sites")
+        if st.pooled_floor and len(hospitals) != len(wanted):  # DP modes: a site's two updates in one sum would
+            # double its sensitivity there, past what the ledger's one-update-per-sum accounting charged
+            raise SecAggRefused("one_update_per_site", "the request sums two updates of one site; under the DP modes "
+                                                       "each sum holds at most one update per site")
         used = {(str(s), int(t)) for s, t in st.used}
         reused = [f"{s}#{t}" for s, t in wanted if (s, t) in used]
         if reused:

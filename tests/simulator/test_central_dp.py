@@ -229,3 +229,30 @@ def test_config_validate_says_the_central_mode_and_its_noise(tmp_path: Path) -> 
     bad.write_text(json.dumps(_exp(sample_rate=0.5)))
     r = CliRunner().invoke(app, ["config", "validate", str(bad)])
     assert r.exit_code == 2 and "federated.secure_aggregation.sample_rate: belongs to dp" in r.output
+
+
+def test_a_sum_holding_two_updates_of_one_site_is_refused_under_the_dp_modes(tmp_path: Path) -> None:
+    """Three distinct sites (K = 3) but site-0 twice: every site refuses (its ledger charged one update per
+    sum); the same sites with one update each are answered."""
+    dim = 10
+    fed = _fed(tmp_path, dim=dim, honest=3, min_contributors=3)
+    vectors = {}
+    for name, tag in (("site-0", 1), ("site-1", 1), ("site-2", 1), ("site-0", 2)):
+        share = CentralShare(CLIP, SCALE, 100.0, 1.0, 5, 3)
+        out = fed.sites[name].secagg.mask_integers(RUN, tag, share.contribution(np.zeros(dim), SecureRandom.secret()),
+                                                   assume_honest_sites=3, bound=share.field_bound())
+        for recipient, sealed in out.sealed.items():
+            fed.sites[recipient].secagg.receive_share(RUN, name, tag, sealed)
+        vectors[(name, tag)] = out.masked
+
+    def total(keys: list[tuple[str, int]]) -> Any:
+        m = fed.coordinator.new_sum()
+        for name, tag in keys:
+            m.add(name, tag, vectors[(name, tag)])
+        return m
+
+    with pytest.raises(RoundFailed) as e:
+        fed.unmask(total([("site-0", 1), ("site-0", 2), ("site-1", 1), ("site-2", 1)]))
+    assert sorted(e.value.reasons) == sorted(fed.sites)
+    assert all(r.startswith("one_update_per_site") for r in e.value.reasons.values())
+    fed.unmask(total([("site-0", 2), ("site-1", 1), ("site-2", 1)]))  # one update per site: answered
