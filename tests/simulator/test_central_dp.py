@@ -7,6 +7,7 @@
 - a site refuses a roster that could unmask fewer than its m shares, and every site refuses a
   request for a sum of fewer sites than its floor: nothing is unmasked;
 - the site masks at most T central updates of a run (its ledger was charged T steps);
+- under the DP modes no sum may hold two updates of one site (``one_update_per_site``);
 - the coordinator's step divides by the sampled count (public), never by the realised one;
 - the experiment's central block is validated, one line naming the key, and the field's bit
   budget (with the noise) refused one step past its edge.
