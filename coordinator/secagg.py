@@ -29,9 +29,12 @@ def refuse_until_wired(experiment: Experiment) -> None:
     (the sync loop, ``coordinator/rounds/secure.py``; FedBuff's buffers, ``coordinator/rounds/secure_buffer.py``)."""
     sa = experiment.federated.secure_aggregation
     if sa is not None and sa.dp != "off" and experiment.federated.name != "FedAvg":
-        # pooled: the coordinator's own step is the SGD step on the pooled gradient (rounds/secure.py)
-        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} steps the model with the experiment's "
-                          f"learning rate; run it under FedAvg, not {experiment.federated.name!r}")
+        # pooled: the coordinator's own step is the SGD step on the pooled gradient (rounds/secure.py);
+        # central: the noisy mean update is applied as FedAvg applies a mean (server optimisers: not wired yet)
+        why = ("steps the model with the experiment's learning rate" if sa.dp == "pooled" else
+               "applies the noisy mean update as FedAvg does")
+        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} {why}; run it under FedAvg, not "
+                          f"{experiment.federated.name!r}")
     if experiment.federated.secure_aggregation is not None:
         if experiment.federated.name in SYNC_AGGREGATORS + ("FedBuff",):
             return
@@ -72,6 +75,16 @@ def pooled_gradient(total: np.ndarray, *, scale: float, batch: float) -> np.ndar
     """The noisy mean gradient from the unmasked integer sum (``sum_i round(s g_i) + Sk(mu, mu)``):
     divided by the scale and the expected pooled batch; the coordinator adds no noise of its own."""
     return np.asarray(total, dtype=np.float64) / (float(scale) * float(batch))
+
+
+def central_mean(total: np.ndarray, *, scale: float, sampled: int) -> np.ndarray:
+    """The central mode's noisy mean update from the unmasked integer sum (``sum_i round(s clip(d_i)) +
+    Sk(mu, mu)``): over the scale and the number of sites SAMPLED for the round, fixed before any reply
+    (uniform public weights; never the realised count, so a dropout cannot change one site's weight
+    and the divisor depends on no private data). The coordinator adds no noise."""
+    if sampled < 1:
+        raise ValueError("the central mode's round sampled no site")
+    return np.asarray(total, dtype=np.float64) / (float(scale) * float(sampled))
 
 
 def weighted_mean(total: np.ndarray) -> np.ndarray:

@@ -62,6 +62,16 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
                       f"noise mu={mu:.4g} in every sum (Gaussian-equivalent noise_multiplier={sigma:.4g}), "
                       f"clip={sa.clip:g} scale={sa.scale:g} sample_rate={sa.sample_rate:g} delta={sa.delta:g} "
                       f"accountant={skellam.ACCOUNTANT}")
+    elif dp is None and sa is not None and sa.dp == "central":
+        from protocol.secagg import skellam
+        from protocol.secagg.rules import central_dim, pooled_mu
+
+        mu = pooled_mu(experiment)
+        sigma = skellam.gaussian_equivalent(mu, skellam.sensitivities(sa.clip, sa.scale, central_dim(experiment))[1])
+        console.print(f"privacy:    user-level (central) DP under secure aggregation: each sampled site clips its "
+                      f"update, Skellam noise mu={mu:.4g} in every sum (Gaussian-equivalent noise_multiplier="
+                      f"{sigma:.4g}), clip={sa.clip:g} scale={sa.scale:g} site sampling fraction_fit="
+                      f"{experiment.federated.fraction_fit:g} delta={sa.delta:g} accountant={skellam.ACCOUNTANT}")
     elif dp is None:
         console.print("privacy:    DP off")
     elif dp.noise_multiplier is not None:

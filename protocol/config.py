@@ -376,6 +376,9 @@ class SecureAggregation(_Block):
     # noise is ``noise_multiplier`` x Delta2 (2 mu = (sigma Delta2)^2) or the least that keeps the
     # run's ``rounds`` steps within ``target_epsilon`` at ``delta``; ``sample_rate`` each site's
     # Poisson rate, ``max_batch`` the most rows a site's batch sum holds (the bit budget).
+    # "central" = user-level DP-FedAvg under secure aggregation: each sampled site trains as usual,
+    # clips its whole update to ``clip``, rounds it at ``scale`` and adds Sk(mu/m, mu/m); the unit of
+    # privacy is a site's dataset, sites are sampled at fraction_fit (site_worker/central_dp.py).
     dp: Str = "off"
     noise_multiplier: Float | None = Field(None, gt=0, le=1e6)
     target_epsilon: Float | None = Field(None, gt=0, le=1e4)

@@ -1855,3 +1855,63 @@ MUTANTS.extend([
         (f"{_LIVE}::test_the_liveness_queue_is_bounded_and_drops_its_oldest",),
     ),
 ])
+# ------------------------------------------------------------------ issue 22 item 4: user-level central DP under secure aggregation (cdp)
+_CENTRAL = "tests/simulator/test_central_dp.py"
+_CENTRAL_BUS = "tests/simulator/test_central_dp_bus.py"
+MUTANTS.extend([
+    Mutant(
+        "central-clip-skipped", "a central-DP site clips its whole update to C before rounding: a huge update moves "
+        "the unmasked sum by at most s*C (to the rounding), an update just inside C passes unchanged",
+        (Edit("site_worker/central_dp.py", "    return d if norm <= clip or norm == 0.0 else d * (clip / norm)\n",
+              "    return d\n"),),
+        (f"{_CENTRAL}::test_a_huge_update_is_clipped_the_sum_moves_by_at_most_s_times_c",),
+    ),
+    Mutant(
+        "central-share-not-divided-by-m", "each central-DP site adds Sk(mu/m, mu/m), so m honest shares sum to "
+        "Sk(mu, mu): the unmasked sum's noise has variance 2 mu",
+        (Edit("site_worker/central_dp.py", "        return ints + noise_share(self.mu, self.assume_honest_sites, ints.size, rng)\n",
+              "        return ints + noise_share(self.mu, 1, ints.size, rng)\n"),),
+        (f"{_CENTRAL}::test_the_noise_of_the_unmasked_sum_has_variance_2mu",),
+    ),
+    Mutant(
+        "central-ledger-not-charged", "a central-DP site charges its ledger the run's planned epsilon (T sampled "
+        "Skellam steps) before its first masked update leaves",
+        (Edit("site_worker/central_task.py", "pooled=[share.entry(int(delta_vec.size))])", "pooled=[])"),),
+        (f"{_CENTRAL_BUS}::test_a_central_run_charges_each_ledger_the_plan_and_learns_like_the_run_without_dp",),
+    ),
+    Mutant(
+        "central-charged-every-round", "the run's central-DP charge is made once (on the site's first update of the "
+        "run), so the ledger after the run equals the plan",
+        (Edit("site_worker/central_task.py", "            first = not charged(handler, task.dataset, env.run_id)\n",
+              "            first = True\n"),),
+        (f"{_CENTRAL_BUS}::test_a_central_run_charges_each_ledger_the_plan_and_learns_like_the_run_without_dp",),
+    ),
+    Mutant(
+        "central-daemon-masks-without-noise", "a site's daemon answers a central-DP TrainTask with the clipped, "
+        "noised integer update (never the plain weighted vector)",
+        (Edit("site_worker/daemon.py", "            if secure.get(\"dp\") == \"central\":", "            if False:"),),
+        (f"{_CENTRAL_BUS}::test_a_central_run_charges_each_ledger_the_plan_and_learns_like_the_run_without_dp",),
+    ),
+    Mutant(
+        "central-rounds-cap-off-by-one", "a site masks at most T central updates of a run (T-th inside, T+1-th "
+        "refused): its ledger was charged T steps",
+        (Edit("site_worker/central_dp.py", "    if masked_before >= rounds:\n", "    if masked_before > rounds:\n"),),
+        (f"{_CENTRAL}::test_the_site_masks_at_most_t_updates_of_a_run",),
+    ),
+    Mutant(
+        "central-denominator-realised", "the central round's denominator is the count the coordinator sampled from "
+        "the roster, fixed before any reply (a dropout does not change it)",
+        (Edit("coordinator/rounds/secure.py", "        self.planned = len(chosen)\n",
+              "        self.planned = len([s for s in chosen if s in set(available)])\n"),),
+        (f"{_CENTRAL}::test_the_coordinator_samples_the_roster_from_its_secret_and_fixes_the_denominator",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "dp-sum-with-two-updates-of-one-site", "under the DP modes a site answers no request whose sum holds two "
+        "updates of one site (its sensitivity there would double past what its ledger charged)",
+        (Edit("site_worker/secagg.py", "        if st.pooled_floor and len(hospitals) != len(wanted):",
+              "        if False:"),),
+        (f"{_CENTRAL}::test_a_sum_holding_two_updates_of_one_site_is_refused_under_the_dp_modes",),
+    ),
+])

@@ -355,6 +355,11 @@ class SiteWorker:
             return  # unsettled: redelivered when the consumer is cancelled / the process dies
         if secure is not None and isinstance(reply, Update):
             # Under secure aggregation only the masked vector and sealed shares leave: no update, no metric.
+            if secure.get("dp") == "central":  # clipped, noised, charged to the ledger (issue 22 item 4)
+                from site_worker.central_task import central_update
+
+                self._reply(d, env, central_update(self.handler, self.secagg, env, reply), tlog)
+                return
             masked = self.secagg.masked(env, env.payload.weights, reply, int(secure.get("weight_cap", 1000)))
             self._reply(d, env, masked, tlog)
             return

@@ -264,8 +264,9 @@ class TaskHandler:
     def _train(self, env: Envelope, task: TrainTask) -> Reply:
         exp, summary, key = self._experiment(task)
         if (sa := exp.federated.secure_aggregation) is not None and sa.dp != "off":  # never without its noise
-            raise _Decline("policy", "secure_aggregation: a pooled DP run is trained only by the daemon's pooled "
-                                     "step (site_worker/pooled_task.py)")
+            if sa.dp != "central":  # central: trained here, clipped and noised before masking (central_task.py)
+                raise _Decline("policy", "secure_aggregation: a pooled DP run is trained only by the daemon's pooled "
+                                         "step (site_worker/pooled_task.py)")
         if self.flower is not None:
             return self._flower_fit(env, task)
         policy = self.config.policy

@@ -80,8 +80,8 @@ def check_policy(policy: SitePolicy, experiment: Experiment, *, parameters: int,
                               f"(allowed: {', '.join(policy.allowed_aggregators)})")
     dp = dp_settings(experiment)
     if dp is None:
-        if secagg is not None and secagg.dp == "pooled":
-            return  # DP comes from the pooled step (check_pooled_policy)
+        if secagg is not None and secagg.dp in ("pooled", "central"):
+            return  # DP comes from the sites' Skellam shares (check_pooled_policy)
         if not policy.allow_no_dp:
             raise PolicyViolation("allow_no_dp: differential privacy is off for this experiment and this site "
                                   "requires it")
@@ -106,19 +106,20 @@ def check_pooled_policy(policy: SitePolicy, experiment: Experiment) -> None:
     meet the site's ``min_noise_multiplier`` (as a Gaussian of the same variance)."""
     from protocol.model import summarize
     from protocol.secagg import skellam
-    from protocol.secagg.rules import pooled_mu
+    from protocol.secagg.rules import central_dim, pooled_mu
 
     sa = experiment.federated.secure_aggregation
     assert sa is not None
-    if sa.dp != "pooled":
+    if sa.dp not in ("pooled", "central"):
         raise PolicyViolation(f"secure_aggregation: this site does not know dp = {sa.dp!r}")
     if policy.accountant != "rdp":
-        raise PolicyViolation(f"accountant: pooled DP steps compose in RDP; this site's policy.accountant is "
+        raise PolicyViolation(f"accountant: {sa.dp} DP steps compose in RDP; this site's policy.accountant is "
                               f"{policy.accountant!r}")
     if sa.min_contributors < policy.assume_honest_sites:
         raise PolicyViolation(f"assume_honest_sites: the experiment unmasks sums of {sa.min_contributors} site(s), "
                               f"fewer than the {policy.assume_honest_sites} noise shares this site assumes")
-    _, l2 = skellam.sensitivities(sa.clip, sa.scale, summarize(experiment.architecture.layers).trainable)
+    dim = central_dim(experiment) if sa.dp == "central" else summarize(experiment.architecture.layers).trainable
+    _, l2 = skellam.sensitivities(sa.clip, sa.scale, dim)
     sigma = skellam.gaussian_equivalent(pooled_mu(experiment), l2)
     check_noise(policy, sigma)
     if sa.target_epsilon is not None and policy.max_epsilon is not None and sa.target_epsilon > policy.max_epsilon:

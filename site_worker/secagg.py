@@ -14,6 +14,8 @@ threshold of one). The site refuses each, naming the rule (``SecAggRefused``):
   committed ``min_contributors`` (never below the site's own floor);
 - ``update_reused``: an update already included in an answered request (each update is in at
   most one unmask request; a redelivered request with the same id and bytes gets the same answer);
+- ``one_update_per_site``: under the DP modes (once a Skellam share was masked), a request whose sum
+  holds two updates of one site (its sensitivity there would be twice what its ledger charged);
 - ``threshold``: a roster whose U is at most half its sites: the coordinator could then send two
   overlapping requests to two disjoint groups of U sites, each of which sees only one.
 
@@ -89,6 +91,7 @@ class _RunState:
     masked_tags: list[int] = field(default_factory=list)  # own tags masked: one mask key per update
     shares: dict[str, str] = field(default_factory=dict)  # "site\0tag" -> sha256 of the share file held
     pooled_floor: int = 0  # assume_honest_sites once a pooled-DP share was masked: no sum of fewer sites
+    integer_tags: list[int] = field(default_factory=list)  # tags masked by mask_integers (DP modes' noisy vectors)
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,13 @@ class SiteSecAgg:
             raise SecAggRefused("field_budget", f"a coordinate of {int(np.abs(ints).max())} exceeds the stated "
                                                 f"per-site bound {bound}: the sum could wrap around the field")
         st.pooled_floor = max(st.pooled_floor, int(assume_honest_sites))
+        st.integer_tags.append(int(tag))
         return self._masked(run_id, tag, roster, st, np.mod(ints, F.P))
+
+    @_one_at_a_time(lambda run_id: run_id)
+    def integer_masked(self, run_id: str) -> int:
+        """How many noisy integer vectors this site masked in ``run_id`` (the central mode's T cap)."""
+        return len(self._load(run_id).integer_tags)
 
     def _masked(self, run_id: str, tag: int, roster: Roster, st: _RunState, elements: np.ndarray) -> MaskedOutput:
         coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
@@ -337,6 +346,10 @@ class SiteSecAgg:
         if len(hospitals) < floor:
             raise SecAggRefused("min_contributors", f"the request sums updates of {len(hospitals)} site(s); this site "
                                                     f"answers only for at least {floor} sites")
+        if st.pooled_floor and len(hospitals) != len(wanted):  # DP modes: a site's two updates in one sum would
+            # double its sensitivity there, past what the ledger's one-update-per-sum accounting charged
+            raise SecAggRefused("one_update_per_site", "the request sums two updates of one site; under the DP modes "
+                                                       "each sum holds at most one update per site")
         used = {(str(s), int(t)) for s, t in st.used}
         reused = [f"{s}#{t}" for s, t in wanted if (s, t) in used]
         if reused:

@@ -31,7 +31,8 @@ import numpy as np
 from coordinator.aggregators import Contribution
 from coordinator.inbox import Held, Message
 from coordinator.rounds.context import RunContext, RunFailed, give_up
-from coordinator.secagg import CoordinatorSecAgg, MaskedSum, expected_batch, pooled_gradient, weighted_mean
+from coordinator.secagg import (CoordinatorSecAgg, MaskedSum, central_mean, expected_batch, pooled_gradient,
+                               weighted_mean)
 from coordinator.validation import Rejected
 from protocol.errors import ProtocolError
 from protocol.messages import (Declined, EvalResult, MaskedUpdate, SecAggAnswer, SecAggJoin, SecAggKey, SecAggRoster,
@@ -69,6 +70,8 @@ class SecureSync:
         self.report: dict[str, Any] = {"coordinator_saw": "masked updates and the unmasked sum of each round"}
         self.tags: set[tuple[str, int]] = set()  # every (site, tag) accepted in this run: each is summed once
         self.pooled = sa.dp == "pooled"  # record-level DP at pooled cost: integer batch sums + Skellam shares
+        self.central = sa.dp == "central"  # user-level DP: each site's clipped rounded update + its Skellam share
+        self.planned = 0  # central: the sites sampled for the round's first attempt, its public denominator
         self.base = 0  # the update's values in the roster's vector (the rest: room for the final test's union vector)
         self.outputs = 1  # the model's outputs (public: the last tensor's first dimension)
 
@@ -120,7 +123,7 @@ class SecureSync:
                 f"secure aggregation: {n} site(s) sent a key ({', '.join(sorted(bindings)) or 'none'}); the roster "
                 f"needs threshold U={self.cfg.threshold} with N/2 < U <= N and at least min_contributors="
                 f"{self.cfg.min_contributors} sites: start the missing sites or adjust federated.secure_aggregation")
-        self.base = int(_flat(weights).size) + (0 if self.pooled else 1)  # pooled: no weight slot
+        self.base = int(_flat(weights).size) + (0 if self.pooled or self.central else 1)  # DP modes: no weight slot
         self.outputs = int(np.asarray(weights[-1][1]).shape[0]) if weights and np.asarray(weights[-1][1]).ndim else 1
         length = self.base
         if union_planned(ctx.experiment):  # room for the final test's union vector (protocol/secagg/union.py)
@@ -202,7 +205,7 @@ class SecureSync:
         assert agg is not None
         answers, refused = self.answers(rnd, total, held, other)
         try:
-            summed = agg.unmask_integers(total, answers) if self.pooled else agg.unmask(total, answers)
+            summed = agg.unmask_integers(total, answers) if self.pooled or self.central else agg.unmask(total, answers)
         except NotEnoughShares as e:
             why = "; ".join(f"{s}: {d[:200]}" for s, d in sorted(refused.items()))
             raise give_up(held, f"round {rnd}: secure aggregation could not unmask the sum of {len(total.contributors)} "
@@ -212,6 +215,8 @@ class SecureSync:
         summed = summed[:self.base]  # past it: zeros (room for the final test's union vector)
         if self.pooled:
             step, row = self._pooled_step(summed, total)
+        elif self.central:
+            step, row = central_mean(summed, scale=self.cfg.scale, sampled=self.planned), {"denominator": self.planned}
         else:
             step, row = weighted_mean(summed), {"weight_sum": float(summed[-1])}
         mean = _unflat(_flat(weights) + step, weights)
@@ -307,6 +312,29 @@ class SecureSync:
         rows = [d.get("rows") or 0 for d in hello.get("datasets") or []
                 if d.get("name") == self.ctx.experiment.dataset.name]
         return int(rows[0]) if rows and isinstance(rows[0], int) else 0
+
+    # ------------------------------------------------------------------ the central mode's sample
+    def sample(self, rnd: int, available: list[str]) -> list[str]:
+        """Central DP: the round's sites, drawn from the WHOLE roster (N sites, k of them, the formula the
+        sites' ledgers charge q = k/N with: ``protocol.secagg.rules.central_rate``) by a seed keyed from
+        the coordinator's secret (``secrets/central_dp.key``, as ``federated.central_dp``'s), never from
+        the experiment's seed: amplification by sampling needs a sample no one else can predict. k, the
+        round's denominator, is fixed here, before any reply; a sampled site that is not available is a
+        dropout (its share of the noise is what ``assume_honest_sites`` provisions for)."""
+        import hashlib
+        import hmac
+
+        from coordinator.aggregators.central_dp import load_or_create_secret
+        from coordinator.sampling import sample_count, sample_sites
+
+        fed = self.ctx.experiment.federated
+        roster = self.sites
+        count = sample_count(len(roster), fed.fraction_fit, fed.min_fit_clients)
+        secret = load_or_create_secret(self.ctx.store.dir / "secrets" / "central_dp.key")
+        key = hmac.new(secret, f"fedbus-secure-central-sampling:{self.ctx.run_id}".encode(), hashlib.sha256)
+        chosen = sample_sites(roster, count, seed=int.from_bytes(key.digest()[:4], "little") & 0x7FFFFFFF, round=rnd)
+        self.planned = len(chosen)
+        return [s for s in chosen if s in set(available)]
 
     def _pooled_step(self, summed: np.ndarray, total: MaskedSum) -> tuple[np.ndarray, dict[str, Any]]:
         """One SGD step on the noisy pooled gradient: the integer sum over s and the expected batch

@@ -69,6 +69,9 @@ class SyncRounds:
         agg_s = 0.0
         plan = self.agg.configure_fit(rnd, sites, sample_count(len(sites), fed.fraction_fit, fed.min_fit_clients))
         sampled = plan.sites
+        central = self.secure is not None and self.secure.central
+        if central:  # user-level DP under secure aggregation: the coordinator's secret sample of the roster
+            sampled = self.secure.sample(rnd, sites)  # type: ignore[union-attr]
         attempt = 0
         deadline = self._send_train(sampled, weights, rnd, plan.config)
         progress.begin(rnd, expected=plan.expected)
@@ -94,8 +97,9 @@ class SyncRounds:
                     f"{fed.min_fit_clients}, after {fed.max_round_retries} retries (no reply from: "
                     f"{', '.join(missing) or 'none'}; declined: {', '.join(sorted(replied - set(accepted))) or 'none'})"
                 )
-            extra = self.agg.configure_fit(rnd, sorted(set(sites) - set(sampled)), fed.min_fit_clients - len(accepted),
-                                           attempt=attempt).sites
+            # central: no site outside the round's sample (it would raise the sampling rate the ledgers charged)
+            extra = [] if central else self.agg.configure_fit(rnd, sorted(set(sites) - set(sampled)),
+                                                              fed.min_fit_clients - len(accepted), attempt=attempt).sites
             if not missing and not extra:
                 raise RunFailed(
                     f"round {rnd}: {len(accepted)} update(s) accepted but min_fit_clients={fed.min_fit_clients}, and "

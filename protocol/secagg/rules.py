@@ -67,54 +67,86 @@ def check_aggregator(name: str, parameters: Mapping[str, Any], *, central_dp: bo
                                                              "secure aggregation sites clip to secure_aggregation.clip")
     if central_dp:
         raise ConfigError("federated.central_dp", "central DP clips each update at the coordinator, which secure "
-                                                  "aggregation hides; leave it out (sites add the noise themselves)")
+                                                  "aggregation hides; leave it out and set secure_aggregation.dp = "
+                                                  "\"central\" (each site clips its update and adds its noise share)")
 
 
-DP_MODES = ("off", "pooled")
+DP_MODES = ("off", "pooled", "central")
+
+
+def central_rate(fraction_fit: float, min_fit_clients: int, sites: int) -> float:
+    """The central mode's site sampling rate q: the coordinator draws ``max(ceil(fraction_fit x N),
+    min_fit_clients)`` (at most N) of the roster's N sites each round, from its secret
+    (``coordinator.sampling.sample_count``: the same formula), so every site is in a round with
+    probability k/N, which is at least ``fraction_fit`` (a few sites: ceil and min_fit_clients)."""
+    if sites < 1:
+        raise ValueError(f"a roster has at least one site, got {sites}")
+    return min(sites, max(math.ceil(fraction_fit * sites), int(min_fit_clients))) / sites
+
+
+def central_dim(experiment: Experiment) -> int:
+    """d of the central mode: every value of the model's update (the delta of all its parameters)."""
+    from protocol.model import summarize
+
+    return int(summarize(experiment.architecture.layers).parameters)
 
 
 def pooled_mu(experiment: Experiment) -> float:
-    """The pooled Skellam parameter mu of a ``dp = "pooled"`` run: from ``noise_multiplier`` (2 mu =
-    (sigma Delta2)^2, the Gaussian's variance) or the least mu meeting ``target_epsilon`` over the
-    run's rounds (one step each) at ``delta`` (``protocol.secagg.skellam.plan_mu``)."""
+    """The Skellam parameter mu of a ``dp = "pooled"`` or ``"central"`` run: from ``noise_multiplier``
+    (2 mu = (sigma Delta2)^2, the Gaussian's variance) or the least mu meeting ``target_epsilon`` over
+    the run's rounds (one step each) at ``delta`` (``protocol.secagg.skellam.plan_mu``, the one
+    Skellam planner). Pooled: Delta2 of one record's rounded clipped gradient, Poisson rate
+    ``sample_rate``. Central: Delta2 of one site's rounded clipped update, site sampling rate
+    ``fraction_fit`` (the site's ledger charges its roster's k/N, ``central_rate``, never less)."""
     from protocol.model import summarize
     from protocol.secagg import skellam
 
     sa = experiment.federated.secure_aggregation
     assert sa is not None
-    dim = summarize(experiment.architecture.layers).trainable
+    central = sa.dp == "central"
+    dim = central_dim(experiment) if central else summarize(experiment.architecture.layers).trainable
     l1, l2 = skellam.sensitivities(sa.clip, sa.scale, dim)
     if sa.noise_multiplier is not None:
         return 0.5 * (sa.noise_multiplier * l2) ** 2
     assert sa.target_epsilon is not None
+    q = experiment.federated.fraction_fit if central else sa.sample_rate
     return skellam.plan_mu(target_epsilon=sa.target_epsilon, delta=sa.delta, steps=int(experiment.training.rounds),
-                           sample_rate=sa.sample_rate, l1=l1, l2=l2)
+                           sample_rate=q, l1=l1, l2=l2)
 
 
 def check_pooled(experiment: Experiment) -> None:
-    """Refuse a pooled-mode experiment that is incomplete, runs where it cannot, or would overflow
-    the field: ``max_sites`` batch sums of ``max_batch`` rows plus the noise of the sum out to
-    ``NOISE_TAIL_SDS`` standard deviations (m = 1, the most noise any site may add) must stay
-    within the field's 2**30 - 1."""
+    """Refuse a pooled- or central-mode experiment that is incomplete, runs where it cannot, or would
+    overflow the field: ``max_sites`` batch sums of ``max_batch`` rows (central: one clipped update
+    per site, ``max_batch`` = 1) plus the noise of the sum out to ``NOISE_TAIL_SDS`` standard
+    deviations (m = 1, the most noise any site may add) must stay within the field's 2**30 - 1."""
     from protocol.secagg import skellam
 
     sa = experiment.federated.secure_aggregation
     assert sa is not None
     if sa.dp not in DP_MODES:
         raise ConfigError(f"{WHERE}.dp", f"must be one of {', '.join(DP_MODES)}, got {sa.dp!r}")
+    mode = sa.dp
     if (sa.noise_multiplier is None) == (sa.target_epsilon is None):
-        raise ConfigError(f"{WHERE}.dp", 'pooled needs exactly one of noise_multiplier or target_epsilon')
+        raise ConfigError(f"{WHERE}.dp", f'{mode} needs exactly one of noise_multiplier or target_epsilon')
     if experiment.federated.name not in SYNC_AGGREGATORS:
-        raise ConfigError(f"{WHERE}.dp", f"pooled takes one step a round in the synchronous loop; use "
+        raise ConfigError(f"{WHERE}.dp", f"{mode} takes one step a round in the synchronous loop; use "
                                          f"{', '.join(SYNC_AGGREGATORS)}, not {experiment.federated.name!r}")
     if experiment.training.dp is not None:
-        raise ConfigError(f"{WHERE}.dp", "pooled adds the DP-SGD noise itself (a share per site); disable "
+        raise ConfigError(f"{WHERE}.dp", f"{mode} adds the noise itself (a share per site); disable "
                                          "training.optimizer.differential_privacy")
+    batch = sa.max_batch
+    if mode == "central":
+        for key in ("sample_rate", "max_batch"):  # record-level knobs: the central mode samples sites
+            if getattr(sa, key) != type(sa).model_fields[key].default:  # (the wire writes every default)
+                raise ConfigError(f"{WHERE}.{key}", "belongs to dp = \"pooled\"; the central mode clips each site's "
+                                                    "whole update and samples sites with federated.parameters."
+                                                    "fraction_fit")
+        batch = 1  # one clipped update per site
     mu = pooled_mu(experiment)
-    bound = skellam.field_bound(sites=sa.max_sites, max_batch=sa.max_batch, clip=sa.clip, scale=sa.scale, mu=mu,
+    bound = skellam.field_bound(sites=sa.max_sites, max_batch=batch, clip=sa.clip, scale=sa.scale, mu=mu,
                                 honest=1)
     if bound > HALF:
         per = math.floor(sa.scale * sa.clip + 0.5)
-        raise ConfigError(f"{WHERE}.scale", f"{sa.max_sites} sites x max_batch {sa.max_batch} x round(clip x scale) "
+        raise ConfigError(f"{WHERE}.scale", f"{sa.max_sites} sites x max_batch {batch} x round(clip x scale) "
                                             f"{per} plus {skellam.NOISE_TAIL_SDS:g} SDs of the noise = {bound} exceeds "
                                             f"the field's {HALF}: lower scale, max_batch or max_sites")

@@ -140,7 +140,7 @@ def json_load(p: Path) -> dict:
 
 def test_the_pooled_block_is_validated_with_one_line_errors() -> None:
     load_experiment(_pooled_exp())
-    cases = [({"dp": "central"}, "federated.secure_aggregation.dp", "one of off, pooled"),
+    cases = [({"dp": "user"}, "federated.secure_aggregation.dp", "one of off, pooled, central"),
              ({"target_epsilon": 1.0}, "federated.secure_aggregation.dp", "exactly one"),
              ({"noise_multiplier": 0}, "federated.secure_aggregation.noise_multiplier", ""),
              ({"sample_rate": 1.5}, "federated.secure_aggregation.sample_rate", ""),

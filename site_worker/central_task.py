@@ -1,0 +1,103 @@
+"""A trained ``Update`` of a central-DP run (``federated.secure_aggregation.dp = "central"``) as it may leave.
+
+The handler trains as usual (no per-record noise) and returns its ``Update``; here, before
+anything leaves, the site charges its ledger the run's user-level epsilon (the whole run, T
+sampled Skellam steps, on its first update of the run: ``site_worker.central_dp``), refuses a
+(T+1)-th update, clips the whole delta to C, rounds it at s, adds Sk(mu/m, mu/m) from its secret
+stream (the site's dp_seed only under its research setting reproducible_dp) and masks the integer vector (``SiteSecAgg.mask_integers``: never under a roster that
+unmasks sums of fewer than m sites). The reservation is committed before the masked update
+exists; a refusal to mask cancels it. Nothing but the masked vector and sealed shares leaves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+import torch
+
+from protocol.messages import Declined, Envelope, MaskedUpdate, TrainTask, Update
+from protocol.secagg import field as F
+from protocol.secagg import skellam
+from protocol.secagg.rules import central_rate, pooled_mu
+from site_worker.central_dp import CentralRefused, CentralShare, check_rounds
+from site_worker.secagg import SecAggRefused
+from site_worker.secagg_handlers import flat, room_for_union
+from site_worker.dp import noise_source, release_inputs
+
+if TYPE_CHECKING:
+    from site_worker.handlers import TaskHandler
+    from site_worker.secagg_handlers import SecAggSite
+
+log = structlog.get_logger(__name__)
+
+
+def charged(handler: TaskHandler, dataset: str, run_id: str) -> bool:
+    """Whether the ledger already holds this run's central charge (reserved or spent)."""
+    return any(r.get("run_id") == run_id and r.get("skellam") for r in handler.ledger.releases(dataset))
+
+
+def central_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope, update: Update) -> MaskedUpdate | Declined:
+    """The masked, clipped, noised update of ``env``'s TrainTask, or the refusal naming its rule."""
+    from site_worker.handlers import _Decline
+
+    task = env.payload
+    assert isinstance(task, TrainTask)
+    names = [n for n, _ in task.weights]
+    if [n for n, _ in update.weights] != names:
+        return secagg._refused(env, "roster_mismatch", "the trained model's tensors are not the task's")
+    try:
+        with handler._lock:
+            exp, summary, _ = handler._experiment(task)
+            sa = exp.federated.secure_aggregation
+            assert sa is not None and sa.dp == "central"
+            policy = handler.config.policy
+            roster = secagg.state.roster(env.run_id)
+            fed = exp.federated
+            share = CentralShare(sa.clip, sa.scale, pooled_mu(exp),
+                                 central_rate(fed.fraction_fit, fed.min_fit_clients, len(roster.sites)),
+                                 int(exp.training.rounds), policy.assume_honest_sites)
+            check_rounds(secagg.state.integer_masked(env.run_id), share.rounds)
+            delta_vec = flat(update.weights) - flat(task.weights)
+            rows = handler._data(task, exp, summary).rows
+            delta = policy.site_delta(rows)
+            first = not charged(handler, task.dataset, env.run_id)
+            if first:  # the whole run's user-level epsilon, once (T sampled steps)
+                epsilon = handler._reserve(task.dataset, env, kind="train", entries=[], delta=delta,
+                                           pooled=[share.entry(int(delta_vec.size))])
+            else:
+                epsilon = handler.ledger.spent(task.dataset, delta=delta, accountant=policy.accountant)
+            try:
+                rng = noise_source(policy, task_seed=task.seed, purpose="central-dp",  # secret unless reproducible_dp
+                                   inputs=lambda: release_inputs(torch.from_numpy(delta_vec), env.round))
+                ints = share.contribution(delta_vec, rng)
+                tag = secagg.state.next_tag(env.run_id, env.round)
+                ints = room_for_union(np.asarray(ints), roster.length)
+                out = secagg.state.mask_integers(env.run_id, tag, ints, bound=share.field_bound(),
+                                                 assume_honest_sites=share.assume_honest_sites)
+            except SecAggRefused:
+                if first:
+                    handler.ledger.cancel(task.dataset, env.message_id)  # nothing left the site
+                raise
+            if first:
+                handler.ledger.commit(task.dataset, env.message_id)  # durable before the masked update exists
+    except _Decline as d:
+        log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail)
+        return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail)  # type: ignore[arg-type]
+    except (SecAggRefused, CentralRefused) as e:
+        return secagg._refused(env, e.rule, str(e))
+    except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop (as the handler's)
+        handler.release_reservations(env)
+        log.exception("task_failed", task_id=env.message_id)
+        return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: the site failed on this "
+                                                                        "central-DP update; its operator has the traceback")
+    log.info("central_update_masked", task_id=env.message_id, epsilon=epsilon, accountant=skellam.ACCOUNTANT)
+    return MaskedUpdate(
+        task_id=update.task_id, tag=tag, masked=(("masked", F.to_bytes_array(out.masked)),),
+        shares=tuple((site, np.frombuffer(sealed, dtype=np.uint8)) for site, sealed in sorted(out.sealed.items())),
+        epsilon=epsilon, delta=delta, base_round=update.base_round,
+    )
+
+
+__all__ = ["central_update", "charged"]
