@@ -11,10 +11,17 @@ BIN := $(VENV)/bin
 run: setup
 	$(BIN)/fedbus simulate examples/heart_failure.json --sites 3
 
-# Two workers, then alone the tests that act on the whole broker node (tests/conftest.py, "serial").
+# Two phases (tests/conftest.py): the tests that act on the whole broker node ("serial") beside
+# those that reach no broker ("early"), one process each, the serial output shown when it ends;
+# then everything else on two workers.
 test: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not serial"
-	$(BIN)/python -m pytest -q -m serial
+	@mkdir -p build
+	@echo "phase 1: serial tests (output in build/serial.log, shown when done) beside the early tests"
+	$(BIN)/python -m pytest -q -m serial > build/serial.log 2>&1 & serial=$$!; \
+	  $(BIN)/python -m pytest -q -m early; early=$$?; \
+	  wait $$serial; rc=$$?; cat build/serial.log; test $$early -eq 0 && test $$rc -eq 0
+	@echo "phase 2: the other tests on two workers"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not serial and not early"
 
 # The lines the code must hold (docs/testing.md "Lint"): style and real bugs, types on the
 # product's lower layers, and imports that only go down the layers (pyproject [tool.importlinter]).

@@ -86,16 +86,34 @@ def rabbitmqctl(*args: str, check: bool = True, timeout: float = 60) -> str:
     return r.stdout
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that act on the whole local broker node run alone, after the parallel pass.
+# ``make test``'s first phase runs the serial tests beside the tests of these folders that never
+# reach a broker ("early"), one process each, so both cores work while the serial tests stop and
+# start the broker. Whole folders, so a new test file lands predictably; a test in them that asks
+# for a broker (a fixture or the ``broker`` mark) is not early, nor is a file in NOT_EARLY.
+EARLY_DIRS = ("tests/adversarial/", "tests/cli/", "tests/coordinator/", "tests/dashboard/", "tests/protocol/",
+              "tests/site_worker/")
+NOT_EARLY = ("tests/cli/test_bad_input.py",)  # names the local broker's address on command lines
 
-    ``make test`` runs the suite on two workers (``-n 2 -m "not serial"``), then ``-m serial``.
+
+def uses_broker(item: pytest.Item) -> bool:
+    """The test reaches a RabbitMQ broker: it asks for one (even indirectly), or is marked ``broker``."""
+    return "amqp_broker_url" in getattr(item, "fixturenames", ()) or item.get_closest_marker("broker") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``serial`` the tests that act on the whole local broker node, and ``early`` those that
+    can run beside them (``make test``: ``-m serial`` beside ``-m early``, then the rest on two workers).
+
     A test that asks for ``local_broker`` may stop the node's app, close every connection or
-    change a node-wide setting, which would fail whatever the other worker has in flight.
+    change a node-wide setting, which would fail whatever broker test is in flight beside it.
     """
     for item in items:
         if "local_broker" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.serial)
+        elif not uses_broker(item):
+            path = item.nodeid.split("::")[0]
+            if path.startswith(EARLY_DIRS) and path not in NOT_EARLY:
+                item.add_marker(pytest.mark.early)
 
 
 @pytest.fixture(scope="session")
