@@ -42,7 +42,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,6 +72,7 @@ def site_splits(exp_path: Path, work: Path, *, keys: int, fraction: float) -> li
             src = DatasetSource(name="heart_failure", path=work / f"hospital-{c}.csv", target="DEATH_EVENT")
             key = SplitKey.from_seed(1000 * k + i, test_fraction=fraction)
             d = prepare(src, exp.dataset, input_shape=None, key=key)
+            assert d.y_test is not None, "the demo's sites hold test rows"
             deployment.append({"y_test": d.y_test.reshape(-1).numpy().astype(np.int64), "rows": d.rows,
                                "n_test": len(d.y_test), "n_train": len(d.y_train)})
         out.append(deployment)
@@ -111,8 +112,8 @@ def union_accuracy(deployment: list[dict[str, Any]], sigma: float, mode: str, rn
             summed = field if summed is None else summed + field
             shares.append(sd)
         elif sigma > 0:
-            releases.append(release_metrics(model, x, y, loss_name=LOSS, task="binary", policy=policy, rng=rng,
-                                            rows=site["rows"]))
+            releases.append(release_metrics(model, x, y, loss_name=LOSS, task="binary", policy=policy,
+                                            rng=cast(Any, rng), rows=site["rows"]))  # any standard_normal stream
         else:  # exact counts: the figures' interval is the test-set size alone
             releases.append({**dict(zip(("cm_tn", "cm_fp", "cm_fn", "cm_tp"), _cells(model, x, y))),
                              "noise_sd": 0.0, "n": float(site["n_test"])})
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             splits = site_splits(exp, Path(tmp), keys=keys, fraction=f)
             union_test = [sum(s["n_test"] for s in d) for d in splits]
             train = [s["n_train"] for d in splits for s in d]
-            row = {"test_fraction": f, "union_test_rows": statistics.fmean(union_test),
+            row: dict[str, Any] = {"test_fraction": f, "union_test_rows": statistics.fmean(union_test),
                    "union_test_rows_range": [min(union_test), max(union_test)],
                    "site_test_rows": statistics.fmean(s["n_test"] for d in splits for s in d),
                    "site_train_rows": statistics.fmean(train), "rows": [s["rows"] for s in splits[0]]}
@@ -239,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                     e = epsilon_costs(exp, sigma, n_train=n_train, rows=rows, secure=secure)
                     e["test_fraction"] = f_row["test_fraction"]
                     result["epsilon"].append(e)
-                    train = (f"training σ {e['training_noise_multiplier']:.3f}" if "error" not in e
+                    trained = (f"training σ {e['training_noise_multiplier']:.3f}" if "error" not in e
                              else f"the site declines: {e['error']}")
                     print(f"tf {f_row['test_fraction']} σ_m {sigma:g}{' secure' if secure else ''}: ε/release "
                           f"{e['epsilon_per_release']:.3f}; {e['releases']} releases ε {e['metrics_epsilon']:.2f} "
-                          f"= {100 * e['metrics_share_of_total']:.0f} % of ε {e['total_epsilon']:g}; {train}", flush=True)
+                          f"= {100 * e['metrics_share_of_total']:.0f} % of ε {e['total_epsilon']:g}; {trained}", flush=True)
     if a.json is not None:
         a.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0 if all(math.isfinite(w["mean_half_width"]) for w in result["widths"]) else 1
