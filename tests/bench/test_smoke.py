@@ -40,7 +40,7 @@ def marks_for(script: Path) -> list[pytest.MarkDecorator]:
 
 def test_every_bench_script_is_found() -> None:
     names = {p.stem for p in BENCHES}
-    assert {"scale", "vs_flower", "soak", "codec"} <= names, names
+    assert {"scale", "vs_flower", "soak", "codec", "union_interval"} <= names, names
 
 
 @pytest.mark.slow
