@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from coordinator.state import StateStore
 from protocol.transport import Topology, open_bus
 from protocol.transport.dead_letters import DeadLetters
 from protocol.transport.topology import UPDATES, updates_queue
@@ -16,7 +17,9 @@ from tests.dashboard.test_api import client
 
 
 @pytest.mark.broker
-def test_dead_letters_of_the_federation_with_their_reasons(state, amqp_url):
+def test_dead_letters_of_the_federation_with_their_reasons(tmp_path, amqp_url):
+    state = tmp_path / "coordinator"
+    StateStore(state).close()  # the page reads the broker, not the state: an empty one will do
     fed = f"dash-{uuid.uuid4().hex[:8]}"
     bus = open_bus(amqp_url)
     try:
