@@ -18,10 +18,10 @@ import structlog
 import torch
 
 from protocol.messages import Declined, Envelope, MaskedUpdate, TrainTask, Update
-from protocol.secagg import field as F
 from protocol.secagg import skellam
 from protocol.secagg.rules import central_rate, pooled_mu
 from site_worker.central_dp import CentralRefused, CentralShare, check_rounds
+from site_worker.pooled_task import answer_masked, masked_update
 from site_worker.secagg import SecAggRefused
 from site_worker.secagg_handlers import flat, room_for_union
 from site_worker.dp import noise_source, release_inputs
@@ -40,14 +40,12 @@ def charged(handler: TaskHandler, dataset: str, run_id: str) -> bool:
 
 def central_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope, update: Update) -> MaskedUpdate | Declined:
     """The masked, clipped, noised update of ``env``'s TrainTask, or the refusal naming its rule."""
-    from site_worker.handlers import _Decline
-
     task = env.payload
     assert isinstance(task, TrainTask)
     names = [n for n, _ in task.weights]
     if [n for n, _ in update.weights] != names:
         return secagg._refused(env, "roster_mismatch", "the trained model's tensors are not the task's")
-    try:
+    def masked() -> MaskedUpdate:
         with handler._lock:
             exp, summary, _ = handler._experiment(task)
             sa = exp.federated.secure_aggregation
@@ -82,22 +80,10 @@ def central_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope, upda
                 raise
             if first:
                 handler.ledger.commit(task.dataset, env.message_id)  # durable before the masked update exists
-    except _Decline as d:
-        log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail)
-        return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail)  # type: ignore[arg-type]
-    except (SecAggRefused, CentralRefused) as e:
-        return secagg._refused(env, e.rule, str(e))
-    except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop (as the handler's)
-        handler.release_reservations(env)
-        log.exception("task_failed", task_id=env.message_id)
-        return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: the site failed on this "
-                                                                        "central-DP update; its operator has the traceback")
-    log.info("central_update_masked", task_id=env.message_id, epsilon=epsilon, accountant=skellam.ACCOUNTANT)
-    return MaskedUpdate(
-        task_id=update.task_id, tag=tag, masked=(("masked", F.to_bytes_array(out.masked)),),
-        shares=tuple((site, np.frombuffer(sealed, dtype=np.uint8)) for site, sealed in sorted(out.sealed.items())),
-        epsilon=epsilon, delta=delta, base_round=update.base_round,
-    )
+        log.info("central_update_masked", task_id=env.message_id, epsilon=epsilon, accountant=skellam.ACCOUNTANT)
+        return masked_update(update.task_id, tag, out, epsilon, delta, base_round=update.base_round)
+
+    return answer_masked(handler, secagg, env, "central-DP update", masked, refusals=(SecAggRefused, CentralRefused))
 
 
 __all__ = ["central_update", "charged"]

@@ -10,7 +10,7 @@ The handler's own checks run first (experiment, policy incl. ``check_pooled_poli
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import structlog
@@ -22,7 +22,7 @@ from protocol.secagg.rules import pooled_mu
 from protocol.policy import PolicyViolation
 from site_worker.dp import check_memory
 from site_worker.pooled_dp import MEMORY_FACTOR, PooledStep
-from site_worker.secagg import SecAggRefused
+from site_worker.secagg import MaskedOutput, SecAggRefused
 from site_worker.secure_rng import SecureRandom
 
 from site_worker.secagg_handlers import room_for_union
@@ -34,13 +34,46 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-def pooled_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope) -> MaskedUpdate | Declined:
-    """The masked pooled step for ``env``'s TrainTask, or the refusal naming its rule."""
+def masked_update(task_id: str, tag: int, out: MaskedOutput, epsilon: float, delta: float, *,
+                  base_round: int) -> MaskedUpdate:
+    """What leaves the site under a distributed-DP mode: the masked vector and the sealed shares, nothing else."""
+    return MaskedUpdate(
+        task_id=task_id, tag=tag, masked=(("masked", F.to_bytes_array(out.masked)),),
+        shares=tuple((site, np.frombuffer(sealed, dtype=np.uint8)) for site, sealed in sorted(out.sealed.items())),
+        epsilon=epsilon, delta=delta, base_round=base_round,
+    )
+
+
+def answer_masked(handler: TaskHandler, secagg: SecAggSite, env: Envelope, what: str,
+                  step: Callable[[], MaskedUpdate],
+                  refusals: tuple[type[Exception], ...] = (SecAggRefused,),
+                  ) -> MaskedUpdate | Declined:
+    """Run a distributed-DP ``step``; a decline, a refusal naming its rule, or a bug each become an answer
+    (never a redelivery loop, as the handler's own errors)."""
     from site_worker.handlers import _Decline
 
+    try:
+        return step()
+    except _Decline as d:
+        log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail)
+        return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail)  # type: ignore[arg-type]
+    except refusals as e:  # SecAggRefused, PooledRefused: each names its rule
+        return secagg._refused(env, e.rule, str(e))  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop (as the handler's)
+        handler.release_reservations(env)
+        log.exception("task_failed", task_id=env.message_id)
+        return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: the site failed on this "
+                                                                        f"{what}; its operator has the traceback")
+
+
+def pooled_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope) -> MaskedUpdate | Declined:
+    """The masked pooled step for ``env``'s TrainTask, or the refusal naming its rule."""
     task = env.payload
     assert isinstance(task, TrainTask)
-    try:
+
+    def take_step() -> MaskedUpdate:
+        from site_worker.handlers import _Decline
+
         with handler._lock:
             exp, summary, key = handler._experiment(task)
             sa = exp.federated.secure_aggregation
@@ -74,22 +107,10 @@ def pooled_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope) -> Ma
                 raise
             handler.ledger.commit(task.dataset, env.message_id)  # durable before the masked update exists
             handler.joined.trained(env.run_id, task.dataset, env.round)
-    except _Decline as d:
-        log.warning("task_declined", task_id=env.message_id, reason=d.reason, detail=d.detail)
-        return Declined(task_id=env.message_id, reason=d.reason, detail=d.detail)  # type: ignore[arg-type]
-    except SecAggRefused as e:
-        return secagg._refused(env, e.rule, str(e))
-    except Exception as e:  # noqa: BLE001 - a bug must become an answer, not a redelivery loop (as the handler's)
-        handler.release_reservations(env)
-        log.exception("task_failed", task_id=env.message_id)
-        return Declined(task_id=env.message_id, reason="error", detail=f"{type(e).__name__}: the site failed on this "
-                                                                        "pooled step; its operator has the traceback")
-    log.info("pooled_step_masked", task_id=env.message_id, epsilon=epsilon, accountant=skellam.ACCOUNTANT)
-    return MaskedUpdate(
-        task_id=env.message_id, tag=tag, masked=(("masked", F.to_bytes_array(out.masked)),),
-        shares=tuple((site, np.frombuffer(sealed, dtype=np.uint8)) for site, sealed in sorted(out.sealed.items())),
-        epsilon=epsilon, delta=delta, base_round=task.base_round,
-    )
+        log.info("pooled_step_masked", task_id=env.message_id, epsilon=epsilon, accountant=skellam.ACCOUNTANT)
+        return masked_update(env.message_id, tag, out, epsilon, delta, base_round=task.base_round)
+
+    return answer_masked(handler, secagg, env, "pooled step", take_step)
 
 
-__all__ = ["pooled_update"]
+__all__ = ["answer_masked", "masked_update", "pooled_update"]
