@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,23 +22,13 @@ import pytest
 
 from fedbus.dashboard.data import StateReader
 from fedbus.dashboard.views import sites_doc
+from tests.dashboard.test_liveness_between_runs import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "heart_failure.json"
-POLL_S = 0.25
+SLACK_S = 0.25  # allowed past the bound for reading the page itself
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _wait(pred, timeout_s: float, what: str):
-    step = threading.Event()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        step.wait(POLL_S)
 
 
 def _site_process(sim: psutil.Process, site: str) -> psutil.Process | None:
@@ -70,23 +59,23 @@ def test_a_killed_site_reads_offline_within_30_s(tmp_path: Path, amqp_url: str) 
             return states if len(states) == 2 and set(states.values()) == {"online"} else None
 
         t0 = time.monotonic()
-        sites = sorted(_wait(all_alive, 180, "both sites online by their heartbeats"))
+        sites = sorted(wait_for(all_alive, 180, "both sites online by their heartbeats"))
         print(f"both online {time.monotonic() - t0:.1f} s after simulate started")
         victim = sites[1]  # site-2
-        proc = _wait(lambda: _site_process(psutil.Process(sim.pid), victim), 30, f"{victim}'s process")
+        proc = wait_for(lambda: _site_process(psutil.Process(sim.pid), victim), 30, f"{victim}'s process")
         proc.send_signal(signal.SIGKILL)
         killed = time.time()
-        _wait(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30, f"{victim} dead")
+        wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30, f"{victim} dead")
 
         def offline():
             doc = sites_doc(reader)
             return doc if {s["site_id"]: s["liveness"] for s in doc["sites"]}[victim] == "offline" else None
 
-        doc = _wait(offline, 30 + 2 * POLL_S + 5, f"{victim} offline")
+        doc = wait_for(offline, 30 + 2 * SLACK_S + 5, f"{victim} offline")
         after = time.time() - killed
         states = {s["site_id"]: s["liveness"] for s in doc["sites"]}
         print(f"{victim} offline {after:.1f} s after SIGKILL; {states}")
-        assert 19.0 <= after <= 30.0 + 2 * POLL_S, after
+        assert 19.0 <= after <= 30.0 + 2 * SLACK_S, after
         assert all(st == "online" for s, st in states.items() if s != victim), states
         assert doc["monitored"] is True
     finally:
