@@ -319,7 +319,7 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             log_text = fed.coordinator_log.read_text(errors="replace")
             if logs is not None:  # the coordinator's own timeline (where a round's time goes)
                 logs.mkdir(parents=True, exist_ok=True)
-                name = f"{nominal_size(n)}x{sites}"
+                name = f"{params}x{sites}"
                 shutil.copy(fed.coordinator_log, logs / f"coordinator-{name}.log")
                 (logs / f"timeline-{name}.json").write_text(json.dumps({
                     "coordinator_wire": wire.series,
