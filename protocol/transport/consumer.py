@@ -41,15 +41,8 @@ import structlog
 
 from protocol.chunking import MAX_USER_CHUNKS, Reassembler, SpilledChunk, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
-from protocol.transport.backlog import (
-    MAX_REFUSALS_KEPT,
-    RETURN_WAIT_S,
-    Deferred,
-    Returning,
-    capacity_backoff_s,
-    lookahead,
-    until_due,
-)
+from protocol.transport.backlog import (MAX_REFUSALS_KEPT, Deferred, Returning, capacity_backoff_s, due_to_requeue,
+                                        lookahead, until_due)
 from protocol.transport.base import (
     BrokerRefused,
     BrokerUnreachable,
@@ -495,19 +488,10 @@ class AmqpConsumer(Consumer):
 
     def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], returning: dict[tuple[str, str], Returning],
                      reasm: Reassembler) -> None:
-        """Requeue the chunks of every deferred transfer whose wait is over and that would be admitted
-        now, in the order they were refused, counting those requeued and not yet back as admitted
-        (``backlog.py``); its window room is counted again when it comes back."""
-        now = time.monotonic()
-        for key in [k for k, r in returning.items() if r.until <= now]:
-            del returning[key]
-        ahead = [(r.user, r.total, r.count) for r in returning.values()]
-        for key, d in list(deferred.items()):
-            if d.due > now or not reasm.has_room(d.total, d.count, user=key[0], ahead=ahead):
-                continue
-            ahead.append((key[0], d.total, d.count))
-            returning[key] = Returning(key[0], d.total, d.count, now + RETURN_WAIT_S)
-            for i, r in enumerate(deferred.pop(key).raws):
+        """Requeue the chunks of the deferred transfers ``due_to_requeue`` picks (``backlog.py``); the
+        window room of each is counted again when it comes back."""
+        for key, d in due_to_requeue(deferred, returning, reasm):
+            for i, r in enumerate(d.raws):
                 self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
 
     def _drop_transfer(self, hold: TransferHold, reason: str) -> None:
