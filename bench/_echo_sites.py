@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ class EchoSite:
         self.trust = TrustStore()
         self.trust.add("coordinator", coordinator_pub)
         self.answered = 0
+        # Wall-clock stamps (time.time(), comparable with the coordinator's log) of each model chunk
+        # stored and of each task's steps: where a round's time goes (bench/scale.py --logs).
+        self.chunk_times: list[float] = []
+        self.timeline: list[dict[str, float]] = []
         self._lock = threading.Lock()
         self._consumer: Any = None
 
@@ -71,11 +76,14 @@ class EchoSite:
         if claimed is not None:  # a chunk of a published model: verified, stored, acked (site_worker.daemon)
             self.models.put(claimed, d.body)
             d.ack()
+            self.chunk_times.append(time.time())
             return
+        stamps = {"task": time.time()}
         env = open_frame(d.body, self.trust).envelope
         p = env.payload
         if isinstance(p, (TrainTask, EvalTask)) and p.model_sha256:
             p = dataclasses.replace(p, weights=self.models.resolve(p))
+        stamps["opened"] = time.time()
         reply: Any
         if isinstance(p, TrainTask):
             weights = tuple((n, (np.asarray(w) + np.asarray(0.001, dtype=np.asarray(w).dtype))) for n, w in p.weights)
@@ -90,13 +98,17 @@ class EchoSite:
             return
         out = new_envelope(reply, federation=self.federation, run_id=env.run_id, round=env.round,
                            sender=self.site_id, recipient="coordinator")
+        stamps["answered"] = time.time()
         frame = seal(out, self.signer)
+        stamps["sealed"] = time.time()
         del reply, p, env
         d.release_body()
         self.bus.publish(UPDATES, self.federation, frame, message_id=out.message_id)
         d.ack()
+        stamps["published"] = time.time()
         with self._lock:
             self.answered += 1
+            self.timeline.append(stamps)
 
     def stop(self) -> None:
         if self._consumer is not None:

@@ -9,8 +9,9 @@ Three sweeps, each running the production ``Coordinator``:
   ``fedbus site run`` processes (DP training of the heart-failure MLP), coordinator peak RSS
   sampled from ``/proc``;
 * **model size, RabbitMQ** (10 K, 100 K, 1 M, 10 M, 50 M parameters, or ``--sizes``; frames over
-  8 MiB travel chunked) with 3 echo sites (``--sites 3,10``) in this process and ``fedbus
-  coordinator run`` as a child process. Per point: ``params``, ``model_mb``, ``sites``,
+  8 MiB travel chunked) with 3 echo sites (``--sites 3,10``) in this process, each logged in as
+  its own broker user (``provision``, as deployed sites are; deleted after the point), and
+  ``fedbus coordinator run`` as a child process. Per point: ``params``, ``model_mb``, ``sites``,
   ``round_s`` (median), ``coordinator_peak_rss_mb`` (VmHWM), ``coordinator_egress_mb_per_round``
   (the coordinator's bytes to the broker, from the kernel's socket counters, over the rounds) and
   ``raw_pika_s`` (bare pika moving the same bytes: ``sites`` model-sized frames down, the same up).
@@ -220,6 +221,7 @@ class SocketBytes:
         self.pid, self.port = pid, port
         self.sent: dict[str, int] = {}
         self.received: dict[str, int] = {}
+        self.series: list[tuple[float, int, int]] = []  # (time.time(), bytes sent, bytes received) so far
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -245,6 +247,9 @@ class SocketBytes:
     def _loop(self) -> None:
         while not self._stop.wait(0.05):
             self.sample()
+            sent, received = sum(self.sent.values()), sum(self.received.values())
+            if not self.series or self.series[-1][1:] != (sent, received):
+                self.series.append((time.time(), sent, received))
 
     def stop(self) -> tuple[int, int]:
         """(bytes sent, bytes received) over every connection seen."""
@@ -274,7 +279,8 @@ def raw_pika_s(url: str, frame_bytes: int, copies: int) -> float:
         admin.close()
 
 
-def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: int | None = None) -> dict[str, Any]:
+def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: int | None = None,
+                logs: Path | None = None) -> dict[str, Any]:
     """One model-size point on RabbitMQ: ``fedbus coordinator run`` (a child process: its peak RSS
     and its bytes to and from the broker are its own) and ``sites`` echo sites in this process."""
     from urllib.parse import urlsplit
@@ -282,6 +288,7 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
     from bench._echo_sites import EchoSite
     from protocol.signing import Signer
     from protocol.transport import open_bus
+    from protocol.transport.provision import deprovision, provision, user_url
     from tests.chaos.harness import Federation
 
     root = Path(tempfile.mkdtemp(prefix="fedbus-scale-"))
@@ -289,13 +296,18 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
     n = parameter_count(doc)
     with Federation(root, sites=sites, broker_url=broker) as fed:
         raw_s = raw_pika_s(fed.url, n * 4, sites)
-        echo = [EchoSite(open_bus(fed.url), site_id=s, signer=Signer.from_file(fed.keys / f"{s}.key"),
-                         federation=fed.federation, coordinator_pub=fed.coordinator_pub.read_bytes(),
-                         dataset=doc["dataset"]["name"])
-                for s in fed.site_ids]
-        for e in echo:
-            e.start()
+        # Each echo site logs in as its own broker user, as `fedbus broker provision` makes them (user =
+        # site id, least privilege): the coordinator's reassembly quotas are per broker user, so sites
+        # sharing the bench's admin user would queue behind one another's updates, as no deployment does.
+        creds = provision(fed.url, sites=fed.site_ids)
+        echo: list[EchoSite] = []
         try:
+            echo += [EchoSite(open_bus(user_url(fed.url, s, creds.passwords[s])), site_id=s,
+                              signer=Signer.from_file(fed.keys / f"{s}.key"), federation=fed.federation,
+                              coordinator_pub=fed.coordinator_pub.read_bytes(), dataset=doc["dataset"]["name"])
+                     for s in fed.site_ids]
+            for e in echo:
+                e.start()
             proc = fed.start_coordinator(fed.write_experiment(doc, f"scale-{fed.tag}.json"), run_id=f"scale-{fed.tag}")
             peak, wire = PeakRss(proc.pid), SocketBytes(proc.pid, urlsplit(fed.url).port or 5672)
             try:
@@ -304,10 +316,19 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
                 mb, (sent, received) = peak.stop(), wire.stop()
             if rc != 0 or not out or out.get("status") != "completed":
                 raise RuntimeError(f"coordinator run failed ({rc}):\n{fed.diagnostics()}")
+            log_text = fed.coordinator_log.read_text(errors="replace")
+            if logs is not None:  # the coordinator's own timeline (where a round's time goes)
+                logs.mkdir(parents=True, exist_ok=True)
+                name = f"{params}x{sites}"
+                shutil.copy(fed.coordinator_log, logs / f"coordinator-{name}.log")
+                (logs / f"timeline-{name}.json").write_text(json.dumps({
+                    "coordinator_wire": wire.series,
+                    "sites": {e.site_id: {"chunks": e.chunk_times, "tasks": e.timeline} for e in echo}}))
         finally:
             for e in echo:
                 e.stop()
                 e.bus.close()
+            deprovision(fed.url, sorted(creds.passwords))
     shutil.rmtree(root, ignore_errors=True)  # checkpoints and stored bodies: GBs at 50 M parameters
     model_mb = n * 4 / 2**20
     done = max(1, len(out["rounds"]))
@@ -317,7 +338,12 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             "coordinator_egress_mb_per_round": sent / 2**20 / done,
             "coordinator_ingress_mb_per_round": received / 2**20 / done,
             "egress_over_model": sent / 2**20 / done / model_mb,
-            "raw_pika_s": raw_s, "chunks_per_frame": -(-(n * 4) // (8 * 2**20)),
+            "raw_pika_s": raw_s, "round_over_raw_pika": statistics.median(r["wall_s"] for r in out["rounds"]) / raw_s,
+            "round_s_each": [r["wall_s"] for r in out["rounds"]], "broker_users": "per site",
+            # Updates the coordinator's consumer refused for reassembly capacity and requeued (each is
+            # received again: the bytes of its chunks that were in the window were dropped).
+            "capacity_requeues": log_text.count("chunked transfer requeued for capacity"),
+            "chunks_per_frame": -(-(n * 4) // (8 * 2**20)),
             # The coordinator's own VmHWM before its first model-sized buffer and at its end (result "memory").
             "coordinator_floor_rss_mb": (out.get("memory") or {}).get("floor_mb"),
             "coordinator_self_peak_rss_mb": (out.get("memory") or {}).get("peak_mb")}
@@ -414,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", default="3", help="model sweep: comma-separated echo-site counts (default 3)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="JSON of an earlier run: its points are kept and not measured again")
+    ap.add_argument("--logs", type=Path, default=None, help="model sweep: keep each point's coordinator log here")
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.point:
@@ -465,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             elif kind == "processes":
                 rows.append(point_processes(n, args.rounds, args.broker))
             else:
-                rows.append(point_model(n[0], n[1], model_rounds, args.broker))
+                rows.append(point_model(n[0], n[1], model_rounds, args.broker, logs=args.logs))
             progress.advance(task)
     order = {"memory-sites": 0, "amqp-sites": 1, "amqp-model": 2}
     rows.sort(key=lambda r: (order[r["sweep"]], r["sites"], r["params"]))

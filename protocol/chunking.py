@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -264,16 +265,26 @@ class Reassembler:
         self._chunks += count
         self._user_chunks[owner] = my_chunks + count
 
-    def has_room(self, total: int, count: int, *, user: str | None = None) -> bool:
+    def has_room(self, total: int, count: int, *, user: str | None = None,
+                 ahead: Iterable[tuple[str | None, int, int]] = ()) -> bool:
         """Whether a transfer of ``total`` bytes in ``count`` chunks from ``user`` would be admitted
-        now (the capacity checks of ``add``): a consumer requeues a transfer it refused only then."""
+        now (the capacity checks of ``add``): a consumer requeues a transfer it refused only then.
+        ``ahead``: ``(user, total, count)`` of transfers already requeued, admitted before it once
+        they are back (two waiting transfers that each fit alone must not both be requeued)."""
         owner = user or ""
-        return (total <= self.max_user_bytes - self._user_reserved.get(owner, 0)
-                and total <= self.max_bytes - self._reserved
-                and self._user_transfers.get(owner, 0) < self.max_user_transfers
-                and len(self._transfers) < self.max_transfers
-                and self._user_chunks.get(owner, 0) + count <= self.max_user_chunks
-                and self._chunks + count <= self.max_chunks)
+        reserved, chunks, transfers = self._reserved, self._chunks, len(self._transfers)
+        mine, my_chunks = self._user_reserved.get(owner, 0), self._user_chunks.get(owner, 0)
+        my_transfers = self._user_transfers.get(owner, 0)
+        for u, t, c in ahead:
+            reserved, chunks, transfers = reserved + t, chunks + c, transfers + 1
+            if (u or "") == owner:
+                mine, my_chunks, my_transfers = mine + t, my_chunks + c, my_transfers + 1
+        return (total <= self.max_user_bytes - mine
+                and total <= self.max_bytes - reserved
+                and my_transfers < self.max_user_transfers
+                and transfers < self.max_transfers
+                and my_chunks + count <= self.max_user_chunks
+                and chunks + count <= self.max_chunks)
 
     def user_reserved_bytes(self, user: str | None) -> int:
         """Bytes reserved by ``user``'s transfers in progress."""

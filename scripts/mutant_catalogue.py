@@ -1802,7 +1802,8 @@ MUTANTS.extend([
         "capacity-requeue-before-room", "a transfer refused for reassembly capacity is requeued (all its chunks "
         "together) only once the reassembler has room for it, so it does not bounce ahead of the admitted "
         "transfer's chunks",
-        (Edit("protocol/transport/consumer.py", " and reasm.has_room(d.total, d.count, user=k[0])]:", "]:"),),
+        (Edit("protocol/transport/backlog.py", " or not reasm.has_room(d.total, d.count, user=key[0], ahead=ahead):",
+              ":"),),
         ("tests/transport/test_consumer_backlog.py::"
          "test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker",),
     ),
@@ -1913,5 +1914,23 @@ MUTANTS.extend([
         (Edit("site_worker/secagg.py", "        if st.pooled_floor and len(hospitals) != len(wanted):",
               "        if False:"),),
         (f"{_CENTRAL}::test_a_sum_holding_two_updates_of_one_site_is_refused_under_the_dp_modes",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "capacity-requeue-all-that-fit-alone", "transfers waiting for reassembly capacity are requeued only as "
+        "many as fit together, counting those requeued and not yet back as admitted (else the one that lost "
+        "is refused again and all its chunks are received a third time)",
+        (Edit("protocol/transport/backlog.py", "    ahead = [(r.user, r.total, r.count) for r in returning.values()]\n",
+              "    ahead: list[tuple[str, int, int]] = []\n"),
+         Edit("protocol/transport/backlog.py", "        ahead.append((key[0], d.total, d.count))\n", "")),
+        ("tests/transport/test_consumer_backlog.py::"
+         "test_waiting_transfers_are_requeued_only_as_many_as_fit_together",),
+    ),
+    Mutant(
+        "has-room-ignores-transfers-ahead", "a reassembler's room counts the transfers requeued ahead of the one "
+        "asked about (bytes, chunks and transfers, per user and in all)",
+        (Edit("protocol/chunking.py", "        for u, t, c in ahead:\n", "        for u, t, c in ():\n"),),
+        ("tests/protocol/test_chunk_edges.py::test_room_counts_the_transfers_requeued_ahead_at_the_edge",),
     ),
 ])

@@ -41,7 +41,8 @@ import structlog
 
 from protocol.chunking import MAX_USER_CHUNKS, Reassembler, SpilledChunk, window_chunks
 from protocol.errors import ChunkCapacity, ChunkError
-from protocol.transport.backlog import MAX_REFUSALS_KEPT, Deferred, capacity_backoff_s, lookahead, until_due
+from protocol.transport.backlog import (MAX_REFUSALS_KEPT, Deferred, Returning, capacity_backoff_s, due_to_requeue,
+                                        lookahead, until_due)
 from protocol.transport.base import (
     BrokerRefused,
     BrokerUnreachable,
@@ -405,6 +406,7 @@ class AmqpConsumer(Consumer):
         holds: dict[tuple[str, str], TransferHold] = {}  # (broker-verified user, transfer id) -> chunks
         deferred: dict[tuple[str, str], Deferred] = {}  # refused for capacity: requeued once due
         refusals: dict[tuple[str, str], int] = {}  # capacity refusals per transfer (its backoff doubles)
+        returning: dict[tuple[str, str], Returning] = {}  # requeued with room kept for them, not yet back
         gen = 0
         taken: tuple[int, int] | None = None  # (connection, bytes) of the message handled last
         while True:
@@ -418,7 +420,7 @@ class AmqpConsumer(Consumer):
             if item is _STOP:
                 return
             if deferred:
-                self._requeue_due(deferred, reasm)
+                self._requeue_due(deferred, returning, reasm)
             if holds:
                 for user, tid in reasm.expire_transfers():
                     h = holds.pop((user or "", tid), None)
@@ -432,6 +434,7 @@ class AmqpConsumer(Consumer):
                 holds.clear()
                 deferred.clear()  # their tags died with the connection: the broker redelivers them
                 refusals.clear()
+                returning.clear()
                 continue
             raw: Raw = item
             taken = (raw.gen, len(raw.body))
@@ -442,6 +445,7 @@ class AmqpConsumer(Consumer):
                 continue
             user = raw.props.user_id
             key = (user or "", str(raw.chunk.get("transfer_id")))
+            returning.pop(key, None)  # back: admitted or refused by the reassembler from here on
             if key in deferred:  # refused for capacity: keep the tag, never the bytes, until its requeue
                 raw.body = b""
                 deferred[key].raws.append(raw)
@@ -482,12 +486,12 @@ class AmqpConsumer(Consumer):
             self._call(AmqpDelivery(self, hold.raws, whole))
             whole = None  # else this thread keeps the last update's map (read: resident) while it waits
 
-    def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], reasm: Reassembler) -> None:
-        """Requeue the chunks of every deferred transfer whose wait is over and that would be admitted
-        now (its window room is counted again when it comes back)."""
-        now = time.monotonic()
-        for key in [k for k, d in deferred.items() if d.due <= now and reasm.has_room(d.total, d.count, user=k[0])]:
-            for i, r in enumerate(deferred.pop(key).raws):
+    def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], returning: dict[tuple[str, str], Returning],
+                     reasm: Reassembler) -> None:
+        """Requeue the chunks of the deferred transfers ``due_to_requeue`` picks (``backlog.py``); the
+        window room of each is counted again when it comes back."""
+        for key, d in due_to_requeue(deferred, returning, reasm):
+            for i, r in enumerate(d.raws):
                 self.settle(r.gen, [r.tag], "requeue", key=key if i == 0 else None)
 
     def _drop_transfer(self, hold: TransferHold, reason: str) -> None:

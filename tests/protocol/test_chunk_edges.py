@@ -87,3 +87,27 @@ def test_a_transfer_expires_after_its_timeout_not_at_it():
     assert r.expire() == [] and r.in_progress() == [head["transfer_id"]]
     now[0] = 10.001
     assert r.expire() == [head["transfer_id"]] and r.in_progress() == [] and r.reserved_bytes == 0
+
+
+
+@pytest.mark.parametrize("cap, held, ahead, past, asked, other", [
+    # the cap alone; in progress (total, chunk size); requeued ahead and one past the cap, as
+    # (total, count) each; the transfer asked about (total, count); another user's ahead, for per-user caps
+    ({"max_bytes": 100}, (30, 3), [(30, 3)], [(31, 3)], (40, 4), None),
+    ({"max_user_bytes": 100}, (30, 3), [(30, 3)], [(31, 3)], (40, 4), (100, 10)),
+    ({"max_transfers": 3}, (2, 1), [(2, 2)], [(2, 2), (2, 2)], (2, 2), None),
+    ({"max_user_transfers": 3}, (2, 1), [(2, 2)], [(2, 2), (2, 2)], (2, 2), (2, 2)),
+    ({"max_chunks": 10}, (3, 1), [(3, 3)], [(3, 4)], (4, 4), None),
+    ({"max_user_chunks": 10}, (3, 1), [(3, 3)], [(3, 4)], (4, 4), (10, 10)),
+])
+def test_room_counts_the_transfers_requeued_ahead_at_the_edge(cap, held, ahead, past, asked, other):
+    """``has_room(ahead=...)``: transfers requeued and not yet back count as admitted, by each cap alone.
+    One in progress + those ahead + the one asked exactly fill the cap: room; one more byte, chunk or
+    transfer ahead: none. Another user's transfer ahead does not use a per-user quota."""
+    r = relaxed(**cap)
+    assert r.add(*_first(*held), user="a") is None
+    assert r.has_room(*asked, user="a", ahead=[("a", *t) for t in ahead])  # exactly at the cap
+    assert not r.has_room(*asked, user="a", ahead=[("a", *t) for t in past])  # one past it
+    assert r.has_room(*asked, user="a")  # nothing ahead: room to spare
+    if other is not None:
+        assert r.has_room(*asked, user="a", ahead=[("b", *other)])

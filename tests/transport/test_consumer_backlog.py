@@ -100,3 +100,32 @@ def test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker(
     finally:
         c.cancel()
         receiver.close()
+
+
+def test_waiting_transfers_are_requeued_only_as_many_as_fit_together(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three uploads at once, room for one: two wait. When the first is done each of them fits alone,
+    but not both: only one is requeued, and the other only once that one is done, so each waiting
+    transfer is refused exactly once (2 refusals; requeued together, the one that lost was refused
+    again and every chunk of it received a third time: 3 or more)."""
+    monkeypatch.setattr(consumer_mod, "Reassembler", SlowerReassembler)
+    senders = [net.open(chunk_size=CHUNK) for _ in range(3)]
+    receiver = open_bus(net.url, chunk_size=CHUNK, max_reassembly_bytes=2 * (FRAME + CHUNK))  # one transfer per user
+    frames = [os.urandom(FRAME) for _ in range(3)]
+    got = Collector(ack)
+    c: Any = receiver.consume(site_queue(net.site), got, prefetch=1000)
+    try:
+        threads = [threading.Thread(target=b.publish, args=("", site_queue(net.site), f), kwargs={"message_id": f"t{i}"})
+                   for i, (b, f) in enumerate(zip(senders, frames))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got.wait_count(3, timeout=90), f"got {len(got.deliveries)} of 3 transfers"
+        assert sorted(hashlib.sha256(b).digest() for b in got.bodies) == sorted(
+            hashlib.sha256(f).digest() for f in frames)
+        assert c.capacity_refusals == 2, f"{c.capacity_refusals} refusals of two waiting transfers"
+        assert c.backlog_peak <= BACKLOG_CHUNKS * CHUNK
+    finally:
+        c.cancel()
+        receiver.close()
