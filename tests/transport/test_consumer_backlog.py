@@ -72,17 +72,12 @@ def test_a_slow_worker_holds_at_most_the_credit_of_chunks(net: Net, monkeypatch:
         receiver.close()
 
 
-def test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker(
-        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reassembly budget admits one transfer: the second is refused at its first chunk, its chunks
-    already in the window are set aside (tags only, no bytes, no further refusal), and the whole
-    transfer is requeued once there is room for it, so it is refused exactly once. Requeued before
-    (every 50 ms, refusing and sleeping on each chunk), it went back to the head of the queue ahead
-    of the admitted transfer's chunks, again and again: at 100 M x 3 the admitted one timed out."""
-    monkeypatch.setattr(consumer_mod, "Reassembler", SlowerReassembler)
-    senders = [net.open(chunk_size=CHUNK) for _ in range(2)]  # two sites uploading at once: chunks interleave
+def _uploads_at_once(net: Net, n: int, timeout: float) -> Any:
+    """``n`` sites upload one FRAME each at once to a receiver with room for one transfer; every frame
+    arrives intact and the window never held more than its credit. Returns the consumer (its counts)."""
+    senders = [net.open(chunk_size=CHUNK) for _ in range(n)]  # sites uploading at once: chunks interleave
     receiver = open_bus(net.url, chunk_size=CHUNK, max_reassembly_bytes=2 * (FRAME + CHUNK))  # one transfer per user
-    frames = [os.urandom(FRAME) for _ in range(2)]
+    frames = [os.urandom(FRAME) for _ in range(n)]
     got = Collector(ack)
     c: Any = receiver.consume(site_queue(net.site), got, prefetch=1000)
     try:
@@ -92,14 +87,26 @@ def test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker(
             t.start()
         for t in threads:
             t.join()
-        assert got.wait_count(2, timeout=60), f"got {len(got.deliveries)} of 2 transfers"
+        assert got.wait_count(n, timeout=timeout), f"got {len(got.deliveries)} of {n} transfers"
         assert sorted(hashlib.sha256(b).digest() for b in got.bodies) == sorted(
             hashlib.sha256(f).digest() for f in frames)
-        assert c.capacity_refusals == 1, f"{c.capacity_refusals} refusals of one waiting transfer of 16 chunks"
         assert c.backlog_peak <= BACKLOG_CHUNKS * CHUNK
+        return c
     finally:
         c.cancel()
         receiver.close()
+
+
+def test_a_transfer_refused_for_capacity_waits_once_without_stalling_the_worker(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reassembly budget admits one transfer: the second is refused at its first chunk, its chunks
+    already in the window are set aside (tags only, no bytes, no further refusal), and the whole
+    transfer is requeued once there is room for it, so it is refused exactly once. Requeued before
+    (every 50 ms, refusing and sleeping on each chunk), it went back to the head of the queue ahead
+    of the admitted transfer's chunks, again and again: at 100 M x 3 the admitted one timed out."""
+    monkeypatch.setattr(consumer_mod, "Reassembler", SlowerReassembler)
+    c = _uploads_at_once(net, 2, timeout=60)
+    assert c.capacity_refusals == 1, f"{c.capacity_refusals} refusals of one waiting transfer of 16 chunks"
 
 
 def test_waiting_transfers_are_requeued_only_as_many_as_fit_together(
@@ -109,23 +116,5 @@ def test_waiting_transfers_are_requeued_only_as_many_as_fit_together(
     transfer is refused exactly once (2 refusals; requeued together, the one that lost was refused
     again and every chunk of it received a third time: 3 or more)."""
     monkeypatch.setattr(consumer_mod, "Reassembler", SlowerReassembler)
-    senders = [net.open(chunk_size=CHUNK) for _ in range(3)]
-    receiver = open_bus(net.url, chunk_size=CHUNK, max_reassembly_bytes=2 * (FRAME + CHUNK))  # one transfer per user
-    frames = [os.urandom(FRAME) for _ in range(3)]
-    got = Collector(ack)
-    c: Any = receiver.consume(site_queue(net.site), got, prefetch=1000)
-    try:
-        threads = [threading.Thread(target=b.publish, args=("", site_queue(net.site), f), kwargs={"message_id": f"t{i}"})
-                   for i, (b, f) in enumerate(zip(senders, frames))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert got.wait_count(3, timeout=90), f"got {len(got.deliveries)} of 3 transfers"
-        assert sorted(hashlib.sha256(b).digest() for b in got.bodies) == sorted(
-            hashlib.sha256(f).digest() for f in frames)
-        assert c.capacity_refusals == 2, f"{c.capacity_refusals} refusals of two waiting transfers"
-        assert c.backlog_peak <= BACKLOG_CHUNKS * CHUNK
-    finally:
-        c.cancel()
-        receiver.close()
+    c = _uploads_at_once(net, 3, timeout=90)
+    assert c.capacity_refusals == 2, f"{c.capacity_refusals} refusals of two waiting transfers"
