@@ -76,6 +76,10 @@ def test_two_fedbuff_requests_differing_by_one_hospital_are_refused(monkeypatch)
         return req, signed
 
     monkeypatch.setattr(CoordinatorSecAgg, "request", hostile)
+    # hostile too: it closes a buffer only once all three hospitals are in it (a fast site may send
+    # twice first), so the first minus one hospital still holds min_contributors sites and the
+    # only rule left to refuse it is the reuse of updates
+    monkeypatch.setattr(SecureBufferRounds, "_full", lambda self: len(self._distinct()) >= 3)
     exp = _experiment(3, buffer_size=3, min_contributors=2, threshold=2, timeout=10.0)
     reason, doc = _failed(exp, rounds=2)
     assert len(done) == 1 and len({s for s, _ in done[0]}) == 3, done  # the honest first buffer only
