@@ -49,13 +49,14 @@ def record(store: Any, signer: str, beat: Heartbeat, *, sent_at: float, received
     return True
 
 
-def monitor_live(tick: Mapping[str, Any], *, now: float) -> bool:
-    """A monitor's last tick (``seen_at``, ``every_s``) still says it listens: the sites' rule."""
+def fresh(tick: Mapping[str, Any], *, now: float) -> bool:
+    """A newest beat or monitor tick (``seen_at``, ``every_s``) still counts: at most ``MISSED`` intervals old.
+    One rule for a site's liveness and a monitor's."""
     return now - float(tick["seen_at"]) <= offline_after_s(float(tick["every_s"]))
 
 
 def status(beat: Mapping[str, Any] | None, *, now: float, monitored: bool) -> str:
     """"online" | "offline" | "not monitored" for one site's newest beat."""
-    if beat is not None and now - float(beat["seen_at"]) <= offline_after_s(float(beat["every_s"])):
+    if beat is not None and fresh(beat, now=now):
         return "online"
     return "offline" if monitored else "not monitored"

@@ -1832,7 +1832,7 @@ MUTANTS.extend([
         "listening-ignores-the-monitor", "the sites page counts a ticking liveness monitor as listening, so between "
         "runs it says offline, not 'not monitored'",
         (Edit("fedbus/dashboard/data.py",
-              'return any(monitor_live(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))',
+              'return any(fresh(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))',
               "return False"),),
         (f"{_LIVE}::test_a_monitor_is_believed_for_three_ticks_and_not_after_it_stops",),
     ),

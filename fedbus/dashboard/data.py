@@ -74,12 +74,12 @@ class StateReader:
     def listening(self, now: float | None = None) -> bool:
         """Someone records heartbeats: a run here is running (its control queue), or a liveness
         monitor (``coordinator serve --broker``) ticked recently (coordinator/liveness_monitor.py)."""
-        from coordinator.liveness import monitor_live
+        from coordinator.liveness import fresh
 
         if self._rows("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"):
             return True
         now = time.time() if now is None else now
-        return any(monitor_live(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))
+        return any(fresh(m, now=now) for m in self._rows("SELECT name, seen_at, every_s FROM monitors"))
 
     def last_replies(self) -> dict[str, float]:
         """Latest time each site's message reached the coordinator (any verdict)."""
