@@ -31,7 +31,7 @@ from simulator.run import simulate
 from site_worker.ledger import PrivacyLedger
 
 HEART_DISEASE = Path(__file__).resolve().parents[2] / "examples" / "heart_disease.json"
-N, SIGMA, DELTA_SENS = 4, SitePolicy().metrics_noise_multiplier, math.sqrt(3.0)  # binary release: Δ = √3
+N, SIGMA, DELTA_SENS = 4, SitePolicy().union_noise_multiplier, math.sqrt(3.0)  # the union release's σ_u; binary: Δ = √3
 
 
 def _experiment() -> dict[str, Any]:
@@ -97,12 +97,14 @@ def test_the_union_figures_come_from_the_secure_sum_with_the_noise_once(run):
     assert len(run["shares"]) == N and len(run["figures"]) == 1
     layout, counts, kw, _ = run["figures"][0]
     assert layout == "binary"
-    # each site added SD σ·Δ/√K, K = N: the sum carries σ·Δ once, √N times less than pooling N releases
+    # each site added SD σ_u·Δ/√K, K = N: the sum carries σ_u·Δ once
     assert all(sd == pytest.approx(SIGMA * DELTA_SENS / math.sqrt(N)) for _, sd in run["shares"])
     assert kw["noise_sd"] == pytest.approx(SIGMA * DELTA_SENS) and final["noise_sd"] == pytest.approx(kw["noise_sd"])
     per_site = run["results"][0]
     pooled_sd = math.sqrt(sum(m["noise_sd"] ** 2 for m in per_site.values()))
-    assert pooled_sd == pytest.approx(math.sqrt(N) * kw["noise_sd"])
+    # pooling the sites' own releases (σ_m each) carries √N·σ_m·Δ: the sum's noise is at least √N times less
+    assert pooled_sd == pytest.approx(math.sqrt(N) * SitePolicy().metrics_noise_multiplier * DELTA_SENS)
+    assert kw["noise_sd"] * math.sqrt(N) <= pooled_sd
     # the unmasked sum is the sum of the sites' noisy union vectors, within the field's quantisation
     sa = doc["privacy"]["secure_aggregation"]
     quant = N * COUNT_CAP / (2 * sa["scale"] * sa["clip"])
