@@ -121,6 +121,12 @@ def test_the_union_interval_holds_the_exact_union_accuracy_and_is_narrower(run):
     truth = dp_figures.confusion_figures(exact[:4], 0.0)["accuracy"]
     lo, hi = final["ci"]["accuracy"]
     assert lo <= truth <= hi, (lo, truth, hi)
+    # the majority-class baseline comes from the same sum's class counts, with its interval (the
+    # sites' own releases carry √N times the noise)
+    tn, fp, fn, tp = (float(c) for c in run["figures"][0][1][:4])
+    assert final["majority_class_accuracy"] == pytest.approx(max(tn + fp, fn + tp) / (tn + fp + fn + tp), abs=0.02)
+    m_lo, m_hi = final["ci"]["majority_class_accuracy"]
+    assert m_lo <= dp_figures.confusion_figures(exact[:4], 0.0)["majority_class_accuracy"] <= m_hi
     width = hi - lo
     pooled = dp_figures.union(list(run["results"][0].values()))
     assert pooled is not None and width < pooled["accuracy_hi"] - pooled["accuracy_lo"]
