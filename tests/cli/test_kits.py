@@ -226,6 +226,11 @@ def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -
     acc.history.append((5.0, 1.0, 3 + evals + 1))
     want = acc.get_epsilon(delta=1e-5)
     assert math.isclose(got, want, rel_tol=1e-2), (got, want)
+    # and what the metrics releases alone cost, as Opacus accounts them (no union: not a secure run)
+    metrics = RDPAccountant()
+    metrics.history.append((5.0, 1.0, 3 + evals + 1))
+    said = float(re.search(r"metrics releases alone ε ([0-9.]+) at σ_m 5\)", line).group(1))
+    assert math.isclose(said, metrics.get_epsilon(delta=1e-5), rel_tol=1e-2), (said, line)
 
 
 def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
