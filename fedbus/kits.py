@@ -359,13 +359,16 @@ def _kept_site_toml(path: Path, s: SiteSpec) -> str:
     differs from the project's (the hospital's own ``max_epsilon`` stands: re-provisioning
     never resets it)."""
     try:
-        own = read_toml(path, key="site.toml").get("policy", {}).get("max_epsilon")
+        raw = read_toml(path, key="site.toml")
+        own = raw.get("policy", {}).get("max_epsilon")
     except (ConfigError, AttributeError) as e:
         return f"site {s.id} site.toml as it is (not read: {e})"
+    # a kit written before kits carried peers/: it cannot join a secure run until the hospital adds it
+    peers = "" if "peers_dir" in raw else '; add peers_dir = "peers" to it to join secure aggregation'
     if isinstance(own, (int, float)) and not isinstance(own, bool) and float(own) != s.max_epsilon:
         return (f"site {s.id} site.toml with the hospital's max_epsilon {own:g} (the project says {s.max_epsilon:g}; "
-                "the hospital's budget stands)")
-    return f"site {s.id} site.toml"
+                f"the hospital's budget stands){peers}")
+    return f"site {s.id} site.toml{peers}"
 
 
 @dataclass

@@ -256,6 +256,13 @@ def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
     assert tomllib.loads(cfg.read_text())["policy"]["max_epsilon"] == 9.99
     kept = json.loads(r.stdout.splitlines()[0])["kept"]
     assert any("max_epsilon 9.99" in k and "project says 10" in k for k in kept), kept
+    assert not any("peers_dir" in k for k in kept), kept  # the kit names its peers: nothing to add
+    # A kit written before kits carried peers/: re-provisioning refreshes peers/ but keeps the
+    # hospital's file, and says the one line to add to join secure aggregation.
+    cfg.write_text("\n".join(ln for ln in edited.splitlines() if not ln.startswith("peers_dir")) + "\n")
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json")
+    kept = json.loads(r.stdout.splitlines()[0])["kept"]
+    assert any('add peers_dir = "peers"' in k for k in kept) and (out / "hospital-a" / "peers" / "hospital-a.pub").exists()
 
 
 def test_the_project_sets_the_kits_test_fraction_and_a_site_may_override_it(tmp_path: Path) -> None:
