@@ -1715,8 +1715,8 @@ MUTANTS.extend([
     Mutant(
         "kit-needs-root", "a provisioned kit, copied and handed to an unprivileged user, runs as that user (its state "
         "in the kit, nothing under a root-only path)",
-        (Edit("fedbus/kits.py", 'coordinator_pub = "coordinator.pub"\nstate_dir = "state"\nlog_level = "info"\n',
-              'coordinator_pub = "coordinator.pub"\nstate_dir = "/root/fedbus-state"\nlog_level = "info"\n'),),
+        (Edit("fedbus/kits.py", 'state_dir = "state"\nlog_level = "info"\n',
+              'state_dir = "/root/fedbus-state"\nlog_level = "info"\n'),),
         ("tests/cli/test_kit_portable.py::test_a_copied_kit_runs_as_an_unprivileged_user",),
     ),
 ])
@@ -1742,8 +1742,8 @@ MUTANTS.extend([
         "union-release-not-charged", "a site charges its union release to its ledger beside its own final release, "
         "as the privacy plan counts it",
         (Edit(HANDLERS,
-              "                      entries=release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else []),\n",
-              "                      entries=release_entries(policy),\n"),),
+              "        entries = release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else [])\n",
+              "        entries = release_entries(policy)\n"),),
         (f"{_UNION_RUN}::test_each_site_charged_its_own_release_and_the_union_release_as_planned",),
     ),
     Mutant(
