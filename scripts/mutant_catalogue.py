@@ -1934,3 +1934,20 @@ MUTANTS.extend([
         ("tests/protocol/test_chunk_edges.py::test_room_counts_the_transfers_requeued_ahead_at_the_edge",),
     ),
 ])
+# ------------------------------------------------------------------ DP and union metrics under FedBuff (s22)
+MUTANTS.extend([
+    Mutant(
+        "fedbuff-final-without-union", "a FedBuff run under secure aggregation ends with the same final test as "
+        "the sync loop: its union figures come from one unmasked secure sum, the noise added once",
+        (Edit(RUN, "                weights, secure = buffered.run(initial.pop(), first_round, sites), buffered.secure\n",
+              "                weights = buffered.run(initial.pop(), first_round, sites)\n"),),
+        (f"{_UNION_RUN}::test_the_union_figures_come_from_the_secure_sum_with_the_noise_once",),
+    ),
+    Mutant(
+        "fedbuff-union-not-planned", "the privacy plan (and so the roster's room and the site's ledger) counts the "
+        "union release of a FedBuff run's final test",
+        (Edit("protocol/secagg/union.py", "    return (sa is not None\n",
+              "    return (sa is not None and fed.name != \"FedBuff\"\n"),),
+        ("tests/protocol/test_union_plan.py",),
+    ),
+])
