@@ -211,6 +211,9 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
 
     policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
+    sa = exp.federated.secure_aggregation
+    if spec.dp is None and sa is not None and sa.dp == "central":
+        return _check_central(cfg, exp, dataset, rows=rows)
     if spec.dp is None:
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
@@ -232,6 +235,42 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
                                 + (f", total_epsilon {plan.total_epsilon:g}" if plan.total_epsilon is not None else "")
                                 + ")" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
                                 + ("" if ok else ": the site would decline the rounds past its budget"))
+
+
+def _check_central(cfg: SiteConfig, exp: Experiment, dataset: str, *, rows: int) -> Check:
+    """User-level central DP under secure aggregation: the ε of ``protocol.privacy_plan.central_plan``
+    (the entries the site charges: sync T sampled rounds, FedBuff at most T un-subsampled updates,
+    and the metrics releases) on top of the ledger, at the site's δ, composed in RDP as the ledger does."""
+    from protocol import privacy_plan
+    from protocol.policy import PolicyViolation
+    from protocol.secagg import skellam
+    from protocol.secagg.rules import central_sample_rate
+    from site_worker.ledger import PrivacyLedger
+    from site_worker.policy import check_pooled_policy
+
+    policy = cfg.policy
+    try:
+        check_pooled_policy(policy, exp)
+    except PolicyViolation as e:
+        return Check("privacy", False, f"this site would decline: {e}")
+    delta = policy.site_delta(rows)
+    ledger = PrivacyLedger(cfg.state_dir)
+    spent = ledger.spent(dataset, delta=delta, accountant="rdp")  # check_pooled_policy: the site composes in RDP
+    rel = ledger.releases(dataset)
+    before = [skellam.SkellamEntry.from_list(e) for r in rel for e in r.get("skellam", ())]
+    after = privacy_plan.central_epsilon(exp, policy, delta=delta, spent=ledger.history(dataset),
+                                         spent_skellam=before)
+    sites = max(1, int(exp.federated.min_available_clients))
+    q = central_sample_rate(exp, sites)
+    budget = policy.max_epsilon
+    ok = budget is None or after <= budget
+    how = ("at most T masked updates, each un-subsampled (FedBuff: q = 1)" if exp.federated.name == "FedBuff" else
+           f"T sampled rounds at q = {q:.4g} (k/N of {sites} sites)")
+    return Check("privacy", ok, f"the run would cost ε {after - spent:.4g} (ε {spent:.4g} -> {after:.4g} at δ "
+                                f"{delta:g}, {skellam.ACCOUNTANT} accountant, user-level central DP: "
+                                f"{exp.training.rounds} Skellam releases, {how}, with the metrics releases "
+                                "the site plans)" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+                                + ("" if ok else ": the site would decline the updates past its budget"))
 
 
 def print_checks(checks: list[Check], echo: Callable[[str], None]) -> bool:
