@@ -30,7 +30,7 @@ from protocol.config_error import ConfigError
 from protocol.policy import SitePolicy
 from protocol.privacy_plan import central_epsilon, central_plan, metrics_entries
 from protocol.secagg import skellam
-from protocol.secagg.rules import central_dim, pooled_mu
+from protocol.secagg.rules import central_dim, central_entry, central_sample_rate, pooled_mu
 from simulator.run import SimulationFailed, simulate
 from site_worker.central_dp import CentralShare
 from site_worker.secagg import SiteSecAgg
@@ -229,3 +229,8 @@ def test_a_target_epsilon_under_fedbuff_is_planned_at_q_1() -> None:
     assert pooled_mu(load_experiment(sync)) < mu
     assert central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(
         skellam.epsilon_of([skellam.SkellamEntry(mu, l1, l2, 1.0, 3)], delta=1e-5), rel=1e-9)
+    # a roster of 8: the sync loop would sample 4 (q = 1/2); FedBuff samples no one, so q = 1 whatever N
+    assert central_sample_rate(load_experiment(sync), 8) == 0.5
+    assert central_sample_rate(x, 8) == 1.0 and central_entry(x, 8) == skellam.SkellamEntry(mu, l1, l2, 1.0, 3)
+    assert central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5, sites=8) == pytest.approx(
+        central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5), rel=1e-12)
