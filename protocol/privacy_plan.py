@@ -174,7 +174,8 @@ def central_plan(experiment: Experiment, policy: SitePolicy | None, *,
 
 
 def central_epsilon(experiment: Experiment, policy: SitePolicy | None, *, delta: float, sites: int | None = None,
-                    spent: History = (), spent_skellam: Iterable[SkellamEntry] = ()) -> float:
+                    spent: Iterable[tuple[float, float, int]] = (),
+                    spent_skellam: Iterable[SkellamEntry] = ()) -> float:
     """ε at ``delta`` after the whole ``central_plan`` on top of a ledger's history (``spent``: its
     Gaussian entries, ``spent_skellam``: its Skellam ones), composed in RDP as the ledger does."""
     from protocol.accounting import rdp_of
