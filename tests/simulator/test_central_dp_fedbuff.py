@@ -234,3 +234,23 @@ def test_a_target_epsilon_under_fedbuff_is_planned_at_q_1() -> None:
     assert central_sample_rate(x, 8) == 1.0 and central_entry(x, 8) == skellam.SkellamEntry(mu, l1, l2, 1.0, 3)
     assert central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5, sites=8) == pytest.approx(
         central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5), rel=1e-12)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_central_fedbuff_run_on_rabbitmq_charges_each_ledger_the_plan(monkeypatch, amqp_url):
+    """The same mode with one site process per site on RabbitMQ: every buffer one update of each site,
+    denominator 3, and each site's epsilon (exact metrics: nothing else released) the planner's figure."""
+    import uuid
+
+    _honest_sites(monkeypatch)
+    exp = _exp(rounds=2)
+    doc = simulate(exp, sites=N, seed=1, progress=False, broker=amqp_url, site_suffix=f"-{uuid.uuid4().hex[:6]}")
+    assert doc["broker"].startswith("amqp://") and doc["rejected"] == [] and doc["declined"] == []
+    assert len(doc["rounds"]) == 2
+    for row in doc["rounds"]:
+        seen = row["secure_aggregation"]
+        assert seen["denominator"] == N and len({b.rsplit("#", 1)[0] for b in seen["buffer"]}) == len(seen["buffer"]) == N
+    planned = central_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5)
+    assert len(doc["epsilon"]) == N
+    assert all(eps == pytest.approx(planned, rel=1e-9) for eps in doc["epsilon"].values()), (doc["epsilon"], planned)
