@@ -1583,10 +1583,10 @@ MUTANTS.extend([
         (f"{_POOLED_BUS}::test_a_pooled_run_over_the_memory_bus_charges_each_ledger_the_plan",),
     ),
     Mutant(
-        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg only (the coordinator's step is the "
-        "SGD step on the pooled gradient)",
+        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg or FedBuff only (the coordinator's "
+        "step is the SGD step on the pooled gradient; a server optimiser is not wired)",
         (Edit("coordinator/secagg.py",
-              "    if sa is not None and sa.dp != \"off\" and name != \"FedAvg\" and not (sa.dp == \"central\" and name == \"FedBuff\"):\n",
+              "    if sa is not None and sa.dp != \"off\" and name not in (\"FedAvg\", \"FedBuff\"):\n",
               "    if False:\n"),),
         (f"{_POOLED_BUS}::test_a_pooled_run_steps_with_fedavg_only",),
     ),
@@ -1995,5 +1995,23 @@ MUTANTS.extend([
               "        q = 1.0 if central_per_update(experiment) else experiment.federated.fraction_fit\n",
               "        q = experiment.federated.fraction_fit\n"),),
         (f"{_CENTRAL_FEDBUFF}::test_a_target_epsilon_under_fedbuff_is_planned_at_q_1",),
+    ),
+])
+_POOLED_FEDBUFF = "tests/simulator/test_pooled_dp_fedbuff.py"
+MUTANTS.extend([
+    Mutant(
+        "dp-fedbuff-retask-before-commit", "under the DP modes a FedBuff site whose update is in the open buffer is "
+        "re-tasked only once that buffer commits (one update per site per buffer, T steps per site in a T-version "
+        "run, each ledger the plan)",
+        (Edit("coordinator/rounds/secure_buffer.py",
+              "        (self.after_commit if self.one_per_site else self.retask).append(site)\n",
+              "        self.retask.append(site)\n"),),
+        (f"{_POOLED_FEDBUFF}::test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan",),
+    ),
+    Mutant(
+        "dp-fedbuff-buffer-past-max-sites", "under the DP modes a FedBuff buffer_size above max_sites (a buffer that "
+        "could never close with one update per site) is refused naming the key, max_sites itself just inside",
+        (Edit("protocol/secagg/rules.py", "        if k > sa.max_sites:  #", "        if k > sa.max_sites + 1:  #"),),
+        ("tests/simulator/test_pooled_dp.py::test_the_pooled_block_is_validated_with_one_line_errors",),
     ),
 ])

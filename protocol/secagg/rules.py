@@ -167,16 +167,15 @@ def check_pooled(experiment: Experiment) -> None:
     if (sa.noise_multiplier is None) == (sa.target_epsilon is None):
         raise ConfigError(f"{WHERE}.dp", f'{mode} needs exactly one of noise_multiplier or target_epsilon')
     name = experiment.federated.name
-    if name not in SYNC_AGGREGATORS and not (mode == "central" and name == "FedBuff"):
-        raise ConfigError(f"{WHERE}.dp", f"{mode} takes one step a round in the synchronous loop; use "
-                                         f"{', '.join(SYNC_AGGREGATORS)}"
-                                         + (" or FedBuff" if mode == "central" else "") + f", not {name!r}")
-    if mode == "central" and name == "FedBuff":
+    if name not in SYNC_AGGREGATORS and name != "FedBuff":
+        raise ConfigError(f"{WHERE}.dp", f"{mode} takes one step per site per sum; use "
+                                         f"{', '.join(SYNC_AGGREGATORS)} or FedBuff, not {name!r}")
+    if name == "FedBuff":
         params = experiment.federated.parameters
         k = int(params.get("buffer_size", params.get("weighting", 2)))
         if k > sa.max_sites:  # a buffer holds one update per site: more than the roster's sites never closes
             raise ConfigError("federated.parameters.buffer_size",
-                              f"{k} exceeds secure_aggregation.max_sites ({sa.max_sites}): under dp = \"central\" a "
+                              f"{k} exceeds secure_aggregation.max_sites ({sa.max_sites}): under dp = \"{mode}\" a "
                               "buffer holds one update of each of buffer_size distinct sites")
     if experiment.training.dp is not None:
         raise ConfigError(f"{WHERE}.dp", f"{mode} adds the noise itself (a share per site); disable "

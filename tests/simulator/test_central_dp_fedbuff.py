@@ -207,9 +207,11 @@ def test_config_edges_under_fedbuff_name_the_key() -> None:
     small = _exp()
     small["federated"]["parameters"]["buffer_size"] = N - 1  # below min_contributors: never unmasked
     assert _refused(small).startswith("federated.parameters.buffer_size: 2 is below secure_aggregation.min_contrib")
-    pooled = _exp(dp="pooled")
-    assert _refused(pooled).startswith("federated.secure_aggregation.dp: pooled takes one step a round in the "
-                                       "synchronous loop")
+    adam = _exp()
+    adam["federated"]["name"] = "FedAdam"  # a server optimiser: validated, but the coordinator refuses it
+    with pytest.raises(ConfigError, match="^federated.secure_aggregation.dp: 'central' applies the noisy mean update "
+                                          "as FedAvg or FedBuff does; run it under FedAvg or FedBuff, not 'FedAdam'"):
+        refuse_until_wired(load_experiment(adam))
     central = _exp()
     central["federated"]["name"] = "FedAsync"
     assert _refused(central).startswith("federated.name: FedAsync merges each update alone")
