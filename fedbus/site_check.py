@@ -212,8 +212,8 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
     policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
     sa = exp.federated.secure_aggregation
-    if spec.dp is None and sa is not None and sa.dp == "central":
-        return _check_central(cfg, exp, dataset, rows=rows)
+    if spec.dp is None and sa is not None and sa.dp in ("pooled", "central"):
+        return _check_secure_dp(cfg, exp, dataset, rows=rows)
     if spec.dp is None:
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
@@ -237,9 +237,10 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
                                 + ("" if ok else ": the site would decline the rounds past its budget"))
 
 
-def _check_central(cfg: SiteConfig, exp: Experiment, dataset: str, *, rows: int) -> Check:
-    """User-level central DP under secure aggregation: the ε of ``protocol.privacy_plan.central_plan``
-    (the entries the site charges: sync T sampled rounds, FedBuff at most T un-subsampled updates,
+def _check_secure_dp(cfg: SiteConfig, exp: Experiment, dataset: str, *, rows: int) -> Check:
+    """Distributed DP under secure aggregation (``dp = "pooled"`` or ``"central"``): the ε of
+    ``protocol.privacy_plan.secure_dp_plan`` (the entries the site charges: pooled, T steps at the
+    records' q; central, T sampled rounds in sync or at most T un-subsampled updates under FedBuff;
     and the metrics releases) on top of the ledger, at the site's δ, composed in RDP as the ledger does."""
     from protocol import privacy_plan
     from protocol.policy import PolicyViolation
@@ -258,17 +259,22 @@ def _check_central(cfg: SiteConfig, exp: Experiment, dataset: str, *, rows: int)
     spent = ledger.spent(dataset, delta=delta, accountant="rdp")  # check_pooled_policy: the site composes in RDP
     rel = ledger.releases(dataset)
     before = [skellam.SkellamEntry.from_list(e) for r in rel for e in r.get("skellam", ())]
-    after = privacy_plan.central_epsilon(exp, policy, delta=delta, spent=ledger.history(dataset),
-                                         spent_skellam=before)
+    after = privacy_plan.secure_dp_epsilon(exp, policy, delta=delta, spent=ledger.history(dataset),
+                                           spent_skellam=before)
+    sa = exp.federated.secure_aggregation
+    assert sa is not None
     sites = max(1, int(exp.federated.min_available_clients))
-    q = central_sample_rate(exp, sites)
     budget = policy.max_epsilon
     ok = budget is None or after <= budget
-    how = ("at most T masked updates, each un-subsampled (FedBuff: q = 1)" if exp.federated.name == "FedBuff" else
-           f"T sampled rounds at q = {q:.4g} (k/N of {sites} sites)")
+    if sa.dp == "pooled":
+        how = f"record-level pooled DP: at most {exp.training.rounds} DP-SGD steps at q = {sa.sample_rate:g}"
+    elif exp.federated.name == "FedBuff":
+        how = f"user-level central DP: at most {exp.training.rounds} masked updates, each un-subsampled (FedBuff: q = 1)"
+    else:
+        how = (f"user-level central DP: {exp.training.rounds} rounds sampled at q = "
+               f"{central_sample_rate(exp, sites):.4g} (k/N of {sites} sites)")
     return Check("privacy", ok, f"the run would cost ε {after - spent:.4g} (ε {spent:.4g} -> {after:.4g} at δ "
-                                f"{delta:g}, {skellam.ACCOUNTANT} accountant, user-level central DP: "
-                                f"{exp.training.rounds} Skellam releases, {how}, with the metrics releases "
+                                f"{delta:g}, {skellam.ACCOUNTANT} accountant, {how}, with the metrics releases "
                                 "the site plans)" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
                                 + ("" if ok else ": the site would decline the updates past its budget"))
 

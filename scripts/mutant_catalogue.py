@@ -2015,3 +2015,12 @@ MUTANTS.extend([
         ("tests/simulator/test_pooled_dp.py::test_the_pooled_block_is_validated_with_one_line_errors",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "site-check-pooled-says-dp-off", "fedbus site check shows a pooled-DP run's epsilon (the planner's, equal to "
+        "the ledger after the run), not \"DP is off\"",
+        (Edit("fedbus/site_check.py", '    if spec.dp is None and sa is not None and sa.dp in ("pooled", "central"):\n',
+              '    if spec.dp is None and sa is not None and sa.dp in ("central",):\n'),),
+        (f"{_POOLED_FEDBUFF}::test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan",),
+    ),
+])

@@ -111,6 +111,20 @@ def central_entry(experiment: Experiment, sites: int, *, steps: int | None = Non
                                 int(experiment.training.rounds if steps is None else steps))
 
 
+def pooled_entry(experiment: Experiment, *, steps: int | None = None) -> SkellamEntry:
+    """The ledger entry of a pooled-mode site: ``steps`` (default the run's T = ``training.rounds``)
+    DP-SGD steps of Sk(mu, mu) on one record's rounded clipped gradient (d = the trainable values), at
+    the records' Poisson rate ``sample_rate`` (the site samples its own records, in either loop)."""
+    from protocol.model import summarize
+    from protocol.secagg import skellam
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None and sa.dp == "pooled"
+    l1, l2 = skellam.sensitivities(sa.clip, sa.scale, summarize(experiment.architecture.layers).trainable)
+    return skellam.SkellamEntry(pooled_mu(experiment), l1, l2, float(sa.sample_rate),
+                                int(experiment.training.rounds if steps is None else steps))
+
+
 def central_per_update(experiment: Experiment) -> bool:
     """Whether a central-mode site charges each masked update as it masks it (FedBuff: q = 1, exact)
     rather than the whole run's T sampled rounds on its first update (the sync loop: amplification by

@@ -6,7 +6,7 @@ Three sites, K = buffer_size = 3, each assuming m = 3 honest sites (Sk(mu/3, mu/
 
 - every buffer holds one update of each of the three sites, its unmasked sum is exactly the sum
   of their noisy integer vectors (the coordinator adds nothing) and the step divides by s x 3;
-- each site's ledger after the run equals the plan (``protocol.privacy_plan.central_epsilon``,
+- each site's ledger after the run equals the plan (``protocol.privacy_plan.secure_dp_epsilon``,
   the figure ``fedbus site check`` shows) and equals T un-subsampled steps computed here by hand;
 - a coordinator that asks for a (T+1)-th update is refused by every site (rule ``rounds``);
 - the experiment's edges: FedBuff accepted under central only, buffer_size at max_sites.
@@ -28,7 +28,7 @@ import coordinator.rounds.secure as secure_mod
 from protocol.config import load_experiment
 from protocol.config_error import ConfigError
 from protocol.policy import SitePolicy
-from protocol.privacy_plan import central_epsilon, central_plan, metrics_entries
+from protocol.privacy_plan import secure_dp_epsilon, secure_dp_plan, metrics_entries
 from protocol.secagg import skellam
 from protocol.secagg.rules import central_dim, central_entry, central_sample_rate, pooled_mu
 from simulator.run import SimulationFailed, simulate
@@ -146,11 +146,11 @@ def test_each_ledger_equals_the_plan_and_t_unsubsampled_steps(run, tmp_path):
         assert float(re.search(r"cost ε ([0-9.e+-]+)", check.detail).group(1)) == pytest.approx(spent, rel=1e-3)
         # by hand: T = 3 steps of Sk(mu, mu) at q = 1, plus the final test's own metrics release
         final = metrics_entries(cfg.policy)
-        assert len(final) == 1 and central_plan(x, cfg.policy)[0] == final  # no union: this roster is too coarse
+        assert len(final) == 1 and secure_dp_plan(x, cfg.policy)[0] == final  # no union: this roster is too coarse
         by_hand = skellam.epsilon_of([skellam.SkellamEntry(pooled_mu(x), l1, l2, 1.0, 3)], delta=delta,
                                      gaussian_rdp=rdp_of(final))
         assert spent == pytest.approx(by_hand, rel=1e-9)
-        assert spent == pytest.approx(central_epsilon(x, cfg.policy, delta=delta), rel=1e-9)  # the planner's
+        assert spent == pytest.approx(secure_dp_epsilon(x, cfg.policy, delta=delta), rel=1e-9)  # the planner's
 
 
 def test_a_coordinator_asking_for_a_t_plus_first_update_is_refused(monkeypatch):
@@ -229,13 +229,13 @@ def test_a_target_epsilon_under_fedbuff_is_planned_at_q_1() -> None:
     assert skellam.epsilon_of([skellam.SkellamEntry(mu * 0.98, l1, l2, 1.0, 3)], delta=1e-5) > 8.0
     sync = dict(buff, federated=dict(buff["federated"], name="FedAvg"))
     assert pooled_mu(load_experiment(sync)) < mu
-    assert central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(
+    assert secure_dp_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(
         skellam.epsilon_of([skellam.SkellamEntry(mu, l1, l2, 1.0, 3)], delta=1e-5), rel=1e-9)
     # a roster of 8: the sync loop would sample 4 (q = 1/2); FedBuff samples no one, so q = 1 whatever N
     assert central_sample_rate(load_experiment(sync), 8) == 0.5
     assert central_sample_rate(x, 8) == 1.0 and central_entry(x, 8) == skellam.SkellamEntry(mu, l1, l2, 1.0, 3)
-    assert central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5, sites=8) == pytest.approx(
-        central_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5), rel=1e-12)
+    assert secure_dp_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5, sites=8) == pytest.approx(
+        secure_dp_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5), rel=1e-12)
 
 
 @pytest.mark.broker
@@ -253,6 +253,6 @@ def test_a_central_fedbuff_run_on_rabbitmq_charges_each_ledger_the_plan(monkeypa
     for row in doc["rounds"]:
         seen = row["secure_aggregation"]
         assert seen["denominator"] == N and len({b.rsplit("#", 1)[0] for b in seen["buffer"]}) == len(seen["buffer"]) == N
-    planned = central_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5)
+    planned = secure_dp_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5)
     assert len(doc["epsilon"]) == N
     assert all(eps == pytest.approx(planned, rel=1e-9) for eps in doc["epsilon"].values()), (doc["epsilon"], planned)

@@ -20,6 +20,8 @@ import pytest
 import coordinator.rounds.secure as secure_mod
 from protocol.config import load_experiment
 from protocol.model import summarize
+from protocol.policy import SitePolicy
+from protocol.privacy_plan import secure_dp_epsilon
 from protocol.secagg import skellam
 from protocol.secagg.rules import pooled_mu
 from simulator.run import simulate
@@ -28,6 +30,7 @@ from site_worker.secagg import SiteSecAgg
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 HOSPITALS = ["cleveland", "hungary", "switzerland", "va-long-beach"]
+DATASET = "heart_disease"
 
 
 def _exp() -> dict[str, Any]:
@@ -63,6 +66,7 @@ def _check(doc: dict[str, Any], exp: dict[str, Any]) -> None:
         assert sorted(s for s, _ in buffer) == HOSPITALS  # one step of each hospital per buffer
     planned = _planned(exp)
     assert 0 < planned <= 1.0 and sorted(doc["epsilon"]) == HOSPITALS
+    assert secure_dp_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(planned, rel=1e-9)
     for site, eps in doc["epsilon"].items():
         assert eps == pytest.approx(planned, rel=1e-9), site
     seen = doc["privacy"]["secure_aggregation"]
@@ -70,7 +74,32 @@ def _check(doc: dict[str, Any], exp: dict[str, Any]) -> None:
     assert 0.5 < doc["holdout"]["accuracy"] <= 1.0
 
 
-def test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan(monkeypatch) -> None:
+def _site_check_is_the_ledger(doc: dict[str, Any], exp: dict[str, Any], tmp: Path) -> None:
+    """``fedbus site check`` on each site's state as before the run (no ledger) shows its ledger's ε after."""
+    import re
+    import shutil
+    from dataclasses import replace
+
+    from fedbus.site_check import _check_experiment
+    from site_worker.config import load_site_config
+    from site_worker.ledger import PrivacyLedger
+
+    path = tmp / "exp.json"
+    path.write_text(json.dumps(exp))
+    homes = sorted((Path(doc["work_dir"]) / "sites").iterdir())
+    assert [h.name for h in homes] == HOSPITALS
+    for home in homes:
+        cfg = load_site_config(home / "site.toml")
+        before = tmp / home.name
+        shutil.copytree(cfg.state_dir, before, ignore=shutil.ignore_patterns("privacy"))
+        check = {c.name: c for c in _check_experiment(replace(cfg, state_dir=before), path)}["privacy"]
+        assert check.ok and "record-level pooled DP" in check.detail, check.detail
+        delta = float(re.search(r"at δ ([0-9.e+-]+)", check.detail).group(1))
+        spent = PrivacyLedger(cfg.state_dir).spent(DATASET, delta=delta, accountant="rdp")
+        assert float(re.search(r"cost ε ([0-9.e+-]+)", check.detail).group(1)) == pytest.approx(spent, rel=1e-3)
+
+
+def test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan(monkeypatch, tmp_path) -> None:
     masked: dict[tuple[str, int], np.ndarray] = {}
     grads: list[tuple[np.ndarray, float]] = []
     mask_integers, gradient = SiteSecAgg.mask_integers, secure_mod.pooled_gradient
@@ -88,8 +117,9 @@ def test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_
     exp = _exp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        doc = simulate(exp, partition="natural:dataset", seed=1, progress=False)
+        doc = simulate(exp, partition="natural:dataset", seed=1, progress=False, keep_work=True)
     _check(doc, exp)
+    _site_check_is_the_ledger(doc, exp, tmp_path)
     assert len(masked) == 4 * ROUNDS and len(grads) == ROUNDS  # T steps per hospital, no more
     for row, buffer, (total, batch) in zip(doc["rounds"], _buffers(doc), grads):
         # the unmasked sum is exactly the four noisy integer steps (the coordinator adds nothing)
