@@ -256,3 +256,21 @@ def test_a_central_fedbuff_run_on_rabbitmq_charges_each_ledger_the_plan(monkeypa
     planned = secure_dp_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5)
     assert len(doc["epsilon"]) == N
     assert all(eps == pytest.approx(planned, rel=1e-9) for eps in doc["epsilon"].values()), (doc["epsilon"], planned)
+
+
+def test_config_validate_says_fedbuff_samples_no_site(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedbus.cli import app
+
+    path = tmp_path / "central-fedbuff.json"
+    path.write_text(json.dumps(_exp()))
+    r = CliRunner().invoke(app, ["config", "validate", str(path)])
+    assert r.exit_code == 0, r.output
+    line = " ".join(r.output.split())
+    assert "user-level (central) DP under secure aggregation" in line and "no site sampling (FedBuff" in line
+    assert "fraction_fit=" not in line.split("privacy:")[1].split("federated:")[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_exp(max_sites=N - 1)))
+    r = CliRunner().invoke(app, ["config", "validate", str(bad)])
+    assert r.exit_code == 2 and "federated.parameters.buffer_size: 3 exceeds" in r.output
