@@ -274,3 +274,36 @@ def test_config_validate_says_fedbuff_samples_no_site(tmp_path: Path) -> None:
     bad.write_text(json.dumps(_exp(max_sites=N - 1)))
     r = CliRunner().invoke(app, ["config", "validate", str(bad)])
     assert r.exit_code == 2 and "federated.parameters.buffer_size: 3 exceeds" in r.output
+
+
+def test_with_more_sites_than_the_buffer_each_site_pays_for_the_updates_it_masked(monkeypatch) -> None:
+    """Four sites, buffers of three, T = 4: a site left out of a buffer masks fewer updates and its
+    ledger charges exactly those (one un-subsampled step each), never more than the planned T."""
+    from site_worker.config import load_site_config
+    from site_worker.ledger import PrivacyLedger
+
+    masked: list[str] = []
+    mask_integers = SiteSecAgg.mask_integers
+
+    def rec_mask(sec: SiteSecAgg, run_id: str, tag: int, values: np.ndarray, **kw: Any) -> Any:
+        masked.append(sec.site_id)
+        return mask_integers(sec, run_id, tag, values, **kw)
+
+    monkeypatch.setattr(SiteSecAgg, "mask_integers", rec_mask)
+    _honest_sites(monkeypatch)
+    exp = _exp(rounds=4, max_sites=4, threshold=3)
+    exp["federated"]["parameters"].update(min_available_clients=4, min_fit_clients=4)
+    doc = simulate(exp, sites=4, seed=2, progress=False, keep_work=True)
+    assert doc["rejected"] == [] and doc["declined"] == [] and len(doc["rounds"]) == 4
+    for row in doc["rounds"]:
+        assert len({b.rsplit("#", 1)[0] for b in row["secure_aggregation"]["buffer"]}) == N  # 3 distinct sites
+    x = load_experiment(exp)
+    one = central_entry(x, 4, steps=1)
+    plan = secure_dp_epsilon(x, SitePolicy(metrics="exact"), delta=1e-5)
+    counts = {s: masked.count(s) for s in doc["epsilon"]}
+    assert sorted(counts) == ["site-1", "site-2", "site-3", "site-4"] and max(counts.values()) <= 4
+    assert min(counts.values()) < 4, counts  # a site out of some buffer (4 sites, buffers of 3)
+    for home in sorted((Path(doc["work_dir"]) / "sites").iterdir()):  # an update still in flight at the end counts
+        eps = PrivacyLedger(load_site_config(home / "site.toml").state_dir).spent(DATASET, delta=1e-5)
+        assert eps == pytest.approx(skellam.epsilon_of([one] * counts[home.name], delta=1e-5), rel=1e-9), counts
+        assert eps <= plan + 1e-9
