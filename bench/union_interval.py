@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 SIGMAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 8.0)
 FRACTIONS = (0.2, 0.4, 0.6)  # policy.test_fraction: the default, and 2x / 3x the test rows
 SITES = 3
+DEMO_TEST_FRACTION = 0.4  # the README demo's project.toml (test_fraction = 0.4)
 LOSS = "bce_with_logits"
 
 
@@ -93,15 +94,17 @@ def stand_in(y: np.ndarray, rng: np.random.Generator, *, sensitivity: float, spe
 
 
 def union_accuracy(deployment: list[dict[str, Any]], sigma: float, mode: str, rng: np.random.Generator, *,
-                   sensitivity: float, specificity: float) -> dict[str, Any]:
-    """One simulated final test: the union accuracy block as the coordinator shows it."""
+                   sensitivity: float, specificity: float, union_sigma: float | None = None) -> dict[str, Any]:
+    """One simulated final test: the union accuracy block as the coordinator shows it (the secure
+    sum's noise at ``union_sigma``, the policy's ``union_noise_multiplier``; σ_m when not given)."""
     from coordinator.final import _from_sum, _pooled
     from protocol.policy import SitePolicy
     from protocol.secagg.union import from_field, union_figures, union_noise_sd
     from site_worker.release import release_metrics
     from site_worker.secure_metrics import union_contribution
 
-    policy = SitePolicy(metrics="exact" if sigma == 0 else "dp", metrics_noise_multiplier=sigma or 1.0)
+    policy = SitePolicy(metrics="exact" if sigma == 0 else "dp", metrics_noise_multiplier=sigma or 1.0,
+                        union_noise_multiplier=union_sigma or sigma or 1.0)
     releases, summed, shares, correct = [], None, [], 0
     for site in deployment:
         model, x, y, right = stand_in(site["y_test"], rng, sensitivity=sensitivity, specificity=specificity)
@@ -138,10 +141,10 @@ def _cells(model: Any, x: Any, y: Any) -> list[float]:
 
 
 def widths(splits: list[list[dict[str, Any]]], sigma: float, mode: str, *, reps: int, seed: int,
-           sensitivity: float, specificity: float) -> dict[str, Any]:
+           sensitivity: float, specificity: float, union_sigma: float | None = None) -> dict[str, Any]:
     rng = np.random.default_rng([seed, int(sigma * 1000), len(mode)])
     got = [union_accuracy(splits[r % len(splits)], sigma, mode, rng, sensitivity=sensitivity,
-                          specificity=specificity) for r in range(reps)]
+                          specificity=specificity, union_sigma=union_sigma) for r in range(reps)]
     halves = [g["half"] for g in got]
     return {"sigma_m": sigma, "mode": mode, "mean_half_width": statistics.fmean(halves),
             "median_half_width": statistics.median(halves),
@@ -158,7 +161,7 @@ def epsilon_costs(exp_path: Path, sigma: float, *, n_train: int, rows: int, secu
     from protocol.policy import PolicyViolation, SitePolicy
     from protocol.privacy_plan import BudgetExhausted, plan_run, site_run_plan
 
-    policy = SitePolicy(metrics_noise_multiplier=sigma)
+    policy = SitePolicy(metrics_noise_multiplier=sigma, union_noise_multiplier=sigma)
     delta = policy.site_delta(rows)
     doc = json.loads(exp_path.read_text(encoding="utf-8"))
     if secure:
@@ -185,6 +188,37 @@ def epsilon_costs(exp_path: Path, sigma: float, *, n_train: int, rows: int, secu
     j = plan.to_json()
     return {**out, "training_noise_multiplier": j["noise_multiplier"], "planned_epsilon": j["planned_epsilon"],
             "plan_metrics_epsilon": j["metrics_epsilon"]}
+
+
+def shipped(exp_path: Path, work: Path, *, reps: int, keys: int, seed: int, sensitivity: float,
+            specificity: float) -> dict[str, Any]:
+    """The README demo as it ships: its project's ``test_fraction`` 0.4, ``config new
+    --secure-aggregation 3`` and the default policy (σ_m for the sites' own releases, σ_u for the
+    union): the union's half-width, and the run's plan as ``fedbus site check`` prints it."""
+    from protocol.config import load_experiment
+    from protocol.policy import SitePolicy
+    from protocol.privacy_plan import site_run_plan
+
+    fraction, policy = DEMO_TEST_FRACTION, SitePolicy()
+    doc = json.loads(exp_path.read_text(encoding="utf-8"))
+    from fedbus.cli_config import secure_aggregation
+
+    secure_aggregation(doc, SITES)
+    secure_path = work / "experiment-secure.json"
+    secure_path.write_text(json.dumps(doc), encoding="utf-8")
+    splits = site_splits(secure_path, work, keys=keys, fraction=fraction)
+    w = widths(splits, policy.metrics_noise_multiplier, "secure", reps=reps, seed=seed, sensitivity=sensitivity,
+               specificity=specificity, union_sigma=policy.union_noise_multiplier)
+    rows = max(s["rows"] for d in splits for s in d)
+    n_train = int(round(statistics.fmean(s["n_train"] for d in splits for s in d)))
+    plan = site_run_plan(load_experiment(doc), policy, n_train=n_train, rows=rows).to_json()
+    return {"test_fraction": fraction, "sigma_m": policy.metrics_noise_multiplier,
+            "sigma_u": policy.union_noise_multiplier, "union_test_rows": statistics.fmean(sum(s["n_test"] for s in d)
+                                                                                          for d in splits),
+            "site_train_rows": n_train, **{k: w[k] for k in ("mean_half_width", "median_half_width", "within_10",
+                                                             "withheld", "covered")},
+            "plan": {k: plan.get(k) for k in (
+                "planned_epsilon", "metrics_epsilon", "noise_multiplier", "total_epsilon", "delta", "accountant")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"±{100 * w['median_half_width']:.1f}; ≤ ±10 in {100 * w['within_10']:.0f} %, withheld "
                           f"{100 * w['withheld']:.0f} %, covers the true accuracy {100 * w['covered']:.0f} %)", flush=True)
         assert demo is not None
+        d = result["shipped"] = shipped(exp, Path(tmp), reps=reps, keys=keys, seed=a.seed, sensitivity=a.sensitivity,
+                                        specificity=a.specificity)
+        print(f"the demo as shipped (test_fraction {d['test_fraction']}, secure aggregation, σ_m {d['sigma_m']:g}, "
+              f"σ_u {d['sigma_u']:g}): union ±{100 * d['mean_half_width']:.1f} points (median "
+              f"±{100 * d['median_half_width']:.1f}; ≤ ±10 in {100 * d['within_10']:.0f} %, covers the true accuracy "
+              f"{100 * d['covered']:.0f} %); plan: metrics ε {d['plan']['metrics_epsilon']:.2f} of "
+              f"{d['plan']['total_epsilon']:g}, training σ {d['plan']['noise_multiplier']:.3f}", flush=True)
         for f_row in result["splits"]:
             n_train, rows = int(round(f_row["site_train_rows"])), int(max(f_row["rows"]))
             for sigma in sigmas:

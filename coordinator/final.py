@@ -114,10 +114,12 @@ def _pooled(means: dict[str, float], sites: list[dict[str, float]]) -> dict[str,
 
 
 def _from_sum(means: dict[str, float], union: dict[str, float]) -> dict[str, Any]:
-    """The union's block from the secure sum's figures (with intervals); the majority-class figure
-    stays the sites' mean (it is no figure of the model)."""
-    flat = {k: v for k, v in union.items() if k != "n" and not k.startswith("majority_class_accuracy")}
-    if means.get("majority_class_accuracy") is not None:
+    """The union's block from the secure sum's figures (with intervals). The majority-class
+    baseline comes from the same sum's class counts, with its interval: the sites' own releases
+    carry √N times the noise, so their mean is often withheld where the union's is not."""
+    flat = {k: v for k, v in union.items() if k != "n"}
+    if flat.get("majority_class_accuracy") is None and means.get("majority_class_accuracy") is not None:
+        flat = {k: v for k, v in flat.items() if not k.startswith("majority_class_accuracy")}
         flat["majority_class_accuracy"] = means["majority_class_accuracy"]
     return {**{k: v for k, v in flat.items() if not k.endswith(("_lo", "_hi"))}, **dp_figures.block(flat)}
 

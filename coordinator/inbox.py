@@ -38,6 +38,8 @@ from protocol.bounds import COUNT_METRICS
 from protocol.messages import Declined, EvalResult, MaskedUpdate, SecAggAnswer, SecAggKey, Tensors, Update
 from protocol.transport.base import BusError, Delivery
 
+MAX_CLOSED_REQUESTS = 4096  # surplus unmask answers still recognised (rounds x roster sites)
+
 INT64_MAX = 2**63 - 1
 
 
@@ -117,6 +119,15 @@ class Inbox:
         self._announced: dict[str, int] = {}  # site -> training rows, pinned at first use
         self._wait_hello = wait_hello  # the hello travels on another queue: an update may overtake it
         self.hello_wait_s = hello_wait_s
+        # Unmask requests whose sum was unmasked before every site answered (task id -> site): a
+        # surplus answer is the protocol working (U of N suffice), not a late or rejected message.
+        self._surplus: dict[str, str] = {}
+
+    def close_requests(self, asked: dict[str, str]) -> None:
+        """``asked`` (task id -> site) were unmask requests of a sum already unmasked; bounded."""
+        self._surplus.update(asked)
+        while len(self._surplus) > MAX_CLOSED_REQUESTS:
+            self._surplus.pop(next(iter(self._surplus)))
 
     # ------------------------------------------------------------------ bus side
     def refresh_trust(self) -> None:
@@ -144,7 +155,11 @@ class Inbox:
         msg: Message | None = None
         try:
             msg = self._open(inbound, round=round, held=held)
-            if msg is not None:
+            if msg is not None and isinstance(msg.payload, SecAggAnswer) \
+                    and self._surplus.pop(msg.payload.task_id, None) == msg.site:
+                self.settle(msg, verdict="secagg", reason="surplus secure aggregation answer: its sum was unmasked "
+                                                          "before it came (threshold answers suffice)", round=round)
+            elif msg is not None:
                 route(msg)
         except Rejected as e:
             self.reject(inbound.delivery, e, round=round, opened=msg.opened if msg else None)

@@ -201,6 +201,10 @@ def new(
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Keep a column flagged as an outcome leak (repeat).")] = None,
     epsilon: Annotated[float, typer.Option("--epsilon", min=0.01, max=100.0, help="Whole-run ε per site (total_epsilon).")] = 8.0,
     rows_per_site: Annotated[Optional[int], typer.Option("--rows-per-site", min=2, help="Size the model for this many rows per site [the file's rows].")] = None,
+    secure: Annotated[Optional[int], typer.Option("--secure-aggregation", min=2, metavar="K",
+                                                  help="Run under secure aggregation: the coordinator sees only sums of "
+                                                       "at least K sites' updates, and the final test's union figures "
+                                                       "come from one sum (noise once).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
     """Write an experiment from a dataset's columns, leaving out columns that leak the outcome,
@@ -223,6 +227,8 @@ def new(
                                               rows_per_site=rows_per_site)
     except ValueError as e:
         _fail(str(e))
+    if secure is not None:
+        notes.append(secure_aggregation(doc, secure))
     try:
         exp = load_experiment(doc)
     except ConfigError as e:  # a bug in the template, never the user's fault
@@ -238,6 +244,16 @@ def new(
     for n in notes:
         typer.echo(f"note: {n}", err=True)
     typer.echo(f"next: fedbus config validate {out}", err=True)
+
+
+def secure_aggregation(doc: dict[str, Any], k: int) -> str:
+    """Put ``doc`` under secure aggregation for K sites: every sum holds at least K updates, K − 1
+    surviving sites unmask it (one may drop after uploading), and each round waits for K sites."""
+    fed = doc["federated"]
+    fed["secure_aggregation"] = {"min_contributors": k, "threshold": k - 1}
+    fed["parameters"].update(min_fit_clients=k, min_eval_clients=k, min_available_clients=k)
+    return (f"secure aggregation: the coordinator sees only sums of at least {k} sites' updates ({k - 1} surviving "
+            f"sites unmask one); the final test's union figures come from one sum, with its noise added once")
 
 
 def _fail(message: str) -> None:

@@ -2,7 +2,8 @@
 
 ``fedbus provision PROJECT.toml --out DIR`` writes
 
-* ``DIR/<site>/``: ``site.toml`` filled in, the site's key pair, ``coordinator.pub``, the
+* ``DIR/<site>/``: ``site.toml`` filled in, the site's key pair, ``coordinator.pub``,
+  ``peers/`` (every active site's public key, for secure aggregation's key bindings), the
   broker password (``broker.password``, mode 0600), ``fedbus-site.service`` (systemd,
   ``RestartPreventExitStatus=2``) and a ``README`` with the four steps left to the hospital;
 * ``DIR/coordinator/``: ``coordinator.toml``, the coordinator's key pair, its broker
@@ -57,6 +58,7 @@ class SiteSpec:
     target: str | None
     data: str | None  # path of the data file at the hospital, if known
     max_epsilon: float = 10.0  # the kit's default privacy budget (the hospital's to change)
+    test_fraction: float | None = None  # the kit's policy.test_fraction, when the project sets one
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,16 @@ def _number(t: dict[str, Any], k: str, where: str, default: float) -> float:
     return float(v)
 
 
+def _fraction(t: dict[str, Any], k: str, where: str, default: float | None) -> float | None:
+    """A share of a dataset's rows, the same range a site's policy accepts (0 < f < 0.9)."""
+    v = t.get(k, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.9:
+        raise ProjectError(f"{where}.{k}", f"must be a number above 0 and below 0.9, got {v!r}")
+    return float(v)
+
+
 def _read_toml(path: Path, key: str) -> dict[str, Any]:
     """The parsed file; ``ProjectError(key)`` when it is missing or not TOML."""
     return read_toml(path, key=key, error=ProjectError)
@@ -128,7 +140,7 @@ def load_project(path: Path) -> Project:
     _reject_unknown(raw, {"federation", "sites", "tls"}, "")
     fed = _toml_table(raw.get("federation"), "federation")
     _reject_unknown(fed, {"name", "broker", "admin", "coordinator_user", "quorum", "dataset", "target", "install_dir",
-                          "max_epsilon", "management_url"}, "federation")
+                          "max_epsilon", "management_url", "test_fraction"}, "federation")
     name = _ident(fed, "name", "federation")
     broker = _string(fed, "broker", "federation")
     assert broker is not None
@@ -144,6 +156,7 @@ def load_project(path: Path) -> Project:
     dataset = _string(fed, "dataset", "federation", required=False) or "data"
     target = _string(fed, "target", "federation", required=False)
     budget = _number(fed, "max_epsilon", "federation", 10.0)
+    fraction = _fraction(fed, "test_fraction", "federation", None)
     entries = raw.get("sites")
     if not isinstance(entries, list) or not entries:
         raise ProjectError("sites", "add at least one [[sites]] table with an id")
@@ -151,7 +164,7 @@ def load_project(path: Path) -> Project:
     for i, entry in enumerate(entries):
         where = f"sites[{i}]"
         t = _toml_table(entry, where)
-        _reject_unknown(t, {"id", "dataset", "target", "data", "max_epsilon"}, where)
+        _reject_unknown(t, {"id", "dataset", "target", "data", "max_epsilon", "test_fraction"}, where)
         sid = _ident(t, "id", where)
         if sid == COORDINATOR or any(s.id == sid for s in sites):
             raise ProjectError(f"{where}.id", f"{sid!r} is used twice (or is the coordinator's name)")
@@ -162,7 +175,7 @@ def load_project(path: Path) -> Project:
         if data is not None and not Path(data).is_absolute():  # relative to the project file, as a reader expects
             data = str((path.resolve().parent / data).resolve())
         sites.append(SiteSpec(sid, ds, _string(t, "target", where, required=False) or target,
-                              data, _number(t, "max_epsilon", where, budget)))
+                              data, _number(t, "max_epsilon", where, budget), _fraction(t, "test_fraction", where, fraction)))
     tls = _toml_table(raw["tls"], "tls") if "tls" in raw else None
     user = fed.get("coordinator_user") or f"coordinator-{name}"
     if not is_name(user) or user in {s.id for s in sites}:
@@ -245,6 +258,12 @@ def _data_path(s: SiteSpec, kit: Path) -> str:
     return os.path.relpath(s.data, kit.resolve())
 
 
+def _test_fraction_toml(s: SiteSpec) -> str:
+    if s.test_fraction is None:
+        return ""
+    return f"test_fraction = {s.test_fraction:g}      # of each dataset's rows: the fixed test split, never trained on\n"
+
+
 def _site_toml(p: Project, s: SiteSpec, tls: dict[str, str] | None, kit: Path) -> str:
     data = _data_path(s, kit)
     return f"""# fedbus site worker for {s.id} in federation {p.federation} (written by fedbus provision).
@@ -256,12 +275,13 @@ broker_url = {_q(party_url(p.broker, s.id))}
 broker_password_file = "broker.password"
 key_path = {_q(s.id + ".key")}
 coordinator_pub = "coordinator.pub"
+peers_dir = "peers"     # the federation's site keys (secure aggregation); compare their ids with the other hospitals
 state_dir = "state"
 log_level = "info"
 
 [policy]
 max_epsilon = {s.max_epsilon:g}        # this hospital's lifetime privacy budget per dataset
-require_approval = true   # run only experiments approved here: fedbus site approve EXPERIMENT.json --config site.toml
+{_test_fraction_toml(s)}require_approval = true   # run only experiments approved here: fedbus site approve EXPERIMENT.json --config site.toml
 min_noise_multiplier = 0.5
 allow_no_dp = false
 
@@ -339,13 +359,16 @@ def _kept_site_toml(path: Path, s: SiteSpec) -> str:
     differs from the project's (the hospital's own ``max_epsilon`` stands: re-provisioning
     never resets it)."""
     try:
-        own = read_toml(path, key="site.toml").get("policy", {}).get("max_epsilon")
+        raw = read_toml(path, key="site.toml")
+        own = raw.get("policy", {}).get("max_epsilon")
     except (ConfigError, AttributeError) as e:
         return f"site {s.id} site.toml as it is (not read: {e})"
+    # a kit written before kits carried peers/: it cannot join a secure run until the hospital adds it
+    peers = "" if "peers_dir" in raw else '; add peers_dir = "peers" to it to join secure aggregation'
     if isinstance(own, (int, float)) and not isinstance(own, bool) and float(own) != s.max_epsilon:
         return (f"site {s.id} site.toml with the hospital's max_epsilon {own:g} (the project says {s.max_epsilon:g}; "
-                "the hospital's budget stands)")
-    return f"site {s.id} site.toml"
+                f"the hospital's budget stands){peers}")
+    return f"site {s.id} site.toml{peers}"
 
 
 @dataclass
@@ -359,6 +382,16 @@ class KitReport:
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "created": self.created, "kept": self.kept, "revoked": self.revoked,
                 "broker": self.broker}
+
+
+def _write_peers(folder: Path, pubs: dict[str, bytes]) -> None:
+    """``folder`` holds exactly the active sites' public keys (a revoked site's key is removed)."""
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.pub"):
+        if old.stem not in pubs:
+            old.unlink()
+    for sid, pem in pubs.items():
+        (folder / f"{sid}.pub").write_bytes(pem)
 
 
 def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = frozenset(),
@@ -423,6 +456,8 @@ def provision_kits(project: Project, out: Path, *, rotate_keys: set[str] = froze
         pubs[s.id] = (kit / f"{s.id}.pub").read_bytes()
         active.append(s)
 
+    for s in active:  # every kit holds the federation's site keys: who may bind a key in a secure roster
+        _write_peers(out / s.id / "peers", pubs)
     store = StateStore(ckit / "state")
     try:
         for sid, pem in pubs.items():

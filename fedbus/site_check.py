@@ -228,12 +228,16 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
     after = epsilon_of(merge([*history, *plan.entries()]), delta=plan.delta, accountant=plan.accountant)
     budget = policy.max_epsilon
     ok = budget is None or after <= budget
+    metrics = float(plan.to_json()["metrics_epsilon"])
+    union = privacy_plan.union_entries(exp, policy)
+    noise = f"σ_m {policy.metrics_noise_multiplier:g}" + (f", the union's σ_u {policy.union_noise_multiplier:g}" if union else "")
     return Check("privacy", ok, f"the run would cost ε {after - spent:.4g} (ε {spent:.4g} -> {after:.4g} at δ "
                                 f"{plan.delta:g}, {plan.accountant} accountant, {plan.rounds} rounds of "
                                 f"{plan.round_steps} steps at noise {plan.noise_multiplier:.4g}, with the metrics, "
                                 "fine-tune and final releases the site plans"
                                 + (f", total_epsilon {plan.total_epsilon:g}" if plan.total_epsilon is not None else "")
-                                + ")" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+                                + f"; the metrics releases alone ε {metrics:.3g} at {noise})"
+                                + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
                                 + ("" if ok else ": the site would decline the rounds past its budget"))
 
 

@@ -330,6 +330,7 @@ POLICY = Table(
         "metrics": Opt(Text(16, choices=("dp", "exact", "none"))),
         "metrics_noise_multiplier": Opt(Num(0.1, 1e6)),
         "metrics_loss_clip": Opt(Num(1e-6, 1e6)),
+        "union_noise_multiplier": Opt(Num(0.1, 1e6)),
         "stats": Opt(Text(16, choices=("dp", "exact", "none"))),
         "stats_noise_multiplier": Opt(Num(0.1, 1e6)),
         "test_fraction": Opt(Num(0.0, 0.9, open_hi=True)),

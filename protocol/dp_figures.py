@@ -124,7 +124,8 @@ def _auc(h: np.ndarray) -> np.ndarray:
     b = h.shape[-1] // 2
     neg, pos = h[..., :b], h[..., b:]
     below = np.cumsum(neg, axis=-1) - neg  # negatives in lower bins
-    return _ratio((pos * (below + 0.5 * neg)).sum(-1), pos.sum(-1) * neg.sum(-1))
+    # in [0, 1] exactly: the float sums can land one ulp past 1 (a page read "AUC 1.0000000000000002")
+    return np.clip(_ratio((pos * (below + 0.5 * neg)).sum(-1), pos.sum(-1) * neg.sum(-1)), 0.0, 1.0)
 
 
 def _rng(*parts: Any) -> np.random.Generator:

@@ -123,6 +123,13 @@ def release_entries(policy: SitePolicy) -> History:
     return [(float(policy.metrics_noise_multiplier), 1.0, 1)] if policy.metrics == "dp" else []
 
 
+def union_release_entries(policy: SitePolicy) -> History:
+    """Ledger entries of the final test's union release under secure aggregation (none unless the
+    site's metrics are ``dp``; ``site_worker.secure_metrics``): one Gaussian mechanism of multiplier
+    ``union_noise_multiplier``, the noise of the K honest shares together."""
+    return [(float(policy.union_noise_multiplier), 1.0, 1)] if policy.metrics == "dp" else []
+
+
 def stats_entries(policy: SitePolicy) -> History:
     """Ledger entries of one cohort-table release under ``policy`` (none unless ``dp``;
     ``site_worker.stats``): one Gaussian mechanism with noise multiplier ``stats_noise_multiplier``

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.accounting import History, epsilon_of, merge, simulate_steps
 from protocol.config import Experiment
-from protocol.dp_plan import plan_dp, release_entries, site_plan
+from protocol.dp_plan import plan_dp, release_entries, site_plan, union_release_entries
 from protocol.secagg.union import union_planned
 from protocol.policy import PolicyViolation, SitePolicy
 from protocol.train_spec import TrainSpec, personalization_spec
@@ -143,10 +143,11 @@ def metrics_entries(policy: SitePolicy | None) -> list[tuple[float, float, int]]
 
 def union_entries(experiment: Experiment, policy: SitePolicy | None) -> list[tuple[float, float, int]]:
     """The final test's union release under secure aggregation (``protocol.secagg.union``): one more
-    metrics release, charged by a site whose metrics policy is dp (``site_worker.secure_metrics``)."""
+    metrics release, at the policy's ``union_noise_multiplier``, charged by a site whose metrics
+    policy is dp (``site_worker.secure_metrics``)."""
     if policy is None or policy.metrics != "dp" or not union_planned(experiment):
         return []
-    return metrics_entries(policy)
+    return [(float(a), float(b), int(c)) for a, b, c in union_release_entries(policy)]
 
 
 def secure_dp_plan(experiment: Experiment, policy: SitePolicy | None, *,

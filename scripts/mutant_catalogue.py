@@ -1936,6 +1936,66 @@ MUTANTS.extend([
         ("tests/protocol/test_chunk_edges.py::test_room_counts_the_transfers_requeued_ahead_at_the_edge",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "union-noise-at-the-curves-sigma", "the final test's union release under secure aggregation is noised "
+        "at the policy's union_noise_multiplier (what the ledger charges), not the per-round curves' σ_m",
+        (Edit("site_worker/secure_metrics.py", "    sd = noise_share_sd(policy.union_noise_multiplier, sens, min_contributors)",
+              "    sd = noise_share_sd(policy.metrics_noise_multiplier, sens, min_contributors)"),),
+        ("tests/coordinator/test_secure_union_metrics.py::"
+         "test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta",),
+    ),
+    Mutant(
+        "union-majority-from-the-sites-mean", "under secure aggregation the union's majority-class baseline comes "
+        "from the secure sum's class counts, with its interval (not the mean of the sites' noisier releases)",
+        (Edit("coordinator/final.py", '    flat = {k: v for k, v in union.items() if k != "n"}\n',
+              '    flat = {k: v for k, v in union.items() if k != "n" and not k.startswith("majority_class_accuracy")}\n'),),
+        ("tests/simulator/test_secure_union_run.py::"
+         "test_the_union_interval_holds_the_exact_union_accuracy_and_is_narrower",),
+    ),
+    Mutant(
+        "kit-drops-the-projects-test-fraction", "a project's test_fraction reaches every kit's policy",
+        (Edit("fedbus/kits.py", "    if s.test_fraction is None:\n        return \"\"\n",
+              "    if True:\n        return \"\"\n"),),
+        ("tests/cli/test_kits.py::test_the_project_sets_the_kits_test_fraction_and_a_site_may_override_it",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "surplus-unmask-answer-rejected", "an unmask answer that comes after its sum was unmasked (U of N "
+        "suffice) is the protocol working, recorded as such, never listed as a late or rejected message",
+        (Edit("coordinator/rounds/secure.py",
+              "        ctx.inbox.close_requests({t: s for t, s in asked.items() if s not in answers and s not in refused})\n",
+              ""),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+    Mutant(
+        "final-test-omits-the-ledger", "a site's test release says its ledger after it, so the run page's site "
+        "lifetime ε includes the run's last releases (never below ε this run)",
+        (Edit("site_worker/handlers.py", "            m[\"epsilon\"] = projected\n", "            pass\n"),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "auc-past-one", "a released AUC and its interval stay inside [0, 1] (float sums of a separated "
+        "fractional histogram land one ulp past 1)",
+        (Edit("protocol/dp_figures.py",
+              "    return np.clip(_ratio((pos * (below + 0.5 * neg)).sum(-1), pos.sum(-1) * neg.sum(-1)), 0.0, 1.0)\n",
+              "    return _ratio((pos * (below + 0.5 * neg)).sum(-1), pos.sum(-1) * neg.sum(-1))\n"),),
+        ("tests/protocol/test_dp_figures.py::test_auc_and_its_interval_stay_in_0_1_on_separated_fractional_histograms",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "dashboard-baseline-mean-under-secure-sum", "under secure aggregation the run page's majority-class "
+        "baseline is the union's, from the secure sum with its interval (not the mean of the sites' noisier ones)",
+        (Edit("fedbus/dashboard/results.py",
+              '    summed = final.get("union_source") == "secure_sum" and stored is not None  # the union\'s own class counts\n',
+              "    summed = False\n"),),
+        ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])
 # ------------------------------------------------------------------ DP and union metrics under FedBuff (s22)
 MUTANTS.extend([
     Mutant(

@@ -169,6 +169,7 @@ def simulate(
     cohort_only: bool = False,
     bins: int | None = None,
     site_metrics: str = "exact",
+    site_test_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the docs/design.md result document.
 
@@ -176,7 +177,8 @@ def simulate(
     with ``bins`` histogram bins, and return the cohort document instead.
 
     ``site_metrics`` is every simulated site's ``policy.metrics`` ("exact", the research default;
-    "dp" as a hospital's kit; bench/dp_interval_check.py). ``site_budget`` is every simulated site's ``max_epsilon`` (lifetime, per dataset; None: no
+    "dp" as a hospital's kit; bench/dp_interval_check.py); ``site_test_fraction`` their
+    ``policy.test_fraction`` (None: the policy's default; the README demo's kits: 0.4). ``site_budget`` is every simulated site's ``max_epsilon`` (lifetime, per dataset; None: no
     limit, the research default). Either way each site announces the ε it has spent.
 
     ``site_suffix`` is appended to every site id (tests sharing a broker use a unique one;
@@ -195,7 +197,7 @@ def simulate(
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
                          round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
                          reproducible_dp=reproducible_dp, site_budget=site_budget, cohort_only=cohort_only,
-                         bins=bins, site_metrics=site_metrics)
+                         bins=bins, site_metrics=site_metrics, site_test_fraction=site_test_fraction)
     finally:
         torch.set_num_threads(threads)
 
@@ -206,7 +208,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
               score_rounds_max_sites: int = 100, reproducible_dp: bool = False,
               site_budget: float | None = None, cohort_only: bool = False, bins: int | None = None,
-              site_metrics: str = "exact") -> dict[str, Any]:
+              site_metrics: str = "exact", site_test_fraction: float | None = None) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -256,6 +258,7 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         dataset_name=exp.dataset.name, coordinator_state=coord_state,
         dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
         peers=exp.federated.secure_aggregation is not None, site_metrics=site_metrics,
+        site_test_fraction=site_test_fraction,
     )
     if cohort_only:
         return _cohort_only(exp, ws, memory=memory, url=url, federation=federation, bins=bins, out_dir=out_dir,

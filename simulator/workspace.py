@@ -48,7 +48,7 @@ def _toml_str(value: str) -> str:
 def site_toml(
     *, site_id: str, federation: str, broker_url: str, key: Path, coordinator_pub: Path, state_dir: Path,
     dataset: str, train: Path, target: str, kind: str = "tabular", dp_seed: int | None = None,
-    max_epsilon: float | None = None, peers: bool = False, metrics: str = "exact",
+    max_epsilon: float | None = None, peers: bool = False, metrics: str = "exact", test_fraction: float | None = None,
 ) -> str:
     """The ``site.toml`` a hospital would write for this site (see deploy/site.toml)."""
     lines = [
@@ -71,6 +71,8 @@ def site_toml(
         "max_sample_rate = 1.0  # small simulated partitions train in one batch",
         "max_evaluations_per_run = 100000",
     ]
+    if test_fraction is not None:  # a project's kits may set it (the README demo: 0.4)
+        lines.append(f"test_fraction = {float(test_fraction)!r}")
     if max_epsilon is not None:  # simulate --site-budget EPS: a hospital's lifetime budget per dataset
         lines.append(f"max_epsilon = {float(max_epsilon)!r}  # the site's lifetime budget per dataset")
     else:  # research default: no limit, so any experiment (a MediNet export included) runs; ε is still announced
@@ -102,6 +104,7 @@ def build_workspace(
     site_budget: float | None = None,
     peers: bool = False,
     site_metrics: str = "exact",
+    site_test_fraction: float | None = None,
 ) -> Workspace:
     """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
     root.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,7 @@ def build_workspace(
                 site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
                 kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget, peers=peers, metrics=site_metrics,
+                test_fraction=site_test_fraction,
             ),
             encoding="utf-8",
         )

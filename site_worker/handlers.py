@@ -350,10 +350,9 @@ class TaskHandler:
                 secure_metrics.check_union(self.secagg, env)
             except SecAggRefused as e:
                 raise _Decline("secure_aggregation", str(e)) from None
-        self._reserve(task.dataset, env, kind="eval",
-                      entries=release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else []),
-                      delta=policy.site_delta(data.rows),
-                      max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
+        entries = release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else [])
+        projected = self._reserve(task.dataset, env, kind="eval", entries=entries, delta=policy.site_delta(data.rows),
+                                  max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()
         rng = noise_source(policy, task_seed=task.seed, purpose="eval",
                            inputs=self._inputs(key, task, model, data, task.split))
@@ -376,6 +375,8 @@ class TaskHandler:
                 raise _Decline("secure_aggregation", str(e)) from None
             m.update(public)
         self.ledger.commit(task.dataset, env.message_id)
+        if task.split == "test" and entries:  # the ledger after the run's last releases (as a fine-tune's reply says)
+            m["epsilon"] = projected
         n = int(m.get("n", len(x)))
         m["eval_s"] = time.perf_counter() - t0
         return EvalResult(task_id=env.message_id, num_examples=n, metrics=m, base_round=task.base_round, **fields)

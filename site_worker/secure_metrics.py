@@ -1,9 +1,9 @@
 """A site's contribution to union metrics under secure aggregation (``protocol/secagg/union.py``).
 
 The site computes the same statistics vector as its own DP release (``site_worker/release.py``),
-adds only its share of the union's noise (SD σ·Δ/√K, from its secret stream) and scales it for the
+adds only its share of the union's noise (SD σ_u·Δ/√K, σ_u = ``policy.union_noise_multiplier``, from its secret stream) and scales it for the
 field; ``SiteSecAgg.mask`` then masks it like an update, and the coordinator sees only the sum
-of at least K sites. The site's ledger charges it as one Gaussian release of multiplier σ
+of at least K sites. The site's ledger charges it as one Gaussian release of multiplier σ_u
 (``union_release_entries``), a release of its own, apart from its per-site figures.
 
 In a run (``masked_union``): the final test ``EvalTask`` of a secure sync run carries ``union_tag``;
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from protocol.dp_plan import History, release_entries
+from protocol.dp_plan import History
+from protocol.dp_plan import union_release_entries as dp_union_entries
 from protocol.messages import Envelope, EvalTask
 from protocol.policy import SitePolicy
 from protocol.secagg import field as F
@@ -41,13 +42,13 @@ def union_contribution(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     if policy.metrics != "dp":
         raise ValueError("union metrics from secure sums are a DP release: the site's metrics policy must be dp")
     layout, v, sens = statistics(model, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
-    sd = noise_share_sd(policy.metrics_noise_multiplier, sens, min_contributors)
+    sd = noise_share_sd(policy.union_noise_multiplier, sens, min_contributors)
     return layout, to_field(v + rng.standard_normal(len(v)) * sd), sd
 
 
 def union_release_entries(policy: SitePolicy) -> History:
-    """One union release: a Gaussian mechanism of multiplier σ (the noise of K honest shares)."""
-    return release_entries(policy)
+    """One union release: a Gaussian mechanism of multiplier σ_u (the noise of K honest shares)."""
+    return dp_union_entries(policy)
 
 
 def union_wanted(task: EvalTask, policy: SitePolicy) -> bool:

@@ -102,7 +102,8 @@ class Evaluation:
                                                                 else "no answer by the deadline")
         for site, m in results.items():
             metrics["per_site"].setdefault(site, {}).update({f"test_{k}": v for k, v in m.items()})
-        metrics["test"] = weighted_mean([(m, float(m.get("n", 0))) for m in results.values()]) if results else None
+        metrics["test"] = (weighted_mean([({k: v for k, v in m.items() if k != "epsilon"}, float(m.get("n", 0)))
+                                          for m in results.values()]) if results else None)
         metrics["test_status"] = status
 
     def collect(self, sites: list[str], weights: Tensors, rnd: int, *, split: str, held: dict[str, Held],

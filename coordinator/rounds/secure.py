@@ -267,6 +267,7 @@ class SecureSync:
                 raise Rejected("unexpected_type", f"{msg.env.type} while round {rnd} is unmasking")
 
             ctx.inbox.handle(inbound, round=rnd, held=held, route=route)
+        ctx.inbox.close_requests({t: s for t, s in asked.items() if s not in answers and s not in refused})
         return answers, refused
 
     # ------------------------------------------------------------------ the final test's union

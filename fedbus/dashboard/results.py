@@ -14,6 +14,7 @@ from typing import Any
 SITE_METRICS = ("loss", "accuracy", "auc", "f1", "sensitivity", "specificity")
 PERSONAL_METRICS = ("accuracy", "auc", "f1", "sensitivity", "specificity", "loss")
 MAJORITY_BASIS = "mean of the sites' majority-class baselines, weighted by test rows"
+SUM_MAJORITY_BASIS = "from the secure sum of the sites' class counts, with its 95 % interval"
 TEST_SOURCE = "each site's fixed test split, scored by the site at the end of the run"
 HOLDOUT_SOURCE = "the simulator's held-out rows: kept back from every site, not any site's test split"
 
@@ -115,8 +116,9 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
     """The run's headline: means over the sites' test splits, the weighted baseline, personalised means."""
     per_site = final.get("per_site") or {}
     p = final.get("personalized") if isinstance(final.get("personalized"), dict) else None
-    baseline = weighted_baseline(per_site)
     stored = num(final.get("majority_class_accuracy"))
+    summed = final.get("union_source") == "secure_sum" and stored is not None  # the union's own class counts
+    baseline = None if summed else weighted_baseline(per_site)
     dp = under_dp(final)
     return {
         "test": figures(final, SITE_METRICS, dp=dp) if final else None,
@@ -127,7 +129,9 @@ def final_doc(final: dict[str, Any], last_validation: Any) -> dict[str, Any]:
         "union_source": final.get("union_source"),
         "source": TEST_SOURCE if final else None,
         "majority_class_accuracy": baseline if baseline is not None else stored,
-        "majority_basis": MAJORITY_BASIS if baseline is not None else ("as the result stores it" if stored is not None else None),
+        "majority_basis": (SUM_MAJORITY_BASIS if summed else MAJORITY_BASIS if baseline is not None
+                           else "as the result stores it" if stored is not None else None),
+        "majority": figures(final, ("majority_class_accuracy",)) if summed else None,
         "personalized": ({**figures(p, PERSONAL_METRICS, dp=dp), "method": p.get("method"),
                           "n_sites": p.get("n_sites"), "basis": "mean over the sites, weighted by test rows"} if p else None),
         "one_class": {s: w for s, w in ((s, one_class(m)) for s, m in per_site.items()) if w},

@@ -30,6 +30,9 @@ def _num(v: Any) -> float | None:
 
 # A site's trained update, plain or masked (secure aggregation): each is one round it trained and spent ε on.
 UPDATE_KINDS = ("Update", "MaskedUpdate")
+# Verdicts that are no rejection: an accepted reply, a site's signed decline (its own table), and a
+# secure-aggregation protocol message (a key or an unmask answer) taken into the protocol.
+NOT_REJECTED = ("accepted", "declined", "secagg")
 
 
 def _pick(m: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -266,13 +269,14 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         planned = privacy.get("planned_epsilon")
         row = {
             "site": s, "updates": len(updates),
-            "examples": updates[-1]["num_examples"] if updates else None,
+            # a masked update's row count is inside the masked vector: the coordinator never sees it
+            "examples": updates[-1]["num_examples"] if updates and updates[-1]["kind"] != "MaskedUpdate" else None,
             "epsilon": eps, "planned_epsilon": planned.get(s) if isinstance(planned, dict) else None,
             "run_spent_epsilon": (privacy.get("run_spent_epsilon") or {}).get(s),
             "delta": deltas.pop() if len(deltas) == 1 else privacy.get("delta") if not isinstance(privacy.get("delta"), list) else None,
             "budget": budgets.get(s), "budget_left": budgets[s] - eps if budgets.get(s) is not None and eps is not None else None,
             "declined": sum(u["verdict"] == "declined" for u in mine),
-            "rejected": sum(u["verdict"] not in ("accepted", "declined") for u in mine),
+            "rejected": sum(u["verdict"] not in NOT_REJECTED for u in mine),
             # while running: the latest per-round test (federated.test_every), else the final evaluation
             "test_round": latest["round"] if latest else None,
             **results.site_block(fm),
@@ -301,7 +305,7 @@ def run_doc(reader: StateReader, run_id: str, *, now: float | None = None) -> di
         "privacy": privacy,
         "rejected": [{"round": u["round"], "message_id": u["message_id"], "site": u["site"], "kind": u["kind"],
                       "verdict": u["verdict"], "reason": u["reason"], "received_at": u["received_at"]}
-                     for u in msgs if u["verdict"] not in ("accepted", "declined")],
+                     for u in msgs if u["verdict"] not in NOT_REJECTED],
         "declined": [{"round": u["round"], "site": u["site"], "reason": u["reason"]}
                      for u in msgs if u["verdict"] == "declined"],
         "gaps": list(result.get("gaps") or []),  # the finished run's declined and missed rounds (coordinator.rounds.result)

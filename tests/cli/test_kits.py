@@ -49,6 +49,11 @@ def test_kits_are_complete_idempotent_and_rotate_only_what_is_asked(tmp_path: Pa
     readme = (a / "README").read_text()
     assert "fedbus site check --config site.toml" in readme and "fedbus site run --config site.toml" in readme
     assert (a / "coordinator.pub").read_bytes() == (out / "coordinator" / "coordinator.pub").read_bytes()
+    # the federation's site keys, for secure aggregation's key bindings: exactly the sites' own .pub files
+    for kit in ("hospital-a", "hospital-b"):
+        peers = out / kit / "peers"
+        assert sorted(p.name for p in peers.glob("*.pub")) == ["hospital-a.pub", "hospital-b.pub"]
+        assert all((peers / f"{s}.pub").read_bytes() == (out / s / f"{s}.pub").read_bytes() for s in ("hospital-a", "hospital-b"))
     toml = (a / "site.toml").read_text()
     assert 'broker_url = "amqp://hospital-a@127.0.0.1:5672/%2F"' in toml and "password" not in toml.split("broker_password_file")[0]
 
@@ -70,7 +75,9 @@ def test_kits_are_complete_idempotent_and_rotate_only_what_is_asked(tmp_path: Pa
     assert r.exit_code == 0, r.output
     after = snapshot()
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == {"hospital-b/hospital-b.key", "hospital-b/hospital-b.pub", "hospital-a/broker.password"}
+    # the rotated key reaches every kit's peers (the other hospitals must trust the new one)
+    assert changed == {"hospital-b/hospital-b.key", "hospital-b/hospital-b.pub", "hospital-a/broker.password",
+                       "hospital-a/peers/hospital-b.pub", "hospital-b/peers/hospital-b.pub"}
     store = StateStore(out / "coordinator" / "state")
     assert store.site("hospital-b")["public_pem"].encode() == (out / "hospital-b" / "hospital-b.pub").read_bytes()
     store.close()
@@ -79,7 +86,9 @@ def test_kits_are_complete_idempotent_and_rotate_only_what_is_asked(tmp_path: Pa
     proj = _project(tmp_path, ["hospital-a", "hospital-b", "hospital-c"])
     assert _provision(str(proj), "--out", str(out), "--skip-broker").exit_code == 0
     assert (out / "hospital-c" / "site.toml").exists()
-    assert {k: v for k, v in snapshot().items() if not k.startswith("hospital-c")} == after
+    now = snapshot()
+    assert {k: v for k, v in now.items() if not k.startswith("hospital-c") and not k.endswith("peers/hospital-c.pub")} == after
+    assert now["hospital-a/peers/hospital-c.pub"] == now["hospital-c/hospital-c.pub"]  # the others learn its key
 
     r = _provision(str(proj), "--out", str(out), "--skip-broker", "--rotate-key", "nobody")
     assert r.exit_code == 2 and "'nobody'" in r.stderr
@@ -121,9 +130,12 @@ def test_revoked_site_is_refused_by_broker_and_coordinator(tmp_path: Path, amqp_
         check = CliRunner().invoke(app, ["site", "check", "--config", str(out / b / "site.toml")])
         assert "ok    broker: logged in" in check.stdout, check.stdout
         signer_b = Signer.from_file(out / b / f"{b}.key")
+        assert sorted(p.name for p in (out / a / "peers").glob("*.pub")) == [f"{a}.pub", f"{b}.pub"]
         r = _provision(str(proj), "--out", str(out), "--revoke", b)
         assert r.exit_code == 0, r.output
         assert not (out / b).exists() and (out / a / "site.toml").exists()
+        # the revoked site's key leaves every kit's peers: it can no longer bind a key in a secure roster
+        assert sorted(p.name for p in (out / a / "peers").glob("*.pub")) == [f"{a}.pub"]
         # The broker refuses the revoked site's login...
         import tomllib
 
@@ -214,6 +226,11 @@ def test_site_check_reports_the_run_cost_as_opacus_accounts_it(tmp_path: Path) -
     acc.history.append((5.0, 1.0, 3 + evals + 1))
     want = acc.get_epsilon(delta=1e-5)
     assert math.isclose(got, want, rel_tol=1e-2), (got, want)
+    # and what the metrics releases alone cost, as Opacus accounts them (no union: not a secure run)
+    metrics = RDPAccountant()
+    metrics.history.append((5.0, 1.0, 3 + evals + 1))
+    said = float(re.search(r"metrics releases alone ε ([0-9.]+) at σ_m 5\)", line).group(1))
+    assert math.isclose(said, metrics.get_epsilon(delta=1e-5), rel_tol=1e-2), (said, line)
 
 
 def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
@@ -239,3 +256,38 @@ def test_reprovision_never_resets_a_sites_own_budget(tmp_path: Path) -> None:
     assert tomllib.loads(cfg.read_text())["policy"]["max_epsilon"] == 9.99
     kept = json.loads(r.stdout.splitlines()[0])["kept"]
     assert any("max_epsilon 9.99" in k and "project says 10" in k for k in kept), kept
+    assert not any("peers_dir" in k for k in kept), kept  # the kit names its peers: nothing to add
+    # A kit written before kits carried peers/: re-provisioning refreshes peers/ but keeps the
+    # hospital's file, and says the one line to add to join secure aggregation.
+    cfg.write_text("\n".join(ln for ln in edited.splitlines() if not ln.startswith("peers_dir")) + "\n")
+    r = _provision(str(proj), "--out", str(out), "--skip-broker", "--json")
+    kept = json.loads(r.stdout.splitlines()[0])["kept"]
+    assert any('add peers_dir = "peers"' in k for k in kept) and (out / "hospital-a" / "peers" / "hospital-a.pub").exists()
+
+
+def test_the_project_sets_the_kits_test_fraction_and_a_site_may_override_it(tmp_path: Path) -> None:
+    """``test_fraction`` in [federation] goes into every kit's [policy] (a site's own entry wins), the
+    site reads it back as its policy, and a value outside the policy's range names the key."""
+    from site_worker.config import load_site_config
+
+    data = tmp_path / "rows.csv"
+    data.write_text("age,DEATH_EVENT\n60,1\n50,0\n")
+    proj = _project(tmp_path, ["hospital-a", "hospital-b"], data=data)
+    text = proj.read_text().replace('target = "DEATH_EVENT"', 'target = "DEATH_EVENT"\ntest_fraction = 0.4', 1)
+    proj.write_text(text.replace('id = "hospital-b"', 'id = "hospital-b"\ntest_fraction = 0.89'))
+    out = tmp_path / "kits"
+    r = _provision(str(proj), "--out", str(out), "--skip-broker")
+    assert r.exit_code == 0, r.output
+    fractions = {s: load_site_config(out / s / "site.toml").policy.test_fraction for s in ("hospital-a", "hospital-b")}
+    assert fractions == {"hospital-a": 0.4, "hospital-b": 0.89}
+    for bad in ("0.9", "0", "true"):  # just outside the policy's range (0 < f < 0.9), and not a number
+        proj.write_text(text.replace("test_fraction = 0.4", f"test_fraction = {bad}"))
+        r = _provision(str(proj), "--out", str(tmp_path / f"k{bad}"), "--skip-broker")
+        assert r.exit_code == 2 and "federation.test_fraction: must be a number above 0 and below 0.9" in r.stderr, r.output
+    # without it the kit keeps the policy's default
+    (tmp_path / "p").mkdir()
+    plain = _project(tmp_path / "p", ["hospital-c"], data=data)
+    assert _provision(str(plain), "--out", str(tmp_path / "kp"), "--skip-broker").exit_code == 0
+    from protocol.policy import SitePolicy
+
+    assert load_site_config(tmp_path / "kp" / "hospital-c" / "site.toml").policy.test_fraction == SitePolicy().test_fraction

@@ -19,8 +19,8 @@ from site_worker.secure_metrics import union_contribution
 from tests.adversarial.secagg_federation import federation
 
 ROWS = [60, 59, 25, 40]  # the test splits of the four heart-disease hospitals, about
-SIGMA, CLIP = 5.0, 5.0
-POLICY = SitePolicy(metrics="dp", metrics_noise_multiplier=SIGMA, metrics_loss_clip=CLIP)
+SIGMA, SIGMA_U, CLIP = 5.0, 2.0, 5.0  # each site's own release; the union's (its own policy knob)
+POLICY = SitePolicy(metrics="dp", metrics_noise_multiplier=SIGMA, union_noise_multiplier=SIGMA_U, metrics_loss_clip=CLIP)
 KW = dict(loss_name="bce_with_logits", task="classification")
 
 
@@ -67,7 +67,7 @@ def test_the_union_from_a_secure_sum_carries_the_noise_once_and_is_sqrt_n_narrow
     assert np.abs(summed - sum(from_field(v) for v in values.values())).max() <= quant
     sens = math.sqrt(3.0)
     total_sd = union_noise_sd(sds)
-    assert total_sd == pytest.approx(SIGMA * sens)  # the noise once: σ·Δ, not √N·σ·Δ
+    assert total_sd == pytest.approx(SIGMA_U * sens)  # the noise once: σ_u·Δ, not √N·σ_u·Δ
     union = union_figures(layout, summed, noise_sd=total_sd, clip=CLIP, rows=sum(ROWS))
     assert abs(union["n"] - exact[:4].sum()) <= 3 * total_sd
     for site, m in zip(ROWS, own):  # each site's own release is noised with σ·Δ on its rows alone
@@ -77,7 +77,7 @@ def test_the_union_from_a_secure_sum_carries_the_noise_once_and_is_sqrt_n_narrow
 
 
 def test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_to_sigma_delta(monkeypatch):
-    """400 unions of 4 sites: the noise of the sum has SD σ·Δ (within 5 %), each share σ·Δ/2."""
+    """400 unions of 4 sites: the noise of the sum has SD σ_u·Δ (within 5 %), each share σ_u·Δ/2."""
     import site_worker.secure_metrics as sm
 
     n, model = len(ROWS), _model()
@@ -92,8 +92,8 @@ def test_each_share_of_the_noise_is_sigma_delta_over_sqrt_k_and_the_shares_add_t
                     for i, ((x, y), e) in enumerate(zip(data, exact)))
         draws.append(total)
     noise = np.asarray(draws)[:, 1:-1]  # cells and histogram (the first cell and loss may be clipped at 0: not here)
-    assert noise.std() == pytest.approx(SIGMA * math.sqrt(3.0), rel=0.05)
-    assert abs(noise.mean()) < 0.1 * SIGMA * math.sqrt(3.0)
+    assert noise.std() == pytest.approx(SIGMA_U * math.sqrt(3.0), rel=0.05)
+    assert abs(noise.mean()) < 0.1 * SIGMA_U * math.sqrt(3.0)
 
 
 def test_a_site_whose_metrics_are_not_dp_does_not_contribute():

@@ -58,6 +58,12 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
         assert f"{stored['sums_unmasked']} sum(s) unmasked, the smallest of {stored['fewest_contributors']} hospitals" in text
         # the union's test figures say where they come from: the secure sum of the sites' statistics
         assert "from the secure sum" in page.locator("#union-source").inner_text()
+        # and so does the headline's majority-class baseline, with its interval (the sites' own noisier
+        # baselines once gave a weighted mean far from the union's, e.g. 83 % against a 64 % union)
+        note = page.locator("#kpis .baseline").first
+        final = json.loads(secure_result)["final"]
+        assert float(note.get_attribute("data-value")) == pytest.approx(final["majority_class_accuracy"])
+        assert "secure sum of the sites' class counts" in note.inner_text() and "–" in note.inner_text(), note.inner_text()
         # ε this run counts the rounds each site trained with masked updates: a finished run that trained
         # every round spent its plan (it once read only the final test's ε, 1.16 of 8), and at least
         # what the sites' ledgers reported with their last masked update
@@ -67,6 +73,13 @@ def test_the_run_page_says_what_the_coordinator_saw(browser, tmp_path: Path) -> 
             spent = float(row.locator("td.run-epsilon").get_attribute("data-epsilon") or "nan")
             planned = float(row.locator("td.planned-epsilon").get_attribute("data-epsilon") or "nan")
             assert spent == pytest.approx(planned, rel=1e-6) and spent >= reported - 1e-9, (site, spent, planned, reported)
+            # a site's first run: its lifetime ledger, after the final test's releases, is this run's ε (it
+            # once read the ledger as of the last update, below "ε this run")
+            lifetime = float(row.locator("td.site-budget").get_attribute("data-epsilon") or "nan")
+            assert lifetime == pytest.approx(spent, rel=1e-6), (site, lifetime, spent)
+            # its keys and unmask answers are the protocol, not rejections; its row count stays masked
+            assert row.locator("td.rejected").inner_text() == "0" and row.locator("td.examples").inner_text() == "masked"
+        assert page.locator("p#rejected").inner_text() == "No message was rejected."
         if os.environ.get("FEDBUS_DASHBOARD_SCREENSHOTS"):
             page.screenshot(path=str(Path(os.environ["FEDBUS_DASHBOARD_SCREENSHOTS"]) / "secure-run.png"))
         page.goto(f"{server.base}/runs/{plain}")

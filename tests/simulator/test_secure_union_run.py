@@ -31,7 +31,7 @@ from simulator.run import simulate
 from site_worker.ledger import PrivacyLedger
 
 HEART_DISEASE = Path(__file__).resolve().parents[2] / "examples" / "heart_disease.json"
-N, SIGMA, DELTA_SENS = 4, SitePolicy().metrics_noise_multiplier, math.sqrt(3.0)  # binary release: Δ = √3
+N, SIGMA, DELTA_SENS = 4, SitePolicy().union_noise_multiplier, math.sqrt(3.0)  # the union release's σ_u; binary: Δ = √3
 
 
 def _experiment(aggregator: str = "FedAvg") -> dict[str, Any]:
@@ -102,12 +102,14 @@ def test_the_union_figures_come_from_the_secure_sum_with_the_noise_once(run):
     assert len(run["shares"]) == N and len(run["figures"]) == 1
     layout, counts, kw, _ = run["figures"][0]
     assert layout == "binary"
-    # each site added SD σ·Δ/√K, K = N: the sum carries σ·Δ once, √N times less than pooling N releases
+    # each site added SD σ_u·Δ/√K, K = N: the sum carries σ_u·Δ once
     assert all(sd == pytest.approx(SIGMA * DELTA_SENS / math.sqrt(N)) for _, sd in run["shares"])
     assert kw["noise_sd"] == pytest.approx(SIGMA * DELTA_SENS) and final["noise_sd"] == pytest.approx(kw["noise_sd"])
     per_site = run["results"][0]
     pooled_sd = math.sqrt(sum(m["noise_sd"] ** 2 for m in per_site.values()))
-    assert pooled_sd == pytest.approx(math.sqrt(N) * kw["noise_sd"])
+    # pooling the sites' own releases (σ_m each) carries √N·σ_m·Δ: the sum's noise is at least √N times less
+    assert pooled_sd == pytest.approx(math.sqrt(N) * SitePolicy().metrics_noise_multiplier * DELTA_SENS)
+    assert kw["noise_sd"] * math.sqrt(N) <= pooled_sd
     # the unmasked sum is the sum of the sites' noisy union vectors, within the field's quantisation
     sa = doc["privacy"]["secure_aggregation"]
     quant = N * COUNT_CAP / (2 * sa["scale"] * sa["clip"])
@@ -123,10 +125,16 @@ def test_the_union_interval_holds_the_exact_union_accuracy_and_is_narrower(run):
     assert np.abs(counts - exact).max() <= 6 * sd  # noise of SD σ·Δ on every count, no more
     truth = dp_figures.confusion_figures(exact[:4], 0.0)["accuracy"]
     lo, hi = final["ci"]["accuracy"]
+    tn, fp, fn, tp = (float(c) for c in run["figures"][0][1][:4])
+    # the majority-class baseline comes from the same sum's class counts, with its interval (the
+    # sites' own releases carry √N times the noise)
+    assert final["majority_class_accuracy"] == pytest.approx(max(tn + fp, fn + tp) / (tn + fp + fn + tp), abs=0.02)
     if run["experiment"]["federated"]["name"] == "FedAvg":
         # a 95 % interval misses one time in twenty: checked on the sync run, deterministic at its seed
         # (FedBuff's final model, and so its noise, depends on the order the sites' updates arrive in)
         assert lo <= truth <= hi, (lo, truth, hi)
+        m_lo, m_hi = final["ci"]["majority_class_accuracy"]
+        assert m_lo <= dp_figures.confusion_figures(exact[:4], 0.0)["majority_class_accuracy"] <= m_hi
     width = hi - lo
     pooled = dp_figures.union(list(run["results"][0].values()))
     assert pooled is not None and width < pooled["accuracy_hi"] - pooled["accuracy_lo"]

@@ -59,6 +59,7 @@
       : `${num(v, 2)} (${(+ci[0]).toFixed(2)}–${(+ci[1]).toFixed(2)})`;
   };
   const figText = (t, k) => { const x = fig(t, k); return typeof x === "string" ? x : x.textContent; };
+  const pctText = (t, k) => { const x = fig(t, k, true); return typeof x === "string" ? x : x.textContent; };
   const eps = (v) => (v === null || v === undefined ? "–" : (+v).toFixed(2));
   const dlt = (v) => (v === null || v === undefined ? "–" : Array.isArray(v) ? v.map((x) => (+x).toExponential(0)).join(", ") : (+v).toExponential(0));
   const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
@@ -241,7 +242,7 @@
   function baselineNote(doc) {
     const f = doc.final, maj = f.majority_class_accuracy, known = maj !== null && maj !== undefined;
     return el("span", { class: "baseline", "data-value": known ? maj : "" }, known
-      ? `majority-class baseline ${pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "")
+      ? `majority-class baseline ${f.majority ? pctText(f.majority, "majority_class_accuracy") : pct(maj)}` + (f.majority_basis ? ` (${f.majority_basis})` : "")
       : "majority-class baseline: " + (doc.status === "running" ? AT_END : "not reported"));
   }
   // This run's ε (spent by the plan for the rounds trained, and planned), apart from each site's lifetime ledger.
@@ -313,13 +314,13 @@
         personal ? el("td", { class: "num personalized-auc", "data-value": p ? p.auc ?? "" : "" }, p ? fig(p, "auc") : "–") : null);
     });
     const privacy = doc.sites.map((s) => el("tr", { "data-site": s.site },
-      el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num" }, s.examples ?? "–"),
+      el("td", {}, el("b", {}, s.site)), el("td", { class: "num" }, s.updates), el("td", { class: "num examples" }, s.examples ?? (s.updates && doc.secure_aggregation && doc.secure_aggregation.used ? el("span", { class: "muted" }, "masked") : "–")),
       el("td", { class: "num run-epsilon", "data-epsilon": s.run_spent_epsilon ?? "" }, s.run_spent_epsilon !== null && s.run_spent_epsilon !== undefined ? eps(s.run_spent_epsilon) : "–"),
       el("td", { class: "num planned-epsilon", "data-epsilon": s.planned_epsilon ?? "" }, s.planned_epsilon !== null && s.planned_epsilon !== undefined ? eps(s.planned_epsilon) : "–"),
       el("td", { class: "num" }, dlt(s.delta)),
       el("td", { class: "num site-budget epsilon", "data-epsilon": s.epsilon ?? "", "data-budget": s.budget ?? "" }, s.budget !== null && s.budget !== undefined
         ? `${eps(s.epsilon)} of ${eps(s.budget)} · ${eps(s.budget_left)} left` : s.epsilon !== null && s.epsilon !== undefined ? `${eps(s.epsilon)} · no budget announced` : el("span", { class: "muted" }, "–")),
-      el("td", { class: "num" }, s.declined), el("td", { class: "num" }, s.rejected)));
+      el("td", { class: "num declined" }, s.declined), el("td", { class: "num rejected" }, s.rejected)));
     return el("div", { id: "run-sites" },
       el("p", { class: "explain" }, "Each hospital's figures on its own fixed test split, beside the majority-class baseline (always predicting its most common outcome)" +
         (personal ? " and its personalised model." : ".") + " In brackets: the 95 % interval, covering the privacy noise and the number of test rows; a figure whose interval spans nearly the whole range reads \"" + TOO_FEW + "\"." + (live ? ` Baselines${personal ? " and personalised figures" : ""} are ${AT_END}.` : "")),
