@@ -146,12 +146,13 @@ class Coordinator:
             # Handed over, not kept: a reference here would hold the initial model for the whole run.
             initial = [weights]
             del weights
-            secure = None  # the sync loop's secure aggregation: the final test's union vectors are summed by it
+            secure = None  # the run's secure aggregation (sync or FedBuff): it sums the final test's union vectors
             if self.agg.synchronous:
                 sync = SyncRounds(ctx, self.agg, self._evaluation(ctx))
                 weights, secure = sync.run(initial.pop(), first_round), sync.secure
             elif self.experiment.federated.secure_aggregation is not None:  # FedBuff's buffers, masked
-                weights = SecureBufferRounds(ctx, self.agg).run(initial.pop(), first_round, sites)
+                buffered = SecureBufferRounds(ctx, self.agg)
+                weights, secure = buffered.run(initial.pop(), first_round, sites), buffered.secure
             else:
                 weights = AsyncRounds(ctx, self.agg).run(initial.pop(), first_round, sites)
             stop = self.store.stop_requested(run_id)

@@ -28,13 +28,15 @@ def refuse_until_wired(experiment: Experiment) -> None:
     """Never run "secure" rounds in the clear: only the loops that mask may run under secure aggregation
     (the sync loop, ``coordinator/rounds/secure.py``; FedBuff's buffers, ``coordinator/rounds/secure_buffer.py``)."""
     sa = experiment.federated.secure_aggregation
-    if sa is not None and sa.dp != "off" and experiment.federated.name != "FedAvg":
+    name = experiment.federated.name
+    if sa is not None and sa.dp != "off" and name not in ("FedAvg", "FedBuff"):
         # pooled: the coordinator's own step is the SGD step on the pooled gradient (rounds/secure.py);
-        # central: the noisy mean update is applied as FedAvg applies a mean (server optimisers: not wired yet)
+        # central: the noisy mean update is applied as FedAvg applies a mean; under FedBuff either is
+        # the buffer's step times server_lr (rounds/secure_buffer.py; server optimisers: not wired yet)
         why = ("steps the model with the experiment's learning rate" if sa.dp == "pooled" else
-               "applies the noisy mean update as FedAvg does")
-        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} {why}; run it under FedAvg, not "
-                          f"{experiment.federated.name!r}")
+               "applies the noisy mean update as FedAvg or FedBuff does")
+        raise ConfigError("federated.secure_aggregation.dp", f"{sa.dp!r} {why}; run it under FedAvg or FedBuff, "
+                          f"not {name!r}")
     if experiment.federated.secure_aggregation is not None:
         if experiment.federated.name in SYNC_AGGREGATORS + ("FedBuff",):
             return

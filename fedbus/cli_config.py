@@ -68,10 +68,13 @@ def _print_human(console: Console, experiment: Experiment, summary: ModelSummary
 
         mu = pooled_mu(experiment)
         sigma = skellam.gaussian_equivalent(mu, skellam.sensitivities(sa.clip, sa.scale, central_dim(experiment))[1])
+        sampling = ("no site sampling (FedBuff: each masked update charged un-subsampled, q=1)"
+                    if experiment.federated.name == "FedBuff" else
+                    f"site sampling fraction_fit={experiment.federated.fraction_fit:g}")
         console.print(f"privacy:    user-level (central) DP under secure aggregation: each sampled site clips its "
                       f"update, Skellam noise mu={mu:.4g} in every sum (Gaussian-equivalent noise_multiplier="
-                      f"{sigma:.4g}), clip={sa.clip:g} scale={sa.scale:g} site sampling fraction_fit="
-                      f"{experiment.federated.fraction_fit:g} delta={sa.delta:g} accountant={skellam.ACCOUNTANT}")
+                      f"{sigma:.4g}), clip={sa.clip:g} scale={sa.scale:g} {sampling} delta={sa.delta:g} "
+                      f"accountant={skellam.ACCOUNTANT}")
     elif dp is None:
         console.print("privacy:    DP off")
     elif dp.noise_multiplier is not None:

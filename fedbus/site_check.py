@@ -211,6 +211,9 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
 
     policy = cfg.policy
     spec = TrainSpec.from_experiment(exp, seed=0)
+    sa = exp.federated.secure_aggregation
+    if spec.dp is None and sa is not None and sa.dp in ("pooled", "central"):
+        return _check_secure_dp(cfg, exp, dataset, rows=rows)
     if spec.dp is None:
         return Check("privacy", policy.allow_no_dp, "DP is off for this experiment: updates are not private"
                      + ("" if policy.allow_no_dp else "; this site's policy requires DP and would decline"))
@@ -236,6 +239,48 @@ def _check_privacy(cfg: SiteConfig, exp: Experiment, dataset: str, *, n_train: i
                                 + f"; the metrics releases alone ε {metrics:.3g} at {noise})"
                                 + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
                                 + ("" if ok else ": the site would decline the rounds past its budget"))
+
+
+def _check_secure_dp(cfg: SiteConfig, exp: Experiment, dataset: str, *, rows: int) -> Check:
+    """Distributed DP under secure aggregation (``dp = "pooled"`` or ``"central"``): the ε of
+    ``protocol.privacy_plan.secure_dp_plan`` (the entries the site charges: pooled, T steps at the
+    records' q; central, T sampled rounds in sync or at most T un-subsampled updates under FedBuff;
+    and the metrics releases) on top of the ledger, at the site's δ, composed in RDP as the ledger does."""
+    from protocol import privacy_plan
+    from protocol.policy import PolicyViolation
+    from protocol.secagg import skellam
+    from protocol.secagg.rules import central_sample_rate
+    from site_worker.ledger import PrivacyLedger
+    from site_worker.policy import check_pooled_policy
+
+    policy = cfg.policy
+    try:
+        check_pooled_policy(policy, exp)
+    except PolicyViolation as e:
+        return Check("privacy", False, f"this site would decline: {e}")
+    delta = policy.site_delta(rows)
+    ledger = PrivacyLedger(cfg.state_dir)
+    spent = ledger.spent(dataset, delta=delta, accountant="rdp")  # check_pooled_policy: the site composes in RDP
+    rel = ledger.releases(dataset)
+    before = [skellam.SkellamEntry.from_list(e) for r in rel for e in r.get("skellam", ())]
+    after = privacy_plan.secure_dp_epsilon(exp, policy, delta=delta, spent=ledger.history(dataset),
+                                           spent_skellam=before)
+    sa = exp.federated.secure_aggregation
+    assert sa is not None
+    sites = max(1, int(exp.federated.min_available_clients))
+    budget = policy.max_epsilon
+    ok = budget is None or after <= budget
+    if sa.dp == "pooled":
+        how = f"record-level pooled DP: at most {exp.training.rounds} DP-SGD steps at q = {sa.sample_rate:g}"
+    elif exp.federated.name == "FedBuff":
+        how = f"user-level central DP: at most {exp.training.rounds} masked updates, each un-subsampled (FedBuff: q = 1)"
+    else:
+        how = (f"user-level central DP: {exp.training.rounds} rounds sampled at q = "
+               f"{central_sample_rate(exp, sites):.4g} (k/N of {sites} sites)")
+    return Check("privacy", ok, f"the run would cost ε {after - spent:.4g} (ε {spent:.4g} -> {after:.4g} at δ "
+                                f"{delta:g}, {skellam.ACCOUNTANT} accountant, {how}, with the metrics releases "
+                                "the site plans)" + (f"; budget max_epsilon {budget:g}" if budget is not None else "")
+                                + ("" if ok else ": the site would decline the updates past its budget"))
 
 
 def print_checks(checks: list[Check], echo: Callable[[str], None]) -> bool:

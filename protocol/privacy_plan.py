@@ -35,7 +35,7 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.accounting import History, epsilon_of, merge, simulate_steps
 from protocol.config import Experiment
@@ -43,6 +43,9 @@ from protocol.dp_plan import plan_dp, release_entries, site_plan, union_release_
 from protocol.secagg.union import union_planned
 from protocol.policy import PolicyViolation, SitePolicy
 from protocol.train_spec import TrainSpec, personalization_spec
+
+if TYPE_CHECKING:
+    from protocol.secagg.skellam import SkellamEntry
 
 SLACK = 1e-9  # ε comparisons: the accountant's own float noise
 _MAX_NOISE = 1e4
@@ -145,6 +148,45 @@ def union_entries(experiment: Experiment, policy: SitePolicy | None) -> list[tup
     if policy is None or policy.metrics != "dp" or not union_planned(experiment):
         return []
     return [(float(a), float(b), int(c)) for a, b, c in union_release_entries(policy)]
+
+
+def secure_dp_plan(experiment: Experiment, policy: SitePolicy | None, *,
+                   sites: int | None = None) -> tuple[History, list[SkellamEntry]]:
+    """What a run under ``secure_aggregation.dp = "pooled"`` or ``"central"`` charges one site's ledger
+    at most: (its Gaussian metrics releases, its Skellam releases). Pooled: T steps at the records'
+    Poisson rate q (``protocol.secagg.rules.pooled_entry``), in either loop. Central
+    (``central_entry``): sync, T sampled rounds at q = k/N of ``sites`` roster sites (default
+    ``min_available_clients``, the fewest a run starts with: the largest q); FedBuff, at most T
+    un-subsampled masked updates (q = 1). Metrics: sync, each round's evaluation and test releases
+    and the final test; FedBuff, the final test only (its versions evaluate nothing). The site
+    charges these entries (``site_worker.pooled_task``, ``site_worker.central_task``) and ``fedbus
+    site check`` shows their ε on top of the ledger."""
+    from protocol.secagg.rules import central_entry, pooled_entry
+
+    fed = experiment.federated
+    sa = fed.secure_aggregation
+    assert sa is not None and sa.dp in ("pooled", "central")
+    roster = int(sites if sites is not None else max(1, int(fed.min_available_clients)))
+    one = metrics_entries(policy)
+    fixed = one + union_entries(experiment, policy)  # the final test
+    if fed.name != "FedBuff":  # the sync loop's evaluations (FedBuff's versions evaluate nothing)
+        rounds = int(experiment.training.rounds)
+        fixed += [e for _ in range(_eval_rounds(experiment) * rounds + test_rounds(experiment)) for e in one]
+    steps = central_entry(experiment, roster) if sa.dp == "central" else pooled_entry(experiment)
+    return merge(fixed), [steps]
+
+
+def secure_dp_epsilon(experiment: Experiment, policy: SitePolicy | None, *, delta: float, sites: int | None = None,
+                      spent: Iterable[tuple[float, float, int]] = (),
+                      spent_skellam: Iterable[SkellamEntry] = ()) -> float:
+    """ε at ``delta`` after the whole ``secure_dp_plan`` on top of a ledger's history (``spent``: its
+    Gaussian entries, ``spent_skellam``: its Skellam ones), composed in RDP as the ledger does."""
+    from protocol.accounting import rdp_of
+    from protocol.secagg import skellam
+
+    gaussian, steps = secure_dp_plan(experiment, policy, sites=sites)
+    history = merge([*spent, *gaussian])
+    return skellam.epsilon_of([*spent_skellam, *steps], delta=delta, gaussian_rdp=rdp_of(history) if history else None)
 
 
 def _eval_rounds(experiment: Experiment) -> int:
@@ -336,5 +378,5 @@ def plan_catalogue(experiment: Experiment, rows_by_site: dict[str, int], *, poli
             "delta": deltas[-1], "accountant": policy.accountant, "sites": sites}
 
 
-__all__ = ["BudgetExhausted", "RunPlan", "SLACK", "applies", "metrics_entries", "union_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
+__all__ = ["BudgetExhausted", "RunPlan", "SLACK", "applies", "metrics_entries", "secure_dp_epsilon", "secure_dp_plan", "union_entries", "mode", "plan_catalogue", "plan_entry", "plan_run",
            "site_run_plan", "total_of", "solve_noise", "steps_per_epoch", "task_specs", "test_rounds", "train_rows"]

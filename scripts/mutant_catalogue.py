@@ -1583,10 +1583,10 @@ MUTANTS.extend([
         (f"{_POOLED_BUS}::test_a_pooled_run_over_the_memory_bus_charges_each_ledger_the_plan",),
     ),
     Mutant(
-        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg only (the coordinator's step is the "
-        "SGD step on the pooled gradient)",
+        "pooled-run-under-another-aggregator", "a pooled-DP run steps with FedAvg or FedBuff only (the coordinator's "
+        "step is the SGD step on the pooled gradient; a server optimiser is not wired)",
         (Edit("coordinator/secagg.py",
-              "    if sa is not None and sa.dp != \"off\" and experiment.federated.name != \"FedAvg\":\n",
+              "    if sa is not None and sa.dp != \"off\" and name not in (\"FedAvg\", \"FedBuff\"):\n",
               "    if False:\n"),),
         (f"{_POOLED_BUS}::test_a_pooled_run_steps_with_fedavg_only",),
     ),
@@ -1877,13 +1877,15 @@ MUTANTS.extend([
     Mutant(
         "central-ledger-not-charged", "a central-DP site charges its ledger the run's planned epsilon (T sampled "
         "Skellam steps) before its first masked update leaves",
-        (Edit("site_worker/central_task.py", "pooled=[share.entry(int(delta_vec.size))])", "pooled=[])"),),
+        (Edit("site_worker/central_task.py", "pooled=[share.entry(int(delta_vec.size), steps=1 if per_update else None)])",
+              "pooled=[])"),),
         (f"{_CENTRAL_BUS}::test_a_central_run_charges_each_ledger_the_plan_and_learns_like_the_run_without_dp",),
     ),
     Mutant(
         "central-charged-every-round", "the run's central-DP charge is made once (on the site's first update of the "
         "run), so the ledger after the run equals the plan",
-        (Edit("site_worker/central_task.py", "            first = not charged(handler, task.dataset, env.run_id)\n",
+        (Edit("site_worker/central_task.py",
+              "            first = per_update or not charged(handler, task.dataset, env.run_id)\n",
               "            first = True\n"),),
         (f"{_CENTRAL_BUS}::test_a_central_run_charges_each_ledger_the_plan_and_learns_like_the_run_without_dp",),
     ),
@@ -1992,5 +1994,93 @@ MUTANTS.extend([
               '    summed = final.get("union_source") == "secure_sum" and stored is not None  # the union\'s own class counts\n',
               "    summed = False\n"),),
         ("tests/dashboard/test_secure_run_page.py::test_the_run_page_says_what_the_coordinator_saw",),
+    ),
+])
+# ------------------------------------------------------------------ DP and union metrics under FedBuff (s22)
+MUTANTS.extend([
+    Mutant(
+        "fedbuff-final-without-union", "a FedBuff run under secure aggregation ends with the same final test as "
+        "the sync loop: its union figures come from one unmasked secure sum, the noise added once",
+        (Edit(RUN, "                weights, secure = buffered.run(initial.pop(), first_round, sites), buffered.secure\n",
+              "                weights = buffered.run(initial.pop(), first_round, sites)\n"),),
+        (f"{_UNION_RUN}::test_the_union_figures_come_from_the_secure_sum_with_the_noise_once",),
+    ),
+    Mutant(
+        "fedbuff-union-not-planned", "the privacy plan (and so the roster's room and the site's ledger) counts the "
+        "union release of a FedBuff run's final test",
+        (Edit("protocol/secagg/union.py", "    return (sa is not None\n",
+              "    return (sa is not None and fed.name != \"FedBuff\"\n"),),
+        ("tests/protocol/test_union_plan.py",),
+    ),
+])
+_CENTRAL_FEDBUFF = "tests/simulator/test_central_dp_fedbuff.py"
+MUTANTS.extend([
+    Mutant(
+        "central-fedbuff-charged-subsampled", "under FedBuff no coordinator samples the sites: a central-DP site "
+        "charges each masked update at q = 1, never the sync loop's amplified k/N",
+        (Edit("protocol/secagg/rules.py", "    if fed.name == \"FedBuff\":\n        return 1.0\n", ""),),
+        (f"{_CENTRAL_FEDBUFF}::test_a_target_epsilon_under_fedbuff_is_planned_at_q_1",),
+    ),
+    Mutant(
+        "central-fedbuff-charged-once", "under FedBuff a central-DP site charges every masked update as it masks it "
+        "(one un-subsampled step each), not only its first",
+        (Edit("site_worker/central_task.py",
+              "            first = per_update or not charged(handler, task.dataset, env.run_id)\n",
+              "            first = not charged(handler, task.dataset, env.run_id)\n"),),
+        (f"{_CENTRAL_FEDBUFF}::test_each_ledger_equals_the_plan_and_t_unsubsampled_steps",),
+    ),
+    Mutant(
+        "central-fedbuff-charges-the-run-per-update", "under FedBuff each masked update is charged one step, so "
+        "the ledger composes exactly the updates masked (at most T)",
+        (Edit("site_worker/central_task.py", "steps=1 if per_update else None)", "steps=None)"),),
+        (f"{_CENTRAL_FEDBUFF}::test_each_ledger_equals_the_plan_and_t_unsubsampled_steps",),
+    ),
+    Mutant(
+        "central-fedbuff-rounds-cap-off-by-one", "a FedBuff site masks at most T central updates of a run and "
+        "declines the (T+1)-th a coordinator asks for, naming the rule",
+        (Edit("site_worker/central_dp.py", "    if masked_before >= rounds:\n", "    if masked_before > rounds:\n"),),
+        (f"{_CENTRAL_FEDBUFF}::test_a_coordinator_asking_for_a_t_plus_first_update_is_refused",),
+    ),
+    Mutant(
+        "central-fedbuff-denominator", "a central FedBuff buffer's sum is divided by s x buffer_size, public and "
+        "fixed before any update arrives",
+        (Edit("coordinator/rounds/secure_buffer.py", "            self.secure.planned = self.buffer_size  #",
+              "            self.secure.planned = self.buffer_size + 1  #"),),
+        (f"{_CENTRAL_FEDBUFF}::test_each_buffer_sums_one_noisy_update_per_site_and_divides_by_buffer_size",),
+    ),
+    Mutant(
+        "central-fedbuff-planned-at-fraction-fit", "a target epsilon under FedBuff is planned over T un-subsampled "
+        "updates (q = 1), not at fraction_fit",
+        (Edit("protocol/secagg/rules.py",
+              "        q = 1.0 if central_per_update(experiment) else experiment.federated.fraction_fit\n",
+              "        q = experiment.federated.fraction_fit\n"),),
+        (f"{_CENTRAL_FEDBUFF}::test_a_target_epsilon_under_fedbuff_is_planned_at_q_1",),
+    ),
+])
+_POOLED_FEDBUFF = "tests/simulator/test_pooled_dp_fedbuff.py"
+MUTANTS.extend([
+    Mutant(
+        "dp-fedbuff-retask-before-commit", "under the DP modes a FedBuff site whose update is in the open buffer is "
+        "re-tasked only once that buffer commits (one update per site per buffer, T steps per site in a T-version "
+        "run, each ledger the plan)",
+        (Edit("coordinator/rounds/secure_buffer.py",
+              "        (self.after_commit if self.one_per_site else self.retask).append(site)\n",
+              "        self.retask.append(site)\n"),),
+        (f"{_POOLED_FEDBUFF}::test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan",),
+    ),
+    Mutant(
+        "dp-fedbuff-buffer-past-max-sites", "under the DP modes a FedBuff buffer_size above max_sites (a buffer that "
+        "could never close with one update per site) is refused naming the key, max_sites itself just inside",
+        (Edit("protocol/secagg/rules.py", "        if k > sa.max_sites:  #", "        if k > sa.max_sites + 1:  #"),),
+        ("tests/simulator/test_pooled_dp.py::test_the_pooled_block_is_validated_with_one_line_errors",),
+    ),
+])
+MUTANTS.extend([
+    Mutant(
+        "site-check-pooled-says-dp-off", "fedbus site check shows a pooled-DP run's epsilon (the planner's, equal to "
+        "the ledger after the run), not \"DP is off\"",
+        (Edit("fedbus/site_check.py", '    if spec.dp is None and sa is not None and sa.dp in ("pooled", "central"):\n',
+              '    if spec.dp is None and sa is not None and sa.dp in ("central",):\n'),),
+        (f"{_POOLED_FEDBUFF}::test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan",),
     ),
 ])

@@ -17,7 +17,9 @@ Accounting (user level): the run is T = ``training.rounds`` sampled Skellam step
 sampling rate q = k/N of the roster (``protocol.secagg.rules.central_rate``); the whole run is
 charged to the ledger on the site's first update of the run (one SkellamEntry of T steps), and
 the site masks at most T central updates per run (``CentralRefused``, rule ``rounds``), each of
-which the secure-aggregation rules let into one unmasked sum at most.
+which the secure-aggregation rules let into one unmasked sum at most. Under FedBuff nothing samples
+the sites (q = 1, ``central_sample_rate``): each masked update is charged as it is masked, one
+un-subsampled step, so the ledger composes at most T of them.
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ class CentralShare:
         ints = quantise_update(delta, clip=self.clip, scale=self.scale)
         return ints + noise_share(self.mu, self.assume_honest_sites, ints.size, rng)
 
-    def entry(self, dim: int) -> skellam.SkellamEntry:
-        """The ledger entry of the whole run: T sampled steps of Sk(mu, mu) on a site's update of d values."""
+    def entry(self, dim: int, *, steps: int | None = None) -> skellam.SkellamEntry:
+        """The ledger entry of ``steps`` (default the whole run's T) steps of Sk(mu, mu) at q on a site's
+        update of d values (``protocol.secagg.rules.central_entry`` with the roster's d)."""
         l1, l2 = skellam.sensitivities(self.clip, self.scale, dim)
-        return skellam.SkellamEntry(self.mu, l1, l2, self.sample_rate, int(self.rounds))
+        return skellam.SkellamEntry(self.mu, l1, l2, self.sample_rate, int(self.rounds if steps is None else steps))
 
     def field_bound(self) -> int:
         """The largest coordinate this site's vector may hold (one clipped update, its share's tail)."""

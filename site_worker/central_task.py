@@ -1,9 +1,9 @@
 """A trained ``Update`` of a central-DP run (``federated.secure_aggregation.dp = "central"``) as it may leave.
 
 The handler trains as usual (no per-record noise) and returns its ``Update``; here, before
-anything leaves, the site charges its ledger the run's user-level epsilon (the whole run, T
-sampled Skellam steps, on its first update of the run: ``site_worker.central_dp``), refuses a
-(T+1)-th update, clips the whole delta to C, rounds it at s, adds Sk(mu/m, mu/m) from its secret
+anything leaves, the site charges its ledger the run's user-level epsilon (sync: the whole run, T
+sampled Skellam steps, on its first update of the run; FedBuff: one un-subsampled step per masked
+update: ``protocol.secagg.rules.central_entry``), refuses a (T+1)-th update, clips the whole delta to C, rounds it at s, adds Sk(mu/m, mu/m) from its secret
 stream (the site's dp_seed only under its research setting reproducible_dp) and masks the integer vector (``SiteSecAgg.mask_integers``: never under a roster that
 unmasks sums of fewer than m sites). The reservation is committed before the masked update
 exists; a refusal to mask cancels it. Nothing but the masked vector and sealed shares leaves.
@@ -19,7 +19,7 @@ import torch
 
 from protocol.messages import Declined, Envelope, MaskedUpdate, TrainTask, Update
 from protocol.secagg import skellam
-from protocol.secagg.rules import central_rate, pooled_mu
+from protocol.secagg.rules import central_entry, central_per_update, pooled_mu
 from site_worker.central_dp import CentralRefused, CentralShare, check_rounds
 from site_worker.pooled_task import answer_masked, masked_update
 from site_worker.secagg import SecAggRefused
@@ -52,18 +52,20 @@ def central_update(handler: TaskHandler, secagg: SecAggSite, env: Envelope, upda
             assert sa is not None and sa.dp == "central"
             policy = handler.config.policy
             roster = secagg.state.roster(env.run_id)
-            fed = exp.federated
-            share = CentralShare(sa.clip, sa.scale, pooled_mu(exp),
-                                 central_rate(fed.fraction_fit, fed.min_fit_clients, len(roster.sites)),
-                                 int(exp.training.rounds), policy.assume_honest_sites)
+            run = central_entry(exp, len(roster.sites))  # the planner's entry: T releases at the run's q
+            share = CentralShare(sa.clip, sa.scale, pooled_mu(exp), run.sample_rate, run.steps,
+                                 policy.assume_honest_sites)
             check_rounds(secagg.state.integer_masked(env.run_id), share.rounds)
             delta_vec = flat(update.weights) - flat(task.weights)
             rows = handler._data(task, exp, summary).rows
             delta = policy.site_delta(rows)
-            first = not charged(handler, task.dataset, env.run_id)
-            if first:  # the whole run's user-level epsilon, once (T sampled steps)
+            # sync: the whole run's T sampled steps, once, on the first update; FedBuff (q = 1): each
+            # masked update is one un-subsampled release, charged as it is masked (at most T of them)
+            per_update = central_per_update(exp)
+            first = per_update or not charged(handler, task.dataset, env.run_id)
+            if first:
                 epsilon = handler._reserve(task.dataset, env, kind="train", entries=[], delta=delta,
-                                           pooled=[share.entry(int(delta_vec.size))])
+                                           pooled=[share.entry(int(delta_vec.size), steps=1 if per_update else None)])
             else:
                 epsilon = handler.ledger.spent(task.dataset, delta=delta, accountant=policy.accountant)
             try:

@@ -6,7 +6,7 @@
   site whose ``max_evaluations_per_run`` leaves room for it and the final test;
 * final: every site of the run scores the final model on its fixed test split, an
   ``EvalTask``, or a ``PersonalizeTask`` when the run personalises (``coordinator/final.py``
-  turns the answers into the result's ``final`` block). Under secure aggregation (sync loop)
+  turns the answers into the result's ``final`` block). Under secure aggregation (the sync loop or FedBuff)
   the ``EvalTask`` carries ``union_tag``: each DP-metrics site's answer adds its masked union
   vector, and the union's figures come from their unmasked sum (``SecureSync.union``).
 

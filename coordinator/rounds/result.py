@@ -200,10 +200,11 @@ def _secure_summary(ctx: RunContext, rounds: list[dict[str, Any]], final: dict[s
                "noisy integer batch gradients (pooled Skellam noise, added by the sites): never one site's step, "
                "batch size or training metric, never an un-noised sum")
     elif sa.dp == "central":
-        saw = ("each site's masked update (uniform field elements) and each round's unmasked sum of the sampled "
-               "sites' clipped, rounded updates with their Skellam noise shares (user-level DP, noise added by the "
-               "sites, uniform weights): never one site's update, row count or training metric, never an "
-               "un-noised sum")
+        which = ("each buffer's unmasked sum of its sites'" if ctx.experiment.federated.name == "FedBuff" else
+                 "each round's unmasked sum of the sampled sites'")
+        saw = (f"each site's masked update (uniform field elements) and {which} clipped, rounded updates with their "
+               "Skellam noise shares (user-level DP, noise added by the sites, uniform weights): never one site's "
+               "update, row count or training metric, never an un-noised sum")
     metrics = ("the final test's union figures: only the unmasked sum of the sites' masked union vectors "
                "(confusion cells, score histogram, clipped loss sum, each with its share of the DP noise), "
                "besides each site's own DP release" if final.get("union_source") == "secure_sum" else

@@ -17,6 +17,21 @@ constant one). Messages that arrive while a buffer unmasks (the next buffer's up
 unacked, and are routed once the new version is committed, so their sites are re-tasked with
 it. Each update is in exactly one buffer: the coordinator never names a ``(site, tag)`` twice,
 and the sites would refuse it if it did (``update_reused``).
+
+User-level central DP (``secure_aggregation.dp = "central"``): each site masks its clipped, rounded
+update plus its Skellam share Sk(mu/m, mu/m) (``site_worker/central_task.py``), and a buffer holds
+at most one update of each site (the sites refuse any other sum: ``one_update_per_site``), so a
+site whose update is in the open buffer is re-tasked only once that buffer's version commits (an
+update it sends meanwhile waits for the next buffer). The buffer then closes at exactly
+``buffer_size`` updates of as many sites, each sum carries at least K >= m noise shares, and the
+new version is w + server_lr * (unmasked sum) / (s * buffer_size): uniform public weights, a
+denominator fixed before any update arrived; the coordinator adds no noise.
+
+Record-level DP at pooled cost (``dp = "pooled"``): the same one-update-per-site buffers, each
+update one site's masked DP-SGD step (its Poisson batch's rounded clipped gradient sum plus its
+Skellam share, ``site_worker/pooled_task.py``), and the new version is w - server_lr * lr *
+(unmasked sum) / (s * the buffer's expected batch, sum q n_i over its sites' announced rows):
+asynchronous SGD on the pooled noisy gradient, each gradient taken on the version its site was sent.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from coordinator.rounds.secure import SecureSync, _flat, _unflat
 from coordinator.sampling import sample_count
 from coordinator.secagg import MaskedSum
 from coordinator.validation import Rejected
-from protocol.messages import EvalResult, Tensors
+from protocol.messages import EvalResult, MaskedUpdate, Tensors
 
 
 class SecureBufferRounds:
@@ -53,6 +68,11 @@ class SecureBufferRounds:
         self.held: dict[str, Held] = {}  # the open buffer's updates, acked when its version commits
         self.waiting: list[Message] = []  # arrived while a buffer was unmasking: routed after the commit
         self.retask: list[str] = []
+        # the DP modes: one update per site per buffer; a buffered site is re-tasked (and an update it
+        # sent meanwhile routed) only after the buffer's version commits
+        self.one_per_site = self.secure.central or self.secure.pooled
+        self.after_commit: list[str] = []
+        self.next_buffer: list[Message] = []
 
     def run(self, weights: Tensors, first_version: int, sites: list[str]) -> Tensors:
         ctx = self.ctx
@@ -65,6 +85,12 @@ class SecureBufferRounds:
                             "validation loss (no per-site training metric leaves a site)")
         self.secure.setup(sites, weights)
         sites = [s for s in sites if s in self.secure.sites]
+        if self.one_per_site and len(self.secure.sites) < self.buffer_size:
+            raise RunFailed(f"secure aggregation dp = {self.secure.cfg.dp!r}: a buffer holds one update of each of "
+                            f"buffer_size={self.buffer_size} distinct sites, and the roster has "
+                            f"{len(self.secure.sites)}: start more sites or lower buffer_size")
+        if self.secure.central:
+            self.secure.planned = self.buffer_size  # every buffer's public denominator, fixed before any update
         self.version, self.weights = first_version - 1, weights
         self.buffer = self.secure.new_sum()
         plan = self.agg.configure_fit(self.version, sites, sample_count(len(sites), fed.fraction_fit,
@@ -103,7 +129,8 @@ class SecureBufferRounds:
                                 f"sites (sites tasked: {', '.join(active)})"))
                         ctx.log.warning("no update before the deadline; re-sending tasks", version=self.version)
                         for site in active:
-                            self._task(site)
+                            if not (self.one_per_site and site in self._distinct()):  # DP modes: one per buffer
+                                self._task(site)
                         continue
                     patience.heard()
                     self._handle(inbound)
@@ -111,12 +138,12 @@ class SecureBufferRounds:
                         self._send_retasks()
                     progress.replies(len(self._contributors()), self.buffer_size)
         except RunFailed:
-            for m in self.waiting:
+            for m in self.waiting + self.next_buffer:
                 m.delivery.requeue()
             raise
         for h in self.held.values():  # a buffer that never closed: give its updates back
             h.delivery.requeue()
-        for m in self.waiting:
+        for m in self.waiting + self.next_buffer:
             m.delivery.requeue()
         return self.weights
 
@@ -150,6 +177,9 @@ class SecureBufferRounds:
                      sites=len(self._distinct()))
         self.version, self.weights = new, weights
         self.buffer = self.secure.new_sum()
+        self.retask += self.after_commit  # DP modes: the buffer's sites train on the new version now
+        self.waiting += self.next_buffer  # ... and what they sent meanwhile enters the next buffer
+        self.after_commit, self.next_buffer = [], []
         progress.done(new, loss=None, accuracy=None)
         progress.begin(new + 1, expected=self.buffer_size)
 
@@ -186,6 +216,9 @@ class SecureBufferRounds:
         if task is not None and task.site == site and task.kind in ("SecAggUnmask", "SecAggJoin"):
             # an answer past the U that unmasked a buffer (or a key after the roster was sent): no effect
             return inbox.settle(msg, verdict="late", reason=f"{env.type} to a {task.kind} already done", round=version)
+        if self.one_per_site and isinstance(p, MaskedUpdate) and site in self._distinct():
+            self.next_buffer.append(msg)  # a second update of a buffered site: the next buffer's (unacked till then)
+            return None
         admitted = admit(ctx, msg, version=version, held=self.held, max_staleness=self.agg.max_staleness, masked=True)
         if admitted.outcome == "stale":
             self.retask.append(site)
@@ -195,7 +228,7 @@ class SecureBufferRounds:
         assert self.buffer is not None
         self.secure.accept(msg, env.round, self.buffer)  # relays its sealed shares, adds the masked vector
         inbox.hold(msg, self.held, payload=p, staleness=tau)
-        self.retask.append(site)
+        (self.after_commit if self.one_per_site else self.retask).append(site)
 
 
 __all__ = ["SecureBufferRounds"]

@@ -18,6 +18,7 @@ from protocol.secagg.field import HALF, QuantConfig
 
 if TYPE_CHECKING:
     from protocol.config import Experiment
+    from protocol.secagg.skellam import SkellamEntry
 
 WHERE = "federated.secure_aggregation"
 SYNC_AGGREGATORS = ("FedAvg", "FedAvgM", "FedAdam", "FedProx")  # server steps on the average only
@@ -84,6 +85,53 @@ def central_rate(fraction_fit: float, min_fit_clients: int, sites: int) -> float
     return min(sites, max(math.ceil(fraction_fit * sites), int(min_fit_clients))) / sites
 
 
+def central_sample_rate(experiment: Experiment, sites: int) -> float:
+    """The q a central-mode site's ledger charges each Skellam release at: the sync loop's k/N of a
+    roster of ``sites`` (``central_rate``: the coordinator samples from its secret); under FedBuff 1,
+    since the coordinator keeps every site busy and samples no one, so no amplification by
+    subsampling applies to an update a site masks."""
+    fed = experiment.federated
+    if fed.name == "FedBuff":
+        return 1.0
+    return central_rate(fed.fraction_fit, fed.min_fit_clients, sites)
+
+
+def central_entry(experiment: Experiment, sites: int, *, steps: int | None = None) -> SkellamEntry:
+    """The ledger entry of a central-mode site in a roster of ``sites`` (``skellam.SkellamEntry``):
+    ``steps`` Skellam releases Sk(mu, mu) on one site's clipped, rounded update (d = every model
+    value), at ``central_sample_rate``. Default: the whole run's T = ``training.rounds`` releases
+    (sync: T sampled rounds, charged at once; FedBuff: at most T masked updates, each charged on its
+    own as one un-subsampled release). The site charges it and the plan and ``site check`` show it."""
+    from protocol.secagg import skellam
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None and sa.dp == "central"
+    l1, l2 = skellam.sensitivities(sa.clip, sa.scale, central_dim(experiment))
+    return skellam.SkellamEntry(pooled_mu(experiment), l1, l2, central_sample_rate(experiment, sites),
+                                int(experiment.training.rounds if steps is None else steps))
+
+
+def pooled_entry(experiment: Experiment, *, steps: int | None = None) -> SkellamEntry:
+    """The ledger entry of a pooled-mode site: ``steps`` (default the run's T = ``training.rounds``)
+    DP-SGD steps of Sk(mu, mu) on one record's rounded clipped gradient (d = the trainable values), at
+    the records' Poisson rate ``sample_rate`` (the site samples its own records, in either loop)."""
+    from protocol.model import summarize
+    from protocol.secagg import skellam
+
+    sa = experiment.federated.secure_aggregation
+    assert sa is not None and sa.dp == "pooled"
+    l1, l2 = skellam.sensitivities(sa.clip, sa.scale, summarize(experiment.architecture.layers).trainable)
+    return skellam.SkellamEntry(pooled_mu(experiment), l1, l2, float(sa.sample_rate),
+                                int(experiment.training.rounds if steps is None else steps))
+
+
+def central_per_update(experiment: Experiment) -> bool:
+    """Whether a central-mode site charges each masked update as it masks it (FedBuff: q = 1, exact)
+    rather than the whole run's T sampled rounds on its first update (the sync loop: amplification by
+    sampling counts every round, sampled or not, so the run is charged at once)."""
+    return experiment.federated.name == "FedBuff"
+
+
 def central_dim(experiment: Experiment) -> int:
     """d of the central mode: every value of the model's update (the delta of all its parameters)."""
     from protocol.model import summarize
@@ -97,7 +145,8 @@ def pooled_mu(experiment: Experiment) -> float:
     the run's rounds (one step each) at ``delta`` (``protocol.secagg.skellam.plan_mu``, the one
     Skellam planner). Pooled: Delta2 of one record's rounded clipped gradient, Poisson rate
     ``sample_rate``. Central: Delta2 of one site's rounded clipped update, site sampling rate
-    ``fraction_fit`` (the site's ledger charges its roster's k/N, ``central_rate``, never less)."""
+    ``fraction_fit`` (the site's ledger charges its roster's k/N, ``central_rate``, never less);
+    under FedBuff q = 1 (``central_sample_rate``: no coordinator sampling)."""
     from protocol.model import summarize
     from protocol.secagg import skellam
 
@@ -109,7 +158,10 @@ def pooled_mu(experiment: Experiment) -> float:
     if sa.noise_multiplier is not None:
         return 0.5 * (sa.noise_multiplier * l2) ** 2
     assert sa.target_epsilon is not None
-    q = experiment.federated.fraction_fit if central else sa.sample_rate
+    if central:
+        q = 1.0 if central_per_update(experiment) else experiment.federated.fraction_fit
+    else:
+        q = sa.sample_rate
     return skellam.plan_mu(target_epsilon=sa.target_epsilon, delta=sa.delta, steps=int(experiment.training.rounds),
                            sample_rate=q, l1=l1, l2=l2)
 
@@ -128,9 +180,17 @@ def check_pooled(experiment: Experiment) -> None:
     mode = sa.dp
     if (sa.noise_multiplier is None) == (sa.target_epsilon is None):
         raise ConfigError(f"{WHERE}.dp", f'{mode} needs exactly one of noise_multiplier or target_epsilon')
-    if experiment.federated.name not in SYNC_AGGREGATORS:
-        raise ConfigError(f"{WHERE}.dp", f"{mode} takes one step a round in the synchronous loop; use "
-                                         f"{', '.join(SYNC_AGGREGATORS)}, not {experiment.federated.name!r}")
+    name = experiment.federated.name
+    if name not in SYNC_AGGREGATORS and name != "FedBuff":
+        raise ConfigError(f"{WHERE}.dp", f"{mode} takes one step per site per sum; use "
+                                         f"{', '.join(SYNC_AGGREGATORS)} or FedBuff, not {name!r}")
+    if name == "FedBuff":
+        params = experiment.federated.parameters
+        k = int(params.get("buffer_size", params.get("weighting", 2)))
+        if k > sa.max_sites:  # a buffer holds one update per site: more than the roster's sites never closes
+            raise ConfigError("federated.parameters.buffer_size",
+                              f"{k} exceeds secure_aggregation.max_sites ({sa.max_sites}): under dp = \"{mode}\" a "
+                              "buffer holds one update of each of buffer_size distinct sites")
     if experiment.training.dp is not None:
         raise ConfigError(f"{WHERE}.dp", f"{mode} adds the noise itself (a share per site); disable "
                                          "training.optimizer.differential_privacy")

@@ -19,7 +19,7 @@ clip C, ``pack``) so that counts of up to ``COUNT_CAP`` rows sit in the roster's
 (noise past it is clipped: post-processing); with scale S the quantisation error of a K'-site sum
 is at most K'·COUNT_CAP/(2·S·C) per count.
 
-In a run (``union_planned``): the final test ``EvalTask`` of a sync run under secure aggregation
+In a run (``union_planned``): the final test ``EvalTask`` of a run under secure aggregation (sync or FedBuff)
 carries ``union_tag``; a site whose metrics policy is ``dp`` answers its own release as ever and,
 on the same ``EvalResult``, its masked union vector (``union_masked``) with the mask's sealed shares
 (``union_shares``), padded to the roster's length (``roster_length`` makes room for it).
@@ -51,14 +51,14 @@ def release_length(*, task: str, loss_name: str, outputs: int) -> int:
 
 
 def union_planned(experiment: Any) -> bool:
-    """The run's final test carries union vectors: secure aggregation in the sync loop (FedBuff's
-    buffers do not send it yet), a classification loss, no personalisation (a PersonalizeTask's
-    release is two models'), and a roster fine enough for counts: at least ``LEVELS_PER_COUNT``
+    """The run's final test carries union vectors: secure aggregation (the sync loop or FedBuff's
+    buffers: one final evaluation for both), a classification loss, no personalisation (a
+    PersonalizeTask's release is two models'), and a roster fine enough for counts: at least ``LEVELS_PER_COUNT``
     field levels per row (C x S >= 4 x COUNT_CAP; the pooled mode's gradient-sized rosters are
     not). The coordinator, the privacy plan and the site's ledger all ask this."""
     fed = experiment.federated
     sa = fed.secure_aggregation
-    return (sa is not None and fed.name != "FedBuff"
+    return (sa is not None
             and float(sa.clip) * float(sa.scale) >= LEVELS_PER_COUNT * COUNT_CAP
             and str(experiment.training.loss_function) in CLASSIFICATION_LOSSES
             and experiment.training.personalization is None)

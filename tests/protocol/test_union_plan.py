@@ -1,6 +1,6 @@
 """The privacy plan counts the final test's union release of a secure run (issue 22 item 5),
 exactly as the site's ledger charges it: one more metrics release, only where the run sends a
-union vector (sync secure aggregation, classification, no personalisation) and the site's
+union vector (secure aggregation, sync or FedBuff, classification, no personalisation) and the site's
 metrics policy is dp."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from protocol.config import load_experiment
 from protocol.dp_plan import release_entries
@@ -28,15 +30,16 @@ def _experiment(secure: bool = True, name: str | None = None, scale: float = 655
     return load_experiment(exp)
 
 
-def test_a_secure_sync_run_plans_the_union_release_as_the_site_charges_it():
-    plan = plan_run(_experiment(), n_train=100, policy=DP)
+@pytest.mark.parametrize("name", [None, "FedBuff"])
+def test_a_secure_run_plans_the_union_release_as_the_site_charges_it(name):
+    """The sync loop and FedBuff's buffers end with the same final test, union vector included."""
+    plan = plan_run(_experiment(name=name), n_train=100, policy=DP)
     charged = release_entries(DP) + union_release_entries(DP)  # site_worker/handlers.py's final EvalTask
     assert list(plan.final_fixed) == [tuple(e) for e in charged] and len(charged) == 2
 
 
 def test_no_union_release_is_planned_where_no_union_vector_is_sent():
     assert len(plan_run(_experiment(secure=False), n_train=100, policy=DP).final_fixed) == 1  # no secure sum
-    assert len(plan_run(_experiment(name="FedBuff"), n_train=100, policy=DP).final_fixed) == 1  # not wired there
     assert plan_run(_experiment(), n_train=100, policy=SitePolicy(metrics="exact")).final_fixed == ()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from protocol.config import load_experiment
+from protocol.policy import SitePolicy
 from protocol.secagg import skellam
 from protocol.secagg.rules import central_dim, central_rate, pooled_mu
 from simulator.run import simulate
@@ -47,6 +48,9 @@ def _planned(exp: dict) -> float:
 def _check(doc: dict, exp: dict, rounds: int) -> None:
     planned = _planned(exp)
     assert sorted(doc["epsilon"]) == ["site-1", "site-2", "site-3"]
+    from protocol.privacy_plan import secure_dp_epsilon  # the planner site check shows: the same figure
+
+    assert secure_dp_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(planned)
     for site, eps in doc["epsilon"].items():
         assert eps == pytest.approx(planned, rel=1e-9), site
     seen = doc["privacy"]["secure_aggregation"]

@@ -155,8 +155,13 @@ def test_the_pooled_block_is_validated_with_one_line_errors() -> None:
         load_experiment(with_dp)
     buff = _pooled_exp()
     buff["federated"]["name"] = "FedBuff"
-    buff["federated"]["parameters"]["buffer_size"] = 3
-    with pytest.raises(ConfigError, match="pooled takes one step a round"):
+    buff["federated"]["parameters"]["buffer_size"] = 4  # = max_sites: just inside (one update per site a buffer)
+    load_experiment(buff)
+    buff["federated"]["parameters"]["buffer_size"] = 5
+    with pytest.raises(ConfigError, match="^federated.parameters.buffer_size: 5 exceeds secure_aggregation.max_sites"):
+        load_experiment(buff)
+    buff["federated"]["name"] = "FedAsync"
+    with pytest.raises(ConfigError, match="^federated.name: FedAsync merges each update alone"):
         load_experiment(buff)
 
 

@@ -52,6 +52,9 @@ def _planned(exp: dict) -> float:
 def _check(doc: dict, exp: dict) -> None:
     planned = _planned(exp)
     assert planned <= 1.0
+    from protocol.privacy_plan import secure_dp_epsilon  # the planner site check shows: the same figure
+
+    assert secure_dp_epsilon(load_experiment(exp), SitePolicy(metrics="exact"), delta=1e-5) == pytest.approx(planned)
     assert sorted(doc["epsilon"]) == ["cleveland", "hungary", "switzerland", "va-long-beach"]
     for site, eps in doc["epsilon"].items():
         assert eps == pytest.approx(planned, rel=1e-9), site

@@ -34,18 +34,22 @@ HEART_DISEASE = Path(__file__).resolve().parents[2] / "examples" / "heart_diseas
 N, SIGMA, DELTA_SENS = 4, SitePolicy().union_noise_multiplier, math.sqrt(3.0)  # the union release's σ_u; binary: Δ = √3
 
 
-def _experiment() -> dict[str, Any]:
+def _experiment(aggregator: str = "FedAvg") -> dict[str, Any]:
     exp = json.loads(HEART_DISEASE.read_text())
     exp["training"]["rounds"] = 2
     exp["federated"]["parameters"].update(min_fit_clients=N, min_available_clients=N, fraction_eval=0.0)
+    if aggregator == "FedBuff":  # a buffer of K = N updates of N distinct sites per version
+        exp["federated"]["name"] = "FedBuff"
+        exp["federated"]["parameters"]["buffer_size"] = N
     exp["federated"]["secure_aggregation"] = {"min_contributors": N, "threshold": N // 2 + 1}
     exp["federated"]["round_timeout_s"] = 30.0
     return exp
 
 
-@pytest.fixture(scope="module")
-def run() -> dict[str, Any]:
-    rec: dict[str, Any] = {"exact": [], "shares": [], "frames": [], "reserved": [], "figures": [], "results": []}
+@pytest.fixture(scope="module", params=["FedAvg", "FedBuff"])
+def run(request: pytest.FixtureRequest) -> dict[str, Any]:
+    rec: dict[str, Any] = {"exact": [], "shares": [], "frames": [], "reserved": [], "figures": [], "results": [],
+                           "experiment": _experiment(request.param)}
     statistics, contribution, figures = sm.statistics, sm.union_contribution, secure_mod.union_figures
     union, publish, reserve = SecureSync.union, MemoryBus.publish, PrivacyLedger.reserve
 
@@ -84,7 +88,7 @@ def run() -> dict[str, Any]:
         mp.setattr(SecureSync, "union", rec_union)
         mp.setattr(MemoryBus, "publish", rec_publish)
         mp.setattr(PrivacyLedger, "reserve", rec_reserve)
-        rec["doc"] = simulate(_experiment(), sites=N, rounds=2, seed=3, progress=False, site_metrics="dp",
+        rec["doc"] = simulate(rec["experiment"], sites=N, rounds=2, seed=3, progress=False, site_metrics="dp",
                               reproducible_dp=True)
     return rec
 
@@ -92,6 +96,7 @@ def run() -> dict[str, Any]:
 def test_the_union_figures_come_from_the_secure_sum_with_the_noise_once(run):
     doc = run["doc"]
     final = doc["final"]
+    assert len(doc["rounds"]) == 2 and doc["rejected"] == [] and doc["declined"] == []
     assert final["union_source"] == "secure_sum" and doc["privacy"]["secure_aggregation"]["union_source"] == "secure_sum"
     assert "only the unmasked sum" in doc["privacy"]["secure_aggregation"]["metrics_saw"]
     assert len(run["shares"]) == N and len(run["figures"]) == 1
@@ -120,13 +125,16 @@ def test_the_union_interval_holds_the_exact_union_accuracy_and_is_narrower(run):
     assert np.abs(counts - exact).max() <= 6 * sd  # noise of SD σ·Δ on every count, no more
     truth = dp_figures.confusion_figures(exact[:4], 0.0)["accuracy"]
     lo, hi = final["ci"]["accuracy"]
-    assert lo <= truth <= hi, (lo, truth, hi)
+    tn, fp, fn, tp = (float(c) for c in run["figures"][0][1][:4])
     # the majority-class baseline comes from the same sum's class counts, with its interval (the
     # sites' own releases carry √N times the noise)
-    tn, fp, fn, tp = (float(c) for c in run["figures"][0][1][:4])
     assert final["majority_class_accuracy"] == pytest.approx(max(tn + fp, fn + tp) / (tn + fp + fn + tp), abs=0.02)
-    m_lo, m_hi = final["ci"]["majority_class_accuracy"]
-    assert m_lo <= dp_figures.confusion_figures(exact[:4], 0.0)["majority_class_accuracy"] <= m_hi
+    if run["experiment"]["federated"]["name"] == "FedAvg":
+        # a 95 % interval misses one time in twenty: checked on the sync run, deterministic at its seed
+        # (FedBuff's final model, and so its noise, depends on the order the sites' updates arrive in)
+        assert lo <= truth <= hi, (lo, truth, hi)
+        m_lo, m_hi = final["ci"]["majority_class_accuracy"]
+        assert m_lo <= dp_figures.confusion_figures(exact[:4], 0.0)["majority_class_accuracy"] <= m_hi
     width = hi - lo
     pooled = dp_figures.union(list(run["results"][0].values()))
     assert pooled is not None and width < pooled["accuracy_hi"] - pooled["accuracy_lo"]
@@ -138,9 +146,9 @@ def test_the_union_interval_holds_the_exact_union_accuracy_and_is_narrower(run):
 
 def test_each_site_charged_its_own_release_and_the_union_release_as_planned(run):
     policy = SitePolicy(metrics="dp")
-    exp = load_experiment(_experiment())
+    exp = load_experiment(run["experiment"])
     final = [entries for kind, entries in run["reserved"] if kind == "eval"]
-    assert len(final) == N
+    assert len(final) == N and len(run["reserved"]) == N  # the masked updates release nothing of their own
     planned = metrics_entries(policy) + union_entries(exp, policy)
     assert len(planned) == 2
     for entries in final:
@@ -172,12 +180,13 @@ def test_no_frame_a_site_publishes_carries_an_unmasked_union_vector(run):
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_on_rabbitmq_the_union_figures_come_from_the_secure_sum(amqp_url):
+@pytest.mark.parametrize("aggregator", ["FedAvg", "FedBuff"])
+def test_on_rabbitmq_the_union_figures_come_from_the_secure_sum(amqp_url, aggregator):
     """The same run with the sites as processes on RabbitMQ: the union from the secure sum, its noise
     σ·Δ once, each site's own release beside it, and nothing refused or declined."""
     import uuid
 
-    doc = simulate(_experiment(), sites=N, rounds=2, seed=3, progress=False, site_metrics="dp", broker=amqp_url,
+    doc = simulate(_experiment(aggregator), sites=N, rounds=2, seed=3, progress=False, site_metrics="dp", broker=amqp_url,
                    site_suffix=f"-{uuid.uuid4().hex[:6]}")
     final = doc["final"]
     assert final["union_source"] == "secure_sum" and doc["rejected"] == [] and doc["declined"] == []
