@@ -168,7 +168,8 @@ class Coordinator:
         finally:
             self._close_consumers()
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
-                              reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started)
+                              reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started,
+                              synchronous=self.agg.synchronous)
         peak = peak_rss_mb()
         if floor_mb is not None and peak is not None:
             result.memory = {"floor_mb": round(floor_mb, 1), "peak_mb": round(peak, 1), "model_mb": round(size_mb, 3)}

@@ -2084,3 +2084,12 @@ MUTANTS.extend([
         (f"{_POOLED_FEDBUFF}::test_a_pooled_fedbuff_run_steps_on_each_buffers_sum_and_charges_each_ledger_the_plan",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "async-run-reads-as-gaps", "an asynchronous run (FedBuff, FedAsync) that merged every update ends "
+        "\"completed\": a version's contributors are no gap, only declines are",
+        (Edit("coordinator/run.py", "                              synchronous=self.agg.synchronous)\n",
+              "                              synchronous=True)\n"),),
+        ("tests/coordinator/test_run_memory.py::test_fedbuff_run_steps_every_k_updates",),
+    ),
+])

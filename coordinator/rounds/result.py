@@ -20,11 +20,16 @@ COMPLETED_WITH_GAPS = "completed_with_gaps"  # ran to its end, but a sampled sit
 EXIT_WITH_GAPS = 3  # the CLI's exit code for it (0 completed, 1 failed, 2 bad input)
 
 
-def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]], *,
+         synchronous: bool = True) -> list[dict[str, Any]]:
     """Every (round, site) where a site asked to take part gave the round nothing: each sampled
     site of a committed round without an accepted update, and every decline (the final
     evaluation's included), with the reason: the site's decline, a late or rejected reply,
-    or no reply by the deadline. Sorted by round, then site."""
+    or no reply by the deadline. Sorted by round, then site.
+
+    An asynchronous loop (FedAsync, FedBuff) asks no site for a given version: a version's
+    sites are the contributors it merged (each update filed under the version it was trained
+    from), and a stale update is the loop working, so only declines are gaps there."""
     accepted = {(u["round"], u["site"]) for u in updates
                 if u["verdict"] == "accepted" and u.get("kind") in ("Update", "MaskedUpdate")}
     said: dict[tuple[int, str], str] = {}
@@ -35,7 +40,7 @@ def gaps(rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> list[di
             if key not in said or u["verdict"] == "declined":
                 said[key] = text
     out: dict[tuple[int, str], str] = {}
-    for r in rounds:
+    for r in rounds if synchronous else []:
         for site in r.get("sampled") or []:
             key = (int(r["round"]), site)
             if key not in accepted:
@@ -124,7 +129,7 @@ def announce_plan(ctx: RunContext, plan: dict[str, Any] | None, *, show: bool) -
 
 
 def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | None, status: str, reason: str | None,
-                 final: dict[str, Any], weights: Tensors, wall_s: float) -> RunResult:
+                 final: dict[str, Any], weights: Tensors, wall_s: float, synchronous: bool = True) -> RunResult:
     store, run_id = ctx.store, ctx.run_id
     rounds = store.rounds(run_id)
     rows = [{"round": r["round"], "loss": r["loss"], "accuracy": r["accuracy"], "auc": r["auc"],
@@ -153,7 +158,7 @@ def build_result(ctx: RunContext, *, aggregator: str, plan: dict[str, Any] | Non
         "aggregation_s": sum(r["aggregation_s"] or 0.0 for r in rounds),
     }
     last = rounds[-1] if rounds else None
-    missed = gaps(rounds, upd)
+    missed = gaps(rounds, upd, synchronous=synchronous)
     if status == COMPLETED and missed:
         status, reason = COMPLETED_WITH_GAPS, "completed with gaps: " + describe_gaps(missed)
     return RunResult(

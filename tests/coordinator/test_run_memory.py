@@ -191,6 +191,9 @@ def test_fedbuff_run_steps_every_k_updates(federation):
     rounds = store.rounds(result.run_id)
     assert [r["replies"] for r in rounds] == [2, 2]
     assert len(store.updates(result.run_id, verdict="accepted", kind="Update")) == 4
+    # every update merged: the run says "completed", not "completed with gaps" (each update is filed
+    # under the version it was trained from, one before the version that merged it)
+    assert result.status == "completed" and result.gaps == [], (result.status, result.gaps)
 
 
 def test_per_round_metrics_come_from_evaluation_tasks_when_fraction_eval_is_set(federation):

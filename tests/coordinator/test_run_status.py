@@ -35,3 +35,15 @@ def test_each_missing_round_is_named_with_its_reason():
 
 def test_a_site_not_sampled_is_no_gap():
     assert gaps([{"round": 1, "sampled": ["a"]}], [_u(1, "a", "accepted")]) == []
+
+
+def test_an_asynchronous_version_counts_its_contributors_and_only_declines_are_gaps():
+    """FedBuff/FedAsync file each update under the version it was trained from, and a version's
+    "sampled" sites are the contributors it merged: none of them is a gap (every FedBuff run once
+    ended "completed with gaps"), a stale reply is the loop working, and a decline still is one."""
+    rounds = [{"round": 1, "sampled": ["a", "b"]}, {"round": 2, "sampled": ["a", "b"]}]
+    ups = [_u(0, "a", "accepted"), _u(0, "b", "accepted"), _u(1, "a", "accepted"), _u(1, "b", "late", "stale"),
+           _u(1, "b", "accepted"), _u(2, "c", "declined", "budget: ε 41 > 40")]
+    assert gaps(rounds, ups, synchronous=False) == [{"round": 2, "site": "c", "reason": "declined: budget: ε 41 > 40"}]
+    # the same rows read as a synchronous run: round 2 has no accepted update of a or b
+    assert {(g["round"], g["site"]) for g in gaps(rounds, ups)} >= {(2, "a"), (2, "b")}
