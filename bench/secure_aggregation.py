@@ -115,6 +115,9 @@ def _mlp_experiment(n: int, params: int, secure: bool) -> dict:
         {"name": "Output Layer", "type": "output", "params": {"features": 1}, "readonly": True},
     ]
     exp["training"]["optimizer"].pop("differential_privacy", None)
+    # a site's default max_train_memory_mb (2048) bounds batch x parameters x 4 bytes: 256 rows at 1 M,
+    # 37 at 10 M (batch 256 at 10 M would ask 10 GB, and every site declines)
+    exp["training"]["batch_size"] = max(1, min(256, int(1.5e9 / (4 * params))))
     exp["federated"]["parameters"].update(min_fit_clients=n, min_available_clients=n, fraction_eval=0.0)
     exp["federated"]["round_timeout_s"] = 600
     if secure:
