@@ -188,6 +188,10 @@ def test_the_readme_deployment_verbatim_then_its_pages_in_chromium(tmp_path: Pat
         except subprocess.TimeoutExpired:
             os.killpg(walk.pid, signal.SIGKILL)
             rc = walk.wait(timeout=30)
+        try:  # a block that failed before its `kill` leaves its site daemons running in its process group
+            os.killpg(walk.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         err.close()
         from protocol.transport.provision import ProvisionError, deprovision
 
