@@ -1742,7 +1742,7 @@ MUTANTS.extend([
         "union-release-not-charged", "a site charges its union release to its ledger beside its own final release, "
         "as the privacy plan counts it",
         (Edit(HANDLERS,
-              "        entries = release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else [])\n",
+              "        entries = release_entries(policy) + (union_release_entries(policy) if union else [])\n",
               "        entries = release_entries(policy)\n"),),
         (f"{_UNION_RUN}::test_each_site_charged_its_own_release_and_the_union_release_as_planned",),
     ),

@@ -27,7 +27,7 @@ import structlog
 import torch
 
 from protocol.config import ConfigError, load_experiment
-from protocol.dp_plan import check_epochs, release_entries, site_plan
+from protocol.dp_plan import check_epochs, release_entries, site_plan, union_release_entries
 from protocol.messages import (Declined, Envelope, EvalResult, EvalTask, PersonalizeTask, StatsResult, StatsTask,
                                TrainTask, Update)
 from protocol.model import build_model, load_tensors, summarize, to_tensors
@@ -350,7 +350,7 @@ class TaskHandler:
                 secure_metrics.check_union(self.secagg, env)
             except SecAggRefused as e:
                 raise _Decline("secure_aggregation", str(e)) from None
-        entries = release_entries(policy) + (secure_metrics.union_release_entries(policy) if union else [])
+        entries = release_entries(policy) + (union_release_entries(policy) if union else [])
         projected = self._reserve(task.dataset, env, kind="eval", entries=entries, delta=policy.site_delta(data.rows),
                                   max_count=(policy.max_evaluations_per_run, "max_evaluations_per_run"))
         t0 = time.perf_counter()

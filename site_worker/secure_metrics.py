@@ -4,7 +4,7 @@ The site computes the same statistics vector as its own DP release (``site_worke
 adds only its share of the union's noise (SD σ_u·Δ/√K, σ_u = ``policy.union_noise_multiplier``, from its secret stream) and scales it for the
 field; ``SiteSecAgg.mask`` then masks it like an update, and the coordinator sees only the sum
 of at least K sites. The site's ledger charges it as one Gaussian release of multiplier σ_u
-(``union_release_entries``), a release of its own, apart from its per-site figures.
+(``protocol.dp_plan.union_release_entries``), a release of its own, apart from its per-site figures.
 
 In a run (``masked_union``): the final test ``EvalTask`` of a secure sync run carries ``union_tag``;
 the handler reserves both releases, releases the site's own figures as ever, and adds the masked
@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from protocol.dp_plan import History
-from protocol.dp_plan import union_release_entries as dp_union_entries
 from protocol.messages import Envelope, EvalTask
 from protocol.policy import SitePolicy
 from protocol.secagg import field as F
@@ -44,11 +42,6 @@ def union_contribution(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     layout, v, sens = statistics(model, x, y, loss_name=loss_name, task=task, clip=policy.metrics_loss_clip)
     sd = noise_share_sd(policy.union_noise_multiplier, sens, min_contributors)
     return layout, to_field(v + rng.standard_normal(len(v)) * sd), sd
-
-
-def union_release_entries(policy: SitePolicy) -> History:
-    """One union release: a Gaussian mechanism of multiplier σ_u (the noise of K honest shares)."""
-    return dp_union_entries(policy)
 
 
 def union_wanted(task: EvalTask, policy: SitePolicy) -> bool:
@@ -87,4 +80,4 @@ def masked_union(secagg: SecAggSite, env: Envelope, task: EvalTask, model: torch
     return fields, {"union_share_sd": float(sd), "union_loss_clip": float(policy.metrics_loss_clip)}
 
 
-__all__ = ["check_union", "masked_union", "union_contribution", "union_release_entries", "union_wanted"]
+__all__ = ["check_union", "masked_union", "union_contribution", "union_wanted"]

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from protocol.config import load_experiment
-from protocol.dp_plan import release_entries
+from protocol.dp_plan import release_entries, union_release_entries
 from protocol.policy import SitePolicy
 from protocol.privacy_plan import plan_run
-from site_worker.secure_metrics import union_release_entries
 
 HEART_FAILURE = Path(__file__).resolve().parents[2] / "examples" / "heart_failure.json"
 DP = SitePolicy(metrics="dp")

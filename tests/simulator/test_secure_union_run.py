@@ -20,7 +20,7 @@ from coordinator.rounds.secure import SecureSync
 from protocol import dp_figures
 from protocol.codec import decode_envelope, decode_frame
 from protocol.config import load_experiment
-from protocol.dp_plan import release_entries
+from protocol.dp_plan import release_entries, union_release_entries
 from protocol.policy import SitePolicy
 from protocol.privacy_plan import metrics_entries, union_entries
 from protocol.secagg import field as F
@@ -153,7 +153,7 @@ def test_each_site_charged_its_own_release_and_the_union_release_as_planned(run)
     assert len(planned) == 2
     for entries in final:
         assert [tuple(e) for e in entries] == [tuple(e) for e in planned]
-        assert [tuple(e) for e in entries] == [tuple(e) for e in release_entries(policy) + sm.union_release_entries(policy)]
+        assert [tuple(e) for e in entries] == [tuple(e) for e in release_entries(policy) + union_release_entries(policy)]
 
 
 def test_no_frame_a_site_publishes_carries_an_unmasked_union_vector(run):
