@@ -55,7 +55,7 @@ class MaskedSum:
     def add(self, site: str, tag: int, masked: np.ndarray) -> None:
         if (site, tag) in self.contributors:
             return  # a redelivered update is counted once
-        self.total = F.add(self.total, masked)
+        F.add(self.total, masked, out=self.total)
         self.contributors.append((site, tag))
 
 

@@ -2093,3 +2093,25 @@ MUTANTS.extend([
         ("tests/coordinator/test_run_memory.py::test_fedbuff_run_steps_every_k_updates",),
     ),
 ])
+_FIELD_CORE = "tests/protocol/test_secagg_core.py"
+MUTANTS.extend([
+    Mutant(
+        "field-reduce-one-fold", "the field's division-free reduction folds twice: one fold leaves values up to "
+        "2**32 that are not field elements",
+        (Edit("protocol/secagg/field.py", "    np.right_shift(x, 31, out=t)\n    np.bitwise_and(x, P, out=x)\n"
+              "    x += t  # <= p + 1\n", "    pass  # <= p + 1\n"),),
+        (f"{_FIELD_CORE}::test_reduce_equals_python_modulo_over_its_whole_domain_and_at_the_edges",),
+    ),
+    Mutant(
+        "combine-limb-join", "the fast share encoder joins its two limb products with 2**31 = 1 mod p: a wrong limb "
+        "mask gives wrong shares",
+        (Edit("protocol/secagg/coding.py", "        high &= 0x7FFF\n", "        high &= 0xFFFF\n"),),
+        (f"{_FIELD_CORE}::test_combine_equals_the_big_integer_product_up_to_and_past_its_float64_limit",),
+    ),
+    Mutant(
+        "combine-float64-past-64-terms", "float64 products stay exact only up to 64 terms: past that the encoder "
+        "falls back to integer products",
+        (Edit("protocol/secagg/coding.py", "_EXACT_TERMS = 64  #", "_EXACT_TERMS = 65  #"),),
+        (f"{_FIELD_CORE}::test_combine_equals_the_big_integer_product_up_to_and_past_its_float64_limit",),
+    ),
+])

@@ -361,7 +361,7 @@ class SiteSecAgg:
         coding = Coding(len(roster.sites), roster.threshold, roster.privacy, roster.length)
         total = np.zeros(coding.piece, dtype=np.int64)
         for s, t in wanted:
-            total = F.add(total, F.from_bytes(self._share(request.run_id, st, f"{s}\0{t}"), coding.piece))
+            F.add(total, F.from_bytes(self._share(request.run_id, st, f"{s}\0{t}"), coding.piece), out=total)
         out = F.to_bytes(total)
         st.used.extend([s, t] for s, t in wanted)
         write_atomic(self._share_path(request.run_id, f"\0answer\0{request.request_id}"), out, mode=0o600)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.secagg.field import P
+from protocol.secagg.field import P, reduce
 from protocol.secagg.masks import field_stream
 
 
@@ -59,13 +59,44 @@ def _powers(point: int, count: int) -> list[int]:
     return [pow(point, k, P) for k in range(count)]
 
 
-def _combine(coeffs: list[int], rows: np.ndarray) -> np.ndarray:
-    """sum_k coeffs[k] * rows[k] mod p, reducing after every product (int64-safe)."""
-    acc = np.zeros(rows.shape[1], dtype=np.int64)
-    for c, row in zip(coeffs, rows, strict=True):
-        if c:
-            acc = (acc + row * c) % P
-    return acc
+_EXACT_TERMS = 64  # float64 sums of products (< 2**31 x 2**16 each) stay exact (< 2**53) for up to 64 terms
+_BLOCK = 1 << 12  # columns per block: a block's limbs and products stay in cache, and BLAS on one thread
+
+
+def combine(matrix: list[list[int]], rows: np.ndarray) -> np.ndarray:
+    """``matrix @ rows mod p`` for field elements: (R x K) coefficients, (K x L) rows -> (R x L) int64.
+
+    Each row is split into 16-bit and 15-bit limbs and multiplied in float64 by BLAS: a product
+    of a coefficient (< 2**31) and a limb (< 2**16) is < 2**47, and a sum of up to 64 of them is
+    an integer below 2**53, which float64 holds exactly whatever the order of the additions. The
+    two limb products are joined in int64 (2**31 = 1 mod p) and reduced once (``field.reduce``). Past 64 terms it falls
+    back to one product and one reduction a term."""
+    coeffs = np.asarray(matrix, dtype=np.int64) % P
+    r, k = coeffs.shape
+    if rows.shape[0] != k:
+        raise ValueError(f"{k} coefficients a row but {rows.shape[0]} rows")
+    length = rows.shape[1]
+    out = np.empty((r, length), dtype=np.int64)
+    if k > _EXACT_TERMS:
+        for i in range(r):
+            acc = np.zeros(length, dtype=np.int64)
+            for c, row in zip(coeffs[i], rows, strict=True):
+                acc += row * int(c)
+                reduce(acc)
+            out[i] = acc
+        return out
+    m = coeffs.astype(np.float64)
+    for start in range(0, length, _BLOCK):
+        block = rows[:, start : start + _BLOCK]
+        high = (m @ (block >> 16).astype(np.float64)).astype(np.int64)  # limbs < 2**15: < 2**52
+        low = (m @ (block & 0xFFFF).astype(np.float64)).astype(np.int64)  # limbs < 2**16: < 2**53
+        # high * 2**16 = (high >> 15) * 2**31 + (high & 0x7fff) * 2**16, and 2**31 = 1 mod p
+        low += high >> 15
+        high &= 0x7FFF
+        high <<= 16
+        low += high  # < 2**53 + 2**37 + 2**31
+        out[:, start : start + _BLOCK] = reduce(low)
+    return out
 
 
 def mask_and_shares(key: bytes, coding: Coding) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +104,7 @@ def mask_and_shares(key: bytes, coding: Coding) -> tuple[np.ndarray, np.ndarray]
     u = coding.threshold
     stream = field_stream(key, u * coding.piece)
     pieces = stream.reshape(u, coding.piece)  # U - T mask pieces, then T noise pieces
-    shares = np.stack([_combine(_powers(j + 1, u), pieces) for j in range(coding.sites)])
+    shares = combine([_powers(j + 1, u) for j in range(coding.sites)], pieces)
     return stream[: coding.length], shares
 
 
@@ -110,9 +141,12 @@ def decode_sum(aggregated: dict[int, np.ndarray], coding: Coding) -> np.ndarray:
     for j in idx:
         if not 0 <= j < coding.sites:
             raise ValueError(f"share index {j} is outside the roster of {coding.sites}")
-    rows = np.stack([np.asarray(aggregated[j], dtype=np.int64) for j in idx])
-    if rows.shape != (u, coding.piece):
-        raise ValueError(f"aggregated shares must be {coding.piece} elements each, got {rows.shape[1:]}")
+    rows = np.empty((u, coding.piece), dtype=np.int64)
+    for i, j in enumerate(idx):
+        share = np.asarray(aggregated[j], dtype=np.int64)
+        if share.shape != (coding.piece,):
+            raise ValueError(f"aggregated shares must be {coding.piece} elements each, got {share.shape}")
+        rows[i] = share
     inv = _inverse([_powers(j + 1, u) for j in idx])
-    pieces = [_combine(inv[k], rows) for k in range(u - coding.privacy)]
-    return np.concatenate(pieces)[: coding.length]
+    pieces = combine(inv[: u - coding.privacy], rows)
+    return pieces.reshape(-1)[: coding.length]

@@ -79,11 +79,34 @@ def max_scale(clip: float, sites: int) -> float:
     return s
 
 
+def reduce(x: np.ndarray) -> np.ndarray:
+    """``x mod p`` in place for an int64 array with 0 <= x < 2**63 (a product plus a field element,
+    or a sum of up to 2**32 field elements): two Mersenne folds (x & p) + (x >> 31), then one conditional subtraction.
+    No division: about six times faster than ``np.mod`` on the 10 M-element vectors of a round."""
+    t = x >> 31
+    np.bitwise_and(x, P, out=x)
+    x += t  # < 2**32
+    np.right_shift(x, 31, out=t)
+    np.bitwise_and(x, P, out=x)
+    x += t  # <= p + 1
+    x -= P
+    return _wrap_negative(x, t)
+
+
+def _wrap_negative(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Add p, in place, where x < 0 (x in (-p, p)): the sign bit, spread by an arithmetic shift, masks p."""
+    t = np.right_shift(x, 63, out=scratch)
+    np.bitwise_and(t, P, out=t)
+    x += t
+    return x
+
+
 def quantise(values: np.ndarray, cfg: QuantConfig) -> np.ndarray:
     """Clip to [-C, C], scale, round to nearest, wrap into [0, P) (int64)."""
     v = np.clip(np.asarray(values, dtype=np.float64), -cfg.clip, cfg.clip)
-    q = np.rint(v * cfg.scale).astype(np.int64)
-    return np.mod(q, P)
+    v *= cfg.scale
+    q = np.rint(v, out=v).astype(np.int64)  # |q| <= max_level <= HALF
+    return _wrap_negative(q)
 
 
 def lift(elements: np.ndarray) -> np.ndarray:
@@ -97,12 +120,15 @@ def dequantise(elements: np.ndarray, cfg: QuantConfig) -> np.ndarray:
     return lift(elements).astype(np.float64) / cfg.scale
 
 
-def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.mod(np.asarray(a, dtype=np.int64) + np.asarray(b, dtype=np.int64), P)
+def add(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """(a + b) mod p for field vectors; ``out`` (may be ``a``) takes the result in place."""
+    s = np.add(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), out=out)
+    s -= P
+    return _wrap_negative(s)
 
 
 def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.mod(np.asarray(a, dtype=np.int64) - np.asarray(b, dtype=np.int64), P)
+    return _wrap_negative(np.asarray(a, dtype=np.int64) - np.asarray(b, dtype=np.int64))
 
 
 def to_bytes_array(elements: np.ndarray) -> np.ndarray:

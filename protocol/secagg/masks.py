@@ -30,12 +30,12 @@ def field_stream(key: bytes, n: int) -> np.ndarray:
     if len(key) != KEY_BYTES:
         raise ValueError(f"a mask key is {KEY_BYTES} bytes (256 bits), got {len(key)}")
     enc = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
-    out = np.empty(n, dtype=np.int64)
-    filled = 0
-    while filled < n:
-        want = n - filled + 8  # p is hit with probability 2**-31: almost never a second pass
-        words = np.frombuffer(enc.update(bytes(4 * want)), dtype="<u4").astype(np.int64) & P
-        words = words[words < P][: n - filled]
-        out[filled : filled + words.size] = words
-        filled += words.size
-    return out
+    words = np.frombuffer(enc.update(bytes(4 * n)), dtype="<u4").astype(np.int64)
+    words &= P
+    if not (words == P).any():  # p is hit with probability 2**-31 a word: almost always done here
+        return words
+    out = words[words < P]
+    while out.size < n:  # reject p and draw on from the same stream
+        more = np.frombuffer(enc.update(bytes(4 * (n - out.size + 8))), dtype="<u4").astype(np.int64) & P
+        out = np.concatenate([out, more[more < P]])
+    return out[:n]

@@ -169,3 +169,42 @@ def test_statements_verify_only_under_the_coordinators_key():
     s = sign(coord, req)
     with pytest.raises(BadSignature):
         verify(trust, s, UnmaskRequest("r", roster.digest(), "q1", (("site-a", 2),)), coordinator="coordinator")
+
+
+# ------------------------------------------------------------------ fast field arithmetic, at its edges
+def test_reduce_equals_python_modulo_over_its_whole_domain_and_at_the_edges():
+    rng = np.random.default_rng(7)
+    edges = [0, 1, F.P - 1, F.P, F.P + 1, 2 * F.P, 2 * F.P + 1, (1 << 32) - 1, 1 << 32, (1 << 62) - 1,
+             (1 << 62), (1 << 63) - 1]
+    for top in (1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1):
+        x = np.concatenate([np.array(edges, dtype=np.int64), rng.integers(0, top, 50_000, dtype=np.int64)])
+        want = [int(v) % F.P for v in x]
+        assert F.reduce(x.copy()).tolist() == want
+
+
+def test_add_sub_and_quantise_wrap_exactly_at_p():
+    a = np.array([0, 0, 1, F.P - 1, F.P - 1, F.P - 2, 5], dtype=np.int64)
+    b = np.array([0, F.P - 1, F.P - 1, 1, F.P - 1, 1, 7], dtype=np.int64)
+    assert F.add(a, b).tolist() == [(int(x) + int(y)) % F.P for x, y in zip(a, b)]
+    assert F.sub(a, b).tolist() == [(int(x) - int(y)) % F.P for x, y in zip(a, b)]
+    out = a.copy()
+    assert F.add(out, b, out=out) is out and out.tolist() == F.add(a, b).tolist()
+    cfg = F.QuantConfig(1.0, 65536.0, 4)
+    v = np.array([-2.0, -1.0, -1 / 65536, -0.4 / 65536, 0.0, 0.6 / 65536, 1.0, 2.0])
+    assert F.quantise(v, cfg).tolist() == [int(round(max(-1.0, min(1.0, x)) * 65536)) % F.P for x in v]
+
+
+@pytest.mark.parametrize("terms", [1, 7, 64, 65])
+def test_combine_equals_the_big_integer_product_up_to_and_past_its_float64_limit(terms):
+    from protocol.secagg.coding import combine
+
+    rng = np.random.default_rng(terms)
+    rows = rng.integers(0, F.P, (terms, 9_000), dtype=np.int64)
+    rows[:, :2] = F.P - 1  # the largest element in every limb
+    rows[:, 2] = F.P - 2  # odd limbs: an odd sum past 2**53 is where float64 would round
+    coeffs = [[F.P - 1] * terms, [F.P - 2] * terms] + [[int(c) for c in rng.integers(0, F.P, terms)] for _ in range(3)]
+    got = combine(coeffs, rows)
+    cols = list(range(0, 9_000, 251)) + [0, 1, 2, 4095, 4096, 8999]  # block edges included
+    for i, row in enumerate(coeffs):
+        assert [int(got[i, j]) for j in cols] == [sum(c * int(rows[k, j]) for k, c in enumerate(row)) % F.P
+                                                  for j in cols]
