@@ -53,7 +53,7 @@ def _check_file(store: StateStore, rel: str | None, sha: str | None, what: str, 
 
 def audit_run(store: StateStore, run_id: str) -> AuditReport:
     """Audit ``run_id``; the report lists every problem found (empty = the run verifies)."""
-    from protocol.codec import decode_envelope
+    from protocol.codec import decode_envelope, signed_digest
     from protocol.errors import ProtocolError
     from protocol.signing import TrustStore
 
@@ -85,7 +85,7 @@ def audit_run(store: StateStore, run_id: str) -> AuditReport:
         trust = TrustStore()
         trust.add(site, pem)
         try:
-            signer = trust.verify(u["kid"], body, bytes(u["signature"] or b""))
+            signer = trust.verify(u["kid"], signed_digest(body), bytes(u["signature"] or b""))
             env = decode_envelope(body)
         except ProtocolError as e:
             report.problems.append(f"{what}: {e.reason}: {e}")

@@ -1,9 +1,9 @@
 """Frames and envelopes on the wire (docs/design.md "Wire protocol").
 
-A frame is the msgpack map ``{v: 1, kid, body, sig}``; ``body`` is the msgpack of
+A frame is the msgpack map ``{v: 2, kid, body, sig}``; ``body`` is the msgpack of
 the envelope map ``{type, schema_version, message_id, federation, run_id, round,
-sender, recipient, sent_at, payload}`` and ``sig`` is Ed25519 over exactly those
-body bytes. The payload is a map of the message dataclass's fields; weights
+sender, recipient, sent_at, payload}`` and ``sig`` is Ed25519 over a fixed prefix and
+the SHA-256 of exactly those body bytes (``signed_digest``). The payload is a map of the message dataclass's fields; weights
 (``Tensors``) are an array of ``{name, dtype, shape, data}`` with ``data`` the raw
 little-endian buffer.
 
@@ -47,7 +47,12 @@ from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, DatasetInfo, Envelo
 from protocol.msgpack_view import as_byte_view, read_msgpack
 from protocol.signing import Signer, TrustStore
 
-FRAME_VERSION = 1
+FRAME_VERSION = 2
+# What a v2 frame's signature covers: this prefix, then sha256(body). Version 1 signed the body
+# itself: Ed25519 hashes its message twice with SHA-512, so signing a 100 MB update took 0.27 s and
+# verifying it 0.135 s, against 0.064 s for one SHA-256 pass (SHA-NI), whose digest the receiver
+# needs anyway (``Opened.body_sha256``). Collision resistance of SHA-256 is what binds the body.
+_SIGNED_PREFIX = b"fedbus frame v2: ed25519 over sha256(body)\0"
 # Tensor data starts at a multiple of ALIGN bytes into the body, and the body at a multiple
 # of ALIGN into the frame, so arrays decoded from a frame in an aligned buffer (any bytes
 # object) are aligned too. The padding is free: non-minimal (still valid) msgpack str
@@ -211,6 +216,11 @@ def decode_frame(
             raise UnsupportedSchemaVersion(
                 f"frame.v={v}: this fedbus speaks frame version {FRAME_VERSION}; upgrade the receiver"
             )
+        if v == 1:
+            raise UnsupportedSchemaVersion(
+                "frame.v=1: the sender is an older fedbus (version 1 signed the body itself, version 2 its "
+                "sha256); upgrade the sender"
+            )
         raise MalformedFrame(f"frame.v={v}: frame versions start at 1")
     kid = _str(tree["kid"], "frame.kid")
     body = tree["body"]
@@ -220,6 +230,11 @@ def decode_frame(
     if not isinstance(sig, memoryview):
         raise MalformedFrame(f"frame.sig: expected bin, got {_tname(sig)}")
     return v, kid, body, bytes(sig)
+
+
+def signed_digest(body: bytes | memoryview) -> bytes:
+    """The bytes a frame's Ed25519 signature covers: a fixed prefix and sha256(body)."""
+    return _SIGNED_PREFIX + hashlib.sha256(body).digest()
 
 
 def seal(envelope: Envelope, signer: Signer, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -254,7 +269,7 @@ def seal(envelope: Envelope, signer: Signer, *, limits: Limits = DEFAULT_LIMITS)
         raise
     except ProtocolError as e:
         raise TypeError(f"cannot send this {envelope.type}: {e}") from None
-    tail = b"\xa3sig" + msgpack.packb(bytes(signer.sign(body)))
+    tail = b"\xa3sig" + msgpack.packb(bytes(signer.sign(signed_digest(body))))
     if len(tail) != len(frame) - sig_at:
         raise ValueError(f"signature of unexpected length from key {signer.kid}")
     view[sig_at:] = tail
@@ -276,7 +291,8 @@ def open_frame(
     """
     view = as_byte_view(data)
     _, kid, body, sig = decode_frame(view, limits=limits)
-    identity = trust.verify(kid, body, sig)  # before a single payload byte is decoded
+    digest = hashlib.sha256(body).digest()
+    identity = trust.verify(kid, _SIGNED_PREFIX + digest, sig)  # before a single payload byte is decoded
     try:
         envelope = decode_envelope(body, limits=limits)
     except ProtocolError as e:
@@ -291,7 +307,7 @@ def open_frame(
         envelope=envelope,
         kid=kid,
         signer=identity,
-        body_sha256=hashlib.sha256(body).hexdigest(),
+        body_sha256=digest.hex(),
         frame_sha256=hashlib.sha256(view).hexdigest(),
         signature=sig,
         body=body,
@@ -707,6 +723,7 @@ def _decode_envelope_tree(tree: Any, limits: Limits) -> Envelope:
 __all__ = [
     "DTYPES",
     "FRAME_VERSION",
+    "signed_digest",
     "Opened",
     "new_envelope",
     "encode_envelope",

@@ -2115,3 +2115,14 @@ MUTANTS.extend([
         (f"{_FIELD_CORE}::test_combine_equals_the_big_integer_product_up_to_and_past_its_float64_limit",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "frame-digest-binds-part-of-body", "a v2 frame's signature covers sha256 of the WHOLE body: a digest of a "
+        "prefix would let the tail be swapped under a valid signature",
+        (Edit("protocol/codec.py", "    return _SIGNED_PREFIX + hashlib.sha256(body).digest()\n",
+              "    return _SIGNED_PREFIX + hashlib.sha256(body[:16]).digest()\n"),
+         Edit("protocol/codec.py", "    identity = trust.verify(kid, _SIGNED_PREFIX + digest, sig)",
+              "    identity = trust.verify(kid, _SIGNED_PREFIX + hashlib.sha256(body[:16]).digest(), sig)")),
+        ("tests/protocol/test_codec.py::test_the_signature_covers_the_bodys_sha256_under_the_v2_prefix_and_nothing_else_verifies",),
+    ),
+])

@@ -22,7 +22,7 @@ from protocol.secagg import field as F
 from protocol.secagg.statements import Roster, Signed, UnmaskRequest
 from protocol.signing import Signer, TrustStore
 from site_worker.config import SiteConfig
-from site_worker.secagg import SecAggRefused, SiteSecAgg, weighted_vector
+from site_worker.secagg import SecAggRefused, SiteSecAgg
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,23 @@ def room_for_union(values: np.ndarray, length: int) -> np.ndarray:
     if values.size >= length:
         return values  # equal, or too long: SiteSecAgg.mask refuses it (roster_mismatch)
     return np.concatenate([values, np.zeros(length - values.size, dtype=values.dtype)])
+
+
+def weighted_delta(trained: Tensors, task: Tensors, num_examples: int, max_weight: int, length: int) -> np.ndarray:
+    """``room_for_union(weighted_vector(flat(trained) - flat(task), ...), length)`` written into one
+    float64 buffer: at 10 M parameters the chain of concatenations made six 80 MB copies per round."""
+    size = sum(int(np.asarray(a).size) for _, a in trained)
+    out = np.zeros(max(length, size + 1), dtype=np.float64)
+    w = min(int(num_examples), int(max_weight)) / int(max_weight)
+    at = 0
+    for (_, a), (_, b) in zip(trained, task, strict=True):
+        n = int(np.asarray(a).size)
+        seg = out[at:at + n]
+        np.subtract(np.asarray(a).ravel(), np.asarray(b).ravel(), out=seg, dtype=np.float64)
+        seg *= w
+        at += n
+    out[at] = w
+    return out
 
 
 def flat(tensors: Tensors) -> np.ndarray:
@@ -136,11 +153,11 @@ class SecAggSite:
         names = [n for n, _ in global_weights]
         if [n for n, _ in update.weights] != names:
             return self._refused(env, "roster_mismatch", "the trained model's tensors are not the task's")
-        delta = flat(update.weights) - flat(global_weights)
-        values = weighted_vector(delta, update.num_examples, weight_cap)
         try:
+            values = weighted_delta(update.weights, global_weights, update.num_examples, weight_cap,
+                                    self.state.roster(env.run_id).length)
             tag = self.state.next_tag(env.run_id, env.round)
-            out = self.state.mask(env.run_id, tag, room_for_union(values, self.state.roster(env.run_id).length))
+            out = self.state.mask(env.run_id, tag, values)
         except SecAggRefused as e:
             return self._refused(env, e.rule, str(e))
         return MaskedUpdate(

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from protocol.codec import encode_envelope, encode_frame
+from protocol.codec import encode_envelope, encode_frame, signed_digest
 from protocol.messages import Declined, EvalResult, EvalTask, Update
 from tests.adversarial.site_harness import start_site, stop_site
 from tests.site_worker.support import initial_weights
@@ -80,7 +80,7 @@ def test_an_evaluation_of_the_training_rows_is_refused_on_the_wire_and_by_the_ha
                         deadline=time.time() + 600, split="validation")
         env = dataclasses.replace(coord.task_envelope(task), payload=dataclasses.replace(task, split="train"))
         body = encode_envelope(env)
-        coord.publish_frame(encode_frame(coord.signer.kid, body, coord.signer.sign(body)), env.message_id)
+        coord.publish_frame(encode_frame(coord.signer.kid, body, coord.signer.sign(signed_digest(body))), env.message_id)
         honest = coord.evaluate(exp, split="validation")  # answered next: the forged task got no reply
         assert isinstance(honest, EvalResult), honest
         dead = [d for d in get_broker(urlsplit(url).netloc).dead_letters() if d.message_id == env.message_id]

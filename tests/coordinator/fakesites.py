@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from protocol.codec import encode_envelope, encode_frame, new_envelope, open_frame, seal
+from protocol.codec import encode_envelope, encode_frame, new_envelope, open_frame, seal, signed_digest
 from protocol.messages import (Declined, EvalResult, EvalTask, PersonalizeTask, SiteHello, DatasetInfo, TrainTask,
                                Update)
 from protocol.signing import Signer, TrustStore
@@ -25,7 +25,7 @@ def seal_raw(env, signer: Signer) -> bytes:
     """Sign ``env`` as it is: unlike ``codec.seal`` (which refuses what receivers would), no checks.
     A lying site runs its own code, so the sender-side check is no defence: the receiver's is."""
     body = encode_envelope(env)
-    return encode_frame(signer.kid, body, signer.sign(body))
+    return encode_frame(signer.kid, body, signer.sign(signed_digest(body)))
 
 
 def offset_weights(task_weights, offset: float):

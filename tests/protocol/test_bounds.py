@@ -13,7 +13,7 @@ import pytest
 
 from protocol import bounds as B
 from protocol.chunking import Reassembler, split_body, window_chunks
-from protocol.codec import decode_envelope, encode_envelope, encode_frame, new_envelope, open_frame
+from protocol.codec import decode_envelope, encode_envelope, encode_frame, new_envelope, open_frame, signed_digest
 from protocol.errors import ChunkCapacity, ChunkError, MalformedFrame, OutOfBounds, ProtocolError
 from protocol.messages import MESSAGE_TYPES, DatasetInfo, SiteHello
 from protocol.signing import Signer, TrustStore
@@ -193,7 +193,7 @@ def test_the_minus_inf_policy_is_out_of_bounds_with_its_path() -> None:
     env = new_envelope(payload, federation="f", run_id="", round=0, sender="site-a", recipient="coordinator")
     body = encode_envelope(env)
     with pytest.raises(OutOfBounds, match=r"payload\.policy\.max_sample_rate: must be a finite number"):
-        open_frame(encode_frame(SIGNER.kid, body, SIGNER.sign(body)), TRUST)
+        open_frame(encode_frame(SIGNER.kid, body, SIGNER.sign(signed_digest(body))), TRUST)
 
 
 # ------------------------------------------------------------------------------ chunks

@@ -24,6 +24,7 @@ from protocol.codec import (
     new_envelope,
     open_frame,
     seal,
+    signed_digest,
 )
 from protocol.errors import (
     BadSignature,
@@ -80,7 +81,7 @@ def small_update(**kw) -> Update:
 
 def signed_body(body: bytes, signer: Signer = SIGNER) -> bytes:
     """A frame around hand-made body bytes, properly signed (tests the body checks, not the signature)."""
-    return encode_frame(signer.kid, body, signer.sign(body))
+    return encode_frame(signer.kid, body, signer.sign(signed_digest(body)))
 
 
 def body_dict(payload=None, **overrides) -> dict:
@@ -204,7 +205,7 @@ def test_alignment_padding_is_plain_msgpack():
     env = envelope(small_update(task_id="odd-length-id-x"))
     frame = seal(env, SIGNER)
     outer = msgpack.unpackb(frame)
-    assert sorted(outer) == ["body", "kid", "sig", "v"] and outer["v"] == 1 and outer["kid"] == SIGNER.kid
+    assert sorted(outer) == ["body", "kid", "sig", "v"] and outer["v"] == 2 and outer["kid"] == SIGNER.kid
     inner = msgpack.unpackb(outer["body"])
     assert inner["payload"]["task_id"] == "odd-length-id-x"
     assert [w["name"] for w in inner["payload"]["weights"]] == ["fc.weight", "fc.bias"]
@@ -233,7 +234,7 @@ def test_opened_carries_what_audit_needs():
     assert opened.body_sha256 == hashlib.sha256(body).hexdigest()
     assert opened.signature == sig
     # Re-verification later, from the stored body and signature alone:
-    assert TRUST.verify(opened.kid, bytes(opened.body), opened.signature) == SITE
+    assert TRUST.verify(opened.kid, signed_digest(bytes(opened.body)), opened.signature) == SITE
 
 
 def test_decode_envelope_alone_round_trips():
@@ -286,7 +287,7 @@ def test_signature_checked_before_the_body_is_decoded():
     # Garbage body signed with a wrong key: the signature fails first, body never parsed.
     junk = b"\xc1" * 50
     with pytest.raises(BadSignature):
-        open_frame(encode_frame(SIGNER.kid, junk, OTHER.sign(junk)), TRUST)
+        open_frame(encode_frame(SIGNER.kid, junk, OTHER.sign(signed_digest(junk))), TRUST)
     # The same garbage signed correctly reaches the decoder and is malformed.
     with pytest.raises(MalformedFrame):
         open_frame(signed_body(junk), TRUST)
@@ -301,7 +302,7 @@ def test_a_site_cannot_send_as_another_site():
 def test_wrong_signature_length_is_a_bad_signature():
     body = encode_envelope(envelope(small_update()))
     with pytest.raises(BadSignature, match="64 bytes"):
-        open_frame(encode_frame(SIGNER.kid, body, SIGNER.sign(body)[:63]), TRUST)
+        open_frame(encode_frame(SIGNER.kid, body, SIGNER.sign(signed_digest(body))[:63]), TRUST)
 
 
 # ---------------------------------------------------------------- malformed frames
@@ -330,14 +331,15 @@ def test_garbage_bytes_never_escape_as_other_exceptions(junk):
         (b"hello", MalformedFrame, "frame"),
         (b"\xc1", MalformedFrame, "invalid msgpack byte 0xc1"),
         (msgpack.packb([1, 2]), MalformedFrame, "expected a map"),
-        (msgpack.packb({"v": 1, "kid": "k", "body": b"", "sig": b"", "x": 1}), MalformedFrame, "unexpected field"),
-        (msgpack.packb({"v": 1, "kid": "k", "body": b""}), MalformedFrame, "frame.sig: missing"),
+        (msgpack.packb({"v": 2, "kid": "k", "body": b"", "sig": b"", "x": 1}), MalformedFrame, "unexpected field"),
+        (msgpack.packb({"v": 2, "kid": "k", "body": b""}), MalformedFrame, "frame.sig: missing"),
         (msgpack.packb({"v": "1", "kid": "k", "body": b"", "sig": b""}), MalformedFrame, "frame.v: expected int"),
-        (msgpack.packb({"v": 2, "kid": "k", "body": b"", "sig": b""}), UnsupportedSchemaVersion, "frame.v=2"),
+        (msgpack.packb({"v": 3, "kid": "k", "body": b"", "sig": b""}), UnsupportedSchemaVersion, "frame.v=3"),
+        (msgpack.packb({"v": 1, "kid": "k", "body": b"", "sig": b""}), UnsupportedSchemaVersion, "older fedbus"),
         (msgpack.packb({"v": 0, "kid": "k", "body": b"", "sig": b""}), MalformedFrame, "frame.v=0"),
-        (msgpack.packb({"v": 1, "kid": 5, "body": b"", "sig": b""}), MalformedFrame, "frame.kid: expected str"),
-        (msgpack.packb({"v": 1, "kid": "k", "body": "text", "sig": b""}), MalformedFrame, "frame.body: expected bin"),
-        (msgpack.packb({"v": 1, "kid": "k", "body": b"", "sig": b""}) + b"\x00", MalformedFrame, "trailing"),
+        (msgpack.packb({"v": 2, "kid": 5, "body": b"", "sig": b""}), MalformedFrame, "frame.kid: expected str"),
+        (msgpack.packb({"v": 2, "kid": "k", "body": "text", "sig": b""}), MalformedFrame, "frame.body: expected bin"),
+        (msgpack.packb({"v": 2, "kid": "k", "body": b"", "sig": b""}) + b"\x00", MalformedFrame, "trailing"),
         (msgpack.packb({1: 1}), MalformedFrame, "map key"),
         (b"\x82\xa1v\x01\xa1v\x01", MalformedFrame, "duplicate map key 'v'"),
         (msgpack.packb(msgpack.ExtType(5, b"abcd")), MalformedFrame, "ext type"),
@@ -607,3 +609,16 @@ def test_seal_builds_a_large_frame_once() -> None:
     got = open_frame(frame, trust).envelope.payload.weights
     np.testing.assert_array_equal(got[0][1], weights[0][1])
     assert peak < 1.25 * len(frame), f"peak {peak / 2**20:.1f} MiB for a {len(frame) / 2**20:.1f} MiB frame"
+
+
+def test_the_signature_covers_the_bodys_sha256_under_the_v2_prefix_and_nothing_else_verifies():
+    """Frame v2: Ed25519 over a fixed prefix and sha256(body). A signature over the body itself
+    (version 1), over the bare digest, or over the digest of another body is refused."""
+    env = envelope(small_update())
+    frame = seal(env, SIGNER)
+    _, kid, body, sig = decode_frame(frame)
+    assert TRUST.verify(kid, signed_digest(body), sig) == SITE
+    assert open_frame(frame, TRUST).body_sha256 == hashlib.sha256(body).hexdigest()
+    for wrong in (bytes(body), hashlib.sha256(body).digest(), signed_digest(bytes(body) + b"\x00")):
+        with pytest.raises(BadSignature):
+            open_frame(encode_frame(kid, body, SIGNER.sign(wrong)), TRUST)

@@ -84,3 +84,21 @@ def test_a_site_without_peer_keys_declines_to_join(tmp_path):
     site = _site(tmp_path, "site-a", Signer.generate(), coord, None)
     out = site.handle(_env(SecAggJoin(deadline=0.0), "site-a"))
     assert isinstance(out, Declined) and out.detail.startswith("not_enabled") and "peers_dir" in out.detail
+
+
+def test_the_one_buffer_weighted_delta_equals_the_chain_it_replaced():
+    """``weighted_delta`` writes ``[w * (trained - task)..., w, 0...]`` into one buffer; bit for bit what
+    ``room_for_union(weighted_vector(flat(trained) - flat(task), ...), length)`` gave, at, above and
+    below the roster's length (too short a roster: the vector stays longer, and masking refuses it)."""
+    from site_worker.secagg import weighted_vector
+    from site_worker.secagg_handlers import flat, room_for_union, weighted_delta
+
+    rng = np.random.default_rng(3)
+    trained = (("w", rng.normal(size=(3, 4)).astype(np.float32)), ("b", rng.normal(size=5).astype(np.float32)))
+    task = (("w", rng.normal(size=(3, 4)).astype(np.float32)), ("b", rng.normal(size=5).astype(np.float32)))
+    for rows, cap in ((37, 100), (500, 100)):
+        chain = weighted_vector(flat(trained) - flat(task), rows, cap)
+        for length in (chain.size - 1, chain.size, chain.size + 12):
+            want = room_for_union(chain, length)
+            got = weighted_delta(trained, task, rows, cap, length)
+            assert got.dtype == np.float64 and np.array_equal(got, want)
