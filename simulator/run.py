@@ -14,12 +14,14 @@ receives the coordinator's state directory and the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -170,6 +172,7 @@ def simulate(
     bins: int | None = None,
     site_metrics: str = "exact",
     site_test_fraction: float | None = None,
+    broker_users: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment over simulated sites; returns the docs/design.md result document.
 
@@ -197,7 +200,8 @@ def simulate(
                          target=target, seed=seed, site_suffix=site_suffix, rows=rows,
                          round_timeout_s=round_timeout_s, progress=progress, keep_work=keep_work, t_start=t_start,
                          reproducible_dp=reproducible_dp, site_budget=site_budget, cohort_only=cohort_only,
-                         bins=bins, site_metrics=site_metrics, site_test_fraction=site_test_fraction)
+                         bins=bins, site_metrics=site_metrics, site_test_fraction=site_test_fraction,
+                         broker_users=broker_users)
     finally:
         torch.set_num_threads(threads)
 
@@ -208,7 +212,8 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
               round_timeout_s: float | None, progress: bool, keep_work: bool | None, t_start: float,
               score_rounds_max_sites: int = 100, reproducible_dp: bool = False,
               site_budget: float | None = None, cohort_only: bool = False, bins: int | None = None,
-              site_metrics: str = "exact", site_test_fraction: float | None = None) -> dict[str, Any]:
+              site_metrics: str = "exact", site_test_fraction: float | None = None,
+              broker_users: bool = False) -> dict[str, Any]:
     exp = _load_experiment(experiment_path, seed=seed, rounds=rounds)
     run_seed = int(exp.training.seed)
     try:
@@ -250,80 +255,98 @@ def _simulate(experiment_path: Any, sites: int | None, partition: str, dataset: 
         work = Path(tempfile.mkdtemp(prefix="fedbus-sim-"))
         coord_state = work / "coordinator"
 
-    from simulator.workspace import build_workspace
+    with _site_users(url, list(ids.values()), enabled=broker_users and not memory) as site_urls:
+        from simulator.workspace import build_workspace
 
-    t_ws = time.perf_counter()
-    ws = build_workspace(
-        work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
-        dataset_name=exp.dataset.name, coordinator_state=coord_state,
-        dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
-        peers=exp.federated.secure_aggregation is not None, site_metrics=site_metrics,
-        site_test_fraction=site_test_fraction,
-    )
-    if cohort_only:
-        return _cohort_only(exp, ws, memory=memory, url=url, federation=federation, bins=bins, out_dir=out_dir,
-                            work=work, keep_work=keep_work, json_out=json_out, sites=ids, groups=part.groups)
-    fault_log = FaultLog()
-    try:
-        from simulator import privacy
-
-        planned = privacy.plan(exp, ws, input_shape=scoring.input_shape(exp))  # the coordinator shows and stores it
-        t_run = time.perf_counter()
-        result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
-                                         fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress,
-                                         privacy_plan=planned)
-        doc = _document(result)
-        final_weights = scoring.final_weights(result, coord_state, doc)
-        timing["setup_s"] = t_run - t_ws
-        t_score = time.perf_counter()
-        scorer = scoring.scorer(exp, ws)
-        scored = scorer(final_weights)
-        from simulator.history import enrich_rounds
-
-        # Per-round held-out scores cost one forward pass per round over those rows: skip for huge runs.
-        enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
-        timing["scoring_s"] = time.perf_counter() - t_score
-        # "final" is what each site reported on its own fixed test split (the global model and, when the
-        # experiment personalises, its personalised one), as `coordinator runs show` shows it. The
-        # simulator also keeps rows no site ever holds: the global model on those is "holdout".
-        doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
-                          "split": HOLDOUT_SPLIT}
-        scoring.holdout_personalized(doc, exp, ws)
-        dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
-        if dp_block is not None:
-            doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
-            doc["epsilon"] = dict(dp_block["epsilon"])
-        if baselines:
-            from simulator.baselines import run_baselines
-
-            rounds_run = int(exp.training.rounds)
-            t_base = time.perf_counter()
-            doc["baselines"] = run_baselines(
-                exp, train_files={s: f.train for s, f in ws.sites.items()},
-                test_files={s: f.test for s, f in ws.sites.items()}, rounds=rounds_run, seed=run_seed,
-                work_dir=ws.root,
-            )
-            timing["baselines_s"] = time.perf_counter() - t_base
-        doc.setdefault("timing", {})
-        doc["timing"] = {**timing, **{k: v for k, v in (doc.get("timing") or {}).items() if v is not None}}
-        doc["timing"]["simulate_s"] = time.perf_counter() - t_start
-        doc.update(
-            experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
-            seed=run_seed, federation=federation, reproducible_dp=reproducible_dp, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
-            sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
-            faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
+        t_ws = time.perf_counter()
+        ws = build_workspace(
+            work / tag, data=data, partition=part, site_ids=ids, federation=federation, broker_url=url,
+            dataset_name=exp.dataset.name, coordinator_state=coord_state,
+            dp_seed=run_seed if reproducible_dp else None, split_seed=run_seed, site_budget=site_budget,
+            peers=exp.federated.secure_aggregation is not None, site_metrics=site_metrics,
+            site_test_fraction=site_test_fraction, site_broker_urls=site_urls,
         )
-        if out_dir is not None:
-            from simulator.report import write_report
+        if cohort_only:
+            return _cohort_only(exp, ws, memory=memory, url=url, federation=federation, bins=bins, out_dir=out_dir,
+                                work=work, keep_work=keep_work, json_out=json_out, sites=ids, groups=part.groups)
+        fault_log = FaultLog()
+        try:
+            from simulator import privacy
 
-            scoring.save_model(out_dir, exp, final_weights)
-            write_report(doc, out_dir, experiment=exp.raw)
+            planned = privacy.plan(exp, ws, input_shape=scoring.input_shape(exp))  # the coordinator shows and stores it
+            t_run = time.perf_counter()
+            result, timing = _run_federation(exp, ws, memory=memory, url=url, federation=federation, plan=plan,
+                                             fault_log=fault_log, round_timeout_s=round_timeout_s, progress=progress,
+                                             privacy_plan=planned)
+            doc = _document(result)
+            final_weights = scoring.final_weights(result, coord_state, doc)
+            timing["setup_s"] = t_run - t_ws
+            t_score = time.perf_counter()
+            scorer = scoring.scorer(exp, ws)
+            scored = scorer(final_weights)
+            from simulator.history import enrich_rounds
+
+            # Per-round held-out scores cost one forward pass per round over those rows: skip for huge runs.
+            enrich_rounds(doc, state_dir=coord_state, scorer=scorer if len(ws.sites) <= score_rounds_max_sites else None)
+            timing["scoring_s"] = time.perf_counter() - t_score
+            # "final" is what each site reported on its own fixed test split (the global model and, when the
+            # experiment personalises, its personalised one), as `coordinator runs show` shows it. The
+            # simulator also keeps rows no site ever holds: the global model on those is "holdout".
+            doc["holdout"] = {**{k: v for k, v in scored.items() if k != "per_site"}, "per_site": scored["per_site"],
+                              "split": HOLDOUT_SPLIT}
+            scoring.holdout_personalized(doc, exp, ws)
+            dp_block = privacy.spent(exp, ws, run_id=doc["run_id"], planned=planned, reported=doc.get("epsilon"))
+            if dp_block is not None:
+                doc["privacy"] = {**(doc.get("privacy") or {}), **dp_block}  # keeps the coordinator's central DP
+                doc["epsilon"] = dict(dp_block["epsilon"])
+            if baselines:
+                from simulator.baselines import run_baselines
+
+                rounds_run = int(exp.training.rounds)
+                t_base = time.perf_counter()
+                doc["baselines"] = run_baselines(
+                    exp, train_files={s: f.train for s, f in ws.sites.items()},
+                    test_files={s: f.test for s, f in ws.sites.items()}, rounds=rounds_run, seed=run_seed,
+                    work_dir=ws.root,
+                )
+                timing["baselines_s"] = time.perf_counter() - t_base
+            doc.setdefault("timing", {})
+            doc["timing"] = {**timing, **{k: v for k, v in (doc.get("timing") or {}).items() if v is not None}}
+            doc["timing"]["simulate_s"] = time.perf_counter() - t_start
+            doc.update(
+                experiment=exp.name, dataset=data.name, partition=str(spec), broker="memory" if memory else redact(url),
+                seed=run_seed, federation=federation, reproducible_dp=reproducible_dp, coordinator_state=str(coord_state), work_dir=str(ws.root) if (out_dir is not None or keep_work) else None,
+                sites=sorted(ids.values()), site_groups={ids[s]: v for s, v in (part.groups or {}).items()} or None,
+                faults={"plan": plan.to_json(), "events": fault_log.events} if not plan.empty else None,
+            )
+            if out_dir is not None:
+                from simulator.report import write_report
+
+                scoring.save_model(out_dir, exp, final_weights)
+                write_report(doc, out_dir, experiment=exp.raw)
+        finally:
+            if out_dir is None and not keep_work:
+                shutil.rmtree(work, ignore_errors=True)
+        if json_out:
+            print(json.dumps(doc, default=_json_default))
+        return doc
+
+
+@contextlib.contextmanager
+def _site_users(url: str, sites: list[str], *, enabled: bool) -> Iterator[dict[str, str]]:
+    """Each site's own broker URL: a least-privilege broker user per site, as `fedbus broker provision`
+    makes them, deleted at the end. The coordinator's reassembly quotas are per broker user, so sites
+    sharing the admin user queue behind one another's large updates, as no deployment does."""
+    if not enabled:
+        yield {}
+        return
+    from protocol.transport.provision import deprovision, provision, user_url
+
+    creds = provision(url, sites=sites)
+    try:
+        yield {s: user_url(url, s, creds.passwords[s]) for s in sites}
     finally:
-        if out_dir is None and not keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    if json_out:
-        print(json.dumps(doc, default=_json_default))
-    return doc
+        deprovision(url, sites)
 
 
 def _cohort_only(exp: Experiment, ws: Any, *, memory: bool, url: str, federation: str, bins: int | None,

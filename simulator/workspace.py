@@ -105,8 +105,10 @@ def build_workspace(
     peers: bool = False,
     site_metrics: str = "exact",
     site_test_fraction: float | None = None,
+    site_broker_urls: dict[str, str] | None = None,
 ) -> Workspace:
-    """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id."""
+    """Keys, per-site files and configs, enrolment. ``site_ids`` maps partition site -> site id;
+    ``site_broker_urls``: a site's own broker URL (its own broker user), else ``broker_url``."""
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
     ckey, cpub = generate_keypair("coordinator", keys)
@@ -120,7 +122,8 @@ def build_workspace(
         cfg = home / "site.toml"
         cfg.write_text(
             site_toml(
-                site_id=sid, federation=federation, broker_url=broker_url, key=key, coordinator_pub=cpub,
+                site_id=sid, federation=federation, broker_url=(site_broker_urls or {}).get(sid, broker_url), key=key,
+                coordinator_pub=cpub,
                 state_dir=home / "state", dataset=dataset_name, train=train, target=data.target,
                 kind=data.kind, dp_seed=dp_seed, max_epsilon=site_budget, peers=peers, metrics=site_metrics,
                 test_fraction=site_test_fraction,

@@ -9,9 +9,12 @@ carries an unmasked update or a per-site training metric.
 from __future__ import annotations
 
 import json
+import shutil
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from protocol.transport.memory import MemoryBus
 from protocol.transport.topology import UPDATES
 from simulator.run import SimulationFailed, simulate
 from site_worker.secagg_handlers import SecAggSite, flat
+from tests.conftest import rabbitmqctl, rabbitmqctl_available
 
 HEART_FAILURE = Path(__file__).resolve().parents[2] / "examples" / "heart_failure.json"
 TRAINING_METRIC_KEYS = ("train_s", "samples_per_s", "steps", "before_", "after_", "n_val")
@@ -164,7 +168,16 @@ def test_secure_fedavg_on_rabbitmq_equals_the_in_memory_run(amqp_url, n, rounds)
     exp = _experiment(n, threshold=n // 2 + 1)
     kwargs: dict[str, Any] = dict(sites=n, rounds=rounds, seed=5, site_suffix=suffix, progress=False)
     mem = simulate(exp, **kwargs)
-    amqp = simulate(exp, broker=amqp_url, **kwargs)
+    # on RabbitMQ each site process logs in as its own least-privilege broker user, as deployed
+    amqp = simulate(exp, broker=amqp_url, broker_users=(n == 3), keep_work=(n == 3), **kwargs)
+    if n == 3:
+        admin = unquote(urlsplit(amqp_url).username or "")
+        for site in amqp["sites"]:
+            cfg = tomllib.loads((Path(amqp["work_dir"]) / "sites" / site / "site.toml").read_text())
+            assert unquote(urlsplit(cfg["broker_url"]).username or "") == site != admin
+        if rabbitmqctl_available():
+            assert not [s for s in amqp["sites"] if s in rabbitmqctl("list_users", "-q")]  # deleted after
+        shutil.rmtree(amqp["work_dir"], ignore_errors=True)
     assert [r["replies"] for r in amqp["rounds"]] == [n] * rounds and amqp["rejected"] == []
     assert [r["secure_aggregation"]["contributors"] for r in amqp["rounds"]] == [n] * rounds
     for key in ("loss", "accuracy"):
