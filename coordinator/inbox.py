@@ -58,7 +58,9 @@ def open_delivery(delivery: Delivery, trust: Any) -> Inbound:
     from protocol.errors import MalformedFrame, ProtocolError
 
     try:
-        return Inbound(delivery, opened=open_frame(delivery.body, trust))
+        # A reassembled frame's sha256 was verified chunk by chunk as it came (protocol.chunking).
+        return Inbound(delivery, opened=open_frame(delivery.body, trust,
+                                                   frame_sha256=getattr(delivery, "frame_sha256", None)))
     except ProtocolError as e:
         return Inbound(delivery, error=e)
     except Exception as e:  # noqa: BLE001 - a bug must reject the frame, not kill the consumer thread

@@ -40,10 +40,12 @@ class ModelRef:
         return self.sha256[:12]
 
 
-def iter_chunks(tensors: Tensors, *, chunk_size: int) -> Iterator[bytes]:
+def iter_chunks(tensors: Tensors, *, chunk_size: int) -> Iterator[bytes | memoryview]:
     """The model blob of ``tensors`` in chunks of ``chunk_size`` bytes (the last holds the rest).
 
-    One chunk-sized buffer at a time: the arrays are read through views, never copied whole.
+    A chunk that lies inside one array's data is a view of it (no copy: hashing a 400 MB model
+    copied it twice, chunk by chunk); one that straddles parts is gathered in one chunk-sized
+    buffer. Views are valid while ``tensors`` is unchanged (published weights never change).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -53,6 +55,10 @@ def iter_chunks(tensors: Tensors, *, chunk_size: int) -> Iterator[bytes]:
         view = memoryview(part).cast("B")
         pos = 0
         while pos < len(view):
+            if fill == 0 and len(view) - pos >= chunk_size:
+                yield view[pos:pos + chunk_size]
+                pos += chunk_size
+                continue
             n = min(chunk_size - fill, len(view) - pos)
             buf[fill:fill + n] = view[pos:pos + n]
             fill += n

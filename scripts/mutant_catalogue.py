@@ -1493,9 +1493,9 @@ MUTANTS.extend([
         (_INBOX_MEMORY,),
     ),
     Mutant(
-        "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed by reading its file, so its map stays "
-        "untouched (not resident) until the loop reads it",
-        (Edit("protocol/chunking.py", "            _verify_file(tid, t.file.fileno(), digest, total)\n"
+        "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed as its chunks come, never through its map, "
+        "so the map stays untouched (not resident) until the loop reads it",
+        (Edit("protocol/chunking.py",
               "            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n",
               "            whole = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n"
               "            _verify(tid, whole, digest, total)\n            return whole\n"),),
@@ -2091,5 +2091,27 @@ MUTANTS.extend([
         (Edit("coordinator/run.py", "                              synchronous=self.agg.synchronous)\n",
               "                              synchronous=True)\n"),),
         ("tests/coordinator/test_run_memory.py::test_fedbuff_run_steps_every_k_updates",),
+    ),
+])
+# ------------------------------------------------------------------ issue 23: the 100 M round, faster (big, 8 Dec)
+_RUNNING_HASH = "tests/protocol/test_chunking.py::test_the_running_hash_is_checked_before_a_body_is_handed_on_in_any_chunk_order"
+MUTANTS.extend([
+    Mutant(
+        "running-hash-not-checked", "a reassembled body is handed on only once the sha256 hashed chunk by chunk as "
+        "it came is the declared one",
+        (Edit("protocol/chunking.py", "        _check_digest(tid, t.hasher.hexdigest(), digest)\n", ""),),
+        (_RUNNING_HASH,),
+    ),
+    Mutant(
+        "running-hash-skips-early-chunks", "a chunk that came before those ahead of it is hashed (read back from its "
+        "buffer or spill file) once they are in, so any chunk order verifies",
+        (Edit("protocol/chunking.py", "    while t.hashed in t.parts:\n", "    while False:\n"),),
+        (_RUNNING_HASH,),
+    ),
+    Mutant(
+        "reassembled-frame-sha256-not-passed", "a frame reassembled from chunks carries the sha256 its bus verified "
+        "(the coordinator names it by that instead of hashing 400 MB again)",
+        (Edit("protocol/transport/memory.py", "            d.frame_sha256 = self._reasm.last_sha256\n", ""),),
+        ("tests/transport/test_conformance.py::test_chunked_frame_through_prefetch_one",),
     ),
 ])
