@@ -167,6 +167,7 @@ class Coordinator:
             self._log.error("run failed", reason=reason)
         finally:
             self._close_consumers()
+            self.inbox.bodies.close()  # the writer thread of stored bodies (coordinator/bodies.py)
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
                               reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started,
                               synchronous=self.agg.synchronous)

@@ -39,7 +39,7 @@ from protocol import bounds
 from protocol.errors import ChunkCapacity, ChunkError, ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 
-__all__ = ["split_body", "Reassembler", "SpilledChunk", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
+__all__ = ["split_body", "Reassembler", "SpillMap", "SpilledChunk", "spill_origin", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
            "MAX_USER_CHUNKS", "window_chunks"]
 
 HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
@@ -232,7 +232,9 @@ class Reassembler:
         if t.file is not None:
             # Mapped untouched: the body costs this process no memory until its reader reads it
             # (the coordinator opens one update at a time).
-            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))
+            whole = SpillMap(t.file.fileno(), total, prot=mmap.PROT_READ)
+            whole.file = t.file  # what ``spill_origin`` finds: the bytes' file, for a copy without the map
+            return memoryview(whole)
         return memoryview(t.buf)
 
     def _reserve(self, tid: str, key: str, owner: str, *, count: int, digest: str, total: int) -> None:
@@ -341,6 +343,29 @@ class Reassembler:
             self._user_chunks[t.user] -= t.count
             if not self._user_transfers[t.user]:
                 del self._user_transfers[t.user], self._user_reserved[t.user], self._user_chunks[t.user]
+
+
+class SpillMap(mmap.mmap):
+    """The read-only map of a complete spilled transfer, knowing its file (``spill_origin``)."""
+
+    file: Any = None
+
+
+def spill_origin(view: memoryview) -> tuple[Any, int] | None:
+    """``(file, offset)`` of the bytes ``view`` shows when they lie in a spilled transfer's file
+    (``view`` is, or is a slice of, a body ``Reassembler(spill=True)`` returned); else None. A
+    reader can then copy them from the file (in the kernel) instead of through the map."""
+    base = view.obj
+    if not isinstance(base, SpillMap) or base.file is None or not view.nbytes:
+        return None
+    import numpy as np
+
+    at = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+    start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    offset = at - start
+    if not 0 <= offset <= len(base) - view.nbytes:
+        return None
+    return base.file, offset
 
 
 class SpilledChunk:
