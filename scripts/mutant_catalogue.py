@@ -2115,3 +2115,25 @@ MUTANTS.extend([
         ("tests/transport/test_conformance.py::test_chunked_frame_through_prefetch_one",),
     ),
 ])
+_BODIES = "tests/coordinator/test_bodies.py"
+MUTANTS.extend([
+    Mutant(
+        "commit-before-bodies-durable", "every update body stored beside the run loop is durable before the commit "
+        "that records it",
+        (Edit("coordinator/rounds/context.py",
+              "        self.inbox.bodies.wait()  # every stored body durable before the rows that name them (bodies.py)\n",
+              ""),),
+        (f"{_BODIES}::test_the_round_commit_waits_for_every_stored_body_before_recording_them",),
+    ),
+    Mutant(
+        "body-write-error-swallowed", "a stored body that cannot be written fails the wait before the commit, "
+        "never silently",
+        (Edit("coordinator/bodies.py", "        if errors:\n            raise errors[0]\n", ""),),
+        (f"{_BODIES}::test_a_body_that_cannot_be_written_fails_the_wait_not_silently",),
+    ),
+    Mutant(
+        "body-copied-without-fsync", "a body copied from its spill file is fsynced before it is renamed into place",
+        (Edit("coordinator/bodies.py", "        os.fsync(fd)\n        os.close(fd)\n", "        os.close(fd)\n"),),
+        (f"{_BODIES}::test_a_spilled_body_is_copied_from_its_file_and_durable_once_wait_returns",),
+    ),
+])
