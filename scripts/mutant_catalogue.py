@@ -2137,3 +2137,12 @@ MUTANTS.extend([
         (f"{_BODIES}::test_a_spilled_body_is_copied_from_its_file_and_durable_once_wait_returns",),
     ),
 ])
+MUTANTS.append(
+    Mutant(
+        "body-hash-beside-wrong-bytes", "a large body hashed beside its signature check is named by the sha256 of "
+        "exactly its bytes",
+        (Edit("protocol/codec.py", "target=lambda: self._out.append(hashlib.sha256(data).hexdigest()),",
+              "target=lambda: self._out.append(hashlib.sha256(data[:len(data) // 2]).hexdigest()),"),),
+        ("tests/protocol/test_codec.py::test_a_large_body_is_hashed_beside_its_signature_check_and_named_right",),
+    ),
+)

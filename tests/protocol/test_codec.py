@@ -236,6 +236,28 @@ def test_opened_carries_what_audit_needs():
     assert TRUST.verify(opened.kid, bytes(opened.body), opened.signature) == SITE
 
 
+def test_a_large_body_is_hashed_beside_its_signature_check_and_named_right():
+    """From ``HASH_BESIDE_FROM`` the body's sha256 is computed in a thread while the signature is
+    checked: the name is the body's hash all the same, and a frame whose signature does not verify
+    is refused (the hash is never used, nothing is decoded), the thread joined."""
+    import threading
+
+    from protocol.codec import HASH_BESIDE_FROM
+
+    big = np.arange(HASH_BESIDE_FROM // 4 + 1000, dtype=np.float32)
+    frame = seal(envelope(small_update(weights=(("w", big),))), SIGNER)
+    _, _, body, _ = decode_frame(frame)
+    assert len(body) >= HASH_BESIDE_FROM
+    opened = open_frame(frame, TRUST)
+    assert opened.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert opened.frame_sha256 == hashlib.sha256(frame).hexdigest()
+    forged = bytearray(frame)
+    forged[len(frame) // 2] ^= 0x01  # inside the weights: the signature no longer verifies
+    with pytest.raises(BadSignature):
+        open_frame(bytes(forged), TRUST)
+    assert not any(t.name == "fedbus-body-sha256" for t in threading.enumerate())
+
+
 def test_decode_envelope_alone_round_trips():
     env = envelope(RunControl(action="abort", reason="operator"))
     assert decode_envelope(encode_envelope(env)) == env
