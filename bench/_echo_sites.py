@@ -45,6 +45,16 @@ NUM_EXAMPLES = 100  # what each Update claims; the hello announces ROWS >= every
 ROWS = 1000
 
 
+def _plus(w: Any, delta: float) -> np.ndarray:
+    """``w + delta``, in place where ``w`` is writable (a model resolved from the site's cache is its
+    own buffer, as a real site's optimizer updates its parameters in place); else a new array."""
+    a = np.asarray(w)
+    if a.flags.writeable:
+        a += np.asarray(delta, dtype=a.dtype)
+        return a
+    return a + np.asarray(delta, dtype=a.dtype)
+
+
 class EchoSite:
     """One instant-answer site on ``bus`` (which it owns: one connection per site on AMQP)."""
 
@@ -96,7 +106,7 @@ class EchoSite:
         stamps["opened"] = time.time()
         reply: Any
         if isinstance(p, TrainTask):
-            weights = tuple((n, (np.asarray(w) + np.asarray(0.001, dtype=np.asarray(w).dtype))) for n, w in p.weights)
+            weights = tuple((n, _plus(w, 0.001)) for n, w in p.weights)
             reply = Update(task_id=env.message_id, weights=weights, num_examples=NUM_EXAMPLES,
                            metrics={"train_s": 0.0, "after_loss": 0.5, "after_accuracy": 0.8, "n_val": 20.0},
                            epsilon=None, delta=None, base_round=p.base_round)
