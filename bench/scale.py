@@ -9,7 +9,7 @@ Three sweeps, each running the production ``Coordinator``:
   ``fedbus site run`` processes (DP training of the heart-failure MLP), coordinator peak RSS
   sampled from ``/proc``;
 * **model size, RabbitMQ** (10 K, 100 K, 1 M, 10 M, 50 M parameters, or ``--sizes``; frames over
-  8 MiB travel chunked) with 3 echo sites (``--sites 3,10``) in this process, each logged in as
+  8 MiB travel chunked) with 3 echo sites (``--sites 3,10``), each its own process logged in as
   its own broker user (``provision``, as deployed sites are; deleted after the point), and
   ``fedbus coordinator run`` as a child process. Per point: ``params``, ``model_mb``, ``sites``,
   ``round_s`` (median), ``coordinator_peak_rss_mb`` (VmHWM), ``coordinator_egress_mb_per_round``
@@ -282,12 +282,11 @@ def raw_pika_s(url: str, frame_bytes: int, copies: int) -> float:
 def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: int | None = None,
                 logs: Path | None = None) -> dict[str, Any]:
     """One model-size point on RabbitMQ: ``fedbus coordinator run`` (a child process: its peak RSS
-    and its bytes to and from the broker are its own) and ``sites`` echo sites in this process."""
+    and its bytes to and from the broker are its own) and ``sites`` echo sites, each its own process
+    (as deployed sites are: their hashing, signing and publishing do not share one GIL)."""
     from urllib.parse import urlsplit
 
-    from bench._echo_sites import EchoSite
-    from protocol.signing import Signer
-    from protocol.transport import open_bus
+    from bench._echo_sites import EchoProcess
     from protocol.transport.provision import deprovision, provision, user_url
     from tests.chaos.harness import Federation
 
@@ -300,14 +299,16 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
         # site id, least privilege): the coordinator's reassembly quotas are per broker user, so sites
         # sharing the bench's admin user would queue behind one another's updates, as no deployment does.
         creds = provision(fed.url, sites=fed.site_ids)
-        echo: list[EchoSite] = []
+        echo: list[EchoProcess] = []
+        timelines: dict[str, dict[str, Any]] = {}
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         try:
-            echo += [EchoSite(open_bus(user_url(fed.url, s, creds.passwords[s])), site_id=s,
-                              signer=Signer.from_file(fed.keys / f"{s}.key"), federation=fed.federation,
-                              coordinator_pub=fed.coordinator_pub.read_bytes(), dataset=doc["dataset"]["name"])
+            echo += [EchoProcess(url=user_url(fed.url, s, creds.passwords[s]), site_id=s, key=fed.keys / f"{s}.key",
+                                 federation=fed.federation, coordinator_pub=fed.coordinator_pub,
+                                 dataset=doc["dataset"]["name"], root=root / "echo", env=env, cwd=REPO)
                      for s in fed.site_ids]
             for e in echo:
-                e.start()
+                e.wait_ready()
             proc = fed.start_coordinator(fed.write_experiment(doc, f"scale-{fed.tag}.json"), run_id=f"scale-{fed.tag}")
             peak, wire = PeakRss(proc.pid), SocketBytes(proc.pid, urlsplit(fed.url).port or 5672)
             try:
@@ -317,18 +318,17 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             if rc != 0 or not out or out.get("status") != "completed":
                 raise RuntimeError(f"coordinator run failed ({rc}):\n{fed.diagnostics()}")
             log_text = fed.coordinator_log.read_text(errors="replace")
-            if logs is not None:  # the coordinator's own timeline (where a round's time goes)
-                logs.mkdir(parents=True, exist_ok=True)
-                name = f"{params}x{sites}"
-                shutil.copy(fed.coordinator_log, logs / f"coordinator-{name}.log")
-                (logs / f"timeline-{name}.json").write_text(json.dumps({
-                    "coordinator_wire": wire.series,
-                    "sites": {e.site_id: {"chunks": e.chunk_times, "tasks": e.timeline} for e in echo}}))
         finally:
             for e in echo:
-                e.stop()
-                e.bus.close()
+                timelines[e.site_id] = e.stop()
             deprovision(fed.url, sorted(creds.passwords))
+        if logs is not None:  # the coordinator's own timeline (where a round's time goes)
+            logs.mkdir(parents=True, exist_ok=True)
+            name = f"{params}x{sites}"
+            shutil.copy(fed.coordinator_log, logs / f"coordinator-{name}.log")
+            (logs / f"timeline-{name}.json").write_text(json.dumps({
+                "coordinator_wire": wire.series,
+                "sites": {s: {"chunks": t.get("chunks", []), "tasks": t.get("tasks", [])} for s, t in timelines.items()}}))
     shutil.rmtree(root, ignore_errors=True)  # checkpoints and stored bodies: GBs at 50 M parameters
     model_mb = n * 4 / 2**20
     done = max(1, len(out["rounds"]))
@@ -340,6 +340,7 @@ def point_model(params: int, sites: int, rounds: int, broker: str, *, hidden: in
             "egress_over_model": sent / 2**20 / done / model_mb,
             "raw_pika_s": raw_s, "round_over_raw_pika": statistics.median(r["wall_s"] for r in out["rounds"]) / raw_s,
             "round_s_each": [r["wall_s"] for r in out["rounds"]], "broker_users": "per site",
+            "echo_sites": "one process each",
             # Updates the coordinator's consumer refused for reassembly capacity and requeued (each is
             # received again: the bytes of its chunks that were in the window were dropped).
             "capacity_requeues": log_text.count("chunked transfer requeued for capacity"),

@@ -42,12 +42,24 @@ def save_tensors(path: Path, tensors: Tensors | dict[str, np.ndarray], *, metada
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        _write_safetensors(f, items, meta)
+        out = _Hashing(f)  # the file's sha256 from the bytes as written: the file is not read back
+        _write_safetensors(out, items, meta)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     durable.fsync_dir(path.parent)
-    return sha256_file(path)
+    return out.sha256.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what it writes (every byte goes through ``write``)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
 
 
 _DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",

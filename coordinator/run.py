@@ -51,7 +51,7 @@ from protocol.transport.topology import control_queue, updates_queue
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["COORDINATOR", "Coordinator", "RunFailed", "RunResult"]
+__all__ = ["COORDINATOR", "Coordinator", "RunFailed", "RunResult", "reassembly_budget"]
 
 
 class Coordinator:
@@ -138,7 +138,7 @@ class Coordinator:
         ctx = self._context()
         status, reason = "completed", None
         try:
-            self._open_consumers()
+            self._open_consumers(int(size_mb * 2**20))
             sites = ctx.available()
             self.store.set_run_sites(run_id, sites)
             ctx.sites = sites
@@ -167,6 +167,7 @@ class Coordinator:
             self._log.error("run failed", reason=reason)
         finally:
             self._close_consumers()
+            self.inbox.bodies.close()  # the writer thread of stored bodies (coordinator/bodies.py)
         result = build_result(ctx, aggregator=self.aggregator_name, plan=self.privacy_plan, status=status,
                               reason=reason, final=final, weights=weights, wall_s=time.monotonic() - started,
                               synchronous=self.agg.synchronous)
@@ -272,9 +273,13 @@ class Coordinator:
                 "secret": load_or_create_secret(self.store.dir / "secrets" / "central_dp.key")}
 
     # ------------------------------------------------------------------ bus
-    def _open_consumers(self) -> None:
+    def _open_consumers(self, model_bytes: int = 0) -> None:
         sites = self.restrict if self.restrict is not None else self.registry.enrolled()
         self.bus.declare(Topology(sites=sites, federations=[self.federation]))
+        spill_budget = getattr(self.bus, "spill_budget", None)  # AMQP: partial transfers wait on disk
+        if spill_budget is not None:
+            budget = spill_budget(reassembly_budget(len(sites), model_bytes))
+            self._log.debug("update reassembly budget", bytes=budget, sites=len(sites), model_bytes=model_bytes)
         self.inbox.refresh_trust()
         self._consumers.append(self.bus.consume(control_queue(self.federation), lambda d: on_control(
             d, inbox=self.inbox, store=self.store, registry=self.registry, log=self._log), prefetch=16))
@@ -293,3 +298,22 @@ class Coordinator:
 def _slug(name: str) -> str:
     s = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()).strip("-")
     return s[:40] or "run"
+
+
+UPDATE_OVERHEAD_BYTES = 1 << 20  # an update frame's envelope, metrics and signature beside its weights
+
+
+def reassembly_budget(sites: int, model_bytes: int, *, spill_dir: str | None = None) -> int:
+    """Bytes of updates the coordinator's consumer may reassemble at once: one update per site (so a
+    round's updates are received once, none refused for room and received again), capped by half the
+    free disk where partial transfers spill. The consumer's own default (1 GiB) stays the floor
+    (``AmqpBus.spill_budget`` never lowers it); each broker user's quota is one frame at most."""
+    import shutil
+    import tempfile
+
+    want = max(0, sites) * (max(0, model_bytes) + UPDATE_OVERHEAD_BYTES)
+    try:
+        free = shutil.disk_usage(spill_dir or tempfile.gettempdir()).free
+    except OSError:
+        return 0
+    return min(want, free // 2)

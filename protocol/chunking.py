@@ -39,7 +39,7 @@ from protocol import bounds
 from protocol.errors import ChunkCapacity, ChunkError, ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 
-__all__ = ["split_body", "Reassembler", "SpilledChunk", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
+__all__ = ["split_body", "Reassembler", "SpillMap", "SpilledChunk", "spill_origin", "ChunkError", "ChunkCapacity", "HEADER_FIELDS", "MAX_CHUNKS",
            "MAX_USER_CHUNKS", "window_chunks"]
 
 HEADER_FIELDS = ("transfer_id", "index", "count", "sha256", "total_size")
@@ -85,6 +85,11 @@ class _Transfer:
     parts: set[int] = field(default_factory=set)  # indexes received
     received: int = 0
     chunk_size: int = 0  # of every chunk but the last; 0 until a chunk tells it
+    # sha256 of the body so far, fed chunk by chunk in index order as chunks arrive (an out-of-order
+    # chunk is hashed once the chunks before it are in): the complete body is never read again to be
+    # verified, and the hashing happens while the rest of the transfer is still on the wire.
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0  # chunks 0 .. hashed-1 are in ``hasher``
 
 
 class Reassembler:
@@ -136,6 +141,9 @@ class Reassembler:
         # reference into its file): a consumer that keeps chunks for dead-lettering keeps this,
         # not a second copy of the chunk.
         self.last_view: memoryview | SpilledChunk | None = None
+        # The sha256 of the body ``add`` returned last, as verified here (hex); None when it returned none.
+        # It is the whole frame's hash: a receiver need not hash the body again to name it.
+        self.last_sha256: str | None = None
 
     @property
     def reserved_bytes(self) -> int:
@@ -158,12 +166,14 @@ class Reassembler:
         tid, index, count, digest, total = _check_header(header)
         size = len(data)
         self.last_view = None
+        self.last_sha256 = None
         if size == 0 and total > 0:
             raise _error(tid, f"transfer {tid}: chunk {index} of {count} is empty (total_size={total}); "
                               "only an empty body travels as one empty chunk")
         if count == 1:
             body = bytes(data)
             _verify(tid, body, digest, total)
+            self.last_sha256 = digest
             return body
         owner = user or ""
         # Transfer ids are chosen by senders: one user's chunks never join another user's transfer.
@@ -208,19 +218,24 @@ class Reassembler:
             self.last_view = memoryview(t.buf)[at:at + size]
         t.parts.add(index)
         t.received += size
+        _hash_ready(t, index, data)
         if len(t.parts) < t.count:
             return None
         self._drop(key)
         if t.received != t.total_size:
             raise _error(tid, f"transfer {tid}: got {t.received} bytes, declared {t.total_size}")
+        if t.hashed != t.count:  # cannot happen (every index is in ``parts``): never hand on an unhashed body
+            raise _error(tid, f"transfer {tid}: {t.count - t.hashed} chunk(s) not hashed")
+        # Verified from the running hash (fed as the chunks came) before the body is handed on.
+        _check_digest(tid, t.hasher.hexdigest(), digest)
+        self.last_sha256 = digest
         if t.file is not None:
-            # Hashed from the file in blocks, then mapped untouched: the body costs this process
-            # no memory until its reader reads it (the coordinator opens one update at a time).
-            _verify_file(tid, t.file.fileno(), digest, total)
-            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))
-        view = memoryview(t.buf)
-        _verify(tid, view, digest, total)
-        return view
+            # Mapped untouched: the body costs this process no memory until its reader reads it
+            # (the coordinator opens one update at a time).
+            whole = SpillMap(t.file.fileno(), total, prot=mmap.PROT_READ)
+            whole.file = t.file  # what ``spill_origin`` finds: the bytes' file, for a copy without the map
+            return memoryview(whole)
+        return memoryview(t.buf)
 
     def _reserve(self, tid: str, key: str, owner: str, *, count: int, digest: str, total: int) -> None:
         who = f"user {owner!r}" if owner else "unauthenticated senders"
@@ -330,6 +345,29 @@ class Reassembler:
                 del self._user_transfers[t.user], self._user_reserved[t.user], self._user_chunks[t.user]
 
 
+class SpillMap(mmap.mmap):
+    """The read-only map of a complete spilled transfer, knowing its file (``spill_origin``)."""
+
+    file: Any = None
+
+
+def spill_origin(view: memoryview) -> tuple[Any, int] | None:
+    """``(file, offset)`` of the bytes ``view`` shows when they lie in a spilled transfer's file
+    (``view`` is, or is a slice of, a body ``Reassembler(spill=True)`` returned); else None. A
+    reader can then copy them from the file (in the kernel) instead of through the map."""
+    base = view.obj
+    if not isinstance(base, SpillMap) or base.file is None or not view.nbytes:
+        return None
+    import numpy as np
+
+    at = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+    start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    offset = at - start
+    if not 0 <= offset <= len(base) - view.nbytes:
+        return None
+    return base.file, offset
+
+
 class SpilledChunk:
     """A received chunk's bytes in its transfer's spill file, read back only to dead-letter it."""
 
@@ -366,20 +404,22 @@ def _check_digest(tid: str, got: str, digest: str) -> None:
         raise _error(tid, f"transfer {tid}: sha256 mismatch (corrupted chunk): got {got}, expected {digest}")
 
 
-_HASH_BLOCK = 1 << 20
-
-
-def _verify_file(tid: str, fd: int, digest: str, total: int) -> None:
-    """``_verify`` over a spill file, read in 1 MiB blocks (one block of memory, no mapping)."""
-    h, at, block = hashlib.sha256(), 0, bytearray(_HASH_BLOCK)
-    view = memoryview(block)
-    while at < total:
-        n = os.preadv(fd, [view[: min(_HASH_BLOCK, total - at)]], at)
-        if n <= 0:
-            raise _error(tid, f"transfer {tid}: body has {at} bytes, declared {total}")
-        h.update(view[:n])
-        at += n
-    _check_digest(tid, h.hexdigest(), digest)
+def _hash_ready(t: _Transfer, index: int, data: bytes | bytearray | memoryview) -> None:
+    """Feed ``t.hasher`` every chunk now contiguous from its last hashed one: ``data`` when it is the
+    next in order (the usual case: one publisher sends a transfer in order), then any that came early,
+    read back from the transfer's buffer or spill file."""
+    if index != t.hashed:
+        return
+    t.hasher.update(data)
+    t.hashed += 1
+    while t.hashed in t.parts:
+        at = t.hashed * t.chunk_size
+        size = min(t.chunk_size, t.total_size - at)
+        if t.file is not None:
+            t.hasher.update(os.pread(t.file.fileno(), size, at))
+        else:
+            t.hasher.update(memoryview(t.buf)[at:at + size])
+        t.hashed += 1
 
 
 def _chunk_size(known: int, *, index: int, count: int, total: int, size: int) -> int:

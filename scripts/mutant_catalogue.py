@@ -1493,9 +1493,9 @@ MUTANTS.extend([
         (_INBOX_MEMORY,),
     ),
     Mutant(
-        "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed by reading its file, so its map stays "
-        "untouched (not resident) until the loop reads it",
-        (Edit("protocol/chunking.py", "            _verify_file(tid, t.file.fileno(), digest, total)\n"
+        "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed as its chunks come, never through its map, "
+        "so the map stays untouched (not resident) until the loop reads it",
+        (Edit("protocol/chunking.py",
               "            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n",
               "            whole = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n"
               "            _verify(tid, whole, digest, total)\n            return whole\n"),),
@@ -2124,5 +2124,49 @@ MUTANTS.extend([
          Edit("protocol/codec.py", "    identity = trust.verify(kid, _SIGNED_PREFIX + digest, sig)",
               "    identity = trust.verify(kid, _SIGNED_PREFIX + hashlib.sha256(body[:16]).digest(), sig)")),
         ("tests/protocol/test_codec.py::test_the_signature_covers_the_bodys_sha256_under_the_v2_prefix_and_nothing_else_verifies",),
+    ),
+])
+# ------------------------------------------------------------------ issue 23: the 100 M round, faster (big, 8 Dec)
+_RUNNING_HASH = "tests/protocol/test_chunking.py::test_the_running_hash_is_checked_before_a_body_is_handed_on_in_any_chunk_order"
+MUTANTS.extend([
+    Mutant(
+        "running-hash-not-checked", "a reassembled body is handed on only once the sha256 hashed chunk by chunk as "
+        "it came is the declared one",
+        (Edit("protocol/chunking.py", "        _check_digest(tid, t.hasher.hexdigest(), digest)\n", ""),),
+        (_RUNNING_HASH,),
+    ),
+    Mutant(
+        "running-hash-skips-early-chunks", "a chunk that came before those ahead of it is hashed (read back from its "
+        "buffer or spill file) once they are in, so any chunk order verifies",
+        (Edit("protocol/chunking.py", "    while t.hashed in t.parts:\n", "    while False:\n"),),
+        (_RUNNING_HASH,),
+    ),
+    Mutant(
+        "reassembled-frame-sha256-not-passed", "a frame reassembled from chunks carries the sha256 its bus verified "
+        "(the coordinator names it by that instead of hashing 400 MB again)",
+        (Edit("protocol/transport/memory.py", "            d.frame_sha256 = self._reasm.last_sha256\n", ""),),
+        ("tests/transport/test_conformance.py::test_chunked_frame_through_prefetch_one",),
+    ),
+])
+_BODIES = "tests/coordinator/test_bodies.py"
+MUTANTS.extend([
+    Mutant(
+        "commit-before-bodies-durable", "every update body stored beside the run loop is durable before the commit "
+        "that records it",
+        (Edit("coordinator/rounds/context.py",
+              "        self.inbox.bodies.wait()  # every stored body durable before the rows that name them (bodies.py)\n",
+              ""),),
+        (f"{_BODIES}::test_the_round_commit_waits_for_every_stored_body_before_recording_them",),
+    ),
+    Mutant(
+        "body-write-error-swallowed", "a stored body that cannot be written fails the wait before the commit, "
+        "never silently",
+        (Edit("coordinator/bodies.py", "        if errors:\n            raise errors[0]\n", ""),),
+        (f"{_BODIES}::test_a_body_that_cannot_be_written_fails_the_wait_not_silently",),
+    ),
+    Mutant(
+        "body-copied-without-fsync", "a body copied from its spill file is fsynced before it is renamed into place",
+        (Edit("coordinator/bodies.py", "        os.fsync(fd)\n        os.close(fd)\n", "        os.close(fd)\n"),),
+        (f"{_BODIES}::test_a_spilled_body_is_copied_from_its_file_and_durable_once_wait_returns",),
     ),
 ])

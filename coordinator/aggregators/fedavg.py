@@ -38,22 +38,28 @@ class WeightedSum:
         # model alive for the whole run, a fourth model in the coordinator (issue 23).
         self.reference: Tensors = tuple((n, np.empty(0, dtype=np.asarray(a).dtype)) for n, a in reference)
         self._axpy = _saxpy() if accumulator == "float32" else None
-        self.acc = [
-            np.zeros(a.shape, dtype=np.float32 if (self._axpy is not None and a.dtype == np.float32) else np.float64)
-            for _, a in reference
-        ]
+        self._shapes = [(np.shape(a), np.float32 if (self._axpy is not None and np.asarray(a).dtype == np.float32)
+                         else np.float64) for _, a in reference]
+        self.acc = self._zeros()
         self.total = 0.0
         self.count = 0
         self._scratch = np.empty(_CHUNK, dtype=np.float64)
 
+    def _zeros(self) -> list[np.ndarray]:
+        # Fresh zeroed buffers (calloc: pages the kernel zeroes as the first add writes them) rather
+        # than ``fill(0)``, a pass over the model on the round's critical path.
+        return [np.zeros(shape, dtype=dtype) for shape, dtype in self._shapes]
+
     def reset(self) -> None:
-        for a in self.acc:
-            a.fill(0.0)
+        self.acc = []  # the old sum freed before the new one is made: never two accumulators
+        self.acc = self._zeros()
         self.total = 0.0
         self.count = 0
 
     def add(self, weights: Tensors, weight: float) -> None:
         """``acc += weight · w`` per tensor, never allocating a model-sized temporary."""
+        if not self.acc:  # handed over by take_mean
+            self.acc = self._zeros()
         for acc, (_, w) in zip(self.acc, weights, strict=True):
             a = acc.reshape(-1)
             x = np.asarray(w).reshape(-1)
@@ -76,6 +82,20 @@ class WeightedSum:
             raise ValueError("no weight was added to the sum (every update had num_examples = 0?)")
         return like(self.reference, [a / self.total for a in self.acc])
 
+    def take_mean(self) -> Tensors:
+        """``mean()`` divided in place in the accumulator, which is handed over as the mean: no new
+        model-sized buffer at the end of a round (0.3-0.5 s at 100 M parameters, on the round's
+        critical path). The sum is then empty: the next ``reset`` or ``add`` makes a new accumulator."""
+        if self.total <= 0:
+            raise ValueError("no weight was added to the sum (every update had num_examples = 0?)")
+        if any(a.dtype != r.dtype for a, (_, r) in zip(self.acc, self.reference, strict=True)):
+            return self.mean()  # a float64 sum of float32 weights: the cast makes a new buffer anyway
+        out, self.acc = self.acc, []
+        for a in out:
+            np.divide(a, self.total, out=a)
+        self.total, self.count = 0.0, 0
+        return like(self.reference, out)
+
 
 @register("FedAvg")
 class FedAvg(Aggregator):
@@ -97,4 +117,4 @@ class FedAvg(Aggregator):
         self._sum.add(contribution.weights, float(contribution.num_examples))
 
     def finish_round(self) -> Tensors:
-        return self._sum.mean()
+        return self._sum.take_mean()  # the sum is reset by the next begin_round

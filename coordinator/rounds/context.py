@@ -106,6 +106,7 @@ class RunContext:
             checkpoint_path=str(ck.relative_to(self.store.dir)), checkpoint_sha256=sha,
             agg_state_path=st_path, agg_state_sha256=st_sha,
         )
+        self.inbox.bodies.wait()  # every stored body durable before the rows that name them (bodies.py)
         self.store.commit_round(row, [h.row for h in held.values()])
         for h in held.values():  # only now is every held update's effect durable
             h.delivery.ack()

@@ -162,6 +162,7 @@ class Evaluation:
             else:
                 ctx.log.warning("union metrics from the per-site releases, not a secure sum", reason=why)
                 source = f"per_site_releases ({why})"
+        ctx.inbox.bodies.wait()  # every stored body durable before the rows that name them (bodies.py)
         ctx.store.record([h.row for h in held.values()])
         for h in held.values():
             h.delivery.ack()

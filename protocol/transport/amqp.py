@@ -96,6 +96,17 @@ class AmqpBus(Bus):
         self._consumers: list[AmqpConsumer] = []
         self._closed = False
 
+    def spill_budget(self, max_bytes: int) -> int:
+        """Let consumers opened from now on reassemble up to ``max_bytes`` of partial transfers at
+        once (never less than the bus was opened with); returns the budget in force.
+
+        An AMQP consumer's partial transfers wait in unlinked temporary files, not in its memory
+        (``Reassembler(spill=True)``), so this is a bound on disk; each broker user keeps its own
+        quota (half the budget, at most one frame: ``max_user_bytes``) and 8 transfers.
+        """
+        self.reassembly["max_bytes"] = max(int(self.reassembly["max_bytes"]), int(max_bytes))
+        return int(self.reassembly["max_bytes"])
+
     # -- Bus ------------------------------------------------------------------------------
     def declare(self, topology: Topology) -> None:
         self._check_open()

@@ -61,6 +61,9 @@ class Delivery(abc.ABC):
     headers: dict[str, Any]
     redelivered: bool
     user_id: str | None  # the broker-vouched sender (AMQP user_id) where available
+    # sha256 (hex) of ``body``, set only by a bus that verified it while reassembling a chunked
+    # transfer (protocol.chunking): a receiver names the frame by it instead of hashing it again.
+    frame_sha256: str | None = None
 
     @abc.abstractmethod
     def ack(self) -> None:

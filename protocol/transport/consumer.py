@@ -55,6 +55,7 @@ from protocol.transport.base import (
 from protocol.transport.connector import TRANSIENT, backoff, permission_error, refusal_of
 from protocol.transport.delivery import AmqpDelivery, Raw
 from protocol.transport.layout import QUEUE_HEADER, USER_HEADER, chunk_header_from_amqp, orphan_chunk_headers
+from protocol.transport.receive import tune_receive
 from protocol.transport.topology import DLX, REASON_HEADER
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class AmqpConsumer(Consumer):
         self.prefetch = prefetch
         self.error: BusPermissionError | None = None
         self.reconnects = 0  # connections re-established after a loss (monitoring, tests)
+        self.recv_tuned = False  # whether the current connection reads RECV_BYTES per recv (receive.py)
         self.broker_cancels = 0  # basic.cancel notifications received (queue deleted)
         self.resubscribes = 0  # consumes renewed after a broker cancel
         self._connected_once = False
@@ -138,6 +140,7 @@ class AmqpConsumer(Consumer):
             what = f"connecting to the broker as consumer of queue {self.queue!r}"
             try:
                 self._conn, _ = self.bus.connector.open(what)
+                self.recv_tuned = tune_receive(self._conn)  # frames in one or two reads, not 32 (receive.py)
                 self._ch = self._conn.channel()
                 self._gen += 1
                 with self._ops_lock:  # operations for the old connection are void
@@ -483,7 +486,10 @@ class AmqpConsumer(Consumer):
             holds.pop(key, None)
             refusals.pop(key, None)
             hold.raws.sort(key=lambda r: r.chunk["index"] if r.chunk else 0)
-            self._call(AmqpDelivery(self, hold.raws, whole))
+            delivery = AmqpDelivery(self, hold.raws, whole)
+            delivery.frame_sha256 = reasm.last_sha256  # verified by ``add`` before it returned ``whole``
+            self._call(delivery)
+            del delivery
             whole = None  # else this thread keeps the last update's map (read: resident) while it waits
 
     def _requeue_due(self, deferred: dict[tuple[str, str], Deferred], returning: dict[tuple[str, str], Returning],

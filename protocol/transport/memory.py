@@ -447,6 +447,7 @@ class _MemoryConsumer(Consumer):
                 tags = self._transfer_tags.pop(key, [tag])
             first = self._held.get(tags[0], msg)
             d = _MemoryDelivery(self, tags, first, body)
+            d.frame_sha256 = self._reasm.last_sha256
             d.redelivered = any(self._held[t].redelivered for t in tags if t in self._held)
         with self.broker.cond:
             if not self._stopped:

@@ -273,3 +273,34 @@ def test_a_spilling_reassembler_holds_no_transfer_in_memory_until_it_is_read() -
     h0, p0 = split_body(bodies[0], chunk_size=size)[0]
     spilled.add(h0, bytes(p0))
     assert bytes(spilled.last_view.read()) == bytes(p0)  # what a dead letter of that chunk would carry
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_the_running_hash_is_checked_before_a_body_is_handed_on_in_any_chunk_order(spill: bool) -> None:
+    """Chunks are hashed as they come, in index order (one that comes early is hashed, read back,
+    once those before it are in): whatever the order, the body is handed on only when that hash is
+    the declared sha256, and ``last_sha256`` names it; a chunk corrupted while it waited early fails
+    the transfer at its last chunk."""
+    import hashlib
+    import random
+
+    body = os.urandom(7 * 1000 + 123)
+    chunks = split_body(body, chunk_size=1000)
+    order = list(range(len(chunks)))
+    random.Random(7).shuffle(order)
+    assert order[0] != 0
+    r = Reassembler(spill=spill)
+    outs = [r.add(*chunks[i]) for i in order]
+    assert all(o is None for o in outs[:-1]) and bytes(outs[-1]) == body
+    assert r.last_sha256 == hashlib.sha256(body).hexdigest() == chunks[0][0]["sha256"]
+
+    r = Reassembler(spill=spill)
+    early = order[0]  # arrives first, so it is hashed only later, read back from its buffer or file
+    h, p = chunks[early]
+    bad = bytearray(p)
+    bad[5] ^= 0x01
+    for i in order[:-1]:
+        assert r.add(*((h, bytes(bad)) if i == early else chunks[i])) is None
+    with pytest.raises(ChunkError, match="sha256 mismatch"):
+        r.add(*chunks[order[-1]])
+    assert r.reserved_bytes == 0 and r.last_sha256 is None

@@ -166,6 +166,12 @@ def test_chunked_frame_through_prefetch_one(net: Net) -> None:
     assert col.ids() == ids
     assert hashlib.sha256(col.bodies[1]).digest() == hashlib.sha256(big).digest()
     assert not any(k in col.deliveries[1].headers for k in CHUNK_HEADERS.values())
+    # The reassembled frame carries the sha256 its bus verified as the chunks came; a frame that
+    # travelled whole carries none (its receiver hashes it, as it is small).
+    assert col.deliveries[1].frame_sha256 == hashlib.sha256(big).hexdigest()
+    assert col.deliveries[0].frame_sha256 is None
+    if net.url.startswith("amqp"):  # each read takes up to two frames, not pika's 4 KiB (transport/receive.py)
+        assert getattr(c, "recv_tuned", None) is True
 
 
 def test_consumer_dies_mid_transfer_loses_nothing(net: Net) -> None:
