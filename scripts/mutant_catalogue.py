@@ -2170,3 +2170,12 @@ MUTANTS.extend([
         (f"{_BODIES}::test_a_spilled_body_is_copied_from_its_file_and_durable_once_wait_returns",),
     ),
 ])
+MUTANTS.extend([
+    Mutant(
+        "unmask-before-relays-published", "the shares relayed beside the round loop are all published before the "
+        "unmask request goes out, so a site holds every share it is asked to sum",
+        (Edit("coordinator/rounds/secure.py",
+              "        self.relay.wait()  # every share relayed and confirmed before a site is asked for its sum\n", ""),),
+        ("tests/coordinator/test_secagg_relay.py::test_in_a_run_every_share_is_published_before_the_unmask_request_even_when_relays_are_slow",),
+    ),
+])

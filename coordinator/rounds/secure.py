@@ -22,6 +22,7 @@ union vector (``accept_union``), and ``union`` unmasks only their sum, from at l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,38 @@ def _unflat(flat: np.ndarray, like: Tensors) -> Tensors:
     return tuple(out)
 
 
+class _Relay:
+    """Publishes one masked update's sealed shares on a thread of its own while the round loop reads
+    the next update: at most one update's shares in flight (N - 1 frames), and every relay published
+    and confirmed before any unmask request (``wait``), so a site holds each share it is asked for.
+    At 10 sites x 10 M parameters each update's nine 6.7 MB shares took nine confirmed publishes,
+    one at a time, in the loop. A failed publish is raised in the loop by the next ``start`` or ``wait``."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, publish: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                publish()
+            except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, raised there
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="fedbus-share-relay", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 class SecureSync:
     """One run's roster and, per round, the masked sum and its unmasking."""
 
@@ -74,6 +107,7 @@ class SecureSync:
         self.planned = 0  # central: the sites sampled for the round's first attempt, its public denominator
         self.base = 0  # the update's values in the roster's vector (the rest: room for the final test's union vector)
         self.outputs = 1  # the model's outputs (public: the last tensor's first dimension)
+        self.relay = _Relay()
 
     @property
     def sites(self) -> list[str]:
@@ -188,10 +222,12 @@ class SecureSync:
         want = sorted(s for s in roster.sites if s != msg.site)
         if sorted(name for name, _ in shares) != want or any(a.dtype != np.uint8 or a.ndim != 1 for _, a in shares):
             raise Rejected("bad_shape", f"a {what} carries one sealed uint8 share for each of {want}")
-        with self.ctx.tasks.batch():
+        frames: list[tuple[str, bytes, str]] = []
+        with self.ctx.tasks.batch(later=frames):  # recorded here, published beside the loop
             for recipient, sealed in shares:
                 self.ctx.tasks.publish(SecAggShare(sender=msg.site, tag=tag, sealed=((msg.site, sealed),)),
                                        site=recipient, round=rnd)
+        self.relay.start(lambda: self.ctx.tasks.send(frames))
         total.add(msg.site, tag, masked)
         self.tags.add((msg.site, tag))
 
@@ -230,6 +266,7 @@ class SecureSync:
         gather (answers, refusals) until U answered, every site replied, or the deadline."""
         ctx, agg = self.ctx, self.agg
         assert agg is not None
+        self.relay.wait()  # every share relayed and confirmed before a site is asked for its sum
         req, signed = agg.request(total)
         deadline = time.time() + ctx.round_timeout_s
         asked: dict[str, str] = {}

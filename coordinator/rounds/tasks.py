@@ -116,11 +116,13 @@ class TaskBook:
         return env.message_id
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, later: list[tuple[str, bytes, str]] | None = None) -> Iterator[None]:
         """Record a round's tasks in one transaction, then publish them.
 
         One durable commit per round instead of one per site: with many small sites the
         per-task fsync dominated the round time. Still recorded before any is published.
+        ``later``: the sealed frames (site, frame, task id) are appended there, recorded but not
+        published, for the caller to ``send`` (tasks naming no model only).
         """
         self._batch = []
         try:
@@ -140,7 +142,15 @@ class TaskBook:
         for (weights, ref), sites in versions.values():
             self.models.send(weights, ref, sites)
         for s in batch:
+            if later is not None and s.model is None:
+                later.append((s.record.site, s.frame, s.record.task_id))
+                continue
             self.bus.publish(TASKS, s.record.site, s.frame, message_id=s.record.task_id)
+
+    def send(self, frames: list[tuple[str, bytes, str]]) -> None:
+        """Publish frames a ``batch(later=...)`` recorded (safe from another thread: the bus's publisher locks)."""
+        for site, frame, task_id in frames:
+            self.bus.publish(TASKS, site, frame, message_id=task_id)
 
     def dataset(self) -> str:
         return self.experiment.dataset.name or ""
