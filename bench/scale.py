@@ -45,7 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
-HIDDEN_FOR = {10_000: 714, 100_000: 7_143, 1_000_000: 71_429, 10_000_000: 714_286, 50_000_000: 3_571_429}
+HIDDEN_FOR = {10_000: 714, 100_000: 7_143, 1_000_000: 71_429, 10_000_000: 714_286, 50_000_000: 3_571_429,
+              100_000_000: 7_142_857}
 
 
 def hidden_for(params: int) -> int:
