@@ -2146,3 +2146,11 @@ MUTANTS.append(
         ("tests/protocol/test_codec.py::test_a_large_body_is_hashed_beside_its_signature_check_and_named_right",),
     ),
 )
+MUTANTS.append(
+    Mutant(
+        "site-model-whole-hash-unchecked", "a site refuses a cached model whose whole blob (hashed beside the chunk "
+        "checks) is not the signed task's sha256, before decoding it",
+        (Edit("site_worker/model_cache.py", "        got_sha = whole.hexdigest()\n", "        got_sha = want\n"),),
+        ("tests/coordinator/test_model_transfer.py",),
+    ),
+)
