@@ -1496,9 +1496,8 @@ MUTANTS.extend([
         "spilled-transfer-hashed-through-its-map", "a spilled transfer is hashed as its chunks come, never through its map, "
         "so the map stays untouched (not resident) until the loop reads it",
         (Edit("protocol/chunking.py",
-              "            return memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n",
-              "            whole = memoryview(mmap.mmap(t.file.fileno(), total, prot=mmap.PROT_READ))\n"
-              "            _verify(tid, whole, digest, total)\n            return whole\n"),),
+              "            return memoryview(whole)\n",
+              "            _verify(tid, memoryview(whole), digest, total)\n            return memoryview(whole)\n"),),
         (_INBOX_MEMORY,),
     ),
 ])
@@ -2179,3 +2178,11 @@ MUTANTS.extend([
         ("tests/coordinator/test_secagg_relay.py::test_in_a_run_every_share_is_published_before_the_unmask_request_even_when_relays_are_slow",),
     ),
 ])
+MUTANTS.append(
+    Mutant(
+        "site-model-whole-hash-unchecked", "a site refuses a cached model whose whole blob (hashed beside the chunk "
+        "checks) is not the signed task's sha256, before decoding it",
+        (Edit("site_worker/model_cache.py", "        got_sha = whole.hexdigest()\n", "        got_sha = want\n"),),
+        ("tests/coordinator/test_model_transfer.py",),
+    ),
+)

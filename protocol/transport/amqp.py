@@ -64,7 +64,7 @@ class AmqpBus(Bus):
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         resubscribe_timeout_s: float = 10.0,
         connection_name: str | None = None,
-        max_reassembly_bytes: int = 1 * 2**30,
+        max_reassembly_bytes: int | None = None,
         reassembly_timeout_s: float = 300.0,
         max_reassembly_chunks: int = MAX_CHUNKS,
         max_user_chunks: int = MAX_USER_CHUNKS,
@@ -90,7 +90,11 @@ class AmqpBus(Bus):
         self.publish_timeout_s = publish_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self.resubscribe_timeout_s = resubscribe_timeout_s  # after a broker cancel: wait this long for the queue
-        self.reassembly = {"max_bytes": max_reassembly_bytes, "timeout_s": reassembly_timeout_s,
+        # An operator's max_reassembly_bytes is a bound they chose: spill_budget keeps it. Unset: 1 GiB,
+        # which the coordinator raises to its round's size (spill_budget).
+        self._budget_chosen = max_reassembly_bytes is not None
+        self.reassembly = {"max_bytes": 1 * 2**30 if max_reassembly_bytes is None else max_reassembly_bytes,
+                           "timeout_s": reassembly_timeout_s,
                            "max_chunks": max_reassembly_chunks, "max_user_chunks": max_user_chunks}
         self.publisher = Publisher(self)
         self._consumers: list[AmqpConsumer] = []
@@ -98,13 +102,15 @@ class AmqpBus(Bus):
 
     def spill_budget(self, max_bytes: int) -> int:
         """Let consumers opened from now on reassemble up to ``max_bytes`` of partial transfers at
-        once (never less than the bus was opened with); returns the budget in force.
+        once (never less than the bus was opened with, and not at all when the bus was opened with
+        an explicit ``max_reassembly_bytes``: the operator's bound stands); returns the budget in force.
 
         An AMQP consumer's partial transfers wait in unlinked temporary files, not in its memory
         (``Reassembler(spill=True)``), so this is a bound on disk; each broker user keeps its own
         quota (half the budget, at most one frame: ``max_user_bytes``) and 8 transfers.
         """
-        self.reassembly["max_bytes"] = max(int(self.reassembly["max_bytes"]), int(max_bytes))
+        if not self._budget_chosen:
+            self.reassembly["max_bytes"] = max(int(self.reassembly["max_bytes"]), int(max_bytes))
         return int(self.reassembly["max_bytes"])
 
     # -- Bus ------------------------------------------------------------------------------

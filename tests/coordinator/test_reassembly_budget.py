@@ -36,3 +36,6 @@ def test_an_amqp_bus_budget_only_grows_and_each_user_keeps_one_frame_at_most() -
                for i, u in enumerate(("a", "b", "c")))
     assert not r.has_room(MODEL, count, user="a", ahead=[("a", MODEL, count)])  # one user: one frame's quota
     assert not r.has_room(MODEL, count, user="d", ahead=[(v, MODEL, count) for v in ("a", "b", "c")])
+    # An operator who chose a budget keeps it: the coordinator does not raise it.
+    chosen = AmqpBus("amqp://guest:guest@127.0.0.1:5672/%2F", max_reassembly_bytes=64 * 1024)
+    assert chosen.spill_budget(3 * (MODEL + UPDATE_OVERHEAD_BYTES)) == 64 * 1024
