@@ -64,11 +64,16 @@ def _one_at_a_time(run_of: Callable[[Any], str]) -> Callable[[_F], _F]:
     return wrap
 
 
+def update_weight(num_examples: int, max_weight: int) -> float:
+    """A site's FedAvg weight under secure aggregation: ``min(num_examples, max_weight) / max_weight``
+    in (0, 1] (``max_weight`` public, fixed by the run)."""
+    return min(int(num_examples), int(max_weight)) / int(max_weight)
+
+
 def weighted_vector(delta: np.ndarray, num_examples: int, max_weight: int) -> np.ndarray:
     """The weighted mean's numerator and denominator in one vector, so the weight is masked too:
-    ``[w * delta..., w]`` with ``w = min(num_examples, max_weight) / max_weight`` in (0, 1]
-    (``max_weight`` public, fixed by the run), ``delta`` this site's update minus the global model."""
-    w = min(int(num_examples), int(max_weight)) / int(max_weight)
+    ``[w * delta..., w]`` with ``w = update_weight(...)``, ``delta`` this site's update minus the global model."""
+    w = update_weight(num_examples, max_weight)
     return np.concatenate([w * np.asarray(delta, dtype=np.float64).ravel(), [w]])
 
 

@@ -22,7 +22,7 @@ from protocol.secagg import field as F
 from protocol.secagg.statements import Roster, Signed, UnmaskRequest
 from protocol.signing import Signer, TrustStore
 from site_worker.config import SiteConfig
-from site_worker.secagg import SecAggRefused, SiteSecAgg
+from site_worker.secagg import SecAggRefused, SiteSecAgg, update_weight
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +62,7 @@ def weighted_delta(trained: Tensors, task: Tensors, num_examples: int, max_weigh
     float64 buffer: at 10 M parameters the chain of concatenations made six 80 MB copies per round."""
     size = sum(int(np.asarray(a).size) for _, a in trained)
     out = np.zeros(max(length, size + 1), dtype=np.float64)
-    w = min(int(num_examples), int(max_weight)) / int(max_weight)
+    w = update_weight(num_examples, max_weight)
     at = 0
     for (_, a), (_, b) in zip(trained, task, strict=True):
         n = int(np.asarray(a).size)
